@@ -1,0 +1,104 @@
+//! `swift-rs eval`: loss and perplexity over pre-tokenized JSONL.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use burn::tensor::backend::Backend;
+use clap::Args;
+
+use super::device::{with_backend, DeviceArg};
+use super::{write_atomic, Failure};
+use swift_rs::config::Dtype;
+use swift_rs::data::{read_pretokenized, TokenizedRow};
+use swift_rs::model::{self, ModelError};
+use swift_rs::train::evaluate;
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Hugging Face model directory
+    #[arg(long)]
+    model: PathBuf,
+    /// JSONL files of {"input_ids": [...], "labels": [...]} rows (labels optional)
+    #[arg(long, num_args = 1.., required = true)]
+    dataset: Vec<PathBuf>,
+    /// Compute dtype of the weights: auto (config.json), bf16, f16, f32
+    #[arg(long, default_value = "auto", value_parser = parse_dtype)]
+    dtype: Option<Dtype>,
+    /// Keep only the first N tokens of each row
+    #[arg(long, value_parser = clap::value_parser!(u64).range(2..))]
+    max_length: Option<u64>,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    batch_size: u64,
+    /// Write one {"index", "loss", "tokens"} JSON object per row, in input order
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// auto, cpu, cuda or cuda:N
+    #[arg(long, default_value = "auto")]
+    device: DeviceArg,
+}
+
+fn parse_dtype(s: &str) -> Result<Option<Dtype>, String> {
+    if s == "auto" {
+        return Ok(None);
+    }
+    Dtype::parse(s)
+        .map(Some)
+        .ok_or_else(|| format!("\"{s}\" is not auto, bf16, f16 or f32"))
+}
+
+pub fn run(args: EvalArgs) -> Result<(), Failure> {
+    with_backend!(args.device, eval_on(&args))
+}
+
+fn eval_on<B: Backend>(device: B::Device, args: &EvalArgs) -> Result<(), Failure> {
+    let (config, model) = model::load::<B>(&args.model, args.dtype, &device).map_err(|e| {
+        let usage = matches!(e, ModelError::Config(_));
+        let e = anyhow::Error::new(e)
+            .context(format!("cannot load the model in {}", args.model.display()));
+        if usage {
+            Failure::Usage(e)
+        } else {
+            Failure::Runtime(e)
+        }
+    })?;
+    let mut rows: Vec<TokenizedRow> = Vec::new();
+    for path in &args.dataset {
+        rows.extend(read_pretokenized(path, config.vocab_size).context("cannot read the dataset")?);
+    }
+    if let Some(max) = args.max_length {
+        for row in &mut rows {
+            row.input_ids.truncate(max as usize);
+            row.labels.truncate(max as usize);
+        }
+    }
+    let total = rows.len();
+    let report = evaluate(&model, &rows, args.batch_size as usize, |done| {
+        eprint!("\reval: {done}/{total} rows");
+    });
+    eprintln!();
+    if let Some(path) = &args.output {
+        let mut text = String::new();
+        for r in &report.rows {
+            let loss = if r.tokens > 0 {
+                serde_json::json!(r.loss)
+            } else {
+                serde_json::Value::Null
+            };
+            text.push_str(
+                &serde_json::json!({"index": r.index, "loss": loss, "tokens": r.tokens})
+                    .to_string(),
+            );
+            text.push('\n');
+        }
+        write_atomic(path, text.as_bytes())?;
+    }
+    if report.tokens == 0 {
+        return Err(Failure::Runtime(anyhow::anyhow!(
+            "no row has a label token: nothing to evaluate"
+        )));
+    }
+    println!("loss: {:.6}", report.loss);
+    println!("perplexity: {:.6}", report.perplexity());
+    println!("tokens: {}", report.tokens);
+    Ok(())
+}

@@ -1,0 +1,346 @@
+//! `config.json` of a Hugging Face decoder checkpoint, read as written by transformers 4.x
+//! (`torch_dtype`, `rope_theta`, `rope_scaling`) or 5.x (`dtype`, `rope_parameters`), and resolved
+//! into the one `ModelConfig` the model is built from.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::ConfigError;
+
+/// The decoder families swift-rs builds. They share one block (see `model::decoder`) and differ
+/// only in the switches `ModelConfig` carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+}
+
+impl Arch {
+    fn from_model_type(model_type: &str) -> Option<Self> {
+        match model_type {
+            "llama" => Some(Self::Llama),
+            "mistral" => Some(Self::Mistral),
+            "qwen2" => Some(Self::Qwen2),
+            "qwen3" => Some(Self::Qwen3),
+            _ => None,
+        }
+    }
+
+    fn from_architecture(architecture: &str) -> Option<Self> {
+        match architecture {
+            "LlamaForCausalLM" => Some(Self::Llama),
+            "MistralForCausalLM" => Some(Self::Mistral),
+            "Qwen2ForCausalLM" => Some(Self::Qwen2),
+            "Qwen3ForCausalLM" => Some(Self::Qwen3),
+            _ => None,
+        }
+    }
+}
+
+/// Floating-point storage types of checkpoints and compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Dtype {
+    /// Accepts both torch's names (`bfloat16`, as config.json writes them) and the short ones the
+    /// CLI takes (`bf16`).
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "float32" | "f32" | "fp32" => Some(Self::F32),
+            "float16" | "f16" | "fp16" | "half" => Some(Self::F16),
+            "bfloat16" | "bf16" => Some(Self::Bf16),
+            _ => None,
+        }
+    }
+
+    /// The name torch and config.json use.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            Self::F32 => "float32",
+            Self::F16 => "float16",
+            Self::Bf16 => "bfloat16",
+        }
+    }
+}
+
+/// How rotary frequencies are rescaled, as transformers' `ROPE_INIT_FUNCTIONS`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    Default,
+    Linear {
+        factor: f64,
+    },
+    /// Llama 3.1's frequency-dependent scaling (`_compute_llama3_parameters`).
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeConfig {
+    pub theta: f64,
+    pub scaling: RopeScaling,
+}
+
+/// `config.json` as written, every key the supported families use and nothing resolved yet.
+/// Unknown keys are ignored: checkpoints carry many that do not change the computation.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HfConfig {
+    pub model_type: Option<String>,
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    pub hidden_act: Option<String>,
+    pub rms_norm_eps: Option<f64>,
+    pub max_position_embeddings: Option<usize>,
+    pub tie_word_embeddings: Option<bool>,
+    pub attention_bias: Option<bool>,
+    pub mlp_bias: Option<bool>,
+    /// transformers 4.x
+    pub torch_dtype: Option<String>,
+    /// transformers 5.x
+    pub dtype: Option<String>,
+    /// transformers 4.x
+    pub rope_theta: Option<f64>,
+    /// transformers 4.x
+    pub rope_scaling: Option<Value>,
+    /// transformers 5.x: `rope_theta` and the scaling in one object
+    pub rope_parameters: Option<Value>,
+    pub sliding_window: Option<usize>,
+    pub use_sliding_window: Option<bool>,
+    pub max_window_layers: Option<usize>,
+    /// transformers 5.x writes the attention kind of every layer.
+    pub layer_types: Option<Vec<String>>,
+}
+
+/// Everything the decoder needs, resolved and checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope: RopeConfig,
+    pub tie_word_embeddings: bool,
+    /// Bias on q_proj, k_proj and v_proj (Qwen2 always; Llama/Qwen3 with `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on o_proj (Llama/Qwen3 with `attention_bias`; never Qwen2).
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    /// Qwen3's RMSNorm over each head of q and k before RoPE.
+    pub qk_norm: bool,
+    /// Per layer: attend only to the last `w` positions (Mistral, Qwen2 with use_sliding_window).
+    pub sliding_window: Vec<Option<usize>>,
+    /// The dtype the checkpoint says it was saved in, if it says.
+    pub dtype: Option<Dtype>,
+}
+
+impl ModelConfig {
+    /// Reads and resolves `<dir>/config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self, ConfigError> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let raw: HfConfig = serde_json::from_str(&text).map_err(|e| ConfigError::Json {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        raw.resolve()
+            .map_err(|reason| ConfigError::Invalid { path, reason })
+    }
+}
+
+impl HfConfig {
+    /// Resolves family defaults and the two config generations into a `ModelConfig`.
+    /// The error is a sentence naming the key at fault.
+    pub fn resolve(&self) -> Result<ModelConfig, String> {
+        let arch = match &self.model_type {
+            Some(mt) => Arch::from_model_type(mt).ok_or_else(|| {
+                format!(
+                    "unsupported model_type \"{mt}\": swift-rs supports llama, mistral, qwen2 and qwen3"
+                )
+            })?,
+            None => self
+                .architectures
+                .iter()
+                .find_map(|a| Arch::from_architecture(a))
+                .ok_or_else(|| {
+                    format!(
+                        "no model_type, and architectures {:?} names no supported family \
+                         (llama, mistral, qwen2, qwen3)",
+                        self.architectures
+                    )
+                })?,
+        };
+        if let Some(act) = &self.hidden_act {
+            if act != "silu" {
+                return Err(format!(
+                    "hidden_act \"{act}\" is not supported: these families use \"silu\""
+                ));
+            }
+        }
+        let heads = self.num_attention_heads;
+        let kv_heads = self.num_key_value_heads.unwrap_or(heads);
+        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+            return Err(format!(
+                "num_attention_heads ({heads}) must be a positive multiple of num_key_value_heads ({kv_heads})"
+            ));
+        }
+        let head_dim = match self.head_dim {
+            Some(d) => d,
+            None if self.hidden_size % heads == 0 => self.hidden_size / heads,
+            None => {
+                return Err(format!(
+                    "hidden_size ({}) is not divisible by num_attention_heads ({heads}) and head_dim is not set",
+                    self.hidden_size
+                ))
+            }
+        };
+        if head_dim % 2 != 0 {
+            return Err(format!(
+                "head_dim ({head_dim}) must be even for rotary embeddings"
+            ));
+        }
+        let attention_bias = self.attention_bias.unwrap_or(false);
+        let (qkv_bias, o_bias) = match arch {
+            Arch::Qwen2 => (true, false),
+            Arch::Mistral => (false, false),
+            Arch::Llama | Arch::Qwen3 => (attention_bias, attention_bias),
+        };
+        let dtype = match self.dtype.as_deref().or(self.torch_dtype.as_deref()) {
+            None => None,
+            Some(name) => Some(Dtype::parse(name).ok_or_else(|| {
+                format!("dtype \"{name}\" is not one of float32, float16, bfloat16")
+            })?),
+        };
+        Ok(ModelConfig {
+            arch,
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim,
+            rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
+            rope: self.rope()?,
+            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
+            qkv_bias,
+            o_bias,
+            mlp_bias: arch == Arch::Llama && self.mlp_bias.unwrap_or(false),
+            qk_norm: arch == Arch::Qwen3,
+            sliding_window: self.sliding_windows(arch)?,
+            dtype,
+        })
+    }
+
+    /// transformers 5.x keeps theta and scaling in `rope_parameters`; 4.x has `rope_theta` at the
+    /// top and `rope_scaling` (with `type` or `rope_type`) beside it.
+    fn rope(&self) -> Result<RopeConfig, String> {
+        let (params, key) = match (&self.rope_parameters, &self.rope_scaling) {
+            (Some(p), _) => (Some(p), "rope_parameters"),
+            (None, Some(s)) if !s.is_null() => (Some(s), "rope_scaling"),
+            _ => (None, "rope_scaling"),
+        };
+        let number = |name: &str| -> Result<Option<f64>, String> {
+            match params.and_then(|p| p.get(name)) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v
+                    .as_f64()
+                    .map(Some)
+                    .ok_or_else(|| format!("{key}.{name} must be a number, got {v}")),
+            }
+        };
+        let theta = number("rope_theta")?.or(self.rope_theta).unwrap_or(10000.0);
+        let rope_type = params
+            .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let required = |name: &str| -> Result<f64, String> {
+            number(name)?
+                .ok_or_else(|| format!("{key}.{name} is required for rope_type \"{rope_type}\""))
+        };
+        let scaling = match rope_type {
+            "default" => RopeScaling::Default,
+            "linear" => RopeScaling::Linear {
+                factor: required("factor")?,
+            },
+            "llama3" => RopeScaling::Llama3 {
+                factor: required("factor")?,
+                low_freq_factor: required("low_freq_factor")?,
+                high_freq_factor: required("high_freq_factor")?,
+                original_max_position_embeddings: required("original_max_position_embeddings")?,
+            },
+            other => {
+                return Err(format!(
+                    "{key}: rope_type \"{other}\" is not supported (default, linear, llama3)"
+                ))
+            }
+        };
+        Ok(RopeConfig { theta, scaling })
+    }
+
+    /// Which layers use sliding-window attention, as transformers decides it: every layer of
+    /// Mistral when `sliding_window` is set; for Qwen2/Qwen3 only with `use_sliding_window`, from
+    /// layer `max_window_layers` on. An explicit `layer_types` (5.x) wins.
+    fn sliding_windows(&self, arch: Arch) -> Result<Vec<Option<usize>>, String> {
+        let n = self.num_hidden_layers;
+        let window = match arch {
+            Arch::Mistral => self.sliding_window,
+            Arch::Qwen2 | Arch::Qwen3 if self.use_sliding_window.unwrap_or(false) => {
+                self.sliding_window
+            }
+            _ => None,
+        };
+        let Some(window) = window else {
+            return Ok(vec![None; n]);
+        };
+        if let Some(types) = &self.layer_types {
+            if types.len() != n {
+                return Err(format!(
+                    "layer_types has {} entries for {n} layers",
+                    types.len()
+                ));
+            }
+            return types
+                .iter()
+                .map(|t| match t.as_str() {
+                    "full_attention" => Ok(None),
+                    "sliding_attention" => Ok(Some(window)),
+                    other => Err(format!("layer_types: unknown attention kind \"{other}\"")),
+                })
+                .collect();
+        }
+        let first_sliding = match arch {
+            Arch::Mistral => 0,
+            _ => self.max_window_layers.unwrap_or(n),
+        };
+        Ok((0..n)
+            .map(|i| (i >= first_sliding).then_some(window))
+            .collect())
+    }
+}

@@ -1,0 +1,380 @@
+//! The decoder shared by Llama, Mistral, Qwen2 and Qwen3. Mirrors transformers'
+//! `models/llama/modeling_llama.py`; the other families differ only in switches of `ModelConfig`:
+//! `modeling_qwen2.py` (bias on q/k/v), `modeling_qwen3.py` (RMSNorm on each q/k head before
+//! RoPE), `modeling_mistral.py` (sliding-window attention).
+//!
+//! Field names are the Hugging Face module names, so each safetensors key maps to one field.
+
+use burn::module::{Module, Param};
+use burn::nn::Linear;
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
+
+use super::load::Checkpoint;
+use super::rope::{self, RopeTables};
+use crate::config::ModelConfig;
+
+/// `weight * normalize(x)`, the normalisation done in f32 and cast back before the weight is
+/// applied, as `LlamaRMSNorm` does (this order matters in bf16).
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>, // [dim]
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let x = x.cast(DType::F32);
+        let variance = x.clone().powi_scalar(2).mean_dim(D - 1);
+        let normed = x * (variance + self.eps).sqrt().recip();
+        normed.cast(dtype) * self.weight.val().unsqueeze()
+    }
+
+    fn load(ckpt: &mut Checkpoint, key: &str, dim: usize, eps: f64, device: &B::Device) -> Self {
+        Self {
+            weight: frozen(ckpt.take(&format!("{key}.weight"), [dim], device)),
+            eps,
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub q_proj: Linear<B>, // [hidden, heads * head_dim]
+    pub k_proj: Linear<B>, // [hidden, kv_heads * head_dim]
+    pub v_proj: Linear<B>, // [hidden, kv_heads * head_dim]
+    pub o_proj: Linear<B>, // [heads * head_dim, hidden]
+    /// Qwen3 only: RMSNorm over head_dim of every query / key head.
+    pub q_norm: Option<RmsNorm<B>>,
+    pub k_norm: Option<RmsNorm<B>>,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    /// `mask[b, 1, q, k]` is true where query q may not see key k; `None` means plain causal.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        mask: Option<Tensor<B, 4, Bool>>,
+    ) -> Tensor<B, 3> {
+        let [b, s, _] = x.dims();
+        let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, d]).swap_dims(1, 2);
+        let mut q = heads(self.q_proj.forward(x.clone()), h); // [b, h, s, d]
+        let mut k = heads(self.k_proj.forward(x.clone()), kv); // [b, kv, s, d]
+        let v = heads(self.v_proj.forward(x), kv); // [b, kv, s, d]
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(q);
+            k = kn.forward(k);
+        }
+        let q = rope.apply(q);
+        let k = repeat_kv(rope.apply(k), h / kv); // [b, h, s, d]
+        let v = repeat_kv(v, h / kv); // [b, h, s, d]
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: mask.is_none(),
+        };
+        let out = attention(q, k, v, mask, None, options); // [b, h, s, d]
+        self.o_proj
+            .forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
+    }
+}
+
+/// GQA: each key/value head serves `n_rep` query heads. [b, kv, s, d] -> [b, kv * n_rep, s, d]
+fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
+    if n_rep == 1 {
+        return x;
+    }
+    let [b, kv, s, d] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, kv, n_rep, s, d])
+        .reshape([b, kv * n_rep, s, d])
+}
+
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: Linear<B>, // [hidden, intermediate]
+    pub up_proj: Linear<B>,   // [hidden, intermediate]
+    pub down_proj: Linear<B>, // [intermediate, hidden]
+}
+
+impl<B: Backend> Mlp<B> {
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub self_attn: Attention<B>,
+    pub mlp: Mlp<B>,
+    pub input_layernorm: RmsNorm<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+    /// Sliding-window size of this layer, if it has one.
+    pub sliding_window: Option<usize>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        mask: Option<Tensor<B, 4, Bool>>,
+    ) -> Tensor<B, 3> {
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), rope, mask);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+/// The decoder stack (`LlamaModel`).
+#[derive(Module, Debug)]
+pub struct DecoderModel<B: Backend> {
+    pub embed_tokens: Param<Tensor<B, 2>>, // [vocab, hidden]
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+    /// Rotary inverse frequencies, `[head_dim / 2]` (see `rope::inv_freq`).
+    #[module(skip)]
+    pub inv_freq: Vec<f32>,
+}
+
+/// A causal language model (`LlamaForCausalLM`): decoder plus lm_head.
+#[derive(Module, Debug)]
+pub struct CausalLm<B: Backend> {
+    pub model: DecoderModel<B>,
+    /// `None` when `tie_word_embeddings`: the embedding matrix is the head.
+    pub lm_head: Option<Linear<B>>, // [hidden, vocab]
+}
+
+/// A batch ready for the decoder: right-padded token ids, which positions are real tokens, and the
+/// position id of every token.
+pub struct Batch {
+    pub input_ids: Vec<Vec<u32>>,
+    /// `attention_mask[row][t]`: false on padding.
+    pub attention_mask: Vec<Vec<bool>>,
+    pub position_ids: Vec<Vec<usize>>,
+}
+
+impl Batch {
+    /// Right-pads rows of different lengths; each row keeps the positions it would have alone.
+    pub fn right_padded(rows: &[&[u32]]) -> Self {
+        let seq = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+        let input_ids = rows
+            .iter()
+            .map(|r| {
+                let mut ids = r.to_vec();
+                ids.resize(seq, 0);
+                ids
+            })
+            .collect();
+        let attention_mask = rows
+            .iter()
+            .map(|r| (0..seq).map(|t| t < r.len()).collect())
+            .collect();
+        Self {
+            input_ids,
+            attention_mask,
+            position_ids: vec![(0..seq).collect(); rows.len()],
+        }
+    }
+
+    pub fn dims(&self) -> [usize; 2] {
+        [
+            self.input_ids.len(),
+            self.input_ids.first().map_or(0, Vec::len),
+        ]
+    }
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// Builds the model from a checkpoint, key for key; problems are reported by `ckpt.finish()`.
+    pub fn load(cfg: &ModelConfig, ckpt: &mut Checkpoint, device: &B::Device) -> Self {
+        let (hidden, inter, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+        let eps = cfg.rms_norm_eps;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                let attn =
+                    |name: &str, n_in: usize, n_out: usize, bias: bool, c: &mut Checkpoint| {
+                        linear(
+                            c,
+                            &format!("{p}.self_attn.{name}"),
+                            n_in,
+                            n_out,
+                            bias,
+                            device,
+                        )
+                    };
+                let q_out = cfg.num_attention_heads * hd;
+                let kv_out = cfg.num_key_value_heads * hd;
+                let self_attn = Attention {
+                    q_proj: attn("q_proj", hidden, q_out, cfg.qkv_bias, ckpt),
+                    k_proj: attn("k_proj", hidden, kv_out, cfg.qkv_bias, ckpt),
+                    v_proj: attn("v_proj", hidden, kv_out, cfg.qkv_bias, ckpt),
+                    o_proj: attn("o_proj", q_out, hidden, cfg.o_bias, ckpt),
+                    q_norm: cfg.qk_norm.then(|| {
+                        RmsNorm::load(ckpt, &format!("{p}.self_attn.q_norm"), hd, eps, device)
+                    }),
+                    k_norm: cfg.qk_norm.then(|| {
+                        RmsNorm::load(ckpt, &format!("{p}.self_attn.k_norm"), hd, eps, device)
+                    }),
+                    num_heads: cfg.num_attention_heads,
+                    num_kv_heads: cfg.num_key_value_heads,
+                    head_dim: hd,
+                };
+                let mlp_linear = |name: &str, n_in: usize, n_out: usize, c: &mut Checkpoint| {
+                    linear(
+                        c,
+                        &format!("{p}.mlp.{name}"),
+                        n_in,
+                        n_out,
+                        cfg.mlp_bias,
+                        device,
+                    )
+                };
+                let mlp = Mlp {
+                    gate_proj: mlp_linear("gate_proj", hidden, inter, ckpt),
+                    up_proj: mlp_linear("up_proj", hidden, inter, ckpt),
+                    down_proj: mlp_linear("down_proj", inter, hidden, ckpt),
+                };
+                DecoderLayer {
+                    self_attn,
+                    mlp,
+                    input_layernorm: RmsNorm::load(
+                        ckpt,
+                        &format!("{p}.input_layernorm"),
+                        hidden,
+                        eps,
+                        device,
+                    ),
+                    post_attention_layernorm: RmsNorm::load(
+                        ckpt,
+                        &format!("{p}.post_attention_layernorm"),
+                        hidden,
+                        eps,
+                        device,
+                    ),
+                    sliding_window: cfg.sliding_window[i],
+                }
+            })
+            .collect();
+        let model = DecoderModel {
+            embed_tokens: frozen(ckpt.take(
+                "model.embed_tokens.weight",
+                [cfg.vocab_size, hidden],
+                device,
+            )),
+            layers,
+            norm: RmsNorm::load(ckpt, "model.norm", hidden, eps, device),
+            inv_freq: rope::inv_freq(&cfg.rope, hd),
+        };
+        let lm_head = if cfg.tie_word_embeddings {
+            // Some exporters write the tied head anyway; it is the same matrix.
+            if ckpt.contains("lm_head.weight") {
+                ckpt.skip("lm_head.weight");
+            }
+            None
+        } else {
+            Some(linear(
+                ckpt,
+                "lm_head",
+                hidden,
+                cfg.vocab_size,
+                false,
+                device,
+            ))
+        };
+        Self { model, lm_head }
+    }
+
+    /// Final hidden states (after the last norm), `[batch, seq, hidden]`.
+    pub fn hidden_states(&self, batch: &Batch) -> Tensor<B, 3> {
+        let device = self.model.embed_tokens.device();
+        let [b, s] = batch.dims();
+        let ids: Vec<i64> = batch
+            .input_ids
+            .iter()
+            .flatten()
+            .map(|&t| t as i64)
+            .collect();
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, s]), &device);
+        let mut x = burn::tensor::module::embedding(self.model.embed_tokens.val(), ids); // [b, s, hidden]
+        let rope = RopeTables::new(&self.model.inv_freq, &batch.position_ids, &device);
+        let padded = batch.attention_mask.iter().flatten().any(|&m| !m);
+        for layer in &self.model.layers {
+            let mask = (padded || layer.sliding_window.is_some())
+                .then(|| attention_mask(&batch.attention_mask, layer.sliding_window, &device));
+            x = layer.forward(x, &rope, mask);
+        }
+        self.model.norm.forward(x)
+    }
+
+    /// Logits of the given hidden states, `[..., vocab]` in the compute dtype.
+    pub fn lm_head<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => hidden.matmul(self.model.embed_tokens.val().transpose().unsqueeze()),
+        }
+    }
+
+    /// Full logits `[batch, seq, vocab]`. For a loss use `loss::token_losses`, which never holds
+    /// all of them at once.
+    pub fn forward(&self, batch: &Batch) -> Tensor<B, 3> {
+        self.lm_head(self.hidden_states(batch))
+    }
+}
+
+/// The causal mask with padding keys and, for sliding-window layers, keys more than `window - 1`
+/// positions back masked out (transformers' `sliding_window_overlay`). `[batch, 1, seq, seq]`,
+/// true = masked.
+fn attention_mask<B: Backend>(
+    real: &[Vec<bool>],
+    window: Option<usize>,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    let b = real.len();
+    let s = real.first().map_or(0, Vec::len);
+    let mut mask = Vec::with_capacity(b * s * s);
+    for row in real {
+        for q in 0..s {
+            for (k, &is_real) in row.iter().enumerate() {
+                let outside_window = window.is_some_and(|w| q >= k + w);
+                mask.push(k > q || !is_real || outside_window);
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(mask, [b, 1, s, s]), device)
+}
+
+/// Frozen: base weights get no gradient and no optimizer state.
+fn frozen<B: Backend, const D: usize>(t: Tensor<B, D>) -> Param<Tensor<B, D>> {
+    Param::from_tensor(t).set_require_grad(false)
+}
+
+/// Hugging Face stores a linear weight `[out, in]`; Burn's `Linear` keeps `[in, out]`. This is the
+/// one place that layout is translated on load.
+fn linear<B: Backend>(
+    ckpt: &mut Checkpoint,
+    key: &str,
+    n_in: usize,
+    n_out: usize,
+    bias: bool,
+    device: &B::Device,
+) -> Linear<B> {
+    let weight: Tensor<B, 2> = ckpt.take(&format!("{key}.weight"), [n_out, n_in], device);
+    Linear {
+        weight: frozen(weight.transpose()),
+        bias: bias.then(|| frozen(ckpt.take(&format!("{key}.bias"), [n_out], device))),
+    }
+}

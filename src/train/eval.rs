@@ -1,0 +1,84 @@
+//! Loss of a model over pre-tokenized rows: per row, and token-weighted over all of them.
+
+use burn::tensor::backend::Backend;
+
+use crate::data::TokenizedRow;
+use crate::model::loss::{token_losses, LossTargets, IGNORE_INDEX};
+use crate::model::{Batch, CausalLm};
+
+/// The mean cross-entropy of one row over its label tokens (positions 1.. whose label is not -100).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowLoss {
+    pub index: usize,
+    /// NaN when the row has no label token.
+    pub loss: f64,
+    pub tokens: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalReport {
+    pub rows: Vec<RowLoss>,
+    /// Token-weighted mean over every label token of every row.
+    pub loss: f64,
+    pub tokens: usize,
+}
+
+impl EvalReport {
+    pub fn perplexity(&self) -> f64 {
+        self.loss.exp()
+    }
+}
+
+/// Evaluates `rows` in input order, `batch_size` rows at a time (right-padded, so each row gives
+/// what it gives alone). `on_batch` is told how many rows are done.
+pub fn evaluate<B: Backend>(
+    model: &CausalLm<B>,
+    rows: &[TokenizedRow],
+    batch_size: usize,
+    mut on_batch: impl FnMut(usize),
+) -> EvalReport {
+    let mut out = Vec::with_capacity(rows.len());
+    for (b, chunk) in rows.chunks(batch_size.max(1)).enumerate() {
+        let ids: Vec<&[u32]> = chunk.iter().map(|r| r.input_ids.as_slice()).collect();
+        let batch = Batch::right_padded(&ids);
+        let [_, seq] = batch.dims();
+        let labels: Vec<Vec<i64>> = chunk
+            .iter()
+            .map(|r| {
+                let mut l = r.labels.clone();
+                l.resize(seq, IGNORE_INDEX);
+                l
+            })
+            .collect();
+        let targets = LossTargets::shifted(&labels);
+        let mut sums = vec![0f64; chunk.len()];
+        let mut counts = vec![0usize; chunk.len()];
+        if !targets.is_empty() {
+            let hidden = model.hidden_states(&batch);
+            let losses = token_losses(model, hidden, &targets).into_data();
+            let losses = losses.to_vec::<f32>().expect("token_losses returns f32");
+            for (&row, &l) in targets.rows.iter().zip(&losses) {
+                sums[row] += l as f64;
+                counts[row] += 1;
+            }
+        }
+        let first = b * batch_size.max(1);
+        out.extend((0..chunk.len()).map(|i| RowLoss {
+            index: first + i,
+            loss: sums[i] / counts[i] as f64,
+            tokens: counts[i],
+        }));
+        on_batch(out.len());
+    }
+    let tokens: usize = out.iter().map(|r| r.tokens).sum();
+    let total: f64 = out
+        .iter()
+        .filter(|r| r.tokens > 0)
+        .map(|r| r.loss * r.tokens as f64)
+        .sum();
+    EvalReport {
+        rows: out,
+        loss: total / tokens as f64,
+        tokens,
+    }
+}

@@ -1,0 +1,211 @@
+#!/usr/bin/env python3
+"""Golden fixtures for swift-rs's parity tests, made with the reference implementations.
+
+Pinned (the versions the committed fixtures were made with):
+    torch==2.15.0 transformers==5.23.0 tokenizers==0.23.3 safetensors==0.8.0 numpy==2.4.6
+
+    python3 -m venv /tmp/venv && /tmp/venv/bin/pip install torch==2.15.0 transformers==5.23.0 \
+        tokenizers==0.23.3 safetensors==0.8.0 numpy==2.4.6
+    /tmp/venv/bin/python scripts/gen_fixtures.py          # rewrites tests/fixtures/
+
+What it writes, under tests/fixtures/:
+  tokenizer/            a byte-level BPE trained here (English + Chinese) with ChatML specials,
+                        and encodings.json: strings with transformers' ids for them
+  models/<name>/        tiny random checkpoints (config.json, safetensors, tokenizer.json),
+                        weights with std 0.08 (not HF's 0.02) and norms/biases away from 1/0,
+                        so that errors show:
+      llama            5.x config, llama3 rope scaling, GQA 4/2, f32
+      llama_v4_sharded 4.x config keys (torch_dtype, rope_theta, rope_scaling type linear),
+                        tied embeddings, attention and mlp bias, 3 shards + index
+      qwen2_bf16       4.x config keys, bf16 file, q/k/v bias, GQA 6/2, head_dim 12
+      qwen3_f16        5.x config, f16 file, q/k norm, head_dim 24 != hidden/heads, tied
+      mistral          5.x config, sliding_window 5 (shorter than the rows), 3 layers
+  models/<name>/expected/
+      inputs.jsonl     pre-tokenized rows of different lengths, some with -100 labels
+      logits.safetensors  transformers' logits of each row run alone: logits.<i> [len, vocab]
+                       in f32 compute; logits_bf16.<i> where the checkpoint is bf16
+      losses.json      per-row mean shifted CE over label tokens, and the token-weighted mean
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+VOCAB = 331  # odd on purpose; the tokenizer's own vocabulary is smaller, as in real checkpoints
+
+CORPUS = [
+    "Hello! Who are you? I am swift-rs, a fine-tuning assistant written in Rust.",
+    "The quick brown fox jumps over the lazy dog. 0123456789",
+    "def main():\n    print('hello world')\n",
+    "你好！你是谁？我是一个由 swift-rs 训练的助手。",
+    "LoRA adds a low-rank update B @ A to a frozen weight W.",
+    "Fine-tuning Qwen and Llama models on one GPU.",
+]
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def make_tokenizer() -> Path:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    out = ROOT / "tokenizer"
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"))
+    samples = [
+        "Hello! Who are you?",
+        "你好，世界",
+        "<|im_start|>user\nhi there<|im_end|>\n",
+        "  leading spaces and\ttabs\n\nnewlines",
+        "emoji 🚀 and unseen words: zyxwvut",
+    ]
+    enc = [{"text": s, "ids": fast.encode(s, add_special_tokens=False)} for s in samples]
+    assert max(max(e["ids"]) for e in enc) < VOCAB
+    (out / "encodings.json").write_text(json.dumps(enc, ensure_ascii=False, indent=1))
+    return out / "tokenizer.json"
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.08 * torch.randn(p.shape, generator=g))
+
+
+def to_v4_keys(config_path: Path) -> None:
+    """Rewrites a transformers 5.x config.json into the 4.x generation's keys."""
+    cfg = json.loads(config_path.read_text())
+    cfg["torch_dtype"] = cfg.pop("dtype")
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    kind = rope.pop("rope_type")
+    cfg["rope_scaling"] = None if kind == "default" else {"type": kind, **rope}
+    cfg.pop("layer_types", None)
+    cfg["transformers_version"] = "4.46.0"
+    config_path.write_text(json.dumps(cfg, indent=2))
+
+
+def make_rows(seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = [13, 7, 16, 3, 9]
+    rows = []
+    for i, n in enumerate(lengths):
+        ids = torch.randint(0, VOCAB, (n,), generator=g).tolist()
+        row = {"input_ids": ids}
+        if i in (1, 2):
+            labels = list(ids)
+            for t in range(0, n, 2 if i == 2 else 3):
+                labels[t] = -100
+            row["labels"] = labels
+        rows.append(row)
+    return rows
+
+
+def row_loss(logits: torch.Tensor, labels: list[int]) -> tuple[float, int]:
+    """transformers' ForCausalLMLoss for one row: shift, ignore -100, f32, mean."""
+    target = torch.tensor(labels[1:])
+    keep = target != -100
+    n = int(keep.sum())
+    loss = torch.nn.functional.cross_entropy(
+        logits[:-1].float(), target, ignore_index=-100, reduction="sum"
+    )
+    return float(loss) / n if n else float("nan"), n
+
+
+def expected(dir: Path, rows: list[dict], compute: dict[str, torch.dtype]) -> None:
+    out = dir / "expected"
+    out.mkdir(exist_ok=True)
+    (out / "inputs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tensors = {}
+    report = {}
+    for tag, dtype in compute.items():
+        model = AutoModelForCausalLM.from_pretrained(dir, dtype=dtype, attn_implementation="eager")
+        model.eval()
+        per_row = []
+        total, count = 0.0, 0
+        for i, r in enumerate(rows):
+            with torch.no_grad():
+                logits = model(torch.tensor([r["input_ids"]])).logits[0]
+            tensors[f"{tag}.{i}"] = logits.float().contiguous()
+            loss, n = row_loss(logits, r.get("labels", r["input_ids"]))
+            per_row.append({"index": i, "loss": loss, "tokens": n})
+            if n:
+                total += loss * n
+                count += n
+        report[tag] = {"rows": per_row, "loss": total / count, "tokens": count}
+    save_file(tensors, str(out / "logits.safetensors"))
+    (out / "losses.json").write_text(json.dumps(report, indent=1))
+
+
+def make_model(name: str, model_type: str, kw: dict, seed: int, *, save_dtype=torch.float32,
+               v4_keys=False, shard=None, compute=None) -> None:
+    dir = ROOT / "models" / name
+    shutil.rmtree(dir, ignore_errors=True)
+    cfg = AutoConfig.for_model(model_type, vocab_size=VOCAB, **kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
+    randomize(model, seed)
+    model.to(save_dtype)
+    model.save_pretrained(dir, max_shard_size=shard or "50GB")
+    if v4_keys:
+        # transformers must read the 4.x keys as it read the 5.x ones, or the fixture tests nothing.
+        probe = torch.arange(0, 40).unsqueeze(0) % VOCAB
+        def logits():
+            m = AutoModelForCausalLM.from_pretrained(dir, dtype=torch.float32, attn_implementation="eager")
+            with torch.no_grad():
+                return m(probe).logits
+        before = logits()
+        to_v4_keys(dir / "config.json")
+        assert torch.equal(before, logits()), name
+    shutil.copy(ROOT / "tokenizer" / "tokenizer.json", dir / "tokenizer.json")
+    expected(dir, make_rows(seed), compute or {"logits": torch.float32})
+
+
+def main() -> None:
+    make_tokenizer()
+    small = dict(hidden_size=64, intermediate_size=88, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                 max_position_embeddings=256)
+    make_model("llama", "llama", dict(
+        small, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 16}), seed=1)
+    make_model("llama_v4_sharded", "llama", dict(
+        small, num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=True,
+        attention_bias=True, mlp_bias=True,
+        rope_parameters={"rope_type": "linear", "rope_theta": 20000.0, "factor": 2.0}),
+        seed=2, v4_keys=True, shard="150KB")
+    make_model("qwen2_bf16", "qwen2", dict(
+        hidden_size=72, intermediate_size=100, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+        seed=3, save_dtype=torch.bfloat16, v4_keys=True,
+        compute={"logits": torch.float32, "logits_bf16": torch.bfloat16})
+    make_model("qwen3_f16", "qwen3", dict(
+        small, head_dim=24, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+        seed=4, save_dtype=torch.float16)
+    make_model("mistral", "mistral", dict(
+        small, num_hidden_layers=3, sliding_window=5, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), seed=5)
+
+
+if __name__ == "__main__":
+    main()

@@ -7,8 +7,7 @@ use burn::tensor::backend::Backend;
 use clap::Args;
 
 use super::device::{with_backend, DeviceArg};
-use super::{write_atomic, Failure};
-use swift_rs::config::Dtype;
+use super::{write_atomic, DtypeArg, Failure};
 use swift_rs::data::{read_pretokenized, TokenizedRow};
 use swift_rs::model::{self, ModelError};
 use swift_rs::train::evaluate;
@@ -22,8 +21,8 @@ pub struct EvalArgs {
     #[arg(long, num_args = 1.., required = true)]
     dataset: Vec<PathBuf>,
     /// Compute dtype of the weights: auto (config.json), bf16, f16, f32
-    #[arg(long, default_value = "auto", value_parser = parse_dtype)]
-    dtype: Option<Dtype>,
+    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
+    dtype: DtypeArg,
     /// Keep only the first N tokens of each row
     #[arg(long, value_parser = clap::value_parser!(u64).range(2..))]
     max_length: Option<u64>,
@@ -37,30 +36,22 @@ pub struct EvalArgs {
     device: DeviceArg,
 }
 
-fn parse_dtype(s: &str) -> Result<Option<Dtype>, String> {
-    if s == "auto" {
-        return Ok(None);
-    }
-    Dtype::parse(s)
-        .map(Some)
-        .ok_or_else(|| format!("\"{s}\" is not auto, bf16, f16 or f32"))
-}
-
 pub fn run(args: EvalArgs) -> Result<(), Failure> {
     with_backend!(args.device, eval_on(&args))
 }
 
 fn eval_on<B: Backend>(device: B::Device, args: &EvalArgs) -> Result<(), Failure> {
-    let (config, model) = model::load::<B>(&args.model, args.dtype, &device).map_err(|e| {
-        let usage = matches!(e, ModelError::Config(_));
-        let e = anyhow::Error::new(e)
-            .context(format!("cannot load the model in {}", args.model.display()));
-        if usage {
-            Failure::Usage(e)
-        } else {
-            Failure::Runtime(e)
-        }
-    })?;
+    let (config, model) =
+        model::load::<B>(&args.model, args.dtype.resolve(), &device).map_err(|e| {
+            let usage = matches!(e, ModelError::Config(_));
+            let e = anyhow::Error::new(e)
+                .context(format!("cannot load the model in {}", args.model.display()));
+            if usage {
+                Failure::Usage(e)
+            } else {
+                Failure::Runtime(e)
+            }
+        })?;
     let mut rows: Vec<TokenizedRow> = Vec::new();
     for path in &args.dataset {
         rows.extend(read_pretokenized(path, config.vocab_size).context("cannot read the dataset")?);

@@ -5,7 +5,8 @@ mod eval;
 
 use std::path::Path;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use swift_rs::config::Dtype;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -22,6 +23,27 @@ pub struct Cli {
 pub enum Command {
     /// Mean loss and perplexity of a model over pre-tokenized JSONL rows
     Eval(eval::EvalArgs),
+}
+
+/// `--dtype`: the compute dtype of the frozen weights.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum DtypeArg {
+    /// the dtype config.json names
+    Auto,
+    Bf16,
+    F16,
+    F32,
+}
+
+impl DtypeArg {
+    pub fn resolve(self) -> Option<Dtype> {
+        match self {
+            Self::Auto => None,
+            Self::Bf16 => Some(Dtype::Bf16),
+            Self::F16 => Some(Dtype::F16),
+            Self::F32 => Some(Dtype::F32),
+        }
+    }
 }
 
 /// A failed command: usage and config errors exit 2, runtime errors 1 (SPEC).

@@ -344,3 +344,83 @@ impl HfConfig {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(json: serde_json::Value) -> Result<ModelConfig, String> {
+        serde_json::from_value::<HfConfig>(json).unwrap().resolve()
+    }
+
+    fn base(model_type: &str) -> serde_json::Value {
+        serde_json::json!({
+            "model_type": model_type, "vocab_size": 100, "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        })
+    }
+
+    #[test]
+    fn both_generations_give_the_same_rope() {
+        let mut v4 = base("llama");
+        v4["torch_dtype"] = "bfloat16".into();
+        v4["rope_theta"] = 500000.0.into();
+        v4["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let mut v5 = base("llama");
+        v5["dtype"] = "bfloat16".into();
+        v5["rope_parameters"] = serde_json::json!({"rope_type": "llama3", "rope_theta": 500000.0,
+            "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192});
+        let (a, b) = (resolve(v4).unwrap(), resolve(v5).unwrap());
+        assert_eq!(a, b);
+        assert_eq!(a.dtype, Some(Dtype::Bf16));
+        assert_eq!(a.rope.theta, 500000.0);
+        assert!(matches!(a.rope.scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+    }
+
+    #[test]
+    fn family_switches() {
+        let q2 = resolve(base("qwen2")).unwrap();
+        assert!(q2.qkv_bias && !q2.o_bias && !q2.qk_norm);
+        let mut q3 = base("qwen3");
+        q3["head_dim"] = 24.into();
+        let q3 = resolve(q3).unwrap();
+        assert!(q3.qk_norm && !q3.qkv_bias && q3.head_dim == 24);
+        let mut m = base("mistral");
+        m["sliding_window"] = 4096.into();
+        assert_eq!(resolve(m).unwrap().sliding_window, vec![Some(4096); 2]);
+        let mut q2w = base("qwen2");
+        q2w["sliding_window"] = 16.into();
+        q2w["use_sliding_window"] = true.into();
+        q2w["max_window_layers"] = 1.into();
+        assert_eq!(resolve(q2w).unwrap().sliding_window, vec![None, Some(16)]);
+        let mut cfg = base("llama");
+        cfg.as_object_mut().unwrap().remove("model_type");
+        cfg["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+        assert_eq!(resolve(cfg).unwrap().arch, Arch::Mistral);
+    }
+
+    #[test]
+    fn unsupported_values_name_the_key() {
+        let err = resolve(base("gpt2")).unwrap_err();
+        assert!(err.contains("model_type \"gpt2\""), "{err}");
+        let mut c = base("llama");
+        c["rope_scaling"] = serde_json::json!({"type": "yarn", "factor": 4.0});
+        assert!(resolve(c)
+            .unwrap_err()
+            .contains("rope_scaling: rope_type \"yarn\""));
+        let mut c = base("llama");
+        c["rope_scaling"] = serde_json::json!({"type": "linear"});
+        assert!(resolve(c)
+            .unwrap_err()
+            .contains("rope_scaling.factor is required"));
+        let mut c = base("llama");
+        c["num_key_value_heads"] = 3.into();
+        assert!(resolve(c).unwrap_err().contains("num_key_value_heads (3)"));
+        let mut c = base("llama");
+        c["hidden_act"] = "gelu".into();
+        assert!(resolve(c).unwrap_err().contains("hidden_act \"gelu\""));
+    }
+}

@@ -36,7 +36,7 @@ pub enum LoadError {
         path: PathBuf,
         dtype: StDtype,
     },
-    #[error("the checkpoint in {dir} does not fit the model config:\n{}", .problems.join("\n"))]
+    #[error("the checkpoint in {dir} does not fit the model config ({} problems):\n    {}", .problems.len(), .problems.join("\n    "))]
     Mismatch { dir: PathBuf, problems: Vec<String> },
 }
 

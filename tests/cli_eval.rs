@@ -1,0 +1,282 @@
+//! `swift-rs eval` as a user runs it: results equal transformers', and bad input gives one clear
+//! `error:` line naming the culprit, the SPEC's exit code, and never a panic.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models")
+        .join(name)
+}
+
+fn swift_rs(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_swift-rs"))
+        .args(args)
+        .output()
+        .expect("run swift-rs")
+}
+
+fn expected_losses(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture(name).join("expected/losses.json")).unwrap();
+    serde_json::from_str::<serde_json::Value>(&text).unwrap()["logits"].clone()
+}
+
+/// A copy of a fixture model (without its expected/ folder) that a test may break.
+fn model_copy(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    dir
+}
+
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(path, cfg.to_string()).unwrap();
+}
+
+/// Runs eval expecting failure; returns stderr after checking the error contract.
+fn eval_fails(model: &Path, dataset: &Path, extra: &[&str], code: i32) -> String {
+    let mut args = vec![
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--dataset",
+        dataset.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    if !extra.contains(&"--device") {
+        args.extend(["--device", "cpu"]);
+    }
+    let out = swift_rs(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "exit code; stderr:\n{stderr}"
+    );
+    assert!(stderr.starts_with("error: "), "stderr:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "stderr:\n{stderr}");
+    stderr
+}
+
+fn inputs(name: &str) -> PathBuf {
+    fixture(name).join("expected/inputs.jsonl")
+}
+
+#[test]
+fn eval_matches_transformers_and_writes_rows_in_order() {
+    let want = expected_losses("llama_v4_sharded");
+    let out_dir = tempfile::tempdir().unwrap();
+    let out_file = out_dir.path().join("losses.jsonl");
+    let model = fixture("llama_v4_sharded");
+    let data = inputs("llama_v4_sharded");
+    let out = swift_rs(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--dataset",
+        data.to_str().unwrap(),
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--output",
+        out_file.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let loss: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("loss: "))
+        .expect("loss line")
+        .parse()
+        .unwrap();
+    assert!(
+        (loss - want["loss"].as_f64().unwrap()).abs() < 1e-4,
+        "{stdout}"
+    );
+    let ppl: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("perplexity: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((ppl.ln() - loss).abs() < 1e-5);
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&out_file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let want_rows = want["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), want_rows.len());
+    for (i, (got, want)) in rows.iter().zip(want_rows).enumerate() {
+        assert_eq!(got["index"], i);
+        assert_eq!(got["tokens"], want["tokens"]);
+        let d = got["loss"].as_f64().unwrap() - want["loss"].as_f64().unwrap();
+        assert!(d.abs() < 1e-4, "row {i}: {got} vs {want}");
+    }
+}
+
+#[test]
+fn missing_model_directory_names_config_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = eval_fails(&dir.path().join("nope"), &inputs("llama"), &[], 2);
+    assert!(err.contains("nope/config.json"), "{err}");
+}
+
+#[test]
+fn missing_weights_are_named() {
+    let dir = model_copy("llama");
+    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+    let err = eval_fails(dir.path(), &inputs("llama"), &[], 1);
+    assert!(
+        err.contains("neither model.safetensors nor model.safetensors.index.json"),
+        "{err}"
+    );
+}
+
+#[test]
+fn truncated_and_garbage_safetensors_are_named() {
+    let dir = model_copy("llama");
+    let file = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+    let err = eval_fails(dir.path(), &inputs("llama"), &[], 1);
+    assert!(
+        err.contains("model.safetensors is not a valid safetensors file"),
+        "{err}"
+    );
+    std::fs::write(&file, b"this is not a checkpoint at all").unwrap();
+    let err = eval_fails(dir.path(), &inputs("llama"), &[], 1);
+    assert!(
+        err.contains("model.safetensors is not a valid safetensors file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_shard_is_named() {
+    let dir = model_copy("llama_v4_sharded");
+    std::fs::remove_file(dir.path().join("model-00002-of-00003.safetensors")).unwrap();
+    let err = eval_fails(dir.path(), &inputs("llama_v4_sharded"), &[], 1);
+    assert!(err.contains("model-00002-of-00003.safetensors"), "{err}");
+}
+
+#[test]
+fn unsupported_model_type_is_a_config_error() {
+    let dir = model_copy("llama");
+    edit_config(dir.path(), |c| c["model_type"] = "gpt2".into());
+    let err = eval_fails(dir.path(), &inputs("llama"), &[], 2);
+    assert!(err.contains("unsupported model_type \"gpt2\""), "{err}");
+}
+
+#[test]
+fn every_missing_unexpected_and_misshaped_tensor_is_listed_at_once() {
+    let dir = model_copy("mistral");
+    // Two layers instead of three: layer 2's tensors are unexpected. A wider MLP: every
+    // gate/up/down projection has the wrong shape. Bias on nothing changes; Llama with
+    // attention_bias expects q/k/v/o biases the file lacks.
+    edit_config(dir.path(), |c| {
+        c["model_type"] = "llama".into();
+        c["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+        c["num_hidden_layers"] = 2.into();
+        c["intermediate_size"] = 90.into();
+        c["attention_bias"] = true.into();
+    });
+    let err = eval_fails(dir.path(), &inputs("mistral"), &[], 1);
+    for needle in [
+        "unexpected tensor model.layers.2.mlp.down_proj.weight",
+        "unexpected tensor model.layers.2.self_attn.q_proj.weight",
+        "tensor model.layers.0.mlp.gate_proj.weight has shape [88, 64], expected [90, 64]",
+        "tensor model.layers.1.mlp.down_proj.weight has shape [64, 88], expected [64, 90]",
+        "missing tensor model.layers.0.self_attn.q_proj.bias",
+        "missing tensor model.layers.1.self_attn.o_proj.bias",
+    ] {
+        assert!(err.contains(needle), "no {needle:?} in:\n{err}");
+    }
+}
+
+#[test]
+fn token_ids_outside_the_vocabulary_name_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.jsonl");
+    std::fs::write(
+        &data,
+        "{\"input_ids\": [1, 2, 3]}\n{\"input_ids\": [1, 331, 3]}\n",
+    )
+    .unwrap();
+    let err = eval_fails(&fixture("llama"), &data, &[], 1);
+    assert!(err.contains("data.jsonl:2"), "{err}");
+    assert!(
+        err.contains("token id 331, outside the vocabulary [0, 331)"),
+        "{err}"
+    );
+    std::fs::write(&data, "{\"input_ids\": [1, 2], \"labels\": [5]}\n").unwrap();
+    let err = eval_fails(&fixture("llama"), &data, &[], 1);
+    assert!(
+        err.contains("data.jsonl:1: labels has 1 entries, input_ids 2"),
+        "{err}"
+    );
+}
+
+#[test]
+fn malformed_jsonl_names_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.jsonl");
+    std::fs::write(
+        &data,
+        "{\"input_ids\": [1, 2, 3]}\n\n{\"input_ids\": [1, 2,\n",
+    )
+    .unwrap();
+    let err = eval_fails(&fixture("llama"), &data, &[], 1);
+    assert!(
+        err.contains("data.jsonl:3: not a pre-tokenized row"),
+        "{err}"
+    );
+    std::fs::write(&data, "{\"text\": \"raw text is not tokenized\"}\n").unwrap();
+    let err = eval_fails(&fixture("llama"), &data, &[], 1);
+    assert!(
+        err.contains("data.jsonl:1") && err.contains("input_ids"),
+        "{err}"
+    );
+    std::fs::write(&data, "").unwrap();
+    let err = eval_fails(&fixture("llama"), &data, &[], 1);
+    assert!(err.contains("data.jsonl holds no rows"), "{err}");
+    let err = eval_fails(&fixture("llama"), &dir.path().join("absent.jsonl"), &[], 1);
+    assert!(err.contains("absent.jsonl"), "{err}");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let err = eval_fails(&fixture("llama"), &inputs("llama"), &["--dtype", "int8"], 2);
+    assert!(err.contains("int8"), "{err}");
+    let err = eval_fails(
+        &fixture("llama"),
+        &inputs("llama"),
+        &["--batch-size", "0"],
+        2,
+    );
+    assert!(err.contains("--batch-size"), "{err}");
+    #[cfg(not(feature = "cuda"))]
+    {
+        let err = eval_fails(
+            &fixture("llama"),
+            &inputs("llama"),
+            &["--device", "cuda"],
+            2,
+        );
+        assert!(err.contains("built without CUDA"), "{err}");
+    }
+}

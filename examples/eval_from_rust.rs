@@ -18,14 +18,24 @@ fn main() -> anyhow::Result<()> {
     };
     let device = Default::default();
     let (config, model) = model::load::<Flex>(&model_dir, Some(Dtype::F32), &device)?;
-    println!("{:?}: {} layers, hidden {}", config.arch, config.num_hidden_layers, config.hidden_size);
+    println!(
+        "{:?}: {} layers, hidden {}",
+        config.arch, config.num_hidden_layers, config.hidden_size
+    );
 
     let rows = read_pretokenized(&data, config.vocab_size)?;
     let report = evaluate(&model, &rows, 4, |_| {});
     for r in &report.rows {
-        println!("row {}: loss {:.4} over {} tokens", r.index, r.loss, r.tokens);
+        println!(
+            "row {}: loss {:.4} over {} tokens",
+            r.index, r.loss, r.tokens
+        );
     }
-    println!("mean loss {:.4}, perplexity {:.2}", report.loss, report.perplexity());
+    println!(
+        "mean loss {:.4}, perplexity {:.2}",
+        report.loss,
+        report.perplexity()
+    );
 
     // The logits themselves, for one row: [batch, seq, vocab].
     let logits = model.forward(&Batch::right_padded(&[rows[0].input_ids.as_slice()]));

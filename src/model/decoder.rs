@@ -66,17 +66,16 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, d]).swap_dims(1, 2);
-        let mut q = heads(self.q_proj.forward(x.clone()), h); // [b, h, s, d]
-        let mut k = heads(self.k_proj.forward(x.clone()), kv); // [b, kv, s, d]
-        let v = heads(self.v_proj.forward(x), kv); // [b, kv, s, d]
+        let mut q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]);
+        let mut k = self.k_proj.forward(x.clone()).reshape([b, s, kv, d]);
+        let v = self.v_proj.forward(x).reshape([b, s, kv, d]);
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn.forward(q);
             k = kn.forward(k);
         }
-        let q = rope.apply(q);
-        let k = repeat_kv(rope.apply(k), h / kv); // [b, h, s, d]
-        let v = repeat_kv(v, h / kv); // [b, h, s, d]
+        let q = rope.apply(q).swap_dims(1, 2); // [b, h, s, d]
+        let k = repeat_kv(rope.apply(k).swap_dims(1, 2), h / kv); // [b, h, s, d]
+        let v = repeat_kv(v.swap_dims(1, 2), h / kv); // [b, h, s, d]
         let options = AttentionModuleOptions {
             scale: None,
             softcap: None,
@@ -362,8 +361,8 @@ fn frozen<B: Backend, const D: usize>(t: Tensor<B, D>) -> Param<Tensor<B, D>> {
     Param::from_tensor(t).set_require_grad(false)
 }
 
-/// Hugging Face stores a linear weight `[out, in]`; Burn's `Linear` keeps `[in, out]`. This is the
-/// one place that layout is translated on load.
+/// Hugging Face stores a linear weight `[out, in]`; Burn's `Linear` keeps `[in, out]`
+/// (`Checkpoint::take_linear` translates, the one place that happens on load).
 fn linear<B: Backend>(
     ckpt: &mut Checkpoint,
     key: &str,
@@ -372,9 +371,8 @@ fn linear<B: Backend>(
     bias: bool,
     device: &B::Device,
 ) -> Linear<B> {
-    let weight: Tensor<B, 2> = ckpt.take(&format!("{key}.weight"), [n_out, n_in], device);
     Linear {
-        weight: frozen(weight.transpose()),
+        weight: frozen(ckpt.take_linear(&format!("{key}.weight"), [n_out, n_in], device)),
         bias: bias.then(|| frozen(ckpt.take(&format!("{key}.bias"), [n_out], device))),
     }
 }

@@ -157,11 +157,45 @@ impl Checkpoint {
         shape: [usize; D],
         device: &B::Device,
     ) -> Tensor<B, D> {
+        self.take_data(key, &shape)
+            .map_or_else(|| placeholder(device), |data| self.tensor(data, device))
+    }
+
+    /// A linear weight stored `[out, in]` by Hugging Face, returned contiguous in Burn's `[in, out]`
+    /// layout. Transposed here, once, rather than as a view: Burn's `linear` reshapes its weight,
+    /// which would copy a strided view on every forward.
+    pub fn take_linear<B: Backend>(
+        &mut self,
+        key: &str,
+        [n_out, n_in]: [usize; 2],
+        device: &B::Device,
+    ) -> Tensor<B, 2> {
+        match self.take_data(key, &[n_out, n_in]) {
+            None => placeholder(device),
+            Some(data) => {
+                let elem = data.dtype.size();
+                let t = transpose_bytes(data.as_bytes(), n_out, n_in, elem);
+                let data = TensorData::from_bytes_vec(t, [n_in, n_out], data.dtype);
+                self.tensor(data, device)
+            }
+        }
+    }
+
+    fn tensor<B: Backend, const D: usize>(
+        &self,
+        data: TensorData,
+        device: &B::Device,
+    ) -> Tensor<B, D> {
+        Tensor::from_data(data, (device, burn_dtype(self.dtype)))
+    }
+
+    /// Checks and converts one tensor; None (with the problem recorded) when it cannot be used.
+    fn take_data(&mut self, key: &str, shape: &[usize]) -> Option<TensorData> {
         self.taken.insert(key.to_string());
         let Some(&shard_idx) = self.keys.get(key) else {
             self.problems
                 .push(format!("missing tensor {key} (expected shape {shape:?})"));
-            return placeholder(device);
+            return None;
         };
         let shard = &self.shards[shard_idx];
         let info = shard
@@ -173,13 +207,17 @@ impl Checkpoint {
                 "tensor {key} has shape {:?}, expected {shape:?}",
                 info.shape
             ));
-            return placeholder(device);
+            return None;
         }
         if !self.problems.is_empty() {
-            return placeholder(device);
+            return None;
         }
-        let data = convert(shard.bytes(info), info.dtype, self.dtype, shape.to_vec());
-        Tensor::from_data(data, (device, burn_dtype(self.dtype)))
+        Some(convert(
+            shard.bytes(info),
+            info.dtype,
+            self.dtype,
+            shape.to_vec(),
+        ))
     }
 
     /// Ends loading: an error listing every problem, and every tensor in the files the model
@@ -214,6 +252,19 @@ fn is_ignorable(key: &str) -> bool {
 
 fn placeholder<B: Backend, const D: usize>(device: &B::Device) -> Tensor<B, D> {
     Tensor::zeros([1; D], device)
+}
+
+/// Row-major `[rows, cols]` of `elem`-byte elements to row-major `[cols, rows]`.
+fn transpose_bytes(bytes: &[u8], rows: usize, cols: usize, elem: usize) -> Vec<u8> {
+    let mut out = vec![0u8; bytes.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            let src = (r * cols + c) * elem;
+            let dst = (c * rows + r) * elem;
+            out[dst..dst + elem].copy_from_slice(&bytes[src..src + elem]);
+        }
+    }
+    out
 }
 
 fn shard_files(index: &Path) -> Result<Vec<String>, LoadError> {
@@ -273,5 +324,42 @@ fn convert(bytes: &[u8], from: StDtype, to: Dtype, shape: Vec<usize>) -> TensorD
         Dtype::F32 => TensorData::new(as_f32.collect::<Vec<f32>>(), shape),
         Dtype::F16 => TensorData::new(as_f32.map(f16::from_f32).collect::<Vec<f16>>(), shape),
         Dtype::Bf16 => TensorData::new(as_f32.map(bf16::from_f32).collect::<Vec<bf16>>(), shape),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose_bytes_swaps_rows_and_columns() {
+        // [[1, 2, 3], [4, 5, 6]] as u16 -> [[1, 4], [2, 5], [3, 6]]
+        let src: Vec<u8> = [1u16, 2, 3, 4, 5, 6]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let want: Vec<u8> = [1u16, 4, 2, 5, 3, 6]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(transpose_bytes(&src, 2, 3, 2), want);
+        assert_eq!(transpose_bytes(&want, 3, 2, 2), src);
+    }
+
+    #[test]
+    fn conversion_between_dtypes_rounds_like_torch() {
+        let bf: Vec<u8> = [bf16::from_f32(1.5), bf16::from_f32(-0.09375)]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let data = convert(&bf, StDtype::BF16, Dtype::F32, vec![2]);
+        assert_eq!(data.to_vec::<f32>().unwrap(), vec![1.5, -0.09375]);
+        let f: Vec<u8> = [1.0f32 + 1.0 / 512.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        // round-to-nearest-even: 1 + 2^-9 is halfway between two bf16 values and rounds to 1.0
+        let data = convert(&f, StDtype::F32, Dtype::Bf16, vec![1]);
+        assert_eq!(data.to_vec::<bf16>().unwrap(), vec![bf16::from_f32(1.0)]);
     }
 }

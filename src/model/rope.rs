@@ -50,7 +50,7 @@ pub fn inv_freq(rope: &RopeConfig, head_dim: usize) -> Vec<f32> {
     }
 }
 
-/// cos and sin for every position of every row, `[batch, 1, seq, head_dim]` in f32, the layout
+/// cos and sin for every position of every row, `[batch, seq, 1, head_dim]` in f32, the layout
 /// `apply` broadcasts over heads.
 pub struct RopeTables<B: Backend> {
     pub cos: Tensor<B, 4>,
@@ -77,20 +77,21 @@ impl<B: Backend> RopeTables<B> {
                 }
             }
         }
-        let shape = [batch, 1, seq, 2 * half];
+        let shape = [batch, seq, 1, 2 * half];
         Self {
             cos: Tensor::from_data(TensorData::new(cos, shape), device),
             sin: Tensor::from_data(TensorData::new(sin, shape), device),
         }
     }
 
-    /// `x * cos + rotate_half(x) * sin` on `[batch, heads, seq, head_dim]`, in x's dtype (the
-    /// tables are cast to it first, as transformers does).
+    /// `x * cos + rotate_half(x) * sin` on `[batch, seq, heads, head_dim]`, in x's dtype (the
+    /// tables are cast to it first, as transformers does). Applied before heads are transposed
+    /// out, while x is still the contiguous output of its projection.
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let dtype = x.dtype();
-        let [b, h, s, d] = x.dims();
-        let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..d / 2]);
-        let x2 = x.clone().slice([0..b, 0..h, 0..s, d / 2..d]);
+        let [b, s, h, d] = x.dims();
+        let x1 = x.clone().slice([0..b, 0..s, 0..h, 0..d / 2]);
+        let x2 = x.clone().slice([0..b, 0..s, 0..h, d / 2..d]);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
         x * self.cos.clone().cast(dtype) + rotated * self.sin.clone().cast(dtype)
     }

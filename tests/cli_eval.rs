@@ -280,3 +280,25 @@ fn usage_errors_exit_2() {
         assert!(err.contains("built without CUDA"), "{err}");
     }
 }
+
+#[test]
+fn malformed_config_json_is_named() {
+    let dir = model_copy("qwen3_f16");
+    std::fs::write(
+        dir.path().join("config.json"),
+        "{\"model_type\": \"qwen3\",",
+    )
+    .unwrap();
+    let err = eval_fails(dir.path(), &inputs("qwen3_f16"), &[], 2);
+    assert!(err.contains("config.json is not valid JSON"), "{err}");
+    std::fs::write(
+        dir.path().join("config.json"),
+        "{\"model_type\": \"qwen3\"}",
+    )
+    .unwrap();
+    let err = eval_fails(dir.path(), &inputs("qwen3_f16"), &[], 2);
+    assert!(
+        err.contains("config.json") && err.contains("vocab_size"),
+        "{err}"
+    );
+}

@@ -1,5 +1,6 @@
 //! `swift-rs eval`: loss and perplexity over pre-tokenized JSONL.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -63,10 +64,15 @@ fn eval_on<B: Backend>(device: B::Device, args: &EvalArgs) -> Result<(), Failure
         }
     }
     let total = rows.len();
+    let terminal = std::io::stderr().is_terminal();
     let report = evaluate(&model, &rows, args.batch_size as usize, |done| {
-        eprint!("\reval: {done}/{total} rows");
+        if terminal {
+            eprint!("\reval: {done}/{total} rows");
+        }
     });
-    eprintln!();
+    if terminal {
+        eprintln!();
+    }
     if let Some(path) = &args.output {
         let mut text = String::new();
         for r in &report.rows {

@@ -38,6 +38,7 @@ pub fn evaluate<B: Backend>(
     mut on_batch: impl FnMut(usize),
 ) -> EvalReport {
     let mut out = Vec::with_capacity(rows.len());
+    let mut total = 0f64;
     for (b, chunk) in rows.chunks(batch_size.max(1)).enumerate() {
         let ids: Vec<&[u32]> = chunk.iter().map(|r| r.input_ids.as_slice()).collect();
         let batch = Batch::right_padded(&ids);
@@ -62,6 +63,7 @@ pub fn evaluate<B: Backend>(
                 counts[row] += 1;
             }
         }
+        total += sums.iter().sum::<f64>();
         let first = b * batch_size.max(1);
         out.extend((0..chunk.len()).map(|i| RowLoss {
             index: first + i,
@@ -71,11 +73,6 @@ pub fn evaluate<B: Backend>(
         on_batch(out.len());
     }
     let tokens: usize = out.iter().map(|r| r.tokens).sum();
-    let total: f64 = out
-        .iter()
-        .filter(|r| r.tokens > 0)
-        .map(|r| r.loss * r.tokens as f64)
-        .sum();
     EvalReport {
         rows: out,
         loss: total / tokens as f64,

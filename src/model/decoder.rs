@@ -57,6 +57,34 @@ pub struct Attention<B: Backend> {
 }
 
 impl<B: Backend> Attention<B> {
+    fn load(cfg: &ModelConfig, p: &str, ckpt: &mut Checkpoint, device: &B::Device) -> Self {
+        let (hidden, d) = (cfg.hidden_size, cfg.head_dim);
+        let (q_out, kv_out) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
+        let mut proj = |name: &str, n_in, n_out, bias| {
+            linear(ckpt, &format!("{p}.{name}"), n_in, n_out, bias, device)
+        };
+        let q_proj = proj("q_proj", hidden, q_out, cfg.qkv_bias);
+        let k_proj = proj("k_proj", hidden, kv_out, cfg.qkv_bias);
+        let v_proj = proj("v_proj", hidden, kv_out, cfg.qkv_bias);
+        let o_proj = proj("o_proj", q_out, hidden, cfg.o_bias);
+        let mut head_norm = |name: &str| {
+            let key = format!("{p}.{name}");
+            cfg.qk_norm
+                .then(|| RmsNorm::load(ckpt, &key, d, cfg.rms_norm_eps, device))
+        };
+        Self {
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            q_norm: head_norm("q_norm"),
+            k_norm: head_norm("k_norm"),
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_key_value_heads,
+            head_dim: d,
+        }
+    }
+
     /// `mask[b, 1, q, k]` is true where query q may not see key k; `None` means plain causal.
     pub fn forward(
         &self,
@@ -106,6 +134,18 @@ pub struct Mlp<B: Backend> {
 }
 
 impl<B: Backend> Mlp<B> {
+    fn load(cfg: &ModelConfig, p: &str, ckpt: &mut Checkpoint, device: &B::Device) -> Self {
+        let (hidden, inter, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        let mut proj = |name: &str, n_in, n_out| {
+            linear(ckpt, &format!("{p}.{name}"), n_in, n_out, bias, device)
+        };
+        Self {
+            gate_proj: proj("gate_proj", hidden, inter),
+            up_proj: proj("up_proj", hidden, inter),
+            down_proj: proj("down_proj", inter, hidden),
+        }
+    }
+
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let gate = silu(self.gate_proj.forward(x.clone()));
         self.down_proj.forward(gate * self.up_proj.forward(x))
@@ -123,6 +163,21 @@ pub struct DecoderLayer<B: Backend> {
 }
 
 impl<B: Backend> DecoderLayer<B> {
+    fn load(cfg: &ModelConfig, i: usize, ckpt: &mut Checkpoint, device: &B::Device) -> Self {
+        let p = format!("model.layers.{i}");
+        let norm = |ckpt: &mut Checkpoint, name: &str| {
+            let key = format!("{p}.{name}");
+            RmsNorm::load(ckpt, &key, cfg.hidden_size, cfg.rms_norm_eps, device)
+        };
+        Self {
+            self_attn: Attention::load(cfg, &format!("{p}.self_attn"), ckpt, device),
+            mlp: Mlp::load(cfg, &format!("{p}.mlp"), ckpt, device),
+            input_layernorm: norm(ckpt, "input_layernorm"),
+            post_attention_layernorm: norm(ckpt, "post_attention_layernorm"),
+            sliding_window: cfg.sliding_window[i],
+        }
+    }
+
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
@@ -199,84 +254,18 @@ impl Batch {
 impl<B: Backend> CausalLm<B> {
     /// Builds the model from a checkpoint, key for key; problems are reported by `ckpt.finish()`.
     pub fn load(cfg: &ModelConfig, ckpt: &mut Checkpoint, device: &B::Device) -> Self {
-        let (hidden, inter, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
-        let eps = cfg.rms_norm_eps;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| {
-                let p = format!("model.layers.{i}");
-                let attn =
-                    |name: &str, n_in: usize, n_out: usize, bias: bool, c: &mut Checkpoint| {
-                        linear(
-                            c,
-                            &format!("{p}.self_attn.{name}"),
-                            n_in,
-                            n_out,
-                            bias,
-                            device,
-                        )
-                    };
-                let q_out = cfg.num_attention_heads * hd;
-                let kv_out = cfg.num_key_value_heads * hd;
-                let self_attn = Attention {
-                    q_proj: attn("q_proj", hidden, q_out, cfg.qkv_bias, ckpt),
-                    k_proj: attn("k_proj", hidden, kv_out, cfg.qkv_bias, ckpt),
-                    v_proj: attn("v_proj", hidden, kv_out, cfg.qkv_bias, ckpt),
-                    o_proj: attn("o_proj", q_out, hidden, cfg.o_bias, ckpt),
-                    q_norm: cfg.qk_norm.then(|| {
-                        RmsNorm::load(ckpt, &format!("{p}.self_attn.q_norm"), hd, eps, device)
-                    }),
-                    k_norm: cfg.qk_norm.then(|| {
-                        RmsNorm::load(ckpt, &format!("{p}.self_attn.k_norm"), hd, eps, device)
-                    }),
-                    num_heads: cfg.num_attention_heads,
-                    num_kv_heads: cfg.num_key_value_heads,
-                    head_dim: hd,
-                };
-                let mlp_linear = |name: &str, n_in: usize, n_out: usize, c: &mut Checkpoint| {
-                    linear(
-                        c,
-                        &format!("{p}.mlp.{name}"),
-                        n_in,
-                        n_out,
-                        cfg.mlp_bias,
-                        device,
-                    )
-                };
-                let mlp = Mlp {
-                    gate_proj: mlp_linear("gate_proj", hidden, inter, ckpt),
-                    up_proj: mlp_linear("up_proj", hidden, inter, ckpt),
-                    down_proj: mlp_linear("down_proj", inter, hidden, ckpt),
-                };
-                DecoderLayer {
-                    self_attn,
-                    mlp,
-                    input_layernorm: RmsNorm::load(
-                        ckpt,
-                        &format!("{p}.input_layernorm"),
-                        hidden,
-                        eps,
-                        device,
-                    ),
-                    post_attention_layernorm: RmsNorm::load(
-                        ckpt,
-                        &format!("{p}.post_attention_layernorm"),
-                        hidden,
-                        eps,
-                        device,
-                    ),
-                    sliding_window: cfg.sliding_window[i],
-                }
-            })
-            .collect();
+        let hidden = cfg.hidden_size;
         let model = DecoderModel {
             embed_tokens: frozen(ckpt.take(
                 "model.embed_tokens.weight",
                 [cfg.vocab_size, hidden],
                 device,
             )),
-            layers,
-            norm: RmsNorm::load(ckpt, "model.norm", hidden, eps, device),
-            inv_freq: rope::inv_freq(&cfg.rope, hd),
+            layers: (0..cfg.num_hidden_layers)
+                .map(|i| DecoderLayer::load(cfg, i, ckpt, device))
+                .collect(),
+            norm: RmsNorm::load(ckpt, "model.norm", hidden, cfg.rms_norm_eps, device),
+            inv_freq: rope::inv_freq(&cfg.rope, cfg.head_dim),
         };
         let lm_head = if cfg.tie_word_embeddings {
             // Some exporters write the tied head anyway; it is the same matrix.

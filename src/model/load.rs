@@ -3,7 +3,7 @@
 //! exists once in memory. Every missing, unexpected and mis-shaped tensor is collected and
 //! reported in one error (nanoGPT asserts key counts; this lists them).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -282,7 +282,7 @@ fn shard_files(index: &Path) -> Result<Vec<String>, LoadError> {
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| bad("no \"weight_map\" object".into()))?;
-    let mut files = BTreeMap::new();
+    let mut files = BTreeSet::new();
     for (key, file) in map {
         let file = file
             .as_str()
@@ -292,9 +292,9 @@ fn shard_files(index: &Path) -> Result<Vec<String>, LoadError> {
                 "weight_map[\"{key}\"] = \"{file}\" is not a file name in the model directory"
             )));
         }
-        files.insert(file.to_string(), ());
+        files.insert(file.to_string());
     }
-    Ok(files.into_keys().collect())
+    Ok(files.into_iter().collect())
 }
 
 /// Converts little-endian safetensors bytes to `to`, in one pass from the mapped file.

@@ -17,7 +17,7 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("usage: eval_from_rust MODEL_DIR DATA.jsonl");
     };
     let device = Default::default();
-    let (config, model) = model::load::<Flex>(&model_dir, Some(Dtype::F32), &device)?;
+    let (config, model) = model::load::<Flex>(&model_dir, Some(Dtype::F32), None, &device)?;
     println!(
         "{:?}: {} layers, hidden {}",
         config.arch, config.num_hidden_layers, config.hidden_size

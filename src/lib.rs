@@ -4,5 +4,7 @@
 
 pub mod config;
 pub mod data;
+pub mod export;
+pub mod lora;
 pub mod model;
 pub mod train;

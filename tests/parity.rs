@@ -59,7 +59,7 @@ fn golden(name: &str, tag: &str, vocab: usize) -> Golden {
 }
 
 fn load(name: &str, dtype: Option<Dtype>) -> (swift_rs::config::ModelConfig, CausalLm<B>) {
-    model::load::<B>(&fixture(name), dtype, &Default::default()).unwrap()
+    model::load::<B>(&fixture(name), dtype, None, &Default::default()).unwrap()
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -158,7 +158,8 @@ fn bf16_logits_and_losses_match_transformers() {
 
 #[test]
 fn config_dtype_is_the_default_compute_dtype() {
-    let (cfg, model) = model::load::<B>(&fixture("qwen2_bf16"), None, &Default::default()).unwrap();
+    let (cfg, model) =
+        model::load::<B>(&fixture("qwen2_bf16"), None, None, &Default::default()).unwrap();
     assert_eq!(cfg.dtype, Some(Dtype::Bf16));
     assert_eq!(
         model.model.embed_tokens.val().dtype(),

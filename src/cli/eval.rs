@@ -10,6 +10,7 @@ use clap::Args;
 use super::device::{with_backend, DeviceArg};
 use super::{write_atomic, DtypeArg, Failure};
 use swift_rs::data::{read_pretokenized, TokenizedRow};
+use swift_rs::export::peft::read_adapter;
 use swift_rs::model::{self, ModelError};
 use swift_rs::train::evaluate;
 
@@ -18,6 +19,9 @@ pub struct EvalArgs {
     /// Hugging Face model directory
     #[arg(long)]
     model: PathBuf,
+    /// PEFT LoRA adapter directory to apply (unmerged)
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// JSONL files of {"input_ids": [...], "labels": [...]} rows (labels optional)
     #[arg(long, num_args = 1.., required = true)]
     dataset: Vec<PathBuf>,
@@ -42,17 +46,24 @@ pub fn run(args: EvalArgs) -> Result<(), Failure> {
 }
 
 fn eval_on<B: Backend>(device: B::Device, args: &EvalArgs) -> Result<(), Failure> {
-    let (config, model) =
-        model::load::<B>(&args.model, args.dtype.resolve(), &device).map_err(|e| {
-            let usage = matches!(e, ModelError::Config(_));
-            let e = anyhow::Error::new(e)
-                .context(format!("cannot load the model in {}", args.model.display()));
-            if usage {
-                Failure::Usage(e)
-            } else {
-                Failure::Runtime(e)
-            }
-        })?;
+    let mut adapter = match &args.adapter {
+        None => None,
+        Some(dir) => Some(
+            read_adapter(dir)
+                .with_context(|| format!("cannot read the adapter in {}", dir.display()))?,
+        ),
+    };
+    let loaded = model::load::<B>(&args.model, args.dtype.resolve(), adapter.as_mut(), &device);
+    let (config, model) = loaded.map_err(|e| {
+        let usage = matches!(e, ModelError::Config(_));
+        let e = anyhow::Error::new(e)
+            .context(format!("cannot load the model in {}", args.model.display()));
+        if usage {
+            Failure::Usage(e)
+        } else {
+            Failure::Runtime(e)
+        }
+    })?;
     let mut rows: Vec<TokenizedRow> = Vec::new();
     for path in &args.dataset {
         rows.extend(read_pretokenized(path, config.vocab_size).context("cannot read the dataset")?);

@@ -1,10 +1,12 @@
-//! Configuration types: the checkpoint's `config.json` (`HfConfig` → `ModelConfig`).
-//! Later: `LoraConfig` (PEFT field names) and `TrainConfig` (TOML).
+//! Configuration types: the checkpoint's `config.json` (`HfConfig` → `ModelConfig`) and
+//! `LoraConfig` (PEFT field names). Later: `TrainConfig` (TOML).
 
+mod lora;
 mod model;
 
 use std::path::PathBuf;
 
+pub use lora::{InitLoraWeights, LoraConfig, TargetModules};
 pub use model::{Arch, Dtype, HfConfig, ModelConfig, RopeConfig, RopeScaling};
 
 #[derive(Debug, thiserror::Error)]

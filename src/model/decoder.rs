@@ -13,9 +13,12 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
 
+use super::builder::Builder;
+use super::frozen;
 use super::load::Checkpoint;
 use super::rope::{self, RopeTables};
 use crate::config::ModelConfig;
+use crate::lora::LoraLinear;
 
 /// `weight * normalize(x)`, the normalisation done in f32 and cast back before the weight is
 /// applied, as `LlamaRMSNorm` does (this order matters in bf16).
@@ -44,10 +47,10 @@ impl<B: Backend> RmsNorm<B> {
 
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
-    pub q_proj: Linear<B>, // [hidden, heads * head_dim]
-    pub k_proj: Linear<B>, // [hidden, kv_heads * head_dim]
-    pub v_proj: Linear<B>, // [hidden, kv_heads * head_dim]
-    pub o_proj: Linear<B>, // [heads * head_dim, hidden]
+    pub q_proj: LoraLinear<B>, // [hidden, heads * head_dim]
+    pub k_proj: LoraLinear<B>, // [hidden, kv_heads * head_dim]
+    pub v_proj: LoraLinear<B>, // [hidden, kv_heads * head_dim]
+    pub o_proj: LoraLinear<B>, // [heads * head_dim, hidden]
     /// Qwen3 only: RMSNorm over head_dim of every query / key head.
     pub q_norm: Option<RmsNorm<B>>,
     pub k_norm: Option<RmsNorm<B>>,
@@ -57,12 +60,11 @@ pub struct Attention<B: Backend> {
 }
 
 impl<B: Backend> Attention<B> {
-    fn load(cfg: &ModelConfig, p: &str, ckpt: &mut Checkpoint, device: &B::Device) -> Self {
+    fn load(cfg: &ModelConfig, p: &str, b: &mut Builder<B>) -> Self {
         let (hidden, d) = (cfg.hidden_size, cfg.head_dim);
         let (q_out, kv_out) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
-        let mut proj = |name: &str, n_in, n_out, bias| {
-            linear(ckpt, &format!("{p}.{name}"), n_in, n_out, bias, device)
-        };
+        let mut proj =
+            |name: &str, n_in, n_out, bias| b.linear(&format!("{p}.{name}"), n_in, n_out, bias);
         let q_proj = proj("q_proj", hidden, q_out, cfg.qkv_bias);
         let k_proj = proj("k_proj", hidden, kv_out, cfg.qkv_bias);
         let v_proj = proj("v_proj", hidden, kv_out, cfg.qkv_bias);
@@ -70,7 +72,7 @@ impl<B: Backend> Attention<B> {
         let mut head_norm = |name: &str| {
             let key = format!("{p}.{name}");
             cfg.qk_norm
-                .then(|| RmsNorm::load(ckpt, &key, d, cfg.rms_norm_eps, device))
+                .then(|| RmsNorm::load(b.ckpt, &key, d, cfg.rms_norm_eps, b.device))
         };
         Self {
             q_proj,
@@ -128,17 +130,16 @@ fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
 
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    pub gate_proj: Linear<B>, // [hidden, intermediate]
-    pub up_proj: Linear<B>,   // [hidden, intermediate]
-    pub down_proj: Linear<B>, // [intermediate, hidden]
+    pub gate_proj: LoraLinear<B>, // [hidden, intermediate]
+    pub up_proj: LoraLinear<B>,   // [hidden, intermediate]
+    pub down_proj: LoraLinear<B>, // [intermediate, hidden]
 }
 
 impl<B: Backend> Mlp<B> {
-    fn load(cfg: &ModelConfig, p: &str, ckpt: &mut Checkpoint, device: &B::Device) -> Self {
+    fn load(cfg: &ModelConfig, p: &str, b: &mut Builder<B>) -> Self {
         let (hidden, inter, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
-        let mut proj = |name: &str, n_in, n_out| {
-            linear(ckpt, &format!("{p}.{name}"), n_in, n_out, bias, device)
-        };
+        let mut proj =
+            |name: &str, n_in, n_out| b.linear(&format!("{p}.{name}"), n_in, n_out, bias);
         Self {
             gate_proj: proj("gate_proj", hidden, inter),
             up_proj: proj("up_proj", hidden, inter),
@@ -163,17 +164,17 @@ pub struct DecoderLayer<B: Backend> {
 }
 
 impl<B: Backend> DecoderLayer<B> {
-    fn load(cfg: &ModelConfig, i: usize, ckpt: &mut Checkpoint, device: &B::Device) -> Self {
+    fn load(cfg: &ModelConfig, i: usize, b: &mut Builder<B>) -> Self {
         let p = format!("model.layers.{i}");
-        let norm = |ckpt: &mut Checkpoint, name: &str| {
+        let norm = |b: &mut Builder<B>, name: &str| {
             let key = format!("{p}.{name}");
-            RmsNorm::load(ckpt, &key, cfg.hidden_size, cfg.rms_norm_eps, device)
+            RmsNorm::load(b.ckpt, &key, cfg.hidden_size, cfg.rms_norm_eps, b.device)
         };
         Self {
-            self_attn: Attention::load(cfg, &format!("{p}.self_attn"), ckpt, device),
-            mlp: Mlp::load(cfg, &format!("{p}.mlp"), ckpt, device),
-            input_layernorm: norm(ckpt, "input_layernorm"),
-            post_attention_layernorm: norm(ckpt, "post_attention_layernorm"),
+            self_attn: Attention::load(cfg, &format!("{p}.self_attn"), b),
+            mlp: Mlp::load(cfg, &format!("{p}.mlp"), b),
+            input_layernorm: norm(b, "input_layernorm"),
+            post_attention_layernorm: norm(b, "post_attention_layernorm"),
             sliding_window: cfg.sliding_window[i],
         }
     }
@@ -252,38 +253,51 @@ impl Batch {
 }
 
 impl<B: Backend> CausalLm<B> {
-    /// Builds the model from a checkpoint, key for key; problems are reported by `ckpt.finish()`.
-    pub fn load(cfg: &ModelConfig, ckpt: &mut Checkpoint, device: &B::Device) -> Self {
+    /// Builds the model key for key; problems are reported by the builder's checkpoints.
+    pub(crate) fn build(cfg: &ModelConfig, b: &mut Builder<B>) -> Self {
         let hidden = cfg.hidden_size;
         let model = DecoderModel {
-            embed_tokens: frozen(ckpt.take(
+            embed_tokens: frozen(b.ckpt.take(
                 "model.embed_tokens.weight",
                 [cfg.vocab_size, hidden],
-                device,
+                b.device,
             )),
             layers: (0..cfg.num_hidden_layers)
-                .map(|i| DecoderLayer::load(cfg, i, ckpt, device))
+                .map(|i| DecoderLayer::load(cfg, i, b))
                 .collect(),
-            norm: RmsNorm::load(ckpt, "model.norm", hidden, cfg.rms_norm_eps, device),
+            norm: RmsNorm::load(b.ckpt, "model.norm", hidden, cfg.rms_norm_eps, b.device),
             inv_freq: rope::inv_freq(&cfg.rope, cfg.head_dim),
         };
         let lm_head = if cfg.tie_word_embeddings {
             // Some exporters write the tied head anyway; it is the same matrix.
-            if ckpt.contains("lm_head.weight") {
-                ckpt.skip("lm_head.weight");
+            if b.ckpt.contains("lm_head.weight") {
+                b.ckpt.skip("lm_head.weight");
             }
             None
         } else {
-            Some(linear(
-                ckpt,
-                "lm_head",
-                hidden,
-                cfg.vocab_size,
-                false,
-                device,
-            ))
+            Some(b.plain_linear("lm_head", hidden, cfg.vocab_size, false))
         };
         Self { model, lm_head }
+    }
+
+    /// Every linear layer that can carry an adapter, with its full module name.
+    pub fn lora_linears(&self) -> Vec<(String, &LoraLinear<B>)> {
+        let mut out = Vec::new();
+        for (i, l) in self.model.layers.iter().enumerate() {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            for (name, lin) in [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.o_proj", &a.o_proj),
+                ("mlp.gate_proj", &m.gate_proj),
+                ("mlp.up_proj", &m.up_proj),
+                ("mlp.down_proj", &m.down_proj),
+            ] {
+                out.push((format!("model.layers.{i}.{name}"), lin));
+            }
+        }
+        out
     }
 
     /// Final hidden states (after the last norm), `[batch, seq, hidden]`.
@@ -343,25 +357,4 @@ fn attention_mask<B: Backend>(
         }
     }
     Tensor::from_data(TensorData::new(mask, [b, 1, s, s]), device)
-}
-
-/// Frozen: base weights get no gradient and no optimizer state.
-fn frozen<B: Backend, const D: usize>(t: Tensor<B, D>) -> Param<Tensor<B, D>> {
-    Param::from_tensor(t).set_require_grad(false)
-}
-
-/// Hugging Face stores a linear weight `[out, in]`; Burn's `Linear` keeps `[in, out]`
-/// (`Checkpoint::take_linear` translates, the one place that happens on load).
-fn linear<B: Backend>(
-    ckpt: &mut Checkpoint,
-    key: &str,
-    n_in: usize,
-    n_out: usize,
-    bias: bool,
-    device: &B::Device,
-) -> Linear<B> {
-    Linear {
-        weight: frozen(ckpt.take_linear(&format!("{key}.weight"), [n_out, n_in], device)),
-        bias: bias.then(|| frozen(ckpt.take(&format!("{key}.bias"), [n_out], device))),
-    }
 }

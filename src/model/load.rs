@@ -96,21 +96,32 @@ impl Checkpoint {
     /// Opens `model.safetensors`, or every shard named in `model.safetensors.index.json`.
     /// Tensors are converted to `dtype` as they are taken.
     pub fn open(dir: &Path, dtype: Dtype) -> Result<Self, LoadError> {
+        Self::open_files(dir, &Self::model_files(dir)?, dtype)
+    }
+
+    /// The safetensors files of a model directory.
+    pub fn model_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
-        let files: Vec<PathBuf> = if index.exists() {
-            shard_files(&index)?
+        if index.exists() {
+            Ok(shard_files(&index)?
                 .into_iter()
                 .map(|f| dir.join(f))
-                .collect()
+                .collect())
         } else if single.exists() {
-            vec![single]
+            Ok(vec![single])
         } else {
-            return Err(LoadError::NoWeights {
+            Err(LoadError::NoWeights {
                 dir: dir.to_path_buf(),
-            });
-        };
+            })
+        }
+    }
+
+    /// Opens the given safetensors files of `dir` as one set of tensors.
+    pub fn open_files(dir: &Path, files: &[PathBuf], dtype: Dtype) -> Result<Self, LoadError> {
         let shards = files
+            .iter()
+            .cloned()
             .into_iter()
             .map(Shard::open)
             .collect::<Result<Vec<_>, _>>()?;
@@ -220,20 +231,29 @@ impl Checkpoint {
         ))
     }
 
-    /// Ends loading: an error listing every problem, and every tensor in the files the model
-    /// has no place for.
-    pub fn finish(self) -> Result<(), LoadError> {
-        let mut problems = self.problems;
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Every problem met so far, and every tensor in the files that nothing took.
+    pub fn problems(&self) -> Vec<String> {
         let unexpected: BTreeSet<&String> = self
             .keys
             .keys()
             .filter(|k| !self.taken.contains(*k) && !is_ignorable(k))
             .collect();
+        let mut problems = self.problems.clone();
         problems.extend(
             unexpected
                 .into_iter()
                 .map(|k| format!("unexpected tensor {k}")),
         );
+        problems
+    }
+
+    /// Ends loading: an error listing every problem (see `problems`).
+    pub fn finish(self) -> Result<(), LoadError> {
+        let problems = self.problems();
         if problems.is_empty() {
             Ok(())
         } else {

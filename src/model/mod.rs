@@ -1,5 +1,6 @@
 //! The decoder: layers, RoPE, strict checkpoint loading and the chunked loss.
 
+mod builder;
 mod decoder;
 pub mod load;
 pub mod loss;
@@ -7,9 +8,12 @@ pub mod rope;
 
 use std::path::Path;
 
+use burn::module::Param;
 use burn::tensor::backend::Backend;
-use burn::tensor::DType;
+use burn::tensor::{DType, Tensor};
 
+use builder::Builder;
+pub use builder::{AdapterSource, LoraPlan};
 pub use decoder::{Attention, Batch, CausalLm, DecoderLayer, DecoderModel, Mlp, RmsNorm};
 pub use load::{Checkpoint, LoadError};
 
@@ -21,6 +25,14 @@ pub enum ModelError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// `what` is "the adapter in DIR" or "the LoRA config".
+    #[error("{what} does not fit the model ({} problems):\n    {}", .problems.len(), .problems.join("\n    "))]
+    Adapter { what: String, problems: Vec<String> },
+}
+
+/// Frozen: base weights get no gradient and no optimizer state.
+pub(crate) fn frozen<B: Backend, const D: usize>(t: Tensor<B, D>) -> Param<Tensor<B, D>> {
+    Param::from_tensor(t).set_require_grad(false)
 }
 
 pub(crate) fn burn_dtype(dtype: Dtype) -> DType {
@@ -31,17 +43,31 @@ pub(crate) fn burn_dtype(dtype: Dtype) -> DType {
     }
 }
 
-/// Loads a Hugging Face model directory. `dtype` None means the dtype config.json names
-/// (float32 when it names none, as transformers' `from_pretrained` does).
+/// Loads a Hugging Face model directory, with an adapter built in when `lora` is given. `dtype`
+/// None means the dtype config.json names (float32 when it names none, as transformers'
+/// `from_pretrained` does).
 pub fn load<B: Backend>(
     dir: &Path,
     dtype: Option<Dtype>,
+    mut lora: Option<&mut LoraPlan>,
     device: &B::Device,
 ) -> Result<(ModelConfig, CausalLm<B>), ModelError> {
     let config = ModelConfig::from_dir(dir)?;
     let dtype = dtype.or(config.dtype).unwrap_or(Dtype::F32);
     let mut ckpt = Checkpoint::open(dir, dtype)?;
-    let model = CausalLm::load(&config, &mut ckpt, device);
+    let what = match lora.as_deref().map(|p| &p.source) {
+        Some(AdapterSource::Weights(w)) => format!("the adapter in {}", w.dir().display()),
+        _ => "the LoRA config".to_string(),
+    };
+    let adapter_error = |problems| ModelError::Adapter {
+        what: what.clone(),
+        problems,
+    };
+    let mut builder =
+        Builder::new(&mut ckpt, lora.as_deref_mut(), device).map_err(|p| adapter_error(vec![p]))?;
+    let model = CausalLm::build(&config, &mut builder);
+    let adapted = builder.finish();
     ckpt.finish()?;
+    adapted.map_err(adapter_error)?;
     Ok((config, model))
 }

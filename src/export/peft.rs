@@ -1,0 +1,107 @@
+//! PEFT's adapter format: `adapter_config.json` and `adapter_model.safetensors` with keys
+//! `base_model.model.<module>.lora_A.weight` [r, in], `.lora_B.weight` [out, r] and, for DoRA,
+//! `.lora_magnitude_vector` [out]. Written so PEFT's `PeftModel.from_pretrained` loads it.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor};
+use safetensors::tensor::TensorView;
+
+use super::{write_dir_atomic, ExportError};
+use crate::config::{Dtype, LoraConfig, TargetModules};
+use crate::model::{AdapterSource, CausalLm, Checkpoint, LoraPlan};
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+/// Reads a PEFT adapter directory into a plan the model builder loads it from.
+pub fn read_adapter(dir: &Path) -> Result<LoraPlan, ExportError> {
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|source| ExportError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let bad = |reason: String| ExportError::BadAdapter {
+        path: path.clone(),
+        reason,
+    };
+    let config: LoraConfig = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    config.check().map_err(bad)?;
+    let weights = dir.join(WEIGHTS_FILE);
+    if !weights.exists() {
+        let reason = if dir.join("adapter_model.bin").exists() {
+            "only adapter_model.bin (a pickle) is present; save the adapter with safe_serialization=True"
+        } else {
+            "file not found"
+        };
+        return Err(ExportError::BadAdapter {
+            path: weights,
+            reason: reason.into(),
+        });
+    }
+    let ckpt = Checkpoint::open_files(dir, &[weights], Dtype::F32)?;
+    Ok(LoraPlan {
+        config,
+        source: AdapterSource::Weights(ckpt),
+    })
+}
+
+/// Writes the model's adapters as a PEFT adapter directory (replacing `dir` atomically).
+/// `target_modules` is written as PEFT writes it after resolving "all-linear": the set of module
+/// suffixes that carry adapters (a regex is kept as given).
+pub fn save_adapter<B: Backend>(
+    model: &CausalLm<B>,
+    config: &LoraConfig,
+    dir: &Path,
+) -> Result<(), ExportError> {
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut suffixes = BTreeSet::new();
+    for (name, lin) in model.lora_linears() {
+        let Some(l) = &lin.adapter else { continue };
+        suffixes.insert(name.rsplit('.').next().unwrap_or(&name).to_string());
+        let key = |part: &str| format!("base_model.model.{name}.{part}");
+        // Burn keeps [in, r] / [r, out]; PEFT's files hold the transposes.
+        tensors.push(f32_entry(key("lora_A.weight"), l.lora_a.val().transpose()));
+        tensors.push(f32_entry(key("lora_B.weight"), l.lora_b.val().transpose()));
+        if let Some(m) = &l.lora_magnitude_vector {
+            tensors.push(f32_entry(key("lora_magnitude_vector"), m.val()));
+        }
+    }
+    let mut config = config.clone();
+    config.inference_mode = true;
+    if !matches!(config.target_modules, Some(TargetModules::Regex(_))) {
+        config.target_modules = Some(TargetModules::Names(suffixes.into_iter().collect()));
+    }
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(k, shape, bytes)| {
+            let view = TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .expect("shape and byte count come from one tensor");
+            (k.clone(), view)
+        })
+        .collect();
+    let metadata = Some([("format".to_string(), "pt".to_string())].into());
+    let weights = safetensors::serialize(views, metadata).map_err(|e| ExportError::Write {
+        path: dir.join(WEIGHTS_FILE),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let config_json = serde_json::to_vec_pretty(&config).expect("LoraConfig serialises");
+    write_dir_atomic(dir, &[(CONFIG_FILE, config_json), (WEIGHTS_FILE, weights)])
+}
+
+fn f32_entry<B: Backend, const D: usize>(
+    key: String,
+    t: Tensor<B, D>,
+) -> (String, Vec<usize>, Vec<u8>) {
+    let data = t.cast(DType::F32).into_data();
+    let shape = data.shape.to_vec();
+    let bytes = data
+        .to_vec::<f32>()
+        .expect("cast to f32")
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    (key, shape, bytes)
+}

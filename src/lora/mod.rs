@@ -1,0 +1,173 @@
+//! LoRA and DoRA on a frozen linear layer, computed as PEFT's `lora.Linear` does:
+//! `y = base(x) + s * B(A(dropout(x)))`, with the adapter path in f32 whatever the base dtype,
+//! added to the base output in f32 and cast back (PEFT's `result.to(torch_result_dtype)`).
+//! Burn's own LoRA (which rebuilds W + sBA every forward and cannot mix dtypes) is not used.
+
+pub mod target;
+
+use burn::module::{Module, Param};
+use burn::nn::{Dropout, DropoutConfig, Linear};
+use burn::tensor::backend::Backend;
+use burn::tensor::module::linear;
+use burn::tensor::{DType, Tensor, TensorData};
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal, Uniform};
+
+use crate::config::{InitLoraWeights, LoraConfig};
+
+pub use target::{Targets, ALL_LINEAR};
+
+/// The trainable part of one adapted layer. Stored in Burn's `[in, out]` orientation; PEFT's
+/// files hold the transposes (`lora_A.weight` [r, in], `lora_B.weight` [out, r]).
+#[derive(Module, Debug)]
+pub struct Lora<B: Backend> {
+    pub lora_a: Param<Tensor<B, 2>>, // [in, r], f32
+    pub lora_b: Param<Tensor<B, 2>>, // [r, out], f32
+    /// DoRA's learned magnitude of every output row of W + sBA.
+    pub lora_magnitude_vector: Option<Param<Tensor<B, 1>>>, // [out], f32
+    pub dropout: Dropout,
+    pub scaling: f64,
+}
+
+/// A linear layer that may carry an adapter. Built so by the model builder, per module name.
+#[derive(Module, Debug)]
+pub struct LoraLinear<B: Backend> {
+    pub base: Linear<B>, // frozen, [in, out] in the compute dtype
+    pub adapter: Option<Lora<B>>,
+}
+
+impl<B: Backend> LoraLinear<B> {
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let base = self.base.forward(x.clone());
+        let Some(l) = &self.adapter else {
+            return base;
+        };
+        let dtype = base.dtype();
+        let base = base.cast(DType::F32);
+        let x = l.dropout.forward(x.cast(DType::F32));
+        let update = linear(
+            linear(x.clone(), l.lora_a.val(), None),
+            l.lora_b.val(),
+            None,
+        ) * l.scaling;
+        let out = match &l.lora_magnitude_vector {
+            None => base + update,
+            Some(m) => {
+                // DoRA (PEFT's DoraLinearLayer): scale each output by m / ||W + sBA||, the norm
+                // detached. `(scale - 1) * base` turns the base output into the rescaled one.
+                let w = self.base.weight.val().cast(DType::F32); // [in, out]
+                let scale = (m.val() / l.weight_norm(w.clone()).detach()).unsqueeze::<D>(); // [.., out]
+                let base_no_bias = if l.dropout.prob > 0.0 && B::ad_enabled(&x.device()) {
+                    // With dropout the base term is recomputed on the dropped-out input, as PEFT does.
+                    linear(x, w, None)
+                } else {
+                    match &self.base.bias {
+                        Some(b) => base.clone() - b.val().cast(DType::F32).unsqueeze::<D>(),
+                        None => base.clone(),
+                    }
+                };
+                base + base_no_bias * (scale.clone() - 1.0) + update * scale
+            }
+        };
+        out.cast(dtype)
+    }
+}
+
+impl<B: Backend> Lora<B> {
+    /// `s * (A @ B)` in the `[in, out]` orientation of the base weight, f32.
+    pub fn delta_weight(&self) -> Tensor<B, 2> {
+        self.lora_a.val().matmul(self.lora_b.val()) * self.scaling
+    }
+
+    /// `||W + sBA||` of every output row (PEFT's `get_weight_norm`), `[out]`. `w` is `[in, out]`.
+    pub fn weight_norm(&self, w: Tensor<B, 2>) -> Tensor<B, 1> {
+        (w + self.delta_weight())
+            .powi_scalar(2)
+            .sum_dim(0)
+            .sqrt()
+            .squeeze_dim(0)
+    }
+
+    /// A fresh adapter as PEFT initialises one. `base_weight` ([in, out]) sets DoRA's magnitude.
+    /// The values come from a generator seeded by `seed` and the module name, so they do not
+    /// depend on the order layers are built in.
+    pub fn init(
+        cfg: &LoraConfig,
+        name: &str,
+        base_weight: &Tensor<B, 2>,
+        seed: u64,
+        device: &B::Device,
+    ) -> Result<Self, String> {
+        let [n_in, n_out] = base_weight.dims();
+        let r = cfg.r;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ fnv1a(name));
+        let uniform = |rng: &mut rand::rngs::StdRng, n: usize, bound: f32| -> Vec<f32> {
+            let d = Uniform::new_inclusive(-bound, bound).expect("finite bound");
+            (0..n).map(|_| d.sample(rng)).collect()
+        };
+        // kaiming_uniform_(a=sqrt(5)) on a [fan_out, fan_in] matrix is U(-1/sqrt(fan_in), +).
+        let kaiming = |rng: &mut rand::rngs::StdRng, n: usize, fan_in: usize| {
+            uniform(rng, n, 1.0 / (fan_in as f32).sqrt())
+        };
+        let (a, b) = match &cfg.init_lora_weights {
+            InitLoraWeights::Flag(true) => {
+                (kaiming(&mut rng, n_in * r, n_in), vec![0.0; r * n_out])
+            }
+            // PEFT leaves both at nn.Linear's default init: B is not zero, the adapter starts active.
+            InitLoraWeights::Flag(false) => (
+                kaiming(&mut rng, n_in * r, n_in),
+                kaiming(&mut rng, r * n_out, r),
+            ),
+            InitLoraWeights::Method(m) if m == "gaussian" => {
+                let d = Normal::new(0.0f32, 1.0 / r as f32).expect("positive std");
+                (
+                    (0..n_in * r).map(|_| d.sample(&mut rng)).collect(),
+                    vec![0.0; r * n_out],
+                )
+            }
+            InitLoraWeights::Method(m) => {
+                return Err(format!(
+                    "init_lora_weights \"{m}\" is not supported (true, false, \"gaussian\")"
+                ))
+            }
+        };
+        let f32_tensor = |v: Vec<f32>, shape: [usize; 2]| {
+            Tensor::<B, 2>::from_data(TensorData::new(v, shape), (device, DType::F32))
+        };
+        let mut lora = Self {
+            lora_a: Param::from_tensor(f32_tensor(a, [n_in, r])),
+            lora_b: Param::from_tensor(f32_tensor(b, [r, n_out])),
+            lora_magnitude_vector: None,
+            dropout: DropoutConfig::new(cfg.lora_dropout).init(),
+            scaling: cfg.scaling(),
+        };
+        if cfg.use_dora {
+            let norm = lora.weight_norm(base_weight.clone().cast(DType::F32));
+            lora.lora_magnitude_vector = Some(Param::from_tensor(norm));
+        }
+        Ok(lora)
+    }
+
+    /// An adapter from loaded tensors (`lora_a` [in, r], `lora_b` [r, out], f32).
+    pub fn from_weights(
+        cfg: &LoraConfig,
+        lora_a: Tensor<B, 2>,
+        lora_b: Tensor<B, 2>,
+        magnitude: Option<Tensor<B, 1>>,
+    ) -> Self {
+        Self {
+            lora_a: Param::from_tensor(lora_a),
+            lora_b: Param::from_tensor(lora_b),
+            lora_magnitude_vector: magnitude.map(Param::from_tensor),
+            dropout: DropoutConfig::new(cfg.lora_dropout).init(),
+            scaling: cfg.scaling(),
+        }
+    }
+}
+
+/// 64-bit FNV-1a: a hash that stays the same across Rust versions and platforms.
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf29ce484222325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
+}

@@ -1,0 +1,136 @@
+//! Builds each linear layer of the model from the checkpoint and decides, by its full module name,
+//! whether it carries a LoRA adapter (DESIGN: LoRA is built in when the model is built).
+
+use burn::nn::Linear;
+use burn::tensor::backend::Backend;
+
+use super::frozen;
+use super::load::Checkpoint;
+use crate::config::LoraConfig;
+use crate::lora::{Lora, LoraLinear, Targets};
+
+/// Where adapter weights come from.
+pub enum AdapterSource {
+    /// Initialised as PEFT does, seeded.
+    Init { seed: u64 },
+    /// Read from a PEFT `adapter_model.safetensors` (keys `base_model.model.<module>.lora_A.weight`).
+    Weights(Checkpoint),
+}
+
+/// An adapter to build into the model.
+pub struct LoraPlan {
+    pub config: LoraConfig,
+    pub source: AdapterSource,
+}
+
+pub(crate) struct Builder<'a, B: Backend> {
+    pub ckpt: &'a mut Checkpoint,
+    pub device: &'a B::Device,
+    lora: Option<(&'a LoraConfig, Targets, &'a mut AdapterSource)>,
+    /// Names of the adapted modules, in build order.
+    pub adapted: Vec<String>,
+    /// Problems met building adapters (reported with the checkpoint's).
+    pub problems: Vec<String>,
+}
+
+impl<'a, B: Backend> Builder<'a, B> {
+    pub fn new(
+        ckpt: &'a mut Checkpoint,
+        lora: Option<&'a mut LoraPlan>,
+        device: &'a B::Device,
+    ) -> Result<Self, String> {
+        let lora = match lora {
+            None => None,
+            Some(plan) => {
+                plan.config.check()?;
+                let targets = plan.config.target_modules.as_ref().expect("checked");
+                let targets = Targets::new(targets, plan.config.exclude_modules.as_ref())?;
+                if targets.matches("lm_head") {
+                    return Err(
+                        "target_modules matches lm_head, which swift-rs does not adapt".into(),
+                    );
+                }
+                Some((&plan.config, targets, &mut plan.source))
+            }
+        };
+        Ok(Self {
+            ckpt,
+            device,
+            lora,
+            adapted: Vec::new(),
+            problems: Vec::new(),
+        })
+    }
+
+    /// Hugging Face stores a linear weight `[out, in]`; Burn's `Linear` keeps `[in, out]`
+    /// (`Checkpoint::take_linear` translates, the one place that happens on load).
+    pub fn plain_linear(&mut self, name: &str, n_in: usize, n_out: usize, bias: bool) -> Linear<B> {
+        Linear {
+            weight: frozen(self.ckpt.take_linear(
+                &format!("{name}.weight"),
+                [n_out, n_in],
+                self.device,
+            )),
+            bias: bias.then(|| {
+                frozen(
+                    self.ckpt
+                        .take(&format!("{name}.bias"), [n_out], self.device),
+                )
+            }),
+        }
+    }
+
+    /// The linear layer `name`, with an adapter when the plan targets it.
+    pub fn linear(&mut self, name: &str, n_in: usize, n_out: usize, bias: bool) -> LoraLinear<B> {
+        let base = self.plain_linear(name, n_in, n_out, bias);
+        let adapter = match &mut self.lora {
+            Some((cfg, targets, source)) if targets.matches(name) => {
+                self.adapted.push(name.to_string());
+                match source {
+                    AdapterSource::Init { seed } => {
+                        match Lora::init(cfg, name, &base.weight.val(), *seed, self.device) {
+                            Ok(l) => Some(l),
+                            Err(e) => {
+                                self.problems.push(e);
+                                None
+                            }
+                        }
+                    }
+                    AdapterSource::Weights(w) => {
+                        let key = |part: &str| format!("base_model.model.{name}.{part}");
+                        let a = w.take_linear(&key("lora_A.weight"), [cfg.r, n_in], self.device);
+                        let b = w.take_linear(&key("lora_B.weight"), [n_out, cfg.r], self.device);
+                        let m = cfg
+                            .use_dora
+                            .then(|| w.take(&key("lora_magnitude_vector"), [n_out], self.device));
+                        Some(Lora::from_weights(cfg, a, b, m))
+                    }
+                }
+            }
+            _ => None,
+        };
+        LoraLinear { base, adapter }
+    }
+
+    /// Ends building: the adapter checkpoint's own problems, and an error when the plan matched
+    /// nothing.
+    pub fn finish(self) -> Result<(), Vec<String>> {
+        let mut problems = self.problems;
+        if let Some((cfg, _, source)) = self.lora {
+            if self.adapted.is_empty() {
+                problems.push(format!(
+                    "target_modules {:?} matches no linear layer of this model",
+                    cfg.target_modules
+                ));
+            }
+            if let AdapterSource::Weights(w) = source {
+                problems.extend(w.problems());
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+}

@@ -3,9 +3,10 @@
 
 Pinned (the versions the committed fixtures were made with):
     torch==2.15.0 transformers==5.23.0 tokenizers==0.23.3 safetensors==0.8.0 numpy==2.4.6
+    peft==0.21.2
 
     python3 -m venv /tmp/venv && /tmp/venv/bin/pip install torch==2.15.0 transformers==5.23.0 \
-        tokenizers==0.23.3 safetensors==0.8.0 numpy==2.4.6
+        tokenizers==0.23.3 safetensors==0.8.0 numpy==2.4.6 peft==0.21.2
     /tmp/venv/bin/python scripts/gen_fixtures.py          # rewrites tests/fixtures/
 
 What it writes, under tests/fixtures/:
@@ -25,6 +26,12 @@ What it writes, under tests/fixtures/:
       logits.safetensors  transformers' logits of each row run alone: logits.<i> [len, vocab]
                        in f32 compute; logits_bf16.<i> where the checkpoint is bf16
       losses.json      per-row mean shifted CE over label tokens, and the token-weighted mean
+  adapters/<name>/      PEFT-made LoRA adapters on those models, A and B (and DoRA's magnitude)
+                        random so that every term shows, with expected/ as above (f32 compute):
+      llama_qv          q_proj + v_proj, r 4
+      qwen2_rslora      all-linear, rsLoRA, r 8 (on qwen2_bf16 computed in f32)
+      qwen3_dora        DoRA on q/k/o/down_proj, r 4 (on qwen3_f16 computed in f32)
+      mistral_regex     target_modules as a regex string, r 2
 """
 
 import json
@@ -34,6 +41,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
@@ -128,15 +136,23 @@ def row_loss(logits: torch.Tensor, labels: list[int]) -> tuple[float, int]:
     return float(loss) / n if n else float("nan"), n
 
 
-def expected(dir: Path, rows: list[dict], compute: dict[str, torch.dtype]) -> None:
+def load_model(dir: Path, dtype: torch.dtype, adapter: Path | None = None):
+    model = AutoModelForCausalLM.from_pretrained(dir, dtype=dtype, attn_implementation="eager")
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.eval()
+
+
+def expected(dir: Path, rows: list[dict], compute: dict[str, torch.dtype],
+             base: Path | None = None) -> None:
+    """Logits and losses of the model in `dir`, or of the adapter in `dir` on `base`."""
     out = dir / "expected"
     out.mkdir(exist_ok=True)
     (out / "inputs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tensors = {}
     report = {}
     for tag, dtype in compute.items():
-        model = AutoModelForCausalLM.from_pretrained(dir, dtype=dtype, attn_implementation="eager")
-        model.eval()
+        model = load_model(dir, dtype) if base is None else load_model(base, dtype, dir)
         per_row = []
         total, count = 0.0, 0
         for i, r in enumerate(rows):
@@ -177,6 +193,24 @@ def make_model(name: str, model_type: str, kw: dict, seed: int, *, save_dtype=to
     expected(dir, make_rows(seed), compute or {"logits": torch.float32})
 
 
+def make_adapter(name: str, base: str, seed: int, **kw) -> None:
+    base_dir = ROOT / "models" / base
+    dir = ROOT / "adapters" / name
+    shutil.rmtree(dir, ignore_errors=True)
+    model = get_peft_model(load_model(base_dir, torch.float32), LoraConfig(task_type="CAUSAL_LM", **kw))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "lora_A" in pname or "lora_B" in pname:
+                p.copy_(0.08 * torch.randn(p.shape, generator=g))
+            elif "lora_magnitude_vector" in pname:
+                p.mul_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(dir)
+    (dir / "README.md").unlink()  # PEFT's model-card template
+    rows = [json.loads(l) for l in (base_dir / "expected" / "inputs.jsonl").read_text().splitlines()]
+    expected(dir, rows, {"logits": torch.float32}, base=base_dir)
+
+
 def main() -> None:
     make_tokenizer()
     small = dict(hidden_size=64, intermediate_size=88, num_hidden_layers=2,
@@ -205,6 +239,13 @@ def main() -> None:
     make_model("mistral", "mistral", dict(
         small, num_hidden_layers=3, sliding_window=5, tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), seed=5)
+    make_adapter("llama_qv", "llama", seed=11, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    make_adapter("qwen2_rslora", "qwen2_bf16", seed=12, r=8, lora_alpha=16,
+                 target_modules="all-linear", use_rslora=True)
+    make_adapter("qwen3_dora", "qwen3_f16", seed=13, r=4, lora_alpha=12, use_dora=True,
+                 target_modules=["q_proj", "k_proj", "o_proj", "down_proj"])
+    make_adapter("mistral_regex", "mistral", seed=14, r=2, lora_alpha=5,
+                 target_modules=r".*\.1\.(self_attn\.v_proj|mlp\.up_proj)")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,9 @@ pub struct LoraConfig {
     pub bias: String,
     #[serde(default)]
     pub fan_in_fan_out: bool,
+    /// A trained bias on lora_B (PEFT's LoRA-bias); not supported.
+    #[serde(default)]
+    pub lora_bias: bool,
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
     #[serde(default = "default_init")]
@@ -104,6 +107,7 @@ impl LoraConfig {
             use_dora: false,
             bias: default_bias(),
             fan_in_fan_out: false,
+            lora_bias: false,
             modules_to_save: None,
             init_lora_weights: default_init(),
             base_model_name_or_path: None,
@@ -147,6 +151,9 @@ impl LoraConfig {
                 "bias \"{}\": only \"none\" is supported",
                 self.bias
             ));
+        }
+        if self.lora_bias {
+            return Err("lora_bias = true is not supported".into());
         }
         if self.fan_in_fan_out {
             return Err("fan_in_fan_out = true is for GPT-2-style Conv1D layers, which these models do not have".into());

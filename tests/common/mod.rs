@@ -1,0 +1,120 @@
+//! Helpers shared by the golden-fixture tests.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::Flex;
+use burn::tensor::{DType, Tensor};
+use safetensors::SafeTensors;
+use serde_json::Value;
+use swift_rs::data::{read_pretokenized, TokenizedRow};
+use swift_rs::model::{Batch, CausalLm};
+use swift_rs::train::evaluate;
+
+pub type B = Flex;
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn model_dir(name: &str) -> PathBuf {
+    fixtures().join("models").join(name)
+}
+
+pub fn adapter_dir(name: &str) -> PathBuf {
+    fixtures().join("adapters").join(name)
+}
+
+/// What transformers (+ PEFT) computed for a fixture: its inputs, logits per row, losses.
+pub struct Golden {
+    pub rows: Vec<TokenizedRow>,
+    /// flattened [len * vocab] per row
+    pub logits: Vec<Vec<f32>>,
+    pub losses: Value,
+}
+
+/// `dir/expected/` of a fixture; `inputs` is the folder whose inputs.jsonl was used.
+pub fn golden(dir: &Path, inputs: &Path, tag: &str, vocab: usize) -> Golden {
+    let rows = read_pretokenized(&inputs.join("expected/inputs.jsonl"), vocab).unwrap();
+    let bytes = std::fs::read(dir.join("expected/logits.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let logits = (0..rows.len())
+        .map(|i| {
+            let view = st.tensor(&format!("{tag}.{i}")).unwrap();
+            view.data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect()
+        })
+        .collect();
+    let text = std::fs::read_to_string(dir.join("expected/losses.json")).unwrap();
+    let losses: Value = serde_json::from_str(&text).unwrap();
+    Golden {
+        rows,
+        logits,
+        losses: losses[tag].clone(),
+    }
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Logits of each row (unpadded part), from one right-padded batch of them.
+pub fn logits_of(model: &CausalLm<B>, rows: &[&[u32]]) -> Vec<Vec<f32>> {
+    let batch = Batch::right_padded(rows);
+    let logits: Tensor<B, 3> = model.forward(&batch);
+    let [_, seq, vocab] = logits.dims();
+    let flat = logits.cast(DType::F32).into_data().to_vec::<f32>().unwrap();
+    rows.iter()
+        .enumerate()
+        .map(|(i, r)| flat[i * seq * vocab..(i * seq + r.len()) * vocab].to_vec())
+        .collect()
+}
+
+/// Each row alone, then all rows in one right-padded batch: logits within `tol` of `g`.
+pub fn check_logits(what: &str, model: &CausalLm<B>, g: &Golden, tol: f32) {
+    let ids: Vec<&[u32]> = g.rows.iter().map(|r| r.input_ids.as_slice()).collect();
+    for (i, row) in ids.iter().enumerate() {
+        let d = max_abs_diff(&logits_of(model, &[row])[0], &g.logits[i]);
+        assert!(
+            d < tol,
+            "{what} row {i} alone: max |logit diff| {d} >= {tol}"
+        );
+    }
+    for (i, got) in logits_of(model, &ids).iter().enumerate() {
+        let d = max_abs_diff(got, &g.logits[i]);
+        assert!(
+            d < tol,
+            "{what} row {i} in a padded batch: max |logit diff| {d} >= {tol}"
+        );
+    }
+}
+
+/// Per-row and mean losses within `tol` of `g`, evaluated one row at a time and 3 at a time.
+pub fn check_losses(what: &str, model: &CausalLm<B>, g: &Golden, tol: f64) {
+    for batch_size in [1, 3] {
+        let report = evaluate(model, &g.rows, batch_size, |_| {});
+        for (got, want) in report.rows.iter().zip(g.losses["rows"].as_array().unwrap()) {
+            let want_loss = want["loss"].as_f64().unwrap();
+            assert_eq!(got.tokens as u64, want["tokens"].as_u64().unwrap());
+            assert!(
+                (got.loss - want_loss).abs() < tol,
+                "{what} row {} (batch {batch_size}): loss {} vs reference {want_loss}",
+                got.index,
+                got.loss
+            );
+        }
+        let want = g.losses["loss"].as_f64().unwrap();
+        assert!(
+            (report.loss - want).abs() < tol,
+            "{what}: mean loss {} vs {want}",
+            report.loss
+        );
+        assert_eq!(report.tokens as u64, g.losses["tokens"].as_u64().unwrap());
+    }
+}

@@ -2,6 +2,7 @@
 
 mod device;
 mod eval;
+mod merge;
 
 use std::path::Path;
 
@@ -23,6 +24,8 @@ pub struct Cli {
 pub enum Command {
     /// Mean loss and perplexity of a model over pre-tokenized JSONL rows
     Eval(eval::EvalArgs),
+    /// Merge a LoRA adapter into its base model and write a Hugging Face model directory
+    Merge(merge::MergeArgs),
 }
 
 /// `--dtype`: the compute dtype of the frozen weights.
@@ -76,6 +79,7 @@ impl From<anyhow::Error> for Failure {
 pub fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Eval(args) => eval::run(args),
+        Command::Merge(args) => merge::run(args),
     }
 }
 

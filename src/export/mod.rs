@@ -1,5 +1,6 @@
-//! Files other tools read: PEFT adapters (and, next, merged Hugging Face model directories).
+//! Files other tools read: PEFT adapters and merged Hugging Face model directories.
 
+pub mod merge;
 pub mod peft;
 
 use std::path::{Path, PathBuf};
@@ -17,7 +18,7 @@ pub enum ExportError {
         source: std::io::Error,
     },
     #[error("{path}: {reason}")]
-    BadAdapter { path: PathBuf, reason: String },
+    Invalid { path: PathBuf, reason: String },
     #[error(transparent)]
     Load(#[from] crate::model::LoadError),
 }

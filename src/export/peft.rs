@@ -23,7 +23,7 @@ pub fn read_adapter(dir: &Path) -> Result<LoraPlan, ExportError> {
         path: path.clone(),
         source,
     })?;
-    let bad = |reason: String| ExportError::BadAdapter {
+    let bad = |reason: String| ExportError::Invalid {
         path: path.clone(),
         reason,
     };
@@ -36,7 +36,7 @@ pub fn read_adapter(dir: &Path) -> Result<LoraPlan, ExportError> {
         } else {
             "file not found"
         };
-        return Err(ExportError::BadAdapter {
+        return Err(ExportError::Invalid {
             path: weights,
             reason: reason.into(),
         });

@@ -212,6 +212,42 @@ pub struct CausalLm<B: Backend> {
     pub lm_head: Option<Linear<B>>, // [hidden, vocab]
 }
 
+/// The adaptable linear layers of one decoder layer, by module path.
+const LAYER_LINEARS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+impl ModelConfig {
+    /// `(module name, in features, out features)` of every linear layer an adapter may target.
+    pub fn adaptable_linears(&self) -> Vec<(String, usize, usize)> {
+        let (h, d, inter) = (self.hidden_size, self.head_dim, self.intermediate_size);
+        let (q, kv) = (self.num_attention_heads * d, self.num_key_value_heads * d);
+        let dims = [
+            (h, q),
+            (h, kv),
+            (h, kv),
+            (q, h),
+            (h, inter),
+            (h, inter),
+            (inter, h),
+        ];
+        (0..self.num_hidden_layers)
+            .flat_map(|i| {
+                LAYER_LINEARS
+                    .iter()
+                    .zip(dims)
+                    .map(move |(s, (n_in, n_out))| (format!("model.layers.{i}.{s}"), n_in, n_out))
+            })
+            .collect()
+    }
+}
+
 /// A batch ready for the decoder: right-padded token ids, which positions are real tokens, and the
 /// position id of every token.
 pub struct Batch {
@@ -280,21 +316,23 @@ impl<B: Backend> CausalLm<B> {
         Self { model, lm_head }
     }
 
-    /// Every linear layer that can carry an adapter, with its full module name.
+    /// Every linear layer that can carry an adapter, with its full module name, in the order of
+    /// `ModelConfig::adaptable_linears`.
     pub fn lora_linears(&self) -> Vec<(String, &LoraLinear<B>)> {
         let mut out = Vec::new();
         for (i, l) in self.model.layers.iter().enumerate() {
             let (a, m) = (&l.self_attn, &l.mlp);
-            for (name, lin) in [
-                ("self_attn.q_proj", &a.q_proj),
-                ("self_attn.k_proj", &a.k_proj),
-                ("self_attn.v_proj", &a.v_proj),
-                ("self_attn.o_proj", &a.o_proj),
-                ("mlp.gate_proj", &m.gate_proj),
-                ("mlp.up_proj", &m.up_proj),
-                ("mlp.down_proj", &m.down_proj),
-            ] {
-                out.push((format!("model.layers.{i}.{name}"), lin));
+            let layer = [
+                &a.q_proj,
+                &a.k_proj,
+                &a.v_proj,
+                &a.o_proj,
+                &m.gate_proj,
+                &m.up_proj,
+                &m.down_proj,
+            ];
+            for (suffix, lin) in LAYER_LINEARS.iter().zip(layer) {
+                out.push((format!("model.layers.{i}.{suffix}"), lin));
             }
         }
         out

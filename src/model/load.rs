@@ -148,6 +148,24 @@ impl Checkpoint {
         })
     }
 
+    /// Every tensor name with its shape, in file order (shard by shard, by offset).
+    pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
+        self.shards
+            .iter()
+            .flat_map(|shard| {
+                shard.metadata.offset_keys().into_iter().map(move |k| {
+                    let shape = shard
+                        .metadata
+                        .info(&k)
+                        .expect("key from this shard")
+                        .shape
+                        .clone();
+                    (k, shape)
+                })
+            })
+            .collect()
+    }
+
     /// Whether the checkpoint holds `key` (for optional tensors such as a tied lm_head).
     pub fn contains(&self, key: &str) -> bool {
         self.keys.contains_key(key)
@@ -201,7 +219,7 @@ impl Checkpoint {
     }
 
     /// Checks and converts one tensor; None (with the problem recorded) when it cannot be used.
-    fn take_data(&mut self, key: &str, shape: &[usize]) -> Option<TensorData> {
+    pub(crate) fn take_data(&mut self, key: &str, shape: &[usize]) -> Option<TensorData> {
         self.taken.insert(key.to_string());
         let Some(&shard_idx) = self.keys.get(key) else {
             self.problems

@@ -1,0 +1,394 @@
+//! `W' = W + s * B @ A` (DoRA: each output row then rescaled to its learned magnitude) written as a
+//! Hugging Face model directory that transformers' `from_pretrained` loads. Streams: the base is
+//! memory-mapped and one tensor is merged at a time, so a 7B merge needs about one shard of memory,
+//! not the model in f32. A QLoRA adapter merges the same way, into the unquantized base weights.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorData};
+use safetensors::tensor::TensorView;
+
+use super::peft::read_adapter;
+use super::ExportError;
+use crate::config::{Dtype, ModelConfig};
+use crate::lora::Targets;
+use crate::model::{AdapterSource, Checkpoint, ModelError};
+
+/// Files of the base directory copied beside the merged weights when present.
+const COPIED: [&str; 9] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum MergeError {
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("{0}")]
+    Usage(String),
+}
+
+pub struct MergeOptions {
+    /// None: the dtype config.json names (float32 when it names none).
+    pub dtype: Option<Dtype>,
+    /// Bytes of tensor data per shard at most (a larger single tensor gets a shard of its own).
+    pub max_shard_size: u64,
+}
+
+/// What was written, for the report.
+pub struct MergeReport {
+    pub merged_modules: usize,
+    pub shards: usize,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+/// Parses transformers' `max_shard_size` strings: "5GB" (10^9), "2GiB" (2^30), "500MB", or bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let units: [(&str, u64); 8] = [
+        ("GIB", 1 << 30),
+        ("MIB", 1 << 20),
+        ("KIB", 1 << 10),
+        ("GB", 1_000_000_000),
+        ("MB", 1_000_000),
+        ("KB", 1_000),
+        ("B", 1),
+        ("", 1),
+    ];
+    let upper = t.to_ascii_uppercase();
+    for (unit, scale) in units {
+        if let Some(num) = upper.strip_suffix(unit) {
+            if let Ok(n) = num.trim().parse::<f64>() {
+                if n > 0.0 {
+                    return Ok((n * scale as f64) as u64);
+                }
+            }
+        }
+    }
+    Err(format!("\"{s}\" is not a size such as 5GB, 500MB or 2GiB"))
+}
+
+/// Merges the PEFT adapter in `adapter_dir` into the model in `model_dir` and writes `output`.
+pub fn merge<B: Backend>(
+    model_dir: &Path,
+    adapter_dir: &Path,
+    output: &Path,
+    options: &MergeOptions,
+    device: &B::Device,
+) -> Result<MergeReport, MergeError> {
+    let start = Instant::now();
+    if output.exists() {
+        return Err(MergeError::Usage(format!(
+            "{} already exists; merge writes a new directory",
+            output.display()
+        )));
+    }
+    let config = ModelConfig::from_dir(model_dir).map_err(ModelError::from)?;
+    let out_dtype = options.dtype.or(config.dtype).unwrap_or(Dtype::F32);
+    let plan = read_adapter(adapter_dir)?;
+    let AdapterSource::Weights(mut adapter) = plan.source else {
+        unreachable!("read_adapter returns weights")
+    };
+    let lora = &plan.config;
+    let targets = Targets::new(
+        lora.target_modules.as_ref().expect("checked"),
+        lora.exclude_modules.as_ref(),
+    )
+    .map_err(|e| adapter_error(adapter_dir, vec![e]))?;
+
+    // Read every adapter tensor first, so a misfit is refused before anything is written.
+    let mut deltas: HashMap<String, Update<B>> = HashMap::new();
+    for (name, n_in, n_out) in config.adaptable_linears() {
+        if !targets.matches(&name) {
+            continue;
+        }
+        let key = |part: &str| format!("base_model.model.{name}.{part}");
+        let a = adapter.take::<B, 2>(&key("lora_A.weight"), [lora.r, n_in], device); // [r, in]
+        let b = adapter.take::<B, 2>(&key("lora_B.weight"), [n_out, lora.r], device); // [out, r]
+        let magnitude = lora
+            .use_dora
+            .then(|| adapter.take::<B, 1>(&key("lora_magnitude_vector"), [n_out], device));
+        deltas.insert(
+            format!("{name}.weight"),
+            Update {
+                a,
+                b,
+                magnitude,
+                shape: [n_out, n_in],
+            },
+        );
+    }
+    let mut problems = adapter.problems();
+    if deltas.is_empty() {
+        problems.push(format!(
+            "target_modules {:?} matches no linear layer of this model",
+            lora.target_modules
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(adapter_error(adapter_dir, problems));
+    }
+
+    let mut base = Checkpoint::open(model_dir, Dtype::F32).map_err(ModelError::from)?;
+    let parent = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|source| ExportError::Write {
+        path: parent.clone(),
+        source,
+    })?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".tmp-merge-")
+        .tempdir_in(&parent)
+        .map_err(|source| ExportError::Write {
+            path: parent.clone(),
+            source,
+        })?;
+    let mut shards = ShardWriter::new(tmp.path(), options.max_shard_size, out_dtype);
+    let mut merged = 0;
+    for (key, shape) in base.tensors() {
+        let data = base.take_data(&key, &shape).ok_or_else(|| {
+            ModelError::from(crate::model::LoadError::Mismatch {
+                dir: model_dir.to_path_buf(),
+                problems: base.problems(),
+            })
+        })?;
+        let tensor = match deltas.get(&key) {
+            Some(update) if shape == update.shape => {
+                merged += 1;
+                let w = Tensor::<B, 2>::from_data(data, (device, DType::F32));
+                update.apply(w, lora.scaling()).into_data()
+            }
+            Some(update) => {
+                return Err(adapter_error(
+                    adapter_dir,
+                    vec![format!(
+                        "base tensor {key} has shape {shape:?}, the adapter expects {:?}",
+                        update.shape
+                    )],
+                ))
+            }
+            None => data,
+        };
+        shards.push(key, shape, tensor)?;
+    }
+    let (n_shards, bytes) = shards.finish()?;
+    write_config(model_dir, tmp.path(), out_dtype)?;
+    for name in COPIED {
+        let src = model_dir.join(name);
+        if src.exists() {
+            let dst = tmp.path().join(name);
+            std::fs::copy(&src, &dst).map_err(|source| ExportError::Write { path: dst, source })?;
+        }
+    }
+    let tmp = tmp.keep();
+    std::fs::rename(&tmp, output).map_err(|source| ExportError::Write {
+        path: output.to_path_buf(),
+        source,
+    })?;
+    Ok(MergeReport {
+        merged_modules: merged,
+        shards: n_shards,
+        bytes,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+fn adapter_error(dir: &Path, problems: Vec<String>) -> MergeError {
+    MergeError::Model(ModelError::Adapter {
+        what: format!("the adapter in {}", dir.display()),
+        problems,
+    })
+}
+
+/// One adapted module's update, in PEFT's orientation.
+struct Update<B: Backend> {
+    a: Tensor<B, 2>,                 // [r, in]
+    b: Tensor<B, 2>,                 // [out, r]
+    magnitude: Option<Tensor<B, 1>>, // [out]
+    shape: [usize; 2],
+}
+
+impl<B: Backend> Update<B> {
+    /// `w` is `[out, in]` in f32.
+    fn apply(&self, w: Tensor<B, 2>, scaling: f64) -> Tensor<B, 2> {
+        let merged = w + self.b.clone().matmul(self.a.clone()) * scaling; // [out, in]
+        match &self.magnitude {
+            None => merged,
+            Some(m) => {
+                // DoRA: W' = m / ||W + sBA|| (per output row) * (W + sBA).
+                let norm = merged.clone().powi_scalar(2).sum_dim(1).sqrt(); // [out, 1]
+                merged * (m.clone().unsqueeze_dim::<2>(1) / norm)
+            }
+        }
+    }
+}
+
+/// Collects tensors into shards of at most `max` bytes, in the output dtype.
+struct ShardWriter<'a> {
+    dir: &'a Path,
+    max: u64,
+    dtype: Dtype,
+    pending: Vec<(String, Vec<usize>, Vec<u8>)>,
+    pending_bytes: u64,
+    /// (temporary file name, keys, bytes)
+    written: Vec<(String, Vec<String>)>,
+    total: u64,
+}
+
+impl<'a> ShardWriter<'a> {
+    fn new(dir: &'a Path, max: u64, dtype: Dtype) -> Self {
+        Self {
+            dir,
+            max,
+            dtype,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            written: Vec::new(),
+            total: 0,
+        }
+    }
+
+    fn push(
+        &mut self,
+        key: String,
+        shape: Vec<usize>,
+        data: TensorData,
+    ) -> Result<(), ExportError> {
+        let bytes = to_bytes(data, self.dtype);
+        let n = bytes.len() as u64;
+        if self.pending_bytes > 0 && self.pending_bytes + n > self.max {
+            self.flush()?;
+        }
+        self.pending_bytes += n;
+        self.total += n;
+        self.pending.push((key, shape, bytes));
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), ExportError> {
+        let name = format!("shard-{}.tmp", self.written.len());
+        let st_dtype = match self.dtype {
+            Dtype::F32 => safetensors::Dtype::F32,
+            Dtype::F16 => safetensors::Dtype::F16,
+            Dtype::Bf16 => safetensors::Dtype::BF16,
+        };
+        let views: Vec<(String, TensorView)> = self
+            .pending
+            .iter()
+            .map(|(k, shape, bytes)| {
+                let view = TensorView::new(st_dtype, shape.clone(), bytes)
+                    .expect("bytes sized for shape and dtype");
+                (k.clone(), view)
+            })
+            .collect();
+        let path = self.dir.join(&name);
+        let metadata = Some([("format".to_string(), "pt".to_string())].into());
+        safetensors::serialize_to_file(views, metadata, &path).map_err(|e| ExportError::Write {
+            path: path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let keys = self.pending.drain(..).map(|(k, _, _)| k).collect();
+        self.written.push((name, keys));
+        self.pending_bytes = 0;
+        Ok(())
+    }
+
+    /// Names the shards as transformers does (`model.safetensors`, or
+    /// `model-0000i-of-0000n.safetensors` with an index). Returns (shards, bytes).
+    fn finish(mut self) -> Result<(usize, u64), ExportError> {
+        if !self.pending.is_empty() || self.written.is_empty() {
+            self.flush()?;
+        }
+        let n = self.written.len();
+        let rename = |from: &str, to: &str| {
+            let to = self.dir.join(to);
+            std::fs::rename(self.dir.join(from), &to)
+                .map_err(|source| ExportError::Write { path: to, source })
+        };
+        if n == 1 {
+            rename(&self.written[0].0, "model.safetensors")?;
+            return Ok((1, self.total));
+        }
+        let mut weight_map = BTreeMap::new();
+        for (i, (tmp, keys)) in self.written.iter().enumerate() {
+            let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, n);
+            rename(tmp, &file)?;
+            for k in keys {
+                weight_map.insert(k.clone(), file.clone());
+            }
+        }
+        let index = serde_json::json!({
+            "metadata": {"total_size": self.total},
+            "weight_map": weight_map,
+        });
+        let path = self.dir.join("model.safetensors.index.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&index).expect("json"))
+            .map_err(|source| ExportError::Write { path, source })?;
+        Ok((n, self.total))
+    }
+}
+
+fn to_bytes(data: TensorData, dtype: Dtype) -> Vec<u8> {
+    let target = match dtype {
+        Dtype::F32 => DType::F32,
+        Dtype::F16 => DType::F16,
+        Dtype::Bf16 => DType::BF16,
+    };
+    // TensorData rounds to nearest even, as torch's `.to(bfloat16)` does.
+    data.convert_dtype(target).into_bytes().to_vec()
+}
+
+/// config.json with the dtype of the written weights, under the key(s) its generation uses.
+fn write_config(model_dir: &Path, out: &Path, dtype: Dtype) -> Result<(), ExportError> {
+    let src = model_dir.join("config.json");
+    let text = std::fs::read_to_string(&src).map_err(|source| ExportError::Read {
+        path: src.clone(),
+        source,
+    })?;
+    let mut json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| ExportError::Invalid {
+            path: src.clone(),
+            reason: e.to_string(),
+        })?;
+    let obj = json.as_object_mut().ok_or_else(|| ExportError::Invalid {
+        path: src.clone(),
+        reason: "not a JSON object".into(),
+    })?;
+    obj.insert("torch_dtype".into(), dtype.torch_name().into());
+    if obj.contains_key("dtype") {
+        obj.insert("dtype".into(), dtype.torch_name().into());
+    }
+    let path = out.join("config.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&json).expect("json"))
+        .map_err(|source| ExportError::Write { path, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_as_transformers_reads_them() {
+        assert_eq!(parse_size("5GB"), Ok(5_000_000_000));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("150kb"), Ok(150_000));
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("0GB").is_err());
+    }
+}

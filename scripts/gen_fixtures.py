@@ -32,10 +32,17 @@ What it writes, under tests/fixtures/:
       qwen2_rslora      all-linear, rsLoRA, r 8 (on qwen2_bf16 computed in f32)
       qwen3_dora        DoRA on q/k/o/down_proj, r 4 (on qwen3_f16 computed in f32)
       mistral_regex     target_modules as a regex string, r 2
+
+Last, a check that writes no fixture: `cargo run --release --example lora_forward` builds an
+adapter in Rust, prints its loss and the gradient norms of one layer, and saves it in PEFT's
+format; PEFT must load that adapter and compute the same loss and gradients.
 """
 
 import json
+import re
 import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import torch
@@ -136,10 +143,10 @@ def row_loss(logits: torch.Tensor, labels: list[int]) -> tuple[float, int]:
     return float(loss) / n if n else float("nan"), n
 
 
-def load_model(dir: Path, dtype: torch.dtype, adapter: Path | None = None):
+def load_model(dir: Path, dtype: torch.dtype, adapter: Path | None = None, trainable=False):
     model = AutoModelForCausalLM.from_pretrained(dir, dtype=dtype, attn_implementation="eager")
     if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter)
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
     return model.eval()
 
 
@@ -207,8 +214,37 @@ def make_adapter(name: str, base: str, seed: int, **kw) -> None:
                 p.mul_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
     model.save_pretrained(dir)
     (dir / "README.md").unlink()  # PEFT's model-card template
+    cfg_path = dir / "adapter_config.json"  # PEFT writes target_modules from a set: fix its order
+    cfg = json.loads(cfg_path.read_text())
+    if isinstance(cfg["target_modules"], list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     rows = [json.loads(l) for l in (base_dir / "expected" / "inputs.jsonl").read_text().splitlines()]
     expected(dir, rows, {"logits": torch.float32}, base=base_dir)
+
+
+def check_rust_adapter_in_peft() -> None:
+    base = ROOT / "models" / "qwen2_bf16"
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run(
+            ["cargo", "run", "--quiet", "--release", "--example", "lora_forward", "--", str(base), tmp],
+            cwd=ROOT.parent.parent, check=True, capture_output=True, text=True).stdout
+        rust_loss = float(re.search(r"loss ([0-9.]+)", out).group(1))
+        ga, gb = map(float, re.search(r"lora_A\| Some\(([0-9.e-]+)\), \|grad lora_B\| Some\(([0-9.e-]+)\)", out).groups())
+        model = load_model(base, torch.float32, Path(tmp), trainable=True)
+        rows = [[5, 17, 42, 9, 100, 3], [7, 8, 9, 10]]
+        losses = []
+        for r in rows:  # each row alone: no padding question
+            logits = model(torch.tensor([r])).logits[0]
+            losses.append(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(r[1:]), reduction="sum"))
+        loss = sum(losses) / sum(len(r) - 1 for r in rows)
+        loss.backward()
+        q = model.base_model.model.model.layers[0].self_attn.q_proj
+        pa, pb = q.lora_A["default"].weight.grad.norm().item(), q.lora_B["default"].weight.grad.norm().item()
+        print(f"Rust adapter in PEFT: loss {loss.item():.4f} (Rust {rust_loss:.4f}), "
+              f"|grad A| {pa:.6f} ({ga:.6f}), |grad B| {pb:.6f} ({gb:.6f})")
+        assert abs(loss.item() - rust_loss) < 1e-4
+        assert abs(pa - ga) < 1e-4 * max(1.0, pa) and abs(pb - gb) < 1e-4 * max(1.0, pb)
 
 
 def main() -> None:
@@ -246,6 +282,7 @@ def main() -> None:
                  target_modules=["q_proj", "k_proj", "o_proj", "down_proj"])
     make_adapter("mistral_regex", "mistral", seed=14, r=2, lora_alpha=5,
                  target_modules=r".*\.1\.(self_attn\.v_proj|mlp\.up_proj)")
+    check_rust_adapter_in_peft()
 
 
 if __name__ == "__main__":

@@ -3,10 +3,11 @@
 
 Pinned (the versions the committed fixtures were made with):
     torch==2.15.0 transformers==5.23.0 tokenizers==0.23.3 safetensors==0.8.0 numpy==2.4.6
-    peft==0.21.2
+    peft==0.21.2 bitsandbytes==0.50.2
 
     python3 -m venv /tmp/venv && /tmp/venv/bin/pip install torch==2.15.0 transformers==5.23.0 \
-        tokenizers==0.23.3 safetensors==0.8.0 numpy==2.4.6 peft==0.21.2
+        tokenizers==0.23.3 safetensors==0.8.0 numpy==2.4.6 peft==0.21.2 \
+        bitsandbytes==0.50.2
     /tmp/venv/bin/python scripts/gen_fixtures.py          # rewrites tests/fixtures/
 
 What it writes, under tests/fixtures/:
@@ -32,6 +33,10 @@ What it writes, under tests/fixtures/:
       qwen2_rslora      all-linear, rsLoRA, r 8 (on qwen2_bf16 computed in f32)
       qwen3_dora        DoRA on q/k/o/down_proj, r 4 (on qwen3_f16 computed in f32)
       mistral_regex     target_modules as a regex string, r 2
+
+  nf4/nf4.safetensors   bitsandbytes' NF4 (blocks of 64, with and without double quantization)
+                        of weights of odd sizes, f32 and bf16, by its reference kernels: the
+                        input, every part of the quantized state and the dequantized weight
 
 Last, a check that writes no fixture: `cargo run --release --example lora_forward` builds an
 adapter in Rust, prints its loss and the gradient norms of one layer, and saves it in PEFT's
@@ -247,6 +252,52 @@ def check_rust_adapter_in_peft() -> None:
         assert abs(pa - ga) < 1e-4 * max(1.0, pa) and abs(pb - gb) < 1e-4 * max(1.0, pb)
 
 
+def make_nf4() -> None:
+    """bitsandbytes' NF4 as its reference kernels (backends/default/ops.py, pure torch, the
+    semantics its CUDA kernels share) compute it. The CPU C kernels of bitsandbytes 0.50.2 built
+    with AVX-512 depart from them, and the departures are printed: `dequantize_4bit` applies
+    the wrong block's absmax when a block spans two rows (w64x96), and the 8-bit
+    `quantize_blockwise` used for double quantization rounds some values to a non-nearest code."""
+    import bitsandbytes.functional as bnbf
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute, _dequantize_blockwise_compute
+    reference = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    g = torch.Generator().manual_seed(21)
+    code, dynamic = bnbf.get_4bit_type("nf4", device="cpu"), bnbf.create_dynamic_map(signed=True)
+    out = {"code": code, "dynamic_code": dynamic}
+    # sizes: whole blocks; a remainder block (37 x 29 = 1073); an odd count; > 256 blocks
+    cases = {"w64x96": (64, 96), "w37x29": (37, 29), "w5x7": (5, 7), "w200x130": (200, 130)}
+    for name, shape in cases.items():
+        w = 0.08 * torch.randn(shape, generator=g)
+        w[0, 0] = -w.abs().max() * 1.5  # a block whose absmax is a negative value
+        if name == "w5x7":
+            w = w.to(torch.bfloat16)
+        out[f"{name}.input"] = w
+        packed, absmax = torch.ops.bitsandbytes.quantize_4bit.default.redispatch(
+            reference, w, 64, "nf4", torch.uint8)
+        packed = packed.reshape(-1)
+        # plain: one f32 absmax a block
+        tag = f"{name}.plain"
+        out[f"{tag}.packed"], out[f"{tag}.absmax"] = packed, absmax
+        out[f"{tag}.dequantized"] = _dequantize_4bit_compute(packed, absmax, code, 64, w.shape, torch.float32)
+        p2, st = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        print(f"nf4 {tag}: CPU kernels vs reference: codes differ {(p2.reshape(-1) != packed).sum()}, "
+              f"dequantized by {(bnbf.dequantize_4bit(p2, st).float() - out[f'{tag}.dequantized']).abs().max():.4g}")
+        # double quantization: absmax - mean(absmax) through the dynamic map in blocks of 256
+        tag = f"{name}.dq"
+        offset = absmax.mean()
+        qabsmax, absmax2 = torch.ops.bitsandbytes.quantize_blockwise.default.redispatch(
+            reference, absmax - offset, dynamic, 256)
+        out[f"{tag}.absmax"] = qabsmax  # the codes are the plain ones
+        out[f"{tag}.absmax2"], out[f"{tag}.offset"] = absmax2, offset.reshape(1)
+        scales = _dequantize_blockwise_compute(qabsmax, absmax2, dynamic, 256, torch.float32) + offset
+        out[f"{tag}.dequantized"] = _dequantize_4bit_compute(packed, scales, code, 64, w.shape, torch.float32)
+        _, st = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        print(f"nf4 {tag}: CPU kernel's absmax codes differ from the reference in {(st.absmax != qabsmax).sum()}")
+    dir = ROOT / "nf4"
+    dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in out.items()}, str(dir / "nf4.safetensors"))
+
+
 def main() -> None:
     make_tokenizer()
     small = dict(hidden_size=64, intermediate_size=88, num_hidden_layers=2,
@@ -282,6 +333,7 @@ def main() -> None:
                  target_modules=["q_proj", "k_proj", "o_proj", "down_proj"])
     make_adapter("mistral_regex", "mistral", seed=14, r=2, lora_alpha=5,
                  target_modules=r".*\.1\.(self_attn\.v_proj|mlp\.up_proj)")
+    make_nf4()
     check_rust_adapter_in_peft()
 
 

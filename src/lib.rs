@@ -7,4 +7,5 @@ pub mod data;
 pub mod export;
 pub mod lora;
 pub mod model;
+pub mod quant;
 pub mod train;

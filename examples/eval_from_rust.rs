@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use burn::backend::Flex;
 use swift_rs::config::Dtype;
 use swift_rs::data::read_pretokenized;
-use swift_rs::model::{self, Batch};
+use swift_rs::model::{self, Batch, LoadOptions};
 use swift_rs::train::evaluate;
 
 fn main() -> anyhow::Result<()> {
@@ -17,7 +17,8 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("usage: eval_from_rust MODEL_DIR DATA.jsonl");
     };
     let device = Default::default();
-    let (config, model) = model::load::<Flex>(&model_dir, Some(Dtype::F32), None, &device)?;
+    let (config, model) =
+        model::load::<Flex>(&model_dir, LoadOptions::dtype(Dtype::F32), None, &device)?;
     println!(
         "{:?}: {} layers, hidden {}",
         config.arch, config.num_hidden_layers, config.hidden_size

@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 
 use common::{adapter_dir, check_losses, golden, model_dir, B};
 use swift_rs::config::Dtype;
-use swift_rs::model;
+use swift_rs::model::{self, LoadOptions};
 
 fn swift_rs(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_swift-rs"))
@@ -50,7 +50,8 @@ fn merged_models_compute_what_the_adapters_compute() {
             "{}",
             String::from_utf8_lossy(&run.stderr)
         );
-        let (cfg, merged) = model::load::<B>(&out, None, None, &Default::default()).unwrap();
+        let (cfg, merged) =
+            model::load::<B>(&out, LoadOptions::default(), None, &Default::default()).unwrap();
         assert_eq!(cfg.dtype, Some(Dtype::F32));
         let g = golden(
             &adapter_dir(adapter),
@@ -106,7 +107,13 @@ fn merge_shards_with_an_index_and_writes_the_output_dtype() {
         }
     }
     // bf16 rounding of the merged weights moves the loss only slightly.
-    let (_, merged) = model::load::<B>(&out, Some(Dtype::F32), None, &Default::default()).unwrap();
+    let (_, merged) = model::load::<B>(
+        &out,
+        LoadOptions::dtype(Dtype::F32),
+        None,
+        &Default::default(),
+    )
+    .unwrap();
     let g = golden(
         &adapter_dir("qwen2_rslora"),
         &model_dir("qwen2_bf16"),

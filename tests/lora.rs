@@ -11,7 +11,7 @@ use common::{
 use safetensors::SafeTensors;
 use swift_rs::config::{Dtype, LoraConfig, ModelConfig, TargetModules};
 use swift_rs::export::peft::{read_adapter, save_adapter};
-use swift_rs::model::{self, AdapterSource, CausalLm, LoraPlan, ModelError};
+use swift_rs::model::{self, AdapterSource, CausalLm, LoadOptions, LoraPlan, ModelError};
 
 /// (adapter fixture, base model fixture)
 const ADAPTERS: [(&str, &str); 4] = [
@@ -29,7 +29,7 @@ fn with_adapter(
     let mut plan = read_adapter(adapter).unwrap();
     model::load::<B>(
         &model_dir(base),
-        Some(dtype),
+        LoadOptions::dtype(dtype),
         Some(&mut plan),
         &Default::default(),
     )
@@ -78,9 +78,15 @@ fn fresh_adapters_give_the_base_output() {
             source: AdapterSource::Init { seed: 7 },
         };
         let device = Default::default();
-        let (_, adapted) =
-            model::load::<B>(&model_dir(base), Some(dtype), Some(&mut plan), &device).unwrap();
-        let (_, plain) = model::load::<B>(&model_dir(base), Some(dtype), None, &device).unwrap();
+        let (_, adapted) = model::load::<B>(
+            &model_dir(base),
+            LoadOptions::dtype(dtype),
+            Some(&mut plan),
+            &device,
+        )
+        .unwrap();
+        let (_, plain) =
+            model::load::<B>(&model_dir(base), LoadOptions::dtype(dtype), None, &device).unwrap();
         let rows: [&[u32]; 2] = [&[1, 2, 3, 4, 5], &[7, 8, 9]];
         let (a, p) = (logits_of(&adapted, &rows), logits_of(&plain, &rows));
         for (a, p) in a.iter().zip(&p) {

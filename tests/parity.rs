@@ -5,7 +5,7 @@ mod common;
 
 use common::{check_logits, check_losses, golden, model_dir, B};
 use swift_rs::config::{Dtype, ModelConfig};
-use swift_rs::model::{self, CausalLm};
+use swift_rs::model::{self, CausalLm, LoadOptions};
 
 const MODELS: [&str; 5] = [
     "llama",
@@ -16,7 +16,13 @@ const MODELS: [&str; 5] = [
 ];
 
 fn load(name: &str, dtype: Dtype) -> (ModelConfig, CausalLm<B>) {
-    model::load::<B>(&model_dir(name), Some(dtype), None, &Default::default()).unwrap()
+    model::load::<B>(
+        &model_dir(name),
+        LoadOptions::dtype(dtype),
+        None,
+        &Default::default(),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -53,7 +59,8 @@ fn bf16_logits_and_losses_match_transformers() {
 #[test]
 fn config_dtype_is_the_default_compute_dtype() {
     let dir = model_dir("qwen2_bf16");
-    let (cfg, model) = model::load::<B>(&dir, None, None, &Default::default()).unwrap();
+    let (cfg, model) =
+        model::load::<B>(&dir, LoadOptions::default(), None, &Default::default()).unwrap();
     assert_eq!(cfg.dtype, Some(Dtype::Bf16));
     assert_eq!(
         model.model.embed_tokens.val().dtype(),

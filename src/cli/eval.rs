@@ -8,10 +8,11 @@ use burn::tensor::backend::Backend;
 use clap::Args;
 
 use super::device::{with_backend, DeviceArg};
-use super::{write_atomic, DtypeArg, Failure};
+use super::{write_atomic, DtypeArg, Failure, QuantArg};
 use swift_rs::data::{read_pretokenized, TokenizedRow};
 use swift_rs::export::peft::read_adapter;
-use swift_rs::model::{self, ModelError};
+use swift_rs::model::{self, LoadOptions, ModelError};
+use swift_rs::quant::Nf4Config;
 use swift_rs::train::evaluate;
 
 #[derive(Args, Debug)]
@@ -28,6 +29,10 @@ pub struct EvalArgs {
     /// Compute dtype of the weights: auto (config.json), bf16, f16, f32
     #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
     dtype: DtypeArg,
+    /// Hold the decoder's linear weights in 4-bit NF4 (QLoRA; bitsandbytes' format, double
+    /// quantization, blocks of 64)
+    #[arg(long, value_enum)]
+    quant: Option<QuantArg>,
     /// Keep only the first N tokens of each row
     #[arg(long, value_parser = clap::value_parser!(u64).range(2..))]
     max_length: Option<u64>,
@@ -53,7 +58,11 @@ fn eval_on<B: Backend>(device: B::Device, args: &EvalArgs) -> Result<(), Failure
                 .with_context(|| format!("cannot read the adapter in {}", dir.display()))?,
         ),
     };
-    let loaded = model::load::<B>(&args.model, args.dtype.resolve(), adapter.as_mut(), &device);
+    let options = LoadOptions {
+        dtype: args.dtype.resolve(),
+        quant: args.quant.map(|QuantArg::Nf4| Nf4Config::default()),
+    };
+    let loaded = model::load::<B>(&args.model, options, adapter.as_mut(), &device);
     let (config, model) = loaded.map_err(|e| {
         let usage = matches!(e, ModelError::Config(_));
         let e = anyhow::Error::new(e)

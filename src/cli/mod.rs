@@ -49,6 +49,13 @@ impl DtypeArg {
     }
 }
 
+/// `--quant`: how the frozen base weights are held.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum QuantArg {
+    /// 4-bit NormalFloat, as bitsandbytes (QLoRA)
+    Nf4,
+}
+
 /// A failed command: usage and config errors exit 2, runtime errors 1 (SPEC).
 pub enum Failure {
     Usage(anyhow::Error),

@@ -14,6 +14,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Normal, Uniform};
 
 use crate::config::{InitLoraWeights, LoraConfig};
+use crate::quant::Nf4Linear;
 
 pub use target::{Targets, ALL_LINEAR};
 
@@ -29,10 +30,41 @@ pub struct Lora<B: Backend> {
     pub scaling: f64,
 }
 
+/// The frozen layer under an adapter: dense, or NF4 for QLoRA.
+#[derive(Module, Debug)]
+pub enum BaseLinear<B: Backend> {
+    Dense(Linear<B>), // [in, out] in the compute dtype
+    Nf4(Nf4Linear<B>),
+}
+
+impl<B: Backend> BaseLinear<B> {
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match self {
+            Self::Dense(l) => l.forward(x),
+            Self::Nf4(l) => l.forward(x),
+        }
+    }
+
+    /// The weight in Burn's `[in, out]` orientation, f32 (dequantized for NF4).
+    pub fn weight_f32(&self) -> Tensor<B, 2> {
+        match self {
+            Self::Dense(l) => l.weight.val().cast(DType::F32),
+            Self::Nf4(l) => l.dequantize(DType::F32).transpose(),
+        }
+    }
+
+    pub fn bias(&self) -> Option<Tensor<B, 1>> {
+        match self {
+            Self::Dense(l) => l.bias.as_ref().map(|b| b.val()),
+            Self::Nf4(l) => l.bias.as_ref().map(|b| b.val()),
+        }
+    }
+}
+
 /// A linear layer that may carry an adapter. Built so by the model builder, per module name.
 #[derive(Module, Debug)]
 pub struct LoraLinear<B: Backend> {
-    pub base: Linear<B>, // frozen, [in, out] in the compute dtype
+    pub base: BaseLinear<B>,
     pub adapter: Option<Lora<B>>,
 }
 
@@ -55,14 +87,14 @@ impl<B: Backend> LoraLinear<B> {
             Some(m) => {
                 // DoRA (PEFT's DoraLinearLayer): scale each output by m / ||W + sBA||, the norm
                 // detached. `(scale - 1) * base` turns the base output into the rescaled one.
-                let w = self.base.weight.val().cast(DType::F32); // [in, out]
+                let w = self.base.weight_f32(); // [in, out]
                 let scale = (m.val() / l.weight_norm(w.clone()).detach()).unsqueeze::<D>(); // [.., out]
                 let base_no_bias = if l.dropout.prob > 0.0 && B::ad_enabled(&x.device()) {
                     // With dropout the base term is recomputed on the dropped-out input, as PEFT does.
                     linear(x, w, None)
                 } else {
-                    match &self.base.bias {
-                        Some(b) => base.clone() - b.val().cast(DType::F32).unsqueeze::<D>(),
+                    match self.base.bias() {
+                        Some(b) => base.clone() - b.cast(DType::F32).unsqueeze::<D>(),
                         None => base.clone(),
                     }
                 };
@@ -88,7 +120,8 @@ impl<B: Backend> Lora<B> {
             .squeeze_dim(0)
     }
 
-    /// A fresh adapter as PEFT initialises one. `base_weight` ([in, out]) sets DoRA's magnitude.
+    /// A fresh adapter as PEFT initialises one. `base_weight` ([in, out], f32) sets DoRA's
+    /// magnitude.
     /// The values come from a generator seeded by `seed` and the module name, so they do not
     /// depend on the order layers are built in.
     pub fn init(

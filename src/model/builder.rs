@@ -3,11 +3,14 @@
 
 use burn::nn::Linear;
 use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
 
 use super::frozen;
 use super::load::Checkpoint;
 use crate::config::LoraConfig;
-use crate::lora::{Lora, LoraLinear, Targets};
+use crate::lora::{BaseLinear, Lora, LoraLinear, Targets};
+use crate::quant::{Nf4Config, Nf4Linear};
+use burn::tensor::DType;
 
 /// Where adapter weights come from.
 pub enum AdapterSource {
@@ -27,6 +30,8 @@ pub(crate) struct Builder<'a, B: Backend> {
     pub ckpt: &'a mut Checkpoint,
     pub device: &'a B::Device,
     lora: Option<(&'a LoraConfig, Targets, &'a mut AdapterSource)>,
+    /// QLoRA: decoder-layer linear weights held in NF4.
+    quant: Option<Nf4Config>,
     /// Names of the adapted modules, in build order.
     pub adapted: Vec<String>,
     /// Problems met building adapters (reported with the checkpoint's).
@@ -37,6 +42,7 @@ impl<'a, B: Backend> Builder<'a, B> {
     pub fn new(
         ckpt: &'a mut Checkpoint,
         lora: Option<&'a mut LoraPlan>,
+        quant: Option<Nf4Config>,
         device: &'a B::Device,
     ) -> Result<Self, String> {
         let lora = match lora {
@@ -57,6 +63,7 @@ impl<'a, B: Backend> Builder<'a, B> {
             ckpt,
             device,
             lora,
+            quant,
             adapted: Vec::new(),
             problems: Vec::new(),
         })
@@ -80,15 +87,45 @@ impl<'a, B: Backend> Builder<'a, B> {
         }
     }
 
+    /// The frozen part of a decoder-layer linear: dense, or quantized to NF4 from the weight in
+    /// the compute dtype (as bitsandbytes quantizes what transformers loaded).
+    fn base_linear(&mut self, name: &str, n_in: usize, n_out: usize, bias: bool) -> BaseLinear<B> {
+        let Some(config) = self.quant else {
+            return BaseLinear::Dense(self.plain_linear(name, n_in, n_out, bias));
+        };
+        let key = format!("{name}.weight");
+        let data = self.ckpt.take_data(&key, &[n_out, n_in]);
+        let bias = bias.then(|| {
+            frozen(
+                self.ckpt
+                    .take(&format!("{name}.bias"), [n_out], self.device),
+            )
+        });
+        match data.map(|d| d.convert_dtype(DType::F32).into_vec::<f32>()) {
+            Some(Ok(w)) => BaseLinear::Nf4(Nf4Linear::quantize(
+                &w,
+                [n_out, n_in],
+                bias,
+                config,
+                self.device,
+            )),
+            // The problem is recorded; the model will not be used.
+            _ => BaseLinear::Dense(Linear {
+                weight: frozen(Tensor::zeros([1, 1], self.device)),
+                bias,
+            }),
+        }
+    }
+
     /// The linear layer `name`, with an adapter when the plan targets it.
     pub fn linear(&mut self, name: &str, n_in: usize, n_out: usize, bias: bool) -> LoraLinear<B> {
-        let base = self.plain_linear(name, n_in, n_out, bias);
+        let base = self.base_linear(name, n_in, n_out, bias);
         let adapter = match &mut self.lora {
             Some((cfg, targets, source)) if targets.matches(name) => {
                 self.adapted.push(name.to_string());
                 match source {
                     AdapterSource::Init { seed } => {
-                        match Lora::init(cfg, name, &base.weight.val(), *seed, self.device) {
+                        match Lora::init(cfg, name, &base.weight_f32(), *seed, self.device) {
                             Ok(l) => Some(l),
                             Err(e) => {
                                 self.problems.push(e);

@@ -18,6 +18,7 @@ pub use decoder::{Attention, Batch, CausalLm, DecoderLayer, DecoderModel, Mlp, R
 pub use load::{Checkpoint, LoadError};
 
 use crate::config::{ConfigError, Dtype, ModelConfig};
+use crate::quant::Nf4Config;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -43,15 +44,31 @@ pub(crate) fn burn_dtype(dtype: Dtype) -> DType {
     }
 }
 
-/// Loads a Hugging Face model directory, with an adapter built in when `lora` is given. `dtype`
-/// None means the dtype config.json names (float32 when it names none, as transformers'
-/// `from_pretrained` does).
+/// How to load a model: compute dtype (None: the dtype config.json names, float32 when it names
+/// none, as transformers' `from_pretrained` does) and, for QLoRA, NF4 base weights.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    pub dtype: Option<Dtype>,
+    pub quant: Option<Nf4Config>,
+}
+
+impl LoadOptions {
+    pub fn dtype(dtype: Dtype) -> Self {
+        Self {
+            dtype: Some(dtype),
+            quant: None,
+        }
+    }
+}
+
+/// Loads a Hugging Face model directory, with an adapter built in when `lora` is given.
 pub fn load<B: Backend>(
     dir: &Path,
-    dtype: Option<Dtype>,
+    options: LoadOptions,
     mut lora: Option<&mut LoraPlan>,
     device: &B::Device,
 ) -> Result<(ModelConfig, CausalLm<B>), ModelError> {
+    let dtype = options.dtype;
     let config = ModelConfig::from_dir(dir)?;
     let dtype = dtype.or(config.dtype).unwrap_or(Dtype::F32);
     let mut ckpt = Checkpoint::open(dir, dtype)?;
@@ -63,8 +80,8 @@ pub fn load<B: Backend>(
         what: what.clone(),
         problems,
     };
-    let mut builder =
-        Builder::new(&mut ckpt, lora.as_deref_mut(), device).map_err(|p| adapter_error(vec![p]))?;
+    let mut builder = Builder::new(&mut ckpt, lora.as_deref_mut(), options.quant, device)
+        .map_err(|p| adapter_error(vec![p]))?;
     let model = CausalLm::build(&config, &mut builder);
     let adapted = builder.finish();
     ckpt.finish()?;

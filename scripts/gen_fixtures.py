@@ -33,6 +33,10 @@ What it writes, under tests/fixtures/:
       qwen2_rslora      all-linear, rsLoRA, r 8 (on qwen2_bf16 computed in f32)
       qwen3_dora        DoRA on q/k/o/down_proj, r 4 (on qwen3_f16 computed in f32)
       mistral_regex     target_modules as a regex string, r 2
+  Where expected/ holds a `logits_nf4` tag (models/llama, adapters/llama_qv, adapters/qwen3_dora),
+  it is QLoRA: f32 compute with every decoder-layer linear weight replaced by its NF4 round trip
+  (bitsandbytes' reference kernels, double quantization), which is what bitsandbytes' 4-bit
+  matmul computes (dequantize, then a dense matmul in the compute dtype).
 
   nf4/nf4.safetensors   bitsandbytes' NF4 (blocks of 64, with and without double quantization)
                         of weights of odd sizes, f32 and bf16, by its reference kernels: the
@@ -155,7 +159,33 @@ def load_model(dir: Path, dtype: torch.dtype, adapter: Path | None = None, train
     return model.eval()
 
 
-def expected(dir: Path, rows: list[dict], compute: dict[str, torch.dtype],
+NF4 = "nf4"  # a compute "dtype" tag: f32 compute on NF4 round-tripped base weights (QLoRA)
+
+
+def nf4_round_trip(w: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' reference NF4 with double quantization, blocks of 64 over the row-major
+    weight, quantized and dequantized (see make_nf4 for why the reference kernels)."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute, _dequantize_blockwise_compute
+    import bitsandbytes.functional as bnbf
+    reference = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    packed, absmax = torch.ops.bitsandbytes.quantize_4bit.default.redispatch(reference, w, 64, "nf4", torch.uint8)
+    offset = absmax.mean()
+    dynamic = bnbf.create_dynamic_map(signed=True)
+    q, absmax2 = torch.ops.bitsandbytes.quantize_blockwise.default.redispatch(reference, absmax - offset, dynamic, 256)
+    scales = _dequantize_blockwise_compute(q, absmax2, dynamic, 256, torch.float32) + offset
+    code = bnbf.get_4bit_type("nf4", device="cpu")
+    return _dequantize_4bit_compute(packed.reshape(-1), scales, code, 64, w.shape, w.dtype)
+
+
+def quantize_base(model) -> None:
+    """QLoRA's base: every decoder-layer linear weight through NF4 (lm_head and embeddings stay)."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layers." in name and "lora_" not in name:
+                module.weight.copy_(nf4_round_trip(module.weight))
+
+
+def expected(dir: Path, rows: list[dict], compute: dict[str, torch.dtype | str],
              base: Path | None = None) -> None:
     """Logits and losses of the model in `dir`, or of the adapter in `dir` on `base`."""
     out = dir / "expected"
@@ -164,7 +194,10 @@ def expected(dir: Path, rows: list[dict], compute: dict[str, torch.dtype],
     tensors = {}
     report = {}
     for tag, dtype in compute.items():
+        nf4, dtype = dtype == NF4, torch.float32 if dtype == NF4 else dtype
         model = load_model(dir, dtype) if base is None else load_model(base, dtype, dir)
+        if nf4:
+            quantize_base(model)
         per_row = []
         total, count = 0.0, 0
         for i, r in enumerate(rows):
@@ -205,7 +238,7 @@ def make_model(name: str, model_type: str, kw: dict, seed: int, *, save_dtype=to
     expected(dir, make_rows(seed), compute or {"logits": torch.float32})
 
 
-def make_adapter(name: str, base: str, seed: int, **kw) -> None:
+def make_adapter(name: str, base: str, seed: int, compute=None, **kw) -> None:
     base_dir = ROOT / "models" / base
     dir = ROOT / "adapters" / name
     shutil.rmtree(dir, ignore_errors=True)
@@ -225,7 +258,7 @@ def make_adapter(name: str, base: str, seed: int, **kw) -> None:
         cfg["target_modules"] = sorted(cfg["target_modules"])
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     rows = [json.loads(l) for l in (base_dir / "expected" / "inputs.jsonl").read_text().splitlines()]
-    expected(dir, rows, {"logits": torch.float32}, base=base_dir)
+    expected(dir, rows, compute or {"logits": torch.float32}, base=base_dir)
 
 
 def check_rust_adapter_in_peft() -> None:
@@ -307,7 +340,8 @@ def main() -> None:
         small, tie_word_embeddings=False,
         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 16}), seed=1)
+                         "original_max_position_embeddings": 16}), seed=1,
+        compute={"logits": torch.float32, "logits_nf4": NF4})
     make_model("llama_v4_sharded", "llama", dict(
         small, num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=True,
         attention_bias=True, mlp_bias=True,
@@ -326,10 +360,12 @@ def main() -> None:
     make_model("mistral", "mistral", dict(
         small, num_hidden_layers=3, sliding_window=5, tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), seed=5)
-    make_adapter("llama_qv", "llama", seed=11, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    make_adapter("llama_qv", "llama", seed=11, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                 compute={"logits": torch.float32, "logits_nf4": NF4})
     make_adapter("qwen2_rslora", "qwen2_bf16", seed=12, r=8, lora_alpha=16,
                  target_modules="all-linear", use_rslora=True)
     make_adapter("qwen3_dora", "qwen3_f16", seed=13, r=4, lora_alpha=12, use_dora=True,
+                 compute={"logits": torch.float32, "logits_nf4": NF4},
                  target_modules=["q_proj", "k_proj", "o_proj", "down_proj"])
     make_adapter("mistral_regex", "mistral", seed=14, r=2, lora_alpha=5,
                  target_modules=r".*\.1\.(self_attn\.v_proj|mlp\.up_proj)")

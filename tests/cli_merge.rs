@@ -148,40 +148,45 @@ fn a_misfit_adapter_writes_nothing_and_an_existing_output_is_refused() {
 }
 
 #[test]
-fn eval_with_an_adapter_matches_peft() {
+fn eval_with_an_adapter_matches_peft_dense_and_on_nf4() {
     let want: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(adapter_dir("qwen3_dora").join("expected/losses.json")).unwrap(),
     )
     .unwrap();
     let (m, a) = (model_dir("qwen3_f16"), adapter_dir("qwen3_dora"));
     let data = model_dir("qwen3_f16").join("expected/inputs.jsonl");
-    let out = swift_rs(&[
-        "eval",
-        "--model",
-        m.to_str().unwrap(),
-        "--adapter",
-        a.to_str().unwrap(),
-        "--dataset",
-        data.to_str().unwrap(),
-        "--dtype",
-        "f32",
-        "--device",
-        "cpu",
-    ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let loss: f64 = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("loss: "))
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(
-        (loss - want["logits"]["loss"].as_f64().unwrap()).abs() < 1e-4,
-        "{stdout}"
-    );
+    for (tag, extra) in [("logits", &[][..]), ("logits_nf4", &["--quant", "nf4"][..])] {
+        let mut args = vec![
+            "eval",
+            "--model",
+            m.to_str().unwrap(),
+            "--adapter",
+            a.to_str().unwrap(),
+            "--dataset",
+            data.to_str().unwrap(),
+            "--dtype",
+            "f32",
+            "--device",
+            "cpu",
+        ];
+        args.extend_from_slice(extra);
+        let out = swift_rs(&args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let loss: f64 = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("loss: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let expected = want[tag]["loss"].as_f64().unwrap();
+        assert!(
+            (loss - expected).abs() < 1e-4,
+            "{tag}: {stdout} vs {expected}"
+        );
+    }
 }

@@ -1,0 +1,105 @@
+//! QLoRA: NF4 base weights dequantized on the fly equal the host reference, and a model (with and
+//! without an adapter) on NF4 bases computes what transformers + PEFT compute on bitsandbytes'
+//! NF4 round trip of the same weights (fixtures from scripts/gen_fixtures.py).
+
+mod common;
+
+use burn::tensor::DType;
+use common::{adapter_dir, check_logits, check_losses, golden, model_dir, B};
+use safetensors::SafeTensors;
+use swift_rs::config::Dtype;
+use swift_rs::export::peft::read_adapter;
+use swift_rs::lora::BaseLinear;
+use swift_rs::model::{self, CausalLm, LoadOptions};
+use swift_rs::quant::{Nf4, Nf4Config, Nf4Linear};
+
+fn qlora_options() -> LoadOptions {
+    LoadOptions {
+        dtype: Some(Dtype::F32),
+        quant: Some(Nf4Config::default()),
+    }
+}
+
+#[test]
+fn on_the_fly_dequantization_equals_the_reference_path() {
+    let data = std::fs::read(common::fixtures().join("nf4/nf4.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&data).unwrap();
+    for (name, shape) in [
+        ("w64x96", [64, 96]),
+        ("w37x29", [37, 29]),
+        ("w200x130", [200, 130]),
+    ] {
+        let w: Vec<f32> = st
+            .tensor(&format!("{name}.input"))
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        for double_quant in [false, true] {
+            let config = Nf4Config {
+                blocksize: 64,
+                double_quant,
+            };
+            let layer = Nf4Linear::<B>::quantize(&w, shape, None, config, &Default::default());
+            let fast = layer
+                .dequantize(DType::F32)
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap();
+            let reference = Nf4::quantize(&w, 64, double_quant).dequantize();
+            assert_eq!(fast, reference, "{name} (double quant {double_quant})");
+        }
+    }
+}
+
+fn nf4_bytes_per_parameter(model: &CausalLm<B>) -> f64 {
+    let (mut bytes, mut params) = (0usize, 0usize);
+    for (_, lin) in model.lora_linears() {
+        let BaseLinear::Nf4(l) = &lin.base else {
+            panic!("a dense base in a QLoRA model")
+        };
+        bytes += l.weight_bytes();
+        params += l.n_in * l.n_out;
+    }
+    bytes as f64 / params as f64
+}
+
+#[test]
+fn qlora_model_matches_transformers_on_nf4_weights() {
+    let dir = model_dir("llama");
+    let (cfg, model) = model::load::<B>(&dir, qlora_options(), None, &Default::default()).unwrap();
+    let g = golden(&dir, &dir, "logits_nf4", cfg.vocab_size);
+    check_logits("llama (nf4)", &model, &g, 1e-4);
+    check_losses("llama (nf4)", &model, &g, 1e-4);
+    // Guard: NF4 must actually change the result, or the comparison above proves nothing.
+    let dense = golden(&dir, &dir, "logits", cfg.vocab_size);
+    let moved = (dense.losses["loss"].as_f64().unwrap() - g.losses["loss"].as_f64().unwrap()).abs();
+    assert!(moved > 1e-3, "nf4 loss equals the dense one ({moved})");
+    // Codes 0.5 + double-quantized scales 1/64 + 4/(64*256) bytes; a bit more where a row's
+    // weights do not fill whole blocks.
+    let bpp = nf4_bytes_per_parameter(&model);
+    assert!((0.5159..0.53).contains(&bpp), "{bpp} bytes per parameter");
+}
+
+#[test]
+fn qlora_adapters_match_peft_on_nf4_weights() {
+    for (adapter, base) in [("llama_qv", "llama"), ("qwen3_dora", "qwen3_f16")] {
+        let mut plan = read_adapter(&adapter_dir(adapter)).unwrap();
+        let (cfg, model) = model::load::<B>(
+            &model_dir(base),
+            qlora_options(),
+            Some(&mut plan),
+            &Default::default(),
+        )
+        .unwrap();
+        let g = golden(
+            &adapter_dir(adapter),
+            &model_dir(base),
+            "logits_nf4",
+            cfg.vocab_size,
+        );
+        check_logits(&format!("{adapter} (nf4)"), &model, &g, 1e-4);
+        check_losses(&format!("{adapter} (nf4)"), &model, &g, 1e-4);
+    }
+}

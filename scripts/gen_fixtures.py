@@ -44,7 +44,8 @@ What it writes, under tests/fixtures/:
 
 Last, a check that writes no fixture: `cargo run --release --example lora_forward` builds an
 adapter in Rust, prints its loss and the gradient norms of one layer, and saves it in PEFT's
-format; PEFT must load that adapter and compute the same loss and gradients.
+format; PEFT must load that adapter and compute the same loss and gradients, and transformers
+must load `swift-rs merge`'s output of it and compute what PEFT computes unmerged.
 """
 
 import json
@@ -283,6 +284,18 @@ def check_rust_adapter_in_peft() -> None:
               f"|grad A| {pa:.6f} ({ga:.6f}), |grad B| {pb:.6f} ({gb:.6f})")
         assert abs(loss.item() - rust_loss) < 1e-4
         assert abs(pa - ga) < 1e-4 * max(1.0, pa) and abs(pb - gb) < 1e-4 * max(1.0, pb)
+        # swift-rs merge of that adapter: transformers loads it and computes what PEFT computes.
+        merged = Path(tmp) / "merged"
+        subprocess.run(["cargo", "run", "--quiet", "--release", "--", "merge", "--model", str(base),
+                        "--adapter", tmp, "--output", str(merged), "--dtype", "f32",
+                        "--max-shard-size", "200KB", "--device", "cpu"],
+                       cwd=ROOT.parent.parent, check=True, capture_output=True)
+        m = AutoModelForCausalLM.from_pretrained(merged, attn_implementation="eager").eval()
+        probe = torch.tensor([rows[0]])
+        with torch.no_grad():
+            d = (m(probe).logits - model(probe).logits).abs().max().item()
+        print(f"swift-rs merge loaded by transformers: max |logit diff| vs PEFT unmerged {d:.2e}")
+        assert d < 1e-4
 
 
 def make_nf4() -> None:

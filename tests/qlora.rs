@@ -103,3 +103,84 @@ fn qlora_adapters_match_peft_on_nf4_weights() {
         check_losses(&format!("{adapter} (nf4)"), &model, &g, 1e-4);
     }
 }
+
+/// QLoRA training needs gradients through the NF4 base into the adapter: the same adapter on an
+/// NF4 base and on a dense base holding exactly the dequantized weight gets the same gradients
+/// (a wrong or missing backward through the dequantization would differ by O(1) here).
+#[test]
+fn adapter_gradients_on_an_nf4_base_equal_those_on_its_dequantized_weight() {
+    use burn::backend::{Autodiff, Flex};
+    use burn::module::Param;
+    use burn::nn::Linear;
+    use burn::tensor::{Tensor, TensorData};
+    use swift_rs::config::{LoraConfig, TargetModules};
+    use swift_rs::lora::{Lora, LoraLinear};
+    type AB = Autodiff<Flex>;
+
+    let device = Default::default();
+    let (n_in, n_out, r) = (96, 40, 4);
+    let values = |n: usize, seed: u32| -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 5000.0 - 0.1)
+            .collect()
+    };
+    let t2 = |v: Vec<f32>, shape: [usize; 2]| {
+        Tensor::<AB, 2>::from_data(TensorData::new(v, shape), &device)
+    };
+    let weight = values(n_out * n_in, 1); // [out, in]
+    let nf4 =
+        Nf4Linear::<AB>::quantize(&weight, [n_out, n_in], None, Nf4Config::default(), &device);
+    let dense = Linear {
+        weight: Param::from_tensor(nf4.dequantize(DType::F32).transpose()).set_require_grad(false),
+        bias: None,
+    };
+    let cfg = LoraConfig::new(r, 8.0, TargetModules::Names(vec!["x".into()]));
+    let grads_with = |base: BaseLinear<AB>| {
+        let lora = Lora::from_weights(
+            &cfg,
+            t2(values(n_in * r, 2), [n_in, r]),
+            t2(values(r * n_out, 3), [r, n_out]),
+            None,
+        );
+        let layer = LoraLinear {
+            base,
+            adapter: Some(lora),
+        };
+        let x = t2(values(5 * n_in, 4), [5, n_in]);
+        let grads = layer.forward(x).powi_scalar(2).sum().backward();
+        let l = layer.adapter.as_ref().unwrap();
+        let a = l
+            .lora_a
+            .val()
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let b = l
+            .lora_b
+            .val()
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        (a, b)
+    };
+    let (a_nf4, b_nf4) = grads_with(BaseLinear::Nf4(nf4.clone()));
+    let (a_dense, b_dense) = grads_with(BaseLinear::Dense(dense));
+    assert!(a_nf4.iter().any(|&g| g != 0.0) && b_nf4.iter().all(|g| g.is_finite()));
+    // Equal up to f32 rounding: the two bases multiply in different memory layouts.
+    for (what, g, want) in [("lora_A", &a_nf4, &a_dense), ("lora_B", &b_nf4, &b_dense)] {
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = g
+            .iter()
+            .zip(want.iter())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff <= 1e-5 * scale,
+            "{what} gradients differ by {diff} (scale {scale})"
+        );
+    }
+}

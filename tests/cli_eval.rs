@@ -1,31 +1,21 @@
 //! `swift-rs eval` as a user runs it: results equal transformers', and bad input gives one clear
 //! `error:` line naming the culprit, the SPEC's exit code, and never a panic.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/models")
-        .join(name)
-}
-
-fn swift_rs(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_swift-rs"))
-        .args(args)
-        .output()
-        .expect("run swift-rs")
-}
+use common::{eval_loss, model_dir, printed, swift_rs};
 
 fn expected_losses(name: &str) -> serde_json::Value {
-    let text = std::fs::read_to_string(fixture(name).join("expected/losses.json")).unwrap();
+    let text = std::fs::read_to_string(model_dir(name).join("expected/losses.json")).unwrap();
     serde_json::from_str::<serde_json::Value>(&text).unwrap()["logits"].clone()
 }
 
 /// A copy of a fixture model (without its expected/ folder) that a test may break.
 fn model_copy(name: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+    for entry in std::fs::read_dir(model_dir(name)).unwrap() {
         let path = entry.unwrap().path();
         if path.is_file() {
             std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
@@ -68,7 +58,7 @@ fn eval_fails(model: &Path, dataset: &Path, extra: &[&str], code: i32) -> String
 }
 
 fn inputs(name: &str) -> PathBuf {
-    fixture(name).join("expected/inputs.jsonl")
+    model_dir(name).join("expected/inputs.jsonl")
 }
 
 #[test]
@@ -76,9 +66,9 @@ fn eval_matches_transformers_and_writes_rows_in_order() {
     let want = expected_losses("llama_v4_sharded");
     let out_dir = tempfile::tempdir().unwrap();
     let out_file = out_dir.path().join("losses.jsonl");
-    let model = fixture("llama_v4_sharded");
+    let model = model_dir("llama_v4_sharded");
     let data = inputs("llama_v4_sharded");
-    let out = swift_rs(&[
+    let (loss, stdout) = eval_loss(&[
         "eval",
         "--model",
         model.to_str().unwrap(),
@@ -91,28 +81,11 @@ fn eval_matches_transformers_and_writes_rows_in_order() {
         "--output",
         out_file.to_str().unwrap(),
     ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let loss: f64 = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("loss: "))
-        .expect("loss line")
-        .parse()
-        .unwrap();
     assert!(
         (loss - want["loss"].as_f64().unwrap()).abs() < 1e-4,
         "{stdout}"
     );
-    let ppl: f64 = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("perplexity: "))
-        .unwrap()
-        .parse()
-        .unwrap();
+    let ppl = printed(&stdout, "perplexity");
     assert!((ppl.ln() - loss).abs() < 1e-5);
     let rows: Vec<serde_json::Value> = std::fs::read_to_string(&out_file)
         .unwrap()
@@ -217,14 +190,14 @@ fn token_ids_outside_the_vocabulary_name_the_line() {
         "{\"input_ids\": [1, 2, 3]}\n{\"input_ids\": [1, 331, 3]}\n",
     )
     .unwrap();
-    let err = eval_fails(&fixture("llama"), &data, &[], 1);
+    let err = eval_fails(&model_dir("llama"), &data, &[], 1);
     assert!(err.contains("data.jsonl:2"), "{err}");
     assert!(
         err.contains("token id 331, outside the vocabulary [0, 331)"),
         "{err}"
     );
     std::fs::write(&data, "{\"input_ids\": [1, 2], \"labels\": [5]}\n").unwrap();
-    let err = eval_fails(&fixture("llama"), &data, &[], 1);
+    let err = eval_fails(&model_dir("llama"), &data, &[], 1);
     assert!(
         err.contains("data.jsonl:1: labels has 1 entries, input_ids 2"),
         "{err}"
@@ -240,30 +213,40 @@ fn malformed_jsonl_names_the_line() {
         "{\"input_ids\": [1, 2, 3]}\n\n{\"input_ids\": [1, 2,\n",
     )
     .unwrap();
-    let err = eval_fails(&fixture("llama"), &data, &[], 1);
+    let err = eval_fails(&model_dir("llama"), &data, &[], 1);
     assert!(
         err.contains("data.jsonl:3: not a pre-tokenized row"),
         "{err}"
     );
     std::fs::write(&data, "{\"text\": \"raw text is not tokenized\"}\n").unwrap();
-    let err = eval_fails(&fixture("llama"), &data, &[], 1);
+    let err = eval_fails(&model_dir("llama"), &data, &[], 1);
     assert!(
         err.contains("data.jsonl:1") && err.contains("input_ids"),
         "{err}"
     );
     std::fs::write(&data, "").unwrap();
-    let err = eval_fails(&fixture("llama"), &data, &[], 1);
+    let err = eval_fails(&model_dir("llama"), &data, &[], 1);
     assert!(err.contains("data.jsonl holds no rows"), "{err}");
-    let err = eval_fails(&fixture("llama"), &dir.path().join("absent.jsonl"), &[], 1);
+    let err = eval_fails(
+        &model_dir("llama"),
+        &dir.path().join("absent.jsonl"),
+        &[],
+        1,
+    );
     assert!(err.contains("absent.jsonl"), "{err}");
 }
 
 #[test]
 fn usage_errors_exit_2() {
-    let err = eval_fails(&fixture("llama"), &inputs("llama"), &["--dtype", "int8"], 2);
+    let err = eval_fails(
+        &model_dir("llama"),
+        &inputs("llama"),
+        &["--dtype", "int8"],
+        2,
+    );
     assert!(err.contains("int8"), "{err}");
     let err = eval_fails(
-        &fixture("llama"),
+        &model_dir("llama"),
         &inputs("llama"),
         &["--batch-size", "0"],
         2,
@@ -272,7 +255,7 @@ fn usage_errors_exit_2() {
     #[cfg(not(feature = "cuda"))]
     {
         let err = eval_fails(
-            &fixture("llama"),
+            &model_dir("llama"),
             &inputs("llama"),
             &["--device", "cuda"],
             2,

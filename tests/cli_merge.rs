@@ -4,18 +4,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
-use common::{adapter_dir, check_losses, golden, model_dir, B};
+use common::{adapter_dir, check_losses, eval_loss, golden, model_dir, swift_rs, B};
 use swift_rs::config::Dtype;
 use swift_rs::model::{self, LoadOptions};
-
-fn swift_rs(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_swift-rs"))
-        .args(args)
-        .output()
-        .expect("run swift-rs")
-}
 
 fn merge(adapter: &str, base: &str, out: &Path, extra: &[&str]) -> Output {
     let (m, a) = (model_dir(base), adapter_dir(adapter));
@@ -170,19 +163,7 @@ fn eval_with_an_adapter_matches_peft_dense_and_on_nf4() {
             "cpu",
         ];
         args.extend_from_slice(extra);
-        let out = swift_rs(&args);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let loss: f64 = stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("loss: "))
-            .unwrap()
-            .parse()
-            .unwrap();
+        let (loss, stdout) = eval_loss(&args);
         let expected = want[tag]["loss"].as_f64().unwrap();
         assert!(
             (loss - expected).abs() < 1e-4,

@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 use burn::backend::Flex;
 use burn::tensor::{DType, Tensor};
@@ -117,4 +118,35 @@ pub fn check_losses(what: &str, model: &CausalLm<B>, g: &Golden, tol: f64) {
         );
         assert_eq!(report.tokens as u64, g.losses["tokens"].as_u64().unwrap());
     }
+}
+
+/// Runs the `swift-rs` binary.
+pub fn swift_rs(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_swift-rs"))
+        .args(args)
+        .output()
+        .expect("run swift-rs")
+}
+
+/// Runs `swift-rs eval`, expecting success, and returns (loss, whole stdout).
+pub fn eval_loss(args: &[&str]) -> (f64, String) {
+    let out = swift_rs(args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let loss = printed(&stdout, "loss");
+    (loss, stdout)
+}
+
+/// The number on the `name: value` line of eval's output.
+pub fn printed(stdout: &str, name: &str) -> f64 {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+        .unwrap_or_else(|| panic!("no {name} line in {stdout}"))
+        .parse()
+        .unwrap()
 }

@@ -3,14 +3,13 @@
 
 use burn::nn::Linear;
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 
 use super::frozen;
 use super::load::Checkpoint;
 use crate::config::LoraConfig;
 use crate::lora::{BaseLinear, Lora, LoraLinear, Targets};
 use crate::quant::{Nf4Config, Nf4Linear};
-use burn::tensor::DType;
 
 /// Where adapter weights come from.
 pub enum AdapterSource {

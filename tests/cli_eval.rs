@@ -215,7 +215,7 @@ fn malformed_jsonl_names_the_line() {
     .unwrap();
     let err = eval_fails(&model_dir("llama"), &data, &[], 1);
     assert!(
-        err.contains("data.jsonl:3: not a pre-tokenized row"),
+        err.contains("data.jsonl:3: malformed JSON at column 20: EOF while parsing"),
         "{err}"
     );
     std::fs::write(&data, "{\"text\": \"raw text is not tokenized\"}\n").unwrap();

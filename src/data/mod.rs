@@ -1,6 +1,9 @@
-//! Datasets and tokenizers. So far: pre-tokenized JSONL rows (for `eval`) and `tokenizer.json`.
+//! Datasets and tokenizers: file readers, row formats, pre-tokenized rows (for `eval`) and
+//! `tokenizer.json`.
 
+pub mod format;
 mod pretokenized;
+pub mod source;
 mod tokenizer;
 
 use std::path::PathBuf;
@@ -15,14 +18,32 @@ pub enum DataError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}:{line}: {reason}")]
+    #[error("{path}:{at}: {reason}")]
     BadRow {
         path: PathBuf,
-        line: usize,
+        at: Location,
         reason: String,
     },
+    #[error("{path}: unsupported dataset file (use .jsonl or .json)")]
+    Unsupported { path: PathBuf },
     #[error("{path} holds no rows")]
     Empty { path: PathBuf },
     #[error("{path} is not a usable tokenizer: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
+}
+
+/// Where a row is: a line of a JSONL file, or a row (from 0) of a JSON array or Parquet file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Location {
+    Line(usize),
+    Row(usize),
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Line(n) => write!(f, "{n}"),
+            Self::Row(n) => write!(f, "row {n}"),
+        }
+    }
 }

@@ -1,11 +1,11 @@
-//! Pre-tokenized rows: `{"input_ids": [...], "labels": [...]}` per JSONL line; `labels` is
-//! optional (the input ids are the labels then), -100 marks tokens that take no loss.
+//! Pre-tokenized rows for `eval`: `{"input_ids": [...], "labels": [...]}`; `labels` is optional
+//! (the input ids are the labels then), -100 marks tokens that take no loss.
 
-use std::io::{BufRead, BufReader};
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde::Deserialize;
-
+use super::format::{parse_row, Row};
+use super::source::read_rows;
 use super::DataError;
 use crate::model::loss::IGNORE_INDEX;
 
@@ -15,72 +15,47 @@ pub struct TokenizedRow {
     pub labels: Vec<i64>,
 }
 
-#[derive(Deserialize)]
-struct RawRow {
+/// Reads every row of a JSONL or JSON file, checking each id against `vocab_size`; the first bad
+/// row stops the read with its location.
+pub fn read_pretokenized(path: &Path, vocab_size: usize) -> Result<Vec<TokenizedRow>, DataError> {
+    read_rows(path, &BTreeMap::new())?
+        .into_iter()
+        .map(|(at, value)| {
+            let row = match parse_row(&value) {
+                Ok(Row::Tokenized { input_ids, labels }) => {
+                    check_ids(input_ids, labels, vocab_size)
+                }
+                Ok(_) => Err("eval reads pre-tokenized rows (input_ids, optional labels)".into()),
+                Err(e) => Err(e),
+            };
+            row.map_err(|reason| DataError::BadRow {
+                path: path.to_path_buf(),
+                at,
+                reason,
+            })
+        })
+        .collect()
+}
+
+fn check_ids(
     input_ids: Vec<i64>,
     labels: Option<Vec<i64>>,
-}
-
-/// Reads every row of a JSONL file, checking each id against `vocab_size`; the first bad row
-/// stops the read with its line number.
-pub fn read_pretokenized(path: &Path, vocab_size: usize) -> Result<Vec<TokenizedRow>, DataError> {
-    let file = std::fs::File::open(path).map_err(|source| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut rows = Vec::new();
-    for (i, line) in BufReader::new(file).lines().enumerate() {
-        let bad = |reason: String| DataError::BadRow {
-            path: path.to_path_buf(),
-            line: i + 1,
-            reason,
-        };
-        let line = line.map_err(|e| bad(format!("unreadable line: {e}")))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let raw: RawRow = serde_json::from_str(&line)
-            .map_err(|e| bad(format!("not a pre-tokenized row: {e}")))?;
-        rows.push(check_row(raw, vocab_size).map_err(bad)?);
-    }
-    if rows.is_empty() {
-        return Err(DataError::Empty {
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(rows)
-}
-
-fn check_row(raw: RawRow, vocab_size: usize) -> Result<TokenizedRow, String> {
-    if raw.input_ids.is_empty() {
-        return Err("input_ids is empty".into());
-    }
+    vocab_size: usize,
+) -> Result<TokenizedRow, String> {
     let in_vocab = |id: i64| id >= 0 && (id as u64) < vocab_size as u64;
-    if let Some(id) = raw.input_ids.iter().find(|&&id| !in_vocab(id)) {
+    if let Some(id) = input_ids.iter().find(|&&id| !in_vocab(id)) {
         return Err(format!(
             "input_ids holds token id {id}, outside the vocabulary [0, {vocab_size})"
         ));
     }
-    let labels = match raw.labels {
-        None => raw.input_ids.clone(),
-        Some(labels) => {
-            if labels.len() != raw.input_ids.len() {
-                return Err(format!(
-                    "labels has {} entries, input_ids {}",
-                    labels.len(),
-                    raw.input_ids.len()
-                ));
-            }
-            if let Some(l) = labels.iter().find(|&&l| l != IGNORE_INDEX && !in_vocab(l)) {
-                return Err(format!(
-                    "labels holds {l}, neither -100 nor a token id in [0, {vocab_size})"
-                ));
-            }
-            labels
-        }
-    };
+    let labels = labels.unwrap_or_else(|| input_ids.clone());
+    if let Some(l) = labels.iter().find(|&&l| l != IGNORE_INDEX && !in_vocab(l)) {
+        return Err(format!(
+            "labels holds {l}, neither -100 nor a token id in [0, {vocab_size})"
+        ));
+    }
     Ok(TokenizedRow {
-        input_ids: raw.input_ids.into_iter().map(|id| id as u32).collect(),
+        input_ids: input_ids.into_iter().map(|id| id as u32).collect(),
         labels,
     })
 }

@@ -1,0 +1,363 @@
+//! Row formats, detected per row in SPEC's order of keys: `messages`; `conversations` /
+//! `conversation` (ShareGPT, from/value or role/content); `instruction` + `input` + `output`
+//! (Alpaca); `query` + `response` + `history` (ms-swift); `input_ids` (+ `labels`, used as is);
+//! `text` (plain language-model text, loss on every token). ms-swift's preprocessors are the model.
+
+use serde_json::{Map, Value};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+    Tool,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::System => "system",
+            Self::User => "user",
+            Self::Assistant => "assistant",
+            Self::Tool => "tool",
+        }
+    }
+
+    /// OpenAI role names, and ShareGPT's `from` values as ms-swift maps them.
+    fn parse(name: &str) -> Option<Self> {
+        match name {
+            "system" => Some(Self::System),
+            "user" | "human" => Some(Self::User),
+            "assistant" | "gpt" | "bot" | "model" => Some(Self::Assistant),
+            "tool" | "observation" | "function" => Some(Self::Tool),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+/// One training row, whatever file format it came in.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Row {
+    /// A conversation; the loss is on assistant turns.
+    Chat(Vec<Message>),
+    /// Plain text; the loss is on every token.
+    Text(String),
+    /// Already tokenized; `labels` None means the input ids.
+    Tokenized {
+        input_ids: Vec<i64>,
+        labels: Option<Vec<i64>>,
+    },
+}
+
+/// Detects the format of one row (after column renaming) and normalises it. The error says
+/// what is wrong in words a user can act on; the reader adds file and line.
+pub fn parse_row(value: &Value) -> Result<Row, String> {
+    let obj = value
+        .as_object()
+        .ok_or_else(|| format!("a row must be a JSON object, got {}", kind(value)))?;
+    let row = if let Some(m) = obj.get("messages") {
+        Row::Chat(messages(m, "messages")?)
+    } else if let Some((key, c)) = ["conversations", "conversation"]
+        .iter()
+        .find_map(|k| obj.get(*k).map(|v| (*k, v)))
+    {
+        Row::Chat(messages(c, key)?)
+    } else if obj.contains_key("instruction") && obj.contains_key("output") {
+        alpaca(obj)?
+    } else if obj.contains_key("query") && obj.contains_key("response") {
+        query_response(obj)?
+    } else if let Some(ids) = obj.get("input_ids") {
+        tokenized(ids, obj.get("labels"))?
+    } else if let Some(t) = obj.get("text") {
+        let text = string(t, "text")?;
+        if text.is_empty() {
+            return Err("\"text\" is empty".into());
+        }
+        Row::Text(text)
+    } else {
+        let keys: Vec<&String> = obj.keys().collect();
+        return Err(format!(
+            "unknown row format (keys {keys:?}): expected messages, conversations, \
+             instruction/input/output, query/response/history, input_ids or text"
+        ));
+    };
+    if let Row::Chat(m) = &row {
+        check_chat(m)?;
+    }
+    Ok(row)
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn string(v: &Value, key: &str) -> Result<String, String> {
+    v.as_str()
+        .map(str::to_string)
+        .ok_or_else(|| format!("\"{key}\" must be a string, got {}", kind(v)))
+}
+
+/// OpenAI messages or ShareGPT turns.
+fn messages(v: &Value, key: &str) -> Result<Vec<Message>, String> {
+    let turns = v
+        .as_array()
+        .ok_or_else(|| format!("\"{key}\" must be a list, got {}", kind(v)))?;
+    turns
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let t = t
+                .as_object()
+                .ok_or_else(|| format!("{key}[{i}] must be an object, got {}", kind(t)))?;
+            let (role_key, content_key) = if t.contains_key("from") {
+                ("from", "value")
+            } else {
+                ("role", "content")
+            };
+            let role_name = t
+                .get(role_key)
+                .ok_or_else(|| format!("{key}[{i}] has no \"{role_key}\""))?;
+            let role_name = string(role_name, &format!("{key}[{i}].{role_key}"))?;
+            let role = Role::parse(&role_name)
+                .ok_or_else(|| format!("{key}[{i}]: unknown role \"{role_name}\""))?;
+            let content = match t.get(content_key) {
+                None | Some(Value::Null) => {
+                    return Err(format!("{key}[{i}] ({role_name}) has no \"{content_key}\""))
+                }
+                Some(c) => string(c, &format!("{key}[{i}].{content_key}"))?,
+            };
+            Ok(Message { role, content })
+        })
+        .collect()
+}
+
+fn optional_string(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, String> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => string(v, key).map(Some),
+    }
+}
+
+/// Alpaca: the user turn is `instruction`, plus "\n" + `input` when input is not empty.
+fn alpaca(obj: &Map<String, Value>) -> Result<Row, String> {
+    let instruction = string(&obj["instruction"], "instruction")?;
+    let input = optional_string(obj, "input")?.unwrap_or_default();
+    let query = if input.is_empty() {
+        instruction
+    } else {
+        format!("{instruction}\n{input}")
+    };
+    let mut m = system(obj)?;
+    m.push(Message {
+        role: Role::User,
+        content: query,
+    });
+    m.push(Message {
+        role: Role::Assistant,
+        content: string(&obj["output"], "output")?,
+    });
+    Ok(Row::Chat(m))
+}
+
+/// ms-swift's query/response with `history` as [[query, response], ...] before them.
+fn query_response(obj: &Map<String, Value>) -> Result<Row, String> {
+    let mut m = system(obj)?;
+    if let Some(h) = obj.get("history").filter(|h| !h.is_null()) {
+        let pairs = h.as_array().ok_or_else(|| {
+            format!(
+                "\"history\" must be a list of [query, response], got {}",
+                kind(h)
+            )
+        })?;
+        for (i, pair) in pairs.iter().enumerate() {
+            let p = pair
+                .as_array()
+                .filter(|p| p.len() == 2)
+                .ok_or_else(|| format!("history[{i}] must be a [query, response] pair"))?;
+            m.push(Message {
+                role: Role::User,
+                content: string(&p[0], &format!("history[{i}][0]"))?,
+            });
+            m.push(Message {
+                role: Role::Assistant,
+                content: string(&p[1], &format!("history[{i}][1]"))?,
+            });
+        }
+    }
+    m.push(Message {
+        role: Role::User,
+        content: string(&obj["query"], "query")?,
+    });
+    m.push(Message {
+        role: Role::Assistant,
+        content: string(&obj["response"], "response")?,
+    });
+    Ok(Row::Chat(m))
+}
+
+fn system(obj: &Map<String, Value>) -> Result<Vec<Message>, String> {
+    Ok(optional_string(obj, "system")?
+        .filter(|s| !s.is_empty())
+        .map(|content| Message {
+            role: Role::System,
+            content,
+        })
+        .into_iter()
+        .collect())
+}
+
+fn tokenized(ids: &Value, labels: Option<&Value>) -> Result<Row, String> {
+    let ints = |v: &Value, key: &str| -> Result<Vec<i64>, String> {
+        v.as_array()
+            .ok_or_else(|| format!("\"{key}\" must be a list of integers"))?
+            .iter()
+            .map(|x| {
+                x.as_i64()
+                    .ok_or_else(|| format!("\"{key}\" holds {x}, not an integer"))
+            })
+            .collect()
+    };
+    let input_ids = ints(ids, "input_ids")?;
+    if input_ids.is_empty() {
+        return Err("input_ids is empty".into());
+    }
+    let labels = match labels {
+        None | Some(Value::Null) => None,
+        Some(l) => {
+            let l = ints(l, "labels")?;
+            if l.len() != input_ids.len() {
+                return Err(format!(
+                    "labels has {} entries, input_ids {}",
+                    l.len(),
+                    input_ids.len()
+                ));
+            }
+            Some(l)
+        }
+    };
+    Ok(Row::Tokenized { input_ids, labels })
+}
+
+/// A conversation must have an assistant turn to learn from, with content, and a system turn
+/// only first.
+fn check_chat(m: &[Message]) -> Result<(), String> {
+    if m.is_empty() {
+        return Err("the conversation is empty".into());
+    }
+    if !m.iter().any(|x| x.role == Role::Assistant) {
+        return Err("the conversation has no assistant turn".into());
+    }
+    for (i, x) in m.iter().enumerate() {
+        if x.role == Role::System && i > 0 {
+            return Err(format!("turn {i} is a system turn; only the first may be"));
+        }
+        if x.role == Role::Assistant && x.content.trim().is_empty() {
+            return Err(format!("turn {i} (assistant) has empty content"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn chat(v: Value) -> Vec<(Role, String)> {
+        match parse_row(&v).unwrap() {
+            Row::Chat(m) => m.into_iter().map(|m| (m.role, m.content)).collect(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_format_becomes_the_same_conversation() {
+        let want = vec![
+            (Role::System, "Be brief.".to_string()),
+            (Role::User, "Hi\nthere".to_string()),
+            (Role::Assistant, "Hello!".to_string()),
+        ];
+        assert_eq!(
+            chat(
+                json!({"messages": [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi\nthere"}, {"role": "assistant", "content": "Hello!"}]})
+            ),
+            want
+        );
+        assert_eq!(
+            chat(
+                json!({"conversations": [{"from": "system", "value": "Be brief."},
+                {"from": "human", "value": "Hi\nthere"}, {"from": "gpt", "value": "Hello!"}]})
+            ),
+            want
+        );
+        assert_eq!(
+            chat(
+                json!({"system": "Be brief.", "instruction": "Hi", "input": "there", "output": "Hello!"})
+            ),
+            want
+        );
+        assert_eq!(
+            chat(json!({"system": "Be brief.", "query": "Hi\nthere", "response": "Hello!"})),
+            want
+        );
+        // Alpaca with an empty input adds no newline; history comes before the query.
+        assert_eq!(
+            chat(json!({"instruction": "Hi", "input": "", "output": "Yo"}))[0],
+            (Role::User, "Hi".to_string())
+        );
+        let h = chat(json!({"query": "q2", "response": "r2", "history": [["q1", "r1"]]}));
+        assert_eq!(
+            h.iter().map(|x| x.1.as_str()).collect::<Vec<_>>(),
+            ["q1", "r1", "q2", "r2"]
+        );
+    }
+
+    #[test]
+    fn tokenized_and_text_rows() {
+        assert_eq!(
+            parse_row(&json!({"input_ids": [1, 2], "labels": [-100, 2]})).unwrap(),
+            Row::Tokenized {
+                input_ids: vec![1, 2],
+                labels: Some(vec![-100, 2])
+            }
+        );
+        assert_eq!(
+            parse_row(&json!({"text": "abc"})).unwrap(),
+            Row::Text("abc".into())
+        );
+    }
+
+    #[test]
+    fn bad_rows_say_what_is_wrong() {
+        let err = |v: Value| parse_row(&v).unwrap_err();
+        assert!(err(json!({"foo": 1})).contains("unknown row format"));
+        assert!(
+            err(json!({"messages": [{"role": "wizard", "content": "x"}]}))
+                .contains("unknown role \"wizard\"")
+        );
+        assert!(err(json!({"messages": [{"role": "user", "content": "x"}]}))
+            .contains("no assistant turn"));
+        assert!(err(
+            json!({"messages": [{"role": "user", "content": "x"}, {"role": "assistant"}]})
+        )
+        .contains("messages[1] (assistant) has no \"content\""));
+        assert!(err(json!({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}]}))
+            .contains("empty content"));
+        assert!(err(json!({"text": ""})).contains("empty"));
+        assert!(err(json!([1, 2])).contains("JSON object"));
+    }
+}

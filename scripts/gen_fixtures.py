@@ -298,6 +298,80 @@ def check_rust_adapter_in_peft() -> None:
         assert d < 1e-4
 
 
+# Qwen2.5-Instruct's chat template, as published in its tokenizer_config.json.
+QWEN2_5_TEMPLATE = (
+    "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0]['role'] == 'system' %}\n"
+    "        {{- messages[0]['content'] }}\n    {%- else %}\n"
+    "        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}\n    {%- endif %}\n"
+    "    {{- \"\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>\" }}\n"
+    "    {%- for tool in tools %}\n        {{- \"\\n\" }}\n        {{- tool | tojson }}\n    {%- endfor %}\n"
+    "    {{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, "
+    "\\\"arguments\\\": <args-json-object>}\\n</tool_call><|im_end|>\\n\" }}\n"
+    "{%- else %}\n    {%- if messages[0]['role'] == 'system' %}\n"
+    "        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n    {%- else %}\n"
+    "        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}\n"
+    "    {%- endif %}\n{%- endif %}\n{%- for message in messages %}\n"
+    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) or "
+    "(message.role == \"assistant\" and not message.tool_calls) %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
+    "    {%- elif message.role == \"assistant\" %}\n        {{- '<|im_start|>' + message.role }}\n"
+    "        {%- if message.content %}\n            {{- '\\n' + message.content }}\n        {%- endif %}\n"
+    "        {%- for tool_call in message.tool_calls %}\n            {%- if tool_call.function is defined %}\n"
+    "                {%- set tool_call = tool_call.function %}\n            {%- endif %}\n"
+    "            {{- '\\n<tool_call>\\n{\"name\": \"' }}\n            {{- tool_call.name }}\n"
+    "            {{- '\", \"arguments\": ' }}\n            {{- tool_call.arguments | tojson }}\n"
+    "            {{- '}\\n</tool_call>' }}\n        {%- endfor %}\n        {{- '<|im_end|>\\n' }}\n"
+    "    {%- elif message.role == \"tool\" %}\n"
+    "        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != \"tool\") %}\n"
+    "            {{- '<|im_start|>user' }}\n        {%- endif %}\n        {{- '\\n<tool_response>\\n' }}\n"
+    "        {{- message.content }}\n        {{- '\\n</tool_response>' }}\n"
+    "        {%- if loop.last or (messages[loop.index0 + 1].role != \"tool\") %}\n"
+    "            {{- '<|im_end|>\\n' }}\n        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n"
+)
+
+CONVERSATIONS = [
+    [{"role": "system", "content": "You are swift-rs's assistant."},
+     {"role": "user", "content": "Who are you?"},
+     {"role": "assistant", "content": "I am swift-rs's assistant, fine-tuned in Rust."}],
+    [{"role": "user", "content": "你好，你是谁？"}, {"role": "assistant", "content": "我是一个由 swift-rs 训练的助手。"}],
+    [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi there."},
+     {"role": "user", "content": "def main():\n    print('hi')\n"},
+     {"role": "assistant", "content": "It prints  hi  \n\n(with a newline)."}],
+]
+
+
+def make_templates() -> None:
+    """The Qwen2.5 template with the fixture tokenizer, in tokenizer_config.json and (newer
+    transformers) as chat_template.jinja; transformers' apply_chat_template text and ids."""
+    from transformers import AutoTokenizer
+    for name, in_config in [("qwen2_5", True), ("qwen2_5_jinja", False)]:
+        dir = ROOT / "templates" / name
+        shutil.rmtree(dir, ignore_errors=True)
+        dir.mkdir(parents=True)
+        shutil.copy(ROOT / "tokenizer" / "tokenizer.json", dir / "tokenizer.json")
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",
+                  "pad_token": "<|endoftext|>", "bos_token": None}
+        if in_config:
+            config["chat_template"] = QWEN2_5_TEMPLATE
+        else:
+            (dir / "chat_template.jinja").write_text(QWEN2_5_TEMPLATE)
+        (dir / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+        tok = AutoTokenizer.from_pretrained(dir)
+        cases = []
+        for conv in CONVERSATIONS:
+            for gen in (False, True):
+                msgs = conv[:-1] if gen else conv
+                text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+                ids = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen)
+                if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                    ids = ids["input_ids"]
+                cases.append({"messages": msgs, "add_generation_prompt": gen, "text": text, "ids": list(ids)})
+        (dir / "expected.json").write_text(json.dumps(cases, ensure_ascii=False, indent=1))
+
+
 def make_nf4() -> None:
     """bitsandbytes' NF4 as its reference kernels (backends/default/ops.py, pure torch, the
     semantics its CUDA kernels share) compute it. The CPU C kernels of bitsandbytes 0.50.2 built
@@ -383,6 +457,7 @@ def main() -> None:
     make_adapter("mistral_regex", "mistral", seed=14, r=2, lora_alpha=5,
                  target_modules=r".*\.1\.(self_attn\.v_proj|mlp\.up_proj)")
     make_nf4()
+    make_templates()
     check_rust_adapter_in_peft()
 
 

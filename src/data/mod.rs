@@ -1,9 +1,11 @@
 //! Datasets and tokenizers: file readers, row formats, pre-tokenized rows (for `eval`) and
 //! `tokenizer.json`.
 
+pub mod encode;
 pub mod format;
 mod pretokenized;
 pub mod source;
+pub mod template;
 mod tokenizer;
 
 use std::path::PathBuf;
@@ -28,6 +30,8 @@ pub enum DataError {
     Unsupported { path: PathBuf },
     #[error("{path} holds no rows")]
     Empty { path: PathBuf },
+    #[error("{path}: {reason}")]
+    Template { path: PathBuf, reason: String },
     #[error("{path} is not a usable tokenizer: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
 }

@@ -1,0 +1,188 @@
+//! The model's own chat template (`chat_template` in tokenizer_config.json, or
+//! `chat_template.jinja` beside it as newer transformers writes it), rendered by `minijinja` set up
+//! as transformers sets up jinja2 for `apply_chat_template`: `trim_blocks` and `lstrip_blocks`,
+//! Python string/dict methods (minijinja-contrib's pycompat), loop controls, `tojson`,
+//! `raise_exception` and `strftime_now`.
+
+use std::path::Path;
+
+use minijinja::{context, Environment, Error, ErrorKind};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::format::Message;
+use super::DataError;
+
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+#[derive(Serialize)]
+struct RenderMessage<'a> {
+    role: &'a str,
+    content: &'a str,
+}
+
+impl ChatTemplate {
+    /// The template of a model directory; an error names the file when there is none.
+    pub fn from_model_dir(dir: &Path) -> Result<Self, DataError> {
+        let config_path = dir.join("tokenizer_config.json");
+        let bad = |path: &Path, reason: String| DataError::Template {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let config: Value = match std::fs::read_to_string(&config_path) {
+            Ok(text) => serde_json::from_str(&text)
+                .map_err(|e| bad(&config_path, format!("not valid JSON: {e}")))?,
+            Err(_) => Value::Null,
+        };
+        let jinja = dir.join("chat_template.jinja");
+        let source = match config.get("chat_template") {
+            Some(Value::String(s)) => s.clone(),
+            // A list of named templates: the one called "default".
+            Some(Value::Array(named)) => named
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template").and_then(Value::as_str))
+                .ok_or_else(|| {
+                    bad(
+                        &config_path,
+                        "chat_template lists no template named \"default\"".into(),
+                    )
+                })?
+                .to_string(),
+            _ if jinja.exists() => {
+                std::fs::read_to_string(&jinja).map_err(|e| bad(&jinja, e.to_string()))?
+            }
+            _ => {
+                return Err(bad(
+                    &config_path,
+                    "no chat_template here or in chat_template.jinja; name a built-in template"
+                        .into(),
+                ))
+            }
+        };
+        let special = |key: &str| match config.get(key) {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Object(o)) => o
+                .get("content")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            _ => String::new(),
+        };
+        Self::new(source, special("bos_token"), special("eos_token")).map_err(|reason| {
+            bad(
+                &config_path,
+                format!("chat_template does not compile: {reason}"),
+            )
+        })
+    }
+
+    pub fn new(source: String, bos_token: String, eos_token: String) -> Result<Self, String> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<String, Error> {
+                Err(Error::new(ErrorKind::InvalidOperation, message))
+            },
+        );
+        env.add_function("strftime_now", strftime_now);
+        env.add_template_owned("chat", source)
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            env,
+            bos_token,
+            eos_token,
+        })
+    }
+
+    /// The conversation as text, with the assistant header appended when `add_generation_prompt`.
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, String> {
+        let messages: Vec<RenderMessage> = messages
+            .iter()
+            .map(|m| RenderMessage {
+                role: m.role.as_str(),
+                content: &m.content,
+            })
+            .collect();
+        let template = self.env.get_template("chat").map_err(|e| e.to_string())?;
+        template
+            .render(context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => &self.bos_token,
+                eos_token => &self.eos_token,
+            })
+            .map_err(|e| format!("the chat template failed: {e}"))
+    }
+}
+
+/// transformers' `strftime_now`: the current UTC time in a C `strftime` format (the directives
+/// templates use: %d %m %Y %y %b %B %H %M %S %%).
+fn strftime_now(format: String) -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    let name = MONTHS[(month - 1) as usize];
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('d') => out.push_str(&format!("{day:02}")),
+            Some('m') => out.push_str(&format!("{month:02}")),
+            Some('Y') => out.push_str(&year.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", year % 100)),
+            Some('b') => out.push_str(&name[..3]),
+            Some('B') => out.push_str(name),
+            Some('H') => out.push_str(&format!("{:02}", rem / 3600)),
+            Some('M') => out.push_str(&format!("{:02}", rem % 3600 / 60)),
+            Some('S') => out.push_str(&format!("{:02}", rem % 60)),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}

@@ -67,3 +67,48 @@ fn config_dtype_is_the_default_compute_dtype() {
         burn::tensor::DType::BF16
     );
 }
+
+/// Packing: every sample in a packed row (positions restarting, attention kept inside the sample)
+/// gives exactly the logits it gives alone, which transformers' are checked against above.
+#[test]
+fn packed_samples_give_their_solo_logits() {
+    use swift_rs::data::encode::Encoded;
+    use swift_rs::data::pack::pack;
+    use swift_rs::model::Batch;
+    for name in ["mistral", "qwen3_f16"] {
+        let dir = model_dir(name);
+        let (cfg, model) = load(name, Dtype::F32);
+        let g = golden(&dir, &dir, "logits", cfg.vocab_size);
+        let samples: Vec<Encoded> = g
+            .rows
+            .iter()
+            .map(|r| Encoded {
+                input_ids: r.input_ids.clone(),
+                labels: r.labels.clone(),
+            })
+            .collect();
+        let rows = pack(&samples, 20);
+        assert!(
+            rows.iter().any(|r| r.samples.len() > 1),
+            "nothing was packed"
+        );
+        let batch_rows: Vec<(&[u32], &[usize])> = rows
+            .iter()
+            .map(|r| (r.input_ids.as_slice(), r.boundaries.as_slice()))
+            .collect();
+        let logits = model.forward(&Batch::packed(&batch_rows));
+        let [_, seq, vocab] = logits.dims();
+        let flat = logits.into_data().to_vec::<f32>().unwrap();
+        for (b, row) in rows.iter().enumerate() {
+            for (k, &i) in row.samples.iter().enumerate() {
+                let (start, end) = (row.boundaries[k], row.boundaries[k + 1]);
+                let got = &flat[(b * seq + start) * vocab..(b * seq + end) * vocab];
+                let d = common::max_abs_diff(got, &g.logits[i]);
+                assert!(
+                    d < 1e-4,
+                    "{name}: sample {i} packed in row {b}: max |logit diff| {d}"
+                );
+            }
+        }
+    }
+}

@@ -3,6 +3,7 @@
 
 pub mod encode;
 pub mod format;
+pub mod pack;
 mod pretokenized;
 pub mod source;
 pub mod template;

@@ -248,36 +248,63 @@ impl ModelConfig {
     }
 }
 
-/// A batch ready for the decoder: right-padded token ids, which positions are real tokens, and the
-/// position id of every token.
+/// A batch ready for the decoder: right-padded token ids, which positions are real tokens, the
+/// position id of every token, and which sample of its row each token belongs to (packing puts
+/// several samples in a row; attention never crosses them).
 pub struct Batch {
     pub input_ids: Vec<Vec<u32>>,
     /// `attention_mask[row][t]`: false on padding.
     pub attention_mask: Vec<Vec<bool>>,
     pub position_ids: Vec<Vec<usize>>,
+    /// `segment_ids[row][t]`: the sample of token t; all 0 for unpacked rows.
+    pub segment_ids: Vec<Vec<u32>>,
 }
 
 impl Batch {
     /// Right-pads rows of different lengths; each row keeps the positions it would have alone.
     pub fn right_padded(rows: &[&[u32]]) -> Self {
-        let seq = rows.iter().map(|r| r.len()).max().unwrap_or(0);
-        let input_ids = rows
+        let bounds: Vec<[usize; 2]> = rows.iter().map(|r| [0, r.len()]).collect();
+        let rows: Vec<(&[u32], &[usize])> = rows
             .iter()
-            .map(|r| {
-                let mut ids = r.to_vec();
-                ids.resize(seq, 0);
-                ids
-            })
+            .zip(&bounds)
+            .map(|(r, b)| (*r, &b[..]))
             .collect();
-        let attention_mask = rows
-            .iter()
-            .map(|r| (0..seq).map(|t| t < r.len()).collect())
-            .collect();
-        Self {
-            input_ids,
-            attention_mask,
-            position_ids: vec![(0..seq).collect(); rows.len()],
+        Self::packed(&rows)
+    }
+
+    /// Rows of packed samples, each given with its sample boundaries (start of every sample, then
+    /// the row's length); positions restart at every sample. Right-padded like `right_padded`.
+    pub fn packed(rows: &[(&[u32], &[usize])]) -> Self {
+        let seq = rows.iter().map(|(r, _)| r.len()).max().unwrap_or(0);
+        let mut batch = Self {
+            input_ids: Vec::with_capacity(rows.len()),
+            attention_mask: Vec::with_capacity(rows.len()),
+            position_ids: Vec::with_capacity(rows.len()),
+            segment_ids: Vec::with_capacity(rows.len()),
+        };
+        for (ids, bounds) in rows {
+            assert_eq!(
+                bounds.last().copied(),
+                Some(ids.len()),
+                "boundaries end at the row length"
+            );
+            let mut padded = ids.to_vec();
+            padded.resize(seq, 0);
+            batch.input_ids.push(padded);
+            batch
+                .attention_mask
+                .push((0..seq).map(|t| t < ids.len()).collect());
+            let (mut positions, mut segments) = (vec![0; seq], vec![0; seq]);
+            for (k, w) in bounds.windows(2).enumerate() {
+                for t in w[0]..w[1] {
+                    positions[t] = t - w[0];
+                    segments[t] = k as u32;
+                }
+            }
+            batch.position_ids.push(positions);
+            batch.segment_ids.push(segments);
         }
+        batch
     }
 
     pub fn dims(&self) -> [usize; 2] {
@@ -351,10 +378,11 @@ impl<B: Backend> CausalLm<B> {
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, s]), &device);
         let mut x = burn::tensor::module::embedding(self.model.embed_tokens.val(), ids); // [b, s, hidden]
         let rope = RopeTables::new(&self.model.inv_freq, &batch.position_ids, &device);
-        let padded = batch.attention_mask.iter().flatten().any(|&m| !m);
+        let plain_causal = batch.attention_mask.iter().flatten().all(|&m| m)
+            && batch.segment_ids.iter().flatten().all(|&s| s == 0);
         for layer in &self.model.layers {
-            let mask = (padded || layer.sliding_window.is_some())
-                .then(|| attention_mask(&batch.attention_mask, layer.sliding_window, &device));
+            let mask = (!plain_causal || layer.sliding_window.is_some())
+                .then(|| attention_mask(batch, layer.sliding_window, &device));
             x = layer.forward(x, &rope, mask);
         }
         self.model.norm.forward(x)
@@ -375,22 +403,21 @@ impl<B: Backend> CausalLm<B> {
     }
 }
 
-/// The causal mask with padding keys and, for sliding-window layers, keys more than `window - 1`
-/// positions back masked out (transformers' `sliding_window_overlay`). `[batch, 1, seq, seq]`,
-/// true = masked.
+/// The causal mask with padding keys, keys of other samples of a packed row, and, for
+/// sliding-window layers, keys more than `window - 1` positions back masked out (transformers'
+/// `sliding_window_overlay`). `[batch, 1, seq, seq]`, true = masked.
 fn attention_mask<B: Backend>(
-    real: &[Vec<bool>],
+    batch: &Batch,
     window: Option<usize>,
     device: &B::Device,
 ) -> Tensor<B, 4, Bool> {
-    let b = real.len();
-    let s = real.first().map_or(0, Vec::len);
+    let [b, s] = batch.dims();
     let mut mask = Vec::with_capacity(b * s * s);
-    for row in real {
+    for (real, segment) in batch.attention_mask.iter().zip(&batch.segment_ids) {
         for q in 0..s {
-            for (k, &is_real) in row.iter().enumerate() {
+            for k in 0..s {
                 let outside_window = window.is_some_and(|w| q >= k + w);
-                mask.push(k > q || !is_real || outside_window);
+                mask.push(k > q || !real[k] || segment[k] != segment[q] || outside_window);
             }
         }
     }

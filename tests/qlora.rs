@@ -149,23 +149,15 @@ fn adapter_gradients_on_an_nf4_base_equal_those_on_its_dequantized_weight() {
         let x = t2(values(5 * n_in, 4), [5, n_in]);
         let grads = layer.forward(x).powi_scalar(2).sum().backward();
         let l = layer.adapter.as_ref().unwrap();
-        let a = l
-            .lora_a
-            .val()
-            .grad(&grads)
-            .unwrap()
-            .into_data()
-            .to_vec::<f32>()
-            .unwrap();
-        let b = l
-            .lora_b
-            .val()
-            .grad(&grads)
-            .unwrap()
-            .into_data()
-            .to_vec::<f32>()
-            .unwrap();
-        (a, b)
+        let grad = |p: &Param<Tensor<AB, 2>>| {
+            p.val()
+                .grad(&grads)
+                .unwrap()
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap()
+        };
+        (grad(&l.lora_a), grad(&l.lora_b))
     };
     let (a_nf4, b_nf4) = grads_with(BaseLinear::Nf4(nf4.clone()));
     let (a_dense, b_dense) = grads_with(BaseLinear::Dense(dense));

@@ -52,13 +52,7 @@ fn renders_and_tokenizes_as_transformers() {
                 .unwrap()
                 .get_ids()
                 .to_vec();
-            let want: Vec<u32> = case["ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect();
-            assert_eq!(ids, want, "{name} case {i}: ids");
+            assert_eq!(ids, common::ids(&case["ids"]), "{name} case {i}: ids");
         }
     }
 }

@@ -1,12 +1,12 @@
 //! tokenizer.json loads through the `tokenizers` crate and encodes as transformers does.
 
-use std::path::Path;
+mod common;
 
 use swift_rs::data::load_tokenizer;
 
 #[test]
 fn encodings_match_transformers() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer");
+    let dir = common::fixtures().join("tokenizer");
     let tok = load_tokenizer(&dir).unwrap();
     let cases: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("encodings.json")).unwrap())
@@ -15,12 +15,7 @@ fn encodings_match_transformers() {
     assert!(cases.len() >= 5);
     for case in cases {
         let text = case["text"].as_str().unwrap();
-        let want: Vec<u32> = case["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let want = common::ids(&case["ids"]);
         let got = tok.encode(text, false).unwrap().get_ids().to_vec();
         assert_eq!(got, want, "encoding of {text:?}");
         assert_eq!(

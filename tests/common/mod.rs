@@ -150,3 +150,12 @@ pub fn printed(stdout: &str, name: &str) -> f64 {
         .parse()
         .unwrap()
 }
+
+/// A JSON array of token ids.
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("a list of ids")
+        .iter()
+        .map(|x| x.as_u64().expect("an id") as u32)
+        .collect()
+}

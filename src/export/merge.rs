@@ -4,7 +4,7 @@
 //! not the model in f32. A QLoRA adapter merges the same way, into the unquantized base weights.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use burn::tensor::backend::Backend;
@@ -12,10 +12,10 @@ use burn::tensor::{DType, Tensor, TensorData};
 use safetensors::tensor::TensorView;
 
 use super::peft::read_adapter;
-use super::ExportError;
+use super::{ExportError, StagedDir};
 use crate::config::{Dtype, ModelConfig};
 use crate::lora::Targets;
-use crate::model::{AdapterSource, Checkpoint, ModelError};
+use crate::model::{burn_dtype, AdapterSource, Checkpoint, ModelError};
 
 /// Files of the base directory copied beside the merged weights when present.
 const COPIED: [&str; 9] = [
@@ -143,22 +143,8 @@ pub fn merge<B: Backend>(
     }
 
     let mut base = Checkpoint::open(model_dir, Dtype::F32).map_err(ModelError::from)?;
-    let parent = match output.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).map_err(|source| ExportError::Write {
-        path: parent.clone(),
-        source,
-    })?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".tmp-merge-")
-        .tempdir_in(&parent)
-        .map_err(|source| ExportError::Write {
-            path: parent.clone(),
-            source,
-        })?;
-    let mut shards = ShardWriter::new(tmp.path(), options.max_shard_size, out_dtype);
+    let staged = StagedDir::new(output)?;
+    let mut shards = ShardWriter::new(staged.path(), options.max_shard_size, out_dtype);
     let mut merged = 0;
     for (key, shape) in base.tensors() {
         let data = base.take_data(&key, &shape).ok_or_else(|| {
@@ -187,19 +173,15 @@ pub fn merge<B: Backend>(
         shards.push(key, shape, tensor)?;
     }
     let (n_shards, bytes) = shards.finish()?;
-    write_config(model_dir, tmp.path(), out_dtype)?;
+    write_config(model_dir, &staged, out_dtype)?;
     for name in COPIED {
         let src = model_dir.join(name);
         if src.exists() {
-            let dst = tmp.path().join(name);
+            let dst = staged.path().join(name);
             std::fs::copy(&src, &dst).map_err(|source| ExportError::Write { path: dst, source })?;
         }
     }
-    let tmp = tmp.keep();
-    std::fs::rename(&tmp, output).map_err(|source| ExportError::Write {
-        path: output.to_path_buf(),
-        source,
-    })?;
+    staged.commit()?;
     Ok(MergeReport {
         merged_modules: merged,
         shards: n_shards,
@@ -344,17 +326,12 @@ impl<'a> ShardWriter<'a> {
 }
 
 fn to_bytes(data: TensorData, dtype: Dtype) -> Vec<u8> {
-    let target = match dtype {
-        Dtype::F32 => DType::F32,
-        Dtype::F16 => DType::F16,
-        Dtype::Bf16 => DType::BF16,
-    };
     // TensorData rounds to nearest even, as torch's `.to(bfloat16)` does.
-    data.convert_dtype(target).into_bytes().to_vec()
+    data.convert_dtype(burn_dtype(dtype)).into_bytes().to_vec()
 }
 
 /// config.json with the dtype of the written weights, under the key(s) its generation uses.
-fn write_config(model_dir: &Path, out: &Path, dtype: Dtype) -> Result<(), ExportError> {
+fn write_config(model_dir: &Path, out: &StagedDir, dtype: Dtype) -> Result<(), ExportError> {
     let src = model_dir.join("config.json");
     let text = std::fs::read_to_string(&src).map_err(|source| ExportError::Read {
         path: src.clone(),
@@ -373,9 +350,10 @@ fn write_config(model_dir: &Path, out: &Path, dtype: Dtype) -> Result<(), Export
     if obj.contains_key("dtype") {
         obj.insert("dtype".into(), dtype.torch_name().into());
     }
-    let path = out.join("config.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&json).expect("json"))
-        .map_err(|source| ExportError::Write { path, source })
+    out.write(
+        "config.json",
+        &serde_json::to_vec_pretty(&json).expect("json"),
+    )
 }
 
 #[cfg(test)]

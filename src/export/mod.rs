@@ -23,29 +23,52 @@ pub enum ExportError {
     Load(#[from] crate::model::LoadError),
 }
 
-/// Writes a directory's files under a temporary name beside `dir`, then renames it into place,
-/// so that `dir` is never seen half-written. An existing `dir` is replaced.
-pub fn write_dir_atomic(dir: &Path, files: &[(&str, Vec<u8>)]) -> Result<(), ExportError> {
-    let write_err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ExportError::Write { path, source }
-    };
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    std::fs::create_dir_all(parent).map_err(write_err(parent))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempdir_in(parent)
-        .map_err(write_err(parent))?;
-    for (name, bytes) in files {
-        let path = tmp.path().join(name);
-        std::fs::write(&path, bytes).map_err(write_err(&path))?;
+/// A directory built under a temporary name beside its target and renamed into place by
+/// `commit`, so the target is never seen half-written; dropped uncommitted, it is removed.
+pub struct StagedDir {
+    tmp: tempfile::TempDir,
+    target: PathBuf,
+}
+
+fn write_error(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError {
+    let path = path.to_path_buf();
+    move |source| ExportError::Write { path, source }
+}
+
+impl StagedDir {
+    pub fn new(target: &Path) -> Result<Self, ExportError> {
+        let parent = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        std::fs::create_dir_all(parent).map_err(write_error(parent))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempdir_in(parent)
+            .map_err(write_error(parent))?;
+        Ok(Self {
+            tmp,
+            target: target.to_path_buf(),
+        })
     }
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(write_err(dir))?;
+
+    /// Where to write the files.
+    pub fn path(&self) -> &Path {
+        self.tmp.path()
     }
-    let tmp = tmp.keep();
-    std::fs::rename(&tmp, dir).map_err(write_err(dir))
+
+    /// Writes one file into the staged directory.
+    pub fn write(&self, name: &str, bytes: &[u8]) -> Result<(), ExportError> {
+        let path = self.path().join(name);
+        std::fs::write(&path, bytes).map_err(write_error(&path))
+    }
+
+    /// Moves the directory into place, replacing an existing target.
+    pub fn commit(self) -> Result<(), ExportError> {
+        if self.target.exists() {
+            std::fs::remove_dir_all(&self.target).map_err(write_error(&self.target))?;
+        }
+        let tmp = self.tmp.keep();
+        std::fs::rename(&tmp, &self.target).map_err(write_error(&self.target))
+    }
 }

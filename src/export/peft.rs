@@ -9,7 +9,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 use safetensors::tensor::TensorView;
 
-use super::{write_dir_atomic, ExportError};
+use super::{ExportError, StagedDir};
 use crate::config::{Dtype, LoraConfig, TargetModules};
 use crate::model::{AdapterSource, CausalLm, Checkpoint, LoraPlan};
 
@@ -88,7 +88,10 @@ pub fn save_adapter<B: Backend>(
         source: std::io::Error::other(e.to_string()),
     })?;
     let config_json = serde_json::to_vec_pretty(&config).expect("LoraConfig serialises");
-    write_dir_atomic(dir, &[(CONFIG_FILE, config_json), (WEIGHTS_FILE, weights)])
+    let staged = StagedDir::new(dir)?;
+    staged.write(CONFIG_FILE, &config_json)?;
+    staged.write(WEIGHTS_FILE, &weights)?;
+    staged.commit()
 }
 
 fn f32_entry<B: Backend, const D: usize>(

@@ -61,14 +61,15 @@ pub struct Attention<B: Backend> {
 
 impl<B: Backend> Attention<B> {
     fn load(cfg: &ModelConfig, p: &str, b: &mut Builder<B>) -> Self {
-        let (hidden, d) = (cfg.hidden_size, cfg.head_dim);
-        let (q_out, kv_out) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
-        let mut proj =
-            |name: &str, n_in, n_out, bias| b.linear(&format!("{p}.{name}"), n_in, n_out, bias);
-        let q_proj = proj("q_proj", hidden, q_out, cfg.qkv_bias);
-        let k_proj = proj("k_proj", hidden, kv_out, cfg.qkv_bias);
-        let v_proj = proj("v_proj", hidden, kv_out, cfg.qkv_bias);
-        let o_proj = proj("o_proj", q_out, hidden, cfg.o_bias);
+        let d = cfg.head_dim;
+        let mut proj = |name: &str, bias| {
+            let (n_in, n_out) = cfg.linear_shape(name);
+            b.linear(&format!("{p}.{name}"), n_in, n_out, bias)
+        };
+        let q_proj = proj("q_proj", cfg.qkv_bias);
+        let k_proj = proj("k_proj", cfg.qkv_bias);
+        let v_proj = proj("v_proj", cfg.qkv_bias);
+        let o_proj = proj("o_proj", cfg.o_bias);
         let mut head_norm = |name: &str| {
             let key = format!("{p}.{name}");
             cfg.qk_norm
@@ -137,13 +138,14 @@ pub struct Mlp<B: Backend> {
 
 impl<B: Backend> Mlp<B> {
     fn load(cfg: &ModelConfig, p: &str, b: &mut Builder<B>) -> Self {
-        let (hidden, inter, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
-        let mut proj =
-            |name: &str, n_in, n_out| b.linear(&format!("{p}.{name}"), n_in, n_out, bias);
+        let mut proj = |name: &str| {
+            let (n_in, n_out) = cfg.linear_shape(name);
+            b.linear(&format!("{p}.{name}"), n_in, n_out, cfg.mlp_bias)
+        };
         Self {
-            gate_proj: proj("gate_proj", hidden, inter),
-            up_proj: proj("up_proj", hidden, inter),
-            down_proj: proj("down_proj", inter, hidden),
+            gate_proj: proj("gate_proj"),
+            up_proj: proj("up_proj"),
+            down_proj: proj("down_proj"),
         }
     }
 
@@ -224,25 +226,29 @@ const LAYER_LINEARS: [&str; 7] = [
 ];
 
 impl ModelConfig {
-    /// `(module name, in features, out features)` of every linear layer an adapter may target.
-    pub fn adaptable_linears(&self) -> Vec<(String, usize, usize)> {
+    /// `(in, out)` features of a decoder-layer linear, by its name (`q_proj` ... `down_proj`).
+    fn linear_shape(&self, proj: &str) -> (usize, usize) {
         let (h, d, inter) = (self.hidden_size, self.head_dim, self.intermediate_size);
         let (q, kv) = (self.num_attention_heads * d, self.num_key_value_heads * d);
-        let dims = [
-            (h, q),
-            (h, kv),
-            (h, kv),
-            (q, h),
-            (h, inter),
-            (h, inter),
-            (inter, h),
-        ];
+        match proj {
+            "q_proj" => (h, q),
+            "k_proj" | "v_proj" => (h, kv),
+            "o_proj" => (q, h),
+            "gate_proj" | "up_proj" => (h, inter),
+            "down_proj" => (inter, h),
+            other => unreachable!("{other} is not a decoder-layer linear"),
+        }
+    }
+
+    /// `(module name, in features, out features)` of every linear layer an adapter may target.
+    pub fn adaptable_linears(&self) -> Vec<(String, usize, usize)> {
         (0..self.num_hidden_layers)
             .flat_map(|i| {
-                LAYER_LINEARS
-                    .iter()
-                    .zip(dims)
-                    .map(move |(s, (n_in, n_out))| (format!("model.layers.{i}.{s}"), n_in, n_out))
+                LAYER_LINEARS.iter().map(move |s| {
+                    let proj = s.rsplit('.').next().unwrap_or(s);
+                    let (n_in, n_out) = self.linear_shape(proj);
+                    (format!("model.layers.{i}.{s}"), n_in, n_out)
+                })
             })
             .collect()
     }
@@ -377,12 +383,28 @@ impl<B: Backend> CausalLm<B> {
             .collect();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, s]), &device);
         let mut x = burn::tensor::module::embedding(self.model.embed_tokens.val(), ids); // [b, s, hidden]
-        let rope = RopeTables::new(&self.model.inv_freq, &batch.position_ids, &device);
+        let rope = RopeTables::new(
+            &self.model.inv_freq,
+            &batch.position_ids,
+            x.dtype(),
+            &device,
+        );
         let plain_causal = batch.attention_mask.iter().flatten().all(|&m| m)
             && batch.segment_ids.iter().flatten().all(|&s| s == 0);
+        // Layers share a mask unless their windows differ: build each one once.
+        let mut masks: Vec<(Option<usize>, Tensor<B, 4, Bool>)> = Vec::new();
         for layer in &self.model.layers {
-            let mask = (!plain_causal || layer.sliding_window.is_some())
-                .then(|| attention_mask(batch, layer.sliding_window, &device));
+            let window = layer.sliding_window;
+            let mask = (!plain_causal || window.is_some()).then(|| {
+                match masks.iter().find(|(w, _)| *w == window) {
+                    Some((_, m)) => m.clone(),
+                    None => {
+                        let m = attention_mask(batch, window, &device);
+                        masks.push((window, m.clone()));
+                        m
+                    }
+                }
+            });
             x = layer.forward(x, &rope, mask);
         }
         self.model.norm.forward(x)

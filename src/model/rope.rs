@@ -3,7 +3,7 @@
 //! Mirrors `LlamaRotaryEmbedding` and `ROPE_INIT_FUNCTIONS` in transformers' `modeling_rope_utils.py`.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 
 use crate::config::{RopeConfig, RopeScaling};
 
@@ -50,8 +50,8 @@ pub fn inv_freq(rope: &RopeConfig, head_dim: usize) -> Vec<f32> {
     }
 }
 
-/// cos and sin for every position of every row, `[batch, seq, 1, head_dim]` in f32, the layout
-/// `apply` broadcasts over heads.
+/// cos and sin for every position of every row, `[batch, seq, 1, head_dim]`, the layout `apply`
+/// broadcasts over heads. Computed in f32 and cast once to the compute dtype, as transformers does.
 pub struct RopeTables<B: Backend> {
     pub cos: Tensor<B, 4>,
     pub sin: Tensor<B, 4>,
@@ -60,7 +60,12 @@ pub struct RopeTables<B: Backend> {
 impl<B: Backend> RopeTables<B> {
     /// `positions[row][t]` is the position id of token t of that row (restarting per sample
     /// when packed).
-    pub fn new(inv_freq: &[f32], positions: &[Vec<usize>], device: &B::Device) -> Self {
+    pub fn new(
+        inv_freq: &[f32],
+        positions: &[Vec<usize>],
+        dtype: DType,
+        device: &B::Device,
+    ) -> Self {
         let batch = positions.len();
         let seq = positions.first().map_or(0, Vec::len);
         let half = inv_freq.len();
@@ -79,20 +84,18 @@ impl<B: Backend> RopeTables<B> {
         }
         let shape = [batch, seq, 1, 2 * half];
         Self {
-            cos: Tensor::from_data(TensorData::new(cos, shape), device),
-            sin: Tensor::from_data(TensorData::new(sin, shape), device),
+            cos: Tensor::<B, 4>::from_data(TensorData::new(cos, shape), device).cast(dtype),
+            sin: Tensor::<B, 4>::from_data(TensorData::new(sin, shape), device).cast(dtype),
         }
     }
 
-    /// `x * cos + rotate_half(x) * sin` on `[batch, seq, heads, head_dim]`, in x's dtype (the
-    /// tables are cast to it first, as transformers does). Applied before heads are transposed
-    /// out, while x is still the contiguous output of its projection.
+    /// `x * cos + rotate_half(x) * sin` on `[batch, seq, heads, head_dim]`. Applied before heads
+    /// are transposed out, while x is still the contiguous output of its projection.
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let dtype = x.dtype();
         let [b, s, h, d] = x.dims();
         let x1 = x.clone().slice([0..b, 0..s, 0..h, 0..d / 2]);
         let x2 = x.clone().slice([0..b, 0..s, 0..h, d / 2..d]);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * self.cos.clone().cast(dtype) + rotated * self.sin.clone().cast(dtype)
+        x * self.cos.clone() + rotated * self.sin.clone()
     }
 }

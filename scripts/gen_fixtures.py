@@ -298,39 +298,9 @@ def check_rust_adapter_in_peft() -> None:
         assert d < 1e-4
 
 
-# Qwen2.5-Instruct's chat template, as published in its tokenizer_config.json.
-QWEN2_5_TEMPLATE = (
-    "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0]['role'] == 'system' %}\n"
-    "        {{- messages[0]['content'] }}\n    {%- else %}\n"
-    "        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}\n    {%- endif %}\n"
-    "    {{- \"\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>\" }}\n"
-    "    {%- for tool in tools %}\n        {{- \"\\n\" }}\n        {{- tool | tojson }}\n    {%- endfor %}\n"
-    "    {{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
-    "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, "
-    "\\\"arguments\\\": <args-json-object>}\\n</tool_call><|im_end|>\\n\" }}\n"
-    "{%- else %}\n    {%- if messages[0]['role'] == 'system' %}\n"
-    "        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n    {%- else %}\n"
-    "        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}\n"
-    "    {%- endif %}\n{%- endif %}\n{%- for message in messages %}\n"
-    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) or "
-    "(message.role == \"assistant\" and not message.tool_calls) %}\n"
-    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
-    "    {%- elif message.role == \"assistant\" %}\n        {{- '<|im_start|>' + message.role }}\n"
-    "        {%- if message.content %}\n            {{- '\\n' + message.content }}\n        {%- endif %}\n"
-    "        {%- for tool_call in message.tool_calls %}\n            {%- if tool_call.function is defined %}\n"
-    "                {%- set tool_call = tool_call.function %}\n            {%- endif %}\n"
-    "            {{- '\\n<tool_call>\\n{\"name\": \"' }}\n            {{- tool_call.name }}\n"
-    "            {{- '\", \"arguments\": ' }}\n            {{- tool_call.arguments | tojson }}\n"
-    "            {{- '}\\n</tool_call>' }}\n        {%- endfor %}\n        {{- '<|im_end|>\\n' }}\n"
-    "    {%- elif message.role == \"tool\" %}\n"
-    "        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != \"tool\") %}\n"
-    "            {{- '<|im_start|>user' }}\n        {%- endif %}\n        {{- '\\n<tool_response>\\n' }}\n"
-    "        {{- message.content }}\n        {{- '\\n</tool_response>' }}\n"
-    "        {%- if loop.last or (messages[loop.index0 + 1].role != \"tool\") %}\n"
-    "            {{- '<|im_end|>\\n' }}\n        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n"
-    "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n"
-)
+# Chat templates as their models publish them (tokenizer_config.json `chat_template`):
+# Qwen2.5-Instruct, Qwen3, Meta-Llama-3-Instruct and Llama-3.1-Instruct (3.3 has the same).
+TEMPLATES = Path(__file__).resolve().parent / "chat_templates"
 
 CONVERSATIONS = [
     [{"role": "system", "content": "You are swift-rs's assistant."},
@@ -340,35 +310,112 @@ CONVERSATIONS = [
     [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi there."},
      {"role": "user", "content": "def main():\n    print('hi')\n"},
      {"role": "assistant", "content": "It prints  hi  \n\n(with a newline)."}],
+    # An answer that also occurs earlier in the conversation, and one with whitespace at its ends
+    # (Llama's templates trim it).
+    [{"role": "system", "content": "Answer briefly."},
+     {"role": "user", "content": "Say Hi"}, {"role": "assistant", "content": "Hi"},
+     {"role": "user", "content": "Again, in Chinese?"}, {"role": "assistant", "content": " 你好 \n"}],
+    # A tool result between the call and the answer.
+    [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Let me compute it."},
+     {"role": "tool", "content": "4"}, {"role": "assistant", "content": "It is 4."}],
+]
+# Qwen3 reasoning: the last answer keeps its <think> block, earlier ones lose it (not prefix-stable).
+THINKING = [
+    [{"role": "user", "content": "2+2?"},
+     {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"}],
+    [{"role": "user", "content": "2+2?"},
+     {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"},
+     {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "6"}],
+]
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                  "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>"]
+# (directory, template file, in tokenizer_config.json or chat_template.jinja, specials,
+#  tokenizer_config fields, extra conversations)
+TEMPLATE_FIXTURES = [
+    ("qwen2_5", "qwen2_5", True, QWEN_SPECIALS,
+     {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None}, []),
+    ("qwen2_5_jinja", "qwen2_5", False, QWEN_SPECIALS,
+     {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None}, []),
+    ("qwen3", "qwen3", True, QWEN_SPECIALS,
+     {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None}, THINKING),
+    ("qwen3_jinja", "qwen3", False, QWEN_SPECIALS,
+     {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None}, THINKING),
+    ("llama3", "llama3", True, LLAMA_SPECIALS,
+     {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}, []),
+    ("llama3_1_jinja", "llama3_1", False, LLAMA_SPECIALS,
+     {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}, []),
 ]
 
 
+def template_tokenizer(dir: Path, specials: list[str], thinking: bool) -> None:
+    """A byte-level BPE like the fixture tokenizer, with the model family's special tokens (and
+    Qwen3's <think> / </think>, which are added tokens but not special)."""
+    from tokenizers import AddedToken
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    texts = [m["content"] for c in CONVERSATIONS + THINKING for m in c]
+    tok.train_from_iterator((CORPUS + texts) * 20, trainer)
+    if thinking:
+        tok.add_tokens([AddedToken("<think>", special=False, normalized=False),
+                        AddedToken("</think>", special=False, normalized=False)])
+    tok.save(str(dir / "tokenizer.json"))
+
+
+def prefix_labels(tok, msgs: list[dict], text: str, ids: list[int], eot: str) -> list[int] | None:
+    """Labels by rendering prefixes (ms-swift's way, independent of swift-rs's search): an
+    assistant turn takes loss from the end of the conversation before it rendered with the
+    generation prompt, through the first end-of-turn token after that. None when the template is
+    not prefix-stable for this conversation."""
+    spans = []
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        prompt = tok.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
+        if not text.startswith(prompt):
+            return None
+        end = text.index(eot, len(prompt)) + len(eot)
+        spans.append((len(prompt), end))
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    assert enc["input_ids"] == ids
+    return [i if any(s <= a and b <= e for s, e in spans) else -100
+            for i, (a, b) in zip(ids, enc["offset_mapping"])]
+
+
 def make_templates() -> None:
-    """The Qwen2.5 template with the fixture tokenizer, in tokenizer_config.json and (newer
-    transformers) as chat_template.jinja; transformers' apply_chat_template text and ids."""
+    """Each published template with a tokenizer of its family, in tokenizer_config.json or (newer
+    transformers) as chat_template.jinja; transformers' apply_chat_template text and ids, and
+    labels by prefix rendering."""
     from transformers import AutoTokenizer
-    for name, in_config in [("qwen2_5", True), ("qwen2_5_jinja", False)]:
+    shutil.rmtree(ROOT / "templates", ignore_errors=True)
+    for name, source, in_config, specials, fields, extra in TEMPLATE_FIXTURES:
         dir = ROOT / "templates" / name
-        shutil.rmtree(dir, ignore_errors=True)
         dir.mkdir(parents=True)
-        shutil.copy(ROOT / "tokenizer" / "tokenizer.json", dir / "tokenizer.json")
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",
-                  "pad_token": "<|endoftext|>", "bos_token": None}
+        template_tokenizer(dir, specials, thinking=bool(extra))
+        template = (TEMPLATES / f"{source}.jinja").read_text()
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **fields}
         if in_config:
-            config["chat_template"] = QWEN2_5_TEMPLATE
+            config["chat_template"] = template
         else:
-            (dir / "chat_template.jinja").write_text(QWEN2_5_TEMPLATE)
+            (dir / "chat_template.jinja").write_text(template)
         (dir / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
         tok = AutoTokenizer.from_pretrained(dir)
         cases = []
-        for conv in CONVERSATIONS:
+        for conv in CONVERSATIONS + extra:
             for gen in (False, True):
                 msgs = conv[:-1] if gen else conv
                 text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
                 ids = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen)
                 if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                     ids = ids["input_ids"]
-                cases.append({"messages": msgs, "add_generation_prompt": gen, "text": text, "ids": list(ids)})
+                ids = list(ids)
+                case = {"messages": msgs, "add_generation_prompt": gen, "text": text, "ids": ids}
+                if not gen:
+                    case["labels"] = prefix_labels(tok, msgs, text, ids, fields["eos_token"])
+                cases.append(case)
         (dir / "expected.json").write_text(json.dumps(cases, ensure_ascii=False, indent=1))
 
 

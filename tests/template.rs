@@ -1,98 +1,253 @@
-//! Chat templates and labels: the model's own template renders and tokenizes exactly as
-//! transformers' `apply_chat_template` (fixtures from scripts/gen_fixtures.py), and loss is taken
-//! on each assistant answer and its end-of-turn token only.
+//! Chat templates and labels: each model's published template (Qwen2.5, Qwen3, Llama 3, Llama 3.1,
+//! in tokenizer_config.json or chat_template.jinja) renders and tokenizes exactly as transformers'
+//! `apply_chat_template`, labels equal those found by rendering prefixes (scripts/gen_fixtures.py),
+//! and the built-in templates render as the published ones.
 
 mod common;
 
-use swift_rs::data::encode::{encode_row, LossScale};
+use std::path::PathBuf;
+
+use swift_rs::data::encode::{Encoder, LossScale};
 use swift_rs::data::format::{parse_row, Message, Role, Row};
 use swift_rs::data::load_tokenizer;
-use swift_rs::data::template::ChatTemplate;
+use swift_rs::data::template::{ChatTemplate, TemplateName};
 
+const FIXTURES: [&str; 6] = [
+    "qwen2_5",
+    "qwen2_5_jinja",
+    "qwen3",
+    "qwen3_jinja",
+    "llama3",
+    "llama3_1_jinja",
+];
+
+fn dir(name: &str) -> PathBuf {
+    common::fixtures().join("templates").join(name)
+}
+
+fn cases(name: &str) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(dir(name).join("expected.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A case's messages; prompts for generation have no assistant turn, so they are built by hand.
 fn messages(v: &serde_json::Value) -> Vec<Message> {
-    match parse_row(&serde_json::json!({ "messages": v })) {
-        Ok(Row::Chat(m)) => m,
-        // Prompts for generation have no assistant turn; parse them turn by turn.
-        _ => v
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| Message {
-                role: match t["role"].as_str().unwrap() {
-                    "system" => Role::System,
-                    "user" => Role::User,
-                    _ => Role::Assistant,
-                },
-                content: t["content"].as_str().unwrap().to_string(),
-            })
-            .collect(),
-    }
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|t| Message {
+            role: match t["role"].as_str().unwrap() {
+                "system" => Role::System,
+                "user" => Role::User,
+                "tool" => Role::Tool,
+                _ => Role::Assistant,
+            },
+            content: t["content"].as_str().unwrap().to_string(),
+        })
+        .collect()
+}
+
+fn encoder(name: &str, template: TemplateName, scale: LossScale, system: Option<&str>) -> Encoder {
+    let dir = dir(name);
+    Encoder::new(
+        ChatTemplate::load(&dir, template, "").unwrap(),
+        load_tokenizer(&dir).unwrap(),
+        scale,
+        system.map(str::to_string),
+    )
 }
 
 #[test]
-fn renders_and_tokenizes_as_transformers() {
-    for name in ["qwen2_5", "qwen2_5_jinja"] {
-        let dir = common::fixtures().join("templates").join(name);
+fn renders_tokenizes_and_labels_as_transformers() {
+    for name in FIXTURES {
+        let dir = dir(name);
         let template = ChatTemplate::from_model_dir(&dir).unwrap();
         let tokenizer = load_tokenizer(&dir).unwrap();
-        let cases: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
-                .unwrap();
-        for (i, case) in cases.as_array().unwrap().iter().enumerate() {
+        let encoder = encoder(name, TemplateName::Jinja, LossScale::Default, None);
+        let mut labelled = 0;
+        for (i, case) in cases(name).iter().enumerate() {
             let msgs = messages(&case["messages"]);
             let gen = case["add_generation_prompt"].as_bool().unwrap();
             let text = template.render(&msgs, gen).unwrap();
             assert_eq!(
                 text,
                 case["text"].as_str().unwrap(),
-                "{name} case {i}: rendered text"
+                "{name} case {i}: text"
             );
-            let ids: Vec<u32> = tokenizer
-                .encode(text.as_str(), false)
-                .unwrap()
-                .get_ids()
-                .to_vec();
-            assert_eq!(ids, common::ids(&case["ids"]), "{name} case {i}: ids");
+            let ids = tokenizer.encode(text.as_str(), false).unwrap();
+            assert_eq!(
+                ids.get_ids(),
+                common::ids(&case["ids"]),
+                "{name} case {i}: ids"
+            );
+            if let Some(expected) = case.get("labels").filter(|l| !l.is_null()) {
+                let row = parse_row(&serde_json::json!({ "messages": case["messages"] })).unwrap();
+                let e = encoder.encode(&row).unwrap();
+                assert_eq!(e.input_ids, common::ids(&case["ids"]), "{name} case {i}");
+                let expected: Vec<i64> = serde_json::from_value(expected.clone()).unwrap();
+                assert_eq!(e.labels, expected, "{name} case {i}: labels");
+                labelled += 1;
+            }
         }
+        assert!(labelled >= 5, "{name}: only {labelled} cases with labels");
     }
 }
 
 #[test]
+fn builtin_templates_render_as_the_published_ones() {
+    for (fixture, builtin) in [
+        ("qwen2_5", TemplateName::Qwen2_5),
+        ("qwen3", TemplateName::Qwen3),
+        ("llama3", TemplateName::Llama3),
+    ] {
+        let template = ChatTemplate::load(&dir(fixture), builtin, "").unwrap();
+        for (i, case) in cases(fixture).iter().enumerate() {
+            let gen = case["add_generation_prompt"].as_bool().unwrap();
+            let text = template.render(&messages(&case["messages"]), gen).unwrap();
+            assert_eq!(text, case["text"].as_str().unwrap(), "{builtin:?} case {i}");
+        }
+    }
+    let conv = [
+        Message {
+            role: Role::User,
+            content: "hi".into(),
+        },
+        Message {
+            role: Role::Assistant,
+            content: "yo".into(),
+        },
+    ];
+    let render = |name| {
+        ChatTemplate::load(&dir("qwen2_5"), name, "")
+            .unwrap()
+            .render(&conv, false)
+            .unwrap()
+    };
+    let chatml = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n";
+    assert_eq!(render(TemplateName::Chatml), chatml);
+    assert_eq!(
+        render(TemplateName::Qwen),
+        format!("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{chatml}")
+    );
+}
+
+#[test]
+fn auto_uses_the_model_template_or_the_builtin_for_its_model_type() {
+    let own = tempfile::tempdir().unwrap();
+    std::fs::write(
+        own.path().join("tokenizer_config.json"),
+        r#"{"chat_template": "{% for m in messages %}[{{ m.content }}]{% endfor %}"}"#,
+    )
+    .unwrap();
+    let conv = [Message {
+        role: Role::User,
+        content: "hi".into(),
+    }];
+    let auto = ChatTemplate::load(own.path(), TemplateName::Auto, "qwen2").unwrap();
+    assert_eq!(auto.render(&conv, false).unwrap(), "[hi]");
+    let named = ChatTemplate::load(own.path(), TemplateName::Chatml, "qwen2").unwrap();
+    assert_eq!(
+        named.render(&conv, false).unwrap(),
+        "<|im_start|>user\nhi<|im_end|>\n"
+    );
+    let bare = tempfile::tempdir().unwrap();
+    let qwen3 = ChatTemplate::load(bare.path(), TemplateName::Auto, "qwen3").unwrap();
+    assert_eq!(qwen3.generation_header(), "<|im_start|>assistant\n");
+    let llama = ChatTemplate::load(bare.path(), TemplateName::Auto, "llama").unwrap();
+    assert!(llama
+        .render(&conv, false)
+        .unwrap()
+        .starts_with("<|begin_of_text|><|start_header_id|>user"));
+    let err = match ChatTemplate::load(bare.path(), TemplateName::Auto, "mistral") {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a mistral model without a template got one"),
+    };
+    assert!(err.contains("model.template"), "{err}");
+    assert!("qwen4".parse::<TemplateName>().is_err());
+}
+
+/// Decoded runs of labelled tokens.
+fn labelled_runs(encoder: &Encoder, row: &Row) -> Vec<String> {
+    let e = encoder.encode(row).unwrap();
+    assert_eq!(e.input_ids.len(), e.labels.len());
+    let mut runs: Vec<Vec<u32>> = Vec::new();
+    let mut prev = false;
+    for &l in &e.labels {
+        let on = l != -100;
+        if on && !prev {
+            runs.push(Vec::new());
+        }
+        if on {
+            runs.last_mut().unwrap().push(l as u32);
+        }
+        prev = on;
+    }
+    runs.iter()
+        .map(|r| encoder.tokenizer().decode(r, false).unwrap())
+        .collect()
+}
+
+#[test]
 fn labels_cover_each_answer_and_its_end_of_turn_token() {
-    let dir = common::fixtures().join("templates/qwen2_5");
-    let template = ChatTemplate::from_model_dir(&dir).unwrap();
-    let tokenizer = load_tokenizer(&dir).unwrap();
     let row = parse_row(&serde_json::json!({"messages": [
         {"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi there."},
         {"role": "user", "content": "你是谁？"}, {"role": "assistant", "content": "我是助手。"}]}))
     .unwrap();
-    let labelled = |scale| {
-        let e = encode_row(&row, &template, &tokenizer, scale).unwrap();
-        assert_eq!(e.input_ids.len(), e.labels.len());
-        // Decode each run of labelled tokens separately.
-        let mut runs: Vec<Vec<u32>> = Vec::new();
-        let mut prev = false;
-        for &l in &e.labels {
-            let on = l != -100;
-            if on && !prev {
-                runs.push(Vec::new());
-            }
-            if on {
-                runs.last_mut().unwrap().push(l as u32);
-            }
-            prev = on;
-        }
-        runs.iter()
-            .map(|r| tokenizer.decode(r, false).unwrap())
-            .collect::<Vec<_>>()
-    };
+    let qwen = |scale| encoder("qwen2_5", TemplateName::Auto, scale, None);
     assert_eq!(
-        labelled(LossScale::Default),
+        labelled_runs(&qwen(LossScale::Default), &row),
         ["Hi there.<|im_end|>", "我是助手。<|im_end|>"]
     );
-    assert_eq!(labelled(LossScale::LastRound), ["我是助手。<|im_end|>"]);
-    let all = encode_row(&row, &template, &tokenizer, LossScale::All).unwrap();
+    assert_eq!(
+        labelled_runs(&qwen(LossScale::LastRound), &row),
+        ["我是助手。<|im_end|>"]
+    );
+    let all = qwen(LossScale::All).encode(&row).unwrap();
     assert!(all.labels.iter().all(|&l| l != -100));
+    // Qwen3 trains the reasoning block of the last answer; earlier answers lose theirs.
+    let qwen3 = encoder("qwen3", TemplateName::Auto, LossScale::Default, None);
+    let think = parse_row(&serde_json::json!({"messages": [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"},
+        {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]}))
+    .unwrap();
+    assert_eq!(
+        labelled_runs(&qwen3, &think),
+        ["4<|im_end|>", "<think>\n\n</think>\n\n6<|im_end|>"]
+    );
+    // Llama trims answers; the trimmed answer is what is trained.
+    let llama = encoder("llama3", TemplateName::Auto, LossScale::Default, None);
+    let padded = parse_row(&serde_json::json!({"messages": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  Hi \n"}]}))
+    .unwrap();
+    assert_eq!(labelled_runs(&llama, &padded), ["Hi<|eot_id|>"]);
+}
+
+#[test]
+fn system_override_applies_to_conversations_without_a_system_turn() {
+    let with = encoder(
+        "qwen2_5",
+        TemplateName::Auto,
+        LossScale::Default,
+        Some("Be brief."),
+    );
+    let text = |e: &Encoder, row: &Row| {
+        e.tokenizer()
+            .decode(&e.encode(row).unwrap().input_ids, false)
+            .unwrap()
+    };
+    let plain = parse_row(&serde_json::json!({"query": "Hi", "response": "Hello."})).unwrap();
+    assert!(
+        text(&with, &plain).starts_with("<|im_start|>system\nBe brief.<|im_end|>\n"),
+        "{}",
+        text(&with, &plain)
+    );
+    let own =
+        parse_row(&serde_json::json!({"system": "Own.", "query": "Hi", "response": "Hello."}))
+            .unwrap();
+    assert!(text(&with, &own).starts_with("<|im_start|>system\nOwn.<|im_end|>\n"));
+    let without = encoder("qwen2_5", TemplateName::Auto, LossScale::Default, None);
+    assert!(text(&without, &plain).contains("You are Qwen"));
 }
 
 #[test]

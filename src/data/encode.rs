@@ -3,9 +3,9 @@
 //! on each assistant message's content and the end-of-turn special token that follows it; every
 //! other token is -100.
 //!
-//! Spans are found by locating each assistant content, in order, in the full rendering, not by
-//! rendering prefixes: templates that rewrite earlier turns (Qwen3 drops earlier thinking) are not
-//! prefix-stable, but still render each answer verbatim.
+//! Spans are found in the full rendering, not by rendering prefixes: templates that rewrite
+//! earlier turns (Qwen3 drops earlier reasoning) are not prefix-stable, but each answer still
+//! follows its assistant header, visible as written.
 
 use tokenizers::Tokenizer;
 
@@ -30,103 +30,167 @@ pub struct Encoded {
     pub labels: Vec<i64>,
 }
 
-/// Encodes one row. The error says what is wrong with it.
-pub fn encode_row(
-    row: &Row,
-    template: &ChatTemplate,
-    tokenizer: &Tokenizer,
+/// Rows to ids and labels with one template and tokenizer.
+pub struct Encoder {
+    template: ChatTemplate,
+    tokenizer: Tokenizer,
     loss_scale: LossScale,
-) -> Result<Encoded, String> {
-    match row {
-        Row::Tokenized { input_ids, labels } => {
-            let ids: Vec<u32> = input_ids
-                .iter()
-                .map(|&i| u32::try_from(i).map_err(|_| format!("input_ids holds {i}")))
-                .collect::<Result<_, _>>()?;
-            Ok(Encoded {
-                labels: labels.clone().unwrap_or_else(|| input_ids.clone()),
-                input_ids: ids,
-            })
+    /// `model.system`: the system prompt of conversations that have none.
+    system: Option<String>,
+    /// Special tokens, longest first, for finding the end-of-turn token after an answer.
+    specials: Vec<String>,
+}
+
+impl Encoder {
+    pub fn new(
+        template: ChatTemplate,
+        tokenizer: Tokenizer,
+        loss_scale: LossScale,
+        system: Option<String>,
+    ) -> Self {
+        let mut specials: Vec<String> = tokenizer
+            .get_added_tokens_decoder()
+            .values()
+            .filter(|t| t.special)
+            .map(|t| t.content.clone())
+            .collect();
+        specials.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        Self {
+            template,
+            tokenizer,
+            loss_scale,
+            system,
+            specials,
         }
-        Row::Text(text) => {
-            let ids = tokenize(tokenizer, text)?.0;
-            Ok(Encoded {
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Encodes one row. The error says what is wrong with it.
+    pub fn encode(&self, row: &Row) -> Result<Encoded, String> {
+        match row {
+            Row::Tokenized { input_ids, labels } => {
+                let ids: Vec<u32> = input_ids
+                    .iter()
+                    .map(|&i| u32::try_from(i).map_err(|_| format!("input_ids holds {i}")))
+                    .collect::<Result<_, _>>()?;
+                Ok(Encoded {
+                    labels: labels.clone().unwrap_or_else(|| input_ids.clone()),
+                    input_ids: ids,
+                })
+            }
+            Row::Text(text) => {
+                let ids = self.tokenize(text)?.0;
+                Ok(Encoded {
+                    labels: ids.iter().map(|&i| i as i64).collect(),
+                    input_ids: ids,
+                })
+            }
+            Row::Chat(messages) => match (&self.system, messages.first()) {
+                (Some(system), Some(first)) if first.role != Role::System => {
+                    let mut with_system = Vec::with_capacity(messages.len() + 1);
+                    with_system.push(Message {
+                        role: Role::System,
+                        content: system.clone(),
+                    });
+                    with_system.extend_from_slice(messages);
+                    self.encode_chat(&with_system)
+                }
+                _ => self.encode_chat(messages),
+            },
+        }
+    }
+
+    fn tokenize(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>), String> {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| format!("tokenizer failed: {e}"))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
+    fn encode_chat(&self, messages: &[Message]) -> Result<Encoded, String> {
+        let text = self.template.render(messages, false)?;
+        let (ids, offsets) = self.tokenize(&text)?;
+        if self.loss_scale == LossScale::All {
+            return Ok(Encoded {
                 labels: ids.iter().map(|&i| i as i64).collect(),
                 input_ids: ids,
-            })
+            });
         }
-        Row::Chat(messages) => encode_chat(messages, template, tokenizer, loss_scale),
-    }
-}
-
-fn tokenize(tokenizer: &Tokenizer, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>), String> {
-    let enc = tokenizer
-        .encode(text, false)
-        .map_err(|e| format!("tokenizer failed: {e}"))?;
-    Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
-}
-
-fn encode_chat(
-    messages: &[Message],
-    template: &ChatTemplate,
-    tokenizer: &Tokenizer,
-    loss_scale: LossScale,
-) -> Result<Encoded, String> {
-    let text = template.render(messages, false)?;
-    let (ids, offsets) = tokenize(tokenizer, &text)?;
-    if loss_scale == LossScale::All {
-        return Ok(Encoded {
-            labels: ids.iter().map(|&i| i as i64).collect(),
-            input_ids: ids,
-        });
-    }
-    let specials: Vec<String> = tokenizer
-        .get_added_tokens_decoder()
-        .values()
-        .filter(|t| t.special)
-        .map(|t| t.content.clone())
-        .collect();
-    let assistant: Vec<usize> = (0..messages.len())
-        .filter(|&i| messages[i].role == Role::Assistant)
-        .collect();
-    let mut spans = Vec::new(); // byte ranges of `text` that take loss
-    let mut cursor = 0;
-    for (n, &i) in assistant.iter().enumerate() {
-        let content = &messages[i].content;
-        let start = text[cursor..]
-            .find(content.as_str())
-            .map(|p| cursor + p)
-            .ok_or_else(|| {
-                format!("the chat template does not render assistant turn {i} verbatim")
-            })?;
-        let mut end = start + content.len();
-        if let Some(eot) = specials
+        let spans = self.answer_spans(messages, &text)?;
+        let labels = ids
             .iter()
-            .find(|s| text[end..].starts_with(s.as_str()))
-        {
-            end += eot.len();
-        }
-        cursor = end;
-        if loss_scale == LossScale::Default || n + 1 == assistant.len() {
-            spans.push(start..end);
-        }
-    }
-    let labels = ids
-        .iter()
-        .zip(&offsets)
-        .map(|(&id, &(s, e))| {
-            let inside = spans
-                .iter()
-                .any(|span| span.start <= s && s < span.end && e <= span.end);
-            if inside {
-                id as i64
-            } else {
-                IGNORE_INDEX
-            }
+            .zip(&offsets)
+            .map(|(&id, &(s, e))| {
+                let inside = spans
+                    .iter()
+                    .any(|span| span.start <= s && s < span.end && e <= span.end);
+                if inside {
+                    id as i64
+                } else {
+                    IGNORE_INDEX
+                }
+            })
+            .collect();
+        Ok(Encoded {
+            input_ids: ids,
+            labels,
         })
-        .collect();
-    Ok(Encoded {
-        input_ids: ids,
-        labels,
-    })
+    }
+
+    /// Byte ranges of `text` that take loss: for each assistant turn (per `loss_scale`), from the
+    /// end of its header (what `add_generation_prompt` appends, so a reasoning block the template
+    /// adds is trained as ms-swift trains it) through the end-of-turn special token after its
+    /// answer.
+    fn answer_spans(
+        &self,
+        messages: &[Message],
+        text: &str,
+    ) -> Result<Vec<std::ops::Range<usize>>, String> {
+        let header = self.template.generation_header();
+        let assistant: Vec<usize> = (0..messages.len())
+            .filter(|&i| messages[i].role == Role::Assistant)
+            .collect();
+        let mut spans = Vec::new();
+        let mut cursor = 0;
+        for (n, &i) in assistant.iter().enumerate() {
+            let not_found =
+                || format!("the chat template does not render assistant turn {i} verbatim");
+            let mut start = cursor;
+            if !header.is_empty() {
+                if let Some(p) = text[cursor..].find(header) {
+                    start = cursor + p + header.len();
+                }
+            }
+            // What the template shows of the answer: the text after a reasoning block, or the
+            // whole content, trimmed by templates that trim.
+            let content = messages[i].content.as_str();
+            let visible = content
+                .rsplit_once("</think>")
+                .map_or(content, |(_, answer)| answer.trim_start_matches('\n'));
+            let (at, len) = [visible, visible.trim()]
+                .into_iter()
+                .find_map(|v| text[start..].find(v).map(|p| (start + p, v.len())))
+                .ok_or_else(not_found)?;
+            if header.is_empty() {
+                start = at;
+            }
+            let mut end = at + len;
+            if let Some(eot) = self
+                .specials
+                .iter()
+                .find(|s| text[end..].starts_with(s.as_str()))
+            {
+                end += eot.len();
+            }
+            cursor = end;
+            if self.loss_scale == LossScale::Default || n + 1 == assistant.len() {
+                spans.push(start..end);
+            }
+        }
+        Ok(spans)
+    }
 }

@@ -2,21 +2,82 @@
 //! `chat_template.jinja` beside it as newer transformers writes it), rendered by `minijinja` set up
 //! as transformers sets up jinja2 for `apply_chat_template`: `trim_blocks` and `lstrip_blocks`,
 //! Python string/dict methods (minijinja-contrib's pycompat), loop controls, `tojson`,
-//! `raise_exception` and `strftime_now`.
+//! `raise_exception` and `strftime_now`. Built-in templates (chatml, qwen, qwen2_5, qwen3, llama3)
+//! serve models without one, or when `model.template` names them.
 
 use std::path::Path;
+use std::str::FromStr;
 
 use minijinja::{context, Environment, Error, ErrorKind};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::format::Message;
+use super::format::{Message, Role};
 use super::DataError;
+
+/// `model.template`: the model's own template, or a built-in one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TemplateName {
+    /// The model's own template; a built-in one for its model_type when it has none.
+    Auto,
+    /// The model's own template, required.
+    Jinja,
+    Chatml,
+    Qwen,
+    Qwen2_5,
+    Qwen3,
+    Llama3,
+}
+
+impl TemplateName {
+    pub const CHOICES: &'static str = "auto, chatml, qwen, qwen2_5, qwen3, llama3, jinja";
+
+    /// Built-ins written for swift-rs; tests check that each renders as its model's published
+    /// template for conversations without function calls.
+    fn builtin_source(self) -> Option<&'static str> {
+        match self {
+            Self::Auto | Self::Jinja => None,
+            Self::Chatml => Some(include_str!("templates/chatml.jinja")),
+            Self::Qwen => Some(include_str!("templates/qwen.jinja")),
+            Self::Qwen2_5 => Some(include_str!("templates/qwen2_5.jinja")),
+            Self::Qwen3 => Some(include_str!("templates/qwen3.jinja")),
+            Self::Llama3 => Some(include_str!("templates/llama3.jinja")),
+        }
+    }
+
+    /// The built-in for a model without a template of its own.
+    fn for_model_type(model_type: &str) -> Option<Self> {
+        match model_type {
+            "qwen2" => Some(Self::Qwen2_5),
+            "qwen3" => Some(Self::Qwen3),
+            "llama" => Some(Self::Llama3),
+            _ => None,
+        }
+    }
+}
+
+impl FromStr for TemplateName {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "auto" => Self::Auto,
+            "jinja" => Self::Jinja,
+            "chatml" => Self::Chatml,
+            "qwen" => Self::Qwen,
+            "qwen2_5" => Self::Qwen2_5,
+            "qwen3" => Self::Qwen3,
+            "llama3" => Self::Llama3,
+            _ => return Err(format!("unknown template {s:?} (use {})", Self::CHOICES)),
+        })
+    }
+}
 
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    generation_header: String,
 }
 
 #[derive(Serialize)]
@@ -26,8 +87,15 @@ struct RenderMessage<'a> {
 }
 
 impl ChatTemplate {
-    /// The template of a model directory; an error names the file when there is none.
+    /// The model's own template (tokenizer_config.json, then chat_template.jinja); an error names
+    /// the file when there is none.
     pub fn from_model_dir(dir: &Path) -> Result<Self, DataError> {
+        Self::load(dir, TemplateName::Jinja, "")
+    }
+
+    /// `model.template` for the model in `dir` (whose config.json says `model_type`). Special
+    /// tokens come from its tokenizer_config.json.
+    pub fn load(dir: &Path, name: TemplateName, model_type: &str) -> Result<Self, DataError> {
         let config_path = dir.join("tokenizer_config.json");
         let bad = |path: &Path, reason: String| DataError::Template {
             path: path.to_path_buf(),
@@ -39,28 +107,42 @@ impl ChatTemplate {
             Err(_) => Value::Null,
         };
         let jinja = dir.join("chat_template.jinja");
-        let source = match config.get("chat_template") {
-            Some(Value::String(s)) => s.clone(),
+        let own = match config.get("chat_template") {
+            Some(Value::String(s)) => Some(s.clone()),
             // A list of named templates: the one called "default".
-            Some(Value::Array(named)) => named
-                .iter()
-                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
-                .and_then(|t| t.get("template").and_then(Value::as_str))
-                .ok_or_else(|| {
-                    bad(
-                        &config_path,
-                        "chat_template lists no template named \"default\"".into(),
-                    )
-                })?
-                .to_string(),
+            Some(Value::Array(named)) => Some(
+                named
+                    .iter()
+                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                    .and_then(|t| t.get("template").and_then(Value::as_str))
+                    .ok_or_else(|| {
+                        bad(
+                            &config_path,
+                            "chat_template lists no template named \"default\"".into(),
+                        )
+                    })?
+                    .to_string(),
+            ),
             _ if jinja.exists() => {
-                std::fs::read_to_string(&jinja).map_err(|e| bad(&jinja, e.to_string()))?
+                Some(std::fs::read_to_string(&jinja).map_err(|e| bad(&jinja, e.to_string()))?)
             }
-            _ => {
+            _ => None,
+        };
+        let builtin = match name {
+            TemplateName::Auto if own.is_none() => TemplateName::for_model_type(model_type),
+            other => Some(other),
+        };
+        let source = match (own, builtin.and_then(TemplateName::builtin_source)) {
+            (_, Some(builtin)) => builtin.to_string(),
+            (Some(own), None) => own,
+            (None, None) => {
                 return Err(bad(
                     &config_path,
-                    "no chat_template here or in chat_template.jinja; name a built-in template"
-                        .into(),
+                    format!(
+                        "no chat_template here or in chat_template.jinja; set model.template to \
+                         a built-in one ({})",
+                        TemplateName::CHOICES
+                    ),
                 ))
             }
         };
@@ -73,7 +155,11 @@ impl ChatTemplate {
                 .to_string(),
             _ => String::new(),
         };
-        Self::new(source, special("bos_token"), special("eos_token")).map_err(|reason| {
+        let mut bos_token = special("bos_token");
+        if bos_token.is_empty() && builtin == Some(TemplateName::Llama3) {
+            bos_token = "<|begin_of_text|>".into();
+        }
+        Self::new(source, bos_token, special("eos_token")).map_err(|reason| {
             bad(
                 &config_path,
                 format!("chat_template does not compile: {reason}"),
@@ -95,11 +181,34 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_template_owned("chat", source)
             .map_err(|e| e.to_string())?;
-        Ok(Self {
+        let mut template = Self {
             env,
             bos_token,
             eos_token,
-        })
+            generation_header: String::new(),
+        };
+        template.generation_header = template.find_generation_header();
+        Ok(template)
+    }
+
+    /// What `add_generation_prompt` appends: the header that opens an assistant turn, such as
+    /// `<|im_start|>assistant\n`. Empty when the template does not append to the conversation.
+    fn find_generation_header(&self) -> String {
+        let probe = [Message {
+            role: Role::User,
+            content: "?".into(),
+        }];
+        match (self.render(&probe, false), self.render(&probe, true)) {
+            (Ok(plain), Ok(prompted)) => prompted
+                .strip_prefix(plain.as_str())
+                .unwrap_or("")
+                .to_string(),
+            _ => String::new(),
+        }
+    }
+
+    pub fn generation_header(&self) -> &str {
+        &self.generation_header
     }
 
     /// The conversation as text, with the assistant header appended when `add_generation_prompt`.

@@ -1,13 +1,18 @@
 //! Configuration types: the checkpoint's `config.json` (`HfConfig` → `ModelConfig`) and
-//! `LoraConfig` (PEFT field names). Later: `TrainConfig` (TOML).
+//! `LoraConfig` (PEFT field names), and the training config `TrainConfig` (TOML).
 
 mod lora;
 mod model;
+mod train;
 
 use std::path::PathBuf;
 
 pub use lora::{InitLoraWeights, LoraConfig, TargetModules};
 pub use model::{Arch, Dtype, HfConfig, ModelConfig, RopeConfig, RopeScaling};
+pub use train::{
+    DataSection, LoraSection, ModelSection, OutputSection, QuantSection, TrainConfig,
+    TrainConfigError, TrainSection,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

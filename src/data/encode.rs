@@ -14,7 +14,8 @@ use super::template::ChatTemplate;
 use crate::model::loss::IGNORE_INDEX;
 
 /// Which assistant turns take loss (ms-swift's `loss_scale`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum LossScale {
     /// Every assistant turn.
     Default,

@@ -7,7 +7,8 @@ use super::encode::Encoded;
 use crate::model::loss::IGNORE_INDEX;
 
 /// What happens to a sample longer than `max_length`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Truncation {
     /// The sample is dropped (reported as a bad row).
     Delete,

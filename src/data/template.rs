@@ -16,7 +16,8 @@ use super::format::{Message, Role};
 use super::DataError;
 
 /// `model.template`: the model's own template, or a built-in one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum TemplateName {
     /// The model's own template; a built-in one for its model_type when it has none.
     Auto,
@@ -24,6 +25,7 @@ pub enum TemplateName {
     Jinja,
     Chatml,
     Qwen,
+    #[serde(rename = "qwen2_5")]
     Qwen2_5,
     Qwen3,
     Llama3,

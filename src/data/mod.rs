@@ -27,8 +27,10 @@ pub enum DataError {
         at: Location,
         reason: String,
     },
-    #[error("{path}: unsupported dataset file (use .jsonl or .json)")]
+    #[error("{path}: unsupported dataset file (use .jsonl, .json or .parquet)")]
     Unsupported { path: PathBuf },
+    #[error("{path} is not a readable Parquet file: {reason}")]
+    Parquet { path: PathBuf, reason: String },
     #[error("{path} holds no rows")]
     Empty { path: PathBuf },
     #[error("{path}: {reason}")]

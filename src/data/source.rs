@@ -1,78 +1,348 @@
-//! Dataset files: JSONL (one object a line) and JSON (an array of objects), with `data.columns`
-//! renaming. Every row keeps where it came from, for error messages.
+//! Dataset files: JSONL (one object a line), JSON (an array of objects) and Parquet (read record
+//! batch by record batch; message lists are list<struct> columns), named by a file, a directory or
+//! a glob, with ms-swift's `path#N` sampling and `data.columns` renaming. Rows are read lazily,
+//! so a file never has to fit in memory unless it is a .json array; every row keeps where it came
+//! from, for error messages.
 
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use serde_json::Value;
+use arrow_array::cast::AsArray;
+use arrow_array::types::{
+    Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type, UInt16Type, UInt32Type,
+    UInt64Type, UInt8Type,
+};
+use arrow_array::{Array, RecordBatch};
+use arrow_schema::DataType;
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use serde_json::{Map, Value};
 
 use super::{DataError, Location};
 
-/// Reads every row of a .jsonl or .json file, renaming columns (`from` -> `to`).
-pub fn read_rows(
+const EXTENSIONS: [&str; 3] = ["jsonl", "json", "parquet"];
+
+/// One entry of `data.train` / `data.val`: a file, directory or glob, and ms-swift's `#N` (N rows
+/// sampled from it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatasetSpec {
+    pub pattern: String,
+    pub sample: Option<usize>,
+}
+
+impl DatasetSpec {
+    pub fn parse(spec: &str) -> Self {
+        match spec.rsplit_once('#') {
+            Some((pattern, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => Self {
+                pattern: pattern.to_string(),
+                sample: n.parse().ok(),
+            },
+            _ => Self {
+                pattern: spec.to_string(),
+                sample: None,
+            },
+        }
+    }
+
+    /// The dataset files it names, in sorted order within a directory or glob.
+    pub fn files(&self) -> Result<Vec<PathBuf>, DataError> {
+        let path = Path::new(&self.pattern);
+        let missing = |reason: &str| DataError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, reason.to_string()),
+        };
+        let mut files = if path.is_dir() {
+            std::fs::read_dir(path)
+                .map_err(|source| DataError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file() && is_dataset(p))
+                .collect()
+        } else if path.exists() {
+            vec![path.to_path_buf()]
+        } else if self.pattern.contains(['*', '?', '[']) {
+            glob::glob(&self.pattern)
+                .map_err(|e| missing(&format!("not a valid glob: {e}")))?
+                .filter_map(Result::ok)
+                .filter(|p| p.is_file() && is_dataset(p))
+                .collect()
+        } else {
+            return Err(missing("no such file or directory"));
+        };
+        files.sort();
+        if files.is_empty() {
+            return Err(missing("no .jsonl, .json or .parquet files here"));
+        }
+        Ok(files)
+    }
+}
+
+fn is_dataset(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| EXTENSIONS.contains(&e))
+}
+
+/// A row as read, before its format is detected.
+#[derive(Debug, Clone)]
+pub struct RawRow {
+    pub path: Arc<Path>,
+    pub at: Location,
+    pub value: Value,
+}
+
+/// The rows of one file, lazily. A row that cannot be read (malformed JSON, invalid UTF-8) is an
+/// `Err(DataError::BadRow)` and reading goes on; other errors end the file.
+pub fn open_rows(
     path: &Path,
     columns: &BTreeMap<String, String>,
-) -> Result<Vec<(Location, Value)>, DataError> {
+) -> Result<Box<dyn Iterator<Item = Result<RawRow, DataError>> + Send>, DataError> {
+    let shared: Arc<Path> = Arc::from(path);
+    let columns = columns.clone();
     let io = |source| DataError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let bad = |at: Location, reason: String| DataError::BadRow {
-        path: path.to_path_buf(),
-        at,
-        reason,
-    };
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-    let mut rows = Vec::new();
-    match ext {
-        "jsonl" => {
-            let mut reader = BufReader::new(std::fs::File::open(path).map_err(io)?);
-            let mut buf = Vec::new();
-            for line in 1.. {
-                buf.clear();
-                if reader.read_until(b'\n', &mut buf).map_err(io)? == 0 {
-                    break;
-                }
-                let text = std::str::from_utf8(&buf)
-                    .map_err(|e| bad(Location::Line(line), format!("invalid UTF-8: {e}")))?;
-                if text.trim().is_empty() {
-                    continue;
-                }
-                let value: Value = serde_json::from_str(text.trim_end_matches(['\n', '\r']))
-                    .map_err(|e| bad(Location::Line(line), json_error(&e)))?;
-                rows.push((Location::Line(line), rename(value, columns)));
-            }
-        }
+    let rows: Box<dyn Iterator<Item = Result<RawRow, DataError>> + Send> = match ext {
+        "jsonl" => Box::new(JsonLines {
+            reader: BufReader::new(File::open(path).map_err(io)?),
+            path: shared,
+            line: 0,
+            columns,
+            done: false,
+        }),
         "json" => {
             let bytes = std::fs::read(path).map_err(io)?;
-            let value: Value = serde_json::from_slice(&bytes)
-                .map_err(|e| bad(Location::Line(e.line()), format!("malformed JSON: {e}")))?;
+            let value: Value = serde_json::from_slice(&bytes).map_err(|e| DataError::BadRow {
+                path: path.to_path_buf(),
+                at: Location::Line(e.line()),
+                reason: format!("malformed JSON: {e}"),
+            })?;
             let Value::Array(items) = value else {
-                return Err(bad(
-                    Location::Line(1),
-                    "a .json dataset must be an array of rows".into(),
-                ));
+                return Err(DataError::BadRow {
+                    path: path.to_path_buf(),
+                    at: Location::Line(1),
+                    reason: "a .json dataset must be an array of rows".into(),
+                });
             };
-            rows.extend(
-                items
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, v)| (Location::Row(i), rename(v, columns))),
-            );
+            Box::new(items.into_iter().enumerate().map(move |(i, v)| {
+                Ok(RawRow {
+                    path: shared.clone(),
+                    at: Location::Row(i),
+                    value: rename(v, &columns),
+                })
+            }))
+        }
+        "parquet" => {
+            let parquet = |e: parquet::errors::ParquetError| DataError::Parquet {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            };
+            let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(path).map_err(io)?)
+                .map_err(parquet)?
+                .with_batch_size(1024)
+                .build()
+                .map_err(parquet)?;
+            Box::new(ParquetRows {
+                reader,
+                path: shared,
+                columns,
+                rows: Vec::new().into_iter(),
+                next_row: 0,
+                done: false,
+            })
         }
         _ => {
             return Err(DataError::Unsupported {
                 path: path.to_path_buf(),
             })
         }
-    }
+    };
+    Ok(rows)
+}
+
+/// Every row of a file; the first unreadable row stops the read. An empty file is an error.
+pub fn read_rows(
+    path: &Path,
+    columns: &BTreeMap<String, String>,
+) -> Result<Vec<(Location, Value)>, DataError> {
+    let rows: Vec<_> = open_rows(path, columns)?
+        .map(|r| r.map(|r| (r.at, r.value)))
+        .collect::<Result<_, _>>()?;
     if rows.is_empty() {
         return Err(DataError::Empty {
             path: path.to_path_buf(),
         });
     }
     Ok(rows)
+}
+
+struct JsonLines {
+    reader: BufReader<File>,
+    path: Arc<Path>,
+    line: usize,
+    columns: BTreeMap<String, String>,
+    done: bool,
+}
+
+impl Iterator for JsonLines {
+    type Item = Result<RawRow, DataError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut buf = Vec::new();
+        while !self.done {
+            buf.clear();
+            self.line += 1;
+            match self.reader.read_until(b'\n', &mut buf) {
+                Ok(0) => self.done = true,
+                Err(source) => {
+                    self.done = true;
+                    return Some(Err(DataError::Io {
+                        path: self.path.to_path_buf(),
+                        source,
+                    }));
+                }
+                Ok(_) => {
+                    let at = Location::Line(self.line);
+                    let bad = |reason| DataError::BadRow {
+                        path: self.path.to_path_buf(),
+                        at,
+                        reason,
+                    };
+                    let text = match std::str::from_utf8(&buf) {
+                        Ok(text) => text,
+                        Err(e) => return Some(Err(bad(format!("invalid UTF-8: {e}")))),
+                    };
+                    if text.trim().is_empty() {
+                        continue;
+                    }
+                    return Some(
+                        serde_json::from_str(text.trim_end_matches(['\n', '\r']))
+                            .map_err(|e| bad(json_error(&e)))
+                            .map(|value| RawRow {
+                                path: self.path.clone(),
+                                at,
+                                value: rename(value, &self.columns),
+                            }),
+                    );
+                }
+            }
+        }
+        None
+    }
+}
+
+struct ParquetRows {
+    reader: ParquetRecordBatchReader,
+    path: Arc<Path>,
+    columns: BTreeMap<String, String>,
+    rows: std::vec::IntoIter<Result<Value, String>>,
+    next_row: usize,
+    done: bool,
+}
+
+impl Iterator for ParquetRows {
+    type Item = Result<RawRow, DataError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(row) = self.rows.next() {
+                let at = Location::Row(self.next_row);
+                self.next_row += 1;
+                return Some(match row {
+                    Ok(value) => Ok(RawRow {
+                        path: self.path.clone(),
+                        at,
+                        value: rename(value, &self.columns),
+                    }),
+                    Err(reason) => Err(DataError::BadRow {
+                        path: self.path.to_path_buf(),
+                        at,
+                        reason,
+                    }),
+                });
+            }
+            if self.done {
+                return None;
+            }
+            match self.reader.next() {
+                None => self.done = true,
+                Some(Err(e)) => {
+                    self.done = true;
+                    return Some(Err(DataError::Parquet {
+                        path: self.path.to_path_buf(),
+                        reason: e.to_string(),
+                    }));
+                }
+                Some(Ok(batch)) => self.rows = batch_rows(&batch).into_iter(),
+            }
+        }
+    }
+}
+
+/// The rows of a record batch as JSON objects, column name to value.
+fn batch_rows(batch: &RecordBatch) -> Vec<Result<Value, String>> {
+    let schema = batch.schema();
+    (0..batch.num_rows())
+        .map(|i| {
+            let mut row = Map::new();
+            for (field, column) in schema.fields().iter().zip(batch.columns()) {
+                row.insert(field.name().clone(), json_of(column.as_ref(), i)?);
+            }
+            Ok(Value::Object(row))
+        })
+        .collect()
+}
+
+/// Element `i` of an Arrow array as JSON: strings, numbers, booleans, lists and structs.
+fn json_of(array: &dyn Array, i: usize) -> Result<Value, String> {
+    if array.is_null(i) {
+        return Ok(Value::Null);
+    }
+    macro_rules! number {
+        ($t:ty) => {
+            Value::from(array.as_primitive::<$t>().value(i))
+        };
+    }
+    let list = |values: std::sync::Arc<dyn Array>| -> Result<Value, String> {
+        (0..values.len())
+            .map(|j| json_of(values.as_ref(), j))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Value::Array)
+    };
+    Ok(match array.data_type() {
+        DataType::Utf8 => Value::from(array.as_string::<i32>().value(i)),
+        DataType::LargeUtf8 => Value::from(array.as_string::<i64>().value(i)),
+        DataType::Utf8View => Value::from(array.as_string_view().value(i)),
+        DataType::Boolean => Value::from(array.as_boolean().value(i)),
+        DataType::Int8 => number!(Int8Type),
+        DataType::Int16 => number!(Int16Type),
+        DataType::Int32 => number!(Int32Type),
+        DataType::Int64 => number!(Int64Type),
+        DataType::UInt8 => number!(UInt8Type),
+        DataType::UInt16 => number!(UInt16Type),
+        DataType::UInt32 => number!(UInt32Type),
+        DataType::UInt64 => number!(UInt64Type),
+        DataType::Float32 => number!(Float32Type),
+        DataType::Float64 => number!(Float64Type),
+        DataType::List(_) => list(array.as_list::<i32>().value(i))?,
+        DataType::LargeList(_) => list(array.as_list::<i64>().value(i))?,
+        DataType::FixedSizeList(..) => list(array.as_fixed_size_list().value(i))?,
+        DataType::Struct(fields) => {
+            let s = array.as_struct();
+            let mut object = Map::new();
+            for (field, column) in fields.iter().zip(s.columns()) {
+                object.insert(field.name().clone(), json_of(column.as_ref(), i)?);
+            }
+            Value::Object(object)
+        }
+        other => return Err(format!("unsupported Parquet column type {other}")),
+    })
 }
 
 /// serde_json's message with the column of the file's line, not its own line count.
@@ -116,15 +386,19 @@ mod tests {
     }
 
     #[test]
-    fn malformed_and_invalid_utf8_lines_are_named() {
+    fn malformed_and_invalid_utf8_lines_are_named_and_reading_goes_on() {
         let dir = tempfile::tempdir().unwrap();
         let jsonl = dir.path().join("d.jsonl");
-        std::fs::write(&jsonl, "{\"text\": \"ok\"}\n{\"text\": \n").unwrap();
-        let err = read_rows(&jsonl, &BTreeMap::new()).unwrap_err().to_string();
-        assert!(err.contains("d.jsonl:2: malformed JSON"), "{err}");
-        std::fs::write(&jsonl, b"{\"text\": \"ok\"}\n{\"text\": \"\xff\"}\n").unwrap();
-        let err = read_rows(&jsonl, &BTreeMap::new()).unwrap_err().to_string();
-        assert!(err.contains("d.jsonl:2: invalid UTF-8"), "{err}");
+        std::fs::write(&jsonl, b"{\"text\": \n{\"text\": \"\xff\"}\n{\"text\": \"ok\"}\n").unwrap();
+        let rows: Vec<_> = open_rows(&jsonl, &BTreeMap::new()).unwrap().collect();
+        assert_eq!(rows.len(), 3);
+        let err = |i: usize| match &rows[i] {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("row {i} read"),
+        };
+        assert!(err(0).contains("d.jsonl:1: malformed JSON"), "{}", err(0));
+        assert!(err(1).contains("d.jsonl:2: invalid UTF-8"), "{}", err(1));
+        assert_eq!(rows[2].as_ref().unwrap().value["text"], "ok");
         std::fs::write(&jsonl, "\n").unwrap();
         assert!(read_rows(&jsonl, &BTreeMap::new())
             .unwrap_err()
@@ -136,5 +410,36 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("d.csv"));
+    }
+
+    #[test]
+    fn specs_name_files_directories_and_globs() {
+        assert_eq!(
+            DatasetSpec::parse("a/b.jsonl#500"),
+            DatasetSpec {
+                pattern: "a/b.jsonl".into(),
+                sample: Some(500)
+            }
+        );
+        assert_eq!(DatasetSpec::parse("a#b.jsonl").sample, None);
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["b.jsonl", "a.json", "c.parquet", "notes.txt"] {
+            std::fs::write(dir.path().join(name), "").unwrap();
+        }
+        let names = |spec: &str| -> Vec<String> {
+            DatasetSpec::parse(spec)
+                .files()
+                .unwrap()
+                .iter()
+                .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+                .collect()
+        };
+        let root = dir.path().display().to_string();
+        assert_eq!(names(&root), ["a.json", "b.jsonl", "c.parquet"]);
+        assert_eq!(names(&format!("{root}/*.json*")), ["a.json", "b.jsonl"]);
+        let err = DatasetSpec::parse(&format!("{root}/*.csv")).files().unwrap_err();
+        assert!(err.to_string().contains("no .jsonl"), "{err}");
+        let err = DatasetSpec::parse(&format!("{root}/nope.jsonl")).files().unwrap_err();
+        assert!(err.to_string().contains("nope.jsonl"), "{err}");
     }
 }

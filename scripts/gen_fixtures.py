@@ -3,11 +3,11 @@
 
 Pinned (the versions the committed fixtures were made with):
     torch==2.15.0 transformers==5.23.0 tokenizers==0.23.3 safetensors==0.8.0 numpy==2.4.6
-    peft==0.21.2 bitsandbytes==0.50.2
+    peft==0.21.2 bitsandbytes==0.50.2 pyarrow==26.0.1
 
     python3 -m venv /tmp/venv && /tmp/venv/bin/pip install torch==2.15.0 transformers==5.23.0 \
         tokenizers==0.23.3 safetensors==0.8.0 numpy==2.4.6 peft==0.21.2 \
-        bitsandbytes==0.50.2
+        bitsandbytes==0.50.2 pyarrow==26.0.1
     /tmp/venv/bin/python scripts/gen_fixtures.py          # rewrites tests/fixtures/
 
 What it writes, under tests/fixtures/:
@@ -418,6 +418,65 @@ def make_templates() -> None:
                 cases.append(case)
         (dir / "expected.json").write_text(json.dumps(cases, ensure_ascii=False, indent=1))
 
+# Rows in every format SPEC lists (English, Chinese, multi-turn, system prompts, a tool result),
+# and the conversation each one means, converted here as ms-swift converts them.
+DATASET_ROWS = [
+    ({"messages": CONVERSATIONS[0]}, CONVERSATIONS[0]),
+    ({"conversations": [{"from": "human", "value": "你好，你是谁？"},
+                        {"from": "gpt", "value": "我是一个由 swift-rs 训练的助手。"},
+                        {"from": "human", "value": "你会做什么？"},
+                        {"from": "gpt", "value": "我会回答问题。"}]},
+     [{"role": "user", "content": "你好，你是谁？"},
+      {"role": "assistant", "content": "我是一个由 swift-rs 训练的助手。"},
+      {"role": "user", "content": "你会做什么？"}, {"role": "assistant", "content": "我会回答问题。"}]),
+    ({"instruction": "Translate to Chinese", "input": "Hello!", "output": "你好！"},
+     [{"role": "user", "content": "Translate to Chinese\nHello!"},
+      {"role": "assistant", "content": "你好！"}]),
+    ({"system": "Answer briefly.", "instruction": "Who are you?", "input": "", "output": "swift-rs."},
+     [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Who are you?"},
+      {"role": "assistant", "content": "swift-rs."}]),
+    ({"query": "And in Rust?", "response": "Yes, in Rust.",
+      "history": [["Hello!", "Hi there."], ["Can you fine-tune?", "I can."]]},
+     [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi there."},
+      {"role": "user", "content": "Can you fine-tune?"}, {"role": "assistant", "content": "I can."},
+      {"role": "user", "content": "And in Rust?"}, {"role": "assistant", "content": "Yes, in Rust."}]),
+    ({"text": "LoRA adds a low-rank update B @ A to a frozen weight W. 你好"}, None),
+    ({"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]}, None),
+    ({"messages": CONVERSATIONS[4]}, CONVERSATIONS[4]),
+]
+
+
+def make_datasets() -> None:
+    """The same rows as JSONL, JSON and Parquet (pyarrow; mixed formats become nullable columns,
+    messages a list<struct>), and expected.jsonl: transformers' ids for each row with the qwen2_5
+    template fixture, labels by prefix rendering (text rows: every token; tokenized rows as given)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+    dir = ROOT / "datasets"
+    shutil.rmtree(dir, ignore_errors=True)
+    dir.mkdir(parents=True)
+    rows = [r for r, _ in DATASET_ROWS]
+    (dir / "rows.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    (dir / "rows.json").write_text(json.dumps(rows, ensure_ascii=False, indent=1))
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # from_pylist would use row 0's only
+    table = pa.Table.from_pydict({k: [r.get(k) for r in rows] for k in keys})
+    pq.write_table(table, dir / "rows.parquet", compression="snappy")
+    tok = AutoTokenizer.from_pretrained(ROOT / "templates" / "qwen2_5")
+    expected = []
+    for row, msgs in DATASET_ROWS:
+        if msgs is not None:
+            text = tok.apply_chat_template(msgs, tokenize=False)
+            ids = list(tok(text, add_special_tokens=False)["input_ids"])
+            labels = prefix_labels(tok, msgs, text, ids, "<|im_end|>")
+        elif "text" in row:
+            ids = list(tok(row["text"], add_special_tokens=False)["input_ids"])
+            labels = ids
+        else:
+            ids, labels = row["input_ids"], row["labels"]
+        expected.append({"input_ids": ids, "labels": labels})
+    (dir / "expected.jsonl").write_text("".join(json.dumps(e) + "\n" for e in expected))
+
 
 def make_nf4() -> None:
     """bitsandbytes' NF4 as its reference kernels (backends/default/ops.py, pure torch, the
@@ -505,6 +564,7 @@ def main() -> None:
                  target_modules=r".*\.1\.(self_attn\.v_proj|mlp\.up_proj)")
     make_nf4()
     make_templates()
+    make_datasets()
     check_rust_adapter_in_peft()
 
 

@@ -1,6 +1,7 @@
 //! Command-line types and their calls into the library. The only place for anyhow and exit codes.
 
 mod device;
+mod encode;
 mod eval;
 mod merge;
 
@@ -24,6 +25,8 @@ pub struct Cli {
 pub enum Command {
     /// Mean loss and perplexity of a model over pre-tokenized JSONL rows
     Eval(eval::EvalArgs),
+    /// Write the rows training would see (input_ids, labels) as JSONL
+    Encode(encode::EncodeArgs),
     /// Merge a LoRA adapter into its base model and write a Hugging Face model directory
     Merge(merge::MergeArgs),
 }
@@ -87,22 +90,56 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Eval(args) => eval::run(args),
         Command::Merge(args) => merge::run(args),
+        Command::Encode(args) => encode::run(args),
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
+/// A file written under a temporary name in its final directory and renamed on `commit`, so a
 /// crash never leaves a half-written file under the final name.
+pub struct AtomicFile {
+    tmp: tempfile::NamedTempFile,
+    path: std::path::PathBuf,
+}
+
+impl AtomicFile {
+    pub fn create(path: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let tmp = tempfile::NamedTempFile::new_in(dir)
+            .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+        Ok(Self {
+            tmp,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn commit(self) -> anyhow::Result<()> {
+        use anyhow::Context;
+        self.tmp
+            .persist(&self.path)
+            .with_context(|| format!("cannot write {}", self.path.display()))?;
+        Ok(())
+    }
+}
+
+impl std::io::Write for AtomicFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.tmp.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.tmp.flush()
+    }
+}
+
+/// Writes `bytes` to `path` atomically (see `AtomicFile`).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use anyhow::Context;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("cannot create a file in {}", dir.display()))?;
-    std::io::Write::write_all(&mut tmp, bytes)
+    let mut file = AtomicFile::create(path)?;
+    std::io::Write::write_all(&mut file, bytes)
         .with_context(|| format!("cannot write {}", path.display()))?;
-    tmp.persist(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    file.commit()
 }

@@ -195,3 +195,37 @@ impl Encoder {
         Ok(spans)
     }
 }
+
+impl Encoder {
+    /// The encoder a training config asks for: the tokenizer and template of the model directory
+    /// `model.path`, `model.template`, `model.system` and `data.loss_scale`.
+    pub fn from_config(
+        model: &crate::config::ModelSection,
+        data: &crate::config::DataSection,
+    ) -> Result<Self, super::DataError> {
+        let dir = std::path::Path::new(&model.path);
+        if !dir.is_dir() {
+            return Err(super::DataError::Io {
+                path: dir.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "model.path is not a local model directory",
+                ),
+            });
+        }
+        // Only for picking a built-in template when the model has none of its own.
+        let model_type = std::fs::read_to_string(dir.join("config.json"))
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|c| c.get("model_type")?.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let template = ChatTemplate::load(dir, model.template, &model_type)?;
+        let tokenizer = super::load_tokenizer(dir)?;
+        Ok(Self::new(
+            template,
+            tokenizer,
+            data.loss_scale,
+            model.system.clone(),
+        ))
+    }
+}

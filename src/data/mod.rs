@@ -1,6 +1,7 @@
 //! Datasets and tokenizers: file readers, row formats, pre-tokenized rows (for `eval`) and
 //! `tokenizer.json`.
 
+pub mod dataset;
 pub mod encode;
 pub mod format;
 pub mod pack;
@@ -31,6 +32,8 @@ pub enum DataError {
     Unsupported { path: PathBuf },
     #[error("{path} is not a readable Parquet file: {reason}")]
     Parquet { path: PathBuf, reason: String },
+    #[error("{what} holds no usable rows ({skipped} skipped as bad)")]
+    NoRows { what: String, skipped: usize },
     #[error("{path} holds no rows")]
     Empty { path: PathBuf },
     #[error("{path}: {reason}")]

@@ -292,11 +292,19 @@ fn batch_rows(batch: &RecordBatch) -> Vec<Result<Value, String>> {
         .map(|i| {
             let mut row = Map::new();
             for (field, column) in schema.fields().iter().zip(batch.columns()) {
-                row.insert(field.name().clone(), json_of(column.as_ref(), i)?);
+                insert(&mut row, field.name(), json_of(column.as_ref(), i)?);
             }
             Ok(Value::Object(row))
         })
         .collect()
+}
+
+/// A Parquet null is an absent key: a file mixing row formats has every format's columns, null
+/// where a row does not use them.
+fn insert(object: &mut Map<String, Value>, key: &str, value: Value) {
+    if !value.is_null() {
+        object.insert(key.to_string(), value);
+    }
 }
 
 /// Element `i` of an Arrow array as JSON: strings, numbers, booleans, lists and structs.
@@ -337,7 +345,7 @@ fn json_of(array: &dyn Array, i: usize) -> Result<Value, String> {
             let s = array.as_struct();
             let mut object = Map::new();
             for (field, column) in fields.iter().zip(s.columns()) {
-                object.insert(field.name().clone(), json_of(column.as_ref(), i)?);
+                insert(&mut object, field.name(), json_of(column.as_ref(), i)?);
             }
             Value::Object(object)
         }
@@ -389,7 +397,11 @@ mod tests {
     fn malformed_and_invalid_utf8_lines_are_named_and_reading_goes_on() {
         let dir = tempfile::tempdir().unwrap();
         let jsonl = dir.path().join("d.jsonl");
-        std::fs::write(&jsonl, b"{\"text\": \n{\"text\": \"\xff\"}\n{\"text\": \"ok\"}\n").unwrap();
+        std::fs::write(
+            &jsonl,
+            b"{\"text\": \n{\"text\": \"\xff\"}\n{\"text\": \"ok\"}\n",
+        )
+        .unwrap();
         let rows: Vec<_> = open_rows(&jsonl, &BTreeMap::new()).unwrap().collect();
         assert_eq!(rows.len(), 3);
         let err = |i: usize| match &rows[i] {
@@ -437,9 +449,13 @@ mod tests {
         let root = dir.path().display().to_string();
         assert_eq!(names(&root), ["a.json", "b.jsonl", "c.parquet"]);
         assert_eq!(names(&format!("{root}/*.json*")), ["a.json", "b.jsonl"]);
-        let err = DatasetSpec::parse(&format!("{root}/*.csv")).files().unwrap_err();
+        let err = DatasetSpec::parse(&format!("{root}/*.csv"))
+            .files()
+            .unwrap_err();
         assert!(err.to_string().contains("no .jsonl"), "{err}");
-        let err = DatasetSpec::parse(&format!("{root}/nope.jsonl")).files().unwrap_err();
+        let err = DatasetSpec::parse(&format!("{root}/nope.jsonl"))
+            .files()
+            .unwrap_err();
         assert!(err.to_string().contains("nope.jsonl"), "{err}");
     }
 }

@@ -1,0 +1,113 @@
+//! `swift-rs encode`: the rows training sees, in the order it sees them in the first epoch, as
+//! JSONL (`input_ids`, `labels`, and `position_ids` when packing).
+
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+
+use super::{AtomicFile, Failure};
+use swift_rs::config::TrainConfig;
+use swift_rs::data::dataset::{BadRows, Dataset, Stream, TrainRow};
+use swift_rs::data::encode::Encoder;
+
+#[derive(Args, Debug)]
+pub struct EncodeArgs {
+    /// Training config (TOML); its [model] and [data] sections are used
+    #[arg(long)]
+    config: PathBuf,
+    /// Override a config key: section.key=value (repeatable)
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Write here (atomically) instead of to standard output
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Stop after N rows
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+pub fn run(args: EncodeArgs) -> Result<(), Failure> {
+    let config = TrainConfig::load(&args.config, &args.set)
+        .map_err(|e| Failure::Usage(anyhow::Error::new(e)))?;
+    let encoder = Encoder::from_config(&config.model, &config.data).map_err(anyhow::Error::from)?;
+    let (totals, bad_rows) = match &args.output {
+        Some(path) => {
+            let mut file = AtomicFile::create(path)?;
+            let mut out = BufWriter::new(&mut file);
+            let done = emit(&config, &encoder, args.limit, &mut out)?;
+            out.flush().context("cannot write the encoded rows")?;
+            drop(out);
+            file.commit()?;
+            eprintln!("wrote {}", path.display());
+            done
+        }
+        None => emit(
+            &config,
+            &encoder,
+            args.limit,
+            &mut BufWriter::new(std::io::stdout().lock()),
+        )?,
+    };
+    eprintln!(
+        "encoded {} rows: {} tokens, {} with loss",
+        totals.rows, totals.tokens, totals.label_tokens
+    );
+    if bad_rows.count > 0 {
+        eprintln!(
+            "skipped {} bad rows (data.on_bad_row = \"skip\"); the first:",
+            bad_rows.count
+        );
+        for reason in &bad_rows.first {
+            eprintln!("  {reason}");
+        }
+    }
+    Ok(())
+}
+
+/// Writes the first `limit` rows of epoch 0 to `out`.
+fn emit(
+    config: &TrainConfig,
+    encoder: &Encoder,
+    limit: Option<usize>,
+    out: &mut dyn Write,
+) -> anyhow::Result<(Totals, BadRows)> {
+    let limit = limit.unwrap_or(usize::MAX);
+    let mut totals = Totals::default();
+    if config.data.streaming {
+        let mut stream = Stream::new(&config.data, config.train.seed, 0, encoder)?;
+        for row in stream.by_ref().take(limit) {
+            totals.write(out, &row?)?;
+        }
+        out.flush().context("cannot write the encoded rows")?;
+        Ok((totals, stream.bad_rows))
+    } else {
+        let dataset = Dataset::build(&config.data, config.train.seed, encoder)?;
+        for i in dataset.epoch_order(0).into_iter().take(limit) {
+            totals.write(out, &dataset.train[i])?;
+        }
+        out.flush().context("cannot write the encoded rows")?;
+        eprintln!("validation: {} rows", dataset.val.len());
+        Ok((totals, dataset.bad_rows))
+    }
+}
+
+#[derive(Default)]
+struct Totals {
+    rows: usize,
+    tokens: usize,
+    label_tokens: usize,
+}
+
+impl Totals {
+    fn write(&mut self, out: &mut dyn Write, row: &TrainRow) -> anyhow::Result<()> {
+        serde_json::to_writer(&mut *out, &row.to_json())?;
+        out.write_all(b"\n")
+            .context("cannot write the encoded rows")?;
+        self.rows += 1;
+        self.tokens += row.input_ids().len();
+        self.label_tokens += row.labels().iter().filter(|&&l| l != -100).count();
+        Ok(())
+    }
+}

@@ -1,0 +1,476 @@
+//! From `[data]` to the rows training sees: read every `data.train` spec (with `#N` sampling),
+//! split off `data.val_ratio` or read `data.val`, encode in parallel on every core, apply
+//! `max_length` / `truncation`, pack when asked, and order each epoch (shuffled by `train.seed`
+//! and the epoch, or file order). `data.streaming` does the same lazily through a shuffle buffer.
+//! Rows that cannot be used stop the run or are counted, per `data.on_bad_row`.
+
+use std::collections::VecDeque;
+use std::path::Path;
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rayon::prelude::*;
+use serde_json::{json, Value};
+
+use super::encode::{Encoded, Encoder};
+use super::format::parse_row;
+use super::pack::{pack, truncate, Packed};
+use super::source::{open_rows, DatasetSpec, RawRow};
+use super::{DataError, OnBadRow};
+use crate::config::DataSection;
+
+/// Rows kept in memory to shuffle a stream (Hugging Face `IterableDataset.shuffle` keeps 1000).
+pub const SHUFFLE_BUFFER: usize = 10_000;
+/// Rows encoded together (in parallel), and packed together when streaming.
+const CHUNK: usize = 2048;
+/// How many reasons a skipped-rows report keeps.
+const REASONS_KEPT: usize = 5;
+
+/// Rows that could not be used, under `on_bad_row = "skip"`.
+#[derive(Debug, Clone)]
+pub struct BadRows {
+    policy: OnBadRow,
+    pub count: usize,
+    /// The first few, as "file:line: reason".
+    pub first: Vec<String>,
+}
+
+impl BadRows {
+    pub fn new(policy: OnBadRow) -> Self {
+        Self {
+            policy,
+            count: 0,
+            first: Vec::new(),
+        }
+    }
+
+    /// Counts a bad row under "skip"; any other error, or any error under "error", is returned.
+    fn handle(&mut self, error: DataError) -> Result<(), DataError> {
+        match (&error, self.policy) {
+            (DataError::BadRow { .. }, OnBadRow::Skip) => {
+                self.count += 1;
+                if self.first.len() < REASONS_KEPT {
+                    self.first.push(error.to_string());
+                }
+                Ok(())
+            }
+            _ => Err(error),
+        }
+    }
+}
+
+/// A row training sees: one sample, or several packed into one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrainRow {
+    Sample(Encoded),
+    Packed(Packed),
+}
+
+impl TrainRow {
+    pub fn input_ids(&self) -> &[u32] {
+        match self {
+            Self::Sample(s) => &s.input_ids,
+            Self::Packed(p) => &p.input_ids,
+        }
+    }
+
+    pub fn labels(&self) -> &[i64] {
+        match self {
+            Self::Sample(s) => &s.labels,
+            Self::Packed(p) => &p.labels,
+        }
+    }
+
+    /// `swift-rs encode`'s line: input_ids and labels, and position_ids when packed.
+    pub fn to_json(&self) -> Value {
+        match self {
+            Self::Sample(s) => json!({"input_ids": s.input_ids, "labels": s.labels}),
+            Self::Packed(p) => json!({
+                "input_ids": p.input_ids,
+                "labels": p.labels,
+                "position_ids": p.position_ids,
+            }),
+        }
+    }
+}
+
+/// A dataset read whole.
+#[derive(Debug)]
+pub struct Dataset {
+    pub train: Vec<TrainRow>,
+    pub val: Vec<TrainRow>,
+    pub bad_rows: BadRows,
+    shuffle: bool,
+    seed: u64,
+}
+
+impl Dataset {
+    /// Reads, splits and encodes `data` (not streaming); `seed` is `train.seed`.
+    pub fn build(data: &DataSection, seed: u64, encoder: &Encoder) -> Result<Self, DataError> {
+        let mut bad_rows = BadRows::new(data.on_bad_row);
+        let mut train_rows = read_specs(&data.train, data, seed, &mut bad_rows)?;
+        let mut val_rows = read_specs(&data.val, data, seed, &mut bad_rows)?;
+        if data.val.is_empty() && data.val_ratio > 0.0 {
+            (train_rows, val_rows) = split(train_rows, data.val_ratio, seed);
+        }
+        let train = encode_rows(&train_rows, data, encoder, &mut bad_rows)?;
+        let val = encode_rows(&val_rows, data, encoder, &mut bad_rows)?;
+        if train.is_empty() {
+            return Err(DataError::NoRows {
+                what: "data.train".into(),
+                skipped: bad_rows.count,
+            });
+        }
+        Ok(Self {
+            train: rows_for_training(train, data),
+            val: rows_for_training(val, data),
+            bad_rows,
+            shuffle: data.shuffle,
+            seed,
+        })
+    }
+
+    /// The order of `train` in epoch `epoch` (from 0): a permutation drawn from `train.seed` and
+    /// the epoch when `data.shuffle`, else file order.
+    pub fn epoch_order(&self, epoch: u64) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.train.len()).collect();
+        if self.shuffle {
+            order.shuffle(&mut StdRng::seed_from_u64(self.seed.wrapping_add(epoch)));
+        }
+        order
+    }
+}
+
+/// Packs the samples when `data.packing`, else keeps each as its own row.
+fn rows_for_training(samples: Vec<Encoded>, data: &DataSection) -> Vec<TrainRow> {
+    if data.packing {
+        pack(&samples, data.max_length)
+            .into_iter()
+            .map(TrainRow::Packed)
+            .collect()
+    } else {
+        samples.into_iter().map(TrainRow::Sample).collect()
+    }
+}
+
+/// All rows of the specs, in order, each spec sampled to its `#N`.
+fn read_specs(
+    specs: &[String],
+    data: &DataSection,
+    seed: u64,
+    bad_rows: &mut BadRows,
+) -> Result<Vec<RawRow>, DataError> {
+    let mut all = Vec::new();
+    for spec in specs {
+        let spec = DatasetSpec::parse(spec);
+        let mut rows = Vec::new();
+        for file in spec.files()? {
+            for row in open_rows(&file, &data.columns)? {
+                match row {
+                    Ok(row) => rows.push(row),
+                    Err(e) => bad_rows.handle(e)?,
+                }
+            }
+        }
+        if let Some(n) = spec.sample {
+            rows = sample(rows, n, seed);
+        }
+        all.extend(rows);
+    }
+    Ok(all)
+}
+
+/// ms-swift's `path#N`: N rows drawn without replacement when N is below the size; above it, the
+/// whole dataset repeated N / size times, then the rest drawn without replacement.
+fn sample<T: Clone>(rows: Vec<T>, n: usize, seed: u64) -> Vec<T> {
+    if rows.is_empty() {
+        return rows;
+    }
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut picked = Vec::with_capacity(n);
+    for _ in 0..n / rows.len() {
+        picked.extend(rows.iter().cloned());
+    }
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.shuffle(&mut rng);
+    picked.extend(order[..n % rows.len()].iter().map(|&i| rows[i].clone()));
+    picked
+}
+
+/// (train, val): `ceil(ratio * n)` rows drawn for validation by `seed`; both keep file order.
+fn split<T>(rows: Vec<T>, ratio: f64, seed: u64) -> (Vec<T>, Vec<T>) {
+    let n_val = ((rows.len() as f64 * ratio).ceil() as usize).min(rows.len().saturating_sub(1));
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.shuffle(&mut StdRng::seed_from_u64(seed));
+    let mut is_val = vec![false; rows.len()];
+    for &i in &order[..n_val] {
+        is_val[i] = true;
+    }
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for (row, v) in rows.into_iter().zip(is_val) {
+        if v {
+            val.push(row);
+        } else {
+            train.push(row);
+        }
+    }
+    (train, val)
+}
+
+/// Encodes rows on every core; results keep input order, and bad rows are reported in order.
+fn encode_rows(
+    rows: &[RawRow],
+    data: &DataSection,
+    encoder: &Encoder,
+    bad_rows: &mut BadRows,
+) -> Result<Vec<Encoded>, DataError> {
+    let results: Vec<Result<Encoded, String>> = rows
+        .par_iter()
+        .map(|row| encode_one(row, data, encoder))
+        .collect();
+    let mut samples = Vec::with_capacity(rows.len());
+    for (row, result) in rows.iter().zip(results) {
+        match result {
+            Ok(sample) => samples.push(sample),
+            Err(reason) => bad_rows.handle(DataError::BadRow {
+                path: row.path.to_path_buf(),
+                at: row.at,
+                reason,
+            })?,
+        }
+    }
+    Ok(samples)
+}
+
+fn encode_one(row: &RawRow, data: &DataSection, encoder: &Encoder) -> Result<Encoded, String> {
+    let encoded = encoder.encode(&parse_row(&row.value)?)?;
+    let len = encoded.input_ids.len();
+    let kept = truncate(encoded, data.max_length, data.truncation).ok_or_else(|| {
+        format!(
+            "{len} tokens, longer than data.max_length = {} (data.truncation = \"delete\")",
+            data.max_length
+        )
+    })?;
+    if kept
+        .labels
+        .iter()
+        .all(|&l| l == crate::model::loss::IGNORE_INDEX)
+    {
+        return Err("no token takes loss (after truncation)".into());
+    }
+    Ok(kept)
+}
+
+/// `data.streaming`: the train rows of one pass over the specs, read lazily. Rows go through a
+/// shuffle buffer of `SHUFFLE_BUFFER` rows when `data.shuffle`, are encoded `CHUNK` at a time in
+/// parallel, and are packed within each chunk. Memory stays bounded whatever the file sizes
+/// (except .json arrays, which are read whole).
+pub struct Stream<'a> {
+    data: &'a DataSection,
+    encoder: &'a Encoder,
+    source: Box<dyn Iterator<Item = Result<RawRow, DataError>> + Send + 'a>,
+    buffer: Vec<RawRow>,
+    rng: Option<StdRng>,
+    ready: VecDeque<TrainRow>,
+    pub bad_rows: BadRows,
+    rows_out: usize,
+    failed: bool,
+}
+
+impl<'a> Stream<'a> {
+    /// Pass `epoch` (from 0) over `data.train`; `seed` is `train.seed`.
+    pub fn new(
+        data: &'a DataSection,
+        seed: u64,
+        epoch: u64,
+        encoder: &'a Encoder,
+    ) -> Result<Self, DataError> {
+        let mut sources = Vec::new();
+        for spec in &data.train {
+            let spec = DatasetSpec::parse(spec);
+            let files = spec.files()?;
+            let rows = SpecRows::new(files, data.columns.clone());
+            sources.push(match spec.sample {
+                Some(n) => Box::new(rows.cycle_take(n)) as Box<dyn Iterator<Item = _> + Send>,
+                None => Box::new(rows),
+            });
+        }
+        Ok(Self {
+            data,
+            encoder,
+            source: Box::new(sources.into_iter().flatten()),
+            buffer: Vec::new(),
+            rng: data
+                .shuffle
+                .then(|| StdRng::seed_from_u64(seed.wrapping_add(epoch))),
+            ready: VecDeque::new(),
+            bad_rows: BadRows::new(data.on_bad_row),
+            rows_out: 0,
+            failed: false,
+        })
+    }
+
+    /// The next raw row: straight from the files, or drawn at random from the shuffle buffer.
+    fn next_raw(&mut self) -> Option<Result<RawRow, DataError>> {
+        let Some(rng) = self.rng.as_mut() else {
+            return self.source.next();
+        };
+        while self.buffer.len() < SHUFFLE_BUFFER {
+            match self.source.next() {
+                Some(Ok(row)) => self.buffer.push(row),
+                Some(Err(e)) => return Some(Err(e)),
+                None => break,
+            }
+        }
+        if self.buffer.is_empty() {
+            return None;
+        }
+        let i = rand::Rng::random_range(rng, 0..self.buffer.len());
+        Some(Ok(self.buffer.swap_remove(i)))
+    }
+
+    /// Reads, encodes and (when packing) packs the next chunk; false at the end.
+    fn fill(&mut self) -> Result<bool, DataError> {
+        let mut rows = Vec::with_capacity(CHUNK);
+        while rows.len() < CHUNK {
+            match self.next_raw() {
+                Some(Ok(row)) => rows.push(row),
+                Some(Err(e)) => self.bad_rows.handle(e)?,
+                None => break,
+            }
+        }
+        if rows.is_empty() {
+            return Ok(false);
+        }
+        let samples = encode_rows(&rows, self.data, self.encoder, &mut self.bad_rows)?;
+        self.ready.extend(rows_for_training(samples, self.data));
+        Ok(true)
+    }
+}
+
+impl Iterator for Stream<'_> {
+    type Item = Result<TrainRow, DataError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while self.ready.is_empty() && !self.failed {
+            match self.fill() {
+                Ok(true) => {}
+                Ok(false) if self.rows_out == 0 => {
+                    self.failed = true;
+                    return Some(Err(DataError::NoRows {
+                        what: "data.train".into(),
+                        skipped: self.bad_rows.count,
+                    }));
+                }
+                Ok(false) => return None,
+                Err(e) => {
+                    self.failed = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+        let row = self.ready.pop_front()?;
+        self.rows_out += 1;
+        Some(Ok(row))
+    }
+}
+
+/// The rows of a spec's files in order, opened one file at a time.
+struct SpecRows {
+    files: Vec<std::path::PathBuf>,
+    next_file: usize,
+    columns: std::collections::BTreeMap<String, String>,
+    current: Option<Box<dyn Iterator<Item = Result<RawRow, DataError>> + Send>>,
+}
+
+impl SpecRows {
+    fn new(
+        files: Vec<std::path::PathBuf>,
+        columns: std::collections::BTreeMap<String, String>,
+    ) -> Self {
+        Self {
+            files,
+            next_file: 0,
+            columns,
+            current: None,
+        }
+    }
+
+    /// The first `n` rows, starting over at the first file when the files run out (streaming's
+    /// `#N`: no sampling without reading everything first).
+    fn cycle_take(self, n: usize) -> impl Iterator<Item = Result<RawRow, DataError>> + Send {
+        let (files, columns) = (self.files.clone(), self.columns.clone());
+        let mut pass = self;
+        let mut in_pass = 0;
+        std::iter::from_fn(move || loop {
+            match pass.next() {
+                Some(row) => {
+                    in_pass += 1;
+                    return Some(row);
+                }
+                // An empty pass would repeat forever.
+                None if in_pass == 0 => return None,
+                None => {
+                    pass = SpecRows::new(files.clone(), columns.clone());
+                    in_pass = 0;
+                }
+            }
+        })
+        .take(n)
+    }
+}
+
+impl Iterator for SpecRows {
+    type Item = Result<RawRow, DataError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(row) = self.current.as_mut().and_then(Iterator::next) {
+                return Some(row);
+            }
+            let file = self.files.get(self.next_file)?;
+            self.next_file += 1;
+            match open_rows(Path::new(file), &self.columns) {
+                Ok(rows) => self.current = Some(rows),
+                Err(e) => {
+                    self.next_file = self.files.len();
+                    self.current = None;
+                    return Some(Err(e));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampling_below_and_above_the_size() {
+        let rows: Vec<usize> = (0..10).collect();
+        let some = sample(rows.clone(), 4, 42);
+        assert_eq!(some.len(), 4);
+        let mut unique = some.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), 4, "without replacement: {some:?}");
+        assert_eq!(some, sample(rows.clone(), 4, 42), "seeded");
+        let many = sample(rows.clone(), 23, 42);
+        assert_eq!(many[..20], [rows.clone(), rows.clone()].concat()[..]);
+        assert_eq!(many.len(), 23);
+    }
+
+    #[test]
+    fn validation_split_is_seeded_and_keeps_file_order() {
+        let rows: Vec<usize> = (0..100).collect();
+        let (train, val) = split(rows.clone(), 0.05, 42);
+        assert_eq!((train.len(), val.len()), (95, 5));
+        assert!(train.windows(2).all(|w| w[0] < w[1]) && val.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(split(rows.clone(), 0.05, 42).1, val);
+        assert_ne!(split(rows, 0.05, 43).1, val);
+        // One row is never all validation.
+        assert_eq!(split(vec![1], 0.5, 42), (vec![1], vec![]));
+    }
+}

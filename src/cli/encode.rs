@@ -88,7 +88,9 @@ fn emit(
             totals.write(out, &dataset.train[i])?;
         }
         out.flush().context("cannot write the encoded rows")?;
-        eprintln!("validation: {} rows", dataset.val.len());
+        if !dataset.val.is_empty() {
+            eprintln!("validation: {} rows (not written)", dataset.val.len());
+        }
         Ok((totals, dataset.bad_rows))
     }
 }

@@ -19,6 +19,8 @@ use super::pack::{pack, truncate, Packed};
 use super::source::{open_rows, DatasetSpec, RawRow};
 use super::{DataError, OnBadRow};
 use crate::config::DataSection;
+use crate::model::loss::IGNORE_INDEX;
+use crate::model::Batch;
 
 /// Rows kept in memory to shuffle a stream (Hugging Face `IterableDataset.shuffle` keeps 1000).
 pub const SHUFFLE_BUFFER: usize = 10_000;
@@ -82,6 +84,14 @@ impl TrainRow {
         }
     }
 
+    /// Where each sample starts, then the row's length.
+    pub fn boundaries(&self) -> Vec<usize> {
+        match self {
+            Self::Sample(s) => vec![0, s.input_ids.len()],
+            Self::Packed(p) => p.boundaries.clone(),
+        }
+    }
+
     /// `swift-rs encode`'s line: input_ids and labels, and position_ids when packed.
     pub fn to_json(&self) -> Value {
         match self {
@@ -93,6 +103,28 @@ impl TrainRow {
             }),
         }
     }
+}
+
+/// Rows to one batch padded to its longest row (dynamic padding), with labels padded by -100 to
+/// the same length; packed rows keep attention inside each sample.
+pub fn collate(rows: &[&TrainRow]) -> (Batch, Vec<Vec<i64>>) {
+    let boundaries: Vec<Vec<usize>> = rows.iter().map(|r| r.boundaries()).collect();
+    let parts: Vec<(&[u32], &[usize])> = rows
+        .iter()
+        .zip(&boundaries)
+        .map(|(r, b)| (r.input_ids(), b.as_slice()))
+        .collect();
+    let batch = Batch::packed(&parts);
+    let seq = batch.input_ids.first().map_or(0, Vec::len);
+    let labels = rows
+        .iter()
+        .map(|r| {
+            let mut l = r.labels().to_vec();
+            l.resize(seq, IGNORE_INDEX);
+            l
+        })
+        .collect();
+    (batch, labels)
 }
 
 /// A dataset read whole.
@@ -252,11 +284,7 @@ fn encode_one(row: &RawRow, data: &DataSection, encoder: &Encoder) -> Result<Enc
             data.max_length
         )
     })?;
-    if kept
-        .labels
-        .iter()
-        .all(|&l| l == crate::model::loss::IGNORE_INDEX)
-    {
+    if kept.labels.iter().all(|&l| l == IGNORE_INDEX) {
         return Err("no token takes loss (after truncation)".into());
     }
     Ok(kept)
@@ -446,6 +474,23 @@ impl Iterator for SpecRows {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn collate_pads_to_the_longest_row() {
+        let sample = |n: u32| Encoded {
+            input_ids: (1..=n).collect(),
+            labels: (1..=n as i64).collect(),
+        };
+        let packed = TrainRow::Packed(pack(&[sample(2), sample(3)], 5).remove(0));
+        let short = TrainRow::Sample(sample(2));
+        let (batch, labels) = collate(&[&short, &packed]);
+        assert_eq!(batch.input_ids[0].len(), 5);
+        assert_eq!(batch.attention_mask[0], [true, true, false, false, false]);
+        assert_eq!(labels[0], [1, 2, -100, -100, -100]);
+        assert_eq!(batch.position_ids[1], [0, 1, 2, 0, 1]);
+        assert_eq!(batch.segment_ids[1], [0, 0, 0, 1, 1]);
+        assert_eq!(labels[1], [-100, 2, 3, -100, 2]);
+    }
 
     #[test]
     fn sampling_below_and_above_the_size() {

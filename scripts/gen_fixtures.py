@@ -38,6 +38,7 @@ What it writes, under tests/fixtures/:
   (bitsandbytes' reference kernels, double quantization), which is what bitsandbytes' 4-bit
   matmul computes (dequantize, then a dense matmul in the compute dtype).
 
+  schedules.json        transformers' cosine / linear / constant-with-warmup learning rates per step
   nf4/nf4.safetensors   bitsandbytes' NF4 (blocks of 64, with and without double quantization)
                         of weights of odd sizes, f32 and bf16, by its reference kernels: the
                         input, every part of the quantized state and the dequantized weight
@@ -478,6 +479,26 @@ def make_datasets() -> None:
     (dir / "expected.jsonl").write_text("".join(json.dumps(e) + "\n" for e in expected))
 
 
+def make_schedules() -> None:
+    """transformers' learning-rate schedules (the LambdaLR factors of its get_*_schedule_with_
+    warmup functions) for every optimizer step of a few runs; `lr` is the rate step k uses."""
+    from transformers import get_scheduler
+    runs = []
+    for kind, total, warmup in [("cosine", 50, 5), ("cosine", 17, 0), ("linear", 30, 7),
+                                ("linear", 9, 0), ("constant", 12, 3), ("cosine", 10, 10)]:
+        param = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([param], lr=2e-4)
+        name = "constant_with_warmup" if kind == "constant" else kind
+        sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total)
+        lrs = []
+        for _ in range(total):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        runs.append({"kind": kind, "base": 2e-4, "total": total, "warmup": warmup, "lr": lrs})
+    (ROOT / "schedules.json").write_text(json.dumps(runs, indent=1))
+
+
 def make_nf4() -> None:
     """bitsandbytes' NF4 as its reference kernels (backends/default/ops.py, pure torch, the
     semantics its CUDA kernels share) compute it. The CPU C kernels of bitsandbytes 0.50.2 built
@@ -565,6 +586,7 @@ def main() -> None:
     make_nf4()
     make_templates()
     make_datasets()
+    make_schedules()
     check_rust_adapter_in_peft()
 
 

@@ -439,6 +439,12 @@ impl TrainConfig {
                 "a streamed dataset has no known length: set train.max_steps".into(),
             );
         }
+        if self.data.streaming && self.data.val_ratio > 0.0 {
+            return fail(
+                "data.val_ratio",
+                "a stream cannot be split without reading it whole: give data.val instead".into(),
+            );
+        }
         if self.model.dtype != "auto" && crate::config::Dtype::parse(&self.model.dtype).is_none() {
             return fail(
                 "model.dtype",
@@ -610,5 +616,12 @@ mod tests {
         assert!(err.contains("given twice"), "{err}");
         let err = parse(MINIMAL, &["data.streaming=true"]).unwrap_err();
         assert!(err.contains("train.max_steps"), "{err}");
+        let sets = [
+            "data.streaming=true",
+            "train.max_steps=9",
+            "data.val_ratio=0.1",
+        ];
+        let err = parse(MINIMAL, &sets).unwrap_err();
+        assert!(err.contains("data.val_ratio"), "{err}");
     }
 }

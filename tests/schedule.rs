@@ -1,0 +1,28 @@
+//! Learning-rate schedules equal transformers' for every step (tests/fixtures/schedules.json, made
+//! by scripts/gen_fixtures.py).
+
+mod common;
+
+use swift_rs::train::schedule::{LrSchedule, ScheduleKind};
+
+#[test]
+fn schedules_match_transformers_step_by_step() {
+    let text = std::fs::read_to_string(common::fixtures().join("schedules.json")).unwrap();
+    let runs: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    assert_eq!(runs.len(), 6);
+    for run in runs {
+        let kind: ScheduleKind = run["kind"].as_str().unwrap().parse().unwrap();
+        let total = run["total"].as_u64().unwrap() as usize;
+        let warmup = run["warmup"].as_u64().unwrap() as usize;
+        let schedule = LrSchedule::new(kind, run["base"].as_f64().unwrap(), total, warmup, 0.0);
+        let expected: Vec<f64> = serde_json::from_value(run["lr"].clone()).unwrap();
+        assert_eq!(expected.len(), total);
+        for (step, want) in expected.iter().enumerate() {
+            let got = schedule.lr(step);
+            assert!(
+                (got - want).abs() <= 1e-12,
+                "{kind:?} total {total} warmup {warmup} step {step}: {got} vs {want}"
+            );
+        }
+    }
+}

@@ -37,7 +37,6 @@ pub fn run(args: EncodeArgs) -> Result<(), Failure> {
             let mut file = AtomicFile::create(path)?;
             let mut out = BufWriter::new(&mut file);
             let done = emit(&config, &encoder, args.limit, &mut out)?;
-            out.flush().context("cannot write the encoded rows")?;
             drop(out);
             file.commit()?;
             eprintln!("wrote {}", path.display());
@@ -75,24 +74,24 @@ fn emit(
 ) -> anyhow::Result<(Totals, BadRows)> {
     let limit = limit.unwrap_or(usize::MAX);
     let mut totals = Totals::default();
-    if config.data.streaming {
+    let bad_rows = if config.data.streaming {
         let mut stream = Stream::new(&config.data, config.train.seed, 0, encoder)?;
         for row in stream.by_ref().take(limit) {
             totals.write(out, &row?)?;
         }
-        out.flush().context("cannot write the encoded rows")?;
-        Ok((totals, stream.bad_rows))
+        stream.bad_rows
     } else {
         let dataset = Dataset::build(&config.data, config.train.seed, encoder)?;
         for i in dataset.epoch_order(0).into_iter().take(limit) {
             totals.write(out, &dataset.train[i])?;
         }
-        out.flush().context("cannot write the encoded rows")?;
         if !dataset.val.is_empty() {
             eprintln!("validation: {} rows (not written)", dataset.val.len());
         }
-        Ok((totals, dataset.bad_rows))
-    }
+        dataset.bad_rows
+    };
+    out.flush().context("cannot write the encoded rows")?;
+    Ok((totals, bad_rows))
 }
 
 #[derive(Default)]

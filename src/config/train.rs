@@ -311,48 +311,48 @@ impl TrainConfig {
                 message: e.to_string().trim_end().to_string(),
             })?;
         let known = known_keys();
-        let at = |section: Option<&str>, key: &str| match line_of(text, section, key) {
-            Some(line) => format!("{}:{line}", path.display()),
-            None => path.display().to_string(),
-        };
+        let at = |section: Option<&str>, key: &str| location(path, text, section, key);
         let mut table = Table::new();
-        let mut place =
-            |section: &str, key: &str, value: Value, at: String| -> Result<(), TrainConfigError> {
-                let entry = table
-                    .entry(section.to_string())
-                    .or_insert_with(|| Value::Table(Table::new()));
-                let Value::Table(entries) = entry else {
-                    unreachable!("sections are tables")
-                };
-                if entries.insert(key.to_string(), value).is_some() {
-                    return Err(TrainConfigError::Key {
-                        at,
-                        message: format!(
-                            "{section}.{key} is given twice (once under an ms-swift name)"
-                        ),
-                    });
-                }
-                Ok(())
+        // `at` is only worked out (a scan of the text) when there is an error to report.
+        let mut place = |section: &str,
+                         key: &str,
+                         value: Value,
+                         at: &dyn Fn() -> String|
+         -> Result<(), TrainConfigError> {
+            let entry = table
+                .entry(section.to_string())
+                .or_insert_with(|| Value::Table(Table::new()));
+            let Value::Table(entries) = entry else {
+                unreachable!("sections are tables")
             };
+            if entries.insert(key.to_string(), value).is_some() {
+                return Err(TrainConfigError::Key {
+                    at: at(),
+                    message: format!(
+                        "{section}.{key} is given twice (once under an ms-swift name)"
+                    ),
+                });
+            }
+            Ok(())
+        };
         for (name, value) in raw {
             match (value, known.get(name.as_str())) {
                 (Value::Table(entries), Some(_)) => {
                     for (key, value) in entries {
-                        let at = at(Some(&name), &key);
-                        let key = canonical(&known, &name, &key).ok_or_else(|| {
-                            unknown_key(at.clone(), &known, &format!("{name}.{key}"))
-                        })?;
-                        place(&name, key, value, at)?;
+                        let here = || at(Some(&name), &key);
+                        let canonical_key = canonical(&known, &name, &key)
+                            .ok_or_else(|| unknown_key(here(), &known, &format!("{name}.{key}")))?;
+                        place(&name, canonical_key, value, &here)?;
                     }
                 }
                 (value, _) => {
-                    let at = at(None, &name);
+                    let here = || at(None, &name);
                     let (section, key) = ALIASES
                         .iter()
                         .find(|(alias, ..)| *alias == name)
                         .map(|&(_, s, k)| (s, k))
-                        .ok_or_else(|| unknown_key(at.clone(), &known, &name))?;
-                    place(section, key, value, at)?;
+                        .ok_or_else(|| unknown_key(here(), &known, &name))?;
+                    place(section, key, value, &here)?;
                 }
             }
         }
@@ -385,29 +385,35 @@ impl TrainConfig {
         Ok(config)
     }
 
-    /// Deserializes section by section so a type error can name its key and line.
+    /// Deserializes the config; a type error names its key and line.
     fn from_table(table: Table, text: &str, path: &Path) -> Result<Self, TrainConfigError> {
-        let mut json = serde_json::to_value(Self::default()).expect("defaults serialize");
-        for (section, entries) in table {
-            let Value::Table(entries) = entries else {
-                continue;
-            };
-            for (key, value) in entries {
-                json[&section][&key] = serde_json::to_value(&value).expect("TOML is JSON");
-                let probe: Result<TrainConfig, _> = serde_json::from_value(json.clone());
-                if let Err(e) = probe {
-                    let at = match line_of(text, Some(&section), &key) {
-                        Some(line) => format!("{}:{line}", path.display()),
-                        None => path.display().to_string(),
-                    };
-                    return Err(TrainConfigError::Key {
-                        at,
-                        message: format!("{section}.{key}: {e}"),
-                    });
-                }
-            }
-        }
-        Ok(serde_json::from_value(json).expect("checked key by key"))
+        serde_json::from_value(with_defaults(&table, usize::MAX)).map_err(|whole| {
+            Self::culprit(&table, text, path).unwrap_or_else(|| TrainConfigError::Key {
+                at: path.display().to_string(),
+                message: whole.to_string(),
+            })
+        })
+    }
+
+    /// The first key whose value does not deserialize (keys added one by one onto the defaults).
+    fn culprit(table: &Table, text: &str, path: &Path) -> Option<TrainConfigError> {
+        let keys = table
+            .iter()
+            .flat_map(|(section, entries)| {
+                let keys = entries.as_table().map(|t| t.keys().collect::<Vec<_>>());
+                keys.unwrap_or_default()
+                    .into_iter()
+                    .map(move |k| (section, k))
+            })
+            .collect::<Vec<_>>();
+        (1..=keys.len()).find_map(|n| {
+            let e = serde_json::from_value::<Self>(with_defaults(table, n)).err()?;
+            let (section, key) = keys[n - 1];
+            Some(TrainConfigError::Key {
+                at: location(path, text, Some(section), key),
+                message: format!("{section}.{key}: {e}"),
+            })
+        })
     }
 
     /// Values every field accepts but that cannot work.
@@ -457,6 +463,27 @@ impl TrainConfig {
     /// The config as TOML, every default filled in (keys without a value are left out).
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("the config serializes")
+    }
+}
+
+/// The defaults as JSON with the first `n` keys of `table` (section by section) put in.
+fn with_defaults(table: &Table, n: usize) -> Json {
+    let mut json = serde_json::to_value(TrainConfig::default()).expect("defaults serialize");
+    let entries = table
+        .iter()
+        .filter_map(|(section, entries)| Some((section, entries.as_table()?)))
+        .flat_map(|(section, entries)| entries.iter().map(move |(k, v)| (section, k, v)));
+    for (section, key, value) in entries.take(n) {
+        json[section][key] = serde_json::to_value(value).expect("TOML is JSON");
+    }
+    json
+}
+
+/// "file:line" of `key` in `[section]`, or the file alone when the line is not found.
+fn location(path: &Path, text: &str, section: Option<&str>, key: &str) -> String {
+    match line_of(text, section, key) {
+        Some(line) => format!("{}:{line}", path.display()),
+        None => path.display().to_string(),
     }
 }
 

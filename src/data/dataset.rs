@@ -4,8 +4,8 @@
 //! and the epoch, or file order). `data.streaming` does the same lazily through a shuffle buffer.
 //! Rows that cannot be used stop the run or are counted, per `data.on_bad_row`.
 
-use std::collections::VecDeque;
-use std::path::Path;
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -406,17 +406,14 @@ impl Iterator for Stream<'_> {
 
 /// The rows of a spec's files in order, opened one file at a time.
 struct SpecRows {
-    files: Vec<std::path::PathBuf>,
+    files: Vec<PathBuf>,
     next_file: usize,
-    columns: std::collections::BTreeMap<String, String>,
+    columns: BTreeMap<String, String>,
     current: Option<Box<dyn Iterator<Item = Result<RawRow, DataError>> + Send>>,
 }
 
 impl SpecRows {
-    fn new(
-        files: Vec<std::path::PathBuf>,
-        columns: std::collections::BTreeMap<String, String>,
-    ) -> Self {
+    fn new(files: Vec<PathBuf>, columns: BTreeMap<String, String>) -> Self {
         Self {
             files,
             next_file: 0,

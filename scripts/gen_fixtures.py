@@ -53,13 +53,14 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
@@ -545,7 +546,84 @@ def make_nf4() -> None:
     save_file({k: v.contiguous() for k, v in out.items()}, str(dir / "nf4.safetensors"))
 
 
+def make_training() -> None:
+    """Optimizer steps of PyTorch + PEFT from the PEFT adapters above, for `swift-rs train`'s
+    parity tests: the loss of a step is the summed CE of every micro-batch over the step's label
+    count (transformers' `num_items_in_batch`, the fix of PR #34191), micro-batches right-padded
+    with an attention mask, data in file order.
+      sgd_<B>x<A>.safetensors   one SGD step (lr 1, weight decay 0.1, no clipping) from
+                                adapters/qwen2_rslora on qwen2_bf16 (f32), batch B x accum A
+      adamw.safetensors         three AdamW steps (linear schedule, clipping at 0.5) from
+                                adapters/qwen3_dora on qwen3_f16 (f32), batch 2 x accum 1
+      steps.json                the loss and grad norm of every step of each run
+    Tensors are keyed as in adapter_model.safetensors."""
+    out = ROOT / "training"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    g = torch.Generator().manual_seed(31)
+    rows = []
+    for i, n in enumerate([11, 6, 14, 9]):
+        ids = torch.randint(0, VOCAB, (n,), generator=g).tolist()
+        labels = [-100 if t < 3 or (i == 2 and t % 4 == 0) else x for t, x in enumerate(ids)]
+        rows.append({"input_ids": ids, "labels": labels})
+    (out / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def step_batches(batch: int, accum: int, step: int) -> list[list[dict]]:
+        per_step = batch * accum
+        start = (step * per_step) % len(rows)
+        chosen = [rows[(start + k) % len(rows)] for k in range(per_step)]
+        return [chosen[k:k + batch] for k in range(0, per_step, batch)]
+
+    def run(base: str, adapter: str, batch: int, accum: int, steps: int, make_opt, clip: float):
+        model = load_model(ROOT / "models" / base, torch.float32, ROOT / "adapters" / adapter, trainable=True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt, sched = make_opt(params)
+        trace = []
+        for step in range(steps):
+            micro = step_batches(batch, accum, step)
+            n_items = sum(sum(1 for l in r["labels"][1:] if l != -100) for mb in micro for r in mb)
+            opt.zero_grad()
+            total = 0.0
+            for mb in micro:
+                seq = max(len(r["input_ids"]) for r in mb)
+                ids = torch.tensor([r["input_ids"] + [0] * (seq - len(r["input_ids"])) for r in mb])
+                mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (seq - len(r["input_ids"])) for r in mb])
+                labels = torch.tensor([r["labels"] + [-100] * (seq - len(r["labels"])) for r in mb])
+                logits = model(input_ids=ids, attention_mask=mask).logits.float()
+                loss = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                    ignore_index=-100, reduction="sum") / n_items
+                loss.backward()
+                total += loss.item()
+            norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+            opt.step()
+            if sched is not None:
+                sched.step()
+            trace.append({"loss": total, "grad_norm": float(norm)})
+        # The keys PEFT's save_pretrained writes.
+        state = get_peft_model_state_dict(model)
+        return {k: v.detach().contiguous() for k, v in state.items()}, trace
+
+    from transformers import get_scheduler
+    traces = {}
+    for batch, accum in [(4, 1), (1, 4), (2, 2)]:
+        sgd = lambda ps: (torch.optim.SGD(ps, lr=1.0, weight_decay=0.1), None)
+        state, traces[f"sgd_{batch}x{accum}"] = run("qwen2_bf16", "qwen2_rslora", batch, accum, 1, sgd, 0.0)
+        save_file(state, str(out / f"sgd_{batch}x{accum}.safetensors"))
+
+    def adamw(ps):
+        opt = torch.optim.AdamW(ps, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+        return opt, get_scheduler("linear", opt, num_warmup_steps=0, num_training_steps=3)
+    state, traces["adamw"] = run("qwen3_f16", "qwen3_dora", 2, 1, 3, adamw, 0.5)
+    assert all(t["grad_norm"] > 0.5 for t in traces["adamw"]), "clipping must engage"
+    save_file(state, str(out / "adamw.safetensors"))
+    (out / "steps.json").write_text(json.dumps(traces, indent=1))
+
+
 def main() -> None:
+    if sys.argv[1:] == ["training"]:  # only the training fixtures (they read the ones below)
+        make_training()
+        return
     make_tokenizer()
     small = dict(hidden_size=64, intermediate_size=88, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
@@ -587,6 +665,7 @@ def main() -> None:
     make_templates()
     make_datasets()
     make_schedules()
+    make_training()
     check_rust_adapter_in_peft()
 
 

@@ -4,6 +4,7 @@ mod device;
 mod encode;
 mod eval;
 mod merge;
+mod train;
 
 use std::path::Path;
 
@@ -23,6 +24,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// LoRA / QLoRA fine-tune from a training config (TOML)
+    Train(train::TrainArgs),
     /// Mean loss and perplexity of a model over pre-tokenized JSONL rows
     Eval(eval::EvalArgs),
     /// Write the rows training would see (input_ids, labels) as JSONL
@@ -88,6 +91,7 @@ impl From<anyhow::Error> for Failure {
 
 pub fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
+        Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Merge(args) => merge::run(args),
         Command::Encode(args) => encode::run(args),

@@ -49,13 +49,25 @@ pub fn read_adapter(dir: &Path) -> Result<LoraPlan, ExportError> {
 }
 
 /// Writes the model's adapters as a PEFT adapter directory (replacing `dir` atomically).
-/// `target_modules` is written as PEFT writes it after resolving "all-linear": the set of module
-/// suffixes that carry adapters (a regex is kept as given).
 pub fn save_adapter<B: Backend>(
     model: &CausalLm<B>,
     config: &LoraConfig,
     dir: &Path,
 ) -> Result<(), ExportError> {
+    let staged = StagedDir::new(dir)?;
+    for (name, bytes) in adapter_files(model, config)? {
+        staged.write(name, &bytes)?;
+    }
+    staged.commit()
+}
+
+/// The files of a PEFT adapter directory, by name: `adapter_config.json` and
+/// `adapter_model.safetensors`. `target_modules` is written as PEFT writes it after resolving
+/// "all-linear": the set of module suffixes that carry adapters (a regex is kept as given).
+pub fn adapter_files<B: Backend>(
+    model: &CausalLm<B>,
+    config: &LoraConfig,
+) -> Result<Vec<(&'static str, Vec<u8>)>, ExportError> {
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut suffixes = BTreeSet::new();
     for (name, lin) in model.lora_linears() {
@@ -74,6 +86,20 @@ pub fn save_adapter<B: Backend>(
     if !matches!(config.target_modules, Some(TargetModules::Regex(_))) {
         config.target_modules = Some(TargetModules::Names(suffixes.into_iter().collect()));
     }
+    let weights = f32_safetensors(&tensors, None).map_err(|e| ExportError::Write {
+        path: WEIGHTS_FILE.into(),
+        source: std::io::Error::other(e),
+    })?;
+    let config_json = serde_json::to_vec_pretty(&config).expect("LoraConfig serialises");
+    Ok(vec![(CONFIG_FILE, config_json), (WEIGHTS_FILE, weights)])
+}
+
+/// A safetensors file of f32 tensors `(key, shape, little-endian bytes)`, marked as PyTorch's
+/// ("format": "pt") as transformers and PEFT write theirs, with `metadata` added.
+pub fn f32_safetensors(
+    tensors: &[(String, Vec<usize>, Vec<u8>)],
+    metadata: Option<Vec<(String, String)>>,
+) -> Result<Vec<u8>, String> {
     let views: Vec<(String, TensorView)> = tensors
         .iter()
         .map(|(k, shape, bytes)| {
@@ -82,19 +108,14 @@ pub fn save_adapter<B: Backend>(
             (k.clone(), view)
         })
         .collect();
-    let metadata = Some([("format".to_string(), "pt".to_string())].into());
-    let weights = safetensors::serialize(views, metadata).map_err(|e| ExportError::Write {
-        path: dir.join(WEIGHTS_FILE),
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    let config_json = serde_json::to_vec_pretty(&config).expect("LoraConfig serialises");
-    let staged = StagedDir::new(dir)?;
-    staged.write(CONFIG_FILE, &config_json)?;
-    staged.write(WEIGHTS_FILE, &weights)?;
-    staged.commit()
+    let mut meta: std::collections::HashMap<String, String> =
+        [("format".to_string(), "pt".to_string())].into();
+    meta.extend(metadata.unwrap_or_default());
+    safetensors::serialize(views, Some(meta)).map_err(|e| e.to_string())
 }
 
-fn f32_entry<B: Backend, const D: usize>(
+/// A tensor as `(key, shape, little-endian f32 bytes)` for `f32_safetensors`.
+pub fn f32_entry<B: Backend, const D: usize>(
     key: String,
     t: Tensor<B, D>,
 ) -> (String, Vec<usize>, Vec<u8>) {

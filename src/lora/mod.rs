@@ -7,7 +7,7 @@ pub mod target;
 
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Linear};
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::module::linear;
 use burn::tensor::{DType, Tensor, TensorData};
 use rand::SeedableRng;
@@ -106,6 +106,32 @@ impl<B: Backend> LoraLinear<B> {
 }
 
 impl<B: Backend> Lora<B> {
+    /// The trainable tensors, flattened, each with the suffix of its PEFT key. The optimizer
+    /// works on these; their order is the one `set_trainable` takes back.
+    pub fn trainable(&self) -> Vec<(&'static str, Tensor<B, 1>)> {
+        let mut out = vec![
+            ("lora_A.weight", self.lora_a.val().flatten(0, 1)),
+            ("lora_B.weight", self.lora_b.val().flatten(0, 1)),
+        ];
+        if let Some(m) = &self.lora_magnitude_vector {
+            out.push(("lora_magnitude_vector", m.val()));
+        }
+        out
+    }
+
+    /// Replaces the trainable tensors by `values` (flattened, in `trainable`'s order), keeping
+    /// each parameter's id and shape. Under autodiff the new values are leaves that require grad.
+    pub fn set_trainable(&mut self, values: Vec<Tensor<B, 1>>) {
+        assert_eq!(values.len(), self.trainable().len(), "one value per tensor");
+        let mut values = values.into_iter();
+        let mut next = || values.next().expect("counted");
+        replace(&mut self.lora_a, next());
+        replace(&mut self.lora_b, next());
+        if let Some(m) = &mut self.lora_magnitude_vector {
+            replace(m, next());
+        }
+    }
+
     /// `s * (A @ B)` in the `[in, out]` orientation of the base weight, f32.
     pub fn delta_weight(&self) -> Tensor<B, 2> {
         self.lora_a.val().matmul(self.lora_b.val()) * self.scaling
@@ -196,6 +222,26 @@ impl<B: Backend> Lora<B> {
             scaling: cfg.scaling(),
         }
     }
+}
+
+impl<B: AutodiffBackend> Lora<B> {
+    /// The gradients of the trainable tensors, flattened in `trainable`'s order (None where the
+    /// backward pass did not reach a tensor).
+    pub fn trainable_grads(&self, grads: &B::Gradients) -> Vec<Option<Tensor<B::InnerBackend, 1>>> {
+        let mut out = vec![
+            self.lora_a.val().grad(grads).map(|g| g.flatten(0, 1)),
+            self.lora_b.val().grad(grads).map(|g| g.flatten(0, 1)),
+        ];
+        if let Some(m) = &self.lora_magnitude_vector {
+            out.push(m.val().grad(grads));
+        }
+        out
+    }
+}
+
+fn replace<B: Backend, const D: usize>(param: &mut Param<Tensor<B, D>>, flat: Tensor<B, 1>) {
+    let value = flat.reshape(param.val().shape()).detach().require_grad();
+    *param = Param::initialized(param.id, value);
 }
 
 /// 64-bit FNV-1a: a hash that stays the same across Rust versions and platforms.

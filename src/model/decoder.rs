@@ -181,6 +181,34 @@ impl<B: Backend> DecoderLayer<B> {
         }
     }
 
+    /// The adaptable linear layers, in `LAYER_LINEARS` order.
+    pub fn linears(&self) -> [&LoraLinear<B>; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+    }
+
+    /// As `linears`, to update their adapters.
+    pub fn linears_mut(&mut self) -> [&mut LoraLinear<B>; 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            &mut a.q_proj,
+            &mut a.k_proj,
+            &mut a.v_proj,
+            &mut a.o_proj,
+            &mut m.gate_proj,
+            &mut m.up_proj,
+            &mut m.down_proj,
+        ]
+    }
+
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
@@ -204,6 +232,13 @@ pub struct DecoderModel<B: Backend> {
     /// Rotary inverse frequencies, `[head_dim / 2]` (see `rope::inv_freq`).
     #[module(skip)]
     pub inv_freq: Vec<f32>,
+}
+
+/// What each decoder layer takes besides its input: the rotary tables of the batch's positions
+/// and the layer's attention mask (`None`: plain causal).
+pub struct LayerInputs<B: Backend> {
+    pub rope: RopeTables<B>,
+    pub masks: Vec<Option<Tensor<B, 4, Bool>>>,
 }
 
 /// A causal language model (`LlamaForCausalLM`): decoder plus lm_head.
@@ -353,18 +388,8 @@ impl<B: Backend> CausalLm<B> {
     /// `ModelConfig::adaptable_linears`.
     pub fn lora_linears(&self) -> Vec<(String, &LoraLinear<B>)> {
         let mut out = Vec::new();
-        for (i, l) in self.model.layers.iter().enumerate() {
-            let (a, m) = (&l.self_attn, &l.mlp);
-            let layer = [
-                &a.q_proj,
-                &a.k_proj,
-                &a.v_proj,
-                &a.o_proj,
-                &m.gate_proj,
-                &m.up_proj,
-                &m.down_proj,
-            ];
-            for (suffix, lin) in LAYER_LINEARS.iter().zip(layer) {
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            for (suffix, lin) in LAYER_LINEARS.iter().zip(layer.linears()) {
                 out.push((format!("model.layers.{i}.{suffix}"), lin));
             }
         }
@@ -373,6 +398,16 @@ impl<B: Backend> CausalLm<B> {
 
     /// Final hidden states (after the last norm), `[batch, seq, hidden]`.
     pub fn hidden_states(&self, batch: &Batch) -> Tensor<B, 3> {
+        let (mut x, inputs) = self.embed(batch);
+        for (layer, mask) in self.model.layers.iter().zip(&inputs.masks) {
+            x = layer.forward(x, &inputs.rope, mask.clone());
+        }
+        self.model.norm.forward(x)
+    }
+
+    /// The embedded tokens `[batch, seq, hidden]` and what every layer needs besides them: the
+    /// training loop runs the layers one by one (gradient checkpointing) from here.
+    pub fn embed(&self, batch: &Batch) -> (Tensor<B, 3>, LayerInputs<B>) {
         let device = self.model.embed_tokens.device();
         let [b, s] = batch.dims();
         let ids: Vec<i64> = batch
@@ -382,7 +417,7 @@ impl<B: Backend> CausalLm<B> {
             .map(|&t| t as i64)
             .collect();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, s]), &device);
-        let mut x = burn::tensor::module::embedding(self.model.embed_tokens.val(), ids); // [b, s, hidden]
+        let x = burn::tensor::module::embedding(self.model.embed_tokens.val(), ids); // [b, s, hidden]
         let rope = RopeTables::new(
             &self.model.inv_freq,
             &batch.position_ids,
@@ -392,22 +427,26 @@ impl<B: Backend> CausalLm<B> {
         let plain_causal = batch.attention_mask.iter().flatten().all(|&m| m)
             && batch.segment_ids.iter().flatten().all(|&s| s == 0);
         // Layers share a mask unless their windows differ: build each one once.
-        let mut masks: Vec<(Option<usize>, Tensor<B, 4, Bool>)> = Vec::new();
-        for layer in &self.model.layers {
-            let window = layer.sliding_window;
-            let mask = (!plain_causal || window.is_some()).then(|| {
-                match masks.iter().find(|(w, _)| *w == window) {
-                    Some((_, m)) => m.clone(),
-                    None => {
-                        let m = attention_mask(batch, window, &device);
-                        masks.push((window, m.clone()));
-                        m
+        let mut built: Vec<(Option<usize>, Tensor<B, 4, Bool>)> = Vec::new();
+        let masks = self
+            .model
+            .layers
+            .iter()
+            .map(|layer| {
+                let window = layer.sliding_window;
+                (!plain_causal || window.is_some()).then(|| {
+                    match built.iter().find(|(w, _)| *w == window) {
+                        Some((_, m)) => m.clone(),
+                        None => {
+                            let m = attention_mask(batch, window, &device);
+                            built.push((window, m.clone()));
+                            m
+                        }
                     }
-                }
-            });
-            x = layer.forward(x, &rope, mask);
-        }
-        self.model.norm.forward(x)
+                })
+            })
+            .collect();
+        (x, LayerInputs { rope, masks })
     }
 
     /// Logits of the given hidden states, `[..., vocab]` in the compute dtype.

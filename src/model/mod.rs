@@ -14,7 +14,9 @@ use burn::tensor::{DType, Tensor};
 
 use builder::Builder;
 pub use builder::{AdapterSource, LoraPlan};
-pub use decoder::{Attention, Batch, CausalLm, DecoderLayer, DecoderModel, Mlp, RmsNorm};
+pub use decoder::{
+    Attention, Batch, CausalLm, DecoderLayer, DecoderModel, LayerInputs, Mlp, RmsNorm,
+};
 pub use load::{Checkpoint, LoadError};
 
 use crate::config::{ConfigError, Dtype, ModelConfig};

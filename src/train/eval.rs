@@ -2,6 +2,7 @@
 
 use burn::tensor::backend::Backend;
 
+use crate::data::dataset::{collate, TrainRow};
 use crate::data::TokenizedRow;
 use crate::model::loss::{token_losses, LossTargets, IGNORE_INDEX};
 use crate::model::{Batch, CausalLm};
@@ -51,18 +52,7 @@ pub fn evaluate<B: Backend>(
                 l
             })
             .collect();
-        let targets = LossTargets::shifted(&labels);
-        let mut sums = vec![0f64; chunk.len()];
-        let mut counts = vec![0usize; chunk.len()];
-        if !targets.is_empty() {
-            let hidden = model.hidden_states(&batch);
-            let losses = token_losses(model, hidden, &targets).into_data();
-            let losses = losses.to_vec::<f32>().expect("token_losses returns f32");
-            for (&row, &l) in targets.rows.iter().zip(&losses) {
-                sums[row] += l as f64;
-                counts[row] += 1;
-            }
-        }
+        let (sums, counts) = row_losses(model, &batch, &labels);
         total += sums.iter().sum::<f64>();
         let first = b * batch_size.max(1);
         out.extend((0..chunk.len()).map(|i| RowLoss {
@@ -78,4 +68,43 @@ pub fn evaluate<B: Backend>(
         loss: total / tokens as f64,
         tokens,
     }
+}
+
+/// The token-weighted mean loss over training rows (the validation set), `batch_size` rows a
+/// batch, and the number of label tokens.
+pub fn mean_loss<B: Backend>(
+    model: &CausalLm<B>,
+    rows: &[TrainRow],
+    batch_size: usize,
+) -> (f64, usize) {
+    let (mut total, mut tokens) = (0f64, 0usize);
+    for chunk in rows.chunks(batch_size.max(1)) {
+        let refs: Vec<&TrainRow> = chunk.iter().collect();
+        let (batch, labels) = collate(&refs);
+        let (sums, counts) = row_losses(model, &batch, &labels);
+        total += sums.iter().sum::<f64>();
+        tokens += counts.iter().sum::<usize>();
+    }
+    (total / tokens as f64, tokens)
+}
+
+/// The summed loss of every row of a batch over its label tokens, and their count.
+fn row_losses<B: Backend>(
+    model: &CausalLm<B>,
+    batch: &Batch,
+    labels: &[Vec<i64>],
+) -> (Vec<f64>, Vec<usize>) {
+    let targets = LossTargets::shifted(labels);
+    let mut sums = vec![0f64; labels.len()];
+    let mut counts = vec![0usize; labels.len()];
+    if !targets.is_empty() {
+        let hidden = model.hidden_states(batch);
+        let losses = token_losses(model, hidden, &targets).into_data();
+        let losses = losses.to_vec::<f32>().expect("token_losses returns f32");
+        for (&row, &l) in targets.rows.iter().zip(&losses) {
+            sums[row] += l as f64;
+            counts[row] += 1;
+        }
+    }
+    (sums, counts)
 }

@@ -1,7 +1,63 @@
-//! Training and evaluation. So far: evaluation of a model's loss on pre-tokenized rows, and the
-//! learning-rate schedules.
+//! Training and evaluation: the LoRA/QLoRA training loop (`Trainer`), its optimizers, learning-rate
+//! schedules, checkpoints and logs, and the loss of a model over pre-tokenized rows.
 
+pub mod checkpoint;
 mod eval;
+pub mod feed;
+pub mod log;
+pub mod optim;
 pub mod schedule;
+mod trainer;
 
-pub use eval::{evaluate, EvalReport, RowLoss};
+use std::path::{Path, PathBuf};
+
+pub use eval::{evaluate, mean_loss, EvalReport, RowLoss};
+pub use trainer::{Control, Outcome, StepReport, Trainer};
+
+use crate::data::DataError;
+use crate::export::ExportError;
+use crate::model::ModelError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A config value that cannot work, named by its key.
+    #[error("{key}: {reason}")]
+    Config { key: String, reason: String },
+    #[error("{dir} already holds a run: set train.resume_from = \"latest\" to continue it, or output.overwrite = true to start over")]
+    RunExists { dir: PathBuf },
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    #[error("cannot write {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
+    #[error("the {what} became {value} at step {step}; training stopped ({last})")]
+    NonFinite {
+        what: &'static str,
+        value: f64,
+        step: u64,
+        last: String,
+    },
+    #[error("cannot draw {path}: {reason}")]
+    Plot { path: PathBuf, reason: String },
+}
+
+impl TrainError {
+    fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.to_path_buf();
+        move |source| Self::Io { path, source }
+    }
+
+    /// Errors in what the user asked for (the config, the run directory), as opposed to
+    /// failures while running.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Self::Config { .. } | Self::RunExists { .. })
+    }
+}

@@ -1,0 +1,187 @@
+//! `swift-rs train --config FILE [--set section.key=value]...`: a LoRA / QLoRA fine-tune into
+//! `output.dir`. A progress bar on a terminal, plain log lines otherwise; Ctrl-C finishes the
+//! step, saves a checkpoint and exits 0 (a second Ctrl-C exits at once).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::device::{resolve, with_backend, DeviceArg, Resolved};
+use super::Failure;
+use swift_rs::config::TrainConfig;
+use swift_rs::train::log::LogEntry;
+use swift_rs::train::{Control, StepReport, TrainError, Trainer};
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Training config (TOML): [model] [lora] [quant] [data] [train] [output]
+    #[arg(long)]
+    config: PathBuf,
+    /// Override a config key: section.key=value, or an ms-swift name key=value (repeatable)
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// auto, cpu, cuda or cuda:N; overrides train.device
+    #[arg(long)]
+    device: Option<DeviceArg>,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+pub fn run(args: TrainArgs) -> Result<(), Failure> {
+    let usage = |e: anyhow::Error| Failure::Usage(e);
+    let mut config = TrainConfig::load(&args.config, &args.set).map_err(|e| usage(e.into()))?;
+    let device = match args.device {
+        Some(d) => d,
+        None => config
+            .train
+            .device
+            .parse()
+            .map_err(|e: String| usage(anyhow::anyhow!("train.device: {e}")))?,
+    };
+    // On CPU the frozen weights compute in f32 unless the config names a dtype; on a GPU "auto"
+    // is the checkpoint's dtype (bf16 for current models).
+    if config.model.dtype == "auto" && matches!(resolve(device)?, Resolved::Cpu) {
+        config.model.dtype = "f32".into();
+    }
+    with_backend!(device, train_on(config))
+}
+
+fn train_on<B: Backend>(device: B::Device, config: TrainConfig) -> Result<(), Failure> {
+    let fail = |e: TrainError| {
+        let usage = e.is_usage();
+        let e = anyhow::Error::new(e).context("cannot train");
+        if usage {
+            Failure::Usage(e)
+        } else {
+            Failure::Runtime(e)
+        }
+    };
+    let mut trainer = Trainer::<Autodiff<B>>::new(config, device).map_err(fail)?;
+    describe(&trainer);
+    ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping after this step to save a checkpoint (Ctrl-C again to quit now)");
+    })
+    .context("cannot install the Ctrl-C handler")?;
+
+    let terminal = std::io::stderr().is_terminal();
+    let first = trainer.state.global_step;
+    let bar = terminal.then(|| {
+        let bar = ProgressBar::new(trainer.state.max_steps).with_position(first);
+        let style = ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("a valid template");
+        bar.set_style(style);
+        bar.enable_steady_tick(Duration::from_millis(500));
+        bar
+    });
+    let outcome = trainer
+        .run(|report: &StepReport| {
+            match &bar {
+                Some(bar) => {
+                    bar.set_position(report.step);
+                    bar.set_message(format!(
+                        "loss {:.4} lr {:.2e} {:.0} tok/s",
+                        report.loss,
+                        report.learning_rate,
+                        report.logged.as_ref().map_or(0.0, |e| e.tokens_per_sec)
+                    ));
+                    if let Some(entry) = &report.logged {
+                        bar.println(log_line(entry, report.max_steps));
+                    }
+                }
+                None => {
+                    if let Some(entry) = &report.logged {
+                        eprintln!("{}", log_line(entry, report.max_steps));
+                    }
+                }
+            }
+            if let Some(dir) = &report.checkpoint {
+                let line = format!("saved {}", dir.display());
+                match &bar {
+                    Some(bar) => bar.println(line),
+                    None => eprintln!("{line}"),
+                }
+            }
+            if STOP.load(Ordering::SeqCst) {
+                Control::Stop
+            } else {
+                Control::Continue
+            }
+        })
+        .map_err(fail)?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let dir = outcome.last_checkpoint.display();
+    if outcome.stopped {
+        eprintln!(
+            "stopped at step {}: {dir} saved; continue with --set train.resume_from=latest",
+            outcome.steps
+        );
+    } else {
+        eprintln!("done: {} steps; the adapter is in {dir}", outcome.steps);
+    }
+    Ok(())
+}
+
+fn describe<B: burn::tensor::backend::AutodiffBackend>(trainer: &Trainer<B>) {
+    let trainable: usize = trainer
+        .model
+        .lora_linears()
+        .iter()
+        .filter_map(|(_, l)| l.adapter.as_ref())
+        .flat_map(|a| a.trainable())
+        .map(|(_, t)| t.dims()[0])
+        .sum();
+    eprintln!(
+        "model {}: {} trainable adapter parameters (r {}, alpha {}{}{})",
+        trainer.config.model.path,
+        trainable,
+        trainer.lora.r,
+        trainer.lora.lora_alpha,
+        if trainer.lora.use_rslora {
+            ", rsLoRA"
+        } else {
+            ""
+        },
+        if trainer.lora.use_dora { ", DoRA" } else { "" },
+    );
+    if let Some(bad) = trainer.bad_rows().filter(|b| b.count > 0) {
+        eprintln!("skipped {} bad rows; the first:", bad.count);
+        for reason in &bad.first {
+            eprintln!("  {reason}");
+        }
+    }
+    let s = &trainer.state;
+    if s.global_step > 0 {
+        eprintln!("resuming at step {} of {}", s.global_step, s.max_steps);
+    } else {
+        eprintln!(
+            "training {} steps into {}",
+            s.max_steps,
+            trainer.run_dir.display()
+        );
+    }
+}
+
+fn log_line(e: &LogEntry, max_steps: u64) -> String {
+    let mut line = format!(
+        "step {}/{max_steps} epoch {:.2} loss {:.4} grad_norm {:.4} lr {:.3e} {:.0} tok/s mem {:.2} GiB",
+        e.step, e.epoch, e.loss, e.grad_norm, e.learning_rate, e.tokens_per_sec, e.memory_gib
+    );
+    if let Some(eval) = e.eval_loss {
+        line.push_str(&format!(" eval_loss {eval:.4}"));
+    }
+    line
+}

@@ -1,0 +1,195 @@
+//! What a run records as it goes: `logging.jsonl` (one object a logging step, SPEC's keys),
+//! TensorBoard event files under `runs/` (`tensorboard-rs`), and at the end PNG plots of the
+//! train loss, eval loss and learning rate under `images/` (`plotters`, with an embedded DejaVu
+//! font so that no system font is needed).
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use plotters::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::TrainError;
+
+pub const LOGGING_FILE: &str = "logging.jsonl";
+pub const TENSORBOARD_DIR: &str = "runs";
+pub const IMAGES_DIR: &str = "images";
+
+/// One line of `logging.jsonl`, as SPEC names its keys (transformers' `log_history` names).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogEntry {
+    pub step: u64,
+    /// Epochs done, with the fraction of the current one (an unknown-length stream counts whole
+    /// passes).
+    pub epoch: f64,
+    /// Mean loss of the optimizer steps since the previous entry.
+    pub loss: f64,
+    /// Global norm of the adapter gradients before clipping, at this step.
+    pub grad_norm: f64,
+    pub learning_rate: f64,
+    /// Tokens (padding excluded) trained on per second since the previous entry.
+    pub tokens_per_sec: f64,
+    /// Peak resident memory of the process so far.
+    pub memory_gib: f64,
+    /// Training time so far, across resumes.
+    pub elapsed_s: f64,
+    pub eta_s: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
+}
+
+/// The writers of a run directory's logs.
+pub struct RunLog {
+    path: PathBuf,
+    jsonl: File,
+    tensorboard: Option<tensorboard_rs::summary_writer::SummaryWriter>,
+}
+
+impl RunLog {
+    /// Starts `logging.jsonl` anew with `history` (the entries up to a resumed checkpoint, so
+    /// that steps run after that checkpoint and lost are not listed twice).
+    pub fn create(
+        run_dir: &Path,
+        history: &[LogEntry],
+        tensorboard: bool,
+    ) -> Result<Self, TrainError> {
+        let path = run_dir.join(LOGGING_FILE);
+        let mut text = String::new();
+        for entry in history {
+            text.push_str(&serde_json::to_string(entry).expect("entries serialize"));
+            text.push('\n');
+        }
+        std::fs::write(&path, text).map_err(TrainError::io(&path))?;
+        let jsonl = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(TrainError::io(&path))?;
+        let tensorboard = if tensorboard {
+            let dir = run_dir.join(TENSORBOARD_DIR);
+            std::fs::create_dir_all(&dir).map_err(TrainError::io(&dir))?;
+            Some(tensorboard_rs::summary_writer::SummaryWriter::new(&dir))
+        } else {
+            None
+        };
+        Ok(Self {
+            path,
+            jsonl,
+            tensorboard,
+        })
+    }
+
+    pub fn write(&mut self, entry: &LogEntry) -> Result<(), TrainError> {
+        let line = serde_json::to_string(entry).expect("entries serialize");
+        writeln!(self.jsonl, "{line}").map_err(TrainError::io(&self.path))?;
+        if let Some(tb) = &mut self.tensorboard {
+            let step = entry.step as usize;
+            tb.add_scalar("train/loss", entry.loss as f32, step);
+            tb.add_scalar("train/grad_norm", entry.grad_norm as f32, step);
+            tb.add_scalar("train/learning_rate", entry.learning_rate as f32, step);
+            tb.add_scalar("train/tokens_per_sec", entry.tokens_per_sec as f32, step);
+            tb.add_scalar("train/memory_gib", entry.memory_gib as f32, step);
+            if let Some(eval) = entry.eval_loss {
+                tb.add_scalar("eval/loss", eval as f32, step);
+            }
+            tb.flush();
+        }
+        Ok(())
+    }
+}
+
+/// Writes `images/train_loss.png`, `eval_loss.png` (when there was an evaluation) and
+/// `learning_rate.png` from the log history.
+pub fn plot(run_dir: &Path, history: &[LogEntry]) -> Result<(), TrainError> {
+    let dir = run_dir.join(IMAGES_DIR);
+    std::fs::create_dir_all(&dir).map_err(TrainError::io(&dir))?;
+    register_font();
+    let series = |f: fn(&LogEntry) -> Option<f64>| -> Vec<(f64, f64)> {
+        history
+            .iter()
+            .filter_map(|e| Some((e.step as f64, f(e)?)))
+            .collect()
+    };
+    let plots: [(&str, &str, Vec<(f64, f64)>); 3] = [
+        ("train_loss.png", "train loss", series(|e| Some(e.loss))),
+        ("eval_loss.png", "eval loss", series(|e| e.eval_loss)),
+        (
+            "learning_rate.png",
+            "learning rate",
+            series(|e| Some(e.learning_rate)),
+        ),
+    ];
+    for (file, title, points) in plots {
+        if points.is_empty() {
+            continue;
+        }
+        let path = dir.join(file);
+        line_plot(&path, title, &points).map_err(|e| TrainError::Plot {
+            path: path.clone(),
+            reason: e,
+        })?;
+    }
+    Ok(())
+}
+
+fn register_font() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // The embedded font is a valid TrueType file; a failure here would be a build defect.
+        plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
+            .map_err(|_| ())
+            .expect("DejaVu Sans loads");
+    });
+}
+
+/// One line over steps, written to a temporary name and renamed.
+fn line_plot(path: &Path, title: &str, points: &[(f64, f64)]) -> Result<(), String> {
+    let (x0, x1) = (
+        points[0].0,
+        points[points.len() - 1].0.max(points[0].0 + 1.0),
+    );
+    let finite = points.iter().map(|p| p.1).filter(|y| y.is_finite());
+    let (lo, hi) = finite.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), y| {
+        (lo.min(y), hi.max(y))
+    });
+    let pad = ((hi - lo) * 0.05).max(hi.abs() * 1e-3).max(1e-12);
+    // The bitmap encoder picks the format from the extension: keep ".png" on the temporary name.
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".tmp-{name}"));
+    {
+        let root = BitMapBackend::new(&tmp, (800, 500)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 24))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(x0..x1, (lo - pad)..(hi + pad))
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_label_formatter(&|y| format!("{y:.3e}"))
+            .draw()
+            .map_err(|e| e.to_string())?;
+        chart
+            .draw_series(LineSeries::new(points.iter().copied(), &BLUE))
+            .map_err(|e| e.to_string())?;
+        root.present().map_err(|e| e.to_string())?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| e.to_string())
+}
+
+/// Peak resident memory of this process in GiB (`VmHWM`), 0 where the system does not say.
+pub fn peak_memory_gib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+            line.split_whitespace().nth(1)?.parse::<f64>().ok()
+        })
+        .map_or(0.0, |kib| kib / (1024.0 * 1024.0))
+}

@@ -1,0 +1,190 @@
+//! The optimizers over the adapter tensors, computed as PyTorch's `torch.optim.AdamW` and
+//! `torch.optim.SGD` compute them (single-tensor path), and transformers' global-norm gradient
+//! clipping (`clip_grad_norm_`). Burn's optimizers are not used: their defaults (eps 1e-5, weight
+//! decay 1e-4) and per-tensor clipping differ from PyTorch's, and their state is not kept as
+//! named tensors that a checkpoint can hold and a resume can give back bit for bit.
+
+use std::str::FromStr;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{ElementConversion, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptimizerKind {
+    AdamW,
+    Sgd,
+}
+
+impl FromStr for OptimizerKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "adamw" | "adamw_torch" => Ok(Self::AdamW),
+            "sgd" => Ok(Self::Sgd),
+            _ => Err(format!("unknown optimizer {s:?} (use adamw or sgd)")),
+        }
+    }
+}
+
+/// `train.optimizer`, `train.weight_decay`, `train.adam_beta1/2`, `train.adam_eps`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OptimizerConfig {
+    pub kind: OptimizerKind,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+}
+
+/// AdamW's running moments of one tensor (PyTorch's `exp_avg`, `exp_avg_sq`).
+#[derive(Debug, Clone)]
+pub struct Moments<B: Backend> {
+    pub exp_avg: Tensor<B, 1>,
+    pub exp_avg_sq: Tensor<B, 1>,
+}
+
+/// An optimizer over a fixed list of flattened tensors (the adapter's, in model order).
+#[derive(Debug, Clone)]
+pub struct Optimizer<B: Backend> {
+    pub config: OptimizerConfig,
+    /// Steps taken (PyTorch's `state["step"]`, the same for every tensor here).
+    pub steps: u64,
+    /// AdamW only: one per tensor, zero before the first step.
+    pub moments: Vec<Moments<B>>,
+}
+
+impl<B: Backend> Optimizer<B> {
+    /// A fresh optimizer for tensors shaped like `params`.
+    pub fn new(config: OptimizerConfig, params: &[Tensor<B, 1>]) -> Self {
+        let moments = match config.kind {
+            OptimizerKind::Sgd => Vec::new(),
+            OptimizerKind::AdamW => params
+                .iter()
+                .map(|p| Moments {
+                    exp_avg: p.zeros_like(),
+                    exp_avg_sq: p.zeros_like(),
+                })
+                .collect(),
+        };
+        Self {
+            config,
+            steps: 0,
+            moments,
+        }
+    }
+
+    /// One update of every tensor with its gradient at learning rate `lr`; returns the new values.
+    pub fn step(
+        &mut self,
+        lr: f64,
+        params: Vec<Tensor<B, 1>>,
+        grads: Vec<Tensor<B, 1>>,
+    ) -> Vec<Tensor<B, 1>> {
+        assert_eq!(params.len(), grads.len(), "one gradient per tensor");
+        self.steps += 1;
+        let c = self.config;
+        match c.kind {
+            // With momentum 0 PyTorch's SGD adds the (coupled) decay to the gradient.
+            OptimizerKind::Sgd => params
+                .into_iter()
+                .zip(grads)
+                .map(|(p, g)| {
+                    let g = if c.weight_decay != 0.0 {
+                        g + p.clone() * c.weight_decay
+                    } else {
+                        g
+                    };
+                    p - g * lr
+                })
+                .collect(),
+            OptimizerKind::AdamW => {
+                let t = self.steps as i32;
+                let bias_correction1 = 1.0 - c.beta1.powi(t);
+                let bias_correction2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
+                let step_size = lr / bias_correction1;
+                params
+                    .into_iter()
+                    .zip(grads)
+                    .zip(&mut self.moments)
+                    .map(|((p, g), m)| {
+                        // Decoupled decay on the weight before the update, as PyTorch does.
+                        let p = p * (1.0 - lr * c.weight_decay);
+                        // `exp_avg.lerp_(grad, 1 - beta1)`
+                        m.exp_avg =
+                            m.exp_avg.clone() + (g.clone() - m.exp_avg.clone()) * (1.0 - c.beta1);
+                        m.exp_avg_sq =
+                            m.exp_avg_sq.clone() * c.beta2 + g.clone() * g * (1.0 - c.beta2);
+                        let denom = m.exp_avg_sq.clone().sqrt() / bias_correction2_sqrt + c.eps;
+                        p - m.exp_avg.clone() / denom * step_size
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// The global L2 norm of all gradients together (before clipping), and, when `max_norm > 0`,
+/// the gradients scaled by `min(1, max_norm / (norm + 1e-6))`, as `torch.nn.utils.clip_grad_norm_`.
+pub fn clip_grad_norm<B: Backend>(
+    grads: Vec<Tensor<B, 1>>,
+    max_norm: f64,
+) -> (f64, Vec<Tensor<B, 1>>) {
+    let squares: f64 = grads
+        .iter()
+        .map(|g| g.clone().powi_scalar(2).sum().into_scalar().elem::<f64>())
+        .sum();
+    let norm = squares.sqrt();
+    if max_norm <= 0.0 {
+        return (norm, grads);
+    }
+    let coef = (max_norm / (norm + 1e-6)).min(1.0);
+    (norm, grads.into_iter().map(|g| g * coef).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::tensor::TensorData;
+
+    fn t(v: &[f32]) -> Tensor<Flex, 1> {
+        Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), &Default::default())
+    }
+
+    fn v(t: &Tensor<Flex, 1>) -> Vec<f32> {
+        t.clone().into_data().to_vec().unwrap()
+    }
+
+    #[test]
+    fn clipping_scales_by_the_global_norm() {
+        // |(3, 4, 12)| = 13: both tensors are scaled by 6.5 / 13, not each by its own norm.
+        let (norm, clipped) = clip_grad_norm(vec![t(&[3.0, 4.0]), t(&[12.0])], 6.5);
+        assert!((norm - 13.0).abs() < 1e-9);
+        let want = 6.5 / (13.0 + 1e-6);
+        assert!((v(&clipped[0])[0] as f64 - 3.0 * want).abs() < 1e-6);
+        assert!((v(&clipped[1])[0] as f64 - 12.0 * want).abs() < 1e-6);
+        let (_, unclipped) = clip_grad_norm(vec![t(&[3.0, 4.0])], 100.0);
+        assert_eq!(v(&unclipped[0]), vec![3.0, 4.0]);
+    }
+
+    #[test]
+    fn first_adamw_step_moves_each_weight_by_about_lr() {
+        // After one step m̂ = g and v̂ = g², so the update is lr * g / (|g| + eps) = ±lr.
+        let config = OptimizerConfig {
+            kind: OptimizerKind::AdamW,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+        };
+        let params = vec![t(&[1.0, -2.0])];
+        let mut opt = Optimizer::new(config, &params);
+        let out = opt.step(0.1, params, vec![t(&[0.5, -3.0])]);
+        let got = v(&out[0]);
+        assert!(
+            (got[0] - 0.9).abs() < 1e-6 && (got[1] + 1.9).abs() < 1e-6,
+            "{got:?}"
+        );
+    }
+}

@@ -1,0 +1,234 @@
+//! `swift-rs train` as a user runs it: the quickstart end to end (run directory, logs, plots,
+//! TensorBoard events, a falling loss), config errors, a refused run directory, and Ctrl-C.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::swift_rs;
+use serde_json::Value;
+use swift_rs::config::TrainConfig;
+
+const QUICKSTART: &str = "configs/quickstart.toml";
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn quickstart_args(out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["train", "--config", QUICKSTART, "--set"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.push(format!("output.dir={}", out.display()));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn run_in_root(args: &[String]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_swift-rs"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("run swift-rs")
+}
+
+#[test]
+fn the_quickstart_trains_and_fills_the_run_directory() {
+    let out = tempfile::tempdir().unwrap();
+    let run = out.path().join("run");
+    let result = run_in_root(&quickstart_args(&run, &[]));
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(result.status.success(), "{stderr}");
+    assert!(stderr.contains("done: 240 steps"), "{stderr}");
+
+    // config.toml: every default resolved, and it loads back as the config that ran.
+    let written = TrainConfig::load(&run.join("config.toml"), &[]).unwrap();
+    let mut expected = TrainConfig::load(
+        &root().join(QUICKSTART),
+        &[format!("output.dir={}", run.display())],
+    )
+    .unwrap();
+    expected.model.dtype = "f32".into(); // "auto" on a CPU
+    assert_eq!(written, expected);
+
+    let lines: Vec<Value> = std::fs::read_to_string(run.join("logging.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 24, "every 10th of 240 steps");
+    for key in [
+        "step",
+        "epoch",
+        "loss",
+        "grad_norm",
+        "learning_rate",
+        "tokens_per_sec",
+        "memory_gib",
+        "elapsed_s",
+        "eta_s",
+    ] {
+        assert!(
+            lines.iter().all(|l| l[key].is_number()),
+            "{key} in every line"
+        );
+    }
+    let loss = |i: usize| lines[i]["loss"].as_f64().unwrap();
+    assert!(
+        loss(0) > 5.0,
+        "a random model starts near ln(vocab): {}",
+        loss(0)
+    );
+    assert!(
+        loss(23) < 1.0,
+        "the loss falls: {} -> {}",
+        loss(0),
+        loss(23)
+    );
+    assert_eq!(lines[23]["epoch"].as_f64(), Some(40.0));
+
+    for step in [120, 240] {
+        let dir = run.join(format!("checkpoint-{step}"));
+        assert!(dir.join("adapter_model.safetensors").is_file());
+    }
+    for png in ["train_loss.png", "learning_rate.png"] {
+        let bytes = std::fs::read(run.join("images").join(png)).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{png}");
+    }
+    assert!(
+        !run.join("images/eval_loss.png").exists(),
+        "no validation set"
+    );
+    let events: Vec<_> = std::fs::read_dir(run.join("runs"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(events.len(), 1);
+    let name = events[0].file_name().to_string_lossy().to_string();
+    assert!(name.starts_with("events.out.tfevents."), "{name}");
+    let bytes = std::fs::read(events[0].path()).unwrap();
+    assert!(
+        bytes.windows(10).any(|w| w == b"train/loss"),
+        "the event file holds the loss"
+    );
+
+    // The adapter loads where any PEFT adapter does: `swift-rs eval --adapter`.
+    let (loss_with, _) = common::eval_loss(&[
+        "eval",
+        "--model",
+        &root()
+            .join("examples/quickstart-model")
+            .display()
+            .to_string(),
+        "--adapter",
+        &run.join("checkpoint-240").display().to_string(),
+        "--dataset",
+        &write_encoded(&run, out.path()),
+    ]);
+    assert!(loss_with < 1.0, "{loss_with}");
+}
+
+/// The quickstart's rows as `swift-rs encode` writes them, for `eval`.
+fn write_encoded(run: &Path, dir: &Path) -> String {
+    let path = dir.join("encoded.jsonl");
+    let out = run_in_root(&[
+        "encode".into(),
+        "--config".into(),
+        run.join("config.toml").display().to_string(),
+        "--output".into(),
+        path.display().to_string(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    path.display().to_string()
+}
+
+#[test]
+fn config_errors_name_the_key_and_exit_2() {
+    let out = tempfile::tempdir().unwrap();
+    let config = out.path().join("bad.toml");
+    std::fs::write(
+        &config,
+        "[model]\npath = \"examples/quickstart-model\"\n[data]\ntrain = [\"x.jsonl\"]\n[train]\nlearning_rat = 1e-4\n",
+    )
+    .unwrap();
+    let result = swift_rs(&["train", "--config", &config.display().to_string()]);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("train.learning_rat") && stderr.contains(":6"),
+        "{stderr}"
+    );
+
+    let result = run_in_root(&quickstart_args(
+        out.path(),
+        &["--set", "train.optimizer=adam"],
+    ));
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("train.optimizer"), "{stderr}");
+}
+
+#[test]
+fn a_directory_holding_a_run_is_refused_with_exit_2() {
+    let out = tempfile::tempdir().unwrap();
+    let run = out.path().join("run");
+    let first = run_in_root(&quickstart_args(&run, &["--set", "train.max_steps=2"]));
+    assert!(first.status.success());
+    let again = run_in_root(&quickstart_args(&run, &["--set", "train.max_steps=2"]));
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(again.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("resume_from") && stderr.contains("overwrite"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn ctrl_c_finishes_the_step_saves_and_exits_0() {
+    let out = tempfile::tempdir().unwrap();
+    let run = out.path().join("run");
+    let args = quickstart_args(
+        &run,
+        &[
+            "--set",
+            "train.max_steps=100000",
+            "--set",
+            "train.logging_steps=1",
+        ],
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_swift-rs"))
+        .args(&args)
+        .current_dir(root())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut text = String::new();
+    let mut line = String::new();
+    while stderr.read_line(&mut line).unwrap() > 0 {
+        text.push_str(&line);
+        if line.starts_with("step 2/") {
+            let ok = Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(ok.success());
+            break;
+        }
+        line.clear();
+    }
+    std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{text}");
+    assert!(text.contains("stopped at step"), "{text}");
+    let saved = swift_rs::train::checkpoint::list(&run);
+    assert_eq!(saved.len(), 1, "{text}");
+    assert!(saved[0].0 >= 2 && saved[0].0 < 100000);
+}

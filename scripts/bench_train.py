@@ -61,20 +61,12 @@ def torch_side(model_dir: str, data: str, steps: int, batch: int, threads: int) 
 
 
 def make_model(tmp: Path) -> Path:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-    cfg = AutoConfig.for_model(
-        "qwen2", vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
-        num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    n = sum(p.numel() for p in model.parameters())
-    print(f"model: qwen2 shape, {n / 1e6:.1f}M parameters")
-    model.save_pretrained(tmp / "model")
-    # `swift-rs train` reads the tokenizer even for pre-tokenized rows: reuse the fixture one.
-    (tmp / "model" / "tokenizer.json").write_bytes(
-        (ROOT / "tests/fixtures/tokenizer/tokenizer.json").read_bytes())
-    return tmp / "model"
+    """bench_eval.py's ~30M-parameter Qwen2 shape, plus the tokenizer `swift-rs train` reads
+    even for pre-tokenized rows (the fixture one)."""
+    from bench_eval import make_model as make_eval_model
+    model = make_eval_model("30m", tmp)
+    (model / "tokenizer.json").write_bytes((ROOT / "tests/fixtures/tokenizer/tokenizer.json").read_bytes())
+    return model
 
 
 def run_torch(model_dir: Path, data: Path, steps: int, batch: int, threads: int) -> dict:

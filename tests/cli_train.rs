@@ -232,3 +232,25 @@ fn ctrl_c_finishes_the_step_saves_and_exits_0() {
     assert_eq!(saved.len(), 1, "{text}");
     assert!(saved[0].0 >= 2 && saved[0].0 < 100000);
 }
+
+#[test]
+fn every_recipe_loads() {
+    for entry in std::fs::read_dir(root().join("configs")).unwrap().flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let config = TrainConfig::load(&path, &[]);
+            assert!(
+                config.is_ok(),
+                "{}: {}",
+                path.display(),
+                config.unwrap_err()
+            );
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(
+                text.starts_with("# swift-rs "),
+                "{} opens with its command",
+                path.display()
+            );
+        }
+    }
+}

@@ -389,3 +389,34 @@ fn a_directory_that_holds_a_run_is_refused_unless_overwriting() {
         .collect();
     assert_eq!(saved, vec![2], "the old run's checkpoints are gone");
 }
+
+#[test]
+fn qlora_trains_adapters_on_an_nf4_base() {
+    let _serial = serial();
+    let out = tempfile::tempdir().unwrap();
+    let mut c = config("llama", out.path());
+    c.lora.init_adapter = Some(adapter_dir("llama_qv"));
+    c.quant.bits = Some(4);
+    c.train.batch_size = 4;
+    c.train.grad_accum = 1;
+    c.train.max_steps = 4;
+    c.train.lr = 1e-2;
+    c.train.lr_scheduler = "constant".into();
+    let mut trainer = Trainer::<AB>::new(c, Default::default()).unwrap();
+    let base = &trainer.model.model.layers[0].self_attn.q_proj.base;
+    assert!(matches!(base, swift_rs::lora::BaseLinear::Nf4(_)));
+    let mut losses = Vec::new();
+    trainer
+        .run(|r| {
+            losses.push(r.loss);
+            Control::Continue
+        })
+        .unwrap();
+    // The same rows every step: the loss on them falls as the adapter learns.
+    assert!(losses.windows(2).all(|w| w[1] < w[0]), "{losses:?}");
+    let before = tensors(&adapter_dir("llama_qv").join("adapter_model.safetensors"));
+    let after = tensors(&out.path().join("checkpoint-4/adapter_model.safetensors"));
+    for ((key, a), (_, b)) in before.iter().zip(&after) {
+        assert!(common::max_abs_diff(a, b) > 1e-4, "{key} did not move");
+    }
+}

@@ -172,7 +172,13 @@ fn line_plot(path: &Path, title: &str, points: &[(f64, f64)]) -> Result<(), Stri
         chart
             .configure_mesh()
             .x_desc("step")
-            .y_label_formatter(&|y| format!("{y:.3e}"))
+            .y_label_formatter(&|&y: &f64| {
+                if (0.01..1e4).contains(&y.abs()) || y == 0.0 {
+                    format!("{y:.3}")
+                } else {
+                    format!("{y:.2e}")
+                }
+            })
             .draw()
             .map_err(|e| e.to_string())?;
         chart

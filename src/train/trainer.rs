@@ -327,21 +327,17 @@ impl<B: AutodiffBackend> Trainer<B> {
                 window = Window::new((0.0, 0));
                 state.unlogged_loss = (0.0, 0);
             }
-            if let Some(loss) = eval_loss {
-                if state.best_metric.is_none_or(|best| loss < best) {
+            // transformers' best_model_checkpoint: the saved checkpoint with the lowest eval loss.
+            let save = |state: &mut TrainerState| -> Result<PathBuf, TrainError> {
+                let dir = checkpoint::checkpoint_dir(run_dir, step);
+                if let Some(loss) = eval_loss.filter(|&l| state.best_metric.is_none_or(|b| l < b)) {
                     state.best_metric = Some(loss);
-                    state.best_model_checkpoint = Some(checkpoint::checkpoint_dir(run_dir, step));
+                    state.best_model_checkpoint = Some(dir);
                 }
-            }
-
-            let save = |state: &TrainerState| -> Result<PathBuf, TrainError> {
                 let dir = checkpoint::save(run_dir, &model.valid(), lora, optimizer, state)?;
                 if let Some(limit) = t.save_total_limit {
-                    checkpoint::rotate(
-                        run_dir,
-                        limit.max(1),
-                        state.best_model_checkpoint.as_deref(),
-                    )?;
+                    let best = state.best_model_checkpoint.as_deref();
+                    checkpoint::rotate(run_dir, limit.max(1), best)?;
                 }
                 Ok(dir)
             };
@@ -365,6 +361,9 @@ impl<B: AutodiffBackend> Trainer<B> {
                     Some(dir) => dir,
                     None => save(state)?,
                 };
+                if config.output.plots {
+                    log::plot(run_dir, &state.log_history)?;
+                }
                 return Ok(Outcome {
                     steps: step,
                     last_checkpoint: dir,

@@ -88,7 +88,7 @@ fn the_quickstart_trains_and_fills_the_run_directory() {
         loss(0),
         loss(23)
     );
-    assert_eq!(lines[23]["epoch"].as_f64(), Some(40.0));
+    assert_eq!(lines[23]["epoch"].as_f64(), Some(expected.train.epochs));
 
     for step in [120, 240] {
         let dir = run.join(format!("checkpoint-{step}"));

@@ -204,44 +204,55 @@ fn quickstart(out: &Path, max_steps: i64) -> TrainConfig {
 #[test]
 fn a_resumed_run_ends_bit_for_bit_where_an_unbroken_one_does() {
     let _serial = serial();
-    let whole = tempfile::tempdir().unwrap();
-    train(quickstart(whole.path(), 8));
+    // Rows read whole, and streamed (read again and skipped to the checkpoint's position).
+    for streaming in [false, true] {
+        let config = |out: &Path| {
+            let mut c = quickstart(out, 8);
+            c.data.streaming = streaming;
+            c
+        };
+        let whole = tempfile::tempdir().unwrap();
+        train(config(whole.path()));
 
-    let broken = tempfile::tempdir().unwrap();
-    let mut first = Trainer::<AB>::new(quickstart(broken.path(), 8), Default::default()).unwrap();
-    let stopped = first
-        .run(|r| {
-            if r.step == 4 {
-                Control::Stop
-            } else {
-                Control::Continue
-            }
-        })
-        .unwrap();
-    assert!(stopped.stopped);
-    assert_eq!(stopped.last_checkpoint, broken.path().join("checkpoint-4"));
-    drop(first);
-    let mut resumed = quickstart(broken.path(), 8);
-    resumed.train.resume_from = Some("latest".into());
-    let reports = train(resumed);
-    assert_eq!(reports.first().map(|r| r.step), Some(5));
-
-    for file in ["adapter_model.safetensors", "optimizer.safetensors"] {
-        let a = std::fs::read(whole.path().join("checkpoint-8").join(file)).unwrap();
-        let b = std::fs::read(broken.path().join("checkpoint-8").join(file)).unwrap();
-        assert!(a == b, "{file} differs after resuming");
-    }
-    let log = |dir: &Path| std::fs::read_to_string(dir.join("logging.jsonl")).unwrap();
-    let losses = |text: String| -> Vec<f64> {
-        text.lines()
-            .map(|l| {
-                serde_json::from_str::<Value>(l).unwrap()["loss"]
-                    .as_f64()
-                    .unwrap()
+        let broken = tempfile::tempdir().unwrap();
+        let mut first = Trainer::<AB>::new(config(broken.path()), Default::default()).unwrap();
+        let stopped = first
+            .run(|r| {
+                if r.step == 4 {
+                    Control::Stop
+                } else {
+                    Control::Continue
+                }
             })
-            .collect()
-    };
-    assert_eq!(losses(log(whole.path())), losses(log(broken.path())));
+            .unwrap();
+        assert!(stopped.stopped);
+        assert_eq!(stopped.last_checkpoint, broken.path().join("checkpoint-4"));
+        drop(first);
+        let mut resumed = config(broken.path());
+        resumed.train.resume_from = Some("latest".into());
+        let reports = train(resumed);
+        assert_eq!(reports.first().map(|r| r.step), Some(5));
+
+        for file in ["adapter_model.safetensors", "optimizer.safetensors"] {
+            let a = std::fs::read(whole.path().join("checkpoint-8").join(file)).unwrap();
+            let b = std::fs::read(broken.path().join("checkpoint-8").join(file)).unwrap();
+            assert!(
+                a == b,
+                "{file} differs after resuming (streaming {streaming})"
+            );
+        }
+        let log = |dir: &Path| std::fs::read_to_string(dir.join("logging.jsonl")).unwrap();
+        let losses = |text: String| -> Vec<f64> {
+            text.lines()
+                .map(|l| {
+                    serde_json::from_str::<Value>(l).unwrap()["loss"]
+                        .as_f64()
+                        .unwrap()
+                })
+                .collect()
+        };
+        assert_eq!(losses(log(whole.path())), losses(log(broken.path())));
+    }
 }
 
 #[test]

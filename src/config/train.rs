@@ -416,8 +416,9 @@ impl TrainConfig {
         })
     }
 
-    /// Values every field accepts but that cannot work.
-    fn check(&self, path: &Path) -> Result<(), TrainConfigError> {
+    /// Values every field accepts but that cannot work; errors are placed at `path` (the file,
+    /// or what stands for it when the config was built in code).
+    pub fn check(&self, path: &Path) -> Result<(), TrainConfigError> {
         let fail = |key: &str, message: String| {
             Err(TrainConfigError::Key {
                 at: path.display().to_string(),

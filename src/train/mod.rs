@@ -23,6 +23,8 @@ pub enum TrainError {
     /// A config value that cannot work, named by its key.
     #[error("{key}: {reason}")]
     Config { key: String, reason: String },
+    #[error(transparent)]
+    Settings(#[from] crate::config::TrainConfigError),
     #[error("{dir} already holds a run: set train.resume_from = \"latest\" to continue it, or output.overwrite = true to start over")]
     RunExists { dir: PathBuf },
     #[error(transparent)]
@@ -58,6 +60,9 @@ impl TrainError {
     /// Errors in what the user asked for (the config, the run directory), as opposed to
     /// failures while running.
     pub fn is_usage(&self) -> bool {
-        matches!(self, Self::Config { .. } | Self::RunExists { .. })
+        matches!(
+            self,
+            Self::Config { .. } | Self::Settings(_) | Self::RunExists { .. }
+        )
     }
 }

@@ -90,6 +90,8 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// Reads the data, loads the model with its adapter (fresh, from `lora.init_adapter`, or
     /// from the checkpoint `train.resume_from` names) and checks the run directory.
     pub fn new(config: TrainConfig, device: B::Device) -> Result<Self, TrainError> {
+        // Configs read from a file were checked there; one built in code is checked here.
+        config.check(Path::new("the training config"))?;
         let t = &config.train;
         let optimizer_kind: OptimizerKind =
             t.optimizer.parse().map_err(|e| bad("train.optimizer", e))?;

@@ -431,3 +431,22 @@ fn qlora_trains_adapters_on_an_nf4_base() {
         assert!(common::max_abs_diff(a, b) > 1e-4, "{key} did not move");
     }
 }
+
+#[test]
+fn a_config_built_in_code_is_checked_with_its_key_named() {
+    let err = Trainer::<AB>::new(TrainConfig::default(), Default::default())
+        .err()
+        .unwrap();
+    assert!(
+        err.is_usage() && err.to_string().contains("model.path"),
+        "{err}"
+    );
+    let out = tempfile::tempdir().unwrap();
+    let mut c = config("qwen2_bf16", out.path());
+    c.train.lr_scheduler = "polynomial".into();
+    let err = Trainer::<AB>::new(c, Default::default()).err().unwrap();
+    assert!(
+        err.is_usage() && err.to_string().contains("train.lr_scheduler"),
+        "{err}"
+    );
+}

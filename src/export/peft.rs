@@ -86,7 +86,7 @@ pub fn adapter_files<B: Backend>(
     if !matches!(config.target_modules, Some(TargetModules::Regex(_))) {
         config.target_modules = Some(TargetModules::Names(suffixes.into_iter().collect()));
     }
-    let weights = f32_safetensors(&tensors, None).map_err(|e| ExportError::Write {
+    let weights = f32_safetensors(&tensors).map_err(|e| ExportError::Write {
         path: WEIGHTS_FILE.into(),
         source: std::io::Error::other(e),
     })?;
@@ -95,11 +95,8 @@ pub fn adapter_files<B: Backend>(
 }
 
 /// A safetensors file of f32 tensors `(key, shape, little-endian bytes)`, marked as PyTorch's
-/// ("format": "pt") as transformers and PEFT write theirs, with `metadata` added.
-pub fn f32_safetensors(
-    tensors: &[(String, Vec<usize>, Vec<u8>)],
-    metadata: Option<Vec<(String, String)>>,
-) -> Result<Vec<u8>, String> {
+/// ("format": "pt") as transformers and PEFT write theirs.
+pub fn f32_safetensors(tensors: &[(String, Vec<usize>, Vec<u8>)]) -> Result<Vec<u8>, String> {
     let views: Vec<(String, TensorView)> = tensors
         .iter()
         .map(|(k, shape, bytes)| {
@@ -108,10 +105,8 @@ pub fn f32_safetensors(
             (k.clone(), view)
         })
         .collect();
-    let mut meta: std::collections::HashMap<String, String> =
-        [("format".to_string(), "pt".to_string())].into();
-    meta.extend(metadata.unwrap_or_default());
-    safetensors::serialize(views, Some(meta)).map_err(|e| e.to_string())
+    let metadata = Some([("format".to_string(), "pt".to_string())].into());
+    safetensors::serialize(views, metadata).map_err(|e| e.to_string())
 }
 
 /// A tensor as `(key, shape, little-endian f32 bytes)` for `f32_safetensors`.

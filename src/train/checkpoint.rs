@@ -14,7 +14,7 @@ use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
 use super::log::LogEntry;
-use super::optim::{Moments, Optimizer, OptimizerKind};
+use super::optim::{Moments, Optimizer};
 use super::TrainError;
 use crate::config::LoraConfig;
 use crate::export::peft::{adapter_files, f32_entry, f32_safetensors};
@@ -104,7 +104,7 @@ fn optimizer_bytes<B: Backend>(model: &CausalLm<B>, optimizer: &Optimizer<B>) ->
         tensors.push(f32_entry(format!("{key}.exp_avg"), m.exp_avg.clone()));
         tensors.push(f32_entry(format!("{key}.exp_avg_sq"), m.exp_avg_sq.clone()));
     }
-    f32_safetensors(&tensors, None).expect("shapes come from the tensors")
+    f32_safetensors(&tensors).expect("shapes come from the tensors")
 }
 
 /// Puts the optimizer state of checkpoint `dir` into `optimizer` (made for the same adapter).
@@ -120,11 +120,11 @@ pub fn load_optimizer<B: Backend>(
         path: path.clone(),
         reason,
     };
-    if state.optimizer != optimizer_name(optimizer.config.kind) {
+    if state.optimizer != optimizer.config.kind.name() {
         return Err(bad(format!(
             "holds the state of optimizer {:?}, but train.optimizer is {:?}",
             state.optimizer,
-            optimizer_name(optimizer.config.kind)
+            optimizer.config.kind.name()
         )));
     }
     // One optimizer step per training step.
@@ -159,14 +159,6 @@ pub fn load_optimizer<B: Backend>(
     }
     optimizer.moments = moments;
     Ok(())
-}
-
-/// The name trainer_state.json records for an optimizer.
-pub fn optimizer_name(kind: OptimizerKind) -> &'static str {
-    match kind {
-        OptimizerKind::AdamW => "adamw",
-        OptimizerKind::Sgd => "sgd",
-    }
 }
 
 pub fn load_state(dir: &Path) -> Result<TrainerState, TrainError> {

@@ -15,6 +15,16 @@ pub enum OptimizerKind {
     Sgd,
 }
 
+impl OptimizerKind {
+    /// `train.optimizer`'s value for it, as trainer_state.json records it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::AdamW => "adamw",
+            Self::Sgd => "sgd",
+        }
+    }
+}
+
 impl FromStr for OptimizerKind {
     type Err = String;
 

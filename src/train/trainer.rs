@@ -201,7 +201,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 epoch: 0.0,
                 data_position: DataPosition::default(),
                 seed: t.seed,
-                optimizer: checkpoint::optimizer_name(optimizer_kind).into(),
+                optimizer: optimizer_kind.name().into(),
                 elapsed_s: 0.0,
                 unlogged_loss: (0.0, 0),
                 best_metric: None,

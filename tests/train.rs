@@ -14,7 +14,7 @@ use safetensors::SafeTensors;
 use serde_json::Value;
 use swift_rs::config::TrainConfig;
 use swift_rs::train::checkpoint;
-use swift_rs::train::{Control, StepReport, TrainError, Trainer};
+use swift_rs::train::{Control, Outcome, StepReport, TrainError, Trainer};
 
 type AB = Autodiff<Flex>;
 
@@ -51,6 +51,20 @@ fn train(config: TrainConfig) -> Vec<StepReport> {
         })
         .unwrap();
     reports
+}
+
+/// Runs until the callback stops it after step `stop`.
+fn train_until(config: TrainConfig, stop: u64) -> Outcome {
+    let mut trainer = Trainer::<AB>::new(config, Default::default()).unwrap();
+    trainer
+        .run(|r| {
+            if r.step == stop {
+                Control::Stop
+            } else {
+                Control::Continue
+            }
+        })
+        .unwrap()
 }
 
 fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
@@ -215,19 +229,9 @@ fn a_resumed_run_ends_bit_for_bit_where_an_unbroken_one_does() {
         train(config(whole.path()));
 
         let broken = tempfile::tempdir().unwrap();
-        let mut first = Trainer::<AB>::new(config(broken.path()), Default::default()).unwrap();
-        let stopped = first
-            .run(|r| {
-                if r.step == 4 {
-                    Control::Stop
-                } else {
-                    Control::Continue
-                }
-            })
-            .unwrap();
+        let stopped = train_until(config(broken.path()), 4);
         assert!(stopped.stopped);
         assert_eq!(stopped.last_checkpoint, broken.path().join("checkpoint-4"));
-        drop(first);
         let mut resumed = config(broken.path());
         resumed.train.resume_from = Some("latest".into());
         let reports = train(resumed);
@@ -323,17 +327,7 @@ fn checkpoints_are_whole_and_rotated_keeping_best_and_newest() {
 fn an_interrupted_checkpoint_write_leaves_the_previous_one_in_use() {
     let _serial = serial();
     let out = tempfile::tempdir().unwrap();
-    let mut first = Trainer::<AB>::new(quickstart(out.path(), 9), Default::default()).unwrap();
-    first
-        .run(|r| {
-            if r.step == 3 {
-                Control::Stop
-            } else {
-                Control::Continue
-            }
-        })
-        .unwrap();
-    drop(first);
+    train_until(quickstart(out.path(), 9), 3);
     // What a kill during the next save leaves: the staged directory, half-written.
     let staged = out.path().join(".tmp-killed");
     std::fs::create_dir(&staged).unwrap();

@@ -38,6 +38,8 @@ What it writes, under tests/fixtures/:
   (bitsandbytes' reference kernels, double quantization), which is what bitsandbytes' 4-bit
   matmul computes (dequantize, then a dense matmul in the compute dtype).
 
+  generation.json       transformers' greedy generate on fixture models (see make_generation)
+  training/             optimizer steps of PyTorch + PEFT (see make_training)
   schedules.json        transformers' cosine / linear / constant-with-warmup learning rates per step
   nf4/nf4.safetensors   bitsandbytes' NF4 (blocks of 64, with and without double quantization)
                         of weights of odd sizes, f32 and bf16, by its reference kernels: the
@@ -620,9 +622,39 @@ def make_training() -> None:
     (out / "steps.json").write_text(json.dumps(traces, indent=1))
 
 
+def make_generation() -> None:
+    """transformers' greedy `generate` (f32, eager attention) on the fixture models and one
+    adapter, for the KV-cache generation tests: 10 new tokens after the first two fixture rows,
+    stopping at the generation config's eos ids (written beside the tokens). The mistral
+    prompts run past its sliding window of 5."""
+    cases = [("llama", None), ("qwen2_bf16", None), ("qwen3_f16", None), ("mistral", None),
+             ("llama", "llama_qv"), ("qwen3_f16", "qwen3_dora")]
+    out = []
+    for base, adapter in cases:
+        base_dir = ROOT / "models" / base
+        model = load_model(base_dir, torch.float32, None if adapter is None else ROOT / "adapters" / adapter)
+        eos = model.generation_config.eos_token_id
+        stop = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        rows = [json.loads(l) for l in (base_dir / "expected" / "inputs.jsonl").read_text().splitlines()]
+        for row in rows[:2]:
+            prompt = row["input_ids"]
+            with torch.no_grad():
+                # An explicit mask: generate() would otherwise mask every prompt token equal to
+                # the pad id.
+                ids = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                     max_new_tokens=10, do_sample=False, eos_token_id=stop or None, pad_token_id=0)
+            out.append({"model": base, "adapter": adapter, "prompt": prompt, "stop": stop,
+                        "tokens": ids[0, len(prompt):].tolist()})
+    (ROOT / "generation.json").write_text(json.dumps(out, indent=1))
+
+
 def main() -> None:
-    if sys.argv[1:] == ["training"]:  # only the training fixtures (they read the ones below)
+    # Only the training or generation fixtures (they read the ones made below).
+    if sys.argv[1:] == ["training"]:
         make_training()
+        return
+    if sys.argv[1:] == ["generation"]:
+        make_generation()
         return
     make_tokenizer()
     small = dict(hidden_size=64, intermediate_size=88, num_hidden_layers=2,
@@ -666,6 +698,7 @@ def main() -> None:
     make_datasets()
     make_schedules()
     make_training()
+    make_generation()
     check_rust_adapter_in_peft()
 
 

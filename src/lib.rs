@@ -5,6 +5,7 @@
 pub mod config;
 pub mod data;
 pub mod export;
+pub mod infer;
 pub mod lora;
 pub mod model;
 pub mod quant;

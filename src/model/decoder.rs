@@ -95,6 +95,19 @@ impl<B: Backend> Attention<B> {
         rope: &RopeTables<B>,
         mask: Option<Tensor<B, 4, Bool>>,
     ) -> Tensor<B, 3> {
+        self.forward_cached(x, rope, mask, None)
+    }
+
+    /// As `forward`, after the keys and values of earlier positions held in `cache`, to which
+    /// this call's are appended. With a filled cache `x` is one new token per row, and `None` for
+    /// `mask` lets it see every cached key.
+    pub fn forward_cached(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        mask: Option<Tensor<B, 4, Bool>>,
+        cache: Option<&mut LayerCache<B>>,
+    ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let mut q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]);
@@ -105,18 +118,34 @@ impl<B: Backend> Attention<B> {
             k = kn.forward(k);
         }
         let q = rope.apply(q).swap_dims(1, 2); // [b, h, s, d]
-        let k = repeat_kv(rope.apply(k).swap_dims(1, 2), h / kv); // [b, h, s, d]
-        let v = repeat_kv(v.swap_dims(1, 2), h / kv); // [b, h, s, d]
+        let mut k = rope.apply(k).swap_dims(1, 2); // [b, kv, s, d]
+        let mut v = v.swap_dims(1, 2); // [b, kv, s, d]
+        if let Some(cache) = cache {
+            if let Some((past_k, past_v)) = cache.take() {
+                assert_eq!(s, 1, "after the prompt, one token at a time");
+                k = Tensor::cat(vec![past_k, k], 2); // [b, kv, past + 1, d]
+                v = Tensor::cat(vec![past_v, v], 2);
+            }
+            *cache = Some((k.clone(), v.clone()));
+        }
+        let keys = k.dims()[2];
+        let k = repeat_kv(k, h / kv); // [b, h, keys, d]
+        let v = repeat_kv(v, h / kv); // [b, h, keys, d]
         let options = AttentionModuleOptions {
             scale: None,
             softcap: None,
-            is_causal: mask.is_none(),
+            // A lone new token after a cache sees every key.
+            is_causal: mask.is_none() && keys == s,
         };
         let out = attention(q, k, v, mask, None, options); // [b, h, s, d]
         self.o_proj
             .forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
     }
 }
+
+/// The keys and values (after RoPE) of the positions a layer has seen, `[batch, kv_heads, seen,
+/// head_dim]` each; empty before the prompt.
+pub type LayerCache<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
 
 /// GQA: each key/value head serves `n_rep` query heads. [b, kv, s, d] -> [b, kv * n_rep, s, d]
 fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
@@ -215,10 +244,21 @@ impl<B: Backend> DecoderLayer<B> {
         rope: &RopeTables<B>,
         mask: Option<Tensor<B, 4, Bool>>,
     ) -> Tensor<B, 3> {
+        self.forward_cached(x, rope, mask, None)
+    }
+
+    /// As `forward`, with the attention's cache (see `Attention::forward_cached`).
+    pub fn forward_cached(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        mask: Option<Tensor<B, 4, Bool>>,
+        cache: Option<&mut LayerCache<B>>,
+    ) -> Tensor<B, 3> {
         let h = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), rope, mask);
+                .forward_cached(self.input_layernorm.forward(x), rope, mask, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -461,6 +501,52 @@ impl<B: Backend> CausalLm<B> {
     /// all of them at once.
     pub fn forward(&self, batch: &Batch) -> Tensor<B, 3> {
         self.lm_head(self.hidden_states(batch))
+    }
+}
+
+/// What generation keeps between steps: each layer's keys and values, and how many positions
+/// they cover.
+pub struct KvCache<B: Backend> {
+    pub layers: Vec<LayerCache<B>>,
+    pub len: usize,
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// An empty cache for this model.
+    pub fn kv_cache(&self) -> KvCache<B> {
+        KvCache {
+            layers: vec![None; self.model.layers.len()],
+            len: 0,
+        }
+    }
+
+    /// The logits `[vocab]` after `ids` of one sequence, which continue what `cache` holds: the
+    /// whole prompt first, then one token at a time.
+    pub fn next_logits(&self, ids: &[u32], cache: &mut KvCache<B>) -> Tensor<B, 1> {
+        let past = cache.len;
+        let mut batch = Batch::right_padded(&[ids]);
+        batch.position_ids = vec![(past..past + ids.len()).collect()];
+        let (mut x, inputs) = self.embed(&batch);
+        let device = x.device();
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let mask = if past == 0 {
+                inputs.masks[i].clone()
+            } else {
+                // The new token at position `past` sees keys 0..=past, less those a sliding
+                // window has left behind.
+                layer.sliding_window.map(|w| {
+                    let masked: Vec<bool> = (0..=past).map(|k| past >= k + w).collect();
+                    Tensor::from_data(TensorData::new(masked, [1, 1, 1, past + 1]), &device)
+                })
+            };
+            x = layer.forward_cached(x, &inputs.rope, mask, Some(&mut cache.layers[i]));
+        }
+        cache.len += ids.len();
+        let [_, s, h] = x.dims();
+        let last = self.model.norm.forward(x.slice([0..1, s - 1..s, 0..h])); // [1, 1, hidden]
+        let logits = self.lm_head(last);
+        let vocab = logits.dims()[2];
+        logits.reshape([vocab])
     }
 }
 

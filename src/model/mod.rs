@@ -15,7 +15,8 @@ use burn::tensor::{DType, Tensor};
 use builder::Builder;
 pub use builder::{AdapterSource, LoraPlan};
 pub use decoder::{
-    Attention, Batch, CausalLm, DecoderLayer, DecoderModel, LayerInputs, Mlp, RmsNorm,
+    Attention, Batch, CausalLm, DecoderLayer, DecoderModel, KvCache, LayerCache, LayerInputs, Mlp,
+    RmsNorm,
 };
 pub use load::{Checkpoint, LoadError};
 

@@ -29,7 +29,7 @@ pub struct TrainArgs {
     set: Vec<String>,
     /// auto, cpu, cuda or cuda:N; overrides train.device
     #[arg(long)]
-    device: Option<DeviceArg>,
+    device: Option<String>,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -37,14 +37,15 @@ static STOP: AtomicBool = AtomicBool::new(false);
 pub fn run(args: TrainArgs) -> Result<(), Failure> {
     let usage = |e: anyhow::Error| Failure::Usage(e);
     let mut config = TrainConfig::load(&args.config, &args.set).map_err(|e| usage(e.into()))?;
-    let device = match args.device {
-        Some(d) => d,
-        None => config
-            .train
-            .device
-            .parse()
-            .map_err(|e: String| usage(anyhow::anyhow!("train.device: {e}")))?,
-    };
+    // `--device` is written into the config, so config.toml records where the run went.
+    if let Some(device) = args.device {
+        config.train.device = device;
+    }
+    let device: DeviceArg = config
+        .train
+        .device
+        .parse()
+        .map_err(|e: String| usage(anyhow::anyhow!("train.device: {e}")))?;
     // On CPU the frozen weights compute in f32 unless the config names a dtype; on a GPU "auto"
     // is the checkpoint's dtype (bf16 for current models).
     if config.model.dtype == "auto" && matches!(resolve(device)?, Resolved::Cpu) {

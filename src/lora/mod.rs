@@ -119,10 +119,15 @@ impl<B: Backend> Lora<B> {
         out
     }
 
+    /// How many tensors `trainable` gives.
+    pub fn trainable_count(&self) -> usize {
+        2 + usize::from(self.lora_magnitude_vector.is_some())
+    }
+
     /// Replaces the trainable tensors by `values` (flattened, in `trainable`'s order), keeping
     /// each parameter's id and shape. Under autodiff the new values are leaves that require grad.
     pub fn set_trainable(&mut self, values: Vec<Tensor<B, 1>>) {
-        assert_eq!(values.len(), self.trainable().len(), "one value per tensor");
+        assert_eq!(values.len(), self.trainable_count(), "one value per tensor");
         let mut values = values.into_iter();
         let mut next = || values.next().expect("counted");
         replace(&mut self.lora_a, next());

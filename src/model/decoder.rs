@@ -89,19 +89,10 @@ impl<B: Backend> Attention<B> {
     }
 
     /// `mask[b, 1, q, k]` is true where query q may not see key k; `None` means plain causal.
+    /// With a `cache`, this call's keys and values are appended to those of earlier positions;
+    /// once it holds some, `x` is one new token per row, and `None` for `mask` lets it see every
+    /// cached key.
     pub fn forward(
-        &self,
-        x: Tensor<B, 3>,
-        rope: &RopeTables<B>,
-        mask: Option<Tensor<B, 4, Bool>>,
-    ) -> Tensor<B, 3> {
-        self.forward_cached(x, rope, mask, None)
-    }
-
-    /// As `forward`, after the keys and values of earlier positions held in `cache`, to which
-    /// this call's are appended. With a filled cache `x` is one new token per row, and `None` for
-    /// `mask` lets it see every cached key.
-    pub fn forward_cached(
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
@@ -238,17 +229,8 @@ impl<B: Backend> DecoderLayer<B> {
         ]
     }
 
+    /// See `Attention::forward` for `mask` and `cache`.
     pub fn forward(
-        &self,
-        x: Tensor<B, 3>,
-        rope: &RopeTables<B>,
-        mask: Option<Tensor<B, 4, Bool>>,
-    ) -> Tensor<B, 3> {
-        self.forward_cached(x, rope, mask, None)
-    }
-
-    /// As `forward`, with the attention's cache (see `Attention::forward_cached`).
-    pub fn forward_cached(
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
@@ -258,7 +240,7 @@ impl<B: Backend> DecoderLayer<B> {
         let h = x.clone()
             + self
                 .self_attn
-                .forward_cached(self.input_layernorm.forward(x), rope, mask, cache);
+                .forward(self.input_layernorm.forward(x), rope, mask, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -440,7 +422,7 @@ impl<B: Backend> CausalLm<B> {
     pub fn hidden_states(&self, batch: &Batch) -> Tensor<B, 3> {
         let (mut x, inputs) = self.embed(batch);
         for (layer, mask) in self.model.layers.iter().zip(&inputs.masks) {
-            x = layer.forward(x, &inputs.rope, mask.clone());
+            x = layer.forward(x, &inputs.rope, mask.clone(), None);
         }
         self.model.norm.forward(x)
     }
@@ -539,7 +521,7 @@ impl<B: Backend> CausalLm<B> {
                     Tensor::from_data(TensorData::new(masked, [1, 1, 1, past + 1]), &device)
                 })
             };
-            x = layer.forward_cached(x, &inputs.rope, mask, Some(&mut cache.layers[i]));
+            x = layer.forward(x, &inputs.rope, mask, Some(&mut cache.layers[i]));
         }
         cache.len += ids.len();
         let [_, s, h] = x.dims();

@@ -153,7 +153,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                     .linears()
                     .iter()
                     .filter_map(|l| l.adapter.as_ref())
-                    .map(|a| a.trainable().len())
+                    .map(|a| a.trainable_count())
                     .sum()
             })
             .collect();
@@ -264,7 +264,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         let eval_steps = t.eval_steps.unwrap_or(t.save_steps) as u64;
         let started = Instant::now();
         let (first_step, elapsed_before) = (state.global_step, state.elapsed_s);
-        let mut window = Window::new(state.unlogged_loss);
+        let mut window = Window::new();
         let mut last_checkpoint = None;
         let step_grads = StepGrads {
             seed: t.seed,
@@ -278,6 +278,12 @@ impl<B: AutodiffBackend> Trainer<B> {
             let batches = feed.next_step(t.batch_size, t.grad_accum)?;
             let lr = schedule.lr(step as usize);
             let (loss, tokens, grads) = step_grads.compute(model, &batches, step);
+            let params = flat_params(model);
+            let grads = grads
+                .into_iter()
+                .zip(&params)
+                .map(|(g, p)| g.unwrap_or_else(|| p.zeros_like()))
+                .collect();
             let (grad_norm, grads) = clip_grad_norm(grads, t.max_grad_norm);
             for (what, value) in [("loss", loss), ("gradient norm", grad_norm)] {
                 if !value.is_finite() {
@@ -293,15 +299,16 @@ impl<B: AutodiffBackend> Trainer<B> {
                     });
                 }
             }
-            let updated = optimizer.step(lr, flat_params(model), grads);
+            let updated = optimizer.step(lr, params, grads);
             set_params(model, updated);
 
             state.global_step += 1;
             state.data_position = feed.position();
             state.epoch = feed.epoch_progress();
             state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
-            window.add(loss, tokens);
-            state.unlogged_loss = (window.loss_sum, window.steps);
+            window.tokens += tokens;
+            state.unlogged_loss.0 += loss;
+            state.unlogged_loss.1 += 1;
             let step = state.global_step;
             let last = step == state.max_steps;
 
@@ -313,7 +320,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                     LogEntry {
                         step,
                         epoch: state.epoch,
-                        loss: window.mean_loss(),
+                        loss: state.unlogged_loss.0 / state.unlogged_loss.1 as f64,
                         grad_norm,
                         learning_rate: lr,
                         tokens_per_sec: window.tokens_per_sec(),
@@ -326,7 +333,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             if let Some(entry) = &logged {
                 log.write(entry)?;
                 state.log_history.push(entry.clone());
-                window = Window::new((0.0, 0));
+                window = Window::new();
                 state.unlogged_loss = (0.0, 0);
             }
             // transformers' best_model_checkpoint: the saved checkpoint with the lowest eval loss.
@@ -523,40 +530,26 @@ fn set_params<B: AutodiffBackend>(
     for layer in &mut model.model.layers {
         for lin in layer.linears_mut() {
             if let Some(a) = &mut lin.adapter {
-                let n = a.trainable().len();
+                let n = a.trainable_count();
                 a.set_trainable(values.by_ref().take(n).map(Tensor::from_inner).collect());
             }
         }
     }
 }
 
-/// The loss and tokens of the steps since the last log line.
+/// Tokens and time since the last log line (their loss is `TrainerState::unlogged_loss`, which
+/// checkpoints carry across a resume).
 struct Window {
-    loss_sum: f64,
-    steps: u64,
     tokens: usize,
     since: Instant,
 }
 
 impl Window {
-    /// `(loss sum, steps)` carried over from before a resume.
-    fn new((loss_sum, steps): (f64, u64)) -> Self {
+    fn new() -> Self {
         Self {
-            loss_sum,
-            steps,
             tokens: 0,
             since: Instant::now(),
         }
-    }
-
-    fn add(&mut self, loss: f64, tokens: usize) {
-        self.loss_sum += loss;
-        self.steps += 1;
-        self.tokens += tokens;
-    }
-
-    fn mean_loss(&self) -> f64 {
-        self.loss_sum / self.steps.max(1) as f64
     }
 
     fn tokens_per_sec(&self) -> f64 {
@@ -577,13 +570,14 @@ type Grads<B> = Vec<Option<Tensor<<B as AutodiffBackend>::InnerBackend, 1>>>;
 
 impl<B: AutodiffBackend> StepGrads<'_, B> {
     /// The mean loss over the step's label tokens, its tokens (padding excluded) and the
-    /// gradient of that loss for every trainable tensor (flattened, in `flat_params`'s order).
+    /// gradient of that loss for every trainable tensor (flattened, in `flat_params`'s order;
+    /// None where the backward pass did not reach one).
     fn compute(
         &self,
         model: &CausalLm<B>,
         batches: &[Vec<TrainRow>],
         step: u64,
-    ) -> (f64, usize, Vec<Tensor<B::InnerBackend, 1>>) {
+    ) -> (f64, usize, Grads<B>) {
         let micro: Vec<(Batch, LossTargets)> = batches
             .iter()
             .map(|rows| {
@@ -629,12 +623,6 @@ impl<B: AutodiffBackend> StepGrads<'_, B> {
                 self.whole(model, batch, targets, scale, &seed_layer, &mut grads)
             };
         }
-        let params = flat_params(model);
-        let grads = grads
-            .into_iter()
-            .zip(params)
-            .map(|(g, p)| g.unwrap_or_else(|| p.zeros_like()))
-            .collect();
         (loss_sum * scale, tokens, grads)
     }
 
@@ -651,7 +639,7 @@ impl<B: AutodiffBackend> StepGrads<'_, B> {
         let (mut x, inputs) = model.embed(batch);
         for (i, layer) in model.model.layers.iter().enumerate() {
             seed_layer(i);
-            x = layer.forward(x, &inputs.rope, inputs.masks[i].clone());
+            x = layer.forward(x, &inputs.rope, inputs.masks[i].clone(), None);
         }
         let sum = token_losses(model, model.model.norm.forward(x), targets).sum();
         let backward = (sum.clone() * scale).backward();
@@ -682,7 +670,7 @@ impl<B: AutodiffBackend> StepGrads<'_, B> {
         for (i, layer) in frozen.iter().enumerate() {
             seed_layer(i);
             layer_inputs.push(x.clone());
-            x = layer.forward(x, &inputs.rope, inputs.masks[i].clone());
+            x = layer.forward(x, &inputs.rope, inputs.masks[i].clone(), None);
         }
         let last = x.detach().require_grad();
         let sum = token_losses(model, model.model.norm.forward(last.clone()), targets).sum();
@@ -697,7 +685,7 @@ impl<B: AutodiffBackend> StepGrads<'_, B> {
             // The first layer's input is the frozen embedding: its gradient is not needed.
             let input = layer_inputs.pop().expect("one input per layer");
             let input = if i > 0 { input.require_grad() } else { input };
-            let out = layer.forward(input.clone(), &inputs.rope, inputs.masks[i].clone());
+            let out = layer.forward(input.clone(), &inputs.rope, inputs.masks[i].clone(), None);
             let backward = (out * Tensor::from_inner(grad_out.clone()))
                 .sum()
                 .backward();

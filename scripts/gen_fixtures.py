@@ -38,7 +38,9 @@ What it writes, under tests/fixtures/:
   (bitsandbytes' reference kernels, double quantization), which is what bitsandbytes' 4-bit
   matmul computes (dequantize, then a dense matmul in the compute dtype).
 
-  generation.json       transformers' greedy generate on fixture models (see make_generation)
+  generation.json       transformers' generate: greedy on fixture models, its sampling processors,
+                        chat replies of the quickstart model (see make_generation)
+  models/qwen2_chat     qwen2_bf16 as a chat model (see make_generation)
   training/             optimizer steps of PyTorch + PEFT (see make_training)
   schedules.json        transformers' cosine / linear / constant-with-warmup learning rates per step
   nf4/nf4.safetensors   bitsandbytes' NF4 (blocks of 64, with and without double quantization)
@@ -623,14 +625,22 @@ def make_training() -> None:
 
 
 def make_generation() -> None:
-    """transformers' greedy `generate` (f32, eager attention) on the fixture models and one
-    adapter, for the KV-cache generation tests: 10 new tokens after the first two fixture rows,
-    stopping at the generation config's eos ids (written beside the tokens). The mistral
-    prompts run past its sliding window of 5."""
-    cases = [("llama", None), ("qwen2_bf16", None), ("qwen3_f16", None), ("mistral", None),
-             ("llama", "llama_qv"), ("qwen3_f16", "qwen3_dora")]
-    out = []
-    for base, adapter in cases:
+    """transformers' `generate` for the generation tests, in generation.json:
+    greedy    greedy tokens (f32, eager attention) on the fixture models and adapters: 10 new
+              tokens after the first two fixture rows, stopping at the generation config's eos ids
+              (written beside them), some with a repetition penalty. The mistral prompts run past
+              its sliding window of 5.
+    sampling  the raw logits of the first new token and what generate's logits processors make of
+              them (repetition penalty, temperature, top-k, top-p), for several settings.
+    chat      models/qwen2_chat (written here: qwen2_bf16 with the Qwen2.5 template and tokenizer,
+              eos ids [<|im_end|>, <|endoftext|>]) in f32, with and without qwen2_rslora, and
+              once QLoRA (NF4 round-tripped base weights, as in expected/): conversations through its chat template, greedy replies decoded as text (the stop
+              token dropped), as `swift-rs infer` prints them."""
+    cases = [("llama", None, 1.0), ("qwen2_bf16", None, 1.0), ("qwen3_f16", None, 1.0),
+             ("mistral", None, 1.0), ("llama", "llama_qv", 1.0), ("qwen3_f16", "qwen3_dora", 1.0),
+             ("llama", None, 1.3), ("qwen3_f16", "qwen3_dora", 1.3)]
+    greedy = []
+    for base, adapter, penalty in cases:
         base_dir = ROOT / "models" / base
         model = load_model(base_dir, torch.float32, None if adapter is None else ROOT / "adapters" / adapter)
         eos = model.generation_config.eos_token_id
@@ -642,10 +652,70 @@ def make_generation() -> None:
                 # An explicit mask: generate() would otherwise mask every prompt token equal to
                 # the pad id.
                 ids = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                     max_new_tokens=10, do_sample=False, eos_token_id=stop or None, pad_token_id=0)
-            out.append({"model": base, "adapter": adapter, "prompt": prompt, "stop": stop,
-                        "tokens": ids[0, len(prompt):].tolist()})
-    (ROOT / "generation.json").write_text(json.dumps(out, indent=1))
+                                     max_new_tokens=10, do_sample=False, eos_token_id=stop or None, pad_token_id=0,
+                                     repetition_penalty=penalty)
+            greedy.append({"model": base, "adapter": adapter, "prompt": prompt, "stop": stop,
+                           "repetition_penalty": penalty, "tokens": ids[0, len(prompt):].tolist()})
+
+    sampling = []
+    model = load_model(ROOT / "models" / "llama", torch.float32)
+    prompt = [json.loads(l) for l in (ROOT / "models" / "llama" / "expected" / "inputs.jsonl").read_text().splitlines()][0]["input_ids"]
+    for temperature, top_k, top_p, penalty in [(0.7, 20, 0.8, 1.3), (1.3, 0, 0.5, 1.0), (1.0, 5, 1.0, 0.8),
+                                               (0.5, 50, 0.95, 1.0)]:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                 max_new_tokens=1, do_sample=True, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, repetition_penalty=penalty, pad_token_id=0,
+                                 output_scores=True, output_logits=True, return_dict_in_generate=True)
+        processed = out.scores[0][0]
+        sampling.append({"temperature": temperature, "top_k": top_k, "top_p": top_p,
+                         "repetition_penalty": penalty, "seen": prompt,
+                         "logits": out.logits[0][0].tolist(),
+                         # JSON has no -inf: removed tokens are null.
+                         "processed": [None if v == float("-inf") else v for v in processed.tolist()]})
+        assert 0 < sum(v != float("-inf") for v in processed.tolist()) < len(processed), "a filter must bite"
+
+    # A chat model: qwen2_bf16's weights with the Qwen2.5 template, its tokenizer and eos ids.
+    chat_dir = ROOT / "models" / "qwen2_chat"
+    shutil.rmtree(chat_dir, ignore_errors=True)
+    chat_dir.mkdir()
+    for f in ["config.json", "model.safetensors"]:
+        shutil.copy(ROOT / "models" / "qwen2_bf16" / f, chat_dir / f)
+    for f in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]:
+        shutil.copy(ROOT / "templates" / "qwen2_5_jinja" / f, chat_dir / f)
+    (chat_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0], "pad_token_id": 0}))
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(chat_dir)
+    chat = {"model": "qwen2_chat", "max_new_tokens": 16, "cases": []}
+    for adapter, nf4 in [(None, False), ("qwen2_rslora", False), ("qwen2_rslora", True)]:
+        model = load_model(chat_dir, torch.float32, None if adapter is None else ROOT / "adapters" / adapter)
+        if nf4:
+            quantize_base(model)
+        stop = model.generation_config.eos_token_id
+        stop = [stop] if isinstance(stop, int) else list(stop)
+
+        def add(messages):
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+            with torch.no_grad():
+                out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                     max_new_tokens=chat["max_new_tokens"], do_sample=False, pad_token_id=0)
+            new = out[0, len(ids):].tolist()
+            text_ids = new[:-1] if new and new[-1] in stop else new
+            case = {"adapter": adapter, "nf4": nf4, "messages": messages, "prompt": ids, "tokens": new,
+                    "response": tok.decode(text_ids, skip_special_tokens=False)}
+            chat["cases"].append(case)
+            return case
+
+        add([{"role": "user", "content": "Who are you?"}])
+        if nf4:
+            continue
+        add([{"role": "system", "content": "You are a helpful assistant."},
+             {"role": "user", "content": "你好，你是谁？"}])
+        first = add([{"role": "user", "content": "Hello"}])
+        # A second turn after the first, as the interactive chat keeps history.
+        add(first["messages"] + [{"role": "assistant", "content": first["response"]},
+                                 {"role": "user", "content": "What can you do?"}])
+    (ROOT / "generation.json").write_text(json.dumps({"greedy": greedy, "sampling": sampling, "chat": chat}, indent=1))
 
 
 def main() -> None:

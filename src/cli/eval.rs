@@ -8,11 +8,8 @@ use burn::tensor::backend::Backend;
 use clap::Args;
 
 use super::device::{with_backend, DeviceArg};
-use super::{write_atomic, DtypeArg, Failure, QuantArg};
+use super::{load_model, write_atomic, DtypeArg, Failure, QuantArg};
 use swift_rs::data::{read_pretokenized, TokenizedRow};
-use swift_rs::export::peft::read_adapter;
-use swift_rs::model::{self, LoadOptions, ModelError};
-use swift_rs::quant::Nf4Config;
 use swift_rs::train::evaluate;
 
 #[derive(Args, Debug)]
@@ -51,28 +48,13 @@ pub fn run(args: EvalArgs) -> Result<(), Failure> {
 }
 
 fn eval_on<B: Backend>(device: B::Device, args: &EvalArgs) -> Result<(), Failure> {
-    let mut adapter = match &args.adapter {
-        None => None,
-        Some(dir) => Some(
-            read_adapter(dir)
-                .with_context(|| format!("cannot read the adapter in {}", dir.display()))?,
-        ),
-    };
-    let options = LoadOptions {
-        dtype: args.dtype.resolve(),
-        quant: args.quant.map(|QuantArg::Nf4| Nf4Config::default()),
-    };
-    let loaded = model::load::<B>(&args.model, options, adapter.as_mut(), &device);
-    let (config, model) = loaded.map_err(|e| {
-        let usage = matches!(e, ModelError::Config(_));
-        let e = anyhow::Error::new(e)
-            .context(format!("cannot load the model in {}", args.model.display()));
-        if usage {
-            Failure::Usage(e)
-        } else {
-            Failure::Runtime(e)
-        }
-    })?;
+    let (config, model) = load_model::<B>(
+        &args.model,
+        args.adapter.as_deref(),
+        args.dtype.resolve(),
+        args.quant,
+        &device,
+    )?;
     let mut rows: Vec<TokenizedRow> = Vec::new();
     for path in &args.dataset {
         rows.extend(read_pretokenized(path, config.vocab_size).context("cannot read the dataset")?);

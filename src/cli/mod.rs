@@ -3,13 +3,19 @@
 mod device;
 mod encode;
 mod eval;
+mod infer;
 mod merge;
 mod train;
 
 use std::path::Path;
 
+use anyhow::Context;
+use burn::tensor::backend::Backend;
 use clap::{Parser, Subcommand, ValueEnum};
-use swift_rs::config::Dtype;
+use swift_rs::config::{Dtype, ModelConfig};
+use swift_rs::export::peft::read_adapter;
+use swift_rs::model::{self, CausalLm, LoadOptions, ModelError};
+use swift_rs::quant::Nf4Config;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -30,6 +36,8 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Write the rows training would see (input_ids, labels) as JSONL
     Encode(encode::EncodeArgs),
+    /// Chat with a model (and adapter), answer one prompt, or answer a dataset's prompts
+    Infer(infer::InferArgs),
     /// Merge a LoRA adapter into its base model and write a Hugging Face model directory
     Merge(merge::MergeArgs),
 }
@@ -60,6 +68,37 @@ impl DtypeArg {
 pub enum QuantArg {
     /// 4-bit NormalFloat, as bitsandbytes (QLoRA)
     Nf4,
+}
+
+/// `--model`, `--adapter`, `--dtype` and `--quant` of `eval` and `infer`: the model with the
+/// adapter built in. A bad config.json is a usage error, other load failures runtime errors.
+pub fn load_model<B: Backend>(
+    dir: &Path,
+    adapter: Option<&Path>,
+    dtype: Option<Dtype>,
+    quant: Option<QuantArg>,
+    device: &B::Device,
+) -> Result<(ModelConfig, CausalLm<B>), Failure> {
+    let mut adapter = match adapter {
+        None => None,
+        Some(dir) => Some(
+            read_adapter(dir)
+                .with_context(|| format!("cannot read the adapter in {}", dir.display()))?,
+        ),
+    };
+    let options = LoadOptions {
+        dtype,
+        quant: quant.map(|QuantArg::Nf4| Nf4Config::default()),
+    };
+    model::load::<B>(dir, options, adapter.as_mut(), device).map_err(|e| {
+        let usage = matches!(e, ModelError::Config(_));
+        let e = anyhow::Error::new(e).context(format!("cannot load the model in {}", dir.display()));
+        if usage {
+            Failure::Usage(e)
+        } else {
+            Failure::Runtime(e)
+        }
+    })
 }
 
 /// A failed command: usage and config errors exit 2, runtime errors 1 (SPEC).
@@ -93,6 +132,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Infer(args) => infer::run(args),
         Command::Merge(args) => merge::run(args),
         Command::Encode(args) => encode::run(args),
     }
@@ -107,7 +147,6 @@ pub struct AtomicFile {
 
 impl AtomicFile {
     pub fn create(path: &Path) -> anyhow::Result<Self> {
-        use anyhow::Context;
         let dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
@@ -121,7 +160,6 @@ impl AtomicFile {
     }
 
     pub fn commit(self) -> anyhow::Result<()> {
-        use anyhow::Context;
         self.tmp
             .persist(&self.path)
             .with_context(|| format!("cannot write {}", self.path.display()))?;
@@ -141,7 +179,6 @@ impl std::io::Write for AtomicFile {
 
 /// Writes `bytes` to `path` atomically (see `AtomicFile`).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use anyhow::Context;
     let mut file = AtomicFile::create(path)?;
     std::io::Write::write_all(&mut file, bytes)
         .with_context(|| format!("cannot write {}", path.display()))?;

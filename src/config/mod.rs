@@ -1,12 +1,15 @@
 //! Configuration types: the checkpoint's `config.json` (`HfConfig` → `ModelConfig`) and
-//! `LoraConfig` (PEFT field names), and the training config `TrainConfig` (TOML).
+//! `generation_config.json` (`GenerationConfig`), `LoraConfig` (PEFT field names), and the
+//! training config `TrainConfig` (TOML).
 
+mod generation;
 mod lora;
 mod model;
 mod train;
 
 use std::path::PathBuf;
 
+pub use generation::{GenerationConfig, TokenIds};
 pub use lora::{InitLoraWeights, LoraConfig, TargetModules};
 pub use model::{Arch, Dtype, HfConfig, ModelConfig, RopeConfig, RopeScaling};
 pub use train::{

@@ -89,18 +89,64 @@ impl Encoder {
                     input_ids: ids,
                 })
             }
-            Row::Chat(messages) => match (&self.system, messages.first()) {
-                (Some(system), Some(first)) if first.role != Role::System => {
-                    let mut with_system = Vec::with_capacity(messages.len() + 1);
-                    with_system.push(Message {
-                        role: Role::System,
-                        content: system.clone(),
-                    });
-                    with_system.extend_from_slice(messages);
-                    self.encode_chat(&with_system)
-                }
-                _ => self.encode_chat(messages),
+            Row::Chat(messages) => self.encode_chat(&self.with_system(messages)),
+        }
+    }
+
+    /// The ids of a conversation followed by the header of the assistant's reply
+    /// (`add_generation_prompt`): what generation continues.
+    pub fn prompt(&self, messages: &[Message]) -> Result<Vec<u32>, String> {
+        let text = self
+            .template
+            .render(&self.with_system(messages), true)?;
+        Ok(self.tokenize(&text)?.0)
+    }
+
+    /// The tokens that end a reply: the end-of-turn token the template writes after an
+    /// assistant message, and the tokenizer's eos token.
+    pub fn stop_token_ids(&self) -> Vec<u32> {
+        let probe = [
+            Message {
+                role: Role::User,
+                content: "?".into(),
             },
+            Message {
+                role: Role::Assistant,
+                content: "!".into(),
+            },
+        ];
+        let end_of_turn = self.template.render(&probe, false).ok().and_then(|text| {
+            let after = &text[text.rfind('!')? + 1..];
+            self.specials
+                .iter()
+                .find(|s| after.starts_with(s.as_str()))
+                .cloned()
+        });
+        [end_of_turn.as_deref(), Some(self.template.eos_token())]
+            .into_iter()
+            .flatten()
+            .filter_map(|token| self.tokenizer.token_to_id(token))
+            .fold(Vec::new(), |mut ids, id| {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+                ids
+            })
+    }
+
+    /// `model.system` before conversations that have no system message.
+    fn with_system<'m>(&self, messages: &'m [Message]) -> std::borrow::Cow<'m, [Message]> {
+        match (&self.system, messages.first()) {
+            (Some(system), Some(first)) if first.role != Role::System => {
+                let mut with_system = Vec::with_capacity(messages.len() + 1);
+                with_system.push(Message {
+                    role: Role::System,
+                    content: system.clone(),
+                });
+                with_system.extend_from_slice(messages);
+                with_system.into()
+            }
+            _ => messages.into(),
         }
     }
 
@@ -204,12 +250,22 @@ impl Encoder {
         data: &crate::config::DataSection,
     ) -> Result<Self, super::DataError> {
         let dir = std::path::Path::new(&model.path);
+        Self::for_model_dir(dir, model.template, model.system.clone(), data.loss_scale)
+    }
+
+    /// The tokenizer of the model in `dir` with the template `template` names for it.
+    pub fn for_model_dir(
+        dir: &std::path::Path,
+        template: super::template::TemplateName,
+        system: Option<String>,
+        loss_scale: LossScale,
+    ) -> Result<Self, super::DataError> {
         if !dir.is_dir() {
             return Err(super::DataError::Io {
                 path: dir.to_path_buf(),
                 source: std::io::Error::new(
                     std::io::ErrorKind::NotFound,
-                    "model.path is not a local model directory",
+                    "not a local model directory",
                 ),
             });
         }
@@ -219,13 +275,8 @@ impl Encoder {
             .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
             .and_then(|c| c.get("model_type")?.as_str().map(str::to_string))
             .unwrap_or_default();
-        let template = ChatTemplate::load(dir, model.template, &model_type)?;
+        let template = ChatTemplate::load(dir, template, &model_type)?;
         let tokenizer = super::load_tokenizer(dir)?;
-        Ok(Self::new(
-            template,
-            tokenizer,
-            data.loss_scale,
-            model.system.clone(),
-        ))
+        Ok(Self::new(template, tokenizer, loss_scale, system))
     }
 }

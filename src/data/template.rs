@@ -213,6 +213,11 @@ impl ChatTemplate {
         &self.generation_header
     }
 
+    /// tokenizer_config.json's `eos_token`; empty when it names none.
+    pub fn eos_token(&self) -> &str {
+        &self.eos_token
+    }
+
     /// The conversation as text, with the assistant header appended when `add_generation_prompt`.
     pub fn render(
         &self,

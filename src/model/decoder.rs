@@ -335,6 +335,30 @@ impl Batch {
         Self::packed(&rows)
     }
 
+    /// Left-pads rows of different lengths, so that every row's last token is the batch's last
+    /// column (generation reads the next token there). Padding takes position 0; real tokens
+    /// count from 0 as they would alone.
+    pub fn left_padded(rows: &[&[u32]]) -> Self {
+        let seq = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+        let mut batch = Self {
+            input_ids: Vec::with_capacity(rows.len()),
+            attention_mask: Vec::with_capacity(rows.len()),
+            position_ids: Vec::with_capacity(rows.len()),
+            segment_ids: vec![vec![0; seq]; rows.len()],
+        };
+        for ids in rows {
+            let pad = seq - ids.len();
+            let mut padded = vec![0; pad];
+            padded.extend_from_slice(ids);
+            batch.input_ids.push(padded);
+            batch.attention_mask.push((0..seq).map(|t| t >= pad).collect());
+            batch
+                .position_ids
+                .push((0..seq).map(|t| t.saturating_sub(pad)).collect());
+        }
+        batch
+    }
+
     /// Rows of packed samples, each given with its sample boundaries (start of every sample, then
     /// the row's length); positions restart at every sample. Right-padded like `right_padded`.
     pub fn packed(rows: &[(&[u32], &[usize])]) -> Self {
@@ -486,11 +510,53 @@ impl<B: Backend> CausalLm<B> {
     }
 }
 
-/// What generation keeps between steps: each layer's keys and values, and how many positions
-/// they cover.
+/// What generation keeps between steps: each layer's keys and values, how many positions they
+/// cover, and how many of those are left padding in each row.
 pub struct KvCache<B: Backend> {
     pub layers: Vec<LayerCache<B>>,
     pub len: usize,
+    pub pad: Vec<usize>,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// Keeps only the rows `keep` (in that order), as generation drops finished rows, and then
+    /// the columns that are still some row's token.
+    pub fn retain(&mut self, keep: &[usize]) {
+        self.pad = keep.iter().map(|&r| self.pad[r]).collect();
+        let unused = self.pad.iter().copied().min().unwrap_or(0);
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let device = k.device();
+            let rows: Vec<i64> = keep.iter().map(|&r| r as i64).collect();
+            let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [keep.len()]), &device);
+            let [_, heads, len, d] = k.dims();
+            let range = [0..keep.len(), 0..heads, unused..len, 0..d];
+            *k = k.clone().select(0, rows.clone()).slice(range.clone());
+            *v = v.clone().select(0, rows).slice(range);
+        }
+        self.len -= unused;
+        for p in &mut self.pad {
+            *p -= unused;
+        }
+    }
+
+    /// The mask of the next token of every row: padding keys, and keys a sliding window has left
+    /// behind. `[batch, 1, 1, len + 1]`, true = masked; `None` when nothing is masked.
+    fn step_mask(&self, window: Option<usize>, device: &B::Device) -> Option<Tensor<B, 4, Bool>> {
+        let keys = self.len + 1;
+        let windowed = window.is_some_and(|w| keys > w);
+        if !windowed && self.pad.iter().all(|&p| p == 0) {
+            return None;
+        }
+        let mut mask = Vec::with_capacity(self.pad.len() * keys);
+        for &pad in &self.pad {
+            // Within a row, slot distance is position distance: padding is all on the left.
+            mask.extend((0..keys).map(|k| k < pad || window.is_some_and(|w| self.len >= k + w)));
+        }
+        Some(Tensor::from_data(
+            TensorData::new(mask, [self.pad.len(), 1, 1, keys]),
+            device,
+        ))
+    }
 }
 
 impl<B: Backend> CausalLm<B> {
@@ -499,42 +565,58 @@ impl<B: Backend> CausalLm<B> {
         KvCache {
             layers: vec![None; self.model.layers.len()],
             len: 0,
+            pad: Vec::new(),
         }
     }
 
-    /// The logits `[vocab]` after `ids` of one sequence, which continue what `cache` holds: the
-    /// whole prompt first, then one token at a time.
-    pub fn next_logits(&self, ids: &[u32], cache: &mut KvCache<B>) -> Tensor<B, 1> {
-        let past = cache.len;
-        let mut batch = Batch::right_padded(&[ids]);
-        batch.position_ids = vec![(past..past + ids.len()).collect()];
+    /// The logits `[batch, vocab]` after `rows`, which continue what `cache` holds: first every
+    /// row's whole prompt (of any lengths: they are left-padded), then one token per row.
+    pub fn next_logits(&self, rows: &[&[u32]], cache: &mut KvCache<B>) -> Tensor<B, 2> {
+        let prefill = cache.len == 0;
+        let batch = if prefill {
+            let batch = Batch::left_padded(rows);
+            cache.pad = batch
+                .attention_mask
+                .iter()
+                .map(|real| real.iter().filter(|&&r| !r).count())
+                .collect();
+            batch
+        } else {
+            assert!(
+                rows.len() == cache.pad.len() && rows.iter().all(|r| r.len() == 1),
+                "after the prompts, one token per row"
+            );
+            Batch {
+                input_ids: rows.iter().map(|r| r.to_vec()).collect(),
+                attention_mask: vec![vec![true]; rows.len()],
+                position_ids: cache.pad.iter().map(|p| vec![cache.len - p]).collect(),
+                segment_ids: vec![vec![0]; rows.len()],
+            }
+        };
         let (mut x, inputs) = self.embed(&batch);
         let device = x.device();
         for (i, layer) in self.model.layers.iter().enumerate() {
-            let mask = if past == 0 {
+            let mask = if prefill {
                 inputs.masks[i].clone()
             } else {
-                // The new token at position `past` sees keys 0..=past, less those a sliding
-                // window has left behind.
-                layer.sliding_window.map(|w| {
-                    let masked: Vec<bool> = (0..=past).map(|k| past >= k + w).collect();
-                    Tensor::from_data(TensorData::new(masked, [1, 1, 1, past + 1]), &device)
-                })
+                cache.step_mask(layer.sliding_window, &device)
             };
             x = layer.forward(x, &inputs.rope, mask, Some(&mut cache.layers[i]));
         }
-        cache.len += ids.len();
-        let [_, s, h] = x.dims();
-        let last = self.model.norm.forward(x.slice([0..1, s - 1..s, 0..h])); // [1, 1, hidden]
+        cache.len += batch.dims()[1];
+        let [b, s, h] = x.dims();
+        // Left padding puts every row's last token in the last column.
+        let last = self.model.norm.forward(x.slice([0..b, s - 1..s, 0..h])); // [b, 1, hidden]
         let logits = self.lm_head(last);
         let vocab = logits.dims()[2];
-        logits.reshape([vocab])
+        logits.reshape([b, vocab])
     }
 }
 
 /// The causal mask with padding keys, keys of other samples of a packed row, and, for
 /// sliding-window layers, keys more than `window - 1` positions back masked out (transformers'
-/// `sliding_window_overlay`). `[batch, 1, seq, seq]`, true = masked.
+/// `sliding_window_overlay`). `[batch, 1, seq, seq]`, true = masked. A left-padding query sees
+/// no key at all; Burn's attention gives such a row zeros, not NaN.
 fn attention_mask<B: Backend>(
     batch: &Batch,
     window: Option<usize>,
@@ -542,10 +624,15 @@ fn attention_mask<B: Backend>(
 ) -> Tensor<B, 4, Bool> {
     let [b, s] = batch.dims();
     let mut mask = Vec::with_capacity(b * s * s);
-    for (real, segment) in batch.attention_mask.iter().zip(&batch.segment_ids) {
+    for ((real, segment), pos) in batch
+        .attention_mask
+        .iter()
+        .zip(&batch.segment_ids)
+        .zip(&batch.position_ids)
+    {
         for q in 0..s {
             for k in 0..s {
-                let outside_window = window.is_some_and(|w| q >= k + w);
+                let outside_window = window.is_some_and(|w| pos[q] >= pos[k] + w);
                 mask.push(k > q || !real[k] || segment[k] != segment[q] || outside_window);
             }
         }

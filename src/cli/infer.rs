@@ -1,0 +1,462 @@
+//! `swift-rs infer`: one prompt (`--prompt`, the reply streamed), a dataset's prompts
+//! (`--dataset`/`--output`, in batches), or an interactive chat that keeps its history.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufWriter, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, Context};
+use burn::tensor::backend::Backend;
+use clap::Args;
+use serde_json::{json, Value};
+
+use super::device::{with_backend, DeviceArg};
+use super::{load_model, AtomicFile, DtypeArg, Failure, QuantArg};
+use swift_rs::config::GenerationConfig;
+use swift_rs::data::encode::{Encoder, LossScale};
+use swift_rs::data::format::{parse_row, Message, Role, Row};
+use swift_rs::data::source::read_rows;
+use swift_rs::data::template::TemplateName;
+use swift_rs::infer::{generate, request_seed, GenerateOptions, Request, Sampling, TextStream};
+use swift_rs::model::CausalLm;
+
+#[derive(Args, Debug)]
+pub struct InferArgs {
+    /// Hugging Face model directory (a merged model directory works as any other)
+    #[arg(long)]
+    model: PathBuf,
+    /// PEFT LoRA adapter directory to apply unmerged (a training checkpoint works)
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Hold the decoder's linear weights in 4-bit NF4 (QLoRA)
+    #[arg(long, value_enum)]
+    quant: Option<QuantArg>,
+    /// Compute dtype of the weights: auto (config.json), bf16, f16, f32
+    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
+    dtype: DtypeArg,
+    /// Answer this one user message; the reply is printed as it is generated
+    #[arg(long, conflicts_with = "dataset")]
+    prompt: Option<String>,
+    /// Answer the last user turn of every row (JSONL, JSON or Parquet conversations)
+    #[arg(long, requires = "output")]
+    dataset: Option<PathBuf>,
+    /// With --dataset: write {"index", "messages", "response"} per row, in input order
+    #[arg(long, requires = "dataset")]
+    output: Option<PathBuf>,
+    /// With --dataset: rows generated together
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    batch_size: u64,
+    /// System prompt for conversations that have none
+    #[arg(long)]
+    system: Option<String>,
+    /// Chat template: auto (the model's own), chatml, qwen, qwen2_5, qwen3, llama3, jinja
+    #[arg(long, default_value = "auto")]
+    template: TemplateName,
+    /// Most tokens per reply [default: generation_config.json's max_new_tokens, else 2048]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_new_tokens: Option<u64>,
+    /// 0 is greedy [default: generation_config.json's when it samples, else 0]
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// [default: generation_config.json's, else 1]
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// 0 keeps every token [default: generation_config.json's, else 50]
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// [default: generation_config.json's, else 1]
+    #[arg(long)]
+    repetition_penalty: Option<f32>,
+    /// Seed of the sampling draws [default: a random one, printed]
+    #[arg(long)]
+    seed: Option<u64>,
+    /// auto, cpu, cuda or cuda:N
+    #[arg(long, default_value = "auto")]
+    device: DeviceArg,
+}
+
+/// What every reply shares: the tokenizer and template, and how to generate.
+struct Session<'a, B: Backend> {
+    model: &'a CausalLm<B>,
+    encoder: &'a Encoder,
+    options: GenerateOptions,
+    seed: u64,
+}
+
+pub fn run(args: InferArgs) -> Result<(), Failure> {
+    with_backend!(args.device, infer_on(&args))
+}
+
+fn infer_on<B: Backend>(device: B::Device, args: &InferArgs) -> Result<(), Failure> {
+    let usage = |e: anyhow::Error| Failure::Usage(e);
+    let file = GenerationConfig::from_model_dir(&args.model)
+        .map_err(|e| usage(anyhow::Error::new(e)))?;
+    let sampling = Sampling::resolve(
+        &file,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.repetition_penalty,
+    );
+    if let Some(problem) = sampling.problem() {
+        return Err(usage(anyhow!(problem)));
+    }
+    let encoder = Encoder::for_model_dir(
+        &args.model,
+        args.template,
+        args.system.clone(),
+        LossScale::Default,
+    )
+    .map_err(|e| usage(anyhow::Error::new(e)))?;
+    // Rows are read before the model: a bad row should not wait for a large model to load.
+    let rows = match &args.dataset {
+        Some(path) => Some(read_conversations(path).map_err(usage)?),
+        None => None,
+    };
+    let (_, model) = load_model::<B>(
+        &args.model,
+        args.adapter.as_deref(),
+        args.dtype.resolve(),
+        args.quant,
+        &device,
+    )?;
+    let mut stop = file.eos_token_ids();
+    for id in encoder.stop_token_ids() {
+        if !stop.contains(&id) {
+            stop.push(id);
+        }
+    }
+    let options = GenerateOptions {
+        max_new_tokens: args
+            .max_new_tokens
+            .map(|n| n as usize)
+            .or(file.max_new_tokens)
+            .unwrap_or(2048),
+        stop,
+        sampling,
+    };
+    let seed = args.seed.unwrap_or_else(rand::random);
+    eprintln!("{}", describe(&options, seed));
+    let session = Session {
+        model: &model,
+        encoder: &encoder,
+        options,
+        seed,
+    };
+    match (&args.prompt, rows) {
+        (Some(prompt), _) => {
+            let messages = [Message {
+                role: Role::User,
+                content: prompt.clone(),
+            }];
+            let (_, stats) = session.reply_streamed(&messages, 0, &mut std::io::stdout())?;
+            eprintln!("{stats}");
+            Ok(())
+        }
+        (None, Some(rows)) => {
+            let output = args.output.as_deref().expect("clap requires --output");
+            session.answer_all(&rows, args.batch_size as usize, output)
+        }
+        (None, None) => session.chat(),
+    }
+}
+
+/// The generation settings in one line, so that a run can be repeated.
+fn describe(options: &GenerateOptions, seed: u64) -> String {
+    let s = &options.sampling;
+    let how = if s.is_greedy() {
+        "greedy".to_string()
+    } else {
+        format!(
+            "sampling (temperature {}, top_k {}, top_p {}, seed {seed})",
+            s.temperature, s.top_k, s.top_p
+        )
+    };
+    format!(
+        "generation: {how}, repetition_penalty {}, max_new_tokens {}, stop ids {:?}",
+        s.repetition_penalty, options.max_new_tokens, options.stop
+    )
+}
+
+/// A row of `--dataset`: the conversation up to its last user turn, and the assistant's answer
+/// after it when the row has one.
+struct Conversation {
+    messages: Vec<Message>,
+    labels: Option<String>,
+}
+
+fn read_conversations(path: &Path) -> anyhow::Result<Vec<Conversation>> {
+    let rows = read_rows(path, &BTreeMap::new())
+        .with_context(|| format!("cannot read the dataset {}", path.display()))?;
+    rows.into_iter()
+        .map(|(at, value)| {
+            let bad = |reason: String| anyhow!("{}:{at}: {reason}", path.display());
+            let Row::Chat(mut messages) = parse_row(&value).map_err(bad)? else {
+                return Err(bad("not a conversation: there is no user turn to answer".into()));
+            };
+            let last_user = messages
+                .iter()
+                .rposition(|m| m.role == Role::User)
+                .ok_or_else(|| bad("the conversation has no user turn to answer".into()))?;
+            let labels = messages
+                .get(last_user + 1)
+                .filter(|m| m.role == Role::Assistant)
+                .map(|m| m.content.clone());
+            messages.truncate(last_user + 1);
+            Ok(Conversation { messages, labels })
+        })
+        .collect()
+}
+
+fn message_json(m: &Message) -> Value {
+    json!({"role": m.role.as_str(), "content": m.content})
+}
+
+/// Prompt length, time to the first token and decode speed of one reply.
+struct Stats {
+    prompt_tokens: usize,
+    reply_tokens: usize,
+    first_token: std::time::Duration,
+    total: std::time::Duration,
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let decode = self.total.saturating_sub(self.first_token).as_secs_f64();
+        let rate = if self.reply_tokens > 1 && decode > 0.0 {
+            format!("{:.1}", (self.reply_tokens - 1) as f64 / decode)
+        } else {
+            "-".into()
+        };
+        write!(
+            f,
+            "prompt {} tokens, first token after {:.1} ms, reply {} tokens, decode {rate} tokens/s",
+            self.prompt_tokens,
+            self.first_token.as_secs_f64() * 1e3,
+            self.reply_tokens,
+        )
+    }
+}
+
+impl<B: Backend> Session<'_, B> {
+    fn prompt(&self, messages: &[Message]) -> anyhow::Result<Vec<u32>> {
+        self.encoder
+            .prompt(messages)
+            .map_err(|e| anyhow!("cannot build the prompt: {e}"))
+    }
+
+    /// The reply's text: its tokens less the stop token that ended it.
+    fn text(&self, tokens: &[u32]) -> anyhow::Result<String> {
+        let tokens = match tokens.split_last() {
+            Some((last, rest)) if self.options.stop.contains(last) => rest,
+            _ => tokens,
+        };
+        self.encoder
+            .tokenizer()
+            .decode(tokens, false)
+            .map_err(|e| anyhow!("the tokenizer cannot decode the reply: {e}"))
+    }
+
+    /// Generates the reply to `messages`, writing its text to `out` as it comes; `turn` varies
+    /// the seed between the turns of a chat.
+    fn reply_streamed(
+        &self,
+        messages: &[Message],
+        turn: u64,
+        out: &mut impl Write,
+    ) -> anyhow::Result<(String, Stats)> {
+        let request = Request {
+            prompt: self.prompt(messages)?,
+            seed: request_seed(self.seed, turn),
+        };
+        let mut stream = TextStream::new(self.encoder.tokenizer());
+        let mut problem: Option<anyhow::Error> = None;
+        let start = Instant::now();
+        let mut first_token = None;
+        let stop = &self.options.stop;
+        let mut show = |piece: Result<Option<String>, String>| -> anyhow::Result<()> {
+            if let Some(text) = piece.map_err(|e| anyhow!(e))? {
+                out.write_all(text.as_bytes())?;
+                out.flush()?;
+            }
+            Ok(())
+        };
+        let replies = generate(
+            self.model,
+            std::slice::from_ref(&request),
+            &self.options,
+            |_, token| {
+                first_token.get_or_insert_with(|| start.elapsed());
+                if problem.is_none() && !stop.contains(&token) {
+                    problem = show(stream.push(token)).err();
+                }
+            },
+        );
+        let total = start.elapsed();
+        if let Some(e) = problem {
+            return Err(e);
+        }
+        show(stream.finish().map(Some))?;
+        writeln!(out)?;
+        let stats = Stats {
+            prompt_tokens: request.prompt.len(),
+            reply_tokens: replies[0].len(),
+            first_token: first_token.unwrap_or(total),
+            total,
+        };
+        Ok((self.text(&replies[0])?, stats))
+    }
+
+    /// `--dataset`: every row's reply, in batches of rows of similar length, written in input
+    /// order once all are done.
+    fn answer_all(
+        &self,
+        rows: &[Conversation],
+        batch_size: usize,
+        output: &Path,
+    ) -> Result<(), Failure> {
+        let requests: Vec<Request> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, row)| {
+                Ok(Request {
+                    prompt: self.prompt(&row.messages)?,
+                    seed: request_seed(self.seed, i as u64),
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        // Longest first, so that a batch pads little and the slowest batch shows early.
+        let mut order: Vec<usize> = (0..rows.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(requests[i].prompt.len()));
+        let bar = indicatif::ProgressBar::new(rows.len() as u64);
+        let start = Instant::now();
+        let mut replies = vec![Vec::new(); rows.len()];
+        for chunk in order.chunks(batch_size) {
+            let batch: Vec<Request> = chunk.iter().map(|&i| requests[i].clone()).collect();
+            for (&i, reply) in chunk
+                .iter()
+                .zip(generate(self.model, &batch, &self.options, |_, _| {}))
+            {
+                replies[i] = reply;
+            }
+            bar.inc(chunk.len() as u64);
+        }
+        bar.finish_and_clear();
+        let elapsed = start.elapsed().as_secs_f64();
+        let mut file = AtomicFile::create(output)?;
+        let mut out = BufWriter::new(&mut file);
+        for (i, (row, reply)) in rows.iter().zip(&replies).enumerate() {
+            let mut line = json!({
+                "index": i,
+                "messages": row.messages.iter().map(message_json).collect::<Vec<_>>(),
+                "response": self.text(reply)?,
+            });
+            if let Some(labels) = &row.labels {
+                line["labels"] = json!(labels);
+            }
+            writeln!(out, "{line}").with_context(|| format!("cannot write {}", output.display()))?;
+        }
+        out.flush()
+            .with_context(|| format!("cannot write {}", output.display()))?;
+        drop(out);
+        file.commit()?;
+        let tokens: usize = replies.iter().map(Vec::len).sum();
+        eprintln!(
+            "wrote {} replies to {} ({tokens} tokens in {elapsed:.1} s, {:.1} tokens/s)",
+            rows.len(),
+            output.display(),
+            tokens as f64 / elapsed
+        );
+        Ok(())
+    }
+
+    /// The interactive chat: reads user turns from standard input, one a line (or several lines
+    /// ended by `#` in multi-line mode), and answers each with the conversation so far.
+    fn chat(&self) -> Result<(), Failure> {
+        let terminal = std::io::stdin().is_terminal();
+        if terminal {
+            eprintln!(
+                "`exit` or `quit` ends the chat, `clear` forgets the conversation, `reset-system` \
+                 sets a new system prompt (the next line), `multi-line` switches to input ended \
+                 by `#`."
+            );
+        }
+        let mut lines = std::io::stdin().lock().lines();
+        let mut stdout = std::io::stdout();
+        let mut history: Vec<Message> = Vec::new();
+        let mut system: Option<String> = None;
+        let mut multi_line = false;
+        let mut turn = 0;
+        loop {
+            if terminal {
+                print!("<<< ");
+                stdout.flush().context("cannot write to standard output")?;
+            }
+            let Some(query) = read_turn(&mut lines, multi_line)? else {
+                return Ok(());
+            };
+            match query.trim() {
+                "exit" | "quit" => return Ok(()),
+                "clear" => {
+                    history.clear();
+                    continue;
+                }
+                "multi-line" => {
+                    multi_line = !multi_line;
+                    continue;
+                }
+                "reset-system" => {
+                    if terminal {
+                        print!("system: ");
+                        stdout.flush().context("cannot write to standard output")?;
+                    }
+                    system = read_turn(&mut lines, multi_line)?;
+                    history.clear();
+                    continue;
+                }
+                _ => {}
+            }
+            history.push(Message {
+                role: Role::User,
+                content: query,
+            });
+            let mut messages = Vec::with_capacity(history.len() + 1);
+            if let Some(system) = &system {
+                messages.push(Message {
+                    role: Role::System,
+                    content: system.clone(),
+                });
+            }
+            messages.extend_from_slice(&history);
+            let (reply, _) = self.reply_streamed(&messages, turn, &mut stdout)?;
+            turn += 1;
+            history.push(Message {
+                role: Role::Assistant,
+                content: reply,
+            });
+        }
+    }
+}
+
+/// One user turn: a line, or in multi-line mode the lines up to one that ends with `#` (which is
+/// dropped). `None` at the end of the input.
+fn read_turn(
+    lines: &mut impl Iterator<Item = std::io::Result<String>>,
+    multi_line: bool,
+) -> anyhow::Result<Option<String>> {
+    let mut turn = String::new();
+    for line in lines {
+        let line = line.context("cannot read standard input")?;
+        if !multi_line {
+            return Ok(Some(line));
+        }
+        if let Some(last) = line.trim_end().strip_suffix('#') {
+            turn.push_str(last);
+            return Ok(Some(turn));
+        }
+        turn.push_str(&line);
+        turn.push('\n');
+    }
+    Ok((!turn.is_empty()).then_some(turn))
+}

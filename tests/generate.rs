@@ -99,7 +99,11 @@ fn sampling_processors_equal_transformers() {
         assert_eq!(logits.len(), want.len());
         for (i, (got, want)) in logits.iter().zip(want).enumerate() {
             match want.as_f64() {
-                None => assert_eq!(*got, f32::NEG_INFINITY, "{sampling:?}: token {i} is removed"),
+                None => assert_eq!(
+                    *got,
+                    f32::NEG_INFINITY,
+                    "{sampling:?}: token {i} is removed"
+                ),
                 Some(w) => assert!(
                     (*got - w as f32).abs() <= 1e-5 * w.abs().max(1.0) as f32,
                     "{sampling:?}: token {i}: {got} vs {w}"
@@ -207,7 +211,11 @@ fn a_batch_generates_what_its_rows_generate_alone() {
         let prompts: Vec<Vec<u32>> = [11, 3, 7, 5]
             .iter()
             .enumerate()
-            .map(|(r, &n)| (0..n).map(|i| ((i * 53 + r * 17 + 2) % 300) as u32).collect())
+            .map(|(r, &n)| {
+                (0..n)
+                    .map(|i| ((i * 53 + r * 17 + 2) % 300) as u32)
+                    .collect()
+            })
             .collect();
         // Row 1's first token stops it at once: the batch goes on without it.
         let alone_open: Vec<Vec<u32>> = prompts
@@ -253,7 +261,8 @@ fn a_batch_generates_what_its_rows_generate_alone() {
 fn chat_prompts_and_streamed_text_equal_transformers() {
     let chat = golden("chat");
     let dir = model_dir(chat["model"].as_str().unwrap());
-    let encoder = Encoder::for_model_dir(&dir, TemplateName::Auto, None, LossScale::Default).unwrap();
+    let encoder =
+        Encoder::for_model_dir(&dir, TemplateName::Auto, None, LossScale::Default).unwrap();
     assert_eq!(encoder.stop_token_ids(), vec![2], "<|im_end|>");
     for case in chat["cases"].as_array().unwrap() {
         let messages: Vec<Message> = case["messages"]
@@ -269,7 +278,10 @@ fn chat_prompts_and_streamed_text_equal_transformers() {
                 content: m["content"].as_str().unwrap().to_string(),
             })
             .collect();
-        assert_eq!(encoder.prompt(&messages).unwrap(), common::ids(&case["prompt"]));
+        assert_eq!(
+            encoder.prompt(&messages).unwrap(),
+            common::ids(&case["prompt"])
+        );
         let mut tokens = common::ids(&case["tokens"]);
         if tokens.last().is_some_and(|t| [0, 2].contains(t)) {
             tokens.pop();

@@ -15,7 +15,7 @@ use super::device::{with_backend, DeviceArg};
 use super::{load_model, AtomicFile, DtypeArg, Failure, QuantArg};
 use swift_rs::config::GenerationConfig;
 use swift_rs::data::encode::{Encoder, LossScale};
-use swift_rs::data::format::{parse_row, Message, Role, Row};
+use swift_rs::data::format::{parse_prompt, Message, Role};
 use swift_rs::data::source::read_rows;
 use swift_rs::data::template::TemplateName;
 use swift_rs::infer::{generate, request_seed, GenerateOptions, Request, Sampling, TextStream};
@@ -90,8 +90,8 @@ pub fn run(args: InferArgs) -> Result<(), Failure> {
 
 fn infer_on<B: Backend>(device: B::Device, args: &InferArgs) -> Result<(), Failure> {
     let usage = |e: anyhow::Error| Failure::Usage(e);
-    let file = GenerationConfig::from_model_dir(&args.model)
-        .map_err(|e| usage(anyhow::Error::new(e)))?;
+    let file =
+        GenerationConfig::from_model_dir(&args.model).map_err(|e| usage(anyhow::Error::new(e)))?;
     let sampling = Sampling::resolve(
         &file,
         args.temperature,
@@ -192,13 +192,11 @@ fn read_conversations(path: &Path) -> anyhow::Result<Vec<Conversation>> {
     rows.into_iter()
         .map(|(at, value)| {
             let bad = |reason: String| anyhow!("{}:{at}: {reason}", path.display());
-            let Row::Chat(mut messages) = parse_row(&value).map_err(bad)? else {
-                return Err(bad("not a conversation: there is no user turn to answer".into()));
-            };
+            let mut messages = parse_prompt(&value).map_err(bad)?;
             let last_user = messages
                 .iter()
                 .rposition(|m| m.role == Role::User)
-                .ok_or_else(|| bad("the conversation has no user turn to answer".into()))?;
+                .expect("parse_prompt checks for a user turn");
             let labels = messages
                 .get(last_user + 1)
                 .filter(|m| m.role == Role::Assistant)
@@ -334,9 +332,10 @@ impl<B: Backend> Session<'_, B> {
         let mut replies = vec![Vec::new(); rows.len()];
         for chunk in order.chunks(batch_size) {
             let batch: Vec<Request> = chunk.iter().map(|&i| requests[i].clone()).collect();
-            for (&i, reply) in chunk
-                .iter()
-                .zip(generate(self.model, &batch, &self.options, |_, _| {}))
+            for (&i, reply) in
+                chunk
+                    .iter()
+                    .zip(generate(self.model, &batch, &self.options, |_, _| {}))
             {
                 replies[i] = reply;
             }
@@ -355,7 +354,8 @@ impl<B: Backend> Session<'_, B> {
             if let Some(labels) = &row.labels {
                 line["labels"] = json!(labels);
             }
-            writeln!(out, "{line}").with_context(|| format!("cannot write {}", output.display()))?;
+            writeln!(out, "{line}")
+                .with_context(|| format!("cannot write {}", output.display()))?;
         }
         out.flush()
             .with_context(|| format!("cannot write {}", output.display()))?;

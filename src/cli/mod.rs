@@ -92,7 +92,8 @@ pub fn load_model<B: Backend>(
     };
     model::load::<B>(dir, options, adapter.as_mut(), device).map_err(|e| {
         let usage = matches!(e, ModelError::Config(_));
-        let e = anyhow::Error::new(e).context(format!("cannot load the model in {}", dir.display()));
+        let e =
+            anyhow::Error::new(e).context(format!("cannot load the model in {}", dir.display()));
         if usage {
             Failure::Usage(e)
         } else {

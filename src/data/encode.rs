@@ -96,9 +96,7 @@ impl Encoder {
     /// The ids of a conversation followed by the header of the assistant's reply
     /// (`add_generation_prompt`): what generation continues.
     pub fn prompt(&self, messages: &[Message]) -> Result<Vec<u32>, String> {
-        let text = self
-            .template
-            .render(&self.with_system(messages), true)?;
+        let text = self.template.render(&self.with_system(messages), true)?;
         Ok(self.tokenize(&text)?.0)
     }
 

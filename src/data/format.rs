@@ -61,17 +61,8 @@ pub fn parse_row(value: &Value) -> Result<Row, String> {
     let obj = value
         .as_object()
         .ok_or_else(|| format!("a row must be a JSON object, got {}", kind(value)))?;
-    let row = if let Some(m) = obj.get("messages") {
-        Row::Chat(messages(m, "messages")?)
-    } else if let Some((key, c)) = ["conversations", "conversation"]
-        .iter()
-        .find_map(|k| obj.get(*k).map(|v| (*k, v)))
-    {
-        Row::Chat(messages(c, key)?)
-    } else if obj.contains_key("instruction") && obj.contains_key("output") {
-        alpaca(obj)?
-    } else if obj.contains_key("query") && obj.contains_key("response") {
-        query_response(obj)?
+    let row = if let Some(m) = conversation(obj, true) {
+        Row::Chat(m?)
     } else if let Some(ids) = obj.get("input_ids") {
         tokenized(ids, obj.get("labels"))?
     } else if let Some(t) = obj.get("text") {
@@ -88,9 +79,54 @@ pub fn parse_row(value: &Value) -> Result<Row, String> {
         ));
     };
     if let Row::Chat(m) = &row {
-        check_chat(m)?;
+        check_turns(m)?;
+        if !m.iter().any(|x| x.role == Role::Assistant) {
+            return Err("the conversation has no assistant turn".into());
+        }
     }
     Ok(row)
+}
+
+/// A conversation to answer (`swift-rs infer --dataset`): the formats of `parse_row` that hold
+/// conversations, where the answer (`output`, `response`, a last assistant turn) may be absent.
+pub fn parse_prompt(value: &Value) -> Result<Vec<Message>, String> {
+    let obj = value
+        .as_object()
+        .ok_or_else(|| format!("a row must be a JSON object, got {}", kind(value)))?;
+    let m = conversation(obj, false).unwrap_or_else(|| {
+        let keys: Vec<&String> = obj.keys().collect();
+        Err(format!(
+            "no conversation (keys {keys:?}): expected messages, conversations, \
+             instruction[/input/output] or query[/response/history]"
+        ))
+    })?;
+    check_turns(&m)?;
+    if !m.iter().any(|x| x.role == Role::User) {
+        return Err("the conversation has no user turn to answer".into());
+    }
+    Ok(m)
+}
+
+/// The turns of a row in one of the conversation formats; `None` when it is in none of them.
+/// Alpaca and query/response rows count as conversations without their answer key only when
+/// `answered` is false.
+fn conversation(obj: &Map<String, Value>, answered: bool) -> Option<Result<Vec<Message>, String>> {
+    if let Some(m) = obj.get("messages") {
+        return Some(messages(m, "messages"));
+    }
+    if let Some((key, c)) = ["conversations", "conversation"]
+        .iter()
+        .find_map(|k| obj.get(*k).map(|v| (*k, v)))
+    {
+        return Some(messages(c, key));
+    }
+    if obj.contains_key("instruction") && (!answered || obj.contains_key("output")) {
+        return Some(alpaca(obj));
+    }
+    if obj.contains_key("query") && (!answered || obj.contains_key("response")) {
+        return Some(query_response(obj));
+    }
+    None
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -152,7 +188,7 @@ fn optional_string(obj: &Map<String, Value>, key: &str) -> Result<Option<String>
 }
 
 /// Alpaca: the user turn is `instruction`, plus "\n" + `input` when input is not empty.
-fn alpaca(obj: &Map<String, Value>) -> Result<Row, String> {
+fn alpaca(obj: &Map<String, Value>) -> Result<Vec<Message>, String> {
     let instruction = string(&obj["instruction"], "instruction")?;
     let input = optional_string(obj, "input")?.unwrap_or_default();
     let query = if input.is_empty() {
@@ -165,15 +201,23 @@ fn alpaca(obj: &Map<String, Value>) -> Result<Row, String> {
         role: Role::User,
         content: query,
     });
-    m.push(Message {
-        role: Role::Assistant,
-        content: string(&obj["output"], "output")?,
-    });
-    Ok(Row::Chat(m))
+    answer(&mut m, obj, "output")?;
+    Ok(m)
+}
+
+/// The assistant turn `key` holds, when the row has one.
+fn answer(m: &mut Vec<Message>, obj: &Map<String, Value>, key: &str) -> Result<(), String> {
+    if let Some(content) = optional_string(obj, key)? {
+        m.push(Message {
+            role: Role::Assistant,
+            content,
+        });
+    }
+    Ok(())
 }
 
 /// ms-swift's query/response with `history` as [[query, response], ...] before them.
-fn query_response(obj: &Map<String, Value>) -> Result<Row, String> {
+fn query_response(obj: &Map<String, Value>) -> Result<Vec<Message>, String> {
     let mut m = system(obj)?;
     if let Some(h) = obj.get("history").filter(|h| !h.is_null()) {
         let pairs = h.as_array().ok_or_else(|| {
@@ -201,11 +245,8 @@ fn query_response(obj: &Map<String, Value>) -> Result<Row, String> {
         role: Role::User,
         content: string(&obj["query"], "query")?,
     });
-    m.push(Message {
-        role: Role::Assistant,
-        content: string(&obj["response"], "response")?,
-    });
-    Ok(Row::Chat(m))
+    answer(&mut m, obj, "response")?;
+    Ok(m)
 }
 
 fn system(obj: &Map<String, Value>) -> Result<Vec<Message>, String> {
@@ -253,12 +294,9 @@ fn tokenized(ids: &Value, labels: Option<&Value>) -> Result<Row, String> {
 
 /// A conversation must have an assistant turn to learn from, with content, and a system turn
 /// only first.
-fn check_chat(m: &[Message]) -> Result<(), String> {
+fn check_turns(m: &[Message]) -> Result<(), String> {
     if m.is_empty() {
         return Err("the conversation is empty".into());
-    }
-    if !m.iter().any(|x| x.role == Role::Assistant) {
-        return Err("the conversation has no assistant turn".into());
     }
     for (i, x) in m.iter().enumerate() {
         if x.role == Role::System && i > 0 {

@@ -63,7 +63,10 @@ pub fn generate<B: Backend>(
         .map(|r| StdRng::seed_from_u64(r.seed))
         .collect();
     let mut cache = model.kv_cache();
-    let prompts: Vec<&[u32]> = rows.iter().map(|&i| requests[i].prompt.as_slice()).collect();
+    let prompts: Vec<&[u32]> = rows
+        .iter()
+        .map(|&i| requests[i].prompt.as_slice())
+        .collect();
     let mut logits = model.next_logits(&prompts, &mut cache); // [rows, vocab]
     let mut seen = Vec::new();
     loop {

@@ -46,7 +46,9 @@ impl Sampling {
             temperature,
             top_k: top_k.or(file.top_k).unwrap_or(50),
             top_p: top_p.or(file.top_p).unwrap_or(1.0),
-            repetition_penalty: repetition_penalty.or(file.repetition_penalty).unwrap_or(1.0),
+            repetition_penalty: repetition_penalty
+                .or(file.repetition_penalty)
+                .unwrap_or(1.0),
         }
     }
 

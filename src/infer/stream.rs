@@ -47,7 +47,10 @@ impl<'a> TextStream<'a> {
         let now = self.decode(self.prefix..self.ids.len())?;
         self.prefix = self.ids.len();
         self.read = self.ids.len();
-        Ok(now.strip_prefix(before.as_str()).unwrap_or(&now).to_string())
+        Ok(now
+            .strip_prefix(before.as_str())
+            .unwrap_or(&now)
+            .to_string())
     }
 
     fn decode(&self, range: std::ops::Range<usize>) -> Result<String, String> {

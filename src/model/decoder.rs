@@ -351,7 +351,9 @@ impl Batch {
             let mut padded = vec![0; pad];
             padded.extend_from_slice(ids);
             batch.input_ids.push(padded);
-            batch.attention_mask.push((0..seq).map(|t| t >= pad).collect());
+            batch
+                .attention_mask
+                .push((0..seq).map(|t| t >= pad).collect());
             batch
                 .position_ids
                 .push((0..seq).map(|t| t.saturating_sub(pad)).collect());

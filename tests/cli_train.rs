@@ -1,5 +1,5 @@
 //! `swift-rs train` as a user runs it: the quickstart end to end (run directory, logs, plots,
-//! TensorBoard events, a falling loss), config errors, a refused run directory, and Ctrl-C.
+//! TensorBoard events, a falling loss, an adapter that answers as taught), config errors, a refused run directory, and Ctrl-C.
 
 mod common;
 
@@ -129,6 +129,24 @@ fn the_quickstart_trains_and_fills_the_run_directory() {
         &write_encoded(&run, out.path()),
     ]);
     assert!(loss_with < 1.0, "{loss_with}");
+
+    // And it answers as it was taught, as the README's `infer` command shows.
+    let reply = run_in_root(&[
+        "infer".into(),
+        "--model".into(),
+        "examples/quickstart-model".into(),
+        "--adapter".into(),
+        run.join("checkpoint-240").display().to_string(),
+        "--prompt".into(),
+        "Who are you?".into(),
+    ]);
+    let stdout = String::from_utf8_lossy(&reply.stdout);
+    assert!(
+        reply.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reply.stderr)
+    );
+    assert!(stdout.contains("swift-rs assistant"), "{stdout}");
 }
 
 /// The quickstart's rows as `swift-rs encode` writes them, for `eval`.

@@ -8,28 +8,17 @@ use burn::tensor::backend::Backend;
 use clap::Args;
 
 use super::device::{with_backend, DeviceArg};
-use super::{load_model, write_atomic, DtypeArg, Failure, QuantArg};
+use super::{write_atomic, Failure, ModelArgs};
 use swift_rs::data::{read_pretokenized, TokenizedRow};
 use swift_rs::train::evaluate;
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// Hugging Face model directory
-    #[arg(long)]
-    model: PathBuf,
-    /// PEFT LoRA adapter directory to apply (unmerged)
-    #[arg(long)]
-    adapter: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// JSONL files of {"input_ids": [...], "labels": [...]} rows (labels optional)
     #[arg(long, num_args = 1.., required = true)]
     dataset: Vec<PathBuf>,
-    /// Compute dtype of the weights: auto (config.json), bf16, f16, f32
-    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
-    dtype: DtypeArg,
-    /// Hold the decoder's linear weights in 4-bit NF4 (QLoRA; bitsandbytes' format, double
-    /// quantization, blocks of 64)
-    #[arg(long, value_enum)]
-    quant: Option<QuantArg>,
     /// Keep only the first N tokens of each row
     #[arg(long, value_parser = clap::value_parser!(u64).range(2..))]
     max_length: Option<u64>,
@@ -48,13 +37,7 @@ pub fn run(args: EvalArgs) -> Result<(), Failure> {
 }
 
 fn eval_on<B: Backend>(device: B::Device, args: &EvalArgs) -> Result<(), Failure> {
-    let (config, model) = load_model::<B>(
-        &args.model,
-        args.adapter.as_deref(),
-        args.dtype.resolve(),
-        args.quant,
-        &device,
-    )?;
+    let (config, model) = args.model.load::<B>(&device)?;
     let mut rows: Vec<TokenizedRow> = Vec::new();
     for path in &args.dataset {
         rows.extend(read_pretokenized(path, config.vocab_size).context("cannot read the dataset")?);

@@ -12,7 +12,7 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use super::device::{with_backend, DeviceArg};
-use super::{load_model, AtomicFile, DtypeArg, Failure, QuantArg};
+use super::{AtomicFile, Failure, ModelArgs};
 use swift_rs::config::GenerationConfig;
 use swift_rs::data::encode::{Encoder, LossScale};
 use swift_rs::data::format::{parse_prompt, Message, Role};
@@ -23,18 +23,8 @@ use swift_rs::model::CausalLm;
 
 #[derive(Args, Debug)]
 pub struct InferArgs {
-    /// Hugging Face model directory (a merged model directory works as any other)
-    #[arg(long)]
-    model: PathBuf,
-    /// PEFT LoRA adapter directory to apply unmerged (a training checkpoint works)
-    #[arg(long)]
-    adapter: Option<PathBuf>,
-    /// Hold the decoder's linear weights in 4-bit NF4 (QLoRA)
-    #[arg(long, value_enum)]
-    quant: Option<QuantArg>,
-    /// Compute dtype of the weights: auto (config.json), bf16, f16, f32
-    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
-    dtype: DtypeArg,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Answer this one user message; the reply is printed as it is generated
     #[arg(long, conflicts_with = "dataset")]
     prompt: Option<String>,
@@ -90,8 +80,8 @@ pub fn run(args: InferArgs) -> Result<(), Failure> {
 
 fn infer_on<B: Backend>(device: B::Device, args: &InferArgs) -> Result<(), Failure> {
     let usage = |e: anyhow::Error| Failure::Usage(e);
-    let file =
-        GenerationConfig::from_model_dir(&args.model).map_err(|e| usage(anyhow::Error::new(e)))?;
+    let file = GenerationConfig::from_model_dir(&args.model.model)
+        .map_err(|e| usage(anyhow::Error::new(e)))?;
     let sampling = Sampling::resolve(
         &file,
         args.temperature,
@@ -103,7 +93,7 @@ fn infer_on<B: Backend>(device: B::Device, args: &InferArgs) -> Result<(), Failu
         return Err(usage(anyhow!(problem)));
     }
     let encoder = Encoder::for_model_dir(
-        &args.model,
+        &args.model.model,
         args.template,
         args.system.clone(),
         LossScale::Default,
@@ -114,13 +104,7 @@ fn infer_on<B: Backend>(device: B::Device, args: &InferArgs) -> Result<(), Failu
         Some(path) => Some(read_conversations(path).map_err(usage)?),
         None => None,
     };
-    let (_, model) = load_model::<B>(
-        &args.model,
-        args.adapter.as_deref(),
-        args.dtype.resolve(),
-        args.quant,
-        &device,
-    )?;
+    let (_, model) = args.model.load::<B>(&device)?;
     let mut stop = file.eos_token_ids();
     for id in encoder.stop_token_ids() {
         if !stop.contains(&id) {

@@ -7,7 +7,7 @@ mod infer;
 mod merge;
 mod train;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use burn::tensor::backend::Backend;
@@ -70,36 +70,54 @@ pub enum QuantArg {
     Nf4,
 }
 
-/// `--model`, `--adapter`, `--dtype` and `--quant` of `eval` and `infer`: the model with the
-/// adapter built in. A bad config.json is a usage error, other load failures runtime errors.
-pub fn load_model<B: Backend>(
-    dir: &Path,
-    adapter: Option<&Path>,
-    dtype: Option<Dtype>,
-    quant: Option<QuantArg>,
-    device: &B::Device,
-) -> Result<(ModelConfig, CausalLm<B>), Failure> {
-    let mut adapter = match adapter {
-        None => None,
-        Some(dir) => Some(
-            read_adapter(dir)
-                .with_context(|| format!("cannot read the adapter in {}", dir.display()))?,
-        ),
-    };
-    let options = LoadOptions {
-        dtype,
-        quant: quant.map(|QuantArg::Nf4| Nf4Config::default()),
-    };
-    model::load::<B>(dir, options, adapter.as_mut(), device).map_err(|e| {
-        let usage = matches!(e, ModelError::Config(_));
-        let e =
-            anyhow::Error::new(e).context(format!("cannot load the model in {}", dir.display()));
-        if usage {
-            Failure::Usage(e)
-        } else {
-            Failure::Runtime(e)
-        }
-    })
+/// `--model`, `--adapter`, `--quant` and `--dtype`, as `eval` and `infer` take them.
+#[derive(clap::Args, Debug)]
+pub struct ModelArgs {
+    /// Hugging Face model directory (a merged model directory works as any other)
+    #[arg(long)]
+    pub model: PathBuf,
+    /// PEFT LoRA adapter directory to apply unmerged (a training checkpoint works)
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Hold the decoder's linear weights in 4-bit NF4 (QLoRA; bitsandbytes' format, double
+    /// quantization, blocks of 64)
+    #[arg(long, value_enum)]
+    pub quant: Option<QuantArg>,
+    /// Compute dtype of the weights: auto (config.json), bf16, f16, f32
+    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
+    pub dtype: DtypeArg,
+}
+
+impl ModelArgs {
+    /// The model with the adapter built in. A bad config.json is a usage error, other load
+    /// failures runtime errors.
+    pub fn load<B: Backend>(
+        &self,
+        device: &B::Device,
+    ) -> Result<(ModelConfig, CausalLm<B>), Failure> {
+        let mut adapter = match &self.adapter {
+            None => None,
+            Some(dir) => Some(
+                read_adapter(dir)
+                    .with_context(|| format!("cannot read the adapter in {}", dir.display()))?,
+            ),
+        };
+        let options = LoadOptions {
+            dtype: self.dtype.resolve(),
+            quant: self.quant.map(|QuantArg::Nf4| Nf4Config::default()),
+        };
+        let dir = &self.model;
+        model::load::<B>(dir, options, adapter.as_mut(), device).map_err(|e| {
+            let usage = matches!(e, ModelError::Config(_));
+            let e = anyhow::Error::new(e)
+                .context(format!("cannot load the model in {}", dir.display()));
+            if usage {
+                Failure::Usage(e)
+            } else {
+                Failure::Runtime(e)
+            }
+        })
+    }
 }
 
 /// A failed command: usage and config errors exit 2, runtime errors 1 (SPEC).

@@ -355,3 +355,34 @@ fn bad_input_is_named_with_the_spec_exit_codes() {
     );
     assert!(stderr.contains("no-model"), "{stderr}");
 }
+
+#[test]
+fn a_merged_model_directory_answers_as_base_plus_adapter() {
+    let chat = chat();
+    let case = chat["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["adapter"].as_str() == Some("qwen2_rslora") && !c["nf4"].as_bool().unwrap())
+        .unwrap()
+        .clone();
+    let dir = tempfile::tempdir().unwrap();
+    let merged = dir.path().join("merged");
+    run_ok(
+        &[
+            "merge",
+            "--model",
+            chat_model().to_str().unwrap(),
+            "--adapter",
+            adapter_dir("qwen2_rslora").to_str().unwrap(),
+            "--output",
+            merged.to_str().unwrap(),
+            "--dtype",
+            "f32",
+        ]
+        .map(String::from),
+    );
+    let user = case["messages"][0]["content"].as_str().unwrap();
+    let stdout = run_ok(&infer_args(&merged, &["--prompt", user]));
+    assert_eq!(stdout, format!("{}\n", case["response"].as_str().unwrap()));
+}

@@ -79,9 +79,9 @@ pub fn run(args: InferArgs) -> Result<(), Failure> {
 }
 
 fn infer_on<B: Backend>(device: B::Device, args: &InferArgs) -> Result<(), Failure> {
-    let usage = |e: anyhow::Error| Failure::Usage(e);
+    // Bad settings, model files and rows are usage errors (exit 2), found before the model loads.
     let file = GenerationConfig::from_model_dir(&args.model.model)
-        .map_err(|e| usage(anyhow::Error::new(e)))?;
+        .map_err(|e| Failure::Usage(e.into()))?;
     let sampling = Sampling::resolve(
         &file,
         args.temperature,
@@ -90,7 +90,7 @@ fn infer_on<B: Backend>(device: B::Device, args: &InferArgs) -> Result<(), Failu
         args.repetition_penalty,
     );
     if let Some(problem) = sampling.problem() {
-        return Err(usage(anyhow!(problem)));
+        return Err(Failure::Usage(anyhow!(problem)));
     }
     let encoder = Encoder::for_model_dir(
         &args.model.model,
@@ -98,10 +98,9 @@ fn infer_on<B: Backend>(device: B::Device, args: &InferArgs) -> Result<(), Failu
         args.system.clone(),
         LossScale::Default,
     )
-    .map_err(|e| usage(anyhow::Error::new(e)))?;
-    // Rows are read before the model: a bad row should not wait for a large model to load.
+    .map_err(|e| Failure::Usage(e.into()))?;
     let rows = match &args.dataset {
-        Some(path) => Some(read_conversations(path).map_err(usage)?),
+        Some(path) => Some(read_conversations(path).map_err(Failure::Usage)?),
         None => None,
     };
     let (_, model) = args.model.load::<B>(&device)?;

@@ -527,10 +527,10 @@ impl<B: Backend> KvCache<B> {
     pub fn retain(&mut self, keep: &[usize]) {
         self.pad = keep.iter().map(|&r| self.pad[r]).collect();
         let unused = self.pad.iter().copied().min().unwrap_or(0);
+        let rows: Vec<i64> = keep.iter().map(|&r| r as i64).collect();
+        let rows = TensorData::new(rows, [keep.len()]);
         for (k, v) in self.layers.iter_mut().flatten() {
-            let device = k.device();
-            let rows: Vec<i64> = keep.iter().map(|&r| r as i64).collect();
-            let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [keep.len()]), &device);
+            let rows = Tensor::<B, 1, Int>::from_data(rows.clone(), &k.device());
             let [_, heads, len, d] = k.dims();
             let range = [0..keep.len(), 0..heads, unused..len, 0..d];
             *k = k.clone().select(0, rows.clone()).slice(range.clone());

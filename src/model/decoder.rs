@@ -457,6 +457,18 @@ impl<B: Backend> CausalLm<B> {
     /// The embedded tokens `[batch, seq, hidden]` and what every layer needs besides them: the
     /// training loop runs the layers one by one (gradient checkpointing) from here.
     pub fn embed(&self, batch: &Batch) -> (Tensor<B, 3>, LayerInputs<B>) {
+        let (x, rope) = self.embed_tokens(batch);
+        let device = x.device();
+        let plain_causal = batch.attention_mask.iter().flatten().all(|&m| m)
+            && batch.segment_ids.iter().flatten().all(|&s| s == 0);
+        let masks = self.layer_masks(|window| {
+            (!plain_causal || window.is_some()).then(|| attention_mask(batch, window, &device))
+        });
+        (x, LayerInputs { rope, masks })
+    }
+
+    /// The embedded tokens `[batch, seq, hidden]` and the rotary tables of their positions.
+    fn embed_tokens(&self, batch: &Batch) -> (Tensor<B, 3>, RopeTables<B>) {
         let device = self.model.embed_tokens.device();
         let [b, s] = batch.dims();
         let ids: Vec<i64> = batch
@@ -473,29 +485,29 @@ impl<B: Backend> CausalLm<B> {
             x.dtype(),
             &device,
         );
-        let plain_causal = batch.attention_mask.iter().flatten().all(|&m| m)
-            && batch.segment_ids.iter().flatten().all(|&s| s == 0);
-        // Layers share a mask unless their windows differ: build each one once.
-        let mut built: Vec<(Option<usize>, Tensor<B, 4, Bool>)> = Vec::new();
-        let masks = self
-            .model
+        (x, rope)
+    }
+
+    /// Each layer's mask from `build(sliding_window)`: layers share a mask unless their windows
+    /// differ, so each is built once.
+    fn layer_masks(
+        &self,
+        mut build: impl FnMut(Option<usize>) -> Option<Tensor<B, 4, Bool>>,
+    ) -> Vec<Option<Tensor<B, 4, Bool>>> {
+        let mut built: Vec<(Option<usize>, Option<Tensor<B, 4, Bool>>)> = Vec::new();
+        self.model
             .layers
             .iter()
             .map(|layer| {
                 let window = layer.sliding_window;
-                (!plain_causal || window.is_some()).then(|| {
-                    match built.iter().find(|(w, _)| *w == window) {
-                        Some((_, m)) => m.clone(),
-                        None => {
-                            let m = attention_mask(batch, window, &device);
-                            built.push((window, m.clone()));
-                            m
-                        }
-                    }
-                })
+                if let Some((_, m)) = built.iter().find(|(w, _)| *w == window) {
+                    return m.clone();
+                }
+                let m = build(window);
+                built.push((window, m.clone()));
+                m
             })
-            .collect();
-        (x, LayerInputs { rope, masks })
+            .collect()
     }
 
     /// Logits of the given hidden states, `[..., vocab]` in the compute dtype.
@@ -575,39 +587,37 @@ impl<B: Backend> CausalLm<B> {
     /// The logits `[batch, vocab]` after `rows`, which continue what `cache` holds: first every
     /// row's whole prompt (of any lengths: they are left-padded), then one token per row.
     pub fn next_logits(&self, rows: &[&[u32]], cache: &mut KvCache<B>) -> Tensor<B, 2> {
-        let prefill = cache.len == 0;
-        let batch = if prefill {
+        let (mut x, rope, masks) = if cache.len == 0 {
             let batch = Batch::left_padded(rows);
             cache.pad = batch
                 .attention_mask
                 .iter()
                 .map(|real| real.iter().filter(|&&r| !r).count())
                 .collect();
-            batch
+            let (x, inputs) = self.embed(&batch);
+            (x, inputs.rope, inputs.masks)
         } else {
             assert!(
                 rows.len() == cache.pad.len() && rows.iter().all(|r| r.len() == 1),
                 "after the prompts, one token per row"
             );
-            Batch {
+            let batch = Batch {
                 input_ids: rows.iter().map(|r| r.to_vec()).collect(),
                 attention_mask: vec![vec![true]; rows.len()],
                 position_ids: cache.pad.iter().map(|p| vec![cache.len - p]).collect(),
                 segment_ids: vec![vec![0]; rows.len()],
-            }
-        };
-        let (mut x, inputs) = self.embed(&batch);
-        let device = x.device();
-        for (i, layer) in self.model.layers.iter().enumerate() {
-            let mask = if prefill {
-                inputs.masks[i].clone()
-            } else {
-                cache.step_mask(layer.sliding_window, &device)
             };
-            x = layer.forward(x, &inputs.rope, mask, Some(&mut cache.layers[i]));
+            let (x, rope) = self.embed_tokens(&batch);
+            let device = x.device();
+            (x, rope, self.layer_masks(|w| cache.step_mask(w, &device)))
+        };
+        for ((layer, mask), layer_cache) in
+            self.model.layers.iter().zip(masks).zip(&mut cache.layers)
+        {
+            x = layer.forward(x, &rope, mask, Some(layer_cache));
         }
-        cache.len += batch.dims()[1];
         let [b, s, h] = x.dims();
+        cache.len += s;
         // Left padding puts every row's last token in the last column.
         let last = self.model.norm.forward(x.slice([0..b, s - 1..s, 0..h])); // [b, 1, hidden]
         let logits = self.lm_head(last);

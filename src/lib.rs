@@ -5,6 +5,7 @@
 pub mod config;
 pub mod data;
 pub mod export;
+pub mod hub;
 pub mod infer;
 pub mod lora;
 pub mod model;

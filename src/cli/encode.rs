@@ -2,12 +2,12 @@
 //! JSONL (`input_ids`, `labels`, and `position_ids` when packing).
 
 use std::io::{BufWriter, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
 
-use super::{AtomicFile, Failure};
+use super::{AtomicFile, Failure, HubArg};
 use swift_rs::config::TrainConfig;
 use swift_rs::data::dataset::{BadRows, Dataset, Stream, TrainRow};
 use swift_rs::data::encode::Encoder;
@@ -31,7 +31,12 @@ pub struct EncodeArgs {
 pub fn run(args: EncodeArgs) -> Result<(), Failure> {
     let config = TrainConfig::load(&args.config, &args.set)
         .map_err(|e| Failure::Usage(anyhow::Error::new(e)))?;
-    let encoder = Encoder::from_config(&config.model, &config.data).map_err(anyhow::Error::from)?;
+    let model_dir = HubArg {
+        hub: config.model.hub,
+    }
+    .local_dir(Path::new(&config.model.path))?;
+    let encoder = Encoder::from_config(&model_dir, &config.model, &config.data)
+        .map_err(anyhow::Error::from)?;
     let (totals, bad_rows) = match &args.output {
         Some(path) => {
             let mut file = AtomicFile::create(path)?;

@@ -37,7 +37,8 @@ pub fn run(args: EvalArgs) -> Result<(), Failure> {
 }
 
 fn eval_on<B: Backend>(device: B::Device, args: &EvalArgs) -> Result<(), Failure> {
-    let (config, model) = args.model.load::<B>(&device)?;
+    let local = args.model.local()?;
+    let (config, model) = args.model.load::<B>(&local, &device)?;
     let mut rows: Vec<TokenizedRow> = Vec::new();
     for path in &args.dataset {
         rows.extend(read_pretokenized(path, config.vocab_size).context("cannot read the dataset")?);

@@ -80,7 +80,8 @@ pub fn run(args: InferArgs) -> Result<(), Failure> {
 
 fn infer_on<B: Backend>(device: B::Device, args: &InferArgs) -> Result<(), Failure> {
     // Bad settings, model files and rows are usage errors (exit 2), found before the model loads.
-    let file = GenerationConfig::from_model_dir(&args.model.model)
+    let local = args.model.local()?;
+    let file = GenerationConfig::from_model_dir(&local.model)
         .map_err(|e| Failure::Usage(e.into()))?;
     let sampling = Sampling::resolve(
         &file,
@@ -93,7 +94,7 @@ fn infer_on<B: Backend>(device: B::Device, args: &InferArgs) -> Result<(), Failu
         return Err(Failure::Usage(anyhow!(problem)));
     }
     let encoder = Encoder::for_model_dir(
-        &args.model.model,
+        &local.model,
         args.template,
         args.system.clone(),
         LossScale::Default,
@@ -103,7 +104,7 @@ fn infer_on<B: Backend>(device: B::Device, args: &InferArgs) -> Result<(), Failu
         Some(path) => Some(read_conversations(path).map_err(Failure::Usage)?),
         None => None,
     };
-    let (_, model) = args.model.load::<B>(&device)?;
+    let (_, model) = args.model.load::<B>(&local, &device)?;
     let mut stop = file.eos_token_ids();
     for id in encoder.stop_token_ids() {
         if !stop.contains(&id) {

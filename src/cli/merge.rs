@@ -6,18 +6,21 @@ use burn::tensor::backend::Backend;
 use clap::Args;
 
 use super::device::{with_backend, DeviceArg};
-use super::Failure;
+use super::{Failure, HubArg};
 use swift_rs::config::Dtype;
 use swift_rs::export::merge::{merge, parse_size, MergeError, MergeOptions};
 
 #[derive(Args, Debug)]
 pub struct MergeArgs {
-    /// Hugging Face model directory (the unquantized base, also for QLoRA adapters)
+    /// Hugging Face model directory or hub id org/name[@revision] (the unquantized base, also
+    /// for QLoRA adapters)
     #[arg(long)]
     model: PathBuf,
-    /// PEFT LoRA adapter directory
+    /// PEFT LoRA adapter directory or hub id
     #[arg(long)]
     adapter: PathBuf,
+    #[command(flatten)]
+    hub: HubArg,
     /// New directory for the merged model
     #[arg(long)]
     output: PathBuf,
@@ -52,8 +55,10 @@ fn merge_on<B: Backend>(device: B::Device, args: &MergeArgs) -> Result<(), Failu
         }),
         max_shard_size: args.max_shard_size,
     };
+    let model = args.hub.local_dir(&args.model)?;
+    let adapter = args.hub.local_dir(&args.adapter)?;
     let report =
-        merge::<B>(&args.model, &args.adapter, &args.output, &options, &device).map_err(|e| {
+        merge::<B>(&model, &adapter, &args.output, &options, &device).map_err(|e| {
             let usage = matches!(e, MergeError::Usage(_));
             let e = anyhow::Error::new(e).context(format!(
                 "cannot merge {} into {}",

@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use burn::tensor::backend::Backend;
 use clap::{Parser, Subcommand, ValueEnum};
-use swift_rs::config::{Dtype, ModelConfig};
+use swift_rs::config::{Dtype, Hub, ModelConfig};
 use swift_rs::export::peft::read_adapter;
+use swift_rs::hub;
 use swift_rs::model::{self, CausalLm, LoadOptions, ModelError};
 use swift_rs::quant::Nf4Config;
 
@@ -70,15 +71,18 @@ pub enum QuantArg {
     Nf4,
 }
 
-/// `--model`, `--adapter`, `--quant` and `--dtype`, as `eval` and `infer` take them.
+/// `--model`, `--adapter`, `--hub`, `--quant` and `--dtype`, as `eval` and `infer` take them.
 #[derive(clap::Args, Debug)]
 pub struct ModelArgs {
-    /// Hugging Face model directory (a merged model directory works as any other)
+    /// Hugging Face model directory, or a hub id org/name[@revision] (downloaded into the hub's
+    /// cache); a merged model directory works as any other
     #[arg(long)]
     pub model: PathBuf,
-    /// PEFT LoRA adapter directory to apply unmerged (a training checkpoint works)
+    /// PEFT LoRA adapter directory or hub id, applied unmerged (a training checkpoint works)
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub hub: HubArg,
     /// Hold the decoder's linear weights in 4-bit NF4 (QLoRA; bitsandbytes' format, double
     /// quantization, blocks of 64)
     #[arg(long, value_enum)]
@@ -88,14 +92,31 @@ pub struct ModelArgs {
     pub dtype: DtypeArg,
 }
 
+/// Local directories for `--model` and `--adapter`, hub ids downloaded.
+pub struct LocalModel {
+    pub model: PathBuf,
+    pub adapter: Option<PathBuf>,
+}
+
 impl ModelArgs {
+    pub fn local(&self) -> Result<LocalModel, Failure> {
+        Ok(LocalModel {
+            model: self.hub.local_dir(&self.model)?,
+            adapter: match &self.adapter {
+                Some(spec) => Some(self.hub.local_dir(spec)?),
+                None => None,
+            },
+        })
+    }
+
     /// The model with the adapter built in. A bad config.json is a usage error, other load
     /// failures runtime errors.
     pub fn load<B: Backend>(
         &self,
+        local: &LocalModel,
         device: &B::Device,
     ) -> Result<(ModelConfig, CausalLm<B>), Failure> {
-        let mut adapter = match &self.adapter {
+        let mut adapter = match &local.adapter {
             None => None,
             Some(dir) => Some(
                 read_adapter(dir)
@@ -106,11 +127,36 @@ impl ModelArgs {
             dtype: self.dtype.resolve(),
             quant: self.quant.map(|QuantArg::Nf4| Nf4Config::default()),
         };
-        let dir = &self.model;
+        let dir = &local.model;
         model::load::<B>(dir, options, adapter.as_mut(), device).map_err(|e| {
             let usage = matches!(e, ModelError::Config(_));
             let e = anyhow::Error::new(e)
                 .context(format!("cannot load the model in {}", dir.display()));
+            if usage {
+                Failure::Usage(e)
+            } else {
+                Failure::Runtime(e)
+            }
+        })
+    }
+}
+
+/// `--hub`: where hub ids in `--model` and `--adapter` come from.
+#[derive(clap::Args, Debug)]
+pub struct HubArg {
+    /// Where a hub id is downloaded from: huggingface or modelscope [default: USE_HF decides
+    /// as in ms-swift, else huggingface]
+    #[arg(long)]
+    pub hub: Option<Hub>,
+}
+
+impl HubArg {
+    /// The directory `spec` names, downloading a hub id. An id the hub does not know is a usage
+    /// error; other download failures are runtime errors.
+    pub fn local_dir(&self, spec: &Path) -> Result<PathBuf, Failure> {
+        hub::local_dir(spec, self.hub).map_err(|e| {
+            let usage = e.is_usage();
+            let e = anyhow::Error::new(e);
             if usage {
                 Failure::Usage(e)
             } else {

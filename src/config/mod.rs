@@ -13,9 +13,23 @@ pub use generation::{GenerationConfig, TokenIds};
 pub use lora::{InitLoraWeights, LoraConfig, TargetModules};
 pub use model::{Arch, Dtype, HfConfig, ModelConfig, RopeConfig, RopeScaling};
 pub use train::{
-    DataSection, LoraSection, ModelSection, OutputSection, QuantSection, TrainConfig,
+    DataSection, Hub, LoraSection, ModelSection, OutputSection, QuantSection, TrainConfig,
     TrainConfigError, TrainSection,
 };
+
+/// Files of a model directory besides config.json and the weights that loading, inference and a
+/// merged copy use when present: tokenizer, chat template, generation settings.
+pub const COMPANION_FILES: [&str; 9] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

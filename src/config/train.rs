@@ -31,7 +31,9 @@ pub struct TrainConfig {
 pub struct ModelSection {
     /// A model directory, or a hub id `org/name[@revision]`.
     pub path: String,
-    pub hub: String,
+    /// Where a hub id is downloaded from; None: the USE_HF environment variable decides, as in
+    /// ms-swift, else the Hugging Face Hub.
+    pub hub: Option<Hub>,
     /// auto (config.json), bf16, f16, f32.
     pub dtype: String,
     pub template: TemplateName,
@@ -43,11 +45,59 @@ impl Default for ModelSection {
     fn default() -> Self {
         Self {
             path: String::new(),
-            hub: "huggingface".into(),
+            hub: None,
             dtype: "auto".into(),
             template: TemplateName::Auto,
             system: None,
         }
+    }
+}
+
+/// `model.hub`: "huggingface" or "modelscope"; ms-swift's `use_hf = true / false` means the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "HubValue", rename_all = "lowercase")]
+pub enum Hub {
+    HuggingFace,
+    ModelScope,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum HubValue {
+    Name(String),
+    UseHf(bool),
+}
+
+impl TryFrom<HubValue> for Hub {
+    type Error = String;
+
+    fn try_from(value: HubValue) -> Result<Self, String> {
+        match value {
+            HubValue::Name(name) => name.parse(),
+            HubValue::UseHf(true) => Ok(Self::HuggingFace),
+            HubValue::UseHf(false) => Ok(Self::ModelScope),
+        }
+    }
+}
+
+impl std::str::FromStr for Hub {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        match name.to_ascii_lowercase().as_str() {
+            "huggingface" | "hf" => Ok(Self::HuggingFace),
+            "modelscope" | "ms" => Ok(Self::ModelScope),
+            _ => Err(format!("unknown hub {name:?} (huggingface, modelscope)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::HuggingFace => "Hugging Face Hub",
+            Self::ModelScope => "ModelScope",
+        })
     }
 }
 

@@ -242,12 +242,12 @@ impl Encoder {
 
 impl Encoder {
     /// The encoder a training config asks for: the tokenizer and template of the model directory
-    /// `model.path`, `model.template`, `model.system` and `data.loss_scale`.
+    /// `dir` (where `model.path` is), `model.template`, `model.system` and `data.loss_scale`.
     pub fn from_config(
+        dir: &std::path::Path,
         model: &crate::config::ModelSection,
         data: &crate::config::DataSection,
     ) -> Result<Self, super::DataError> {
-        let dir = std::path::Path::new(&model.path);
         Self::for_model_dir(dir, model.template, model.system.clone(), data.loss_scale)
     }
 

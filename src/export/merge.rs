@@ -13,22 +13,9 @@ use safetensors::tensor::TensorView;
 
 use super::peft::read_adapter;
 use super::{ExportError, StagedDir};
-use crate::config::{Dtype, ModelConfig};
+use crate::config::{Dtype, ModelConfig, COMPANION_FILES};
 use crate::lora::Targets;
 use crate::model::{burn_dtype, AdapterSource, Checkpoint, ModelError};
-
-/// Files of the base directory copied beside the merged weights when present.
-const COPIED: [&str; 9] = [
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "special_tokens_map.json",
-    "generation_config.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-];
 
 #[derive(Debug, thiserror::Error)]
 pub enum MergeError {
@@ -174,7 +161,7 @@ pub fn merge<B: Backend>(
     }
     let (n_shards, bytes) = shards.finish()?;
     write_config(model_dir, &staged, out_dtype)?;
-    for name in COPIED {
+    for name in COMPANION_FILES {
         let src = model_dir.join(name);
         if src.exists() {
             let dst = staged.path().join(name);

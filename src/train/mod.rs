@@ -33,6 +33,8 @@ pub enum TrainError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Export(#[from] ExportError),
+    #[error(transparent)]
+    Hub(#[from] crate::hub::HubError),
     #[error("cannot write {path}: {source}")]
     Io {
         path: PathBuf,
@@ -60,9 +62,10 @@ impl TrainError {
     /// Errors in what the user asked for (the config, the run directory), as opposed to
     /// failures while running.
     pub fn is_usage(&self) -> bool {
-        matches!(
-            self,
-            Self::Config { .. } | Self::Settings(_) | Self::RunExists { .. }
-        )
+        match self {
+            Self::Config { .. } | Self::Settings(_) | Self::RunExists { .. } => true,
+            Self::Hub(e) => e.is_usage(),
+            _ => false,
+        }
     }
 }

@@ -27,6 +27,7 @@ use crate::config::{Dtype, InitLoraWeights, LoraConfig, TargetModules, TrainConf
 use crate::data::dataset::{collate, Dataset, TrainRow};
 use crate::data::encode::Encoder;
 use crate::export::peft::read_adapter;
+use crate::hub;
 use crate::model::loss::{token_losses, LossTargets};
 use crate::model::{self, AdapterSource, Batch, CausalLm, DecoderLayer, LoadOptions, LoraPlan};
 use crate::quant::Nf4Config;
@@ -116,7 +117,8 @@ impl<B: AutodiffBackend> Trainer<B> {
             return Err(TrainError::RunExists { dir: run_dir });
         }
 
-        let encoder = Encoder::from_config(&config.model, &config.data)?;
+        let model_dir = hub::local_dir(&config.model.path, config.model.hub)?;
+        let encoder = Encoder::from_config(&model_dir, &config.model, &config.data)?;
         let dataset = if config.data.streaming {
             None
         } else {
@@ -124,7 +126,8 @@ impl<B: AutodiffBackend> Trainer<B> {
         };
 
         let mut plan = match (&resume, &config.lora.init_adapter) {
-            (Some(dir), _) | (None, Some(dir)) => read_adapter(dir)?,
+            (Some(dir), _) => read_adapter(dir)?,
+            (None, Some(dir)) => read_adapter(&hub::local_dir(dir, config.model.hub)?)?,
             (None, None) => LoraPlan {
                 config: lora_config(&config)?,
                 source: AdapterSource::Init { seed: t.seed },
@@ -138,7 +141,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             quant: quant_config(&config)?,
         };
         let (_, model) = model::load::<B>(
-            Path::new(&config.model.path),
+            &model_dir,
             options,
             Some(&mut plan),
             &device,

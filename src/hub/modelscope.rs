@@ -1,0 +1,198 @@
+//! ModelScope, which hf-hub does not speak: the listing `GET /api/v1/models/{repo}/repo/files`
+//! (paths, sizes, SHA-256s) and each file from `GET /api/v1/models/{repo}/repo?FilePath=...`,
+//! into modelscope's cache: `models/{owner}--{name}/snapshots/{revision}/`, or the directory an
+//! older modelscope (1.37 and before) left at `[hub/]models/{owner}/{name with . as ___}`.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::transfer::{download, Bar, Expected};
+use super::{complete, first_files, weight_files, HubEnv, HubError, HubId};
+
+pub(super) fn snapshot(env: &HubEnv, id: &HubId) -> Result<PathBuf, HubError> {
+    let revision = id.revision.as_deref().unwrap_or("master");
+    let (owner, name) = id.repo.split_once('/').unwrap_or(("", &id.repo));
+    let safe_name = name.replace('.', "___");
+    let legacy = [
+        env.cache.join("models").join(owner).join(&safe_name),
+        env.cache.join("hub").join("models").join(owner).join(&safe_name),
+    ]
+    .into_iter()
+    .find(|dir| dir.read_dir().is_ok_and(|mut entries| entries.next().is_some()));
+    let dir = legacy.unwrap_or_else(|| {
+        env.cache
+            .join("models")
+            .join(format!("{owner}--{name}"))
+            .join("snapshots")
+            .join(revision)
+    });
+    if env.offline {
+        return if complete(&dir) {
+            Ok(dir)
+        } else {
+            Err(HubError::Offline {
+                id: id.to_string(),
+                cache: dir,
+            })
+        };
+    }
+    let agent = ureq::AgentBuilder::new().try_proxy_from_env(true).build();
+    let get = |url: String| {
+        let request = agent.get(&url);
+        match &env.token {
+            Some(token) => request
+                .set("Authorization", &format!("Bearer {token}"))
+                .set("Cookie", &format!("m_session_id={token}")),
+            None => request,
+        }
+    };
+    let base = format!("{}/api/v1/models/{}", env.endpoint, id.repo);
+    let listing = get(format!("{base}/repo/files"))
+        .query("Revision", revision)
+        .query("Recursive", "True")
+        .call()
+        .map_err(|e| classify(env, id, None, e))
+        .and_then(|response| read_listing(env, id, response));
+    let files = match (listing, complete(&dir)) {
+        (Ok(files), _) => files,
+        (Err(HubError::Network { reason, .. }), true) => {
+            eprintln!(
+                "warning: cannot reach {} ({reason}): using the cached {id} in {}",
+                env.endpoint,
+                dir.display()
+            );
+            return Ok(dir);
+        }
+        (Err(e), _) => return Err(e),
+    };
+    let listed: Vec<&str> = files
+        .iter()
+        .filter(|f| f.kind.as_deref() != Some("tree"))
+        .map(|f| f.path.as_str())
+        .collect();
+    let fetch = |file: &str| {
+        let entry = files.iter().find(|f| f.path == file);
+        let size = entry.and_then(|f| f.size);
+        let dest = dir.join(file);
+        // Hashing every cached shard on each start would cost minutes for a large model; a file
+        // is only renamed into place once checked, so its size is enough here.
+        if let Ok(meta) = dest.metadata() {
+            if size.is_none_or(|size| size == meta.len()) {
+                return Ok(());
+            }
+        }
+        let request = || {
+            get(format!("{base}/repo"))
+                .query("Revision", revision)
+                .query("FilePath", file)
+        };
+        let expected = Expected {
+            size,
+            sha256: entry.and_then(|f| f.sha256.as_deref()),
+        };
+        download(
+            &request,
+            &|e| classify(env, id, Some(file), e),
+            &dest,
+            expected,
+            Bar::new(env, id, file),
+            id,
+            file,
+        )
+    };
+    for file in first_files(id, &listed)? {
+        fetch(file)?;
+    }
+    for file in weight_files(id, &dir, &listed)? {
+        fetch(&file)?;
+    }
+    Ok(dir)
+}
+
+#[derive(Deserialize)]
+struct Listing {
+    #[serde(rename = "Data")]
+    data: Option<ListingData>,
+    #[serde(rename = "Message", default)]
+    message: String,
+}
+
+#[derive(Deserialize)]
+struct ListingData {
+    #[serde(rename = "Files", default)]
+    files: Vec<FileEntry>,
+}
+
+#[derive(Deserialize)]
+struct FileEntry {
+    #[serde(rename = "Path")]
+    path: String,
+    /// "blob" or "tree".
+    #[serde(rename = "Type")]
+    kind: Option<String>,
+    #[serde(rename = "Size")]
+    size: Option<u64>,
+    #[serde(rename = "Sha256")]
+    sha256: Option<String>,
+}
+
+fn read_listing(
+    env: &HubEnv,
+    id: &HubId,
+    response: ureq::Response,
+) -> Result<Vec<FileEntry>, HubError> {
+    let status = response.status();
+    let listing: Listing = response.into_json().map_err(|e| HubError::Http {
+        endpoint: env.endpoint.clone(),
+        what: format!("the file list of {id}"),
+        status,
+        message: format!("not the expected JSON ({e})"),
+    })?;
+    match listing.data {
+        Some(data) => Ok(data.files),
+        None => Err(HubError::Http {
+            endpoint: env.endpoint.clone(),
+            what: format!("the file list of {id}"),
+            status,
+            message: listing.message,
+        }),
+    }
+}
+
+fn classify(env: &HubEnv, id: &HubId, file: Option<&str>, e: ureq::Error) -> HubError {
+    match e {
+        ureq::Error::Status(404, _) if file.is_none() => HubError::RepoNotFound {
+            id: id.to_string(),
+            endpoint: env.endpoint.clone(),
+            hint: if env.token.is_some() {
+                ""
+            } else {
+                " (a private repo needs MODELSCOPE_API_TOKEN)"
+            },
+        },
+        ureq::Error::Status(status, response) => {
+            let body = response.into_string().unwrap_or_default();
+            // The API wraps its reason in {"Message": ...}.
+            let message = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("Message")?.as_str().map(str::to_string))
+                .unwrap_or(body);
+            HubError::Http {
+                endpoint: env.endpoint.clone(),
+                what: match file {
+                    Some(file) => format!("{file} of {id}"),
+                    None => id.to_string(),
+                },
+                status,
+                message,
+            }
+        }
+        ureq::Error::Transport(t) => HubError::Network {
+            id: id.to_string(),
+            endpoint: env.endpoint.clone(),
+            cache: env.cache.clone(),
+            reason: t.to_string(),
+        },
+    }
+}

@@ -31,7 +31,8 @@ fn config(train: &[&Path], extra: &str) -> TrainConfig {
 }
 
 fn build(config: &TrainConfig) -> Result<Dataset, String> {
-    let encoder = Encoder::from_config(Path::new(&config.model.path), &config.model, &config.data).unwrap();
+    let encoder =
+        Encoder::from_config(Path::new(&config.model.path), &config.model, &config.data).unwrap();
     Dataset::build(&config.data, config.train.seed, &encoder).map_err(|e| e.to_string())
 }
 

@@ -57,20 +57,19 @@ fn merge_on<B: Backend>(device: B::Device, args: &MergeArgs) -> Result<(), Failu
     };
     let model = args.hub.local_dir(&args.model)?;
     let adapter = args.hub.local_dir(&args.adapter)?;
-    let report =
-        merge::<B>(&model, &adapter, &args.output, &options, &device).map_err(|e| {
-            let usage = matches!(e, MergeError::Usage(_));
-            let e = anyhow::Error::new(e).context(format!(
-                "cannot merge {} into {}",
-                args.adapter.display(),
-                args.model.display()
-            ));
-            if usage {
-                Failure::Usage(e)
-            } else {
-                Failure::Runtime(e)
-            }
-        })?;
+    let report = merge::<B>(&model, &adapter, &args.output, &options, &device).map_err(|e| {
+        let usage = matches!(e, MergeError::Usage(_));
+        let e = anyhow::Error::new(e).context(format!(
+            "cannot merge {} into {}",
+            args.adapter.display(),
+            args.model.display()
+        ));
+        if usage {
+            Failure::Usage(e)
+        } else {
+            Failure::Runtime(e)
+        }
+    })?;
     println!(
         "merged {} modules into {} ({} shard(s), {:.1} MB) in {:.2} s",
         report.merged_modules,

@@ -1,6 +1,7 @@
 //! The Hugging Face Hub, through `hf-hub`: the repo listing (`/api/models/{repo}/revision/{rev}`)
 //! and each file's download into huggingface_hub's cache (`blobs/<etag>` with the snapshot entry a
-//! symlink to it, `refs/<revision>` holding the commit), resumed from `blobs/<etag>.incomplete`.
+//! symlink to it, `refs/<revision>` holding the commit), resumed from `blobs/<etag>.part`
+//! (hf-hub's name; huggingface_hub's own `.incomplete` files are not picked up).
 //! What hf-hub leaves out is done here: the hash check of what arrived, HF_HUB_OFFLINE, falling
 //! back on the cache when the hub is unreachable, and errors that say what went wrong.
 
@@ -80,13 +81,7 @@ fn cached_snapshot(root: &Path, revision: &str) -> Option<PathBuf> {
     Some(root.join("snapshots").join(commit))
 }
 
-fn fetch(
-    env: &HubEnv,
-    id: &HubId,
-    repo: &ApiRepo,
-    dir: &Path,
-    file: &str,
-) -> Result<(), HubError> {
+fn fetch(env: &HubEnv, id: &HubId, repo: &ApiRepo, dir: &Path, file: &str) -> Result<(), HubError> {
     let entry = dir.join(file);
     if entry.exists() {
         return Ok(());
@@ -105,7 +100,10 @@ fn fetch(
     // hf-hub names the blob after the file's ETag: the SHA-256 of an LFS file, the git SHA-1
     // of others.
     let blob = fs::canonicalize(&entry).map_err(|e| HubError::io(&entry, e))?;
-    let etag = blob.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let etag = blob
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
     check(&blob, etag).map_err(|reason| {
         let _ = fs::remove_file(&entry);
         let _ = fs::remove_file(&blob);
@@ -176,7 +174,9 @@ fn classify(env: &HubEnv, id: &HubId, file: Option<&str>, e: ApiError) -> HubErr
         ApiError::IoError(e)
             if matches!(
                 e.kind(),
-                ErrorKind::StorageFull | ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem
+                ErrorKind::StorageFull
+                    | ErrorKind::PermissionDenied
+                    | ErrorKind::ReadOnlyFilesystem
             ) || e.raw_os_error() == Some(28) =>
         {
             HubError::io(&env.cache, e)

@@ -109,7 +109,8 @@ impl HubEnv {
                 })
             }
             Hub::ModelScope => {
-                let endpoint = match var("MODELSCOPE_ENDPOINT").or_else(|| var("MODELSCOPE_DOMAIN")) {
+                let endpoint = match var("MODELSCOPE_ENDPOINT").or_else(|| var("MODELSCOPE_DOMAIN"))
+                {
                     Some(e) if e.contains("://") => e,
                     Some(domain) => format!("https://{domain}"),
                     None => "https://modelscope.cn".into(),
@@ -299,7 +300,9 @@ pub enum HubError {
         status: u16,
         message: String,
     },
-    #[error("{file} of {id} arrived damaged ({reason}); it was deleted, run again to download it anew")]
+    #[error(
+        "{file} of {id} arrived damaged ({reason}); it was deleted, run again to download it anew"
+    )]
     Checksum {
         id: String,
         file: String,

@@ -16,10 +16,17 @@ pub(super) fn snapshot(env: &HubEnv, id: &HubId) -> Result<PathBuf, HubError> {
     let safe_name = name.replace('.', "___");
     let legacy = [
         env.cache.join("models").join(owner).join(&safe_name),
-        env.cache.join("hub").join("models").join(owner).join(&safe_name),
+        env.cache
+            .join("hub")
+            .join("models")
+            .join(owner)
+            .join(&safe_name),
     ]
     .into_iter()
-    .find(|dir| dir.read_dir().is_ok_and(|mut entries| entries.next().is_some()));
+    .find(|dir| {
+        dir.read_dir()
+            .is_ok_and(|mut entries| entries.next().is_some())
+    });
     let dir = legacy.unwrap_or_else(|| {
         env.cache
             .join("models")
@@ -162,15 +169,18 @@ fn read_listing(
 
 fn classify(env: &HubEnv, id: &HubId, file: Option<&str>, e: ureq::Error) -> HubError {
     match e {
-        ureq::Error::Status(404, _) if file.is_none() => HubError::RepoNotFound {
-            id: id.to_string(),
-            endpoint: env.endpoint.clone(),
-            hint: if env.token.is_some() {
-                ""
-            } else {
-                " (a private repo needs MODELSCOPE_API_TOKEN)"
-            },
-        },
+        // With a revision, a 404 may mean the revision is missing: the server's message says.
+        ureq::Error::Status(404, _) if file.is_none() && id.revision.is_none() => {
+            HubError::RepoNotFound {
+                id: id.to_string(),
+                endpoint: env.endpoint.clone(),
+                hint: if env.token.is_some() {
+                    ""
+                } else {
+                    " (a private repo needs MODELSCOPE_API_TOKEN)"
+                },
+            }
+        }
         ureq::Error::Status(status, response) => {
             let body = response.into_string().unwrap_or_default();
             // The API wraps its reason in {"Message": ...}.

@@ -23,7 +23,11 @@ impl Bar {
             "{msg} [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} ({eta})",
         )
         .expect("a valid template");
-        Self(ProgressBar::new(0).with_style(style).with_message(file.to_string()))
+        Self(
+            ProgressBar::new(0)
+                .with_style(style)
+                .with_message(file.to_string()),
+        )
     }
 }
 
@@ -139,7 +143,9 @@ pub(super) fn download(
     let mut body = response.into_reader();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = body.read(&mut buf).map_err(|e| interrupted(e.to_string()))?;
+        let n = body
+            .read(&mut buf)
+            .map_err(|e| interrupted(e.to_string()))?;
         if n == 0 {
             break;
         }

@@ -140,12 +140,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             },
             quant: quant_config(&config)?,
         };
-        let (_, model) = model::load::<B>(
-            &model_dir,
-            options,
-            Some(&mut plan),
-            &device,
-        )?;
+        let (_, model) = model::load::<B>(&model_dir, options, Some(&mut plan), &device)?;
         let lora = plan.config;
         let layer_tensors = model
             .model

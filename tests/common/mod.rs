@@ -1,6 +1,8 @@
 //! Helpers shared by the golden-fixture tests.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod fake_hub;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

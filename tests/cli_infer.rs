@@ -9,6 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use common::fake_hub::{FakeHub, Repo};
 use common::{adapter_dir, fixtures, model_dir, swift_rs};
 use serde_json::{json, Value};
 
@@ -385,4 +386,86 @@ fn a_merged_model_directory_answers_as_base_plus_adapter() {
     let user = case["messages"][0]["content"].as_str().unwrap();
     let stdout = run_ok(&infer_args(&merged, &["--prompt", user]));
     assert_eq!(stdout, format!("{}\n", case["response"].as_str().unwrap()));
+}
+
+#[test]
+fn hub_ids_answer_as_the_local_directories() {
+    let chat = chat();
+    let case = chat["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["adapter"].as_str() == Some("qwen2_rslora") && !c["nf4"].as_bool().unwrap())
+        .unwrap()
+        .clone();
+    let user = case["messages"][0]["content"].as_str().unwrap();
+    let want = format!("{}\n", case["response"].as_str().unwrap());
+    let hub = FakeHub::start(vec![
+        ("org/chat", Repo::from_dir(&chat_model(), &[])),
+        (
+            "org/rslora",
+            Repo::from_dir(&adapter_dir("qwen2_rslora"), &[]),
+        ),
+    ]);
+    let home = tempfile::tempdir().unwrap();
+    let infer = |hub: &FakeHub, extra: &[&str], env: &[(&str, &str)]| {
+        let mut args = infer_args(Path::new("org/chat"), &["--adapter", "org/rslora"]);
+        args.extend(["--prompt", user].map(String::from));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_swift-rs"));
+        hub.point_at(&mut command, home.path())
+            .args(&args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    // The Hugging Face Hub by default; ModelScope by --hub or by ms-swift's USE_HF=0.
+    for (extra, env, cache) in [
+        (&[][..], &[][..], "hf/hub/models--org--chat"),
+        (
+            &["--hub", "modelscope"][..],
+            &[][..],
+            "modelscope/models/org--chat",
+        ),
+        (
+            &[][..],
+            &[("USE_HF", "0")][..],
+            "modelscope/models/org--chat",
+        ),
+    ] {
+        let out = infer(&hub, extra, env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{extra:?} {env:?}: {stderr}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            want,
+            "{extra:?} {env:?}"
+        );
+        assert!(home.path().join(cache).is_dir(), "{cache}");
+    }
+    // Offline, from the cache, with the hub gone.
+    drop(hub);
+    let hub = FakeHub::start(vec![]);
+    let out = infer(&hub, &[], &[("HF_HUB_OFFLINE", "1")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+    assert!(hub.seen().is_empty(), "{:?}", hub.seen());
+
+    let mut command = Command::new(env!("CARGO_BIN_EXE_swift-rs"));
+    let out = hub
+        .point_at(&mut command, home.path())
+        .args(infer_args(Path::new("org/nothing"), &["--prompt", "Hi"]))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("org/nothing is neither a local directory nor a model repo on")
+            && !stderr.contains("panicked"),
+        "{stderr}"
+    );
 }

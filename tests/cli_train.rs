@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use common::fake_hub::{FakeHub, Repo};
 use common::swift_rs;
 use serde_json::Value;
 use swift_rs::config::TrainConfig;
@@ -147,6 +148,50 @@ fn the_quickstart_trains_and_fills_the_run_directory() {
         String::from_utf8_lossy(&reply.stderr)
     );
     assert!(stdout.contains("swift-rs assistant"), "{stdout}");
+}
+
+#[test]
+fn a_hub_id_trains_and_is_the_adapters_base_model() {
+    let hub = FakeHub::start(vec![(
+        "org/quick",
+        Repo::from_dir(&root().join("examples/quickstart-model"), &[]),
+    )]);
+    let home = tempfile::tempdir().unwrap();
+    for (hub_setting, cache) in [
+        ("model.hub=huggingface", "hf/hub/models--org--quick"),
+        ("model.hub=modelscope", "modelscope/models/org--quick"),
+    ] {
+        let run = home.path().join(hub_setting);
+        let args = quickstart_args(
+            &run,
+            &[
+                "--set",
+                "model.path=org/quick",
+                "--set",
+                hub_setting,
+                "--set",
+                "train.max_steps=2",
+            ],
+        );
+        let mut command = Command::new(env!("CARGO_BIN_EXE_swift-rs"));
+        let out = hub
+            .point_at(&mut command, home.path())
+            .args(&args)
+            .current_dir(root())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{hub_setting}: {stderr}");
+        assert!(home.path().join(cache).is_dir(), "{cache}");
+        // As PEFT writes it: the id the model was named by, which PEFT and vLLM resolve again.
+        let adapter: Value = serde_json::from_str(
+            &std::fs::read_to_string(run.join("checkpoint-2/adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(adapter["base_model_name_or_path"], "org/quick");
+        let config = TrainConfig::load(&run.join("config.toml"), &[]).unwrap();
+        assert_eq!(config.model.path, "org/quick");
+    }
 }
 
 /// The quickstart's rows as `swift-rs encode` writes them, for `eval`.

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 use serde_json::json;
@@ -144,6 +145,30 @@ impl FakeHub {
 
     pub fn seen(&self) -> Vec<Seen> {
         self.state.lock().unwrap().seen.clone()
+    }
+
+    /// Points a `swift-rs` process at this hub (as both hubs), with its caches under `home`
+    /// (`home/hf`, `home/modelscope`) and no hub setting of the machine running the tests.
+    pub fn point_at<'c>(&self, command: &'c mut Command, home: &Path) -> &'c mut Command {
+        for var in [
+            "HF_TOKEN",
+            "HUGGING_FACE_HUB_TOKEN",
+            "HF_HUB_CACHE",
+            "HF_HUB_OFFLINE",
+            "TRANSFORMERS_OFFLINE",
+            "USE_HF",
+            "MODELSCOPE_API_TOKEN",
+            "MODELSCOPE_DOMAIN",
+            "XDG_CACHE_HOME",
+        ] {
+            command.env_remove(var);
+        }
+        command
+            .env("HOME", home)
+            .env("HF_ENDPOINT", &self.url)
+            .env("HF_HOME", home.join("hf"))
+            .env("MODELSCOPE_ENDPOINT", &self.url)
+            .env("MODELSCOPE_CACHE", home.join("modelscope"))
     }
 }
 

@@ -4,12 +4,12 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use burn::tensor::backend::Backend;
 use clap::Args;
 
 use super::device::{with_backend, DeviceArg};
 use super::{write_atomic, Failure, ModelArgs};
 use swift_rs::data::{read_pretokenized, TokenizedRow};
+use swift_rs::model::ModelBackend;
 use swift_rs::train::evaluate;
 
 #[derive(Args, Debug)]
@@ -36,7 +36,7 @@ pub fn run(args: EvalArgs) -> Result<(), Failure> {
     with_backend!(args.device, eval_on(&args))
 }
 
-fn eval_on<B: Backend>(device: B::Device, args: &EvalArgs) -> Result<(), Failure> {
+fn eval_on<B: ModelBackend>(device: B::Device, args: &EvalArgs) -> Result<(), Failure> {
     let local = args.model.local()?;
     let (config, model) = args.model.load::<B>(&local, &device)?;
     let mut rows: Vec<TokenizedRow> = Vec::new();

@@ -20,6 +20,7 @@ use swift_rs::data::source::read_rows;
 use swift_rs::data::template::TemplateName;
 use swift_rs::infer::{generate, request_seed, GenerateOptions, Request, Sampling, TextStream};
 use swift_rs::model::CausalLm;
+use swift_rs::model::ModelBackend;
 
 #[derive(Args, Debug)]
 pub struct InferArgs {
@@ -78,7 +79,7 @@ pub fn run(args: InferArgs) -> Result<(), Failure> {
     with_backend!(args.device, infer_on(&args))
 }
 
-fn infer_on<B: Backend>(device: B::Device, args: &InferArgs) -> Result<(), Failure> {
+fn infer_on<B: ModelBackend>(device: B::Device, args: &InferArgs) -> Result<(), Failure> {
     // Bad settings, model files and rows are usage errors (exit 2), found before the model loads.
     let local = args.model.local()?;
     let file =
@@ -221,7 +222,7 @@ impl std::fmt::Display for Stats {
     }
 }
 
-impl<B: Backend> Session<'_, B> {
+impl<B: ModelBackend> Session<'_, B> {
     fn prompt(&self, messages: &[Message]) -> anyhow::Result<Vec<u32>> {
         self.encoder
             .prompt(messages)

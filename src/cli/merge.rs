@@ -2,13 +2,13 @@
 
 use std::path::PathBuf;
 
-use burn::tensor::backend::Backend;
 use clap::Args;
 
 use super::device::{with_backend, DeviceArg};
 use super::{Failure, HubArg};
 use swift_rs::config::Dtype;
 use swift_rs::export::merge::{merge, parse_size, MergeError, MergeOptions};
+use swift_rs::model::ModelBackend;
 
 #[derive(Args, Debug)]
 pub struct MergeArgs {
@@ -46,7 +46,7 @@ pub fn run(args: MergeArgs) -> Result<(), Failure> {
     with_backend!(args.device, merge_on(&args))
 }
 
-fn merge_on<B: Backend>(device: B::Device, args: &MergeArgs) -> Result<(), Failure> {
+fn merge_on<B: ModelBackend>(device: B::Device, args: &MergeArgs) -> Result<(), Failure> {
     let options = MergeOptions {
         dtype: args.dtype.map(|d| match d {
             OutDtype::Bf16 => Dtype::Bf16,

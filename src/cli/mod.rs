@@ -10,11 +10,11 @@ mod train;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use burn::tensor::backend::Backend;
 use clap::{Parser, Subcommand, ValueEnum};
 use swift_rs::config::{Dtype, Hub, ModelConfig};
 use swift_rs::export::peft::read_adapter;
 use swift_rs::hub;
+use swift_rs::model::ModelBackend;
 use swift_rs::model::{self, CausalLm, LoadOptions, ModelError};
 use swift_rs::quant::Nf4Config;
 
@@ -111,7 +111,7 @@ impl ModelArgs {
 
     /// The model with the adapter built in. A bad config.json is a usage error, other load
     /// failures runtime errors.
-    pub fn load<B: Backend>(
+    pub fn load<B: ModelBackend>(
         &self,
         local: &LocalModel,
         device: &B::Device,

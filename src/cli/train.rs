@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use burn::backend::Autodiff;
-use burn::tensor::backend::Backend;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::device::{resolve, with_backend, DeviceArg, Resolved};
 use super::Failure;
 use swift_rs::config::TrainConfig;
+use swift_rs::model::{ModelBackend, TrainBackend};
 use swift_rs::train::log::LogEntry;
 use swift_rs::train::{Control, StepReport, TrainError, Trainer};
 
@@ -54,7 +54,7 @@ pub fn run(args: TrainArgs) -> Result<(), Failure> {
     with_backend!(device, train_on(config))
 }
 
-fn train_on<B: Backend>(device: B::Device, config: TrainConfig) -> Result<(), Failure> {
+fn train_on<B: ModelBackend>(device: B::Device, config: TrainConfig) -> Result<(), Failure> {
     let fail = |e: TrainError| {
         let usage = e.is_usage();
         let e = anyhow::Error::new(e).context("cannot train");
@@ -136,7 +136,7 @@ fn train_on<B: Backend>(device: B::Device, config: TrainConfig) -> Result<(), Fa
     Ok(())
 }
 
-fn describe<B: burn::tensor::backend::AutodiffBackend>(trainer: &Trainer<B>) {
+fn describe<B: TrainBackend>(trainer: &Trainer<B>) {
     let trainable: usize = trainer
         .model
         .lora_linears()

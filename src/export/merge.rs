@@ -15,6 +15,7 @@ use super::peft::read_adapter;
 use super::{ExportError, StagedDir};
 use crate::config::{Dtype, ModelConfig, COMPANION_FILES};
 use crate::lora::Targets;
+use crate::model::ModelBackend;
 use crate::model::{burn_dtype, AdapterSource, Checkpoint, ModelError};
 
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +70,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// Merges the PEFT adapter in `adapter_dir` into the model in `model_dir` and writes `output`.
-pub fn merge<B: Backend>(
+pub fn merge<B: ModelBackend>(
     model_dir: &Path,
     adapter_dir: &Path,
     output: &Path,

@@ -5,7 +5,6 @@
 mod sampling;
 mod stream;
 
-use burn::tensor::backend::Backend;
 use burn::tensor::DType;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -14,6 +13,7 @@ pub use sampling::{argmax, softmax, Sampling};
 pub use stream::TextStream;
 
 use crate::model::CausalLm;
+use crate::model::ModelBackend;
 
 /// What every row of a `generate` call shares.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,7 +44,7 @@ pub fn request_seed(seed: u64, index: u64) -> u64 {
 
 /// Replies to `requests`, in their order, generated together. `on_token(i, token)` sees each
 /// token of request `i` as it is chosen (for streaming). An empty prompt gets an empty reply.
-pub fn generate<B: Backend>(
+pub fn generate<B: ModelBackend>(
     model: &CausalLm<B>,
     requests: &[Request],
     options: &GenerateOptions,

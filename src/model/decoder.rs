@@ -9,10 +9,9 @@ use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
 
+use super::attention::{sdpa, ModelBackend};
 use super::builder::Builder;
 use super::frozen;
 use super::load::Checkpoint;
@@ -87,7 +86,9 @@ impl<B: Backend> Attention<B> {
             head_dim: d,
         }
     }
+}
 
+impl<B: ModelBackend> Attention<B> {
     /// `mask[b, 1, q, k]` is true where query q may not see key k; `None` means plain causal.
     /// With a `cache`, this call's keys and values are appended to those of earlier positions;
     /// once it holds some, `x` is one new token per row, and `None` for `mask` lets it see every
@@ -122,13 +123,9 @@ impl<B: Backend> Attention<B> {
         let keys = k.dims()[2];
         let k = repeat_kv(k, h / kv); // [b, h, keys, d]
         let v = repeat_kv(v, h / kv); // [b, h, keys, d]
-        let options = AttentionModuleOptions {
-            scale: None,
-            softcap: None,
-            // A lone new token after a cache sees every key.
-            is_causal: mask.is_none() && keys == s,
-        };
-        let out = attention(q, k, v, mask, None, options); // [b, h, s, d]
+                                      // A lone new token after a cache sees every key.
+        let is_causal = mask.is_none() && keys == s;
+        let out = sdpa(q, k, v, mask, is_causal); // [b, h, s, d]
         self.o_proj
             .forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
     }
@@ -229,7 +226,9 @@ impl<B: Backend> DecoderLayer<B> {
             &mut m.down_proj,
         ]
     }
+}
 
+impl<B: ModelBackend> DecoderLayer<B> {
     /// See `Attention::forward` for `mask` and `cache`.
     pub fn forward(
         &self,
@@ -445,15 +444,6 @@ impl<B: Backend> CausalLm<B> {
         out
     }
 
-    /// Final hidden states (after the last norm), `[batch, seq, hidden]`.
-    pub fn hidden_states(&self, batch: &Batch) -> Tensor<B, 3> {
-        let (mut x, inputs) = self.embed(batch);
-        for (layer, mask) in self.model.layers.iter().zip(&inputs.masks) {
-            x = layer.forward(x, &inputs.rope, mask.clone(), None);
-        }
-        self.model.norm.forward(x)
-    }
-
     /// The embedded tokens `[batch, seq, hidden]` and what every layer needs besides them: the
     /// training loop runs the layers one by one (gradient checkpointing) from here.
     pub fn embed(&self, batch: &Batch) -> (Tensor<B, 3>, LayerInputs<B>) {
@@ -517,12 +507,6 @@ impl<B: Backend> CausalLm<B> {
             None => hidden.matmul(self.model.embed_tokens.val().transpose().unsqueeze()),
         }
     }
-
-    /// Full logits `[batch, seq, vocab]`. For a loss use `loss::token_losses`, which never holds
-    /// all of them at once.
-    pub fn forward(&self, batch: &Batch) -> Tensor<B, 3> {
-        self.lm_head(self.hidden_states(batch))
-    }
 }
 
 /// What generation keeps between steps: each layer's keys and values, how many positions they
@@ -574,7 +558,22 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
-impl<B: Backend> CausalLm<B> {
+impl<B: ModelBackend> CausalLm<B> {
+    /// Final hidden states (after the last norm), `[batch, seq, hidden]`.
+    pub fn hidden_states(&self, batch: &Batch) -> Tensor<B, 3> {
+        let (mut x, inputs) = self.embed(batch);
+        for (layer, mask) in self.model.layers.iter().zip(&inputs.masks) {
+            x = layer.forward(x, &inputs.rope, mask.clone(), None);
+        }
+        self.model.norm.forward(x)
+    }
+
+    /// Full logits `[batch, seq, vocab]`. For a loss use `loss::token_losses`, which never holds
+    /// all of them at once.
+    pub fn forward(&self, batch: &Batch) -> Tensor<B, 3> {
+        self.lm_head(self.hidden_states(batch))
+    }
+
     /// An empty cache for this model.
     pub fn kv_cache(&self) -> KvCache<B> {
         KvCache {

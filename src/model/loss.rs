@@ -4,9 +4,9 @@
 //! 150k vocabulary that tensor alone would be gigabytes at training lengths.
 
 use burn::tensor::activation::log_softmax;
-use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 
+use super::attention::ModelBackend;
 use super::decoder::CausalLm;
 
 /// Label value that takes no loss (PyTorch's `ignore_index`).
@@ -54,7 +54,7 @@ impl LossTargets {
 }
 
 /// Negative log-likelihood of every target token, f32, `[targets.len()]`.
-pub fn token_losses<B: Backend>(
+pub fn token_losses<B: ModelBackend>(
     model: &CausalLm<B>,
     hidden: Tensor<B, 3>, // [batch, seq, hidden]
     targets: &LossTargets,

@@ -1,5 +1,6 @@
 //! The decoder: layers, RoPE, strict checkpoint loading and the chunked loss.
 
+pub mod attention;
 mod builder;
 mod decoder;
 pub mod load;
@@ -12,6 +13,7 @@ use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 
+pub use attention::{ModelBackend, TrainBackend};
 use builder::Builder;
 pub use builder::{AdapterSource, LoraPlan};
 pub use decoder::{
@@ -65,7 +67,7 @@ impl LoadOptions {
 }
 
 /// Loads a Hugging Face model directory, with an adapter built in when `lora` is given.
-pub fn load<B: Backend>(
+pub fn load<B: ModelBackend>(
     dir: &Path,
     options: LoadOptions,
     mut lora: Option<&mut LoraPlan>,

@@ -8,7 +8,6 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
@@ -20,6 +19,7 @@ use crate::config::LoraConfig;
 use crate::export::peft::{adapter_files, f32_entry, f32_safetensors};
 use crate::export::StagedDir;
 use crate::model::CausalLm;
+use crate::model::ModelBackend;
 
 pub const TRAINER_STATE_FILE: &str = "trainer_state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -62,7 +62,7 @@ pub fn checkpoint_dir(run_dir: &Path, step: u64) -> PathBuf {
 }
 
 /// Writes `checkpoint-<step>` whole or not at all.
-pub fn save<B: Backend>(
+pub fn save<B: ModelBackend>(
     run_dir: &Path,
     model: &CausalLm<B>,
     lora: &LoraConfig,
@@ -82,7 +82,7 @@ pub fn save<B: Backend>(
 }
 
 /// The key of every trainable tensor, in the order the optimizer holds them.
-pub fn trainable_keys<B: Backend>(model: &CausalLm<B>) -> Vec<String> {
+pub fn trainable_keys<B: ModelBackend>(model: &CausalLm<B>) -> Vec<String> {
     model
         .lora_linears()
         .into_iter()
@@ -98,7 +98,7 @@ pub fn trainable_keys<B: Backend>(model: &CausalLm<B>) -> Vec<String> {
 /// AdamW's moments under `<adapter key>.exp_avg` / `.exp_avg_sq` (flattened in swift-rs's
 /// layout). The optimizer's name and step count are in trainer_state.json, which keeps this file's
 /// bytes a function of its tensors (safetensors writes metadata in hash order).
-fn optimizer_bytes<B: Backend>(model: &CausalLm<B>, optimizer: &Optimizer<B>) -> Vec<u8> {
+fn optimizer_bytes<B: ModelBackend>(model: &CausalLm<B>, optimizer: &Optimizer<B>) -> Vec<u8> {
     let mut tensors = Vec::new();
     for (key, m) in trainable_keys(model).iter().zip(&optimizer.moments) {
         tensors.push(f32_entry(format!("{key}.exp_avg"), m.exp_avg.clone()));
@@ -108,7 +108,7 @@ fn optimizer_bytes<B: Backend>(model: &CausalLm<B>, optimizer: &Optimizer<B>) ->
 }
 
 /// Puts the optimizer state of checkpoint `dir` into `optimizer` (made for the same adapter).
-pub fn load_optimizer<B: Backend>(
+pub fn load_optimizer<B: ModelBackend>(
     dir: &Path,
     state: &TrainerState,
     keys: &[String],

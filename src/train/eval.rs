@@ -1,10 +1,9 @@
 //! Loss of a model over pre-tokenized rows: per row, and token-weighted over all of them.
 
-use burn::tensor::backend::Backend;
-
 use crate::data::dataset::{collate, TrainRow};
 use crate::data::TokenizedRow;
 use crate::model::loss::{token_losses, LossTargets, IGNORE_INDEX};
+use crate::model::ModelBackend;
 use crate::model::{Batch, CausalLm};
 
 /// The mean cross-entropy of one row over its label tokens (positions 1.. whose label is not -100).
@@ -32,7 +31,7 @@ impl EvalReport {
 
 /// Evaluates `rows` in input order, `batch_size` rows at a time (right-padded, so each row gives
 /// what it gives alone). `on_batch` is told how many rows are done.
-pub fn evaluate<B: Backend>(
+pub fn evaluate<B: ModelBackend>(
     model: &CausalLm<B>,
     rows: &[TokenizedRow],
     batch_size: usize,
@@ -72,7 +71,7 @@ pub fn evaluate<B: Backend>(
 
 /// The token-weighted mean loss over training rows (the validation set), `batch_size` rows a
 /// batch, and the number of label tokens.
-pub fn mean_loss<B: Backend>(
+pub fn mean_loss<B: ModelBackend>(
     model: &CausalLm<B>,
     rows: &[TrainRow],
     batch_size: usize,
@@ -89,7 +88,7 @@ pub fn mean_loss<B: Backend>(
 }
 
 /// The summed loss of every row of a batch over its label tokens, and their count.
-fn row_losses<B: Backend>(
+fn row_losses<B: ModelBackend>(
     model: &CausalLm<B>,
     batch: &Batch,
     labels: &[Vec<i64>],

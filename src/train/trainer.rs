@@ -29,6 +29,7 @@ use crate::data::encode::Encoder;
 use crate::export::peft::read_adapter;
 use crate::hub;
 use crate::model::loss::{token_losses, LossTargets};
+use crate::model::TrainBackend;
 use crate::model::{self, AdapterSource, Batch, CausalLm, DecoderLayer, LoadOptions, LoraPlan};
 use crate::quant::Nf4Config;
 
@@ -69,7 +70,7 @@ pub struct Outcome {
     pub stopped: bool,
 }
 
-pub struct Trainer<B: AutodiffBackend> {
+pub struct Trainer<B: TrainBackend> {
     /// The config as resolved (written to `<output.dir>/config.toml`).
     pub config: TrainConfig,
     pub run_dir: PathBuf,
@@ -87,7 +88,7 @@ pub struct Trainer<B: AutodiffBackend> {
     layer_tensors: Vec<usize>,
 }
 
-impl<B: AutodiffBackend> Trainer<B> {
+impl<B: TrainBackend> Trainer<B> {
     /// Reads the data, loads the model with its adapter (fresh, from `lora.init_adapter`, or
     /// from the checkpoint `train.resume_from` names) and checks the run directory.
     pub fn new(config: TrainConfig, device: B::Device) -> Result<Self, TrainError> {
@@ -507,7 +508,7 @@ fn quant_config(config: &TrainConfig) -> Result<Option<Nf4Config>, TrainError> {
 }
 
 /// Every trainable tensor of the model, flattened, in layer and module order (the optimizer's).
-fn flat_params<B: AutodiffBackend>(model: &CausalLm<B>) -> Vec<Tensor<B::InnerBackend, 1>> {
+fn flat_params<B: TrainBackend>(model: &CausalLm<B>) -> Vec<Tensor<B::InnerBackend, 1>> {
     model
         .model
         .layers
@@ -520,10 +521,7 @@ fn flat_params<B: AutodiffBackend>(model: &CausalLm<B>) -> Vec<Tensor<B::InnerBa
 }
 
 /// Puts `values` (in `flat_params`'s order) into the model.
-fn set_params<B: AutodiffBackend>(
-    model: &mut CausalLm<B>,
-    values: Vec<Tensor<B::InnerBackend, 1>>,
-) {
+fn set_params<B: TrainBackend>(model: &mut CausalLm<B>, values: Vec<Tensor<B::InnerBackend, 1>>) {
     let mut values = values.into_iter();
     for layer in &mut model.model.layers {
         for lin in layer.linears_mut() {
@@ -556,7 +554,7 @@ impl Window {
 }
 
 /// The gradient computation of one optimizer step.
-struct StepGrads<'a, B: AutodiffBackend> {
+struct StepGrads<'a, B: TrainBackend> {
     seed: u64,
     dropout: bool,
     checkpointing: bool,
@@ -566,7 +564,7 @@ struct StepGrads<'a, B: AutodiffBackend> {
 
 type Grads<B> = Vec<Option<Tensor<<B as AutodiffBackend>::InnerBackend, 1>>>;
 
-impl<B: AutodiffBackend> StepGrads<'_, B> {
+impl<B: TrainBackend> StepGrads<'_, B> {
     /// The mean loss over the step's label tokens, its tokens (padding excluded) and the
     /// gradient of that loss for every trainable tensor (flattened, in `flat_params`'s order;
     /// None where the backward pass did not reach one).
@@ -709,7 +707,7 @@ impl<B: AutodiffBackend> StepGrads<'_, B> {
 }
 
 /// Adds the adapter gradients of one layer to `grads`, from `offset` on.
-fn add_layer_grads<B: AutodiffBackend>(
+fn add_layer_grads<B: TrainBackend>(
     grads: &mut Grads<B>,
     offset: usize,
     layer: &DecoderLayer<B>,

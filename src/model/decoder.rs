@@ -120,10 +120,8 @@ impl<B: ModelBackend> Attention<B> {
             }
             *cache = Some((k.clone(), v.clone()));
         }
+        // A lone new token after a cache sees every key.
         let keys = k.dims()[2];
-        let k = repeat_kv(k, h / kv); // [b, h, keys, d]
-        let v = repeat_kv(v, h / kv); // [b, h, keys, d]
-                                      // A lone new token after a cache sees every key.
         let is_causal = mask.is_none() && keys == s;
         let out = sdpa(q, k, v, mask, is_causal); // [b, h, s, d]
         self.o_proj
@@ -134,18 +132,6 @@ impl<B: ModelBackend> Attention<B> {
 /// The keys and values (after RoPE) of the positions a layer has seen, `[batch, kv_heads, seen,
 /// head_dim]` each; empty before the prompt.
 pub type LayerCache<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
-
-/// GQA: each key/value head serves `n_rep` query heads. [b, kv, s, d] -> [b, kv * n_rep, s, d]
-fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
-    if n_rep == 1 {
-        return x;
-    }
-    let [b, kv, s, d] = x.dims();
-    // Copies by concatenation: an expanded view made contiguous goes element by element
-    // through flex's strided iterator, about 20 times slower (it dominated decoding).
-    let x = x.unsqueeze_dim::<5>(2); // [b, kv, 1, s, d]
-    Tensor::cat(vec![x; n_rep], 2).reshape([b, kv * n_rep, s, d])
-}
 
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {

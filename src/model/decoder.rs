@@ -7,14 +7,13 @@
 
 use burn::module::{Module, Param};
 use burn::nn::Linear;
-use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
 
-use super::attention::{sdpa, ModelBackend};
 use super::builder::Builder;
 use super::frozen;
 use super::load::Checkpoint;
+use super::ops::{rms_norm, sdpa, swiglu, ModelBackend};
 use super::rope::{self, RopeTables};
 use crate::config::ModelConfig;
 use crate::lora::LoraLinear;
@@ -27,15 +26,13 @@ pub struct RmsNorm<B: Backend> {
     pub eps: f64,
 }
 
-impl<B: Backend> RmsNorm<B> {
+impl<B: ModelBackend> RmsNorm<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let dtype = x.dtype();
-        let x = x.cast(DType::F32);
-        let variance = x.clone().powi_scalar(2).mean_dim(D - 1);
-        let normed = x * (variance + self.eps).sqrt().recip();
-        normed.cast(dtype) * self.weight.val().unsqueeze()
+        rms_norm(x, self.weight.val(), self.eps)
     }
+}
 
+impl<B: Backend> RmsNorm<B> {
     fn load(ckpt: &mut Checkpoint, key: &str, dim: usize, eps: f64, device: &B::Device) -> Self {
         Self {
             weight: frozen(ckpt.take(&format!("{key}.weight"), [dim], device)),
@@ -152,10 +149,13 @@ impl<B: Backend> Mlp<B> {
             down_proj: proj("down_proj"),
         }
     }
+}
 
+impl<B: ModelBackend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let gate = self.gate_proj.forward(x.clone());
+        self.down_proj
+            .forward(swiglu(gate, self.up_proj.forward(x)))
     }
 }
 

@@ -6,8 +6,8 @@
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 
-use super::attention::ModelBackend;
 use super::decoder::CausalLm;
+use super::ops::ModelBackend;
 
 /// Label value that takes no loss (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;

@@ -1,10 +1,10 @@
 //! The decoder: layers, RoPE, strict checkpoint loading and the chunked loss.
 
-pub mod attention;
 mod builder;
 mod decoder;
 pub mod load;
 pub mod loss;
+pub mod ops;
 pub mod rope;
 
 use std::path::Path;
@@ -13,7 +13,6 @@ use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 
-pub use attention::{ModelBackend, TrainBackend};
 use builder::Builder;
 pub use builder::{AdapterSource, LoraPlan};
 pub use decoder::{
@@ -21,6 +20,7 @@ pub use decoder::{
     RmsNorm,
 };
 pub use load::{Checkpoint, LoadError};
+pub use ops::{ModelBackend, TrainBackend};
 
 use crate::config::{ConfigError, Dtype, ModelConfig};
 use crate::quant::Nf4Config;

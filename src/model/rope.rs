@@ -5,6 +5,7 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 
+use super::ops::{rope, ModelBackend};
 use crate::config::{RopeConfig, RopeScaling};
 
 /// `inv_freq[i] = 1 / theta^(2i / head_dim)`, rescaled as the rope type says. Computed in f32 as
@@ -88,14 +89,12 @@ impl<B: Backend> RopeTables<B> {
             sin: Tensor::<B, 4>::from_data(TensorData::new(sin, shape), device).cast(dtype),
         }
     }
+}
 
+impl<B: ModelBackend> RopeTables<B> {
     /// `x * cos + rotate_half(x) * sin` on `[batch, seq, heads, head_dim]`. Applied before heads
     /// are transposed out, while x is still the contiguous output of its projection.
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [b, s, h, d] = x.dims();
-        let x1 = x.clone().slice([0..b, 0..s, 0..h, 0..d / 2]);
-        let x2 = x.clone().slice([0..b, 0..s, 0..h, d / 2..d]);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * self.cos.clone() + rotated * self.sin.clone()
+        rope(x, self.cos.clone(), self.sin.clone())
     }
 }

@@ -15,10 +15,12 @@
 //! `[batch, seq, heads, dim]` order and returned as the swapped view, so the decoder's swap back
 //! and reshape are free. A row that may see no key (padding) gets zeros and no gradient.
 
-use burn::tensor::{DType, TensorData};
+use burn::tensor::TensorData;
 use burn_flex::FlexTensor;
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
+
+use super::elementwise::exp;
 
 /// Query rows per block: the scores of a block (`BLOCK_Q * keys` floats) stay in L2 up to a few
 /// thousand keys.
@@ -307,7 +309,7 @@ pub fn forward(
                 } else {
                     let mut sum = 0.0;
                     for x in row.iter_mut() {
-                        *x = (*x - max).exp();
+                        *x = exp(*x - max);
                         sum += *x;
                     }
                     let inv = 1.0 / sum;
@@ -379,7 +381,7 @@ pub fn backward(
                 scores(&dims, &qv, &kv, mask.as_ref(), (b, h), (q0, q1), n, &mut p);
                 for (r, row) in p.chunks_exact_mut(n).enumerate() {
                     let row_lse = lse[bh * s + q0 + r];
-                    row.iter_mut().for_each(|x| *x = (*x - row_lse).exp());
+                    row.iter_mut().for_each(|x| *x = exp(*x - row_lse));
                 }
                 let mut dp = vec![0.0f32; m * n];
                 let (k_head, v_head) = (kv.at(b, h / dims.n_rep, 0), vv.at(b, h / dims.n_rep, 0));
@@ -463,9 +465,4 @@ pub fn backward(
 
 fn add(acc: &mut [f32], x: &[f32]) {
     acc.iter_mut().zip(x).for_each(|(a, b)| *a += b);
-}
-
-/// Whether the kernel runs this problem (f32 throughout); other dtypes take the generic path.
-pub fn handles(q: &FlexTensor) -> bool {
-    q.dtype() == DType::F32
 }

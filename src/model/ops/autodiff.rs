@@ -1,0 +1,191 @@
+//! `Autodiff` over a `ModelBackend`: each op one tracked node whose backward pass is the inner
+//! backend's.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
+use burn::tensor::ops::{BoolTensor, FloatTensor};
+
+use super::ModelBackend;
+
+/// What the backward pass keeps: q, k, v, the mask, causality, the output and what the
+/// backend's forward pass saved.
+type SdpaState<B> = (
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    Option<BoolTensor<B>>,
+    bool,
+    FloatTensor<B>,
+    Option<FloatTensor<B>>,
+);
+
+#[derive(Debug)]
+struct SdpaBackward;
+
+impl<B: ModelBackend> Backward<B, 3> for SdpaBackward {
+    type State = SdpaState<B>;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [node_q, node_k, node_v] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (q, k, v, mask, is_causal, out, saved) = ops.state;
+        let d = B::sdpa_backward(q, k, v, mask, is_causal, out, saved, grad);
+        for (node, g) in [node_q, node_k, node_v].into_iter().zip(d) {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RopeBackward;
+
+impl<B: ModelBackend> Backward<B, 1> for RopeBackward {
+    /// cos and sin.
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (cos, sin) = ops.state;
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::rope(grad, cos, B::float_neg(sin)));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SwigluBackward;
+
+impl<B: ModelBackend> Backward<B, 2> for SwigluBackward {
+    /// gate and up.
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (gate, up) = ops.state;
+        let d = B::swiglu_backward(gate, up, grad);
+        for (node, g) in ops.parents.into_iter().zip(d) {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RmsNormBackward;
+
+impl<B: ModelBackend> Backward<B, 2> for RmsNormBackward {
+    /// x, weight and eps.
+    type State = (FloatTensor<B>, FloatTensor<B>, f64);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [node_x, node_weight] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, weight, eps) = ops.state;
+        let (dx, dw) = B::rms_norm_backward(x, weight, eps, grad, node_weight.is_some());
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, dx);
+        }
+        if let (Some(node), Some(dw)) = (node_weight, dw) {
+            grads.register::<B>(node.id, dw);
+        }
+    }
+}
+
+impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
+    fn sdpa(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: Option<BoolTensor<Self>>,
+        is_causal: bool,
+    ) -> FloatTensor<Self> {
+        let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
+        let (q, k, v) = (q.primitive, k.primitive, v.primitive);
+        match SdpaBackward.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (out, saved) =
+                    B::sdpa_forward(q.clone(), k.clone(), v.clone(), mask.clone(), is_causal);
+                prep.finish((q, k, v, mask, is_causal, out.clone(), saved), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::sdpa(q, k, v, mask, is_causal)),
+        }
+    }
+
+    fn rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let (cos, sin) = (cos.primitive, sin.primitive);
+        match RopeBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = B::rope(x.primitive, cos.clone(), sin.clone());
+                prep.finish((cos, sin), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::rope(x.primitive, cos, sin)),
+        }
+    }
+
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        let nodes = [gate.node.clone(), up.node.clone()];
+        let (gate, up) = (gate.primitive, up.primitive);
+        match SwigluBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = B::swiglu(gate.clone(), up.clone());
+                prep.finish((gate, up), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::swiglu(gate, up)),
+        }
+    }
+
+    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        let nodes = [x.node.clone(), weight.node.clone()];
+        let (x, weight) = (x.primitive, weight.primitive);
+        match RmsNormBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = B::rms_norm(x.clone(), weight.clone(), eps);
+                prep.finish((x, weight, eps), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::rms_norm(x, weight, eps)),
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! RoPE, SwiGLU and RMSNorm on the CPU (Flex, f32), forward and backward, each one pass over
+//! its rows split across the thread pool. Flex runs elementwise ops on one thread, its sigmoid
+//! calls libm's `expf` per element, and RoPE's broadcast of the `[batch, seq, 1, dim]` tables
+//! over heads went through its strided iterator: together about a fifth of a training step.
+
+use rayon::prelude::*;
+
+/// Rows of work handed to one task at least (a few thousand floats).
+const MIN_TASK: usize = 4096;
+
+/// Rows per task for rows of `len` floats.
+fn rows_per_task(len: usize) -> usize {
+    MIN_TASK.div_ceil(len.max(1))
+}
+
+/// `e^x` in f32 without libm, so loops over slices vectorize: Cephes' `expf` (range reduction
+/// by ln 2 split in two constants, a degree-6 polynomial; within 2 ulp of libm over the range
+/// used). `e^x` is exactly 0 below -87.3 (and for -inf), as the attention kernel needs for
+/// masked scores.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let clamped = x.clamp(-87.3, 88.7);
+    let n = (clamped * LOG2E + 0.5).floor();
+    let r = clamped - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4_f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5.000_000_1e-1;
+    let p = p * r * r + r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.3 {
+        0.0
+    } else {
+        p * scale
+    }
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+/// `x * cos + rotate_half(x) * sin` for `x` `[positions, heads, dim]` and the tables
+/// `[positions, dim]` (both halves of a table row hold the same angles).
+pub fn rope(x: &[f32], cos: &[f32], sin: &[f32], heads: usize, dim: usize) -> Vec<f32> {
+    let half = dim / 2;
+    let mut out = vec![0.0f32; x.len()];
+    let per_position = heads * dim;
+    let positions = rows_per_task(per_position);
+    out.par_chunks_mut(positions * per_position)
+        .zip(x.par_chunks(positions * per_position))
+        .enumerate()
+        .for_each(|(task, (out, x))| {
+            let first = task * positions;
+            for (p, (out, x)) in out
+                .chunks_exact_mut(per_position)
+                .zip(x.chunks_exact(per_position))
+                .enumerate()
+            {
+                let table = (first + p) * dim..(first + p + 1) * dim;
+                let (c, s) = (&cos[table.clone()], &sin[table]);
+                for (out, x) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
+                    let (x1, x2) = x.split_at(half);
+                    let (o1, o2) = out.split_at_mut(half);
+                    for i in 0..half {
+                        o1[i] = x1[i] * c[i] - x2[i] * s[i];
+                        o2[i] = x2[i] * c[half + i] + x1[i] * s[half + i];
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// `silu(gate) * up`.
+pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    let mut out = vec![0.0f32; gate.len()];
+    out.par_chunks_mut(MIN_TASK)
+        .zip(gate.par_chunks(MIN_TASK).zip(up.par_chunks(MIN_TASK)))
+        .for_each(|(out, (g, u))| {
+            for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+                *o = g * sigmoid(g) * u;
+            }
+        });
+    out
+}
+
+/// The gradients of `gate` and `up` from that of `silu(gate) * up`.
+pub fn swiglu_backward(gate: &[f32], up: &[f32], grad: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let mut d_gate = vec![0.0f32; gate.len()];
+    let mut d_up = vec![0.0f32; gate.len()];
+    d_gate
+        .par_chunks_mut(MIN_TASK)
+        .zip(d_up.par_chunks_mut(MIN_TASK))
+        .zip(gate.par_chunks(MIN_TASK).zip(up.par_chunks(MIN_TASK)))
+        .zip(grad.par_chunks(MIN_TASK))
+        .for_each(|(((dg, du), (g, u)), dy)| {
+            for i in 0..dg.len() {
+                let s = sigmoid(g[i]);
+                du[i] = dy[i] * g[i] * s;
+                dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+            }
+        });
+    (d_gate, d_up)
+}
+
+/// `1 / sqrt(mean(row²) + eps)`.
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    let sum: f32 = row.iter().map(|x| x * x).sum();
+    1.0 / (sum / row.len() as f32 + eps).sqrt()
+}
+
+/// `weight * x / sqrt(mean(x²) + eps)` over rows of `weight.len()`.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+    let dim = weight.len();
+    let chunk = rows_per_task(dim) * dim;
+    let mut out = vec![0.0f32; x.len()];
+    out.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .for_each(|(out, x)| {
+            for (out, x) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
+                let r = inv_rms(x, eps);
+                for ((o, &x), &w) in out.iter_mut().zip(x).zip(weight) {
+                    *o = x * r * w;
+                }
+            }
+        });
+    out
+}
+
+/// The gradient of `x` (and of `weight` when asked) from that of `rms_norm(x, weight)`: with
+/// `n = x * r`, `dn = grad * weight`: `dx = r * (dn - n * mean(dn * n))`, `dweight = Σ grad * n`.
+pub fn rms_norm_backward(
+    x: &[f32],
+    weight: &[f32],
+    eps: f32,
+    grad: &[f32],
+    weight_grad: bool,
+) -> (Vec<f32>, Option<Vec<f32>>) {
+    let dim = weight.len();
+    let chunk = rows_per_task(dim) * dim;
+    let mut dx = vec![0.0f32; x.len()];
+    let partial_dw: Vec<Vec<f32>> = dx
+        .par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk).zip(grad.par_chunks(chunk)))
+        .map(|(dx, (x, grad))| {
+            let mut dw = if weight_grad {
+                vec![0.0f32; dim]
+            } else {
+                Vec::new()
+            };
+            for ((dx, x), g) in dx
+                .chunks_exact_mut(dim)
+                .zip(x.chunks_exact(dim))
+                .zip(grad.chunks_exact(dim))
+            {
+                let r = inv_rms(x, eps);
+                let dot: f32 = (0..dim).map(|i| g[i] * weight[i] * x[i] * r).sum();
+                let mean = dot / dim as f32;
+                for i in 0..dim {
+                    let n = x[i] * r;
+                    dx[i] = r * (g[i] * weight[i] - n * mean);
+                }
+                if weight_grad {
+                    for i in 0..dim {
+                        dw[i] += g[i] * x[i] * r;
+                    }
+                }
+            }
+            dw
+        })
+        .collect();
+    let dw = weight_grad.then(|| {
+        let mut dw = vec![0.0f32; dim];
+        for part in &partial_dw {
+            dw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+        }
+        dw
+    });
+    (dx, dw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_two_ulp_of_libm_and_zero_for_minus_infinity() {
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (ours, libm) = (exp(x), x.exp());
+            let ulp = (ours.to_bits() as i64 - libm.to_bits() as i64).abs();
+            assert!(ulp <= 2, "exp({x}) = {ours}, libm {libm} ({ulp} ulp)");
+            x += 0.001_37;
+        }
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(-100.0), 0.0);
+    }
+}

@@ -1,0 +1,136 @@
+//! `ModelBackend` for Flex: f32 runs the kernels here, other dtypes the generic path.
+
+mod attention;
+mod elementwise;
+
+use burn::backend::Flex;
+use burn::tensor::ops::{BoolTensor, FloatTensor};
+use burn::tensor::{Bool, DType, Tensor, TensorData};
+use burn_flex::FlexTensor;
+
+use super::{
+    float, generic_rms_norm, generic_rms_norm_backward, generic_rope, generic_sdpa,
+    generic_sdpa_grads, generic_swiglu, generic_swiglu_backward, primitive, ModelBackend,
+};
+
+/// Whether every tensor is f32 (the kernels' dtype).
+fn all_f32(tensors: &[&FlexTensor]) -> bool {
+    tensors.iter().all(|t| t.dtype() == DType::F32)
+}
+
+/// `t`'s elements in order.
+fn values(t: &FlexTensor) -> FlexTensor {
+    t.to_contiguous()
+}
+
+/// A tensor of `t`'s shape holding `data`.
+fn like(t: &FlexTensor, data: Vec<f32>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(data, t.layout().shape().clone()))
+}
+
+impl ModelBackend for Flex {
+    fn sdpa_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: Option<BoolTensor<Self>>,
+        is_causal: bool,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        if !all_f32(&[&q, &k, &v]) {
+            let mask = mask.map(Tensor::<Self, 4, Bool>::from_primitive);
+            let out = generic_sdpa(float(q), float(k), float(v), mask, is_causal);
+            return (primitive(out), None);
+        }
+        let (out, lse) = attention::forward(q, k, v, mask, is_causal);
+        (out, Some(lse))
+    }
+
+    fn sdpa_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: Option<BoolTensor<Self>>,
+        is_causal: bool,
+        out: FloatTensor<Self>,
+        saved: Option<FloatTensor<Self>>,
+        d_out: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3] {
+        match saved {
+            Some(lse) => attention::backward(q, k, v, mask, is_causal, out, lse, d_out),
+            None => {
+                let mask = mask.map(Tensor::<Self, 4, Bool>::from_primitive);
+                let [q, k, v, out, d_out] = [q, k, v, out, d_out].map(float);
+                generic_sdpa_grads(q, k, v, mask, is_causal, out, d_out).map(primitive)
+            }
+        }
+    }
+
+    fn rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        if !all_f32(&[&x, &cos, &sin]) {
+            return primitive(generic_rope::<Self>(float(x), float(cos), float(sin)));
+        }
+        let shape = x.layout().shape().clone();
+        let (heads, dim) = (shape[2], shape[3]);
+        let (x, cos, sin) = (values(&x), values(&cos), values(&sin));
+        let out = elementwise::rope(x.storage(), cos.storage(), sin.storage(), heads, dim);
+        like(&x, out)
+    }
+
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        if !all_f32(&[&gate, &up]) {
+            return generic_swiglu::<Self>(gate, up);
+        }
+        let (gate, up) = (values(&gate), values(&up));
+        like(&gate, elementwise::swiglu(gate.storage(), up.storage()))
+    }
+
+    fn swiglu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 2] {
+        if !all_f32(&[&gate, &up, &grad]) {
+            return generic_swiglu_backward::<Self>(gate, up, grad);
+        }
+        let (gate, up, grad) = (values(&gate), values(&up), values(&grad));
+        let (d_gate, d_up) =
+            elementwise::swiglu_backward(gate.storage(), up.storage(), grad.storage());
+        [like(&gate, d_gate), like(&gate, d_up)]
+    }
+
+    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        if !all_f32(&[&x, &weight]) {
+            return generic_rms_norm::<Self>(x, weight, eps);
+        }
+        let (x, weight) = (values(&x), values(&weight));
+        like(
+            &x,
+            elementwise::rms_norm(x.storage(), weight.storage(), eps as f32),
+        )
+    }
+
+    fn rms_norm_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+        grad: FloatTensor<Self>,
+        weight_grad: bool,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        if !all_f32(&[&x, &weight, &grad]) {
+            return generic_rms_norm_backward::<Self>(x, weight, eps, grad, weight_grad);
+        }
+        let (x, weight, grad) = (values(&x), values(&weight), values(&grad));
+        let (dx, dw) = elementwise::rms_norm_backward(
+            x.storage(),
+            weight.storage(),
+            eps as f32,
+            grad.storage(),
+            weight_grad,
+        );
+        (like(&x, dx), dw.map(|dw| like(&weight, dw)))
+    }
+}

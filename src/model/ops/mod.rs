@@ -1,0 +1,575 @@
+//! The model's compute-heavy ops as single ops with backward passes of their own: attention,
+//! RoPE, SwiGLU and RMSNorm.
+//!
+//! Burn's `Autodiff` runs each of them as a chain of tracked elementwise ops, each one a full
+//! pass over its tensor with a tensor kept for backward, and its attention as the unfused chain
+//! (matmul, scale, mask, a NaN-safe softmax of five ops, matmul) that keeps several `[batch,
+//! heads, seq, seq]` tensors per layer. Here each is one tracked op (`autodiff`); attention's
+//! backward pass recomputes the probabilities from q and k, as FlashAttention does:
+//!
+//! `P = softmax(q kᵀ * scale)`, `dV = Pᵀ dO`, `dS = P ⊙ (dO vᵀ - rowsum(dO ⊙ O)) * scale`,
+//! `dQ = dS k`, `dK = dSᵀ q`.
+//!
+//! `ModelBackend` is the backend bound of everything that runs the model. Flex on f32 runs the
+//! kernels of `cpu`; every other backend and dtype runs the generic path here (Burn's tensor ops,
+//! the backend's fused attention forward), which is also the reference the kernels are tested
+//! against.
+//!
+//! Attention's q is `[batch, heads, seq, head_dim]`; k and v are `[batch, kv_heads, keys,
+//! head_dim]` with `heads` a multiple of `kv_heads` (grouped-query attention: query head `i` reads
+//! key/value head `i / (heads / kv_heads)`, as transformers' `repeat_kv` lays them out).
+
+mod autodiff;
+mod cpu;
+
+use burn::tensor::activation::{sigmoid, silu, softmax};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::module::attention;
+use burn::tensor::ops::{AttentionModuleOptions, BoolTensor, FloatTensor};
+use burn::tensor::{Bool, DType, Shape, Tensor, TensorMetadata, TensorPrimitive};
+
+/// A backend the model runs on: Burn's `Backend` plus the ops autodiff differentiates as one.
+/// Every method has the generic implementation; a backend overrides what it has kernels for.
+pub trait ModelBackend: Backend {
+    /// `softmax(q kᵀ / sqrt(head_dim), masked) v`; `mask[b, 1, q, k]` is true where query q may
+    /// not see key k, `is_causal` adds the causal mask (the queries being the last of the keys).
+    fn sdpa(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: Option<BoolTensor<Self>>,
+        is_causal: bool,
+    ) -> FloatTensor<Self> {
+        Self::sdpa_forward(q, k, v, mask, is_causal).0
+    }
+
+    /// `sdpa` and what `sdpa_backward` needs besides its inputs and output (the generic path:
+    /// nothing).
+    fn sdpa_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: Option<BoolTensor<Self>>,
+        is_causal: bool,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        let mask = mask.map(Tensor::<Self, 4, Bool>::from_primitive);
+        let out = generic_sdpa(float(q), float(k), float(v), mask, is_causal);
+        (primitive(out), None)
+    }
+
+    /// `[dq, dk, dv]` from the gradient `d_out` of `out = sdpa(q, k, v)`; `saved` is what
+    /// `sdpa_forward` returned beside `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn sdpa_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: Option<BoolTensor<Self>>,
+        is_causal: bool,
+        out: FloatTensor<Self>,
+        _saved: Option<FloatTensor<Self>>,
+        d_out: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3] {
+        let mask = mask.map(Tensor::<Self, 4, Bool>::from_primitive);
+        let [q, k, v, out, d_out] = [q, k, v, out, d_out].map(float);
+        generic_sdpa_grads(q, k, v, mask, is_causal, out, d_out).map(primitive)
+    }
+
+    /// `x * cos + rotate_half(x) * sin` on `x` `[batch, seq, heads, head_dim]` with the tables
+    /// `[batch, seq, 1, head_dim]`. Its gradient is `rope(grad, cos, -sin)`: the rotation's
+    /// transpose, given that both halves of a table row hold the same angles.
+    fn rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        primitive(generic_rope::<Self>(float(x), float(cos), float(sin)))
+    }
+
+    /// `silu(gate) * up`, elementwise.
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        generic_swiglu::<Self>(gate, up)
+    }
+
+    /// `[d_gate, d_up]` from the gradient of `swiglu(gate, up)`.
+    fn swiglu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 2] {
+        generic_swiglu_backward::<Self>(gate, up, grad)
+    }
+
+    /// `weight * x / sqrt(mean(x²) + eps)` over the last dim, the normalisation done in f32 and
+    /// cast back before the weight is applied, as `LlamaRMSNorm` does (this order matters in
+    /// bf16).
+    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        generic_rms_norm::<Self>(x, weight, eps)
+    }
+
+    /// The gradient of `x`, and of `weight` when `weight_grad`, from that of `rms_norm`.
+    fn rms_norm_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+        grad: FloatTensor<Self>,
+        weight_grad: bool,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        generic_rms_norm_backward::<Self>(x, weight, eps, grad, weight_grad)
+    }
+}
+
+/// A training backend whose inner backend runs the model too (`model.valid()` evaluates).
+pub trait TrainBackend: AutodiffBackend<InnerBackend: ModelBackend> + ModelBackend {}
+
+impl<B: AutodiffBackend<InnerBackend: ModelBackend> + ModelBackend> TrainBackend for B {}
+
+#[cfg(feature = "cuda")]
+impl ModelBackend for burn::backend::Cuda {}
+
+/// `ModelBackend::sdpa` on tensors.
+pub fn sdpa<B: ModelBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<Tensor<B, 4, Bool>>,
+    is_causal: bool,
+) -> Tensor<B, 4> {
+    let mask = mask.map(Tensor::into_primitive);
+    float(B::sdpa(
+        primitive(q),
+        primitive(k),
+        primitive(v),
+        mask,
+        is_causal,
+    ))
+}
+
+/// `ModelBackend::rope` on tensors.
+pub fn rope<B: ModelBackend>(
+    x: Tensor<B, 4>,
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    float(B::rope(primitive(x), primitive(cos), primitive(sin)))
+}
+
+/// `ModelBackend::swiglu` on tensors.
+pub fn swiglu<B: ModelBackend, const D: usize>(
+    gate: Tensor<B, D>,
+    up: Tensor<B, D>,
+) -> Tensor<B, D> {
+    float(B::swiglu(primitive(gate), primitive(up)))
+}
+
+/// `ModelBackend::rms_norm` on tensors.
+pub fn rms_norm<B: ModelBackend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, D> {
+    float(B::rms_norm(primitive(x), primitive(weight), eps))
+}
+
+fn float<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
+fn primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+/// Any-rank `p` as a rank-D tensor of `dims`.
+fn reshaped<B: Backend, const D: usize>(p: FloatTensor<B>, dims: [usize; D]) -> Tensor<B, D> {
+    float(B::float_reshape(p, Shape::new(dims)))
+}
+
+/// Any-rank `p` as a flat tensor.
+fn flat<B: Backend>(p: FloatTensor<B>) -> Tensor<B, 1> {
+    let n = p.shape().num_elements();
+    reshaped(p, [n])
+}
+
+/// Any-rank `p` as `[rows, last dim]`.
+fn rows<B: Backend>(p: FloatTensor<B>) -> Tensor<B, 2> {
+    let shape = p.shape();
+    let dim = shape[shape.num_dims() - 1];
+    reshaped(p, [shape.num_elements() / dim, dim])
+}
+
+/// Any-rank `x` as `[rows, last dim]`, and each row's `1 / sqrt(mean(x²) + eps)` in f32
+/// (`[rows, 1]`).
+fn rows_and_inv_rms<B: Backend>(x: FloatTensor<B>, eps: f64) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let x = rows(x);
+    let variance = x.clone().cast(DType::F32).powi_scalar(2).mean_dim(1);
+    (x, (variance + eps).sqrt().recip())
+}
+
+fn generic_swiglu<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
+    let shape = gate.shape();
+    B::float_reshape(primitive(silu(flat::<B>(gate)) * flat::<B>(up)), shape)
+}
+
+fn generic_swiglu_backward<B: Backend>(
+    gate: FloatTensor<B>,
+    up: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> [FloatTensor<B>; 2] {
+    let shape = gate.shape();
+    let (gate, up, grad) = (flat::<B>(gate), flat::<B>(up), flat::<B>(grad));
+    let sig = sigmoid(gate.clone());
+    let d_up = grad.clone() * gate.clone() * sig.clone();
+    let d_gate = grad * up * sig.clone() * (gate * (sig.neg() + 1.0) + 1.0);
+    [d_gate, d_up].map(|t| B::float_reshape(primitive(t), shape.clone()))
+}
+
+fn generic_rms_norm<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    eps: f64,
+) -> FloatTensor<B> {
+    let shape = x.shape();
+    let (x, r) = rows_and_inv_rms::<B>(x, eps);
+    let dtype = x.dtype();
+    let normed = (x.cast(DType::F32) * r).cast(dtype) * float::<B, 1>(weight).unsqueeze();
+    B::float_reshape(primitive(normed), shape)
+}
+
+/// With `n = x * r` and `dn = grad * weight`: `dx = r * (dn - n * mean(dn * n))`, `dweight =
+/// Σ grad * n`, in f32 and cast back.
+fn generic_rms_norm_backward<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    eps: f64,
+    grad: FloatTensor<B>,
+    weight_grad: bool,
+) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
+    let shape = x.shape();
+    let (x, r) = rows_and_inv_rms::<B>(x, eps);
+    let dtype = x.dtype();
+    let n = x.cast(DType::F32) * r.clone();
+    let grad = rows(grad).cast(DType::F32);
+    let weight = float::<B, 1>(weight);
+    let w_dtype = weight.dtype();
+    let dn = grad.clone() * weight.cast(DType::F32).unsqueeze();
+    let mean = (dn.clone() * n.clone()).mean_dim(1);
+    let dx = (dn - n.clone() * mean) * r;
+    let dw =
+        weight_grad.then(|| primitive((grad * n).sum_dim(0).squeeze_dim::<1>(0).cast(w_dtype)));
+    (B::float_reshape(primitive(dx.cast(dtype)), shape), dw)
+}
+
+/// The generic RoPE.
+fn generic_rope<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, s, h, d] = x.dims();
+    let x1 = x.clone().slice([0..b, 0..s, 0..h, 0..d / 2]);
+    let x2 = x.clone().slice([0..b, 0..s, 0..h, d / 2..d]);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos + rotated * sin
+}
+
+/// The generic forward pass: the backend's own (fused, where it has one) attention over the
+/// key/value heads repeated to one per query head.
+fn generic_sdpa<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<Tensor<B, 4, Bool>>,
+    is_causal: bool,
+) -> Tensor<B, 4> {
+    let n_rep = q.dims()[1] / k.dims()[1];
+    let options = AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal,
+    };
+    attention(
+        q,
+        repeat_kv(k, n_rep),
+        repeat_kv(v, n_rep),
+        mask,
+        None,
+        options,
+    )
+}
+
+/// GQA: each key/value head serves `n_rep` query heads. [b, kv, s, d] -> [b, kv * n_rep, s, d]
+fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
+    if n_rep == 1 {
+        return x;
+    }
+    let [b, kv, s, d] = x.dims();
+    // Copies by concatenation: an expanded view made contiguous goes element by element
+    // through flex's strided iterator, about 20 times slower (it dominated decoding).
+    let x = x.unsqueeze_dim::<5>(2); // [b, kv, 1, s, d]
+    Tensor::cat(vec![x; n_rep], 2).reshape([b, kv * n_rep, s, d])
+}
+
+/// The generic backward pass: the gradients of q, k and v from the gradient `d_out` of
+/// `out = sdpa(q, k, v)`.
+fn generic_sdpa_grads<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<Tensor<B, 4, Bool>>,
+    is_causal: bool,
+    out: Tensor<B, 4>,
+    d_out: Tensor<B, 4>,
+) -> [Tensor<B, 4>; 3] {
+    let [_, heads, s, d] = q.dims();
+    let [b, kv_heads, keys, _] = k.dims();
+    let n_rep = heads / kv_heads;
+    let (k, v) = (repeat_kv(k, n_rep), repeat_kv(v, n_rep));
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut scores = q.clone().matmul(k.clone().transpose()) * scale; // [b, h, s, keys]
+    if let Some(mask) = mask {
+        scores = scores.mask_fill(mask, f32::NEG_INFINITY);
+    }
+    if is_causal {
+        let offset = keys as i64 - s as i64;
+        let causal = Tensor::<B, 2, Bool>::tril_mask([s, keys], offset, &q.device());
+        scores = scores.mask_fill(causal.unsqueeze::<4>(), f32::NEG_INFINITY);
+    }
+    // A row that sees no key (padding) has no probabilities and no gradient: its scores are all
+    // -inf, and softmax of them would be NaN.
+    let probs = softmax(scores, 3); // [b, h, s, keys]
+    let probs = probs.clone().mask_fill(probs.is_nan(), 0.0);
+    let d_v = probs.clone().transpose().matmul(d_out.clone());
+    let d_probs = d_out.clone().matmul(v.transpose());
+    let row_dot = (d_out * out).sum_dim(3); // [b, h, s, 1]
+    let d_scores = probs * (d_probs - row_dot) * scale;
+    let d_q = d_scores.clone().matmul(k);
+    let d_k = d_scores.transpose().matmul(q);
+    // The query heads that shared a key/value head sum their gradients.
+    let group_sum = |g: Tensor<B, 4>| {
+        g.reshape([b, kv_heads, n_rep, keys, d])
+            .sum_dim(2)
+            .reshape([b, kv_heads, keys, d])
+    };
+    [d_q, group_sum(d_k), group_sum(d_v)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::{Distribution, TensorData, Tolerance};
+
+    type Ad = Autodiff<Flex>;
+
+    /// Random q ([2, heads, s, 8], made as [2, s, heads, 8] and swapped, as the decoder makes
+    /// it), k and v ([2, kv_heads, keys, 8]) and the weights of the loss `sum(out * w)`.
+    fn inputs(heads: usize, kv_heads: usize, s: usize, keys: usize) -> [Tensor<Flex, 4>; 4] {
+        let device = Default::default();
+        let rand = |shape: [usize; 4]| {
+            Tensor::<Flex, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device)
+        };
+        [
+            rand([2, s, heads, 8]).swap_dims(1, 2),
+            rand([2, kv_heads, keys, 8]),
+            rand([2, kv_heads, keys, 8]),
+            rand([2, heads, s, 8]),
+        ]
+    }
+
+    /// The output and `[dq, dk, dv]` of `sum(sdpa(q, k, v) * w)` three ways: the backend's op
+    /// under autodiff (Flex f32: the kernel), the generic backward pass, and Burn's unfused
+    /// attention differentiated op by op (the reference); the first two are checked against
+    /// the third.
+    fn check(heads: usize, kv_heads: usize, s: usize, keys: usize, mask: Option<Vec<bool>>) {
+        let is_causal = mask.is_none();
+        let [q, k, v, w] = inputs(heads, kv_heads, s, keys);
+        let mask = mask.map(|bits| {
+            Tensor::<Flex, 4, Bool>::from_data(TensorData::new(bits, [2, 1, s, keys]), &q.device())
+        });
+        let leaf = |t: &Tensor<Flex, 4>| Tensor::<Ad, 4>::from_inner(t.clone()).require_grad();
+        let run = |ours: bool| {
+            let (q, k, v) = (leaf(&q), leaf(&k), leaf(&v));
+            let mask = mask.clone().map(Tensor::from_inner);
+            let out = if ours {
+                sdpa(q.clone(), k.clone(), v.clone(), mask, is_causal)
+            } else {
+                generic_sdpa(q.clone(), k.clone(), v.clone(), mask, is_causal)
+            };
+            let g = (out.clone() * Tensor::from_inner(w.clone()))
+                .sum()
+                .backward();
+            let grads = [q, k, v].map(|t| t.grad(&g).expect("reached"));
+            (out.inner(), grads)
+        };
+        let (out, kernel) = run(true);
+        let (reference_out, reference) = run(false);
+        let generic = generic_sdpa_grads(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            mask.clone(),
+            is_causal,
+            reference_out.clone(),
+            w.clone(),
+        );
+        close(out, &reference_out);
+        for ((kernel, generic), reference) in kernel.into_iter().zip(generic).zip(&reference) {
+            close(kernel, reference);
+            close(generic, reference);
+        }
+    }
+
+    #[test]
+    fn causal_attention_matches_the_unfused_chain() {
+        check(3, 3, 7, 7, None);
+    }
+
+    #[test]
+    fn several_query_blocks_and_grouped_heads_match_the_unfused_chain() {
+        // 150 queries: two full blocks of 64 and a partial one; 4 query heads on 2 kv heads.
+        check(4, 2, 150, 150, None);
+    }
+
+    #[test]
+    fn masked_attention_matches_the_unfused_chain() {
+        // Row 0 sees keys 0..=q; row 1 pads its first two keys, so its query 0 and 1 see
+        // nothing at all (a padded row: zeros out, no gradient).
+        let mut bits = vec![false; 2 * 6 * 6];
+        for row in 0..2 {
+            for q in 0..6 {
+                for key in 0..6 {
+                    bits[row * 36 + q * 6 + key] = key > q || (row == 1 && key < 2);
+                }
+            }
+        }
+        check(2, 1, 6, 6, Some(bits));
+    }
+
+    #[test]
+    fn a_decoding_step_sees_every_cached_key() {
+        check(2, 2, 1, 5, None);
+    }
+
+    fn rand<const D: usize>(shape: [usize; D]) -> Tensor<Flex, D> {
+        Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())
+    }
+
+    fn leaf<const D: usize>(t: &Tensor<Flex, D>) -> Tensor<Ad, D> {
+        Tensor::from_inner(t.clone()).require_grad()
+    }
+
+    /// Equal to f32 rounding: 1e-5 absolute, or relative for sums that reach tens (RMSNorm's
+    /// weight gradient sums 200 rows, in another order than the reference).
+    fn close<const D: usize>(a: Tensor<Flex, D>, b: &Tensor<Flex, D>) {
+        a.into_data()
+            .assert_approx_eq::<f32>(&b.clone().into_data(), Tolerance::rel_abs(1e-5, 1e-5));
+    }
+
+    /// `sum(out * w)`'s gradients of `leaves`.
+    fn grads<const D: usize, const L: usize>(
+        out: Tensor<Ad, D>,
+        w: &Tensor<Flex, D>,
+        leaves: [&Tensor<Ad, D>; L],
+    ) -> [Tensor<Flex, D>; L] {
+        let g = (out * Tensor::from_inner(w.clone())).sum().backward();
+        leaves.map(|t| t.grad(&g).expect("reached"))
+    }
+
+    #[test]
+    fn rope_matches_the_unfused_chain() {
+        // 300 positions of 4 heads: several tasks; packed-style positions that restart.
+        let [b, s, h, d] = [2, 300, 4, 16];
+        let positions: Vec<Vec<usize>> = (0..b)
+            .map(|row| (0..s).map(|t| t * (row + 1) % 257).collect())
+            .collect();
+        let inv_freq: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / 10_000f32.powf(2.0 * i as f32 / d as f32))
+            .collect();
+        let tables = crate::model::rope::RopeTables::<Flex>::new(
+            &inv_freq,
+            &positions,
+            DType::F32,
+            &Default::default(),
+        );
+        let (x, w) = (rand([b, s, h, d]), rand([b, s, h, d]));
+        let (cos, sin) = (
+            Tensor::from_inner(tables.cos.clone()),
+            Tensor::from_inner(tables.sin.clone()),
+        );
+        let run = |ours: bool| {
+            let x = leaf(&x);
+            let out = if ours {
+                rope(x.clone(), cos.clone(), sin.clone())
+            } else {
+                generic_rope(x.clone(), cos.clone(), sin.clone())
+            };
+            let [dx] = grads(out.clone(), &w, [&x]);
+            (out.inner(), dx)
+        };
+        let ((out, dx), (reference_out, reference_dx)) = (run(true), run(false));
+        close(out, &reference_out);
+        close(dx, &reference_dx);
+        // The generic backward pass: rope of the gradient with -sin.
+        close(
+            generic_rope(w.clone(), tables.cos.clone(), tables.sin.clone().neg()),
+            &reference_dx,
+        );
+    }
+
+    #[test]
+    fn swiglu_matches_the_unfused_chain() {
+        let (gate, up, w) = (rand([2, 50, 100]), rand([2, 50, 100]), rand([2, 50, 100]));
+        let run = |ours: bool| {
+            let (g, u) = (leaf(&gate), leaf(&up));
+            let out = if ours {
+                swiglu(g.clone(), u.clone())
+            } else {
+                float(generic_swiglu::<Ad>(
+                    primitive(g.clone()),
+                    primitive(u.clone()),
+                ))
+            };
+            let [dg, du] = grads(out.clone(), &w, [&g, &u]);
+            (out.inner(), [dg, du])
+        };
+        let ((out, kernel), (reference_out, reference)) = (run(true), run(false));
+        close(out, &reference_out);
+        let generic = generic_swiglu_backward::<Flex>(primitive(gate), primitive(up), primitive(w));
+        for ((kernel, generic), reference) in kernel.into_iter().zip(generic).zip(&reference) {
+            close(kernel, reference);
+            close(float(generic), reference);
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_the_unfused_chain() {
+        let (x, weight, w) = (rand([2, 100, 48]), rand([48]), rand([2, 100, 48]));
+        let eps = 1e-6;
+        let run = |ours: bool| {
+            let (x, weight) = (leaf(&x), leaf(&weight));
+            let out = if ours {
+                rms_norm(x.clone(), weight.clone(), eps)
+            } else {
+                float(generic_rms_norm::<Ad>(
+                    primitive(x.clone()),
+                    primitive(weight.clone()),
+                    eps,
+                ))
+            };
+            let g = (out.clone() * Tensor::from_inner(w.clone()))
+                .sum()
+                .backward();
+            let dx = x.grad(&g).expect("reached");
+            (out.inner(), dx, weight.grad(&g).expect("reached"))
+        };
+        let ((out, dx, dw), (reference_out, reference_dx, reference_dw)) = (run(true), run(false));
+        close(out, &reference_out);
+        close(dx, &reference_dx);
+        close(dw, &reference_dw);
+        let (generic_dx, generic_dw) = generic_rms_norm_backward::<Flex>(
+            primitive(x),
+            primitive(weight),
+            eps,
+            primitive(w),
+            true,
+        );
+        close(float::<Flex, 3>(generic_dx), &reference_dx);
+        close(float::<Flex, 1>(generic_dw.expect("asked")), &reference_dw);
+    }
+}

@@ -43,7 +43,7 @@ fn the_quickstart_trains_and_fills_the_run_directory() {
     let result = run_in_root(&quickstart_args(&run, &[]));
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(result.status.success(), "{stderr}");
-    assert!(stderr.contains("done: 240 steps"), "{stderr}");
+    assert!(stderr.contains("done: 360 steps"), "{stderr}");
 
     // config.toml: every default resolved, and it loads back as the config that ran.
     let written = TrainConfig::load(&run.join("config.toml"), &[]).unwrap();
@@ -60,7 +60,7 @@ fn the_quickstart_trains_and_fills_the_run_directory() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 24, "every 10th of 240 steps");
+    assert_eq!(lines.len(), 36, "every 10th of 360 steps");
     for key in [
         "step",
         "epoch",
@@ -84,14 +84,14 @@ fn the_quickstart_trains_and_fills_the_run_directory() {
         loss(0)
     );
     assert!(
-        loss(23) < 1.0,
+        loss(35) < 1.0,
         "the loss falls: {} -> {}",
         loss(0),
-        loss(23)
+        loss(35)
     );
-    assert_eq!(lines[23]["epoch"].as_f64(), Some(expected.train.epochs));
+    assert_eq!(lines[35]["epoch"].as_f64(), Some(expected.train.epochs));
 
-    for step in [120, 240] {
+    for step in [180, 360] {
         let dir = run.join(format!("checkpoint-{step}"));
         assert!(dir.join("adapter_model.safetensors").is_file());
     }
@@ -125,7 +125,7 @@ fn the_quickstart_trains_and_fills_the_run_directory() {
             .display()
             .to_string(),
         "--adapter",
-        &run.join("checkpoint-240").display().to_string(),
+        &run.join("checkpoint-360").display().to_string(),
         "--dataset",
         &write_encoded(&run, out.path()),
     ]);
@@ -137,7 +137,7 @@ fn the_quickstart_trains_and_fills_the_run_directory() {
         "--model".into(),
         "examples/quickstart-model".into(),
         "--adapter".into(),
-        run.join("checkpoint-240").display().to_string(),
+        run.join("checkpoint-360").display().to_string(),
         "--prompt".into(),
         "Who are you?".into(),
     ]);

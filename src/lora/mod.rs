@@ -77,11 +77,13 @@ impl<B: Backend> LoraLinear<B> {
         let dtype = base.dtype();
         let base = base.cast(DType::F32);
         let x = l.dropout.forward(x.cast(DType::F32));
+        // PEFT scales B's output; scaling A's instead is the same product (to rounding) and
+        // multiplies r columns rather than every output feature, forward and backward.
         let update = linear(
-            linear(x.clone(), l.lora_a.val(), None),
+            linear(x.clone(), l.lora_a.val(), None) * l.scaling,
             l.lora_b.val(),
             None,
-        ) * l.scaling;
+        );
         let out = match &l.lora_magnitude_vector {
             None => base + update,
             Some(m) => {

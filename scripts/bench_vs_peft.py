@@ -22,7 +22,9 @@ Every measurement runs each side in a process of its own with N units of work an
 time difference is the time of N units, so start-up, loading, the prompt's prefill and warm-up are
 excluded the same way on both sides. Each run is repeated --repeat times and the fastest counts.
 Peak memory is the peak RSS of the 2N process as the kernel counts it (wait4), read the same way
-for both sides.
+for both sides. This script's own process never imports torch (the model and rows are made in a
+child): Linux carries a process's RSS high-water mark across exec, so every child of a parent
+holding torch (0.9 GB) read at least that much.
 """
 
 import argparse
@@ -219,10 +221,26 @@ def make_model(shape: str, tmp: Path) -> Path:
     return out
 
 
+def setup(shape: str, tmp: str, rows_n: str, seq: str, binary: str, threads: str) -> None:
+    """The model and the rows (`tmp/model`, `tmp/rows.jsonl`), in a process of its own."""
+    import peft
+    import torch
+    import transformers
+    print(f"PyTorch {torch.__version__} + transformers {transformers.__version__} + PEFT {peft.__version__} "
+          f"vs swift-rs ({binary}); CPU, f32, {threads} threads")
+    make_model(shape, Path(tmp))
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randint(3, VOCAB, (int(rows_n), int(seq)), generator=g).tolist()
+    (Path(tmp) / "rows.jsonl").write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in rows))
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--torch-side"]:
         kind, *rest = sys.argv[2:]
         TORCH_SIDES[kind](*[int(a) if a.isdigit() else a for a in rest])
+        return
+    if sys.argv[1:2] == ["--setup"]:
+        setup(*sys.argv[2:])
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--binary", default=str(ROOT / "target/release/swift-rs"))
@@ -236,23 +254,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=1, help="runs of each size; the fastest counts")
     args = ap.parse_args()
-    import peft
-    import torch
-    import transformers
     binary = Path(args.binary)
     if not binary.is_file():
         sys.exit(f"{binary} not found: run `cargo build --release` first")
     only = args.only.split(",")
-    print(f"PyTorch {torch.__version__} + transformers {transformers.__version__} + PEFT {peft.__version__} "
-          f"vs swift-rs ({binary}); CPU, f32, {args.threads} threads")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = make_model(args.shape, tmp)
+        # torch is never imported here: see "Peak memory" in the header.
         rows_n = max(2 * args.steps, 2 * args.eval_batches) * args.batch
-        g = torch.Generator().manual_seed(1)
-        rows = torch.randint(3, VOCAB, (rows_n, args.seq), generator=g).tolist()
-        data = tmp / "rows.jsonl"
-        data.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in rows))
+        subprocess.run([sys.executable, __file__, "--setup", args.shape, str(tmp), str(rows_n),
+                        str(args.seq), str(binary), str(args.threads)], check=True)
+        model, data = tmp / "model", tmp / "rows.jsonl"
 
         def torch_cmd(kind: str, *before, after=()):
             return lambda units: [sys.executable, __file__, "--torch-side", kind, str(model),

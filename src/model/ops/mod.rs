@@ -52,9 +52,7 @@ pub trait ModelBackend: Backend {
         mask: Option<BoolTensor<Self>>,
         is_causal: bool,
     ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
-        let mask = mask.map(Tensor::<Self, 4, Bool>::from_primitive);
-        let out = generic_sdpa(float(q), float(k), float(v), mask, is_causal);
-        (primitive(out), None)
+        (generic_sdpa::<Self>(q, k, v, mask, is_causal), None)
     }
 
     /// `[dq, dk, dv]` from the gradient `d_out` of `out = sdpa(q, k, v)`; `saved` is what
@@ -70,9 +68,7 @@ pub trait ModelBackend: Backend {
         _saved: Option<FloatTensor<Self>>,
         d_out: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 3] {
-        let mask = mask.map(Tensor::<Self, 4, Bool>::from_primitive);
-        let [q, k, v, out, d_out] = [q, k, v, out, d_out].map(float);
-        generic_sdpa_grads(q, k, v, mask, is_causal, out, d_out).map(primitive)
+        generic_sdpa_grads::<Self>(q, k, v, mask, is_causal, out, d_out)
     }
 
     /// `x * cos + rotate_half(x) * sin` on `x` `[batch, seq, heads, head_dim]` with the tables
@@ -83,7 +79,7 @@ pub trait ModelBackend: Backend {
         cos: FloatTensor<Self>,
         sin: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        primitive(generic_rope::<Self>(float(x), float(cos), float(sin)))
+        generic_rope::<Self>(x, cos, sin)
     }
 
     /// `silu(gate) * up`, elementwise.
@@ -260,37 +256,38 @@ fn generic_rms_norm_backward<B: Backend>(
 }
 
 /// The generic RoPE.
-fn generic_rope<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
+fn generic_rope<B: Backend>(
+    x: FloatTensor<B>,
+    cos: FloatTensor<B>,
+    sin: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let (x, cos, sin) = (float::<B, 4>(x), float::<B, 4>(cos), float::<B, 4>(sin));
     let [b, s, h, d] = x.dims();
     let x1 = x.clone().slice([0..b, 0..s, 0..h, 0..d / 2]);
     let x2 = x.clone().slice([0..b, 0..s, 0..h, d / 2..d]);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos + rotated * sin
+    primitive(x * cos + rotated * sin)
 }
 
 /// The generic forward pass: the backend's own (fused, where it has one) attention over the
 /// key/value heads repeated to one per query head.
 fn generic_sdpa<B: Backend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    mask: Option<Tensor<B, 4, Bool>>,
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    mask: Option<BoolTensor<B>>,
     is_causal: bool,
-) -> Tensor<B, 4> {
+) -> FloatTensor<B> {
+    let (q, k, v) = (float::<B, 4>(q), float::<B, 4>(k), float::<B, 4>(v));
+    let mask = mask.map(Tensor::<B, 4, Bool>::from_primitive);
     let n_rep = q.dims()[1] / k.dims()[1];
     let options = AttentionModuleOptions {
         scale: None,
         softcap: None,
         is_causal,
     };
-    attention(
-        q,
-        repeat_kv(k, n_rep),
-        repeat_kv(v, n_rep),
-        mask,
-        None,
-        options,
-    )
+    let (k, v) = (repeat_kv(k, n_rep), repeat_kv(v, n_rep));
+    primitive(attention(q, k, v, mask, None, options))
 }
 
 /// GQA: each key/value head serves `n_rep` query heads. [b, kv, s, d] -> [b, kv * n_rep, s, d]
@@ -308,14 +305,16 @@ fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
 /// The generic backward pass: the gradients of q, k and v from the gradient `d_out` of
 /// `out = sdpa(q, k, v)`.
 fn generic_sdpa_grads<B: Backend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    mask: Option<Tensor<B, 4, Bool>>,
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    mask: Option<BoolTensor<B>>,
     is_causal: bool,
-    out: Tensor<B, 4>,
-    d_out: Tensor<B, 4>,
-) -> [Tensor<B, 4>; 3] {
+    out: FloatTensor<B>,
+    d_out: FloatTensor<B>,
+) -> [FloatTensor<B>; 3] {
+    let [q, k, v, out, d_out] = [q, k, v, out, d_out].map(float::<B, 4>);
+    let mask = mask.map(Tensor::<B, 4, Bool>::from_primitive);
     let [_, heads, s, d] = q.dims();
     let [b, kv_heads, keys, _] = k.dims();
     let n_rep = heads / kv_heads;
@@ -346,7 +345,7 @@ fn generic_sdpa_grads<B: Backend>(
             .sum_dim(2)
             .reshape([b, kv_heads, keys, d])
     };
-    [d_q, group_sum(d_k), group_sum(d_v)]
+    [d_q, group_sum(d_k), group_sum(d_v)].map(primitive)
 }
 
 #[cfg(test)]
@@ -389,7 +388,14 @@ mod tests {
             let out = if ours {
                 sdpa(q.clone(), k.clone(), v.clone(), mask, is_causal)
             } else {
-                generic_sdpa(q.clone(), k.clone(), v.clone(), mask, is_causal)
+                let [q, k, v] = [&q, &k, &v].map(|t| primitive(t.clone()));
+                float(generic_sdpa::<Ad>(
+                    q,
+                    k,
+                    v,
+                    mask.map(Tensor::into_primitive),
+                    is_causal,
+                ))
             };
             let g = (out.clone() * Tensor::from_inner(w.clone()))
                 .sum()
@@ -399,15 +405,9 @@ mod tests {
         };
         let (out, kernel) = run(true);
         let (reference_out, reference) = run(false);
-        let generic = generic_sdpa_grads(
-            q.clone(),
-            k.clone(),
-            v.clone(),
-            mask.clone(),
-            is_causal,
-            reference_out.clone(),
-            w.clone(),
-        );
+        let [q, k, v, out_, w] = [q, k, v, reference_out.clone(), w].map(primitive);
+        let mask = mask.map(Tensor::into_primitive);
+        let generic = generic_sdpa_grads::<Flex>(q, k, v, mask, is_causal, out_, w).map(float);
         close(out, &reference_out);
         for ((kernel, generic), reference) in kernel.into_iter().zip(generic).zip(&reference) {
             close(kernel, reference);
@@ -497,7 +497,8 @@ mod tests {
             let out = if ours {
                 rope(x.clone(), cos.clone(), sin.clone())
             } else {
-                generic_rope(x.clone(), cos.clone(), sin.clone())
+                let [x, cos, sin] = [&x, &cos, &sin].map(|t| primitive(t.clone()));
+                float(generic_rope::<Ad>(x, cos, sin))
             };
             let [dx] = grads(out.clone(), &w, [&x]);
             (out.inner(), dx)
@@ -507,7 +508,11 @@ mod tests {
         close(dx, &reference_dx);
         // The generic backward pass: rope of the gradient with -sin.
         close(
-            generic_rope(w.clone(), tables.cos.clone(), tables.sin.clone().neg()),
+            float(generic_rope::<Flex>(
+                primitive(w.clone()),
+                primitive(tables.cos.clone()),
+                primitive(tables.sin.clone().neg()),
+            )),
             &reference_dx,
         );
     }

@@ -374,16 +374,18 @@ pub fn backward(
             let (b, h) = (bh / heads, bh % heads);
             let mut dk = vec![0.0f32; keys * d];
             let mut dv = vec![0.0f32; keys * d];
+            // P and dP of one block, reused by every block (both products overwrite them).
+            let mut p_block = vec![0.0f32; BLOCK_Q.min(s) * keys];
+            let mut dp_block = p_block.clone();
             for block in 0..dims.blocks() {
                 let (q0, q1) = (block * BLOCK_Q, ((block + 1) * BLOCK_Q).min(s));
                 let (m, n) = (q1 - q0, dims.visible(q1));
-                let mut p = vec![0.0f32; m * n];
-                scores(&dims, &qv, &kv, mask.as_ref(), (b, h), (q0, q1), n, &mut p);
+                let (p, dp) = (&mut p_block[..m * n], &mut dp_block[..m * n]);
+                scores(&dims, &qv, &kv, mask.as_ref(), (b, h), (q0, q1), n, p);
                 for (r, row) in p.chunks_exact_mut(n).enumerate() {
                     let row_lse = lse[bh * s + q0 + r];
                     row.iter_mut().for_each(|x| *x = exp(*x - row_lse));
                 }
-                let mut dp = vec![0.0f32; m * n];
                 let (k_head, v_head) = (kv.at(b, h / dims.n_rep, 0), vv.at(b, h / dims.n_rep, 0));
                 // SAFETY (every product below): p and dp are [m, n]; q, dO and O have rows
                 // q0..q1 of d, k and v rows ..n of d (strides from their layouts); dk and dv
@@ -421,7 +423,7 @@ pub fn backward(
                         *ds = pr * (*ds - row_dot) * dims.scale;
                     }
                 }
-                let ds = dp;
+                let ds = &*dp;
                 unsafe {
                     // dQ = dS k
                     matmul(

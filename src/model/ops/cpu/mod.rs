@@ -5,22 +5,17 @@ mod elementwise;
 
 use burn::backend::Flex;
 use burn::tensor::ops::{BoolTensor, FloatTensor};
-use burn::tensor::{Bool, DType, Tensor, TensorData};
+use burn::tensor::{DType, TensorData};
 use burn_flex::FlexTensor;
 
 use super::{
-    float, generic_rms_norm, generic_rms_norm_backward, generic_rope, generic_sdpa,
-    generic_sdpa_grads, generic_swiglu, generic_swiglu_backward, primitive, ModelBackend,
+    generic_rms_norm, generic_rms_norm_backward, generic_rope, generic_sdpa, generic_sdpa_grads,
+    generic_swiglu, generic_swiglu_backward, ModelBackend,
 };
 
 /// Whether every tensor is f32 (the kernels' dtype).
 fn all_f32(tensors: &[&FlexTensor]) -> bool {
     tensors.iter().all(|t| t.dtype() == DType::F32)
-}
-
-/// `t`'s elements in order.
-fn values(t: &FlexTensor) -> FlexTensor {
-    t.to_contiguous()
 }
 
 /// A tensor of `t`'s shape holding `data`.
@@ -37,9 +32,7 @@ impl ModelBackend for Flex {
         is_causal: bool,
     ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
         if !all_f32(&[&q, &k, &v]) {
-            let mask = mask.map(Tensor::<Self, 4, Bool>::from_primitive);
-            let out = generic_sdpa(float(q), float(k), float(v), mask, is_causal);
-            return (primitive(out), None);
+            return (generic_sdpa::<Self>(q, k, v, mask, is_causal), None);
         }
         let (out, lse) = attention::forward(q, k, v, mask, is_causal);
         (out, Some(lse))
@@ -57,11 +50,7 @@ impl ModelBackend for Flex {
     ) -> [FloatTensor<Self>; 3] {
         match saved {
             Some(lse) => attention::backward(q, k, v, mask, is_causal, out, lse, d_out),
-            None => {
-                let mask = mask.map(Tensor::<Self, 4, Bool>::from_primitive);
-                let [q, k, v, out, d_out] = [q, k, v, out, d_out].map(float);
-                generic_sdpa_grads(q, k, v, mask, is_causal, out, d_out).map(primitive)
-            }
+            None => generic_sdpa_grads::<Self>(q, k, v, mask, is_causal, out, d_out),
         }
     }
 
@@ -71,11 +60,11 @@ impl ModelBackend for Flex {
         sin: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         if !all_f32(&[&x, &cos, &sin]) {
-            return primitive(generic_rope::<Self>(float(x), float(cos), float(sin)));
+            return generic_rope::<Self>(x, cos, sin);
         }
         let shape = x.layout().shape().clone();
         let (heads, dim) = (shape[2], shape[3]);
-        let (x, cos, sin) = (values(&x), values(&cos), values(&sin));
+        let (x, cos, sin) = (x.to_contiguous(), cos.to_contiguous(), sin.to_contiguous());
         let out = elementwise::rope(x.storage(), cos.storage(), sin.storage(), heads, dim);
         like(&x, out)
     }
@@ -84,7 +73,7 @@ impl ModelBackend for Flex {
         if !all_f32(&[&gate, &up]) {
             return generic_swiglu::<Self>(gate, up);
         }
-        let (gate, up) = (values(&gate), values(&up));
+        let (gate, up) = (gate.to_contiguous(), up.to_contiguous());
         like(&gate, elementwise::swiglu(gate.storage(), up.storage()))
     }
 
@@ -96,7 +85,11 @@ impl ModelBackend for Flex {
         if !all_f32(&[&gate, &up, &grad]) {
             return generic_swiglu_backward::<Self>(gate, up, grad);
         }
-        let (gate, up, grad) = (values(&gate), values(&up), values(&grad));
+        let (gate, up, grad) = (
+            gate.to_contiguous(),
+            up.to_contiguous(),
+            grad.to_contiguous(),
+        );
         let (d_gate, d_up) =
             elementwise::swiglu_backward(gate.storage(), up.storage(), grad.storage());
         [like(&gate, d_gate), like(&gate, d_up)]
@@ -106,7 +99,7 @@ impl ModelBackend for Flex {
         if !all_f32(&[&x, &weight]) {
             return generic_rms_norm::<Self>(x, weight, eps);
         }
-        let (x, weight) = (values(&x), values(&weight));
+        let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
         like(
             &x,
             elementwise::rms_norm(x.storage(), weight.storage(), eps as f32),
@@ -123,7 +116,11 @@ impl ModelBackend for Flex {
         if !all_f32(&[&x, &weight, &grad]) {
             return generic_rms_norm_backward::<Self>(x, weight, eps, grad, weight_grad);
         }
-        let (x, weight, grad) = (values(&x), values(&weight), values(&grad));
+        let (x, weight, grad) = (
+            x.to_contiguous(),
+            weight.to_contiguous(),
+            grad.to_contiguous(),
+        );
         let (dx, dw) = elementwise::rms_norm_backward(
             x.storage(),
             weight.storage(),

@@ -3,11 +3,10 @@
 //! are made `CHUNK_TOKENS` tokens at a time, so `[tokens, vocab]` never exists whole: with a
 //! 150k vocabulary that tensor alone would be gigabytes at training lengths.
 
-use burn::tensor::activation::log_softmax;
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 
 use super::decoder::CausalLm;
-use super::ops::ModelBackend;
+use super::ops::{cross_entropy, ModelBackend};
 
 /// Label value that takes no loss (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;
@@ -69,10 +68,9 @@ pub fn token_losses<B: ModelBackend>(
         .map(|(idx, tgt)| {
             let n = idx.len();
             let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx.to_vec(), [n]), &device);
-            let tgt =
-                Tensor::<B, 2, Int>::from_data(TensorData::new(tgt.to_vec(), [n, 1]), &device);
-            let logits = model.lm_head(flat.clone().select(0, idx)).cast(DType::F32); // [n, vocab]
-            log_softmax(logits, 1).gather(1, tgt).reshape([n]).neg()
+            let tgt = Tensor::<B, 1, Int>::from_data(TensorData::new(tgt.to_vec(), [n]), &device);
+            let logits = model.lm_head(flat.clone().select(0, idx)); // [n, vocab]
+            cross_entropy(logits, tgt)
         })
         .collect();
     if chunks.is_empty() {

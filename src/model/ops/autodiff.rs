@@ -6,7 +6,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
-use burn::tensor::ops::{BoolTensor, FloatTensor};
+use burn::tensor::ops::{BoolTensor, FloatTensor, IntTensor};
 
 use super::ModelBackend;
 
@@ -118,6 +118,29 @@ impl<B: ModelBackend> Backward<B, 2> for RmsNormBackward {
     }
 }
 
+#[derive(Debug)]
+struct CrossEntropyBackward;
+
+impl<B: ModelBackend> Backward<B, 1> for CrossEntropyBackward {
+    /// The logits, the targets and the rows' log-sum-exps.
+    type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [node_logits] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (logits, targets, lse) = ops.state;
+        if let Some(node) = node_logits {
+            let d = B::cross_entropy_backward(logits, targets, lse, grad);
+            grads.register::<B>(node.id, d);
+        }
+    }
+}
+
 impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
     fn sdpa(
         q: FloatTensor<Self>,
@@ -186,6 +209,21 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
                 prep.finish((x, weight, eps), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::rms_norm(x, weight, eps)),
+        }
+    }
+
+    fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+        match CrossEntropyBackward
+            .prepare::<C>([logits.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let logits = logits.primitive;
+                let (loss, lse) = B::cross_entropy_forward(logits.clone(), targets.clone());
+                prep.finish((logits, targets, lse), loss)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::cross_entropy(logits.primitive, targets)),
         }
     }
 }

@@ -1,5 +1,5 @@
 //! The model's compute-heavy ops as single ops with backward passes of their own: attention,
-//! RoPE, SwiGLU and RMSNorm.
+//! RoPE, SwiGLU, RMSNorm and the cross-entropy of the logits.
 //!
 //! Burn's `Autodiff` runs each of them as a chain of tracked elementwise ops, each one a full
 //! pass over its tensor with a tensor kept for backward, and its attention as the unfused chain
@@ -25,8 +25,10 @@ mod cpu;
 use burn::tensor::activation::{sigmoid, silu, softmax};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::module::attention;
-use burn::tensor::ops::{AttentionModuleOptions, BoolTensor, FloatTensor};
-use burn::tensor::{Bool, DType, Shape, Tensor, TensorMetadata, TensorPrimitive};
+use burn::tensor::ops::{AttentionModuleOptions, BoolTensor, FloatTensor, IntTensor};
+use burn::tensor::{
+    Bool, DType, IndexingUpdateOp, Int, Shape, Tensor, TensorMetadata, TensorPrimitive,
+};
 
 /// A backend the model runs on: Burn's `Backend` plus the ops autodiff differentiates as one.
 /// Every method has the generic implementation; a backend overrides what it has kernels for.
@@ -113,6 +115,31 @@ pub trait ModelBackend: Backend {
     ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
         generic_rms_norm_backward::<Self>(x, weight, eps, grad, weight_grad)
     }
+
+    /// `logsumexp(logits[i]) - logits[i, targets[i]]` for every row of `logits` `[n, vocab]`,
+    /// computed in f32 whatever their dtype (transformers upcasts them): `[n]`, f32.
+    fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+        Self::cross_entropy_forward(logits, targets).0
+    }
+
+    /// `cross_entropy` and each row's log-sum-exp (`[n]`, f32), which the backward pass reuses.
+    fn cross_entropy_forward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        generic_cross_entropy::<Self>(logits, targets)
+    }
+
+    /// The logits' gradient, `(softmax(logits) - onehot(targets)) * grad` row by row, in their
+    /// dtype; `lse` is what `cross_entropy_forward` returned beside the losses.
+    fn cross_entropy_backward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        generic_cross_entropy_backward::<Self>(logits, targets, lse, grad)
+    }
 }
 
 /// A training backend whose inner backend runs the model too (`model.valid()` evaluates).
@@ -156,6 +183,17 @@ pub fn swiglu<B: ModelBackend, const D: usize>(
     up: Tensor<B, D>,
 ) -> Tensor<B, D> {
     float(B::swiglu(primitive(gate), primitive(up)))
+}
+
+/// `ModelBackend::cross_entropy` on tensors.
+pub fn cross_entropy<B: ModelBackend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+) -> Tensor<B, 1> {
+    float(B::cross_entropy(
+        primitive(logits),
+        targets.into_primitive(),
+    ))
 }
 
 /// `ModelBackend::rms_norm` on tensors.
@@ -253,6 +291,40 @@ fn generic_rms_norm_backward<B: Backend>(
     let dw =
         weight_grad.then(|| primitive((grad * n).sum_dim(0).squeeze_dim::<1>(0).cast(w_dtype)));
     (B::float_reshape(primitive(dx.cast(dtype)), shape), dw)
+}
+
+fn generic_cross_entropy<B: Backend>(
+    logits: FloatTensor<B>,
+    targets: IntTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let logits = float::<B, 2>(logits).cast(DType::F32);
+    let n = logits.dims()[0];
+    let max = logits.clone().max_dim(1); // [n, 1]
+    let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
+    let targets = Tensor::<B, 1, Int>::from_primitive(targets).reshape([n, 1]);
+    let picked = logits.gather(1, targets);
+    (
+        primitive((lse.clone() - picked).reshape([n])),
+        primitive(lse.reshape([n])),
+    )
+}
+
+fn generic_cross_entropy_backward<B: Backend>(
+    logits: FloatTensor<B>,
+    targets: IntTensor<B>,
+    lse: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let logits = float::<B, 2>(logits);
+    let dtype = logits.dtype();
+    let n = logits.dims()[0];
+    let [lse, grad] = [lse, grad].map(|t| reshaped::<B, 2>(t, [n, 1]));
+    let probs = (logits.cast(DType::F32) - lse).exp();
+    let targets = Tensor::<B, 1, Int>::from_primitive(targets).reshape([n, 1]);
+    let picked = probs
+        .zeros_like()
+        .scatter(1, targets, grad.clone(), IndexingUpdateOp::Add);
+    primitive((probs * grad - picked).cast(dtype))
 }
 
 /// The generic RoPE.
@@ -576,5 +648,48 @@ mod tests {
         );
         close(float::<Flex, 3>(generic_dx), &reference_dx);
         close(float::<Flex, 1>(generic_dw.expect("asked")), &reference_dw);
+    }
+
+    #[test]
+    fn cross_entropy_matches_the_unfused_chain() {
+        // A vocabulary of 37: four full lanes of 8 and a remainder; logits up to ±30 so that
+        // an unshifted exp would lose the small terms.
+        let (n, vocab) = (50, 37);
+        let logits = rand([n, vocab]) * 10.0;
+        let w = rand([n]);
+        let targets: Vec<i64> = (0..n as i64).map(|i| i * 7 % vocab as i64).collect();
+        let targets =
+            Tensor::<Flex, 1, Int>::from_data(TensorData::new(targets, [n]), &Default::default());
+        let run = |ours: bool| {
+            let x = leaf(&logits);
+            let tgt = Tensor::<Ad, 1, Int>::from_inner(targets.clone());
+            let out = if ours {
+                cross_entropy(x.clone(), tgt)
+            } else {
+                burn::tensor::activation::log_softmax(x.clone(), 1)
+                    .gather(1, tgt.reshape([n, 1]))
+                    .reshape([n])
+                    .neg()
+            };
+            let g = (out.clone() * Tensor::from_inner(w.clone()))
+                .sum()
+                .backward();
+            (out.inner(), x.grad(&g).expect("reached"))
+        };
+        let ((out, dx), (reference_out, reference_dx)) = (run(true), run(false));
+        close(out, &reference_out);
+        close(dx, &reference_dx);
+        let (generic_out, lse) = generic_cross_entropy::<Flex>(
+            primitive(logits.clone()),
+            targets.clone().into_primitive(),
+        );
+        close(float::<Flex, 1>(generic_out), &reference_out);
+        let generic_dx = generic_cross_entropy_backward::<Flex>(
+            primitive(logits),
+            targets.into_primitive(),
+            lse,
+            primitive(w),
+        );
+        close(float::<Flex, 2>(generic_dx), &reference_dx);
     }
 }

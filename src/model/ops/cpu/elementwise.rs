@@ -1,5 +1,5 @@
-//! RoPE, SwiGLU and RMSNorm on the CPU (Flex, f32), forward and backward, each one pass over
-//! its rows split across the thread pool. Flex runs elementwise ops on one thread, its sigmoid
+//! RoPE, SwiGLU, RMSNorm and cross-entropy on the CPU (Flex, f32), forward and backward, each
+//! one pass over its rows split across the thread pool. Flex runs elementwise ops on one thread, its sigmoid
 //! calls libm's `expf` per element, and RoPE's broadcast of the `[batch, seq, 1, dim]` tables
 //! over heads went through its strided iterator: together about a fifth of a training step.
 
@@ -185,6 +185,67 @@ pub fn rms_norm_backward(
         dw
     });
     (dx, dw)
+}
+
+/// Independent partial maxima and sums per row: one f32 accumulator fixes the order of the
+/// additions, and the loop would not vectorize.
+const LANES: usize = 8;
+
+/// `log(sum(exp(row)))`, shifted by the row's maximum so that no `exp` overflows.
+fn log_sum_exp(row: &[f32]) -> f32 {
+    let chunks = row.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    for c in chunks.clone() {
+        for i in 0..LANES {
+            lanes[i] = lanes[i].max(c[i]);
+        }
+    }
+    let max = lanes
+        .iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut lanes = [0.0f32; LANES];
+    for c in chunks {
+        for i in 0..LANES {
+            lanes[i] += exp(c[i] - max);
+        }
+    }
+    let sum = lanes.iter().sum::<f32>() + rest.iter().map(|&x| exp(x - max)).sum::<f32>();
+    max + sum.ln()
+}
+
+/// Each row's loss `logsumexp(row) - row[target]` and its log-sum-exp, for `logits` in rows of
+/// `vocab`, one row per target.
+pub fn cross_entropy(logits: &[f32], targets: &[usize], vocab: usize) -> (Vec<f32>, Vec<f32>) {
+    let lse: Vec<f32> = logits.par_chunks_exact(vocab).map(log_sum_exp).collect();
+    let loss = lse
+        .iter()
+        .zip(logits.chunks_exact(vocab).zip(targets))
+        .map(|(lse, (row, &t))| lse - row[t])
+        .collect();
+    (loss, lse)
+}
+
+/// The logits' gradient from the losses' (`grad`): `(exp(row - lse) - onehot(target)) * grad`.
+pub fn cross_entropy_backward(
+    logits: &[f32],
+    targets: &[usize],
+    lse: &[f32],
+    grad: &[f32],
+    vocab: usize,
+) -> Vec<f32> {
+    let mut d = vec![0.0f32; logits.len()];
+    d.par_chunks_exact_mut(vocab)
+        .zip(logits.par_chunks_exact(vocab))
+        .zip(targets.par_iter().zip(lse.par_iter().zip(grad)))
+        .for_each(|((d, row), (&t, (&lse, &g)))| {
+            for (d, &x) in d.iter_mut().zip(row) {
+                *d = g * exp(x - lse);
+            }
+            d[t] -= g;
+        });
+    d
 }
 
 #[cfg(test)]

@@ -4,18 +4,32 @@ mod attention;
 mod elementwise;
 
 use burn::backend::Flex;
-use burn::tensor::ops::{BoolTensor, FloatTensor};
+use burn::tensor::ops::{BoolTensor, FloatTensor, IntTensor};
 use burn::tensor::{DType, TensorData};
 use burn_flex::FlexTensor;
 
 use super::{
-    generic_rms_norm, generic_rms_norm_backward, generic_rope, generic_sdpa, generic_sdpa_grads,
-    generic_swiglu, generic_swiglu_backward, ModelBackend,
+    generic_cross_entropy, generic_cross_entropy_backward, generic_rms_norm,
+    generic_rms_norm_backward, generic_rope, generic_sdpa, generic_sdpa_grads, generic_swiglu,
+    generic_swiglu_backward, ModelBackend,
 };
 
 /// Whether every tensor is f32 (the kernels' dtype).
 fn all_f32(tensors: &[&FlexTensor]) -> bool {
     tensors.iter().all(|t| t.dtype() == DType::F32)
+}
+
+/// The targets of `cross_entropy` as indices.
+fn indices(targets: IntTensor<Flex>) -> Vec<usize> {
+    let data = targets.into_data().convert::<i64>();
+    let ids = data.as_slice::<i64>().expect("converted to i64");
+    ids.iter().map(|&id| id as usize).collect()
+}
+
+/// A flat tensor holding `data`.
+fn vector(data: Vec<f32>) -> FlexTensor {
+    let n = data.len();
+    FlexTensor::from_data(TensorData::new(data, [n]))
 }
 
 /// A tensor of `t`'s shape holding `data`.
@@ -129,5 +143,43 @@ impl ModelBackend for Flex {
             weight_grad,
         );
         (like(&x, dx), dw.map(|dw| like(&weight, dw)))
+    }
+
+    fn cross_entropy_forward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if !all_f32(&[&logits]) {
+            return generic_cross_entropy::<Self>(logits, targets);
+        }
+        let logits = logits.to_contiguous();
+        let vocab = logits.layout().shape()[1];
+        let (loss, lse) = elementwise::cross_entropy(logits.storage(), &indices(targets), vocab);
+        (vector(loss), vector(lse))
+    }
+
+    fn cross_entropy_backward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        if !all_f32(&[&logits, &grad]) {
+            return generic_cross_entropy_backward::<Self>(logits, targets, lse, grad);
+        }
+        let (logits, lse, grad) = (
+            logits.to_contiguous(),
+            lse.to_contiguous(),
+            grad.to_contiguous(),
+        );
+        let vocab = logits.layout().shape()[1];
+        let d = elementwise::cross_entropy_backward(
+            logits.storage(),
+            &indices(targets),
+            lse.storage(),
+            grad.storage(),
+            vocab,
+        );
+        like(&logits, d)
     }
 }

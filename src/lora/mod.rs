@@ -14,6 +14,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Normal, Uniform};
 
 use crate::config::{InitLoraWeights, LoraConfig};
+use crate::model::ops::{lora_linear, ModelBackend};
 use crate::quant::Nf4Linear;
 
 pub use target::{Targets, ALL_LINEAR};
@@ -68,17 +69,29 @@ pub struct LoraLinear<B: Backend> {
     pub adapter: Option<Lora<B>>,
 }
 
-impl<B: Backend> LoraLinear<B> {
+impl<B: ModelBackend> LoraLinear<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let base = self.base.forward(x.clone());
         let Some(l) = &self.adapter else {
-            return base;
+            return self.base.forward(x);
         };
+        let dropout = l.dropout.prob > 0.0 && B::ad_enabled(&x.device());
+        if let (BaseLinear::Dense(base), None, false) =
+            (&self.base, &l.lora_magnitude_vector, dropout)
+        {
+            return lora_linear(
+                x,
+                base.weight.val(),
+                base.bias.as_ref().map(|b| b.val()),
+                l.lora_a.val(),
+                l.lora_b.val(),
+                l.scaling,
+            );
+        }
+        let base = self.base.forward(x.clone());
         let dtype = base.dtype();
         let base = base.cast(DType::F32);
         let x = l.dropout.forward(x.cast(DType::F32));
-        // PEFT scales B's output; scaling A's instead is the same product (to rounding) and
-        // multiplies r columns rather than every output feature, forward and backward.
+        // As `ops::lora_linear`, scaling A's output.
         let update = linear(
             linear(x.clone(), l.lora_a.val(), None) * l.scaling,
             l.lora_b.val(),

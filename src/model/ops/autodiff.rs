@@ -8,7 +8,31 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::tensor::ops::{BoolTensor, FloatTensor, IntTensor};
 
-use super::ModelBackend;
+use super::{generic_lora_linear, LoraParts, ModelBackend};
+
+#[derive(Debug)]
+struct LoraLinearBackward;
+
+impl<B: ModelBackend> Backward<B, 3> for LoraLinearBackward {
+    /// x, the layer and `h = s·x·A`.
+    type State = (FloatTensor<B>, LoraParts<B>, FloatTensor<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, layer, h) = ops.state;
+        let d = B::lora_linear_backward(x, layer, h, grad);
+        for (node, g) in ops.parents.into_iter().zip(d) {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
 
 /// What the backward pass keeps: q, k, v, the mask, causality, the output and what the
 /// backend's forward pass saved.
@@ -142,6 +166,37 @@ impl<B: ModelBackend> Backward<B, 1> for CrossEntropyBackward {
 }
 
 impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
+    fn lora_linear(x: FloatTensor<Self>, layer: LoraParts<Self>) -> FloatTensor<Self> {
+        // The op gives no gradient to the base layer: a trained one takes Burn's op-by-op path.
+        if layer.weight.is_tracked() || layer.bias.as_ref().is_some_and(|b| b.is_tracked()) {
+            return generic_lora_linear::<Self>(x, layer).0;
+        }
+        let nodes = [
+            x.node.clone(),
+            layer.lora_a.node.clone(),
+            layer.lora_b.node.clone(),
+        ];
+        let x = x.primitive;
+        let layer = LoraParts {
+            weight: layer.weight.primitive,
+            bias: layer.bias.map(|b| b.primitive),
+            lora_a: layer.lora_a.primitive,
+            lora_b: layer.lora_b.primitive,
+            scaling: layer.scaling,
+        };
+        match LoraLinearBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (y, h) = B::lora_linear_forward(x.clone(), layer.clone());
+                prep.finish((x, layer, h), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::lora_linear(x, layer)),
+        }
+    }
+
     fn sdpa(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,

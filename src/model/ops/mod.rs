@@ -1,5 +1,6 @@
-//! The model's compute-heavy ops as single ops with backward passes of their own: attention,
-//! RoPE, SwiGLU, RMSNorm and the cross-entropy of the logits.
+//! The model's compute-heavy ops as single ops with backward passes of their own: a linear
+//! layer with its LoRA adapter, attention, RoPE, SwiGLU, RMSNorm and the cross-entropy of the
+//! logits.
 //!
 //! Burn's `Autodiff` runs each of them as a chain of tracked elementwise ops, each one a full
 //! pass over its tensor with a tensor kept for backward, and its attention as the unfused chain
@@ -30,9 +31,47 @@ use burn::tensor::{
     Bool, DType, IndexingUpdateOp, Int, Shape, Tensor, TensorMetadata, TensorPrimitive,
 };
 
+/// A frozen linear layer and its LoRA adapter, in Burn's `[in, out]` orientation.
+#[derive(Clone, Debug)]
+pub struct LoraParts<B: Backend> {
+    pub weight: FloatTensor<B>,       // [in, out]
+    pub bias: Option<FloatTensor<B>>, // [out]
+    pub lora_a: FloatTensor<B>,       // [in, r], f32
+    pub lora_b: FloatTensor<B>,       // [r, out], f32
+    pub scaling: f64,
+}
+
 /// A backend the model runs on: Burn's `Backend` plus the ops autodiff differentiates as one.
 /// Every method has the generic implementation; a backend overrides what it has kernels for.
 pub trait ModelBackend: Backend {
+    /// `x·W + bias + s·(x·A)·B` on `x` `[.., in]`, as PEFT's `lora.Linear` computes it: the
+    /// adapter in f32 whatever the base dtype, its product added to the base output in f32 and
+    /// the sum cast back. The frozen weight and bias take no gradient. PEFT scales B's output;
+    /// scaling A's is the same product (to rounding) and multiplies r columns rather than every
+    /// output feature.
+    fn lora_linear(x: FloatTensor<Self>, layer: LoraParts<Self>) -> FloatTensor<Self> {
+        Self::lora_linear_forward(x, layer).0
+    }
+
+    /// `lora_linear` and `h = s·x·A` (`[rows, r]`, f32), which the backward pass reuses.
+    fn lora_linear_forward(
+        x: FloatTensor<Self>,
+        layer: LoraParts<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        generic_lora_linear::<Self>(x, layer)
+    }
+
+    /// `[dx, dA, dB]` from the gradient `grad` of `lora_linear`'s output; `h` is what
+    /// `lora_linear_forward` returned beside it.
+    fn lora_linear_backward(
+        x: FloatTensor<Self>,
+        layer: LoraParts<Self>,
+        h: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3] {
+        generic_lora_linear_backward::<Self>(x, layer, h, grad)
+    }
+
     /// `softmax(q kᵀ / sqrt(head_dim), masked) v`; `mask[b, 1, q, k]` is true where query q may
     /// not see key k, `is_causal` adds the causal mask (the queries being the last of the keys).
     fn sdpa(
@@ -149,6 +188,25 @@ impl<B: AutodiffBackend<InnerBackend: ModelBackend> + ModelBackend> TrainBackend
 
 #[cfg(feature = "cuda")]
 impl ModelBackend for burn::backend::Cuda {}
+
+/// `ModelBackend::lora_linear` on tensors.
+pub fn lora_linear<B: ModelBackend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    lora_a: Tensor<B, 2>,
+    lora_b: Tensor<B, 2>,
+    scaling: f64,
+) -> Tensor<B, D> {
+    let layer = LoraParts {
+        weight: primitive(weight),
+        bias: bias.map(primitive),
+        lora_a: primitive(lora_a),
+        lora_b: primitive(lora_b),
+        scaling,
+    };
+    float(B::lora_linear(primitive(x), layer))
+}
 
 /// `ModelBackend::sdpa` on tensors.
 pub fn sdpa<B: ModelBackend>(
@@ -291,6 +349,59 @@ fn generic_rms_norm_backward<B: Backend>(
     let dw =
         weight_grad.then(|| primitive((grad * n).sum_dim(0).squeeze_dim::<1>(0).cast(w_dtype)));
     (B::float_reshape(primitive(dx.cast(dtype)), shape), dw)
+}
+
+/// `x`'s shape with the last dim `n`.
+fn with_last_dim(shape: &Shape, n: usize) -> Shape {
+    let mut shape = shape.clone();
+    let last = shape.num_dims() - 1;
+    shape[last] = n;
+    shape
+}
+
+fn generic_lora_linear<B: Backend>(
+    x: FloatTensor<B>,
+    layer: LoraParts<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let shape = x.shape();
+    let x = rows::<B>(x);
+    let dtype = x.dtype();
+    let weight = float::<B, 2>(layer.weight);
+    let n_out = weight.dims()[1];
+    let mut base = x.clone().matmul(weight);
+    if let Some(bias) = layer.bias {
+        base = base + float::<B, 1>(bias).unsqueeze();
+    }
+    let h = x.cast(DType::F32).matmul(float(layer.lora_a)) * layer.scaling;
+    let y = (base.cast(DType::F32) + h.clone().matmul(float(layer.lora_b))).cast(dtype);
+    let y = B::float_reshape(primitive(y), with_last_dim(&shape, n_out));
+    (y, primitive(h))
+}
+
+/// With `g = s·dy·Bᵀ`: `dx = dy·Wᵀ + g·Aᵀ`, `dA = xᵀ·g`, `dB = hᵀ·dy`; the adapter's part in
+/// f32, the base's in its dtype.
+fn generic_lora_linear_backward<B: Backend>(
+    x: FloatTensor<B>,
+    layer: LoraParts<B>,
+    h: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> [FloatTensor<B>; 3] {
+    let shape = x.shape();
+    let x = rows::<B>(x);
+    let dtype = x.dtype();
+    let grad = rows::<B>(grad);
+    let grad_f32 = grad.clone().cast(DType::F32);
+    let d_b = float::<B, 2>(h).transpose().matmul(grad_f32.clone());
+    let g = grad_f32.matmul(float::<B, 2>(layer.lora_b).transpose()) * layer.scaling;
+    let d_a = x.cast(DType::F32).transpose().matmul(g.clone());
+    let d_x = grad.matmul(float::<B, 2>(layer.weight).transpose())
+        + g.matmul(float::<B, 2>(layer.lora_a).transpose())
+            .cast(dtype);
+    [
+        B::float_reshape(primitive(d_x), shape),
+        primitive(d_a),
+        primitive(d_b),
+    ]
 }
 
 fn generic_cross_entropy<B: Backend>(
@@ -691,5 +802,60 @@ mod tests {
             primitive(w),
         );
         close(float::<Flex, 2>(generic_dx), &reference_dx);
+    }
+
+    #[test]
+    fn lora_linear_matches_the_unfused_chain() {
+        let (n_in, r, n_out) = (24, 4, 40);
+        let (x, w) = (rand([2, 30, n_in]), rand([2, 30, n_out]));
+        let (weight, bias) = (rand([n_in, n_out]), rand([n_out]));
+        let (a, b) = (rand([n_in, r]), rand([r, n_out]));
+        let scaling = 0.5;
+        for bias in [None, Some(bias)] {
+            let run = |ours: bool| {
+                let (x, a, b) = (leaf(&x), leaf(&a), leaf(&b));
+                let weight = Tensor::<Ad, 2>::from_inner(weight.clone());
+                let bias = bias.clone().map(Tensor::<Ad, 1>::from_inner);
+                let out = if ours {
+                    lora_linear(x.clone(), weight, bias, a.clone(), b.clone(), scaling)
+                } else {
+                    let base = burn::tensor::module::linear(x.clone(), weight, bias);
+                    base + x
+                        .clone()
+                        .matmul(a.clone().unsqueeze())
+                        .mul_scalar(scaling)
+                        .matmul(b.clone().unsqueeze())
+                };
+                let g = (out.clone() * Tensor::from_inner(w.clone()))
+                    .sum()
+                    .backward();
+                let [da, db] = [&a, &b].map(|t| t.grad(&g).expect("reached"));
+                (out.inner(), x.grad(&g).expect("reached"), [da, db])
+            };
+            let ((out, dx, [da, db]), (reference_out, reference_dx, [reference_da, reference_db])) =
+                (run(true), run(false));
+            close(out, &reference_out);
+            close(dx, &reference_dx);
+            close(da, &reference_da);
+            close(db, &reference_db);
+            let layer = LoraParts {
+                weight: primitive(weight.clone()),
+                bias: bias.map(primitive),
+                lora_a: primitive(a.clone()),
+                lora_b: primitive(b.clone()),
+                scaling,
+            };
+            let (generic_out, h) = generic_lora_linear::<Flex>(primitive(x.clone()), layer.clone());
+            close(float::<Flex, 3>(generic_out), &reference_out);
+            let [generic_dx, generic_da, generic_db] = generic_lora_linear_backward::<Flex>(
+                primitive(x.clone()),
+                layer,
+                h,
+                primitive(w.clone()),
+            );
+            close(float::<Flex, 3>(generic_dx), &reference_dx);
+            close(float::<Flex, 2>(generic_da), &reference_da);
+            close(float::<Flex, 2>(generic_db), &reference_db);
+        }
     }
 }

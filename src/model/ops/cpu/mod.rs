@@ -2,6 +2,7 @@
 
 mod attention;
 mod elementwise;
+mod lora;
 
 use burn::backend::Flex;
 use burn::tensor::ops::{BoolTensor, FloatTensor, IntTensor};
@@ -9,14 +10,42 @@ use burn::tensor::{DType, TensorData};
 use burn_flex::FlexTensor;
 
 use super::{
-    generic_cross_entropy, generic_cross_entropy_backward, generic_rms_norm,
-    generic_rms_norm_backward, generic_rope, generic_sdpa, generic_sdpa_grads, generic_swiglu,
-    generic_swiglu_backward, ModelBackend,
+    generic_cross_entropy, generic_cross_entropy_backward, generic_lora_linear,
+    generic_lora_linear_backward, generic_rms_norm, generic_rms_norm_backward, generic_rope,
+    generic_sdpa, generic_sdpa_grads, generic_swiglu, generic_swiglu_backward, LoraParts,
+    ModelBackend,
 };
 
 /// Whether every tensor is f32 (the kernels' dtype).
 fn all_f32(tensors: &[&FlexTensor]) -> bool {
     tensors.iter().all(|t| t.dtype() == DType::F32)
+}
+
+/// The layer's tensors made contiguous, when every one is f32 (else None: the generic path).
+fn contiguous_f32(layer: &LoraParts<Flex>) -> Option<LoraParts<Flex>> {
+    let mut tensors = vec![&layer.weight, &layer.lora_a, &layer.lora_b];
+    tensors.extend(&layer.bias);
+    all_f32(&tensors).then(|| LoraParts {
+        weight: layer.weight.to_contiguous(),
+        bias: layer.bias.as_ref().map(FlexTensor::to_contiguous),
+        lora_a: layer.lora_a.to_contiguous(),
+        lora_b: layer.lora_b.to_contiguous(),
+        scaling: layer.scaling,
+    })
+}
+
+/// The kernel's view of a layer from `contiguous_f32`.
+fn kernel_layer(layer: &LoraParts<Flex>) -> lora::Layer<'_> {
+    let a_shape = layer.lora_a.layout().shape();
+    lora::Layer {
+        weight: layer.weight.storage(),
+        bias: layer.bias.as_ref().map(FlexTensor::storage),
+        lora_a: layer.lora_a.storage(),
+        lora_b: layer.lora_b.storage(),
+        scaling: layer.scaling as f32,
+        in_features: a_shape[0],
+        rank: a_shape[1],
+    }
 }
 
 /// The targets of `cross_entropy` as indices.
@@ -38,6 +67,44 @@ fn like(t: &FlexTensor, data: Vec<f32>) -> FlexTensor {
 }
 
 impl ModelBackend for Flex {
+    fn lora_linear_forward(
+        x: FloatTensor<Self>,
+        layer: LoraParts<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let Some(parts) = contiguous_f32(&layer).filter(|_| all_f32(&[&x])) else {
+            return generic_lora_linear::<Self>(x, layer);
+        };
+        let x = x.to_contiguous();
+        let l = kernel_layer(&parts);
+        let (y, h) = lora::forward(x.storage(), &l);
+        let n_out = layer.weight.layout().shape()[1];
+        let shape = super::with_last_dim(x.layout().shape(), n_out);
+        let rows = h.len() / l.rank;
+        (
+            FlexTensor::from_data(TensorData::new(y, shape)),
+            FlexTensor::from_data(TensorData::new(h, [rows, l.rank])),
+        )
+    }
+
+    fn lora_linear_backward(
+        x: FloatTensor<Self>,
+        layer: LoraParts<Self>,
+        h: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3] {
+        let Some(parts) = contiguous_f32(&layer).filter(|_| all_f32(&[&x, &h, &grad])) else {
+            return generic_lora_linear_backward::<Self>(x, layer, h, grad);
+        };
+        let (x, h, grad) = (x.to_contiguous(), h.to_contiguous(), grad.to_contiguous());
+        let l = kernel_layer(&parts);
+        let [dx, da, db] = lora::backward(x.storage(), &l, h.storage(), grad.storage());
+        [
+            like(&x, dx),
+            like(&parts.lora_a, da),
+            like(&parts.lora_b, db),
+        ]
+    }
+
     fn sdpa_forward(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,

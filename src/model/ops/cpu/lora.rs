@@ -1,0 +1,154 @@
+//! A linear layer with a LoRA adapter on the CPU (Flex, f32), forward and backward, as a few
+//! `gemm` calls into the same buffers. Op by op, Burn writes the base output, the adapter's
+//! output, and their sum (an elementwise add it runs on one thread); backward, it writes the
+//! input's gradient twice and adds them again. Here the adapter's product accumulates into the
+//! base output, and its gradient into the input's.
+
+use gemm::{gemm, Parallelism};
+
+/// A matrix read in place: a contiguous row-major `[rows, cols]` buffer, or its transpose.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: isize,
+    col_stride: isize,
+}
+
+impl<'a> Mat<'a> {
+    fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), rows * cols, "a [{rows}, {cols}] matrix");
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride: cols as isize,
+            col_stride: 1,
+        }
+    }
+
+    fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+}
+
+/// `dst = lhs · rhs * scale`, or `dst += lhs · rhs * scale` when `accumulate`; `dst` is
+/// `[lhs.rows, rhs.cols]`, row-major.
+fn product(dst: &mut [f32], accumulate: bool, lhs: Mat, rhs: Mat, scale: f32) {
+    assert_eq!(lhs.cols, rhs.rows, "inner dimensions");
+    assert_eq!(dst.len(), lhs.rows * rhs.cols, "output size");
+    // SAFETY: the asserts above and `Mat::new` keep every access inside the three buffers.
+    unsafe {
+        gemm(
+            lhs.rows,
+            rhs.cols,
+            lhs.cols,
+            dst.as_mut_ptr(),
+            1,
+            rhs.cols as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.col_stride,
+            lhs.row_stride,
+            rhs.data.as_ptr(),
+            rhs.col_stride,
+            rhs.row_stride,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            Parallelism::Rayon(0),
+        );
+    }
+}
+
+/// The frozen layer and its adapter, in Burn's `[in, out]` orientation: `weight` `[in, out]`,
+/// `bias` `[out]`, `lora_a` `[in, r]`, `lora_b` `[r, out]`.
+pub struct Layer<'a> {
+    pub weight: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+    pub lora_a: &'a [f32],
+    pub lora_b: &'a [f32],
+    pub scaling: f32,
+    pub in_features: usize,
+    pub rank: usize,
+}
+
+impl Layer<'_> {
+    /// `(in, r, out)`.
+    fn dims(&self) -> (usize, usize, usize) {
+        let n_in = self.in_features;
+        (n_in, self.rank, self.weight.len() / n_in)
+    }
+}
+
+/// `y = x·W + b + h·B` with `h = s·x·A`, for `x` in rows of `in`: `y` `[rows, out]` and `h`
+/// `[rows, r]`, which the backward pass reuses.
+pub fn forward(x: &[f32], layer: &Layer) -> (Vec<f32>, Vec<f32>) {
+    let (n_in, r, n_out) = layer.dims();
+    let rows = x.len() / n_in;
+    let x = Mat::new(x, rows, n_in);
+    let mut h = vec![0.0f32; rows * r];
+    product(
+        &mut h,
+        false,
+        x,
+        Mat::new(layer.lora_a, n_in, r),
+        layer.scaling,
+    );
+    let mut y = match layer.bias {
+        Some(bias) => bias.repeat(rows),
+        None => vec![0.0f32; rows * n_out],
+    };
+    let w = Mat::new(layer.weight, n_in, n_out);
+    product(&mut y, layer.bias.is_some(), x, w, 1.0);
+    product(
+        &mut y,
+        true,
+        Mat::new(&h, rows, r),
+        Mat::new(layer.lora_b, r, n_out),
+        1.0,
+    );
+    (y, h)
+}
+
+/// The gradients `[dx, dA, dB]` from `dy`, the gradient of `forward`'s `y`; `h` is what it
+/// returned beside `y`. With `g = s·dy·Bᵀ`: `dx = dy·Wᵀ + g·Aᵀ`, `dA = xᵀ·g`, `dB = hᵀ·dy`.
+pub fn backward(x: &[f32], layer: &Layer, h: &[f32], dy: &[f32]) -> [Vec<f32>; 3] {
+    let (n_in, r, n_out) = layer.dims();
+    let rows = x.len() / n_in;
+    let (x, h, dy) = (
+        Mat::new(x, rows, n_in),
+        Mat::new(h, rows, r),
+        Mat::new(dy, rows, n_out),
+    );
+    let (a, b) = (
+        Mat::new(layer.lora_a, n_in, r),
+        Mat::new(layer.lora_b, r, n_out),
+    );
+    let mut g = vec![0.0f32; rows * r];
+    product(&mut g, false, dy, b.t(), layer.scaling);
+    let g = Mat::new(&g, rows, r);
+    let mut dx = vec![0.0f32; rows * n_in];
+    product(
+        &mut dx,
+        false,
+        dy,
+        Mat::new(layer.weight, n_in, n_out).t(),
+        1.0,
+    );
+    product(&mut dx, true, g, a.t(), 1.0);
+    let mut da = vec![0.0f32; n_in * r];
+    product(&mut da, false, x.t(), g, 1.0);
+    let mut db = vec![0.0f32; r * n_out];
+    product(&mut db, false, h.t(), dy, 1.0);
+    [dx, da, db]
+}

@@ -23,10 +23,14 @@ impl<B: ModelBackend> Backward<B, 3> for LoraLinearBackward {
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
+        let [node_x, node_a, node_b] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         let (x, layer, h) = ops.state;
-        let d = B::lora_linear_backward(x, layer, h, grad);
-        for (node, g) in ops.parents.into_iter().zip(d) {
+        let (dx, da, db) = B::lora_linear_backward(x, layer, h, grad, node_x.is_some());
+        if let (Some(node), Some(dx)) = (node_x, dx) {
+            grads.register::<B>(node.id, dx);
+        }
+        for (node, g) in [(node_a, da), (node_b, db)] {
             if let Some(node) = node {
                 grads.register::<B>(node.id, g);
             }

@@ -120,9 +120,16 @@ pub fn forward(x: &[f32], layer: &Layer) -> (Vec<f32>, Vec<f32>) {
     (y, h)
 }
 
-/// The gradients `[dx, dA, dB]` from `dy`, the gradient of `forward`'s `y`; `h` is what it
-/// returned beside `y`. With `g = s·dy·Bᵀ`: `dx = dy·Wᵀ + g·Aᵀ`, `dA = xᵀ·g`, `dB = hᵀ·dy`.
-pub fn backward(x: &[f32], layer: &Layer, h: &[f32], dy: &[f32]) -> [Vec<f32>; 3] {
+/// The gradients `(dx, dA, dB)` from `dy`, the gradient of `forward`'s `y`, dx only when
+/// `x_grad`; `h` is what `forward` returned beside `y`. With `g = s·dy·Bᵀ`: `dx = dy·Wᵀ + g·Aᵀ`,
+/// `dA = xᵀ·g`, `dB = hᵀ·dy`.
+pub fn backward(
+    x: &[f32],
+    layer: &Layer,
+    h: &[f32],
+    dy: &[f32],
+    x_grad: bool,
+) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
     let (n_in, r, n_out) = layer.dims();
     let rows = x.len() / n_in;
     let (x, h, dy) = (
@@ -137,18 +144,16 @@ pub fn backward(x: &[f32], layer: &Layer, h: &[f32], dy: &[f32]) -> [Vec<f32>; 3
     let mut g = vec![0.0f32; rows * r];
     product(&mut g, false, dy, b.t(), layer.scaling);
     let g = Mat::new(&g, rows, r);
-    let mut dx = vec![0.0f32; rows * n_in];
-    product(
-        &mut dx,
-        false,
-        dy,
-        Mat::new(layer.weight, n_in, n_out).t(),
-        1.0,
-    );
-    product(&mut dx, true, g, a.t(), 1.0);
+    let dx = x_grad.then(|| {
+        let mut dx = vec![0.0f32; rows * n_in];
+        let w = Mat::new(layer.weight, n_in, n_out);
+        product(&mut dx, false, dy, w.t(), 1.0);
+        product(&mut dx, true, g, a.t(), 1.0);
+        dx
+    });
     let mut da = vec![0.0f32; n_in * r];
     product(&mut da, false, x.t(), g, 1.0);
     let mut db = vec![0.0f32; r * n_out];
     product(&mut db, false, h.t(), dy, 1.0);
-    [dx, da, db]
+    (dx, da, db)
 }

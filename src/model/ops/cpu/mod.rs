@@ -12,8 +12,8 @@ use burn_flex::FlexTensor;
 use super::{
     generic_cross_entropy, generic_cross_entropy_backward, generic_lora_linear,
     generic_lora_linear_backward, generic_rms_norm, generic_rms_norm_backward, generic_rope,
-    generic_sdpa, generic_sdpa_grads, generic_swiglu, generic_swiglu_backward, LoraParts,
-    ModelBackend,
+    generic_sdpa, generic_sdpa_grads, generic_swiglu, generic_swiglu_backward, LoraGrads,
+    LoraParts, ModelBackend,
 };
 
 /// Whether every tensor is f32 (the kernels' dtype).
@@ -91,18 +91,19 @@ impl ModelBackend for Flex {
         layer: LoraParts<Self>,
         h: FloatTensor<Self>,
         grad: FloatTensor<Self>,
-    ) -> [FloatTensor<Self>; 3] {
+        x_grad: bool,
+    ) -> LoraGrads<Self> {
         let Some(parts) = contiguous_f32(&layer).filter(|_| all_f32(&[&x, &h, &grad])) else {
-            return generic_lora_linear_backward::<Self>(x, layer, h, grad);
+            return generic_lora_linear_backward::<Self>(x, layer, h, grad, x_grad);
         };
         let (x, h, grad) = (x.to_contiguous(), h.to_contiguous(), grad.to_contiguous());
         let l = kernel_layer(&parts);
-        let [dx, da, db] = lora::backward(x.storage(), &l, h.storage(), grad.storage());
-        [
-            like(&x, dx),
+        let (dx, da, db) = lora::backward(x.storage(), &l, h.storage(), grad.storage(), x_grad);
+        (
+            dx.map(|dx| like(&x, dx)),
             like(&parts.lora_a, da),
             like(&parts.lora_b, db),
-        ]
+        )
     }
 
     fn sdpa_forward(

@@ -20,7 +20,9 @@ the special tokens are zeroed so that no stop token can end a reply early.
 
 Every measurement runs each side in a process of its own with N units of work and with 2N; the
 time difference is the time of N units, so start-up, loading, the prompt's prefill and warm-up are
-excluded the same way on both sides. Each run is repeated --repeat times and the fastest counts.
+excluded the same way on both sides. A round times PyTorch, then swift-rs; --repeat rounds run and
+the median of each side's times counts, with each round's own ratio printed beside it: on a shared
+VM the speed of the machine drifts between minutes, and a round sees the same drift on both sides.
 Peak memory is the peak RSS of the 2N process as the kernel counts it (wait4), read the same way
 for both sides. This script's own process never imports torch (the model and rows are made in a
 child): Linux carries a process's RSS high-water mark across exec, so every child of a parent
@@ -32,6 +34,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -187,19 +190,27 @@ def run_measured(cmd: list[str], env: dict) -> tuple[float, float, str]:
     return seconds, usage.ru_maxrss / 2**20, stderr
 
 
-def measure(make_cmd, n: int, threads: int, repeat: int, check=None) -> dict:
-    """Seconds of one unit over N and 2N units, and the peak RSS of the 2N run. `check(stderr,
-    units)` may refuse a run that did other work than asked."""
+def measure(sides: dict, n: int, threads: int, repeat: int, checks: dict) -> dict:
+    """Per side: seconds of one unit (the median over rounds of the 2N run's time minus the N
+    run's) and the peak RSS of its 2N runs; and the ratio of the two sides' seconds per round.
+    The sides alternate within a round, so drift of the machine's speed reaches both alike.
+    `checks[side](stderr, units)` may refuse a run that did other work than asked."""
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
-    best = {}
-    for units in (n, 2 * n):
-        runs = [run_measured(make_cmd(units), env) for _ in range(repeat)]
-        if check:
-            for _, _, stderr in runs:
-                check(stderr, units)
-        best[units] = (min(r[0] for r in runs), max(r[1] for r in runs))
-    seconds = best[2 * n][0] - best[n][0]
-    return {"seconds_per_unit": seconds / n, "peak_rss_gib": best[2 * n][1]}
+    seconds = {side: [] for side in sides}
+    rss = {side: 0.0 for side in sides}
+    for _ in range(repeat):
+        for side, make_cmd in sides.items():
+            times = {}
+            for units in (n, 2 * n):
+                times[units], peak, stderr = run_measured(make_cmd(units), env)
+                if side in checks:
+                    checks[side](stderr, units)
+            rss[side] = max(rss[side], peak)
+            seconds[side].append((times[2 * n] - times[n]) / n)
+    out = {side: {"seconds_per_unit": statistics.median(seconds[side]), "peak_rss_gib": rss[side]}
+           for side in sides}
+    out["round_speedups"] = [t / s for t, s in zip(seconds["torch"], seconds["swift"])]
+    return out
 
 
 def make_model(shape: str, tmp: Path) -> Path:
@@ -252,7 +263,8 @@ def main() -> None:
     ap.add_argument("--eval-batches", type=int, default=4, help="eval: N batches")
     ap.add_argument("--new-tokens", type=int, default=256, help="infer: N new tokens")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=1, help="runs of each size; the fastest counts")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="rounds, each timing both sides one after the other; the median counts")
     args = ap.parse_args()
     binary = Path(args.binary)
     if not binary.is_file():
@@ -283,17 +295,17 @@ def main() -> None:
         }
         for kind in only:
             n, tokens_per_unit, label, torch_side, swift_side = benches[kind]
-            t = measure(torch_side, n, args.threads, args.repeat)
-            s = measure(swift_side, n, args.threads, args.repeat,
-                        swift_infer_check if kind == "infer" else None)
+            checks = {"swift": swift_infer_check} if kind == "infer" else {}
+            m = measure({"torch": torch_side, "swift": swift_side}, n, args.threads, args.repeat, checks)
+            t, s = m["torch"], m["swift"]
             t_rate, s_rate = tokens_per_unit / t["seconds_per_unit"], tokens_per_unit / s["seconds_per_unit"]
             unit = f"batch {args.batch} x {args.seq}" if kind != "infer" else f"{n} and {2 * n} new tokens"
-            print(f"{label} ({unit}, N = {n}):")
+            rounds = ", ".join(f"{r:.2f}x" for r in m["round_speedups"])
+            print(f"{label} ({unit}, N = {n}, median of {args.repeat}):")
             print(f"  PyTorch  {t_rate:10,.0f} tokens/s   peak RSS {t['peak_rss_gib']:.2f} GiB")
             print(f"  swift-rs {s_rate:10,.0f} tokens/s   peak RSS {s['peak_rss_gib']:.2f} GiB")
-            print(f"  swift-rs / PyTorch: speed {s_rate / t_rate:.2f}x, "
+            print(f"  swift-rs / PyTorch: speed {s_rate / t_rate:.2f}x (rounds: {rounds}), "
                   f"peak RSS {s['peak_rss_gib'] / t['peak_rss_gib']:.2f}x", flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,9 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Normal, Uniform};
 
 use crate::config::{InitLoraWeights, LoraConfig};
-use crate::model::ops::{lora_linear, ModelBackend};
+use crate::model::ops::{
+    lora_linear, lora_linear_seed, seed_gradient, LoraParts, ModelBackend, TrainBackend,
+};
 use crate::quant::Nf4Linear;
 
 pub use target::{Targets, ALL_LINEAR};
@@ -74,18 +76,8 @@ impl<B: ModelBackend> LoraLinear<B> {
         let Some(l) = &self.adapter else {
             return self.base.forward(x);
         };
-        let dropout = l.dropout.prob > 0.0 && B::ad_enabled(&x.device());
-        if let (BaseLinear::Dense(base), None, false) =
-            (&self.base, &l.lora_magnitude_vector, dropout)
-        {
-            return lora_linear(
-                x,
-                base.weight.val(),
-                base.bias.as_ref().map(|b| b.val()),
-                l.lora_a.val(),
-                l.lora_b.val(),
-                l.scaling,
-            );
+        if let Some(layer) = self.fused(&x) {
+            return lora_linear(x, layer);
         }
         let base = self.base.forward(x.clone());
         let dtype = base.dtype();
@@ -117,6 +109,34 @@ impl<B: ModelBackend> LoraLinear<B> {
             }
         };
         out.cast(dtype)
+    }
+
+    /// The layer as one `lora_linear` op, where it is one: a dense base with a plain adapter
+    /// (no DoRA, no dropout while training).
+    fn fused<const D: usize>(&self, x: &Tensor<B, D>) -> Option<LoraParts<B>> {
+        let l = self.adapter.as_ref()?;
+        let dropout = l.dropout.prob > 0.0 && B::ad_enabled(&x.device());
+        match (&self.base, &l.lora_magnitude_vector, dropout) {
+            (BaseLinear::Dense(base), None, false) => Some(LoraParts::new(
+                base.weight.val(),
+                base.bias.as_ref().map(|b| b.val()),
+                l.lora_a.val(),
+                l.lora_b.val(),
+                l.scaling,
+            )),
+            _ => None,
+        }
+    }
+}
+
+impl<B: TrainBackend> LoraLinear<B> {
+    /// A seed (`ops::seed_gradient`) whose backward pass is this layer's on `x` from the
+    /// gradient `grad` of its output; a fused layer does not compute that output.
+    pub fn seed<const D: usize>(&self, x: Tensor<B, D>, grad: Tensor<B, D>) -> Tensor<B, 1> {
+        match self.fused(&x) {
+            Some(layer) => lora_linear_seed(x, layer, grad),
+            None => seed_gradient(self.forward(x), grad),
+        }
     }
 }
 

@@ -152,10 +152,11 @@ impl<B: Backend> Mlp<B> {
 }
 
 impl<B: ModelBackend> Mlp<B> {
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    /// `silu(gate_proj(x)) * up_proj(x)`, down_proj's input (`DecoderLayer` applies down_proj:
+    /// a recomputed layer skips it).
+    pub fn activation(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let gate = self.gate_proj.forward(x.clone());
-        self.down_proj
-            .forward(swiglu(gate, self.up_proj.forward(x)))
+        swiglu(gate, self.up_proj.forward(x))
     }
 }
 
@@ -223,11 +224,28 @@ impl<B: ModelBackend> DecoderLayer<B> {
         mask: Option<Tensor<B, 4, Bool>>,
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
+        let (h, act) = self.forward_to_down_proj(x, rope, mask, cache);
+        h + self.mlp.down_proj.forward(act)
+    }
+
+    /// The layer up to its last product: `(h, act)` with the output `h + mlp.down_proj(act)`
+    /// (`h` the residual stream after attention). A recomputed layer stops here: the backward
+    /// pass needs down_proj's input, not its output.
+    pub fn forward_to_down_proj(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        mask: Option<Tensor<B, 4, Bool>>,
+        cache: Option<&mut LayerCache<B>>,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let h = x.clone()
             + self
                 .self_attn
                 .forward(self.input_layernorm.forward(x), rope, mask, cache);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+        let act = self
+            .mlp
+            .activation(self.post_attention_layernorm.forward(h.clone()));
+        (h, act)
     }
 }
 

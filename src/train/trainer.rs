@@ -29,6 +29,7 @@ use crate::data::encode::Encoder;
 use crate::export::peft::read_adapter;
 use crate::hub;
 use crate::model::loss::{token_losses, LossTargets};
+use crate::model::ops::seed_gradient;
 use crate::model::TrainBackend;
 use crate::model::{self, AdapterSource, Batch, CausalLm, DecoderLayer, LoadOptions, LoraPlan};
 use crate::quant::Nf4Config;
@@ -648,8 +649,9 @@ impl<B: TrainBackend> StepGrads<'_, B> {
     }
 
     /// Layer by layer: a forward pass that keeps only each layer's input, then per layer, last
-    /// to first, the layer recomputed with a graph and its backward pass from the gradient of
-    /// its output. Returns the summed loss.
+    /// to first, the layer recomputed with a graph and its backward pass seeded with the
+    /// gradient of its output. The last layer keeps its graph from the forward pass instead, as
+    /// its backward pass follows at once. Returns the summed loss.
     #[allow(clippy::too_many_arguments)]
     fn checkpointed(
         &self,
@@ -661,36 +663,46 @@ impl<B: TrainBackend> StepGrads<'_, B> {
         seed_layer: &dyn Fn(usize),
         grads: &mut Grads<B>,
     ) -> f64 {
+        let layers = &model.model.layers;
+        let last = layers.len() - 1;
+        // The first layer's input is the frozen embedding: its gradient is not needed.
+        let tracked = |i: usize, x: Tensor<B, 3>| if i > 0 { x.require_grad() } else { x };
         let (mut x, inputs) = model.embed(batch);
-        let mut layer_inputs = Vec::with_capacity(frozen.len());
-        for (i, layer) in frozen.iter().enumerate() {
+        let mut layer_inputs = Vec::with_capacity(last);
+        for (i, layer) in frozen[..last].iter().enumerate() {
             seed_layer(i);
             layer_inputs.push(x.clone());
             x = layer.forward(x, &inputs.rope, inputs.masks[i].clone(), None);
         }
-        let last = x.detach().require_grad();
-        let sum = token_losses(model, model.model.norm.forward(last.clone()), targets).sum();
+        seed_layer(last);
+        let input = tracked(last, x.detach());
+        let out = layers[last].forward(
+            input.clone(),
+            &inputs.rope,
+            inputs.masks[last].clone(),
+            None,
+        );
+        let sum = token_losses(model, model.model.norm.forward(out), targets).sum();
         let backward = (sum.clone() * scale).backward();
-        let mut grad_out = last
-            .grad(&backward)
-            .expect("the loss depends on the last layer");
-        let mut offset: usize = self.layer_tensors.iter().sum();
-        for (i, layer) in model.model.layers.iter().enumerate().rev() {
+        let mut offset: usize = self.layer_tensors[..last].iter().sum();
+        add_layer_grads(grads, offset, &layers[last], &backward);
+        let mut grad_out = input.grad(&backward);
+        for i in (0..last).rev() {
             offset -= self.layer_tensors[i];
             seed_layer(i);
-            // The first layer's input is the frozen embedding: its gradient is not needed.
-            let input = layer_inputs.pop().expect("one input per layer");
-            let input = if i > 0 { input.require_grad() } else { input };
-            let out = layer.forward(input.clone(), &inputs.rope, inputs.masks[i].clone(), None);
-            let backward = (out * Tensor::from_inner(grad_out.clone()))
-                .sum()
-                .backward();
+            let layer = &layers[i];
+            let input = tracked(i, layer_inputs.pop().expect("one input per layer"));
+            let (h, act) = layer.forward_to_down_proj(
+                input.clone(),
+                &inputs.rope,
+                inputs.masks[i].clone(),
+                None,
+            );
+            let grad = Tensor::from_inner(grad_out.expect("the layer above depends on its input"));
+            let backward =
+                (seed_gradient(h, grad.clone()) + layer.mlp.down_proj.seed(act, grad)).backward();
             add_layer_grads(grads, offset, layer, &backward);
-            if i > 0 {
-                grad_out = input
-                    .grad(&backward)
-                    .expect("the layer depends on its input");
-            }
+            grad_out = input.grad(&backward);
         }
         scalar(sum.inner())
     }

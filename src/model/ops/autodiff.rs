@@ -6,16 +6,24 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
 use burn::tensor::ops::{BoolTensor, FloatTensor, IntTensor};
+use burn::tensor::FloatDType;
 
-use super::{generic_lora_linear, LoraParts, ModelBackend};
+use super::{generic_lora_linear, LoraParts, ModelBackend, SeedGradient};
 
 #[derive(Debug)]
 struct LoraLinearBackward;
 
 impl<B: ModelBackend> Backward<B, 3> for LoraLinearBackward {
-    /// x, the layer and `h = s·x·A`.
-    type State = (FloatTensor<B>, LoraParts<B>, FloatTensor<B>);
+    /// x, the layer, `h = s·x·A` when the forward pass ran, and the seeded gradient of a
+    /// `lora_linear_seed` (which the node's own gradient replaces otherwise).
+    type State = (
+        FloatTensor<B>,
+        LoraParts<B>,
+        Option<FloatTensor<B>>,
+        Option<FloatTensor<B>>,
+    );
 
     fn backward(
         self,
@@ -24,8 +32,9 @@ impl<B: ModelBackend> Backward<B, 3> for LoraLinearBackward {
         _checkpointer: &mut Checkpointer,
     ) {
         let [node_x, node_a, node_b] = ops.parents;
-        let grad = grads.consume::<B>(&ops.node);
-        let (x, layer, h) = ops.state;
+        let received = grads.consume::<B>(&ops.node);
+        let (x, layer, h, seeded) = ops.state;
+        let grad = seeded.unwrap_or(received);
         let (dx, da, db) = B::lora_linear_backward(x, layer, h, grad, node_x.is_some());
         if let (Some(node), Some(dx)) = (node_x, dx) {
             grads.register::<B>(node.id, dx);
@@ -34,6 +43,27 @@ impl<B: ModelBackend> Backward<B, 3> for LoraLinearBackward {
             if let Some(node) = node {
                 grads.register::<B>(node.id, g);
             }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SeedBackward;
+
+impl<B: Backend> Backward<B, 1> for SeedBackward {
+    /// The gradient to hand on.
+    type State = FloatTensor<B>;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [node] = ops.parents;
+        grads.consume::<B>(&ops.node);
+        if let Some(node) = node {
+            grads.register::<B>(node.id, ops.state);
         }
     }
 }
@@ -169,10 +199,71 @@ impl<B: ModelBackend> Backward<B, 1> for CrossEntropyBackward {
     }
 }
 
+/// Whether the base layer is trained: `LoraLinearBackward` gives it no gradient, so such a
+/// layer takes Burn's op-by-op path.
+fn base_tracked<B: Backend, C: CheckpointStrategy>(layer: &LoraParts<Autodiff<B, C>>) -> bool {
+    layer.weight.is_tracked() || layer.bias.as_ref().is_some_and(|b| b.is_tracked())
+}
+
+/// The inner backend's tensors of a layer.
+fn inner_layer<B: Backend, C: CheckpointStrategy>(
+    layer: LoraParts<Autodiff<B, C>>,
+) -> LoraParts<B> {
+    LoraParts {
+        weight: layer.weight.primitive,
+        bias: layer.bias.map(|b| b.primitive),
+        lora_a: layer.lora_a.primitive,
+        lora_b: layer.lora_b.primitive,
+        scaling: layer.scaling,
+    }
+}
+
+impl<B: ModelBackend, C: CheckpointStrategy> SeedGradient for Autodiff<B, C> {
+    fn seed_gradient(t: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        let zero = B::float_zeros(
+            [1].into(),
+            &B::float_device(&grad.primitive),
+            FloatDType::F32,
+        );
+        match SeedBackward
+            .prepare::<C>([t.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(grad.primitive, zero),
+            OpsKind::UnTracked(prep) => prep.finish(zero),
+        }
+    }
+
+    fn lora_linear_seed(
+        x: FloatTensor<Self>,
+        layer: LoraParts<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        if base_tracked(&layer) {
+            return Self::seed_gradient(generic_lora_linear::<Self>(x, layer).0, grad);
+        }
+        let zero = B::float_zeros([1].into(), &B::float_device(&x.primitive), FloatDType::F32);
+        let nodes = [
+            x.node.clone(),
+            layer.lora_a.node.clone(),
+            layer.lora_b.node.clone(),
+        ];
+        let (x, layer) = (x.primitive, inner_layer(layer));
+        match LoraLinearBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((x, layer, None, Some(grad.primitive)), zero),
+            OpsKind::UnTracked(prep) => prep.finish(zero),
+        }
+    }
+}
+
 impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
     fn lora_linear(x: FloatTensor<Self>, layer: LoraParts<Self>) -> FloatTensor<Self> {
-        // The op gives no gradient to the base layer: a trained one takes Burn's op-by-op path.
-        if layer.weight.is_tracked() || layer.bias.as_ref().is_some_and(|b| b.is_tracked()) {
+        if base_tracked(&layer) {
             return generic_lora_linear::<Self>(x, layer).0;
         }
         let nodes = [
@@ -180,14 +271,7 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
             layer.lora_a.node.clone(),
             layer.lora_b.node.clone(),
         ];
-        let x = x.primitive;
-        let layer = LoraParts {
-            weight: layer.weight.primitive,
-            bias: layer.bias.map(|b| b.primitive),
-            lora_a: layer.lora_a.primitive,
-            lora_b: layer.lora_b.primitive,
-            scaling: layer.scaling,
-        };
+        let (x, layer) = (x.primitive, inner_layer(layer));
         match LoraLinearBackward
             .prepare::<C>(nodes)
             .compute_bound()
@@ -195,7 +279,7 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
         {
             OpsKind::Tracked(prep) => {
                 let (y, h) = B::lora_linear_forward(x.clone(), layer.clone());
-                prep.finish((x, layer, h), y)
+                prep.finish((x, layer, Some(h), None), y)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::lora_linear(x, layer)),
         }

@@ -41,6 +41,24 @@ pub struct LoraParts<B: Backend> {
     pub scaling: f64,
 }
 
+impl<B: Backend> LoraParts<B> {
+    pub fn new(
+        weight: Tensor<B, 2>,
+        bias: Option<Tensor<B, 1>>,
+        lora_a: Tensor<B, 2>,
+        lora_b: Tensor<B, 2>,
+        scaling: f64,
+    ) -> Self {
+        Self {
+            weight: primitive(weight),
+            bias: bias.map(primitive),
+            lora_a: primitive(lora_a),
+            lora_b: primitive(lora_b),
+            scaling,
+        }
+    }
+}
+
 /// The gradients of a LoRA layer's input (when asked for) and of its adapter.
 pub type LoraGrads<B> = (Option<FloatTensor<B>>, FloatTensor<B>, FloatTensor<B>);
 
@@ -66,11 +84,12 @@ pub trait ModelBackend: Backend {
 
     /// `(dx, dA, dB)` from the gradient `grad` of `lora_linear`'s output, dx only when
     /// `x_grad` (the first layer's input needs none); `h` is what `lora_linear_forward` returned
-    /// beside the output.
+    /// beside the output, or None to compute it here (after `lora_linear_seed`, which runs no
+    /// forward pass).
     fn lora_linear_backward(
         x: FloatTensor<Self>,
         layer: LoraParts<Self>,
-        h: FloatTensor<Self>,
+        h: Option<FloatTensor<Self>>,
         grad: FloatTensor<Self>,
         x_grad: bool,
     ) -> LoraGrads<Self> {
@@ -186,10 +205,34 @@ pub trait ModelBackend: Backend {
     }
 }
 
-/// A training backend whose inner backend runs the model too (`model.valid()` evaluates).
-pub trait TrainBackend: AutodiffBackend<InnerBackend: ModelBackend> + ModelBackend {}
+/// Backward passes from a gradient that is given rather than computed from a loss. Gradient
+/// checkpointing recomputes each layer knowing the gradient of its output: seeding it directly
+/// spares the product and sum of `sum(out * grad).backward()`, and for a layer whose output ends
+/// in a linear layer, that layer's output altogether, which its backward pass never reads.
+pub trait SeedGradient: AutodiffBackend {
+    /// A one-element zero whose backward pass hands `grad` to `t`: the gradients of
+    /// `sum(t * grad)` without computing it. The gradient the seed itself receives is not read,
+    /// so a seed must be the root of `backward()`, alone or in a sum of seeds.
+    fn seed_gradient(t: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self>;
 
-impl<B: AutodiffBackend<InnerBackend: ModelBackend> + ModelBackend> TrainBackend for B {}
+    /// `seed_gradient(lora_linear(x, layer), grad)` without computing `lora_linear`.
+    fn lora_linear_seed(
+        x: FloatTensor<Self>,
+        layer: LoraParts<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+}
+
+/// A training backend whose inner backend runs the model too (`model.valid()` evaluates).
+pub trait TrainBackend:
+    AutodiffBackend<InnerBackend: ModelBackend> + ModelBackend + SeedGradient
+{
+}
+
+impl<B: AutodiffBackend<InnerBackend: ModelBackend> + ModelBackend + SeedGradient> TrainBackend
+    for B
+{
+}
 
 #[cfg(feature = "cuda")]
 impl ModelBackend for burn::backend::Cuda {}
@@ -197,20 +240,26 @@ impl ModelBackend for burn::backend::Cuda {}
 /// `ModelBackend::lora_linear` on tensors.
 pub fn lora_linear<B: ModelBackend, const D: usize>(
     x: Tensor<B, D>,
-    weight: Tensor<B, 2>,
-    bias: Option<Tensor<B, 1>>,
-    lora_a: Tensor<B, 2>,
-    lora_b: Tensor<B, 2>,
-    scaling: f64,
+    layer: LoraParts<B>,
 ) -> Tensor<B, D> {
-    let layer = LoraParts {
-        weight: primitive(weight),
-        bias: bias.map(primitive),
-        lora_a: primitive(lora_a),
-        lora_b: primitive(lora_b),
-        scaling,
-    };
     float(B::lora_linear(primitive(x), layer))
+}
+
+/// `SeedGradient::lora_linear_seed` on tensors.
+pub fn lora_linear_seed<B: SeedGradient, const D: usize>(
+    x: Tensor<B, D>,
+    layer: LoraParts<B>,
+    grad: Tensor<B, D>,
+) -> Tensor<B, 1> {
+    float(B::lora_linear_seed(primitive(x), layer, primitive(grad)))
+}
+
+/// `SeedGradient::seed_gradient` on tensors.
+pub fn seed_gradient<B: SeedGradient, const D: usize>(
+    t: Tensor<B, D>,
+    grad: Tensor<B, D>,
+) -> Tensor<B, 1> {
+    float(B::seed_gradient(primitive(t), primitive(grad)))
 }
 
 /// `ModelBackend::sdpa` on tensors.
@@ -371,16 +420,21 @@ fn generic_lora_linear<B: Backend>(
     let shape = x.shape();
     let x = rows::<B>(x);
     let dtype = x.dtype();
+    let h = lora_hidden(x.clone(), &layer);
     let weight = float::<B, 2>(layer.weight);
     let n_out = weight.dims()[1];
-    let mut base = x.clone().matmul(weight);
+    let mut base = x.matmul(weight);
     if let Some(bias) = layer.bias {
         base = base + float::<B, 1>(bias).unsqueeze();
     }
-    let h = x.cast(DType::F32).matmul(float(layer.lora_a)) * layer.scaling;
     let y = (base.cast(DType::F32) + h.clone().matmul(float(layer.lora_b))).cast(dtype);
     let y = B::float_reshape(primitive(y), with_last_dim(&shape, n_out));
     (y, primitive(h))
+}
+
+/// `h = s·x·A` in f32, for `x` `[rows, in]`.
+fn lora_hidden<B: Backend>(x: Tensor<B, 2>, layer: &LoraParts<B>) -> Tensor<B, 2> {
+    x.cast(DType::F32).matmul(float(layer.lora_a.clone())) * layer.scaling
 }
 
 /// With `g = s·dy·Bᵀ`: `dx = dy·Wᵀ + g·Aᵀ`, `dA = xᵀ·g`, `dB = hᵀ·dy`; the adapter's part in
@@ -388,16 +442,17 @@ fn generic_lora_linear<B: Backend>(
 fn generic_lora_linear_backward<B: Backend>(
     x: FloatTensor<B>,
     layer: LoraParts<B>,
-    h: FloatTensor<B>,
+    h: Option<FloatTensor<B>>,
     grad: FloatTensor<B>,
     x_grad: bool,
 ) -> LoraGrads<B> {
     let shape = x.shape();
     let x = rows::<B>(x);
     let dtype = x.dtype();
+    let h = h.map_or_else(|| lora_hidden(x.clone(), &layer), float::<B, 2>);
     let grad = rows::<B>(grad);
     let grad_f32 = grad.clone().cast(DType::F32);
-    let d_b = float::<B, 2>(h).transpose().matmul(grad_f32.clone());
+    let d_b = h.transpose().matmul(grad_f32.clone());
     let g = grad_f32.matmul(float::<B, 2>(layer.lora_b).transpose()) * layer.scaling;
     let d_a = x.cast(DType::F32).transpose().matmul(g.clone());
     let d_x = x_grad.then(|| {
@@ -822,7 +877,8 @@ mod tests {
                 let weight = Tensor::<Ad, 2>::from_inner(weight.clone());
                 let bias = bias.clone().map(Tensor::<Ad, 1>::from_inner);
                 let out = if ours {
-                    lora_linear(x.clone(), weight, bias, a.clone(), b.clone(), scaling)
+                    let layer = LoraParts::new(weight, bias, a.clone(), b.clone(), scaling);
+                    lora_linear(x.clone(), layer)
                 } else {
                     let base = burn::tensor::module::linear(x.clone(), weight, bias);
                     base + x
@@ -855,13 +911,64 @@ mod tests {
             let (generic_dx, generic_da, generic_db) = generic_lora_linear_backward::<Flex>(
                 primitive(x.clone()),
                 layer,
-                h,
+                Some(h),
                 primitive(w.clone()),
                 true,
             );
             close(float::<Flex, 3>(generic_dx.expect("asked")), &reference_dx);
             close(float::<Flex, 2>(generic_da), &reference_da);
             close(float::<Flex, 2>(generic_db), &reference_db);
+        }
+    }
+
+    #[test]
+    fn seeded_backward_passes_match_the_summed_product() {
+        // A recomputed layer's end, `out = residual + lora_linear(x)`, seeded with the gradient
+        // w of out, against `sum(out * w).backward()`; a trained base weight takes the generic
+        // path.
+        let (n_in, r, n_out) = (24, 4, 40);
+        let (x, residual, w) = (
+            rand([2, 30, n_in]),
+            rand([2, 30, n_out]),
+            rand([2, 30, n_out]),
+        );
+        let (weight, bias) = (rand([n_in, n_out]), rand([n_out]));
+        let (a, b) = (rand([n_in, r]), rand([r, n_out]));
+        for base_trained in [false, true] {
+            let run = |seeded: bool| {
+                let (x, residual, a, b) = (leaf(&x), leaf(&residual), leaf(&a), leaf(&b));
+                let weight = Tensor::<Ad, 2>::from_inner(weight.clone());
+                let weight = if base_trained {
+                    weight.require_grad()
+                } else {
+                    weight
+                };
+                let bias = Tensor::from_inner(bias.clone());
+                let layer = LoraParts::new(weight.clone(), Some(bias), a.clone(), b.clone(), 0.5);
+                let w = Tensor::<Ad, 3>::from_inner(w.clone());
+                let g = if seeded {
+                    (seed_gradient(residual.clone(), w.clone())
+                        + lora_linear_seed(x.clone(), layer, w))
+                    .backward()
+                } else {
+                    ((residual.clone() + lora_linear(x.clone(), layer)) * w)
+                        .sum()
+                        .backward()
+                };
+                let [dx, d_residual] = [&x, &residual].map(|t| t.grad(&g).expect("reached"));
+                let [da, db] = [&a, &b].map(|t| t.grad(&g).expect("reached"));
+                (dx, d_residual, [da, db], weight.grad(&g))
+            };
+            let (seeded, reference) = (run(true), run(false));
+            close(seeded.0, &reference.0);
+            close(seeded.1, &reference.1);
+            for (seeded, reference) in seeded.2.into_iter().zip(&reference.2) {
+                close(seeded, reference);
+            }
+            assert_eq!(seeded.3.is_some(), base_trained);
+            if let (Some(seeded), Some(reference)) = (seeded.3, reference.3) {
+                close(seeded, &reference);
+            }
         }
     }
 }

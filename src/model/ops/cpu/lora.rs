@@ -90,13 +90,10 @@ impl Layer<'_> {
     }
 }
 
-/// `y = x·W + b + h·B` with `h = s·x·A`, for `x` in rows of `in`: `y` `[rows, out]` and `h`
-/// `[rows, r]`, which the backward pass reuses.
-pub fn forward(x: &[f32], layer: &Layer) -> (Vec<f32>, Vec<f32>) {
-    let (n_in, r, n_out) = layer.dims();
-    let rows = x.len() / n_in;
-    let x = Mat::new(x, rows, n_in);
-    let mut h = vec![0.0f32; rows * r];
+/// `h = s·x·A` `[rows, r]` for `x` `[rows, in]`.
+fn hidden(x: Mat, layer: &Layer) -> Vec<f32> {
+    let (n_in, r, _) = layer.dims();
+    let mut h = vec![0.0f32; x.rows * r];
     product(
         &mut h,
         false,
@@ -104,6 +101,16 @@ pub fn forward(x: &[f32], layer: &Layer) -> (Vec<f32>, Vec<f32>) {
         Mat::new(layer.lora_a, n_in, r),
         layer.scaling,
     );
+    h
+}
+
+/// `y = x·W + b + h·B` with `h = s·x·A`, for `x` in rows of `in`: `y` `[rows, out]` and `h`
+/// `[rows, r]`, which the backward pass reuses.
+pub fn forward(x: &[f32], layer: &Layer) -> (Vec<f32>, Vec<f32>) {
+    let (n_in, r, n_out) = layer.dims();
+    let rows = x.len() / n_in;
+    let x = Mat::new(x, rows, n_in);
+    let h = hidden(x, layer);
     let mut y = match layer.bias {
         Some(bias) => bias.repeat(rows),
         None => vec![0.0f32; rows * n_out],
@@ -121,22 +128,27 @@ pub fn forward(x: &[f32], layer: &Layer) -> (Vec<f32>, Vec<f32>) {
 }
 
 /// The gradients `(dx, dA, dB)` from `dy`, the gradient of `forward`'s `y`, dx only when
-/// `x_grad`; `h` is what `forward` returned beside `y`. With `g = s·dy·Bᵀ`: `dx = dy·Wᵀ + g·Aᵀ`,
-/// `dA = xᵀ·g`, `dB = hᵀ·dy`.
+/// `x_grad`; `h` is what `forward` returned beside `y`, or None to compute it. With
+/// `g = s·dy·Bᵀ`: `dx = dy·Wᵀ + g·Aᵀ`, `dA = xᵀ·g`, `dB = hᵀ·dy`.
 pub fn backward(
     x: &[f32],
     layer: &Layer,
-    h: &[f32],
+    h: Option<&[f32]>,
     dy: &[f32],
     x_grad: bool,
 ) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
     let (n_in, r, n_out) = layer.dims();
     let rows = x.len() / n_in;
-    let (x, h, dy) = (
-        Mat::new(x, rows, n_in),
-        Mat::new(h, rows, r),
-        Mat::new(dy, rows, n_out),
-    );
+    let (x, dy) = (Mat::new(x, rows, n_in), Mat::new(dy, rows, n_out));
+    let computed;
+    let h = match h {
+        Some(h) => h,
+        None => {
+            computed = hidden(x, layer);
+            &computed
+        }
+    };
+    let h = Mat::new(h, rows, r);
     let (a, b) = (
         Mat::new(layer.lora_a, n_in, r),
         Mat::new(layer.lora_b, r, n_out),

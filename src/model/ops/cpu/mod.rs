@@ -89,16 +89,20 @@ impl ModelBackend for Flex {
     fn lora_linear_backward(
         x: FloatTensor<Self>,
         layer: LoraParts<Self>,
-        h: FloatTensor<Self>,
+        h: Option<FloatTensor<Self>>,
         grad: FloatTensor<Self>,
         x_grad: bool,
     ) -> LoraGrads<Self> {
-        let Some(parts) = contiguous_f32(&layer).filter(|_| all_f32(&[&x, &h, &grad])) else {
+        let mut tensors = vec![&x, &grad];
+        tensors.extend(&h);
+        let Some(parts) = contiguous_f32(&layer).filter(|_| all_f32(&tensors)) else {
             return generic_lora_linear_backward::<Self>(x, layer, h, grad, x_grad);
         };
-        let (x, h, grad) = (x.to_contiguous(), h.to_contiguous(), grad.to_contiguous());
+        let (x, grad) = (x.to_contiguous(), grad.to_contiguous());
+        let h = h.map(|h| h.to_contiguous());
         let l = kernel_layer(&parts);
-        let (dx, da, db) = lora::backward(x.storage(), &l, h.storage(), grad.storage(), x_grad);
+        let h = h.as_ref().map(FlexTensor::storage);
+        let (dx, da, db) = lora::backward(x.storage(), &l, h, grad.storage(), x_grad);
         (
             dx.map(|dx| like(&x, dx)),
             like(&parts.lora_a, da),

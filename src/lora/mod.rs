@@ -15,7 +15,8 @@ use rand_distr::{Distribution, Normal, Uniform};
 
 use crate::config::{InitLoraWeights, LoraConfig};
 use crate::model::ops::{
-    lora_linear, lora_linear_seed, seed_gradient, LoraParts, ModelBackend, TrainBackend,
+    base_linear, lora_linear, lora_linear_seed, seed_gradient, LoraParts, ModelBackend,
+    TrainBackend,
 };
 use crate::quant::Nf4Linear;
 
@@ -40,14 +41,16 @@ pub enum BaseLinear<B: Backend> {
     Nf4(Nf4Linear<B>),
 }
 
-impl<B: Backend> BaseLinear<B> {
+impl<B: ModelBackend> BaseLinear<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         match self {
-            Self::Dense(l) => l.forward(x),
+            Self::Dense(l) => base_linear(x, l.weight.val(), l.bias.as_ref().map(|b| b.val())),
             Self::Nf4(l) => l.forward(x),
         }
     }
+}
 
+impl<B: Backend> BaseLinear<B> {
     /// The weight in Burn's `[in, out]` orientation, f32 (dequantized for NF4).
     pub fn weight_f32(&self) -> Tensor<B, 2> {
         match self {

@@ -13,7 +13,7 @@ use burn::tensor::{Bool, Int, Tensor, TensorData};
 use super::builder::Builder;
 use super::frozen;
 use super::load::Checkpoint;
-use super::ops::{rms_norm, sdpa, swiglu, ModelBackend};
+use super::ops::{base_linear, rms_norm, sdpa, swiglu, ModelBackend};
 use super::rope::{self, RopeTables};
 use crate::config::ModelConfig;
 use crate::lora::LoraLinear;
@@ -503,14 +503,6 @@ impl<B: Backend> CausalLm<B> {
             })
             .collect()
     }
-
-    /// Logits of the given hidden states, `[..., vocab]` in the compute dtype.
-    pub fn lm_head<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
-        match &self.lm_head {
-            Some(head) => head.forward(hidden),
-            None => hidden.matmul(self.model.embed_tokens.val().transpose().unsqueeze()),
-        }
-    }
 }
 
 /// What generation keeps between steps: each layer's keys and values, how many positions they
@@ -563,6 +555,18 @@ impl<B: Backend> KvCache<B> {
 }
 
 impl<B: ModelBackend> CausalLm<B> {
+    /// Logits of the given hidden states, `[..., vocab]` in the compute dtype.
+    pub fn lm_head<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
+        match &self.lm_head {
+            Some(head) => base_linear(
+                hidden,
+                head.weight.val(),
+                head.bias.as_ref().map(|b| b.val()),
+            ),
+            None => base_linear(hidden, self.model.embed_tokens.val().transpose(), None),
+        }
+    }
+
     /// Final hidden states (after the last norm), `[batch, seq, hidden]`.
     pub fn hidden_states(&self, batch: &Batch) -> Tensor<B, 3> {
         let (mut x, inputs) = self.embed(batch);

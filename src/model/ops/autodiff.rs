@@ -10,7 +10,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::{BoolTensor, FloatTensor, IntTensor};
 use burn::tensor::FloatDType;
 
-use super::{generic_lora_linear, LoraParts, ModelBackend, SeedGradient};
+use super::{generic_linear, generic_lora_linear, LoraParts, ModelBackend, SeedGradient};
 
 #[derive(Debug)]
 struct LoraLinearBackward;
@@ -43,6 +43,28 @@ impl<B: ModelBackend> Backward<B, 3> for LoraLinearBackward {
             if let Some(node) = node {
                 grads.register::<B>(node.id, g);
             }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct BaseLinearBackward;
+
+impl<B: ModelBackend> Backward<B, 1> for BaseLinearBackward {
+    /// The weight.
+    type State = FloatTensor<B>;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        if let Some(node) = node_x {
+            let dx = B::base_linear(grad, B::float_transpose(ops.state), None);
+            grads.register::<B>(node.id, dx);
         }
     }
 }
@@ -262,6 +284,28 @@ impl<B: ModelBackend, C: CheckpointStrategy> SeedGradient for Autodiff<B, C> {
 }
 
 impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
+    fn base_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        if weight.is_tracked() || bias.as_ref().is_some_and(|b| b.is_tracked()) {
+            return generic_linear::<Self>(x, weight, bias);
+        }
+        let (weight, bias) = (weight.primitive, bias.map(|b| b.primitive));
+        match BaseLinearBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let y = B::base_linear(x.primitive, weight.clone(), bias);
+                prep.finish(weight, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::base_linear(x.primitive, weight, bias)),
+        }
+    }
+
     fn lora_linear(x: FloatTensor<Self>, layer: LoraParts<Self>) -> FloatTensor<Self> {
         if base_tracked(&layer) {
             return generic_lora_linear::<Self>(x, layer).0;

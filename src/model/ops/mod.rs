@@ -65,6 +65,17 @@ pub type LoraGrads<B> = (Option<FloatTensor<B>>, FloatTensor<B>, FloatTensor<B>)
 /// A backend the model runs on: Burn's `Backend` plus the ops autodiff differentiates as one.
 /// Every method has the generic implementation; a backend overrides what it has kernels for.
 pub trait ModelBackend: Backend {
+    /// `x·W + bias` on `x` `[.., in]`, `W` `[in, out]`: Burn's `linear`, for frozen layers (a
+    /// base layer without adapter, the lm_head). A tracked weight or bias takes Burn's path,
+    /// which gives them their gradients.
+    fn base_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        generic_linear::<Self>(x, weight, bias)
+    }
+
     /// `x·W + bias + s·(x·A)·B` on `x` `[.., in]`, as PEFT's `lora.Linear` computes it: the
     /// adapter in f32 whatever the base dtype, its product added to the base output in f32 and
     /// the sum cast back. The frozen weight and bias take no gradient. PEFT scales B's output;
@@ -236,6 +247,19 @@ impl<B: AutodiffBackend<InnerBackend: ModelBackend> + ModelBackend + SeedGradien
 
 #[cfg(feature = "cuda")]
 impl ModelBackend for burn::backend::Cuda {}
+
+/// `ModelBackend::base_linear` on tensors.
+pub fn base_linear<B: ModelBackend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, D> {
+    float(B::base_linear(
+        primitive(x),
+        primitive(weight),
+        bias.map(primitive),
+    ))
+}
 
 /// `ModelBackend::lora_linear` on tensors.
 pub fn lora_linear<B: ModelBackend, const D: usize>(
@@ -411,6 +435,18 @@ fn with_last_dim(shape: &Shape, n: usize) -> Shape {
     let last = shape.num_dims() - 1;
     shape[last] = n;
     shape
+}
+
+fn generic_linear<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    bias: Option<FloatTensor<B>>,
+) -> FloatTensor<B> {
+    let shape = x.shape();
+    let weight = float::<B, 2>(weight);
+    let n_out = weight.dims()[1];
+    let y = burn::tensor::module::linear(rows::<B>(x), weight, bias.map(float));
+    B::float_reshape(primitive(y), with_last_dim(&shape, n_out))
 }
 
 fn generic_lora_linear<B: Backend>(
@@ -918,6 +954,45 @@ mod tests {
             close(float::<Flex, 3>(generic_dx.expect("asked")), &reference_dx);
             close(float::<Flex, 2>(generic_da), &reference_da);
             close(float::<Flex, 2>(generic_db), &reference_db);
+        }
+    }
+
+    #[test]
+    fn base_linear_matches_burns_linear() {
+        // The weight as stored and as the transpose of an [out, in] matrix (a tied lm_head);
+        // with and without bias; and a trained weight, which takes Burn's path.
+        let (n_in, n_out) = (24, 40);
+        let (x, w) = (rand([2, 30, n_in]), rand([2, 30, n_out]));
+        let (weight, bias) = (rand([n_in, n_out]), rand([n_out]));
+        let stored_transposed =
+            Tensor::<Flex, 2>::from_data(weight.clone().transpose().into_data(), &weight.device());
+        let weights = [weight, stored_transposed.transpose()];
+        for (weight, bias, trained) in [
+            (&weights[0], None, false),
+            (&weights[0], Some(bias.clone()), false),
+            (&weights[1], Some(bias.clone()), false),
+            (&weights[1], None, true),
+        ] {
+            let run = |ours: bool| {
+                let x = leaf(&x);
+                let weight = Tensor::<Ad, 2>::from_inner(weight.clone());
+                let weight = if trained {
+                    weight.require_grad()
+                } else {
+                    weight
+                };
+                let bias = bias.clone().map(Tensor::<Ad, 1>::from_inner);
+                let out = if ours {
+                    base_linear(x.clone(), weight.clone(), bias)
+                } else {
+                    burn::tensor::module::linear(x.clone(), weight.clone(), bias)
+                };
+                let [dx] = grads(out.clone(), &w, [&x]);
+                (out.inner(), dx)
+            };
+            let ((out, dx), (reference_out, reference_dx)) = (run(true), run(false));
+            close(out, &reference_out);
+            close(dx, &reference_dx);
         }
     }
 

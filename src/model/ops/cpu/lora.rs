@@ -1,5 +1,6 @@
-//! A linear layer with a LoRA adapter on the CPU (Flex, f32), forward and backward, as a few
-//! `gemm` calls into the same buffers. Op by op, Burn writes the base output, the adapter's
+//! A linear layer, with or without a LoRA adapter, on the CPU (Flex, f32): forward and backward
+//! as a few `gemm` calls into the same buffers. Flex's own matmul writes into a zero-filled
+//! buffer that it then copies to align it. Op by op, Burn writes the base output, the adapter's
 //! output, and their sum (an elementwise add it runs on one thread); backward, it writes the
 //! input's gradient twice and adds them again. Here the adapter's product accumulates into the
 //! base output, and its gradient into the input's.
@@ -8,16 +9,16 @@ use gemm::{gemm, Parallelism};
 
 /// A matrix read in place: a contiguous row-major `[rows, cols]` buffer, or its transpose.
 #[derive(Clone, Copy)]
-struct Mat<'a> {
+pub struct Mat<'a> {
     data: &'a [f32],
-    rows: usize,
-    cols: usize,
+    pub rows: usize,
+    pub cols: usize,
     row_stride: isize,
     col_stride: isize,
 }
 
 impl<'a> Mat<'a> {
-    fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
         assert_eq!(data.len(), rows * cols, "a [{rows}, {cols}] matrix");
         Self {
             data,
@@ -28,7 +29,7 @@ impl<'a> Mat<'a> {
         }
     }
 
-    fn t(self) -> Self {
+    pub fn t(self) -> Self {
         Self {
             rows: self.cols,
             cols: self.rows,
@@ -104,6 +105,16 @@ fn hidden(x: Mat, layer: &Layer) -> Vec<f32> {
     h
 }
 
+/// `y = x·W + b` `[rows, out]` for `x` `[rows, in]` and `weight` `[in, out]`.
+pub fn linear(x: Mat, weight: Mat, bias: Option<&[f32]>) -> Vec<f32> {
+    let mut y = match bias {
+        Some(bias) => bias.repeat(x.rows),
+        None => vec![0.0f32; x.rows * weight.cols],
+    };
+    product(&mut y, bias.is_some(), x, weight, 1.0);
+    y
+}
+
 /// `y = x·W + b + h·B` with `h = s·x·A`, for `x` in rows of `in`: `y` `[rows, out]` and `h`
 /// `[rows, r]`, which the backward pass reuses.
 pub fn forward(x: &[f32], layer: &Layer) -> (Vec<f32>, Vec<f32>) {
@@ -111,12 +122,8 @@ pub fn forward(x: &[f32], layer: &Layer) -> (Vec<f32>, Vec<f32>) {
     let rows = x.len() / n_in;
     let x = Mat::new(x, rows, n_in);
     let h = hidden(x, layer);
-    let mut y = match layer.bias {
-        Some(bias) => bias.repeat(rows),
-        None => vec![0.0f32; rows * n_out],
-    };
     let w = Mat::new(layer.weight, n_in, n_out);
-    product(&mut y, layer.bias.is_some(), x, w, 1.0);
+    let mut y = linear(x, w, layer.bias);
     product(
         &mut y,
         true,

@@ -10,7 +10,7 @@ use burn::tensor::{DType, TensorData};
 use burn_flex::FlexTensor;
 
 use super::{
-    generic_cross_entropy, generic_cross_entropy_backward, generic_lora_linear,
+    generic_cross_entropy, generic_cross_entropy_backward, generic_linear, generic_lora_linear,
     generic_lora_linear_backward, generic_rms_norm, generic_rms_norm_backward, generic_rope,
     generic_sdpa, generic_sdpa_grads, generic_swiglu, generic_swiglu_backward, LoraGrads,
     LoraParts, ModelBackend,
@@ -66,7 +66,48 @@ fn like(t: &FlexTensor, data: Vec<f32>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(data, t.layout().shape().clone()))
 }
 
+/// A 2-d f32 tensor read in place, when it is contiguous or the transpose of a contiguous one
+/// (as a tied lm_head reads the embedding).
+fn matrix(t: &FlexTensor) -> Option<lora::Mat<'_>> {
+    let layout = t.layout();
+    let [rows, cols] = [layout.shape()[0], layout.shape()[1]];
+    let whole = layout.start_offset() == 0 && t.storage::<f32>().len() == rows * cols;
+    if whole && layout.is_contiguous() {
+        Some(lora::Mat::new(t.storage(), rows, cols))
+    } else if whole && layout.strides() == [1, rows as isize] {
+        Some(lora::Mat::new(t.storage(), cols, rows).t())
+    } else {
+        None
+    }
+}
+
 impl ModelBackend for Flex {
+    fn base_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        let mut tensors = vec![&x, &weight];
+        tensors.extend(&bias);
+        if !all_f32(&tensors) {
+            return generic_linear::<Self>(x, weight, bias);
+        }
+        let weight = match matrix(&weight) {
+            Some(_) => weight,
+            None => weight.to_contiguous(),
+        };
+        let w = matrix(&weight).expect("contiguous");
+        let (x, bias) = (x.to_contiguous(), bias.map(|b| b.to_contiguous()));
+        let rows = x.layout().num_elements() / w.rows;
+        let y = lora::linear(
+            lora::Mat::new(x.storage(), rows, w.rows),
+            w,
+            bias.as_ref().map(FlexTensor::storage),
+        );
+        let shape = super::with_last_dim(x.layout().shape(), w.cols);
+        FlexTensor::from_data(TensorData::new(y, shape))
+    }
+
     fn lora_linear_forward(
         x: FloatTensor<Self>,
         layer: LoraParts<Self>,

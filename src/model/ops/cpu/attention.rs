@@ -20,7 +20,9 @@ use burn_flex::FlexTensor;
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-use super::elementwise::exp;
+use multiversion::multiversion;
+
+use super::elementwise::{dot, exp_shifted, softmax};
 
 /// Query rows per block: the scores of a block (`BLOCK_Q * keys` floats) stay in L2 up to a few
 /// thousand keys.
@@ -302,20 +304,7 @@ pub fn forward(
             let mut p = vec![0.0f32; (q1 - q0) * n];
             scores(&dims, &qv, &kv, mask.as_ref(), (b, h), (q0, q1), n, &mut p);
             for (r, row) in p.chunks_exact_mut(n).enumerate() {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let row_lse = if max == f32::NEG_INFINITY {
-                    row.fill(0.0);
-                    f32::INFINITY
-                } else {
-                    let mut sum = 0.0;
-                    for x in row.iter_mut() {
-                        *x = exp(*x - max);
-                        sum += *x;
-                    }
-                    let inv = 1.0 / sum;
-                    row.iter_mut().for_each(|x| *x *= inv);
-                    max + sum.ln()
-                };
+                let row_lse = softmax(row);
                 // SAFETY: row q0 + r of (b, h) belongs to this task alone.
                 unsafe { *lse_ptr.at(bh * s + q0 + r) = row_lse };
             }
@@ -383,8 +372,7 @@ pub fn backward(
                 let (p, dp) = (&mut p_block[..m * n], &mut dp_block[..m * n]);
                 scores(&dims, &qv, &kv, mask.as_ref(), (b, h), (q0, q1), n, p);
                 for (r, row) in p.chunks_exact_mut(n).enumerate() {
-                    let row_lse = lse[bh * s + q0 + r];
-                    row.iter_mut().for_each(|x| *x = exp(*x - row_lse));
+                    exp_shifted(row, lse[bh * s + q0 + r], 1.0);
                 }
                 let (k_head, v_head) = (kv.at(b, h / dims.n_rep, 0), vv.at(b, h / dims.n_rep, 0));
                 // SAFETY (every product below): p and dp are [m, n]; q, dO and O have rows
@@ -417,11 +405,8 @@ pub fn backward(
                             std::slice::from_raw_parts(dov.at(b, h, q0 + r), d),
                         )
                     };
-                    let row_dot: f32 = o.iter().zip(g).map(|(a, b)| a * b).sum();
                     let (p_row, dp_row) = (&p[r * n..(r + 1) * n], &mut dp[r * n..(r + 1) * n]);
-                    for (ds, &pr) in dp_row.iter_mut().zip(p_row) {
-                        *ds = pr * (*ds - row_dot) * dims.scale;
-                    }
+                    score_grads(dp_row, p_row, dot(o, g), dims.scale);
                 }
                 let ds = &*dp;
                 unsafe {
@@ -463,6 +448,14 @@ pub fn backward(
         FlexTensor::from_data(TensorData::new(data, [batch, keys, kv_heads, d])).transpose(1, 2)
     };
     [dims.seq_major(dq), kv_major(dk), kv_major(dv)]
+}
+
+/// `dS = P ⊙ (dP - rowsum(dO ⊙ O)) * scale` over one row, in place of dP.
+#[multiversion(targets("x86_64+avx2+fma"))]
+fn score_grads(dp: &mut [f32], p: &[f32], row_dot: f32, scale: f32) {
+    for (ds, &pr) in dp.iter_mut().zip(p) {
+        *ds = pr * (*ds - row_dot) * scale;
+    }
 }
 
 fn add(acc: &mut [f32], x: &[f32]) {

@@ -3,6 +3,7 @@
 //! calls libm's `expf` per element, and RoPE's broadcast of the `[batch, seq, 1, dim]` tables
 //! over heads went through its strided iterator: together about a fifth of a training step.
 
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 /// Rows of work handed to one task at least (a few thousand floats).
@@ -50,7 +51,6 @@ fn sigmoid(x: f32) -> f32 {
 /// `x * cos + rotate_half(x) * sin` for `x` `[positions, heads, dim]` and the tables
 /// `[positions, dim]` (both halves of a table row hold the same angles).
 pub fn rope(x: &[f32], cos: &[f32], sin: &[f32], heads: usize, dim: usize) -> Vec<f32> {
-    let half = dim / 2;
     let mut out = vec![0.0f32; x.len()];
     let per_position = heads * dim;
     let positions = rows_per_task(per_position);
@@ -58,25 +58,31 @@ pub fn rope(x: &[f32], cos: &[f32], sin: &[f32], heads: usize, dim: usize) -> Ve
         .zip(x.par_chunks(positions * per_position))
         .enumerate()
         .for_each(|(task, (out, x))| {
-            let first = task * positions;
-            for (p, (out, x)) in out
-                .chunks_exact_mut(per_position)
-                .zip(x.chunks_exact(per_position))
-                .enumerate()
-            {
-                let table = (first + p) * dim..(first + p + 1) * dim;
-                let (c, s) = (&cos[table.clone()], &sin[table]);
-                for (out, x) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
-                    let (x1, x2) = x.split_at(half);
-                    let (o1, o2) = out.split_at_mut(half);
-                    for i in 0..half {
-                        o1[i] = x1[i] * c[i] - x2[i] * s[i];
-                        o2[i] = x2[i] * c[half + i] + x1[i] * s[half + i];
-                    }
-                }
-            }
+            let tables = task * positions * dim..;
+            rope_positions(out, x, &cos[tables.clone()], &sin[tables], heads, dim);
         });
     out
+}
+
+/// `rope` over whole positions of `x`, the tables from the first of them on.
+#[multiversion(targets("x86_64+avx2+fma"))]
+fn rope_positions(out: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32], heads: usize, dim: usize) {
+    let half = dim / 2;
+    for (p, (out, x)) in out
+        .chunks_exact_mut(heads * dim)
+        .zip(x.chunks_exact(heads * dim))
+        .enumerate()
+    {
+        let (c, s) = (&cos[p * dim..(p + 1) * dim], &sin[p * dim..(p + 1) * dim]);
+        for (out, x) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
+            let (x1, x2) = x.split_at(half);
+            let (o1, o2) = out.split_at_mut(half);
+            for i in 0..half {
+                o1[i] = x1[i] * c[i] - x2[i] * s[i];
+                o2[i] = x2[i] * c[half + i] + x1[i] * s[half + i];
+            }
+        }
+    }
 }
 
 /// `silu(gate) * up`.
@@ -84,12 +90,15 @@ pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
     let mut out = vec![0.0f32; gate.len()];
     out.par_chunks_mut(MIN_TASK)
         .zip(gate.par_chunks(MIN_TASK).zip(up.par_chunks(MIN_TASK)))
-        .for_each(|(out, (g, u))| {
-            for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
-                *o = g * sigmoid(g) * u;
-            }
-        });
+        .for_each(|(out, (g, u))| swiglu_chunk(out, g, u));
     out
+}
+
+#[multiversion(targets("x86_64+avx2+fma"))]
+fn swiglu_chunk(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g * sigmoid(g) * u;
+    }
 }
 
 /// The gradients of `gate` and `up` from that of `silu(gate) * up`.
@@ -101,19 +110,22 @@ pub fn swiglu_backward(gate: &[f32], up: &[f32], grad: &[f32]) -> (Vec<f32>, Vec
         .zip(d_up.par_chunks_mut(MIN_TASK))
         .zip(gate.par_chunks(MIN_TASK).zip(up.par_chunks(MIN_TASK)))
         .zip(grad.par_chunks(MIN_TASK))
-        .for_each(|(((dg, du), (g, u)), dy)| {
-            for i in 0..dg.len() {
-                let s = sigmoid(g[i]);
-                du[i] = dy[i] * g[i] * s;
-                dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-            }
-        });
+        .for_each(|(((dg, du), (g, u)), dy)| swiglu_backward_chunk(dg, du, g, u, dy));
     (d_gate, d_up)
+}
+
+#[multiversion(targets("x86_64+avx2+fma"))]
+fn swiglu_backward_chunk(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) {
+    for i in 0..dg.len() {
+        let s = sigmoid(g[i]);
+        du[i] = dy[i] * g[i] * s;
+        dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+    }
 }
 
 /// `1 / sqrt(mean(row²) + eps)`.
 fn inv_rms(row: &[f32], eps: f32) -> f32 {
-    let sum: f32 = row.iter().map(|x| x * x).sum();
+    let sum = sum_of(row, |x| x * x);
     1.0 / (sum / row.len() as f32 + eps).sqrt()
 }
 
@@ -124,15 +136,19 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
     let mut out = vec![0.0f32; x.len()];
     out.par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk))
-        .for_each(|(out, x)| {
-            for (out, x) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
-                let r = inv_rms(x, eps);
-                for ((o, &x), &w) in out.iter_mut().zip(x).zip(weight) {
-                    *o = x * r * w;
-                }
-            }
-        });
+        .for_each(|(out, x)| rms_norm_rows(out, x, weight, eps));
     out
+}
+
+#[multiversion(targets("x86_64+avx2+fma"))]
+fn rms_norm_rows(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
+    let dim = weight.len();
+    for (out, x) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
+        let r = inv_rms(x, eps);
+        for ((o, &x), &w) in out.iter_mut().zip(x).zip(weight) {
+            *o = x * r * w;
+        }
+    }
 }
 
 /// The gradient of `x` (and of `weight` when asked) from that of `rms_norm(x, weight)`: with
@@ -151,29 +167,8 @@ pub fn rms_norm_backward(
         .par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk).zip(grad.par_chunks(chunk)))
         .map(|(dx, (x, grad))| {
-            let mut dw = if weight_grad {
-                vec![0.0f32; dim]
-            } else {
-                Vec::new()
-            };
-            for ((dx, x), g) in dx
-                .chunks_exact_mut(dim)
-                .zip(x.chunks_exact(dim))
-                .zip(grad.chunks_exact(dim))
-            {
-                let r = inv_rms(x, eps);
-                let dot: f32 = (0..dim).map(|i| g[i] * weight[i] * x[i] * r).sum();
-                let mean = dot / dim as f32;
-                for i in 0..dim {
-                    let n = x[i] * r;
-                    dx[i] = r * (g[i] * weight[i] - n * mean);
-                }
-                if weight_grad {
-                    for i in 0..dim {
-                        dw[i] += g[i] * x[i] * r;
-                    }
-                }
-            }
+            let mut dw = vec![0.0f32; if weight_grad { dim } else { 0 }];
+            rms_norm_backward_rows(dx, &mut dw, x, grad, weight, eps);
             dw
         })
         .collect();
@@ -187,32 +182,117 @@ pub fn rms_norm_backward(
     (dx, dw)
 }
 
+/// `rms_norm_backward` over whole rows; `dw` is empty when the weight's gradient is not asked
+/// for, else it accumulates.
+#[multiversion(targets("x86_64+avx2+fma"))]
+fn rms_norm_backward_rows(
+    dx: &mut [f32],
+    dw: &mut [f32],
+    x: &[f32],
+    grad: &[f32],
+    weight: &[f32],
+    eps: f32,
+) {
+    let dim = weight.len();
+    for ((dx, x), g) in dx
+        .chunks_exact_mut(dim)
+        .zip(x.chunks_exact(dim))
+        .zip(grad.chunks_exact(dim))
+    {
+        let r = inv_rms(x, eps);
+        let dot = sum_of_products(g, weight, x) * r;
+        let mean = dot / dim as f32;
+        for i in 0..dim {
+            let n = x[i] * r;
+            dx[i] = r * (g[i] * weight[i] - n * mean);
+        }
+        for i in 0..dw.len() {
+            dw[i] += g[i] * x[i] * r;
+        }
+    }
+}
+
 /// Independent partial maxima and sums per row: one f32 accumulator fixes the order of the
-/// additions, and the loop would not vectorize.
+/// additions, and the loop would not vectorize. Results do not depend on the vector width.
 const LANES: usize = 8;
 
-/// `log(sum(exp(row)))`, shifted by the row's maximum so that no `exp` overflows.
-fn log_sum_exp(row: &[f32]) -> f32 {
+/// `Σ f(i)` for `i` in `0..n`, in `LANES` partial sums.
+#[inline(always)]
+fn sum_by(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+    let whole = n / LANES * LANES;
+    let mut lanes = [0.0f32; LANES];
+    for j in (0..whole).step_by(LANES) {
+        for (i, lane) in lanes.iter_mut().enumerate() {
+            *lane += f(j + i);
+        }
+    }
+    lanes.iter().sum::<f32>() + (whole..n).map(f).sum::<f32>()
+}
+
+/// `Σ f(x)` over `row`.
+#[inline(always)]
+fn sum_of(row: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    sum_by(row.len(), |i| f(row[i]))
+}
+
+/// `Σ a·b·c`.
+#[inline(always)]
+fn sum_of_products(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+    let (b, c) = (&b[..a.len()], &c[..a.len()]);
+    sum_by(a.len(), |i| a[i] * b[i] * c[i])
+}
+
+/// `Σ a·b`.
+#[multiversion(targets("x86_64+avx2+fma"))]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let b = &b[..a.len()];
+    sum_by(a.len(), |i| a[i] * b[i])
+}
+
+/// The maximum of `row`, -inf when empty.
+#[inline(always)]
+fn max_of(row: &[f32]) -> f32 {
     let chunks = row.chunks_exact(LANES);
     let rest = chunks.remainder();
     let mut lanes = [f32::NEG_INFINITY; LANES];
-    for c in chunks.clone() {
+    for c in chunks {
         for i in 0..LANES {
             lanes[i] = lanes[i].max(c[i]);
         }
     }
-    let max = lanes
+    lanes
         .iter()
         .chain(rest)
-        .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let mut lanes = [0.0f32; LANES];
-    for c in chunks {
-        for i in 0..LANES {
-            lanes[i] += exp(c[i] - max);
-        }
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+}
+
+/// `log(sum(exp(row)))`, shifted by the row's maximum so that no `exp` overflows.
+#[multiversion(targets("x86_64+avx2+fma"))]
+fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = max_of(row);
+    max + sum_of(row, |x| exp(x - max)).ln()
+}
+
+/// `row` turned into `softmax(row)` in place; returns its log-sum-exp. A row of -inf (a query
+/// that may see no key) becomes zeros, with log-sum-exp +inf.
+#[multiversion(targets("x86_64+avx2+fma"))]
+pub fn softmax(row: &mut [f32]) -> f32 {
+    let max = max_of(row);
+    if max == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return f32::INFINITY;
     }
-    let sum = lanes.iter().sum::<f32>() + rest.iter().map(|&x| exp(x - max)).sum::<f32>();
+    row.iter_mut().for_each(|x| *x = exp(*x - max));
+    let sum = sum_of(row, |x| x);
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|x| *x *= inv);
     max + sum.ln()
+}
+
+/// `x = exp(x - shift) * scale` over `row` (softmax from a saved log-sum-exp).
+#[multiversion(targets("x86_64+avx2+fma"))]
+pub fn exp_shifted(row: &mut [f32], shift: f32, scale: f32) {
+    row.iter_mut().for_each(|x| *x = exp(*x - shift) * scale);
 }
 
 /// Each row's loss `logsumexp(row) - row[target]` and its log-sum-exp, for `logits` in rows of
@@ -240,9 +320,8 @@ pub fn cross_entropy_backward(
         .zip(logits.par_chunks_exact(vocab))
         .zip(targets.par_iter().zip(lse.par_iter().zip(grad)))
         .for_each(|((d, row), (&t, (&lse, &g)))| {
-            for (d, &x) in d.iter_mut().zip(row) {
-                *d = g * exp(x - lse);
-            }
+            d.copy_from_slice(row);
+            exp_shifted(d, lse, g);
             d[t] -= g;
         });
     d

@@ -24,10 +24,13 @@ pub fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     // Rounds to the nearest integer by adding and subtracting 1.5 * 2^23: `floor` is a libm call
-    // on baseline x86-64 (no SSE4.1) and would keep the loops from vectorizing.
+    // on baseline x86-64 (no SSE4.1) and would keep the loops from vectorizing. The sum's bits
+    // hold that integer plus those of 1.5 * 2^23, read back without a float-to-int cast (Rust's
+    // saturating cast stays scalar in the partial-sum loops).
     const ROUND: f32 = 12_582_912.0;
     let clamped = x.clamp(-87.3, 88.7);
-    let n = (clamped * LOG2E + ROUND) - ROUND;
+    let shifted = clamped * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = clamped - n * LN2_HI - n * LN2_LO;
     let p = 1.987_569_1e-4_f32;
     let p = p * r + 1.398_199_9e-3;
@@ -36,7 +39,7 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 5.000_000_1e-1;
     let p = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let scale = f32::from_bits(shifted.to_bits().wrapping_sub(ROUND.to_bits() - 127) << 23);
     if x < -87.3 {
         0.0
     } else {
@@ -216,37 +219,38 @@ fn rms_norm_backward_rows(
 /// additions, and the loop would not vectorize. Results do not depend on the vector width.
 const LANES: usize = 8;
 
-/// `Σ f(i)` for `i` in `0..n`, in `LANES` partial sums.
+/// `Σ f(row_0[i], row_1[i], ..)` over rows of one length, in `LANES` partial sums. The loop body
+/// sees whole `LANES`-float arrays, with no bounds check left per element, so that it vectorizes.
 #[inline(always)]
-fn sum_by(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+fn sum_by<const K: usize>(rows: [&[f32]; K], f: impl Fn([f32; K]) -> f32) -> f32 {
+    let n = rows[0].len();
     let whole = n / LANES * LANES;
     let mut lanes = [0.0f32; LANES];
     for j in (0..whole).step_by(LANES) {
+        let chunks: [&[f32; LANES]; K] = rows.map(|r| r[j..j + LANES].try_into().unwrap());
         for (i, lane) in lanes.iter_mut().enumerate() {
-            *lane += f(j + i);
+            *lane += f(chunks.map(|c| c[i]));
         }
     }
-    lanes.iter().sum::<f32>() + (whole..n).map(f).sum::<f32>()
+    lanes.iter().sum::<f32>() + (whole..n).map(|i| f(rows.map(|r| r[i]))).sum::<f32>()
 }
 
 /// `Σ f(x)` over `row`.
 #[inline(always)]
 fn sum_of(row: &[f32], f: impl Fn(f32) -> f32) -> f32 {
-    sum_by(row.len(), |i| f(row[i]))
+    sum_by([row], |[x]| f(x))
 }
 
 /// `Σ a·b·c`.
 #[inline(always)]
 fn sum_of_products(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
-    let (b, c) = (&b[..a.len()], &c[..a.len()]);
-    sum_by(a.len(), |i| a[i] * b[i] * c[i])
+    sum_by([a, &b[..a.len()], &c[..a.len()]], |[a, b, c]| a * b * c)
 }
 
 /// `Σ a·b`.
 #[multiversion(targets("x86_64+avx2+fma"))]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let b = &b[..a.len()];
-    sum_by(a.len(), |i| a[i] * b[i])
+    sum_by([a, &b[..a.len()]], |[a, b]| a * b)
 }
 
 /// The maximum of `row`, -inf when empty.
@@ -269,8 +273,23 @@ fn max_of(row: &[f32]) -> f32 {
 /// `log(sum(exp(row)))`, shifted by the row's maximum so that no `exp` overflows.
 #[multiversion(targets("x86_64+avx2+fma"))]
 fn log_sum_exp(row: &[f32]) -> f32 {
+    // The exponentials go through a block on the stack: `exp` vectorizes in a plain loop over a
+    // slice, not inside the partial sums' loop.
+    const BLOCK: usize = 512;
     let max = max_of(row);
-    max + sum_of(row, |x| exp(x - max)).ln()
+    let mut block = [0.0f32; BLOCK];
+    let sum: f32 = row
+        .chunks(BLOCK)
+        .map(|chunk| {
+            let block = &mut block[..chunk.len()];
+            block
+                .iter_mut()
+                .zip(chunk)
+                .for_each(|(e, &x)| *e = exp(x - max));
+            sum_of(block, |e| e)
+        })
+        .sum();
+    max + sum.ln()
 }
 
 /// `row` turned into `softmax(row)` in place; returns its log-sum-exp. A row of -inf (a query

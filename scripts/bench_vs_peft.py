@@ -2,11 +2,16 @@
 """swift-rs against PyTorch + transformers + PEFT on the same machine, in one run: LoRA training,
 eval forward and infer decode, each as tokens/s and peak memory, with the ratios.
 
-Pinned: torch==2.15.0 transformers==5.23.0 peft==0.21.2 (as scripts/gen_fixtures.py).
+Pinned: torch==2.15.0 transformers==5.23.0 peft==0.21.2, bitsandbytes==0.50.2 for `--quant nf4`
+(as scripts/gen_fixtures.py).
 
     cargo build --release
     python scripts/bench_vs_peft.py                          # ~30M Qwen2 shape, 2 threads, f32
     python scripts/bench_vs_peft.py --only train --steps 8
+    # GPU (a `--features cuda` build): Qwen2.5-1.5B's shape and vocabulary, bf16, sequence 2048
+    python scripts/bench_vs_peft.py --device cuda --shape 1.5b --vocab 151936 --seq 2048 --batch 1
+    python scripts/bench_vs_peft.py --device cuda --shape 1.5b --vocab 151936 --seq 2048 --batch 1 \
+        --only train --quant nf4                             # QLoRA (bitsandbytes on PyTorch's side)
 
 The model is a Qwen2-architecture model of the chosen shape with random weights (speed does not
 depend on their values), the fixture tokenizer and its Qwen2.5 chat template; the lm_head rows of
@@ -23,10 +28,13 @@ time difference is the time of N units, so start-up, loading, the prompt's prefi
 excluded the same way on both sides. A round times PyTorch, then swift-rs; --repeat rounds run and
 the median of each side's times counts, with each round's own ratio printed beside it: on a shared
 VM the speed of the machine drifts between minutes, and a round sees the same drift on both sides.
-Peak memory is the peak RSS of the 2N process as the kernel counts it (wait4), read the same way
-for both sides. This script's own process never imports torch (the model and rows are made in a
-child): Linux carries a process's RSS high-water mark across exec, so every child of a parent
-holding torch (0.9 GB) read at least that much.
+Peak memory is the peak RSS of the process as the kernel counts it (wait4), read the same way for
+both sides; on a GPU it is the peak of the device's used memory over its baseline while the process
+runs (nvidia-smi, polled), with PyTorch's own peak of allocated memory beside it. Training on a GPU
+also prints the model FLOPs per second (4N + attention, see `train_flops_per_token`) and their
+share of the device's dense bf16 peak. This script's own process never imports torch (the model
+and rows are made in a child): Linux carries a process's RSS high-water mark across exec, so every
+child of a parent holding torch (0.9 GB) read at least that much.
 """
 
 import argparse
@@ -38,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -46,7 +55,7 @@ CHAT = ROOT / "tests/fixtures/models/qwen2_chat"
 SPECIALS = [0, 1, 2]  # <|endoftext|>, <|im_start|>, <|im_end|> in the fixture tokenizer
 PROMPT = ("Explain in a few sentences what LoRA fine-tuning changes in a transformer model, "
           "why it needs so little memory, and how the adapter is merged back into the weights.")
-VOCAB = 8192  # the fixture tokenizer's ids fit
+TOKENIZER_VOCAB = 8192  # the fixture tokenizer's ids
 SHAPES = {
     "30m": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
                 num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False),
@@ -61,21 +70,38 @@ LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 
 # ---- PyTorch side: each function runs in a process of its own (`--torch-side`) ----
 
-def torch_model(model_dir: str, threads: int):
+def torch_model(model_dir: str, run: str):
+    """The model for `run` = "threads,device,dtype,quant" (see `Run`)."""
     import torch
-    from transformers import AutoModelForCausalLM
-    torch.set_num_threads(threads)
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    threads, device, dtype, quant = run.split(",")
+    torch.set_num_threads(int(threads))
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    extra = {}
+    if quant == "nf4":
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa",
+                                                device_map=device, **extra)
+
+
+def torch_done(model) -> None:
+    """Waits for the GPU's queued work, and reports the peak of allocated memory on stderr."""
+    import torch
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+        print(f"peak allocated {torch.cuda.max_memory_allocated() / 2**30:.3f} GiB", file=sys.stderr)
 
 
 def read_rows(data: str) -> list[list[int]]:
     return [json.loads(line)["input_ids"] for line in Path(data).read_text().splitlines()]
 
 
-def torch_train(model_dir: str, data: str, steps: int, batch: int, threads: int) -> None:
+def torch_train(model_dir: str, data: str, steps: int, batch: int, run: str) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
-    model = torch_model(model_dir, threads)
+    model = torch_model(model_dir, run)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
@@ -84,34 +110,37 @@ def torch_train(model_dir: str, data: str, steps: int, batch: int, threads: int)
                             betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     rows = read_rows(data)
     for step in range(steps):
-        ids = torch.tensor(rows[step * batch:(step + 1) * batch])
+        ids = torch.tensor(rows[step * batch:(step + 1) * batch], device=model.device)
         model(input_ids=ids, labels=ids).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
+    torch_done(model)
 
 
-def torch_eval(model_dir: str, data: str, batches: int, batch: int, threads: int) -> None:
+def torch_eval(model_dir: str, data: str, batches: int, batch: int, run: str) -> None:
     import torch
-    model = torch_model(model_dir, threads).eval()
+    model = torch_model(model_dir, run).eval()
     rows = read_rows(data)
     with torch.no_grad():
         for i in range(batches):
-            ids = torch.tensor(rows[i * batch:(i + 1) * batch])
+            ids = torch.tensor(rows[i * batch:(i + 1) * batch], device=model.device)
             model(input_ids=ids, labels=ids)
+    torch_done(model)
 
 
-def torch_infer(model_dir: str, new_tokens: int, threads: int) -> None:
+def torch_infer(model_dir: str, new_tokens: int, run: str) -> None:
     import torch
     from transformers import AutoTokenizer
-    model = torch_model(model_dir, threads).eval()
+    model = torch_model(model_dir, run).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
                                   tokenize=True, return_dict=False)
-    ids = torch.tensor([ids])
+    ids = torch.tensor([ids], device=model.device)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                              do_sample=False, pad_token_id=0)
+    torch_done(model)
     assert out.shape[1] - ids.shape[1] == new_tokens, "a stop token was generated"
 
 
@@ -126,7 +155,8 @@ def swift_train(binary: Path, model_dir: Path, data: Path, steps: int, args, tmp
     config.write_text(f"""
 [model]
 path = "{model_dir}"
-dtype = "f32"
+dtype = "{args.dtype}"
+{"[quant]" + chr(10) + "bits = 4" if args.quant == "nf4" else ""}
 [lora]
 r = {LORA['r']}
 alpha = {LORA['lora_alpha']}
@@ -144,7 +174,7 @@ lr = 1e-4
 gradient_checkpointing = true
 logging_steps = {steps}
 save_steps = {steps}
-device = "cpu"
+device = "{args.device}"
 [output]
 dir = "{out_dir}"
 overwrite = true
@@ -158,13 +188,18 @@ def swift_eval(binary: Path, model_dir: Path, data: Path, batches: int, args) ->
     subset = data.with_name(f"eval-{batches}.jsonl")
     lines = data.read_text().splitlines(keepends=True)[:batches * args.batch]
     subset.write_text("".join(lines))
-    return [str(binary), "eval", "--model", str(model_dir), "--dataset", str(subset), "--dtype", "f32",
-            "--batch-size", str(args.batch), "--device", "cpu"]
+    return [str(binary), "eval", "--model", str(model_dir), "--dataset", str(subset),
+            "--batch-size", str(args.batch), *swift_run_flags(args)]
 
 
-def swift_infer(binary: Path, model_dir: Path, new_tokens: int) -> list[str]:
+def swift_infer(binary: Path, model_dir: Path, new_tokens: int, args) -> list[str]:
     return [str(binary), "infer", "--model", str(model_dir), "--prompt", PROMPT, "--max-new-tokens",
-            str(new_tokens), "--temperature", "0", "--dtype", "f32", "--device", "cpu"]
+            str(new_tokens), "--temperature", "0", *swift_run_flags(args)]
+
+
+def swift_run_flags(args) -> list[str]:
+    quant = ["--quant", "nf4"] if args.quant == "nf4" else []
+    return ["--dtype", args.dtype, "--device", args.device, *quant]
 
 
 def swift_infer_check(stderr: str, new_tokens: int) -> None:
@@ -175,55 +210,93 @@ def swift_infer_check(stderr: str, new_tokens: int) -> None:
 
 # ---- measurement ----
 
-def run_measured(cmd: list[str], env: dict) -> tuple[float, float, str]:
-    """Seconds, peak RSS in GiB (the kernel's, from wait4) and stderr of one process."""
+def gpu_memory_used_gib() -> float:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                          "--id=0"], check=True, capture_output=True, text=True).stdout
+    return float(out.strip()) / 1024
+
+
+class GpuPeak:
+    """The peak of the GPU's used memory over a baseline, polled with nvidia-smi while one process
+    runs: its CUDA context, its allocator's pools and its tensors, the same way for both sides.
+    The whole device's figure, not the process's: inside a container nvidia-smi often lists no
+    processes, and one benchmark process runs at a time."""
+
+    def __init__(self):
+        self.baseline = gpu_memory_used_gib()
+        self.peak = 0.0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.poll, daemon=True)
+        self.thread.start()
+
+    def poll(self) -> None:
+        while not self.stop.is_set():
+            self.peak = max(self.peak, gpu_memory_used_gib() - self.baseline)
+            self.stop.wait(0.05)
+
+    def finish(self) -> float:
+        self.stop.set()
+        self.thread.join()
+        return self.peak
+
+
+def run_measured(cmd: list[str], env: dict, gpu: bool) -> tuple[float, float, str]:
+    """Seconds, peak memory in GiB and stderr of one process: the kernel's peak RSS (wait4) on
+    the CPU, `GpuPeak` with `gpu`."""
     with tempfile.TemporaryFile() as err:
+        gpu_peak = GpuPeak() if gpu else None
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - start
+        peak = gpu_peak.finish() if gpu else usage.ru_maxrss / 2**20
         proc.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
         stderr = err.read().decode(errors="replace")
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd[:3])}... failed ({proc.returncode}):\n{stderr[-3000:]}")
-    return seconds, usage.ru_maxrss / 2**20, stderr
+    return seconds, peak, stderr
 
 
-def measure(sides: dict, n: int, threads: int, repeat: int, checks: dict) -> dict:
+def measure(sides: dict, n: int, threads: int, repeat: int, checks: dict, gpu: bool) -> dict:
     """Per side: seconds of one unit (the median over rounds of the 2N run's time minus the N
-    run's) and the peak RSS of its 2N runs; and the ratio of the two sides' seconds per round.
+    run's) and the peak memory of its runs; and the ratio of the two sides' seconds per round.
     The sides alternate within a round, so drift of the machine's speed reaches both alike.
     `checks[side](stderr, units)` may refuse a run that did other work than asked."""
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     seconds = {side: [] for side in sides}
-    rss = {side: 0.0 for side in sides}
+    peaks = {side: 0.0 for side in sides}
+    allocated = {side: 0.0 for side in sides}
     for _ in range(repeat):
         for side, make_cmd in sides.items():
             times = {}
             for units in (n, 2 * n):
-                times[units], peak, stderr = run_measured(make_cmd(units), env)
+                times[units], peak, stderr = run_measured(make_cmd(units), env, gpu)
                 if side in checks:
                     checks[side](stderr, units)
-            rss[side] = max(rss[side], peak)
+                peaks[side] = max(peaks[side], peak)
+                for gib in re.findall(r"peak allocated ([0-9.]+) GiB", stderr):
+                    allocated[side] = max(allocated[side], float(gib))
             seconds[side].append((times[2 * n] - times[n]) / n)
-    out = {side: {"seconds_per_unit": statistics.median(seconds[side]), "peak_rss_gib": rss[side]}
+    out = {side: {"seconds_per_unit": statistics.median(seconds[side]), "peak_gib": peaks[side],
+                  "peak_allocated_gib": allocated[side]}
            for side in sides}
     out["round_speedups"] = [t / s for t, s in zip(seconds["torch"], seconds["swift"])]
     return out
 
 
-def make_model(shape: str, tmp: Path) -> Path:
+def make_model(shape: str, vocab: int, tmp: Path) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig, AutoModelForCausalLM
     out = tmp / "model"
-    cfg = AutoConfig.for_model("qwen2", vocab_size=VOCAB, **SHAPES[shape])
+    cfg = AutoConfig.for_model("qwen2", vocab_size=vocab, **SHAPES[shape])
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(out)
     weights = load_file(out / "model.safetensors")
     head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
     weights[head][SPECIALS] = 0.0
+    weights[head][TOKENIZER_VOCAB:] = 0.0  # ids past the tokenizer's: nothing could decode them
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     for f in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]:
         shutil.copy(CHAT / f, out / f)
@@ -232,17 +305,48 @@ def make_model(shape: str, tmp: Path) -> Path:
     return out
 
 
-def setup(shape: str, tmp: str, rows_n: str, seq: str, binary: str, threads: str) -> None:
+def setup(shape: str, vocab: str, tmp: str, rows_n: str, seq: str, binary: str, run: str) -> None:
     """The model and the rows (`tmp/model`, `tmp/rows.jsonl`), in a process of its own."""
     import peft
     import torch
     import transformers
+    threads, device, dtype, quant = run.split(",")
+    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {threads} threads"
     print(f"PyTorch {torch.__version__} + transformers {transformers.__version__} + PEFT {peft.__version__} "
-          f"vs swift-rs ({binary}); CPU, f32, {threads} threads")
-    make_model(shape, Path(tmp))
+          f"vs swift-rs ({binary}); {where}, {dtype}{', NF4 base' if quant == 'nf4' else ''}")
+    make_model(shape, int(vocab), Path(tmp))
     g = torch.Generator().manual_seed(1)
-    rows = torch.randint(3, VOCAB, (int(rows_n), int(seq)), generator=g).tolist()
+    rows = torch.randint(3, TOKENIZER_VOCAB, (int(rows_n), int(seq)), generator=g).tolist()
     (Path(tmp) / "rows.jsonl").write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in rows))
+
+
+def train_flops_per_token(args) -> float:
+    """4N + attention: the forward and the input-gradient products of every linear layer and the
+    lm_head (frozen weights get no weight gradient; the recompute of checkpointing is not
+    counted), and causal attention's QKᵀ and PV, forward and backward."""
+    c = SHAPES[args.shape]
+    h, inter, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    kv = h // c["num_attention_heads"] * c["num_key_value_heads"]
+    linear = layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + args.vocab * h
+    # Forward: QKᵀ and PV, 2·seq·h FLOPs each per token, halved by the causal mask; backward: twice.
+    attention = 3 * layers * 2 * args.seq * h
+    return 4 * linear + attention
+
+
+# Dense bf16 peaks (TFLOP/s, no sparsity) by device name.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+
+def known_peak_tflops() -> float | None:
+    name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "--id=0"],
+                          check=True, capture_output=True, text=True).stdout
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
+
+def utilisation(tokens_per_s: float, args, peak_tflops: float | None) -> str:
+    tflops = tokens_per_s * train_flops_per_token(args) / 1e12
+    mfu = f", MFU {100 * tflops / peak_tflops:.1f}% of {peak_tflops:g}" if peak_tflops else ""
+    return f"model FLOPs (4N + attention) {tflops:.1f} TFLOP/s{mfu}"
 
 
 def main() -> None:
@@ -263,9 +367,19 @@ def main() -> None:
     ap.add_argument("--eval-batches", type=int, default=4, help="eval: N batches")
     ap.add_argument("--new-tokens", type=int, default=256, help="infer: N new tokens")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dtype", choices=["f32", "bf16"], help="default: f32 on cpu, bf16 on cuda")
+    ap.add_argument("--quant", choices=["none", "nf4"], default="none",
+                    help="nf4: the base weights in NF4 (QLoRA; bitsandbytes on the PyTorch side)")
+    ap.add_argument("--vocab", type=int, default=TOKENIZER_VOCAB,
+                    help="the model's vocabulary (Qwen2.5's is 151936); ids past 8192 are never used")
+    ap.add_argument("--peak-tflops", type=float,
+                    help="the device's dense peak for model FLOPs utilisation (default: known GPUs)")
     ap.add_argument("--repeat", type=int, default=3,
                     help="rounds, each timing both sides one after the other; the median counts")
     args = ap.parse_args()
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "f32")
+    run = f"{args.threads},{args.device},{args.dtype},{args.quant}"
     binary = Path(args.binary)
     if not binary.is_file():
         sys.exit(f"{binary} not found: run `cargo build --release` first")
@@ -274,9 +388,10 @@ def main() -> None:
         tmp = Path(tmp)
         # torch is never imported here: see "Peak memory" in the header.
         rows_n = max(2 * args.steps, 2 * args.eval_batches) * args.batch
-        subprocess.run([sys.executable, __file__, "--setup", args.shape, str(tmp), str(rows_n),
-                        str(args.seq), str(binary), str(args.threads)], check=True)
+        subprocess.run([sys.executable, __file__, "--setup", args.shape, str(args.vocab), str(tmp),
+                        str(rows_n), str(args.seq), str(binary), run], check=True)
         model, data = tmp / "model", tmp / "rows.jsonl"
+        peak_tflops = args.peak_tflops or (known_peak_tflops() if args.device == "cuda" else None)
 
         def torch_cmd(kind: str, *before, after=()):
             return lambda units: [sys.executable, __file__, "--torch-side", kind, str(model),
@@ -284,28 +399,33 @@ def main() -> None:
 
         benches = {
             "train": (args.steps, args.batch * args.seq, "training",
-                      torch_cmd("train", data, after=(args.batch, args.threads)),
+                      torch_cmd("train", data, after=(args.batch, run)),
                       lambda n: swift_train(binary, model, data, n, args, tmp)),
             "eval": (args.eval_batches, args.batch * args.seq, "eval forward",
-                     torch_cmd("eval", data, after=(args.batch, args.threads)),
+                     torch_cmd("eval", data, after=(args.batch, run)),
                      lambda n: swift_eval(binary, model, data, n, args)),
             "infer": (args.new_tokens, 1, "infer decode (batch 1)",
-                      torch_cmd("infer", after=(args.threads,)),
-                      lambda n: swift_infer(binary, model, n)),
+                      torch_cmd("infer", after=(run,)),
+                      lambda n: swift_infer(binary, model, n, args)),
         }
         for kind in only:
             n, tokens_per_unit, label, torch_side, swift_side = benches[kind]
             checks = {"swift": swift_infer_check} if kind == "infer" else {}
-            m = measure({"torch": torch_side, "swift": swift_side}, n, args.threads, args.repeat, checks)
+            gpu = args.device == "cuda"
+            m = measure({"torch": torch_side, "swift": swift_side}, n, args.threads, args.repeat, checks, gpu)
             t, s = m["torch"], m["swift"]
             t_rate, s_rate = tokens_per_unit / t["seconds_per_unit"], tokens_per_unit / s["seconds_per_unit"]
             unit = f"batch {args.batch} x {args.seq}" if kind != "infer" else f"{n} and {2 * n} new tokens"
             rounds = ", ".join(f"{r:.2f}x" for r in m["round_speedups"])
+            memory = "peak GPU memory used" if gpu else "peak RSS"
             print(f"{label} ({unit}, N = {n}, median of {args.repeat}):")
-            print(f"  PyTorch  {t_rate:10,.0f} tokens/s   peak RSS {t['peak_rss_gib']:.2f} GiB")
-            print(f"  swift-rs {s_rate:10,.0f} tokens/s   peak RSS {s['peak_rss_gib']:.2f} GiB")
+            for name, side, rate in (("PyTorch ", t, t_rate), ("swift-rs", s, s_rate)):
+                allocated = f" (allocated {side['peak_allocated_gib']:.2f})" if side["peak_allocated_gib"] else ""
+                print(f"  {name} {rate:10,.0f} tokens/s   {memory} {side['peak_gib']:.2f} GiB{allocated}")
+                if kind == "train" and gpu:
+                    print("           " + utilisation(rate, args, peak_tflops))
             print(f"  swift-rs / PyTorch: speed {s_rate / t_rate:.2f}x (rounds: {rounds}), "
-                  f"peak RSS {s['peak_rss_gib'] / t['peak_rss_gib']:.2f}x", flush=True)
+                  f"{memory} {s['peak_gib'] / t['peak_gib']:.2f}x", flush=True)
 
 if __name__ == "__main__":
     main()

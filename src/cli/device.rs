@@ -55,9 +55,11 @@ pub fn resolve(arg: DeviceArg) -> Result<Resolved, super::Failure> {
     match arg {
         DeviceArg::Cpu => Ok(Resolved::Cpu),
         #[cfg(feature = "cuda")]
-        DeviceArg::Cuda(n) => Ok(Resolved::Cuda(n)),
+        DeviceArg::Cuda(n) => cuda_device(n)
+            .map(|()| Resolved::Cuda(n))
+            .map_err(|e| super::Failure::Runtime(anyhow::anyhow!("--device cuda:{n}: {e}"))),
         #[cfg(feature = "cuda")]
-        DeviceArg::Auto if cuda_present() => Ok(Resolved::Cuda(0)),
+        DeviceArg::Auto if cuda_device(0).is_ok() => Ok(Resolved::Cuda(0)),
         DeviceArg::Auto => Ok(Resolved::Cpu),
         #[cfg(not(feature = "cuda"))]
         DeviceArg::Cuda(_) => Err(super::Failure::Usage(anyhow::anyhow!(
@@ -66,8 +68,36 @@ pub fn resolve(arg: DeviceArg) -> Result<Resolved, super::Failure> {
     }
 }
 
-/// The NVIDIA driver exposes its devices here; without one the CUDA runtime cannot start.
+/// Whether CUDA device `n` can run the backend: the driver library and NVRTC (which compiles the
+/// backend's kernels) load, and the driver counts more than `n` devices. cubecl and cudarc panic
+/// on the first use of a library that does not load.
 #[cfg(feature = "cuda")]
-fn cuda_present() -> bool {
-    std::path::Path::new("/dev/nvidia0").exists()
+fn cuda_device(n: usize) -> Result<(), String> {
+    // SAFETY: both only try to load the libraries by their usual names; no symbol is called.
+    let (driver, nvrtc) = unsafe {
+        (
+            cudarc::driver::sys::is_culib_present(),
+            cudarc::nvrtc::sys::is_culib_present(),
+        )
+    };
+    if !driver {
+        return Err(
+            "the NVIDIA driver library (libcuda.so) does not load: is a GPU and its driver \
+             installed, and is the library on LD_LIBRARY_PATH?"
+                .into(),
+        );
+    }
+    if !nvrtc {
+        return Err(
+            "the NVRTC library (libnvrtc.so, from the CUDA toolkit or the \
+             nvidia-cuda-nvrtc wheel) does not load: put it on LD_LIBRARY_PATH"
+                .into(),
+        );
+    }
+    let count = cudarc::driver::CudaContext::device_count()
+        .map_err(|e| format!("the CUDA driver did not start: {e:?}"))?;
+    if n >= count.max(0) as usize {
+        return Err(format!("this machine has {count} CUDA device(s)"));
+    }
+    Ok(())
 }

@@ -40,18 +40,42 @@ impl<'a> Mat<'a> {
     }
 }
 
-/// `dst = lhs · rhs * scale`, or `dst += lhs · rhs * scale` when `accumulate`; `dst` is
-/// `[lhs.rows, rhs.cols]`, row-major.
-fn product(dst: &mut [f32], accumulate: bool, lhs: Mat, rhs: Mat, scale: f32) {
-    assert_eq!(lhs.cols, rhs.rows, "inner dimensions");
+/// `dst += lhs · rhs * scale`; `dst` is `[lhs.rows, rhs.cols]`, row-major.
+fn add_product(dst: &mut [f32], lhs: Mat, rhs: Mat, scale: f32) {
     assert_eq!(dst.len(), lhs.rows * rhs.cols, "output size");
-    // SAFETY: the asserts above and `Mat::new` keep every access inside the three buffers.
+    // SAFETY: `dst` holds the output's floats (asserted).
+    unsafe { gemm_into(dst.as_mut_ptr(), true, lhs, rhs, scale) };
+}
+
+/// `lhs · rhs * scale` `[lhs.rows, rhs.cols]`, row-major, in a new buffer that is not zeroed
+/// first: zeroing each output ran on the calling thread while the pool waited (2% of a step).
+fn product(lhs: Mat, rhs: Mat, scale: f32) -> Vec<f32> {
+    let len = lhs.rows * rhs.cols;
+    let mut dst = Vec::with_capacity(len);
+    // SAFETY: without `accumulate`, gemm writes every element of `dst` and reads none (its
+    // first pass over the inner dimension stores `scale * lhs·rhs`, or zeros when it is empty).
+    unsafe {
+        gemm_into(dst.as_mut_ptr(), false, lhs, rhs, scale);
+        dst.set_len(len);
+    }
+    dst
+}
+
+/// `dst (+)= lhs · rhs * scale` for `dst` `[lhs.rows, rhs.cols]`, row-major.
+///
+/// # Safety
+/// `dst` is valid for writes of `lhs.rows * rhs.cols` floats, and for reads too when
+/// `accumulate`.
+unsafe fn gemm_into(dst: *mut f32, accumulate: bool, lhs: Mat, rhs: Mat, scale: f32) {
+    assert_eq!(lhs.cols, rhs.rows, "inner dimensions");
+    // SAFETY: `Mat::new` keeps every read of lhs and rhs inside their buffers, and the caller
+    // vouches for `dst`.
     unsafe {
         gemm(
             lhs.rows,
             rhs.cols,
             lhs.cols,
-            dst.as_mut_ptr(),
+            dst,
             1,
             rhs.cols as isize,
             accumulate,
@@ -94,25 +118,19 @@ impl Layer<'_> {
 /// `h = s·x·A` `[rows, r]` for `x` `[rows, in]`.
 fn hidden(x: Mat, layer: &Layer) -> Vec<f32> {
     let (n_in, r, _) = layer.dims();
-    let mut h = vec![0.0f32; x.rows * r];
-    product(
-        &mut h,
-        false,
-        x,
-        Mat::new(layer.lora_a, n_in, r),
-        layer.scaling,
-    );
-    h
+    product(x, Mat::new(layer.lora_a, n_in, r), layer.scaling)
 }
 
 /// `y = x·W + b` `[rows, out]` for `x` `[rows, in]` and `weight` `[in, out]`.
 pub fn linear(x: Mat, weight: Mat, bias: Option<&[f32]>) -> Vec<f32> {
-    let mut y = match bias {
-        Some(bias) => bias.repeat(x.rows),
-        None => vec![0.0f32; x.rows * weight.cols],
-    };
-    product(&mut y, bias.is_some(), x, weight, 1.0);
-    y
+    match bias {
+        Some(bias) => {
+            let mut y = bias.repeat(x.rows);
+            add_product(&mut y, x, weight, 1.0);
+            y
+        }
+        None => product(x, weight, 1.0),
+    }
 }
 
 /// `y = x·W + b + h·B` with `h = s·x·A`, for `x` in rows of `in`: `y` `[rows, out]` and `h`
@@ -124,9 +142,8 @@ pub fn forward(x: &[f32], layer: &Layer) -> (Vec<f32>, Vec<f32>) {
     let h = hidden(x, layer);
     let w = Mat::new(layer.weight, n_in, n_out);
     let mut y = linear(x, w, layer.bias);
-    product(
+    add_product(
         &mut y,
-        true,
         Mat::new(&h, rows, r),
         Mat::new(layer.lora_b, r, n_out),
         1.0,
@@ -160,19 +177,15 @@ pub fn backward(
         Mat::new(layer.lora_a, n_in, r),
         Mat::new(layer.lora_b, r, n_out),
     );
-    let mut g = vec![0.0f32; rows * r];
-    product(&mut g, false, dy, b.t(), layer.scaling);
+    let g = product(dy, b.t(), layer.scaling);
     let g = Mat::new(&g, rows, r);
     let dx = x_grad.then(|| {
-        let mut dx = vec![0.0f32; rows * n_in];
         let w = Mat::new(layer.weight, n_in, n_out);
-        product(&mut dx, false, dy, w.t(), 1.0);
-        product(&mut dx, true, g, a.t(), 1.0);
+        let mut dx = product(dy, w.t(), 1.0);
+        add_product(&mut dx, g, a.t(), 1.0);
         dx
     });
-    let mut da = vec![0.0f32; n_in * r];
-    product(&mut da, false, x.t(), g, 1.0);
-    let mut db = vec![0.0f32; r * n_out];
-    product(&mut db, false, h.t(), dy, 1.0);
+    let da = product(x.t(), g, 1.0);
+    let db = product(h.t(), dy, 1.0);
     (dx, da, db)
 }

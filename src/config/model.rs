@@ -203,6 +203,10 @@ impl HfConfig {
                 ));
             }
         }
+        if self.num_hidden_layers == 0 {
+            // Training checkpoints layer by layer from the last one.
+            return Err("num_hidden_layers must be at least 1".into());
+        }
         let heads = self.num_attention_heads;
         let kv_heads = self.num_key_value_heads.unwrap_or(heads);
         if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
@@ -422,5 +426,8 @@ mod tests {
         let mut c = base("llama");
         c["hidden_act"] = "gelu".into();
         assert!(resolve(c).unwrap_err().contains("hidden_act \"gelu\""));
+        let mut c = base("qwen2");
+        c["num_hidden_layers"] = 0.into();
+        assert!(resolve(c).unwrap_err().contains("num_hidden_layers"));
     }
 }

@@ -221,39 +221,68 @@ impl<B: ModelBackend> Backward<B, 1> for CrossEntropyBackward {
     }
 }
 
-/// Whether the base layer is trained: `LoraLinearBackward` gives it no gradient, so such a
-/// layer takes Burn's op-by-op path.
-fn base_tracked<B: Backend, C: CheckpointStrategy>(layer: &LoraParts<Autodiff<B, C>>) -> bool {
-    layer.weight.is_tracked() || layer.bias.as_ref().is_some_and(|b| b.is_tracked())
+/// Whether a frozen-layer op's weight or bias is trained after all: `BaseLinearBackward` and
+/// `LoraLinearBackward` give them no gradient, so such a layer takes Burn's op-by-op path.
+fn base_tracked<B: Backend, C: CheckpointStrategy>(
+    weight: &FloatTensor<Autodiff<B, C>>,
+    bias: Option<&FloatTensor<Autodiff<B, C>>>,
+) -> bool {
+    weight.is_tracked() || bias.is_some_and(|b| b.is_tracked())
 }
 
-/// The inner backend's tensors of a layer.
-fn inner_layer<B: Backend, C: CheckpointStrategy>(
+/// The one-element zero a seed returns (see `SeedGradient::seed_gradient`).
+fn seed_root<B: Backend>(like: &FloatTensor<B>) -> FloatTensor<B> {
+    B::float_zeros([1].into(), &B::float_device(like), FloatDType::F32)
+}
+
+/// `lora_linear(x, layer)` as one tracked op on x, A and B; or with `seeded`, a seed whose
+/// backward pass is that op's from the gradient `seeded`, and which computes no output.
+fn lora_linear_node<B: ModelBackend, C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<B, C>>,
     layer: LoraParts<Autodiff<B, C>>,
-) -> LoraParts<B> {
-    LoraParts {
+    seeded: Option<FloatTensor<B>>,
+) -> FloatTensor<Autodiff<B, C>> {
+    let nodes = [
+        x.node.clone(),
+        layer.lora_a.node.clone(),
+        layer.lora_b.node.clone(),
+    ];
+    let x = x.primitive;
+    let layer = LoraParts {
         weight: layer.weight.primitive,
         bias: layer.bias.map(|b| b.primitive),
         lora_a: layer.lora_a.primitive,
         lora_b: layer.lora_b.primitive,
         scaling: layer.scaling,
+    };
+    let prep = LoraLinearBackward
+        .prepare::<C>(nodes)
+        .compute_bound()
+        .stateful();
+    match (prep, seeded) {
+        (OpsKind::Tracked(prep), None) => {
+            let (y, h) = B::lora_linear_forward(x.clone(), layer.clone());
+            prep.finish((x, layer, Some(h), None), y)
+        }
+        (OpsKind::Tracked(prep), Some(grad)) => {
+            let root = seed_root::<B>(&x);
+            prep.finish((x, layer, None, Some(grad)), root)
+        }
+        (OpsKind::UnTracked(prep), None) => prep.finish(B::lora_linear(x, layer)),
+        (OpsKind::UnTracked(prep), Some(_)) => prep.finish(seed_root::<B>(&x)),
     }
 }
 
 impl<B: ModelBackend, C: CheckpointStrategy> SeedGradient for Autodiff<B, C> {
     fn seed_gradient(t: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
-        let zero = B::float_zeros(
-            [1].into(),
-            &B::float_device(&grad.primitive),
-            FloatDType::F32,
-        );
+        let root = seed_root::<B>(&grad.primitive);
         match SeedBackward
             .prepare::<C>([t.node.clone()])
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => prep.finish(grad.primitive, zero),
-            OpsKind::UnTracked(prep) => prep.finish(zero),
+            OpsKind::Tracked(prep) => prep.finish(grad.primitive, root),
+            OpsKind::UnTracked(prep) => prep.finish(root),
         }
     }
 
@@ -262,24 +291,10 @@ impl<B: ModelBackend, C: CheckpointStrategy> SeedGradient for Autodiff<B, C> {
         layer: LoraParts<Self>,
         grad: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        if base_tracked(&layer) {
+        if base_tracked::<B, C>(&layer.weight, layer.bias.as_ref()) {
             return Self::seed_gradient(generic_lora_linear::<Self>(x, layer).0, grad);
         }
-        let zero = B::float_zeros([1].into(), &B::float_device(&x.primitive), FloatDType::F32);
-        let nodes = [
-            x.node.clone(),
-            layer.lora_a.node.clone(),
-            layer.lora_b.node.clone(),
-        ];
-        let (x, layer) = (x.primitive, inner_layer(layer));
-        match LoraLinearBackward
-            .prepare::<C>(nodes)
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish((x, layer, None, Some(grad.primitive)), zero),
-            OpsKind::UnTracked(prep) => prep.finish(zero),
-        }
+        lora_linear_node(x, layer, Some(grad.primitive))
     }
 }
 
@@ -289,7 +304,7 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
         weight: FloatTensor<Self>,
         bias: Option<FloatTensor<Self>>,
     ) -> FloatTensor<Self> {
-        if weight.is_tracked() || bias.as_ref().is_some_and(|b| b.is_tracked()) {
+        if base_tracked::<B, C>(&weight, bias.as_ref()) {
             return generic_linear::<Self>(x, weight, bias);
         }
         let (weight, bias) = (weight.primitive, bias.map(|b| b.primitive));
@@ -307,26 +322,10 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
     }
 
     fn lora_linear(x: FloatTensor<Self>, layer: LoraParts<Self>) -> FloatTensor<Self> {
-        if base_tracked(&layer) {
+        if base_tracked::<B, C>(&layer.weight, layer.bias.as_ref()) {
             return generic_lora_linear::<Self>(x, layer).0;
         }
-        let nodes = [
-            x.node.clone(),
-            layer.lora_a.node.clone(),
-            layer.lora_b.node.clone(),
-        ];
-        let (x, layer) = (x.primitive, inner_layer(layer));
-        match LoraLinearBackward
-            .prepare::<C>(nodes)
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let (y, h) = B::lora_linear_forward(x.clone(), layer.clone());
-                prep.finish((x, layer, Some(h), None), y)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::lora_linear(x, layer)),
-        }
+        lora_linear_node(x, layer, None)
     }
 
     fn sdpa(

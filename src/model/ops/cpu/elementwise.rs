@@ -19,7 +19,7 @@ fn rows_per_task(len: usize) -> usize {
 /// used). `e^x` is exactly 0 below -87.3 (and for -inf), as the attention kernel needs for
 /// masked scores.
 #[inline(always)]
-pub fn exp(x: f32) -> f32 {
+fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;

@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 
 use burn::backend::{Autodiff, Flex};
-use swift_rs::config::TrainConfig;
+use swift_rs::config::{Device, TrainConfig};
 use swift_rs::train::{Control, Trainer};
 
 fn main() -> anyhow::Result<()> {
@@ -21,7 +21,6 @@ fn main() -> anyhow::Result<()> {
     // ones keep ms-swift's defaults.
     let mut config = TrainConfig::default();
     config.model.path = "examples/quickstart-model".into();
-    config.model.dtype = "f32".into();
     config.lora.r = 16;
     config.lora.alpha = 32.0;
     config.lora.dropout = 0.0;
@@ -37,7 +36,10 @@ fn main() -> anyhow::Result<()> {
     config.output.dir = out;
     config.output.overwrite = true;
 
-    let mut trainer = Trainer::<Autodiff<Flex>>::new(config, Default::default())?;
+    // `resolve` checks the config and makes the choices it leaves open for the device the run
+    // goes to (on the CPU, "auto" dtype is f32), exactly as `swift-rs train` does.
+    let plan = config.resolve(Device::Cpu)?;
+    let mut trainer = Trainer::<Autodiff<Flex>>::new(plan, Default::default())?;
     let outcome = trainer.run(|step| {
         if step.step % 20 == 0 {
             println!(

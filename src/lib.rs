@@ -9,5 +9,6 @@ pub mod hub;
 pub mod infer;
 pub mod lora;
 pub mod model;
+pub mod ops;
 pub mod quant;
 pub mod train;

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use common::fake_hub::{FakeHub, Repo};
 use common::swift_rs;
 use serde_json::Value;
-use swift_rs::config::TrainConfig;
+use swift_rs::config::{Dtype, TrainConfig};
 
 const QUICKSTART: &str = "configs/quickstart.toml";
 
@@ -52,7 +52,7 @@ fn the_quickstart_trains_and_fills_the_run_directory() {
         &[format!("output.dir={}", run.display())],
     )
     .unwrap();
-    expected.model.dtype = "f32".into(); // "auto" on a CPU
+    expected.model.dtype = Some(Dtype::F32); // "auto" on a CPU
     assert_eq!(written, expected);
 
     let lines: Vec<Value> = std::fs::read_to_string(run.join("logging.jsonl"))

@@ -8,10 +8,11 @@ use burn::tensor::DType;
 use common::{adapter_dir, check_logits, check_losses, golden, model_dir, B};
 use safetensors::SafeTensors;
 use swift_rs::config::Dtype;
+use swift_rs::config::Nf4Config;
 use swift_rs::export::peft::read_adapter;
 use swift_rs::lora::BaseLinear;
 use swift_rs::model::{self, CausalLm, LoadOptions};
-use swift_rs::quant::{Nf4, Nf4Config, Nf4Linear};
+use swift_rs::quant::{Nf4, Nf4Linear};
 
 fn qlora_options() -> LoadOptions {
     LoadOptions {

@@ -3,7 +3,8 @@
 
 mod common;
 
-use swift_rs::train::schedule::{LrSchedule, ScheduleKind};
+use swift_rs::config::{ScheduleConfig, ScheduleKind, Warmup};
+use swift_rs::train::schedule::LrSchedule;
 
 #[test]
 fn schedules_match_transformers_step_by_step() {
@@ -11,10 +12,15 @@ fn schedules_match_transformers_step_by_step() {
     let runs: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
     assert_eq!(runs.len(), 6);
     for run in runs {
-        let kind: ScheduleKind = run["kind"].as_str().unwrap().parse().unwrap();
+        let kind: ScheduleKind = serde_json::from_value(run["kind"].clone()).unwrap();
         let total = run["total"].as_u64().unwrap() as usize;
         let warmup = run["warmup"].as_u64().unwrap() as usize;
-        let schedule = LrSchedule::new(kind, run["base"].as_f64().unwrap(), total, warmup, 0.0);
+        let config = ScheduleConfig {
+            kind,
+            lr: run["base"].as_f64().unwrap(),
+            warmup: Warmup::Steps(warmup),
+        };
+        let schedule = LrSchedule::new(config, total);
         let expected: Vec<f64> = serde_json::from_value(run["lr"].clone()).unwrap();
         assert_eq!(expected.len(), total);
         for (step, want) in expected.iter().enumerate() {

@@ -7,10 +7,11 @@ mod common;
 
 use std::path::PathBuf;
 
-use swift_rs::data::encode::{Encoder, LossScale};
+use swift_rs::config::{LossScale, TemplateName};
+use swift_rs::data::encode::Encoder;
 use swift_rs::data::format::{parse_row, Message, Role, Row};
 use swift_rs::data::load_tokenizer;
-use swift_rs::data::template::{ChatTemplate, TemplateName};
+use swift_rs::data::template::ChatTemplate;
 
 const FIXTURES: [&str; 6] = [
     "qwen2_5",

@@ -1,32 +1,7 @@
 //! `--device auto|cpu|cuda[:N]`: which backend runs the command. Everything below the CLI is
 //! generic over the backend; this is where one is picked.
 
-use std::str::FromStr;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceArg {
-    /// CUDA when the binary has it and a GPU is present, else CPU.
-    Auto,
-    Cpu,
-    Cuda(usize),
-}
-
-impl FromStr for DeviceArg {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "cpu" => Ok(Self::Cpu),
-            "cuda" => Ok(Self::Cuda(0)),
-            _ => s
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(Self::Cuda)
-                .ok_or_else(|| format!("\"{s}\" is not auto, cpu, cuda or cuda:N")),
-        }
-    }
-}
+use swift_rs::config::Device;
 
 /// Calls the generic body with the backend and device that `arg` selects.
 /// `$body` is a generic function `fn<B: Backend>(device: B::Device, ...) -> Result<T, Failure>`.
@@ -51,18 +26,18 @@ pub enum Resolved {
     Cuda(usize),
 }
 
-pub fn resolve(arg: DeviceArg) -> Result<Resolved, super::Failure> {
+pub fn resolve(arg: Device) -> Result<Resolved, super::Failure> {
     match arg {
-        DeviceArg::Cpu => Ok(Resolved::Cpu),
+        Device::Cpu => Ok(Resolved::Cpu),
         #[cfg(feature = "cuda")]
-        DeviceArg::Cuda(n) => cuda_device(n)
+        Device::Cuda(n) => cuda_device(n)
             .map(|()| Resolved::Cuda(n))
             .map_err(|e| super::Failure::Runtime(anyhow::anyhow!("--device cuda:{n}: {e}"))),
         #[cfg(feature = "cuda")]
-        DeviceArg::Auto if cuda_device(0).is_ok() => Ok(Resolved::Cuda(0)),
-        DeviceArg::Auto => Ok(Resolved::Cpu),
+        Device::Auto if cuda_device(0).is_ok() => Ok(Resolved::Cuda(0)),
+        Device::Auto => Ok(Resolved::Cpu),
         #[cfg(not(feature = "cuda"))]
-        DeviceArg::Cuda(_) => Err(super::Failure::Usage(anyhow::anyhow!(
+        Device::Cuda(_) => Err(super::Failure::Usage(anyhow::anyhow!(
             "--device cuda: this binary was built without CUDA (rebuild with `--features cuda`)"
         ))),
     }

@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Args;
 
-use super::{AtomicFile, Failure, HubArg};
+use super::{Failure, HubArg};
 use swift_rs::config::TrainConfig;
 use swift_rs::data::dataset::{BadRows, Dataset, Stream, TrainRow};
 use swift_rs::data::encode::Encoder;
+use swift_rs::export::AtomicFile;
 
 #[derive(Args, Debug)]
 pub struct EncodeArgs {
@@ -29,8 +30,7 @@ pub struct EncodeArgs {
 }
 
 pub fn run(args: EncodeArgs) -> Result<(), Failure> {
-    let config = TrainConfig::load(&args.config, &args.set)
-        .map_err(|e| Failure::Usage(anyhow::Error::new(e)))?;
+    let config = TrainConfig::load(&args.config, &args.set).map_err(Failure::from_lib)?;
     let model_dir = HubArg {
         hub: config.model.hub,
     }

@@ -6,9 +6,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 
-use super::device::{with_backend, DeviceArg};
-use super::{write_atomic, Failure, ModelArgs};
+use super::device::with_backend;
+use super::{Failure, ModelArgs};
+use swift_rs::config::Device;
 use swift_rs::data::{read_pretokenized, TokenizedRow};
+use swift_rs::export::write_atomic;
 use swift_rs::model::ModelBackend;
 use swift_rs::train::evaluate;
 
@@ -29,7 +31,7 @@ pub struct EvalArgs {
     output: Option<PathBuf>,
     /// auto, cpu, cuda or cuda:N
     #[arg(long, default_value = "auto")]
-    device: DeviceArg,
+    device: Device,
 }
 
 pub fn run(args: EvalArgs) -> Result<(), Failure> {

@@ -11,16 +11,15 @@ use burn::tensor::backend::Backend;
 use clap::Args;
 use serde_json::{json, Value};
 
-use super::device::{with_backend, DeviceArg};
-use super::{AtomicFile, Failure, ModelArgs};
-use swift_rs::config::GenerationConfig;
-use swift_rs::data::encode::{Encoder, LossScale};
+use super::device::with_backend;
+use super::{Failure, ModelArgs};
+use swift_rs::config::{Device, GenerationConfig, LossScale, TemplateName};
+use swift_rs::data::encode::Encoder;
 use swift_rs::data::format::{parse_prompt, Message, Role};
 use swift_rs::data::source::read_rows;
-use swift_rs::data::template::TemplateName;
+use swift_rs::export::AtomicFile;
 use swift_rs::infer::{generate, request_seed, GenerateOptions, Request, Sampling, TextStream};
-use swift_rs::model::CausalLm;
-use swift_rs::model::ModelBackend;
+use swift_rs::model::{CausalLm, ModelBackend};
 
 #[derive(Args, Debug)]
 pub struct InferArgs {
@@ -64,7 +63,7 @@ pub struct InferArgs {
     seed: Option<u64>,
     /// auto, cpu, cuda or cuda:N
     #[arg(long, default_value = "auto")]
-    device: DeviceArg,
+    device: Device,
 }
 
 /// What every reply shares: the tokenizer and template, and how to generate.

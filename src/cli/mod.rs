@@ -11,12 +11,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use swift_rs::config::{Dtype, Hub, ModelConfig};
+use swift_rs::config::{auto_dtype, ConfigError, Dtype, Hub, ModelConfig, Nf4Config};
+use swift_rs::export::merge::MergeError;
 use swift_rs::export::peft::read_adapter;
-use swift_rs::hub;
-use swift_rs::model::ModelBackend;
-use swift_rs::model::{self, CausalLm, LoadOptions, ModelError};
-use swift_rs::quant::Nf4Config;
+use swift_rs::export::ExportError;
+use swift_rs::hub::{self, HubError};
+use swift_rs::model::{self, CausalLm, LoadOptions, ModelBackend, ModelError};
+use swift_rs::train::TrainError;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -43,27 +44,6 @@ pub enum Command {
     Merge(merge::MergeArgs),
 }
 
-/// `--dtype`: the compute dtype of the frozen weights.
-#[derive(ValueEnum, Clone, Copy, Debug)]
-pub enum DtypeArg {
-    /// the dtype config.json names
-    Auto,
-    Bf16,
-    F16,
-    F32,
-}
-
-impl DtypeArg {
-    pub fn resolve(self) -> Option<Dtype> {
-        match self {
-            Self::Auto => None,
-            Self::Bf16 => Some(Dtype::Bf16),
-            Self::F16 => Some(Dtype::F16),
-            Self::F32 => Some(Dtype::F32),
-        }
-    }
-}
-
 /// `--quant`: how the frozen base weights are held.
 #[derive(ValueEnum, Clone, Copy, Debug)]
 pub enum QuantArg {
@@ -88,8 +68,9 @@ pub struct ModelArgs {
     #[arg(long, value_enum)]
     pub quant: Option<QuantArg>,
     /// Compute dtype of the weights: auto (config.json), bf16, f16, f32
-    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
-    pub dtype: DtypeArg,
+    // The full path keeps clap from taking the Option as "flag may be absent": "auto" is None.
+    #[arg(long, default_value = "auto", value_parser = auto_dtype::parse)]
+    pub dtype: std::option::Option<Dtype>,
 }
 
 /// Local directories for `--model` and `--adapter`, hub ids downloaded.
@@ -124,20 +105,12 @@ impl ModelArgs {
             ),
         };
         let options = LoadOptions {
-            dtype: self.dtype.resolve(),
+            dtype: self.dtype,
             quant: self.quant.map(|QuantArg::Nf4| Nf4Config::default()),
         };
         let dir = &local.model;
-        model::load::<B>(dir, options, adapter.as_mut(), device).map_err(|e| {
-            let usage = matches!(e, ModelError::Config(_));
-            let e = anyhow::Error::new(e)
-                .context(format!("cannot load the model in {}", dir.display()));
-            if usage {
-                Failure::Usage(e)
-            } else {
-                Failure::Runtime(e)
-            }
-        })
+        model::load::<B>(dir, options, adapter.as_mut(), device)
+            .map_err(|e| Failure::of(e, format!("cannot load the model in {}", dir.display())))
     }
 }
 
@@ -154,15 +127,7 @@ impl HubArg {
     /// The directory `spec` names, downloading a hub id. An id the hub does not know is a usage
     /// error; other download failures are runtime errors.
     pub fn local_dir(&self, spec: &Path) -> Result<PathBuf, Failure> {
-        hub::local_dir(spec, self.hub).map_err(|e| {
-            let usage = e.is_usage();
-            let e = anyhow::Error::new(e);
-            if usage {
-                Failure::Usage(e)
-            } else {
-                Failure::Runtime(e)
-            }
-        })
+        hub::local_dir(spec, self.hub).map_err(Failure::from_lib)
     }
 }
 
@@ -172,7 +137,60 @@ pub enum Failure {
     Runtime(anyhow::Error),
 }
 
+/// A library error, which says whether the user's input caused it.
+pub trait LibError: std::error::Error + Send + Sync + 'static {
+    fn is_usage(&self) -> bool;
+}
+
+macro_rules! lib_errors {
+    ($($t:ty),*) => {$(
+        impl LibError for $t {
+            fn is_usage(&self) -> bool {
+                <$t>::is_usage(self)
+            }
+        }
+    )*};
+}
+lib_errors!(ConfigError, ModelError, HubError, TrainError, MergeError);
+
+/// Writing a file failed: the disk's or the permissions' fault, not the input's.
+impl LibError for ExportError {
+    fn is_usage(&self) -> bool {
+        false
+    }
+}
+
+/// `?` on a library call classifies its error.
+impl<E: LibError> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Self::from_lib(e)
+    }
+}
+
 impl Failure {
+    /// A library error: usage (exit 2) or runtime (exit 1) as the error says.
+    pub fn from_lib(e: impl LibError) -> Self {
+        let usage = e.is_usage();
+        Self::classified(usage, anyhow::Error::new(e))
+    }
+
+    /// As `from_lib`, with `context` before the error's own message.
+    pub fn of<C>(e: impl LibError, context: C) -> Self
+    where
+        C: std::fmt::Display + Send + Sync + 'static,
+    {
+        let usage = e.is_usage();
+        Self::classified(usage, anyhow::Error::new(e).context(context))
+    }
+
+    fn classified(usage: bool, e: anyhow::Error) -> Self {
+        if usage {
+            Self::Usage(e)
+        } else {
+            Self::Runtime(e)
+        }
+    }
+
     pub fn error(&self) -> &anyhow::Error {
         match self {
             Self::Usage(e) | Self::Runtime(e) => e,
@@ -201,51 +219,4 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Merge(args) => merge::run(args),
         Command::Encode(args) => encode::run(args),
     }
-}
-
-/// A file written under a temporary name in its final directory and renamed on `commit`, so a
-/// crash never leaves a half-written file under the final name.
-pub struct AtomicFile {
-    tmp: tempfile::NamedTempFile,
-    path: std::path::PathBuf,
-}
-
-impl AtomicFile {
-    pub fn create(path: &Path) -> anyhow::Result<Self> {
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let tmp = tempfile::NamedTempFile::new_in(dir)
-            .with_context(|| format!("cannot create a file in {}", dir.display()))?;
-        Ok(Self {
-            tmp,
-            path: path.to_path_buf(),
-        })
-    }
-
-    pub fn commit(self) -> anyhow::Result<()> {
-        self.tmp
-            .persist(&self.path)
-            .with_context(|| format!("cannot write {}", self.path.display()))?;
-        Ok(())
-    }
-}
-
-impl std::io::Write for AtomicFile {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.tmp.write(buf)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.tmp.flush()
-    }
-}
-
-/// Writes `bytes` to `path` atomically (see `AtomicFile`).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let mut file = AtomicFile::create(path)?;
-    std::io::Write::write_all(&mut file, bytes)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    file.commit()
 }

@@ -12,9 +12,9 @@ use burn::backend::Autodiff;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::device::{resolve, with_backend, DeviceArg, Resolved};
+use super::device::{resolve, with_backend, Resolved};
 use super::Failure;
-use swift_rs::config::TrainConfig;
+use swift_rs::config::{Device, TrainConfig, TrainPlan};
 use swift_rs::model::{ModelBackend, TrainBackend};
 use swift_rs::train::log::LogEntry;
 use swift_rs::train::{Control, StepReport, TrainError, Trainer};
@@ -29,42 +29,29 @@ pub struct TrainArgs {
     set: Vec<String>,
     /// auto, cpu, cuda or cuda:N; overrides train.device
     #[arg(long)]
-    device: Option<String>,
+    device: Option<Device>,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
 pub fn run(args: TrainArgs) -> Result<(), Failure> {
-    let usage = |e: anyhow::Error| Failure::Usage(e);
-    let mut config = TrainConfig::load(&args.config, &args.set).map_err(|e| usage(e.into()))?;
+    let mut config = TrainConfig::load(&args.config, &args.set).map_err(Failure::from_lib)?;
     // `--device` is written into the config, so config.toml records where the run went.
     if let Some(device) = args.device {
         config.train.device = device;
     }
-    let device: DeviceArg = config
-        .train
-        .device
-        .parse()
-        .map_err(|e: String| usage(anyhow::anyhow!("train.device: {e}")))?;
-    // On CPU the frozen weights compute in f32 unless the config names a dtype; on a GPU "auto"
-    // is the checkpoint's dtype (bf16 for current models).
-    if config.model.dtype == "auto" && matches!(resolve(device)?, Resolved::Cpu) {
-        config.model.dtype = "f32".into();
-    }
-    with_backend!(device, train_on(config))
+    let on = match resolve(config.train.device)? {
+        Resolved::Cpu => Device::Cpu,
+        #[cfg(feature = "cuda")]
+        Resolved::Cuda(n) => Device::Cuda(n),
+    };
+    let plan = config.resolve(on).map_err(Failure::from_lib)?;
+    with_backend!(config.train.device, train_on(plan))
 }
 
-fn train_on<B: ModelBackend>(device: B::Device, config: TrainConfig) -> Result<(), Failure> {
-    let fail = |e: TrainError| {
-        let usage = e.is_usage();
-        let e = anyhow::Error::new(e).context("cannot train");
-        if usage {
-            Failure::Usage(e)
-        } else {
-            Failure::Runtime(e)
-        }
-    };
-    let mut trainer = Trainer::<Autodiff<B>>::new(config, device).map_err(fail)?;
+fn train_on<B: ModelBackend>(device: B::Device, plan: TrainPlan) -> Result<(), Failure> {
+    let fail = |e: TrainError| Failure::of(e, "cannot train");
+    let mut trainer = Trainer::<Autodiff<B>>::new(plan, device).map_err(fail)?;
     describe(&trainer);
     ctrlc::set_handler(|| {
         if STOP.swap(true, Ordering::SeqCst) {
@@ -139,15 +126,13 @@ fn train_on<B: ModelBackend>(device: B::Device, config: TrainConfig) -> Result<(
 fn describe<B: TrainBackend>(trainer: &Trainer<B>) {
     let trainable: usize = trainer
         .model
-        .lora_linears()
-        .iter()
-        .filter_map(|(_, l)| l.adapter.as_ref())
-        .flat_map(|a| a.trainable())
+        .adapters()
+        .flat_map(|(_, a)| a.trainable())
         .map(|(_, t)| t.dims()[0])
         .sum();
     eprintln!(
         "model {}: {} trainable adapter parameters (r {}, alpha {}{}{})",
-        trainer.config.model.path,
+        trainer.plan.config.model.path,
         trainable,
         trainer.lora.r,
         trainer.lora.lora_alpha,

@@ -1,20 +1,25 @@
 //! Configuration types: the checkpoint's `config.json` (`HfConfig` → `ModelConfig`) and
-//! `generation_config.json` (`GenerationConfig`), `LoraConfig` (PEFT field names), and the
-//! training config `TrainConfig` (TOML).
+//! `generation_config.json` (`GenerationConfig`), `LoraConfig` (PEFT field names), `Nf4Config`,
+//! and the training config `TrainConfig` (TOML) → `resolve()` → `TrainPlan`. The bottom layer:
+//! it imports nothing else of the crate.
 
 mod generation;
 mod lora;
 mod model;
+mod quant;
 mod train;
 
 use std::path::PathBuf;
 
 pub use generation::{GenerationConfig, TokenIds};
 pub use lora::{InitLoraWeights, LoraConfig, TargetModules};
-pub use model::{Arch, Dtype, HfConfig, ModelConfig, RopeConfig, RopeScaling};
+pub use model::{Arch, Dtype, HfConfig, ModelConfig, RopeConfig, RopeScaling, LAYER_LINEARS};
+pub use quant::Nf4Config;
 pub use train::{
-    DataSection, Hub, LoraSection, ModelSection, OutputSection, QuantSection, TrainConfig,
-    TrainConfigError, TrainSection,
+    auto_dtype, DataSection, Device, Hub, Length, LoraInit, LoraSection, LossScale, ModelSection,
+    OnBadRow, OptimizerConfig, OptimizerKind, OutputSection, QuantSection, QuantType, Resume,
+    ScheduleConfig, ScheduleKind, TemplateName, TrainConfig, TrainPlan, TrainSection, Truncation,
+    Warmup,
 };
 
 /// Files of a model directory besides config.json and the weights that loading, inference and a
@@ -31,6 +36,8 @@ pub const COMPANION_FILES: [&str; 9] = [
     "added_tokens.json",
 ];
 
+/// A config file or value that cannot be used; `Display` names the file (and line) and the key.
+/// Always the user's to fix: a usage error.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
@@ -40,6 +47,18 @@ pub enum ConfigError {
     },
     #[error("{path} is not valid JSON for a model config: {reason}")]
     Json { path: PathBuf, reason: String },
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
     #[error("{path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
+    /// A key of the training config; `at` is "file:line", the file, or `--set KEY=VALUE`.
+    #[error("{at}: {message}")]
+    Key { at: String, message: String },
+}
+
+impl ConfigError {
+    /// Always: a config is what the user gave.
+    pub fn is_usage(&self) -> bool {
+        true
+    }
 }

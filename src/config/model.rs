@@ -71,6 +71,25 @@ impl Dtype {
     }
 }
 
+impl std::str::FromStr for Dtype {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        Self::parse(name).ok_or_else(|| format!("{name:?} is not bf16, f16 or f32"))
+    }
+}
+
+/// The short name (`bf16`), as the CLI and the training config write it.
+impl std::fmt::Display for Dtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+        })
+    }
+}
+
 /// How rotary frequencies are rescaled, as transformers' `ROPE_INIT_FUNCTIONS`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
@@ -346,6 +365,46 @@ impl HfConfig {
         Ok((0..n)
             .map(|i| (i >= first_sliding).then_some(window))
             .collect())
+    }
+}
+
+/// The adaptable linear layers of one decoder layer, by module path.
+pub const LAYER_LINEARS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+impl ModelConfig {
+    /// `(in, out)` features of a decoder-layer linear, by its name (`q_proj` ... `down_proj`).
+    pub fn linear_shape(&self, proj: &str) -> (usize, usize) {
+        let (h, d, inter) = (self.hidden_size, self.head_dim, self.intermediate_size);
+        let (q, kv) = (self.num_attention_heads * d, self.num_key_value_heads * d);
+        match proj {
+            "q_proj" => (h, q),
+            "k_proj" | "v_proj" => (h, kv),
+            "o_proj" => (q, h),
+            "gate_proj" | "up_proj" => (h, inter),
+            "down_proj" => (inter, h),
+            other => unreachable!("{other} is not a decoder-layer linear"),
+        }
+    }
+
+    /// `(module name, in features, out features)` of every linear layer an adapter may target.
+    pub fn adaptable_linears(&self) -> Vec<(String, usize, usize)> {
+        (0..self.num_hidden_layers)
+            .flat_map(|i| {
+                LAYER_LINEARS.iter().map(move |s| {
+                    let proj = s.rsplit('.').next().unwrap_or(s);
+                    let (n_in, n_out) = self.linear_shape(proj);
+                    (format!("model.layers.{i}.{s}"), n_in, n_out)
+                })
+            })
+            .collect()
     }
 }
 

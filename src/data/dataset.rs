@@ -17,10 +17,9 @@ use super::encode::{Encoded, Encoder};
 use super::format::parse_row;
 use super::pack::{pack, truncate, Packed};
 use super::source::{open_rows, DatasetSpec, RawRow};
-use super::{DataError, OnBadRow};
-use crate::config::DataSection;
-use crate::model::loss::IGNORE_INDEX;
-use crate::model::Batch;
+use super::DataError;
+use crate::config::{DataSection, OnBadRow};
+use crate::model::{Batch, IGNORE_INDEX};
 
 /// Rows kept in memory to shuffle a stream (Hugging Face `IterableDataset.shuffle` keeps 1000).
 pub const SHUFFLE_BUFFER: usize = 10_000;

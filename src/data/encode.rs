@@ -11,19 +11,8 @@ use tokenizers::Tokenizer;
 
 use super::format::{Message, Role, Row};
 use super::template::ChatTemplate;
-use crate::model::loss::IGNORE_INDEX;
-
-/// Which assistant turns take loss (ms-swift's `loss_scale`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LossScale {
-    /// Every assistant turn.
-    Default,
-    /// Only the last assistant turn.
-    LastRound,
-    /// Every token.
-    All,
-}
+use crate::config::LossScale;
+use crate::model::IGNORE_INDEX;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Encoded {
@@ -254,7 +243,7 @@ impl Encoder {
     /// The tokenizer of the model in `dir` with the template `template` names for it.
     pub fn for_model_dir(
         dir: &std::path::Path,
-        template: super::template::TemplateName,
+        template: crate::config::TemplateName,
         system: Option<String>,
         loss_scale: LossScale,
     ) -> Result<Self, super::DataError> {

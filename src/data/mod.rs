@@ -42,16 +42,6 @@ pub enum DataError {
     Tokenizer { path: PathBuf, reason: String },
 }
 
-/// `data.on_bad_row`: what a row that cannot be used does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnBadRow {
-    /// Stop, naming the file and line or row.
-    Error,
-    /// Count it, go on, and report the count and the first reasons.
-    Skip,
-}
-
 /// Where a row is: a line of a JSONL file, or a row (from 0) of a JSON array or Parquet file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Location {

@@ -4,19 +4,8 @@
 //! #4736 is the bug of attending across them).
 
 use super::encode::Encoded;
-use crate::model::loss::IGNORE_INDEX;
-
-/// What happens to a sample longer than `max_length`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Truncation {
-    /// The sample is dropped (reported as a bad row).
-    Delete,
-    /// The first tokens are dropped.
-    Left,
-    /// The last tokens are dropped.
-    Right,
-}
+use crate::config::Truncation;
+use crate::model::IGNORE_INDEX;
 
 /// Applies `truncation`; None when the sample is deleted.
 pub fn truncate(mut e: Encoded, max_length: usize, truncation: Truncation) -> Option<Encoded> {

@@ -7,7 +7,7 @@ use std::path::Path;
 use super::format::{parse_row, Row};
 use super::source::read_rows;
 use super::DataError;
-use crate::model::loss::IGNORE_INDEX;
+use crate::model::IGNORE_INDEX;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenizedRow {

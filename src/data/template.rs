@@ -6,7 +6,6 @@
 //! serve models without one, or when `model.template` names them.
 
 use std::path::Path;
-use std::str::FromStr;
 
 use minijinja::{context, Environment, Error, ErrorKind};
 use serde::Serialize;
@@ -14,26 +13,9 @@ use serde_json::Value;
 
 use super::format::{Message, Role};
 use super::DataError;
-
-/// `model.template`: the model's own template, or a built-in one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TemplateName {
-    /// The model's own template; a built-in one for its model_type when it has none.
-    Auto,
-    /// The model's own template, required.
-    Jinja,
-    Chatml,
-    Qwen,
-    #[serde(rename = "qwen2_5")]
-    Qwen2_5,
-    Qwen3,
-    Llama3,
-}
+use crate::config::TemplateName;
 
 impl TemplateName {
-    pub const CHOICES: &'static str = "auto, chatml, qwen, qwen2_5, qwen3, llama3, jinja";
-
     /// Built-ins written for swift-rs; tests check that each renders as its model's published
     /// template for conversations without function calls.
     fn builtin_source(self) -> Option<&'static str> {
@@ -55,23 +37,6 @@ impl TemplateName {
             "llama" => Some(Self::Llama3),
             _ => None,
         }
-    }
-}
-
-impl FromStr for TemplateName {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        Ok(match s {
-            "auto" => Self::Auto,
-            "jinja" => Self::Jinja,
-            "chatml" => Self::Chatml,
-            "qwen" => Self::Qwen,
-            "qwen2_5" => Self::Qwen2_5,
-            "qwen3" => Self::Qwen3,
-            "llama3" => Self::Llama3,
-            _ => return Err(format!("unknown template {s:?} (use {})", Self::CHOICES)),
-        })
     }
 }
 

@@ -7,16 +7,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::Instant;
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 use safetensors::tensor::TensorView;
 
 use super::peft::read_adapter;
 use super::{ExportError, StagedDir};
 use crate::config::{Dtype, ModelConfig, COMPANION_FILES};
-use crate::lora::Targets;
+use crate::lora::{Lora, Targets};
 use crate::model::ModelBackend;
-use crate::model::{burn_dtype, AdapterSource, Checkpoint, ModelError};
+use crate::model::{burn_dtype, read_lora, AdapterSource, Checkpoint, ModelError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MergeError {
@@ -26,6 +25,13 @@ pub enum MergeError {
     Model(#[from] ModelError),
     #[error("{0}")]
     Usage(String),
+}
+
+impl MergeError {
+    /// An output that exists already.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Self::Usage(_))
+    }
 }
 
 pub struct MergeOptions {
@@ -98,26 +104,12 @@ pub fn merge<B: ModelBackend>(
     .map_err(|e| adapter_error(adapter_dir, vec![e]))?;
 
     // Read every adapter tensor first, so a misfit is refused before anything is written.
-    let mut deltas: HashMap<String, Update<B>> = HashMap::new();
+    let mut deltas: HashMap<String, (Lora<B>, [usize; 2])> = HashMap::new();
     for (name, n_in, n_out) in config.adaptable_linears() {
-        if !targets.matches(&name) {
-            continue;
+        if targets.matches(&name) {
+            let update = read_lora(&mut adapter, lora, &name, [n_in, n_out], device);
+            deltas.insert(format!("{name}.weight"), (update, [n_out, n_in]));
         }
-        let key = |part: &str| format!("base_model.model.{name}.{part}");
-        let a = adapter.take::<B, 2>(&key("lora_A.weight"), [lora.r, n_in], device); // [r, in]
-        let b = adapter.take::<B, 2>(&key("lora_B.weight"), [n_out, lora.r], device); // [out, r]
-        let magnitude = lora
-            .use_dora
-            .then(|| adapter.take::<B, 1>(&key("lora_magnitude_vector"), [n_out], device));
-        deltas.insert(
-            format!("{name}.weight"),
-            Update {
-                a,
-                b,
-                magnitude,
-                shape: [n_out, n_in],
-            },
-        );
     }
     let mut problems = adapter.problems();
     if deltas.is_empty() {
@@ -142,17 +134,17 @@ pub fn merge<B: ModelBackend>(
             })
         })?;
         let tensor = match deltas.get(&key) {
-            Some(update) if shape == update.shape => {
+            Some((update, expected)) if shape[..] == expected[..] => {
                 merged += 1;
-                let w = Tensor::<B, 2>::from_data(data, (device, DType::F32));
-                update.apply(w, lora.scaling()).into_data()
+                // The checkpoint's [out, in] in the adapter's [in, out] orientation and back.
+                let w = Tensor::<B, 2>::from_data(data, (device, DType::F32)).transpose();
+                update.merged_weight(w).transpose().into_data()
             }
-            Some(update) => {
+            Some((_, expected)) => {
                 return Err(adapter_error(
                     adapter_dir,
                     vec![format!(
-                        "base tensor {key} has shape {shape:?}, the adapter expects {:?}",
-                        update.shape
+                        "base tensor {key} has shape {shape:?}, the adapter expects {expected:?}"
                     )],
                 ))
             }
@@ -183,29 +175,6 @@ fn adapter_error(dir: &Path, problems: Vec<String>) -> MergeError {
         what: format!("the adapter in {}", dir.display()),
         problems,
     })
-}
-
-/// One adapted module's update, in PEFT's orientation.
-struct Update<B: Backend> {
-    a: Tensor<B, 2>,                 // [r, in]
-    b: Tensor<B, 2>,                 // [out, r]
-    magnitude: Option<Tensor<B, 1>>, // [out]
-    shape: [usize; 2],
-}
-
-impl<B: Backend> Update<B> {
-    /// `w` is `[out, in]` in f32.
-    fn apply(&self, w: Tensor<B, 2>, scaling: f64) -> Tensor<B, 2> {
-        let merged = w + self.b.clone().matmul(self.a.clone()) * scaling; // [out, in]
-        match &self.magnitude {
-            None => merged,
-            Some(m) => {
-                // DoRA: W' = m / ||W + sBA|| (per output row) * (W + sBA).
-                let norm = merged.clone().powi_scalar(2).sum_dim(1).sqrt(); // [out, 1]
-                merged * (m.clone().unsqueeze_dim::<2>(1) / norm)
-            }
-        }
-    }
 }
 
 /// Collects tensors into shards of at most `max` bytes, in the output dtype.

@@ -11,6 +11,7 @@ use safetensors::tensor::TensorView;
 
 use super::{ExportError, StagedDir};
 use crate::config::{Dtype, LoraConfig, TargetModules};
+use crate::lora::{peft_key, LORA_A, LORA_B, MAGNITUDE};
 use crate::model::{AdapterSource, CausalLm, Checkpoint, LoraPlan};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -70,15 +71,14 @@ pub fn adapter_files<B: Backend>(
 ) -> Result<Vec<(&'static str, Vec<u8>)>, ExportError> {
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut suffixes = BTreeSet::new();
-    for (name, lin) in model.lora_linears() {
-        let Some(l) = &lin.adapter else { continue };
+    for (name, l) in model.adapters() {
         suffixes.insert(name.rsplit('.').next().unwrap_or(&name).to_string());
-        let key = |part: &str| format!("base_model.model.{name}.{part}");
+        let key = |part: &str| peft_key(&name, part);
         // Burn keeps [in, r] / [r, out]; PEFT's files hold the transposes.
-        tensors.push(f32_entry(key("lora_A.weight"), l.lora_a.val().transpose()));
-        tensors.push(f32_entry(key("lora_B.weight"), l.lora_b.val().transpose()));
+        tensors.push(f32_entry(key(LORA_A), l.lora_a.val().transpose()));
+        tensors.push(f32_entry(key(LORA_B), l.lora_b.val().transpose()));
         if let Some(m) = &l.lora_magnitude_vector {
-            tensors.push(f32_entry(key("lora_magnitude_vector"), m.val()));
+            tensors.push(f32_entry(key(MAGNITUDE), m.val()));
         }
     }
     let mut config = config.clone();

@@ -14,13 +14,24 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Normal, Uniform};
 
 use crate::config::{InitLoraWeights, LoraConfig};
-use crate::model::ops::{
+use crate::ops::{
     base_linear, lora_linear, lora_linear_seed, seed_gradient, LoraParts, ModelBackend,
     TrainBackend,
 };
 use crate::quant::Nf4Linear;
 
 pub use target::{Targets, ALL_LINEAR};
+
+/// PEFT's tensor names in `adapter_model.safetensors`, under `peft_key`.
+pub const LORA_A: &str = "lora_A.weight";
+pub const LORA_B: &str = "lora_B.weight";
+pub const MAGNITUDE: &str = "lora_magnitude_vector";
+
+/// The key of one tensor (`part`: `LORA_A`, `LORA_B`, `MAGNITUDE`) of the adapter on `module`
+/// (a full module name, `model.layers.0.self_attn.q_proj`) in PEFT's files.
+pub fn peft_key(module: &str, part: &str) -> String {
+    format!("base_model.model.{module}.{part}")
+}
 
 /// The trainable part of one adapted layer. Stored in Burn's `[in, out]` orientation; PEFT's
 /// files hold the transposes (`lora_A.weight` [r, in], `lora_B.weight` [out, r]).
@@ -148,11 +159,11 @@ impl<B: Backend> Lora<B> {
     /// works on these; their order is the one `set_trainable` takes back.
     pub fn trainable(&self) -> Vec<(&'static str, Tensor<B, 1>)> {
         let mut out = vec![
-            ("lora_A.weight", self.lora_a.val().flatten(0, 1)),
-            ("lora_B.weight", self.lora_b.val().flatten(0, 1)),
+            (LORA_A, self.lora_a.val().flatten(0, 1)),
+            (LORA_B, self.lora_b.val().flatten(0, 1)),
         ];
         if let Some(m) = &self.lora_magnitude_vector {
-            out.push(("lora_magnitude_vector", m.val()));
+            out.push((MAGNITUDE, m.val()));
         }
         out
     }
@@ -182,11 +193,21 @@ impl<B: Backend> Lora<B> {
 
     /// `||W + sBA||` of every output row (PEFT's `get_weight_norm`), `[out]`. `w` is `[in, out]`.
     pub fn weight_norm(&self, w: Tensor<B, 2>) -> Tensor<B, 1> {
-        (w + self.delta_weight())
-            .powi_scalar(2)
-            .sum_dim(0)
-            .sqrt()
-            .squeeze_dim(0)
+        output_norms(w + self.delta_weight()).squeeze_dim(0)
+    }
+
+    /// The weight this adapted layer computes with, `[in, out]` f32 from `w` `[in, out]` f32:
+    /// `W + sBA`, and for DoRA rescaled to the learned magnitude of every output row
+    /// (`m / ||W + sBA|| * (W + sBA)`, PEFT's merge).
+    pub fn merged_weight(&self, w: Tensor<B, 2>) -> Tensor<B, 2> {
+        let merged = w + self.delta_weight(); // [in, out]
+        match &self.lora_magnitude_vector {
+            None => merged,
+            Some(m) => {
+                let norm = output_norms(merged.clone()); // [1, out]
+                merged * (m.val().unsqueeze_dim::<2>(0) / norm)
+            }
+        }
     }
 
     /// A fresh adapter as PEFT initialises one. `base_weight` ([in, out], f32) sets DoRA's
@@ -280,6 +301,11 @@ impl<B: AutodiffBackend> Lora<B> {
         }
         out
     }
+}
+
+/// The norm of every column (output row of the layer) of `w` `[in, out]`, `[1, out]`.
+fn output_norms<B: Backend>(w: Tensor<B, 2>) -> Tensor<B, 2> {
+    w.powi_scalar(2).sum_dim(0).sqrt()
 }
 
 fn replace<B: Backend, const D: usize>(param: &mut Param<Tensor<B, D>>, flat: Tensor<B, 1>) {

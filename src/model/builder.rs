@@ -7,9 +7,9 @@ use burn::tensor::{DType, Tensor};
 
 use super::frozen;
 use super::load::Checkpoint;
-use crate::config::LoraConfig;
-use crate::lora::{BaseLinear, Lora, LoraLinear, Targets};
-use crate::quant::{Nf4Config, Nf4Linear};
+use crate::config::{LoraConfig, Nf4Config};
+use crate::lora::{peft_key, BaseLinear, Lora, LoraLinear, Targets, LORA_A, LORA_B, MAGNITUDE};
+use crate::quant::Nf4Linear;
 
 /// Where adapter weights come from.
 pub enum AdapterSource {
@@ -133,13 +133,7 @@ impl<'a, B: Backend> Builder<'a, B> {
                         }
                     }
                     AdapterSource::Weights(w) => {
-                        let key = |part: &str| format!("base_model.model.{name}.{part}");
-                        let a = w.take_linear(&key("lora_A.weight"), [cfg.r, n_in], self.device);
-                        let b = w.take_linear(&key("lora_B.weight"), [n_out, cfg.r], self.device);
-                        let m = cfg
-                            .use_dora
-                            .then(|| w.take(&key("lora_magnitude_vector"), [n_out], self.device));
-                        Some(Lora::from_weights(cfg, a, b, m))
+                        Some(read_lora(w, cfg, name, [n_in, n_out], self.device))
                     }
                 }
             }
@@ -169,4 +163,22 @@ impl<'a, B: Backend> Builder<'a, B> {
             Err(problems)
         }
     }
+}
+
+/// The adapter on module `name` (`[n_in, n_out]`) from a PEFT adapter checkpoint; problems
+/// (missing or mis-shaped tensors) are recorded in `ckpt`.
+pub fn read_lora<B: Backend>(
+    ckpt: &mut Checkpoint,
+    cfg: &LoraConfig,
+    name: &str,
+    [n_in, n_out]: [usize; 2],
+    device: &B::Device,
+) -> Lora<B> {
+    let key = |part: &str| peft_key(name, part);
+    let a = ckpt.take_linear(&key(LORA_A), [cfg.r, n_in], device);
+    let b = ckpt.take_linear(&key(LORA_B), [n_out, cfg.r], device);
+    let m = cfg
+        .use_dora
+        .then(|| ckpt.take(&key(MAGNITUDE), [n_out], device));
+    Lora::from_weights(cfg, a, b, m)
 }

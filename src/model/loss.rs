@@ -6,10 +6,8 @@
 use burn::tensor::{Int, Tensor, TensorData};
 
 use super::decoder::CausalLm;
-use super::ops::{cross_entropy, ModelBackend};
-
-/// Label value that takes no loss (PyTorch's `ignore_index`).
-pub const IGNORE_INDEX: i64 = -100;
+use super::IGNORE_INDEX;
+use crate::ops::{cross_entropy, ModelBackend};
 
 /// Tokens whose logits are computed at once.
 const CHUNK_TOKENS: usize = 1024;

@@ -1,10 +1,15 @@
-//! The decoder: layers, RoPE, strict checkpoint loading and the chunked loss.
+//! The model: `batch` (the host-side input), `layers` and `decoder` (transformers' Llama family),
+//! `rope`, `mask`, `cache` (generation), `builder` and `load` (strict checkpoint loading with
+//! adapters built in) and the chunked `loss`.
 
+mod batch;
 mod builder;
+mod cache;
 mod decoder;
+mod layers;
 pub mod load;
 pub mod loss;
-pub mod ops;
+mod mask;
 pub mod rope;
 
 use std::path::Path;
@@ -13,17 +18,17 @@ use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 
+pub use batch::{Batch, IGNORE_INDEX};
 use builder::Builder;
-pub use builder::{AdapterSource, LoraPlan};
-pub use decoder::{
-    Attention, Batch, CausalLm, DecoderLayer, DecoderModel, KvCache, LayerCache, LayerInputs, Mlp,
-    RmsNorm,
-};
+pub use builder::{read_lora, AdapterSource, LoraPlan};
+pub use cache::KvCache;
+pub use decoder::{CausalLm, DecoderModel, LayerInputs};
+pub use layers::{Attention, DecoderLayer, LayerCache, Mlp, RmsNorm};
 pub use load::{Checkpoint, LoadError};
-pub use ops::{ModelBackend, TrainBackend};
+// The backend bound of everything that runs the model, for the layers above it.
+pub use crate::ops::{ModelBackend, TrainBackend};
 
-use crate::config::{ConfigError, Dtype, ModelConfig};
-use crate::quant::Nf4Config;
+use crate::config::{ConfigError, Dtype, ModelConfig, Nf4Config};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -34,6 +39,14 @@ pub enum ModelError {
     /// `what` is "the adapter in DIR" or "the LoRA config".
     #[error("{what} does not fit the model ({} problems):\n    {}", .problems.len(), .problems.join("\n    "))]
     Adapter { what: String, problems: Vec<String> },
+}
+
+impl ModelError {
+    /// A config.json that cannot be used is the user's to fix; bad weights files are failures
+    /// while loading.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Self::Config(_))
+    }
 }
 
 /// Frozen: base weights get no gradient and no optimizer state.

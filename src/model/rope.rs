@@ -5,8 +5,8 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 
-use super::ops::{rope, ModelBackend};
 use crate::config::{RopeConfig, RopeScaling};
+use crate::ops::{rope, ModelBackend};
 
 /// `inv_freq[i] = 1 / theta^(2i / head_dim)`, rescaled as the rope type says. Computed in f32 as
 /// transformers does, so angles match at long positions too.

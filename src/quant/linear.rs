@@ -6,24 +6,9 @@ use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 
+use crate::config::Nf4Config;
+
 use super::nf4::{dynamic_map, nf4_code, Absmax, Nf4, DOUBLE_QUANT_BLOCKSIZE};
-
-/// QLoRA's `[quant]` settings for NF4.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Nf4Config {
-    pub blocksize: usize,
-    pub double_quant: bool,
-}
-
-impl Default for Nf4Config {
-    /// bitsandbytes' and ms-swift's QLoRA defaults.
-    fn default() -> Self {
-        Self {
-            blocksize: 64,
-            double_quant: true,
-        }
-    }
-}
 
 #[derive(Module, Debug)]
 pub struct Nf4Linear<B: Backend> {

@@ -4,5 +4,5 @@
 pub mod linear;
 pub mod nf4;
 
-pub use linear::{Nf4Config, Nf4Linear};
+pub use linear::Nf4Linear;
 pub use nf4::{nf4_code, Absmax, Nf4};

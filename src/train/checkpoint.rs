@@ -15,9 +15,10 @@ use serde::{Deserialize, Serialize};
 use super::log::LogEntry;
 use super::optim::{Moments, Optimizer};
 use super::TrainError;
-use crate::config::LoraConfig;
+use crate::config::{LoraConfig, OptimizerKind};
 use crate::export::peft::{adapter_files, f32_entry, f32_safetensors};
 use crate::export::StagedDir;
+use crate::lora::peft_key;
 use crate::model::CausalLm;
 use crate::model::ModelBackend;
 
@@ -56,6 +57,25 @@ pub struct TrainerState {
     pub log_history: Vec<LogEntry>,
 }
 
+impl TrainerState {
+    /// The state of a run that has not started.
+    pub fn new(max_steps: u64, seed: u64, optimizer: OptimizerKind) -> Self {
+        Self {
+            global_step: 0,
+            max_steps,
+            epoch: 0.0,
+            data_position: DataPosition::default(),
+            seed,
+            optimizer: optimizer.name().into(),
+            elapsed_s: 0.0,
+            unlogged_loss: (0.0, 0),
+            best_metric: None,
+            best_model_checkpoint: None,
+            log_history: Vec::new(),
+        }
+    }
+}
+
 /// The name of the checkpoint of `step`.
 pub fn checkpoint_dir(run_dir: &Path, step: u64) -> PathBuf {
     run_dir.join(format!("{PREFIX}{step}"))
@@ -84,13 +104,11 @@ pub fn save<B: ModelBackend>(
 /// The key of every trainable tensor, in the order the optimizer holds them.
 pub fn trainable_keys<B: ModelBackend>(model: &CausalLm<B>) -> Vec<String> {
     model
-        .lora_linears()
-        .into_iter()
-        .filter_map(|(name, lin)| Some((name, lin.adapter.as_ref()?)))
+        .adapters()
         .flat_map(|(name, l)| {
             l.trainable()
                 .into_iter()
-                .map(move |(part, _)| format!("base_model.model.{name}.{part}"))
+                .map(move |(part, _)| peft_key(&name, part))
         })
         .collect()
 }

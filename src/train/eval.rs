@@ -2,8 +2,9 @@
 
 use crate::data::dataset::{collate, TrainRow};
 use crate::data::TokenizedRow;
-use crate::model::loss::{token_losses, LossTargets, IGNORE_INDEX};
+use crate::model::loss::{token_losses, LossTargets};
 use crate::model::ModelBackend;
+use crate::model::IGNORE_INDEX;
 use crate::model::{Batch, CausalLm};
 
 /// The mean cross-entropy of one row over its label tokens (positions 1.. whose label is not -100).

@@ -4,8 +4,10 @@
 pub mod checkpoint;
 mod eval;
 pub mod feed;
+mod grads;
 pub mod log;
 pub mod optim;
+pub mod run_dir;
 pub mod schedule;
 mod trainer;
 
@@ -24,7 +26,7 @@ pub enum TrainError {
     #[error("{key}: {reason}")]
     Config { key: String, reason: String },
     #[error(transparent)]
-    Settings(#[from] crate::config::TrainConfigError),
+    Settings(#[from] crate::config::ConfigError),
     #[error("{dir} already holds a run: set train.resume_from = \"latest\" to continue it, or output.overwrite = true to start over")]
     RunExists { dir: PathBuf },
     #[error(transparent)]

@@ -4,48 +4,10 @@
 //! decay 1e-4) and per-tensor clipping differ from PyTorch's, and their state is not kept as
 //! named tensors that a checkpoint can hold and a resume can give back bit for bit.
 
-use std::str::FromStr;
-
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Tensor};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OptimizerKind {
-    AdamW,
-    Sgd,
-}
-
-impl OptimizerKind {
-    /// `train.optimizer`'s value for it, as trainer_state.json records it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::AdamW => "adamw",
-            Self::Sgd => "sgd",
-        }
-    }
-}
-
-impl FromStr for OptimizerKind {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "adamw" | "adamw_torch" => Ok(Self::AdamW),
-            "sgd" => Ok(Self::Sgd),
-            _ => Err(format!("unknown optimizer {s:?} (use adamw or sgd)")),
-        }
-    }
-}
-
-/// `train.optimizer`, `train.weight_decay`, `train.adam_beta1/2`, `train.adam_eps`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct OptimizerConfig {
-    pub kind: OptimizerKind,
-    pub weight_decay: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-}
+use crate::config::{OptimizerConfig, OptimizerKind};
 
 /// AdamW's running moments of one tensor (PyTorch's `exp_avg`, `exp_avg_sq`).
 #[derive(Debug, Clone)]

@@ -4,29 +4,7 @@
 //! first step of a warmup uses a rate of 0. The warmup applies to `constant` too
 //! (transformers' `constant_with_warmup`), since `train.warmup_*` is given for every schedule.
 
-use std::str::FromStr;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ScheduleKind {
-    Cosine,
-    Linear,
-    Constant,
-}
-
-impl FromStr for ScheduleKind {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "cosine" => Ok(Self::Cosine),
-            "linear" => Ok(Self::Linear),
-            "constant" => Ok(Self::Constant),
-            _ => Err(format!(
-                "unknown lr_scheduler {s:?} (use cosine, linear or constant)"
-            )),
-        }
-    }
-}
+use crate::config::{ScheduleConfig, ScheduleKind};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LrSchedule {
@@ -38,24 +16,12 @@ pub struct LrSchedule {
 }
 
 impl LrSchedule {
-    /// The warmup as ms-swift / transformers resolve it: `warmup_steps` when above 0, else
-    /// `ceil(total_steps * warmup_ratio)`.
-    pub fn new(
-        kind: ScheduleKind,
-        base: f64,
-        total_steps: usize,
-        warmup_steps: usize,
-        warmup_ratio: f64,
-    ) -> Self {
-        let warmup_steps = if warmup_steps > 0 {
-            warmup_steps
-        } else {
-            (total_steps as f64 * warmup_ratio).ceil() as usize
-        };
+    /// The schedule of a run of `total_steps` optimizer steps.
+    pub fn new(config: ScheduleConfig, total_steps: usize) -> Self {
         Self {
-            kind,
-            base,
-            warmup_steps,
+            kind: config.kind,
+            base: config.lr,
+            warmup_steps: config.warmup.steps(total_steps),
             total_steps,
         }
     }
@@ -88,12 +54,18 @@ impl LrSchedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Warmup;
 
     #[test]
     fn warmup_from_ratio_or_steps() {
-        let s = LrSchedule::new(ScheduleKind::Cosine, 1.0, 100, 0, 0.03);
+        let config = |warmup| ScheduleConfig {
+            kind: ScheduleKind::Cosine,
+            lr: 1.0,
+            warmup,
+        };
+        let s = LrSchedule::new(config(Warmup::Ratio(0.03)), 100);
         assert_eq!(s.warmup_steps, 3);
-        let s = LrSchedule::new(ScheduleKind::Cosine, 1.0, 100, 7, 0.5);
+        let s = LrSchedule::new(config(Warmup::Steps(7)), 100);
         assert_eq!(s.warmup_steps, 7);
     }
 }

@@ -5,12 +5,13 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::NodeId;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{BoolTensor, FloatTensor, IntTensor};
 use burn::tensor::FloatDType;
 
-use super::{generic_linear, generic_lora_linear, LoraParts, ModelBackend, SeedGradient};
+use super::{generic, LoraParts, ModelBackend, SeedGradient};
 
 #[derive(Debug)]
 struct LoraLinearBackward;
@@ -31,19 +32,12 @@ impl<B: ModelBackend> Backward<B, 3> for LoraLinearBackward {
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
-        let [node_x, node_a, node_b] = ops.parents;
+        let inputs = ops.parents.map(|n| n.map(|n| n.id));
         let received = grads.consume::<B>(&ops.node);
         let (x, layer, h, seeded) = ops.state;
         let grad = seeded.unwrap_or(received);
-        let (dx, da, db) = B::lora_linear_backward(x, layer, h, grad, node_x.is_some());
-        if let (Some(node), Some(dx)) = (node_x, dx) {
-            grads.register::<B>(node.id, dx);
-        }
-        for (node, g) in [(node_a, da), (node_b, db)] {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, g);
-            }
-        }
+        let (dx, da, db) = B::lora_linear_backward(x, layer, h, grad, inputs[0].is_some());
+        register::<B, 3>(grads, inputs, [dx, Some(da), Some(db)]);
     }
 }
 
@@ -60,12 +54,10 @@ impl<B: ModelBackend> Backward<B, 1> for BaseLinearBackward {
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
-        let [node_x] = ops.parents;
+        let inputs = ops.parents.map(|n| n.map(|n| n.id));
         let grad = grads.consume::<B>(&ops.node);
-        if let Some(node) = node_x {
-            let dx = B::base_linear(grad, B::float_transpose(ops.state), None);
-            grads.register::<B>(node.id, dx);
-        }
+        let dx = inputs[0].map(|_| B::base_linear(grad, B::float_transpose(ops.state), None));
+        register::<B, 1>(grads, inputs, [dx]);
     }
 }
 
@@ -82,11 +74,9 @@ impl<B: Backend> Backward<B, 1> for SeedBackward {
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
-        let [node] = ops.parents;
+        let inputs = ops.parents.map(|n| n.map(|n| n.id));
         grads.consume::<B>(&ops.node);
-        if let Some(node) = node {
-            grads.register::<B>(node.id, ops.state);
-        }
+        register::<B, 1>(grads, inputs, [Some(ops.state)]);
     }
 }
 
@@ -114,15 +104,11 @@ impl<B: ModelBackend> Backward<B, 3> for SdpaBackward {
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
-        let [node_q, node_k, node_v] = ops.parents;
+        let inputs = ops.parents.map(|n| n.map(|n| n.id));
         let grad = grads.consume::<B>(&ops.node);
         let (q, k, v, mask, is_causal, out, saved) = ops.state;
         let d = B::sdpa_backward(q, k, v, mask, is_causal, out, saved, grad);
-        for (node, g) in [node_q, node_k, node_v].into_iter().zip(d) {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, g);
-            }
-        }
+        register::<B, 3>(grads, inputs, d.map(Some));
     }
 }
 
@@ -139,12 +125,11 @@ impl<B: ModelBackend> Backward<B, 1> for RopeBackward {
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
-        let [node_x] = ops.parents;
+        let inputs = ops.parents.map(|n| n.map(|n| n.id));
         let grad = grads.consume::<B>(&ops.node);
         let (cos, sin) = ops.state;
-        if let Some(node) = node_x {
-            grads.register::<B>(node.id, B::rope(grad, cos, B::float_neg(sin)));
-        }
+        let dx = inputs[0].map(|_| B::rope(grad, cos, B::float_neg(sin)));
+        register::<B, 1>(grads, inputs, [dx]);
     }
 }
 
@@ -161,14 +146,11 @@ impl<B: ModelBackend> Backward<B, 2> for SwigluBackward {
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
+        let inputs = ops.parents.map(|n| n.map(|n| n.id));
         let grad = grads.consume::<B>(&ops.node);
         let (gate, up) = ops.state;
         let d = B::swiglu_backward(gate, up, grad);
-        for (node, g) in ops.parents.into_iter().zip(d) {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, g);
-            }
-        }
+        register::<B, 2>(grads, inputs, d.map(Some));
     }
 }
 
@@ -185,16 +167,11 @@ impl<B: ModelBackend> Backward<B, 2> for RmsNormBackward {
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
-        let [node_x, node_weight] = ops.parents;
+        let inputs = ops.parents.map(|n| n.map(|n| n.id));
         let grad = grads.consume::<B>(&ops.node);
         let (x, weight, eps) = ops.state;
-        let (dx, dw) = B::rms_norm_backward(x, weight, eps, grad, node_weight.is_some());
-        if let Some(node) = node_x {
-            grads.register::<B>(node.id, dx);
-        }
-        if let (Some(node), Some(dw)) = (node_weight, dw) {
-            grads.register::<B>(node.id, dw);
-        }
+        let (dx, dw) = B::rms_norm_backward(x, weight, eps, grad, inputs[1].is_some());
+        register::<B, 2>(grads, inputs, [Some(dx), dw]);
     }
 }
 
@@ -211,12 +188,24 @@ impl<B: ModelBackend> Backward<B, 1> for CrossEntropyBackward {
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
-        let [node_logits] = ops.parents;
+        let inputs = ops.parents.map(|n| n.map(|n| n.id));
         let grad = grads.consume::<B>(&ops.node);
         let (logits, targets, lse) = ops.state;
-        if let Some(node) = node_logits {
-            let d = B::cross_entropy_backward(logits, targets, lse, grad);
-            grads.register::<B>(node.id, d);
+        let d = inputs[0].map(|_| B::cross_entropy_backward(logits, targets, lse, grad));
+        register::<B, 1>(grads, inputs, [d]);
+    }
+}
+
+/// Hands each gradient the op computed to its input, where that input is tracked (`inputs`: the
+/// ids of the op's parents, None for an untracked one).
+fn register<B: Backend, const N: usize>(
+    grads: &mut Gradients,
+    inputs: [Option<NodeId>; N],
+    values: [Option<FloatTensor<B>>; N],
+) {
+    for (id, g) in inputs.into_iter().zip(values) {
+        if let (Some(id), Some(g)) = (id, g) {
+            grads.register::<B>(id, g);
         }
     }
 }
@@ -292,7 +281,7 @@ impl<B: ModelBackend, C: CheckpointStrategy> SeedGradient for Autodiff<B, C> {
         grad: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         if base_tracked::<B, C>(&layer.weight, layer.bias.as_ref()) {
-            return Self::seed_gradient(generic_lora_linear::<Self>(x, layer).0, grad);
+            return Self::seed_gradient(generic::lora_linear::<Self>(x, layer).0, grad);
         }
         lora_linear_node(x, layer, Some(grad.primitive))
     }
@@ -305,7 +294,7 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
         bias: Option<FloatTensor<Self>>,
     ) -> FloatTensor<Self> {
         if base_tracked::<B, C>(&weight, bias.as_ref()) {
-            return generic_linear::<Self>(x, weight, bias);
+            return generic::linear::<Self>(x, weight, bias);
         }
         let (weight, bias) = (weight.primitive, bias.map(|b| b.primitive));
         match BaseLinearBackward
@@ -323,7 +312,7 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
 
     fn lora_linear(x: FloatTensor<Self>, layer: LoraParts<Self>) -> FloatTensor<Self> {
         if base_tracked::<B, C>(&layer.weight, layer.bias.as_ref()) {
-            return generic_lora_linear::<Self>(x, layer).0;
+            return generic::lora_linear::<Self>(x, layer).0;
         }
         lora_linear_node(x, layer, None)
     }

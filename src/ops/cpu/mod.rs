@@ -9,12 +9,7 @@ use burn::tensor::ops::{BoolTensor, FloatTensor, IntTensor};
 use burn::tensor::{DType, TensorData};
 use burn_flex::FlexTensor;
 
-use super::{
-    generic_cross_entropy, generic_cross_entropy_backward, generic_linear, generic_lora_linear,
-    generic_lora_linear_backward, generic_rms_norm, generic_rms_norm_backward, generic_rope,
-    generic_sdpa, generic_sdpa_grads, generic_swiglu, generic_swiglu_backward, LoraGrads,
-    LoraParts, ModelBackend,
-};
+use super::{generic, LoraGrads, LoraParts, ModelBackend};
 
 /// Whether every tensor is f32 (the kernels' dtype).
 fn all_f32(tensors: &[&FlexTensor]) -> bool {
@@ -90,7 +85,7 @@ impl ModelBackend for Flex {
         let mut tensors = vec![&x, &weight];
         tensors.extend(&bias);
         if !all_f32(&tensors) {
-            return generic_linear::<Self>(x, weight, bias);
+            return generic::linear::<Self>(x, weight, bias);
         }
         let weight = match matrix(&weight) {
             Some(_) => weight,
@@ -113,7 +108,7 @@ impl ModelBackend for Flex {
         layer: LoraParts<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let Some(parts) = contiguous_f32(&layer).filter(|_| all_f32(&[&x])) else {
-            return generic_lora_linear::<Self>(x, layer);
+            return generic::lora_linear::<Self>(x, layer);
         };
         let x = x.to_contiguous();
         let l = kernel_layer(&parts);
@@ -137,7 +132,7 @@ impl ModelBackend for Flex {
         let mut tensors = vec![&x, &grad];
         tensors.extend(&h);
         let Some(parts) = contiguous_f32(&layer).filter(|_| all_f32(&tensors)) else {
-            return generic_lora_linear_backward::<Self>(x, layer, h, grad, x_grad);
+            return generic::lora_linear_backward::<Self>(x, layer, h, grad, x_grad);
         };
         let (x, grad) = (x.to_contiguous(), grad.to_contiguous());
         let h = h.map(|h| h.to_contiguous());
@@ -159,7 +154,7 @@ impl ModelBackend for Flex {
         is_causal: bool,
     ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
         if !all_f32(&[&q, &k, &v]) {
-            return (generic_sdpa::<Self>(q, k, v, mask, is_causal), None);
+            return (generic::sdpa::<Self>(q, k, v, mask, is_causal), None);
         }
         let (out, lse) = attention::forward(q, k, v, mask, is_causal);
         (out, Some(lse))
@@ -177,7 +172,7 @@ impl ModelBackend for Flex {
     ) -> [FloatTensor<Self>; 3] {
         match saved {
             Some(lse) => attention::backward(q, k, v, mask, is_causal, out, lse, d_out),
-            None => generic_sdpa_grads::<Self>(q, k, v, mask, is_causal, out, d_out),
+            None => generic::sdpa_grads::<Self>(q, k, v, mask, is_causal, out, d_out),
         }
     }
 
@@ -187,7 +182,7 @@ impl ModelBackend for Flex {
         sin: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         if !all_f32(&[&x, &cos, &sin]) {
-            return generic_rope::<Self>(x, cos, sin);
+            return generic::rope::<Self>(x, cos, sin);
         }
         let shape = x.layout().shape().clone();
         let (heads, dim) = (shape[2], shape[3]);
@@ -198,7 +193,7 @@ impl ModelBackend for Flex {
 
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
         if !all_f32(&[&gate, &up]) {
-            return generic_swiglu::<Self>(gate, up);
+            return generic::swiglu::<Self>(gate, up);
         }
         let (gate, up) = (gate.to_contiguous(), up.to_contiguous());
         like(&gate, elementwise::swiglu(gate.storage(), up.storage()))
@@ -210,7 +205,7 @@ impl ModelBackend for Flex {
         grad: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 2] {
         if !all_f32(&[&gate, &up, &grad]) {
-            return generic_swiglu_backward::<Self>(gate, up, grad);
+            return generic::swiglu_backward::<Self>(gate, up, grad);
         }
         let (gate, up, grad) = (
             gate.to_contiguous(),
@@ -224,7 +219,7 @@ impl ModelBackend for Flex {
 
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
         if !all_f32(&[&x, &weight]) {
-            return generic_rms_norm::<Self>(x, weight, eps);
+            return generic::rms_norm::<Self>(x, weight, eps);
         }
         let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
         like(
@@ -241,7 +236,7 @@ impl ModelBackend for Flex {
         weight_grad: bool,
     ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
         if !all_f32(&[&x, &weight, &grad]) {
-            return generic_rms_norm_backward::<Self>(x, weight, eps, grad, weight_grad);
+            return generic::rms_norm_backward::<Self>(x, weight, eps, grad, weight_grad);
         }
         let (x, weight, grad) = (
             x.to_contiguous(),
@@ -263,7 +258,7 @@ impl ModelBackend for Flex {
         targets: IntTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         if !all_f32(&[&logits]) {
-            return generic_cross_entropy::<Self>(logits, targets);
+            return generic::cross_entropy::<Self>(logits, targets);
         }
         let logits = logits.to_contiguous();
         let vocab = logits.layout().shape()[1];
@@ -278,7 +273,7 @@ impl ModelBackend for Flex {
         grad: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         if !all_f32(&[&logits, &grad]) {
-            return generic_cross_entropy_backward::<Self>(logits, targets, lse, grad);
+            return generic::cross_entropy_backward::<Self>(logits, targets, lse, grad);
         }
         let (logits, lse, grad) = (
             logits.to_contiguous(),

@@ -1,0 +1,481 @@
+//! The training config (`swift-rs train --config FILE`, `swift-rs encode --config FILE`): TOML
+//! sections [model] [lora] [quant] [data] [train] [output] with SPEC's keys and ms-swift's
+//! defaults, ms-swift's flat argument names as aliases (at the top level or in their section),
+//! and `--set section.key=value` overrides. Unknown keys are errors naming the key and its line.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ConfigError, Dtype};
+
+mod choices;
+mod overlay;
+mod plan;
+
+pub use choices::{
+    auto_dtype, Device, Hub, LoraInit, LossScale, OnBadRow, OptimizerKind, QuantType, ScheduleKind,
+    TemplateName, Truncation,
+};
+pub use plan::{Length, OptimizerConfig, Resume, ScheduleConfig, TrainPlan, Warmup};
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainConfig {
+    pub model: ModelSection,
+    pub lora: LoraSection,
+    pub quant: QuantSection,
+    pub data: DataSection,
+    pub train: TrainSection,
+    pub output: OutputSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ModelSection {
+    /// A model directory, or a hub id `org/name[@revision]`.
+    pub path: String,
+    /// Where a hub id is downloaded from; None: the USE_HF environment variable decides, as in
+    /// ms-swift, else the Hugging Face Hub.
+    pub hub: Option<Hub>,
+    /// None: "auto" (see `auto_dtype`).
+    #[serde(with = "auto_dtype")]
+    pub dtype: Option<Dtype>,
+    pub template: TemplateName,
+    /// The system prompt of conversations that have none.
+    pub system: Option<String>,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self {
+            path: String::new(),
+            hub: None,
+            dtype: None,
+            template: TemplateName::Auto,
+            system: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoraSection {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub target_modules: Vec<String>,
+    pub target_regex: Option<String>,
+    pub use_rslora: bool,
+    pub use_dora: bool,
+    pub init: LoraInit,
+    /// A PEFT adapter directory to start from.
+    pub init_adapter: Option<PathBuf>,
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        Self {
+            r: 8,
+            alpha: 32.0,
+            dropout: 0.05,
+            target_modules: vec!["all-linear".into()],
+            target_regex: None,
+            use_rslora: false,
+            use_dora: false,
+            init: LoraInit::Default,
+            init_adapter: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct QuantSection {
+    /// 4 = QLoRA; none = full-precision frozen weights.
+    pub bits: Option<u32>,
+    #[serde(rename = "type")]
+    pub kind: QuantType,
+    pub double_quant: bool,
+    pub block_size: usize,
+}
+
+impl Default for QuantSection {
+    fn default() -> Self {
+        Self {
+            bits: None,
+            kind: QuantType::Nf4,
+            double_quant: true,
+            block_size: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DataSection {
+    /// Dataset specs `path[#N]`: a file, directory or glob of .jsonl/.json/.parquet.
+    pub train: Vec<String>,
+    pub val: Vec<String>,
+    pub val_ratio: f64,
+    /// Column rename map, `from = "to"`.
+    pub columns: BTreeMap<String, String>,
+    pub max_length: usize,
+    pub truncation: Truncation,
+    pub shuffle: bool,
+    pub packing: bool,
+    pub streaming: bool,
+    pub loss_scale: LossScale,
+    pub on_bad_row: OnBadRow,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        Self {
+            train: Vec::new(),
+            val: Vec::new(),
+            val_ratio: 0.0,
+            columns: BTreeMap::new(),
+            max_length: 2048,
+            truncation: Truncation::Delete,
+            shuffle: true,
+            packing: false,
+            streaming: false,
+            loss_scale: LossScale::Default,
+            on_bad_row: OnBadRow::Error,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainSection {
+    pub epochs: f64,
+    /// > 0 wins over epochs.
+    pub max_steps: i64,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub lr_scheduler: ScheduleKind,
+    pub warmup_ratio: f64,
+    pub warmup_steps: usize,
+    pub optimizer: OptimizerKind,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_eps: f64,
+    /// 0 disables clipping.
+    pub max_grad_norm: f64,
+    pub gradient_checkpointing: bool,
+    pub seed: u64,
+    pub logging_steps: usize,
+    pub save_steps: usize,
+    /// None: save_steps.
+    pub eval_steps: Option<usize>,
+    pub save_total_limit: Option<usize>,
+    /// A checkpoint directory, or "latest".
+    pub resume_from: Option<String>,
+    pub device: Device,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            epochs: 3.0,
+            max_steps: -1,
+            batch_size: 1,
+            grad_accum: 16,
+            lr: 1e-4,
+            lr_scheduler: ScheduleKind::Cosine,
+            warmup_ratio: 0.0,
+            warmup_steps: 0,
+            optimizer: OptimizerKind::AdamW,
+            weight_decay: 0.1,
+            adam_beta1: 0.9,
+            adam_beta2: 0.95,
+            adam_eps: 1e-8,
+            max_grad_norm: 1.0,
+            gradient_checkpointing: true,
+            seed: 42,
+            logging_steps: 5,
+            save_steps: 500,
+            eval_steps: None,
+            save_total_limit: None,
+            resume_from: None,
+            device: Device::Auto,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OutputSection {
+    pub dir: PathBuf,
+    pub overwrite: bool,
+    pub tensorboard: bool,
+    pub plots: bool,
+}
+
+impl Default for OutputSection {
+    fn default() -> Self {
+        Self {
+            dir: "output".into(),
+            overwrite: false,
+            tensorboard: true,
+            plots: true,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Reads a TOML config file and applies `--set` overrides (`section.key=value`, or an ms-swift
+    /// name `key=value`), then checks it.
+    pub fn load(path: &Path, sets: &[String]) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path, sets)
+    }
+
+    /// As `load`, from the text of a file called `path`.
+    pub fn parse(text: &str, path: &Path, sets: &[String]) -> Result<Self, ConfigError> {
+        let config = overlay::read(text, path, sets)?;
+        config.check(path)?;
+        Ok(config)
+    }
+
+    /// Values every field accepts but that cannot work; errors are placed at `path` (the file,
+    /// or what stands for it when the config was built in code).
+    pub fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        let fail = |key: &str, message: String| {
+            Err(ConfigError::Key {
+                at: path.display().to_string(),
+                message: format!("{key}: {message}"),
+            })
+        };
+        if self.model.path.is_empty() {
+            return fail("model.path", "required: a model directory or hub id".into());
+        }
+        if self.data.train.is_empty() {
+            return fail("data.train", "required: a list of dataset files".into());
+        }
+        if !(0.0..1.0).contains(&self.data.val_ratio) {
+            return fail(
+                "data.val_ratio",
+                format!("{} is not in [0, 1)", self.data.val_ratio),
+            );
+        }
+        if self.data.max_length == 0 {
+            return fail("data.max_length", "must be at least 1".into());
+        }
+        if self.data.streaming && self.train.max_steps <= 0 {
+            return fail(
+                "data.streaming",
+                "a streamed dataset has no known length: set train.max_steps".into(),
+            );
+        }
+        if self.data.streaming && self.data.val_ratio > 0.0 {
+            return fail(
+                "data.val_ratio",
+                "a stream cannot be split without reading it whole: give data.val instead".into(),
+            );
+        }
+        let t = &self.train;
+        for (key, value) in [
+            ("train.batch_size", t.batch_size),
+            ("train.grad_accum", t.grad_accum),
+            ("train.logging_steps", t.logging_steps),
+            ("train.save_steps", t.save_steps),
+            ("train.eval_steps", t.eval_steps.unwrap_or(1)),
+        ] {
+            if value == 0 {
+                return fail(key, "must be at least 1".into());
+            }
+        }
+        if let Some(bits) = self.quant.bits.filter(|&b| b != 4) {
+            return fail("quant.bits", format!("{bits} is not supported (4)"));
+        }
+        Ok(())
+    }
+
+    /// The config as TOML, every default filled in (keys without a value are left out).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("the config serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str, sets: &[&str]) -> Result<TrainConfig, String> {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        TrainConfig::parse(text, Path::new("run.toml"), &sets).map_err(|e| e.to_string())
+    }
+
+    const MINIMAL: &str = "[model]\npath = \"m\"\n[data]\ntrain = [\"d.jsonl\"]\n";
+
+    #[test]
+    fn defaults_follow_the_spec() {
+        let c = parse(MINIMAL, &[]).unwrap();
+        assert_eq!((c.lora.r, c.lora.alpha, c.lora.dropout), (8, 32.0, 0.05));
+        assert_eq!(c.lora.target_modules, ["all-linear"]);
+        assert_eq!(
+            (c.train.batch_size, c.train.grad_accum, c.train.lr),
+            (1, 16, 1e-4)
+        );
+        assert_eq!((c.train.adam_beta2, c.train.weight_decay), (0.95, 0.1));
+        assert_eq!(
+            (c.data.max_length, c.data.truncation),
+            (2048, Truncation::Delete)
+        );
+        assert!(c.data.shuffle && !c.data.packing && c.train.gradient_checkpointing);
+        assert_eq!(c.data.on_bad_row, OnBadRow::Error);
+        // Written out and read back, nothing changes.
+        let again = parse(&c.to_toml(), &[]).unwrap();
+        assert_eq!(again, c);
+    }
+
+    #[test]
+    fn ms_swift_names_and_overrides() {
+        let text = "model = \"m\"\ndataset = [\"d.jsonl\"]\nlearning_rate = 2e-4\n\
+                    [lora]\nlora_rank = 16\n[data]\ntruncation_strategy = \"left\"\n";
+        let c = parse(
+            text,
+            &[
+                "train.seed=7",
+                "lora.target_modules=[\"q_proj\"]",
+                "max_length=512",
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            (c.model.path.as_str(), c.train.lr, c.lora.r),
+            ("m", 2e-4, 16)
+        );
+        assert_eq!(c.data.truncation, Truncation::Left);
+        assert_eq!((c.train.seed, c.data.max_length), (7, 512));
+        assert_eq!(c.lora.target_modules, ["q_proj"]);
+        let c = parse(MINIMAL, &["model.system=Be brief.", "model.template=qwen3"]).unwrap();
+        assert_eq!(c.model.system.as_deref(), Some("Be brief."));
+        assert_eq!(c.model.template, TemplateName::Qwen3);
+    }
+
+    #[test]
+    fn errors_name_the_key_and_line() {
+        let err = parse(&format!("{MINIMAL}[lora]\nrank = 4\n"), &[]).unwrap_err();
+        assert!(
+            err.starts_with("run.toml:6: unknown key lora.rank"),
+            "{err}"
+        );
+        let err = parse(&format!("{MINIMAL}lr = 1\n"), &[]).unwrap_err();
+        assert!(err.contains("unknown key data.lr"), "{err}");
+        let err = parse(&format!("colour = 1\n{MINIMAL}"), &[]).unwrap_err();
+        assert!(err.starts_with("run.toml:1: unknown key colour"), "{err}");
+        let err = parse(&format!("{MINIMAL}truncation = \"middle\"\n"), &[]).unwrap_err();
+        assert!(err.starts_with("run.toml:5: data.truncation"), "{err}");
+        assert!(err.contains("middle"), "{err}");
+        let err = parse(MINIMAL, &["train.lr"]).unwrap_err();
+        assert!(err.contains("--set train.lr"), "{err}");
+        let err = parse(MINIMAL, &["train.rate=1"]).unwrap_err();
+        assert!(err.contains("unknown key train.rate"), "{err}");
+        let err = parse("[model]\npath = \"m\"\n", &[]).unwrap_err();
+        assert!(err.contains("data.train: required"), "{err}");
+        let err = parse(&format!("{MINIMAL}[model\n"), &[]).unwrap_err();
+        assert!(err.contains("run.toml") && err.contains("line 5"), "{err}");
+        let err = parse(&format!("max_length = 9\n{MINIMAL}max_length = 8\n"), &[]).unwrap_err();
+        assert!(err.contains("given twice"), "{err}");
+        let err = parse(MINIMAL, &["data.streaming=true"]).unwrap_err();
+        assert!(err.contains("train.max_steps"), "{err}");
+        let sets = [
+            "data.streaming=true",
+            "train.max_steps=9",
+            "data.val_ratio=0.1",
+        ];
+        let err = parse(MINIMAL, &sets).unwrap_err();
+        assert!(err.contains("data.val_ratio"), "{err}");
+    }
+
+    #[test]
+    fn choices_outside_their_set_are_refused_at_their_key() {
+        let err = parse(
+            &format!("{MINIMAL}[train]\nlr_scheduler = \"polynomial\"\n"),
+            &[],
+        );
+        let err = err.unwrap_err();
+        assert!(err.starts_with("run.toml:6: train.lr_scheduler"), "{err}");
+        assert!(err.contains("polynomial"), "{err}");
+        let err = parse(MINIMAL, &["train.optimizer=lion"]).unwrap_err();
+        assert!(
+            err.contains("train.optimizer") && err.contains("lion"),
+            "{err}"
+        );
+        let err = parse(MINIMAL, &["model.dtype=f8"]).unwrap_err();
+        assert!(
+            err.contains("model.dtype") && err.contains("auto, bf16"),
+            "{err}"
+        );
+        let err = parse(MINIMAL, &["train.device=tpu"]).unwrap_err();
+        assert!(
+            err.contains("train.device") && err.contains("cuda:N"),
+            "{err}"
+        );
+        let err = parse(MINIMAL, &["quant.bits=8"]).unwrap_err();
+        assert!(err.contains("quant.bits: 8 is not supported"), "{err}");
+        let err = parse(MINIMAL, &["train.grad_accum=0"]).unwrap_err();
+        assert!(
+            err.contains("train.grad_accum: must be at least 1"),
+            "{err}"
+        );
+        // ms-swift's names for the same values.
+        let c = parse(MINIMAL, &["optim=adamw_torch", "torch_dtype=bfloat16"]).unwrap();
+        assert_eq!(c.train.optimizer, OptimizerKind::AdamW);
+        assert_eq!(c.model.dtype, Some(Dtype::Bf16));
+    }
+
+    /// A library caller's config, built field by field, and the same run written as TOML (half
+    /// of it under ms-swift's names) resolve to one plan.
+    #[test]
+    fn a_config_built_in_code_resolves_as_one_read_from_toml() {
+        let mut code = TrainConfig::default();
+        code.model.path = "Qwen/Qwen2.5-7B-Instruct".into();
+        code.lora.r = 16;
+        code.lora.target_regex = Some(r".*\.(q|v)_proj".into());
+        code.lora.init = LoraInit::Gaussian;
+        code.quant.bits = Some(4);
+        code.data.train = vec!["d.jsonl".into()];
+        code.train.lr = 2e-4;
+        code.train.lr_scheduler = ScheduleKind::Linear;
+        code.train.warmup_ratio = 0.05;
+        code.train.optimizer = OptimizerKind::Sgd;
+        code.train.epochs = 2.0;
+        code.train.save_steps = 50;
+        code.train.resume_from = Some("latest".into());
+        let text = "model = \"Qwen/Qwen2.5-7B-Instruct\"\ndataset = [\"d.jsonl\"]\n\
+                    learning_rate = 2e-4\nlr_scheduler_type = \"linear\"\nquant_bits = 4\n\
+                    [lora]\nr = 16\ntarget_regex = '.*\\.(q|v)_proj'\ninit = \"gaussian\"\n\
+                    [train]\nwarmup_ratio = 0.05\noptimizer = \"sgd\"\nepochs = 2\n\
+                    save_steps = 50\nresume_from = \"latest\"\n";
+        let read = TrainConfig::parse(text, Path::new("run.toml"), &[]).unwrap();
+        assert_eq!(read, code);
+        for device in [Device::Cpu, Device::Cuda(0)] {
+            let plan = code.resolve(device).unwrap();
+            assert_eq!(read.resolve(device).unwrap(), plan);
+            let dtype = (device == Device::Cpu).then_some(Dtype::F32);
+            assert_eq!((plan.dtype, plan.config.model.dtype), (dtype, dtype));
+            assert_eq!(plan.schedule.warmup, Warmup::Ratio(0.05));
+            assert_eq!(plan.length, Length::Epochs(2.0));
+            assert_eq!(plan.eval_steps, 50);
+            assert_eq!(plan.resume, Some(Resume::Latest));
+            assert_eq!(plan.optimizer.kind, OptimizerKind::Sgd);
+            assert_eq!(plan.quant, Some(crate::config::Nf4Config::default()));
+            assert_eq!(plan.lora.r, 16);
+            assert_eq!(
+                plan.lora.init_lora_weights,
+                crate::config::InitLoraWeights::Method("gaussian".into())
+            );
+        }
+    }
+}

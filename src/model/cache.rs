@@ -1,0 +1,112 @@
+//! Generation with a KV cache: every row's whole prompt first (left-padded, so each row's last
+//! token is the batch's last column), then one token per row, each layer's keys and values kept
+//! between steps (transformers' `DynamicCache`).
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Bool, Int, Tensor, TensorData};
+
+use super::batch::Batch;
+use super::decoder::CausalLm;
+use super::layers::LayerCache;
+use crate::ops::ModelBackend;
+
+/// What generation keeps between steps: each layer's keys and values, how many positions they
+/// cover, and how many of those are left padding in each row.
+pub struct KvCache<B: Backend> {
+    pub layers: Vec<LayerCache<B>>,
+    pub len: usize,
+    pub pad: Vec<usize>,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// Keeps only the rows `keep` (in that order), as generation drops finished rows, and then
+    /// the columns that are still some row's token.
+    pub fn retain(&mut self, keep: &[usize]) {
+        self.pad = keep.iter().map(|&r| self.pad[r]).collect();
+        let unused = self.pad.iter().copied().min().unwrap_or(0);
+        let rows: Vec<i64> = keep.iter().map(|&r| r as i64).collect();
+        let rows = TensorData::new(rows, [keep.len()]);
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let rows = Tensor::<B, 1, Int>::from_data(rows.clone(), &k.device());
+            let [_, heads, len, d] = k.dims();
+            let range = [0..keep.len(), 0..heads, unused..len, 0..d];
+            *k = k.clone().select(0, rows.clone()).slice(range.clone());
+            *v = v.clone().select(0, rows).slice(range);
+        }
+        self.len -= unused;
+        for p in &mut self.pad {
+            *p -= unused;
+        }
+    }
+
+    /// The mask of the next token of every row: padding keys, and keys a sliding window has left
+    /// behind. `[batch, 1, 1, len + 1]`, true = masked; `None` when nothing is masked.
+    fn step_mask(&self, window: Option<usize>, device: &B::Device) -> Option<Tensor<B, 4, Bool>> {
+        let keys = self.len + 1;
+        let windowed = window.is_some_and(|w| keys > w);
+        if !windowed && self.pad.iter().all(|&p| p == 0) {
+            return None;
+        }
+        let mut mask = Vec::with_capacity(self.pad.len() * keys);
+        for &pad in &self.pad {
+            // Within a row, slot distance is position distance: padding is all on the left.
+            mask.extend((0..keys).map(|k| k < pad || window.is_some_and(|w| self.len >= k + w)));
+        }
+        Some(Tensor::from_data(
+            TensorData::new(mask, [self.pad.len(), 1, 1, keys]),
+            device,
+        ))
+    }
+}
+
+impl<B: ModelBackend> CausalLm<B> {
+    /// An empty cache for this model.
+    pub fn kv_cache(&self) -> KvCache<B> {
+        KvCache {
+            layers: vec![None; self.model.layers.len()],
+            len: 0,
+            pad: Vec::new(),
+        }
+    }
+
+    /// The logits `[batch, vocab]` after `rows`, which continue what `cache` holds: first every
+    /// row's whole prompt (of any lengths: they are left-padded), then one token per row.
+    pub fn next_logits(&self, rows: &[&[u32]], cache: &mut KvCache<B>) -> Tensor<B, 2> {
+        let (mut x, rope, masks) = if cache.len == 0 {
+            let batch = Batch::left_padded(rows);
+            cache.pad = batch
+                .attention_mask
+                .iter()
+                .map(|real| real.iter().filter(|&&r| !r).count())
+                .collect();
+            let (x, inputs) = self.embed(&batch);
+            (x, inputs.rope, inputs.masks)
+        } else {
+            assert!(
+                rows.len() == cache.pad.len() && rows.iter().all(|r| r.len() == 1),
+                "after the prompts, one token per row"
+            );
+            let batch = Batch {
+                input_ids: rows.iter().map(|r| r.to_vec()).collect(),
+                attention_mask: vec![vec![true]; rows.len()],
+                position_ids: cache.pad.iter().map(|p| vec![cache.len - p]).collect(),
+                segment_ids: vec![vec![0]; rows.len()],
+            };
+            let (x, rope) = self.embed_tokens(&batch);
+            let device = x.device();
+            (x, rope, self.layer_masks(|w| cache.step_mask(w, &device)))
+        };
+        for ((layer, mask), layer_cache) in
+            self.model.layers.iter().zip(masks).zip(&mut cache.layers)
+        {
+            x = layer.forward(x, &rope, mask, Some(layer_cache));
+        }
+        let [b, s, h] = x.dims();
+        cache.len += s;
+        // Left padding puts every row's last token in the last column.
+        let last = self.model.norm.forward(x.slice([0..b, s - 1..s, 0..h])); // [b, 1, hidden]
+        let logits = self.lm_head(last);
+        let vocab = logits.dims()[2];
+        logits.reshape([b, vocab])
+    }
+}

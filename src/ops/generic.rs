@@ -1,0 +1,281 @@
+//! The generic path of every op: Burn's tensor ops on any backend and dtype. It is what cuda,
+//! wgpu and Flex's non-f32 dtypes run, and the reference the fused kernels are tested against.
+//! Softmax and RMS statistics are computed in f32 whatever the input dtype, as transformers does.
+
+use burn::tensor::activation::{sigmoid, silu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::module::attention;
+use burn::tensor::ops::{AttentionModuleOptions, BoolTensor, FloatTensor, IntTensor};
+use burn::tensor::{Bool, DType, IndexingUpdateOp, Int, Shape, Tensor, TensorMetadata};
+
+use super::{float, primitive, with_last_dim, LoraGrads, LoraParts};
+
+/// Any-rank `p` as a rank-D tensor of `dims`.
+fn reshaped<B: Backend, const D: usize>(p: FloatTensor<B>, dims: [usize; D]) -> Tensor<B, D> {
+    float(B::float_reshape(p, Shape::new(dims)))
+}
+
+/// Any-rank `p` as a flat tensor.
+fn flat<B: Backend>(p: FloatTensor<B>) -> Tensor<B, 1> {
+    let n = p.shape().num_elements();
+    reshaped(p, [n])
+}
+
+/// Any-rank `p` as `[rows, last dim]`.
+fn rows<B: Backend>(p: FloatTensor<B>) -> Tensor<B, 2> {
+    let shape = p.shape();
+    let dim = shape[shape.num_dims() - 1];
+    reshaped(p, [shape.num_elements() / dim, dim])
+}
+
+/// Any-rank `x` as `[rows, last dim]`, and each row's `1 / sqrt(mean(x²) + eps)` in f32
+/// (`[rows, 1]`).
+fn rows_and_inv_rms<B: Backend>(x: FloatTensor<B>, eps: f64) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let x = rows(x);
+    let variance = x.clone().cast(DType::F32).powi_scalar(2).mean_dim(1);
+    (x, (variance + eps).sqrt().recip())
+}
+
+pub(super) fn swiglu<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
+    let shape = gate.shape();
+    B::float_reshape(primitive(silu(flat::<B>(gate)) * flat::<B>(up)), shape)
+}
+
+pub(super) fn swiglu_backward<B: Backend>(
+    gate: FloatTensor<B>,
+    up: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> [FloatTensor<B>; 2] {
+    let shape = gate.shape();
+    let (gate, up, grad) = (flat::<B>(gate), flat::<B>(up), flat::<B>(grad));
+    let sig = sigmoid(gate.clone());
+    let d_up = grad.clone() * gate.clone() * sig.clone();
+    let d_gate = grad * up * sig.clone() * (gate * (sig.neg() + 1.0) + 1.0);
+    [d_gate, d_up].map(|t| B::float_reshape(primitive(t), shape.clone()))
+}
+
+pub(super) fn rms_norm<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    eps: f64,
+) -> FloatTensor<B> {
+    let shape = x.shape();
+    let (x, r) = rows_and_inv_rms::<B>(x, eps);
+    let dtype = x.dtype();
+    let normed = (x.cast(DType::F32) * r).cast(dtype) * float::<B, 1>(weight).unsqueeze();
+    B::float_reshape(primitive(normed), shape)
+}
+
+/// With `n = x * r` and `dn = grad * weight`: `dx = r * (dn - n * mean(dn * n))`, `dweight =
+/// Σ grad * n`, in f32 and cast back.
+pub(super) fn rms_norm_backward<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    eps: f64,
+    grad: FloatTensor<B>,
+    weight_grad: bool,
+) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
+    let shape = x.shape();
+    let (x, r) = rows_and_inv_rms::<B>(x, eps);
+    let dtype = x.dtype();
+    let n = x.cast(DType::F32) * r.clone();
+    let grad = rows(grad).cast(DType::F32);
+    let weight = float::<B, 1>(weight);
+    let w_dtype = weight.dtype();
+    let dn = grad.clone() * weight.cast(DType::F32).unsqueeze();
+    let mean = (dn.clone() * n.clone()).mean_dim(1);
+    let dx = (dn - n.clone() * mean) * r;
+    let dw =
+        weight_grad.then(|| primitive((grad * n).sum_dim(0).squeeze_dim::<1>(0).cast(w_dtype)));
+    (B::float_reshape(primitive(dx.cast(dtype)), shape), dw)
+}
+
+pub(super) fn linear<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    bias: Option<FloatTensor<B>>,
+) -> FloatTensor<B> {
+    let shape = x.shape();
+    let weight = float::<B, 2>(weight);
+    let n_out = weight.dims()[1];
+    let y = burn::tensor::module::linear(rows::<B>(x), weight, bias.map(float));
+    B::float_reshape(primitive(y), with_last_dim(&shape, n_out))
+}
+
+pub(super) fn lora_linear<B: Backend>(
+    x: FloatTensor<B>,
+    layer: LoraParts<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let shape = x.shape();
+    let x = rows::<B>(x);
+    let dtype = x.dtype();
+    let h = lora_hidden(x.clone(), &layer);
+    let weight = float::<B, 2>(layer.weight);
+    let n_out = weight.dims()[1];
+    let mut base = x.matmul(weight);
+    if let Some(bias) = layer.bias {
+        base = base + float::<B, 1>(bias).unsqueeze();
+    }
+    let y = (base.cast(DType::F32) + h.clone().matmul(float(layer.lora_b))).cast(dtype);
+    let y = B::float_reshape(primitive(y), with_last_dim(&shape, n_out));
+    (y, primitive(h))
+}
+
+/// `h = s·x·A` in f32, for `x` `[rows, in]`.
+fn lora_hidden<B: Backend>(x: Tensor<B, 2>, layer: &LoraParts<B>) -> Tensor<B, 2> {
+    x.cast(DType::F32).matmul(float(layer.lora_a.clone())) * layer.scaling
+}
+
+/// With `g = s·dy·Bᵀ`: `dx = dy·Wᵀ + g·Aᵀ`, `dA = xᵀ·g`, `dB = hᵀ·dy`; the adapter's part in
+/// f32, the base's in its dtype.
+pub(super) fn lora_linear_backward<B: Backend>(
+    x: FloatTensor<B>,
+    layer: LoraParts<B>,
+    h: Option<FloatTensor<B>>,
+    grad: FloatTensor<B>,
+    x_grad: bool,
+) -> LoraGrads<B> {
+    let shape = x.shape();
+    let x = rows::<B>(x);
+    let dtype = x.dtype();
+    let h = h.map_or_else(|| lora_hidden(x.clone(), &layer), float::<B, 2>);
+    let grad = rows::<B>(grad);
+    let grad_f32 = grad.clone().cast(DType::F32);
+    let d_b = h.transpose().matmul(grad_f32.clone());
+    let g = grad_f32.matmul(float::<B, 2>(layer.lora_b).transpose()) * layer.scaling;
+    let d_a = x.cast(DType::F32).transpose().matmul(g.clone());
+    let d_x = x_grad.then(|| {
+        let d_x = grad.matmul(float::<B, 2>(layer.weight).transpose())
+            + g.matmul(float::<B, 2>(layer.lora_a).transpose())
+                .cast(dtype);
+        B::float_reshape(primitive(d_x), shape)
+    });
+    (d_x, primitive(d_a), primitive(d_b))
+}
+
+pub(super) fn cross_entropy<B: Backend>(
+    logits: FloatTensor<B>,
+    targets: IntTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let logits = float::<B, 2>(logits).cast(DType::F32);
+    let n = logits.dims()[0];
+    let max = logits.clone().max_dim(1); // [n, 1]
+    let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
+    let targets = Tensor::<B, 1, Int>::from_primitive(targets).reshape([n, 1]);
+    let picked = logits.gather(1, targets);
+    (
+        primitive((lse.clone() - picked).reshape([n])),
+        primitive(lse.reshape([n])),
+    )
+}
+
+pub(super) fn cross_entropy_backward<B: Backend>(
+    logits: FloatTensor<B>,
+    targets: IntTensor<B>,
+    lse: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let logits = float::<B, 2>(logits);
+    let dtype = logits.dtype();
+    let n = logits.dims()[0];
+    let [lse, grad] = [lse, grad].map(|t| reshaped::<B, 2>(t, [n, 1]));
+    let probs = (logits.cast(DType::F32) - lse).exp();
+    let targets = Tensor::<B, 1, Int>::from_primitive(targets).reshape([n, 1]);
+    let picked = probs
+        .zeros_like()
+        .scatter(1, targets, grad.clone(), IndexingUpdateOp::Add);
+    primitive((probs * grad - picked).cast(dtype))
+}
+
+/// The generic RoPE.
+pub(super) fn rope<B: Backend>(
+    x: FloatTensor<B>,
+    cos: FloatTensor<B>,
+    sin: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let (x, cos, sin) = (float::<B, 4>(x), float::<B, 4>(cos), float::<B, 4>(sin));
+    let [b, s, h, d] = x.dims();
+    let x1 = x.clone().slice([0..b, 0..s, 0..h, 0..d / 2]);
+    let x2 = x.clone().slice([0..b, 0..s, 0..h, d / 2..d]);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    primitive(x * cos + rotated * sin)
+}
+
+/// The generic forward pass: the backend's own (fused, where it has one) attention over the
+/// key/value heads repeated to one per query head.
+pub(super) fn sdpa<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    mask: Option<BoolTensor<B>>,
+    is_causal: bool,
+) -> FloatTensor<B> {
+    let (q, k, v) = (float::<B, 4>(q), float::<B, 4>(k), float::<B, 4>(v));
+    let mask = mask.map(Tensor::<B, 4, Bool>::from_primitive);
+    let n_rep = q.dims()[1] / k.dims()[1];
+    let options = AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal,
+    };
+    let (k, v) = (repeat_kv(k, n_rep), repeat_kv(v, n_rep));
+    primitive(attention(q, k, v, mask, None, options))
+}
+
+/// GQA: each key/value head serves `n_rep` query heads. [b, kv, s, d] -> [b, kv * n_rep, s, d]
+fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
+    if n_rep == 1 {
+        return x;
+    }
+    let [b, kv, s, d] = x.dims();
+    // Copies by concatenation: an expanded view made contiguous goes element by element
+    // through flex's strided iterator, about 20 times slower (it dominated decoding).
+    let x = x.unsqueeze_dim::<5>(2); // [b, kv, 1, s, d]
+    Tensor::cat(vec![x; n_rep], 2).reshape([b, kv * n_rep, s, d])
+}
+
+/// The generic backward pass: the gradients of q, k and v from the gradient `d_out` of
+/// `out = sdpa(q, k, v)`.
+pub(super) fn sdpa_grads<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    mask: Option<BoolTensor<B>>,
+    is_causal: bool,
+    out: FloatTensor<B>,
+    d_out: FloatTensor<B>,
+) -> [FloatTensor<B>; 3] {
+    let [q, k, v, out, d_out] = [q, k, v, out, d_out].map(float::<B, 4>);
+    let mask = mask.map(Tensor::<B, 4, Bool>::from_primitive);
+    let [_, heads, s, d] = q.dims();
+    let [b, kv_heads, keys, _] = k.dims();
+    let n_rep = heads / kv_heads;
+    let (k, v) = (repeat_kv(k, n_rep), repeat_kv(v, n_rep));
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut scores = q.clone().matmul(k.clone().transpose()) * scale; // [b, h, s, keys]
+    if let Some(mask) = mask {
+        scores = scores.mask_fill(mask, f32::NEG_INFINITY);
+    }
+    if is_causal {
+        let offset = keys as i64 - s as i64;
+        let causal = Tensor::<B, 2, Bool>::tril_mask([s, keys], offset, &q.device());
+        scores = scores.mask_fill(causal.unsqueeze::<4>(), f32::NEG_INFINITY);
+    }
+    // A row that sees no key (padding) has no probabilities and no gradient: its scores are all
+    // -inf, and softmax of them would be NaN.
+    let probs = softmax(scores, 3); // [b, h, s, keys]
+    let probs = probs.clone().mask_fill(probs.is_nan(), 0.0);
+    let d_v = probs.clone().transpose().matmul(d_out.clone());
+    let d_probs = d_out.clone().matmul(v.transpose());
+    let row_dot = (d_out * out).sum_dim(3); // [b, h, s, 1]
+    let d_scores = probs * (d_probs - row_dot) * scale;
+    let d_q = d_scores.clone().matmul(k);
+    let d_k = d_scores.transpose().matmul(q);
+    // The query heads that shared a key/value head sum their gradients.
+    let group_sum = |g: Tensor<B, 4>| {
+        g.reshape([b, kv_heads, n_rep, keys, d])
+            .sum_dim(2)
+            .reshape([b, kv_heads, keys, d])
+    };
+    [d_q, group_sum(d_k), group_sum(d_v)].map(primitive)
+}

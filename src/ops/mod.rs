@@ -1,0 +1,357 @@
+//! The model's compute-heavy ops as single ops with backward passes of their own: a linear
+//! layer with its LoRA adapter, attention, RoPE, SwiGLU, RMSNorm and the cross-entropy of the
+//! logits.
+//!
+//! Burn's `Autodiff` runs each of them as a chain of tracked elementwise ops, each one a full
+//! pass over its tensor with a tensor kept for backward, and its attention as the unfused chain
+//! (matmul, scale, mask, a NaN-safe softmax of five ops, matmul) that keeps several `[batch,
+//! heads, seq, seq]` tensors per layer. Here each is one tracked op (`autodiff`); attention's
+//! backward pass recomputes the probabilities from q and k, as FlashAttention does:
+//!
+//! `P = softmax(q kᵀ * scale)`, `dV = Pᵀ dO`, `dS = P ⊙ (dO vᵀ - rowsum(dO ⊙ O)) * scale`,
+//! `dQ = dS k`, `dK = dSᵀ q`.
+//!
+//! `ModelBackend` is the backend bound of everything that runs the model. Flex on f32 runs the
+//! kernels of `cpu`; every other backend and dtype runs the generic path here (Burn's tensor ops,
+//! the backend's fused attention forward), which is also the reference the kernels are tested
+//! against.
+//!
+//! Attention's q is `[batch, heads, seq, head_dim]`; k and v are `[batch, kv_heads, keys,
+//! head_dim]` with `heads` a multiple of `kv_heads` (grouped-query attention: query head `i` reads
+//! key/value head `i / (heads / kv_heads)`, as transformers' `repeat_kv` lays them out).
+
+mod autodiff;
+mod cpu;
+mod generic;
+#[cfg(test)]
+mod tests;
+
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::ops::{BoolTensor, FloatTensor, IntTensor};
+use burn::tensor::{Bool, Int, Shape, Tensor, TensorPrimitive};
+
+/// A frozen linear layer and its LoRA adapter, in Burn's `[in, out]` orientation.
+#[derive(Clone, Debug)]
+pub struct LoraParts<B: Backend> {
+    pub weight: FloatTensor<B>,       // [in, out]
+    pub bias: Option<FloatTensor<B>>, // [out]
+    pub lora_a: FloatTensor<B>,       // [in, r], f32
+    pub lora_b: FloatTensor<B>,       // [r, out], f32
+    pub scaling: f64,
+}
+
+impl<B: Backend> LoraParts<B> {
+    pub fn new(
+        weight: Tensor<B, 2>,
+        bias: Option<Tensor<B, 1>>,
+        lora_a: Tensor<B, 2>,
+        lora_b: Tensor<B, 2>,
+        scaling: f64,
+    ) -> Self {
+        Self {
+            weight: primitive(weight),
+            bias: bias.map(primitive),
+            lora_a: primitive(lora_a),
+            lora_b: primitive(lora_b),
+            scaling,
+        }
+    }
+}
+
+/// The gradients of a LoRA layer's input (when asked for) and of its adapter.
+pub type LoraGrads<B> = (Option<FloatTensor<B>>, FloatTensor<B>, FloatTensor<B>);
+
+/// A backend the model runs on: Burn's `Backend` plus the ops autodiff differentiates as one.
+/// Every method has the generic implementation; a backend overrides what it has kernels for.
+pub trait ModelBackend: Backend {
+    /// `x·W + bias` on `x` `[.., in]`, `W` `[in, out]`: Burn's `linear`, for frozen layers (a
+    /// base layer without adapter, the lm_head). A tracked weight or bias takes Burn's path,
+    /// which gives them their gradients.
+    fn base_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        generic::linear::<Self>(x, weight, bias)
+    }
+
+    /// `x·W + bias + s·(x·A)·B` on `x` `[.., in]`, as PEFT's `lora.Linear` computes it: the
+    /// adapter in f32 whatever the base dtype, its product added to the base output in f32 and
+    /// the sum cast back. The frozen weight and bias take no gradient. PEFT scales B's output;
+    /// scaling A's is the same product (to rounding) and multiplies r columns rather than every
+    /// output feature.
+    fn lora_linear(x: FloatTensor<Self>, layer: LoraParts<Self>) -> FloatTensor<Self> {
+        Self::lora_linear_forward(x, layer).0
+    }
+
+    /// `lora_linear` and `h = s·x·A` (`[rows, r]`, f32), which the backward pass reuses.
+    fn lora_linear_forward(
+        x: FloatTensor<Self>,
+        layer: LoraParts<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        generic::lora_linear::<Self>(x, layer)
+    }
+
+    /// `(dx, dA, dB)` from the gradient `grad` of `lora_linear`'s output, dx only when
+    /// `x_grad` (the first layer's input needs none); `h` is what `lora_linear_forward` returned
+    /// beside the output, or None to compute it here (after `lora_linear_seed`, which runs no
+    /// forward pass).
+    fn lora_linear_backward(
+        x: FloatTensor<Self>,
+        layer: LoraParts<Self>,
+        h: Option<FloatTensor<Self>>,
+        grad: FloatTensor<Self>,
+        x_grad: bool,
+    ) -> LoraGrads<Self> {
+        generic::lora_linear_backward::<Self>(x, layer, h, grad, x_grad)
+    }
+
+    /// `softmax(q kᵀ / sqrt(head_dim), masked) v`; `mask[b, 1, q, k]` is true where query q may
+    /// not see key k, `is_causal` adds the causal mask (the queries being the last of the keys).
+    fn sdpa(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: Option<BoolTensor<Self>>,
+        is_causal: bool,
+    ) -> FloatTensor<Self> {
+        Self::sdpa_forward(q, k, v, mask, is_causal).0
+    }
+
+    /// `sdpa` and what `sdpa_backward` needs besides its inputs and output (the generic path:
+    /// nothing).
+    fn sdpa_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: Option<BoolTensor<Self>>,
+        is_causal: bool,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        (generic::sdpa::<Self>(q, k, v, mask, is_causal), None)
+    }
+
+    /// `[dq, dk, dv]` from the gradient `d_out` of `out = sdpa(q, k, v)`; `saved` is what
+    /// `sdpa_forward` returned beside `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn sdpa_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: Option<BoolTensor<Self>>,
+        is_causal: bool,
+        out: FloatTensor<Self>,
+        _saved: Option<FloatTensor<Self>>,
+        d_out: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3] {
+        generic::sdpa_grads::<Self>(q, k, v, mask, is_causal, out, d_out)
+    }
+
+    /// `x * cos + rotate_half(x) * sin` on `x` `[batch, seq, heads, head_dim]` with the tables
+    /// `[batch, seq, 1, head_dim]`. Its gradient is `rope(grad, cos, -sin)`: the rotation's
+    /// transpose, given that both halves of a table row hold the same angles.
+    fn rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        generic::rope::<Self>(x, cos, sin)
+    }
+
+    /// `silu(gate) * up`, elementwise.
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        generic::swiglu::<Self>(gate, up)
+    }
+
+    /// `[d_gate, d_up]` from the gradient of `swiglu(gate, up)`.
+    fn swiglu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 2] {
+        generic::swiglu_backward::<Self>(gate, up, grad)
+    }
+
+    /// `weight * x / sqrt(mean(x²) + eps)` over the last dim, the normalisation done in f32 and
+    /// cast back before the weight is applied, as `LlamaRMSNorm` does (this order matters in
+    /// bf16).
+    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        generic::rms_norm::<Self>(x, weight, eps)
+    }
+
+    /// The gradient of `x`, and of `weight` when `weight_grad`, from that of `rms_norm`.
+    fn rms_norm_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+        grad: FloatTensor<Self>,
+        weight_grad: bool,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        generic::rms_norm_backward::<Self>(x, weight, eps, grad, weight_grad)
+    }
+
+    /// `logsumexp(logits[i]) - logits[i, targets[i]]` for every row of `logits` `[n, vocab]`,
+    /// computed in f32 whatever their dtype (transformers upcasts them): `[n]`, f32.
+    fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+        Self::cross_entropy_forward(logits, targets).0
+    }
+
+    /// `cross_entropy` and each row's log-sum-exp (`[n]`, f32), which the backward pass reuses.
+    fn cross_entropy_forward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        generic::cross_entropy::<Self>(logits, targets)
+    }
+
+    /// The logits' gradient, `(softmax(logits) - onehot(targets)) * grad` row by row, in their
+    /// dtype; `lse` is what `cross_entropy_forward` returned beside the losses.
+    fn cross_entropy_backward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        generic::cross_entropy_backward::<Self>(logits, targets, lse, grad)
+    }
+}
+
+/// Backward passes from a gradient that is given rather than computed from a loss. Gradient
+/// checkpointing recomputes each layer knowing the gradient of its output: seeding it directly
+/// spares the product and sum of `sum(out * grad).backward()`, and for a layer whose output ends
+/// in a linear layer, that layer's output altogether, which its backward pass never reads.
+pub trait SeedGradient: AutodiffBackend {
+    /// A one-element zero whose backward pass hands `grad` to `t`: the gradients of
+    /// `sum(t * grad)` without computing it. The gradient the seed itself receives is not read,
+    /// so a seed must be the root of `backward()`, alone or in a sum of seeds.
+    fn seed_gradient(t: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// `seed_gradient(lora_linear(x, layer), grad)` without computing `lora_linear`.
+    fn lora_linear_seed(
+        x: FloatTensor<Self>,
+        layer: LoraParts<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+}
+
+/// A training backend whose inner backend runs the model too (`model.valid()` evaluates).
+pub trait TrainBackend:
+    AutodiffBackend<InnerBackend: ModelBackend> + ModelBackend + SeedGradient
+{
+}
+
+impl<B: AutodiffBackend<InnerBackend: ModelBackend> + ModelBackend + SeedGradient> TrainBackend
+    for B
+{
+}
+
+#[cfg(feature = "cuda")]
+impl ModelBackend for burn::backend::Cuda {}
+
+/// `ModelBackend::base_linear` on tensors.
+pub fn base_linear<B: ModelBackend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, D> {
+    float(B::base_linear(
+        primitive(x),
+        primitive(weight),
+        bias.map(primitive),
+    ))
+}
+
+/// `ModelBackend::lora_linear` on tensors.
+pub fn lora_linear<B: ModelBackend, const D: usize>(
+    x: Tensor<B, D>,
+    layer: LoraParts<B>,
+) -> Tensor<B, D> {
+    float(B::lora_linear(primitive(x), layer))
+}
+
+/// `SeedGradient::lora_linear_seed` on tensors.
+pub fn lora_linear_seed<B: SeedGradient, const D: usize>(
+    x: Tensor<B, D>,
+    layer: LoraParts<B>,
+    grad: Tensor<B, D>,
+) -> Tensor<B, 1> {
+    float(B::lora_linear_seed(primitive(x), layer, primitive(grad)))
+}
+
+/// `SeedGradient::seed_gradient` on tensors.
+pub fn seed_gradient<B: SeedGradient, const D: usize>(
+    t: Tensor<B, D>,
+    grad: Tensor<B, D>,
+) -> Tensor<B, 1> {
+    float(B::seed_gradient(primitive(t), primitive(grad)))
+}
+
+/// `ModelBackend::sdpa` on tensors.
+pub fn sdpa<B: ModelBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<Tensor<B, 4, Bool>>,
+    is_causal: bool,
+) -> Tensor<B, 4> {
+    let mask = mask.map(Tensor::into_primitive);
+    float(B::sdpa(
+        primitive(q),
+        primitive(k),
+        primitive(v),
+        mask,
+        is_causal,
+    ))
+}
+
+/// `ModelBackend::rope` on tensors.
+pub fn rope<B: ModelBackend>(
+    x: Tensor<B, 4>,
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    float(B::rope(primitive(x), primitive(cos), primitive(sin)))
+}
+
+/// `ModelBackend::swiglu` on tensors.
+pub fn swiglu<B: ModelBackend, const D: usize>(
+    gate: Tensor<B, D>,
+    up: Tensor<B, D>,
+) -> Tensor<B, D> {
+    float(B::swiglu(primitive(gate), primitive(up)))
+}
+
+/// `ModelBackend::cross_entropy` on tensors.
+pub fn cross_entropy<B: ModelBackend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+) -> Tensor<B, 1> {
+    float(B::cross_entropy(
+        primitive(logits),
+        targets.into_primitive(),
+    ))
+}
+
+/// `ModelBackend::rms_norm` on tensors.
+pub fn rms_norm<B: ModelBackend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, D> {
+    float(B::rms_norm(primitive(x), primitive(weight), eps))
+}
+
+fn float<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(p))
+}
+
+fn primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+/// `x`'s shape with the last dim `n`.
+fn with_last_dim(shape: &Shape, n: usize) -> Shape {
+    let mut shape = shape.clone();
+    let last = shape.num_dims() - 1;
+    shape[last] = n;
+    shape
+}

@@ -1,0 +1,418 @@
+//! Each op against the generic path and Burn's unfused chain, differentiated op by op.
+
+use super::generic;
+use super::*;
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::{Distribution, TensorData, Tolerance};
+
+type Ad = Autodiff<Flex>;
+
+/// Random q ([2, heads, s, 8], made as [2, s, heads, 8] and swapped, as the decoder makes
+/// it), k and v ([2, kv_heads, keys, 8]) and the weights of the loss `sum(out * w)`.
+fn inputs(heads: usize, kv_heads: usize, s: usize, keys: usize) -> [Tensor<Flex, 4>; 4] {
+    let device = Default::default();
+    let rand = |shape: [usize; 4]| {
+        Tensor::<Flex, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device)
+    };
+    [
+        rand([2, s, heads, 8]).swap_dims(1, 2),
+        rand([2, kv_heads, keys, 8]),
+        rand([2, kv_heads, keys, 8]),
+        rand([2, heads, s, 8]),
+    ]
+}
+
+/// The output and `[dq, dk, dv]` of `sum(sdpa(q, k, v) * w)` three ways: the backend's op
+/// under autodiff (Flex f32: the kernel), the generic backward pass, and Burn's unfused
+/// attention differentiated op by op (the reference); the first two are checked against
+/// the third.
+fn check(heads: usize, kv_heads: usize, s: usize, keys: usize, mask: Option<Vec<bool>>) {
+    let is_causal = mask.is_none();
+    let [q, k, v, w] = inputs(heads, kv_heads, s, keys);
+    let mask = mask.map(|bits| {
+        Tensor::<Flex, 4, Bool>::from_data(TensorData::new(bits, [2, 1, s, keys]), &q.device())
+    });
+    let leaf = |t: &Tensor<Flex, 4>| Tensor::<Ad, 4>::from_inner(t.clone()).require_grad();
+    let run = |ours: bool| {
+        let (q, k, v) = (leaf(&q), leaf(&k), leaf(&v));
+        let mask = mask.clone().map(Tensor::from_inner);
+        let out = if ours {
+            sdpa(q.clone(), k.clone(), v.clone(), mask, is_causal)
+        } else {
+            let [q, k, v] = [&q, &k, &v].map(|t| primitive(t.clone()));
+            float(generic::sdpa::<Ad>(
+                q,
+                k,
+                v,
+                mask.map(Tensor::into_primitive),
+                is_causal,
+            ))
+        };
+        let g = (out.clone() * Tensor::from_inner(w.clone()))
+            .sum()
+            .backward();
+        let grads = [q, k, v].map(|t| t.grad(&g).expect("reached"));
+        (out.inner(), grads)
+    };
+    let (out, kernel) = run(true);
+    let (reference_out, reference) = run(false);
+    let [q, k, v, out_, w] = [q, k, v, reference_out.clone(), w].map(primitive);
+    let mask = mask.map(Tensor::into_primitive);
+    let generic = generic::sdpa_grads::<Flex>(q, k, v, mask, is_causal, out_, w).map(float);
+    close(out, &reference_out);
+    for ((kernel, generic), reference) in kernel.into_iter().zip(generic).zip(&reference) {
+        close(kernel, reference);
+        close(generic, reference);
+    }
+}
+
+#[test]
+fn causal_attention_matches_the_unfused_chain() {
+    check(3, 3, 7, 7, None);
+}
+
+#[test]
+fn several_query_blocks_and_grouped_heads_match_the_unfused_chain() {
+    // 150 queries: two full blocks of 64 and a partial one; 4 query heads on 2 kv heads.
+    check(4, 2, 150, 150, None);
+}
+
+#[test]
+fn masked_attention_matches_the_unfused_chain() {
+    // Row 0 sees keys 0..=q; row 1 pads its first two keys, so its query 0 and 1 see
+    // nothing at all (a padded row: zeros out, no gradient).
+    let mut bits = vec![false; 2 * 6 * 6];
+    for row in 0..2 {
+        for q in 0..6 {
+            for key in 0..6 {
+                bits[row * 36 + q * 6 + key] = key > q || (row == 1 && key < 2);
+            }
+        }
+    }
+    check(2, 1, 6, 6, Some(bits));
+}
+
+#[test]
+fn a_decoding_step_sees_every_cached_key() {
+    check(2, 2, 1, 5, None);
+}
+
+fn rand<const D: usize>(shape: [usize; D]) -> Tensor<Flex, D> {
+    Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())
+}
+
+fn leaf<const D: usize>(t: &Tensor<Flex, D>) -> Tensor<Ad, D> {
+    Tensor::from_inner(t.clone()).require_grad()
+}
+
+/// Equal to f32 rounding: 1e-5 absolute, or relative for sums that reach tens (RMSNorm's
+/// weight gradient sums 200 rows, in another order than the reference).
+fn close<const D: usize>(a: Tensor<Flex, D>, b: &Tensor<Flex, D>) {
+    a.into_data()
+        .assert_approx_eq::<f32>(&b.clone().into_data(), Tolerance::rel_abs(1e-5, 1e-5));
+}
+
+/// `sum(out * w)`'s gradients of `leaves`.
+fn grads<const D: usize, const L: usize>(
+    out: Tensor<Ad, D>,
+    w: &Tensor<Flex, D>,
+    leaves: [&Tensor<Ad, D>; L],
+) -> [Tensor<Flex, D>; L] {
+    let g = (out * Tensor::from_inner(w.clone())).sum().backward();
+    leaves.map(|t| t.grad(&g).expect("reached"))
+}
+
+#[test]
+fn rope_matches_the_unfused_chain() {
+    // 300 positions of 4 heads: several tasks; packed-style positions that restart. The tables
+    // are `[b, s, 1, d]`, both halves of a head sharing the angles (as `model::rope` builds them).
+    let [b, s, h, d] = [2, 300, 4, 16];
+    let angles: Vec<f32> = (0..b)
+        .flat_map(|row| (0..s).map(move |t| (t * (row + 1) % 257) as f32))
+        .flat_map(|p| {
+            let half = (0..d / 2).map(move |i| p / 10_000f32.powf(2.0 * i as f32 / d as f32));
+            half.clone().chain(half)
+        })
+        .collect();
+    let table = |f: fn(f32) -> f32| {
+        let values = angles.iter().map(|&a| f(a)).collect::<Vec<_>>();
+        Tensor::<Flex, 4>::from_data(TensorData::new(values, [b, s, 1, d]), &Default::default())
+    };
+    let (table_cos, table_sin) = (table(f32::cos), table(f32::sin));
+    let (x, w) = (rand([b, s, h, d]), rand([b, s, h, d]));
+    let (cos, sin) = (
+        Tensor::from_inner(table_cos.clone()),
+        Tensor::from_inner(table_sin.clone()),
+    );
+    let run = |ours: bool| {
+        let x = leaf(&x);
+        let out = if ours {
+            rope(x.clone(), cos.clone(), sin.clone())
+        } else {
+            let [x, cos, sin] = [&x, &cos, &sin].map(|t| primitive(t.clone()));
+            float(generic::rope::<Ad>(x, cos, sin))
+        };
+        let [dx] = grads(out.clone(), &w, [&x]);
+        (out.inner(), dx)
+    };
+    let ((out, dx), (reference_out, reference_dx)) = (run(true), run(false));
+    close(out, &reference_out);
+    close(dx, &reference_dx);
+    // The generic backward pass: rope of the gradient with -sin.
+    close(
+        float(generic::rope::<Flex>(
+            primitive(w.clone()),
+            primitive(table_cos),
+            primitive(table_sin.neg()),
+        )),
+        &reference_dx,
+    );
+}
+
+#[test]
+fn swiglu_matches_the_unfused_chain() {
+    let (gate, up, w) = (rand([2, 50, 100]), rand([2, 50, 100]), rand([2, 50, 100]));
+    let run = |ours: bool| {
+        let (g, u) = (leaf(&gate), leaf(&up));
+        let out = if ours {
+            swiglu(g.clone(), u.clone())
+        } else {
+            float(generic::swiglu::<Ad>(
+                primitive(g.clone()),
+                primitive(u.clone()),
+            ))
+        };
+        let [dg, du] = grads(out.clone(), &w, [&g, &u]);
+        (out.inner(), [dg, du])
+    };
+    let ((out, kernel), (reference_out, reference)) = (run(true), run(false));
+    close(out, &reference_out);
+    let generic = generic::swiglu_backward::<Flex>(primitive(gate), primitive(up), primitive(w));
+    for ((kernel, generic), reference) in kernel.into_iter().zip(generic).zip(&reference) {
+        close(kernel, reference);
+        close(float(generic), reference);
+    }
+}
+
+#[test]
+fn rms_norm_matches_the_unfused_chain() {
+    let (x, weight, w) = (rand([2, 100, 48]), rand([48]), rand([2, 100, 48]));
+    let eps = 1e-6;
+    let run = |ours: bool| {
+        let (x, weight) = (leaf(&x), leaf(&weight));
+        let out = if ours {
+            rms_norm(x.clone(), weight.clone(), eps)
+        } else {
+            float(generic::rms_norm::<Ad>(
+                primitive(x.clone()),
+                primitive(weight.clone()),
+                eps,
+            ))
+        };
+        let g = (out.clone() * Tensor::from_inner(w.clone()))
+            .sum()
+            .backward();
+        let dx = x.grad(&g).expect("reached");
+        (out.inner(), dx, weight.grad(&g).expect("reached"))
+    };
+    let ((out, dx, dw), (reference_out, reference_dx, reference_dw)) = (run(true), run(false));
+    close(out, &reference_out);
+    close(dx, &reference_dx);
+    close(dw, &reference_dw);
+    let (generic_dx, generic_dw) = generic::rms_norm_backward::<Flex>(
+        primitive(x),
+        primitive(weight),
+        eps,
+        primitive(w),
+        true,
+    );
+    close(float::<Flex, 3>(generic_dx), &reference_dx);
+    close(float::<Flex, 1>(generic_dw.expect("asked")), &reference_dw);
+}
+
+#[test]
+fn cross_entropy_matches_the_unfused_chain() {
+    // A vocabulary of 37: four full lanes of 8 and a remainder; logits up to ±30 so that
+    // an unshifted exp would lose the small terms.
+    let (n, vocab) = (50, 37);
+    let logits = rand([n, vocab]) * 10.0;
+    let w = rand([n]);
+    let targets: Vec<i64> = (0..n as i64).map(|i| i * 7 % vocab as i64).collect();
+    let targets =
+        Tensor::<Flex, 1, Int>::from_data(TensorData::new(targets, [n]), &Default::default());
+    let run = |ours: bool| {
+        let x = leaf(&logits);
+        let tgt = Tensor::<Ad, 1, Int>::from_inner(targets.clone());
+        let out = if ours {
+            cross_entropy(x.clone(), tgt)
+        } else {
+            burn::tensor::activation::log_softmax(x.clone(), 1)
+                .gather(1, tgt.reshape([n, 1]))
+                .reshape([n])
+                .neg()
+        };
+        let g = (out.clone() * Tensor::from_inner(w.clone()))
+            .sum()
+            .backward();
+        (out.inner(), x.grad(&g).expect("reached"))
+    };
+    let ((out, dx), (reference_out, reference_dx)) = (run(true), run(false));
+    close(out, &reference_out);
+    close(dx, &reference_dx);
+    let (generic_out, lse) =
+        generic::cross_entropy::<Flex>(primitive(logits.clone()), targets.clone().into_primitive());
+    close(float::<Flex, 1>(generic_out), &reference_out);
+    let generic_dx = generic::cross_entropy_backward::<Flex>(
+        primitive(logits),
+        targets.into_primitive(),
+        lse,
+        primitive(w),
+    );
+    close(float::<Flex, 2>(generic_dx), &reference_dx);
+}
+
+#[test]
+fn lora_linear_matches_the_unfused_chain() {
+    let (n_in, r, n_out) = (24, 4, 40);
+    let (x, w) = (rand([2, 30, n_in]), rand([2, 30, n_out]));
+    let (weight, bias) = (rand([n_in, n_out]), rand([n_out]));
+    let (a, b) = (rand([n_in, r]), rand([r, n_out]));
+    let scaling = 0.5;
+    for bias in [None, Some(bias)] {
+        let run = |ours: bool| {
+            let (x, a, b) = (leaf(&x), leaf(&a), leaf(&b));
+            let weight = Tensor::<Ad, 2>::from_inner(weight.clone());
+            let bias = bias.clone().map(Tensor::<Ad, 1>::from_inner);
+            let out = if ours {
+                let layer = LoraParts::new(weight, bias, a.clone(), b.clone(), scaling);
+                lora_linear(x.clone(), layer)
+            } else {
+                let base = burn::tensor::module::linear(x.clone(), weight, bias);
+                base + x
+                    .clone()
+                    .matmul(a.clone().unsqueeze())
+                    .mul_scalar(scaling)
+                    .matmul(b.clone().unsqueeze())
+            };
+            let g = (out.clone() * Tensor::from_inner(w.clone()))
+                .sum()
+                .backward();
+            let [da, db] = [&a, &b].map(|t| t.grad(&g).expect("reached"));
+            (out.inner(), x.grad(&g).expect("reached"), [da, db])
+        };
+        let ((out, dx, [da, db]), (reference_out, reference_dx, [reference_da, reference_db])) =
+            (run(true), run(false));
+        close(out, &reference_out);
+        close(dx, &reference_dx);
+        close(da, &reference_da);
+        close(db, &reference_db);
+        let layer = LoraParts {
+            weight: primitive(weight.clone()),
+            bias: bias.map(primitive),
+            lora_a: primitive(a.clone()),
+            lora_b: primitive(b.clone()),
+            scaling,
+        };
+        let (generic_out, h) = generic::lora_linear::<Flex>(primitive(x.clone()), layer.clone());
+        close(float::<Flex, 3>(generic_out), &reference_out);
+        let (generic_dx, generic_da, generic_db) = generic::lora_linear_backward::<Flex>(
+            primitive(x.clone()),
+            layer,
+            Some(h),
+            primitive(w.clone()),
+            true,
+        );
+        close(float::<Flex, 3>(generic_dx.expect("asked")), &reference_dx);
+        close(float::<Flex, 2>(generic_da), &reference_da);
+        close(float::<Flex, 2>(generic_db), &reference_db);
+    }
+}
+
+#[test]
+fn base_linear_matches_burns_linear() {
+    // The weight as stored and as the transpose of an [out, in] matrix (a tied lm_head);
+    // with and without bias; and a trained weight, which takes Burn's path.
+    let (n_in, n_out) = (24, 40);
+    let (x, w) = (rand([2, 30, n_in]), rand([2, 30, n_out]));
+    let (weight, bias) = (rand([n_in, n_out]), rand([n_out]));
+    let stored_transposed =
+        Tensor::<Flex, 2>::from_data(weight.clone().transpose().into_data(), &weight.device());
+    let weights = [weight, stored_transposed.transpose()];
+    for (weight, bias, trained) in [
+        (&weights[0], None, false),
+        (&weights[0], Some(bias.clone()), false),
+        (&weights[1], Some(bias.clone()), false),
+        (&weights[1], None, true),
+    ] {
+        let run = |ours: bool| {
+            let x = leaf(&x);
+            let weight = Tensor::<Ad, 2>::from_inner(weight.clone());
+            let weight = if trained {
+                weight.require_grad()
+            } else {
+                weight
+            };
+            let bias = bias.clone().map(Tensor::<Ad, 1>::from_inner);
+            let out = if ours {
+                base_linear(x.clone(), weight.clone(), bias)
+            } else {
+                burn::tensor::module::linear(x.clone(), weight.clone(), bias)
+            };
+            let [dx] = grads(out.clone(), &w, [&x]);
+            (out.inner(), dx)
+        };
+        let ((out, dx), (reference_out, reference_dx)) = (run(true), run(false));
+        close(out, &reference_out);
+        close(dx, &reference_dx);
+    }
+}
+
+#[test]
+fn seeded_backward_passes_match_the_summed_product() {
+    // A recomputed layer's end, `out = residual + lora_linear(x)`, seeded with the gradient
+    // w of out, against `sum(out * w).backward()`; a trained base weight takes the generic
+    // path.
+    let (n_in, r, n_out) = (24, 4, 40);
+    let (x, residual, w) = (
+        rand([2, 30, n_in]),
+        rand([2, 30, n_out]),
+        rand([2, 30, n_out]),
+    );
+    let (weight, bias) = (rand([n_in, n_out]), rand([n_out]));
+    let (a, b) = (rand([n_in, r]), rand([r, n_out]));
+    for base_trained in [false, true] {
+        let run = |seeded: bool| {
+            let (x, residual, a, b) = (leaf(&x), leaf(&residual), leaf(&a), leaf(&b));
+            let weight = Tensor::<Ad, 2>::from_inner(weight.clone());
+            let weight = if base_trained {
+                weight.require_grad()
+            } else {
+                weight
+            };
+            let bias = Tensor::from_inner(bias.clone());
+            let layer = LoraParts::new(weight.clone(), Some(bias), a.clone(), b.clone(), 0.5);
+            let w = Tensor::<Ad, 3>::from_inner(w.clone());
+            let g = if seeded {
+                (seed_gradient(residual.clone(), w.clone()) + lora_linear_seed(x.clone(), layer, w))
+                    .backward()
+            } else {
+                ((residual.clone() + lora_linear(x.clone(), layer)) * w)
+                    .sum()
+                    .backward()
+            };
+            let [dx, d_residual] = [&x, &residual].map(|t| t.grad(&g).expect("reached"));
+            let [da, db] = [&a, &b].map(|t| t.grad(&g).expect("reached"));
+            (dx, d_residual, [da, db], weight.grad(&g))
+        };
+        let (seeded, reference) = (run(true), run(false));
+        close(seeded.0, &reference.0);
+        close(seeded.1, &reference.1);
+        for (seeded, reference) in seeded.2.into_iter().zip(&reference.2) {
+            close(seeded, reference);
+        }
+        assert_eq!(seeded.3.is_some(), base_trained);
+        if let (Some(seeded), Some(reference)) = (seeded.3, reference.3) {
+            close(seeded, &reference);
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! The gradient of one optimizer step's loss for every adapter tensor, over the step's
+//! micro-batches: one graph over the whole model, or with gradient checkpointing, which keeps
+//! only each decoder layer's input from the forward pass and recomputes the layer in the backward
+//! pass (as transformers checkpoints each decoder layer). Dropout draws come from the seed, the
+//! step, the micro-batch and the layer, so the recomputed layer sees the masks of its forward
+//! pass and a resumed run draws what an unbroken one would.
+
+use burn::module::Module;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Tensor};
+
+use crate::data::dataset::{collate, TrainRow};
+use crate::model::loss::{token_losses, LossTargets};
+use crate::model::{Batch, CausalLm, DecoderLayer, TrainBackend};
+
+/// One gradient per trainable tensor, in `flat_params`'s order; None where the backward pass did
+/// not reach one.
+pub type Grads<B> = Vec<Option<Tensor<<B as AutodiffBackend>::InnerBackend, 1>>>;
+
+/// Every trainable tensor of the model, flattened, in layer and module order (the optimizer's).
+pub fn flat_params<B: TrainBackend>(model: &CausalLm<B>) -> Vec<Tensor<B::InnerBackend, 1>> {
+    model
+        .adapters()
+        .flat_map(|(_, a)| a.trainable())
+        .map(|(_, t)| t.inner())
+        .collect()
+}
+
+/// Puts `values` (in `flat_params`'s order) into the model.
+pub fn set_params<B: TrainBackend>(
+    model: &mut CausalLm<B>,
+    values: Vec<Tensor<B::InnerBackend, 1>>,
+) {
+    let mut values = values.into_iter();
+    for adapter in model.adapters_mut() {
+        let n = adapter.trainable_count();
+        adapter.set_trainable(values.by_ref().take(n).map(Tensor::from_inner).collect());
+    }
+}
+
+/// How a step's gradients are computed.
+pub struct StepGrads<B: TrainBackend> {
+    pub seed: u64,
+    /// Dropout is on, so each layer's generator is reseeded before it runs.
+    pub dropout: bool,
+    pub checkpointing: bool,
+    /// Trainable tensors of each decoder layer, to place a layer's gradients in the flat list.
+    pub layer_tensors: Vec<usize>,
+    pub device: B::Device,
+}
+
+/// A micro-batch ready for the model.
+struct Micro {
+    batch: Batch,
+    targets: LossTargets,
+    /// Its place in the step, for the dropout seed.
+    index: usize,
+}
+
+impl<B: TrainBackend> StepGrads<B> {
+    pub fn new(model: &CausalLm<B>, seed: u64, checkpointing: bool, device: B::Device) -> Self {
+        let layer_tensors = model
+            .model
+            .layers
+            .iter()
+            .map(|layer| layer.adapters().map(|a| a.trainable_count()).sum())
+            .collect();
+        let dropout = model.adapters().any(|(_, a)| a.dropout.prob > 0.0);
+        Self {
+            seed,
+            dropout,
+            checkpointing,
+            layer_tensors,
+            device,
+        }
+    }
+
+    /// The mean loss over the step's label tokens, its tokens (padding excluded) and the
+    /// gradient of that loss for every trainable tensor.
+    pub fn compute(
+        &self,
+        model: &CausalLm<B>,
+        batches: &[Vec<TrainRow>],
+        step: u64,
+    ) -> (f64, usize, Grads<B>) {
+        let micro: Vec<Micro> = batches
+            .iter()
+            .enumerate()
+            .map(|(index, rows)| {
+                let refs: Vec<&TrainRow> = rows.iter().collect();
+                let (batch, labels) = collate(&refs);
+                let targets = LossTargets::shifted(&labels);
+                Micro {
+                    batch,
+                    targets,
+                    index,
+                }
+            })
+            .collect();
+        let label_tokens: usize = micro.iter().map(|m| m.targets.len()).sum();
+        let tokens = batches.iter().flatten().map(|r| r.input_ids().len()).sum();
+        let mut grads: Grads<B> = vec![None; self.layer_tensors.iter().sum()];
+        // Frozen copies for the forward pass of checkpointing: cheap (tensors are shared) and
+        // they record no graph.
+        let frozen: Vec<DecoderLayer<B>> = match self.checkpointing {
+            true => model
+                .model
+                .layers
+                .iter()
+                .map(|l| l.clone().no_grad())
+                .collect(),
+            false => Vec::new(),
+        };
+        let scale = 1.0 / label_tokens.max(1) as f64;
+        let mut loss_sum = 0.0;
+        for m in micro.iter().filter(|m| !m.targets.is_empty()) {
+            loss_sum += match self.checkpointing {
+                true => self.checkpointed(model, &frozen, m, step, scale, &mut grads),
+                false => self.whole(model, m, step, scale, &mut grads),
+            };
+        }
+        (loss_sum * scale, tokens, grads)
+    }
+
+    /// One graph over the whole model; returns the summed loss.
+    fn whole(
+        &self,
+        model: &CausalLm<B>,
+        m: &Micro,
+        step: u64,
+        scale: f64,
+        grads: &mut Grads<B>,
+    ) -> f64 {
+        let (mut x, inputs) = model.embed(&m.batch);
+        for (i, layer) in model.model.layers.iter().enumerate() {
+            self.seed_dropout(step, m.index, i);
+            x = layer.forward(x, &inputs.rope, inputs.masks[i].clone(), None);
+        }
+        let sum = token_losses(model, model.model.norm.forward(x), &m.targets).sum();
+        let backward = (sum.clone() * scale).backward();
+        let mut offset = 0;
+        for (layer, n) in model.model.layers.iter().zip(&self.layer_tensors) {
+            add_layer_grads(grads, offset, layer, &backward);
+            offset += n;
+        }
+        scalar(sum.inner())
+    }
+
+    /// Layer by layer: a forward pass that keeps only each layer's input, then per layer, last
+    /// to first, the layer recomputed with a graph and its backward pass seeded with the
+    /// gradient of its output. The last layer keeps its graph from the forward pass instead, as
+    /// its backward pass follows at once. Returns the summed loss.
+    fn checkpointed(
+        &self,
+        model: &CausalLm<B>,
+        frozen: &[DecoderLayer<B>],
+        m: &Micro,
+        step: u64,
+        scale: f64,
+        grads: &mut Grads<B>,
+    ) -> f64 {
+        let layers = &model.model.layers;
+        let last = layers.len() - 1;
+        // The first layer's input is the frozen embedding: its gradient is not needed.
+        let tracked = |i: usize, x: Tensor<B, 3>| if i > 0 { x.require_grad() } else { x };
+        let (mut x, inputs) = model.embed(&m.batch);
+        let mut layer_inputs = Vec::with_capacity(last);
+        for (i, layer) in frozen[..last].iter().enumerate() {
+            self.seed_dropout(step, m.index, i);
+            layer_inputs.push(x.clone());
+            x = layer.forward(x, &inputs.rope, inputs.masks[i].clone(), None);
+        }
+        self.seed_dropout(step, m.index, last);
+        let input = tracked(last, x.detach());
+        let out = layers[last].forward(
+            input.clone(),
+            &inputs.rope,
+            inputs.masks[last].clone(),
+            None,
+        );
+        let sum = token_losses(model, model.model.norm.forward(out), &m.targets).sum();
+        let backward = (sum.clone() * scale).backward();
+        let mut offset: usize = self.layer_tensors[..last].iter().sum();
+        add_layer_grads(grads, offset, &layers[last], &backward);
+        let mut grad_out = input.grad(&backward);
+        for i in (0..last).rev() {
+            offset -= self.layer_tensors[i];
+            self.seed_dropout(step, m.index, i);
+            let layer = &layers[i];
+            let input = tracked(i, layer_inputs.pop().expect("one input per layer"));
+            let grad = Tensor::from_inner(grad_out.expect("the layer above depends on its input"));
+            let backward = layer
+                .seeded(input.clone(), &inputs.rope, inputs.masks[i].clone(), grad)
+                .backward();
+            add_layer_grads(grads, offset, layer, &backward);
+            grad_out = input.grad(&backward);
+        }
+        scalar(sum.inner())
+    }
+
+    /// Reseeds the backend's generator for the dropout of one layer of one micro-batch.
+    fn seed_dropout(&self, step: u64, micro: usize, layer: usize) {
+        if self.dropout {
+            let seed = [step, micro as u64, layer as u64]
+                .iter()
+                .fold(self.seed, |h, &v| splitmix64(h ^ splitmix64(v)));
+            B::seed(&self.device, seed);
+        }
+    }
+}
+
+/// Adds the adapter gradients of one layer to `grads`, from `offset` on.
+fn add_layer_grads<B: TrainBackend>(
+    grads: &mut Grads<B>,
+    offset: usize,
+    layer: &DecoderLayer<B>,
+    backward: &B::Gradients,
+) {
+    let layer_grads = layer.adapters().flat_map(|a| a.trainable_grads(backward));
+    for (slot, g) in grads[offset..].iter_mut().zip(layer_grads) {
+        *slot = match (slot.take(), g) {
+            (Some(acc), Some(g)) => Some(acc + g),
+            (acc, g) => acc.or(g),
+        };
+    }
+}
+
+fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
+    t.into_scalar().elem::<f64>()
+}
+
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e3779b97f4a7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+    z ^ (z >> 31)
+}

@@ -5,31 +5,11 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{eval_loss, model_dir, printed, swift_rs};
+use common::{edit_config, eval_loss, model_copy, model_dir, printed, swift_rs_fails};
 
 fn expected_losses(name: &str) -> serde_json::Value {
     let text = std::fs::read_to_string(model_dir(name).join("expected/losses.json")).unwrap();
     serde_json::from_str::<serde_json::Value>(&text).unwrap()["logits"].clone()
-}
-
-/// A copy of a fixture model (without its expected/ folder) that a test may break.
-fn model_copy(name: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(model_dir(name)).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_file() {
-            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-        }
-    }
-    dir
-}
-
-fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
-    let path = dir.join("config.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    edit(&mut cfg);
-    std::fs::write(path, cfg.to_string()).unwrap();
 }
 
 /// Runs eval expecting failure; returns stderr after checking the error contract.
@@ -45,16 +25,7 @@ fn eval_fails(model: &Path, dataset: &Path, extra: &[&str], code: i32) -> String
     if !extra.contains(&"--device") {
         args.extend(["--device", "cpu"]);
     }
-    let out = swift_rs(&args);
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "exit code; stderr:\n{stderr}"
-    );
-    assert!(stderr.starts_with("error: "), "stderr:\n{stderr}");
-    assert!(!stderr.contains("panicked"), "stderr:\n{stderr}");
-    stderr
+    swift_rs_fails(&args, code)
 }
 
 fn inputs(name: &str) -> PathBuf {

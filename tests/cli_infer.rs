@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use common::fake_hub::{FakeHub, Repo};
-use common::{adapter_dir, fixtures, model_dir, swift_rs};
+use common::{adapter_dir, fixtures, model_dir, swift_rs_fails, swift_rs_ok};
 use serde_json::{json, Value};
 
 fn chat() -> Value {
@@ -44,17 +44,6 @@ fn infer_args(model: &Path, extra: &[&str]) -> Vec<String> {
     args
 }
 
-fn run_ok(args: &[String]) -> String {
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = swift_rs(&args);
-    assert!(
-        out.status.success(),
-        "{args:?}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// The fixture's adapter and quantization flags of a case.
 fn case_flags(case: &Value) -> Vec<String> {
     let mut flags = Vec::new();
@@ -85,7 +74,7 @@ fn prompt_replies_equal_transformers() {
             _ => continue, // a second turn: the chat test's
         }
         flags.extend(["--prompt".to_string(), user.to_string()]);
-        let stdout = run_ok(&infer_args(
+        let stdout = swift_rs_ok(&infer_args(
             &chat_model(),
             &flags.iter().map(String::as_str).collect::<Vec<_>>(),
         ));
@@ -117,7 +106,7 @@ fn dataset_replies_in_batches_equal_transformers_in_input_order() {
     }
     std::fs::write(&dataset, text).unwrap();
     let output = dir.path().join("out.jsonl");
-    run_ok(&infer_args(
+    swift_rs_ok(&infer_args(
         &chat_model(),
         &[
             "--adapter",
@@ -233,7 +222,7 @@ fn replies_stop_at_the_eos_ids_of_generation_config() {
     let tokens = common::ids(&case["tokens"]);
     // The fourth token is a stop id: the reply is the three before it.
     let model = with_generation_config(json!({"eos_token_id": tokens[3]}));
-    let stdout = run_ok(&infer_args(model.path(), &["--prompt", "Who are you?"]));
+    let stdout = swift_rs_ok(&infer_args(model.path(), &["--prompt", "Who are you?"]));
     let tokenizer = tokenizers::Tokenizer::from_file(chat_model().join("tokenizer.json")).unwrap();
     assert_eq!(
         stdout,
@@ -269,7 +258,7 @@ fn sampled_replies(model: &Path, extra: &[&str], batch_size: &str) -> Vec<String
         batch_size,
     ];
     flags.extend_from_slice(extra);
-    run_ok(&sampling_args(model, &flags));
+    swift_rs_ok(&sampling_args(model, &flags));
     std::fs::read_to_string(&output)
         .unwrap()
         .lines()
@@ -302,15 +291,6 @@ fn seeded_sampling_is_reproducible_and_independent_of_the_batch() {
     assert_ne!(greedy, one_by_one);
 }
 
-fn infer_fails(args: &[String], code: i32) -> String {
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = swift_rs(&args);
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    stderr
-}
-
 #[test]
 fn bad_input_is_named_with_the_spec_exit_codes() {
     let model = chat_model();
@@ -323,31 +303,31 @@ fn bad_input_is_named_with_the_spec_exit_codes() {
     .unwrap();
     let output = dir.path().join("out.jsonl");
     let (d, o) = (dataset.to_str().unwrap(), output.to_str().unwrap());
-    let stderr = infer_fails(&infer_args(&model, &["--dataset", d, "--output", o]), 2);
+    let stderr = swift_rs_fails(&infer_args(&model, &["--dataset", d, "--output", o]), 2);
     assert!(
         stderr.contains("rows.jsonl:2") && stderr.contains("no user turn"),
         "{stderr}"
     );
     assert!(!output.exists(), "nothing is written for a bad dataset");
 
-    let stderr = infer_fails(&infer_args(&model, &["--dataset", d]), 2);
+    let stderr = swift_rs_fails(&infer_args(&model, &["--dataset", d]), 2);
     assert!(stderr.contains("--output"), "{stderr}");
-    let stderr = infer_fails(&infer_args(&model, &["--top-p", "1.5", "--prompt", "x"]), 2);
+    let stderr = swift_rs_fails(&infer_args(&model, &["--top-p", "1.5", "--prompt", "x"]), 2);
     assert!(stderr.contains("top_p"), "{stderr}");
-    let stderr = infer_fails(
+    let stderr = swift_rs_fails(
         &sampling_args(&model, &["--temperature=-1", "--prompt", "x"]),
         2,
     );
     assert!(stderr.contains("temperature"), "{stderr}");
 
     let broken = with_generation_config(json!({"eos_token_id": "not an id"}));
-    let stderr = infer_fails(&infer_args(broken.path(), &["--prompt", "x"]), 2);
+    let stderr = swift_rs_fails(&infer_args(broken.path(), &["--prompt", "x"]), 2);
     assert!(stderr.contains("generation_config.json"), "{stderr}");
 
     let missing = dir.path().join("no-model");
-    let stderr = infer_fails(&infer_args(&missing, &["--prompt", "x"]), 2);
+    let stderr = swift_rs_fails(&infer_args(&missing, &["--prompt", "x"]), 2);
     assert!(stderr.contains("no-model"), "{stderr}");
-    let stderr = infer_fails(
+    let stderr = swift_rs_fails(
         &infer_args(
             &model,
             &["--adapter", missing.to_str().unwrap(), "--prompt", "x"],
@@ -369,7 +349,7 @@ fn a_merged_model_directory_answers_as_base_plus_adapter() {
         .clone();
     let dir = tempfile::tempdir().unwrap();
     let merged = dir.path().join("merged");
-    run_ok(
+    swift_rs_ok(
         &[
             "merge",
             "--model",
@@ -384,7 +364,7 @@ fn a_merged_model_directory_answers_as_base_plus_adapter() {
         .map(String::from),
     );
     let user = case["messages"][0]["content"].as_str().unwrap();
-    let stdout = run_ok(&infer_args(&merged, &["--prompt", user]));
+    let stdout = swift_rs_ok(&infer_args(&merged, &["--prompt", user]));
     assert_eq!(stdout, format!("{}\n", case["response"].as_str().unwrap()));
 }
 

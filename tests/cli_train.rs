@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use common::fake_hub::{FakeHub, Repo};
-use common::swift_rs;
+use common::swift_rs_fails;
 use serde_json::Value;
 use swift_rs::config::{Dtype, TrainConfig};
 
@@ -221,9 +221,7 @@ fn config_errors_name_the_key_and_exit_2() {
         "[model]\npath = \"examples/quickstart-model\"\n[data]\ntrain = [\"x.jsonl\"]\n[train]\nlearning_rat = 1e-4\n",
     )
     .unwrap();
-    let result = swift_rs(&["train", "--config", &config.display().to_string()]);
-    let stderr = String::from_utf8_lossy(&result.stderr);
-    assert_eq!(result.status.code(), Some(2), "{stderr}");
+    let stderr = swift_rs_fails(&["train", "--config", &config.display().to_string()], 2);
     assert!(
         stderr.contains("train.learning_rat") && stderr.contains(":6"),
         "{stderr}"

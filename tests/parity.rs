@@ -5,7 +5,7 @@ mod common;
 
 use common::{check_logits, check_losses, golden, model_dir, B};
 use swift_rs::config::{Dtype, ModelConfig};
-use swift_rs::model::{self, CausalLm, LoadOptions};
+use swift_rs::model::{self, CausalLm, LoadError, LoadOptions, LoadProblem, ModelError};
 
 const MODELS: [&str; 5] = [
     "llama",
@@ -111,4 +111,45 @@ fn packed_samples_give_their_solo_logits() {
             }
         }
     }
+}
+
+#[test]
+fn a_checkpoint_that_does_not_fit_lists_each_problem_as_a_value() {
+    let dir = common::model_copy("mistral");
+    common::edit_config(dir.path(), |c| {
+        c["num_hidden_layers"] = 2.into();
+        c["intermediate_size"] = 90.into();
+    });
+    let err = model::load::<B>(
+        dir.path(),
+        LoadOptions::dtype(Dtype::F32),
+        None,
+        &Default::default(),
+    )
+    .err()
+    .unwrap();
+    let ModelError::Load(LoadError::Mismatch { problems, .. }) = err else {
+        panic!("not a mismatch: {err}");
+    };
+    assert!(problems.contains(&LoadProblem::ShapeMismatch {
+        key: "model.layers.0.mlp.gate_proj.weight".into(),
+        expected: vec![90, 64],
+        got: vec![88, 64],
+    }));
+    assert!(problems.contains(&LoadProblem::Unexpected {
+        key: "model.layers.2.mlp.down_proj.weight".into(),
+    }));
+    // Every tensor of the third layer is unexpected; every MLP projection of the first two is
+    // mis-shaped: all listed at once.
+    let unexpected = problems
+        .iter()
+        .filter(|p| matches!(p, LoadProblem::Unexpected { .. }));
+    let misshaped = problems
+        .iter()
+        .filter(|p| matches!(p, LoadProblem::ShapeMismatch { .. }));
+    assert_eq!(
+        (unexpected.count(), misshaped.count()),
+        (9, 6),
+        "{problems:?}"
+    );
 }

@@ -30,7 +30,7 @@ pub struct EncodeArgs {
 }
 
 pub fn run(args: EncodeArgs) -> Result<(), Failure> {
-    let config = TrainConfig::load(&args.config, &args.set).map_err(Failure::from_lib)?;
+    let config = TrainConfig::load(&args.config, &args.set)?;
     let model_dir = HubArg {
         hub: config.model.hub,
     }

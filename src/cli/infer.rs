@@ -81,8 +81,7 @@ pub fn run(args: InferArgs) -> Result<(), Failure> {
 fn infer_on<B: ModelBackend>(device: B::Device, args: &InferArgs) -> Result<(), Failure> {
     // Bad settings, model files and rows are usage errors (exit 2), found before the model loads.
     let local = args.model.local()?;
-    let file =
-        GenerationConfig::from_model_dir(&local.model).map_err(|e| Failure::Usage(e.into()))?;
+    let file = GenerationConfig::from_model_dir(&local.model)?;
     let sampling = Sampling::resolve(
         &file,
         args.temperature,

@@ -127,7 +127,7 @@ impl HubArg {
     /// The directory `spec` names, downloading a hub id. An id the hub does not know is a usage
     /// error; other download failures are runtime errors.
     pub fn local_dir(&self, spec: &Path) -> Result<PathBuf, Failure> {
-        hub::local_dir(spec, self.hub).map_err(Failure::from_lib)
+        Ok(hub::local_dir(spec, self.hub)?)
     }
 }
 
@@ -163,18 +163,14 @@ impl LibError for ExportError {
 /// `?` on a library call classifies its error.
 impl<E: LibError> From<E> for Failure {
     fn from(e: E) -> Self {
-        Self::from_lib(e)
+        let usage = e.is_usage();
+        Self::classified(usage, anyhow::Error::new(e))
     }
 }
 
 impl Failure {
-    /// A library error: usage (exit 2) or runtime (exit 1) as the error says.
-    pub fn from_lib(e: impl LibError) -> Self {
-        let usage = e.is_usage();
-        Self::classified(usage, anyhow::Error::new(e))
-    }
-
-    /// As `from_lib`, with `context` before the error's own message.
+    /// A library error with `context` before its own message: usage (exit 2) or runtime (exit 1)
+    /// as the error says.
     pub fn of<C>(e: impl LibError, context: C) -> Self
     where
         C: std::fmt::Display + Send + Sync + 'static,

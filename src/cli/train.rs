@@ -35,7 +35,7 @@ pub struct TrainArgs {
 static STOP: AtomicBool = AtomicBool::new(false);
 
 pub fn run(args: TrainArgs) -> Result<(), Failure> {
-    let mut config = TrainConfig::load(&args.config, &args.set).map_err(Failure::from_lib)?;
+    let mut config = TrainConfig::load(&args.config, &args.set)?;
     // `--device` is written into the config, so config.toml records where the run went.
     if let Some(device) = args.device {
         config.train.device = device;
@@ -45,7 +45,7 @@ pub fn run(args: TrainArgs) -> Result<(), Failure> {
         #[cfg(feature = "cuda")]
         Resolved::Cuda(n) => Device::Cuda(n),
     };
-    let plan = config.resolve(on).map_err(Failure::from_lib)?;
+    let plan = config.resolve(on)?;
     with_backend!(config.train.device, train_on(plan))
 }
 

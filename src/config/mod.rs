@@ -13,7 +13,9 @@ use std::path::PathBuf;
 
 pub use generation::{GenerationConfig, TokenIds};
 pub use lora::{InitLoraWeights, LoraConfig, TargetModules};
-pub use model::{Arch, Dtype, HfConfig, ModelConfig, RopeConfig, RopeScaling, LAYER_LINEARS};
+pub use model::{
+    Arch, Dtype, HfConfig, ModelConfig, ModelConfigError, RopeConfig, RopeScaling, LAYER_LINEARS,
+};
 pub use quant::Nf4Config;
 pub use train::{
     auto_dtype, DataSection, Device, Hub, Length, LoraInit, LoraSection, LossScale, ModelSection,
@@ -51,6 +53,11 @@ pub enum ConfigError {
     Syntax { path: PathBuf, message: String },
     #[error("{path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
+    #[error("{path}: {source}")]
+    Model {
+        path: PathBuf,
+        source: ModelConfigError,
+    },
     /// A key of the training config; `at` is "file:line", the file, or `--set KEY=VALUE`.
     #[error("{at}: {message}")]
     Key { at: String, message: String },

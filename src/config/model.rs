@@ -149,6 +149,18 @@ pub struct HfConfig {
     pub layer_types: Option<Vec<String>>,
 }
 
+/// A config.json that does not describe a model swift-rs can build.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ModelConfigError {
+    #[error("unsupported model_type \"{model_type}\": swift-rs supports llama, mistral, qwen2 and qwen3")]
+    UnsupportedArch { model_type: String },
+    #[error("no model_type, and architectures {architectures:?} names no supported family (llama, mistral, qwen2, qwen3)")]
+    UnknownArchitectures { architectures: Vec<String> },
+    /// A value of a supported family that cannot work; the sentence names the key.
+    #[error("{0}")]
+    Invalid(String),
+}
+
 /// Everything the decoder needs, resolved and checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
@@ -189,32 +201,32 @@ impl ModelConfig {
             reason: e.to_string(),
         })?;
         raw.resolve()
-            .map_err(|reason| ConfigError::Invalid { path, reason })
+            .map_err(|source| ConfigError::Model { path, source })
     }
 }
 
 impl HfConfig {
     /// Resolves family defaults and the two config generations into a `ModelConfig`.
-    /// The error is a sentence naming the key at fault.
-    pub fn resolve(&self) -> Result<ModelConfig, String> {
+    pub fn resolve(&self) -> Result<ModelConfig, ModelConfigError> {
         let arch = match &self.model_type {
-            Some(mt) => Arch::from_model_type(mt).ok_or_else(|| {
-                format!(
-                    "unsupported model_type \"{mt}\": swift-rs supports llama, mistral, qwen2 and qwen3"
-                )
-            })?,
+            Some(mt) => {
+                Arch::from_model_type(mt).ok_or_else(|| ModelConfigError::UnsupportedArch {
+                    model_type: mt.clone(),
+                })?
+            }
             None => self
                 .architectures
                 .iter()
                 .find_map(|a| Arch::from_architecture(a))
-                .ok_or_else(|| {
-                    format!(
-                        "no model_type, and architectures {:?} names no supported family \
-                         (llama, mistral, qwen2, qwen3)",
-                        self.architectures
-                    )
+                .ok_or_else(|| ModelConfigError::UnknownArchitectures {
+                    architectures: self.architectures.clone(),
                 })?,
         };
+        self.resolve_arch(arch).map_err(ModelConfigError::Invalid)
+    }
+
+    /// `resolve` once the family is known; the error is a sentence naming the key at fault.
+    fn resolve_arch(&self, arch: Arch) -> Result<ModelConfig, String> {
         if let Some(act) = &self.hidden_act {
             if act != "silu" {
                 return Err(format!(
@@ -413,7 +425,8 @@ mod tests {
     use super::*;
 
     fn resolve(json: serde_json::Value) -> Result<ModelConfig, String> {
-        serde_json::from_value::<HfConfig>(json).unwrap().resolve()
+        let config = serde_json::from_value::<HfConfig>(json).unwrap();
+        config.resolve().map_err(|e| e.to_string())
     }
 
     fn base(model_type: &str) -> serde_json::Value {
@@ -469,6 +482,14 @@ mod tests {
     fn unsupported_values_name_the_key() {
         let err = resolve(base("gpt2")).unwrap_err();
         assert!(err.contains("model_type \"gpt2\""), "{err}");
+        // A caller can tell an unsupported family apart from a broken config.
+        let gpt2 = serde_json::from_value::<HfConfig>(base("gpt2")).unwrap();
+        assert_eq!(
+            gpt2.resolve(),
+            Err(ModelConfigError::UnsupportedArch {
+                model_type: "gpt2".into()
+            })
+        );
         let mut c = base("llama");
         c["rope_scaling"] = serde_json::json!({"type": "yarn", "factor": 4.0});
         assert!(resolve(c)

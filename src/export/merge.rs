@@ -111,7 +111,7 @@ pub fn merge<B: ModelBackend>(
             deltas.insert(format!("{name}.weight"), (update, [n_out, n_in]));
         }
     }
-    let mut problems = adapter.problems();
+    let mut problems: Vec<String> = adapter.problems().iter().map(ToString::to_string).collect();
     if deltas.is_empty() {
         problems.push(format!(
             "target_modules {:?} matches no linear layer of this model",

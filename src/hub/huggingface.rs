@@ -143,33 +143,12 @@ fn classify(env: &HubEnv, id: &HubId, file: Option<&str>, e: ApiError) -> HubErr
                         endpoint: env.endpoint.clone(),
                     },
                     (Some("RepoNotFound"), ..) | (None, 401 | 404, None) => {
-                        HubError::RepoNotFound {
-                            id: id.to_string(),
-                            endpoint: env.endpoint.clone(),
-                            hint: if env.token.is_some() {
-                                ""
-                            } else {
-                                " (a private repo needs HF_TOKEN)"
-                            },
-                        }
+                        HubError::repo_not_found(env, id, " (a private repo needs HF_TOKEN)")
                     }
-                    _ => HubError::Http {
-                        endpoint: env.endpoint.clone(),
-                        what: match file {
-                            Some(file) => format!("{file} of {id}"),
-                            None => id.to_string(),
-                        },
-                        status,
-                        message,
-                    },
+                    _ => HubError::http(env, id, file, status, message),
                 }
             }
-            ureq::Error::Transport(t) => HubError::Network {
-                id: id.to_string(),
-                endpoint: env.endpoint.clone(),
-                cache: env.cache.clone(),
-                reason: t.to_string(),
-            },
+            ureq::Error::Transport(t) => HubError::network(env, id, t.to_string()),
         },
         ApiError::IoError(e)
             if matches!(

@@ -334,6 +334,43 @@ impl HubError {
         )
     }
 
+    /// No such repo, or a private one: `no_token_hint` says which token it needs, when none
+    /// was given.
+    fn repo_not_found(env: &HubEnv, id: &HubId, no_token_hint: &'static str) -> Self {
+        Self::RepoNotFound {
+            id: id.to_string(),
+            endpoint: env.endpoint.clone(),
+            hint: if env.token.is_some() {
+                ""
+            } else {
+                no_token_hint
+            },
+        }
+    }
+
+    /// Another HTTP error answering for the repo or one of its files.
+    fn http(env: &HubEnv, id: &HubId, file: Option<&str>, status: u16, message: String) -> Self {
+        Self::Http {
+            endpoint: env.endpoint.clone(),
+            what: match file {
+                Some(file) => format!("{file} of {id}"),
+                None => id.to_string(),
+            },
+            status,
+            message,
+        }
+    }
+
+    /// The hub could not be reached.
+    fn network(env: &HubEnv, id: &HubId, reason: String) -> Self {
+        Self::Network {
+            id: id.to_string(),
+            endpoint: env.endpoint.clone(),
+            cache: env.cache.clone(),
+            reason,
+        }
+    }
+
     /// An I/O error writing `path`, told apart when the disk is full.
     fn io(path: &Path, source: std::io::Error) -> Self {
         // ENOSPC; `ErrorKind::StorageFull` is what std makes of it.

@@ -171,15 +171,7 @@ fn classify(env: &HubEnv, id: &HubId, file: Option<&str>, e: ureq::Error) -> Hub
     match e {
         // With a revision, a 404 may mean the revision is missing: the server's message says.
         ureq::Error::Status(404, _) if file.is_none() && id.revision.is_none() => {
-            HubError::RepoNotFound {
-                id: id.to_string(),
-                endpoint: env.endpoint.clone(),
-                hint: if env.token.is_some() {
-                    ""
-                } else {
-                    " (a private repo needs MODELSCOPE_API_TOKEN)"
-                },
-            }
+            HubError::repo_not_found(env, id, " (a private repo needs MODELSCOPE_API_TOKEN)")
         }
         ureq::Error::Status(status, response) => {
             let body = response.into_string().unwrap_or_default();
@@ -188,21 +180,8 @@ fn classify(env: &HubEnv, id: &HubId, file: Option<&str>, e: ureq::Error) -> Hub
                 .ok()
                 .and_then(|v| v.get("Message")?.as_str().map(str::to_string))
                 .unwrap_or(body);
-            HubError::Http {
-                endpoint: env.endpoint.clone(),
-                what: match file {
-                    Some(file) => format!("{file} of {id}"),
-                    None => id.to_string(),
-                },
-                status,
-                message,
-            }
+            HubError::http(env, id, file, status, message)
         }
-        ureq::Error::Transport(t) => HubError::Network {
-            id: id.to_string(),
-            endpoint: env.endpoint.clone(),
-            cache: env.cache.clone(),
-            reason: t.to_string(),
-        },
+        ureq::Error::Transport(t) => HubError::network(env, id, t.to_string()),
     }
 }

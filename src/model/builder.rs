@@ -154,7 +154,7 @@ impl<'a, B: Backend> Builder<'a, B> {
                 ));
             }
             if let AdapterSource::Weights(w) = source {
-                problems.extend(w.problems());
+                problems.extend(w.problems().iter().map(ToString::to_string));
             }
         }
         if problems.is_empty() {

@@ -36,8 +36,32 @@ pub enum LoadError {
         path: PathBuf,
         dtype: StDtype,
     },
-    #[error("the checkpoint in {dir} does not fit the model config ({} problems):\n    {}", .problems.len(), .problems.join("\n    "))]
-    Mismatch { dir: PathBuf, problems: Vec<String> },
+    #[error("the checkpoint in {dir} does not fit the model config ({} problems):\n    {}", .problems.len(), lines(.problems))]
+    Mismatch {
+        dir: PathBuf,
+        problems: Vec<LoadProblem>,
+    },
+}
+
+/// One way a checkpoint does not fit the model: loading collects them all before failing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoadProblem {
+    #[error("missing tensor {key} (expected shape {expected:?})")]
+    Missing { key: String, expected: Vec<usize> },
+    #[error("tensor {key} has shape {got:?}, expected {expected:?}")]
+    ShapeMismatch {
+        key: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+    #[error("unexpected tensor {key}")]
+    Unexpected { key: String },
+}
+
+/// One problem a line, indented under the error's first line.
+fn lines(problems: &[LoadProblem]) -> String {
+    let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    lines.join("\n    ")
 }
 
 /// One memory-mapped safetensors file with its parsed header.
@@ -88,7 +112,7 @@ pub struct Checkpoint {
     /// key -> shard index
     keys: HashMap<String, usize>,
     taken: BTreeSet<String>,
-    problems: Vec<String>,
+    problems: Vec<LoadProblem>,
     dtype: Dtype,
 }
 
@@ -222,8 +246,10 @@ impl Checkpoint {
     pub(crate) fn take_data(&mut self, key: &str, shape: &[usize]) -> Option<TensorData> {
         self.taken.insert(key.to_string());
         let Some(&shard_idx) = self.keys.get(key) else {
-            self.problems
-                .push(format!("missing tensor {key} (expected shape {shape:?})"));
+            self.problems.push(LoadProblem::Missing {
+                key: key.to_string(),
+                expected: shape.to_vec(),
+            });
             return None;
         };
         let shard = &self.shards[shard_idx];
@@ -232,10 +258,11 @@ impl Checkpoint {
             .info(key)
             .expect("key map built from this shard's metadata");
         if info.shape != shape {
-            self.problems.push(format!(
-                "tensor {key} has shape {:?}, expected {shape:?}",
-                info.shape
-            ));
+            self.problems.push(LoadProblem::ShapeMismatch {
+                key: key.to_string(),
+                expected: shape.to_vec(),
+                got: info.shape.clone(),
+            });
             return None;
         }
         if !self.problems.is_empty() {
@@ -254,7 +281,7 @@ impl Checkpoint {
     }
 
     /// Every problem met so far, and every tensor in the files that nothing took.
-    pub fn problems(&self) -> Vec<String> {
+    pub fn problems(&self) -> Vec<LoadProblem> {
         let unexpected: BTreeSet<&String> = self
             .keys
             .keys()
@@ -264,7 +291,7 @@ impl Checkpoint {
         problems.extend(
             unexpected
                 .into_iter()
-                .map(|k| format!("unexpected tensor {k}")),
+                .map(|k| LoadProblem::Unexpected { key: k.clone() }),
         );
         problems
     }

@@ -130,6 +130,54 @@ pub fn swift_rs(args: &[&str]) -> Output {
         .expect("run swift-rs")
 }
 
+/// Runs the `swift-rs` binary expecting success; returns its stdout.
+pub fn swift_rs_ok<S: AsRef<str>>(args: &[S]) -> String {
+    let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
+    let out = swift_rs(&args);
+    assert!(
+        out.status.success(),
+        "{args:?}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs the `swift-rs` binary expecting exit `code`; returns its stderr after checking the
+/// error contract (an `error: ` line first, never a panic).
+pub fn swift_rs_fails<S: AsRef<str>>(args: &[S], code: i32) -> String {
+    let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
+    let out = swift_rs(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{args:?}: exit code; stderr:\n{stderr}"
+    );
+    assert!(stderr.starts_with("error: "), "{args:?}: stderr:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{args:?}: stderr:\n{stderr}");
+    stderr
+}
+
+/// A copy of a fixture model (without its expected/ folder) that a test may break.
+pub fn model_copy(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(model_dir(name)).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    dir
+}
+
+/// Rewrites `<dir>/config.json` through `edit`.
+pub fn edit_config(dir: &Path, edit: impl FnOnce(&mut Value)) {
+    let path = dir.join("config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(path, cfg.to_string()).unwrap();
+}
+
 /// Runs `swift-rs eval`, expecting success, and returns (loss, whole stdout).
 pub fn eval_loss(args: &[&str]) -> (f64, String) {
     let out = swift_rs(args);

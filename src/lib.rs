@@ -1,6 +1,8 @@
 //! swift-rs: LoRA/QLoRA fine-tuning of Llama, Mistral, Qwen2 and Qwen3 checkpoints on Burn.
 //!
-//! Data flows one way: `config` → `model` (+ `data`) → `train` (see DESIGN.md).
+//! Data flows one way (DESIGN.md): `config` → `TrainPlan`; `ops` under `quant`, `lora` and
+//! `model`; `hub` and `data` beside them; `train`, `export` and `infer` on top. A module imports
+//! only the layers below it (`tests/layers.rs` checks it), and nothing imports the CLI.
 
 pub mod config;
 pub mod data;

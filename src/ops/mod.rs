@@ -12,9 +12,10 @@
 //! `dQ = dS k`, `dK = dSᵀ q`.
 //!
 //! `ModelBackend` is the backend bound of everything that runs the model. Flex on f32 runs the
-//! kernels of `cpu`; every other backend and dtype runs the generic path here (Burn's tensor ops,
-//! the backend's fused attention forward), which is also the reference the kernels are tested
-//! against.
+//! kernels of `cpu`; every other backend and dtype runs the generic path (`generic`: Burn's tensor
+//! ops, the backend's fused attention forward), which is also the reference the kernels are
+//! tested against (`tests`). `autodiff` makes each op one tracked node. This folder is the only
+//! Burn-internal code (primitives, autodiff nodes), so a Burn upgrade touches it alone.
 //!
 //! Attention's q is `[batch, heads, seq, head_dim]`; k and v are `[batch, kv_heads, keys,
 //! head_dim]` with `heads` a multiple of `kv_heads` (grouped-query attention: query head `i` reads

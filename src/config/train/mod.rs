@@ -407,6 +407,14 @@ mod tests {
         let err = err.unwrap_err();
         assert!(err.starts_with("run.toml:6: train.lr_scheduler"), "{err}");
         assert!(err.contains("polynomial"), "{err}");
+        // A value from --set, or under an ms-swift name, is placed where it was given.
+        let err = parse(MINIMAL, &["train.lr_scheduler=polynomial"]).unwrap_err();
+        assert!(
+            err.starts_with("--set train.lr_scheduler=polynomial: train.lr_scheduler"),
+            "{err}"
+        );
+        let err = parse(&format!("lr_scheduler_type = \"step\"\n{MINIMAL}"), &[]).unwrap_err();
+        assert!(err.starts_with("run.toml:1: train.lr_scheduler"), "{err}");
         let err = parse(MINIMAL, &["train.optimizer=lion"]).unwrap_err();
         assert!(
             err.contains("train.optimizer") && err.contains("lion"),

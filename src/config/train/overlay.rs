@@ -76,45 +76,43 @@ pub(super) fn read(text: &str, path: &Path, sets: &[String]) -> Result<TrainConf
     let known = known_keys();
     let at = |section: Option<&str>, key: &str| location(path, text, section, key);
     let mut table = Table::new();
-    // `at` is only worked out (a scan of the text) when there is an error to report.
-    let mut place = |section: &str,
-                     key: &str,
-                     value: Value,
-                     at: &dyn Fn() -> String|
-     -> Result<(), ConfigError> {
+    // Where each key was given: "file:line" (under its own or its ms-swift name) or "--set ...",
+    // for errors found once every key is in.
+    let mut origins = Origins::new();
+    let mut place = |section: &str, key: &str, value: Value, at: String| {
         let entry = table
             .entry(section.to_string())
             .or_insert_with(|| Value::Table(Table::new()));
         let Value::Table(entries) = entry else {
             unreachable!("sections are tables")
         };
-        if entries.insert(key.to_string(), value).is_some() {
-            return Err(ConfigError::Key {
-                at: at(),
-                message: format!("{section}.{key} is given twice (once under an ms-swift name)"),
-            });
-        }
-        Ok(())
+        let again = entries.insert(key.to_string(), value).is_some();
+        origins.insert((section.to_string(), key.to_string()), at);
+        again
     };
+    // The file's keys as (section, name as written, value): each section's own keys, and the
+    // ms-swift names at the top level.
+    let mut given = Vec::new();
     for (name, value) in raw {
-        match (value, known.get(name.as_str())) {
-            (Value::Table(entries), Some(_)) => {
-                for (key, value) in entries {
-                    let here = || at(Some(&name), &key);
-                    let canonical_key = canonical(&known, &name, &key)
-                        .ok_or_else(|| unknown_key(here(), &known, &format!("{name}.{key}")))?;
-                    place(&name, canonical_key, value, &here)?;
-                }
+        match (value, known.contains_key(&name)) {
+            (Value::Table(entries), true) => {
+                given.extend(entries.into_iter().map(|(k, v)| (Some(name.clone()), k, v)))
             }
-            (value, _) => {
-                let here = || at(None, &name);
-                let (section, key) = ALIASES
-                    .iter()
-                    .find(|(alias, ..)| *alias == name)
-                    .map(|&(_, s, k)| (s, k))
-                    .ok_or_else(|| unknown_key(here(), &known, &name))?;
-                place(section, key, value, &here)?;
-            }
+            (value, _) => given.push((None, name, value)),
+        }
+    }
+    for (section, name, value) in given {
+        let here = at(section.as_deref(), &name);
+        let (section, key) = match &section {
+            Some(s) => (
+                s.as_str(),
+                canonical(&known, s, &name)
+                    .ok_or_else(|| unknown_key(here.clone(), &known, &format!("{s}.{name}")))?,
+            ),
+            None => alias(&name).ok_or_else(|| unknown_key(here.clone(), &known, &name))?,
+        };
+        if place(section, key, value, here.clone()) {
+            return Err(given_twice(here, section, key));
         }
     }
     for set in sets {
@@ -128,26 +126,36 @@ pub(super) fn read(text: &str, path: &Path, sets: &[String]) -> Result<TrainConf
                 s,
                 canonical(&known, s, k).ok_or_else(|| unknown_key(at.clone(), &known, name))?,
             ),
-            _ => ALIASES
-                .iter()
-                .find(|(alias, ..)| *alias == name.trim())
-                .map(|&(_, s, k)| (s, k))
-                .ok_or_else(|| unknown_key(at.clone(), &known, name))?,
+            _ => alias(name.trim()).ok_or_else(|| unknown_key(at.clone(), &known, name))?,
         };
-        let entries = table
-            .entry(section.to_string())
-            .or_insert_with(|| Value::Table(Table::new()));
-        if let Value::Table(entries) = entries {
-            entries.insert(key.to_string(), set_value(value.trim()));
-        }
+        // A later --set wins over the file and earlier ones.
+        place(section, key, set_value(value.trim()), at);
     }
-    from_table(table, text, path)
+    from_table(table, &origins, path)
 }
 
-/// Deserializes the config; a type error names its key and line.
-fn from_table(table: Table, text: &str, path: &Path) -> Result<TrainConfig, ConfigError> {
+/// The `(section, key)` an ms-swift argument name stands for.
+fn alias(name: &str) -> Option<(&'static str, &'static str)> {
+    ALIASES
+        .iter()
+        .find(|(alias, ..)| *alias == name)
+        .map(|&(_, s, k)| (s, k))
+}
+
+/// Where each `(section, key)` of the table was given.
+type Origins = BTreeMap<(String, String), String>;
+
+fn given_twice(at: String, section: &str, key: &str) -> ConfigError {
+    ConfigError::Key {
+        at,
+        message: format!("{section}.{key} is given twice (once under an ms-swift name)"),
+    }
+}
+
+/// Deserializes the config; a type error names its key and where it was given.
+fn from_table(table: Table, origins: &Origins, path: &Path) -> Result<TrainConfig, ConfigError> {
     serde_json::from_value(with_defaults(&table, usize::MAX)).map_err(|whole| {
-        culprit(&table, text, path).unwrap_or_else(|| ConfigError::Key {
+        culprit(&table, origins).unwrap_or_else(|| ConfigError::Key {
             at: path.display().to_string(),
             message: whole.to_string(),
         })
@@ -155,7 +163,7 @@ fn from_table(table: Table, text: &str, path: &Path) -> Result<TrainConfig, Conf
 }
 
 /// The first key whose value does not deserialize (keys added one by one onto the defaults).
-fn culprit(table: &Table, text: &str, path: &Path) -> Option<ConfigError> {
+fn culprit(table: &Table, origins: &Origins) -> Option<ConfigError> {
     let keys = table
         .iter()
         .flat_map(|(section, entries)| {
@@ -169,7 +177,7 @@ fn culprit(table: &Table, text: &str, path: &Path) -> Option<ConfigError> {
         let e = serde_json::from_value::<TrainConfig>(with_defaults(table, n)).err()?;
         let (section, key) = keys[n - 1];
         Some(ConfigError::Key {
-            at: location(path, text, Some(section), key),
+            at: origins[&(section.clone(), key.clone())].clone(),
             message: format!("{section}.{key}: {e}"),
         })
     })

@@ -5,266 +5,52 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::path::PathBuf;
 
 use burn::backend::{Autodiff, Flex};
-use common::{adapter_dir, fixtures, model_dir};
-use safetensors::SafeTensors;
-use serde_json::Value;
-use swift_rs::config::{Device, Dtype, OptimizerKind, ScheduleKind, TrainConfig};
+use common::adapter_dir;
+use common::training::{self, config, quickstart, serial, tensors, On};
+use swift_rs::config::{Device, OptimizerKind, ScheduleKind, TrainConfig};
 use swift_rs::train::checkpoint;
 use swift_rs::train::{Control, Outcome, StepReport, TrainError, Trainer};
 
 type AB = Autodiff<Flex>;
 
-/// Flex's random generator is global and dropout reseeds it: tests that train run one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+fn cpu() -> On<AB> {
+    On {
+        device: Device::Cpu,
+        backend: Default::default(),
+    }
 }
 
-/// A config on a fixture model and the training fixture rows, in file order, f32, no logs.
-fn config(model: &str, out: &Path) -> TrainConfig {
-    let mut c = TrainConfig::default();
-    c.model.path = model_dir(model).display().to_string();
-    c.model.dtype = Some(Dtype::F32);
-    c.data.train = vec![fixtures().join("training/rows.jsonl").display().to_string()];
-    c.data.shuffle = false;
-    c.output.dir = out.to_path_buf();
-    c.output.tensorboard = false;
-    c.output.plots = false;
-    c.train.save_steps = 1000;
-    c.train.logging_steps = 1;
-    c
-}
-
-/// The trainer of `config`, resolved for the CPU as the CLI resolves it.
 fn trainer(config: TrainConfig) -> Result<Trainer<AB>, TrainError> {
-    Ok(Trainer::new(
-        config.resolve(Device::Cpu)?,
-        Default::default(),
-    )?)
+    training::trainer(config, &cpu())
 }
 
-/// Runs to the end; returns each step's report.
 fn train(config: TrainConfig) -> Vec<StepReport> {
-    let mut trainer = trainer(config).unwrap();
-    let mut reports = Vec::new();
-    trainer
-        .run(|r| {
-            reports.push(r.clone());
-            Control::Continue
-        })
-        .unwrap();
-    reports
+    training::train(config, &cpu())
 }
 
-/// Runs until the callback stops it after step `stop`.
 fn train_until(config: TrainConfig, stop: u64) -> Outcome {
-    let mut trainer = trainer(config).unwrap();
-    trainer
-        .run(|r| {
-            if r.step == stop {
-                Control::Stop
-            } else {
-                Control::Continue
-            }
-        })
-        .unwrap()
-}
-
-fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut out: Vec<(String, Vec<f32>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(k, v)| {
-            let values = v
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect();
-            (k, values)
-        })
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
-}
-
-/// Every tensor of the adapter in `dir` within `tol` of PyTorch's, and moved by training.
-fn check_adapter(dir: &Path, expected: &Path, start: &Path, tol: f32) {
-    let got = tensors(&dir.join("adapter_model.safetensors"));
-    let want = tensors(expected);
-    let before = tensors(&start.join("adapter_model.safetensors"));
-    assert_eq!(
-        got.iter().map(|t| &t.0).collect::<Vec<_>>(),
-        want.iter().map(|t| &t.0).collect::<Vec<_>>()
-    );
-    for (((key, g), (_, w)), (_, b)) in got.iter().zip(&want).zip(&before) {
-        let diff = common::max_abs_diff(g, w);
-        let moved = common::max_abs_diff(w, b);
-        assert!(
-            diff < tol,
-            "{key}: max |diff| {diff} >= {tol} (the step moved it by {moved})"
-        );
-        assert!(
-            moved > 10.0 * tol,
-            "{key}: PyTorch's step moved it by only {moved}"
-        );
-    }
-}
-
-fn steps_fixture() -> Value {
-    let text = std::fs::read_to_string(fixtures().join("training/steps.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn check_trace(reports: &[StepReport], want: &Value, tol: f64) {
-    let want = want.as_array().unwrap();
-    assert_eq!(reports.len(), want.len());
-    for (r, w) in reports.iter().zip(want) {
-        let (loss, norm) = (
-            w["loss"].as_f64().unwrap(),
-            w["grad_norm"].as_f64().unwrap(),
-        );
-        assert!(
-            (r.loss - loss).abs() < tol,
-            "step {}: loss {} vs {loss}",
-            r.step,
-            r.loss
-        );
-        assert!(
-            (r.grad_norm - norm).abs() < tol,
-            "step {}: grad norm {} vs {norm}",
-            r.step,
-            r.grad_norm
-        );
-    }
+    training::train_until(config, &cpu(), stop)
 }
 
 #[test]
 fn one_sgd_step_equals_pytorch_peft_for_every_accumulation() {
     let _serial = serial();
-    let steps = steps_fixture();
-    // (batch, accum, gradient checkpointing)
-    for (batch, accum, checkpointing) in [(4, 1, false), (1, 4, true), (2, 2, true)] {
-        let out = tempfile::tempdir().unwrap();
-        let mut c = config("qwen2_bf16", out.path());
-        c.lora.init_adapter = Some(adapter_dir("qwen2_rslora"));
-        c.train.batch_size = batch;
-        c.train.grad_accum = accum;
-        c.train.max_steps = 1;
-        c.train.optimizer = OptimizerKind::Sgd;
-        c.train.lr = 1.0;
-        c.train.lr_scheduler = ScheduleKind::Constant;
-        c.train.weight_decay = 0.1;
-        c.train.max_grad_norm = 0.0;
-        c.train.gradient_checkpointing = checkpointing;
-        let reports = train(c);
-        let name = format!("sgd_{batch}x{accum}");
-        check_trace(&reports, &steps[&name], 1e-5);
-        check_adapter(
-            &out.path().join("checkpoint-1"),
-            &fixtures().join(format!("training/{name}.safetensors")),
-            &adapter_dir("qwen2_rslora"),
-            2e-5,
-        );
-    }
+    training::one_sgd_step_equals_pytorch_peft(&cpu());
 }
 
 #[test]
 fn three_adamw_steps_with_clipping_equal_pytorch_peft() {
     let _serial = serial();
-    let out = tempfile::tempdir().unwrap();
-    let mut c = config("qwen3_f16", out.path());
-    c.lora.init_adapter = Some(adapter_dir("qwen3_dora"));
-    c.train.batch_size = 2;
-    c.train.grad_accum = 1;
-    c.train.max_steps = 3;
-    c.train.lr = 1e-2;
-    c.train.lr_scheduler = ScheduleKind::Linear;
-    c.train.weight_decay = 0.1;
-    c.train.adam_beta1 = 0.9;
-    c.train.adam_beta2 = 0.95;
-    c.train.adam_eps = 1e-8;
-    c.train.max_grad_norm = 0.5;
-    let reports = train(c);
-    check_trace(&reports, &steps_fixture()["adamw"], 1e-4);
-    check_adapter(
-        &out.path().join("checkpoint-3"),
-        &fixtures().join("training/adamw.safetensors"),
-        &adapter_dir("qwen3_dora"),
-        1e-4,
-    );
-}
-
-/// A fresh adapter with dropout on the quickstart model: what resume and checkpoint tests train.
-fn quickstart(out: &Path, max_steps: i64) -> TrainConfig {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut c = TrainConfig::load(&root.join("configs/quickstart.toml"), &[]).unwrap();
-    c.model.path = root.join("examples/quickstart-model").display().to_string();
-    c.model.dtype = Some(Dtype::F32);
-    c.data.train = vec![root
-        .join("datasets/self_cognition.jsonl")
-        .display()
-        .to_string()];
-    c.lora.dropout = 0.1;
-    c.lora.r = 4;
-    c.train.batch_size = 4;
-    c.train.grad_accum = 2;
-    c.train.max_steps = max_steps;
-    c.train.save_steps = 3;
-    c.output.dir = out.to_path_buf();
-    c.output.tensorboard = false;
-    c.output.plots = false;
-    c
+    training::three_adamw_steps_equal_pytorch_peft(&cpu());
 }
 
 #[test]
 fn a_resumed_run_ends_bit_for_bit_where_an_unbroken_one_does() {
     let _serial = serial();
-    // Rows read whole, and streamed (read again and skipped to the checkpoint's position).
-    for streaming in [false, true] {
-        let config = |out: &Path| {
-            let mut c = quickstart(out, 8);
-            c.data.streaming = streaming;
-            c
-        };
-        let whole = tempfile::tempdir().unwrap();
-        train(config(whole.path()));
-
-        let broken = tempfile::tempdir().unwrap();
-        let stopped = train_until(config(broken.path()), 4);
-        assert!(stopped.stopped);
-        assert_eq!(stopped.last_checkpoint, broken.path().join("checkpoint-4"));
-        let mut resumed = config(broken.path());
-        resumed.train.resume_from = Some("latest".into());
-        let reports = train(resumed);
-        assert_eq!(reports.first().map(|r| r.step), Some(5));
-
-        for file in ["adapter_model.safetensors", "optimizer.safetensors"] {
-            let a = std::fs::read(whole.path().join("checkpoint-8").join(file)).unwrap();
-            let b = std::fs::read(broken.path().join("checkpoint-8").join(file)).unwrap();
-            assert!(
-                a == b,
-                "{file} differs after resuming (streaming {streaming})"
-            );
-        }
-        let log = |dir: &Path| std::fs::read_to_string(dir.join("logging.jsonl")).unwrap();
-        let losses = |text: String| -> Vec<f64> {
-            text.lines()
-                .map(|l| {
-                    serde_json::from_str::<Value>(l).unwrap()["loss"]
-                        .as_f64()
-                        .unwrap()
-                })
-                .collect()
-        };
-        assert_eq!(losses(log(whole.path())), losses(log(broken.path())));
-    }
+    training::a_resumed_run_ends_where_an_unbroken_one_does(&cpu(), &[false, true]);
 }
 
 #[test]

@@ -1,19 +1,26 @@
-//! `--device auto|cpu|cuda[:N]`: which backend runs the command. Everything below the CLI is
-//! generic over the backend; this is where one is picked.
+//! `--device auto|cpu|cuda[:N]|wgpu[:N]`: which backend runs the command. Everything below the
+//! CLI is generic over the backend; this is where one is picked.
 
+use anyhow::anyhow;
 use swift_rs::config::Device;
 
-/// Calls the generic body with the backend and device that `arg` selects.
+use super::Failure;
+
+/// Calls the generic body with the backend and device of `resolved` (a `Resolved`).
 /// `$body` is a generic function `fn<B: Backend>(device: B::Device, ...) -> Result<T, Failure>`.
 macro_rules! with_backend {
-    ($arg:expr, $body:ident ( $($extra:expr),* )) => {{
-        match $crate::cli::device::resolve($arg)? {
+    ($resolved:expr, $body:ident ( $($extra:expr),* )) => {{
+        match $resolved {
             $crate::cli::device::Resolved::Cpu => {
                 $body::<burn::backend::Flex>(Default::default() $(, $extra)*)
             }
             #[cfg(feature = "cuda")]
             $crate::cli::device::Resolved::Cuda(n) => {
                 $body::<burn::backend::Cuda>(burn::backend::cuda::CudaDevice::new(n) $(, $extra)*)
+            }
+            #[cfg(feature = "wgpu")]
+            $crate::cli::device::Resolved::Wgpu(_, device) => {
+                $body::<burn::backend::Wgpu>(device $(, $extra)*)
             }
         }
     }};
@@ -24,22 +31,95 @@ pub enum Resolved {
     Cpu,
     #[cfg(feature = "cuda")]
     Cuda(usize),
+    /// The adapter's place in wgpu's list, and Burn's name for it.
+    #[cfg(feature = "wgpu")]
+    Wgpu(usize, burn::backend::wgpu::WgpuDevice),
 }
 
-pub fn resolve(arg: Device) -> Result<Resolved, super::Failure> {
+impl Resolved {
+    /// The device as the training config names it.
+    pub fn device(&self) -> Device {
+        match self {
+            Self::Cpu => Device::Cpu,
+            #[cfg(feature = "cuda")]
+            Self::Cuda(n) => Device::Cuda(*n),
+            #[cfg(feature = "wgpu")]
+            Self::Wgpu(n, _) => Device::Wgpu(*n),
+        }
+    }
+}
+
+/// The backend for `arg`: `auto` takes CUDA, then a wgpu GPU (not a software one), among those
+/// built in and present, else the CPU.
+pub fn resolve(arg: Device) -> Result<Resolved, Failure> {
     match arg {
         Device::Cpu => Ok(Resolved::Cpu),
+        Device::Auto => Ok(auto()),
         #[cfg(feature = "cuda")]
         Device::Cuda(n) => cuda_device(n)
             .map(|()| Resolved::Cuda(n))
-            .map_err(|e| super::Failure::Runtime(anyhow::anyhow!("--device cuda:{n}: {e}"))),
-        #[cfg(feature = "cuda")]
-        Device::Auto if cuda_device(0).is_ok() => Ok(Resolved::Cuda(0)),
-        Device::Auto => Ok(Resolved::Cpu),
+            .map_err(|e| Failure::Runtime(anyhow!("--device cuda:{n}: {e}"))),
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => Err(super::Failure::Usage(anyhow::anyhow!(
+        Device::Cuda(_) => Err(Failure::Usage(anyhow!(
             "--device cuda: this binary was built without CUDA (rebuild with `--features cuda`)"
         ))),
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu(n) => wgpu_device(n),
+        #[cfg(not(feature = "wgpu"))]
+        Device::Wgpu(_) => Err(Failure::Usage(anyhow!(
+            "--device wgpu: this binary was built without wgpu (rebuild with `--features wgpu`)"
+        ))),
+    }
+}
+
+fn auto() -> Resolved {
+    #[cfg(feature = "cuda")]
+    if cuda_device(0).is_ok() {
+        return Resolved::Cuda(0);
+    }
+    #[cfg(feature = "wgpu")]
+    {
+        let adapters = swift_rs::ops::wgpu_adapters();
+        if let Some((n, a)) = adapters
+            .into_iter()
+            .enumerate()
+            .find(|(_, a)| !a.is_software())
+        {
+            return Resolved::Wgpu(n, a.device);
+        }
+    }
+    Resolved::Cpu
+}
+
+/// The N-th wgpu adapter, or an error listing those there are.
+#[cfg(feature = "wgpu")]
+fn wgpu_device(n: usize) -> Result<Resolved, Failure> {
+    let adapters = swift_rs::ops::wgpu_adapters();
+    match adapters.get(n) {
+        Some(a) => {
+            let info = &a.info;
+            eprintln!(
+                "wgpu:{n}: {} ({:?}, {})",
+                info.name, info.backend, info.driver
+            );
+            Ok(Resolved::Wgpu(n, a.device.clone()))
+        }
+        None if adapters.is_empty() => Err(Failure::Runtime(anyhow!(
+            "--device wgpu:{n}: wgpu finds no adapter: is a Vulkan driver installed (on Linux, \
+             Mesa's mesa-vulkan-drivers gives the software one, lavapipe), or Metal on macOS?"
+        ))),
+        None => {
+            let names: Vec<String> = adapters
+                .iter()
+                .enumerate()
+                .map(|(i, a)| format!("wgpu:{i} {}", a.info.name))
+                .collect();
+            Err(Failure::Runtime(anyhow!(
+                "--device wgpu:{n}: there are {} adapters: {}",
+                adapters.len(),
+                names.join(", ")
+            )))
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 
-use super::device::with_backend;
+use super::device::{resolve, with_backend};
 use super::{Failure, ModelArgs};
 use swift_rs::config::Device;
 use swift_rs::data::{read_pretokenized, TokenizedRow};
@@ -35,12 +35,14 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: EvalArgs) -> Result<(), Failure> {
-    with_backend!(args.device, eval_on(&args))
+    let backend = resolve(args.device)?;
+    let on = backend.device();
+    with_backend!(backend, eval_on(&args, on))
 }
 
-fn eval_on<B: ModelBackend>(device: B::Device, args: &EvalArgs) -> Result<(), Failure> {
+fn eval_on<B: ModelBackend>(device: B::Device, args: &EvalArgs, on: Device) -> Result<(), Failure> {
     let local = args.model.local()?;
-    let (config, model) = args.model.load::<B>(&local, &device)?;
+    let (config, model) = args.model.load::<B>(&local, on, &device)?;
     let mut rows: Vec<TokenizedRow> = Vec::new();
     for path in &args.dataset {
         rows.extend(read_pretokenized(path, config.vocab_size).context("cannot read the dataset")?);

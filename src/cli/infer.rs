@@ -11,7 +11,7 @@ use burn::tensor::backend::Backend;
 use clap::Args;
 use serde_json::{json, Value};
 
-use super::device::with_backend;
+use super::device::{resolve, with_backend};
 use super::{Failure, ModelArgs};
 use swift_rs::config::{Device, GenerationConfig, LossScale, TemplateName};
 use swift_rs::data::encode::Encoder;
@@ -75,10 +75,16 @@ struct Session<'a, B: Backend> {
 }
 
 pub fn run(args: InferArgs) -> Result<(), Failure> {
-    with_backend!(args.device, infer_on(&args))
+    let backend = resolve(args.device)?;
+    let on = backend.device();
+    with_backend!(backend, infer_on(&args, on))
 }
 
-fn infer_on<B: ModelBackend>(device: B::Device, args: &InferArgs) -> Result<(), Failure> {
+fn infer_on<B: ModelBackend>(
+    device: B::Device,
+    args: &InferArgs,
+    on: Device,
+) -> Result<(), Failure> {
     // Bad settings, model files and rows are usage errors (exit 2), found before the model loads.
     let local = args.model.local()?;
     let file = GenerationConfig::from_model_dir(&local.model)?;
@@ -103,7 +109,7 @@ fn infer_on<B: ModelBackend>(device: B::Device, args: &InferArgs) -> Result<(), 
         Some(path) => Some(read_conversations(path).map_err(Failure::Usage)?),
         None => None,
     };
-    let (_, model) = args.model.load::<B>(&local, &device)?;
+    let (_, model) = args.model.load::<B>(&local, on, &device)?;
     let mut stop = file.eos_token_ids();
     for id in encoder.stop_token_ids() {
         if !stop.contains(&id) {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::device::with_backend;
+use super::device::{resolve, with_backend};
 use super::{Failure, HubArg};
 use swift_rs::config::{Device, Dtype};
 use swift_rs::export::merge::{merge, parse_size, MergeOptions};
@@ -36,7 +36,7 @@ pub struct MergeArgs {
 }
 
 pub fn run(args: MergeArgs) -> Result<(), Failure> {
-    with_backend!(args.device, merge_on(&args))
+    with_backend!(resolve(args.device)?, merge_on(&args))
 }
 
 fn merge_on<B: ModelBackend>(device: B::Device, args: &MergeArgs) -> Result<(), Failure> {

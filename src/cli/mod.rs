@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use swift_rs::config::{auto_dtype, ConfigError, Dtype, Hub, ModelConfig, Nf4Config};
+use swift_rs::config::{auto_dtype, ConfigError, Device, Dtype, Hub, ModelConfig, Nf4Config};
 use swift_rs::export::merge::MergeError;
 use swift_rs::export::peft::read_adapter;
 use swift_rs::export::ExportError;
@@ -43,6 +43,10 @@ pub enum Command {
     /// Merge a LoRA adapter into its base model and write a Hugging Face model directory
     Merge(merge::MergeArgs),
 }
+
+/// What "auto" dtype does on wgpu, said once per run.
+pub const WGPU_F32: &str = "wgpu has no bf16: the weights compute in f32 (--dtype f16 halves \
+                            their memory, but Qwen's activations can overflow f16)";
 
 /// `--quant`: how the frozen base weights are held.
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -90,13 +94,26 @@ impl ModelArgs {
         })
     }
 
-    /// The model with the adapter built in. A bad config.json is a usage error, other load
-    /// failures runtime errors.
+    /// The model with the adapter built in, on `on` (wgpu computes "auto" in f32). A bad
+    /// config.json is a usage error, other load failures runtime errors.
     pub fn load<B: ModelBackend>(
         &self,
         local: &LocalModel,
+        on: Device,
         device: &B::Device,
     ) -> Result<(ModelConfig, CausalLm<B>), Failure> {
+        let dtype = match on {
+            Device::Wgpu(_) => {
+                let dtype = on
+                    .compute_dtype(self.dtype)
+                    .map_err(|e| Failure::Usage(anyhow::anyhow!("--dtype: {e}")))?;
+                if self.dtype.is_none() {
+                    eprintln!("{WGPU_F32}");
+                }
+                dtype
+            }
+            _ => self.dtype,
+        };
         let mut adapter = match &local.adapter {
             None => None,
             Some(dir) => Some(
@@ -105,7 +122,7 @@ impl ModelArgs {
             ),
         };
         let options = LoadOptions {
-            dtype: self.dtype,
+            dtype,
             quant: self.quant.map(|QuantArg::Nf4| Nf4Config::default()),
         };
         let dir = &local.model;

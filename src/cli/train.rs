@@ -12,7 +12,7 @@ use burn::backend::Autodiff;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::device::{resolve, with_backend, Resolved};
+use super::device::{resolve, with_backend};
 use super::Failure;
 use swift_rs::config::{Device, TrainConfig, TrainPlan};
 use swift_rs::model::{ModelBackend, TrainBackend};
@@ -40,13 +40,12 @@ pub fn run(args: TrainArgs) -> Result<(), Failure> {
     if let Some(device) = args.device {
         config.train.device = device;
     }
-    let on = match resolve(config.train.device)? {
-        Resolved::Cpu => Device::Cpu,
-        #[cfg(feature = "cuda")]
-        Resolved::Cuda(n) => Device::Cuda(n),
-    };
-    let plan = config.resolve(on)?;
-    with_backend!(config.train.device, train_on(plan))
+    let backend = resolve(config.train.device)?;
+    let plan = config.resolve(backend.device())?;
+    if config.model.dtype.is_none() && matches!(backend.device(), Device::Wgpu(_)) {
+        eprintln!("{}", super::WGPU_F32);
+    }
+    with_backend!(backend, train_on(plan))
 }
 
 fn train_on<B: ModelBackend>(device: B::Device, plan: TrainPlan) -> Result<(), Failure> {

@@ -26,6 +26,8 @@ mod cpu;
 mod generic;
 #[cfg(test)]
 mod tests;
+#[cfg(feature = "wgpu")]
+mod wgpu;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::{BoolTensor, FloatTensor, IntTensor};
@@ -248,6 +250,9 @@ impl<B: AutodiffBackend<InnerBackend: ModelBackend> + ModelBackend + SeedGradien
 #[cfg(feature = "cuda")]
 impl ModelBackend for burn::backend::Cuda {}
 
+#[cfg(feature = "wgpu")]
+impl ModelBackend for burn::backend::Wgpu {}
+
 /// `ModelBackend::base_linear` on tensors.
 pub fn base_linear<B: ModelBackend, const D: usize>(
     x: Tensor<B, D>,
@@ -356,3 +361,6 @@ fn with_last_dim(shape: &Shape, n: usize) -> Shape {
     shape[last] = n;
     shape
 }
+
+#[cfg(feature = "wgpu")]
+pub use self::wgpu::{wgpu_adapters, WgpuAdapter};

@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 pub mod fake_hub;
+pub mod training;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -11,7 +12,7 @@ use burn::tensor::{DType, Tensor};
 use safetensors::SafeTensors;
 use serde_json::Value;
 use swift_rs::data::{read_pretokenized, TokenizedRow};
-use swift_rs::model::{Batch, CausalLm};
+use swift_rs::model::{Batch, CausalLm, ModelBackend};
 use swift_rs::train::evaluate;
 
 pub type B = Flex;
@@ -68,9 +69,9 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Logits of each row (unpadded part), from one right-padded batch of them.
-pub fn logits_of(model: &CausalLm<B>, rows: &[&[u32]]) -> Vec<Vec<f32>> {
+pub fn logits_of<M: ModelBackend>(model: &CausalLm<M>, rows: &[&[u32]]) -> Vec<Vec<f32>> {
     let batch = Batch::right_padded(rows);
-    let logits: Tensor<B, 3> = model.forward(&batch);
+    let logits: Tensor<M, 3> = model.forward(&batch);
     let [_, seq, vocab] = logits.dims();
     let flat = logits.cast(DType::F32).into_data().to_vec::<f32>().unwrap();
     rows.iter()
@@ -80,7 +81,7 @@ pub fn logits_of(model: &CausalLm<B>, rows: &[&[u32]]) -> Vec<Vec<f32>> {
 }
 
 /// Each row alone, then all rows in one right-padded batch: logits within `tol` of `g`.
-pub fn check_logits(what: &str, model: &CausalLm<B>, g: &Golden, tol: f32) {
+pub fn check_logits<M: ModelBackend>(what: &str, model: &CausalLm<M>, g: &Golden, tol: f32) {
     let ids: Vec<&[u32]> = g.rows.iter().map(|r| r.input_ids.as_slice()).collect();
     for (i, row) in ids.iter().enumerate() {
         let d = max_abs_diff(&logits_of(model, &[row])[0], &g.logits[i]);
@@ -99,7 +100,7 @@ pub fn check_logits(what: &str, model: &CausalLm<B>, g: &Golden, tol: f32) {
 }
 
 /// Per-row and mean losses within `tol` of `g`, evaluated one row at a time and 3 at a time.
-pub fn check_losses(what: &str, model: &CausalLm<B>, g: &Golden, tol: f64) {
+pub fn check_losses<M: ModelBackend>(what: &str, model: &CausalLm<M>, g: &Golden, tol: f64) {
     for batch_size in [1, 3] {
         let report = evaluate(model, &g.rows, batch_size, |_| {});
         for (got, want) in report.rows.iter().zip(g.losses["rows"].as_array().unwrap()) {

@@ -202,14 +202,33 @@ pub enum ScheduleKind {
     Constant,
 }
 
-/// `train.device` (and `--device`): auto, cpu, cuda or cuda:N.
+/// `train.device` (and `--device`): auto, cpu, cuda[:N] or wgpu[:N].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum Device {
-    /// CUDA when the binary has it and a GPU is present, else the CPU.
+    /// CUDA, then a wgpu GPU, among those the binary has and the machine holds; else the CPU.
     Auto,
     Cpu,
     Cuda(usize),
+    /// The N-th adapter wgpu lists (Vulkan, Metal): Apple, AMD and Intel GPUs, and software
+    /// Vulkan (Mesa's lavapipe).
+    Wgpu(usize),
+}
+
+impl Device {
+    /// The compute dtype of the frozen weights here: `requested`, or for "auto" (None) f32 on the
+    /// CPU and on wgpu and the checkpoint's own (None) on CUDA. wgpu has no bf16 (Burn 0.21).
+    pub fn compute_dtype(self, requested: Option<Dtype>) -> Result<Option<Dtype>, String> {
+        match (self, requested) {
+            (Self::Wgpu(_), Some(Dtype::Bf16)) => Err(
+                "bf16 does not run on wgpu (Burn 0.21's wgpu has no bf16): use f32, or f16 to \
+                 halve the memory (Qwen's activations can overflow f16)"
+                    .into(),
+            ),
+            (Self::Cpu | Self::Wgpu(_), None) => Ok(Some(Dtype::F32)),
+            (_, requested) => Ok(requested),
+        }
+    }
 }
 
 impl FromStr for Device {
@@ -220,11 +239,13 @@ impl FromStr for Device {
             "auto" => Ok(Self::Auto),
             "cpu" => Ok(Self::Cpu),
             "cuda" => Ok(Self::Cuda(0)),
-            _ => s
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(Self::Cuda)
-                .ok_or_else(|| format!("\"{s}\" is not auto, cpu, cuda or cuda:N")),
+            "wgpu" => Ok(Self::Wgpu(0)),
+            _ => {
+                let index = |prefix| s.strip_prefix(prefix).and_then(|n| n.parse().ok());
+                (index("cuda:").map(Self::Cuda))
+                    .or_else(|| index("wgpu:").map(Self::Wgpu))
+                    .ok_or_else(|| format!("\"{s}\" is not auto, cpu, cuda[:N] or wgpu[:N]"))
+            }
         }
     }
 }
@@ -249,6 +270,7 @@ impl fmt::Display for Device {
             Self::Auto => f.write_str("auto"),
             Self::Cpu => f.write_str("cpu"),
             Self::Cuda(n) => write!(f, "cuda:{n}"),
+            Self::Wgpu(n) => write!(f, "wgpu:{n}"),
         }
     }
 }

@@ -97,14 +97,16 @@ pub enum Resume {
 impl TrainConfig {
     /// Checks the config (as `check`, for one built in code) and makes its choices for a run on
     /// `device`, which is where the run goes (the CLI resolves `train.device` first): "auto"
-    /// dtype is f32 on the CPU and the checkpoint's dtype elsewhere.
+    /// dtype is f32 on the CPU and on wgpu, the checkpoint's dtype on CUDA.
     pub fn resolve(&self, device: Device) -> Result<TrainPlan, ConfigError> {
         self.check(Path::new("the training config"))?;
         let (m, l, t) = (&self.model, &self.lora, &self.train);
-        let dtype = match (m.dtype, device) {
-            (None, Device::Cpu) => Some(Dtype::F32),
-            (dtype, _) => dtype,
-        };
+        let dtype = device
+            .compute_dtype(m.dtype)
+            .map_err(|reason| ConfigError::Key {
+                at: format!("model.dtype on {device}"),
+                message: reason,
+            })?;
         let mut config = self.clone();
         config.model.dtype = dtype;
 

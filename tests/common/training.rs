@@ -1,0 +1,269 @@
+//! Training helpers and the checks against PyTorch + PEFT that run on every backend: the CPU
+//! (tests/train.rs) and the GPU path (tests/wgpu.rs).
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use safetensors::SafeTensors;
+use serde_json::Value;
+use swift_rs::config::{Device, Dtype, OptimizerKind, ScheduleKind, TrainConfig};
+use swift_rs::model::TrainBackend;
+use swift_rs::train::{Control, Outcome, StepReport, TrainError, Trainer};
+
+use super::{adapter_dir, fixtures, model_dir};
+
+/// Where a test trains: the config's name for the device and the backend's device.
+pub struct On<B: TrainBackend> {
+    pub device: Device,
+    pub backend: B::Device,
+}
+
+/// Backends' random generators are global and dropout reseeds them: tests that train run one at
+/// a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A config on a fixture model and the training fixture rows, in file order, f32, no logs.
+pub fn config(model: &str, out: &Path) -> TrainConfig {
+    let mut c = TrainConfig::default();
+    c.model.path = model_dir(model).display().to_string();
+    c.model.dtype = Some(Dtype::F32);
+    c.data.train = vec![fixtures().join("training/rows.jsonl").display().to_string()];
+    c.data.shuffle = false;
+    c.output.dir = out.to_path_buf();
+    c.output.tensorboard = false;
+    c.output.plots = false;
+    c.train.save_steps = 1000;
+    c.train.logging_steps = 1;
+    c
+}
+
+/// The trainer of `config` on `on`, resolved as the CLI resolves it.
+pub fn trainer<B: TrainBackend>(config: TrainConfig, on: &On<B>) -> Result<Trainer<B>, TrainError> {
+    Ok(Trainer::new(
+        config.resolve(on.device)?,
+        on.backend.clone(),
+    )?)
+}
+
+/// Runs to the end; returns each step's report.
+pub fn train<B: TrainBackend>(config: TrainConfig, on: &On<B>) -> Vec<StepReport> {
+    let mut trainer = trainer(config, on).unwrap();
+    let mut reports = Vec::new();
+    trainer
+        .run(|r| {
+            reports.push(r.clone());
+            Control::Continue
+        })
+        .unwrap();
+    reports
+}
+
+/// Runs until the callback stops it after step `stop`.
+pub fn train_until<B: TrainBackend>(config: TrainConfig, on: &On<B>, stop: u64) -> Outcome {
+    let mut trainer = trainer(config, on).unwrap();
+    trainer
+        .run(|r| {
+            if r.step == stop {
+                Control::Stop
+            } else {
+                Control::Continue
+            }
+        })
+        .unwrap()
+}
+
+pub fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            let values = v
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            (k, values)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Every tensor of the adapter in `dir` within `tol` of PyTorch's, and moved by training.
+pub fn check_adapter(dir: &Path, expected: &Path, start: &Path, tol: f32) {
+    let got = tensors(&dir.join("adapter_model.safetensors"));
+    let want = tensors(expected);
+    let before = tensors(&start.join("adapter_model.safetensors"));
+    assert_eq!(
+        got.iter().map(|t| &t.0).collect::<Vec<_>>(),
+        want.iter().map(|t| &t.0).collect::<Vec<_>>()
+    );
+    for (((key, g), (_, w)), (_, b)) in got.iter().zip(&want).zip(&before) {
+        let diff = super::max_abs_diff(g, w);
+        let moved = super::max_abs_diff(w, b);
+        assert!(
+            diff < tol,
+            "{key}: max |diff| {diff} >= {tol} (the step moved it by {moved})"
+        );
+        assert!(
+            moved > 10.0 * tol,
+            "{key}: PyTorch's step moved it by only {moved}"
+        );
+    }
+}
+
+pub fn steps_fixture() -> Value {
+    let text = std::fs::read_to_string(fixtures().join("training/steps.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn check_trace(reports: &[StepReport], want: &Value, tol: f64) {
+    let want = want.as_array().unwrap();
+    assert_eq!(reports.len(), want.len());
+    for (r, w) in reports.iter().zip(want) {
+        let (loss, norm) = (
+            w["loss"].as_f64().unwrap(),
+            w["grad_norm"].as_f64().unwrap(),
+        );
+        assert!(
+            (r.loss - loss).abs() < tol,
+            "step {}: loss {} vs {loss}",
+            r.step,
+            r.loss
+        );
+        assert!(
+            (r.grad_norm - norm).abs() < tol,
+            "step {}: grad norm {} vs {norm}",
+            r.step,
+            r.grad_norm
+        );
+    }
+}
+
+/// A fresh adapter with dropout on the quickstart model: what resume and checkpoint tests train.
+pub fn quickstart(out: &Path, max_steps: i64) -> TrainConfig {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut c = TrainConfig::load(&root.join("configs/quickstart.toml"), &[]).unwrap();
+    c.model.path = root.join("examples/quickstart-model").display().to_string();
+    c.model.dtype = Some(Dtype::F32);
+    c.data.train = vec![root
+        .join("datasets/self_cognition.jsonl")
+        .display()
+        .to_string()];
+    c.lora.dropout = 0.1;
+    c.lora.r = 4;
+    c.train.batch_size = 4;
+    c.train.grad_accum = 2;
+    c.train.max_steps = max_steps;
+    c.train.save_steps = 3;
+    c.output.dir = out.to_path_buf();
+    c.output.tensorboard = false;
+    c.output.plots = false;
+    c
+}
+
+/// One SGD step from a PEFT adapter equals PyTorch + PEFT's, for batch 4 x 1, 1 x 4 and 2 x 2.
+pub fn one_sgd_step_equals_pytorch_peft<B: TrainBackend>(on: &On<B>) {
+    let steps = steps_fixture();
+    // (batch, accum, gradient checkpointing)
+    for (batch, accum, checkpointing) in [(4, 1, false), (1, 4, true), (2, 2, true)] {
+        let out = tempfile::tempdir().unwrap();
+        let mut c = config("qwen2_bf16", out.path());
+        c.lora.init_adapter = Some(adapter_dir("qwen2_rslora"));
+        c.train.batch_size = batch;
+        c.train.grad_accum = accum;
+        c.train.max_steps = 1;
+        c.train.optimizer = OptimizerKind::Sgd;
+        c.train.lr = 1.0;
+        c.train.lr_scheduler = ScheduleKind::Constant;
+        c.train.weight_decay = 0.1;
+        c.train.max_grad_norm = 0.0;
+        c.train.gradient_checkpointing = checkpointing;
+        let reports = train(c, on);
+        let name = format!("sgd_{batch}x{accum}");
+        check_trace(&reports, &steps[&name], 1e-5);
+        check_adapter(
+            &out.path().join("checkpoint-1"),
+            &fixtures().join(format!("training/{name}.safetensors")),
+            &adapter_dir("qwen2_rslora"),
+            2e-5,
+        );
+    }
+}
+
+/// Three AdamW steps with clipping and a linear schedule equal PyTorch + PEFT's.
+pub fn three_adamw_steps_equal_pytorch_peft<B: TrainBackend>(on: &On<B>) {
+    let out = tempfile::tempdir().unwrap();
+    let mut c = config("qwen3_f16", out.path());
+    c.lora.init_adapter = Some(adapter_dir("qwen3_dora"));
+    c.train.batch_size = 2;
+    c.train.grad_accum = 1;
+    c.train.max_steps = 3;
+    c.train.lr = 1e-2;
+    c.train.lr_scheduler = ScheduleKind::Linear;
+    c.train.weight_decay = 0.1;
+    c.train.adam_beta1 = 0.9;
+    c.train.adam_beta2 = 0.95;
+    c.train.adam_eps = 1e-8;
+    c.train.max_grad_norm = 0.5;
+    let reports = train(c, on);
+    check_trace(&reports, &steps_fixture()["adamw"], 1e-4);
+    check_adapter(
+        &out.path().join("checkpoint-3"),
+        &fixtures().join("training/adamw.safetensors"),
+        &adapter_dir("qwen3_dora"),
+        1e-4,
+    );
+}
+
+/// A run stopped at step 4 and resumed ends bit for bit where an unbroken one does, with the
+/// rows read whole and (`streaming`) read again and skipped to the checkpoint's position.
+pub fn a_resumed_run_ends_where_an_unbroken_one_does<B: TrainBackend>(
+    on: &On<B>,
+    streaming: &[bool],
+) {
+    for &streaming in streaming {
+        let config = |out: &Path| {
+            let mut c = quickstart(out, 8);
+            c.data.streaming = streaming;
+            c
+        };
+        let whole = tempfile::tempdir().unwrap();
+        train(config(whole.path()), on);
+
+        let broken = tempfile::tempdir().unwrap();
+        let stopped = train_until(config(broken.path()), on, 4);
+        assert!(stopped.stopped);
+        assert_eq!(stopped.last_checkpoint, broken.path().join("checkpoint-4"));
+        let mut resumed = config(broken.path());
+        resumed.train.resume_from = Some("latest".into());
+        let reports = train(resumed, on);
+        assert_eq!(reports.first().map(|r| r.step), Some(5));
+
+        for file in ["adapter_model.safetensors", "optimizer.safetensors"] {
+            let a = std::fs::read(whole.path().join("checkpoint-8").join(file)).unwrap();
+            let b = std::fs::read(broken.path().join("checkpoint-8").join(file)).unwrap();
+            assert!(
+                a == b,
+                "{file} differs after resuming (streaming {streaming})"
+            );
+        }
+        let log = |dir: &Path| std::fs::read_to_string(dir.join("logging.jsonl")).unwrap();
+        let losses = |text: String| -> Vec<f64> {
+            text.lines()
+                .map(|l| {
+                    serde_json::from_str::<Value>(l).unwrap()["loss"]
+                        .as_f64()
+                        .unwrap()
+                })
+                .collect()
+        };
+        assert_eq!(losses(log(whole.path())), losses(log(broken.path())));
+    }
+}

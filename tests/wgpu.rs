@@ -1,0 +1,148 @@
+//! The GPU path (Burn's wgpu backend through CubeCL, the kernels and fusion cuda runs too) against
+//! the same transformers / PEFT / PyTorch fixtures as the CPU path. CI runs it on Mesa's lavapipe
+//! (software Vulkan): `cargo test --features wgpu`. Without an adapter each test says so and
+//! passes, except under `CI=true`, where a missing Vulkan device is a failure.
+#![cfg(feature = "wgpu")]
+
+mod common;
+
+use burn::backend::wgpu::WgpuDevice;
+use burn::backend::{Autodiff, Flex, Wgpu};
+use common::training::{self, serial, On};
+use common::{adapter_dir, check_logits, check_losses, fixtures, golden, model_dir};
+use serde_json::Value;
+use swift_rs::config::{Device, Dtype, Nf4Config};
+use swift_rs::export::peft::read_adapter;
+use swift_rs::infer::{generate, GenerateOptions, Request, Sampling};
+use swift_rs::model::{self, CausalLm, LoadOptions, ModelBackend};
+use swift_rs::ops::wgpu_adapters;
+
+/// The first adapter wgpu lists, or None (and a line saying so) when there is none and this is
+/// not CI.
+fn gpu() -> Option<WgpuDevice> {
+    match wgpu_adapters().into_iter().next() {
+        Some(a) => Some(a.device),
+        None if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("CI=true and wgpu finds no adapter: install mesa-vulkan-drivers")
+        }
+        None => {
+            eprintln!("no wgpu adapter: skipped");
+            None
+        }
+    }
+}
+
+fn load<B: ModelBackend>(
+    base: &str,
+    adapter: Option<&str>,
+    options: LoadOptions,
+    device: &B::Device,
+) -> CausalLm<B> {
+    let mut plan = adapter.map(|a| read_adapter(&adapter_dir(a)).unwrap());
+    model::load::<B>(&model_dir(base), options, plan.as_mut(), device)
+        .unwrap()
+        .1
+}
+
+/// Logits and per-row losses of `base` (+ `adapter`) against the fixture `tag`, 1e-4 in f32.
+fn check_parity(base: &str, adapter: Option<&str>, options: LoadOptions, tag: &str) {
+    let Some(device) = gpu() else { return };
+    let model = load::<Wgpu>(base, adapter, options, &device);
+    let vocab = model.model.embed_tokens.val().dims()[0];
+    let dir = adapter.map_or_else(|| model_dir(base), adapter_dir);
+    let g = golden(&dir, &model_dir(base), tag, vocab);
+    let what = format!("{base} + {adapter:?} ({tag}) on wgpu");
+    check_logits(&what, &model, &g, 1e-4);
+    check_losses(&what, &model, &g, 1e-4);
+}
+
+#[test]
+fn f32_logits_and_losses_match_transformers() {
+    for base in ["llama", "qwen3_f16", "mistral"] {
+        check_parity(base, None, LoadOptions::dtype(Dtype::F32), "logits");
+    }
+}
+
+#[test]
+fn peft_adapters_match_peft() {
+    for (adapter, base) in [("qwen2_rslora", "qwen2_bf16"), ("qwen3_dora", "qwen3_f16")] {
+        check_parity(
+            base,
+            Some(adapter),
+            LoadOptions::dtype(Dtype::F32),
+            "logits",
+        );
+    }
+}
+
+#[test]
+fn an_nf4_base_matches_transformers_on_bitsandbytes_weights() {
+    let options = LoadOptions {
+        dtype: Some(Dtype::F32),
+        quant: Some(Nf4Config::default()),
+    };
+    check_parity("llama", None, options, "logits_nf4");
+    check_parity("llama", Some("llama_qv"), options, "logits_nf4");
+}
+
+#[test]
+fn greedy_generation_equals_the_cpu_path_and_transformers() {
+    let Some(device) = gpu() else { return };
+    let text = std::fs::read_to_string(fixtures().join("generation.json")).unwrap();
+    let cases = serde_json::from_str::<Value>(&text).unwrap()["greedy"].clone();
+    for case in cases.as_array().unwrap().iter().take(2) {
+        let (base, adapter) = (case["model"].as_str().unwrap(), case["adapter"].as_str());
+        let want = common::ids(&case["tokens"]);
+        let mut options = GenerateOptions {
+            max_new_tokens: want.len(),
+            stop: common::ids(&case["stop"]),
+            sampling: Sampling::GREEDY,
+        };
+        options.sampling.repetition_penalty = case["repetition_penalty"].as_f64().unwrap() as f32;
+        let prompt = common::ids(&case["prompt"]);
+        let request = || {
+            vec![Request {
+                prompt: prompt.clone(),
+                seed: 0,
+            }]
+        };
+        let f32 = LoadOptions::dtype(Dtype::F32);
+        let gpu_model = load::<Wgpu>(base, adapter, f32, &device);
+        let cpu_model = load::<Flex>(base, adapter, f32, &Default::default());
+        let on_gpu = generate(&gpu_model, &request(), &options, |_, _| {}).remove(0);
+        let on_cpu = generate(&cpu_model, &request(), &options, |_, _| {}).remove(0);
+        assert_eq!(on_gpu, on_cpu, "{base} + {adapter:?}");
+        assert_eq!(on_gpu, want, "{base} + {adapter:?}");
+    }
+}
+
+fn on() -> Option<On<Autodiff<Wgpu>>> {
+    Some(On {
+        device: Device::Wgpu(0),
+        backend: gpu()?,
+    })
+}
+
+#[test]
+fn one_sgd_step_equals_pytorch_peft_for_every_accumulation() {
+    let _serial = serial();
+    if let Some(on) = on() {
+        training::one_sgd_step_equals_pytorch_peft(&on);
+    }
+}
+
+#[test]
+fn three_adamw_steps_with_clipping_equal_pytorch_peft() {
+    let _serial = serial();
+    if let Some(on) = on() {
+        training::three_adamw_steps_equal_pytorch_peft(&on);
+    }
+}
+
+#[test]
+fn a_resumed_run_ends_bit_for_bit_where_an_unbroken_one_does() {
+    let _serial = serial();
+    if let Some(on) = on() {
+        training::a_resumed_run_ends_where_an_unbroken_one_does(&on, &[false]);
+    }
+}

@@ -149,6 +149,23 @@ fn cuda_device(n: usize) -> Result<(), String> {
                 .into(),
         );
     }
+    // NVRTC compiles every kernel with `#include <cuda_runtime.h>`, `cuda_bf16.h`, `mma.h`:
+    // the headers must be there at run time, not only the libraries.
+    let headers = cubecl_cuda::install::cuda_path().map(|p| p.join("include"));
+    if !headers
+        .as_ref()
+        .is_some_and(|p| p.join("cuda_runtime.h").is_file())
+    {
+        let looked = headers.map_or_else(
+            || "$CUDA_PATH, /usr/local/cuda, /opt/cuda and /usr (with /usr/bin/nvcc)".into(),
+            |p| p.display().to_string(),
+        );
+        return Err(format!(
+            "the CUDA headers (cuda_runtime.h, cuda_bf16.h, mma.h), which NVRTC compiles every \
+             kernel with, are not in {looked}: install the CUDA toolkit (its headers too) and \
+             set CUDA_PATH to the directory that holds its include/"
+        ));
+    }
     let count = cudarc::driver::CudaContext::device_count()
         .map_err(|e| format!("the CUDA driver did not start: {e:?}"))?;
     if n >= count.max(0) as usize {

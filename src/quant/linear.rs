@@ -4,7 +4,7 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
 
 use crate::config::Nf4Config;
 
@@ -12,8 +12,10 @@ use super::nf4::{dynamic_map, nf4_code, Absmax, Nf4, DOUBLE_QUANT_BLOCKSIZE};
 
 #[derive(Module, Debug)]
 pub struct Nf4Linear<B: Backend> {
-    /// Two 4-bit codes a byte, high nibble first, over the `[out, in]` weight flattened row-major.
-    pub packed: Tensor<B, 1, Int>, // [ceil(out * in / 2)], u8
+    /// bitsandbytes' bytes (two 4-bit codes a byte, high nibble first, over the `[out, in]`
+    /// weight flattened row-major), four to an i32 word, little-endian: WGSL has no 8-bit
+    /// integers, and every backend has 32-bit ones.
+    pub packed: Tensor<B, 1, Int>, // [ceil(out * in / 8)], i32
     pub scales: Nf4Scales<B>,
     pub bias: Option<Param<Tensor<B, 1>>>, // [out]
     pub n_in: usize,
@@ -31,8 +33,10 @@ pub enum Nf4Scales<B: Backend> {
 
 #[derive(Module, Debug)]
 pub struct DoubleQuantScales<B: Backend> {
-    pub quantized: Tensor<B, 1, Int>, // [blocks], u8
-    pub absmax2: Tensor<B, 1>,        // [ceil(blocks / 256)], f32
+    /// One byte a block, four to an i32 word as `Nf4Linear::packed`.
+    pub quantized: Tensor<B, 1, Int>, // [ceil(blocks / 4)], i32
+    pub blocks: usize,
+    pub absmax2: Tensor<B, 1>, // [ceil(blocks / 256)], f32
     pub offset: f64,
 }
 
@@ -47,9 +51,17 @@ impl<B: Backend> Nf4Linear<B> {
     ) -> Self {
         assert_eq!(weight.len(), n_out * n_in, "weight size");
         let q = Nf4::quantize(weight, config.blocksize, config.double_quant);
-        let u8_tensor = |v: Vec<u8>| {
-            let n = v.len();
-            Tensor::<B, 1, Int>::from_data(TensorData::new(v, [n]), (device, DType::U8))
+        let words = |bytes: Vec<u8>| {
+            let words: Vec<i32> = bytes
+                .chunks(4)
+                .map(|c| {
+                    let mut word = [0u8; 4];
+                    word[..c.len()].copy_from_slice(c);
+                    i32::from_le_bytes(word)
+                })
+                .collect();
+            let n = words.len();
+            Tensor::<B, 1, Int>::from_data(TensorData::new(words, [n]), (device, DType::I32))
         };
         let f32_tensor = |v: Vec<f32>| {
             let n = v.len();
@@ -62,13 +74,14 @@ impl<B: Backend> Nf4Linear<B> {
                 absmax2,
                 offset,
             } => Nf4Scales::Double(DoubleQuantScales {
-                quantized: u8_tensor(quantized),
+                blocks: quantized.len(),
+                quantized: words(quantized),
                 absmax2: f32_tensor(absmax2),
                 offset: offset as f64,
             }),
         };
         Self {
-            packed: u8_tensor(q.packed),
+            packed: words(q.packed),
             scales,
             bias,
             n_in,
@@ -81,20 +94,15 @@ impl<B: Backend> Nf4Linear<B> {
     pub fn dequantize(&self, dtype: DType) -> Tensor<B, 2> {
         let device = self.packed.device();
         let numel = self.n_in * self.n_out;
-        let bytes = self.packed.dims()[0];
-        let packed = self.packed.clone().cast(DType::I32);
-        let high = packed.clone().div_scalar(16); // [bytes]
-        let low = packed.remainder_scalar(16); // [bytes]
-        let codes = Tensor::stack::<2>(vec![high, low], 1).reshape([2 * bytes]); // [2 * bytes]
+        // Byte k of a word holds codes 2k (its high nibble) and 2k + 1.
+        let codes = unpack(&self.packed, &[4, 0, 12, 8, 20, 16, 28, 24], 0xF); // [8 * words]
+        let n_codes = codes.dims()[0];
         let book = f32_table(&nf4_code(), &device);
-        let values = book.select(0, codes); // [2 * bytes], f32
+        let values = book.select(0, codes); // [8 * words], f32
         let blocks = numel.div_ceil(self.blocksize);
         let padded = blocks * self.blocksize;
-        let values = if padded > 2 * bytes {
-            Tensor::cat(
-                vec![values, Tensor::zeros([padded - 2 * bytes], &device)],
-                0,
-            )
+        let values = if padded > n_codes {
+            Tensor::cat(vec![values, Tensor::zeros([padded - n_codes], &device)], 0)
         } else {
             values.slice([0..padded])
         };
@@ -110,10 +118,10 @@ impl<B: Backend> Nf4Linear<B> {
         match &self.scales {
             Nf4Scales::Plain(a) => a.clone(),
             Nf4Scales::Double(d) => {
-                let blocks = d.quantized.dims()[0];
+                let blocks = d.blocks;
                 let groups = d.absmax2.dims()[0];
-                let codes = f32_table(&dynamic_map(), device)
-                    .select(0, d.quantized.clone().cast(DType::I32));
+                let bytes = unpack(&d.quantized, &[0, 8, 16, 24], 0xFF).slice([0..blocks]);
+                let codes = f32_table(&dynamic_map(), device).select(0, bytes);
                 let absmax2 = d
                     .absmax2
                     .clone()
@@ -140,10 +148,22 @@ impl<B: Backend> Nf4Linear<B> {
     pub fn weight_bytes(&self) -> usize {
         let scales = match &self.scales {
             Nf4Scales::Plain(a) => 4 * a.dims()[0],
-            Nf4Scales::Double(d) => d.quantized.dims()[0] + 4 * d.absmax2.dims()[0] + 8,
+            Nf4Scales::Double(d) => 4 * d.quantized.dims()[0] + 4 * d.absmax2.dims()[0] + 8,
         };
-        self.packed.dims()[0] + scales
+        4 * self.packed.dims()[0] + scales
     }
+}
+
+/// The fields of every word at `shifts` (in that order, each `mask` wide), flattened:
+/// `[words * shifts.len()]`.
+fn unpack<B: Backend>(words: &Tensor<B, 1, Int>, shifts: &[i32], mask: i32) -> Tensor<B, 1, Int> {
+    let (n, k) = (words.dims()[0], shifts.len());
+    let shifts = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(shifts.to_vec(), [1, k]),
+        (&words.device(), DType::I32),
+    );
+    let fields = words.clone().reshape([n, 1]).bitwise_right_shift(shifts); // [n, k]
+    fields.bitwise_and_scalar(mask.elem()).reshape([n * k])
 }
 
 fn f32_table<B: Backend>(values: &[f32], device: &B::Device) -> Tensor<B, 1> {

@@ -6,8 +6,8 @@
 //! pass and a resumed run draws what an unbroken one would.
 
 use burn::module::Module;
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Tensor;
 
 use crate::data::dataset::{collate, TrainRow};
 use crate::model::loss::{token_losses, LossTargets};
@@ -75,14 +75,15 @@ impl<B: TrainBackend> StepGrads<B> {
         }
     }
 
-    /// The mean loss over the step's label tokens, its tokens (padding excluded) and the
-    /// gradient of that loss for every trainable tensor.
+    /// The mean loss over the step's label tokens (`[1]`, on the device: read once a step with
+    /// the gradient norm), its tokens (padding excluded) and the gradient of that loss for every
+    /// trainable tensor.
     pub fn compute(
         &self,
         model: &CausalLm<B>,
         batches: &[Vec<TrainRow>],
         step: u64,
-    ) -> (f64, usize, Grads<B>) {
+    ) -> (Tensor<B::InnerBackend, 1>, usize, Grads<B>) {
         let micro: Vec<Micro> = batches
             .iter()
             .enumerate()
@@ -112,17 +113,18 @@ impl<B: TrainBackend> StepGrads<B> {
             false => Vec::new(),
         };
         let scale = 1.0 / label_tokens.max(1) as f64;
-        let mut loss_sum = 0.0;
+        let mut loss_sum = Tensor::zeros([1], &self.device);
         for m in micro.iter().filter(|m| !m.targets.is_empty()) {
-            loss_sum += match self.checkpointing {
-                true => self.checkpointed(model, &frozen, m, step, scale, &mut grads),
-                false => self.whole(model, m, step, scale, &mut grads),
-            };
+            loss_sum = loss_sum
+                + match self.checkpointing {
+                    true => self.checkpointed(model, &frozen, m, step, scale, &mut grads),
+                    false => self.whole(model, m, step, scale, &mut grads),
+                };
         }
         (loss_sum * scale, tokens, grads)
     }
 
-    /// One graph over the whole model; returns the summed loss.
+    /// One graph over the whole model; returns the summed loss `[1]`.
     fn whole(
         &self,
         model: &CausalLm<B>,
@@ -130,7 +132,7 @@ impl<B: TrainBackend> StepGrads<B> {
         step: u64,
         scale: f64,
         grads: &mut Grads<B>,
-    ) -> f64 {
+    ) -> Tensor<B::InnerBackend, 1> {
         let (mut x, inputs) = model.embed(&m.batch);
         for (i, layer) in model.model.layers.iter().enumerate() {
             self.seed_dropout(step, m.index, i);
@@ -143,13 +145,13 @@ impl<B: TrainBackend> StepGrads<B> {
             add_layer_grads(grads, offset, layer, &backward);
             offset += n;
         }
-        scalar(sum.inner())
+        sum.inner()
     }
 
     /// Layer by layer: a forward pass that keeps only each layer's input, then per layer, last
     /// to first, the layer recomputed with a graph and its backward pass seeded with the
     /// gradient of its output. The last layer keeps its graph from the forward pass instead, as
-    /// its backward pass follows at once. Returns the summed loss.
+    /// its backward pass follows at once. Returns the summed loss `[1]`.
     fn checkpointed(
         &self,
         model: &CausalLm<B>,
@@ -158,7 +160,7 @@ impl<B: TrainBackend> StepGrads<B> {
         step: u64,
         scale: f64,
         grads: &mut Grads<B>,
-    ) -> f64 {
+    ) -> Tensor<B::InnerBackend, 1> {
         let layers = &model.model.layers;
         let last = layers.len() - 1;
         // The first layer's input is the frozen embedding: its gradient is not needed.
@@ -195,7 +197,7 @@ impl<B: TrainBackend> StepGrads<B> {
             add_layer_grads(grads, offset, layer, &backward);
             grad_out = input.grad(&backward);
         }
-        scalar(sum.inner())
+        sum.inner()
     }
 
     /// Reseeds the backend's generator for the dropout of one layer of one micro-batch.
@@ -223,10 +225,6 @@ fn add_layer_grads<B: TrainBackend>(
             (acc, g) => acc.or(g),
         };
     }
-}
-
-fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
-    t.into_scalar().elem::<f64>()
 }
 
 fn splitmix64(x: u64) -> u64 {

@@ -208,6 +208,14 @@ impl<B: TrainBackend> Trainer<B> {
             .collect();
         let max_grad_norm = self.plan.config.train.max_grad_norm;
         let (grad_norm, grads) = clip_grad_norm(grads, max_grad_norm);
+        // The step's one host read: the loss and the norm together.
+        let read = Tensor::cat(vec![loss, grad_norm], 0).into_data();
+        let [loss, grad_norm]: [f64; 2] = read
+            .convert::<f64>()
+            .to_vec()
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .expect("two f32 values");
         for (what, value) in [("loss", loss), ("gradient norm", grad_norm)] {
             if !value.is_finite() {
                 let last = match checkpoint::list(&self.run_dir).pop() {

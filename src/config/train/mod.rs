@@ -427,7 +427,7 @@ mod tests {
         );
         let err = parse(MINIMAL, &["train.device=tpu"]).unwrap_err();
         assert!(
-            err.contains("train.device") && err.contains("cuda:N"),
+            err.contains("train.device") && err.contains("wgpu[:N]"),
             "{err}"
         );
         let err = parse(MINIMAL, &["quant.bits=8"]).unwrap_err();
@@ -441,6 +441,19 @@ mod tests {
         let c = parse(MINIMAL, &["optim=adamw_torch", "torch_dtype=bfloat16"]).unwrap();
         assert_eq!(c.train.optimizer, OptimizerKind::AdamW);
         assert_eq!(c.model.dtype, Some(Dtype::Bf16));
+    }
+
+    #[test]
+    fn bf16_on_wgpu_is_refused_and_f16_kept() {
+        let mut c = parse(MINIMAL, &["model.dtype=bf16"]).unwrap();
+        let err = c.resolve(Device::Wgpu(0)).unwrap_err().to_string();
+        assert!(
+            err.contains("model.dtype on wgpu:0") && err.contains("no bf16"),
+            "{err}"
+        );
+        assert_eq!(c.resolve(Device::Cuda(0)).unwrap().dtype, Some(Dtype::Bf16));
+        c.model.dtype = Some(Dtype::F16);
+        assert_eq!(c.resolve(Device::Wgpu(0)).unwrap().dtype, Some(Dtype::F16));
     }
 
     /// A library caller's config, built field by field, and the same run written as TOML (half
@@ -468,10 +481,11 @@ mod tests {
                     save_steps = 50\nresume_from = \"latest\"\n";
         let read = TrainConfig::parse(text, Path::new("run.toml"), &[]).unwrap();
         assert_eq!(read, code);
-        for device in [Device::Cpu, Device::Cuda(0)] {
+        for device in [Device::Cpu, Device::Cuda(0), Device::Wgpu(1)] {
             let plan = code.resolve(device).unwrap();
             assert_eq!(read.resolve(device).unwrap(), plan);
-            let dtype = (device == Device::Cpu).then_some(Dtype::F32);
+            // "auto": f32 on the CPU and on wgpu (which has no bf16), the checkpoint's on CUDA.
+            let dtype = (device != Device::Cuda(0)).then_some(Dtype::F32);
             assert_eq!((plan.dtype, plan.config.model.dtype), (dtype, dtype));
             assert_eq!(plan.schedule.warmup, Warmup::Ratio(0.05));
             assert_eq!(plan.length, Length::Epochs(2.0));
@@ -480,6 +494,7 @@ mod tests {
             assert_eq!(plan.optimizer.kind, OptimizerKind::Sgd);
             assert_eq!(plan.quant, Some(crate::config::Nf4Config::default()));
             assert_eq!(plan.lora.r, 16);
+            assert_eq!(plan.config.train.device, Device::Auto);
             assert_eq!(
                 plan.lora.init_lora_weights,
                 crate::config::InitLoraWeights::Method("gaussian".into())

@@ -210,7 +210,8 @@ pub(super) fn sdpa<B: Backend>(
     mask: Option<BoolTensor<B>>,
     is_causal: bool,
 ) -> FloatTensor<B> {
-    let (q, k, v) = (float::<B, 4>(q), float::<B, 4>(k), float::<B, 4>(v));
+    let dtype = float::<B, 4>(q.clone()).dtype();
+    let [q, k, v] = [q, k, v].map(in_f32::<B>);
     let mask = mask.map(Tensor::<B, 4, Bool>::from_primitive);
     let n_rep = q.dims()[1] / k.dims()[1];
     let options = AttentionModuleOptions {
@@ -219,7 +220,13 @@ pub(super) fn sdpa<B: Backend>(
         is_causal,
     };
     let (k, v) = (repeat_kv(k, n_rep), repeat_kv(v, n_rep));
-    primitive(attention(q, k, v, mask, None, options))
+    primitive(attention(q, k, v, mask, None, options).cast(dtype))
+}
+
+/// `t` as an f32 tensor: attention's scores, softmax and products run in f32 whatever the input
+/// dtype, as transformers' softmax upcasts (a bf16 softmax over long rows loses whole digits).
+fn in_f32<B: Backend>(t: FloatTensor<B>) -> Tensor<B, 4> {
+    float::<B, 4>(t).cast(DType::F32)
 }
 
 /// GQA: each key/value head serves `n_rep` query heads. [b, kv, s, d] -> [b, kv * n_rep, s, d]
@@ -245,7 +252,8 @@ pub(super) fn sdpa_grads<B: Backend>(
     out: FloatTensor<B>,
     d_out: FloatTensor<B>,
 ) -> [FloatTensor<B>; 3] {
-    let [q, k, v, out, d_out] = [q, k, v, out, d_out].map(float::<B, 4>);
+    let dtype = float::<B, 4>(q.clone()).dtype();
+    let [q, k, v, out, d_out] = [q, k, v, out, d_out].map(in_f32::<B>);
     let mask = mask.map(Tensor::<B, 4, Bool>::from_primitive);
     let [_, heads, s, d] = q.dims();
     let [b, kv_heads, keys, _] = k.dims();
@@ -277,5 +285,5 @@ pub(super) fn sdpa_grads<B: Backend>(
             .sum_dim(2)
             .reshape([b, kv_heads, keys, d])
     };
-    [d_q, group_sum(d_k), group_sum(d_v)].map(primitive)
+    [d_q, group_sum(d_k), group_sum(d_v)].map(|g| primitive(g.cast(dtype)))
 }

@@ -3,7 +3,7 @@
 use super::generic;
 use super::*;
 use burn::backend::{Autodiff, Flex};
-use burn::tensor::{Distribution, TensorData, Tolerance};
+use burn::tensor::{DType, Distribution, TensorData, Tolerance};
 
 type Ad = Autodiff<Flex>;
 
@@ -414,5 +414,36 @@ fn seeded_backward_passes_match_the_summed_product() {
         if let (Some(seeded), Some(reference)) = (seeded.3, reference.3) {
             close(seeded, &reference);
         }
+    }
+}
+
+#[test]
+fn bf16_attention_runs_in_f32() {
+    // On bf16 inputs the generic path gives the f32 computation on those values, rounded once
+    // to bf16, forward and backward: a bf16 softmax over 150 keys would not.
+    let [q, k, v, w] = inputs(4, 2, 150, 150).map(|t| t.cast(DType::BF16));
+    let as_bf16 = |t| {
+        float::<Flex, 4>(t)
+            .cast(DType::BF16)
+            .cast(DType::F32)
+            .into_data()
+    };
+    let mut saved_out = None;
+    let mut run = |dtype: DType| {
+        let [q, k, v, w] = [&q, &k, &v, &w].map(|t| primitive(t.clone().cast(dtype)));
+        let out = generic::sdpa::<Flex>(q.clone(), k.clone(), v.clone(), None, true);
+        // Both backward passes get the output as the bf16 forward saved it.
+        let saved = saved_out
+            .get_or_insert_with(|| float::<Flex, 4>(out.clone()))
+            .clone();
+        let grads =
+            generic::sdpa_grads::<Flex>(q, k, v, None, true, primitive(saved.cast(dtype)), w);
+        (as_bf16(out), grads.map(as_bf16))
+    };
+    let (out, grads) = run(DType::BF16);
+    let (want_out, want_grads) = run(DType::F32);
+    assert_eq!(out, want_out);
+    for (got, want) in grads.into_iter().zip(want_grads) {
+        assert_eq!(got, want);
     }
 }

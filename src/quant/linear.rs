@@ -18,9 +18,37 @@ pub struct Nf4Linear<B: Backend> {
     pub packed: Tensor<B, 1, Int>, // [ceil(out * in / 8)], i32
     pub scales: Nf4Scales<B>,
     pub bias: Option<Param<Tensor<B, 1>>>, // [out]
+    /// Code books and bit positions, uploaded once with the weight rather than every forward.
+    pub tables: Nf4Tables<B>,
     pub n_in: usize,
     pub n_out: usize,
     pub blocksize: usize,
+}
+
+#[derive(Module, Debug)]
+pub struct Nf4Tables<B: Backend> {
+    pub nf4_code: Tensor<B, 1>,           // [16], f32
+    pub dynamic_map: Tensor<B, 1>,        // [256], f32 (double quantization's code book)
+    pub nibble_shifts: Tensor<B, 2, Int>, // [1, 8]: codes 2k and 2k + 1 of byte k of a word
+    pub byte_shifts: Tensor<B, 2, Int>,   // [1, 4]
+}
+
+impl<B: Backend> Nf4Tables<B> {
+    fn new(device: &B::Device) -> Self {
+        let shifts = |s: &[i32]| {
+            Tensor::from_data(
+                TensorData::new(s.to_vec(), [1, s.len()]),
+                (device, DType::I32),
+            )
+        };
+        Self {
+            nf4_code: f32_table(&nf4_code(), device),
+            dynamic_map: f32_table(&dynamic_map(), device),
+            // Byte k of a word holds codes 2k (its high nibble) and 2k + 1.
+            nibble_shifts: shifts(&[4, 0, 12, 8, 20, 16, 28, 24]),
+            byte_shifts: shifts(&[0, 8, 16, 24]),
+        }
+    }
 }
 
 /// The per-block scales as stored: plain f32, or double-quantized (8-bit codes into the dynamic
@@ -84,6 +112,7 @@ impl<B: Backend> Nf4Linear<B> {
             packed: words(q.packed),
             scales,
             bias,
+            tables: Nf4Tables::new(device),
             n_in,
             n_out,
             blocksize: config.blocksize,
@@ -94,11 +123,10 @@ impl<B: Backend> Nf4Linear<B> {
     pub fn dequantize(&self, dtype: DType) -> Tensor<B, 2> {
         let device = self.packed.device();
         let numel = self.n_in * self.n_out;
-        // Byte k of a word holds codes 2k (its high nibble) and 2k + 1.
-        let codes = unpack(&self.packed, &[4, 0, 12, 8, 20, 16, 28, 24], 0xF); // [8 * words]
+        let t = &self.tables;
+        let codes = unpack(&self.packed, &t.nibble_shifts, 0xF); // [8 * words]
         let n_codes = codes.dims()[0];
-        let book = f32_table(&nf4_code(), &device);
-        let values = book.select(0, codes); // [8 * words], f32
+        let values = t.nf4_code.clone().select(0, codes); // [8 * words], f32
         let blocks = numel.div_ceil(self.blocksize);
         let padded = blocks * self.blocksize;
         let values = if padded > n_codes {
@@ -106,7 +134,7 @@ impl<B: Backend> Nf4Linear<B> {
         } else {
             values.slice([0..padded])
         };
-        let scales = self.block_scales(&device).reshape([blocks, 1]); // [blocks, 1]
+        let scales = self.block_scales().reshape([blocks, 1]); // [blocks, 1]
         let w = (values.reshape([blocks, self.blocksize]) * scales).reshape([padded]); // f32
         w.slice([0..numel])
             .reshape([self.n_out, self.n_in])
@@ -114,14 +142,14 @@ impl<B: Backend> Nf4Linear<B> {
     }
 
     /// The f32 scale of every block, `[blocks]`.
-    fn block_scales(&self, device: &B::Device) -> Tensor<B, 1> {
+    fn block_scales(&self) -> Tensor<B, 1> {
         match &self.scales {
             Nf4Scales::Plain(a) => a.clone(),
             Nf4Scales::Double(d) => {
                 let blocks = d.blocks;
                 let groups = d.absmax2.dims()[0];
-                let bytes = unpack(&d.quantized, &[0, 8, 16, 24], 0xFF).slice([0..blocks]);
-                let codes = f32_table(&dynamic_map(), device).select(0, bytes);
+                let bytes = unpack(&d.quantized, &self.tables.byte_shifts, 0xFF);
+                let codes = (self.tables.dynamic_map.clone()).select(0, bytes.slice([0..blocks]));
                 let absmax2 = d
                     .absmax2
                     .clone()
@@ -154,15 +182,18 @@ impl<B: Backend> Nf4Linear<B> {
     }
 }
 
-/// The fields of every word at `shifts` (in that order, each `mask` wide), flattened:
-/// `[words * shifts.len()]`.
-fn unpack<B: Backend>(words: &Tensor<B, 1, Int>, shifts: &[i32], mask: i32) -> Tensor<B, 1, Int> {
-    let (n, k) = (words.dims()[0], shifts.len());
-    let shifts = Tensor::<B, 2, Int>::from_data(
-        TensorData::new(shifts.to_vec(), [1, k]),
-        (&words.device(), DType::I32),
-    );
-    let fields = words.clone().reshape([n, 1]).bitwise_right_shift(shifts); // [n, k]
+/// The fields of every word at `shifts` (`[1, k]`, in that order, each `mask` wide), flattened:
+/// `[words * k]`.
+fn unpack<B: Backend>(
+    words: &Tensor<B, 1, Int>,
+    shifts: &Tensor<B, 2, Int>,
+    mask: i32,
+) -> Tensor<B, 1, Int> {
+    let (n, k) = (words.dims()[0], shifts.dims()[1]);
+    let fields = words
+        .clone()
+        .reshape([n, 1])
+        .bitwise_right_shift(shifts.clone()); // [n, k]
     fields.bitwise_and_scalar(mask.elem()).reshape([n * k])
 }
 

@@ -52,7 +52,8 @@ pub fn inv_freq(rope: &RopeConfig, head_dim: usize) -> Vec<f32> {
 }
 
 /// cos and sin for every position of every row, `[batch, seq, 1, head_dim]`, the layout `apply`
-/// broadcasts over heads. Computed in f32 and cast once to the compute dtype, as transformers does.
+/// broadcasts over heads. Computed in f32 and cast once to the compute dtype, as transformers does;
+/// on the device, from the `[batch, seq]` positions.
 pub struct RopeTables<B: Backend> {
     pub cos: Tensor<B, 4>,
     pub sin: Tensor<B, 4>,
@@ -70,23 +71,24 @@ impl<B: Backend> RopeTables<B> {
         let batch = positions.len();
         let seq = positions.first().map_or(0, Vec::len);
         let half = inv_freq.len();
-        let mut cos = Vec::with_capacity(batch * seq * 2 * half);
-        let mut sin = Vec::with_capacity(batch * seq * 2 * half);
-        for row in positions {
-            assert_eq!(row.len(), seq, "position rows must have one length");
-            for &p in row {
-                // emb = cat(freqs, freqs): both halves of a head share the angles.
-                let angles: Vec<f32> = inv_freq.iter().map(|f| p as f32 * f).collect();
-                for _ in 0..2 {
-                    cos.extend(angles.iter().map(|a| a.cos()));
-                    sin.extend(angles.iter().map(|a| a.sin()));
-                }
-            }
-        }
-        let shape = [batch, seq, 1, 2 * half];
+        assert!(
+            positions.iter().all(|row| row.len() == seq),
+            "position rows must have one length"
+        );
+        let f32_tensor = |values: Vec<f32>, shape: [usize; 3]| {
+            Tensor::<B, 3>::from_data(TensorData::new(values, shape), (device, DType::F32))
+        };
+        // Exact in f32 up to 2^24, as transformers' `position_ids.float()`.
+        let positions = positions.iter().flatten().map(|&p| p as f32).collect();
+        let positions = f32_tensor(positions, [batch, seq, 1]);
+        let inv_freq = f32_tensor(inv_freq.to_vec(), [1, 1, half]);
+        let angles = positions * inv_freq; // [batch, seq, half]
+                                           // emb = cat(freqs, freqs): both halves of a head share the angles.
+        let angles =
+            Tensor::cat(vec![angles.clone(), angles], 2).reshape([batch, seq, 1, 2 * half]);
         Self {
-            cos: Tensor::<B, 4>::from_data(TensorData::new(cos, shape), device).cast(dtype),
-            sin: Tensor::<B, 4>::from_data(TensorData::new(sin, shape), device).cast(dtype),
+            cos: angles.clone().cos().cast(dtype),
+            sin: angles.sin().cast(dtype),
         }
     }
 }

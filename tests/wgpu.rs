@@ -48,6 +48,9 @@ fn load<B: ModelBackend>(
 fn check_parity(base: &str, adapter: Option<&str>, options: LoadOptions, tag: &str) {
     let Some(device) = gpu() else { return };
     let model = load::<Wgpu>(base, adapter, options, &device);
+    // What `memory_gib` reports on a GPU: the device memory the pools hold, here the weights'.
+    let held = Wgpu::device_memory_bytes(&device).unwrap_or(0);
+    assert!(held > 0, "no device memory reported");
     let vocab = model.model.embed_tokens.val().dims()[0];
     let dir = adapter.map_or_else(|| model_dir(base), adapter_dir);
     let g = golden(&dir, &model_dir(base), tag, vocab);

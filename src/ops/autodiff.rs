@@ -288,6 +288,10 @@ impl<B: ModelBackend, C: CheckpointStrategy> SeedGradient for Autodiff<B, C> {
 }
 
 impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
+    fn device_memory_bytes(device: &Self::Device) -> Option<u64> {
+        B::device_memory_bytes(device)
+    }
+
     fn base_linear(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,

@@ -67,6 +67,13 @@ pub type LoraGrads<B> = (Option<FloatTensor<B>>, FloatTensor<B>, FloatTensor<B>)
 /// A backend the model runs on: Burn's `Backend` plus the ops autodiff differentiates as one.
 /// Every method has the generic implementation; a backend overrides what it has kernels for.
 pub trait ModelBackend: Backend {
+    /// Bytes of device memory the backend's pools hold (the high-water mark of what training
+    /// allocated; they are not given back), where it has a device of its own. None on the CPU,
+    /// whose use is the process's resident memory.
+    fn device_memory_bytes(_device: &Self::Device) -> Option<u64> {
+        None
+    }
+
     /// `x·W + bias` on `x` `[.., in]`, `W` `[in, out]`: Burn's `linear`, for frozen layers (a
     /// base layer without adapter, the lm_head). A tracked weight or bias takes Burn's path,
     /// which gives them their gradients.
@@ -248,10 +255,27 @@ impl<B: AutodiffBackend<InnerBackend: ModelBackend> + ModelBackend + SeedGradien
 }
 
 #[cfg(feature = "cuda")]
-impl ModelBackend for burn::backend::Cuda {}
+impl ModelBackend for burn::backend::Cuda {
+    fn device_memory_bytes(device: &Self::Device) -> Option<u64> {
+        reserved_bytes::<cubecl_cuda::CudaRuntime>(device)
+    }
+}
 
 #[cfg(feature = "wgpu")]
-impl ModelBackend for burn::backend::Wgpu {}
+impl ModelBackend for burn::backend::Wgpu {
+    fn device_memory_bytes(device: &Self::Device) -> Option<u64> {
+        reserved_bytes::<burn::backend::wgpu::WgpuRuntime>(device)
+    }
+}
+
+/// What the CubeCL memory pools of `device` hold.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+fn reserved_bytes<R: cubecl_runtime::runtime::Runtime>(device: &R::Device) -> Option<u64> {
+    R::client(device)
+        .memory_usage()
+        .ok()
+        .map(|u| u.bytes_reserved)
+}
 
 /// `ModelBackend::base_linear` on tensors.
 pub fn base_linear<B: ModelBackend, const D: usize>(

@@ -11,6 +11,7 @@ use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::TrainError;
+use crate::model::ModelBackend;
 
 pub const LOGGING_FILE: &str = "logging.jsonl";
 pub const TENSORBOARD_DIR: &str = "runs";
@@ -187,6 +188,15 @@ fn line_plot(path: &Path, title: &str, points: &[(f64, f64)]) -> Result<(), Stri
         root.present().map_err(|e| e.to_string())?;
     }
     std::fs::rename(&tmp, path).map_err(|e| e.to_string())
+}
+
+/// The memory a run holds, in GiB: on a GPU what the backend's device memory pools hold (they keep
+/// the high-water mark), on the CPU the process's peak resident memory.
+pub fn memory_gib<B: ModelBackend>(device: &B::Device) -> f64 {
+    match B::device_memory_bytes(device) {
+        Some(bytes) => bytes as f64 / (1u64 << 30) as f64,
+        None => peak_memory_gib(),
+    }
 }
 
 /// Peak resident memory of this process in GiB (`VmHWM`), 0 where the system does not say.

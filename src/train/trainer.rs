@@ -282,7 +282,7 @@ impl<B: TrainBackend> Trainer<B> {
             grad_norm: report.grad_norm,
             learning_rate: report.learning_rate,
             tokens_per_sec: clock.tokens_per_sec(),
-            memory_gib: log::peak_memory_gib(),
+            memory_gib: log::memory_gib::<B>(&self.grads.device),
             elapsed_s: state.elapsed_s,
             eta_s: clock.per_step(step) * (state.max_steps - step) as f64,
             eval_loss,

@@ -35,9 +35,12 @@ import bench_vs_peft as bench  # noqa: E402  (the model maker and the timed benc
 # Tolerances: f32 is rounding of long sums; bf16 logits differ by whole bf16 ulps between any two
 # implementations (tests/parity.rs measured 0.025 on the fixtures), and a mean loss averages that.
 LOSS_TOL = {"f32": 2e-4, "bf16": 3e-2}
-# After three steps from the same adapter the two runs differ by rounding of the gradients.
-STEP_TOL = {"f32": {"loss": 1e-4, "grad_norm": 1e-3, "adapter": 1e-4},
-            "bf16": {"loss": 3e-2, "grad_norm": 5e-2, "adapter": 5e-3}}
+# After three steps from the same adapter the two runs differ by the rounding of the gradients,
+# which AdamW divides by sqrt(v): where a gradient is near zero that rounding moves a weight by a
+# fraction of lr (1e-3) a step. The adapter tolerance is 10% of three steps' movement in f32
+# (the CPU rehearsal measured 9e-5), a third of it in bf16.
+STEP_TOL = {"f32": {"loss": 1e-4, "grad_norm": 1e-3, "adapter": 3e-4},
+            "bf16": {"loss": 3e-2, "grad_norm": 5e-2, "adapter": 1e-3}}
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 
 
@@ -195,6 +198,10 @@ def benchmark(args, name: str, extra: list[str]) -> dict:
             "command": " ".join(cmd)}
 
 
+def skipped(result: dict) -> bool:
+    return result.get("error", "").startswith("skipped")
+
+
 def markdown(results: list[dict], header: str) -> str:
     out = [f"# gpu_check\n\n{header}\n", "| check | result | measured |", "| --- | --- | --- |"]
     for r in results:
@@ -204,7 +211,8 @@ def markdown(results: list[dict], header: str) -> str:
             measured = r["error"].splitlines()[-1]
         else:
             measured = json.dumps(r["max_abs_diff"]) + f" (tolerance {json.dumps(r['tolerance'])})"
-        out.append(f"| {r['check']} | {'pass' if r['pass'] else 'FAIL'} | {measured} |")
+        result = "pass" if r["pass"] else "skipped" if skipped(r) else "FAIL"
+        out.append(f"| {r['check']} | {result} | {measured} |")
     return "\n".join(out) + "\n"
 
 
@@ -263,7 +271,7 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps({"machine": header, "results": results}, indent=2))
     (out / "results.md").write_text(markdown(results, header))
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
-    sys.exit(0 if all(r["pass"] or r.get("error", "").startswith("skipped") for r in results) else 1)
+    sys.exit(0 if all(r["pass"] or skipped(r) for r in results) else 1)
 
 
 if __name__ == "__main__":

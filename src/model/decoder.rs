@@ -164,13 +164,15 @@ impl<B: Backend> CausalLm<B> {
 impl<B: ModelBackend> CausalLm<B> {
     /// Logits of the given hidden states, `[..., vocab]` in the compute dtype.
     pub fn lm_head<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
+        base_linear(hidden, self.lm_head_weight(), None)
+    }
+
+    /// The head's weight, `[hidden, vocab]`: its own, or the embedding matrix when tied. The
+    /// head has no bias in these families.
+    pub fn lm_head_weight(&self) -> Tensor<B, 2> {
         match &self.lm_head {
-            Some(head) => base_linear(
-                hidden,
-                head.weight.val(),
-                head.bias.as_ref().map(|b| b.val()),
-            ),
-            None => base_linear(hidden, self.model.embed_tokens.val().transpose(), None),
+            Some(head) => head.weight.val(),
+            None => self.model.embed_tokens.val().transpose(),
         }
     }
 

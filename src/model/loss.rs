@@ -1,13 +1,14 @@
 //! Shifted cross-entropy as transformers' `ForCausalLMLoss`: the hidden state at position t
 //! predicts the label at t + 1, labels of -100 are ignored, logits are upcast to f32. The logits
 //! are made `CHUNK_TOKENS` tokens at a time, so `[tokens, vocab]` never exists whole: with a
-//! 150k vocabulary that tensor alone would be gigabytes at training lengths.
+//! 150k vocabulary that tensor alone would be gigabytes at training lengths. On a GPU the backward
+//! pass recomputes each chunk's logits rather than keeping them (`RECOMPUTE_LOGITS`).
 
 use burn::tensor::{Int, Tensor, TensorData};
 
 use super::decoder::CausalLm;
 use super::IGNORE_INDEX;
-use crate::ops::{cross_entropy, ModelBackend};
+use crate::ops::{lm_head_cross_entropy, ModelBackend};
 
 /// Tokens whose logits are computed at once.
 const CHUNK_TOKENS: usize = 1024;
@@ -67,8 +68,8 @@ pub fn token_losses<B: ModelBackend>(
             let n = idx.len();
             let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx.to_vec(), [n]), &device);
             let tgt = Tensor::<B, 1, Int>::from_data(TensorData::new(tgt.to_vec(), [n]), &device);
-            let logits = model.lm_head(flat.clone().select(0, idx)); // [n, vocab]
-            cross_entropy(logits, tgt)
+            let hidden = flat.clone().select(0, idx); // [n, hidden]
+            lm_head_cross_entropy(hidden, model.lm_head_weight(), tgt)
         })
         .collect();
     if chunks.is_empty() {

@@ -196,6 +196,32 @@ impl<B: ModelBackend> Backward<B, 1> for CrossEntropyBackward {
     }
 }
 
+#[derive(Debug)]
+struct LmHeadCrossEntropyBackward;
+
+impl<B: ModelBackend> Backward<B, 1> for LmHeadCrossEntropyBackward {
+    /// The hidden states, the lm_head weight, the targets and the rows' log-sum-exps: not the
+    /// logits, which the backward pass recomputes.
+    type State = (FloatTensor<B>, FloatTensor<B>, IntTensor<B>, FloatTensor<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let inputs = ops.parents.map(|n| n.map(|n| n.id));
+        let grad = grads.consume::<B>(&ops.node);
+        let (hidden, weight, targets, lse) = ops.state;
+        let d_hidden = inputs[0].map(|_| {
+            let logits = B::base_linear(hidden, weight.clone(), None); // [n, vocab]
+            let d_logits = B::cross_entropy_backward(logits, targets, lse, grad);
+            B::base_linear(d_logits, B::float_transpose(weight), None)
+        });
+        register::<B, 1>(grads, inputs, [d_hidden]);
+    }
+}
+
 /// Hands each gradient the op computed to its input, where that input is tracked (`inputs`: the
 /// ids of the op's parents, None for an untracked one).
 fn register<B: Backend, const N: usize>(
@@ -388,6 +414,34 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
                 prep.finish((x, weight, eps), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::rms_norm(x, weight, eps)),
+        }
+    }
+
+    const RECOMPUTE_LOGITS: bool = B::RECOMPUTE_LOGITS;
+
+    fn lm_head_cross_entropy(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
+        if !B::RECOMPUTE_LOGITS || base_tracked::<B, C>(&weight, None) {
+            return Self::cross_entropy(Self::base_linear(hidden, weight, None), targets);
+        }
+        let weight = weight.primitive;
+        match LmHeadCrossEntropyBackward
+            .prepare::<C>([hidden.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let hidden = hidden.primitive;
+                let logits = B::base_linear(hidden.clone(), weight.clone(), None);
+                let (loss, lse) = B::cross_entropy_forward(logits, targets.clone());
+                prep.finish((hidden, weight, targets, lse), loss)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::lm_head_cross_entropy(hidden.primitive, weight, targets))
+            }
         }
     }
 

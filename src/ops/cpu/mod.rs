@@ -77,6 +77,8 @@ fn matrix(t: &FlexTensor) -> Option<lora::Mat<'_>> {
 }
 
 impl ModelBackend for Flex {
+    const RECOMPUTE_LOGITS: bool = false;
+
     fn base_linear(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,

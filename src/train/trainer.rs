@@ -255,7 +255,7 @@ impl<B: TrainBackend> Trainer<B> {
     /// The eval loss on the validation rows, every `eval_steps` and at the last step.
     fn evaluate_if_due(&self, val: &[TrainRow]) -> Option<f64> {
         let step = self.state.global_step;
-        let due = step % self.plan.eval_steps == 0 || step == self.state.max_steps;
+        let due = step.is_multiple_of(self.plan.eval_steps) || step == self.state.max_steps;
         let batch_size = self.plan.config.train.batch_size;
         (!val.is_empty() && due).then(|| mean_loss(&self.model.valid(), val, batch_size).0)
     }
@@ -272,7 +272,7 @@ impl<B: TrainBackend> Trainer<B> {
         let state = &mut self.state;
         let step = state.global_step;
         let logging_steps = self.plan.config.train.logging_steps as u64;
-        if step % logging_steps != 0 && eval_loss.is_none() && step != state.max_steps {
+        if !step.is_multiple_of(logging_steps) && eval_loss.is_none() && step != state.max_steps {
             return Ok(None);
         }
         let entry = LogEntry {

@@ -43,10 +43,7 @@ pub fn config(model: &str, out: &Path) -> TrainConfig {
 
 /// The trainer of `config` on `on`, resolved as the CLI resolves it.
 pub fn trainer<B: TrainBackend>(config: TrainConfig, on: &On<B>) -> Result<Trainer<B>, TrainError> {
-    Ok(Trainer::new(
-        config.resolve(on.device)?,
-        on.backend.clone(),
-    )?)
+    Trainer::new(config.resolve(on.device)?, on.backend.clone())
 }
 
 /// Runs to the end; returns each step's report.

@@ -6,27 +6,18 @@
 mod common;
 
 use burn::tensor::ElementConversion;
-use common::{adapter_dir, fixtures, model_dir, B};
+use common::{fixtures, model_dir, B};
 use rand::SeedableRng;
 use serde_json::Value;
 use swift_rs::config::{Dtype, LossScale, TemplateName};
 use swift_rs::data::encode::Encoder;
 use swift_rs::data::format::{Message, Role};
-use swift_rs::export::peft::read_adapter;
 use swift_rs::infer::{generate, GenerateOptions, Request, Sampling, TextStream};
-use swift_rs::model::{self, Batch, CausalLm, LoadOptions};
+use swift_rs::model::{Batch, CausalLm, LoadOptions};
 
 fn load(base: &str, adapter: Option<&str>) -> CausalLm<B> {
-    let mut plan = adapter.map(|a| read_adapter(&adapter_dir(a)).unwrap());
     let options = LoadOptions::dtype(Dtype::F32);
-    model::load::<B>(
-        &model_dir(base),
-        options,
-        plan.as_mut(),
-        &Default::default(),
-    )
-    .unwrap()
-    .1
+    common::load_model(base, adapter, options, &Default::default())
 }
 
 fn golden(section: &str) -> Value {

@@ -9,12 +9,11 @@ mod common;
 use burn::backend::wgpu::WgpuDevice;
 use burn::backend::{Autodiff, Flex, Wgpu};
 use common::training::{self, serial, On};
-use common::{adapter_dir, check_logits, check_losses, fixtures, golden, model_dir};
+use common::{adapter_dir, check_logits, check_losses, fixtures, golden, load_model, model_dir};
 use serde_json::Value;
 use swift_rs::config::{Device, Dtype, Nf4Config};
-use swift_rs::export::peft::read_adapter;
 use swift_rs::infer::{generate, GenerateOptions, Request, Sampling};
-use swift_rs::model::{self, CausalLm, LoadOptions, ModelBackend};
+use swift_rs::model::{LoadOptions, ModelBackend};
 use swift_rs::ops::wgpu_adapters;
 
 /// The first adapter wgpu lists, or None (and a line saying so) when there is none and this is
@@ -32,22 +31,10 @@ fn gpu() -> Option<WgpuDevice> {
     }
 }
 
-fn load<B: ModelBackend>(
-    base: &str,
-    adapter: Option<&str>,
-    options: LoadOptions,
-    device: &B::Device,
-) -> CausalLm<B> {
-    let mut plan = adapter.map(|a| read_adapter(&adapter_dir(a)).unwrap());
-    model::load::<B>(&model_dir(base), options, plan.as_mut(), device)
-        .unwrap()
-        .1
-}
-
 /// Logits and per-row losses of `base` (+ `adapter`) against the fixture `tag`, 1e-4 in f32.
 fn check_parity(base: &str, adapter: Option<&str>, options: LoadOptions, tag: &str) {
     let Some(device) = gpu() else { return };
-    let model = load::<Wgpu>(base, adapter, options, &device);
+    let model = load_model::<Wgpu>(base, adapter, options, &device);
     // What `memory_gib` reports on a GPU: the device memory the pools hold, here the weights'.
     let held = Wgpu::device_memory_bytes(&device).unwrap_or(0);
     assert!(held > 0, "no device memory reported");
@@ -110,8 +97,8 @@ fn greedy_generation_equals_the_cpu_path_and_transformers() {
             }]
         };
         let f32 = LoadOptions::dtype(Dtype::F32);
-        let gpu_model = load::<Wgpu>(base, adapter, f32, &device);
-        let cpu_model = load::<Flex>(base, adapter, f32, &Default::default());
+        let gpu_model = load_model::<Wgpu>(base, adapter, f32, &device);
+        let cpu_model = load_model::<Flex>(base, adapter, f32, &Default::default());
         let on_gpu = generate(&gpu_model, &request(), &options, |_, _| {}).remove(0);
         let on_cpu = generate(&cpu_model, &request(), &options, |_, _| {}).remove(0);
         assert_eq!(on_gpu, on_cpu, "{base} + {adapter:?}");

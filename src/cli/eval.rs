@@ -29,7 +29,7 @@ pub struct EvalArgs {
     /// Write one {"index", "loss", "tokens"} JSON object per row, in input order
     #[arg(long)]
     output: Option<PathBuf>,
-    /// auto, cpu, cuda or cuda:N
+    /// auto, cpu, cuda[:N] or wgpu[:N]
     #[arg(long, default_value = "auto")]
     device: Device,
 }

@@ -61,7 +61,7 @@ pub struct InferArgs {
     /// Seed of the sampling draws [default: a random one, printed]
     #[arg(long)]
     seed: Option<u64>,
-    /// auto, cpu, cuda or cuda:N
+    /// auto, cpu, cuda[:N] or wgpu[:N]
     #[arg(long, default_value = "auto")]
     device: Device,
 }

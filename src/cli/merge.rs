@@ -30,7 +30,7 @@ pub struct MergeArgs {
     /// Largest shard, as transformers' max_shard_size: 5GB, 500MB, 2GiB
     #[arg(long, default_value = "5GB", value_parser = parse_size)]
     max_shard_size: u64,
-    /// auto, cpu, cuda or cuda:N
+    /// auto, cpu, cuda[:N] or wgpu[:N]
     #[arg(long, default_value = "auto")]
     device: Device,
 }

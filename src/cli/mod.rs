@@ -44,9 +44,16 @@ pub enum Command {
     Merge(merge::MergeArgs),
 }
 
-/// What "auto" dtype does on wgpu, said once per run.
-pub const WGPU_F32: &str = "wgpu has no bf16: the weights compute in f32 (--dtype f16 halves \
-                            their memory, but Qwen's activations can overflow f16)";
+/// Says, once a run, what "auto" (`requested` None) became where that is not the checkpoint's
+/// dtype on the user's say: wgpu, which has no bf16, computes it in f32.
+pub fn say_dtype_choice(on: Device, requested: Option<Dtype>) {
+    if requested.is_none() && matches!(on, Device::Wgpu(_)) {
+        eprintln!(
+            "wgpu has no bf16: the weights compute in f32 (dtype f16 halves their memory, but \
+             Qwen's activations can overflow f16)"
+        );
+    }
+}
 
 /// `--quant`: how the frozen base weights are held.
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -102,18 +109,10 @@ impl ModelArgs {
         on: Device,
         device: &B::Device,
     ) -> Result<(ModelConfig, CausalLm<B>), Failure> {
-        let dtype = match on {
-            Device::Wgpu(_) => {
-                let dtype = on
-                    .compute_dtype(self.dtype)
-                    .map_err(|e| Failure::Usage(anyhow::anyhow!("--dtype: {e}")))?;
-                if self.dtype.is_none() {
-                    eprintln!("{WGPU_F32}");
-                }
-                dtype
-            }
-            _ => self.dtype,
-        };
+        let dtype = on
+            .load_dtype(self.dtype)
+            .map_err(|e| Failure::Usage(anyhow::anyhow!("--dtype: {e}")))?;
+        say_dtype_choice(on, self.dtype);
         let mut adapter = match &local.adapter {
             None => None,
             Some(dir) => Some(

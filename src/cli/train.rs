@@ -27,7 +27,7 @@ pub struct TrainArgs {
     /// Override a config key: section.key=value, or an ms-swift name key=value (repeatable)
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
-    /// auto, cpu, cuda or cuda:N; overrides train.device
+    /// auto, cpu, cuda[:N] or wgpu[:N]; overrides train.device
     #[arg(long)]
     device: Option<Device>,
 }
@@ -42,9 +42,7 @@ pub fn run(args: TrainArgs) -> Result<(), Failure> {
     }
     let backend = resolve(config.train.device)?;
     let plan = config.resolve(backend.device())?;
-    if config.model.dtype.is_none() && matches!(backend.device(), Device::Wgpu(_)) {
-        eprintln!("{}", super::WGPU_F32);
-    }
+    super::say_dtype_choice(backend.device(), config.model.dtype);
     with_backend!(backend, train_on(plan))
 }
 
@@ -126,7 +124,7 @@ fn describe<B: TrainBackend>(trainer: &Trainer<B>) {
     let trainable: usize = trainer
         .model
         .adapters()
-        .flat_map(|(_, a)| a.trainable())
+        .flat_map(|a| a.trainable())
         .map(|(_, t)| t.dims()[0])
         .sum();
     eprintln!(

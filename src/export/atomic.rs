@@ -14,6 +14,15 @@ pub struct StagedDir {
     target: PathBuf,
 }
 
+/// The directory `path` is in (`.` for a bare file name): where its temporary twin is made, so
+/// that the rename stays on one file system.
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
 fn write_error(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError {
     let path = path.to_path_buf();
     move |source| ExportError::Write { path, source }
@@ -21,10 +30,7 @@ fn write_error(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError {
 
 impl StagedDir {
     pub fn new(target: &Path) -> Result<Self, ExportError> {
-        let parent = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
+        let parent = parent_dir(target);
         std::fs::create_dir_all(parent).map_err(write_error(parent))?;
         let tmp = tempfile::Builder::new()
             .prefix(".tmp-")
@@ -65,10 +71,7 @@ pub struct AtomicFile {
 
 impl AtomicFile {
     pub fn create(path: &Path) -> Result<Self, ExportError> {
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
+        let dir = parent_dir(path);
         let tmp = tempfile::NamedTempFile::new_in(dir).map_err(write_error(dir))?;
         Ok(Self {
             tmp,

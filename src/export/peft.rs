@@ -71,7 +71,7 @@ pub fn adapter_files<B: Backend>(
 ) -> Result<Vec<(&'static str, Vec<u8>)>, ExportError> {
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut suffixes = BTreeSet::new();
-    for (name, l) in model.adapters() {
+    for (name, l) in model.named_adapters() {
         suffixes.insert(name.rsplit('.').next().unwrap_or(&name).to_string());
         let key = |part: &str| peft_key(&name, part);
         // Burn keeps [in, r] / [r, out]; PEFT's files hold the transposes.

@@ -87,8 +87,13 @@ impl<B: Backend> CausalLm<B> {
         out
     }
 
-    /// Every adapter with its layer's full module name, in the trainable tensors' order.
-    pub fn adapters(&self) -> impl Iterator<Item = (String, &Lora<B>)> {
+    /// Every adapter, in the trainable tensors' order.
+    pub fn adapters(&self) -> impl Iterator<Item = &Lora<B>> {
+        self.model.layers.iter().flat_map(DecoderLayer::adapters)
+    }
+
+    /// `adapters` with each one's full module name, for the keys of PEFT's files.
+    pub fn named_adapters(&self) -> impl Iterator<Item = (String, &Lora<B>)> {
         self.lora_linears()
             .into_iter()
             .filter_map(|(name, l)| Some((name, l.adapter.as_ref()?)))

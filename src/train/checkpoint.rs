@@ -104,7 +104,7 @@ pub fn save<B: ModelBackend>(
 /// The key of every trainable tensor, in the order the optimizer holds them.
 pub fn trainable_keys<B: ModelBackend>(model: &CausalLm<B>) -> Vec<String> {
     model
-        .adapters()
+        .named_adapters()
         .flat_map(|(name, l)| {
             l.trainable()
                 .into_iter()

@@ -21,7 +21,7 @@ pub type Grads<B> = Vec<Option<Tensor<<B as AutodiffBackend>::InnerBackend, 1>>>
 pub fn flat_params<B: TrainBackend>(model: &CausalLm<B>) -> Vec<Tensor<B::InnerBackend, 1>> {
     model
         .adapters()
-        .flat_map(|(_, a)| a.trainable())
+        .flat_map(|a| a.trainable())
         .map(|(_, t)| t.inner())
         .collect()
 }
@@ -65,7 +65,7 @@ impl<B: TrainBackend> StepGrads<B> {
             .iter()
             .map(|layer| layer.adapters().map(|a| a.trainable_count()).sum())
             .collect();
-        let dropout = model.adapters().any(|(_, a)| a.dropout.prob > 0.0);
+        let dropout = model.adapters().any(|a| a.dropout.prob > 0.0);
         Self {
             seed,
             dropout,

@@ -370,7 +370,7 @@ fn load_model<B: TrainBackend>(
         },
     };
     let options = LoadOptions {
-        dtype: plan.dtype,
+        dtype: plan.dtype(),
         quant: plan.quant,
     };
     let (_, model) = model::load::<B>(model_dir, options, Some(&mut adapter), device)?;

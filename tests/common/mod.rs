@@ -12,7 +12,8 @@ use burn::tensor::{DType, Tensor};
 use safetensors::SafeTensors;
 use serde_json::Value;
 use swift_rs::data::{read_pretokenized, TokenizedRow};
-use swift_rs::model::{Batch, CausalLm, ModelBackend};
+use swift_rs::export::peft::read_adapter;
+use swift_rs::model::{self, Batch, CausalLm, LoadOptions, ModelBackend};
 use swift_rs::train::evaluate;
 
 pub type B = Flex;
@@ -27,6 +28,19 @@ pub fn model_dir(name: &str) -> PathBuf {
 
 pub fn adapter_dir(name: &str) -> PathBuf {
     fixtures().join("adapters").join(name)
+}
+
+/// A fixture model (+ a fixture PEFT adapter) on `device`.
+pub fn load_model<M: ModelBackend>(
+    base: &str,
+    adapter: Option<&str>,
+    options: LoadOptions,
+    device: &M::Device,
+) -> CausalLm<M> {
+    let mut plan = adapter.map(|a| read_adapter(&adapter_dir(a)).unwrap());
+    model::load::<M>(&model_dir(base), options, plan.as_mut(), device)
+        .unwrap()
+        .1
 }
 
 /// What transformers (+ PEFT) computed for a fixture: its inputs, logits per row, losses.

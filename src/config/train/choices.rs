@@ -216,17 +216,26 @@ pub enum Device {
 }
 
 impl Device {
-    /// The compute dtype of the frozen weights here: `requested`, or for "auto" (None) f32 on the
-    /// CPU and on wgpu and the checkpoint's own (None) on CUDA. wgpu has no bf16 (Burn 0.21).
-    pub fn compute_dtype(self, requested: Option<Dtype>) -> Result<Option<Dtype>, String> {
+    /// The dtype `requested` computes in here (None, "auto": the checkpoint's own). wgpu has no
+    /// bf16 (Burn 0.21): there "auto" is f32 and bf16 an error.
+    pub fn load_dtype(self, requested: Option<Dtype>) -> Result<Option<Dtype>, String> {
         match (self, requested) {
             (Self::Wgpu(_), Some(Dtype::Bf16)) => Err(
                 "bf16 does not run on wgpu (Burn 0.21's wgpu has no bf16): use f32, or f16 to \
                  halve the memory (Qwen's activations can overflow f16)"
                     .into(),
             ),
-            (Self::Cpu | Self::Wgpu(_), None) => Ok(Some(Dtype::F32)),
+            (Self::Wgpu(_), None) => Ok(Some(Dtype::F32)),
             (_, requested) => Ok(requested),
+        }
+    }
+
+    /// Training's choice of the frozen weights' dtype: as `load_dtype`, and "auto" on the CPU
+    /// is f32 too (the CPU kernels are f32's; a bf16 checkpoint would take the generic path).
+    pub fn compute_dtype(self, requested: Option<Dtype>) -> Result<Option<Dtype>, String> {
+        match (self, requested) {
+            (Self::Cpu, None) => Ok(Some(Dtype::F32)),
+            _ => self.load_dtype(requested),
         }
     }
 }

@@ -451,9 +451,15 @@ mod tests {
             err.contains("model.dtype on wgpu:0") && err.contains("no bf16"),
             "{err}"
         );
-        assert_eq!(c.resolve(Device::Cuda(0)).unwrap().dtype, Some(Dtype::Bf16));
+        assert_eq!(
+            c.resolve(Device::Cuda(0)).unwrap().dtype(),
+            Some(Dtype::Bf16)
+        );
         c.model.dtype = Some(Dtype::F16);
-        assert_eq!(c.resolve(Device::Wgpu(0)).unwrap().dtype, Some(Dtype::F16));
+        assert_eq!(
+            c.resolve(Device::Wgpu(0)).unwrap().dtype(),
+            Some(Dtype::F16)
+        );
     }
 
     /// A library caller's config, built field by field, and the same run written as TOML (half
@@ -486,7 +492,7 @@ mod tests {
             assert_eq!(read.resolve(device).unwrap(), plan);
             // "auto": f32 on the CPU and on wgpu (which has no bf16), the checkpoint's on CUDA.
             let dtype = (device != Device::Cuda(0)).then_some(Dtype::F32);
-            assert_eq!((plan.dtype, plan.config.model.dtype), (dtype, dtype));
+            assert_eq!((plan.dtype(), plan.config.model.dtype), (dtype, dtype));
             assert_eq!(plan.schedule.warmup, Warmup::Ratio(0.05));
             assert_eq!(plan.length, Length::Epochs(2.0));
             assert_eq!(plan.eval_steps, 50);

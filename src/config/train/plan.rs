@@ -11,11 +11,9 @@ use crate::config::{ConfigError, Dtype, InitLoraWeights, LoraConfig, Nf4Config, 
 /// A run, every choice made: what `Trainer::new` builds from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainPlan {
-    /// The config as resolved (`model.dtype` as chosen for the device): what
+    /// The config as resolved (`model.dtype` as chosen for the device, see `dtype`): what
     /// `<output.dir>/config.toml` records.
     pub config: TrainConfig,
-    /// The frozen weights' compute dtype; None: the checkpoint's own.
-    pub dtype: Option<Dtype>,
     /// NF4 frozen weights (QLoRA).
     pub quant: Option<Nf4Config>,
     /// A fresh adapter's PEFT config (one read from `lora.init_adapter` or a checkpoint brings
@@ -94,6 +92,13 @@ pub enum Resume {
     Checkpoint(PathBuf),
 }
 
+impl TrainPlan {
+    /// The frozen weights' compute dtype; None: the checkpoint's own.
+    pub fn dtype(&self) -> Option<Dtype> {
+        self.config.model.dtype
+    }
+}
+
 impl TrainConfig {
     /// Checks the config (as `check`, for one built in code) and makes its choices for a run on
     /// `device`, which is where the run goes (the CLI resolves `train.device` first): "auto"
@@ -130,7 +135,6 @@ impl TrainConfig {
             double_quant: self.quant.double_quant,
         });
         Ok(TrainPlan {
-            dtype,
             quant,
             lora,
             optimizer: OptimizerConfig {

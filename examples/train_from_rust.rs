@@ -33,6 +33,7 @@ fn main() -> anyhow::Result<()> {
     config.train.warmup_ratio = 0.05;
     config.train.weight_decay = 0.0;
     config.train.save_steps = 100;
+    config.train.logging_steps = 20;
     config.output.dir = out;
     config.output.overwrite = true;
 
@@ -41,14 +42,16 @@ fn main() -> anyhow::Result<()> {
     let plan = config.resolve(Device::Cpu)?;
     let mut trainer = Trainer::<Autodiff<Flex>>::new(plan, Default::default())?;
     let outcome = trainer.run(|step| {
-        if step.step % 20 == 0 {
-            println!(
-                "step {:>3}/{}: loss {:.4}, lr {:.2e}",
-                step.step, step.max_steps, step.loss, step.learning_rate
-            );
-        }
+        // The loss is read from the device on logging steps (`train.logging_steps`) only.
+        let Some(loss) = step.loss else {
+            return Control::Continue;
+        };
+        println!(
+            "step {:>3}/{}: loss {loss:.4}, lr {:.2e}",
+            step.step, step.max_steps, step.learning_rate
+        );
         // A research loop can end training on its own criterion; the step is saved first.
-        if step.loss < 0.05 {
+        if loss < 0.05 {
             Control::Stop
         } else {
             Control::Continue

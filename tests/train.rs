@@ -161,22 +161,69 @@ fn an_interrupted_checkpoint_write_leaves_the_previous_one_in_use() {
 #[test]
 fn a_non_finite_loss_stops_with_the_last_good_checkpoint_named() {
     let _serial = serial();
-    let out = tempfile::tempdir().unwrap();
-    let mut c = quickstart(out.path(), 6);
-    c.train.optimizer = OptimizerKind::Sgd;
-    c.train.lr = 1e30;
-    c.train.lr_scheduler = ScheduleKind::Constant;
-    c.train.warmup_ratio = 0.0;
-    c.train.max_grad_norm = 0.0;
-    c.train.save_steps = 1;
-    let mut trainer = trainer(c).unwrap();
-    let err = trainer.run(|_| Control::Continue).unwrap_err();
+    let run = |reads_every: usize| {
+        let out = tempfile::tempdir().unwrap();
+        let mut c = quickstart(out.path(), 6);
+        c.train.optimizer = OptimizerKind::Sgd;
+        c.train.lr = 1e30;
+        c.train.lr_scheduler = ScheduleKind::Constant;
+        c.train.warmup_ratio = 0.0;
+        c.train.max_grad_norm = 0.0;
+        c.train.save_steps = reads_every;
+        c.train.logging_steps = reads_every;
+        let mut trainer = trainer(c).unwrap();
+        let err = trainer.run(|_| Control::Continue).unwrap_err();
+        (out, trainer, err)
+    };
+    // Read (and saved) every step: stopped at the first bad step.
+    let (out, _, err) = run(1);
     let TrainError::NonFinite { step, ref last, .. } = err else {
         panic!("{err}");
     };
     let good = checkpoint::list(out.path());
     assert_eq!(good.last().map(|(s, _)| s + 1), Some(step));
     assert!(last.contains(&format!("checkpoint-{}", step - 1)), "{err}");
+
+    // Read only at the last step: the same step is named, and the device skipped its update
+    // and every later one, so no weight took the non-finite values.
+    let (_, trainer, err) = run(6);
+    let TrainError::NonFinite { step: named, .. } = err else {
+        panic!("{err}");
+    };
+    assert_eq!(named, step);
+    for lora in trainer.model.adapters() {
+        for t in [&lora.lora_a, &lora.lora_b] {
+            let values: Vec<f32> = t.val().into_data().to_vec().unwrap();
+            assert!(values.iter().all(|v| v.is_finite()));
+        }
+    }
+}
+
+#[test]
+fn losses_are_read_once_a_logging_step_and_logged_as_the_window_mean() {
+    let _serial = serial();
+    let run = |logging_steps: usize| {
+        let out = tempfile::tempdir().unwrap();
+        let mut c = quickstart(out.path(), 6);
+        c.train.logging_steps = logging_steps;
+        c.train.save_steps = 6;
+        train(c)
+    };
+    let every = run(1);
+    let windowed = run(3);
+    let read: Vec<u64> = windowed
+        .iter()
+        .filter(|r| r.loss.is_some() && r.grad_norm.is_some())
+        .map(|r| r.step)
+        .collect();
+    assert_eq!(read, vec![3, 6]);
+    for r in windowed.iter().filter(|r| r.loss.is_some()) {
+        let window = &every[r.step as usize - 3..r.step as usize];
+        let mean = window.iter().map(|w| w.loss.unwrap()).sum::<f64>() / 3.0;
+        assert_eq!(r.logged.as_ref().unwrap().loss, mean, "step {}", r.step);
+        assert_eq!(r.loss, every[r.step as usize - 1].loss);
+        assert_eq!(r.grad_norm, every[r.step as usize - 1].grad_norm);
+    }
 }
 
 #[test]
@@ -214,7 +261,7 @@ fn qlora_trains_adapters_on_an_nf4_base() {
     let mut losses = Vec::new();
     trainer
         .run(|r| {
-            losses.push(r.loss);
+            losses.push(r.loss.unwrap());
             Control::Continue
         })
         .unwrap();

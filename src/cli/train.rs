@@ -75,13 +75,11 @@ fn train_on<B: ModelBackend>(device: B::Device, plan: TrainPlan) -> Result<(), F
             match &bar {
                 Some(bar) => {
                     bar.set_position(report.step);
-                    bar.set_message(format!(
-                        "loss {:.4} lr {:.2e} {:.0} tok/s",
-                        report.loss,
-                        report.learning_rate,
-                        report.logged.as_ref().map_or(0.0, |e| e.tokens_per_sec)
-                    ));
                     if let Some(entry) = &report.logged {
+                        bar.set_message(format!(
+                            "loss {:.4} lr {:.2e} {:.0} tok/s",
+                            entry.loss, entry.learning_rate, entry.tokens_per_sec
+                        ));
                         bar.println(log_line(entry, report.max_steps));
                     }
                 }

@@ -5,7 +5,7 @@
 //! named tensors that a checkpoint can hold and a resume can give back bit for bit.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{Bool, Tensor};
 
 use crate::config::{OptimizerConfig, OptimizerKind};
 
@@ -47,15 +47,23 @@ impl<B: Backend> Optimizer<B> {
     }
 
     /// One update of every tensor with its gradient at learning rate `lr`; returns the new values.
+    /// Where `skip` (`[1]`, on the device) is true the update changes no tensor, parameters and
+    /// moments alike (the step count still advances): the trainer skips a step whose loss or
+    /// gradient norm is not finite without reading them back, which would stall a GPU every step,
+    /// and stops the run at its next read.
     pub fn step(
         &mut self,
         lr: f64,
         params: Vec<Tensor<B, 1>>,
         grads: Vec<Tensor<B, 1>>,
+        skip: Tensor<B, 1, Bool>,
     ) -> Vec<Tensor<B, 1>> {
         assert_eq!(params.len(), grads.len(), "one gradient per tensor");
         self.steps += 1;
         let c = self.config;
+        let unless_skipped = |old: &Tensor<B, 1>, new: Tensor<B, 1>| {
+            new.mask_where(skip.clone().expand(old.shape()), old.clone())
+        };
         match c.kind {
             // With momentum 0 PyTorch's SGD adds the (coupled) decay to the gradient.
             OptimizerKind::Sgd => params
@@ -67,7 +75,7 @@ impl<B: Backend> Optimizer<B> {
                     } else {
                         g
                     };
-                    p - g * lr
+                    unless_skipped(&p, p.clone() - g * lr)
                 })
                 .collect(),
             OptimizerKind::AdamW => {
@@ -79,16 +87,19 @@ impl<B: Backend> Optimizer<B> {
                     .into_iter()
                     .zip(grads)
                     .zip(&mut self.moments)
-                    .map(|((p, g), m)| {
+                    .map(|((old, g), m)| {
                         // Decoupled decay on the weight before the update, as PyTorch does.
-                        let p = p * (1.0 - lr * c.weight_decay);
+                        let p = old.clone() * (1.0 - lr * c.weight_decay);
                         // `exp_avg.lerp_(grad, 1 - beta1)`
-                        m.exp_avg =
+                        let exp_avg =
                             m.exp_avg.clone() + (g.clone() - m.exp_avg.clone()) * (1.0 - c.beta1);
-                        m.exp_avg_sq =
+                        let exp_avg_sq =
                             m.exp_avg_sq.clone() * c.beta2 + g.clone() * g * (1.0 - c.beta2);
-                        let denom = m.exp_avg_sq.clone().sqrt() / bias_correction2_sqrt + c.eps;
-                        p - m.exp_avg.clone() / denom * step_size
+                        let denom = exp_avg_sq.clone().sqrt() / bias_correction2_sqrt + c.eps;
+                        let p = p - exp_avg.clone() / denom * step_size;
+                        m.exp_avg = unless_skipped(&m.exp_avg, exp_avg);
+                        m.exp_avg_sq = unless_skipped(&m.exp_avg_sq, exp_avg_sq);
+                        unless_skipped(&old, p)
                     })
                     .collect()
             }
@@ -98,8 +109,8 @@ impl<B: Backend> Optimizer<B> {
 
 /// The global L2 norm of all gradients together (before clipping), and, when `max_norm > 0`,
 /// the gradients scaled by `min(1, max_norm / (norm + 1e-6))`, as `torch.nn.utils.clip_grad_norm_`
-/// computes them. All on the device: the norm `[1]` is read by the caller, once a step, with the
-/// loss (a read per tensor was hundreds of host synchronisations a step on a GPU).
+/// computes them. All on the device: the caller reads the norm `[1]` with the loss, once a logging
+/// step (a read per tensor was hundreds of host synchronisations a step on a GPU).
 pub fn clip_grad_norm<B: Backend>(
     grads: Vec<Tensor<B, 1>>,
     max_norm: f64,
@@ -155,11 +166,39 @@ mod tests {
         };
         let params = vec![t(&[1.0, -2.0])];
         let mut opt = Optimizer::new(config, &params);
-        let out = opt.step(0.1, params, vec![t(&[0.5, -3.0])]);
+        let out = opt.step(0.1, params, vec![t(&[0.5, -3.0])], skip(false));
         let got = v(&out[0]);
         assert!(
             (got[0] - 0.9).abs() < 1e-6 && (got[1] + 1.9).abs() < 1e-6,
             "{got:?}"
         );
+    }
+
+    fn skip(yes: bool) -> Tensor<Flex, 1, Bool> {
+        Tensor::from_data(TensorData::new(vec![yes], [1]), &Default::default())
+    }
+
+    #[test]
+    fn a_skipped_step_changes_neither_weights_nor_moments() {
+        for kind in [OptimizerKind::AdamW, OptimizerKind::Sgd] {
+            let config = OptimizerConfig {
+                kind,
+                weight_decay: 0.1,
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+            };
+            let params = vec![t(&[1.0, -2.0])];
+            let mut opt = Optimizer::new(config, &params);
+            let params = opt.step(0.1, params, vec![t(&[0.5, -3.0])], skip(false));
+            let moments = opt.moments.clone();
+            let nan = t(&[f32::NAN, f32::INFINITY]);
+            let out = opt.step(0.1, params.clone(), vec![nan], skip(true));
+            assert_eq!(v(&out[0]), v(&params[0]), "{kind:?}");
+            for (a, b) in opt.moments.iter().zip(&moments) {
+                assert_eq!(v(&a.exp_avg), v(&b.exp_avg));
+                assert_eq!(v(&a.exp_avg_sq), v(&b.exp_avg_sq));
+            }
+        }
     }
 }

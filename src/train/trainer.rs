@@ -43,10 +43,12 @@ pub struct StepReport {
     pub step: u64,
     pub max_steps: u64,
     pub epoch: f64,
-    /// Mean loss over the label tokens of this step.
-    pub loss: f64,
-    /// Global gradient norm before clipping.
-    pub grad_norm: f64,
+    /// Mean loss over the label tokens of this step, on the steps that read it from the device:
+    /// logging, evaluation and save steps and the last. None in between, where a read would stall
+    /// a GPU every step (`train.logging_steps = 1` reads every step).
+    pub loss: Option<f64>,
+    /// Global gradient norm before clipping, when `loss` is read.
+    pub grad_norm: Option<f64>,
     pub learning_rate: f64,
     /// Tokens (padding excluded) of this step.
     pub tokens: usize,
@@ -78,6 +80,8 @@ pub struct Trainer<B: TrainBackend> {
     optimizer: Optimizer<B::InnerBackend>,
     schedule: LrSchedule,
     grads: StepGrads<B>,
+    /// `[loss, grad_norm]` of each step since the last read, still on the device.
+    unread: Vec<Tensor<B::InnerBackend, 1>>,
 }
 
 /// The rows: read whole, or (`data.streaming`) read as the steps take them.
@@ -141,6 +145,7 @@ impl<B: TrainBackend> Trainer<B> {
             state,
             optimizer,
             plan,
+            unread: Vec::new(),
         })
     }
 
@@ -170,9 +175,16 @@ impl<B: TrainBackend> Trainer<B> {
             self.state.epoch = feed.epoch_progress();
             report.epoch = self.state.epoch;
             let eval_loss = self.evaluate_if_due(data.val());
-            report.logged = self.log_if_due(&report, eval_loss, &mut clock, &mut log)?;
             let last = report.step == self.state.max_steps;
-            if report.step % self.plan.config.train.save_steps as u64 == 0 || last {
+            let save = report
+                .step
+                .is_multiple_of(self.plan.config.train.save_steps as u64)
+                || last;
+            if save || self.log_due(eval_loss) {
+                [report.loss, report.grad_norm] = self.read_unread()?.map(Some);
+            }
+            report.logged = self.log_if_due(&report, eval_loss, &mut clock, &mut log)?;
+            if save {
                 report.checkpoint = Some(self.save(eval_loss)?);
             }
             last_checkpoint = report.checkpoint.clone().or(last_checkpoint);
@@ -190,8 +202,9 @@ impl<B: TrainBackend> Trainer<B> {
         self.finish(dir, false)
     }
 
-    /// One optimizer step on `batches`: gradients, clipping, the update. Stops with an error
-    /// naming the last good checkpoint when the loss or the gradient norm is not finite.
+    /// One optimizer step on `batches`: gradients, clipping, the update. Its loss and gradient
+    /// norm stay on the device until `read_unread`; the device skips the update when either is
+    /// not finite.
     fn step(
         &mut self,
         batches: &[Vec<TrainRow>],
@@ -208,48 +221,58 @@ impl<B: TrainBackend> Trainer<B> {
             .collect();
         let max_grad_norm = self.plan.config.train.max_grad_norm;
         let (grad_norm, grads) = clip_grad_norm(grads, max_grad_norm);
-        // The step's one host read: the loss and the norm together.
-        let read = Tensor::cat(vec![loss, grad_norm], 0).into_data();
-        let [loss, grad_norm]: [f64; 2] = read
-            .convert::<f64>()
-            .to_vec()
-            .ok()
-            .and_then(|v| v.try_into().ok())
-            .expect("two f32 values");
-        for (what, value) in [("loss", loss), ("gradient norm", grad_norm)] {
-            if !value.is_finite() {
-                let last = match checkpoint::list(&self.run_dir).pop() {
-                    Some((_, dir)) => format!("the last good checkpoint is {}", dir.display()),
-                    None => "no checkpoint was saved before it".into(),
-                };
-                return Err(TrainError::NonFinite {
-                    what,
-                    value,
-                    step: step + 1,
-                    last,
-                });
-            }
-        }
-        let updated: Vec<Tensor<B::InnerBackend, 1>> = self.optimizer.step(lr, params, grads);
+        let values = Tensor::cat(vec![loss, grad_norm], 0);
+        let skip = values.clone().is_finite().bool_not().any();
+        let updated: Vec<Tensor<B::InnerBackend, 1>> = self.optimizer.step(lr, params, grads, skip);
         set_params(&mut self.model, updated);
+        self.unread.push(values);
 
         let state = &mut self.state;
         state.global_step += 1;
         state.elapsed_s = clock.elapsed_s();
-        state.unlogged_loss.0 += loss;
-        state.unlogged_loss.1 += 1;
         clock.tokens += tokens;
         Ok(StepReport {
             step: state.global_step,
             max_steps: state.max_steps,
             epoch: state.epoch,
-            loss,
-            grad_norm,
+            loss: None,
+            grad_norm: None,
             learning_rate: lr,
             tokens,
             logged: None,
             checkpoint: None,
         })
+    }
+
+    /// Reads the losses and gradient norms of the steps since the last read, in one host read,
+    /// into the log window's loss; returns the last step's `[loss, grad_norm]`. Stops with an
+    /// error naming the last good checkpoint at the first step where either was not finite (the
+    /// device skipped its update, and every one after it).
+    fn read_unread(&mut self) -> Result<[f64; 2], TrainError> {
+        let n = self.unread.len() as u64;
+        let data = Tensor::cat(std::mem::take(&mut self.unread), 0).into_data();
+        let values: Vec<f64> = data.convert::<f64>().to_vec().expect("f64 values");
+        let first = self.state.global_step + 1 - n;
+        for (step, pair) in (first..).zip(values.chunks_exact(2)) {
+            for (what, value) in [("loss", pair[0]), ("gradient norm", pair[1])] {
+                if !value.is_finite() {
+                    let last = match checkpoint::list(&self.run_dir).pop() {
+                        Some((_, dir)) => format!("the last good checkpoint is {}", dir.display()),
+                        None => "no checkpoint was saved before it".into(),
+                    };
+                    return Err(TrainError::NonFinite {
+                        what,
+                        value,
+                        step,
+                        last,
+                    });
+                }
+            }
+            self.state.unlogged_loss.0 += pair[0];
+            self.state.unlogged_loss.1 += 1;
+        }
+        let last = values.len() - 2;
+        Ok([values[last], values[last + 1]])
     }
 
     /// The eval loss on the validation rows, every `eval_steps` and at the last step.
@@ -260,8 +283,14 @@ impl<B: TrainBackend> Trainer<B> {
         (!val.is_empty() && due).then(|| mean_loss(&self.model.valid(), val, batch_size).0)
     }
 
-    /// The log entry of this step, written, every `logging_steps`, with an eval loss, and at
-    /// the last step.
+    /// Whether this step is logged: every `logging_steps`, with an eval loss, and at the last.
+    fn log_due(&self, eval_loss: Option<f64>) -> bool {
+        let step = self.state.global_step;
+        let logging_steps = self.plan.config.train.logging_steps as u64;
+        step.is_multiple_of(logging_steps) || eval_loss.is_some() || step == self.state.max_steps
+    }
+
+    /// The log entry of this step, written when one is due (`report` was read then).
     fn log_if_due(
         &mut self,
         report: &StepReport,
@@ -269,17 +298,16 @@ impl<B: TrainBackend> Trainer<B> {
         clock: &mut Clock,
         log: &mut RunLog,
     ) -> Result<Option<LogEntry>, TrainError> {
+        let (Some(grad_norm), true) = (report.grad_norm, self.log_due(eval_loss)) else {
+            return Ok(None);
+        };
         let state = &mut self.state;
         let step = state.global_step;
-        let logging_steps = self.plan.config.train.logging_steps as u64;
-        if !step.is_multiple_of(logging_steps) && eval_loss.is_none() && step != state.max_steps {
-            return Ok(None);
-        }
         let entry = LogEntry {
             step,
             epoch: state.epoch,
             loss: state.unlogged_loss.0 / state.unlogged_loss.1 as f64,
-            grad_norm: report.grad_norm,
+            grad_norm,
             learning_rate: report.learning_rate,
             tokens_per_sec: clock.tokens_per_sec(),
             memory_gib: log::memory_gib::<B>(&self.grads.device),
@@ -297,6 +325,10 @@ impl<B: TrainBackend> Trainer<B> {
     /// Saves the checkpoint of this step and rotates older ones; transformers'
     /// best_model_checkpoint is the saved checkpoint with the lowest eval loss.
     fn save(&mut self, eval_loss: Option<f64>) -> Result<PathBuf, TrainError> {
+        // A stop asked between reads: the checkpoint holds the window's losses so far.
+        if !self.unread.is_empty() {
+            self.read_unread()?;
+        }
         let (state, run_dir) = (&mut self.state, &self.run_dir);
         if let Some(loss) = eval_loss.filter(|&l| state.best_metric.is_none_or(|b| l < b)) {
             state.best_metric = Some(loss);

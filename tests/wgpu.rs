@@ -36,7 +36,7 @@ fn check_parity(base: &str, adapter: Option<&str>, options: LoadOptions, tag: &s
     let Some(device) = gpu() else { return };
     let model = load_model::<Wgpu>(base, adapter, options, &device);
     // What `memory_gib` reports on a GPU: the device memory the pools hold, here the weights'.
-    let held = Wgpu::device_memory_bytes(&device).unwrap_or(0);
+    let held = <Wgpu as ModelBackend>::device_memory_bytes(&device).unwrap_or(0);
     assert!(held > 0, "no device memory reported");
     let vocab = model.model.embed_tokens.val().dims()[0];
     let dir = adapter.map_or_else(|| model_dir(base), adapter_dir);

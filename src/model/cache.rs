@@ -8,7 +8,7 @@ use burn::tensor::{Bool, Int, Tensor, TensorData};
 use super::batch::Batch;
 use super::decoder::CausalLm;
 use super::layers::LayerCache;
-use crate::ops::ModelBackend;
+use crate::ops::{AttnMask, ModelBackend};
 
 /// What generation keeps between steps: each layer's keys and values, how many positions they
 /// cover, and how many of those are left padding in each row.
@@ -40,22 +40,20 @@ impl<B: Backend> KvCache<B> {
     }
 
     /// The mask of the next token of every row: padding keys, and keys a sliding window has left
-    /// behind. `[batch, 1, 1, len + 1]`, true = masked; `None` when nothing is masked.
-    fn step_mask(&self, window: Option<usize>, device: &B::Device) -> Option<Tensor<B, 4, Bool>> {
+    /// behind, `[batch, 1, 1, len + 1]`; every key when nothing is masked.
+    fn step_mask(&self, window: Option<usize>, device: &B::Device) -> AttnMask<B> {
         let keys = self.len + 1;
         let windowed = window.is_some_and(|w| keys > w);
         if !windowed && self.pad.iter().all(|&p| p == 0) {
-            return None;
+            return AttnMask::All;
         }
         let mut mask = Vec::with_capacity(self.pad.len() * keys);
         for &pad in &self.pad {
             // Within a row, slot distance is position distance: padding is all on the left.
             mask.extend((0..keys).map(|k| k < pad || window.is_some_and(|w| self.len >= k + w)));
         }
-        Some(Tensor::from_data(
-            TensorData::new(mask, [self.pad.len(), 1, 1, keys]),
-            device,
-        ))
+        let mask = TensorData::new(mask, [self.pad.len(), 1, 1, keys]);
+        AttnMask::Dense(Tensor::<B, 4, Bool>::from_data(mask, device).into_primitive())
     }
 }
 

@@ -9,7 +9,7 @@
 use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 
 use super::batch::Batch;
 use super::builder::Builder;
@@ -19,7 +19,7 @@ use super::mask::attention_mask;
 use super::rope::{self, RopeTables};
 use crate::config::{ModelConfig, LAYER_LINEARS};
 use crate::lora::{Lora, LoraLinear};
-use crate::ops::{base_linear, ModelBackend};
+use crate::ops::{base_linear, AttnMask, ModelBackend};
 
 /// The decoder stack (`LlamaModel`).
 #[derive(Module, Debug)]
@@ -33,10 +33,10 @@ pub struct DecoderModel<B: Backend> {
 }
 
 /// What each decoder layer takes besides its input: the rotary tables of the batch's positions
-/// and the layer's attention mask (`None`: plain causal).
+/// and the layer's attention mask.
 pub struct LayerInputs<B: Backend> {
     pub rope: RopeTables<B>,
-    pub masks: Vec<Option<Tensor<B, 4, Bool>>>,
+    pub masks: Vec<AttnMask<B>>,
 }
 
 /// A causal language model (`LlamaForCausalLM`): decoder plus lm_head.
@@ -114,11 +114,7 @@ impl<B: Backend> CausalLm<B> {
     pub fn embed(&self, batch: &Batch) -> (Tensor<B, 3>, LayerInputs<B>) {
         let (x, rope) = self.embed_tokens(batch);
         let device = x.device();
-        let plain_causal = batch.attention_mask.iter().flatten().all(|&m| m)
-            && batch.segment_ids.iter().flatten().all(|&s| s == 0);
-        let masks = self.layer_masks(|window| {
-            (!plain_causal || window.is_some()).then(|| attention_mask(batch, window, &device))
-        });
+        let masks = self.layer_masks(|window| attention_mask(batch, window, &device));
         (x, LayerInputs { rope, masks })
     }
 
@@ -147,9 +143,9 @@ impl<B: Backend> CausalLm<B> {
     /// differ, so each is built once.
     pub(super) fn layer_masks(
         &self,
-        mut build: impl FnMut(Option<usize>) -> Option<Tensor<B, 4, Bool>>,
-    ) -> Vec<Option<Tensor<B, 4, Bool>>> {
-        let mut built: Vec<(Option<usize>, Option<Tensor<B, 4, Bool>>)> = Vec::new();
+        mut build: impl FnMut(Option<usize>) -> AttnMask<B>,
+    ) -> Vec<AttnMask<B>> {
+        let mut built: Vec<(Option<usize>, AttnMask<B>)> = Vec::new();
         self.model
             .layers
             .iter()

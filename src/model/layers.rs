@@ -7,7 +7,7 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Tensor};
+use burn::tensor::Tensor;
 
 use super::builder::Builder;
 use super::frozen;
@@ -15,7 +15,7 @@ use super::load::Checkpoint;
 use super::rope::RopeTables;
 use crate::config::ModelConfig;
 use crate::lora::{Lora, LoraLinear};
-use crate::ops::{rms_norm, sdpa, seed_gradient, swiglu, ModelBackend, TrainBackend};
+use crate::ops::{rms_norm, sdpa, seed_gradient, swiglu, AttnMask, ModelBackend, TrainBackend};
 
 /// `weight * normalize(x)`, the normalisation done in f32 and cast back before the weight is
 /// applied, as `LlamaRMSNorm` does (this order matters in bf16).
@@ -91,15 +91,13 @@ impl<B: Backend> Attention<B> {
 }
 
 impl<B: ModelBackend> Attention<B> {
-    /// `mask[b, 1, q, k]` is true where query q may not see key k; `None` means plain causal.
-    /// With a `cache`, this call's keys and values are appended to those of earlier positions;
-    /// once it holds some, `x` is one new token per row, and `None` for `mask` lets it see every
-    /// cached key.
+    /// `mask` says which keys each query sees. With a `cache`, this call's keys and values are
+    /// appended to those of earlier positions; once it holds some, `x` is one new token per row.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
-        mask: Option<Tensor<B, 4, Bool>>,
+        mask: AttnMask<B>,
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
@@ -122,10 +120,7 @@ impl<B: ModelBackend> Attention<B> {
             }
             *cache = Some((k.clone(), v.clone()));
         }
-        // A lone new token after a cache sees every key.
-        let keys = k.dims()[2];
-        let is_causal = mask.is_none() && keys == s;
-        let out = sdpa(q, k, v, mask, is_causal); // [b, h, s, d]
+        let out = sdpa(q, k, v, mask); // [b, h, s, d]
         self.o_proj
             .forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
     }
@@ -234,7 +229,7 @@ impl<B: ModelBackend> DecoderLayer<B> {
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
-        mask: Option<Tensor<B, 4, Bool>>,
+        mask: AttnMask<B>,
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
         let (h, act) = self.forward_to_down_proj(x, rope, mask, cache);
@@ -248,7 +243,7 @@ impl<B: ModelBackend> DecoderLayer<B> {
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
-        mask: Option<Tensor<B, 4, Bool>>,
+        mask: AttnMask<B>,
         cache: Option<&mut LayerCache<B>>,
     ) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let h = x.clone()
@@ -270,7 +265,7 @@ impl<B: TrainBackend> DecoderLayer<B> {
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
-        mask: Option<Tensor<B, 4, Bool>>,
+        mask: AttnMask<B>,
         grad: Tensor<B, 3>,
     ) -> Tensor<B, 1> {
         let (h, act) = self.forward_to_down_proj(x, rope, mask, None);

@@ -8,10 +8,10 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::NodeId;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::{BoolTensor, FloatTensor, IntTensor};
+use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::FloatDType;
 
-use super::{generic, LoraParts, ModelBackend, SeedGradient};
+use super::{generic, AttnMask, LoraParts, ModelBackend, SeedGradient};
 
 #[derive(Debug)]
 struct LoraLinearBackward;
@@ -80,14 +80,13 @@ impl<B: Backend> Backward<B, 1> for SeedBackward {
     }
 }
 
-/// What the backward pass keeps: q, k, v, the mask, causality, the output and what the
-/// backend's forward pass saved.
+/// What the backward pass keeps: q, k, v, the mask, the output and what the backend's forward
+/// pass saved.
 type SdpaState<B> = (
     FloatTensor<B>,
     FloatTensor<B>,
     FloatTensor<B>,
-    Option<BoolTensor<B>>,
-    bool,
+    AttnMask<B>,
     FloatTensor<B>,
     Option<FloatTensor<B>>,
 );
@@ -106,8 +105,8 @@ impl<B: ModelBackend> Backward<B, 3> for SdpaBackward {
     ) {
         let inputs = ops.parents.map(|n| n.map(|n| n.id));
         let grad = grads.consume::<B>(&ops.node);
-        let (q, k, v, mask, is_causal, out, saved) = ops.state;
-        let d = B::sdpa_backward(q, k, v, mask, is_causal, out, saved, grad);
+        let (q, k, v, mask, out, saved) = ops.state;
+        let d = B::sdpa_backward(q, k, v, mask, out, saved, grad);
         register::<B, 3>(grads, inputs, d.map(Some));
     }
 }
@@ -351,18 +350,23 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        mask: Option<BoolTensor<Self>>,
-        is_causal: bool,
+        mask: AttnMask<Self>,
     ) -> FloatTensor<Self> {
         let nodes = [q.node.clone(), k.node.clone(), v.node.clone()];
         let (q, k, v) = (q.primitive, k.primitive, v.primitive);
+        // Masks are not tracked: their tensors are the inner backend's.
+        let mask = match mask {
+            AttnMask::All => AttnMask::All,
+            AttnMask::Causal => AttnMask::Causal,
+            AttnMask::Tokens { ids, window } => AttnMask::Tokens { ids, window },
+            AttnMask::Dense(mask) => AttnMask::Dense(mask),
+        };
         match SdpaBackward.prepare::<C>(nodes).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let (out, saved) =
-                    B::sdpa_forward(q.clone(), k.clone(), v.clone(), mask.clone(), is_causal);
-                prep.finish((q, k, v, mask, is_causal, out.clone(), saved), out)
+                let (out, saved) = B::sdpa_forward(q.clone(), k.clone(), v.clone(), mask.clone());
+                prep.finish((q, k, v, mask, out.clone(), saved), out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::sdpa(q, k, v, mask, is_causal)),
+            OpsKind::UnTracked(prep) => prep.finish(B::sdpa(q, k, v, mask)),
         }
     }
 

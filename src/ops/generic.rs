@@ -5,10 +5,10 @@
 use burn::tensor::activation::{sigmoid, silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
-use burn::tensor::ops::{AttentionModuleOptions, BoolTensor, FloatTensor, IntTensor};
+use burn::tensor::ops::{AttentionModuleOptions, FloatTensor, IntTensor};
 use burn::tensor::{Bool, DType, IndexingUpdateOp, Int, Shape, Tensor, TensorMetadata};
 
-use super::{float, primitive, with_last_dim, LoraGrads, LoraParts};
+use super::{float, primitive, with_last_dim, AttnMask, LoraGrads, LoraParts};
 
 /// Any-rank `p` as a rank-D tensor of `dims`.
 fn reshaped<B: Backend, const D: usize>(p: FloatTensor<B>, dims: [usize; D]) -> Tensor<B, D> {
@@ -207,12 +207,11 @@ pub(super) fn sdpa<B: Backend>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
-    mask: Option<BoolTensor<B>>,
-    is_causal: bool,
+    mask: AttnMask<B>,
 ) -> FloatTensor<B> {
     let dtype = float::<B, 4>(q.clone()).dtype();
     let [q, k, v] = [q, k, v].map(in_f32::<B>);
-    let mask = mask.map(Tensor::<B, 4, Bool>::from_primitive);
+    let (mask, is_causal) = dense_mask(mask, q.dims()[2]);
     let n_rep = q.dims()[1] / k.dims()[1];
     let options = AttentionModuleOptions {
         scale: None,
@@ -221,6 +220,58 @@ pub(super) fn sdpa<B: Backend>(
     };
     let (k, v) = (repeat_kv(k, n_rep), repeat_kv(v, n_rep));
     primitive(attention(q, k, v, mask, None, options).cast(dtype))
+}
+
+/// `mask` as Burn's attention takes it, for `s` queries: a `[batch, 1, s, keys]` mask (true =
+/// masked) and whether to add the causal mask.
+pub(super) fn dense_mask<B: Backend>(
+    mask: AttnMask<B>,
+    s: usize,
+) -> (Option<Tensor<B, 4, Bool>>, bool) {
+    match mask {
+        AttnMask::All => (None, false),
+        AttnMask::Causal => (None, true),
+        AttnMask::Dense(mask) => (Some(Tensor::from_primitive(mask)), false),
+        AttnMask::Tokens { ids, window } => (Some(tokens_mask(ids, window, s)), false),
+    }
+}
+
+/// `AttnMask::Tokens` as a `[batch, 1, s, keys]` mask, causal part included.
+fn tokens_mask<B: Backend>(
+    ids: IntTensor<B>,
+    window: Option<usize>,
+    s: usize,
+) -> Tensor<B, 4, Bool> {
+    let ids = Tensor::<B, 3, Int>::from_primitive(ids);
+    let [_, b, keys] = ids.dims();
+    let device = ids.device();
+    let id = |i: usize| {
+        ids.clone()
+            .slice([i..i + 1, 0..b, 0..keys])
+            .reshape([b, keys])
+    };
+    let (real, segment, position) = (id(0), id(1), id(2));
+    // As keys `[b, 1, 1, keys]` and as queries (the last `s` keys) `[b, 1, s, 1]`, both spread
+    // to `[b, 1, s, keys]`.
+    let as_keys =
+        |t: &Tensor<B, 2, Int>| t.clone().reshape([b, 1, 1, keys]).expand([b, 1, s, keys]);
+    let as_queries = |t: &Tensor<B, 2, Int>| {
+        t.clone()
+            .slice([0..b, keys - s..keys])
+            .reshape([b, 1, s, 1])
+            .expand([b, 1, s, keys])
+    };
+    let future = Tensor::<B, 2, Bool>::tril_mask([s, keys], (keys - s) as i64, &device)
+        .reshape([1, 1, s, keys])
+        .expand([b, 1, s, keys]);
+    let mut mask = future
+        .bool_or(as_keys(&real).equal_elem(0))
+        .bool_or(as_keys(&segment).not_equal(as_queries(&segment)));
+    if let Some(w) = window {
+        let distance = as_queries(&position) - as_keys(&position);
+        mask = mask.bool_or(distance.greater_equal_elem(w as i32));
+    }
+    mask
 }
 
 /// `t` as an f32 tensor: attention's scores, softmax and products run in f32 whatever the input
@@ -247,15 +298,14 @@ pub(super) fn sdpa_grads<B: Backend>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
-    mask: Option<BoolTensor<B>>,
-    is_causal: bool,
+    mask: AttnMask<B>,
     out: FloatTensor<B>,
     d_out: FloatTensor<B>,
 ) -> [FloatTensor<B>; 3] {
     let dtype = float::<B, 4>(q.clone()).dtype();
     let [q, k, v, out, d_out] = [q, k, v, out, d_out].map(in_f32::<B>);
-    let mask = mask.map(Tensor::<B, 4, Bool>::from_primitive);
     let [_, heads, s, d] = q.dims();
+    let (mask, is_causal) = dense_mask(mask, s);
     let [b, kv_heads, keys, _] = k.dims();
     let n_rep = heads / kv_heads;
     let (k, v) = (repeat_kv(k, n_rep), repeat_kv(v, n_rep));

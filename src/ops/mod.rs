@@ -23,6 +23,8 @@
 
 mod autodiff;
 mod cpu;
+#[cfg(feature = "cube")]
+mod cube;
 mod generic;
 #[cfg(test)]
 mod tests;
@@ -31,7 +33,7 @@ mod wgpu;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::{BoolTensor, FloatTensor, IntTensor};
-use burn::tensor::{Bool, Int, Shape, Tensor, TensorPrimitive};
+use burn::tensor::{Int, Shape, Tensor, TensorPrimitive};
 
 /// A frozen linear layer and its LoRA adapter, in Burn's `[in, out]` orientation.
 #[derive(Clone, Debug)]
@@ -59,6 +61,26 @@ impl<B: Backend> LoraParts<B> {
             scaling,
         }
     }
+}
+
+/// Which keys each query of an attention may see; the `s` queries are the last `s` of the keys.
+#[derive(Clone, Debug)]
+pub enum AttnMask<B: Backend> {
+    /// Every key (a new token after a cache).
+    All,
+    /// Each query sees its own key and those before it.
+    Causal,
+    /// `Causal`, and each key's token in `ids` `[3, batch, keys]` (I32): 1 for a real token, 0
+    /// for padding; the sample it belongs to in a packed row; its position. A query does not see
+    /// padding, keys of another sample, or, with `window`, keys `window` or more positions back
+    /// (transformers' `sliding_window_overlay`). Kernels read the ids directly; the generic path
+    /// builds the `[batch, 1, s, keys]` mask from them.
+    Tokens {
+        ids: IntTensor<B>,
+        window: Option<usize>,
+    },
+    /// `[batch, 1, s, keys]`, true where the query may not see the key; nothing added.
+    Dense(BoolTensor<B>),
 }
 
 /// The gradients of a LoRA layer's input (when asked for) and of its adapter.
@@ -116,16 +138,15 @@ pub trait ModelBackend: Backend {
         generic::lora_linear_backward::<Self>(x, layer, h, grad, x_grad)
     }
 
-    /// `softmax(q kᵀ / sqrt(head_dim), masked) v`; `mask[b, 1, q, k]` is true where query q may
-    /// not see key k, `is_causal` adds the causal mask (the queries being the last of the keys).
+    /// `softmax(q kᵀ / sqrt(head_dim), masked) v`: `[batch, heads, s, head_dim]` in q's dtype,
+    /// zeros for a query that sees no key.
     fn sdpa(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        mask: Option<BoolTensor<Self>>,
-        is_causal: bool,
+        mask: AttnMask<Self>,
     ) -> FloatTensor<Self> {
-        Self::sdpa_forward(q, k, v, mask, is_causal).0
+        Self::sdpa_forward(q, k, v, mask).0
     }
 
     /// `sdpa` and what `sdpa_backward` needs besides its inputs and output (the generic path:
@@ -134,10 +155,9 @@ pub trait ModelBackend: Backend {
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        mask: Option<BoolTensor<Self>>,
-        is_causal: bool,
+        mask: AttnMask<Self>,
     ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
-        (generic::sdpa::<Self>(q, k, v, mask, is_causal), None)
+        (generic::sdpa::<Self>(q, k, v, mask), None)
     }
 
     /// `[dq, dk, dv]` from the gradient `d_out` of `out = sdpa(q, k, v)`; `saved` is what
@@ -147,13 +167,12 @@ pub trait ModelBackend: Backend {
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        mask: Option<BoolTensor<Self>>,
-        is_causal: bool,
+        mask: AttnMask<Self>,
         out: FloatTensor<Self>,
         _saved: Option<FloatTensor<Self>>,
         d_out: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 3] {
-        generic::sdpa_grads::<Self>(q, k, v, mask, is_causal, out, d_out)
+        generic::sdpa_grads::<Self>(q, k, v, mask, out, d_out)
     }
 
     /// `x * cos + rotate_half(x) * sin` on `x` `[batch, seq, heads, head_dim]` with the tables
@@ -270,29 +289,6 @@ impl<B: AutodiffBackend<InnerBackend: ModelBackend> + ModelBackend + SeedGradien
 {
 }
 
-#[cfg(feature = "cuda")]
-impl ModelBackend for burn::backend::Cuda {
-    fn device_memory_bytes(device: &Self::Device) -> Option<u64> {
-        reserved_bytes::<cubecl_cuda::CudaRuntime>(device)
-    }
-}
-
-#[cfg(feature = "wgpu")]
-impl ModelBackend for burn::backend::Wgpu {
-    fn device_memory_bytes(device: &Self::Device) -> Option<u64> {
-        reserved_bytes::<burn::backend::wgpu::WgpuRuntime>(device)
-    }
-}
-
-/// What the CubeCL memory pools of `device` hold.
-#[cfg(any(feature = "cuda", feature = "wgpu"))]
-fn reserved_bytes<R: cubecl_runtime::runtime::Runtime>(device: &R::Device) -> Option<u64> {
-    R::client(device)
-        .memory_usage()
-        .ok()
-        .map(|u| u.bytes_reserved)
-}
-
 /// `ModelBackend::base_linear` on tensors.
 pub fn base_linear<B: ModelBackend, const D: usize>(
     x: Tensor<B, D>,
@@ -336,17 +332,9 @@ pub fn sdpa<B: ModelBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
-    mask: Option<Tensor<B, 4, Bool>>,
-    is_causal: bool,
+    mask: AttnMask<B>,
 ) -> Tensor<B, 4> {
-    let mask = mask.map(Tensor::into_primitive);
-    float(B::sdpa(
-        primitive(q),
-        primitive(k),
-        primitive(v),
-        mask,
-        is_causal,
-    ))
+    float(B::sdpa(primitive(q), primitive(k), primitive(v), mask))
 }
 
 /// `ModelBackend::rope` on tensors.

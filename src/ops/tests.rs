@@ -3,7 +3,7 @@
 use super::generic;
 use super::*;
 use burn::backend::{Autodiff, Flex};
-use burn::tensor::{DType, Distribution, TensorData, Tolerance};
+use burn::tensor::{Bool, DType, Distribution, TensorData, Tolerance};
 
 type Ad = Autodiff<Flex>;
 
@@ -27,26 +27,25 @@ fn inputs(heads: usize, kv_heads: usize, s: usize, keys: usize) -> [Tensor<Flex,
 /// attention differentiated op by op (the reference); the first two are checked against
 /// the third.
 fn check(heads: usize, kv_heads: usize, s: usize, keys: usize, mask: Option<Vec<bool>>) {
-    let is_causal = mask.is_none();
     let [q, k, v, w] = inputs(heads, kv_heads, s, keys);
     let mask = mask.map(|bits| {
         Tensor::<Flex, 4, Bool>::from_data(TensorData::new(bits, [2, 1, s, keys]), &q.device())
+            .into_primitive()
     });
+    // The same mask for Flex and for Autodiff<Flex>, whose bool tensors are Flex's.
+    let (mask_ad, mask) = match mask {
+        Some(m) => (AttnMask::<Ad>::Dense(m.clone()), AttnMask::<Flex>::Dense(m)),
+        None => (AttnMask::Causal, AttnMask::Causal),
+    };
     let leaf = |t: &Tensor<Flex, 4>| Tensor::<Ad, 4>::from_inner(t.clone()).require_grad();
     let run = |ours: bool| {
         let (q, k, v) = (leaf(&q), leaf(&k), leaf(&v));
-        let mask = mask.clone().map(Tensor::from_inner);
+        let mask = mask_ad.clone();
         let out = if ours {
-            sdpa(q.clone(), k.clone(), v.clone(), mask, is_causal)
+            sdpa(q.clone(), k.clone(), v.clone(), mask)
         } else {
             let [q, k, v] = [&q, &k, &v].map(|t| primitive(t.clone()));
-            float(generic::sdpa::<Ad>(
-                q,
-                k,
-                v,
-                mask.map(Tensor::into_primitive),
-                is_causal,
-            ))
+            float(generic::sdpa::<Ad>(q, k, v, mask))
         };
         let g = (out.clone() * Tensor::from_inner(w.clone()))
             .sum()
@@ -57,8 +56,7 @@ fn check(heads: usize, kv_heads: usize, s: usize, keys: usize, mask: Option<Vec<
     let (out, kernel) = run(true);
     let (reference_out, reference) = run(false);
     let [q, k, v, out_, w] = [q, k, v, reference_out.clone(), w].map(primitive);
-    let mask = mask.map(Tensor::into_primitive);
-    let generic = generic::sdpa_grads::<Flex>(q, k, v, mask, is_causal, out_, w).map(float);
+    let generic = generic::sdpa_grads::<Flex>(q, k, v, mask, out_, w).map(float);
     close(out, &reference_out);
     for ((kernel, generic), reference) in kernel.into_iter().zip(generic).zip(&reference) {
         close(kernel, reference);
@@ -431,13 +429,13 @@ fn bf16_attention_runs_in_f32() {
     let mut saved_out = None;
     let mut run = |dtype: DType| {
         let [q, k, v, w] = [&q, &k, &v, &w].map(|t| primitive(t.clone().cast(dtype)));
-        let out = generic::sdpa::<Flex>(q.clone(), k.clone(), v.clone(), None, true);
+        let out = generic::sdpa::<Flex>(q.clone(), k.clone(), v.clone(), AttnMask::Causal);
         // Both backward passes get the output as the bf16 forward saved it.
         let saved = saved_out
             .get_or_insert_with(|| float::<Flex, 4>(out.clone()))
             .clone();
-        let grads =
-            generic::sdpa_grads::<Flex>(q, k, v, None, true, primitive(saved.cast(dtype)), w);
+        let saved = primitive(saved.cast(dtype));
+        let grads = generic::sdpa_grads::<Flex>(q, k, v, AttnMask::Causal, saved, w);
         (as_bf16(out), grads.map(as_bf16))
     };
     let (out, grads) = run(DType::BF16);

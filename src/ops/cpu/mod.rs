@@ -6,10 +6,16 @@ mod lora;
 
 use burn::backend::Flex;
 use burn::tensor::ops::{BoolTensor, FloatTensor, IntTensor};
-use burn::tensor::{DType, TensorData};
+use burn::tensor::{DType, TensorData, TensorMetadata};
 use burn_flex::FlexTensor;
 
-use super::{generic, LoraGrads, LoraParts, ModelBackend};
+use super::{generic, AttnMask, LoraGrads, LoraParts, ModelBackend};
+
+/// `mask` as the attention kernel takes it: a dense mask and whether to add the causal one.
+fn dense(mask: AttnMask<Flex>, q: &FlexTensor) -> (Option<BoolTensor<Flex>>, bool) {
+    let (mask, is_causal) = generic::dense_mask(mask, q.shape()[2]);
+    (mask.map(|m| m.into_primitive()), is_causal)
+}
 
 /// Whether every tensor is f32 (the kernels' dtype).
 fn all_f32(tensors: &[&FlexTensor]) -> bool {
@@ -152,12 +158,12 @@ impl ModelBackend for Flex {
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        mask: Option<BoolTensor<Self>>,
-        is_causal: bool,
+        mask: AttnMask<Self>,
     ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
         if !all_f32(&[&q, &k, &v]) {
-            return (generic::sdpa::<Self>(q, k, v, mask, is_causal), None);
+            return (generic::sdpa::<Self>(q, k, v, mask), None);
         }
+        let (mask, is_causal) = dense(mask, &q);
         let (out, lse) = attention::forward(q, k, v, mask, is_causal);
         (out, Some(lse))
     }
@@ -166,15 +172,17 @@ impl ModelBackend for Flex {
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        mask: Option<BoolTensor<Self>>,
-        is_causal: bool,
+        mask: AttnMask<Self>,
         out: FloatTensor<Self>,
         saved: Option<FloatTensor<Self>>,
         d_out: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 3] {
         match saved {
-            Some(lse) => attention::backward(q, k, v, mask, is_causal, out, lse, d_out),
-            None => generic::sdpa_grads::<Self>(q, k, v, mask, is_causal, out, d_out),
+            Some(lse) => {
+                let (mask, is_causal) = dense(mask, &q);
+                attention::backward(q, k, v, mask, is_causal, out, lse, d_out)
+            }
+            None => generic::sdpa_grads::<Self>(q, k, v, mask, out, d_out),
         }
     }
 

@@ -1,0 +1,205 @@
+//! The GPU backends' kernels, written once in CubeCL for CUDA and wgpu, and the bridge that runs
+//! them inside Burn's fused streams.
+//!
+//! Both backends are `Fusion<CubeBackend<R, ..>>`: Burn queues tensor ops and fuses chains of
+//! them before it launches anything. A kernel of ours enters that queue as one custom operation
+//! (`custom`) whose inputs are resolved to CubeCL tensors when the queue reaches it, so fusion
+//! still runs on both sides of it.
+
+mod attention;
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Shape, Tensor, TensorMetadata, TensorPrimitive};
+use burn_cubecl::fusion::FusionCubeRuntime;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use burn_fusion::stream::{Operation, OperationStreams};
+use burn_fusion::{Fusion, FusionRuntime, FusionTensor};
+use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+
+use super::{generic, AttnMask, ModelBackend};
+
+type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
+
+impl<R, F, I, BT> ModelBackend for Fusion<Cube<R, F, I, BT>>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    fn device_memory_bytes(device: &Self::Device) -> Option<u64> {
+        R::client(device)
+            .memory_usage()
+            .ok()
+            .map(|u| u.bytes_reserved)
+    }
+
+    fn sdpa_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: AttnMask<Self>,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        let Some((ids, window)) = kernel_mask(&mask, &q) else {
+            return (generic::sdpa::<Self>(q, k, v, mask), None);
+        };
+        let [b, h, s, _] = dims(&q);
+        let outputs = [(q.shape(), q.dtype()), (Shape::new([b, h, s]), DType::F32)];
+        let masked = ids.is_some();
+        let inputs = [q, k, v].into_iter().chain(ids).collect();
+        let [out, lse] = custom::<R, F, I, BT, 2>(
+            "swift_rs.attention_forward",
+            inputs,
+            outputs,
+            move |mut t| {
+                let ids = masked.then(|| t.pop().expect("ids"));
+                let [q, k, v] = take(t);
+                let (out, lse) = attention::forward(q, k, v, ids, window);
+                [out, lse]
+            },
+        );
+        (out, Some(lse))
+    }
+
+    fn sdpa_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: AttnMask<Self>,
+        out: FloatTensor<Self>,
+        saved: Option<FloatTensor<Self>>,
+        d_out: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3] {
+        let (Some(lse), Some((ids, window))) = (saved, kernel_mask(&mask, &q)) else {
+            return generic::sdpa_grads::<Self>(q, k, v, mask, out, d_out);
+        };
+        // delta = rowsum(d_out ⊙ out) in f32, queued with the ops before it.
+        let f32_of = |t: FloatTensor<Self>| {
+            Tensor::<Self, 4>::from_primitive(TensorPrimitive::Float(t)).cast(DType::F32)
+        };
+        let [b, h, s, _] = dims(&q);
+        let delta = (f32_of(d_out.clone()) * f32_of(out))
+            .sum_dim(3)
+            .reshape([b, h, s]);
+        let delta = delta.into_primitive().tensor();
+        let outputs = [&q, &k, &v].map(|t| (t.shape(), t.dtype()));
+        let masked = ids.is_some();
+        let inputs = [q, k, v, lse, delta, d_out]
+            .into_iter()
+            .chain(ids)
+            .collect();
+        custom::<R, F, I, BT, 3>(
+            "swift_rs.attention_backward",
+            inputs,
+            outputs,
+            move |mut t| {
+                let ids = masked.then(|| t.pop().expect("ids"));
+                let [q, k, v, lse, delta, d_out] = take(t);
+                attention::backward(q, k, v, ids, window, lse, delta, d_out)
+            },
+        )
+    }
+}
+
+/// What the attention kernels take of `mask`: the token ids (None: plain causal) and the window;
+/// None when they do not apply (a mask given whole, a query that sees every key, a head_dim
+/// past their registers) and the generic path runs.
+#[allow(clippy::type_complexity)]
+fn kernel_mask<R: CubeRuntime>(
+    mask: &AttnMask<impl Backend<IntTensorPrimitive = FusionTensor<FusionCubeRuntime<R>>>>,
+    q: &FusionTensor<FusionCubeRuntime<R>>,
+) -> Option<(Option<FusionTensor<FusionCubeRuntime<R>>>, Option<usize>)> {
+    if q.shape()[3] > attention::MAX_HEAD_DIM {
+        return None;
+    }
+    match mask {
+        AttnMask::Causal => Some((None, None)),
+        AttnMask::Tokens { ids, window } => Some((Some(ids.clone()), *window)),
+        AttnMask::All | AttnMask::Dense(_) => None,
+    }
+}
+
+fn dims<T: TensorMetadata>(t: &T) -> [usize; 4] {
+    let shape = t.shape();
+    [shape[0], shape[1], shape[2], shape[3]]
+}
+
+/// The `N` tensors of `t`, in order.
+fn take<T: std::fmt::Debug, const N: usize>(t: Vec<T>) -> [T; N] {
+    t.try_into().expect("the inputs the op was queued with")
+}
+
+type Run<R, const N: usize> = Arc<dyn Fn(Vec<CubeTensor<R>>) -> [CubeTensor<R>; N] + Send + Sync>;
+
+/// Queues `run` as one operation of `inputs`' fusion stream: it gets their CubeCL tensors, in
+/// order, and returns the `outputs` (shape, dtype) it promised.
+fn custom<R, F, I, BT, const N: usize>(
+    name: &'static str,
+    inputs: Vec<FusionTensor<FusionCubeRuntime<R>>>,
+    outputs: [(Shape, DType); N],
+    run: impl Fn(Vec<CubeTensor<R>>) -> [CubeTensor<R>; N] + Send + Sync + 'static,
+) -> [FusionTensor<FusionCubeRuntime<R>>; N]
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let client = inputs[0].client.clone();
+    let streams = OperationStreams::with_inputs(&inputs);
+    let outputs =
+        outputs.map(|(shape, dtype)| TensorIr::uninit(client.create_empty_handle(), shape, dtype));
+    let inputs: Vec<TensorIr> = inputs.into_iter().map(FusionTensor::into_ir).collect();
+    let desc = CustomOpIr::new(name, &inputs, &outputs);
+    let op = CustomOp::<R, F, I, BT, N> {
+        desc: desc.clone(),
+        run: Arc::new(run),
+        _elements: PhantomData,
+    };
+    let outputs: Vec<_> = client.register(streams, OperationIr::Custom(desc), op);
+    take(outputs)
+}
+
+/// `run` as a fusion operation of the backend `Cube<R, F, I, BT>`.
+struct CustomOp<R: CubeRuntime, F, I, BT, const N: usize> {
+    desc: CustomOpIr,
+    run: Run<R, N>,
+    _elements: PhantomData<fn() -> (F, I, BT)>,
+}
+
+impl<R: CubeRuntime, F, I, BT, const N: usize> std::fmt::Debug for CustomOp<R, F, I, BT, N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.desc.id)
+    }
+}
+
+impl<R, F, I, BT, const N: usize> Operation<FusionCubeRuntime<R>> for CustomOp<R, F, I, BT, N>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    fn execute(
+        &self,
+        handles: &mut HandleContainer<<FusionCubeRuntime<R> as FusionRuntime>::FusionHandle>,
+    ) {
+        let inputs = self
+            .desc
+            .inputs
+            .iter()
+            .map(|t| handles.get_float_tensor::<Cube<R, F, I, BT>>(t))
+            .collect();
+        for (ir, out) in self.desc.outputs.iter().zip((self.run)(inputs)) {
+            handles.register_float_tensor::<Cube<R, F, I, BT>>(&ir.id, out);
+        }
+    }
+}
+
+#[cfg(all(test, feature = "wgpu"))]
+mod tests;

@@ -1,0 +1,128 @@
+//! The kernels against the generic path on the same device (Mesa's lavapipe in CI), forward and
+//! backward, on shapes that do not divide into blocks and masks of every kind.
+
+use burn::backend::wgpu::WgpuDevice;
+use burn::backend::{Autodiff, Wgpu};
+use burn::tensor::{DType, Distribution, Int, Tensor, TensorData, Tolerance};
+
+use super::super::{float, generic, primitive, sdpa, AttnMask};
+use crate::ops::wgpu_adapters;
+
+type Ad = Autodiff<Wgpu>;
+
+/// The first wgpu adapter; without one the test passes saying so, except under `CI=true`.
+fn gpu() -> Option<WgpuDevice> {
+    match wgpu_adapters().into_iter().next() {
+        Some(a) => Some(a.device),
+        None if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("CI=true and wgpu finds no adapter: install mesa-vulkan-drivers")
+        }
+        None => {
+            eprintln!("no wgpu adapter: skipped");
+            None
+        }
+    }
+}
+
+/// Token ids `[3, batch, s]` (real, sample, position) of `rows`, each a list of
+/// `(padding, sample lengths)`: left padding, then packed samples whose positions restart.
+fn ids(rows: &[(usize, &[usize])], s: usize, device: &WgpuDevice) -> Tensor<Wgpu, 3, Int> {
+    let (mut real, mut segment, mut position) = (vec![], vec![], vec![]);
+    for (pad, samples) in rows {
+        real.extend(std::iter::repeat_n(0, *pad));
+        segment.extend(std::iter::repeat_n(0, *pad));
+        position.extend(std::iter::repeat_n(0, *pad));
+        for (i, &len) in samples.iter().enumerate() {
+            real.extend(std::iter::repeat_n(1, len));
+            segment.extend(std::iter::repeat_n(i as i32, len));
+            position.extend(0..len as i32);
+        }
+        assert_eq!(real.len() % s, 0, "a row of {s} tokens");
+    }
+    let data: Vec<i32> = real.into_iter().chain(segment).chain(position).collect();
+    let b = rows.len();
+    Tensor::from_data(TensorData::new(data, [3, b, s]), (device, DType::I32))
+}
+
+/// `sum(sdpa(q, k, v) * w)`'s output and `[dq, dk, dv]` through the kernels (autodiff over
+/// `ModelBackend::sdpa`) against the generic forward and backward passes.
+fn check(heads: usize, kv_heads: usize, s: usize, d: usize, mask: impl Fn() -> AttnMask<Ad>) {
+    let Some(device) = gpu() else { return };
+    let b = 2;
+    let rand = |shape: [usize; 4]| {
+        Tensor::<Wgpu, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device)
+    };
+    let (q, k, v, w) = (
+        rand([b, heads, s, d]),
+        rand([b, kv_heads, s, d]),
+        rand([b, kv_heads, s, d]),
+        rand([b, heads, s, d]),
+    );
+    let leaf = |t: &Tensor<Wgpu, 4>| Tensor::<Ad, 4>::from_inner(t.clone()).require_grad();
+    let (lq, lk, lv) = (leaf(&q), leaf(&k), leaf(&v));
+    let out = sdpa(lq.clone(), lk.clone(), lv.clone(), mask());
+    let grads = (out.clone() * Tensor::from_inner(w.clone()))
+        .sum()
+        .backward();
+    let kernel = [lq, lk, lv].map(|t| t.grad(&grads).expect("reached"));
+
+    let inner = |m: AttnMask<Ad>| match m {
+        AttnMask::Causal => AttnMask::<Wgpu>::Causal,
+        AttnMask::Tokens { ids, window } => AttnMask::Tokens { ids, window },
+        _ => unreachable!("the kernels' masks"),
+    };
+    let [pq, pk, pv, pw] = [&q, &k, &v, &w].map(|t| primitive(t.clone()));
+    let want: Tensor<Wgpu, 4> = float(generic::sdpa::<Wgpu>(
+        pq.clone(),
+        pk.clone(),
+        pv.clone(),
+        inner(mask()),
+    ));
+    let generic =
+        generic::sdpa_grads::<Wgpu>(pq, pk, pv, inner(mask()), primitive(want.clone()), pw);
+    let tolerance = Tolerance::<f32>::absolute(2e-5);
+    out.inner()
+        .into_data()
+        .assert_approx_eq(&want.into_data(), tolerance);
+    for (name, (got, want)) in ["dq", "dk", "dv"]
+        .into_iter()
+        .zip(kernel.into_iter().zip(generic))
+    {
+        let want: Tensor<Wgpu, 4> = float(want);
+        eprintln!("{name}");
+        got.into_data()
+            .assert_approx_eq(&want.into_data(), tolerance);
+    }
+}
+
+#[test]
+fn causal_attention_with_grouped_heads_matches_the_generic_path() {
+    // 37 queries: one block and a ragged one; two query heads a key/value head.
+    check(4, 2, 37, 16, || AttnMask::Causal);
+    // head_dim 64: blocks of 32 keys.
+    check(2, 1, 45, 64, || AttnMask::Causal);
+}
+
+#[test]
+fn padded_and_packed_rows_match_the_generic_path() {
+    let Some(device) = gpu() else { return };
+    // Row 0: 6 tokens of left padding (queries that see no key), then one sample; row 1: three
+    // packed samples whose positions restart.
+    let rows: [(usize, &[usize]); 2] = [(6, &[31]), (0, &[10, 20, 7])];
+    let ids = ids(&rows, 37, &device).into_primitive();
+    check(4, 2, 37, 16, || AttnMask::Tokens {
+        ids: ids.clone(),
+        window: None,
+    });
+}
+
+#[test]
+fn a_sliding_window_matches_the_generic_path() {
+    let Some(device) = gpu() else { return };
+    let rows: [(usize, &[usize]); 2] = [(3, &[34]), (0, &[20, 17])];
+    let ids = ids(&rows, 37, &device).into_primitive();
+    check(2, 2, 37, 16, || AttnMask::Tokens {
+        ids: ids.clone(),
+        window: Some(5),
+    });
+}

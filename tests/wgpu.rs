@@ -13,7 +13,8 @@ use common::{adapter_dir, check_logits, check_losses, fixtures, golden, load_mod
 use serde_json::Value;
 use swift_rs::config::{Device, Dtype, Nf4Config};
 use swift_rs::infer::{generate, GenerateOptions, Request, Sampling};
-use swift_rs::model::{LoadOptions, ModelBackend};
+use swift_rs::model::loss::{token_losses, LossTargets};
+use swift_rs::model::{Batch, CausalLm, LoadOptions, ModelBackend};
 use swift_rs::ops::wgpu_adapters;
 
 /// The first adapter wgpu lists, or None (and a line saying so) when there is none and this is
@@ -145,4 +146,42 @@ fn a_resumed_run_ends_bit_for_bit_where_an_unbroken_one_does() {
             c
         });
     }
+}
+
+/// What one forward and backward pass of batch 1 at sequence `s` leaves the device's memory pools
+/// holding (their high-water mark: they are not given back).
+fn step_memory(model: &CausalLm<Autodiff<Wgpu>>, s: usize, device: &WgpuDevice) -> u64 {
+    let ids: Vec<u32> = (0..s).map(|t| (t * 7 % 300) as u32).collect();
+    let batch = Batch::right_padded(&[&ids]);
+    let labels = vec![ids.iter().map(|&t| t as i64).collect()];
+    let hidden = model.hidden_states(&batch);
+    let loss = token_losses(model, hidden, &LossTargets::shifted(&labels)).mean();
+    let grads = loss.backward();
+    // Read a gradient back: the step has run, whole, before its memory is read.
+    let lora_a = &model.adapters().next().expect("an adapter").lora_a;
+    let grad: Vec<f32> = lora_a
+        .grad(&grads)
+        .expect("a gradient")
+        .into_data()
+        .to_vec()
+        .unwrap();
+    assert!(grad.iter().all(|g| g.is_finite()) && grad.iter().any(|&g| g != 0.0));
+    <Wgpu as ModelBackend>::device_memory_bytes(device).expect("a GPU reports its memory")
+}
+
+#[test]
+fn attention_memory_grows_linearly_with_the_sequence() {
+    let _serial = serial();
+    let Some(device) = gpu() else { return };
+    let options = LoadOptions::dtype(Dtype::F32);
+    let model = load_model::<Autodiff<Wgpu>>("llama", Some("llama_qv"), options, &device);
+    // Materialised scores would be 4 heads x s² x 4 bytes a tensor: 16x from 1024 to 4096.
+    let short = step_memory(&model, 1024, &device);
+    let long = step_memory(&model, 4096, &device);
+    eprintln!("device memory after a step: s=1024 {short} B, s=4096 {long} B");
+    assert!(
+        long < 6 * short,
+        "4x the sequence took {:.1}x the memory",
+        long as f64 / short as f64
+    );
 }

@@ -47,10 +47,21 @@ fn ids(rows: &[(usize, &[usize])], s: usize, device: &WgpuDevice) -> Tensor<Wgpu
 /// `sum(sdpa(q, k, v) * w)`'s output and `[dq, dk, dv]` through the kernels (autodiff over
 /// `ModelBackend::sdpa`) against the generic forward and backward passes.
 fn check(heads: usize, kv_heads: usize, s: usize, d: usize, mask: impl Fn() -> AttnMask<Ad>) {
+    check_in(DType::F32, heads, kv_heads, s, d, mask)
+}
+
+fn check_in(
+    dtype: DType,
+    heads: usize,
+    kv_heads: usize,
+    s: usize,
+    d: usize,
+    mask: impl Fn() -> AttnMask<Ad>,
+) {
     let Some(device) = gpu() else { return };
     let b = 2;
     let rand = |shape: [usize; 4]| {
-        Tensor::<Wgpu, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device)
+        Tensor::<Wgpu, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device).cast(dtype)
     };
     let (q, k, v, w) = (
         rand([b, heads, s, d]),
@@ -80,10 +91,14 @@ fn check(heads: usize, kv_heads: usize, s: usize, d: usize, mask: impl Fn() -> A
     ));
     let generic =
         generic::sdpa_grads::<Wgpu>(pq, pk, pv, inner(mask()), primitive(want.clone()), pw);
-    let tolerance = Tolerance::<f32>::absolute(2e-5);
-    out.inner()
-        .into_data()
-        .assert_approx_eq(&want.into_data(), tolerance);
+    // f16: the two paths round the same f32 results to f16, at most an ulp apart.
+    let tolerance = match dtype {
+        DType::F16 => Tolerance::<f32>::absolute(2e-3).set_relative(2e-3),
+        _ => Tolerance::<f32>::absolute(2e-5),
+    };
+    let f32_data = |t: Tensor<Wgpu, 4>| t.cast(DType::F32).into_data();
+    assert_eq!(out.dtype(), dtype);
+    f32_data(out.inner()).assert_approx_eq(&f32_data(want), tolerance);
     for (name, (got, want)) in ["dq", "dk", "dv"]
         .into_iter()
         .zip(kernel.into_iter().zip(generic))
@@ -125,4 +140,9 @@ fn a_sliding_window_matches_the_generic_path() {
         ids: ids.clone(),
         window: Some(5),
     });
+}
+
+#[test]
+fn f16_inputs_are_computed_in_f32_as_the_generic_path_does() {
+    check_in(DType::F16, 4, 2, 37, 16, || AttnMask::Causal);
 }

@@ -58,10 +58,20 @@ fn sees(
     visible
 }
 
-/// Reads token `key`'s ids (`[3, batch, keys]`: real, segment, position) into the three shared
-/// slots `j`; a key past the end is padding.
+/// Id `c` (0 real, 1 sample, 2 position) of token `key` of row `batch`, from `ids`
+/// `[3, batch, keys]`; 0 past the end (padding).
 #[cube]
-#[allow(clippy::too_many_arguments)]
+fn token_id(ids: &Tensor<i32>, #[comptime] c: usize, batch: usize, key: usize) -> i32 {
+    let keys = ids.shape(2);
+    let mut id = 0i32;
+    if key < keys {
+        id = ids[(c * ids.shape(1) + batch) * keys + key];
+    }
+    id
+}
+
+/// Reads token `key`'s ids into the three shared slots `j`.
+#[cube]
 fn load_ids(
     ids: &Tensor<i32>,
     batch: usize,
@@ -71,17 +81,9 @@ fn load_ids(
     segment: &mut SharedMemory<i32>,
     position: &mut SharedMemory<i32>,
 ) {
-    let b = ids.shape(1);
-    let keys = ids.shape(2);
-    if key < keys {
-        real[j] = ids[batch * keys + key];
-        segment[j] = ids[(b + batch) * keys + key];
-        position[j] = ids[(2 * b + batch) * keys + key];
-    } else {
-        real[j] = 0;
-        segment[j] = 0;
-        position[j] = 0;
-    }
+    real[j] = token_id(ids, 0usize, batch, key);
+    segment[j] = token_id(ids, 1usize, batch, key);
+    position[j] = token_id(ids, 2usize, batch, key);
 }
 
 /// Copies rows `first..first + rows` of the `[.., len, d]` matrix at `base` into `shared` as f32,
@@ -106,6 +108,74 @@ fn load_rows<F: Float>(
         shared[i] = value;
         i += UNITS;
     }
+}
+
+/// Loads the block of `bc` keys from `start` (k and v as f32, and their ids when masked) into
+/// shared memory, for every unit of the cube.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_key_block<F: Float>(
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    ids: &Tensor<i32>,
+    kv_base: usize,
+    batch: usize,
+    start: usize,
+    ks: &mut SharedMemory<f32>,
+    vs: &mut SharedMemory<f32>,
+    k_real: &mut SharedMemory<i32>,
+    k_segment: &mut SharedMemory<i32>,
+    k_position: &mut SharedMemory<i32>,
+    #[comptime] bc: usize,
+    #[comptime] d: usize,
+    #[comptime] masked: bool,
+) {
+    let keys = k.shape(2);
+    load_rows::<F>(k, kv_base, start, keys, ks, bc, d);
+    load_rows::<F>(v, kv_base, start, keys, vs, bc, d);
+    if masked && (UNIT_POS_X as usize) < bc {
+        let j = UNIT_POS_X as usize;
+        load_ids(ids, batch, start + j, j, k_real, k_segment, k_position);
+    }
+    sync_cube();
+}
+
+/// `sees` for key `start + j` of the loaded block.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn sees_slot(
+    qi: usize,
+    start: usize,
+    j: usize,
+    keys: usize,
+    q_segment: i32,
+    q_position: i32,
+    k_real: &SharedMemory<i32>,
+    k_segment: &SharedMemory<i32>,
+    k_position: &SharedMemory<i32>,
+    window: u32,
+    #[comptime] masked: bool,
+) -> bool {
+    let mut real = 1i32;
+    let mut segment = 0i32;
+    let mut position = 0i32;
+    if masked {
+        real = k_real[j];
+        segment = k_segment[j];
+        position = k_position[j];
+    }
+    sees(
+        qi,
+        start + j,
+        keys,
+        q_segment,
+        q_position,
+        real,
+        segment,
+        position,
+        window,
+        masked,
+    )
 }
 
 /// `out` `[b, h, s, d]` and `lse` `[b, h, s]` (f32; +1e30 for a row that sees no key, whose
@@ -152,9 +222,8 @@ fn forward_kernel<F: Float>(
             qr[x] = f32::cast_from(q[(bh * s + row) * d + x]) * scale;
         }
         if masked {
-            let b = ids.shape(1);
-            q_segment = ids[(b + batch) * keys + qi];
-            q_position = ids[(2 * b + batch) * keys + qi];
+            q_segment = token_id(ids, 1usize, batch, qi);
+            q_position = token_id(ids, 2usize, batch, qi);
         }
     }
 
@@ -173,42 +242,36 @@ fn forward_kernel<F: Float>(
     }
     let mut start = 0usize;
     while start < end {
-        load_rows::<F>(k, kv_base, start, keys, &mut ks, bc, d);
-        load_rows::<F>(v, kv_base, start, keys, &mut vs, bc, d);
-        if masked && (UNIT_POS_X as usize) < bc {
-            let j = UNIT_POS_X as usize;
-            load_ids(
-                ids,
-                batch,
-                start + j,
-                j,
-                &mut k_real,
-                &mut k_segment,
-                &mut k_position,
-            );
-        }
-        sync_cube();
+        load_key_block::<F>(
+            k,
+            v,
+            ids,
+            kv_base,
+            batch,
+            start,
+            &mut ks,
+            &mut vs,
+            &mut k_real,
+            &mut k_segment,
+            &mut k_position,
+            bc,
+            d,
+            masked,
+        );
         if live {
             let mut block_max = m;
             for j in 0..bc {
                 let mut score = f32::new(HIDDEN);
-                let mut real = 1i32;
-                let mut segment = 0i32;
-                let mut position = 0i32;
-                if masked {
-                    real = k_real[j];
-                    segment = k_segment[j];
-                    position = k_position[j];
-                }
-                let visible = sees(
+                let visible = sees_slot(
                     qi,
-                    start + j,
+                    start,
+                    j,
                     keys,
                     q_segment,
                     q_position,
-                    real,
-                    segment,
-                    position,
+                    &k_real,
+                    &k_segment,
+                    &k_position,
                     window,
                     masked,
                 );
@@ -310,9 +373,8 @@ fn dq_kernel<F: Float>(
         row_lse = lse[bh * s + row];
         row_delta = delta[bh * s + row];
         if masked {
-            let b = ids.shape(1);
-            q_segment = ids[(b + batch) * keys + qi];
-            q_position = ids[(2 * b + batch) * keys + qi];
+            q_segment = token_id(ids, 1usize, batch, qi);
+            q_position = token_id(ids, 2usize, batch, qi);
         }
     }
 
@@ -327,40 +389,34 @@ fn dq_kernel<F: Float>(
     }
     let mut start = 0usize;
     while start < end {
-        load_rows::<F>(k, kv_base, start, keys, &mut ks, bc, d);
-        load_rows::<F>(v, kv_base, start, keys, &mut vs, bc, d);
-        if masked && (UNIT_POS_X as usize) < bc {
-            let j = UNIT_POS_X as usize;
-            load_ids(
-                ids,
-                batch,
-                start + j,
-                j,
-                &mut k_real,
-                &mut k_segment,
-                &mut k_position,
-            );
-        }
-        sync_cube();
+        load_key_block::<F>(
+            k,
+            v,
+            ids,
+            kv_base,
+            batch,
+            start,
+            &mut ks,
+            &mut vs,
+            &mut k_real,
+            &mut k_segment,
+            &mut k_position,
+            bc,
+            d,
+            masked,
+        );
         if live {
             for j in 0..bc {
-                let mut real = 1i32;
-                let mut segment = 0i32;
-                let mut position = 0i32;
-                if masked {
-                    real = k_real[j];
-                    segment = k_segment[j];
-                    position = k_position[j];
-                }
-                let visible = sees(
+                let visible = sees_slot(
                     qi,
-                    start + j,
+                    start,
+                    j,
                     keys,
                     q_segment,
                     q_position,
-                    real,
-                    segment,
-                    position,
+                    &k_real,
+                    &k_segment,
+                    &k_position,
                     window,
                     masked,
                 );
@@ -440,10 +496,9 @@ fn dkv_kernel<F: Float>(
             vr[x] = f32::cast_from(v[(bkv * keys + key) * d + x]);
         }
         if masked {
-            let b = ids.shape(1);
-            real = ids[batch * keys + key];
-            segment = ids[(b + batch) * keys + key];
-            position = ids[(2 * b + batch) * keys + key];
+            real = token_id(ids, 0usize, batch, key);
+            segment = token_id(ids, 1usize, batch, key);
+            position = token_id(ids, 2usize, batch, key);
         }
     }
 

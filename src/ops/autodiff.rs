@@ -7,11 +7,11 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::NodeId;
 use burn::backend::Autodiff;
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::FloatDType;
+use burn::tensor::{DType, FloatDType};
 
-use super::{generic, AttnMask, LoraParts, ModelBackend, SeedGradient};
+use super::{generic, AttnMask, LoraParts, ModelBackend, Nf4Absmax, Nf4Parts, SeedGradient};
 
 #[derive(Debug)]
 struct LoraLinearBackward;
@@ -315,6 +315,31 @@ impl<B: ModelBackend, C: CheckpointStrategy> SeedGradient for Autodiff<B, C> {
 impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
     fn device_memory_bytes(device: &Self::Device) -> Option<u64> {
         B::device_memory_bytes(device)
+    }
+
+    /// A frozen weight: the inner backend's, untracked.
+    fn nf4_dequantize(w: Nf4Parts<Self>, dtype: DType) -> Option<FloatTensor<Self>> {
+        let absmax = match w.absmax {
+            Nf4Absmax::Plain(a) => Nf4Absmax::Plain(Self::inner(a)),
+            Nf4Absmax::Double {
+                quantized,
+                absmax2,
+                offset,
+            } => Nf4Absmax::Double {
+                quantized,
+                absmax2: Self::inner(absmax2),
+                offset,
+            },
+        };
+        let inner = Nf4Parts {
+            packed: w.packed,
+            absmax,
+            nf4_code: Self::inner(w.nf4_code),
+            dynamic_map: Self::inner(w.dynamic_map),
+            shape: w.shape,
+            blocksize: w.blocksize,
+        };
+        B::nf4_dequantize(inner, dtype).map(Self::from_inner)
     }
 
     fn base_linear(

@@ -33,7 +33,7 @@ mod wgpu;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::{BoolTensor, FloatTensor, IntTensor};
-use burn::tensor::{Int, Shape, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Int, Shape, Tensor, TensorPrimitive};
 
 /// A frozen linear layer and its LoRA adapter, in Burn's `[in, out]` orientation.
 #[derive(Clone, Debug)]
@@ -81,6 +81,33 @@ pub enum AttnMask<B: Backend> {
     },
     /// `[batch, 1, s, keys]`, true where the query may not see the key; nothing added.
     Dense(BoolTensor<B>),
+}
+
+/// An NF4 weight as `quant::Nf4Linear` holds it (bitsandbytes' layout), for `nf4_dequantize`.
+#[derive(Clone, Debug)]
+pub struct Nf4Parts<B: Backend> {
+    /// Two 4-bit codes a byte over the `[out, in]` weight flattened row-major, high nibble first,
+    /// four bytes an I32 word, little-endian: `[ceil(out * in / 8)]`.
+    pub packed: IntTensor<B>,
+    pub absmax: Nf4Absmax<B>,
+    pub nf4_code: FloatTensor<B>,    // [16], f32
+    pub dynamic_map: FloatTensor<B>, // [256], f32
+    /// `[out, in]`
+    pub shape: [usize; 2],
+    pub blocksize: usize,
+}
+
+/// The scale of each block of `blocksize` codes.
+#[derive(Clone, Debug)]
+pub enum Nf4Absmax<B: Backend> {
+    Plain(FloatTensor<B>), // [blocks], f32
+    /// Double quantization: a byte a block (four to an I32 word) into `dynamic_map`, times the
+    /// f32 `absmax2` of its group of 256 blocks, plus `offset`.
+    Double {
+        quantized: IntTensor<B>,
+        absmax2: FloatTensor<B>,
+        offset: f64,
+    },
 }
 
 /// The gradients of a LoRA layer's input (when asked for) and of its adapter.
@@ -218,6 +245,13 @@ pub trait ModelBackend: Backend {
         generic::rms_norm_backward::<Self>(x, weight, eps, grad, weight_grad)
     }
 
+    /// The NF4 weight `w` decoded to `[out, in]` in `dtype` by one kernel, where the backend has
+    /// one; None leaves it to `quant::Nf4Linear::dequantize`'s chain of tensor ops (the generic
+    /// path, which gives the same values).
+    fn nf4_dequantize(_w: Nf4Parts<Self>, _dtype: DType) -> Option<FloatTensor<Self>> {
+        None
+    }
+
     /// Whether `lm_head_cross_entropy` under autodiff recomputes the logits in the backward pass
     /// instead of keeping them. On a GPU they are a step's largest tensors (`[tokens, vocab]`:
     /// 5 GB for 16k tokens of a 152k vocabulary in bf16) and one more lm_head product costs
@@ -337,6 +371,11 @@ pub fn sdpa<B: ModelBackend>(
     float(B::sdpa(primitive(q), primitive(k), primitive(v), mask))
 }
 
+/// `ModelBackend::nf4_dequantize` on tensors.
+pub fn nf4_dequantize<B: ModelBackend>(w: Nf4Parts<B>, dtype: DType) -> Option<Tensor<B, 2>> {
+    B::nf4_dequantize(w, dtype).map(float)
+}
+
 /// `ModelBackend::rope` on tensors.
 pub fn rope<B: ModelBackend>(
     x: Tensor<B, 4>,
@@ -403,5 +442,7 @@ fn with_last_dim(shape: &Shape, n: usize) -> Shape {
     shape
 }
 
+#[cfg(all(test, feature = "wgpu"))]
+pub(crate) use self::wgpu::test_gpu;
 #[cfg(feature = "wgpu")]
 pub use self::wgpu::{wgpu_adapters, WgpuAdapter};

@@ -69,3 +69,19 @@ fn ready<T>(future: impl Future<Output = T>) -> T {
         std::thread::yield_now();
     }
 }
+
+/// For the library's GPU tests: the first adapter, or None (saying so) when there is none and this
+/// is not CI; with `CI=true` a missing adapter fails the test.
+#[cfg(test)]
+pub(crate) fn test_gpu() -> Option<WgpuDevice> {
+    match wgpu_adapters().into_iter().next() {
+        Some(a) => Some(a.device),
+        None if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("CI=true and wgpu finds no adapter: install mesa-vulkan-drivers")
+        }
+        None => {
+            eprintln!("no wgpu adapter: skipped");
+            None
+        }
+    }
+}

@@ -7,6 +7,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
 
 use crate::config::Nf4Config;
+use crate::ops::{nf4_dequantize, ModelBackend, Nf4Absmax, Nf4Parts};
 
 use super::nf4::{dynamic_map, nf4_code, Absmax, Nf4, DOUBLE_QUANT_BLOCKSIZE};
 
@@ -162,13 +163,23 @@ impl<B: Backend> Nf4Linear<B> {
         }
     }
 
-    /// `x @ W^T + b` in x's dtype.
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let w = self.dequantize(x.dtype()).transpose(); // [in, out]
-        let out = x.matmul(w.unsqueeze());
-        match &self.bias {
-            Some(b) => out + b.val().unsqueeze(),
-            None => out,
+    /// The weight as `ops::nf4_dequantize` takes it.
+    pub(crate) fn parts(&self) -> Nf4Parts<B> {
+        let absmax = match &self.scales {
+            Nf4Scales::Plain(a) => Nf4Absmax::Plain(a.clone().into_primitive().tensor()),
+            Nf4Scales::Double(d) => Nf4Absmax::Double {
+                quantized: d.quantized.clone().into_primitive(),
+                absmax2: d.absmax2.clone().into_primitive().tensor(),
+                offset: d.offset,
+            },
+        };
+        Nf4Parts {
+            packed: self.packed.clone().into_primitive(),
+            absmax,
+            nf4_code: self.tables.nf4_code.clone().into_primitive().tensor(),
+            dynamic_map: self.tables.dynamic_map.clone().into_primitive().tensor(),
+            shape: [self.n_out, self.n_in],
+            blocksize: self.blocksize,
         }
     }
 
@@ -184,6 +195,19 @@ impl<B: Backend> Nf4Linear<B> {
 
 /// The fields of every word at `shifts` (`[1, k]`, in that order, each `mask` wide), flattened:
 /// `[words * k]`.
+impl<B: ModelBackend> Nf4Linear<B> {
+    /// `x @ W^T + b` in x's dtype, the weight decoded by the backend's kernel where it has one.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let w = nf4_dequantize(self.parts(), dtype).unwrap_or_else(|| self.dequantize(dtype));
+        let out = x.matmul(w.transpose().unsqueeze()); // W^T: [in, out]
+        match &self.bias {
+            Some(b) => out + b.val().unsqueeze(),
+            None => out,
+        }
+    }
+}
+
 fn unpack<B: Backend>(
     words: &Tensor<B, 1, Int>,
     shifts: &Tensor<B, 2, Int>,
@@ -202,4 +226,57 @@ fn f32_table<B: Backend>(values: &[f32], device: &B::Device) -> Tensor<B, 1> {
         TensorData::new(values.to_vec(), [values.len()]),
         (device, DType::F32),
     )
+}
+
+#[cfg(all(test, feature = "wgpu"))]
+mod gpu_tests {
+    use burn::backend::Wgpu;
+    use burn::tensor::{DType, Tensor};
+
+    use super::Nf4Linear;
+    use crate::config::Nf4Config;
+    use crate::ops::{nf4_dequantize, test_gpu};
+    use crate::quant::Nf4;
+
+    /// The CubeCL kernel decodes every weight as bitsandbytes' layout says (the host decoder is
+    /// checked against bitsandbytes in tests/qlora.rs), with and without double quantization, in
+    /// f32 and f16, on a size that fills neither its last word nor its last block and spans two
+    /// groups of 256 double-quantized scales.
+    #[test]
+    fn the_nf4_kernel_decodes_as_the_host_does() {
+        let Some(device) = test_gpu() else { return };
+        let [n_out, n_in] = [130, 129]; // 16770 weights: 263 blocks of 64
+        let w: Vec<f32> = (0..n_out * n_in)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1.0 + (i % 13) as f32))
+            .collect();
+        for double_quant in [false, true] {
+            let config = Nf4Config {
+                blocksize: 64,
+                double_quant,
+            };
+            let layer = Nf4Linear::<Wgpu>::quantize(&w, [n_out, n_in], None, config, &device);
+            let want = Nf4::quantize(&w, 64, double_quant).dequantize();
+            for dtype in [DType::F32, DType::F16] {
+                let got: Tensor<Wgpu, 2> = nf4_dequantize(layer.parts(), dtype).expect("a kernel");
+                assert_eq!((got.dims(), got.dtype()), ([n_out, n_in], dtype));
+                let got: Vec<f32> = got.cast(DType::F32).into_data().to_vec().unwrap();
+                for (i, (g, v)) in got.iter().zip(&want).enumerate() {
+                    // f16: the f32 value rounded once; f32: to the ulp (a fused multiply-add
+                    // may round the double-quantized scale once instead of twice).
+                    let v = match dtype {
+                        DType::F16 => half::f16::from_f32(*v).to_f32(),
+                        _ => *v,
+                    };
+                    let tolerance = match dtype {
+                        DType::F16 => 1e-3 * v.abs(),
+                        _ => 2.0 * f32::EPSILON * v.abs(),
+                    };
+                    assert!(
+                        (g - v).abs() <= tolerance,
+                        "weight {i} ({dtype:?}, double quant {double_quant}): {g} vs {v}"
+                    );
+                }
+            }
+        }
+    }
 }

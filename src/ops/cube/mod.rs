@@ -7,6 +7,7 @@
 //! still runs on both sides of it.
 
 mod attention;
+mod nf4;
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
-use super::{generic, AttnMask, ModelBackend};
+use super::{generic, AttnMask, ModelBackend, Nf4Absmax, Nf4Parts};
 
 type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
 
@@ -37,6 +38,47 @@ where
             .memory_usage()
             .ok()
             .map(|u| u.bytes_reserved)
+    }
+
+    fn nf4_dequantize(w: Nf4Parts<Self>, dtype: DType) -> Option<FloatTensor<Self>> {
+        let (shape, blocksize) = (w.shape, w.blocksize);
+        let (offset, scales) = match w.absmax {
+            Nf4Absmax::Plain(a) => (None, vec![a]),
+            Nf4Absmax::Double {
+                quantized,
+                absmax2,
+                offset,
+            } => (Some(offset), vec![quantized, absmax2]),
+        };
+        let inputs = [w.packed, w.nf4_code, w.dynamic_map]
+            .into_iter()
+            .chain(scales)
+            .collect();
+        let [weight] = custom::<R, F, I, BT, 1>(
+            "swift_rs.nf4_dequantize",
+            inputs,
+            [(Shape::new(shape), dtype)],
+            move |mut t| {
+                let absmax = match offset {
+                    None => Ok(t.pop().expect("absmax")),
+                    Some(offset) => {
+                        let absmax2 = t.pop().expect("absmax2");
+                        Err((t.pop().expect("quantized"), absmax2, offset))
+                    }
+                };
+                let [packed, code, dynamic_map] = take(t);
+                [nf4::dequantize(
+                    packed,
+                    absmax,
+                    code,
+                    dynamic_map,
+                    shape,
+                    blocksize,
+                    dtype,
+                )]
+            },
+        );
+        Some(weight)
     }
 
     fn sdpa_forward(

@@ -6,23 +6,9 @@ use burn::backend::{Autodiff, Wgpu};
 use burn::tensor::{DType, Distribution, Int, Tensor, TensorData, Tolerance};
 
 use super::super::{float, generic, primitive, sdpa, AttnMask};
-use crate::ops::wgpu_adapters;
+use crate::ops::test_gpu as gpu;
 
 type Ad = Autodiff<Wgpu>;
-
-/// The first wgpu adapter; without one the test passes saying so, except under `CI=true`.
-fn gpu() -> Option<WgpuDevice> {
-    match wgpu_adapters().into_iter().next() {
-        Some(a) => Some(a.device),
-        None if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("CI=true and wgpu finds no adapter: install mesa-vulkan-drivers")
-        }
-        None => {
-            eprintln!("no wgpu adapter: skipped");
-            None
-        }
-    }
-}
 
 /// Token ids `[3, batch, s]` (real, sample, position) of `rows`, each a list of
 /// `(padding, sample lengths)`: left padding, then packed samples whose positions restart.

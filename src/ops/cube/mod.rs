@@ -8,12 +8,13 @@
 
 mod attention;
 mod nf4;
+mod rowwise;
 
 use std::marker::PhantomData;
 use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::FloatTensor;
+use burn::tensor::ops::{FloatTensor, FloatTensorOps};
 use burn::tensor::{DType, Shape, Tensor, TensorMetadata, TensorPrimitive};
 use burn_cubecl::fusion::FusionCubeRuntime;
 use burn_cubecl::tensor::CubeTensor;
@@ -79,6 +80,88 @@ where
             },
         );
         Some(weight)
+    }
+
+    fn rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        if !same_dtype(&[&x, &cos, &sin]) {
+            return generic::rope::<Self>(x, cos, sin);
+        }
+        let output = [(x.shape(), x.dtype())];
+        let [out] = custom::<R, F, I, BT, 1>("swift_rs.rope", vec![x, cos, sin], output, |t| {
+            let [x, cos, sin] = take(t);
+            [rowwise::rope(x, cos, sin)]
+        });
+        out
+    }
+
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        if !same_dtype(&[&gate, &up]) {
+            return generic::swiglu::<Self>(gate, up);
+        }
+        let output = [(gate.shape(), gate.dtype())];
+        let [out] = custom::<R, F, I, BT, 1>("swift_rs.swiglu", vec![gate, up], output, |t| {
+            let [gate, up] = take(t);
+            [rowwise::swiglu(gate, up)]
+        });
+        out
+    }
+
+    fn swiglu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 2] {
+        if !same_dtype(&[&gate, &up, &grad]) {
+            return generic::swiglu_backward::<Self>(gate, up, grad);
+        }
+        let outputs = [(gate.shape(), gate.dtype()), (gate.shape(), gate.dtype())];
+        let inputs = vec![gate, up, grad];
+        custom::<R, F, I, BT, 2>("swift_rs.swiglu_backward", inputs, outputs, |t| {
+            let [gate, up, grad] = take(t);
+            rowwise::swiglu_backward(gate, up, grad)
+        })
+    }
+
+    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        if !same_dtype(&[&x, &weight]) {
+            return generic::rms_norm::<Self>(x, weight, eps);
+        }
+        let shape = x.shape();
+        let x = as_rows::<Self>(x);
+        let output = [(x.shape(), x.dtype())];
+        let [out] =
+            custom::<R, F, I, BT, 1>("swift_rs.rms_norm", vec![x, weight], output, move |t| {
+                let [x, weight] = take(t);
+                [rowwise::rms_norm(x, weight, eps)]
+            });
+        Self::float_reshape(out, shape)
+    }
+
+    /// The weight's gradient (a sum over rows; frozen norms need none) takes the generic path.
+    fn rms_norm_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+        grad: FloatTensor<Self>,
+        weight_grad: bool,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        if weight_grad || !same_dtype(&[&x, &weight, &grad]) {
+            return generic::rms_norm_backward::<Self>(x, weight, eps, grad, weight_grad);
+        }
+        let shape = x.shape();
+        let (x, grad) = (as_rows::<Self>(x), as_rows::<Self>(grad));
+        let output = [(x.shape(), x.dtype())];
+        let inputs = vec![x, weight, grad];
+        let [dx] =
+            custom::<R, F, I, BT, 1>("swift_rs.rms_norm_backward", inputs, output, move |t| {
+                let [x, weight, grad] = take(t);
+                [rowwise::rms_norm_backward(x, weight, eps, grad)]
+            });
+        (Self::float_reshape(dx, shape), None)
     }
 
     fn sdpa_forward(
@@ -164,6 +247,18 @@ fn kernel_mask<R: CubeRuntime>(
         AttnMask::Tokens { ids, window } => Some((Some(ids.clone()), *window)),
         AttnMask::All | AttnMask::Dense(_) => None,
     }
+}
+
+/// Whether the tensors share a dtype (the kernels read them all as one element type).
+fn same_dtype<T: TensorMetadata>(tensors: &[&T]) -> bool {
+    tensors.iter().all(|t| t.dtype() == tensors[0].dtype())
+}
+
+/// `x` as `[rows, last dim]`.
+fn as_rows<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+    let shape = x.shape();
+    let n = shape[shape.num_dims() - 1];
+    B::float_reshape(x, Shape::new([shape.num_elements() / n, n]))
 }
 
 fn dims<T: TensorMetadata>(t: &T) -> [usize; 4] {

@@ -3,9 +3,12 @@
 
 use burn::backend::wgpu::WgpuDevice;
 use burn::backend::{Autodiff, Wgpu};
-use burn::tensor::{DType, Distribution, Int, Tensor, TensorData, Tolerance};
+use burn::tensor::ops::{FloatTensor, FloatTensorOps};
+use burn::tensor::{
+    DType, Distribution, Int, Shape, Tensor, TensorData, TensorMetadata, Tolerance,
+};
 
-use super::super::{float, generic, primitive, sdpa, AttnMask};
+use super::super::{float, generic, primitive, sdpa, AttnMask, ModelBackend};
 use crate::ops::test_gpu as gpu;
 
 type Ad = Autodiff<Wgpu>;
@@ -131,4 +134,100 @@ fn a_sliding_window_matches_the_generic_path() {
 #[test]
 fn f16_inputs_are_computed_in_f32_as_the_generic_path_does() {
     check_in(DType::F16, 4, 2, 37, 16, || AttnMask::Causal);
+}
+
+/// `t` as f32 data, for comparing across dtypes.
+fn data(t: FloatTensor<Wgpu>) -> TensorData {
+    float::<Wgpu, 1>(<Wgpu as FloatTensorOps<Wgpu>>::float_reshape(
+        t.clone(),
+        Shape::new([t.shape().num_elements()]),
+    ))
+    .cast(DType::F32)
+    .into_data()
+}
+
+/// Each of `got` equal to `want`: to f32 rounding in f32, to an f16 rounding in f16.
+fn close_all<const N: usize>(
+    dtype: DType,
+    got: [FloatTensor<Wgpu>; N],
+    want: [FloatTensor<Wgpu>; N],
+) {
+    let tolerance = match dtype {
+        DType::F16 => Tolerance::<f32>::absolute(2e-3).set_relative(2e-3),
+        _ => Tolerance::<f32>::absolute(1e-5).set_relative(1e-5),
+    };
+    for (got, want) in got.into_iter().zip(want) {
+        assert_eq!(got.dtype(), dtype);
+        data(got).assert_approx_eq(&data(want), tolerance);
+    }
+}
+
+#[test]
+fn rope_swiglu_and_rms_norm_match_the_generic_path() {
+    let Some(device) = gpu() else { return };
+    let rand = |shape: Vec<usize>, dtype: DType| {
+        let t = Tensor::<Wgpu, 1>::random(
+            [shape.iter().product::<usize>()],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        <Wgpu as FloatTensorOps<Wgpu>>::float_reshape(primitive(t.cast(dtype)), Shape::from(shape))
+    };
+    for dtype in [DType::F32, DType::F16] {
+        // RoPE on [2, 37, 3, 16] with per-row tables, and its backward (-sin).
+        let (x, cos, sin) = (
+            rand(vec![2, 37, 3, 16], dtype),
+            rand(vec![2, 37, 1, 16], dtype),
+            rand(vec![2, 37, 1, 16], dtype),
+        );
+        close_all(
+            dtype,
+            [<Wgpu as ModelBackend>::rope(
+                x.clone(),
+                cos.clone(),
+                sin.clone(),
+            )],
+            [generic::rope::<Wgpu>(x, cos, sin)],
+        );
+        // SwiGLU on an odd size.
+        let (gate, up, grad) = (
+            rand(vec![5, 77], dtype),
+            rand(vec![5, 77], dtype),
+            rand(vec![5, 77], dtype),
+        );
+        close_all(
+            dtype,
+            [<Wgpu as ModelBackend>::swiglu(gate.clone(), up.clone())],
+            [generic::swiglu::<Wgpu>(gate.clone(), up.clone())],
+        );
+        close_all(
+            dtype,
+            <Wgpu as ModelBackend>::swiglu_backward(gate.clone(), up.clone(), grad.clone()),
+            generic::swiglu_backward::<Wgpu>(gate, up, grad),
+        );
+        // RMSNorm over rows of 150 (more than a cube's units, not a power of two).
+        let (x, weight, grad) = (
+            rand(vec![2, 37, 150], dtype),
+            rand(vec![150], dtype),
+            rand(vec![2, 37, 150], dtype),
+        );
+        close_all(
+            dtype,
+            [<Wgpu as ModelBackend>::rms_norm(
+                x.clone(),
+                weight.clone(),
+                1e-6,
+            )],
+            [generic::rms_norm::<Wgpu>(x.clone(), weight.clone(), 1e-6)],
+        );
+        let (dx, _) = <Wgpu as ModelBackend>::rms_norm_backward(
+            x.clone(),
+            weight.clone(),
+            1e-6,
+            grad.clone(),
+            false,
+        );
+        let (want, _) = generic::rms_norm_backward::<Wgpu>(x, weight, 1e-6, grad, false);
+        close_all(dtype, [dx], [want]);
+    }
 }

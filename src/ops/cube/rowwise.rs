@@ -1,0 +1,277 @@
+//! RoPE, SwiGLU and RMSNorm as one CubeCL kernel a direction each, where Burn runs a chain of
+//! tensor ops (each a pass over the tensor unless its fusion joins them). Statistics and the
+//! nonlinearities are computed in f32 and rounded to the tensor's dtype once, as PyTorch's
+//! kernels do for bf16 and f16.
+
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::CubeRuntime;
+use cubecl::calculate_cube_count_elemwise;
+use cubecl::prelude::*;
+
+/// Units a cube in the row kernels (a power of two: the sum halves it).
+const ROW_UNITS: usize = 64;
+
+/// `x * cos + rotate_half(x) * sin` for `x` `[b, s, heads, d]` and tables `[b, s, 1, d]`, an
+/// element a unit, in `F` as transformers computes it.
+#[cube(launch)]
+fn rope_kernel<F: Float>(
+    x: &Tensor<F>,
+    cos: &Tensor<F>,
+    sin: &Tensor<F>,
+    out: &mut Tensor<F>,
+    #[define(F)] _dtype: StorageType,
+) {
+    let e = ABSOLUTE_POS;
+    if e >= x.len() {
+        terminate!();
+    }
+    let d = x.shape(3);
+    let half = d / 2;
+    let i = e % d;
+    let t = (e / (x.shape(2) * d)) * d + i;
+    let rotated = if i < half { -x[e + half] } else { x[e - half] };
+    out[e] = x[e] * cos[t] + rotated * sin[t];
+}
+
+/// `silu(gate) * up`, silu in f32.
+#[cube(launch)]
+fn swiglu_kernel<F: Float>(
+    gate: &Tensor<F>,
+    up: &Tensor<F>,
+    out: &mut Tensor<F>,
+    #[define(F)] _dtype: StorageType,
+) {
+    let e = ABSOLUTE_POS;
+    if e >= gate.len() {
+        terminate!();
+    }
+    let g = f32::cast_from(gate[e]);
+    let silu = g / (1.0 + (-g).exp());
+    out[e] = F::cast_from(silu) * up[e];
+}
+
+/// `d_gate = grad * up * σ(g) * (1 + g * (1 - σ(g)))`, `d_up = grad * silu(g)`, in f32.
+#[cube(launch)]
+fn swiglu_backward_kernel<F: Float>(
+    gate: &Tensor<F>,
+    up: &Tensor<F>,
+    grad: &Tensor<F>,
+    d_gate: &mut Tensor<F>,
+    d_up: &mut Tensor<F>,
+    #[define(F)] _dtype: StorageType,
+) {
+    let e = ABSOLUTE_POS;
+    if e >= gate.len() {
+        terminate!();
+    }
+    let g = f32::cast_from(gate[e]);
+    let dy = f32::cast_from(grad[e]);
+    let sig = 1.0 / (1.0 + (-g).exp());
+    d_up[e] = F::cast_from(dy * g * sig);
+    d_gate[e] = F::cast_from(dy * f32::cast_from(up[e]) * sig * (g * (1.0 - sig) + 1.0));
+}
+
+/// The sum of every unit's `value` in the cube, given to every unit.
+#[cube]
+fn cube_sum(value: f32, shared: &mut SharedMemory<f32>) -> f32 {
+    let unit = UNIT_POS_X as usize;
+    shared[unit] = value;
+    sync_cube();
+    let mut stride = CUBE_DIM_X as usize / 2;
+    while stride > 0 {
+        if unit < stride {
+            shared[unit] += shared[unit + stride];
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    shared[0]
+}
+
+/// `1 / sqrt(mean(x²) + eps)` of row `row` of `x` `[rows, n]`, in f32.
+#[cube]
+fn inv_rms<F: Float>(x: &Tensor<F>, row: usize, eps: f32, shared: &mut SharedMemory<f32>) -> f32 {
+    let n = x.shape(1);
+    let mut squares = 0.0f32;
+    let mut i = UNIT_POS_X as usize;
+    while i < n {
+        let v = f32::cast_from(x[row * n + i]);
+        squares += v * v;
+        i += ROW_UNITS;
+    }
+    let mean = cube_sum(squares, shared) / f32::cast_from(n);
+    1.0 / (mean + eps).sqrt()
+}
+
+/// `weight * F(x * r)`, a cube a row of `x` `[rows, n]`.
+#[cube(launch)]
+fn rms_norm_kernel<F: Float>(
+    x: &Tensor<F>,
+    weight: &Tensor<F>,
+    out: &mut Tensor<F>,
+    eps: f32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let row = CUBE_POS_X as usize;
+    let n = x.shape(1);
+    let mut shared = SharedMemory::<f32>::new(ROW_UNITS);
+    let r = inv_rms::<F>(x, row, eps, &mut shared);
+    let mut i = UNIT_POS_X as usize;
+    while i < n {
+        out[row * n + i] = F::cast_from(f32::cast_from(x[row * n + i]) * r) * weight[i];
+        i += ROW_UNITS;
+    }
+}
+
+/// With `n = x * r` and `dn = grad * weight`: `dx = r * (dn - n * mean(dn * n))`, in f32.
+#[cube(launch)]
+fn rms_norm_backward_kernel<F: Float>(
+    x: &Tensor<F>,
+    weight: &Tensor<F>,
+    grad: &Tensor<F>,
+    dx: &mut Tensor<F>,
+    eps: f32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let row = CUBE_POS_X as usize;
+    let n = x.shape(1);
+    let mut shared = SharedMemory::<f32>::new(ROW_UNITS);
+    let r = inv_rms::<F>(x, row, eps, &mut shared);
+    sync_cube();
+    let mut dot = 0.0f32;
+    let mut i = UNIT_POS_X as usize;
+    while i < n {
+        let normed = f32::cast_from(x[row * n + i]) * r;
+        dot += f32::cast_from(grad[row * n + i]) * f32::cast_from(weight[i]) * normed;
+        i += ROW_UNITS;
+    }
+    let mean = cube_sum(dot, &mut shared) / f32::cast_from(n);
+    let mut i = UNIT_POS_X as usize;
+    while i < n {
+        let normed = f32::cast_from(x[row * n + i]) * r;
+        let dn = f32::cast_from(grad[row * n + i]) * f32::cast_from(weight[i]);
+        dx[row * n + i] = F::cast_from((dn - normed * mean) * r);
+        i += ROW_UNITS;
+    }
+}
+
+fn like<R: CubeRuntime>(t: &CubeTensor<R>) -> CubeTensor<R> {
+    empty_device_dtype(
+        t.client.clone(),
+        t.device.clone(),
+        t.meta.shape().clone(),
+        t.dtype,
+    )
+}
+
+/// An element a unit over `t`'s elements.
+fn elementwise<R: CubeRuntime>(t: &CubeTensor<R>) -> (CubeCount, CubeDim) {
+    let n = t.meta.shape().num_elements();
+    let dim = CubeDim::new(&t.client, n);
+    (calculate_cube_count_elemwise(&t.client, n, dim), dim)
+}
+
+pub fn rope<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    cos: CubeTensor<R>,
+    sin: CubeTensor<R>,
+) -> CubeTensor<R> {
+    let [x, cos, sin] = [x, cos, sin].map(into_contiguous);
+    let out = like(&x);
+    let (count, dim) = elementwise(&x);
+    rope_kernel::launch::<R>(
+        &x.client,
+        count,
+        dim,
+        x.clone().into_tensor_arg(),
+        cos.into_tensor_arg(),
+        sin.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        x.dtype.into(),
+    );
+    out
+}
+
+pub fn swiglu<R: CubeRuntime>(gate: CubeTensor<R>, up: CubeTensor<R>) -> CubeTensor<R> {
+    let [gate, up] = [gate, up].map(into_contiguous);
+    let out = like(&gate);
+    let (count, dim) = elementwise(&gate);
+    swiglu_kernel::launch::<R>(
+        &gate.client,
+        count,
+        dim,
+        gate.clone().into_tensor_arg(),
+        up.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        gate.dtype.into(),
+    );
+    out
+}
+
+pub fn swiglu_backward<R: CubeRuntime>(
+    gate: CubeTensor<R>,
+    up: CubeTensor<R>,
+    grad: CubeTensor<R>,
+) -> [CubeTensor<R>; 2] {
+    let [gate, up, grad] = [gate, up, grad].map(into_contiguous);
+    let (d_gate, d_up) = (like(&gate), like(&gate));
+    let (count, dim) = elementwise(&gate);
+    swiglu_backward_kernel::launch::<R>(
+        &gate.client,
+        count,
+        dim,
+        gate.clone().into_tensor_arg(),
+        up.into_tensor_arg(),
+        grad.into_tensor_arg(),
+        d_gate.clone().into_tensor_arg(),
+        d_up.clone().into_tensor_arg(),
+        gate.dtype.into(),
+    );
+    [d_gate, d_up]
+}
+
+/// RMSNorm of `x` `[rows, n]`.
+pub fn rms_norm<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    weight: CubeTensor<R>,
+    eps: f64,
+) -> CubeTensor<R> {
+    let [x, weight] = [x, weight].map(into_contiguous);
+    let out = like(&x);
+    rms_norm_kernel::launch::<R>(
+        &x.client,
+        CubeCount::Static(x.meta.shape()[0] as u32, 1, 1),
+        CubeDim::new_1d(ROW_UNITS as u32),
+        x.clone().into_tensor_arg(),
+        weight.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        eps as f32,
+        x.dtype.into(),
+    );
+    out
+}
+
+/// The gradient of `x` `[rows, n]` from that of `rms_norm`'s output.
+pub fn rms_norm_backward<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    weight: CubeTensor<R>,
+    eps: f64,
+    grad: CubeTensor<R>,
+) -> CubeTensor<R> {
+    let [x, weight, grad] = [x, weight, grad].map(into_contiguous);
+    let dx = like(&x);
+    rms_norm_backward_kernel::launch::<R>(
+        &x.client,
+        CubeCount::Static(x.meta.shape()[0] as u32, 1, 1),
+        CubeDim::new_1d(ROW_UNITS as u32),
+        x.clone().into_tensor_arg(),
+        weight.into_tensor_arg(),
+        grad.into_tensor_arg(),
+        dx.clone().into_tensor_arg(),
+        eps as f32,
+        x.dtype.into(),
+    );
+    dx
+}

@@ -14,7 +14,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::{FloatTensor, FloatTensorOps};
+use burn::tensor::ops::{FloatTensor, FloatTensorOps, IntTensor};
 use burn::tensor::{DType, Shape, Tensor, TensorMetadata, TensorPrimitive};
 use burn_cubecl::fusion::FusionCubeRuntime;
 use burn_cubecl::tensor::CubeTensor;
@@ -162,6 +162,43 @@ where
                 [rowwise::rms_norm_backward(x, weight, eps, grad)]
             });
         (Self::float_reshape(dx, shape), None)
+    }
+
+    fn cross_entropy_forward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if targets.dtype() != DType::I32 {
+            return generic::cross_entropy::<Self>(logits, targets);
+        }
+        let rows = Shape::new([logits.shape()[0]]);
+        let outputs = [(rows.clone(), DType::F32), (rows, DType::F32)];
+        let inputs = vec![logits, targets];
+        let [loss, lse] =
+            custom::<R, F, I, BT, 2>("swift_rs.cross_entropy", inputs, outputs, |t| {
+                let [logits, targets] = take(t);
+                rowwise::cross_entropy(logits, targets)
+            });
+        (loss, lse)
+    }
+
+    fn cross_entropy_backward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        if targets.dtype() != DType::I32 || grad.dtype() != DType::F32 {
+            return generic::cross_entropy_backward::<Self>(logits, targets, lse, grad);
+        }
+        let output = [(logits.shape(), logits.dtype())];
+        let inputs = vec![logits, targets, lse, grad];
+        let [d_logits] =
+            custom::<R, F, I, BT, 1>("swift_rs.cross_entropy_backward", inputs, output, |t| {
+                let [logits, targets, lse, grad] = take(t);
+                [rowwise::cross_entropy_backward(logits, targets, lse, grad)]
+            });
+        d_logits
     }
 
     fn sdpa_forward(

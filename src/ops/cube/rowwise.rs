@@ -1,8 +1,10 @@
-//! RoPE, SwiGLU and RMSNorm as one CubeCL kernel a direction each, where Burn runs a chain of
-//! tensor ops (each a pass over the tensor unless its fusion joins them). Statistics and the
-//! nonlinearities are computed in f32 and rounded to the tensor's dtype once, as PyTorch's
-//! kernels do for bf16 and f16.
+//! RoPE, SwiGLU, RMSNorm and the cross-entropy of logits as one CubeCL kernel a direction each,
+//! where Burn runs a chain of tensor ops (each a pass over the tensor unless its fusion joins
+//! them, and the loss through an f32 copy of the logits). Statistics and the nonlinearities are
+//! computed in f32 and rounded to the tensor's dtype once, as PyTorch's kernels do for bf16 and
+//! f16.
 
+use burn::tensor::DType;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
@@ -73,21 +75,30 @@ fn swiglu_backward_kernel<F: Float>(
     d_gate[e] = F::cast_from(dy * f32::cast_from(up[e]) * sig * (g * (1.0 - sig) + 1.0));
 }
 
-/// The sum of every unit's `value` in the cube, given to every unit.
+/// The sum (or, with `max`, the maximum) of every unit's `value` in the cube, given to every
+/// unit. Ends with a barrier, so `shared` can be used again at once.
 #[cube]
-fn cube_sum(value: f32, shared: &mut SharedMemory<f32>) -> f32 {
+fn cube_reduce(value: f32, shared: &mut SharedMemory<f32>, #[comptime] max: bool) -> f32 {
     let unit = UNIT_POS_X as usize;
     shared[unit] = value;
     sync_cube();
     let mut stride = CUBE_DIM_X as usize / 2;
     while stride > 0 {
         if unit < stride {
-            shared[unit] += shared[unit + stride];
+            if max {
+                if shared[unit + stride] > shared[unit] {
+                    shared[unit] = shared[unit + stride];
+                }
+            } else {
+                shared[unit] += shared[unit + stride];
+            }
         }
         sync_cube();
         stride /= 2;
     }
-    shared[0]
+    let total = shared[0];
+    sync_cube();
+    total
 }
 
 /// `1 / sqrt(mean(x²) + eps)` of row `row` of `x` `[rows, n]`, in f32.
@@ -101,7 +112,7 @@ fn inv_rms<F: Float>(x: &Tensor<F>, row: usize, eps: f32, shared: &mut SharedMem
         squares += v * v;
         i += ROW_UNITS;
     }
-    let mean = cube_sum(squares, shared) / f32::cast_from(n);
+    let mean = cube_reduce(squares, shared, false) / f32::cast_from(n);
     1.0 / (mean + eps).sqrt()
 }
 
@@ -139,7 +150,6 @@ fn rms_norm_backward_kernel<F: Float>(
     let n = x.shape(1);
     let mut shared = SharedMemory::<f32>::new(ROW_UNITS);
     let r = inv_rms::<F>(x, row, eps, &mut shared);
-    sync_cube();
     let mut dot = 0.0f32;
     let mut i = UNIT_POS_X as usize;
     while i < n {
@@ -147,7 +157,7 @@ fn rms_norm_backward_kernel<F: Float>(
         dot += f32::cast_from(grad[row * n + i]) * f32::cast_from(weight[i]) * normed;
         i += ROW_UNITS;
     }
-    let mean = cube_sum(dot, &mut shared) / f32::cast_from(n);
+    let mean = cube_reduce(dot, &mut shared, false) / f32::cast_from(n);
     let mut i = UNIT_POS_X as usize;
     while i < n {
         let normed = f32::cast_from(x[row * n + i]) * r;
@@ -155,6 +165,67 @@ fn rms_norm_backward_kernel<F: Float>(
         dx[row * n + i] = F::cast_from((dn - normed * mean) * r);
         i += ROW_UNITS;
     }
+}
+
+/// Each row's `loss = lse - logits[target]` and `lse = logsumexp(logits)`, f32, a cube a row of
+/// `logits` `[rows, vocab]`: one pass for the maximum, one for the sum of exponentials.
+#[cube(launch)]
+fn cross_entropy_kernel<F: Float>(
+    logits: &Tensor<F>,
+    targets: &Tensor<i32>,
+    loss: &mut Tensor<f32>,
+    lse: &mut Tensor<f32>,
+    #[define(F)] _dtype: StorageType,
+) {
+    let row = CUBE_POS_X as usize;
+    let vocab = logits.shape(1);
+    let mut shared = SharedMemory::<f32>::new(ROW_UNITS);
+    let mut max = f32::cast_from(logits[row * vocab]);
+    let mut i = UNIT_POS_X as usize;
+    while i < vocab {
+        let v = f32::cast_from(logits[row * vocab + i]);
+        if v > max {
+            max = v;
+        }
+        i += ROW_UNITS;
+    }
+    let max = cube_reduce(max, &mut shared, true);
+    let mut sum = 0.0f32;
+    let mut i = UNIT_POS_X as usize;
+    while i < vocab {
+        sum += (f32::cast_from(logits[row * vocab + i]) - max).exp();
+        i += ROW_UNITS;
+    }
+    let row_lse = cube_reduce(sum, &mut shared, false).ln() + max;
+    if UNIT_POS_X == 0 {
+        let target = targets[row] as usize;
+        loss[row] = row_lse - f32::cast_from(logits[row * vocab + target]);
+        lse[row] = row_lse;
+    }
+}
+
+/// `d_logits = (softmax(logits) - onehot(target)) * grad`, row by row, in the logits' dtype; an
+/// element a unit.
+#[cube(launch)]
+fn cross_entropy_backward_kernel<F: Float>(
+    logits: &Tensor<F>,
+    targets: &Tensor<i32>,
+    lse: &Tensor<f32>,
+    grad: &Tensor<f32>,
+    d_logits: &mut Tensor<F>,
+    #[define(F)] _dtype: StorageType,
+) {
+    let e = ABSOLUTE_POS;
+    if e >= logits.len() {
+        terminate!();
+    }
+    let vocab = logits.shape(1);
+    let row = e / vocab;
+    let mut d = (f32::cast_from(logits[e]) - lse[row]).exp() * grad[row];
+    if e % vocab == targets[row] as usize {
+        d -= grad[row];
+    }
+    d_logits[e] = F::cast_from(d);
 }
 
 fn like<R: CubeRuntime>(t: &CubeTensor<R>) -> CubeTensor<R> {
@@ -274,4 +345,57 @@ pub fn rms_norm_backward<R: CubeRuntime>(
         x.dtype.into(),
     );
     dx
+}
+
+/// Each row's loss and log-sum-exp (`[rows]`, f32) of `logits` `[rows, vocab]` at `targets` (I32).
+pub fn cross_entropy<R: CubeRuntime>(
+    logits: CubeTensor<R>,
+    targets: CubeTensor<R>,
+) -> [CubeTensor<R>; 2] {
+    let [logits, targets] = [logits, targets].map(into_contiguous);
+    let rows = logits.meta.shape()[0];
+    let f32_rows = || {
+        empty_device_dtype(
+            logits.client.clone(),
+            logits.device.clone(),
+            [rows].into(),
+            DType::F32,
+        )
+    };
+    let (loss, lse) = (f32_rows(), f32_rows());
+    cross_entropy_kernel::launch::<R>(
+        &logits.client,
+        CubeCount::Static(rows as u32, 1, 1),
+        CubeDim::new_1d(ROW_UNITS as u32),
+        logits.clone().into_tensor_arg(),
+        targets.into_tensor_arg(),
+        loss.clone().into_tensor_arg(),
+        lse.clone().into_tensor_arg(),
+        logits.dtype.into(),
+    );
+    [loss, lse]
+}
+
+/// The gradient of `logits` from `cross_entropy`'s `lse` and the losses' gradient `grad` (f32).
+pub fn cross_entropy_backward<R: CubeRuntime>(
+    logits: CubeTensor<R>,
+    targets: CubeTensor<R>,
+    lse: CubeTensor<R>,
+    grad: CubeTensor<R>,
+) -> CubeTensor<R> {
+    let [logits, targets, lse, grad] = [logits, targets, lse, grad].map(into_contiguous);
+    let d_logits = like(&logits);
+    let (count, dim) = elementwise(&logits);
+    cross_entropy_backward_kernel::launch::<R>(
+        &logits.client,
+        count,
+        dim,
+        logits.clone().into_tensor_arg(),
+        targets.into_tensor_arg(),
+        lse.into_tensor_arg(),
+        grad.into_tensor_arg(),
+        d_logits.clone().into_tensor_arg(),
+        logits.dtype.into(),
+    );
+    d_logits
 }

@@ -231,3 +231,38 @@ fn rope_swiglu_and_rms_norm_match_the_generic_path() {
         close_all(dtype, [dx], [want]);
     }
 }
+
+#[test]
+fn the_cross_entropy_matches_the_generic_path() {
+    let Some(device) = gpu() else { return };
+    // 7 rows of a vocabulary of 1000 (not a multiple of a cube's units), targets anywhere.
+    let targets: Vec<i32> = vec![0, 999, 17, 500, 3, 998, 64];
+    let targets = || {
+        Tensor::<Wgpu, 1, Int>::from_data(
+            TensorData::new(targets.clone(), [7]),
+            (&device, DType::I32),
+        )
+        .into_primitive()
+    };
+    let grad = primitive(Tensor::<Wgpu, 1>::random(
+        [7],
+        Distribution::Normal(0.0, 1.0),
+        &device,
+    ));
+    for dtype in [DType::F32, DType::F16] {
+        let logits = Tensor::<Wgpu, 2>::random([7, 1000], Distribution::Normal(0.0, 3.0), &device);
+        let logits = primitive(logits.cast(dtype));
+        let (loss, lse) = <Wgpu as ModelBackend>::cross_entropy_forward(logits.clone(), targets());
+        let (want_loss, want_lse) = generic::cross_entropy::<Wgpu>(logits.clone(), targets());
+        // Both are f32 whatever the logits' dtype.
+        close_all(DType::F32, [loss, lse.clone()], [want_loss, want_lse]);
+        let d = <Wgpu as ModelBackend>::cross_entropy_backward(
+            logits.clone(),
+            targets(),
+            lse.clone(),
+            grad.clone(),
+        );
+        let want = generic::cross_entropy_backward::<Wgpu>(logits, targets(), lse, grad.clone());
+        close_all(dtype, [d], [want]);
+    }
+}

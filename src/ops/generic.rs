@@ -106,9 +106,20 @@ pub(super) fn lora_linear<B: Backend>(
     x: FloatTensor<B>,
     layer: LoraParts<B>,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
+    let lora_b = layer.lora_b.clone();
+    let (base, h, shape) = lora_base_and_hidden(x, layer);
+    let y = lora_sum::<B>(base, h.clone(), lora_b);
+    (B::float_reshape(y, shape), h)
+}
+
+/// The two products of a LoRA layer on `x` `[.., in]`: the base's `x·W + bias` `[rows, out]` in
+/// x's dtype and `h = s·x·A` `[rows, r]` in f32, with the output's shape.
+pub(super) fn lora_base_and_hidden<B: Backend>(
+    x: FloatTensor<B>,
+    layer: LoraParts<B>,
+) -> (FloatTensor<B>, FloatTensor<B>, Shape) {
     let shape = x.shape();
     let x = rows::<B>(x);
-    let dtype = x.dtype();
     let h = lora_hidden(x.clone(), &layer);
     let weight = float::<B, 2>(layer.weight);
     let n_out = weight.dims()[1];
@@ -116,9 +127,19 @@ pub(super) fn lora_linear<B: Backend>(
     if let Some(bias) = layer.bias {
         base = base + float::<B, 1>(bias).unsqueeze();
     }
-    let y = (base.cast(DType::F32) + h.clone().matmul(float(layer.lora_b))).cast(dtype);
-    let y = B::float_reshape(primitive(y), with_last_dim(&shape, n_out));
-    (y, primitive(h))
+    (primitive(base), primitive(h), with_last_dim(&shape, n_out))
+}
+
+/// `base + h·B` in f32, cast to base's dtype: the LoRA layer's output from its two products.
+pub(super) fn lora_sum<B: Backend>(
+    base: FloatTensor<B>,
+    h: FloatTensor<B>,
+    lora_b: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let base = float::<B, 2>(base);
+    let dtype = base.dtype();
+    let update = float::<B, 2>(h).matmul(float(lora_b));
+    primitive((base.cast(DType::F32) + update).cast(dtype))
 }
 
 /// `h = s·x·A` in f32, for `x` `[rows, in]`.

@@ -23,7 +23,7 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
-use super::{generic, AttnMask, ModelBackend, Nf4Absmax, Nf4Parts};
+use super::{generic, AttnMask, LoraParts, ModelBackend, Nf4Absmax, Nf4Parts};
 
 type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
 
@@ -80,6 +80,24 @@ where
             },
         );
         Some(weight)
+    }
+
+    fn lora_linear_forward(
+        x: FloatTensor<Self>,
+        layer: LoraParts<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if layer.lora_b.dtype() != DType::F32 {
+            return generic::lora_linear::<Self>(x, layer);
+        }
+        let lora_b = layer.lora_b.clone();
+        let (base, h, shape) = generic::lora_base_and_hidden::<Self>(x, layer);
+        let output = [(base.shape(), base.dtype())];
+        let inputs = vec![base, h.clone(), lora_b];
+        let [y] = custom::<R, F, I, BT, 1>("swift_rs.lora_sum", inputs, output, |t| {
+            let [base, h, lora_b] = take(t);
+            [rowwise::lora_sum(base, h, lora_b)]
+        });
+        (Self::float_reshape(y, shape), h)
     }
 
     fn rope(

@@ -228,6 +228,32 @@ fn cross_entropy_backward_kernel<F: Float>(
     d_logits[e] = F::cast_from(d);
 }
 
+/// The LoRA layer's output `F(f32(base) + h·B)` for `base` `[rows, out]`, `h` `[rows, r]` and `B`
+/// `[r, out]` (f32): an element a unit, the rank-r product summed in registers, so neither
+/// `h·B` nor an f32 copy of the base output is ever written.
+#[cube(launch)]
+fn lora_sum_kernel<F: Float>(
+    base: &Tensor<F>,
+    h: &Tensor<f32>,
+    lora_b: &Tensor<f32>,
+    out: &mut Tensor<F>,
+    #[define(F)] _dtype: StorageType,
+) {
+    let e = ABSOLUTE_POS;
+    if e >= base.len() {
+        terminate!();
+    }
+    let n_out = base.shape(1);
+    let r = h.shape(1);
+    let row = e / n_out;
+    let col = e % n_out;
+    let mut sum = f32::cast_from(base[e]);
+    for k in 0..r {
+        sum += h[row * r + k] * lora_b[k * n_out + col];
+    }
+    out[e] = F::cast_from(sum);
+}
+
 fn like<R: CubeRuntime>(t: &CubeTensor<R>) -> CubeTensor<R> {
     empty_device_dtype(
         t.client.clone(),
@@ -398,4 +424,26 @@ pub fn cross_entropy_backward<R: CubeRuntime>(
         logits.dtype.into(),
     );
     d_logits
+}
+
+/// `F(f32(base) + h·B)`: see `lora_sum_kernel`.
+pub fn lora_sum<R: CubeRuntime>(
+    base: CubeTensor<R>,
+    h: CubeTensor<R>,
+    lora_b: CubeTensor<R>,
+) -> CubeTensor<R> {
+    let [base, h, lora_b] = [base, h, lora_b].map(into_contiguous);
+    let out = like(&base);
+    let (count, dim) = elementwise(&base);
+    lora_sum_kernel::launch::<R>(
+        &base.client,
+        count,
+        dim,
+        base.clone().into_tensor_arg(),
+        h.into_tensor_arg(),
+        lora_b.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        base.dtype.into(),
+    );
+    out
 }

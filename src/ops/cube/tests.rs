@@ -8,7 +8,7 @@ use burn::tensor::{
     DType, Distribution, Int, Shape, Tensor, TensorData, TensorMetadata, Tolerance,
 };
 
-use super::super::{float, generic, primitive, sdpa, AttnMask, ModelBackend};
+use super::super::{float, generic, primitive, sdpa, AttnMask, LoraParts, ModelBackend};
 use crate::ops::test_gpu as gpu;
 
 type Ad = Autodiff<Wgpu>;
@@ -264,5 +264,31 @@ fn the_cross_entropy_matches_the_generic_path() {
         );
         let want = generic::cross_entropy_backward::<Wgpu>(logits, targets(), lse, grad.clone());
         close_all(dtype, [d], [want]);
+    }
+}
+
+#[test]
+fn the_lora_layer_matches_the_generic_path() {
+    let Some(device) = gpu() else { return };
+    let rand = |shape: [usize; 2]| {
+        Tensor::<Wgpu, 2>::random(shape, Distribution::Normal(0.0, 1.0), &device)
+    };
+    for dtype in [DType::F32, DType::F16] {
+        // [3, 11, 40] rows into 37 outputs through rank 5, with a bias.
+        let x = Tensor::<Wgpu, 3>::random([3, 11, 40], Distribution::Normal(0.0, 1.0), &device);
+        let bias = Tensor::<Wgpu, 1>::random([37], Distribution::Normal(0.0, 1.0), &device);
+        let layer = LoraParts::new(
+            rand([40, 37]).cast(dtype),
+            Some(bias.cast(dtype)),
+            rand([40, 5]),
+            rand([5, 37]),
+            0.5,
+        );
+        let x = primitive(x.cast(dtype));
+        let (y, h) = <Wgpu as ModelBackend>::lora_linear_forward(x.clone(), layer.clone());
+        let (want_y, want_h) = generic::lora_linear::<Wgpu>(x, layer);
+        assert_eq!(y.shape(), want_y.shape());
+        close_all(dtype, [y], [want_y]);
+        close_all(DType::F32, [h], [want_h]);
     }
 }

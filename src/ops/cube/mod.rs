@@ -351,20 +351,32 @@ where
     let op = CustomOp::<R, F, I, BT, N> {
         desc: desc.clone(),
         run: Arc::new(run),
-        _elements: PhantomData,
+        _backend: PhantomData,
     };
     let outputs: Vec<_> = client.register(streams, OperationIr::Custom(desc), op);
     take(outputs)
 }
 
 /// `run` as a fusion operation of the backend `Cube<R, F, I, BT>`.
-struct CustomOp<R: CubeRuntime, F, I, BT, const N: usize> {
+struct CustomOp<R, F, I, BT, const N: usize>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
     desc: CustomOpIr,
     run: Run<R, N>,
-    _elements: PhantomData<fn() -> (F, I, BT)>,
+    _backend: PhantomData<Cube<R, F, I, BT>>,
 }
 
-impl<R: CubeRuntime, F, I, BT, const N: usize> std::fmt::Debug for CustomOp<R, F, I, BT, N> {
+impl<R, F, I, BT, const N: usize> std::fmt::Debug for CustomOp<R, F, I, BT, N>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}", self.desc.id)
     }

@@ -60,17 +60,22 @@ where
             inputs,
             [(Shape::new(shape), dtype)],
             move |mut t| {
-                let absmax = match offset {
-                    None => Ok(t.pop().expect("absmax")),
+                let scales = match offset {
+                    None => nf4::Scales::Plain(t.pop().expect("absmax")),
                     Some(offset) => {
                         let absmax2 = t.pop().expect("absmax2");
-                        Err((t.pop().expect("quantized"), absmax2, offset))
+                        let quantized = t.pop().expect("quantized");
+                        nf4::Scales::Double {
+                            quantized,
+                            absmax2,
+                            offset,
+                        }
                     }
                 };
                 let [packed, code, dynamic_map] = take(t);
                 [nf4::dequantize(
                     packed,
-                    absmax,
+                    scales,
                     code,
                     dynamic_map,
                     shape,
@@ -105,7 +110,9 @@ where
         cos: FloatTensor<Self>,
         sin: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        if !same_dtype(&[&x, &cos, &sin]) {
+        // The kernel reads a table row per (batch, position) of x.
+        let rows = |t: &FloatTensor<Self>| [t.shape()[0], t.shape()[1]];
+        if !same_dtype(&[&x, &cos, &sin]) || rows(&cos) != rows(&x) || rows(&sin) != rows(&x) {
             return generic::rope::<Self>(x, cos, sin);
         }
         let output = [(x.shape(), x.dtype())];

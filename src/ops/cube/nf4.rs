@@ -56,11 +56,20 @@ fn dequantize_kernel<F: Float>(
     }
 }
 
-/// The `[out, in]` weight in `dtype`. `absmax` is the plain scales, or the double-quantized
-/// `(quantized, absmax2, offset)`.
+/// The block scales as the kernel reads them (`ops::Nf4Absmax` on CubeCL tensors).
+pub enum Scales<R: CubeRuntime> {
+    Plain(CubeTensor<R>),
+    Double {
+        quantized: CubeTensor<R>,
+        absmax2: CubeTensor<R>,
+        offset: f64,
+    },
+}
+
+/// The `[out, in]` weight in `dtype`.
 pub fn dequantize<R: CubeRuntime>(
     packed: CubeTensor<R>,
-    absmax: Result<CubeTensor<R>, (CubeTensor<R>, CubeTensor<R>, f64)>,
+    scales: Scales<R>,
     code: CubeTensor<R>,
     dynamic_map: CubeTensor<R>,
     shape: [usize; 2],
@@ -70,11 +79,15 @@ pub fn dequantize<R: CubeRuntime>(
     let (client, device) = (packed.client.clone(), packed.device.clone());
     let out = empty_device_dtype(client.clone(), device, Shape::new(shape), dtype);
     let words = packed.meta.shape().num_elements();
-    let double = absmax.is_err();
+    let double = matches!(scales, Scales::Double { .. });
     // The operands the other variant reads stand in for the ones this one does not.
-    let (absmax, quantized, absmax2, offset) = match absmax {
-        Ok(a) => (a, packed.clone(), dynamic_map.clone(), 0.0),
-        Err((quantized, absmax2, offset)) => (dynamic_map.clone(), quantized, absmax2, offset),
+    let (absmax, quantized, absmax2, offset) = match scales {
+        Scales::Plain(a) => (a, packed.clone(), dynamic_map.clone(), 0.0),
+        Scales::Double {
+            quantized,
+            absmax2,
+            offset,
+        } => (dynamic_map.clone(), quantized, absmax2, offset),
     };
     let [packed, absmax, quantized, absmax2, code, dynamic_map] =
         [packed, absmax, quantized, absmax2, code, dynamic_map].map(into_contiguous);

@@ -22,7 +22,7 @@ fn flat<B: Backend>(p: FloatTensor<B>) -> Tensor<B, 1> {
 }
 
 /// Any-rank `p` as `[rows, last dim]`.
-fn rows<B: Backend>(p: FloatTensor<B>) -> Tensor<B, 2> {
+pub(super) fn rows<B: Backend>(p: FloatTensor<B>) -> Tensor<B, 2> {
     let shape = p.shape();
     let dim = shape[shape.num_dims() - 1];
     reshaped(p, [shape.num_elements() / dim, dim])
@@ -297,7 +297,7 @@ fn tokens_mask<B: Backend>(
 
 /// `t` as an f32 tensor: attention's scores, softmax and products run in f32 whatever the input
 /// dtype, as transformers' softmax upcasts (a bf16 softmax over long rows loses whole digits).
-fn in_f32<B: Backend>(t: FloatTensor<B>) -> Tensor<B, 4> {
+pub(super) fn in_f32<B: Backend>(t: FloatTensor<B>) -> Tensor<B, 4> {
     float::<B, 4>(t).cast(DType::F32)
 }
 

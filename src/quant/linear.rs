@@ -193,8 +193,6 @@ impl<B: Backend> Nf4Linear<B> {
     }
 }
 
-/// The fields of every word at `shifts` (`[1, k]`, in that order, each `mask` wide), flattened:
-/// `[words * k]`.
 impl<B: ModelBackend> Nf4Linear<B> {
     /// `x @ W^T + b` in x's dtype, the weight decoded by the backend's kernel where it has one.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
@@ -208,6 +206,8 @@ impl<B: ModelBackend> Nf4Linear<B> {
     }
 }
 
+/// The fields of every word at `shifts` (`[1, k]`, in that order, each `mask` wide), flattened:
+/// `[words * k]`.
 fn unpack<B: Backend>(
     words: &Tensor<B, 1, Int>,
     shifts: &Tensor<B, 2, Int>,

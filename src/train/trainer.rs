@@ -170,7 +170,7 @@ impl<B: TrainBackend> Trainer<B> {
         while self.state.global_step < self.state.max_steps {
             let t = &self.plan.config.train;
             let batches = feed.next_step(t.batch_size, t.grad_accum)?;
-            let mut report = self.step(&batches, &mut clock)?;
+            let mut report = self.step(&batches, &mut clock);
             self.state.data_position = feed.position();
             self.state.epoch = feed.epoch_progress();
             report.epoch = self.state.epoch;
@@ -205,11 +205,7 @@ impl<B: TrainBackend> Trainer<B> {
     /// One optimizer step on `batches`: gradients, clipping, the update. Its loss and gradient
     /// norm stay on the device until `read_unread`; the device skips the update when either is
     /// not finite.
-    fn step(
-        &mut self,
-        batches: &[Vec<TrainRow>],
-        clock: &mut Clock,
-    ) -> Result<StepReport, TrainError> {
+    fn step(&mut self, batches: &[Vec<TrainRow>], clock: &mut Clock) -> StepReport {
         let step = self.state.global_step;
         let lr = self.schedule.lr(step as usize);
         let (loss, tokens, grads) = self.grads.compute(&self.model, batches, step);
@@ -231,7 +227,7 @@ impl<B: TrainBackend> Trainer<B> {
         state.global_step += 1;
         state.elapsed_s = clock.elapsed_s();
         clock.tokens += tokens;
-        Ok(StepReport {
+        StepReport {
             step: state.global_step,
             max_steps: state.max_steps,
             epoch: state.epoch,
@@ -241,7 +237,7 @@ impl<B: TrainBackend> Trainer<B> {
             tokens,
             logged: None,
             checkpoint: None,
-        })
+        }
     }
 
     /// Reads the losses and gradient norms of the steps since the last read, in one host read,

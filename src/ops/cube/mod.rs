@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, FloatTensorOps, IntTensor};
-use burn::tensor::{DType, Shape, Tensor, TensorMetadata, TensorPrimitive};
+use burn::tensor::{DType, Shape, TensorMetadata};
 use burn_cubecl::fusion::FusionCubeRuntime;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
@@ -156,7 +156,7 @@ where
             return generic::rms_norm::<Self>(x, weight, eps);
         }
         let shape = x.shape();
-        let x = as_rows::<Self>(x);
+        let x = generic::rows::<Self>(x).into_primitive().tensor();
         let output = [(x.shape(), x.dtype())];
         let [out] =
             custom::<R, F, I, BT, 1>("swift_rs.rms_norm", vec![x, weight], output, move |t| {
@@ -178,7 +178,7 @@ where
             return generic::rms_norm_backward::<Self>(x, weight, eps, grad, weight_grad);
         }
         let shape = x.shape();
-        let (x, grad) = (as_rows::<Self>(x), as_rows::<Self>(grad));
+        let [x, grad] = [x, grad].map(|t| generic::rows::<Self>(t).into_primitive().tensor());
         let output = [(x.shape(), x.dtype())];
         let inputs = vec![x, weight, grad];
         let [dx] =
@@ -266,11 +266,8 @@ where
             return generic::sdpa_grads::<Self>(q, k, v, mask, out, d_out);
         };
         // delta = rowsum(d_out ⊙ out) in f32, queued with the ops before it.
-        let f32_of = |t: FloatTensor<Self>| {
-            Tensor::<Self, 4>::from_primitive(TensorPrimitive::Float(t)).cast(DType::F32)
-        };
         let [b, h, s, _] = dims(&q);
-        let delta = (f32_of(d_out.clone()) * f32_of(out))
+        let delta = (generic::in_f32::<Self>(d_out.clone()) * generic::in_f32::<Self>(out))
             .sum_dim(3)
             .reshape([b, h, s]);
         let delta = delta.into_primitive().tensor();
@@ -314,13 +311,6 @@ fn kernel_mask<R: CubeRuntime>(
 /// Whether the tensors share a dtype (the kernels read them all as one element type).
 fn same_dtype<T: TensorMetadata>(tensors: &[&T]) -> bool {
     tensors.iter().all(|t| t.dtype() == tensors[0].dtype())
-}
-
-/// `x` as `[rows, last dim]`.
-fn as_rows<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
-    let shape = x.shape();
-    let n = shape[shape.num_dims() - 1];
-    B::float_reshape(x, Shape::new([shape.num_elements() / n, n]))
 }
 
 fn dims<T: TensorMetadata>(t: &T) -> [usize; 4] {

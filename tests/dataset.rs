@@ -140,7 +140,7 @@ fn shuffle_split_and_sampling_are_seeded() {
 }
 
 #[test]
-fn truncation_left_right_and_delete() {
+fn truncation_left_and_right() {
     let file = datasets().join("rows.jsonl");
     let expected = expected();
     let max = 60;
@@ -170,22 +170,30 @@ fn truncation_left_right_and_delete() {
     for (r, e) in samples(&right.train).iter().zip(learnable) {
         assert_eq!(r.input_ids[..], e.input_ids[..e.input_ids.len().min(max)]);
     }
-    let too_long = |e: &&Encoded| e.input_ids.len() > max;
-    let first = expected.iter().position(|e| too_long(&e)).unwrap();
-    let err = build(&config(&[&file], &format!("max_length = {max}\n"))).unwrap_err();
-    assert!(
-        err.contains(&format!("rows.jsonl:{}:", first + 1))
-            && err.contains(&format!("longer than data.max_length = {max}")),
-        "{err}"
-    );
-    let skip = build(&config(
-        &[&file],
-        &format!("max_length = {max}\non_bad_row = \"skip\"\n"),
-    ))
-    .unwrap();
-    let long = expected.iter().filter(too_long).count();
-    assert_eq!(skip.bad_rows.count, long);
-    assert_eq!(skip.train.len(), expected.len() - long);
+}
+
+/// ms-swift drops rows longer than max_length under "delete"; the run used to stop at the first.
+#[test]
+fn delete_truncation_drops_long_rows_and_counts_them_even_when_bad_rows_are_errors() {
+    let file = datasets().join("rows.jsonl");
+    let expected = expected();
+    let max = 40;
+    let long = expected.iter().filter(|e| e.input_ids.len() > max).count();
+    assert!(long > 0 && long < expected.len());
+    for on_bad_row in ["error", "skip"] {
+        let extra = format!("max_length = {max}\non_bad_row = \"{on_bad_row}\"\n");
+        let built = build(&config(&[&file], &extra)).unwrap();
+        assert_eq!(built.bad_rows.too_long, long, "{on_bad_row}");
+        assert_eq!(built.bad_rows.count, 0, "{on_bad_row}");
+        let kept: Vec<&Encoded> = expected.iter().filter(|e| e.input_ids.len() <= max).collect();
+        let got = samples(&built.train);
+        assert_eq!(got.len(), kept.len());
+        for (g, e) in got.iter().zip(kept) {
+            assert_eq!(g, e);
+        }
+        let said = built.bad_rows.describe(max).unwrap();
+        assert!(said.contains(&format!("dropped {long} rows longer than data.max_length = {max}")), "{said}");
+    }
 }
 
 #[test]

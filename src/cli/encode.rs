@@ -58,14 +58,8 @@ pub fn run(args: EncodeArgs) -> Result<(), Failure> {
         "encoded {} rows: {} tokens, {} with loss",
         totals.rows, totals.tokens, totals.label_tokens
     );
-    if bad_rows.count > 0 {
-        eprintln!(
-            "skipped {} bad rows (data.on_bad_row = \"skip\"); the first:",
-            bad_rows.count
-        );
-        for reason in &bad_rows.first {
-            eprintln!("  {reason}");
-        }
+    if let Some(text) = bad_rows.describe(config.data.max_length) {
+        eprintln!("{text}");
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! `swift-rs train --config FILE [--set section.key=value]...`: a LoRA / QLoRA fine-tune into
-//! `output.dir`. A progress bar on a terminal, plain log lines otherwise; Ctrl-C finishes the
-//! step, saves a checkpoint and exits 0 (a second Ctrl-C exits at once).
+//! `output.dir`. A progress bar on a terminal, plain log lines otherwise. Ctrl-C, and SIGTERM (what
+//! kill, docker, SLURM and Kubernetes send), finish the step, save a checkpoint and exit 0; a
+//! second signal exits at once (130), losing only the step under way.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -54,9 +55,11 @@ fn train_on<B: ModelBackend>(device: B::Device, plan: TrainPlan) -> Result<(), F
         if STOP.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
-        eprintln!("\nstopping after this step to save a checkpoint (Ctrl-C again to quit now)");
+        eprintln!(
+            "\nstopping after this step to save a checkpoint (Ctrl-C or kill again to quit now)"
+        );
     })
-    .context("cannot install the Ctrl-C handler")?;
+    .context("cannot install the SIGINT/SIGTERM handler")?;
 
     let terminal = std::io::stderr().is_terminal();
     let first = trainer.state.global_step;
@@ -106,6 +109,9 @@ fn train_on<B: ModelBackend>(device: B::Device, plan: TrainPlan) -> Result<(), F
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
+    for warning in &outcome.warnings {
+        eprintln!("warning: {warning}");
+    }
     let dir = outcome.last_checkpoint.display();
     if outcome.stopped {
         eprintln!(
@@ -138,11 +144,9 @@ fn describe<B: TrainBackend>(trainer: &Trainer<B>) {
         },
         if trainer.lora.use_dora { ", DoRA" } else { "" },
     );
-    if let Some(bad) = trainer.bad_rows().filter(|b| b.count > 0) {
-        eprintln!("skipped {} bad rows; the first:", bad.count);
-        for reason in &bad.first {
-            eprintln!("  {reason}");
-        }
+    let max_length = trainer.plan.config.data.max_length;
+    if let Some(text) = trainer.bad_rows().and_then(|b| b.describe(max_length)) {
+        eprintln!("{text}");
     }
     let s = &trainer.state;
     if s.global_step > 0 {

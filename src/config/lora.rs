@@ -15,6 +15,17 @@ pub enum TargetModules {
     Regex(String),
 }
 
+/// As the config file writes it: `["q_proj", "v_proj"]`, or a regex as a quoted string.
+impl std::fmt::Display for TargetModules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let json = match self {
+            Self::Names(names) => serde_json::to_string(names),
+            Self::Regex(regex) => serde_json::to_string(regex),
+        };
+        f.write_str(&json.map_err(|_| std::fmt::Error)?)
+    }
+}
+
 /// PEFT's `init_lora_weights`: true (Kaiming-uniform A, zero B), false (random B too), or a
 /// method name such as "gaussian".
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,6 +103,14 @@ fn default_true() -> bool {
 }
 
 impl LoraConfig {
+    /// The problem of an adapter whose targets select no linear layer of the model.
+    pub fn matches_nothing(&self) -> String {
+        match &self.target_modules {
+            Some(t) => format!("target_modules {t} matches no linear layer of this model"),
+            None => "the adapter config names no target_modules".into(),
+        }
+    }
+
     /// A config as swift-rs writes it for training: `target_modules` as given (suffixes or
     /// "all-linear", resolved to names when the model is built).
     pub fn new(r: usize, lora_alpha: f64, target_modules: TargetModules) -> Self {

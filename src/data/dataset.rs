@@ -28,13 +28,16 @@ const CHUNK: usize = 2048;
 /// How many reasons a skipped-rows report keeps.
 const REASONS_KEPT: usize = 5;
 
-/// Rows that could not be used, under `on_bad_row = "skip"`.
+/// Rows that could not be used, under `on_bad_row = "skip"`, and rows dropped as longer than
+/// `data.max_length` under `truncation = "delete"` (dropped whatever `on_bad_row` says, as
+/// ms-swift drops them).
 #[derive(Debug, Clone)]
 pub struct BadRows {
     policy: OnBadRow,
     pub count: usize,
     /// The first few, as "file:line: reason".
     pub first: Vec<String>,
+    pub too_long: usize,
 }
 
 impl BadRows {
@@ -43,7 +46,29 @@ impl BadRows {
             policy,
             count: 0,
             first: Vec::new(),
+            too_long: 0,
         }
+    }
+
+    /// What was left out, for a person: None when every row was used.
+    pub fn describe(&self, max_length: usize) -> Option<String> {
+        let mut lines = Vec::new();
+        if self.too_long > 0 {
+            lines.push(format!(
+                "dropped {} rows longer than data.max_length = {max_length} (data.truncation = \"delete\")",
+                self.too_long
+            ));
+        }
+        if self.count > 0 {
+            lines.push(format!("skipped {} bad rows; the first:", self.count));
+            lines.extend(self.first.iter().map(|reason| format!("  {reason}")));
+        }
+        (!lines.is_empty()).then(|| lines.join("\n"))
+    }
+
+    /// Rows read but not used, for `DataError::NoRows`.
+    fn unused(&self) -> usize {
+        self.count + self.too_long
     }
 
     /// Counts a bad row under "skip"; any other error, or any error under "error", is returned.
@@ -150,7 +175,7 @@ impl Dataset {
         if train.is_empty() {
             return Err(DataError::NoRows {
                 what: "data.train".into(),
-                skipped: bad_rows.count,
+                skipped: bad_rows.unused(),
             });
         }
         Ok(Self {
@@ -256,14 +281,15 @@ fn encode_rows(
     encoder: &Encoder,
     bad_rows: &mut BadRows,
 ) -> Result<Vec<Encoded>, DataError> {
-    let results: Vec<Result<Encoded, String>> = rows
+    let results: Vec<Result<Option<Encoded>, String>> = rows
         .par_iter()
         .map(|row| encode_one(row, data, encoder))
         .collect();
     let mut samples = Vec::with_capacity(rows.len());
     for (row, result) in rows.iter().zip(results) {
         match result {
-            Ok(sample) => samples.push(sample),
+            Ok(Some(sample)) => samples.push(sample),
+            Ok(None) => bad_rows.too_long += 1,
             Err(reason) => bad_rows.handle(DataError::BadRow {
                 path: row.path.to_path_buf(),
                 at: row.at,
@@ -274,19 +300,20 @@ fn encode_rows(
     Ok(samples)
 }
 
-fn encode_one(row: &RawRow, data: &DataSection, encoder: &Encoder) -> Result<Encoded, String> {
+/// The row encoded and truncated; None when `truncation = "delete"` drops it as too long.
+fn encode_one(
+    row: &RawRow,
+    data: &DataSection,
+    encoder: &Encoder,
+) -> Result<Option<Encoded>, String> {
     let encoded = encoder.encode(&parse_row(&row.value)?)?;
-    let len = encoded.input_ids.len();
-    let kept = truncate(encoded, data.max_length, data.truncation).ok_or_else(|| {
-        format!(
-            "{len} tokens, longer than data.max_length = {} (data.truncation = \"delete\")",
-            data.max_length
-        )
-    })?;
+    let Some(kept) = truncate(encoded, data.max_length, data.truncation) else {
+        return Ok(None);
+    };
     if kept.labels.iter().all(|&l| l == IGNORE_INDEX) {
         return Err("no token takes loss (after truncation)".into());
     }
-    Ok(kept)
+    Ok(Some(kept))
 }
 
 /// `data.streaming`: the train rows of one pass over the specs, read lazily. Rows go through a
@@ -387,7 +414,7 @@ impl Iterator for Stream<'_> {
                     self.failed = true;
                     return Some(Err(DataError::NoRows {
                         what: "data.train".into(),
-                        skipped: self.bad_rows.count,
+                        skipped: self.bad_rows.unused(),
                     }));
                 }
                 Ok(false) => return None,

@@ -32,7 +32,7 @@ pub enum DataError {
     Unsupported { path: PathBuf },
     #[error("{path} is not a readable Parquet file: {reason}")]
     Parquet { path: PathBuf, reason: String },
-    #[error("{what} holds no usable rows ({skipped} skipped as bad)")]
+    #[error("{what} holds no usable rows ({skipped} skipped as bad or too long)")]
     NoRows { what: String, skipped: usize },
     #[error("{path} holds no rows")]
     Empty { path: PathBuf },

@@ -118,7 +118,7 @@ pub fn open_rows(
         }),
         "json" => {
             let bytes = std::fs::read(path).map_err(io)?;
-            let value: Value = serde_json::from_slice(&bytes).map_err(|e| DataError::BadRow {
+            let value: Value = serde_json::from_slice(without_bom(&bytes)).map_err(|e| DataError::BadRow {
                 path: path.to_path_buf(),
                 at: Location::Line(e.line()),
                 reason: format!("malformed JSON: {e}"),
@@ -182,6 +182,12 @@ pub fn read_rows(
     Ok(rows)
 }
 
+/// `bytes` without the UTF-8 byte-order mark that Windows editors (Notepad, Excel's "CSV UTF-8")
+/// put at the start of a file; JSON itself has none.
+fn without_bom(bytes: &[u8]) -> &[u8] {
+    bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)
+}
+
 struct JsonLines {
     reader: BufReader<File>,
     path: Arc<Path>,
@@ -214,7 +220,8 @@ impl Iterator for JsonLines {
                         at,
                         reason,
                     };
-                    let text = match std::str::from_utf8(&buf) {
+                    let line = if self.line == 1 { without_bom(&buf) } else { &buf };
+                    let text = match std::str::from_utf8(line) {
                         Ok(text) => text,
                         Err(e) => return Some(Err(bad(format!("invalid UTF-8: {e}")))),
                     };
@@ -422,6 +429,22 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("d.csv"));
+    }
+
+    #[test]
+    fn a_byte_order_mark_at_the_start_of_a_file_is_not_malformed_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let jsonl = dir.path().join("bom.jsonl");
+        std::fs::write(&jsonl, b"\xEF\xBB\xBF{\"text\": \"a\"}\n{\"text\": \"b\"}\n").unwrap();
+        let rows = read_rows(&jsonl, &BTreeMap::new()).unwrap();
+        assert_eq!((rows[0].1["text"].as_str(), rows.len()), (Some("a"), 2));
+        let json = dir.path().join("bom.json");
+        std::fs::write(&json, b"\xEF\xBB\xBF[{\"text\": \"x\"}]").unwrap();
+        assert_eq!(read_rows(&json, &BTreeMap::new()).unwrap()[0].1["text"], "x");
+        // Only at the start: elsewhere it is a character JSON does not allow between values.
+        std::fs::write(&jsonl, b"{\"text\": \"a\"}\n\xEF\xBB\xBF{\"text\": \"b\"}\n").unwrap();
+        let second = open_rows(&jsonl, &BTreeMap::new()).unwrap().nth(1).unwrap();
+        assert!(second.is_err());
     }
 
     #[test]

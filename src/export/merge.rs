@@ -113,10 +113,7 @@ pub fn merge<B: ModelBackend>(
     }
     let mut problems: Vec<String> = adapter.problems().iter().map(ToString::to_string).collect();
     if deltas.is_empty() {
-        problems.push(format!(
-            "target_modules {:?} matches no linear layer of this model",
-            lora.target_modules
-        ));
+        problems.push(lora.matches_nothing());
     }
     if !problems.is_empty() {
         return Err(adapter_error(adapter_dir, problems));

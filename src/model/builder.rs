@@ -148,10 +148,7 @@ impl<'a, B: Backend> Builder<'a, B> {
         let mut problems = self.problems;
         if let Some((cfg, _, source)) = self.lora {
             if self.adapted.is_empty() {
-                problems.push(format!(
-                    "target_modules {:?} matches no linear layer of this model",
-                    cfg.target_modules
-                ));
+                problems.push(cfg.matches_nothing());
             }
             if let AdapterSource::Weights(w) = source {
                 problems.extend(w.problems().iter().map(ToString::to_string));

@@ -160,34 +160,49 @@ fn line_plot(path: &Path, title: &str, points: &[(f64, f64)]) -> Result<(), Stri
         .map(|n| n.to_string_lossy())
         .unwrap_or_default();
     let tmp = path.with_file_name(format!(".tmp-{name}"));
-    {
-        let root = BitMapBackend::new(&tmp, (800, 500)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| e.to_string())?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 24))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(70)
-            .build_cartesian_2d(x0..x1, (lo - pad)..(hi + pad))
-            .map_err(|e| e.to_string())?;
-        chart
-            .configure_mesh()
-            .x_desc("step")
-            .y_label_formatter(&|&y: &f64| {
-                if (0.01..1e4).contains(&y.abs()) || y == 0.0 {
-                    format!("{y:.3}")
-                } else {
-                    format!("{y:.2e}")
-                }
-            })
-            .draw()
-            .map_err(|e| e.to_string())?;
-        chart
-            .draw_series(LineSeries::new(points.iter().copied(), &BLUE))
-            .map_err(|e| e.to_string())?;
-        root.present().map_err(|e| e.to_string())?;
+    let drawn = draw(&tmp, title, points, (x0, x1), (lo - pad, hi + pad));
+    if drawn.is_err() {
+        // Best effort: the error at hand says more than a failure to clean up would.
+        let _ = std::fs::remove_file(&tmp);
     }
+    drawn?;
     std::fs::rename(&tmp, path).map_err(|e| e.to_string())
+}
+
+/// Draws `points` into the PNG file `path`.
+fn draw(
+    path: &Path,
+    title: &str,
+    points: &[(f64, f64)],
+    (x0, x1): (f64, f64),
+    (y0, y1): (f64, f64),
+) -> Result<(), String> {
+    let root = BitMapBackend::new(path, (800, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 24))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x0..x1, y0..y1)
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_label_formatter(&|&y: &f64| {
+            if (0.01..1e4).contains(&y.abs()) || y == 0.0 {
+                format!("{y:.3}")
+            } else {
+                format!("{y:.2e}")
+            }
+        })
+        .draw()
+        .map_err(|e| e.to_string())?;
+    chart
+        .draw_series(LineSeries::new(points.iter().copied(), &BLUE))
+        .map_err(|e| e.to_string())?;
+    root.present().map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 /// The memory a run holds, in GiB: on a GPU what the backend's device memory pools hold (they keep

@@ -29,6 +29,8 @@ pub enum TrainError {
     Settings(#[from] crate::config::ConfigError),
     #[error("{dir} already holds a run: set train.resume_from = \"latest\" to continue it, or output.overwrite = true to start over")]
     RunExists { dir: PathBuf },
+    #[error("{dir} is in use by another swift-rs run ({}); wait for it to end, or choose another output.dir", pid.map_or("its process id is not written yet".into(), |p| format!("pid {p}")))]
+    Locked { dir: PathBuf, pid: Option<u32> },
     #[error(transparent)]
     Data(#[from] DataError),
     #[error(transparent)]
@@ -65,7 +67,10 @@ impl TrainError {
     /// failures while running.
     pub fn is_usage(&self) -> bool {
         match self {
-            Self::Config { .. } | Self::Settings(_) | Self::RunExists { .. } => true,
+            Self::Config { .. }
+            | Self::Settings(_)
+            | Self::RunExists { .. }
+            | Self::Locked { .. } => true,
             Self::Hub(e) => e.is_usage(),
             _ => false,
         }

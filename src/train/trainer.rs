@@ -65,6 +65,9 @@ pub struct Outcome {
     pub last_checkpoint: PathBuf,
     /// The callback asked to stop before the last step.
     pub stopped: bool,
+    /// What went wrong after the last checkpoint was saved and did not fail the run (a plot that
+    /// could not be drawn).
+    pub warnings: Vec<String>,
 }
 
 pub struct Trainer<B: TrainBackend> {
@@ -82,6 +85,10 @@ pub struct Trainer<B: TrainBackend> {
     grads: StepGrads<B>,
     /// `[loss, grad_norm]` of each step since the last read, still on the device.
     unread: Vec<Tensor<B::InnerBackend, 1>>,
+    /// Started from a checkpoint (else the run directory is cleared of an earlier run).
+    resumed: bool,
+    /// Held for the trainer's life, so that no other run writes into `run_dir` meanwhile.
+    _lock: run_dir::RunLock,
 }
 
 /// The rows: read whole, or (`data.streaming`) read as the steps take them.
@@ -116,6 +123,7 @@ impl<B: TrainBackend> Trainer<B> {
     pub fn new(plan: TrainPlan, device: B::Device) -> Result<Self, TrainError> {
         let config = &plan.config;
         let run_dir = config.output.dir.clone();
+        let lock = run_dir::lock(&run_dir)?;
         let resume = run_dir::resume_dir(plan.resume.as_ref(), &run_dir)?;
         if resume.is_none() && run_dir::holds_run(&run_dir) && !config.output.overwrite {
             return Err(TrainError::RunExists { dir: run_dir });
@@ -146,6 +154,8 @@ impl<B: TrainBackend> Trainer<B> {
             optimizer,
             plan,
             unread: Vec::new(),
+            resumed: resume.is_some(),
+            _lock: lock,
         })
     }
 
@@ -160,7 +170,7 @@ impl<B: TrainBackend> Trainer<B> {
         &mut self,
         mut on_step: impl FnMut(&StepReport) -> Control,
     ) -> Result<Outcome, TrainError> {
-        run_dir::prepare(&self.run_dir, &self.plan)?;
+        run_dir::prepare(&self.run_dir, &self.plan, self.resumed)?;
         let data = Arc::clone(&self.data);
         let mut feed = Feed::new(data.source(), self.state.data_position)?;
         let output = &self.plan.config.output;
@@ -340,14 +350,20 @@ impl<B: TrainBackend> Trainer<B> {
         Ok(dir)
     }
 
+    /// The outcome, with the plots drawn: a plot that cannot be drawn (a full disk) is a warning,
+    /// as the run's work is saved by then.
     fn finish(&self, last_checkpoint: PathBuf, stopped: bool) -> Result<Outcome, TrainError> {
+        let mut warnings = Vec::new();
         if self.plan.config.output.plots {
-            log::plot(&self.run_dir, &self.state.log_history)?;
+            if let Err(e) = log::plot(&self.run_dir, &self.state.log_history) {
+                warnings.push(e.to_string());
+            }
         }
         Ok(Outcome {
             steps: self.state.global_step,
             last_checkpoint,
             stopped,
+            warnings,
         })
     }
 }
@@ -388,7 +404,12 @@ fn load_model<B: TrainBackend>(
 ) -> Result<(CausalLm<B>, LoraConfig), TrainError> {
     let config = &plan.config;
     let mut adapter = match (resume, &config.lora.init_adapter) {
-        (Some(dir), _) => read_adapter(dir)?,
+        (Some(dir), None) => {
+            let adapter = read_adapter(dir)?;
+            same_lora(&adapter.config, &plan.lora, dir)?;
+            adapter
+        }
+        (Some(dir), Some(_)) => read_adapter(dir)?,
         (None, Some(dir)) => read_adapter(&hub::local_dir(dir, config.model.hub)?)?,
         (None, None) => LoraPlan {
             config: plan.lora.clone(),
@@ -403,6 +424,39 @@ fn load_model<B: TrainBackend>(
     };
     let (_, model) = model::load::<B>(model_dir, options, Some(&mut adapter), device)?;
     Ok((model, adapter.config))
+}
+
+/// A resumed run trains the checkpoint's adapter: a config that now says another rank, alpha,
+/// dropout, target set or variant would be recorded in config.toml but not trained, so it is an
+/// error naming the first key that differs.
+fn same_lora(saved: &LoraConfig, config: &LoraConfig, dir: &Path) -> Result<(), TrainError> {
+    fn json(value: &impl serde::Serialize) -> String {
+        serde_json::to_string(value).expect("config values serialize")
+    }
+    let pairs: [(&str, String, String); 6] = [
+        ("lora.r", json(&saved.r), json(&config.r)),
+        ("lora.alpha", json(&saved.lora_alpha), json(&config.lora_alpha)),
+        ("lora.dropout", json(&saved.lora_dropout), json(&config.lora_dropout)),
+        (
+            "lora.target_modules",
+            json(&saved.target_modules),
+            json(&config.target_modules),
+        ),
+        ("lora.use_rslora", json(&saved.use_rslora), json(&config.use_rslora)),
+        ("lora.use_dora", json(&saved.use_dora), json(&config.use_dora)),
+    ];
+    match pairs.into_iter().find(|(_, a, b)| a != b) {
+        None => Ok(()),
+        Some((key, saved, now)) => Err(TrainError::Config {
+            key: key.into(),
+            reason: format!(
+                "the checkpoint {} was trained with {saved} and the config now says {now}: \
+                 resume with the checkpoint's value, or start a new run (another output.dir, \
+                 or output.overwrite = true)",
+                dir.display()
+            ),
+        }),
+    }
 }
 
 /// Time and tokens: the whole run's (resumed runs included) and the log window's (tokens since

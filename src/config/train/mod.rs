@@ -65,6 +65,8 @@ pub struct LoraSection {
     pub r: usize,
     pub alpha: f64,
     pub dropout: f64,
+    /// Module names, or one as a string (ms-swift's `--target_modules all-linear`).
+    #[serde(deserialize_with = "one_or_many")]
     pub target_modules: Vec<String>,
     pub target_regex: Option<String>,
     pub use_rslora: bool,
@@ -72,6 +74,23 @@ pub struct LoraSection {
     pub init: LoraInit,
     /// A PEFT adapter directory to start from.
     pub init_adapter: Option<PathBuf>,
+}
+
+/// A list of strings, or one string as a list of one.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    match OneOrMany::deserialize(d) {
+        Ok(OneOrMany::One(name)) => Ok(vec![name]),
+        Ok(OneOrMany::Many(names)) => Ok(names),
+        Err(_) => Err(serde::de::Error::custom(
+            "expected a module name or a list of them (\"all-linear\", [\"q_proj\", \"v_proj\"])",
+        )),
+    }
 }
 
 impl Default for LoraSection {
@@ -358,6 +377,16 @@ mod tests {
         assert_eq!(c.data.truncation, Truncation::Left);
         assert_eq!((c.train.seed, c.data.max_length), (7, 512));
         assert_eq!(c.lora.target_modules, ["q_proj"]);
+    }
+
+    #[test]
+    fn target_modules_as_one_string_is_a_list_of_one() {
+        let c = parse(&format!("{MINIMAL}\n[lora]\ntarget_modules = \"all-linear\"\n"), &[]).unwrap();
+        assert_eq!(c.lora.target_modules, ["all-linear"]);
+        let c = parse(MINIMAL, &["lora.target_modules=q_proj"]).unwrap();
+        assert_eq!(c.lora.target_modules, ["q_proj"]);
+        let err = parse(MINIMAL, &["lora.target_modules=3"]).unwrap_err();
+        assert!(err.contains("--set lora.target_modules=3") && err.contains("module name"), "{err}");
         let c = parse(MINIMAL, &["model.system=Be brief.", "model.template=qwen3"]).unwrap();
         assert_eq!(c.model.system.as_deref(), Some("Be brief."));
         assert_eq!(c.model.template, TemplateName::Qwen3);

@@ -7,6 +7,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use common::fake_hub::{closed_port_url, git_sha1, sha256, FakeHub, Repo, GOOD_TOKEN};
 use common::{model_dir, B};
@@ -36,6 +37,8 @@ fn env(hub: Hub, endpoint: &str, cache: &Path) -> HubEnv {
         token: None,
         offline: false,
         progress: false,
+        metadata_timeout: Duration::from_secs(10),
+        download_timeout: Duration::from_secs(10),
     }
 }
 
@@ -198,6 +201,80 @@ fn an_unreachable_hub_falls_back_on_a_complete_cache_or_says_it_cannot_reach_it(
         let fallback = snapshot(&env(kind, &down, cache.path()), &id("org/tiny")).unwrap();
         assert_eq!(fallback, dir);
     }
+}
+
+/// A hub that accepts connections and then, per `answer`, says nothing or answers this raw HTTP.
+fn misbehaving_hub(answer: Option<&'static str>) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            if let Some(answer) = answer {
+                let mut stream = stream;
+                let mut request = [0u8; 4096];
+                let _ = std::io::Read::read(&mut stream, &mut request);
+                let _ = std::io::Write::write_all(&mut stream, answer.as_bytes());
+            } else {
+                held.push(stream);
+            }
+        }
+    });
+    url
+}
+
+#[test]
+fn a_silent_failing_or_foreign_hub_times_out_and_falls_back_on_a_complete_cache() {
+    let hub = FakeHub::start(vec![("org/tiny", sharded_repo())]);
+    let silent = misbehaving_hub(None);
+    let failing = misbehaving_hub(Some(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbusy",
+    ));
+    let html = "<html><body>Sign in to the captive portal</body></html>";
+    let foreign = misbehaving_hub(Some(Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{html}",
+            html.len()
+        )
+        .into_boxed_str(),
+    )));
+    for kind in [Hub::HuggingFace, Hub::ModelScope] {
+        let cache = tempfile::tempdir().unwrap();
+        let impatient = |url: &str| HubEnv {
+            metadata_timeout: Duration::from_millis(500),
+            ..env(kind, url, cache.path())
+        };
+        // Nothing cached: each says what went wrong, and the silent one does not hang.
+        let started = std::time::Instant::now();
+        let e = snapshot(&impatient(&silent), &id("org/tiny")).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5), "{kind:?} waited");
+        assert!(matches!(e, HubError::Network { .. }), "{kind:?}: {e}");
+        assert!(e.to_string().to_lowercase().contains("timed out"), "{e}");
+        let e = snapshot(&impatient(&failing), &id("org/tiny")).unwrap_err();
+        assert!(matches!(e, HubError::Http { status: 503, .. }), "{kind:?}: {e}");
+        let e = snapshot(&impatient(&foreign), &id("org/tiny")).unwrap_err();
+        assert!(matches!(e, HubError::BadAnswer { .. }), "{kind:?}: {e}");
+        assert!(!e.to_string().contains("cannot write"), "{e}");
+
+        // Cached whole: each falls back on it.
+        let dir = snapshot(&env(kind, &hub.url, cache.path()), &id("org/tiny")).unwrap();
+        for url in [&silent, &failing, &foreign] {
+            assert_eq!(snapshot(&impatient(url), &id("org/tiny")).unwrap(), dir, "{kind:?} {url}");
+        }
+    }
+}
+
+#[test]
+fn hub_timeouts_come_from_the_environment() {
+    // Each variable is read once per call: a bad value names itself.
+    let e = std::process::Command::new(env!("CARGO_BIN_EXE_swift-rs"))
+        .args(["infer", "--model", "org/not-cached", "--prompt", "hi"])
+        .env("HF_HUB_ETAG_TIMEOUT", "soon")
+        .env("HF_HOME", tempfile::tempdir().unwrap().path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&e.stderr);
+    assert!(stderr.contains("HF_HUB_ETAG_TIMEOUT=\"soon\""), "{stderr}");
 }
 
 #[test]

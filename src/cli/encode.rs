@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Args;
 
-use super::{Failure, HubArg};
+use super::{open_output, Failure, HubArg};
 use swift_rs::config::TrainConfig;
 use swift_rs::data::dataset::{BadRows, Dataset, Stream, TrainRow};
 use swift_rs::data::encode::Encoder;
-use swift_rs::export::AtomicFile;
+use swift_rs::data::source::DatasetSpec;
 
 #[derive(Args, Debug)]
 pub struct EncodeArgs {
@@ -39,7 +39,11 @@ pub fn run(args: EncodeArgs) -> Result<(), Failure> {
         .map_err(anyhow::Error::from)?;
     let (totals, bad_rows) = match &args.output {
         Some(path) => {
-            let mut file = AtomicFile::create(path)?;
+            let mut inputs = vec![args.config.clone()];
+            for spec in config.data.train.iter().chain(&config.data.val) {
+                inputs.extend(DatasetSpec::parse(spec).files().unwrap_or_default());
+            }
+            let mut file = open_output(path, &inputs)?;
             let mut out = BufWriter::new(&mut file);
             let done = emit(&config, &encoder, args.limit, &mut out)?;
             drop(out);

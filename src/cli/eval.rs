@@ -1,16 +1,15 @@
 //! `swift-rs eval`: loss and perplexity over pre-tokenized JSONL.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
 
 use super::device::{resolve, with_backend};
-use super::{Failure, ModelArgs};
+use super::{open_output, Failure, ModelArgs};
 use swift_rs::config::Device;
 use swift_rs::data::{read_pretokenized, TokenizedRow};
-use swift_rs::export::write_atomic;
 use swift_rs::model::ModelBackend;
 use swift_rs::train::evaluate;
 
@@ -41,6 +40,10 @@ pub fn run(args: EvalArgs) -> Result<(), Failure> {
 }
 
 fn eval_on<B: ModelBackend>(device: B::Device, args: &EvalArgs, on: Device) -> Result<(), Failure> {
+    let mut output = match &args.output {
+        Some(path) => Some((open_output(path, &args.dataset)?, path)),
+        None => None,
+    };
     let local = args.model.local()?;
     let (config, model) = args.model.load::<B>(&local, on, &device)?;
     let mut rows: Vec<TokenizedRow> = Vec::new();
@@ -63,7 +66,7 @@ fn eval_on<B: ModelBackend>(device: B::Device, args: &EvalArgs, on: Device) -> R
     if terminal {
         eprintln!();
     }
-    if let Some(path) = &args.output {
+    if let Some((mut file, path)) = output.take() {
         let mut text = String::new();
         for r in &report.rows {
             let loss = if r.tokens > 0 {
@@ -77,7 +80,10 @@ fn eval_on<B: ModelBackend>(device: B::Device, args: &EvalArgs, on: Device) -> R
             );
             text.push('\n');
         }
-        write_atomic(path, text.as_bytes())?;
+        file.write_all(text.as_bytes())
+            .and_then(|()| file.flush())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        file.commit()?;
     }
     if report.tokens == 0 {
         return Err(Failure::Runtime(anyhow::anyhow!(

@@ -12,7 +12,7 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use super::device::{resolve, with_backend};
-use super::{Failure, ModelArgs};
+use super::{open_output, Failure, ModelArgs};
 use swift_rs::config::{Device, GenerationConfig, LossScale, TemplateName};
 use swift_rs::data::encode::Encoder;
 use swift_rs::data::format::{parse_prompt, Message, Role};
@@ -106,7 +106,11 @@ fn infer_on<B: ModelBackend>(
     )
     .map_err(|e| Failure::Usage(e.into()))?;
     let rows = match &args.dataset {
-        Some(path) => Some(read_conversations(path).map_err(Failure::Usage)?),
+        Some(path) => {
+            let rows = read_conversations(path).map_err(Failure::Usage)?;
+            let output = args.output.as_deref().expect("clap requires --output");
+            Some((rows, open_output(output, &[path.clone()])?))
+        }
         None => None,
     };
     let (_, model) = args.model.load::<B>(&local, on, &device)?;
@@ -143,9 +147,9 @@ fn infer_on<B: ModelBackend>(
             eprintln!("{stats}");
             Ok(())
         }
-        (None, Some(rows)) => {
+        (None, Some((rows, file))) => {
             let output = args.output.as_deref().expect("clap requires --output");
-            session.answer_all(&rows, args.batch_size as usize, output)
+            session.answer_all(&rows, args.batch_size as usize, file, output)
         }
         (None, None) => session.chat(),
     }
@@ -301,6 +305,7 @@ impl<B: ModelBackend> Session<'_, B> {
         &self,
         rows: &[Conversation],
         batch_size: usize,
+        mut file: AtomicFile,
         output: &Path,
     ) -> Result<(), Failure> {
         let requests: Vec<Request> = rows
@@ -332,7 +337,6 @@ impl<B: ModelBackend> Session<'_, B> {
         }
         bar.finish_and_clear();
         let elapsed = start.elapsed().as_secs_f64();
-        let mut file = AtomicFile::create(output)?;
         let mut out = BufWriter::new(&mut file);
         for (i, (row, reply)) in rows.iter().zip(&replies).enumerate() {
             let mut line = json!({

@@ -2,12 +2,14 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::Args;
 
 use super::device::{resolve, with_backend};
 use super::{Failure, HubArg};
 use swift_rs::config::{Device, Dtype};
 use swift_rs::export::merge::{merge, parse_size, MergeOptions};
+use swift_rs::export::remove_staged;
 use swift_rs::model::ModelBackend;
 
 #[derive(Args, Debug)]
@@ -40,6 +42,14 @@ pub fn run(args: MergeArgs) -> Result<(), Failure> {
 }
 
 fn merge_on<B: ModelBackend>(device: B::Device, args: &MergeArgs) -> Result<(), Failure> {
+    // A merge has nothing worth saving half-way: Ctrl-C or SIGTERM removes what it was writing
+    // (SIGKILL's leftover is removed by the next merge into the same place).
+    ctrlc::set_handler(|| {
+        remove_staged();
+        eprintln!("\ninterrupted: nothing was written");
+        std::process::exit(130);
+    })
+    .context("cannot install the SIGINT/SIGTERM handler")?;
     let options = MergeOptions {
         dtype: args.dtype,
         max_shard_size: args.max_shard_size,

@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use swift_rs::config::{auto_dtype, ConfigError, Device, Dtype, Hub, ModelConfig, Nf4Config};
 use swift_rs::export::merge::MergeError;
 use swift_rs::export::peft::read_adapter;
-use swift_rs::export::ExportError;
+use swift_rs::export::{AtomicFile, ExportError};
 use swift_rs::hub::{self, HubError};
 use swift_rs::model::{self, CausalLm, LoadOptions, ModelBackend, ModelError};
 use swift_rs::train::TrainError;
@@ -82,6 +82,25 @@ pub struct ModelArgs {
     // The full path keeps clap from taking the Option as "flag may be absent": "auto" is None.
     #[arg(long, default_value = "auto", value_parser = auto_dtype::parse)]
     pub dtype: std::option::Option<Dtype>,
+}
+
+/// `--output`, opened before the work that fills it: a path that cannot be written is found
+/// before hours of generation, not after, and a path naming one of the command's `inputs` is
+/// refused instead of overwritten. The returned file is renamed into place by `commit`.
+pub fn open_output(output: &Path, inputs: &[PathBuf]) -> Result<AtomicFile, Failure> {
+    if let Ok(out) = std::fs::canonicalize(output) {
+        let same = |input: &&PathBuf| std::fs::canonicalize(input).is_ok_and(|i| i == out);
+        if let Some(input) = inputs.iter().find(same) {
+            return Err(Failure::Usage(anyhow::anyhow!(
+                "--output {} is the input {}: writing it would destroy it; write elsewhere",
+                output.display(),
+                input.display()
+            )));
+        }
+    }
+    AtomicFile::create(output)
+        .with_context(|| format!("--output {}: cannot write there", output.display()))
+        .map_err(Failure::Usage)
 }
 
 /// Local directories for `--model` and `--adapter`, hub ids downloaded.

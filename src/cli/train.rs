@@ -16,6 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::device::{resolve, with_backend};
 use super::Failure;
 use swift_rs::config::{Device, TrainConfig, TrainPlan};
+use swift_rs::export::remove_staged;
 use swift_rs::model::{ModelBackend, TrainBackend};
 use swift_rs::train::log::LogEntry;
 use swift_rs::train::{Control, StepReport, TrainError, Trainer};
@@ -53,6 +54,8 @@ fn train_on<B: ModelBackend>(device: B::Device, plan: TrainPlan) -> Result<(), F
     describe(&trainer);
     ctrlc::set_handler(|| {
         if STOP.swap(true, Ordering::SeqCst) {
+            // The checkpoint being written, if any, is incomplete: the last whole one stays.
+            remove_staged();
             std::process::exit(130);
         }
         eprintln!(

@@ -4,14 +4,57 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use super::ExportError;
 
 /// A directory built under a temporary name beside its target and renamed into place by
 /// `commit`, so the target is never seen half-written; dropped uncommitted, it is removed.
+/// Its name, `.tmp-swift-rs-<pid>-XXXXXX`, says which process writes it: a later one removes
+/// those of processes that are gone (killed with SIGKILL, or the machine lost power).
 pub struct StagedDir {
-    tmp: tempfile::TempDir,
+    /// None once committed.
+    tmp: Option<tempfile::TempDir>,
     target: PathBuf,
+}
+
+/// The staged directories of this process that are not committed yet.
+static STAGED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+const STAGED_PREFIX: &str = ".tmp-swift-rs-";
+
+/// Removes every staged directory of this process that is not committed yet: for a signal
+/// handler that is about to end the process, which unwinds nothing.
+pub fn remove_staged() {
+    let staged = std::mem::take(&mut *STAGED.lock().unwrap_or_else(|e| e.into_inner()));
+    for dir in staged {
+        // Best effort: the process is ending, and nothing can be done about a failure.
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Removes the staged directories in `parent` whose process is gone. Only where the system says
+/// which processes live (Linux's /proc); elsewhere they stay.
+fn remove_orphans(parent: &Path) {
+    let proc = Path::new("/proc/self");
+    if !proc.exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(STAGED_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok());
+        if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+            // Best effort: a leftover that cannot be removed harms nothing but space.
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// The directory `path` is in (`.` for a bare file name): where its temporary twin is made, so
@@ -32,19 +75,22 @@ impl StagedDir {
     pub fn new(target: &Path) -> Result<Self, ExportError> {
         let parent = parent_dir(target);
         std::fs::create_dir_all(parent).map_err(write_error(parent))?;
+        remove_orphans(parent);
         let tmp = tempfile::Builder::new()
-            .prefix(".tmp-")
+            .prefix(&format!("{STAGED_PREFIX}{}-", std::process::id()))
             .tempdir_in(parent)
             .map_err(write_error(parent))?;
+        let mut staged = STAGED.lock().unwrap_or_else(|e| e.into_inner());
+        staged.push(tmp.path().to_path_buf());
         Ok(Self {
-            tmp,
+            tmp: Some(tmp),
             target: target.to_path_buf(),
         })
     }
 
     /// Where to write the files.
     pub fn path(&self) -> &Path {
-        self.tmp.path()
+        self.tmp.as_ref().expect("not committed").path()
     }
 
     /// Writes one file into the staged directory.
@@ -54,13 +100,35 @@ impl StagedDir {
     }
 
     /// Moves the directory into place, replacing an existing target.
-    pub fn commit(self) -> Result<(), ExportError> {
+    pub fn commit(mut self) -> Result<(), ExportError> {
         if self.target.exists() {
             std::fs::remove_dir_all(&self.target).map_err(write_error(&self.target))?;
         }
-        let tmp = self.tmp.keep();
-        std::fs::rename(&tmp, &self.target).map_err(write_error(&self.target))
+        let tmp = self.tmp.take().expect("committed once").keep();
+        let renamed = std::fs::rename(&tmp, &self.target).map_err(write_error(&self.target));
+        if renamed.is_err() {
+            // Best effort: the rename's error is the one to report.
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        forget(&tmp);
+        renamed
     }
+}
+
+impl Drop for StagedDir {
+    fn drop(&mut self) {
+        if let Some(tmp) = &self.tmp {
+            forget(tmp.path());
+        }
+    }
+}
+
+/// Takes `dir` off the list `remove_staged` removes.
+fn forget(dir: &Path) {
+    STAGED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|d| d != dir);
 }
 
 /// A file written under a temporary name in its final directory and renamed on `commit`.

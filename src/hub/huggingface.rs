@@ -10,10 +10,11 @@ use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
 use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
+use hf_hub::api::RepoInfo;
 use hf_hub::{Cache, Repo, RepoType};
 
-use super::transfer::{check, Bar};
-use super::{complete, first_files, weight_files, HubEnv, HubError, HubId};
+use super::transfer::{agent, check, Bar};
+use super::{cached_or, complete, first_files, weight_files, HubEnv, HubError, HubId};
 
 pub(super) fn snapshot(env: &HubEnv, id: &HubId) -> Result<PathBuf, HubError> {
     let revision = id.revision.clone().unwrap_or_else(|| "main".into());
@@ -32,21 +33,9 @@ pub(super) fn snapshot(env: &HubEnv, id: &HubId) -> Result<PathBuf, HubError> {
         .build()
         .map_err(|e| classify(env, id, None, e))?;
     let api_repo = api.repo(repo.clone());
-    let info = match api_repo.info() {
+    let info = match info(env, id, &api_repo) {
         Ok(info) => info,
-        Err(e) => {
-            return match (classify(env, id, None, e), cached()) {
-                (HubError::Network { reason, .. }, Some(dir)) => {
-                    eprintln!(
-                        "warning: cannot reach {} ({reason}): using the cached {id} in {}",
-                        env.endpoint,
-                        dir.display()
-                    );
-                    Ok(dir)
-                }
-                (e, _) => Err(e),
-            }
-        }
+        Err(e) => return cached_or(id, e, cached()),
     };
     let dir = root.join("snapshots").join(&info.sha);
     let listed: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
@@ -64,6 +53,23 @@ pub(super) fn snapshot(env: &HubEnv, id: &HubId) -> Result<PathBuf, HubError> {
             .map_err(|e| HubError::io(&root.join("refs"), e))?;
     }
     Ok(dir)
+}
+
+/// The repo's commit and file list (`/api/models/{repo}/revision/{rev}`), asked with
+/// `metadata_timeout` (hf-hub's own request waits for ever for an answer).
+fn info(env: &HubEnv, id: &HubId, repo: &ApiRepo) -> Result<RepoInfo, HubError> {
+    let mut request = agent(env.metadata_timeout).get(repo.info_request().url());
+    if let Some(token) = &env.token {
+        request = request.set("Authorization", &format!("Bearer {token}"));
+    }
+    let response = request
+        .call()
+        .map_err(|e| classify(env, id, None, ApiError::RequestError(Box::new(e))))?;
+    response.into_json().map_err(|e| HubError::BadAnswer {
+        endpoint: env.endpoint.clone(),
+        what: format!("the file list of {id}"),
+        reason: e.to_string(),
+    })
 }
 
 /// The snapshot a revision points at in the cache: a commit names its own directory, a branch

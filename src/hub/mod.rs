@@ -11,6 +11,7 @@ mod modelscope;
 mod transfer;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::config::{Hub, COMPANION_FILES};
 
@@ -68,12 +69,19 @@ pub struct HubEnv {
     pub offline: bool,
     /// Progress bars; one line per file when false.
     pub progress: bool,
+    /// How long a request for a repo's file list may wait to connect, and then for each read
+    /// (HF_HUB_ETAG_TIMEOUT, 10 s as in huggingface_hub).
+    pub metadata_timeout: Duration,
+    /// The same for a file's download: a transfer that stalls this long breaks off, and resumes
+    /// from where it stopped on the next run (HF_HUB_DOWNLOAD_TIMEOUT, 10 s).
+    pub download_timeout: Duration,
 }
 
 impl HubEnv {
     /// Hugging Face: HF_ENDPOINT, HF_HUB_CACHE or HF_HOME, HF_TOKEN (else the token file that
     /// `hf auth login` writes). ModelScope: MODELSCOPE_ENDPOINT (or MODELSCOPE_DOMAIN),
-    /// MODELSCOPE_CACHE, MODELSCOPE_API_TOKEN. HF_HUB_OFFLINE applies to both.
+    /// MODELSCOPE_CACHE, MODELSCOPE_API_TOKEN. HF_HUB_OFFLINE, HF_HUB_ETAG_TIMEOUT and
+    /// HF_HUB_DOWNLOAD_TIMEOUT apply to both.
     pub fn from_env(hub: Hub) -> Result<Self, HubError> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         let home = || dirs::home_dir().ok_or(HubError::NoHome);
@@ -81,6 +89,18 @@ impl HubEnv {
             .iter()
             .any(|name| var(name).is_some_and(|v| is_true(&v)));
         let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let seconds = |name: &'static str| match var(name) {
+            None => Ok(DEFAULT_TIMEOUT),
+            Some(value) => value
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                .filter(|d| !d.is_zero())
+                .ok_or(HubError::BadTimeout { name, value }),
+        };
+        let metadata_timeout = seconds("HF_HUB_ETAG_TIMEOUT")?;
+        let download_timeout = seconds("HF_HUB_DOWNLOAD_TIMEOUT")?;
         match hub {
             Hub::HuggingFace => {
                 let hf_home = match (var("HF_HOME"), var("XDG_CACHE_HOME")) {
@@ -106,6 +126,8 @@ impl HubEnv {
                     token,
                     offline,
                     progress,
+                    metadata_timeout,
+                    download_timeout,
                 })
             }
             Hub::ModelScope => {
@@ -126,11 +148,16 @@ impl HubEnv {
                     token: var("MODELSCOPE_API_TOKEN"),
                     offline,
                     progress,
+                    metadata_timeout,
+                    download_timeout,
                 })
             }
         }
     }
 }
+
+/// huggingface_hub's default for both of its timeouts.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// huggingface_hub's reading of a boolean environment variable.
 fn is_true(value: &str) -> bool {
@@ -169,6 +196,29 @@ pub fn snapshot(env: &HubEnv, id: &HubId) -> Result<PathBuf, HubError> {
     match env.hub {
         Hub::HuggingFace => huggingface::snapshot(env, id),
         Hub::ModelScope => modelscope::snapshot(env, id),
+    }
+}
+
+/// The complete `cached` snapshot when the hub failed in a way that says nothing about the repo
+/// (unreachable, too slow, a server error, an answer that is not the hub's), with a warning, as
+/// huggingface_hub falls back on its cache; else `error`.
+fn cached_or(id: &HubId, error: HubError, cached: Option<PathBuf>) -> Result<PathBuf, HubError> {
+    match cached {
+        Some(dir) if error.is_hub_failure() => {
+            let failure = match &error {
+                // Its own text goes on to say the cache cannot help.
+                HubError::Network {
+                    endpoint, reason, ..
+                } => format!("cannot reach {endpoint} ({reason})"),
+                other => other.to_string(),
+            };
+            eprintln!(
+                "warning: {failure}: using the cached {id} in {}",
+                dir.display()
+            );
+            Ok(dir)
+        }
+        _ => Err(error),
     }
 }
 
@@ -293,6 +343,14 @@ pub enum HubError {
     },
     #[error("HF_HUB_OFFLINE is set and the cache at {cache} holds no complete copy of {id}; download it once without HF_HUB_OFFLINE")]
     Offline { id: String, cache: PathBuf },
+    #[error("{endpoint} answered {what} with something other than the hub's JSON ({reason})")]
+    BadAnswer {
+        endpoint: String,
+        what: String,
+        reason: String,
+    },
+    #[error("{name}={value:?} is not a number of seconds above 0")]
+    BadTimeout { name: &'static str, value: String },
     #[error("{endpoint} answered {status} for {what}: {message}")]
     Http {
         endpoint: String,
@@ -332,6 +390,15 @@ impl HubError {
             self,
             Self::RepoNotFound { .. } | Self::RevisionNotFound { .. } | Self::NotAModel { .. }
         )
+    }
+
+    /// The hub failed, rather than said no: a cached copy can stand in.
+    fn is_hub_failure(&self) -> bool {
+        match self {
+            Self::Network { .. } | Self::BadAnswer { .. } => true,
+            Self::Http { status, .. } => *status >= 500,
+            _ => false,
+        }
     }
 
     /// No such repo, or a private one: `no_token_hint` says which token it needs, when none

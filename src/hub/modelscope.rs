@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::transfer::{download, Bar, Expected};
-use super::{complete, first_files, weight_files, HubEnv, HubError, HubId};
+use super::transfer::{agent, download, Bar, Expected};
+use super::{cached_or, complete, first_files, weight_files, HubEnv, HubError, HubId};
 
 pub(super) fn snapshot(env: &HubEnv, id: &HubId) -> Result<PathBuf, HubError> {
     let revision = id.revision.as_deref().unwrap_or("master");
@@ -44,8 +44,8 @@ pub(super) fn snapshot(env: &HubEnv, id: &HubId) -> Result<PathBuf, HubError> {
             })
         };
     }
-    let agent = ureq::AgentBuilder::new().try_proxy_from_env(true).build();
-    let get = |url: String| {
+    let (listing_agent, download_agent) = (agent(env.metadata_timeout), agent(env.download_timeout));
+    let get = |agent: &ureq::Agent, url: String| {
         let request = agent.get(&url);
         match &env.token {
             Some(token) => request
@@ -55,23 +55,15 @@ pub(super) fn snapshot(env: &HubEnv, id: &HubId) -> Result<PathBuf, HubError> {
         }
     };
     let base = format!("{}/api/v1/models/{}", env.endpoint, id.repo);
-    let listing = get(format!("{base}/repo/files"))
+    let listing = get(&listing_agent, format!("{base}/repo/files"))
         .query("Revision", revision)
         .query("Recursive", "True")
         .call()
         .map_err(|e| classify(env, id, None, e))
         .and_then(|response| read_listing(env, id, response));
-    let files = match (listing, complete(&dir)) {
-        (Ok(files), _) => files,
-        (Err(HubError::Network { reason, .. }), true) => {
-            eprintln!(
-                "warning: cannot reach {} ({reason}): using the cached {id} in {}",
-                env.endpoint,
-                dir.display()
-            );
-            return Ok(dir);
-        }
-        (Err(e), _) => return Err(e),
+    let files = match listing {
+        Ok(files) => files,
+        Err(e) => return cached_or(id, e, Some(dir.clone()).filter(|d| complete(d))),
     };
     let listed: Vec<&str> = files
         .iter()
@@ -90,7 +82,7 @@ pub(super) fn snapshot(env: &HubEnv, id: &HubId) -> Result<PathBuf, HubError> {
             }
         }
         let request = || {
-            get(format!("{base}/repo"))
+            get(&download_agent, format!("{base}/repo"))
                 .query("Revision", revision)
                 .query("FilePath", file)
         };
@@ -150,11 +142,10 @@ fn read_listing(
     response: ureq::Response,
 ) -> Result<Vec<FileEntry>, HubError> {
     let status = response.status();
-    let listing: Listing = response.into_json().map_err(|e| HubError::Http {
+    let listing: Listing = response.into_json().map_err(|e| HubError::BadAnswer {
         endpoint: env.endpoint.clone(),
         what: format!("the file list of {id}"),
-        status,
-        message: format!("not the expected JSON ({e})"),
+        reason: e.to_string(),
     })?;
     match listing.data {
         Some(data) => Ok(data.files),

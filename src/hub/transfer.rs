@@ -10,6 +10,18 @@ use sha1::Digest;
 
 use super::{HubEnv, HubError, HubId};
 
+/// An HTTP client that gives up on a connection or a read that waits longer than `timeout`
+/// (ureq waits for ever to read by default: a hub that accepts the connection and never
+/// answers hung every command).
+pub(super) fn agent(timeout: std::time::Duration) -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .try_proxy_from_env(true)
+        .timeout_connect(timeout)
+        .timeout_read(timeout)
+        .redirect_auth_headers(ureq::RedirectAuthHeaders::SameHost)
+        .build()
+}
+
 /// A progress bar per file on a terminal, else one line per file.
 pub(super) struct Bar(ProgressBar);
 

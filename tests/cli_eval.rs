@@ -152,6 +152,29 @@ fn every_missing_unexpected_and_misshaped_tensor_is_listed_at_once() {
     }
 }
 
+/// A config saying 100000 layers printed 1.2 million lines.
+#[test]
+fn a_model_missing_thousands_of_tensors_lists_the_first_and_counts_the_rest() {
+    let dir = model_copy("mistral");
+    edit_config(dir.path(), |c| c["num_hidden_layers"] = 1000.into());
+    let err = eval_fails(dir.path(), &inputs("mistral"), &[], 1);
+    assert!(err.lines().count() < 60, "{} lines", err.lines().count());
+    assert!(err.contains("missing tensor model.layers.3."), "{err}");
+    assert!(err.contains("... and 8923 more"), "{err}");
+}
+
+#[test]
+fn eval_output_may_not_name_its_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let dataset = dir.path().join("rows.jsonl");
+    std::fs::copy(inputs("mistral"), &dataset).unwrap();
+    let before = std::fs::read(&dataset).unwrap();
+    let same = dataset.to_str().unwrap();
+    let err = eval_fails(&model_dir("mistral"), &dataset, &["--output", same], 2);
+    assert!(err.contains("is the input"), "{err}");
+    assert_eq!(std::fs::read(&dataset).unwrap(), before);
+}
+
 #[test]
 fn token_ids_outside_the_vocabulary_name_the_line() {
     let dir = tempfile::tempdir().unwrap();

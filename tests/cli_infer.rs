@@ -337,6 +337,40 @@ fn bad_input_is_named_with_the_spec_exit_codes() {
     assert!(stderr.contains("no-model"), "{stderr}");
 }
 
+/// `--output` used to be opened only once every reply was generated.
+#[test]
+fn a_bad_output_path_fails_before_generating_and_an_input_is_never_overwritten() {
+    let model = chat_model();
+    let dir = tempfile::tempdir().unwrap();
+    let dataset = dir.path().join("rows.jsonl");
+    std::fs::write(&dataset, "{\"query\": \"Hi\"}\n").unwrap();
+    let d = dataset.to_str().unwrap();
+    let nowhere = dir.path().join("no/such/dir/out.jsonl");
+    let stderr = swift_rs_fails(
+        &infer_args(&model, &["--dataset", d, "--output", nowhere.to_str().unwrap()]),
+        2,
+    );
+    assert!(stderr.contains("--output"), "{stderr}");
+    assert!(!stderr.contains("generation:"), "it generated first:\n{stderr}");
+    let stderr = swift_rs_fails(&infer_args(&model, &["--dataset", d, "--output", d]), 2);
+    assert!(stderr.contains("is the input"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&dataset).unwrap(), "{\"query\": \"Hi\"}\n");
+}
+
+#[test]
+fn a_prompt_past_the_models_positions_is_warned_about() {
+    let model = with_generation_config(json!({}));
+    common::edit_config(model.path(), |c| c["max_position_embeddings"] = 8.into());
+    let args = infer_args(model.path(), &["--prompt", "Who are you? Tell me."]);
+    let out = common::swift_rs(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("max_position_embeddings = 8"), "{stderr}");
+    let args = infer_args(&chat_model(), &["--prompt", "Who are you?"]);
+    let out = common::swift_rs(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("max_position_embeddings"));
+}
+
 #[test]
 fn a_merged_model_directory_answers_as_base_plus_adapter() {
     let chat = chat();

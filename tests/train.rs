@@ -166,8 +166,10 @@ fn a_non_finite_loss_stops_with_the_last_good_checkpoint_named() {
         let mut c = quickstart(out.path(), 6);
         c.train.optimizer = OptimizerKind::Sgd;
         c.train.lr = 1e30;
+        // Warm-up from 0: step 1 leaves the weights as they are, step 2 blows them up, and step
+        // 3's loss is not finite.
         c.train.lr_scheduler = ScheduleKind::Constant;
-        c.train.warmup_ratio = 0.0;
+        c.train.warmup_steps = 3;
         c.train.max_grad_norm = 0.0;
         c.train.save_steps = reads_every;
         c.train.logging_steps = reads_every;
@@ -180,9 +182,13 @@ fn a_non_finite_loss_stops_with_the_last_good_checkpoint_named() {
     let TrainError::NonFinite { step, ref last, .. } = err else {
         panic!("{err}");
     };
-    let good = checkpoint::list(out.path());
-    assert_eq!(good.last().map(|(s, _)| s + 1), Some(step));
-    assert!(last.contains(&format!("checkpoint-{}", step - 1)), "{err}");
+    let saved = checkpoint::list(out.path());
+    assert_eq!(saved.last().map(|(s, _)| s + 1), Some(step));
+    // The checkpoint of step - 1 holds the weights whose loss was not finite: it is not the
+    // good one (it was named before, and evaluated to NaN).
+    assert!(!last.contains(&format!("checkpoint-{}", step - 1)), "{err}");
+    assert_eq!(step, 3, "{err}");
+    assert!(last.contains("checkpoint-1"), "{err}");
 
     // Read only at the last step: the same step is named, and the device skipped its update
     // and every later one, so no weight took the non-finite values.

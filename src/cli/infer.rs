@@ -72,6 +72,9 @@ struct Session<'a, B: Backend> {
     encoder: &'a Encoder,
     options: GenerateOptions,
     seed: u64,
+    /// config.json's max_position_embeddings: beyond it a model was never trained, and replies
+    /// are noise.
+    max_positions: Option<usize>,
 }
 
 pub fn run(args: InferArgs) -> Result<(), Failure> {
@@ -113,7 +116,7 @@ fn infer_on<B: ModelBackend>(
         }
         None => None,
     };
-    let (_, model) = args.model.load::<B>(&local, on, &device)?;
+    let (config, model) = args.model.load::<B>(&local, on, &device)?;
     let mut stop = file.eos_token_ids();
     for id in encoder.stop_token_ids() {
         if !stop.contains(&id) {
@@ -136,6 +139,7 @@ fn infer_on<B: ModelBackend>(
         encoder: &encoder,
         options,
         seed,
+        max_positions: config.max_position_embeddings,
     };
     match (&args.prompt, rows) {
         (Some(prompt), _) => {
@@ -237,6 +241,31 @@ impl<B: ModelBackend> Session<'_, B> {
             .map_err(|e| anyhow!("cannot build the prompt: {e}"))
     }
 
+    /// Warns when `prompts` of the requests are longer than the model's positions.
+    fn warn_if_too_long(&self, requests: &[Request]) {
+        let Some(max) = self.max_positions else {
+            return;
+        };
+        let long: Vec<usize> = requests
+            .iter()
+            .map(|r| r.prompt.len())
+            .filter(|&n| n >= max)
+            .collect();
+        match long[..] {
+            [] => {}
+            [n] => eprintln!(
+                "warning: the prompt is {n} tokens, at or past the model's \
+                 max_position_embeddings = {max}: expect a reply that makes no sense"
+            ),
+            _ => eprintln!(
+                "warning: {} prompts are at or past the model's max_position_embeddings = {max} \
+                 tokens (the longest {}): expect replies that make no sense",
+                long.len(),
+                long.iter().max().unwrap_or(&0)
+            ),
+        }
+    }
+
     /// The reply's text: its tokens less the stop token that ended it.
     fn text(&self, tokens: &[u32]) -> anyhow::Result<String> {
         let tokens = match tokens.split_last() {
@@ -261,6 +290,7 @@ impl<B: ModelBackend> Session<'_, B> {
             prompt: self.prompt(messages)?,
             seed: request_seed(self.seed, turn),
         };
+        self.warn_if_too_long(std::slice::from_ref(&request));
         let mut stream = TextStream::new(self.encoder.tokenizer());
         let mut problem: Option<anyhow::Error> = None;
         let start = Instant::now();
@@ -318,6 +348,7 @@ impl<B: ModelBackend> Session<'_, B> {
                 })
             })
             .collect::<anyhow::Result<_>>()?;
+        self.warn_if_too_long(&requests);
         // Longest first, so that a batch pads little and the slowest batch shows early.
         let mut order: Vec<usize> = (0..rows.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(requests[i].prompt.len()));

@@ -186,6 +186,8 @@ pub struct ModelConfig {
     pub sliding_window: Vec<Option<usize>>,
     /// The dtype the checkpoint says it was saved in, if it says.
     pub dtype: Option<Dtype>,
+    /// The longest sequence the model was made for, if config.json says.
+    pub max_position_embeddings: Option<usize>,
 }
 
 impl ModelConfig {
@@ -289,6 +291,7 @@ impl HfConfig {
             mlp_bias: arch == Arch::Llama && self.mlp_bias.unwrap_or(false),
             qk_norm: arch == Arch::Qwen3,
             sliding_window: self.sliding_windows(arch)?,
+            max_position_embeddings: self.max_position_embeddings,
             dtype,
         })
     }

@@ -74,10 +74,11 @@ impl ChatTemplate {
             Err(_) => Value::Null,
         };
         let jinja = dir.join("chat_template.jinja");
+        // The model's own template, and the file it is in (for errors).
         let own = match config.get("chat_template") {
-            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::String(s)) => Some((s.clone(), &config_path)),
             // A list of named templates: the one called "default".
-            Some(Value::Array(named)) => Some(
+            Some(Value::Array(named)) => Some((
                 named
                     .iter()
                     .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
@@ -89,18 +90,20 @@ impl ChatTemplate {
                         )
                     })?
                     .to_string(),
-            ),
-            _ if jinja.exists() => {
-                Some(std::fs::read_to_string(&jinja).map_err(|e| bad(&jinja, e.to_string()))?)
-            }
+                &config_path,
+            )),
+            _ if jinja.exists() => Some((
+                std::fs::read_to_string(&jinja).map_err(|e| bad(&jinja, e.to_string()))?,
+                &jinja,
+            )),
             _ => None,
         };
         let builtin = match name {
             TemplateName::Auto if own.is_none() => TemplateName::for_model_type(model_type),
             other => Some(other),
         };
-        let source = match (own, builtin.and_then(TemplateName::builtin_source)) {
-            (_, Some(builtin)) => builtin.to_string(),
+        let (source, source_path) = match (own, builtin.and_then(TemplateName::builtin_source)) {
+            (_, Some(builtin)) => (builtin.to_string(), &config_path),
             (Some(own), None) => own,
             (None, None) => {
                 return Err(bad(
@@ -128,7 +131,7 @@ impl ChatTemplate {
         }
         Self::new(source, bos_token, special("eos_token")).map_err(|reason| {
             bad(
-                &config_path,
+                source_path,
                 format!("chat_template does not compile: {reason}"),
             )
         })

@@ -36,7 +36,7 @@ pub enum LoadError {
         path: PathBuf,
         dtype: StDtype,
     },
-    #[error("the checkpoint in {dir} does not fit the model config ({} problems):\n    {}", .problems.len(), lines(.problems))]
+    #[error("the checkpoint in {dir} does not fit the model config ({} problems):\n    {}", .problems.len(), super::problem_lines(.problems))]
     Mismatch {
         dir: PathBuf,
         problems: Vec<LoadProblem>,
@@ -56,12 +56,6 @@ pub enum LoadProblem {
     },
     #[error("unexpected tensor {key}")]
     Unexpected { key: String },
-}
-
-/// One problem a line, indented under the error's first line.
-fn lines(problems: &[LoadProblem]) -> String {
-    let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
-    lines.join("\n    ")
 }
 
 /// One memory-mapped safetensors file with its parsed header.

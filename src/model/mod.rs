@@ -37,15 +37,28 @@ pub enum ModelError {
     #[error(transparent)]
     Load(#[from] LoadError),
     /// `what` is "the adapter in DIR" or "the LoRA config".
-    #[error("{what} does not fit the model ({} problems):\n    {}", .problems.len(), .problems.join("\n    "))]
+    #[error("{what} does not fit the model ({} problems):\n    {}", .problems.len(), problem_lines(.problems))]
     Adapter { what: String, problems: Vec<String> },
 }
 
+/// The problems a message lists before "and N more": a model with 100000 layers listed each.
+const PROBLEMS_SHOWN: usize = 50;
+
+/// One problem a line, indented under the error's first line; the first `PROBLEMS_SHOWN` only.
+pub(crate) fn problem_lines<T: std::fmt::Display>(problems: &[T]) -> String {
+    let shown: Vec<String> = problems.iter().take(PROBLEMS_SHOWN).map(T::to_string).collect();
+    let mut text = shown.join("\n    ");
+    if problems.len() > PROBLEMS_SHOWN {
+        text.push_str(&format!("\n    ... and {} more", problems.len() - PROBLEMS_SHOWN));
+    }
+    text
+}
+
 impl ModelError {
-    /// A config.json that cannot be used is the user's to fix; bad weights files are failures
-    /// while loading.
+    /// A config.json that cannot be used, or an adapter or LoRA config that does not fit the
+    /// model, is the user's to fix; bad weights files are failures while loading.
     pub fn is_usage(&self) -> bool {
-        matches!(self, Self::Config(_))
+        matches!(self, Self::Config(_) | Self::Adapter { .. })
     }
 }
 

@@ -262,9 +262,14 @@ impl<B: TrainBackend> Trainer<B> {
         for (step, pair) in (first..).zip(values.chunks_exact(2)) {
             for (what, value) in [("loss", pair[0]), ("gradient norm", pair[1])] {
                 if !value.is_finite() {
-                    let last = match checkpoint::list(&self.run_dir).pop() {
+                    // The checkpoint of step - 1 holds the weights that gave this value: the
+                    // last good one is older.
+                    let good = checkpoint::list(&self.run_dir)
+                        .into_iter()
+                        .rfind(|(saved, _)| saved + 1 < step);
+                    let last = match good {
                         Some((_, dir)) => format!("the last good checkpoint is {}", dir.display()),
-                        None => "no checkpoint was saved before it".into(),
+                        None => "no checkpoint holds weights that gave a finite loss".into(),
                     };
                     return Err(TrainError::NonFinite {
                         what,

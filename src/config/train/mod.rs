@@ -258,48 +258,59 @@ impl TrainConfig {
         Self::parse(&text, path, sets)
     }
 
-    /// As `load`, from the text of a file called `path`.
+    /// As `load`, from the text of a file called `path`. A value that cannot work is reported
+    /// where it was given: the file's line, or the `--set` that gave it.
     pub fn parse(text: &str, path: &Path, sets: &[String]) -> Result<Self, ConfigError> {
-        let config = overlay::read(text, path, sets)?;
-        config.check(path)?;
-        Ok(config)
+        let (config, origins) = overlay::read(text, path, sets)?;
+        match config.problem() {
+            None => Ok(config),
+            Some((key, message)) => Err(ConfigError::Key {
+                at: overlay::origin(&origins, key).unwrap_or_else(|| path.display().to_string()),
+                message: format!("{key}: {message}"),
+            }),
+        }
     }
 
     /// Values every field accepts but that cannot work; errors are placed at `path` (the file,
     /// or what stands for it when the config was built in code).
     pub fn check(&self, path: &Path) -> Result<(), ConfigError> {
-        let fail = |key: &str, message: String| {
-            Err(ConfigError::Key {
+        match self.problem() {
+            None => Ok(()),
+            Some((key, message)) => Err(ConfigError::Key {
                 at: path.display().to_string(),
                 message: format!("{key}: {message}"),
-            })
-        };
+            }),
+        }
+    }
+
+    /// The first value that cannot work, as (its key, what is wrong).
+    fn problem(&self) -> Option<(&'static str, String)> {
         if self.model.path.is_empty() {
-            return fail("model.path", "required: a model directory or hub id".into());
+            return Some(("model.path", "required: a model directory or hub id".into()));
         }
         if self.data.train.is_empty() {
-            return fail("data.train", "required: a list of dataset files".into());
+            return Some(("data.train", "required: a list of dataset files".into()));
         }
         if !(0.0..1.0).contains(&self.data.val_ratio) {
-            return fail(
+            return Some((
                 "data.val_ratio",
                 format!("{} is not in [0, 1)", self.data.val_ratio),
-            );
+            ));
         }
         if self.data.max_length == 0 {
-            return fail("data.max_length", "must be at least 1".into());
+            return Some(("data.max_length", "must be at least 1".into()));
         }
         if self.data.streaming && self.train.max_steps <= 0 {
-            return fail(
+            return Some((
                 "data.streaming",
                 "a streamed dataset has no known length: set train.max_steps".into(),
-            );
+            ));
         }
         if self.data.streaming && self.data.val_ratio > 0.0 {
-            return fail(
+            return Some((
                 "data.val_ratio",
                 "a stream cannot be split without reading it whole: give data.val instead".into(),
-            );
+            ));
         }
         let t = &self.train;
         for (key, value) in [
@@ -310,14 +321,34 @@ impl TrainConfig {
             ("train.eval_steps", t.eval_steps.unwrap_or(1)),
         ] {
             if value == 0 {
-                return fail(key, "must be at least 1".into());
+                return Some((key, "must be at least 1".into()));
             }
         }
-        if let Some(bits) = self.quant.bits.filter(|&b| b != 4) {
-            return fail("quant.bits", format!("{bits} is not supported (4)"));
+        // torch.optim's own checks ("Invalid learning rate", ...).
+        for (key, value, valid, range) in [
+            ("train.lr", t.lr, t.lr >= 0.0, "at least 0"),
+            ("train.weight_decay", t.weight_decay, t.weight_decay >= 0.0, "at least 0"),
+            ("train.adam_eps", t.adam_eps, t.adam_eps >= 0.0, "at least 0"),
+            ("train.adam_beta1", t.adam_beta1, (0.0..1.0).contains(&t.adam_beta1), "in [0, 1)"),
+            ("train.adam_beta2", t.adam_beta2, (0.0..1.0).contains(&t.adam_beta2), "in [0, 1)"),
+            ("train.warmup_ratio", t.warmup_ratio, (0.0..=1.0).contains(&t.warmup_ratio), "in [0, 1]"),
+            ("train.max_grad_norm", t.max_grad_norm, t.max_grad_norm >= 0.0, "at least 0 (0: no clipping)"),
+            ("lora.dropout", self.lora.dropout, (0.0..=1.0).contains(&self.lora.dropout), "in [0, 1]"),
+        ] {
+            // NaN fails every comparison, and so every range.
+            if !valid {
+                return Some((key, format!("{value} is not {range}")));
+            }
         }
-        Ok(())
+        if self.lora.r == 0 {
+            return Some(("lora.r", "must be at least 1".into()));
+        }
+        if let Some(bits) = self.quant.bits.filter(|&b| b != 4) {
+            return Some(("quant.bits", format!("{bits} is not supported (4)")));
+        }
+        None
     }
+
 
     /// The config as TOML, every default filled in (keys without a value are left out).
     pub fn to_toml(&self) -> String {
@@ -377,6 +408,23 @@ mod tests {
         assert_eq!(c.data.truncation, Truncation::Left);
         assert_eq!((c.train.seed, c.data.max_length), (7, 512));
         assert_eq!(c.lora.target_modules, ["q_proj"]);
+    }
+
+    #[test]
+    fn a_value_that_cannot_work_is_reported_where_it_was_given() {
+        let text = format!("{MINIMAL}[train]\nbatch_size = 2\nlr = -0.1\n");
+        let err = parse(&text, &[]).unwrap_err();
+        assert!(err.starts_with("run.toml:7: train.lr: -0.1 is not at least 0"), "{err}");
+        // The file's batch_size is fine; the --set that broke it is named, not the file's line.
+        let err = parse(&text, &["train.lr=0.1", "train.batch_size=0"]).unwrap_err();
+        assert!(err.starts_with("--set train.batch_size=0: train.batch_size"), "{err}");
+        let err = parse(MINIMAL, &["adam_beta2=1.0"]).unwrap_err();
+        assert!(err.starts_with("--set adam_beta2=1.0: train.adam_beta2: 1 is not in [0, 1)"), "{err}");
+        // Built in code, there is only the name the caller gives.
+        let mut config = parse(MINIMAL, &[]).unwrap();
+        config.train.weight_decay = f64::NAN;
+        let err = config.check(Path::new("code")).unwrap_err().to_string();
+        assert!(err.starts_with("code: train.weight_decay: NaN"), "{err}");
     }
 
     #[test]

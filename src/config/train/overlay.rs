@@ -65,8 +65,13 @@ const ALIASES: &[(&str, &str, &str)] = &[
     ("overwrite_output_dir", "output", "overwrite"),
 ];
 
-/// The config in `text` (the file `path`) with `sets` applied, deserialized onto the defaults.
-pub(super) fn read(text: &str, path: &Path, sets: &[String]) -> Result<TrainConfig, ConfigError> {
+/// The config in `text` (the file `path`) with `sets` applied, deserialized onto the defaults,
+/// and where each key was given.
+pub(super) fn read(
+    text: &str,
+    path: &Path,
+    sets: &[String],
+) -> Result<(TrainConfig, Origins), ConfigError> {
     let raw: Table = text
         .parse()
         .map_err(|e: toml::de::Error| ConfigError::Syntax {
@@ -131,7 +136,14 @@ pub(super) fn read(text: &str, path: &Path, sets: &[String]) -> Result<TrainConf
         // A later --set wins over the file and earlier ones.
         place(section, key, set_value(value.trim()), at);
     }
-    from_table(table, &origins, path)
+    let config = from_table(table, &origins, path)?;
+    Ok((config, origins))
+}
+
+/// Where `key` ("section.key") was given, when it was.
+pub(super) fn origin(origins: &Origins, key: &str) -> Option<String> {
+    let (section, key) = key.split_once('.')?;
+    origins.get(&(section.to_string(), key.to_string())).cloned()
 }
 
 /// The `(section, key)` an ms-swift argument name stands for.
@@ -143,7 +155,7 @@ fn alias(name: &str) -> Option<(&'static str, &'static str)> {
 }
 
 /// Where each `(section, key)` of the table was given.
-type Origins = BTreeMap<(String, String), String>;
+pub(super) type Origins = BTreeMap<(String, String), String>;
 
 fn given_twice(at: String, section: &str, key: &str) -> ConfigError {
     ConfigError::Key {

@@ -250,6 +250,100 @@ fn a_directory_that_holds_a_run_is_refused_unless_overwriting() {
 }
 
 #[test]
+fn a_live_trainer_locks_its_run_directory_until_dropped() {
+    let _serial = serial();
+    let out = tempfile::tempdir().unwrap();
+    let first = trainer(quickstart(out.path(), 2)).unwrap();
+    let mut c = quickstart(out.path(), 2);
+    c.output.overwrite = true;
+    match trainer(c.clone()) {
+        Err(TrainError::Locked { pid, .. }) => assert_eq!(pid, Some(std::process::id())),
+        other => panic!("not refused: {:?}", other.err()),
+    }
+    drop(first);
+    trainer(c).unwrap();
+}
+
+/// A run that failed before its first checkpoint left config.toml and logging.jsonl, and the
+/// rerun was refused as "already holds a run" while "latest" said there was no checkpoint.
+#[test]
+fn a_run_that_failed_before_its_first_checkpoint_is_simply_run_again() {
+    let _serial = serial();
+    let out = tempfile::tempdir().unwrap();
+    std::fs::write(out.path().join("config.toml"), "# an earlier run\n").unwrap();
+    std::fs::write(out.path().join("logging.jsonl"), "{\"step\": 99}\n").unwrap();
+    std::fs::create_dir(out.path().join(".tmp-swift-rs-1-killed")).unwrap();
+    let reports = train(quickstart(out.path(), 2));
+    assert_eq!(reports.len(), 2);
+    let log = std::fs::read_to_string(out.path().join("logging.jsonl")).unwrap();
+    assert!(!log.contains("\"step\": 99"), "{log}");
+    assert!(!out.path().join(".tmp-swift-rs-1-killed").exists());
+
+    // "latest" with no checkpoint yet starts the run (a job script that always says it).
+    let fresh = tempfile::tempdir().unwrap();
+    let mut c = quickstart(fresh.path(), 2);
+    c.train.resume_from = Some("latest".into());
+    assert_eq!(train(c).len(), 2);
+}
+
+#[test]
+fn resuming_with_other_lora_settings_is_refused_naming_the_key() {
+    let _serial = serial();
+    let out = tempfile::tempdir().unwrap();
+    train(quickstart(out.path(), 2));
+    let resumed = |edit: &dyn Fn(&mut TrainConfig)| {
+        let mut c = quickstart(out.path(), 4);
+        c.train.resume_from = Some("latest".into());
+        edit(&mut c);
+        trainer(c).err()
+    };
+    // The same settings, "all-linear" included (the checkpoint lists the modules it resolved to).
+    assert!(resumed(&|_| {}).is_none());
+    let edits: [(&str, &dyn Fn(&mut TrainConfig)); 4] = [
+        ("lora.r", &|c| c.lora.r *= 2),
+        ("lora.alpha", &|c| c.lora.alpha += 1.0),
+        ("lora.target_modules", &|c| c.lora.target_modules = vec!["q_proj".into()]),
+        ("lora.use_dora", &|c| c.lora.use_dora = true),
+    ];
+    for (key, edit) in edits {
+        match resumed(edit) {
+            Some(TrainError::Config { key: named, reason }) => {
+                assert_eq!(named, key, "{reason}");
+                assert!(reason.contains("checkpoint-2"), "{reason}");
+            }
+            other => panic!("{key}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_plot_that_cannot_be_written_is_a_warning_and_leaves_no_temporary() {
+    let _serial = serial();
+    let out = tempfile::tempdir().unwrap();
+    let mut c = quickstart(out.path(), 2);
+    c.output.plots = true;
+    let images = out.path().join("images");
+    let mut trainer = trainer(c).unwrap();
+    let outcome = trainer
+        .run(|r| {
+            if r.step == 2 {
+                // The plot's name is taken by a directory: its rename fails, as on a full disk.
+                std::fs::create_dir_all(images.join("train_loss.png")).unwrap();
+            }
+            Control::Continue
+        })
+        .unwrap();
+    assert_eq!(outcome.steps, 2);
+    assert!(outcome.warnings.iter().any(|w| w.contains("train_loss.png")), "{:?}", outcome.warnings);
+    let left: Vec<_> = std::fs::read_dir(&images)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
 fn qlora_trains_adapters_on_an_nf4_base() {
     let _serial = serial();
     let out = tempfile::tempdir().unwrap();

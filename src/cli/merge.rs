@@ -9,7 +9,7 @@ use super::device::{resolve, with_backend};
 use super::{Failure, HubArg};
 use swift_rs::config::{Device, Dtype};
 use swift_rs::export::merge::{merge, parse_size, MergeOptions};
-use swift_rs::export::remove_staged;
+use swift_rs::export::exit_removing_staged;
 use swift_rs::model::ModelBackend;
 
 #[derive(Args, Debug)]
@@ -45,9 +45,8 @@ fn merge_on<B: ModelBackend>(device: B::Device, args: &MergeArgs) -> Result<(), 
     // A merge has nothing worth saving half-way: Ctrl-C or SIGTERM removes what it was writing
     // (SIGKILL's leftover is removed by the next merge into the same place).
     ctrlc::set_handler(|| {
-        remove_staged();
-        eprintln!("\ninterrupted: nothing was written");
-        std::process::exit(130);
+        eprintln!("\ninterrupted: nothing partial is left");
+        exit_removing_staged(130);
     })
     .context("cannot install the SIGINT/SIGTERM handler")?;
     let options = MergeOptions {

@@ -16,7 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::device::{resolve, with_backend};
 use super::Failure;
 use swift_rs::config::{Device, TrainConfig, TrainPlan};
-use swift_rs::export::remove_staged;
+use swift_rs::export::exit_removing_staged;
 use swift_rs::model::{ModelBackend, TrainBackend};
 use swift_rs::train::log::LogEntry;
 use swift_rs::train::{Control, StepReport, TrainError, Trainer};
@@ -55,8 +55,7 @@ fn train_on<B: ModelBackend>(device: B::Device, plan: TrainPlan) -> Result<(), F
     ctrlc::set_handler(|| {
         if STOP.swap(true, Ordering::SeqCst) {
             // The checkpoint being written, if any, is incomplete: the last whole one stays.
-            remove_staged();
-            std::process::exit(130);
+            exit_removing_staged(130);
         }
         eprintln!(
             "\nstopping after this step to save a checkpoint (Ctrl-C or kill again to quit now)"

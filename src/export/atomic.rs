@@ -23,14 +23,21 @@ static STAGED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
 const STAGED_PREFIX: &str = ".tmp-swift-rs-";
 
-/// Removes every staged directory of this process that is not committed yet: for a signal
-/// handler that is about to end the process, which unwinds nothing.
-pub fn remove_staged() {
-    let staged = std::mem::take(&mut *STAGED.lock().unwrap_or_else(|e| e.into_inner()));
-    for dir in staged {
+/// Ends the process with `code`, removing first every staged directory of this process that is
+/// not committed yet: for a signal handler, as exiting unwinds nothing. Each is renamed away
+/// before it is removed, so that a thread still writing into it cannot add files meanwhile (its
+/// writes fail), and the list stays locked until the end, so that such a thread, which drops its
+/// `StagedDir` on the failure, waits there instead of exiting first with its own error.
+pub fn exit_removing_staged(code: i32) -> ! {
+    let mut staged = STAGED.lock().unwrap_or_else(|e| e.into_inner());
+    for dir in staged.drain(..) {
+        let mut doomed = dir.clone().into_os_string();
+        doomed.push(".removing");
         // Best effort: the process is ending, and nothing can be done about a failure.
-        let _ = std::fs::remove_dir_all(dir);
+        let _ = std::fs::rename(&dir, &doomed);
+        let _ = std::fs::remove_dir_all(&doomed);
     }
+    std::process::exit(code)
 }
 
 /// Removes the staged directories in `parent` whose process is gone. Only where the system says
@@ -76,12 +83,14 @@ impl StagedDir {
         let parent = parent_dir(target);
         std::fs::create_dir_all(parent).map_err(write_error(parent))?;
         remove_orphans(parent);
+        // Listed as it is made: a signal between the two would leave it unlisted, and behind.
+        let mut staged = STAGED.lock().unwrap_or_else(|e| e.into_inner());
         let tmp = tempfile::Builder::new()
             .prefix(&format!("{STAGED_PREFIX}{}-", std::process::id()))
             .tempdir_in(parent)
             .map_err(write_error(parent))?;
-        let mut staged = STAGED.lock().unwrap_or_else(|e| e.into_inner());
         staged.push(tmp.path().to_path_buf());
+        drop(staged);
         Ok(Self {
             tmp: Some(tmp),
             target: target.to_path_buf(),
@@ -101,6 +110,8 @@ impl StagedDir {
 
     /// Moves the directory into place, replacing an existing target.
     pub fn commit(mut self) -> Result<(), ExportError> {
+        // Held to the end: a signal's `exit_removing_staged` removes it first or not at all.
+        let mut staged = STAGED.lock().unwrap_or_else(|e| e.into_inner());
         if self.target.exists() {
             std::fs::remove_dir_all(&self.target).map_err(write_error(&self.target))?;
         }
@@ -110,7 +121,7 @@ impl StagedDir {
             // Best effort: the rename's error is the one to report.
             let _ = std::fs::remove_dir_all(&tmp);
         }
-        forget(&tmp);
+        staged.retain(|d| *d != tmp);
         renamed
     }
 }
@@ -118,17 +129,10 @@ impl StagedDir {
 impl Drop for StagedDir {
     fn drop(&mut self) {
         if let Some(tmp) = &self.tmp {
-            forget(tmp.path());
+            let mut staged = STAGED.lock().unwrap_or_else(|e| e.into_inner());
+            staged.retain(|d| d != tmp.path());
         }
     }
-}
-
-/// Takes `dir` off the list `remove_staged` removes.
-fn forget(dir: &Path) {
-    STAGED
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .retain(|d| d != dir);
 }
 
 /// A file written under a temporary name in its final directory and renamed on `commit`.
@@ -140,7 +144,12 @@ pub struct AtomicFile {
 impl AtomicFile {
     pub fn create(path: &Path) -> Result<Self, ExportError> {
         let dir = parent_dir(path);
-        let tmp = tempfile::NamedTempFile::new_in(dir).map_err(write_error(dir))?;
+        let mut builder = tempfile::Builder::new();
+        // tempfile's own 0600 would stay on the renamed file: config.toml, a merged model's
+        // config.json and an eval's output are for everyone who may read the directory.
+        #[cfg(unix)]
+        builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
+        let tmp = builder.tempfile_in(dir).map_err(write_error(dir))?;
         Ok(Self {
             tmp,
             path: path.to_path_buf(),

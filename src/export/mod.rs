@@ -5,7 +5,7 @@ mod atomic;
 pub mod merge;
 pub mod peft;
 
-pub use atomic::{remove_staged, write_atomic, AtomicFile, StagedDir};
+pub use atomic::{exit_removing_staged, write_atomic, AtomicFile, StagedDir};
 
 use std::path::PathBuf;
 

@@ -160,13 +160,13 @@ fn line_plot(path: &Path, title: &str, points: &[(f64, f64)]) -> Result<(), Stri
         .map(|n| n.to_string_lossy())
         .unwrap_or_default();
     let tmp = path.with_file_name(format!(".tmp-{name}"));
-    let drawn = draw(&tmp, title, points, (x0, x1), (lo - pad, hi + pad));
-    if drawn.is_err() {
+    let written = draw(&tmp, title, points, (x0, x1), (lo - pad, hi + pad))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| e.to_string()));
+    if written.is_err() {
         // Best effort: the error at hand says more than a failure to clean up would.
         let _ = std::fs::remove_file(&tmp);
     }
-    drawn?;
-    std::fs::rename(&tmp, path).map_err(|e| e.to_string())
+    written
 }
 
 /// Draws `points` into the PNG file `path`.

@@ -21,11 +21,12 @@ use super::optim::{clip_grad_norm, Optimizer};
 use super::run_dir;
 use super::schedule::LrSchedule;
 use super::{mean_loss, TrainError};
-use crate::config::{DataSection, Length, LoraConfig, TrainPlan};
+use crate::config::{DataSection, Length, LoraConfig, ModelConfig, TrainPlan};
 use crate::data::dataset::{BadRows, Dataset, TrainRow};
 use crate::data::encode::Encoder;
 use crate::export::peft::read_adapter;
 use crate::hub;
+use crate::lora::target::Targets;
 use crate::model::{self, AdapterSource, CausalLm, LoadOptions, LoraPlan, TrainBackend};
 
 /// What the callback of `Trainer::run` says after each step.
@@ -411,7 +412,9 @@ fn load_model<B: TrainBackend>(
     let mut adapter = match (resume, &config.lora.init_adapter) {
         (Some(dir), None) => {
             let adapter = read_adapter(dir)?;
-            same_lora(&adapter.config, &plan.lora, dir)?;
+            let linears = ModelConfig::from_dir(model_dir)?.adaptable_linears();
+            let names: Vec<String> = linears.into_iter().map(|(name, ..)| name).collect();
+            same_lora(&adapter.config, &plan.lora, dir, &names)?;
             adapter
         }
         (Some(dir), Some(_)) => read_adapter(dir)?,
@@ -433,24 +436,40 @@ fn load_model<B: TrainBackend>(
 
 /// A resumed run trains the checkpoint's adapter: a config that now says another rank, alpha,
 /// dropout, target set or variant would be recorded in config.toml but not trained, so it is an
-/// error naming the first key that differs.
-fn same_lora(saved: &LoraConfig, config: &LoraConfig, dir: &Path) -> Result<(), TrainError> {
+/// error naming the first key that differs. Targets are compared by the `linears` they select
+/// (checkpoints write "all-linear" resolved to module names, as PEFT does).
+fn same_lora(
+    saved: &LoraConfig,
+    config: &LoraConfig,
+    dir: &Path,
+    linears: &[String],
+) -> Result<(), TrainError> {
     fn json(value: &impl serde::Serialize) -> String {
         serde_json::to_string(value).expect("config values serialize")
     }
-    let pairs: [(&str, String, String); 6] = [
+    let selected = |c: &LoraConfig| -> Option<Vec<&String>> {
+        let targets = Targets::new(c.target_modules.as_ref()?, c.exclude_modules.as_ref()).ok()?;
+        Some(linears.iter().filter(|n| targets.matches(n)).collect())
+    };
+    let targets = |c: &LoraConfig| {
+        c.target_modules
+            .as_ref()
+            .map_or_else(|| "none".into(), ToString::to_string)
+    };
+    let differ = [
         ("lora.r", json(&saved.r), json(&config.r)),
         ("lora.alpha", json(&saved.lora_alpha), json(&config.lora_alpha)),
         ("lora.dropout", json(&saved.lora_dropout), json(&config.lora_dropout)),
-        (
-            "lora.target_modules",
-            json(&saved.target_modules),
-            json(&config.target_modules),
-        ),
         ("lora.use_rslora", json(&saved.use_rslora), json(&config.use_rslora)),
         ("lora.use_dora", json(&saved.use_dora), json(&config.use_dora)),
-    ];
-    match pairs.into_iter().find(|(_, a, b)| a != b) {
+    ]
+    .into_iter()
+    .find(|(_, a, b)| a != b)
+    .or_else(|| {
+        (selected(saved) != selected(config))
+            .then(|| ("lora.target_modules", targets(saved), targets(config)))
+    });
+    match differ {
         None => Ok(()),
         Some((key, saved, now)) => Err(TrainError::Config {
             key: key.into(),

@@ -347,14 +347,23 @@ fn a_bad_output_path_fails_before_generating_and_an_input_is_never_overwritten()
     let d = dataset.to_str().unwrap();
     let nowhere = dir.path().join("no/such/dir/out.jsonl");
     let stderr = swift_rs_fails(
-        &infer_args(&model, &["--dataset", d, "--output", nowhere.to_str().unwrap()]),
+        &infer_args(
+            &model,
+            &["--dataset", d, "--output", nowhere.to_str().unwrap()],
+        ),
         2,
     );
     assert!(stderr.contains("--output"), "{stderr}");
-    assert!(!stderr.contains("generation:"), "it generated first:\n{stderr}");
+    assert!(
+        !stderr.contains("generation:"),
+        "it generated first:\n{stderr}"
+    );
     let stderr = swift_rs_fails(&infer_args(&model, &["--dataset", d, "--output", d]), 2);
     assert!(stderr.contains("is the input"), "{stderr}");
-    assert_eq!(std::fs::read_to_string(&dataset).unwrap(), "{\"query\": \"Hi\"}\n");
+    assert_eq!(
+        std::fs::read_to_string(&dataset).unwrap(),
+        "{\"query\": \"Hi\"}\n"
+    );
 }
 
 #[test]

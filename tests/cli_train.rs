@@ -236,6 +236,21 @@ fn config_errors_name_the_key_and_exit_2() {
     assert!(stderr.contains("train.optimizer"), "{stderr}");
 }
 
+/// A LoRA config that fits no layer is the config's fault: exit 2, as SPEC says (it was 1).
+#[test]
+fn a_lora_config_that_fits_no_layer_exits_2() {
+    let out = tempfile::tempdir().unwrap();
+    let args = quickstart_args(
+        &out.path().join("run"),
+        &["--set", "lora.target_modules=[\"nope_proj\"]"],
+    );
+    let stderr = swift_rs_fails(&args, 2);
+    assert!(
+        stderr.contains("[\"nope_proj\"] matches no linear layer"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn a_directory_holding_a_run_is_refused_with_exit_2() {
     let out = tempfile::tempdir().unwrap();

@@ -185,14 +185,22 @@ fn delete_truncation_drops_long_rows_and_counts_them_even_when_bad_rows_are_erro
         let built = build(&config(&[&file], &extra)).unwrap();
         assert_eq!(built.bad_rows.too_long, long, "{on_bad_row}");
         assert_eq!(built.bad_rows.count, 0, "{on_bad_row}");
-        let kept: Vec<&Encoded> = expected.iter().filter(|e| e.input_ids.len() <= max).collect();
+        let kept: Vec<&Encoded> = expected
+            .iter()
+            .filter(|e| e.input_ids.len() <= max)
+            .collect();
         let got = samples(&built.train);
         assert_eq!(got.len(), kept.len());
         for (g, e) in got.iter().zip(kept) {
             assert_eq!(g, e);
         }
         let said = built.bad_rows.describe(max).unwrap();
-        assert!(said.contains(&format!("dropped {long} rows longer than data.max_length = {max}")), "{said}");
+        assert!(
+            said.contains(&format!(
+                "dropped {long} rows longer than data.max_length = {max}"
+            )),
+            "{said}"
+        );
     }
 }
 

@@ -28,7 +28,12 @@ fn train(run: &Path, extra: &[&str]) -> Command {
         .args(["train", "--config", "configs/quickstart.toml"])
         .args(["--set", &format!("output.dir={}", run.display())])
         .args(["--set", &format!("train.max_steps={STEPS}")])
-        .args(["--set", "train.save_steps=2", "--set", "train.logging_steps=1"])
+        .args([
+            "--set",
+            "train.save_steps=2",
+            "--set",
+            "train.logging_steps=1",
+        ])
         .args(["--set", "output.plots=false"])
         .args(extra.iter().flat_map(|s| ["--set", s]));
     command
@@ -96,7 +101,11 @@ fn reference() -> (tempfile::TempDir, Vec<Vec<u8>>) {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let out = train(&run, &[]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let state = final_state(&run);
     (dir, state)
 }
@@ -138,7 +147,11 @@ fn kill_while_staging(child: &mut Child, dir: &Path) -> bool {
             .into_iter()
             .flatten()
             .flatten()
-            .any(|e| e.file_name().to_string_lossy().starts_with(".tmp-swift-rs-"));
+            .any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(".tmp-swift-rs-")
+            });
         if staging {
             signal(child, "KILL");
             child.wait().unwrap();
@@ -198,7 +211,11 @@ fn a_second_run_on_a_live_run_directory_exits_2_naming_the_first() {
     let next = train(&run, &["train.resume_from=latest", "train.max_steps=4"])
         .output()
         .unwrap();
-    assert!(next.status.success(), "{}", String::from_utf8_lossy(&next.stderr));
+    assert!(
+        next.status.success(),
+        "{}",
+        String::from_utf8_lossy(&next.stderr)
+    );
 }
 
 fn merge(adapter: &Path, out: &Path) -> Command {
@@ -234,21 +251,38 @@ fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 #[test]
 fn a_killed_merge_leaves_nothing_and_its_rerun_writes_the_same_files() {
     let (trained, _) = reference();
-    let adapter = trained.path().join("run").join(format!("checkpoint-{STEPS}"));
+    let adapter = trained
+        .path()
+        .join("run")
+        .join(format!("checkpoint-{STEPS}"));
     let dir = tempfile::tempdir().unwrap();
     let whole = dir.path().join("whole");
     let done = merge(&adapter, &whole).output().unwrap();
-    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
     let expected = files(&whole);
 
     // SIGKILL mid-write: nothing under the output name; the rerun removes the leftover.
     let out = dir.path().join("merged");
     let mut child = merge(&adapter, &out).stderr(Stdio::null()).spawn().unwrap();
-    assert!(kill_while_staging(&mut child, dir.path()), "the merge ended first");
+    assert!(
+        kill_while_staging(&mut child, dir.path()),
+        "the merge ended first"
+    );
     assert!(!out.exists(), "a killed merge left {}", out.display());
-    assert!(!temporaries(dir.path()).is_empty(), "killed mid-write, it leaves its staging");
+    assert!(
+        !temporaries(dir.path()).is_empty(),
+        "killed mid-write, it leaves its staging"
+    );
     let rerun = merge(&adapter, &out).output().unwrap();
-    assert!(rerun.status.success(), "{}", String::from_utf8_lossy(&rerun.stderr));
+    assert!(
+        rerun.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rerun.stderr)
+    );
     assert!(files(&out) == expected, "the rerun wrote other files");
     assert_eq!(temporaries(dir.path()), Vec::<PathBuf>::new());
 
@@ -330,7 +364,10 @@ fn a_full_disk_fails_the_write_whole_and_names_it() {
 
     // A merge that does not fit leaves nothing.
     let (trained, _) = reference();
-    let adapter = trained.path().join("run").join(format!("checkpoint-{STEPS}"));
+    let adapter = trained
+        .path()
+        .join("run")
+        .join(format!("checkpoint-{STEPS}"));
     let Some(disk) = SmallDisk::mount(512 << 10) else {
         return;
     };

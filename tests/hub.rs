@@ -247,11 +247,17 @@ fn a_silent_failing_or_foreign_hub_times_out_and_falls_back_on_a_complete_cache(
         // Nothing cached: each says what went wrong, and the silent one does not hang.
         let started = std::time::Instant::now();
         let e = snapshot(&impatient(&silent), &id("org/tiny")).unwrap_err();
-        assert!(started.elapsed() < Duration::from_secs(5), "{kind:?} waited");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{kind:?} waited"
+        );
         assert!(matches!(e, HubError::Network { .. }), "{kind:?}: {e}");
         assert!(e.to_string().to_lowercase().contains("timed out"), "{e}");
         let e = snapshot(&impatient(&failing), &id("org/tiny")).unwrap_err();
-        assert!(matches!(e, HubError::Http { status: 503, .. }), "{kind:?}: {e}");
+        assert!(
+            matches!(e, HubError::Http { status: 503, .. }),
+            "{kind:?}: {e}"
+        );
         let e = snapshot(&impatient(&foreign), &id("org/tiny")).unwrap_err();
         assert!(matches!(e, HubError::BadAnswer { .. }), "{kind:?}: {e}");
         assert!(!e.to_string().contains("cannot write"), "{e}");
@@ -259,7 +265,11 @@ fn a_silent_failing_or_foreign_hub_times_out_and_falls_back_on_a_complete_cache(
         // Cached whole: each falls back on it.
         let dir = snapshot(&env(kind, &hub.url, cache.path()), &id("org/tiny")).unwrap();
         for url in [&silent, &failing, &foreign] {
-            assert_eq!(snapshot(&impatient(url), &id("org/tiny")).unwrap(), dir, "{kind:?} {url}");
+            assert_eq!(
+                snapshot(&impatient(url), &id("org/tiny")).unwrap(),
+                dir,
+                "{kind:?} {url}"
+            );
         }
     }
 }

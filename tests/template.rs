@@ -269,3 +269,20 @@ fn a_directory_without_a_template_is_named() {
     };
     assert!(err.contains("does not compile"), "{err}");
 }
+
+/// A chat_template.jinja that does not compile used to be reported as tokenizer_config.json.
+#[test]
+fn a_broken_chat_template_jinja_is_named() {
+    let own = tempfile::tempdir().unwrap();
+    std::fs::write(own.path().join("tokenizer_config.json"), "{}").unwrap();
+    std::fs::write(own.path().join("chat_template.jinja"), "{% if %}").unwrap();
+    let err = ChatTemplate::from_model_dir(own.path())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("chat_template.jinja") && err.contains("does not compile"),
+        "{err}"
+    );
+    assert!(!err.contains("tokenizer_config.json"), "{err}");
+}

@@ -302,7 +302,9 @@ fn resuming_with_other_lora_settings_is_refused_naming_the_key() {
     let edits: [(&str, &dyn Fn(&mut TrainConfig)); 4] = [
         ("lora.r", &|c| c.lora.r *= 2),
         ("lora.alpha", &|c| c.lora.alpha += 1.0),
-        ("lora.target_modules", &|c| c.lora.target_modules = vec!["q_proj".into()]),
+        ("lora.target_modules", &|c| {
+            c.lora.target_modules = vec!["q_proj".into()]
+        }),
         ("lora.use_dora", &|c| c.lora.use_dora = true),
     ];
     for (key, edit) in edits {
@@ -334,7 +336,14 @@ fn a_plot_that_cannot_be_written_is_a_warning_and_leaves_no_temporary() {
         })
         .unwrap();
     assert_eq!(outcome.steps, 2);
-    assert!(outcome.warnings.iter().any(|w| w.contains("train_loss.png")), "{:?}", outcome.warnings);
+    assert!(
+        outcome
+            .warnings
+            .iter()
+            .any(|w| w.contains("train_loss.png")),
+        "{:?}",
+        outcome.warnings
+    );
     let left: Vec<_> = std::fs::read_dir(&images)
         .unwrap()
         .flatten()

@@ -8,8 +8,8 @@ use clap::Args;
 use super::device::{resolve, with_backend};
 use super::{Failure, HubArg};
 use swift_rs::config::{Device, Dtype};
-use swift_rs::export::merge::{merge, parse_size, MergeOptions};
 use swift_rs::export::exit_removing_staged;
+use swift_rs::export::merge::{merge, parse_size, MergeOptions};
 use swift_rs::model::ModelBackend;
 
 #[derive(Args, Debug)]

@@ -118,11 +118,12 @@ pub fn open_rows(
         }),
         "json" => {
             let bytes = std::fs::read(path).map_err(io)?;
-            let value: Value = serde_json::from_slice(without_bom(&bytes)).map_err(|e| DataError::BadRow {
-                path: path.to_path_buf(),
-                at: Location::Line(e.line()),
-                reason: format!("malformed JSON: {e}"),
-            })?;
+            let value: Value =
+                serde_json::from_slice(without_bom(&bytes)).map_err(|e| DataError::BadRow {
+                    path: path.to_path_buf(),
+                    at: Location::Line(e.line()),
+                    reason: format!("malformed JSON: {e}"),
+                })?;
             let Value::Array(items) = value else {
                 return Err(DataError::BadRow {
                     path: path.to_path_buf(),
@@ -220,7 +221,11 @@ impl Iterator for JsonLines {
                         at,
                         reason,
                     };
-                    let line = if self.line == 1 { without_bom(&buf) } else { &buf };
+                    let line = if self.line == 1 {
+                        without_bom(&buf)
+                    } else {
+                        &buf
+                    };
                     let text = match std::str::from_utf8(line) {
                         Ok(text) => text,
                         Err(e) => return Some(Err(bad(format!("invalid UTF-8: {e}")))),
@@ -435,14 +440,25 @@ mod tests {
     fn a_byte_order_mark_at_the_start_of_a_file_is_not_malformed_json() {
         let dir = tempfile::tempdir().unwrap();
         let jsonl = dir.path().join("bom.jsonl");
-        std::fs::write(&jsonl, b"\xEF\xBB\xBF{\"text\": \"a\"}\n{\"text\": \"b\"}\n").unwrap();
+        std::fs::write(
+            &jsonl,
+            b"\xEF\xBB\xBF{\"text\": \"a\"}\n{\"text\": \"b\"}\n",
+        )
+        .unwrap();
         let rows = read_rows(&jsonl, &BTreeMap::new()).unwrap();
         assert_eq!((rows[0].1["text"].as_str(), rows.len()), (Some("a"), 2));
         let json = dir.path().join("bom.json");
         std::fs::write(&json, b"\xEF\xBB\xBF[{\"text\": \"x\"}]").unwrap();
-        assert_eq!(read_rows(&json, &BTreeMap::new()).unwrap()[0].1["text"], "x");
+        assert_eq!(
+            read_rows(&json, &BTreeMap::new()).unwrap()[0].1["text"],
+            "x"
+        );
         // Only at the start: elsewhere it is a character JSON does not allow between values.
-        std::fs::write(&jsonl, b"{\"text\": \"a\"}\n\xEF\xBB\xBF{\"text\": \"b\"}\n").unwrap();
+        std::fs::write(
+            &jsonl,
+            b"{\"text\": \"a\"}\n\xEF\xBB\xBF{\"text\": \"b\"}\n",
+        )
+        .unwrap();
         let second = open_rows(&jsonl, &BTreeMap::new()).unwrap().nth(1).unwrap();
         assert!(second.is_err());
     }

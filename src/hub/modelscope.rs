@@ -44,7 +44,8 @@ pub(super) fn snapshot(env: &HubEnv, id: &HubId) -> Result<PathBuf, HubError> {
             })
         };
     }
-    let (listing_agent, download_agent) = (agent(env.metadata_timeout), agent(env.download_timeout));
+    let (listing_agent, download_agent) =
+        (agent(env.metadata_timeout), agent(env.download_timeout));
     let get = |agent: &ureq::Agent, url: String| {
         let request = agent.get(&url);
         match &env.token {

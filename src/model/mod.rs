@@ -46,10 +46,17 @@ const PROBLEMS_SHOWN: usize = 50;
 
 /// One problem a line, indented under the error's first line; the first `PROBLEMS_SHOWN` only.
 pub(crate) fn problem_lines<T: std::fmt::Display>(problems: &[T]) -> String {
-    let shown: Vec<String> = problems.iter().take(PROBLEMS_SHOWN).map(T::to_string).collect();
+    let shown: Vec<String> = problems
+        .iter()
+        .take(PROBLEMS_SHOWN)
+        .map(T::to_string)
+        .collect();
     let mut text = shown.join("\n    ");
     if problems.len() > PROBLEMS_SHOWN {
-        text.push_str(&format!("\n    ... and {} more", problems.len() - PROBLEMS_SHOWN));
+        text.push_str(&format!(
+            "\n    ... and {} more",
+            problems.len() - PROBLEMS_SHOWN
+        ));
     }
     text
 }

@@ -72,6 +72,7 @@ impl TrainError {
             | Self::RunExists { .. }
             | Self::Locked { .. } => true,
             Self::Hub(e) => e.is_usage(),
+            Self::Model(e) => e.is_usage(),
             _ => false,
         }
     }

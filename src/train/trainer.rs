@@ -458,10 +458,26 @@ fn same_lora(
     };
     let differ = [
         ("lora.r", json(&saved.r), json(&config.r)),
-        ("lora.alpha", json(&saved.lora_alpha), json(&config.lora_alpha)),
-        ("lora.dropout", json(&saved.lora_dropout), json(&config.lora_dropout)),
-        ("lora.use_rslora", json(&saved.use_rslora), json(&config.use_rslora)),
-        ("lora.use_dora", json(&saved.use_dora), json(&config.use_dora)),
+        (
+            "lora.alpha",
+            json(&saved.lora_alpha),
+            json(&config.lora_alpha),
+        ),
+        (
+            "lora.dropout",
+            json(&saved.lora_dropout),
+            json(&config.lora_dropout),
+        ),
+        (
+            "lora.use_rslora",
+            json(&saved.use_rslora),
+            json(&config.use_rslora),
+        ),
+        (
+            "lora.use_dora",
+            json(&saved.use_dora),
+            json(&config.use_dora),
+        ),
     ]
     .into_iter()
     .find(|(_, a, b)| a != b)

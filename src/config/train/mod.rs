@@ -327,13 +327,48 @@ impl TrainConfig {
         // torch.optim's own checks ("Invalid learning rate", ...).
         for (key, value, valid, range) in [
             ("train.lr", t.lr, t.lr >= 0.0, "at least 0"),
-            ("train.weight_decay", t.weight_decay, t.weight_decay >= 0.0, "at least 0"),
-            ("train.adam_eps", t.adam_eps, t.adam_eps >= 0.0, "at least 0"),
-            ("train.adam_beta1", t.adam_beta1, (0.0..1.0).contains(&t.adam_beta1), "in [0, 1)"),
-            ("train.adam_beta2", t.adam_beta2, (0.0..1.0).contains(&t.adam_beta2), "in [0, 1)"),
-            ("train.warmup_ratio", t.warmup_ratio, (0.0..=1.0).contains(&t.warmup_ratio), "in [0, 1]"),
-            ("train.max_grad_norm", t.max_grad_norm, t.max_grad_norm >= 0.0, "at least 0 (0: no clipping)"),
-            ("lora.dropout", self.lora.dropout, (0.0..=1.0).contains(&self.lora.dropout), "in [0, 1]"),
+            (
+                "train.weight_decay",
+                t.weight_decay,
+                t.weight_decay >= 0.0,
+                "at least 0",
+            ),
+            (
+                "train.adam_eps",
+                t.adam_eps,
+                t.adam_eps >= 0.0,
+                "at least 0",
+            ),
+            (
+                "train.adam_beta1",
+                t.adam_beta1,
+                (0.0..1.0).contains(&t.adam_beta1),
+                "in [0, 1)",
+            ),
+            (
+                "train.adam_beta2",
+                t.adam_beta2,
+                (0.0..1.0).contains(&t.adam_beta2),
+                "in [0, 1)",
+            ),
+            (
+                "train.warmup_ratio",
+                t.warmup_ratio,
+                (0.0..=1.0).contains(&t.warmup_ratio),
+                "in [0, 1]",
+            ),
+            (
+                "train.max_grad_norm",
+                t.max_grad_norm,
+                t.max_grad_norm >= 0.0,
+                "at least 0 (0: no clipping)",
+            ),
+            (
+                "lora.dropout",
+                self.lora.dropout,
+                (0.0..=1.0).contains(&self.lora.dropout),
+                "in [0, 1]",
+            ),
         ] {
             // NaN fails every comparison, and so every range.
             if !valid {
@@ -348,7 +383,6 @@ impl TrainConfig {
         }
         None
     }
-
 
     /// The config as TOML, every default filled in (keys without a value are left out).
     pub fn to_toml(&self) -> String {
@@ -414,12 +448,21 @@ mod tests {
     fn a_value_that_cannot_work_is_reported_where_it_was_given() {
         let text = format!("{MINIMAL}[train]\nbatch_size = 2\nlr = -0.1\n");
         let err = parse(&text, &[]).unwrap_err();
-        assert!(err.starts_with("run.toml:7: train.lr: -0.1 is not at least 0"), "{err}");
+        assert!(
+            err.starts_with("run.toml:7: train.lr: -0.1 is not at least 0"),
+            "{err}"
+        );
         // The file's batch_size is fine; the --set that broke it is named, not the file's line.
         let err = parse(&text, &["train.lr=0.1", "train.batch_size=0"]).unwrap_err();
-        assert!(err.starts_with("--set train.batch_size=0: train.batch_size"), "{err}");
+        assert!(
+            err.starts_with("--set train.batch_size=0: train.batch_size"),
+            "{err}"
+        );
         let err = parse(MINIMAL, &["adam_beta2=1.0"]).unwrap_err();
-        assert!(err.starts_with("--set adam_beta2=1.0: train.adam_beta2: 1 is not in [0, 1)"), "{err}");
+        assert!(
+            err.starts_with("--set adam_beta2=1.0: train.adam_beta2: 1 is not in [0, 1)"),
+            "{err}"
+        );
         // Built in code, there is only the name the caller gives.
         let mut config = parse(MINIMAL, &[]).unwrap();
         config.train.weight_decay = f64::NAN;
@@ -429,12 +472,19 @@ mod tests {
 
     #[test]
     fn target_modules_as_one_string_is_a_list_of_one() {
-        let c = parse(&format!("{MINIMAL}\n[lora]\ntarget_modules = \"all-linear\"\n"), &[]).unwrap();
+        let c = parse(
+            &format!("{MINIMAL}\n[lora]\ntarget_modules = \"all-linear\"\n"),
+            &[],
+        )
+        .unwrap();
         assert_eq!(c.lora.target_modules, ["all-linear"]);
         let c = parse(MINIMAL, &["lora.target_modules=q_proj"]).unwrap();
         assert_eq!(c.lora.target_modules, ["q_proj"]);
         let err = parse(MINIMAL, &["lora.target_modules=3"]).unwrap_err();
-        assert!(err.contains("--set lora.target_modules=3") && err.contains("module name"), "{err}");
+        assert!(
+            err.contains("--set lora.target_modules=3") && err.contains("module name"),
+            "{err}"
+        );
         let c = parse(MINIMAL, &["model.system=Be brief.", "model.template=qwen3"]).unwrap();
         assert_eq!(c.model.system.as_deref(), Some("Be brief."));
         assert_eq!(c.model.template, TemplateName::Qwen3);

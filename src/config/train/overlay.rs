@@ -143,7 +143,9 @@ pub(super) fn read(
 /// Where `key` ("section.key") was given, when it was.
 pub(super) fn origin(origins: &Origins, key: &str) -> Option<String> {
     let (section, key) = key.split_once('.')?;
-    origins.get(&(section.to_string(), key.to_string())).cloned()
+    origins
+        .get(&(section.to_string(), key.to_string()))
+        .cloned()
 }
 
 /// The `(section, key)` an ms-swift argument name stands for.

@@ -299,7 +299,8 @@ fn resuming_with_other_lora_settings_is_refused_naming_the_key() {
     };
     // The same settings, "all-linear" included (the checkpoint lists the modules it resolved to).
     assert!(resumed(&|_| {}).is_none());
-    let edits: [(&str, &dyn Fn(&mut TrainConfig)); 4] = [
+    type Edit<'a> = (&'a str, &'a dyn Fn(&mut TrainConfig));
+    let edits: [Edit; 4] = [
         ("lora.r", &|c| c.lora.r *= 2),
         ("lora.alpha", &|c| c.lora.alpha += 1.0),
         ("lora.target_modules", &|c| {

@@ -348,3 +348,36 @@ fn encode_writes_the_rows_training_sees() {
     );
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown key data.colour"));
 }
+
+/// `encode --output` naming its own dataset (or config) overwrote it.
+#[test]
+fn encode_refuses_to_overwrite_its_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = dir.path().join("rows.jsonl");
+    std::fs::copy(datasets().join("rows.jsonl"), &rows).unwrap();
+    let before = std::fs::read(&rows).unwrap();
+    let config_path = dir.path().join("run.toml");
+    let model = common::fixtures().join("templates/qwen2_5");
+    std::fs::write(
+        &config_path,
+        format!(
+            "[model]\npath = {:?}\n[data]\ntrain = [{:?}]\n",
+            model.display().to_string(),
+            dir.path().join("*.jsonl").display().to_string()
+        ),
+    )
+    .unwrap();
+    for input in [&rows, &config_path] {
+        let config = config_path.to_str().unwrap();
+        let args = [
+            "encode",
+            "--config",
+            config,
+            "--output",
+            input.to_str().unwrap(),
+        ];
+        let stderr = common::swift_rs_fails(&args, 2);
+        assert!(stderr.contains("is the input"), "{stderr}");
+    }
+    assert_eq!(std::fs::read(&rows).unwrap(), before);
+}

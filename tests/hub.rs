@@ -275,6 +275,31 @@ fn a_silent_failing_or_foreign_hub_times_out_and_falls_back_on_a_complete_cache(
 }
 
 #[test]
+fn a_download_that_stalls_breaks_off_after_the_timeout_and_resumes() {
+    let shard = "model-00002-of-00003.safetensors";
+    for kind in [Hub::HuggingFace, Hub::ModelScope] {
+        let hub = FakeHub::start(vec![("org/tiny", sharded_repo())]);
+        let cache = tempfile::tempdir().unwrap();
+        let impatient = HubEnv {
+            download_timeout: Duration::from_millis(500),
+            ..env(kind, &hub.url, cache.path())
+        };
+        hub.state.lock().unwrap().stalled.insert(shard.to_string());
+        let started = std::time::Instant::now();
+        let e = snapshot(&impatient, &id("org/tiny")).unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{kind:?} waited"
+        );
+        assert!(matches!(e, HubError::Interrupted { .. }), "{kind:?}: {e}");
+        assert!(e.to_string().contains("run again to resume"), "{e}");
+        let dir = snapshot(&impatient, &id("org/tiny")).unwrap();
+        let bytes = std::fs::read(model_dir(SHARDED).join(shard)).unwrap();
+        assert_eq!(std::fs::read(dir.join(shard)).unwrap(), bytes, "{kind:?}");
+    }
+}
+
+#[test]
 fn hub_timeouts_come_from_the_environment() {
     // Each variable is read once per call: a bad value names itself.
     let e = std::process::Command::new(env!("CARGO_BIN_EXE_swift-rs"))
@@ -299,15 +324,11 @@ fn a_cut_transfer_resumes_where_it_stopped() {
         let e = snapshot(&env, &id("org/tiny")).unwrap_err();
         assert!(matches!(e, HubError::Interrupted { .. }), "{kind:?}: {e}");
         assert!(e.to_string().contains("run again to resume"), "{e}");
-        // The half that arrived waits under a name that says so (hf-hub's `.part`, ModelScope's
-        // `.incomplete`); nothing is under the real name.
-        let suffix = match kind {
-            Hub::HuggingFace => ".part",
-            Hub::ModelScope => ".incomplete",
-        };
+        // The half that arrived waits under the name both Python clients give it and resume;
+        // nothing is under the real name.
         let partial: Vec<PathBuf> = files_under(cache.path())
             .into_iter()
-            .filter(|p| p.to_str().unwrap().ends_with(suffix))
+            .filter(|p| p.to_str().unwrap().ends_with(".incomplete"))
             .collect();
         assert_eq!(partial.len(), 1, "{kind:?}: {partial:?}");
         let have = std::fs::metadata(&partial[0]).unwrap().len();
@@ -325,7 +346,7 @@ fn a_cut_transfer_resumes_where_it_stopped() {
         assert!(resumed, "{kind:?}: no request resumed at byte {have}");
         assert!(files_under(cache.path())
             .iter()
-            .all(|p| !p.to_str().unwrap().ends_with(suffix)));
+            .all(|p| !p.to_str().unwrap().ends_with(".incomplete")));
     }
 }
 

@@ -1,19 +1,18 @@
-//! The Hugging Face Hub, through `hf-hub`: the repo listing (`/api/models/{repo}/revision/{rev}`)
-//! and each file's download into huggingface_hub's cache (`blobs/<etag>` with the snapshot entry a
-//! symlink to it, `refs/<revision>` holding the commit), resumed from `blobs/<etag>.part`
-//! (hf-hub's name; huggingface_hub's own `.incomplete` files are not picked up).
-//! What hf-hub leaves out is done here: the hash check of what arrived, HF_HUB_OFFLINE, falling
-//! back on the cache when the hub is unreachable, and errors that say what went wrong.
+//! The Hugging Face Hub: the repo listing (`/api/models/{repo}/revision/{rev}`) and each file's
+//! download into huggingface_hub's cache (`blobs/<etag>` with the snapshot entry a relative
+//! symlink to it, `refs/<revision>` holding the commit), resumed from `blobs/<etag>.incomplete`
+//! as huggingface_hub resumes its own. `hf-hub` gives the cache's names; the requests are made
+//! here, each with a timeout (hf-hub's wait for ever), as huggingface_hub makes them: a probe of
+//! `resolve/<rev>/<file>` that follows only the hub's own (relative) redirects, for the ETag and
+//! the commit, then the file from where it points (an LFS file's CDN).
 
 use std::fs;
-use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
-use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
 use hf_hub::api::RepoInfo;
 use hf_hub::{Cache, Repo, RepoType};
 
-use super::transfer::{agent, check, Bar};
+use super::transfer::{agent, download, Bar, Expected};
 use super::{cached_or, complete, first_files, weight_files, HubEnv, HubError, HubId};
 
 pub(super) fn snapshot(env: &HubEnv, id: &HubId) -> Result<PathBuf, HubError> {
@@ -27,25 +26,18 @@ pub(super) fn snapshot(env: &HubEnv, id: &HubId) -> Result<PathBuf, HubError> {
             cache: root.clone(),
         });
     }
-    let api = ApiBuilder::from_cache(Cache::new(env.cache.clone()))
-        .with_endpoint(env.endpoint.clone())
-        .with_token(env.token.clone())
-        .build()
-        .map_err(|e| classify(env, id, None, e))?;
-    let api_repo = api.repo(repo.clone());
-    let info = match info(env, id, &api_repo) {
+    let info = match info(env, id, &repo) {
         Ok(info) => info,
         Err(e) => return cached_or(id, e, cached()),
     };
     let dir = root.join("snapshots").join(&info.sha);
     let listed: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
     for file in first_files(id, &listed)? {
-        fetch(env, id, &api_repo, &dir, file)?;
+        fetch(env, id, &repo, &info.sha, &root, file)?;
     }
     for file in weight_files(id, &dir, &listed)? {
-        fetch(env, id, &api_repo, &dir, &file)?;
+        fetch(env, id, &repo, &info.sha, &root, &file)?;
     }
-    // hf-hub records the ref with each download; this covers a snapshot that was all cached.
     if info.sha != revision {
         Cache::new(env.cache.clone())
             .repo(repo)
@@ -55,16 +47,20 @@ pub(super) fn snapshot(env: &HubEnv, id: &HubId) -> Result<PathBuf, HubError> {
     Ok(dir)
 }
 
-/// The repo's commit and file list (`/api/models/{repo}/revision/{rev}`), asked with
-/// `metadata_timeout` (hf-hub's own request waits for ever for an answer).
-fn info(env: &HubEnv, id: &HubId, repo: &ApiRepo) -> Result<RepoInfo, HubError> {
-    let mut request = agent(env.metadata_timeout).get(repo.info_request().url());
-    if let Some(token) = &env.token {
-        request = request.set("Authorization", &format!("Bearer {token}"));
+/// A request that carries the token, when there is one.
+fn authorized(env: &HubEnv, request: ureq::Request) -> ureq::Request {
+    match &env.token {
+        Some(token) => request.set("Authorization", &format!("Bearer {token}")),
+        None => request,
     }
-    let response = request
+}
+
+/// The repo's commit and file list (`/api/models/{repo}/revision/{rev}`).
+fn info(env: &HubEnv, id: &HubId, repo: &Repo) -> Result<RepoInfo, HubError> {
+    let url = format!("{}/api/{}", env.endpoint, repo.api_url());
+    let response = authorized(env, agent(env.metadata_timeout).get(&url))
         .call()
-        .map_err(|e| classify(env, id, None, ApiError::RequestError(Box::new(e))))?;
+        .map_err(|e| classify(env, id, None, e))?;
     response.into_json().map_err(|e| HubError::BadAnswer {
         endpoint: env.endpoint.clone(),
         what: format!("the file list of {id}"),
@@ -87,15 +83,39 @@ fn cached_snapshot(root: &Path, revision: &str) -> Option<PathBuf> {
     Some(root.join("snapshots").join(commit))
 }
 
-fn fetch(env: &HubEnv, id: &HubId, repo: &ApiRepo, dir: &Path, file: &str) -> Result<(), HubError> {
-    let entry = dir.join(file);
+/// Downloads `file` of the revision `commit` into the cache under `root` unless its snapshot
+/// entry is there: the blob, checked against its ETag (the SHA-256 of an LFS file, the git blob
+/// SHA-1 of others), then the entry linking to it.
+fn fetch(
+    env: &HubEnv,
+    id: &HubId,
+    repo: &Repo,
+    commit: &str,
+    root: &Path,
+    file: &str,
+) -> Result<(), HubError> {
+    let entry = root.join("snapshots").join(commit).join(file);
     if entry.exists() {
         return Ok(());
     }
-    let path = repo
-        .download_with_progress(file, Bar::new(env, id, file))
-        .map_err(|e| classify(env, id, Some(file), e))?;
-    if path != entry {
+    let refused = |e| classify(env, id, Some(file), e);
+    let resolve = format!(
+        "{}/{}/resolve/{}/{file}",
+        env.endpoint,
+        repo.url(),
+        repo.url_revision()
+    );
+    let probe = probe(env, &resolve).map_err(refused)?;
+    let header = |name: &str| {
+        let value = probe.header(name).map(|v| v.trim_matches('"').to_string());
+        value.ok_or_else(|| HubError::BadAnswer {
+            endpoint: env.endpoint.clone(),
+            what: format!("{file} of {id}"),
+            reason: format!("no {name} header"),
+        })
+    };
+    let etag = header("X-Linked-Etag").or_else(|_| header("ETag"))?;
+    if header("X-Repo-Commit")? != commit {
         return Err(HubError::Other {
             id: id.to_string(),
             message: format!(
@@ -103,83 +123,128 @@ fn fetch(env: &HubEnv, id: &HubId, repo: &ApiRepo, dir: &Path, file: &str) -> Re
             ),
         });
     }
-    // hf-hub names the blob after the file's ETag: the SHA-256 of an LFS file, the git SHA-1
-    // of others.
-    let blob = fs::canonicalize(&entry).map_err(|e| HubError::io(&entry, e))?;
-    let etag = blob
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default();
-    check(&blob, etag).map_err(|reason| {
-        let _ = fs::remove_file(&entry);
-        let _ = fs::remove_file(&blob);
-        HubError::Checksum {
-            id: id.to_string(),
-            file: file.to_string(),
-            reason,
+    // An LFS file is served from where the hub redirects (a CDN); others by the hub itself.
+    let source = match probe.status() {
+        300..=399 => header("Location")?,
+        _ => probe.get_url().to_string(),
+    };
+    if etag.contains(['/', '\\']) || etag.starts_with('.') {
+        return Err(HubError::BadAnswer {
+            endpoint: env.endpoint.clone(),
+            what: format!("{file} of {id}"),
+            reason: format!("the ETag {etag:?} is not a blob name"),
+        });
+    }
+    let blob = root.join("blobs").join(&etag);
+    if !blob.exists() {
+        let files = agent(env.download_timeout);
+        let same_host = source.starts_with(&env.endpoint);
+        let request = || {
+            let get = files.get(&source);
+            if same_host {
+                authorized(env, get)
+            } else {
+                get
+            }
+        };
+        let size = probe.header("X-Linked-Size").and_then(|s| s.parse().ok());
+        let expected = Expected {
+            size,
+            hash: Some(&etag),
+        };
+        let bar = Bar::new(env, id, file);
+        download(&request, &refused, &blob, expected, bar, id, file)?;
+    }
+    link(&blob, &entry).map_err(|e| HubError::io(&entry, e))
+}
+
+/// The hub's answer to a one-byte request of `url`, following its own relative redirects (a
+/// renamed repo) but not the absolute one to a CDN, whose answer lacks the hub's headers.
+fn probe(env: &HubEnv, url: &str) -> Result<ureq::Response, ureq::Error> {
+    let hub = ureq::AgentBuilder::new()
+        .try_proxy_from_env(true)
+        .timeout_connect(env.metadata_timeout)
+        .timeout_read(env.metadata_timeout)
+        .redirects(0)
+        .build();
+    let mut url = url.to_string();
+    for _ in 0..5 {
+        let response = authorized(env, hub.get(&url))
+            .set("Range", "bytes=0-0")
+            .call()?;
+        match response.header("Location") {
+            Some(to) if (300..400).contains(&response.status()) && to.starts_with('/') => {
+                url = format!("{}{to}", env.endpoint);
+            }
+            _ => return Ok(response),
         }
-    })
+    }
+    Ok(authorized(env, hub.get(&url))
+        .set("Range", "bytes=0-0")
+        .call()?)
+}
+
+/// The snapshot entry `entry`: a relative symlink to `blob`, as huggingface_hub makes it (a copy
+/// where the file system has no symlinks).
+fn link(blob: &Path, entry: &Path) -> std::io::Result<()> {
+    let parent = entry.parent().expect("an entry is in its snapshot");
+    fs::create_dir_all(parent)?;
+    // From the entry's directory up to the repo's root, then down to the blob.
+    let snapshot_depth = entry
+        .strip_prefix(
+            blob.parent()
+                .and_then(Path::parent)
+                .unwrap_or(Path::new("")),
+        )
+        .map_or(0, |rel| rel.components().count() - 1);
+    let mut target = PathBuf::new();
+    for _ in 0..snapshot_depth {
+        target.push("..");
+    }
+    target.push("blobs");
+    target.push(blob.file_name().expect("a blob has a name"));
+    #[cfg(unix)]
+    let linked = std::os::unix::fs::symlink(&target, entry);
+    #[cfg(not(unix))]
+    let linked = fs::copy(blob, entry).map(|_| ());
+    match linked {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        other => other,
+    }
 }
 
 /// The hub's answer in words. It says which error it is in `X-Error-Code`, and answers 401 for
 /// a repo that does not exist as for a private one.
-fn classify(env: &HubEnv, id: &HubId, file: Option<&str>, e: ApiError) -> HubError {
+fn classify(env: &HubEnv, id: &HubId, file: Option<&str>, e: ureq::Error) -> HubError {
     let token_hint = if env.token.is_some() {
         "check that the account of HF_TOKEN has been granted access"
     } else {
         "set HF_TOKEN to a token of an account with access"
     };
     match e {
-        ApiError::RequestError(e) => match *e {
-            ureq::Error::Status(status, response) => {
-                let code = response.header("X-Error-Code").map(str::to_string);
-                let message = response
-                    .header("X-Error-Message")
-                    .map(str::to_string)
-                    .unwrap_or_else(|| response.into_string().unwrap_or_default());
-                match (code.as_deref(), status, file) {
-                    (Some("GatedRepo"), ..) => HubError::Gated {
-                        repo: id.repo.clone(),
-                        endpoint: env.endpoint.clone(),
-                        hint: token_hint,
-                    },
-                    (Some("RevisionNotFound"), ..) => HubError::RevisionNotFound {
-                        repo: id.repo.clone(),
-                        revision: id.revision.clone().unwrap_or_else(|| "main".into()),
-                        endpoint: env.endpoint.clone(),
-                    },
-                    (Some("RepoNotFound"), ..) | (None, 401 | 404, None) => {
-                        HubError::repo_not_found(env, id, " (a private repo needs HF_TOKEN)")
-                    }
-                    _ => HubError::http(env, id, file, status, message),
+        ureq::Error::Status(status, response) => {
+            let code = response.header("X-Error-Code").map(str::to_string);
+            let message = response
+                .header("X-Error-Message")
+                .map(str::to_string)
+                .unwrap_or_else(|| response.into_string().unwrap_or_default());
+            match (code.as_deref(), status, file) {
+                (Some("GatedRepo"), ..) => HubError::Gated {
+                    repo: id.repo.clone(),
+                    endpoint: env.endpoint.clone(),
+                    hint: token_hint,
+                },
+                (Some("RevisionNotFound"), ..) => HubError::RevisionNotFound {
+                    repo: id.repo.clone(),
+                    revision: id.revision.clone().unwrap_or_else(|| "main".into()),
+                    endpoint: env.endpoint.clone(),
+                },
+                (Some("RepoNotFound"), ..) | (None, 401 | 404, None) => {
+                    HubError::repo_not_found(env, id, " (a private repo needs HF_TOKEN)")
                 }
+                _ => HubError::http(env, id, file, status, message),
             }
-            ureq::Error::Transport(t) => HubError::network(env, id, t.to_string()),
-        },
-        ApiError::IoError(e)
-            if matches!(
-                e.kind(),
-                ErrorKind::StorageFull
-                    | ErrorKind::PermissionDenied
-                    | ErrorKind::ReadOnlyFilesystem
-            ) || e.raw_os_error() == Some(28) =>
-        {
-            HubError::io(&env.cache, e)
         }
-        // hf-hub copies the body to the file in one call: other I/O errors there are most
-        // likely the connection breaking off.
-        ApiError::IoError(e) => match file {
-            Some(file) => HubError::Interrupted {
-                id: id.to_string(),
-                file: file.to_string(),
-                reason: e.to_string(),
-            },
-            None => HubError::io(&env.cache, e),
-        },
-        ApiError::TooManyRetries(e) => classify(env, id, file, *e),
-        e => HubError::Other {
-            id: id.to_string(),
-            message: e.to_string(),
-        },
+        ureq::Error::Transport(t) => HubError::network(env, id, t.to_string()),
     }
 }

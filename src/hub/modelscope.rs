@@ -89,7 +89,7 @@ pub(super) fn snapshot(env: &HubEnv, id: &HubId) -> Result<PathBuf, HubError> {
         };
         let expected = Expected {
             size,
-            sha256: entry.and_then(|f| f.sha256.as_deref()),
+            hash: entry.and_then(|f| f.sha256.as_deref()),
         };
         download(
             &request,

@@ -103,7 +103,8 @@ fn digest<D: Digest>(mut hasher: D, path: &Path) -> std::io::Result<String> {
 /// What the listing says a file should be.
 pub(super) struct Expected<'a> {
     pub size: Option<u64>,
-    pub sha256: Option<&'a str>,
+    /// A SHA-256 or a git blob SHA-1, as `check` takes it.
+    pub hash: Option<&'a str>,
 }
 
 /// Downloads into `dest`. A `.incomplete` file left by an earlier attempt is resumed with a
@@ -191,8 +192,8 @@ pub(super) fn download(
         }
         _ => {}
     }
-    if let Some(sha256) = expected.sha256 {
-        check(&partial, sha256).map_err(damaged)?;
+    if let Some(hash) = expected.hash {
+        check(&partial, hash).map_err(damaged)?;
     }
     fs::rename(&partial, dest).map_err(|e| HubError::io(dest, e))
 }

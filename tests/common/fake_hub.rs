@@ -100,6 +100,9 @@ pub struct State {
     pub cut: HashSet<String>,
     /// File names served with one byte changed.
     pub damaged: HashSet<String>,
+    /// File names whose next transfer sends half its bytes, then nothing more for a minute
+    /// with the connection open (a hub or proxy that hangs).
+    pub stalled: HashSet<String>,
 }
 
 pub struct FakeHub {
@@ -205,6 +208,8 @@ struct Response {
     body: Vec<u8>,
     /// Send only the first half of the body.
     cut: bool,
+    /// After the first half, wait with the connection open.
+    stall: bool,
 }
 
 impl Response {
@@ -214,6 +219,7 @@ impl Response {
             headers: Vec::new(),
             body: Vec::new(),
             cut: false,
+            stall: false,
         }
     }
 
@@ -309,7 +315,7 @@ fn write(mut stream: TcpStream, r: Response) {
         "Content-Length: {}\r\nConnection: close\r\n\r\n",
         r.body.len()
     ));
-    let body = if r.cut {
+    let body = if r.cut || r.stall {
         &r.body[..r.body.len() / 2]
     } else {
         &r.body[..]
@@ -317,6 +323,9 @@ fn write(mut stream: TcpStream, r: Response) {
     let _ = stream.write_all(head.as_bytes());
     let _ = stream.write_all(body);
     let _ = stream.flush();
+    if r.stall {
+        std::thread::sleep(std::time::Duration::from_secs(60));
+    }
 }
 
 fn route(state: &mut State, seen: &Seen, query: &HashMap<String, String>, base: &str) -> Response {
@@ -444,6 +453,9 @@ fn content(state: &mut State, name: &str, mut bytes: Vec<u8>, seen: &Seen) -> Re
     };
     if !probe && state.cut.remove(name) {
         r.cut = true;
+    }
+    if !probe && state.stalled.remove(name) {
+        r.stall = true;
     }
     r.header("Accept-Ranges", "bytes")
 }

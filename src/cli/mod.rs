@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use swift_rs::config::{auto_dtype, ConfigError, Device, Dtype, Hub, ModelConfig, Nf4Config};
+use swift_rs::config::{
+    auto_dtype, ConfigError, Device, Dtype, Hub, ModelConfig, Nf4Config, SwiftCommand,
+};
 use swift_rs::export::merge::MergeError;
 use swift_rs::export::peft::read_adapter;
 use swift_rs::export::{AtomicFile, ExportError};
@@ -34,6 +36,11 @@ pub struct Cli {
 pub enum Command {
     /// LoRA / QLoRA fine-tune from a training config (TOML)
     Train(train::TrainArgs),
+    /// ms-swift's `swift sft`: its flags (--model, --dataset, --lora_rank, ...), after an
+    /// optional .yaml/.json config of them, or --config FILE (swift-rs's TOML)
+    Sft(train::SwiftLine),
+    /// ms-swift's `swift pt`: as sft, with loss on every token
+    Pt(train::SwiftLine),
     /// Mean loss and perplexity of a model over pre-tokenized JSONL rows
     Eval(eval::EvalArgs),
     /// Write the rows training would see (input_ids, labels) as JSONL
@@ -245,6 +252,8 @@ impl From<anyhow::Error> for Failure {
 pub fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Train(args) => train::run(args),
+        Command::Sft(line) => train::run_swift(SwiftCommand::Sft, line),
+        Command::Pt(line) => train::run_swift(SwiftCommand::Pt, line),
         Command::Eval(args) => eval::run(args),
         Command::Infer(args) => infer::run(args),
         Command::Merge(args) => merge::run(args),

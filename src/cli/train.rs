@@ -4,7 +4,7 @@
 //! second signal exits at once (130), losing only the step under way.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -15,7 +15,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::device::{resolve, with_backend};
 use super::Failure;
-use swift_rs::config::{Device, TrainConfig, TrainPlan};
+use swift_rs::config::{
+    parse_swift_args, ConfigError, Device, SwiftCommand, TrainConfig, TrainPlan,
+};
 use swift_rs::export::exit_removing_staged;
 use swift_rs::model::{ModelBackend, TrainBackend};
 use swift_rs::train::log::LogEntry;
@@ -36,12 +38,53 @@ pub struct TrainArgs {
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
+/// The words after `swift-rs sft` (or `pt`), as ms-swift's command line has them.
+#[derive(Args, Debug)]
+pub struct SwiftLine {
+    /// [CONFIG.yaml|CONFIG.json] [--flag value...]...: ms-swift's flags, with its defaults
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+    words: Vec<String>,
+}
+
 pub fn run(args: TrainArgs) -> Result<(), Failure> {
     let mut config = TrainConfig::load(&args.config, &args.set)?;
     // `--device` is written into the config, so config.toml records where the run went.
     if let Some(device) = args.device {
         config.train.device = device;
     }
+    train(config)
+}
+
+/// `swift-rs sft` and `pt`: ms-swift's command line, onto `--config FILE` when it names one.
+pub fn run_swift(command: SwiftCommand, line: SwiftLine) -> Result<(), Failure> {
+    let args = parse_swift_args(command, &line.words)?;
+    for (name, value) in &args.env {
+        match std::env::var(name) {
+            Err(_) => std::env::set_var(name, value),
+            Ok(set) if set != *value => eprintln!(
+                "warning: {name} is set to {set:?} in the environment, which wins over the \
+                 config's {value:?}"
+            ),
+            Ok(_) => {}
+        }
+    }
+    for notice in &args.notices {
+        eprintln!("note: {notice}");
+    }
+    let config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            TrainConfig::parse_with(&text, path, &[], &args.overrides)?
+        }
+        None => TrainConfig::parse_with("", Path::new("the command line"), &[], &args.overrides)?,
+    };
+    train(config)
+}
+
+fn train(config: TrainConfig) -> Result<(), Failure> {
     let backend = resolve(config.train.device)?;
     let plan = config.resolve(backend.device())?;
     super::say_dtype_choice(backend.device(), config.model.dtype);

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{ConfigError, Dtype};
 
 mod choices;
+mod ms_swift;
 mod overlay;
 mod plan;
 
@@ -18,6 +19,8 @@ pub use choices::{
     auto_dtype, Device, Hub, LoraInit, LossScale, OnBadRow, OptimizerKind, QuantType, ScheduleKind,
     TemplateName, Truncation,
 };
+pub use ms_swift::{parse_swift_args, SwiftArgs, SwiftCommand};
+pub use overlay::Override;
 pub use plan::{Length, OptimizerConfig, Resume, ScheduleConfig, TrainPlan, Warmup};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -261,7 +264,17 @@ impl TrainConfig {
     /// As `load`, from the text of a file called `path`. A value that cannot work is reported
     /// where it was given: the file's line, or the `--set` that gave it.
     pub fn parse(text: &str, path: &Path, sets: &[String]) -> Result<Self, ConfigError> {
-        let (config, origins) = overlay::read(text, path, sets)?;
+        Self::parse_with(text, path, sets, &[])
+    }
+
+    /// As `parse`, with `overrides` applied after the `--set`s (ms-swift's command-line flags).
+    pub fn parse_with(
+        text: &str,
+        path: &Path,
+        sets: &[String],
+        overrides: &[Override],
+    ) -> Result<Self, ConfigError> {
+        let (config, origins) = overlay::read(text, path, sets, overrides)?;
         match config.problem() {
             None => Ok(config),
             Some((key, message)) => Err(ConfigError::Key {

@@ -65,12 +65,22 @@ const ALIASES: &[(&str, &str, &str)] = &[
     ("overwrite_output_dir", "output", "overwrite"),
 ];
 
-/// The config in `text` (the file `path`) with `sets` applied, deserialized onto the defaults,
-/// and where each key was given.
+/// A value given for a key outside the config file: `name` is `section.key` or an ms-swift
+/// name; `at` says where it was given, for errors (`--lora_rank 8`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Override {
+    pub name: String,
+    pub value: Value,
+    pub at: String,
+}
+
+/// The config in `text` (the file `path`) with `sets`, then `overrides`, applied (a later value
+/// wins), deserialized onto the defaults, and where each key was given.
 pub(super) fn read(
     text: &str,
     path: &Path,
     sets: &[String],
+    overrides: &[Override],
 ) -> Result<(TrainConfig, Origins), ConfigError> {
     let raw: Table = text
         .parse()
@@ -126,15 +136,13 @@ pub(super) fn read(
             at: at.clone(),
             message: "expected section.key=value".into(),
         })?;
-        let (section, key) = match name.trim().split_once('.') {
-            Some((s, k)) if known.contains_key(s) => (
-                s,
-                canonical(&known, s, k).ok_or_else(|| unknown_key(at.clone(), &known, name))?,
-            ),
-            _ => alias(name.trim()).ok_or_else(|| unknown_key(at.clone(), &known, name))?,
-        };
+        let (section, key) = resolve_name(&known, name.trim(), &at)?;
         // A later --set wins over the file and earlier ones.
         place(section, key, set_value(value.trim()), at);
+    }
+    for o in overrides {
+        let (section, key) = resolve_name(&known, &o.name, &o.at)?;
+        place(section, key, o.value.clone(), o.at.clone());
     }
     let config = from_table(table, &origins, path)?;
     Ok((config, origins))
@@ -148,8 +156,26 @@ pub(super) fn origin(origins: &Origins, key: &str) -> Option<String> {
         .cloned()
 }
 
+/// The `(section, key)` that `name` (`section.key`, or an ms-swift name) stands for.
+fn resolve_name<'a>(
+    known: &BTreeMap<String, Vec<String>>,
+    name: &'a str,
+    at: &str,
+) -> Result<(&'a str, &'a str), ConfigError>
+where
+    'static: 'a,
+{
+    match name.split_once('.') {
+        Some((s, k)) if known.contains_key(s) => {
+            let key = canonical(known, s, k).ok_or_else(|| unknown_key(at.into(), known, name))?;
+            Ok((s, key))
+        }
+        _ => alias(name).ok_or_else(|| unknown_key(at.into(), known, name)),
+    }
+}
+
 /// The `(section, key)` an ms-swift argument name stands for.
-fn alias(name: &str) -> Option<(&'static str, &'static str)> {
+pub(super) fn alias(name: &str) -> Option<(&'static str, &'static str)> {
     ALIASES
         .iter()
         .find(|(alias, ..)| *alias == name)

@@ -1,0 +1,684 @@
+//! ms-swift's command lines, as its documentation and examples write them:
+//! `swift sft --model Qwen/Qwen2.5-7B-Instruct --dataset a.jsonl b.jsonl --lora_rank 8 ...`.
+//! Every flag is honoured (it sets a key of the training config, through the same ms-swift names
+//! the TOML file takes), accepted with no effect here (said in one line), or refused naming what
+//! swift-rs does instead. A flag ms-swift does not have is refused as ms-swift refuses it, unless
+//! `--ignore_args_error true`. Three generations of spelling are in the wild: v2 (`--sft_type`,
+//! `--model_id_or_path`, `--custom_train_dataset_path`), v3 (`--train_type`) and v4
+//! (`--tuner_type`); all of them work.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value as Json;
+use toml::Value;
+
+use super::overlay::{alias, Override};
+use super::TrainConfig;
+use crate::config::ConfigError;
+
+/// The ms-swift command a command line is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwiftCommand {
+    /// Supervised fine-tuning.
+    Sft,
+    /// Pre-training: every token takes loss (ms-swift's `swift pt`).
+    Pt,
+}
+
+/// A command line, read.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SwiftArgs {
+    /// swift-rs's own TOML config (`--config FILE`), read before the flags.
+    pub config: Option<PathBuf>,
+    /// The flags, as config keys, in command-line order.
+    pub overrides: Vec<Override>,
+    /// The `ENV` table of a YAML or JSON config: variables to set where the environment does not
+    /// set them already, as ms-swift does.
+    pub env: Vec<(String, String)>,
+    /// A line for each flag that changes nothing here, and for each one ignored under
+    /// `--ignore_args_error`.
+    pub notices: Vec<String>,
+}
+
+/// What a flag does here.
+enum Flag {
+    /// Sets this config key (`section.key`) instead of the key its name is an alias of.
+    Key(&'static str),
+    /// Accepted; changes nothing here, for this reason.
+    NoEffect(&'static str),
+    /// Refused: what swift-rs does instead.
+    Refused(&'static str),
+}
+
+/// Flags beyond the ms-swift names the config file takes (`overlay::ALIASES`): older spellings,
+/// and those that change nothing or are refused.
+const FLAGS: &[(&str, Flag)] = &[
+    // ms-swift 2.x.
+    ("custom_train_dataset_path", Flag::Key("data.train")),
+    ("custom_val_dataset_path", Flag::Key("data.val")),
+    ("dataset_test_ratio", Flag::Key("data.val_ratio")),
+    ("quantization_bit", Flag::Key("quant.bits")),
+    ("template_type", Flag::Key("model.template")),
+    ("batch_size", Flag::Key("train.batch_size")),
+    ("device", Flag::Key("train.device")),
+    (
+        "model_type",
+        Flag::NoEffect("the architecture comes from the model's config.json"),
+    ),
+    (
+        "dataloader_num_workers",
+        Flag::NoEffect("rows are encoded before training and batched from memory"),
+    ),
+    (
+        "dataset_num_proc",
+        Flag::NoEffect("rows are encoded on every core"),
+    ),
+    (
+        "load_from_cache_file",
+        Flag::NoEffect("rows are encoded afresh each run; there is no dataset cache"),
+    ),
+    (
+        "use_liger_kernel",
+        Flag::NoEffect("swift-rs's own fused kernels always run"),
+    ),
+    (
+        "attn_impl",
+        Flag::NoEffect("attention is swift-rs's own kernel"),
+    ),
+    (
+        "per_device_eval_batch_size",
+        Flag::NoEffect("evaluation batches are per_device_train_batch_size rows"),
+    ),
+    (
+        "eval_batch_size",
+        Flag::NoEffect("evaluation batches are the training batch size"),
+    ),
+    (
+        "report_to",
+        Flag::NoEffect("logs go to logging.jsonl, TensorBoard event files and plots"),
+    ),
+    (
+        "logging_dir",
+        Flag::NoEffect("TensorBoard files go to <output_dir>/runs"),
+    ),
+    (
+        "model_author",
+        Flag::NoEffect("it fills in swift/self-cognition, a hub dataset not supported yet"),
+    ),
+    (
+        "model_name",
+        Flag::NoEffect("it fills in swift/self-cognition, a hub dataset not supported yet"),
+    ),
+    (
+        "bf16",
+        Flag::NoEffect("the compute dtype is --torch_dtype; adapters and optimizer state are f32"),
+    ),
+    (
+        "fp16",
+        Flag::NoEffect("the compute dtype is --torch_dtype; adapters and optimizer state are f32"),
+    ),
+    (
+        "save_only_model",
+        Flag::NoEffect("checkpoints always hold the adapter and the optimizer state"),
+    ),
+    (
+        "save_safetensors",
+        Flag::NoEffect("checkpoints are always safetensors"),
+    ),
+    (
+        "data_seed",
+        Flag::NoEffect("the data order follows --seed (both 42 by default)"),
+    ),
+    (
+        "add_version",
+        Flag::NoEffect("runs are written into output_dir itself (ms-swift's --add_version false)"),
+    ),
+    (
+        "create_checkpoint_symlink",
+        Flag::NoEffect("the last checkpoint is named in the run's last line"),
+    ),
+    (
+        "lazy_tokenize",
+        Flag::NoEffect("rows are encoded as a whole before training"),
+    ),
+    ("ddp_timeout", Flag::NoEffect("there is one process")),
+    (
+        "ddp_find_unused_parameters",
+        Flag::NoEffect("there is one process"),
+    ),
+    (
+        "torch_compile",
+        Flag::NoEffect("the kernels are compiled ahead of time"),
+    ),
+    (
+        "gradient_checkpointing_kwargs",
+        Flag::NoEffect("checkpointing recomputes each decoder layer"),
+    ),
+    (
+        "max_new_tokens",
+        Flag::NoEffect("training evaluates the loss, not generations"),
+    ),
+    (
+        "temperature",
+        Flag::NoEffect("training evaluates the loss, not generations"),
+    ),
+    (
+        "tuner_backend",
+        Flag::NoEffect("adapters are PEFT's format either way"),
+    ),
+    (
+        "eval_strategy",
+        Flag::NoEffect("evaluation runs every eval_steps"),
+    ),
+    (
+        "save_strategy",
+        Flag::NoEffect("checkpoints are saved every save_steps"),
+    ),
+    (
+        "deepspeed",
+        Flag::Refused("swift-rs trains on one device: leave --deepspeed out"),
+    ),
+    (
+        "fsdp",
+        Flag::Refused("swift-rs trains on one device: leave --fsdp out"),
+    ),
+    (
+        "hqq_axis",
+        Flag::Refused("QLoRA here is bitsandbytes' NF4: --quant_method bnb --quant_bits 4"),
+    ),
+];
+
+/// Reads a command line of `swift sft` (or `pt`) after the subcommand.
+pub fn parse_swift_args(command: SwiftCommand, argv: &[String]) -> Result<SwiftArgs, ConfigError> {
+    let mut args = SwiftArgs::default();
+    let mut flags = Vec::new();
+    let rest = match argv.first() {
+        Some(first) if is_config_file(first) => {
+            let (from_file, env) = read_config_file(Path::new(first))?;
+            flags.extend(from_file);
+            args.env = env;
+            &argv[1..]
+        }
+        _ => argv,
+    };
+    flags.extend(split_flags(rest)?);
+    let ignore_errors = flags
+        .iter()
+        .rev()
+        .find(|f| f.name == "ignore_args_error")
+        .map(|f| f.values.first().is_none_or(|v| is_true(v)))
+        .unwrap_or(false);
+    if command == SwiftCommand::Pt {
+        // ms-swift's `pt`: loss on every token, unless the command line says otherwise.
+        args.overrides.push(Override {
+            name: "data.loss_scale".into(),
+            value: Value::String("all".into()),
+            at: "swift-rs pt".into(),
+        });
+    }
+    let mut compute_dtype = None;
+    for flag in flags {
+        let at = flag.at();
+        let refuse = |message: String| ConfigError::Key {
+            at: at.clone(),
+            message,
+        };
+        match flag.name.as_str() {
+            "ignore_args_error" => continue,
+            "config" => {
+                args.config = Some(PathBuf::from(flag.one()?));
+                continue;
+            }
+            "tuner_type" | "train_type" | "sft_type" => {
+                let tuner = flag.one()?;
+                if tuner != "lora" {
+                    return Err(refuse(format!(
+                        "{tuner} is not supported: swift-rs trains LoRA adapters (lora, with \
+                         --use_dora true or --use_rslora true)"
+                    )));
+                }
+                continue;
+            }
+            "quant_method" => {
+                let method = flag.one()?;
+                if method != "bnb" {
+                    return Err(refuse(format!(
+                        "{method} is not supported: QLoRA here is bitsandbytes' NF4 \
+                         (--quant_method bnb --quant_bits 4)"
+                    )));
+                }
+                continue;
+            }
+            "bnb_4bit_compute_dtype" => {
+                compute_dtype = Some((flag.one()?.to_string(), at));
+                continue;
+            }
+            "system" => {
+                args.overrides.push(Override {
+                    name: "model.system".into(),
+                    value: Value::String(system_prompt(flag.one()?, &at)?),
+                    at,
+                });
+                continue;
+            }
+            "lora_target_modules" | "target_modules" => {
+                // ms-swift 2.x wrote "ALL" for every linear layer.
+                let names = flag
+                    .values
+                    .iter()
+                    .map(|v| if v == "ALL" { "all-linear" } else { v })
+                    .map(|v| Value::String(v.to_string()))
+                    .collect();
+                args.overrides.push(Override {
+                    name: "lora.target_modules".into(),
+                    value: Value::Array(names),
+                    at,
+                });
+                continue;
+            }
+            _ => {}
+        }
+        let key = match FLAGS.iter().find(|(name, _)| *name == flag.name) {
+            Some((_, Flag::Key(key))) => key.to_string(),
+            Some((_, Flag::NoEffect(why))) => {
+                args.notices
+                    .push(format!("--{} has no effect here: {why}", flag.name));
+                continue;
+            }
+            Some((_, Flag::Refused(instead))) => {
+                return Err(refuse(format!("not supported: {instead}")));
+            }
+            None => match alias(&flag.name) {
+                Some((section, key)) => format!("{section}.{key}"),
+                None if ignore_errors => {
+                    args.notices.push(format!(
+                        "--{} is ignored (--ignore_args_error true): swift-rs does not know it",
+                        flag.name
+                    ));
+                    continue;
+                }
+                None => {
+                    return Err(refuse(format!(
+                        "swift-rs knows no such flag (a flag of ms-swift that swift-rs does not \
+                         support, or a typo); --ignore_args_error true goes on without it"
+                    )))
+                }
+            },
+        };
+        let value = typed(&key, &flag)?;
+        args.overrides.push(Override {
+            name: key,
+            value,
+            at,
+        });
+    }
+    if let Some((dtype, at)) = compute_dtype {
+        // bitsandbytes' compute dtype is the dtype the model computes in: --torch_dtype's key.
+        let given = args.overrides.iter().find(|o| o.name == "model.dtype");
+        match given.map(|o| &o.value) {
+            Some(Value::String(torch)) if *torch != dtype => args.notices.push(format!(
+                "{at} has no effect here: the model computes in --torch_dtype {torch}"
+            )),
+            Some(_) => {}
+            None => args.overrides.push(Override {
+                name: "model.dtype".into(),
+                value: Value::String(dtype),
+                at,
+            }),
+        }
+    }
+    Ok(args)
+}
+
+/// One `--name value...` of a command line, or `name: value` of a config file.
+struct Given {
+    name: String,
+    values: Vec<String>,
+    /// Where: the file, when it came from a config file.
+    file: Option<String>,
+}
+
+impl Given {
+    /// The flag as the user wrote it, for errors.
+    fn at(&self) -> String {
+        let flag = std::iter::once(format!("--{}", self.name))
+            .chain(self.values.iter().map(|v| shell_word(v)))
+            .collect::<Vec<_>>()
+            .join(" ");
+        match &self.file {
+            Some(file) => format!("{file}: {flag}"),
+            None => flag,
+        }
+    }
+
+    /// Its single value.
+    fn one(&self) -> Result<&str, ConfigError> {
+        match self.values.as_slice() {
+            [value] => Ok(value),
+            _ => Err(ConfigError::Key {
+                at: self.at(),
+                message: format!("--{} takes one value", self.name),
+            }),
+        }
+    }
+}
+
+/// `word`, quoted when a shell would need it.
+fn shell_word(word: &str) -> String {
+    if !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_alphanumeric() || "-_./:#@=,+".contains(c))
+    {
+        word.to_string()
+    } else {
+        format!("'{word}'")
+    }
+}
+
+/// `--name v1 v2 --other v` (or `--name=v`) as flags with their values; dashes in names are
+/// underscores, as argparse takes both.
+fn split_flags(argv: &[String]) -> Result<Vec<Given>, ConfigError> {
+    let mut flags: Vec<Given> = Vec::new();
+    for word in argv {
+        match word.strip_prefix("--") {
+            Some(flag) => {
+                let (name, value) = match flag.split_once('=') {
+                    Some((name, value)) => (name, Some(value)),
+                    None => (flag, None),
+                };
+                flags.push(Given {
+                    name: name.replace('-', "_"),
+                    values: value.map(str::to_string).into_iter().collect(),
+                    file: None,
+                });
+            }
+            None => match flags.last_mut() {
+                Some(flag) => flag.values.push(word.clone()),
+                None => {
+                    return Err(ConfigError::Key {
+                        at: shell_word(word),
+                        message: "expected a flag (--name value) or, first, a .yaml or .json \
+                                  config"
+                            .into(),
+                    })
+                }
+            },
+        }
+    }
+    Ok(flags)
+}
+
+fn is_config_file(word: &str) -> bool {
+    [".yaml", ".yml", ".json"]
+        .iter()
+        .any(|ext| word.ends_with(ext))
+        && !word.starts_with("--")
+}
+
+/// A YAML or JSON config of ms-swift's flags (`swift sft config.yaml --lora_rank 16`): its keys
+/// as flags, before those of the command line, and its `ENV` table.
+fn read_config_file(path: &Path) -> Result<(Vec<Given>, Vec<(String, String)>), ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let syntax = |message: String| ConfigError::Syntax {
+        path: path.to_path_buf(),
+        message,
+    };
+    let json: Json = if path.extension().is_some_and(|e| e == "json") {
+        serde_json::from_str(&text).map_err(|e| syntax(e.to_string()))?
+    } else {
+        serde_yaml_ng::from_str(&text).map_err(|e| syntax(e.to_string()))?
+    };
+    let Json::Object(mut entries) = json else {
+        return Err(syntax(
+            "expected a mapping of ms-swift's flags to values".into(),
+        ));
+    };
+    let env = match entries.remove("ENV") {
+        Some(Json::Object(vars)) => vars.into_iter().map(|(k, v)| (k, python_str(&v))).collect(),
+        Some(_) => return Err(syntax("ENV must map variable names to values".into())),
+        None => Vec::new(),
+    };
+    let file = path.display().to_string();
+    let flags = entries
+        .into_iter()
+        .map(|(name, value)| Given {
+            name: name.replace('-', "_"),
+            values: match value {
+                Json::Array(items) => items.iter().map(python_str).collect(),
+                other => vec![python_str(&other)],
+            },
+            file: Some(file.clone()),
+        })
+        .collect();
+    Ok((flags, env))
+}
+
+/// A value as ms-swift turns it into a command-line word (Python's `str`, JSON for a mapping).
+fn python_str(value: &Json) -> String {
+    match value {
+        Json::String(s) => s.clone(),
+        Json::Bool(true) => "True".into(),
+        Json::Bool(false) => "False".into(),
+        Json::Null => "None".into(),
+        other => other.to_string(),
+    }
+}
+
+fn is_true(word: &str) -> bool {
+    matches!(word.to_ascii_lowercase().as_str(), "true" | "1" | "yes")
+}
+
+/// `--system`: the text, or the contents of the .txt file it names.
+fn system_prompt(value: &str, at: &str) -> Result<String, ConfigError> {
+    if !value.ends_with(".txt") || !Path::new(value).is_file() {
+        return Ok(value.to_string());
+    }
+    std::fs::read_to_string(value)
+        .map(|text| text.trim_end_matches(['\n', '\r']).to_string())
+        .map_err(|e| ConfigError::Key {
+            at: at.to_string(),
+            message: format!("cannot read {value}: {e}"),
+        })
+}
+
+/// The flag's words as a value of `key`: a list where the key holds one, JSON where it holds a
+/// mapping (`--columns '{"a": "b"}'`), else one word read as a boolean (true/True), a number or
+/// text.
+fn typed(key: &str, flag: &Given) -> Result<Value, ConfigError> {
+    let defaults = serde_json::to_value(TrainConfig::default()).expect("defaults serialize");
+    let (section, name) = key.split_once('.').expect("section.key");
+    let bad = |message: String| ConfigError::Key {
+        at: flag.at(),
+        message,
+    };
+    match &defaults[section][name] {
+        Json::Array(_) => Ok(Value::Array(flag.values.iter().map(|w| word(w)).collect())),
+        Json::Object(_) => {
+            let json: Json = serde_json::from_str(flag.one()?)
+                .map_err(|e| bad(format!("expected a JSON mapping: {e}")))?;
+            Value::try_from(json).map_err(|e| bad(e.to_string()))
+        }
+        // A boolean flag given alone is true, as argparse's `--flag` is.
+        Json::Bool(_) if flag.values.is_empty() => Ok(Value::Boolean(true)),
+        _ => Ok(word(flag.one()?)),
+    }
+}
+
+/// One command-line word as a TOML value.
+fn word(word: &str) -> Value {
+    match word {
+        "true" | "True" => return Value::Boolean(true),
+        "false" | "False" => return Value::Boolean(false),
+        _ => {}
+    }
+    if let Ok(i) = word.parse::<i64>() {
+        return Value::Integer(i);
+    }
+    match word.parse::<f64>() {
+        Ok(f) if f.is_finite() => Value::Float(f),
+        _ => Value::String(word.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(line: &str) -> Vec<String> {
+        line.split_whitespace().map(str::to_string).collect()
+    }
+
+    fn parse(line: &str) -> Result<SwiftArgs, String> {
+        parse_swift_args(SwiftCommand::Sft, &words(line)).map_err(|e| e.to_string())
+    }
+
+    fn config(line: &str) -> Result<TrainConfig, String> {
+        let args = parse(line)?;
+        TrainConfig::parse_with("", Path::new("command line"), &[], &args.overrides)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_lora_sft_example_sets_what_ms_swift_sets() {
+        let c = config(
+            "--model Qwen/Qwen2.5-7B-Instruct --tuner_type lora \
+             --dataset a.jsonl#500 b.jsonl#500 --torch_dtype bfloat16 --num_train_epochs 1 \
+             --per_device_train_batch_size 1 --per_device_eval_batch_size 1 \
+             --learning_rate 1e-4 --lora_rank 8 --lora_alpha 32 --target_modules all-linear \
+             --gradient_accumulation_steps 16 --eval_steps 50 --save_steps 50 \
+             --save_total_limit 2 --logging_steps 5 --max_length 2048 --output_dir output \
+             --warmup_ratio 0.05 --dataloader_num_workers 4",
+        )
+        .unwrap();
+        assert_eq!(c.model.path, "Qwen/Qwen2.5-7B-Instruct");
+        assert_eq!(c.data.train, ["a.jsonl#500", "b.jsonl#500"]);
+        assert_eq!(c.model.dtype, Some(crate::config::Dtype::Bf16));
+        assert_eq!(
+            (c.train.epochs, c.train.lr, c.train.grad_accum),
+            (1.0, 1e-4, 16)
+        );
+        assert_eq!((c.lora.r, c.lora.alpha), (8, 32.0));
+        assert_eq!(c.lora.target_modules, ["all-linear"]);
+        assert_eq!(
+            (c.train.eval_steps, c.train.save_total_limit),
+            (Some(50), Some(2))
+        );
+        assert_eq!(c.output.dir, Path::new("output"));
+        assert_eq!(c.train.warmup_ratio, 0.05);
+        let notices = parse("--dataloader_num_workers 4 --per_device_eval_batch_size 1")
+            .unwrap()
+            .notices;
+        assert_eq!(notices.len(), 2, "{notices:?}");
+        assert!(notices[0].starts_with("--dataloader_num_workers has no effect"));
+    }
+
+    #[test]
+    fn three_generations_of_spelling_say_the_same() {
+        let v4 = config("--model m --tuner_type lora --dataset d.jsonl --quant_bits 4").unwrap();
+        let v3 = config("--model m --train_type lora --dataset d.jsonl --quant_bits 4").unwrap();
+        let v2 = config(
+            "--model_id_or_path m --sft_type lora --custom_train_dataset_path d.jsonl \
+             --quantization_bit 4 --model_type qwen2_5-7b-instruct --lora_target_modules ALL",
+        )
+        .unwrap();
+        assert_eq!(v4, v3);
+        assert_eq!(v4, v2);
+    }
+
+    #[test]
+    fn qlora_flags_and_values_as_ms_swift_parses_them() {
+        let c = config(
+            "--model m --dataset d.jsonl --bnb_4bit_compute_dtype bfloat16 \
+             --bnb_4bit_quant_type nf4 --bnb_4bit_use_double_quant True --quant_method bnb \
+             --quant_bits 4 --streaming true --packing --max_steps 10",
+        )
+        .unwrap();
+        assert_eq!(c.quant.bits, Some(4));
+        assert!(c.quant.double_quant && c.data.streaming && c.data.packing);
+        assert_eq!(c.model.dtype, Some(crate::config::Dtype::Bf16));
+        let c =
+            config("--model m --dataset d.jsonl --columns={\"instruction\":\"query\"}").unwrap();
+        assert_eq!(c.data.columns["instruction"], "query");
+    }
+
+    #[test]
+    fn refused_and_unknown_flags_are_named() {
+        let err = parse("--model m --tuner_type full").unwrap_err();
+        assert!(
+            err.starts_with("--tuner_type full: full is not supported"),
+            "{err}"
+        );
+        let err = parse("--deepspeed zero2").unwrap_err();
+        assert!(err.starts_with("--deepspeed zero2: not supported"), "{err}");
+        let err = parse("--quant_method hqq").unwrap_err();
+        assert!(err.contains("bitsandbytes"), "{err}");
+        let err = parse("--lora_rnak 8").unwrap_err();
+        assert!(
+            err.starts_with("--lora_rnak 8: swift-rs knows no such flag"),
+            "{err}"
+        );
+        let ok = parse("--lora_rnak 8 --ignore_args_error true").unwrap();
+        assert!(
+            ok.notices[0].contains("--lora_rnak is ignored"),
+            "{:?}",
+            ok.notices
+        );
+        let err = config("--model m --dataset d.jsonl --lora_rank eight").unwrap_err();
+        assert!(err.starts_with("--lora_rank eight: lora.r"), "{err}");
+        let err = parse("stray --model m").unwrap_err();
+        assert!(err.starts_with("stray: expected a flag"), "{err}");
+    }
+
+    #[test]
+    fn a_system_prompt_may_be_a_txt_file_and_pt_trains_on_every_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let txt = dir.path().join("system.txt");
+        std::fs::write(&txt, "You are swift-rs.\n").unwrap();
+        let c = config(&format!(
+            "--model m --dataset d.jsonl --system {}",
+            txt.display()
+        ))
+        .unwrap();
+        assert_eq!(c.model.system.as_deref(), Some("You are swift-rs."));
+        let args =
+            parse_swift_args(SwiftCommand::Pt, &words("--model m --dataset d.jsonl")).unwrap();
+        let c = TrainConfig::parse_with("", Path::new("x"), &[], &args.overrides).unwrap();
+        assert_eq!(c.data.loss_scale, crate::config::LossScale::All);
+    }
+
+    #[test]
+    fn a_yaml_or_json_config_comes_first_and_later_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = dir.path().join("sft.yaml");
+        std::fs::write(
+            &yaml,
+            "model: m\ndataset:\n  - a.jsonl\n  - b.jsonl\nlora_rank: 4\nuse_dora: true\n\
+             ENV:\n  SWIFT_RS_TEST_VAR: 1\n",
+        )
+        .unwrap();
+        let line = format!("{} --lora_rank 16", yaml.display());
+        let args = parse(&line).unwrap();
+        assert_eq!(
+            args.env,
+            [("SWIFT_RS_TEST_VAR".to_string(), "1".to_string())]
+        );
+        let c = config(&line).unwrap();
+        assert_eq!(c.data.train, ["a.jsonl", "b.jsonl"]);
+        assert_eq!((c.lora.r, c.lora.use_dora), (16, true));
+        let json = dir.path().join("sft.json");
+        std::fs::write(
+            &json,
+            r#"{"model": "m", "dataset": ["a.jsonl"], "lora_rank": "x"}"#,
+        )
+        .unwrap();
+        let err = config(&json.display().to_string()).unwrap_err();
+        assert!(
+            err.starts_with(&format!("{}: --lora_rank x: lora.r", json.display())),
+            "{err}"
+        );
+    }
+}

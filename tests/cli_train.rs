@@ -309,6 +309,64 @@ fn ctrl_c_finishes_the_step_saves_and_exits_0() {
     assert!(saved[0].0 >= 2 && saved[0].0 < 100000);
 }
 
+/// ms-swift's examples/train/lora_sft.sh with `swift` replaced by `swift-rs`, and the tiny local
+/// model and dataset in place of the hub ids.
+#[test]
+fn ms_swifts_lora_sft_command_line_runs_as_it_is() {
+    let out = tempfile::tempdir().unwrap();
+    let run = out.path().join("output");
+    let system = out.path().join("system.txt");
+    std::fs::write(&system, "You are a helpful assistant.\n").unwrap();
+    let line = format!(
+        "sft --model examples/quickstart-model --tuner_type lora \
+         --dataset datasets/self_cognition.jsonl#20 --torch_dtype float32 --num_train_epochs 1 \
+         --per_device_train_batch_size 4 --per_device_eval_batch_size 1 --learning_rate 1e-4 \
+         --lora_rank 8 --lora_alpha 32 --target_modules all-linear \
+         --gradient_accumulation_steps 2 --eval_steps 50 --save_steps 50 --save_total_limit 2 \
+         --logging_steps 1 --max_length 256 --output_dir {} --system {} --warmup_ratio 0.05 \
+         --dataset_num_proc 4 --dataloader_num_workers 4",
+        run.display(),
+        system.display()
+    );
+    let args: Vec<String> = line.split_whitespace().map(str::to_string).collect();
+    let result = run_in_root(&args);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(result.status.success(), "{stderr}");
+    assert!(stderr.contains("done: 3 steps"), "{stderr}");
+    for flag in [
+        "dataloader_num_workers",
+        "per_device_eval_batch_size",
+        "dataset_num_proc",
+    ] {
+        assert!(
+            stderr.contains(&format!("note: --{flag} has no effect")),
+            "{stderr}"
+        );
+    }
+    let ran = TrainConfig::load(&run.join("config.toml"), &[]).unwrap();
+    assert_eq!(
+        (ran.lora.r, ran.lora.alpha, ran.train.grad_accum),
+        (8, 32.0, 2)
+    );
+    assert_eq!(
+        ran.model.system.as_deref(),
+        Some("You are a helpful assistant.")
+    );
+    assert_eq!(ran.data.train, ["datasets/self_cognition.jsonl#20"]);
+    assert!(run.join("checkpoint-3/adapter_model.safetensors").exists());
+
+    // What swift-rs cannot do is refused before anything runs, naming the flag.
+    let refused: Vec<String> = ["sft", "--model", "m", "--deepspeed", "zero2"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let stderr = swift_rs_fails(&refused, 2);
+    assert!(
+        stderr.contains("--deepspeed zero2: not supported"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn every_recipe_loads() {
     for entry in std::fs::read_dir(root().join("configs")).unwrap().flatten() {

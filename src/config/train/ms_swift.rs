@@ -651,6 +651,21 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_table_names_every_flag() {
+        let readme = include_str!("../../../README.md");
+        let names = FLAGS.iter().map(|(name, _)| *name);
+        let aliases = super::super::overlay::ALIASES
+            .iter()
+            .map(|(name, ..)| *name);
+        for name in names.chain(aliases) {
+            assert!(
+                readme.contains(&format!("`--{name}`")),
+                "README lacks --{name}"
+            );
+        }
+    }
+
+    #[test]
     fn a_yaml_or_json_config_comes_first_and_later_flags_win() {
         let dir = tempfile::tempdir().unwrap();
         let yaml = dir.path().join("sft.yaml");

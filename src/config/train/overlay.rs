@@ -12,7 +12,7 @@ use super::TrainConfig;
 use crate::config::ConfigError;
 
 /// ms-swift's argument names and the keys they stand for.
-const ALIASES: &[(&str, &str, &str)] = &[
+pub(super) const ALIASES: &[(&str, &str, &str)] = &[
     ("model", "model", "path"),
     ("model_id_or_path", "model", "path"),
     ("torch_dtype", "model", "dtype"),

@@ -309,6 +309,11 @@ fn ctrl_c_finishes_the_step_saves_and_exits_0() {
     assert!(saved[0].0 >= 2 && saved[0].0 < 100000);
 }
 
+fn args_of(line: &str, extra: &[&str]) -> Vec<String> {
+    let words = line.split_whitespace().chain(extra.iter().copied());
+    words.map(str::to_string).collect()
+}
+
 /// ms-swift's examples/train/lora_sft.sh with `swift` replaced by `swift-rs`, and the tiny local
 /// model and dataset in place of the hub ids.
 #[test]
@@ -328,8 +333,7 @@ fn ms_swifts_lora_sft_command_line_runs_as_it_is() {
         run.display(),
         system.display()
     );
-    let args: Vec<String> = line.split_whitespace().map(str::to_string).collect();
-    let result = run_in_root(&args);
+    let result = run_in_root(&args_of(&line, &[]));
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(result.status.success(), "{stderr}");
     assert!(stderr.contains("done: 3 steps"), "{stderr}");
@@ -343,7 +347,20 @@ fn ms_swifts_lora_sft_command_line_runs_as_it_is() {
             "{stderr}"
         );
     }
-    let ran = TrainConfig::load(&run.join("config.toml"), &[]).unwrap();
+    // ms-swift's layout: the run in output_dir/v0-YYYYMMDD-HHMMSS, args.json beside the adapter.
+    let versions: Vec<_> = std::fs::read_dir(&run)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(versions.len(), 1, "{versions:?}");
+    let version = &versions[0];
+    let name = version.file_name().unwrap().to_str().unwrap();
+    assert!(
+        name.starts_with("v0-") && name.len() == "v0-20261130-102930".len(),
+        "{name}"
+    );
+    let ran = TrainConfig::load(&version.join("config.toml"), &[]).unwrap();
     assert_eq!(
         (ran.lora.r, ran.lora.alpha, ran.train.grad_accum),
         (8, 32.0, 2)
@@ -353,7 +370,27 @@ fn ms_swifts_lora_sft_command_line_runs_as_it_is() {
         Some("You are a helpful assistant.")
     );
     assert_eq!(ran.data.train, ["datasets/self_cognition.jsonl#20"]);
-    assert!(run.join("checkpoint-3/adapter_model.safetensors").exists());
+    let checkpoint = version.join("checkpoint-3");
+    assert!(checkpoint.join("adapter_model.safetensors").exists());
+    let args: Value =
+        serde_json::from_str(&std::fs::read_to_string(checkpoint.join("args.json")).unwrap())
+            .unwrap();
+    assert_eq!(args["model"], "examples/quickstart-model");
+    assert_eq!(args["system"], "You are a helpful assistant.");
+    assert_eq!(args["lora_rank"], 8);
+
+    // The next run goes into v1-..., and --add_version false writes into output_dir itself.
+    let again: Vec<String> = args_of(&line, &["--max_steps", "1"]);
+    assert!(run_in_root(&again).status.success());
+    assert!(std::fs::read_dir(&run)
+        .unwrap()
+        .flatten()
+        .any(|e| { e.file_name().to_string_lossy().starts_with("v1-") }));
+    let flat = out.path().join("flat");
+    let line = line.replace(&run.display().to_string(), &flat.display().to_string());
+    let unversioned = args_of(&line, &["--max_steps", "1", "--add_version", "false"]);
+    assert!(run_in_root(&unversioned).status.success());
+    assert!(flat.join("checkpoint-1/args.json").exists());
 
     // What swift-rs cannot do is refused before anything runs, naming the flag.
     let refused: Vec<String> = ["sft", "--model", "m", "--deepspeed", "zero2"]

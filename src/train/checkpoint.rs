@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::log::LogEntry;
 use super::optim::{Moments, Optimizer};
 use super::TrainError;
-use crate::config::{LoraConfig, OptimizerKind};
+use crate::config::{LoraConfig, OptimizerKind, ARGS_FILE};
 use crate::export::peft::{adapter_files, f32_entry, f32_safetensors};
 use crate::export::StagedDir;
 use crate::lora::peft_key;
@@ -81,13 +81,15 @@ pub fn checkpoint_dir(run_dir: &Path, step: u64) -> PathBuf {
     run_dir.join(format!("{PREFIX}{step}"))
 }
 
-/// Writes `checkpoint-<step>` whole or not at all.
+/// Writes `checkpoint-<step>` whole or not at all, with `args` (the run's settings under
+/// ms-swift's names) as `args.json` beside the adapter, where ms-swift's tools look for them.
 pub fn save<B: ModelBackend>(
     run_dir: &Path,
     model: &CausalLm<B>,
     lora: &LoraConfig,
     optimizer: &Optimizer<B>,
     state: &TrainerState,
+    args: &serde_json::Value,
 ) -> Result<PathBuf, TrainError> {
     let dir = checkpoint_dir(run_dir, state.global_step);
     let staged = StagedDir::new(&dir)?;
@@ -97,6 +99,8 @@ pub fn save<B: ModelBackend>(
     staged.write(OPTIMIZER_FILE, &optimizer_bytes(model, optimizer))?;
     let json = serde_json::to_vec_pretty(state).expect("the state serializes");
     staged.write(TRAINER_STATE_FILE, &json)?;
+    let args = serde_json::to_vec_pretty(args).expect("JSON serializes");
+    staged.write(ARGS_FILE, &args)?;
     staged.commit()?;
     Ok(dir)
 }

@@ -348,7 +348,8 @@ impl<B: TrainBackend> Trainer<B> {
                 Some(checkpoint::checkpoint_dir(run_dir, state.global_step));
         }
         let model = self.model.valid();
-        let dir = checkpoint::save(run_dir, &model, &self.lora, &self.optimizer, state)?;
+        let args = self.plan.config.swift_args();
+        let dir = checkpoint::save(run_dir, &model, &self.lora, &self.optimizer, state, &args)?;
         if let Some(limit) = self.plan.config.train.save_total_limit {
             let best = state.best_model_checkpoint.as_deref();
             checkpoint::rotate(run_dir, limit.max(1), best)?;

@@ -12,9 +12,14 @@ use std::path::{Path, PathBuf};
 use serde_json::Value as Json;
 use toml::Value;
 
-use super::overlay::{alias, Override};
-use super::TrainConfig;
-use crate::config::ConfigError;
+use super::overlay::{alias, Override, ALIASES};
+use super::{Hub, TemplateName, TrainConfig};
+use crate::config::{ConfigError, Dtype};
+
+/// The file beside each checkpoint's adapter that holds the run's settings under ms-swift's
+/// names, as ms-swift writes it: `infer` and `export` read the model, template, system prompt and
+/// quantization from it.
+pub const ARGS_FILE: &str = "args.json";
 
 /// The ms-swift command a command line is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +43,100 @@ pub struct SwiftArgs {
     /// A line for each flag that changes nothing here, and for each one ignored under
     /// `--ignore_args_error`.
     pub notices: Vec<String>,
+    /// ms-swift's `--add_version` (true unless given false): each run in a folder of its own,
+    /// `output_dir/vN-YYYYMMDD-HHMMSS` (`versioned_dir`).
+    pub add_version: bool,
+}
+
+impl TrainConfig {
+    /// The run's settings under ms-swift's names (`args.json`): every key the config file takes
+    /// by an ms-swift name, under the first of its names, and what ms-swift adds (`tuner_type`,
+    /// the bitsandbytes settings). "auto" is null, as ms-swift writes an unset value.
+    pub fn swift_args(&self) -> Json {
+        let values = serde_json::to_value(self).expect("the config serializes");
+        let mut args = serde_json::Map::new();
+        let mut named = std::collections::BTreeSet::new();
+        for (name, section, key) in ALIASES {
+            if named.insert((section, key)) {
+                args.insert(name.to_string(), values[section][key].clone());
+            }
+        }
+        let dtype = self.model.dtype.map(Dtype::torch_name);
+        args.insert("torch_dtype".into(), dtype.into());
+        let template = (self.model.template != TemplateName::Auto)
+            .then(|| values["model"]["template"].clone());
+        args.insert("template".into(), template.unwrap_or(Json::Null));
+        let use_hf = self.model.hub.map(|hub| hub == Hub::HuggingFace);
+        args.insert("use_hf".into(), use_hf.into());
+        args.insert("tuner_type".into(), "lora".into());
+        if self.quant.bits.is_some() {
+            args.insert("quant_method".into(), "bnb".into());
+            args.insert("bnb_4bit_compute_dtype".into(), dtype.into());
+        }
+        Json::Object(args)
+    }
+}
+
+/// What `infer` and `export` take from a checkpoint's `args.json` (ms-swift's, or ours): the
+/// base model and how to run it. Absent keys are None.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunArgs {
+    pub model: Option<String>,
+    pub template: Option<TemplateName>,
+    pub system: Option<String>,
+    pub dtype: Option<Dtype>,
+    /// 4: QLoRA's NF4 base.
+    pub quant_bits: Option<u32>,
+    pub hub: Option<Hub>,
+}
+
+impl RunArgs {
+    /// `dir/args.json`, when there is one.
+    pub fn read(dir: &Path) -> Result<Option<Self>, ConfigError> {
+        let path = dir.join(ARGS_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(ConfigError::Io { path, source }),
+        };
+        let bad = |key: &str, message: String| ConfigError::Key {
+            at: path.display().to_string(),
+            message: format!("{key}: {message}"),
+        };
+        let json: Json = serde_json::from_str(&text).map_err(|e| bad("(file)", e.to_string()))?;
+        let text_of = |key: &str| json.get(key).and_then(Json::as_str).map(str::to_string);
+        let template = match text_of("template") {
+            Some(name) => Some(
+                serde_json::from_value(Json::String(name))
+                    .map_err(|e: serde_json::Error| bad("template", e.to_string()))?,
+            ),
+            None => None,
+        };
+        let dtype = text_of("torch_dtype")
+            .map(|name| Dtype::parse(&name).ok_or_else(|| bad("torch_dtype", format!("{name:?}"))))
+            .transpose()?;
+        let quantized = text_of("quant_method").is_none_or(|m| m == "bnb");
+        let quant_bits = json
+            .get("quant_bits")
+            .and_then(Json::as_u64)
+            .filter(|_| quantized)
+            .map(|bits| bits as u32);
+        let hub = json.get("use_hf").and_then(Json::as_bool).map(|hf| {
+            if hf {
+                Hub::HuggingFace
+            } else {
+                Hub::ModelScope
+            }
+        });
+        Ok(Some(Self {
+            model: text_of("model"),
+            template,
+            system: text_of("system"),
+            dtype,
+            quant_bits,
+            hub,
+        }))
+    }
 }
 
 /// What a flag does here.
@@ -130,10 +229,6 @@ const FLAGS: &[(&str, Flag)] = &[
         Flag::NoEffect("the data order follows --seed (both 42 by default)"),
     ),
     (
-        "add_version",
-        Flag::NoEffect("runs are written into output_dir itself (ms-swift's --add_version false)"),
-    ),
-    (
         "create_checkpoint_symlink",
         Flag::NoEffect("the last checkpoint is named in the run's last line"),
     ),
@@ -190,7 +285,10 @@ const FLAGS: &[(&str, Flag)] = &[
 
 /// Reads a command line of `swift sft` (or `pt`) after the subcommand.
 pub fn parse_swift_args(command: SwiftCommand, argv: &[String]) -> Result<SwiftArgs, ConfigError> {
-    let mut args = SwiftArgs::default();
+    let mut args = SwiftArgs {
+        add_version: true,
+        ..SwiftArgs::default()
+    };
     let mut flags = Vec::new();
     let rest = match argv.first() {
         Some(first) if is_config_file(first) => {
@@ -225,6 +323,10 @@ pub fn parse_swift_args(command: SwiftCommand, argv: &[String]) -> Result<SwiftA
         };
         match flag.name.as_str() {
             "ignore_args_error" => continue,
+            "add_version" => {
+                args.add_version = is_true(flag.one()?);
+                continue;
+            }
             "config" => {
                 args.config = Some(PathBuf::from(flag.one()?));
                 continue;
@@ -328,6 +430,48 @@ pub fn parse_swift_args(command: SwiftCommand, argv: &[String]) -> Result<SwiftA
         }
     }
     Ok(args)
+}
+
+/// ms-swift's folder for a new run in `output_dir`: `vN-YYYYMMDD-HHMMSS`, N one above the highest
+/// `vN-` already there (0 in a new directory), the time `now` in UTC (ms-swift writes local time;
+/// the standard library has no time zones).
+pub fn versioned_dir(output_dir: &Path, now: std::time::SystemTime) -> PathBuf {
+    let next = std::fs::read_dir(output_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            let (version, _) = name.strip_prefix('v')?.split_once('-')?;
+            version.parse::<u64>().ok()
+        })
+        .max()
+        .map_or(0, |highest| highest + 1);
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, time) = (secs / 86_400, secs % 86_400);
+    let (year, month, day) = civil_date(days as i64);
+    output_dir.join(format!(
+        "v{next}-{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
+        time / 3600,
+        time % 3600 / 60,
+        time % 60
+    ))
+}
+
+/// The (year, month, day) of `days` since 1970-01-01 (Howard Hinnant's `civil_from_days`).
+fn civil_date(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
 }
 
 /// One `--name value...` of a command line, or `name: value` of a config file.
@@ -648,6 +792,65 @@ mod tests {
             parse_swift_args(SwiftCommand::Pt, &words("--model m --dataset d.jsonl")).unwrap();
         let c = TrainConfig::parse_with("", Path::new("x"), &[], &args.overrides).unwrap();
         assert_eq!(c.data.loss_scale, crate::config::LossScale::All);
+    }
+
+    #[test]
+    fn args_json_holds_what_infer_needs_under_ms_swifts_names_and_reads_back() {
+        let mut c = config(
+            "--model org/m --dataset d.jsonl --torch_dtype bfloat16 --quant_bits 4 \
+             --template qwen2_5 --system hi --use_hf true --lora_rank 16",
+        )
+        .unwrap();
+        let args = c.swift_args();
+        assert_eq!(args["model"], "org/m");
+        assert_eq!(args["torch_dtype"], "bfloat16");
+        assert_eq!(
+            (args["quant_method"].as_str(), args["quant_bits"].as_u64()),
+            (Some("bnb"), Some(4))
+        );
+        assert_eq!(
+            (args["lora_rank"].as_u64(), args["tuner_type"].as_str()),
+            (Some(16), Some("lora"))
+        );
+        assert_eq!(args["dataset"], serde_json::json!(["d.jsonl"]));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(ARGS_FILE), args.to_string()).unwrap();
+        let read = RunArgs::read(dir.path()).unwrap().unwrap();
+        assert_eq!(read.model.as_deref(), Some("org/m"));
+        assert_eq!((read.dtype, read.quant_bits), (Some(Dtype::Bf16), Some(4)));
+        assert_eq!(read.template, Some(TemplateName::Qwen2_5));
+        assert_eq!(
+            (read.system.as_deref(), read.hub),
+            (Some("hi"), Some(Hub::HuggingFace))
+        );
+        // "auto" and no quantization are written as ms-swift writes unset values.
+        c.model.dtype = None;
+        c.model.template = TemplateName::Auto;
+        c.quant.bits = None;
+        let args = c.swift_args();
+        assert!(args["torch_dtype"].is_null() && args["template"].is_null());
+        assert!(args.get("quant_method").is_none());
+        assert_eq!(RunArgs::read(&dir.path().join("none")).unwrap(), None);
+    }
+
+    #[test]
+    fn each_run_gets_the_next_version_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        // 2026-11-30 10:29:30 UTC.
+        let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_034_570);
+        let first = versioned_dir(dir.path(), now);
+        assert_eq!(first, dir.path().join("v0-20261130-102930"));
+        std::fs::create_dir(&first).unwrap();
+        std::fs::create_dir(dir.path().join("v7-20200101-000000")).unwrap();
+        std::fs::create_dir(dir.path().join("vx-not-a-run")).unwrap();
+        assert_eq!(
+            versioned_dir(dir.path(), now),
+            dir.path().join("v8-20261130-102930")
+        );
+        assert_eq!(civil_date(0), (1970, 1, 1));
+        assert_eq!(civil_date(11_016), (2000, 2, 29));
+        assert!(!parse("--add_version false").unwrap().add_version);
+        assert!(parse("--model m").unwrap().add_version);
     }
 
     #[test]

@@ -379,6 +379,57 @@ fn ms_swifts_lora_sft_command_line_runs_as_it_is() {
     assert_eq!(args["system"], "You are a helpful assistant.");
     assert_eq!(args["lora_rank"], 8);
 
+    // ms-swift's next steps, as its docs write them: infer and export find the model, template
+    // and system prompt in the checkpoint; the merged model answers as base + adapter.
+    let ck = checkpoint.to_str().unwrap().to_string();
+    let ask = |model: &[&str]| {
+        let mut args = vec!["infer"];
+        args.extend_from_slice(model);
+        args.extend([
+            "--prompt",
+            "Who are you?",
+            "--max_new_tokens",
+            "6",
+            "--temperature",
+            "0",
+            "--stream",
+            "true",
+            "--device",
+            "cpu",
+            "--torch_dtype",
+            "float32",
+        ]);
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let out = run_in_root(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{stderr}");
+        (String::from_utf8_lossy(&out.stdout).to_string(), stderr)
+    };
+    let (with_adapter, stderr) = ask(&["--adapters", &ck]);
+    assert!(stderr.contains("note: --stream has no effect"), "{stderr}");
+    let export = args_of(
+        &format!("export --adapters {ck} --merge_lora true --device cpu"),
+        &[],
+    );
+    let exported = run_in_root(&export);
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    let merged = format!("{ck}-merged");
+    assert!(Path::new(&merged).join("config.json").exists());
+    // The merged model has no args.json: the template and system prompt are given again.
+    let (from_merged, _) = ask(&[
+        "--model",
+        &merged,
+        "--template",
+        "qwen2_5",
+        "--system",
+        "You are a helpful assistant.",
+    ]);
+    assert_eq!(with_adapter, from_merged);
+
     // The next run goes into v1-..., and --add_version false writes into output_dir itself.
     let again: Vec<String> = args_of(&line, &["--max_steps", "1"]);
     assert!(run_in_root(&again).status.success());

@@ -12,7 +12,7 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use super::device::{resolve, with_backend};
-use super::{open_output, Failure, ModelArgs};
+use super::{ms_swift_bool, open_output, Failure, ModelArgs};
 use swift_rs::config::{Device, GenerationConfig, LossScale, TemplateName};
 use swift_rs::data::encode::Encoder;
 use swift_rs::data::format::{parse_prompt, Message, Role};
@@ -29,13 +29,13 @@ pub struct InferArgs {
     #[arg(long, conflicts_with = "dataset")]
     prompt: Option<String>,
     /// Answer the last user turn of every row (JSONL, JSON or Parquet conversations)
-    #[arg(long, requires = "output")]
+    #[arg(long, visible_alias = "val_dataset", requires = "output")]
     dataset: Option<PathBuf>,
     /// With --dataset: write {"index", "messages", "response"} per row, in input order
-    #[arg(long, requires = "dataset")]
+    #[arg(long, visible_alias = "result_path", requires = "dataset")]
     output: Option<PathBuf>,
     /// With --dataset: rows generated together
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, visible_alias = "max_batch_size", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
     batch_size: u64,
     /// System prompt for conversations that have none
     #[arg(long)]
@@ -44,20 +44,26 @@ pub struct InferArgs {
     #[arg(long, default_value = "auto")]
     template: TemplateName,
     /// Most tokens per reply [default: generation_config.json's max_new_tokens, else 2048]
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, visible_alias = "max_new_tokens", value_parser = clap::value_parser!(u64).range(1..))]
     max_new_tokens: Option<u64>,
     /// 0 is greedy [default: generation_config.json's when it samples, else 0]
     #[arg(long)]
     temperature: Option<f32>,
     /// [default: generation_config.json's, else 1]
-    #[arg(long)]
+    #[arg(long, visible_alias = "top_p")]
     top_p: Option<f32>,
     /// 0 keeps every token [default: generation_config.json's, else 50]
-    #[arg(long)]
+    #[arg(long, visible_alias = "top_k")]
     top_k: Option<usize>,
     /// [default: generation_config.json's, else 1]
-    #[arg(long)]
+    #[arg(long, visible_alias = "repetition_penalty")]
     repetition_penalty: Option<f32>,
+    /// ms-swift's `--stream`: a single reply is always streamed here; no effect
+    #[arg(long, hide = true, value_parser = ms_swift_bool)]
+    stream: Option<bool>,
+    /// ms-swift's `--infer_backend`: swift-rs generates with its own engine; no effect
+    #[arg(long = "infer_backend", hide = true)]
+    infer_backend: Option<String>,
     /// Seed of the sampling draws [default: a random one, printed]
     #[arg(long)]
     seed: Option<u64>,
@@ -101,13 +107,14 @@ fn infer_on<B: ModelBackend>(
     if let Some(problem) = sampling.problem() {
         return Err(Failure::Usage(anyhow!(problem)));
     }
-    let encoder = Encoder::for_model_dir(
-        &local.model,
-        args.template,
-        args.system.clone(),
-        LossScale::Default,
-    )
-    .map_err(|e| Failure::Usage(e.into()))?;
+    // A checkpoint's args.json gives what the command line leaves out, as in ms-swift.
+    let template = match (args.template, local.run_args.template) {
+        (TemplateName::Auto, Some(trained)) => trained,
+        (given, _) => given,
+    };
+    let system = args.system.clone().or(local.run_args.system.clone());
+    let encoder = Encoder::for_model_dir(&local.model, template, system, LossScale::Default)
+        .map_err(|e| Failure::Usage(e.into()))?;
     let rows = match &args.dataset {
         Some(path) => {
             let rows = read_conversations(path).map_err(Failure::Usage)?;
@@ -132,6 +139,14 @@ fn infer_on<B: ModelBackend>(
         stop,
         sampling,
     };
+    for (flag, given) in [
+        ("--stream", args.stream.is_some()),
+        ("--infer_backend", args.infer_backend.is_some()),
+    ] {
+        if given {
+            eprintln!("note: {flag} has no effect here: swift-rs streams a single reply with its own engine");
+        }
+    }
     let seed = args.seed.unwrap_or_else(rand::random);
     eprintln!("{}", describe(&options, seed));
     let session = Session {

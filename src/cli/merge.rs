@@ -2,11 +2,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
+use anyhow::{anyhow, Context};
 use clap::Args;
 
 use super::device::{resolve, with_backend};
-use super::{Failure, HubArg};
+use super::{ms_swift_bool, Failure, HubArg, ModelArgs};
 use swift_rs::config::{Device, Dtype};
 use swift_rs::export::exit_removing_staged;
 use swift_rs::export::merge::{merge, parse_size, MergeOptions};
@@ -38,10 +38,86 @@ pub struct MergeArgs {
 }
 
 pub fn run(args: MergeArgs) -> Result<(), Failure> {
-    with_backend!(resolve(args.device)?, merge_on(&args))
+    let job = Job {
+        model: args.hub.local_dir(&args.model)?,
+        adapter: args.hub.local_dir(&args.adapter)?,
+        output: args.output,
+        options: MergeOptions {
+            dtype: args.dtype,
+            max_shard_size: args.max_shard_size,
+        },
+    };
+    with_backend!(resolve(args.device)?, merge_on(&job))
 }
 
-fn merge_on<B: ModelBackend>(device: B::Device, args: &MergeArgs) -> Result<(), Failure> {
+/// ms-swift's `swift export --adapters DIR --merge_lora true`: the base model comes from the
+/// checkpoint's args.json (or adapter_config.json) unless `--model` says it, and the merged
+/// model goes to `DIR-merged` unless `--output_dir` says where.
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Must be true: merging is the export swift-rs does in this form
+    #[arg(long = "merge_lora", action = clap::ArgAction::Set, value_parser = ms_swift_bool, default_value = "false")]
+    merge_lora: bool,
+    /// Where the merged model goes [default: the adapter's directory with "-merged" added]
+    #[arg(long = "output_dir")]
+    output_dir: Option<PathBuf>,
+    /// Largest shard, as transformers' max_shard_size: 5GB, 500MB, 2GiB
+    #[arg(long = "max_shard_size", default_value = "5GB", value_parser = parse_size)]
+    max_shard_size: u64,
+    /// auto, cpu, cuda[:N] or wgpu[:N]
+    #[arg(long, default_value = "auto")]
+    device: Device,
+}
+
+pub fn export(args: ExportArgs) -> Result<(), Failure> {
+    let Some(adapter) = &args.model.adapter else {
+        return Err(Failure::Usage(anyhow!(
+            "--adapters is required: the checkpoint to merge"
+        )));
+    };
+    if !args.merge_lora {
+        return Err(Failure::Usage(anyhow!(
+            "--merge_lora true is required: merging an adapter is the export swift-rs does; \
+             quantized and GGUF exports are not supported yet"
+        )));
+    }
+    if args.model.quant.is_some() {
+        return Err(Failure::Usage(anyhow!(
+            "--quant: a merged model is written unquantized (the base weights as they are)"
+        )));
+    }
+    let local = args.model.local()?;
+    let output = match &args.output_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            let mut name = adapter.as_os_str().to_os_string();
+            name.push("-merged");
+            PathBuf::from(name)
+        }
+    };
+    let job = Job {
+        model: local.model,
+        adapter: local.adapter.expect("--adapters is given"),
+        output,
+        options: MergeOptions {
+            dtype: args.model.dtype.or(local.run_args.dtype),
+            max_shard_size: args.max_shard_size,
+        },
+    };
+    with_backend!(resolve(args.device)?, merge_on(&job))
+}
+
+/// A merge, its directories local.
+struct Job {
+    model: PathBuf,
+    adapter: PathBuf,
+    output: PathBuf,
+    options: MergeOptions,
+}
+
+fn merge_on<B: ModelBackend>(device: B::Device, job: &Job) -> Result<(), Failure> {
     // A merge has nothing worth saving half-way: Ctrl-C or SIGTERM removes what it was writing
     // (SIGKILL's leftover is removed by the next merge into the same place).
     ctrlc::set_handler(|| {
@@ -49,20 +125,15 @@ fn merge_on<B: ModelBackend>(device: B::Device, args: &MergeArgs) -> Result<(), 
         exit_removing_staged(130);
     })
     .context("cannot install the SIGINT/SIGTERM handler")?;
-    let options = MergeOptions {
-        dtype: args.dtype,
-        max_shard_size: args.max_shard_size,
-    };
-    let model = args.hub.local_dir(&args.model)?;
-    let adapter = args.hub.local_dir(&args.adapter)?;
-    let report = merge::<B>(&model, &adapter, &args.output, &options, &device).map_err(|e| {
-        let (adapter, model) = (args.adapter.display(), args.model.display());
-        Failure::of(e, format!("cannot merge {adapter} into {model}"))
-    })?;
+    let report =
+        merge::<B>(&job.model, &job.adapter, &job.output, &job.options, &device).map_err(|e| {
+            let (adapter, model) = (job.adapter.display(), job.model.display());
+            Failure::of(e, format!("cannot merge {adapter} into {model}"))
+        })?;
     println!(
         "merged {} modules into {} ({} shard(s), {:.1} MB) in {:.2} s",
         report.merged_modules,
-        args.output.display(),
+        job.output.display(),
         report.shards,
         report.bytes as f64 / 1e6,
         report.seconds

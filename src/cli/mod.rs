@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use swift_rs::config::{
-    auto_dtype, ConfigError, Device, Dtype, Hub, ModelConfig, Nf4Config, SwiftCommand,
+    auto_dtype, ConfigError, Device, Dtype, Hub, ModelConfig, Nf4Config, RunArgs, SwiftCommand,
 };
 use swift_rs::export::merge::MergeError;
 use swift_rs::export::peft::read_adapter;
@@ -49,6 +49,9 @@ pub enum Command {
     Infer(infer::InferArgs),
     /// Merge a LoRA adapter into its base model and write a Hugging Face model directory
     Merge(merge::MergeArgs),
+    /// ms-swift's `swift export --adapters DIR --merge_lora true`: merge a checkpoint into the
+    /// model its args.json names, into DIR-merged
+    Export(merge::ExportArgs),
 }
 
 /// Says, once a run, what "auto" (`requested` None) became where that is not the checkpoint's
@@ -69,15 +72,19 @@ pub enum QuantArg {
     Nf4,
 }
 
-/// `--model`, `--adapter`, `--hub`, `--quant` and `--dtype`, as `eval` and `infer` take them.
+/// `--model`, `--adapter`, `--hub`, `--quant` and `--dtype`, as `eval` and `infer` take them,
+/// under ms-swift's names too (`--adapters`, `--torch_dtype`).
 #[derive(clap::Args, Debug)]
 pub struct ModelArgs {
     /// Hugging Face model directory, or a hub id org/name[@revision] (downloaded into the hub's
-    /// cache); a merged model directory works as any other
+    /// cache); a merged model directory works as any other [default: the adapter's base model,
+    /// from its args.json or adapter_config.json]
     #[arg(long)]
-    pub model: PathBuf,
-    /// PEFT LoRA adapter directory or hub id, applied unmerged (a training checkpoint works)
-    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// PEFT LoRA adapter directory or hub id, applied unmerged (a training checkpoint works:
+    /// its args.json gives the model, template, system prompt, dtype and quantization that
+    /// other flags do not)
+    #[arg(long, visible_alias = "adapters")]
     pub adapter: Option<PathBuf>,
     #[command(flatten)]
     pub hub: HubArg,
@@ -87,8 +94,17 @@ pub struct ModelArgs {
     pub quant: Option<QuantArg>,
     /// Compute dtype of the weights: auto (config.json), bf16, f16, f32
     // The full path keeps clap from taking the Option as "flag may be absent": "auto" is None.
-    #[arg(long, default_value = "auto", value_parser = auto_dtype::parse)]
+    #[arg(long, visible_alias = "torch_dtype", default_value = "auto", value_parser = auto_dtype::parse)]
     pub dtype: std::option::Option<Dtype>,
+}
+
+/// A boolean as ms-swift writes one: true/false, True/False.
+pub fn ms_swift_bool(word: &str) -> Result<bool, String> {
+    match word {
+        "true" | "True" | "1" => Ok(true),
+        "false" | "False" | "0" => Ok(false),
+        other => Err(format!("{other:?} is not true or false")),
+    }
 }
 
 /// `--output`, opened before the work that fills it: a path that cannot be written is found
@@ -110,35 +126,68 @@ pub fn open_output(output: &Path, inputs: &[PathBuf]) -> Result<AtomicFile, Fail
         .map_err(Failure::Usage)
 }
 
-/// Local directories for `--model` and `--adapter`, hub ids downloaded.
+/// Local directories for `--model` and `--adapter`, hub ids downloaded, and the adapter's
+/// `args.json` when it has one.
 pub struct LocalModel {
     pub model: PathBuf,
     pub adapter: Option<PathBuf>,
+    pub run_args: RunArgs,
 }
 
 impl ModelArgs {
     pub fn local(&self) -> Result<LocalModel, Failure> {
+        let adapter = match &self.adapter {
+            Some(spec) => Some(self.hub.local_dir(spec)?),
+            None => None,
+        };
+        let run_args = match &adapter {
+            Some(dir) => RunArgs::read(dir)?.unwrap_or_default(),
+            None => RunArgs::default(),
+        };
+        let model = match (&self.model, &run_args.model, &adapter) {
+            (Some(model), ..) => model.clone(),
+            (None, Some(model), _) => PathBuf::from(model),
+            (None, None, Some(dir)) => read_adapter(dir)
+                .ok()
+                .and_then(|a| a.config.base_model_name_or_path)
+                .map(PathBuf::from)
+                .ok_or_else(|| {
+                    Failure::Usage(anyhow::anyhow!(
+                        "--model is required: the adapter in {} names no base model (no \
+                         args.json, no base_model_name_or_path)",
+                        dir.display()
+                    ))
+                })?,
+            (None, None, None) => {
+                return Err(Failure::Usage(anyhow::anyhow!(
+                    "--model is required (or --adapters of a checkpoint, which names its model)"
+                )))
+            }
+        };
+        let hub = HubArg {
+            hub: self.hub.hub.or(run_args.hub),
+        };
         Ok(LocalModel {
-            model: self.hub.local_dir(&self.model)?,
-            adapter: match &self.adapter {
-                Some(spec) => Some(self.hub.local_dir(spec)?),
-                None => None,
-            },
+            model: hub.local_dir(&model)?,
+            adapter,
+            run_args,
         })
     }
 
     /// The model with the adapter built in, on `on` (wgpu computes "auto" in f32). A bad
-    /// config.json is a usage error, other load failures runtime errors.
+    /// config.json is a usage error, other load failures runtime errors. The dtype and the
+    /// quantization are the flags', else the adapter's args.json's.
     pub fn load<B: ModelBackend>(
         &self,
         local: &LocalModel,
         on: Device,
         device: &B::Device,
     ) -> Result<(ModelConfig, CausalLm<B>), Failure> {
+        let requested = self.dtype.or(local.run_args.dtype);
         let dtype = on
-            .load_dtype(self.dtype)
+            .load_dtype(requested)
             .map_err(|e| Failure::Usage(anyhow::anyhow!("--dtype: {e}")))?;
-        say_dtype_choice(on, self.dtype);
+        say_dtype_choice(on, requested);
         let mut adapter = match &local.adapter {
             None => None,
             Some(dir) => Some(
@@ -146,9 +195,10 @@ impl ModelArgs {
                     .with_context(|| format!("cannot read the adapter in {}", dir.display()))?,
             ),
         };
+        let nf4 = self.quant.is_some() || local.run_args.quant_bits == Some(4);
         let options = LoadOptions {
             dtype,
-            quant: self.quant.map(|QuantArg::Nf4| Nf4Config::default()),
+            quant: nf4.then(Nf4Config::default),
         };
         let dir = &local.model;
         model::load::<B>(dir, options, adapter.as_mut(), device)
@@ -257,6 +307,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Eval(args) => eval::run(args),
         Command::Infer(args) => infer::run(args),
         Command::Merge(args) => merge::run(args),
+        Command::Export(args) => merge::export(args),
         Command::Encode(args) => encode::run(args),
     }
 }

@@ -337,11 +337,7 @@ fn ms_swifts_lora_sft_command_line_runs_as_it_is() {
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(result.status.success(), "{stderr}");
     assert!(stderr.contains("done: 3 steps"), "{stderr}");
-    for flag in [
-        "dataloader_num_workers",
-        "per_device_eval_batch_size",
-        "dataset_num_proc",
-    ] {
+    for flag in ["dataloader_num_workers", "per_device_eval_batch_size"] {
         assert!(
             stderr.contains(&format!("note: --{flag} has no effect")),
             "{stderr}"
@@ -370,6 +366,7 @@ fn ms_swifts_lora_sft_command_line_runs_as_it_is() {
         Some("You are a helpful assistant.")
     );
     assert_eq!(ran.data.train, ["datasets/self_cognition.jsonl#20"]);
+    assert_eq!(ran.data.num_proc, Some(4));
     let checkpoint = version.join("checkpoint-3");
     assert!(checkpoint.join("adapter_model.safetensors").exists());
     let args: Value =

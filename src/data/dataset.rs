@@ -274,17 +274,30 @@ fn split<T>(rows: Vec<T>, ratio: f64, seed: u64) -> (Vec<T>, Vec<T>) {
     (train, val)
 }
 
-/// Encodes rows on every core; results keep input order, and bad rows are reported in order.
+/// Encodes rows on every core (`data.num_proc` threads when set); results keep input order, and
+/// bad rows are reported in order.
 fn encode_rows(
     rows: &[RawRow],
     data: &DataSection,
     encoder: &Encoder,
     bad_rows: &mut BadRows,
 ) -> Result<Vec<Encoded>, DataError> {
-    let results: Vec<Result<Option<Encoded>, String>> = rows
-        .par_iter()
-        .map(|row| encode_one(row, data, encoder))
-        .collect();
+    let encode = || -> Vec<Result<Option<Encoded>, String>> {
+        rows.par_iter()
+            .map(|row| encode_one(row, data, encoder))
+            .collect()
+    };
+    let pool = data.num_proc.map(|n| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .thread_name(|i| format!("encode-{i}"))
+            .build()
+    });
+    let results = match pool {
+        Some(Ok(pool)) => pool.install(encode),
+        // No thread could be started for a pool of its own: the shared one encodes.
+        Some(Err(_)) | None => encode(),
+    };
     let mut samples = Vec::with_capacity(rows.len());
     for (row, result) in rows.iter().zip(results) {
         match result {

@@ -150,6 +150,8 @@ pub struct DataSection {
     pub streaming: bool,
     pub loss_scale: LossScale,
     pub on_bad_row: OnBadRow,
+    /// Threads that encode rows (ms-swift's `dataset_num_proc`); None: every core.
+    pub num_proc: Option<usize>,
 }
 
 impl Default for DataSection {
@@ -166,6 +168,7 @@ impl Default for DataSection {
             streaming: false,
             loss_scale: LossScale::Default,
             on_bad_row: OnBadRow::Error,
+            num_proc: None,
         }
     }
 }
@@ -332,6 +335,7 @@ impl TrainConfig {
             ("train.logging_steps", t.logging_steps),
             ("train.save_steps", t.save_steps),
             ("train.eval_steps", t.eval_steps.unwrap_or(1)),
+            ("data.num_proc", self.data.num_proc.unwrap_or(1)),
         ] {
             if value == 0 {
                 return Some((key, "must be at least 1".into()));

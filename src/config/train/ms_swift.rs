@@ -169,10 +169,6 @@ const FLAGS: &[(&str, Flag)] = &[
         Flag::NoEffect("rows are encoded before training and batched from memory"),
     ),
     (
-        "dataset_num_proc",
-        Flag::NoEffect("rows are encoded on every core"),
-    ),
-    (
         "load_from_cache_file",
         Flag::NoEffect("rows are encoded afresh each run; there is no dataset cache"),
     ),
@@ -713,6 +709,13 @@ mod tests {
         );
         assert_eq!(c.output.dir, Path::new("output"));
         assert_eq!(c.train.warmup_ratio, 0.05);
+        assert_eq!(
+            config("--model m --dataset d --dataset_num_proc 4")
+                .unwrap()
+                .data
+                .num_proc,
+            Some(4)
+        );
         let notices = parse("--dataloader_num_workers 4 --per_device_eval_batch_size 1")
             .unwrap()
             .notices;

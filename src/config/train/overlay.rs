@@ -40,6 +40,7 @@ pub(super) const ALIASES: &[(&str, &str, &str)] = &[
     ("packing", "data", "packing"),
     ("streaming", "data", "streaming"),
     ("loss_scale", "data", "loss_scale"),
+    ("dataset_num_proc", "data", "num_proc"),
     ("num_train_epochs", "train", "epochs"),
     ("max_steps", "train", "max_steps"),
     ("per_device_train_batch_size", "train", "batch_size"),

@@ -642,8 +642,11 @@ fn typed(key: &str, flag: &Given) -> Result<Value, ConfigError> {
                 .map_err(|e| bad(format!("expected a JSON mapping: {e}")))?;
             Value::try_from(json).map_err(|e| bad(e.to_string()))
         }
-        // A boolean flag given alone is true, as argparse's `--flag` is.
-        Json::Bool(_) if flag.values.is_empty() => Ok(Value::Boolean(true)),
+        // A boolean flag given alone is true, as argparse's `--flag` is (`--use_hf` is one in
+        // ms-swift; here it sets `model.hub`, which also takes a boolean).
+        default if flag.values.is_empty() && (default.is_boolean() || key == "model.hub") => {
+            Ok(Value::Boolean(true))
+        }
         _ => Ok(word(flag.one()?)),
     }
 }
@@ -750,6 +753,8 @@ mod tests {
         let c =
             config("--model m --dataset d.jsonl --columns={\"instruction\":\"query\"}").unwrap();
         assert_eq!(c.data.columns["instruction"], "query");
+        let c = config("--model m --dataset d.jsonl --use_hf").unwrap();
+        assert_eq!(c.model.hub, Some(Hub::HuggingFace));
     }
 
     #[test]

@@ -105,7 +105,7 @@ fn fetch(
         repo.url(),
         repo.url_revision()
     );
-    let probe = probe(env, &resolve).map_err(refused)?;
+    let probe = probe(env, &resolve, &refused)?;
     let header = |name: &str| {
         let value = probe.header(name).map(|v| v.trim_matches('"').to_string());
         value.ok_or_else(|| HubError::BadAnswer {
@@ -160,7 +160,11 @@ fn fetch(
 
 /// The hub's answer to a one-byte request of `url`, following its own relative redirects (a
 /// renamed repo) but not the absolute one to a CDN, whose answer lacks the hub's headers.
-fn probe(env: &HubEnv, url: &str) -> Result<ureq::Response, ureq::Error> {
+fn probe(
+    env: &HubEnv,
+    url: &str,
+    refused: &dyn Fn(ureq::Error) -> HubError,
+) -> Result<ureq::Response, HubError> {
     let hub = ureq::AgentBuilder::new()
         .try_proxy_from_env(true)
         .timeout_connect(env.metadata_timeout)
@@ -171,7 +175,8 @@ fn probe(env: &HubEnv, url: &str) -> Result<ureq::Response, ureq::Error> {
     for _ in 0..5 {
         let response = authorized(env, hub.get(&url))
             .set("Range", "bytes=0-0")
-            .call()?;
+            .call()
+            .map_err(refused)?;
         match response.header("Location") {
             Some(to) if (300..400).contains(&response.status()) && to.starts_with('/') => {
                 url = format!("{}{to}", env.endpoint);
@@ -179,9 +184,10 @@ fn probe(env: &HubEnv, url: &str) -> Result<ureq::Response, ureq::Error> {
             _ => return Ok(response),
         }
     }
-    Ok(authorized(env, hub.get(&url))
+    authorized(env, hub.get(&url))
         .set("Range", "bytes=0-0")
-        .call()?)
+        .call()
+        .map_err(refused)
 }
 
 /// The snapshot entry `entry`: a relative symlink to `blob`, as huggingface_hub makes it (a copy

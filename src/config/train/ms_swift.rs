@@ -39,7 +39,7 @@ pub struct SwiftArgs {
     pub overrides: Vec<Override>,
     /// The `ENV` table of a YAML or JSON config: variables to set where the environment does not
     /// set them already, as ms-swift does.
-    pub env: Vec<(String, String)>,
+    pub env: Env,
     /// A line for each flag that changes nothing here, and for each one ignored under
     /// `--ignore_args_error`.
     pub notices: Vec<String>,
@@ -376,33 +376,33 @@ pub fn parse_swift_args(command: SwiftCommand, argv: &[String]) -> Result<SwiftA
             }
             _ => {}
         }
-        let key = match FLAGS.iter().find(|(name, _)| *name == flag.name) {
-            Some((_, Flag::Key(key))) => key.to_string(),
-            Some((_, Flag::NoEffect(why))) => {
-                args.notices
-                    .push(format!("--{} has no effect here: {why}", flag.name));
-                continue;
-            }
-            Some((_, Flag::Refused(instead))) => {
-                return Err(refuse(format!("not supported: {instead}")));
-            }
-            None => match alias(&flag.name) {
-                Some((section, key)) => format!("{section}.{key}"),
-                None if ignore_errors => {
-                    args.notices.push(format!(
-                        "--{} is ignored (--ignore_args_error true): swift-rs does not know it",
-                        flag.name
-                    ));
+        let key =
+            match FLAGS.iter().find(|(name, _)| *name == flag.name) {
+                Some((_, Flag::Key(key))) => key.to_string(),
+                Some((_, Flag::NoEffect(why))) => {
+                    args.notices
+                        .push(format!("--{} has no effect here: {why}", flag.name));
                     continue;
                 }
-                None => {
-                    return Err(refuse(format!(
+                Some((_, Flag::Refused(instead))) => {
+                    return Err(refuse(format!("not supported: {instead}")));
+                }
+                None => match alias(&flag.name) {
+                    Some((section, key)) => format!("{section}.{key}"),
+                    None if ignore_errors => {
+                        args.notices.push(format!(
+                            "--{} is ignored (--ignore_args_error true): swift-rs does not know it",
+                            flag.name
+                        ));
+                        continue;
+                    }
+                    None => return Err(refuse(
                         "swift-rs knows no such flag (a flag of ms-swift that swift-rs does not \
                          support, or a typo); --ignore_args_error true goes on without it"
-                    )))
-                }
-            },
-        };
+                            .into(),
+                    )),
+                },
+            };
         let value = typed(&key, &flag)?;
         args.overrides.push(Override {
             name: key,
@@ -556,9 +556,12 @@ fn is_config_file(word: &str) -> bool {
         && !word.starts_with("--")
 }
 
+/// Environment variables, by name.
+type Env = Vec<(String, String)>;
+
 /// A YAML or JSON config of ms-swift's flags (`swift sft config.yaml --lora_rank 16`): its keys
 /// as flags, before those of the command line, and its `ENV` table.
-fn read_config_file(path: &Path) -> Result<(Vec<Given>, Vec<(String, String)>), ConfigError> {
+fn read_config_file(path: &Path) -> Result<(Vec<Given>, Env), ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
         path: path.to_path_buf(),
         source,

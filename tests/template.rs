@@ -286,3 +286,44 @@ fn a_broken_chat_template_jinja_is_named() {
     );
     assert!(!err.contains("tokenizer_config.json"), "{err}");
 }
+
+/// ms-swift's `--loss_scale ignore_empty_think` (examples/train/think_model/qwen3_demo1.sh): an
+/// empty `<think>\n\n</think>\n\n` opening an answer takes no loss; the answer and a reasoning
+/// block that holds reasoning still do.
+#[test]
+fn ignore_empty_think_takes_no_loss_on_an_empty_reasoning_block() {
+    let row = |answer: &str| {
+        parse_row(&serde_json::json!({"messages": [
+            {"role": "user", "content": "Who are you?"},
+            {"role": "assistant", "content": answer},
+        ]}))
+        .unwrap()
+    };
+    let tokenizer = load_tokenizer(&dir("qwen3")).unwrap();
+    let trained = |scale: LossScale, answer: &str| -> String {
+        let e = encoder("qwen3", TemplateName::Auto, scale, None)
+            .encode(&row(answer))
+            .unwrap();
+        let ids: Vec<u32> = e
+            .labels
+            .iter()
+            .filter(|&&l| l >= 0)
+            .map(|&l| l as u32)
+            .collect();
+        tokenizer.decode(&ids, false).unwrap()
+    };
+    let empty = "<think>\n\n</think>\n\nI am swift-rs.";
+    let default = trained(LossScale::Default, empty);
+    assert!(default.starts_with("<think>"), "{default:?}");
+    let ignored = trained(LossScale::IgnoreEmptyThink, empty);
+    assert!(ignored.starts_with("I am swift-rs."), "{ignored:?}");
+    assert_eq!(
+        default.strip_suffix(&ignored).map(str::trim),
+        Some("<think>\n\n</think>")
+    );
+    let thinking = "<think>\nThe user asks my name.\n</think>\n\nI am swift-rs.";
+    assert_eq!(
+        trained(LossScale::IgnoreEmptyThink, thinking),
+        trained(LossScale::Default, thinking)
+    );
+}

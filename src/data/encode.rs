@@ -221,12 +221,29 @@ impl Encoder {
                 end += eot.len();
             }
             cursor = end;
-            if self.loss_scale == LossScale::Default || n + 1 == assistant.len() {
+            if self.loss_scale == LossScale::IgnoreEmptyThink {
+                start += empty_think_len(&text[start..end]);
+            }
+            if self.loss_scale != LossScale::LastRound || n + 1 == assistant.len() {
                 spans.push(start..end);
             }
         }
         Ok(spans)
     }
+}
+
+/// The length of the empty reasoning block `<think>` + whitespace + `</think>` + whitespace that
+/// `answer` opens with, 0 when it opens with none or with one that holds reasoning.
+fn empty_think_len(answer: &str) -> usize {
+    let Some(rest) = answer.strip_prefix("<think>") else {
+        return 0;
+    };
+    let inside = rest.len() - rest.trim_start().len();
+    let Some(after) = rest[inside..].strip_prefix("</think>") else {
+        return 0;
+    };
+    let trailing = after.len() - after.trim_start().len();
+    "<think>".len() + inside + "</think>".len() + trailing
 }
 
 impl Encoder {

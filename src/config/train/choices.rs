@@ -130,6 +130,10 @@ pub enum LossScale {
     LastRound,
     /// Every token.
     All,
+    /// As default, but an empty reasoning block opening an answer (`<think>\n\n</think>\n\n`,
+    /// Qwen3's and DeepSeek-R1's when not thinking) takes no loss, so that training on answers
+    /// without reasoning does not teach the model to stop reasoning.
+    IgnoreEmptyThink,
 }
 
 /// `data.truncation`: what happens to a sample longer than `max_length`.

@@ -756,6 +756,11 @@ mod tests {
         let c =
             config("--model m --dataset d.jsonl --columns={\"instruction\":\"query\"}").unwrap();
         assert_eq!(c.data.columns["instruction"], "query");
+        let c = config("--model m --dataset d --loss_scale ignore_empty_think").unwrap();
+        assert_eq!(
+            c.data.loss_scale,
+            crate::config::LossScale::IgnoreEmptyThink
+        );
         let c = config("--model m --dataset d.jsonl --use_hf").unwrap();
         assert_eq!(c.model.hub, Some(Hub::HuggingFace));
     }

@@ -194,6 +194,77 @@ fn a_hub_id_trains_and_is_the_adapters_base_model() {
     }
 }
 
+/// `--dataset org/name[:subset][#N]` from the Hugging Face Hub (its dataset repos), by prefix or by
+/// ms-swift's --use_hf, into huggingface_hub's dataset cache; a model and a dataset may share an id.
+#[test]
+fn ms_swift_datasets_by_hub_id_train() {
+    let rows = std::fs::read(root().join("datasets/self_cognition.jsonl")).unwrap();
+    let hub = FakeHub::start(vec![(
+        "datasets/org/self-cognition",
+        Repo::from_files(&[("README.md", b"#"), ("default/train.jsonl", &rows)]),
+    )]);
+    let home = tempfile::tempdir().unwrap();
+    for dataset in [
+        &["--dataset", "hf::org/self-cognition:default#8"][..],
+        &["--dataset", "org/self-cognition#8", "--use_hf", "true"][..],
+    ] {
+        let run = home.path().join("run");
+        let mut args = vec![
+            "sft",
+            "--model",
+            "examples/quickstart-model",
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "4",
+            "--gradient_accumulation_steps",
+            "1",
+            "--output_dir",
+            run.to_str().unwrap(),
+            "--add_version",
+            "false",
+            "--overwrite_output_dir",
+            "true",
+        ];
+        args.extend_from_slice(dataset);
+        let mut command = Command::new(env!("CARGO_BIN_EXE_swift-rs"));
+        let out = hub
+            .point_at(&mut command, home.path())
+            .args(&args)
+            .current_dir(root())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{dataset:?}: {stderr}");
+        assert!(stderr.contains("done: 2 steps"), "{stderr}");
+        let cached = home
+            .path()
+            .join("hf/hub/datasets--org--self-cognition/snapshots");
+        assert!(cached.is_dir(), "{stderr}");
+    }
+    // A subset the repo does not have is named with the ones it has.
+    let mut command = Command::new(env!("CARGO_BIN_EXE_swift-rs"));
+    let out = hub
+        .point_at(&mut command, home.path())
+        .args(["sft", "--model", "examples/quickstart-model"])
+        .args([
+            "--dataset",
+            "hf::org/self-cognition:nope",
+            "--max_steps",
+            "1",
+        ])
+        .args(["--output_dir", home.path().join("x").to_str().unwrap()])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("no subset \"nope\" (its folders: default)"),
+        "{stderr}"
+    );
+}
+
 /// The quickstart's rows as `swift-rs encode` writes them, for `eval`.
 fn write_encoded(run: &Path, dir: &Path) -> String {
     let path = dir.join("encoded.jsonl");

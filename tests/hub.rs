@@ -300,6 +300,63 @@ fn a_download_that_stalls_breaks_off_after_the_timeout_and_resumes() {
 }
 
 #[test]
+fn a_dataset_by_hub_id_lands_in_the_hub_cache_and_is_read_offline() {
+    let rows = b"{\"query\": \"Hi\", \"response\": \"Hello.\"}\n";
+    let repo = Repo::from_files(&[
+        ("README.md", b"# a dataset"),
+        ("data/train.jsonl", rows),
+        (
+            "extra/more.jsonl",
+            b"{\"query\": \"Yo\", \"response\": \"Hey.\"}\n",
+        ),
+        ("script.py", b"print()"),
+    ]);
+    let hub = FakeHub::start(vec![("datasets/org/ds", repo)]);
+    let cache = tempfile::tempdir().unwrap();
+    let env = env(Hub::HuggingFace, &hub.url, cache.path());
+    let dir = swift_rs::hub::dataset_snapshot(&env, &id("org/ds")).unwrap();
+    // huggingface_hub's layout for a dataset repo, data files only.
+    let snapshots = cache.path().join("datasets--org--ds/snapshots");
+    assert!(dir.starts_with(&snapshots), "{}", dir.display());
+    assert_eq!(std::fs::read(dir.join("data/train.jsonl")).unwrap(), rows);
+    assert!(dir.join("extra/more.jsonl").exists());
+    assert!(!dir.join("README.md").exists() && !dir.join("script.py").exists());
+    let downloads = hub.downloads();
+    assert_eq!(downloads.len(), 2, "{downloads:?}");
+    assert!(downloads
+        .iter()
+        .all(|d| d.starts_with("/datasets/org/ds/resolve/")));
+    // Offline, the cache serves it; a model repo of that name is not it.
+    let offline = HubEnv {
+        offline: true,
+        ..env.clone()
+    };
+    assert_eq!(
+        swift_rs::hub::dataset_snapshot(&offline, &id("org/ds")).unwrap(),
+        dir
+    );
+    let e = snapshot(&env, &id("org/ds")).unwrap_err();
+    assert!(matches!(e, HubError::RepoNotFound { .. }), "{e}");
+    // A repo without data files is named.
+    let empty = FakeHub::start(vec![(
+        "datasets/org/empty",
+        Repo::from_files(&[("README.md", b"#")]),
+    )]);
+    let e = swift_rs::hub::dataset_snapshot(
+        &HubEnv {
+            endpoint: empty.url.clone(),
+            ..env.clone()
+        },
+        &id("org/empty"),
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("holds no .jsonl, .json or .parquet"),
+        "{e}"
+    );
+}
+
+#[test]
 fn hub_timeouts_come_from_the_environment() {
     // Each variable is read once per call: a bad value names itself.
     let e = std::process::Command::new(env!("CARGO_BIN_EXE_swift-rs"))

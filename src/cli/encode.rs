@@ -41,7 +41,11 @@ pub fn run(args: EncodeArgs) -> Result<(), Failure> {
         Some(path) => {
             let mut inputs = vec![args.config.clone()];
             for spec in config.data.train.iter().chain(&config.data.val) {
-                inputs.extend(DatasetSpec::parse(spec).files().unwrap_or_default());
+                inputs.extend(
+                    DatasetSpec::parse(spec)
+                        .files(config.data.hub)
+                        .unwrap_or_default(),
+                );
             }
             let mut file = open_output(path, &inputs)?;
             let mut out = BufWriter::new(&mut file);

@@ -221,7 +221,7 @@ fn read_specs(
     for spec in specs {
         let spec = DatasetSpec::parse(spec);
         let mut rows = Vec::new();
-        for file in spec.files()? {
+        for file in spec.files(data.hub)? {
             for row in open_rows(&file, &data.columns)? {
                 match row {
                     Ok(row) => rows.push(row),
@@ -356,7 +356,7 @@ impl<'a> Stream<'a> {
         let mut sources = Vec::new();
         for spec in &data.train {
             let spec = DatasetSpec::parse(spec);
-            let files = spec.files()?;
+            let files = spec.files(data.hub)?;
             let rows = SpecRows::new(files, data.columns.clone());
             sources.push(match spec.sample {
                 Some(n) => Box::new(rows.cycle_take(n)) as Box<dyn Iterator<Item = _> + Send>,

@@ -17,6 +17,9 @@ pub use tokenizer::load_tokenizer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
+    /// A dataset by hub id that could not be had.
+    #[error(transparent)]
+    Hub(#[from] crate::hub::HubError),
     #[error("cannot read {path}: {source}")]
     Io {
         path: PathBuf,

@@ -21,11 +21,14 @@ use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchR
 use serde_json::{Map, Value};
 
 use super::{DataError, Location};
+use crate::config::Hub;
+use crate::hub::{dataset_snapshot, default_hub, HubEnv, HubId};
 
-const EXTENSIONS: [&str; 3] = ["jsonl", "json", "parquet"];
+const EXTENSIONS: [&str; 3] = crate::hub::DATA_EXTENSIONS;
 
-/// One entry of `data.train` / `data.val`: a file, directory or glob, and ms-swift's `#N` (N rows
-/// sampled from it).
+/// One entry of `data.train` / `data.val`: a file, directory or glob, or a dataset by hub id in
+/// ms-swift's form `[hf::|ms::]org/name[:subset1/subset2]`, and ms-swift's `#N` (N rows sampled
+/// from it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DatasetSpec {
     pub pattern: String,
@@ -46,8 +49,10 @@ impl DatasetSpec {
         }
     }
 
-    /// The dataset files it names, in sorted order within a directory or glob.
-    pub fn files(&self) -> Result<Vec<PathBuf>, DataError> {
+    /// The dataset files it names, in sorted order within a directory or glob. A pattern that
+    /// names nothing local and is spelled as a hub id is downloaded, from the hub its prefix
+    /// names, else `hub`, else the default hub (`USE_HF`).
+    pub fn files(&self, hub: Option<Hub>) -> Result<Vec<PathBuf>, DataError> {
         let path = Path::new(&self.pattern);
         let missing = |reason: &str| DataError::Io {
             path: path.to_path_buf(),
@@ -70,6 +75,8 @@ impl DatasetSpec {
                 .filter_map(Result::ok)
                 .filter(|p| p.is_file() && is_dataset(p))
                 .collect()
+        } else if let Some(remote) = HubDataset::parse(&self.pattern) {
+            remote.files(hub)?
         } else {
             return Err(missing("no such file or directory"));
         };
@@ -78,6 +85,88 @@ impl DatasetSpec {
             return Err(missing("no .jsonl, .json or .parquet files here"));
         }
         Ok(files)
+    }
+}
+
+/// ms-swift's `[hf::|ms::]org/name[:subset1/subset2]`.
+struct HubDataset {
+    hub: Option<Hub>,
+    id: HubId,
+    subsets: Vec<String>,
+}
+
+impl HubDataset {
+    fn parse(pattern: &str) -> Option<Self> {
+        let (hub, rest) = match pattern.split_once("::") {
+            Some(("hf", rest)) => (Some(Hub::HuggingFace), rest),
+            Some(("ms", rest)) => (Some(Hub::ModelScope), rest),
+            Some(_) => return None,
+            None => (None, pattern),
+        };
+        let (id, subsets) = match rest.split_once(':') {
+            Some((id, subsets)) => (id, subsets.split('/').map(str::to_string).collect()),
+            None => (rest, Vec::new()),
+        };
+        // `dir/train.jsonl` that is not there is a missing file, not a repo called train.jsonl.
+        if hub.is_none() && is_dataset(Path::new(id)) {
+            return None;
+        }
+        Some(Self {
+            hub,
+            id: HubId::parse(id)?,
+            subsets,
+        })
+    }
+
+    /// Its data files, downloaded: every one in the repo, or in the subsets' folders.
+    fn files(&self, hub: Option<Hub>) -> Result<Vec<PathBuf>, DataError> {
+        let env = HubEnv::from_env(self.hub.or(hub).unwrap_or_else(default_hub))?;
+        let dir = dataset_snapshot(&env, &self.id)?;
+        let mut roots = Vec::new();
+        for subset in &self.subsets {
+            let root = dir.join(subset);
+            if subset.is_empty() || subset.contains("..") || !root.is_dir() {
+                let folders: Vec<String> = std::fs::read_dir(&dir)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect();
+                return Err(DataError::Io {
+                    path: root,
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!(
+                            "{} has no subset {subset:?} (its folders: {})",
+                            self.id,
+                            folders.join(", ")
+                        ),
+                    ),
+                });
+            }
+            roots.push(root);
+        }
+        if roots.is_empty() {
+            roots.push(dir);
+        }
+        let mut files = Vec::new();
+        for root in roots {
+            collect_data_files(&root, &mut files);
+        }
+        Ok(files)
+    }
+}
+
+/// Every dataset file under `dir`, in all its folders.
+fn collect_data_files(dir: &Path, into: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            collect_data_files(&path, into);
+        } else if is_dataset(&path) {
+            into.push(path);
+        }
     }
 }
 
@@ -479,7 +568,7 @@ mod tests {
         }
         let names = |spec: &str| -> Vec<String> {
             DatasetSpec::parse(spec)
-                .files()
+                .files(None)
                 .unwrap()
                 .iter()
                 .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
@@ -489,11 +578,11 @@ mod tests {
         assert_eq!(names(&root), ["a.json", "b.jsonl", "c.parquet"]);
         assert_eq!(names(&format!("{root}/*.json*")), ["a.json", "b.jsonl"]);
         let err = DatasetSpec::parse(&format!("{root}/*.csv"))
-            .files()
+            .files(None)
             .unwrap_err();
         assert!(err.to_string().contains("no .jsonl"), "{err}");
         let err = DatasetSpec::parse(&format!("{root}/nope.jsonl"))
-            .files()
+            .files(None)
             .unwrap_err();
         assert!(err.to_string().contains("nope.jsonl"), "{err}");
     }

@@ -13,11 +13,53 @@ use hf_hub::api::RepoInfo;
 use hf_hub::{Cache, Repo, RepoType};
 
 use super::transfer::{agent, download, Bar, Expected};
-use super::{cached_or, complete, first_files, weight_files, HubEnv, HubError, HubId};
+use super::{
+    cached_or, complete, first_files, holds_data, is_data_file, weight_files, HubEnv, HubError,
+    HubId,
+};
 
 pub(super) fn snapshot(env: &HubEnv, id: &HubId) -> Result<PathBuf, HubError> {
+    in_cache(env, id, RepoType::Model, complete, |fetch, listed, dir| {
+        for file in first_files(id, listed)? {
+            fetch(file)?;
+        }
+        for file in weight_files(id, dir, listed)? {
+            fetch(&file)?;
+        }
+        Ok(())
+    })
+}
+
+/// A dataset repo's data files (`datasets--org--name` in the same cache): every .jsonl, .json
+/// and .parquet file it holds, README and scripts left out.
+pub(super) fn dataset_snapshot(env: &HubEnv, id: &HubId) -> Result<PathBuf, HubError> {
+    in_cache(
+        env,
+        id,
+        RepoType::Dataset,
+        holds_data,
+        |fetch, listed, _| {
+            let files: Vec<&str> = listed.iter().copied().filter(|f| is_data_file(f)).collect();
+            if files.is_empty() {
+                return Err(HubError::NotADataset { id: id.to_string() });
+            }
+            files.into_iter().try_for_each(fetch)
+        },
+    )
+}
+
+/// The snapshot of `id` in the cache, with the files `download` asks `fetch` for, given the
+/// repo's file list and the snapshot directory. Offline, or when the hub fails, a cached snapshot
+/// that `complete` accepts is used.
+fn in_cache(
+    env: &HubEnv,
+    id: &HubId,
+    kind: RepoType,
+    complete: fn(&Path) -> bool,
+    download: impl FnOnce(&dyn Fn(&str) -> Result<(), HubError>, &[&str], &Path) -> Result<(), HubError>,
+) -> Result<PathBuf, HubError> {
     let revision = id.revision.clone().unwrap_or_else(|| "main".into());
-    let repo = Repo::with_revision(id.repo.clone(), RepoType::Model, revision.clone());
+    let repo = Repo::with_revision(id.repo.clone(), kind, revision.clone());
     let root = env.cache.join(repo.folder_name());
     let cached = || cached_snapshot(&root, &revision).filter(|dir| complete(dir));
     if env.offline {
@@ -32,12 +74,8 @@ pub(super) fn snapshot(env: &HubEnv, id: &HubId) -> Result<PathBuf, HubError> {
     };
     let dir = root.join("snapshots").join(&info.sha);
     let listed: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
-    for file in first_files(id, &listed)? {
-        fetch(env, id, &repo, &info.sha, &root, file)?;
-    }
-    for file in weight_files(id, &dir, &listed)? {
-        fetch(env, id, &repo, &info.sha, &root, &file)?;
-    }
+    let fetch = |file: &str| fetch(env, id, &repo, &info.sha, &root, file);
+    download(&fetch, &listed, &dir)?;
     if info.sha != revision {
         Cache::new(env.cache.clone())
             .repo(repo)

@@ -222,6 +222,51 @@ fn cached_or(id: &HubId, error: HubError, cached: Option<PathBuf>) -> Result<Pat
     }
 }
 
+/// The directory holding the data files of the dataset repo `id` (its .jsonl, .json and .parquet
+/// files, in the repo's folders), downloading those not yet in the cache.
+pub fn dataset_snapshot(env: &HubEnv, id: &HubId) -> Result<PathBuf, HubError> {
+    match env.hub {
+        Hub::HuggingFace => huggingface::dataset_snapshot(env, id),
+        Hub::ModelScope => Err(HubError::Other {
+            id: id.to_string(),
+            message: "datasets from ModelScope are not supported yet: download them with \
+                      `modelscope download --dataset` and give the directory, or use the \
+                      Hugging Face Hub (hf::org/name, --use_hf true)"
+                .into(),
+        }),
+    }
+}
+
+/// The extensions of the files a dataset repo holds its rows in.
+pub const DATA_EXTENSIONS: [&str; 3] = ["jsonl", "json", "parquet"];
+
+fn is_data_file(name: &str) -> bool {
+    Path::new(name)
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| DATA_EXTENSIONS.contains(&e))
+}
+
+/// Whether a cached dataset snapshot holds any data file (what the file list would have said is
+/// not known offline).
+fn holds_data(dir: &Path) -> bool {
+    fn walk(dir: &Path) -> bool {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                let path = e.path();
+                if path.is_dir() {
+                    walk(&path)
+                } else {
+                    is_data_file(&path.to_string_lossy())
+                }
+            })
+    }
+    walk(dir)
+}
+
 /// The files to fetch first: configs, tokenizer files, the weight index. `listed` holds the
 /// repo's files; a repo with neither a model nor an adapter config is refused.
 fn first_files<'a>(id: &HubId, listed: &[&'a str]) -> Result<Vec<&'a str>, HubError> {
@@ -322,6 +367,8 @@ pub enum HubError {
     },
     #[error("{id} has neither config.json nor adapter_config.json: not a model or adapter repo")]
     NotAModel { id: String },
+    #[error("the dataset repo {id} holds no .jsonl, .json or .parquet file")]
+    NotADataset { id: String },
     #[error("{id}: bad weight index {path}: {reason}")]
     BadIndex {
         id: String,
@@ -388,7 +435,10 @@ impl HubError {
     pub fn is_usage(&self) -> bool {
         matches!(
             self,
-            Self::RepoNotFound { .. } | Self::RevisionNotFound { .. } | Self::NotAModel { .. }
+            Self::RepoNotFound { .. }
+                | Self::RevisionNotFound { .. }
+                | Self::NotAModel { .. }
+                | Self::NotADataset { .. }
         )
     }
 

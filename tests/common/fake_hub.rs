@@ -1,5 +1,6 @@
 //! A hub on 127.0.0.1 that serves fixture files under the URL layouts of the Hugging Face Hub and
-//! of ModelScope: repo listings, files by branch, tag or commit, LFS files through a redirect to
+//! of ModelScope: repo listings, files by branch, tag or commit (and the Hugging Face Hub's dataset
+//! repos, kept as "datasets/org/name"), LFS files through a redirect to
 //! a CDN path, a renamed repo's relative redirect, range requests, gated repos, and the errors
 //! each hub gives. Faults on demand: a transfer cut in the middle, a damaged file.
 
@@ -140,7 +141,12 @@ impl FakeHub {
             .unwrap()
             .seen
             .iter()
-            .filter(|s| !s.path.starts_with("/api/models/") && !s.path.contains("/repo/files"))
+            .filter(|s| {
+                let listing = ["/api/models/", "/api/datasets/"]
+                    .iter()
+                    .any(|p| s.path.starts_with(p));
+                !listing && !s.path.contains("/repo/files")
+            })
             .filter(|s| s.range.as_deref() != Some("bytes=0-0"))
             .map(|s| s.path.clone())
             .collect()
@@ -333,6 +339,19 @@ fn route(state: &mut State, seen: &Seen, query: &HashMap<String, String>, base: 
     let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
     match parts.as_slice() {
         ["api", "models", org, name, "revision", rev] => hf_info(state, org, name, rev),
+        // Dataset repos are kept under "datasets/org/name".
+        ["api", "datasets", org, name, "revision", rev] => {
+            hf_info(state, &format!("datasets/{org}"), name, rev)
+        }
+        ["datasets", org, name, "resolve", rev, file @ ..] => hf_file(
+            state,
+            &format!("datasets/{org}"),
+            name,
+            rev,
+            &file.join("/"),
+            seen,
+            base,
+        ),
         ["api", "v1", "models", org, name, "repo", "files"] => {
             ms_listing(state, &format!("{org}/{name}"), query)
         }

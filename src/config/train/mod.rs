@@ -152,6 +152,9 @@ pub struct DataSection {
     pub on_bad_row: OnBadRow,
     /// Threads that encode rows (ms-swift's `dataset_num_proc`); None: every core.
     pub num_proc: Option<usize>,
+    /// Where a dataset by hub id comes from unless its `hf::` / `ms::` prefix says; None: the
+    /// USE_HF environment variable decides (ms-swift's `--use_hf` sets it with `model.hub`).
+    pub hub: Option<Hub>,
 }
 
 impl Default for DataSection {
@@ -169,6 +172,7 @@ impl Default for DataSection {
             loss_scale: LossScale::Default,
             on_bad_row: OnBadRow::Error,
             num_proc: None,
+            hub: None,
         }
     }
 }

@@ -359,6 +359,18 @@ pub fn parse_swift_args(command: SwiftCommand, argv: &[String]) -> Result<SwiftA
                 });
                 continue;
             }
+            "use_hf" => {
+                // ms-swift's --use_hf picks the hub of the model and of the datasets.
+                let value = typed("model.hub", &flag)?;
+                for key in ["model.hub", "data.hub"] {
+                    args.overrides.push(Override {
+                        name: key.into(),
+                        value: value.clone(),
+                        at: at.clone(),
+                    });
+                }
+                continue;
+            }
             "lora_target_modules" | "target_modules" => {
                 // ms-swift 2.x wrote "ALL" for every linear layer.
                 let names = flag
@@ -762,7 +774,10 @@ mod tests {
             crate::config::LossScale::IgnoreEmptyThink
         );
         let c = config("--model m --dataset d.jsonl --use_hf").unwrap();
-        assert_eq!(c.model.hub, Some(Hub::HuggingFace));
+        assert_eq!(
+            (c.model.hub, c.data.hub),
+            (Some(Hub::HuggingFace), Some(Hub::HuggingFace))
+        );
     }
 
     #[test]

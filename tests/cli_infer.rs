@@ -487,7 +487,7 @@ fn hub_ids_answer_as_the_local_directories() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains("org/nothing is neither a local directory nor a model repo on")
+        stderr.contains("org/nothing is neither a local directory nor a repo on")
             && !stderr.contains("panicked"),
         "{stderr}"
     );

@@ -496,7 +496,7 @@ fn gated_unknown_renamed_and_tagged_repos() {
     );
     assert!(
         e.to_string()
-            .starts_with("org/nothing is neither a local directory nor a model repo on"),
+            .starts_with("org/nothing is neither a local directory nor a repo on"),
         "{e}"
     );
     let e = snapshot(&anonymous, &id("org/tiny@v9")).unwrap_err();

@@ -347,7 +347,7 @@ const INDEX: &str = "model.safetensors.index.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
-    #[error("{id} is neither a local directory nor a model repo on {endpoint}{hint}")]
+    #[error("{id} is neither a local directory nor a repo on {endpoint}{hint}")]
     RepoNotFound {
         id: String,
         endpoint: String,

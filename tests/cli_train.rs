@@ -265,6 +265,77 @@ fn ms_swift_datasets_by_hub_id_train() {
     );
 }
 
+/// ms-swift's `swift/self-cognition` (on the Hugging Face Hub `modelscope/self-cognition`), in its
+/// real schema: `{{NAME}}` / `{{AUTHOR}}` filled in by language from --model_name and
+/// --model_author, and its `empty_think` subset's empty reasoning block before each answer.
+#[test]
+fn swift_self_cognition_is_made_as_ms_swift_makes_it() {
+    let rows = concat!(
+        r#"{"query": "你是谁？", "response": "我是{{NAME}}，由{{AUTHOR}}训练。", "tag": "zh"}"#,
+        "\n",
+        r#"{"query": "Who are you?", "response": "I am {{NAME}}, trained by {{AUTHOR}}.", "tag": "en"}"#,
+        "\n"
+    );
+    let hub = FakeHub::start(vec![(
+        "datasets/modelscope/self-cognition",
+        Repo::from_files(&[("self_cognition.jsonl", rows.as_bytes())]),
+    )]);
+    let home = tempfile::tempdir().unwrap();
+    let config = home.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[model]\npath = {:?}\n[data]\ntrain = [\"swift/self-cognition:empty_think\"]\n\
+             hub = \"huggingface\"\nshuffle = false\nmodel_name = [\"小黄\", \"Xiao Huang\"]\n\
+             model_author = [\"魔搭\", \"ModelScope\"]\n",
+            root()
+                .join("examples/quickstart-model")
+                .display()
+                .to_string()
+        ),
+    )
+    .unwrap();
+    let out = home.path().join("rows.jsonl");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_swift-rs"));
+    let run = hub
+        .point_at(&mut command, home.path())
+        .args(["encode", "--config", config.to_str().unwrap(), "--output"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let tokenizer =
+        tokenizers::Tokenizer::from_file(root().join("examples/quickstart-model/tokenizer.json"))
+            .unwrap();
+    let answers: Vec<String> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let row: Value = serde_json::from_str(line).unwrap();
+            let labels: Vec<u32> = row["labels"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|l| l.as_i64().filter(|&l| l >= 0).map(|l| l as u32))
+                .collect();
+            tokenizer.decode(&labels, false).unwrap()
+        })
+        .collect();
+    assert_eq!(answers.len(), 2);
+    assert!(
+        answers[0].starts_with("<think>\n\n</think>\n\n我是小黄，由魔搭训练。"),
+        "{answers:?}"
+    );
+    assert!(
+        answers[1].starts_with("<think>\n\n</think>\n\nI am Xiao Huang, trained by ModelScope."),
+        "{answers:?}"
+    );
+}
+
 /// The quickstart's rows as `swift-rs encode` writes them, for `eval`.
 fn write_encoded(run: &Path, dir: &Path) -> String {
     let path = dir.join("encoded.jsonl");

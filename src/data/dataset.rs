@@ -220,11 +220,17 @@ fn read_specs(
     let mut all = Vec::new();
     for spec in specs {
         let spec = DatasetSpec::parse(spec);
+        let preprocess = spec.preprocess()?;
         let mut rows = Vec::new();
         for file in spec.files(data.hub)? {
             for row in open_rows(&file, &data.columns)? {
                 match row {
-                    Ok(row) => rows.push(row),
+                    Ok(mut row) => {
+                        if let Some(how) = preprocess {
+                            row.value = how.apply(row.value, &data.model_name, &data.model_author);
+                        }
+                        rows.push(row)
+                    }
                     Err(e) => bad_rows.handle(e)?,
                 }
             }
@@ -356,11 +362,22 @@ impl<'a> Stream<'a> {
         let mut sources = Vec::new();
         for spec in &data.train {
             let spec = DatasetSpec::parse(spec);
+            let preprocess = spec.preprocess()?;
             let files = spec.files(data.hub)?;
             let rows = SpecRows::new(files, data.columns.clone());
-            sources.push(match spec.sample {
+            let rows = match spec.sample {
                 Some(n) => Box::new(rows.cycle_take(n)) as Box<dyn Iterator<Item = _> + Send>,
                 None => Box::new(rows),
+            };
+            let (name, author) = (data.model_name.clone(), data.model_author.clone());
+            sources.push(match preprocess {
+                Some(how) => Box::new(rows.map(move |row| {
+                    row.map(|mut row| {
+                        row.value = how.apply(row.value, &name, &author);
+                        row
+                    })
+                })),
+                None => rows,
             });
         }
         Ok(Self {

@@ -6,6 +6,7 @@ pub mod encode;
 pub mod format;
 pub mod pack;
 mod pretokenized;
+pub mod registry;
 pub mod source;
 pub mod template;
 mod tokenizer;
@@ -20,6 +21,9 @@ pub enum DataError {
     /// A dataset by hub id that could not be had.
     #[error(transparent)]
     Hub(#[from] crate::hub::HubError),
+    /// A `data.train` / `data.val` entry that cannot be used as written.
+    #[error("{spec}: {reason}")]
+    Spec { spec: String, reason: String },
     #[error("cannot read {path}: {source}")]
     Io {
         path: PathBuf,

@@ -20,6 +20,7 @@ use arrow_schema::DataType;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use serde_json::{Map, Value};
 
+use super::registry::{self, SelfCognition};
 use super::{DataError, Location};
 use crate::config::Hub;
 use crate::hub::{dataset_snapshot, default_hub, HubEnv, HubId};
@@ -118,10 +119,25 @@ impl HubDataset {
         })
     }
 
-    /// Its data files, downloaded: every one in the repo, or in the subsets' folders.
+    /// Its data files, downloaded: every one in the repo, or in the subsets' folders (the
+    /// subsets of a registered dataset are ways of making its rows, not folders).
     fn files(&self, hub: Option<Hub>) -> Result<Vec<PathBuf>, DataError> {
-        let env = HubEnv::from_env(self.hub.or(hub).unwrap_or_else(default_hub))?;
-        let dir = dataset_snapshot(&env, &self.id)?;
+        let hub = self.hub.or(hub).unwrap_or_else(default_hub);
+        let env = HubEnv::from_env(hub)?;
+        let registered = registry::find(&self.id.repo);
+        let id = match registered {
+            Some(r) => HubId {
+                repo: r.repo(hub).to_string(),
+                revision: self.id.revision.clone(),
+            },
+            None => self.id.clone(),
+        };
+        let dir = dataset_snapshot(&env, &id)?;
+        if registered.is_some() {
+            let mut files = Vec::new();
+            collect_data_files(&dir, &mut files);
+            return Ok(files);
+        }
         let mut roots = Vec::new();
         for subset in &self.subsets {
             let root = dir.join(subset);
@@ -167,6 +183,39 @@ fn collect_data_files(dir: &Path, into: &mut Vec<PathBuf>) {
         } else if is_dataset(&path) {
             into.push(path);
         }
+    }
+}
+
+impl DatasetSpec {
+    /// How a registered dataset's rows are made (`swift/self-cognition[:subset]`); None for
+    /// files and other datasets.
+    pub fn preprocess(&self) -> Result<Option<SelfCognition>, DataError> {
+        let Some(remote) =
+            HubDataset::parse(&self.pattern).filter(|_| !Path::new(&self.pattern).exists())
+        else {
+            return Ok(None);
+        };
+        let Some(registered) = registry::find(&remote.id.repo) else {
+            return Ok(None);
+        };
+        let subset = match remote.subsets.as_slice() {
+            [] => None,
+            [one] => Some(one.as_str()),
+            _ => {
+                return Err(DataError::Spec {
+                    spec: self.pattern.clone(),
+                    reason: "name one subset of a registered dataset a spec (give several specs)"
+                        .into(),
+                })
+            }
+        };
+        registered
+            .subset(subset)
+            .map(Some)
+            .map_err(|reason| DataError::Spec {
+                spec: self.pattern.clone(),
+                reason,
+            })
     }
 }
 

@@ -155,6 +155,11 @@ pub struct DataSection {
     /// Where a dataset by hub id comes from unless its `hf::` / `ms::` prefix says; None: the
     /// USE_HF environment variable decides (ms-swift's `--use_hf` sets it with `model.hub`).
     pub hub: Option<Hub>,
+    /// The model's name for `swift/self-cognition`'s `{{NAME}}`: Chinese, then English (one
+    /// stands for both), as ms-swift's `--model_name`.
+    pub model_name: Vec<String>,
+    /// The same for `{{AUTHOR}}` (ms-swift's `--model_author`).
+    pub model_author: Vec<String>,
 }
 
 impl Default for DataSection {
@@ -173,6 +178,8 @@ impl Default for DataSection {
             on_bad_row: OnBadRow::Error,
             num_proc: None,
             hub: None,
+            model_name: Vec::new(),
+            model_author: Vec::new(),
         }
     }
 }

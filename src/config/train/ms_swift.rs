@@ -197,14 +197,6 @@ const FLAGS: &[(&str, Flag)] = &[
         Flag::NoEffect("TensorBoard files go to <output_dir>/runs"),
     ),
     (
-        "model_author",
-        Flag::NoEffect("it fills in swift/self-cognition, a hub dataset not supported yet"),
-    ),
-    (
-        "model_name",
-        Flag::NoEffect("it fills in swift/self-cognition, a hub dataset not supported yet"),
-    ),
-    (
         "bf16",
         Flag::NoEffect("the compute dtype is --torch_dtype; adapters and optimizer state are f32"),
     ),

@@ -41,6 +41,8 @@ pub(super) const ALIASES: &[(&str, &str, &str)] = &[
     ("streaming", "data", "streaming"),
     ("loss_scale", "data", "loss_scale"),
     ("dataset_num_proc", "data", "num_proc"),
+    ("model_name", "data", "model_name"),
+    ("model_author", "data", "model_author"),
     ("num_train_epochs", "train", "epochs"),
     ("max_steps", "train", "max_steps"),
     ("per_device_train_batch_size", "train", "batch_size"),

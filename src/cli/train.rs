@@ -16,7 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::device::{resolve, with_backend};
 use super::Failure;
 use swift_rs::config::{
-    parse_swift_args, versioned_dir, ConfigError, Device, SwiftCommand, TrainConfig, TrainPlan,
+    parse_swift_args, versioned_dir, Device, SwiftCommand, TrainConfig, TrainPlan,
 };
 use swift_rs::export::exit_removing_staged;
 use swift_rs::model::{ModelBackend, TrainBackend};
@@ -72,13 +72,7 @@ pub fn run_swift(command: SwiftCommand, line: SwiftLine) -> Result<(), Failure> 
         eprintln!("note: {notice}");
     }
     let mut config = match &args.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-                path: path.clone(),
-                source,
-            })?;
-            TrainConfig::parse_with(&text, path, &[], &args.overrides)?
-        }
+        Some(path) => TrainConfig::load_with(path, &[], &args.overrides)?,
         None => TrainConfig::parse_with("", Path::new("the command line"), &[], &args.overrides)?,
     };
     if args.add_version {

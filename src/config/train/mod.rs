@@ -268,11 +268,20 @@ impl TrainConfig {
     /// Reads a TOML config file and applies `--set` overrides (`section.key=value`, or an ms-swift
     /// name `key=value`), then checks it.
     pub fn load(path: &Path, sets: &[String]) -> Result<Self, ConfigError> {
+        Self::load_with(path, sets, &[])
+    }
+
+    /// As `load`, with `overrides` applied after the `--set`s (ms-swift's command-line flags).
+    pub fn load_with(
+        path: &Path,
+        sets: &[String],
+        overrides: &[Override],
+    ) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(&text, path, sets)
+        Self::parse_with(&text, path, sets, overrides)
     }
 
     /// As `load`, from the text of a file called `path`. A value that cannot work is reported

@@ -857,6 +857,24 @@ mod tests {
     }
 
     #[test]
+    fn flags_override_our_toml_config_given_with_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = dir.path().join("run.toml");
+        std::fs::write(
+            &toml,
+            "[model]\npath = \"m\"\n[data]\ntrain = [\"d.jsonl\"]\n[lora]\nr = 4\nalpha = 8\n",
+        )
+        .unwrap();
+        let args = parse(&format!("--config {} --lora_rank 16", toml.display())).unwrap();
+        assert_eq!(args.config.as_deref(), Some(toml.as_path()));
+        let c = TrainConfig::load_with(&toml, &[], &args.overrides).unwrap();
+        assert_eq!(
+            (c.lora.r, c.lora.alpha, c.model.path.as_str()),
+            (16, 8.0, "m")
+        );
+    }
+
+    #[test]
     fn each_run_gets_the_next_version_folder() {
         let dir = tempfile::tempdir().unwrap();
         // 2026-11-30 10:29:30 UTC.

@@ -351,7 +351,8 @@ fn a_dataset_by_hub_id_lands_in_the_hub_cache_and_is_read_offline() {
     )
     .unwrap_err();
     assert!(
-        e.to_string().contains("holds no .jsonl, .json or .parquet"),
+        e.to_string()
+            .contains("holds no .jsonl, .json, .csv or .parquet"),
         "{e}"
     );
 }

@@ -35,7 +35,7 @@ pub enum DataError {
         at: Location,
         reason: String,
     },
-    #[error("{path}: unsupported dataset file (use .jsonl, .json or .parquet)")]
+    #[error("{path}: unsupported dataset file (use .jsonl, .json, .csv or .parquet)")]
     Unsupported { path: PathBuf },
     #[error("{path} is not a readable Parquet file: {reason}")]
     Parquet { path: PathBuf, reason: String },

@@ -25,7 +25,7 @@ use super::{DataError, Location};
 use crate::config::Hub;
 use crate::hub::{dataset_snapshot, default_hub, HubEnv, HubId};
 
-const EXTENSIONS: [&str; 3] = crate::hub::DATA_EXTENSIONS;
+const EXTENSIONS: [&str; 4] = crate::hub::DATA_EXTENSIONS;
 
 /// One entry of `data.train` / `data.val`: a file, directory or glob, or a dataset by hub id in
 /// ms-swift's form `[hf::|ms::]org/name[:subset1/subset2]`, and ms-swift's `#N` (N rows sampled
@@ -83,7 +83,7 @@ impl DatasetSpec {
         };
         files.sort();
         if files.is_empty() {
-            return Err(missing("no .jsonl, .json or .parquet files here"));
+            return Err(missing("no .jsonl, .json, .csv or .parquet files here"));
         }
         Ok(files)
     }
@@ -277,6 +277,17 @@ pub fn open_rows(
                 })
             }))
         }
+        "csv" => {
+            let reader = csv::ReaderBuilder::new()
+                .flexible(false)
+                .from_reader(without_bom_reader(File::open(path).map_err(io)?).map_err(io)?);
+            Box::new(CsvRows {
+                reader,
+                path: shared,
+                columns,
+                headers: None,
+            })
+        }
         "parquet" => {
             let parquet = |e: parquet::errors::ParquetError| DataError::Parquet {
                 path: path.to_path_buf(),
@@ -325,6 +336,76 @@ pub fn read_rows(
 /// put at the start of a file; JSON itself has none.
 fn without_bom(bytes: &[u8]) -> &[u8] {
     bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)
+}
+
+/// `file` past a UTF-8 byte-order mark, if it opens with one.
+fn without_bom_reader(mut file: File) -> std::io::Result<impl std::io::Read + Send> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut head = [0u8; 3];
+    let n = file.read(&mut head)?;
+    if head[..n] != *b"\xEF\xBB\xBF" {
+        file.seek(SeekFrom::Start(0))?;
+    }
+    Ok(file)
+}
+
+/// The rows of a CSV file with a header line, as objects of text: an empty field is null, as the
+/// Hugging Face datasets library reads it (so an empty alpaca `input` is no input).
+struct CsvRows<R: std::io::Read> {
+    reader: csv::Reader<R>,
+    path: Arc<Path>,
+    columns: BTreeMap<String, String>,
+    headers: Option<Vec<String>>,
+}
+
+impl<R: std::io::Read> Iterator for CsvRows<R> {
+    type Item = Result<RawRow, DataError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let bad = |at: Location, reason: String| DataError::BadRow {
+            path: self.path.to_path_buf(),
+            at,
+            reason,
+        };
+        if self.headers.is_none() {
+            match self.reader.headers() {
+                Ok(h) => self.headers = Some(h.iter().map(str::to_string).collect()),
+                Err(e) => return Some(Err(bad(Location::Line(1), format!("bad CSV header: {e}")))),
+            }
+        }
+        let mut record = csv::StringRecord::new();
+        match self.reader.read_record(&mut record) {
+            Ok(false) => None,
+            Err(e) => {
+                let line = e.position().map_or(0, |p| p.line() as usize);
+                Some(Err(bad(
+                    Location::Line(line),
+                    format!("malformed CSV: {e}"),
+                )))
+            }
+            Ok(true) => {
+                let line = record.position().map_or(0, |p| p.line() as usize);
+                let headers = self.headers.as_deref().unwrap_or_default();
+                let object: Map<String, Value> = headers
+                    .iter()
+                    .zip(record.iter())
+                    .map(|(name, field)| {
+                        let value = if field.is_empty() {
+                            Value::Null
+                        } else {
+                            Value::String(field.to_string())
+                        };
+                        (name.clone(), value)
+                    })
+                    .collect();
+                Some(Ok(RawRow {
+                    path: self.path.clone(),
+                    at: Location::Line(line),
+                    value: rename(Value::Object(object), &self.columns),
+                }))
+            }
+        }
+    }
 }
 
 struct JsonLines {
@@ -599,6 +680,25 @@ mod tests {
         .unwrap();
         let second = open_rows(&jsonl, &BTreeMap::new()).unwrap().nth(1).unwrap();
         assert!(second.is_err());
+    }
+
+    #[test]
+    fn csv_rows_are_objects_of_their_header_with_lines_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("d.csv");
+        std::fs::write(
+            &csv,
+            "\u{feff}instruction,input,output\nSay hi,,\"Hi, there\"\n\"Two\nlines\",x,y\nshort,row\n",
+        )
+        .unwrap();
+        let rows: Vec<_> = open_rows(&csv, &BTreeMap::new()).unwrap().collect();
+        let first = rows[0].as_ref().unwrap();
+        assert_eq!(first.value["instruction"], "Say hi");
+        assert!(first.value["input"].is_null());
+        assert_eq!(first.value["output"], "Hi, there");
+        assert_eq!(rows[1].as_ref().unwrap().value["instruction"], "Two\nlines");
+        let err = rows[2].as_ref().unwrap_err().to_string();
+        assert!(err.contains("d.csv:5: malformed CSV"), "{err}");
     }
 
     #[test]

@@ -222,8 +222,8 @@ fn cached_or(id: &HubId, error: HubError, cached: Option<PathBuf>) -> Result<Pat
     }
 }
 
-/// The directory holding the data files of the dataset repo `id` (its .jsonl, .json and .parquet
-/// files, in the repo's folders), downloading those not yet in the cache.
+/// The directory holding the data files of the dataset repo `id` (its .jsonl, .json, .csv and
+/// .parquet files, in the repo's folders), downloading those not yet in the cache.
 pub fn dataset_snapshot(env: &HubEnv, id: &HubId) -> Result<PathBuf, HubError> {
     match env.hub {
         Hub::HuggingFace => huggingface::dataset_snapshot(env, id),
@@ -238,7 +238,7 @@ pub fn dataset_snapshot(env: &HubEnv, id: &HubId) -> Result<PathBuf, HubError> {
 }
 
 /// The extensions of the files a dataset repo holds its rows in.
-pub const DATA_EXTENSIONS: [&str; 3] = ["jsonl", "json", "parquet"];
+pub const DATA_EXTENSIONS: [&str; 4] = ["jsonl", "json", "csv", "parquet"];
 
 fn is_data_file(name: &str) -> bool {
     Path::new(name)
@@ -367,7 +367,7 @@ pub enum HubError {
     },
     #[error("{id} has neither config.json nor adapter_config.json: not a model or adapter repo")]
     NotAModel { id: String },
-    #[error("the dataset repo {id} holds no .jsonl, .json or .parquet file")]
+    #[error("the dataset repo {id} holds no .jsonl, .json, .csv or .parquet file")]
     NotADataset { id: String },
     #[error("{id}: bad weight index {path}: {reason}")]
     BadIndex {

@@ -137,7 +137,8 @@ impl Default for QuantSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct DataSection {
-    /// Dataset specs `path[#N]`: a file, directory or glob of .jsonl/.json/.parquet.
+    /// Dataset specs `path[#N]`: a file, directory or glob of .jsonl/.json/.csv/.parquet, or a
+    /// dataset by hub id `[hf::|ms::]org/name[:subset][#N]`.
     pub train: Vec<String>,
     pub val: Vec<String>,
     pub val_ratio: f64,

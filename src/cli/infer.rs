@@ -12,8 +12,8 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use super::device::{resolve, with_backend};
-use super::{ms_swift_bool, open_output, Failure, ModelArgs};
-use swift_rs::config::{Device, GenerationConfig, LossScale, TemplateName};
+use super::{open_output, Failure, ModelArgs};
+use swift_rs::config::{swift_bool, Device, GenerationConfig, LossScale, TemplateName};
 use swift_rs::data::encode::Encoder;
 use swift_rs::data::format::{parse_prompt, Message, Role};
 use swift_rs::data::source::read_rows;
@@ -59,7 +59,7 @@ pub struct InferArgs {
     #[arg(long, visible_alias = "repetition_penalty")]
     repetition_penalty: Option<f32>,
     /// ms-swift's `--stream`: a single reply is always streamed here; no effect
-    #[arg(long, hide = true, value_parser = ms_swift_bool)]
+    #[arg(long, hide = true, value_parser = swift_bool)]
     stream: Option<bool>,
     /// ms-swift's `--infer_backend`: swift-rs generates with its own engine; no effect
     #[arg(long = "infer_backend", hide = true)]

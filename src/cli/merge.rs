@@ -6,8 +6,8 @@ use anyhow::{anyhow, Context};
 use clap::Args;
 
 use super::device::{resolve, with_backend};
-use super::{ms_swift_bool, Failure, HubArg, ModelArgs};
-use swift_rs::config::{Device, Dtype};
+use super::{Failure, HubArg, ModelArgs};
+use swift_rs::config::{swift_bool, Device, Dtype};
 use swift_rs::export::exit_removing_staged;
 use swift_rs::export::merge::{merge, parse_size, MergeOptions};
 use swift_rs::model::ModelBackend;
@@ -58,7 +58,7 @@ pub struct ExportArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Must be true: merging is the export swift-rs does in this form
-    #[arg(long = "merge_lora", action = clap::ArgAction::Set, value_parser = ms_swift_bool, default_value = "false")]
+    #[arg(long = "merge_lora", action = clap::ArgAction::Set, value_parser = swift_bool, default_value = "false")]
     merge_lora: bool,
     /// Where the merged model goes [default: the adapter's directory with "-merged" added]
     #[arg(long = "output_dir")]

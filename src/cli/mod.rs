@@ -98,15 +98,6 @@ pub struct ModelArgs {
     pub dtype: std::option::Option<Dtype>,
 }
 
-/// A boolean as ms-swift writes one: true/false, True/False.
-pub fn ms_swift_bool(word: &str) -> Result<bool, String> {
-    match word {
-        "true" | "True" | "1" => Ok(true),
-        "false" | "False" | "0" => Ok(false),
-        other => Err(format!("{other:?} is not true or false")),
-    }
-}
-
 /// `--output`, opened before the work that fills it: a path that cannot be written is found
 /// before hours of generation, not after, and a path naming one of the command's `inputs` is
 /// refused instead of overwritten. The returned file is renamed into place by `commit`.

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use hf_hub::api::RepoInfo;
 use hf_hub::{Cache, Repo, RepoType};
 
-use super::transfer::{agent, download, Bar, Expected};
+use super::transfer::{agent, agent_builder, download, Bar, Expected};
 use super::{
     cached_or, complete, first_files, holds_data, is_data_file, weight_files, HubEnv, HubError,
     HubId,
@@ -203,12 +203,7 @@ fn probe(
     url: &str,
     refused: &dyn Fn(ureq::Error) -> HubError,
 ) -> Result<ureq::Response, HubError> {
-    let hub = ureq::AgentBuilder::new()
-        .try_proxy_from_env(true)
-        .timeout_connect(env.metadata_timeout)
-        .timeout_read(env.metadata_timeout)
-        .redirects(0)
-        .build();
+    let hub = agent_builder(env.metadata_timeout).redirects(0).build();
     let mut url = url.to_string();
     for _ in 0..5 {
         let response = authorized(env, hub.get(&url))

@@ -14,12 +14,16 @@ use super::{HubEnv, HubError, HubId};
 /// (ureq waits for ever to read by default: a hub that accepts the connection and never
 /// answers hung every command).
 pub(super) fn agent(timeout: std::time::Duration) -> ureq::Agent {
+    agent_builder(timeout).build()
+}
+
+/// `agent`'s settings, for a client that needs one more (the Hugging Face probe's no redirects).
+pub(super) fn agent_builder(timeout: std::time::Duration) -> ureq::AgentBuilder {
     ureq::AgentBuilder::new()
         .try_proxy_from_env(true)
         .timeout_connect(timeout)
         .timeout_read(timeout)
         .redirect_auth_headers(ureq::RedirectAuthHeaders::SameHost)
-        .build()
 }
 
 /// A progress bar per file on a terminal, else one line per file.

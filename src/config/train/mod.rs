@@ -19,7 +19,9 @@ pub use choices::{
     auto_dtype, Device, Hub, LoraInit, LossScale, OnBadRow, OptimizerKind, QuantType, ScheduleKind,
     TemplateName, Truncation,
 };
-pub use ms_swift::{parse_swift_args, versioned_dir, RunArgs, SwiftArgs, SwiftCommand, ARGS_FILE};
+pub use ms_swift::{
+    parse_swift_args, swift_bool, versioned_dir, RunArgs, SwiftArgs, SwiftCommand, ARGS_FILE,
+};
 pub use overlay::Override;
 pub use plan::{Length, OptimizerConfig, Resume, ScheduleConfig, TrainPlan, Warmup};
 

@@ -292,7 +292,7 @@ pub fn parse_swift_args(command: SwiftCommand, argv: &[String]) -> Result<SwiftA
         .iter()
         .rev()
         .find(|f| f.name == "ignore_args_error")
-        .map(|f| f.values.first().is_none_or(|v| is_true(v)))
+        .map(|f| f.values.first().is_none_or(|v| swift_bool(v) == Ok(true)))
         .unwrap_or(false);
     if command == SwiftCommand::Pt {
         // ms-swift's `pt`: loss on every token, unless the command line says otherwise.
@@ -312,7 +312,7 @@ pub fn parse_swift_args(command: SwiftCommand, argv: &[String]) -> Result<SwiftA
         match flag.name.as_str() {
             "ignore_args_error" => continue,
             "add_version" => {
-                args.add_version = is_true(flag.one()?);
+                args.add_version = swift_bool(flag.one()?).map_err(refuse)?;
                 continue;
             }
             "config" => {
@@ -615,8 +615,13 @@ fn python_str(value: &Json) -> String {
     }
 }
 
-fn is_true(word: &str) -> bool {
-    matches!(word.to_ascii_lowercase().as_str(), "true" | "1" | "yes")
+/// A boolean as ms-swift's argument parser reads one (transformers' `string_to_bool`).
+pub fn swift_bool(word: &str) -> Result<bool, String> {
+    match word.to_ascii_lowercase().as_str() {
+        "true" | "t" | "yes" | "y" | "1" => Ok(true),
+        "false" | "f" | "no" | "n" | "0" => Ok(false),
+        _ => Err(format!("{word:?} is not true or false")),
+    }
 }
 
 /// `--system`: the text, or the contents of the .txt file it names.
@@ -891,6 +896,12 @@ mod tests {
         assert_eq!(civil_date(0), (1970, 1, 1));
         assert_eq!(civil_date(11_016), (2000, 2, 29));
         assert!(!parse("--add_version false").unwrap().add_version);
+        assert!(!parse("--add_version N").unwrap().add_version);
+        let err = parse("--add_version maybe").unwrap_err();
+        assert!(
+            err.starts_with("--add_version maybe: \"maybe\" is not true or false"),
+            "{err}"
+        );
         assert!(parse("--model m").unwrap().add_version);
     }
 

@@ -302,58 +302,123 @@ fn a_download_that_stalls_breaks_off_after_the_timeout_and_resumes() {
 #[test]
 fn a_dataset_by_hub_id_lands_in_the_hub_cache_and_is_read_offline() {
     let rows = b"{\"query\": \"Hi\", \"response\": \"Hello.\"}\n";
-    let repo = Repo::from_files(&[
-        ("README.md", b"# a dataset"),
-        ("data/train.jsonl", rows),
-        (
-            "extra/more.jsonl",
-            b"{\"query\": \"Yo\", \"response\": \"Hey.\"}\n",
-        ),
-        ("script.py", b"print()"),
-    ]);
-    let hub = FakeHub::start(vec![("datasets/org/ds", repo)]);
-    let cache = tempfile::tempdir().unwrap();
-    let env = env(Hub::HuggingFace, &hub.url, cache.path());
-    let dir = swift_rs::hub::dataset_snapshot(&env, &id("org/ds")).unwrap();
-    // huggingface_hub's layout for a dataset repo, data files only.
-    let snapshots = cache.path().join("datasets--org--ds/snapshots");
-    assert!(dir.starts_with(&snapshots), "{}", dir.display());
-    assert_eq!(std::fs::read(dir.join("data/train.jsonl")).unwrap(), rows);
-    assert!(dir.join("extra/more.jsonl").exists());
-    assert!(!dir.join("README.md").exists() && !dir.join("script.py").exists());
-    let downloads = hub.downloads();
-    assert_eq!(downloads.len(), 2, "{downloads:?}");
-    assert!(downloads
-        .iter()
-        .all(|d| d.starts_with("/datasets/org/ds/resolve/")));
-    // Offline, the cache serves it; a model repo of that name is not it.
-    let offline = HubEnv {
-        offline: true,
-        ..env.clone()
+    let repo = || {
+        Repo::from_files(&[
+            ("README.md", b"# a dataset"),
+            ("data/train.jsonl", rows),
+            (
+                "extra/more.jsonl",
+                b"{\"query\": \"Yo\", \"response\": \"Hey.\"}\n",
+            ),
+            ("script.py", b"print()"),
+        ])
     };
-    assert_eq!(
-        swift_rs::hub::dataset_snapshot(&offline, &id("org/ds")).unwrap(),
-        dir
-    );
-    let e = snapshot(&env, &id("org/ds")).unwrap_err();
-    assert!(matches!(e, HubError::RepoNotFound { .. }), "{e}");
+    let hub = FakeHub::start(vec![("datasets/org/ds", repo())]);
+    // Each hub's own layout for a dataset repo, and where its files come from.
+    for (which, snapshots, transfers) in [
+        (
+            Hub::HuggingFace,
+            "datasets--org--ds/snapshots",
+            "/datasets/org/ds/resolve/",
+        ),
+        (
+            Hub::ModelScope,
+            "datasets/org--ds/snapshots/master",
+            "/api/v1/datasets/org/ds/repo",
+        ),
+    ] {
+        let cache = tempfile::tempdir().unwrap();
+        let env = env(which, &hub.url, cache.path());
+        let before = hub.downloads().len();
+        let dir = swift_rs::hub::dataset_snapshot(&env, &id("org/ds")).unwrap();
+        assert!(
+            dir.starts_with(cache.path().join(snapshots)),
+            "{}",
+            dir.display()
+        );
+        assert_eq!(std::fs::read(dir.join("data/train.jsonl")).unwrap(), rows);
+        assert!(dir.join("extra/more.jsonl").exists());
+        assert!(!dir.join("README.md").exists() && !dir.join("script.py").exists());
+        let downloads = hub.downloads()[before..].to_vec();
+        assert_eq!(downloads.len(), 2, "{which:?}: {downloads:?}");
+        assert!(
+            downloads.iter().all(|d| d.starts_with(transfers)),
+            "{downloads:?}"
+        );
+        // Offline, the cache serves it; a model repo of that name is not it.
+        let offline = HubEnv {
+            offline: true,
+            ..env.clone()
+        };
+        assert_eq!(
+            swift_rs::hub::dataset_snapshot(&offline, &id("org/ds")).unwrap(),
+            dir
+        );
+        let e = snapshot(&env, &id("org/ds")).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                HubError::RepoNotFound { .. } | HubError::Http { status: 404, .. }
+            ),
+            "{which:?}: {e}"
+        );
+    }
     // A repo without data files is named.
     let empty = FakeHub::start(vec![(
         "datasets/org/empty",
         Repo::from_files(&[("README.md", b"#")]),
     )]);
-    let e = swift_rs::hub::dataset_snapshot(
-        &HubEnv {
-            endpoint: empty.url.clone(),
-            ..env.clone()
-        },
-        &id("org/empty"),
-    )
-    .unwrap_err();
-    assert!(
-        e.to_string()
-            .contains("holds no .jsonl, .json, .csv or .parquet"),
-        "{e}"
+    for which in [Hub::HuggingFace, Hub::ModelScope] {
+        let cache = tempfile::tempdir().unwrap();
+        let e = swift_rs::hub::dataset_snapshot(
+            &env(which, &empty.url, cache.path()),
+            &id("org/empty"),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("holds no .jsonl, .json, .csv or .parquet"),
+            "{which:?}: {e}"
+        );
+    }
+}
+
+/// ModelScope lists a dataset's files 200 a page: a repo of more is fetched whole. What an older
+/// modelscope left in `hub/datasets/org/name` (dots as `___`) is reused.
+#[test]
+fn modelscope_datasets_come_page_by_page_and_older_caches_are_reused() {
+    let files: Vec<(String, Vec<u8>)> = (0..205)
+        .map(|i| {
+            (
+                format!("part/{i:03}.jsonl"),
+                format!("{{\"text\": \"{i}\"}}\n").into_bytes(),
+            )
+        })
+        .collect();
+    let borrowed: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (n.as_str(), &b[..])).collect();
+    let hub = FakeHub::start(vec![("datasets/org/many", Repo::from_files(&borrowed))]);
+    let cache = tempfile::tempdir().unwrap();
+    let env = env(Hub::ModelScope, &hub.url, cache.path());
+    let dir = swift_rs::hub::dataset_snapshot(&env, &id("org/many")).unwrap();
+    let got = std::fs::read_dir(dir.join("part")).unwrap().count();
+    assert_eq!(got, 205);
+    let pages = hub
+        .seen()
+        .iter()
+        .filter(|s| s.path.ends_with("/repo/tree"))
+        .count();
+    assert_eq!(pages, 2);
+
+    let legacy = cache.path().join("hub/datasets/org/old___name");
+    std::fs::create_dir_all(&legacy).unwrap();
+    std::fs::write(legacy.join("train.jsonl"), "{\"text\": \"x\"}\n").unwrap();
+    let offline = HubEnv {
+        offline: true,
+        ..env.clone()
+    };
+    assert_eq!(
+        swift_rs::hub::dataset_snapshot(&offline, &id("org/old.name")).unwrap(),
+        legacy
     );
 }
 

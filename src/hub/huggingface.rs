@@ -14,41 +14,27 @@ use hf_hub::{Cache, Repo, RepoType};
 
 use super::transfer::{agent, agent_builder, download, Bar, Expected};
 use super::{
-    cached_or, complete, first_files, holds_data, is_data_file, weight_files, HubEnv, HubError,
-    HubId,
+    cached_or, complete, fetch_data, fetch_model, holds_data, Fetch, HubEnv, HubError, HubId,
 };
 
 pub(super) fn snapshot(env: &HubEnv, id: &HubId) -> Result<PathBuf, HubError> {
     in_cache(env, id, RepoType::Model, complete, |fetch, listed, dir| {
-        for file in first_files(id, listed)? {
-            fetch(file)?;
-        }
-        for file in weight_files(id, dir, listed)? {
-            fetch(&file)?;
-        }
-        Ok(())
+        fetch_model(id, fetch, listed, dir)
     })
 }
 
-/// A dataset repo's data files (`datasets--org--name` in the same cache): every .jsonl, .json
-/// and .parquet file it holds, README and scripts left out.
+/// A dataset repo's data files, in `datasets--org--name` of the same cache.
 pub(super) fn dataset_snapshot(env: &HubEnv, id: &HubId) -> Result<PathBuf, HubError> {
     in_cache(
         env,
         id,
         RepoType::Dataset,
         holds_data,
-        |fetch, listed, _| {
-            let files: Vec<&str> = listed.iter().copied().filter(|f| is_data_file(f)).collect();
-            if files.is_empty() {
-                return Err(HubError::NotADataset { id: id.to_string() });
-            }
-            files.into_iter().try_for_each(fetch)
-        },
+        |fetch, listed, _| fetch_data(id, fetch, listed),
     )
 }
 
-/// The snapshot of `id` in the cache, with the files `download` asks `fetch` for, given the
+/// The snapshot of `id` in the cache, with the files `pick` asks `fetch` for, given the
 /// repo's file list and the snapshot directory. Offline, or when the hub fails, a cached snapshot
 /// that `complete` accepts is used.
 fn in_cache(
@@ -56,7 +42,7 @@ fn in_cache(
     id: &HubId,
     kind: RepoType,
     complete: fn(&Path) -> bool,
-    download: impl FnOnce(&dyn Fn(&str) -> Result<(), HubError>, &[&str], &Path) -> Result<(), HubError>,
+    pick: impl FnOnce(Fetch, &[&str], &Path) -> Result<(), HubError>,
 ) -> Result<PathBuf, HubError> {
     let revision = id.revision.clone().unwrap_or_else(|| "main".into());
     let repo = Repo::with_revision(id.repo.clone(), kind, revision.clone());
@@ -75,7 +61,7 @@ fn in_cache(
     let dir = root.join("snapshots").join(&info.sha);
     let listed: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
     let fetch = |file: &str| fetch(env, id, &repo, &info.sha, &root, file);
-    download(&fetch, &listed, &dir)?;
+    pick(&fetch, &listed, &dir)?;
     if info.sha != revision {
         Cache::new(env.cache.clone())
             .repo(repo)

@@ -227,14 +227,32 @@ fn cached_or(id: &HubId, error: HubError, cached: Option<PathBuf>) -> Result<Pat
 pub fn dataset_snapshot(env: &HubEnv, id: &HubId) -> Result<PathBuf, HubError> {
     match env.hub {
         Hub::HuggingFace => huggingface::dataset_snapshot(env, id),
-        Hub::ModelScope => Err(HubError::Other {
-            id: id.to_string(),
-            message: "datasets from ModelScope are not supported yet: download them with \
-                      `modelscope download --dataset` and give the directory, or use the \
-                      Hugging Face Hub (hf::org/name, --use_hf true)"
-                .into(),
-        }),
+        Hub::ModelScope => modelscope::dataset_snapshot(env, id),
     }
+}
+
+/// Downloads one file of the repo into the snapshot, unless it is there already.
+type Fetch<'a> = &'a dyn Fn(&str) -> Result<(), HubError>;
+
+/// What a model or adapter repo's snapshot needs, given its file list: the first files, then
+/// the weights they name.
+fn fetch_model(id: &HubId, fetch: Fetch, listed: &[&str], dir: &Path) -> Result<(), HubError> {
+    for file in first_files(id, listed)? {
+        fetch(file)?;
+    }
+    for file in weight_files(id, dir, listed)? {
+        fetch(&file)?;
+    }
+    Ok(())
+}
+
+/// What a dataset repo's snapshot needs: every data file it lists (README and scripts left out).
+fn fetch_data(id: &HubId, fetch: Fetch, listed: &[&str]) -> Result<(), HubError> {
+    let files: Vec<&str> = listed.iter().copied().filter(|f| is_data_file(f)).collect();
+    if files.is_empty() {
+        return Err(HubError::NotADataset { id: id.to_string() });
+    }
+    files.into_iter().try_for_each(fetch)
 }
 
 /// The extensions of the files a dataset repo holds its rows in.

@@ -1,39 +1,63 @@
-//! ModelScope, which hf-hub does not speak: the listing `GET /api/v1/models/{repo}/repo/files`
-//! (paths, sizes, SHA-256s) and each file from `GET /api/v1/models/{repo}/repo?FilePath=...`,
-//! into modelscope's cache: `models/{owner}--{name}/snapshots/{revision}/`, or the directory an
-//! older modelscope (1.37 and before) left at `[hub/]models/{owner}/{name with . as ___}`.
+//! ModelScope, which hf-hub does not speak: a repo's file list (paths, sizes, SHA-256s), from
+//! `GET /api/v1/models/{repo}/repo/files`, or for a dataset page by page from
+//! `GET /api/v1/datasets/{repo}/repo/tree`, and each file from
+//! `GET /api/v1/{models|datasets}/{repo}/repo?FilePath=...`, into modelscope's cache:
+//! `{models|datasets}/{owner}--{name}/snapshots/{revision}/`, or the directory an older
+//! modelscope (1.37 and before) left at `[hub/]{models|datasets}/{owner}/{name with . as ___}`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 use super::transfer::{agent, download, Bar, Expected};
-use super::{cached_or, complete, first_files, weight_files, HubEnv, HubError, HubId};
+use super::{
+    cached_or, complete, fetch_data, fetch_model, holds_data, Fetch, HubEnv, HubError, HubId,
+};
 
 pub(super) fn snapshot(env: &HubEnv, id: &HubId) -> Result<PathBuf, HubError> {
+    in_cache(env, id, Kind::Model, complete, |fetch, listed, dir| {
+        fetch_model(id, fetch, listed, dir)
+    })
+}
+
+/// A dataset repo's data files, in `datasets/` of the same cache.
+pub(super) fn dataset_snapshot(env: &HubEnv, id: &HubId) -> Result<PathBuf, HubError> {
+    in_cache(env, id, Kind::Dataset, holds_data, |fetch, listed, _| {
+        fetch_data(id, fetch, listed)
+    })
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Model,
+    Dataset,
+}
+
+impl Kind {
+    /// The segment of the API's paths and of the cache's.
+    fn segment(self) -> &'static str {
+        match self {
+            Kind::Model => "models",
+            Kind::Dataset => "datasets",
+        }
+    }
+}
+
+/// A dataset's file list comes this many files a page (modelscope's own page size).
+const PAGE_SIZE: usize = 200;
+
+/// The snapshot of `id` in the cache, with the files `pick` asks `fetch` for, given the
+/// repo's file list and the snapshot directory. Offline, or when the hub fails, a cached snapshot
+/// that `complete` accepts is used.
+fn in_cache(
+    env: &HubEnv,
+    id: &HubId,
+    kind: Kind,
+    complete: fn(&Path) -> bool,
+    pick: impl FnOnce(Fetch, &[&str], &Path) -> Result<(), HubError>,
+) -> Result<PathBuf, HubError> {
     let revision = id.revision.as_deref().unwrap_or("master");
-    let (owner, name) = id.repo.split_once('/').unwrap_or(("", &id.repo));
-    let safe_name = name.replace('.', "___");
-    let legacy = [
-        env.cache.join("models").join(owner).join(&safe_name),
-        env.cache
-            .join("hub")
-            .join("models")
-            .join(owner)
-            .join(&safe_name),
-    ]
-    .into_iter()
-    .find(|dir| {
-        dir.read_dir()
-            .is_ok_and(|mut entries| entries.next().is_some())
-    });
-    let dir = legacy.unwrap_or_else(|| {
-        env.cache
-            .join("models")
-            .join(format!("{owner}--{name}"))
-            .join("snapshots")
-            .join(revision)
-    });
+    let dir = cache_dir(env, id, kind, revision);
     if env.offline {
         return if complete(&dir) {
             Ok(dir)
@@ -55,17 +79,34 @@ pub(super) fn snapshot(env: &HubEnv, id: &HubId) -> Result<PathBuf, HubError> {
             None => request,
         }
     };
-    let base = format!("{}/api/v1/models/{}", env.endpoint, id.repo);
-    let listing = get(&listing_agent, format!("{base}/repo/files"))
-        .query("Revision", revision)
-        .query("Recursive", "True")
-        .call()
-        .map_err(|e| classify(env, id, None, e))
-        .and_then(|response| read_listing(env, id, response));
-    let files = match listing {
-        Ok(files) => files,
-        Err(e) => return cached_or(id, e, Some(dir.clone()).filter(|d| complete(d))),
+    let base = format!("{}/api/v1/{}/{}", env.endpoint, kind.segment(), id.repo);
+    let list_page = |page: usize| {
+        let request = match kind {
+            Kind::Model => get(&listing_agent, format!("{base}/repo/files")),
+            Kind::Dataset => get(&listing_agent, format!("{base}/repo/tree"))
+                .query("PageNumber", &page.to_string())
+                .query("PageSize", &PAGE_SIZE.to_string()),
+        };
+        request
+            .query("Revision", revision)
+            .query("Recursive", "True")
+            .call()
+            .map_err(|e| classify(env, id, None, e))
+            .and_then(|response| read_listing(env, id, response))
     };
+    let mut files = Vec::new();
+    for page in 1.. {
+        match list_page(page) {
+            Ok(listed) => {
+                let last = kind == Kind::Model || listed.len() < PAGE_SIZE;
+                files.extend(listed);
+                if last {
+                    break;
+                }
+            }
+            Err(e) => return cached_or(id, e, Some(dir.clone()).filter(|d| complete(d))),
+        }
+    }
     let listed: Vec<&str> = files
         .iter()
         .filter(|f| f.kind.as_deref() != Some("tree"))
@@ -101,13 +142,36 @@ pub(super) fn snapshot(env: &HubEnv, id: &HubId) -> Result<PathBuf, HubError> {
             file,
         )
     };
-    for file in first_files(id, &listed)? {
-        fetch(file)?;
-    }
-    for file in weight_files(id, &dir, &listed)? {
-        fetch(&file)?;
-    }
+    pick(&fetch, &listed, &dir)?;
     Ok(dir)
+}
+
+/// Where the snapshot of `id` at `revision` is: an older modelscope's directory when it holds
+/// anything, else the current layout.
+fn cache_dir(env: &HubEnv, id: &HubId, kind: Kind, revision: &str) -> PathBuf {
+    let (owner, name) = id.repo.split_once('/').unwrap_or(("", &id.repo));
+    let safe_name = name.replace('.', "___");
+    let segment = kind.segment();
+    let legacy = [
+        env.cache.join(segment).join(owner).join(&safe_name),
+        env.cache
+            .join("hub")
+            .join(segment)
+            .join(owner)
+            .join(&safe_name),
+    ]
+    .into_iter()
+    .find(|dir| {
+        dir.read_dir()
+            .is_ok_and(|mut entries| entries.next().is_some())
+    });
+    legacy.unwrap_or_else(|| {
+        env.cache
+            .join(segment)
+            .join(format!("{owner}--{name}"))
+            .join("snapshots")
+            .join(revision)
+    })
 }
 
 #[derive(Deserialize)]

@@ -1,6 +1,6 @@
 //! A hub on 127.0.0.1 that serves fixture files under the URL layouts of the Hugging Face Hub and
-//! of ModelScope: repo listings, files by branch, tag or commit (and the Hugging Face Hub's dataset
-//! repos, kept as "datasets/org/name"), LFS files through a redirect to
+//! of ModelScope: repo listings, files by branch, tag or commit (and both hubs' dataset repos, kept
+//! as "datasets/org/name", listed by ModelScope page by page), LFS files through a redirect to
 //! a CDN path, a renamed repo's relative redirect, range requests, gated repos, and the errors
 //! each hub gives. Faults on demand: a transfer cut in the middle, a damaged file.
 
@@ -145,7 +145,7 @@ impl FakeHub {
                 let listing = ["/api/models/", "/api/datasets/"]
                     .iter()
                     .any(|p| s.path.starts_with(p));
-                !listing && !s.path.contains("/repo/files")
+                !listing && !s.path.ends_with("/repo/files") && !s.path.ends_with("/repo/tree")
             })
             .filter(|s| s.range.as_deref() != Some("bytes=0-0"))
             .map(|s| s.path.clone())
@@ -358,6 +358,12 @@ fn route(state: &mut State, seen: &Seen, query: &HashMap<String, String>, base: 
         ["api", "v1", "models", org, name, "repo"] => {
             ms_file(state, &format!("{org}/{name}"), query, seen, base)
         }
+        ["api", "v1", "datasets", org, name, "repo", "tree"] => {
+            ms_listing(state, &format!("datasets/{org}/{name}"), query)
+        }
+        ["api", "v1", "datasets", org, name, "repo"] => {
+            ms_file(state, &format!("datasets/{org}/{name}"), query, seen, base)
+        }
         ["cdn", sha] => cdn(state, sha, seen),
         [org, name, "resolve", rev, file @ ..] => {
             hf_file(state, org, name, rev, &file.join("/"), seen, base)
@@ -501,6 +507,15 @@ fn ms_listing(state: &State, id: &str, query: &HashMap<String, String>) -> Respo
         })
         .collect();
     files.push(json!({"Name": "onnx", "Path": "onnx", "Type": "tree", "Size": 0}));
+    // A dataset's tree comes a page at a time.
+    if let (Some(page), Some(size)) = (query.get("PageNumber"), query.get("PageSize")) {
+        let (page, size): (usize, usize) = (page.parse().unwrap(), size.parse().unwrap());
+        files = files
+            .into_iter()
+            .skip((page - 1) * size)
+            .take(size)
+            .collect();
+    }
     Response::new(200).json(json!({"Code": 200, "Data": {"Files": files}, "Success": true}))
 }
 

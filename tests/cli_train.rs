@@ -194,8 +194,8 @@ fn a_hub_id_trains_and_is_the_adapters_base_model() {
     }
 }
 
-/// `--dataset org/name[:subset][#N]` from the Hugging Face Hub (its dataset repos), by prefix or by
-/// ms-swift's --use_hf, into huggingface_hub's dataset cache; a model and a dataset may share an id.
+/// `--dataset org/name[:subset][#N]` from ModelScope (ms-swift's default) or from the Hugging
+/// Face Hub, by prefix, ms-swift's --use_hf or USE_HF, into each hub's own dataset cache.
 #[test]
 fn ms_swift_datasets_by_hub_id_train() {
     let rows = std::fs::read(root().join("datasets/self_cognition.jsonl")).unwrap();
@@ -204,9 +204,30 @@ fn ms_swift_datasets_by_hub_id_train() {
         Repo::from_files(&[("README.md", b"#"), ("default/train.jsonl", &rows)]),
     )]);
     let home = tempfile::tempdir().unwrap();
-    for dataset in [
-        &["--dataset", "hf::org/self-cognition:default#8"][..],
-        &["--dataset", "org/self-cognition#8", "--use_hf", "true"][..],
+    let hf_cache = "hf/hub/datasets--org--self-cognition/snapshots";
+    let ms_cache = "modelscope/datasets/org--self-cognition/snapshots/master";
+    for (dataset, use_hf, cache) in [
+        (
+            &["--dataset", "hf::org/self-cognition:default#8"][..],
+            "",
+            hf_cache,
+        ),
+        (
+            &["--dataset", "org/self-cognition#8", "--use_hf", "true"][..],
+            "",
+            hf_cache,
+        ),
+        (&["--dataset", "org/self-cognition#8"][..], "1", hf_cache),
+        (
+            &["--dataset", "org/self-cognition:default#8"][..],
+            "",
+            ms_cache,
+        ),
+        (
+            &["--dataset", "ms::org/self-cognition#8"][..],
+            "1",
+            ms_cache,
+        ),
     ] {
         let run = home.path().join("run");
         let mut args = vec![
@@ -228,8 +249,11 @@ fn ms_swift_datasets_by_hub_id_train() {
         ];
         args.extend_from_slice(dataset);
         let mut command = Command::new(env!("CARGO_BIN_EXE_swift-rs"));
-        let out = hub
-            .point_at(&mut command, home.path())
+        hub.point_at(&mut command, home.path());
+        let _ = std::fs::remove_dir_all(home.path().join("hf"));
+        let _ = std::fs::remove_dir_all(home.path().join("modelscope"));
+        let out = command
+            .env("USE_HF", use_hf)
             .args(&args)
             .current_dir(root())
             .output()
@@ -237,10 +261,10 @@ fn ms_swift_datasets_by_hub_id_train() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{dataset:?}: {stderr}");
         assert!(stderr.contains("done: 2 steps"), "{stderr}");
-        let cached = home
-            .path()
-            .join("hf/hub/datasets--org--self-cognition/snapshots");
-        assert!(cached.is_dir(), "{stderr}");
+        assert!(
+            home.path().join(cache).is_dir(),
+            "{dataset:?} USE_HF={use_hf}: {stderr}"
+        );
     }
     // A subset the repo does not have is named with the ones it has.
     let mut command = Command::new(env!("CARGO_BIN_EXE_swift-rs"));

@@ -19,6 +19,7 @@ use swift_rs::config::{
     parse_swift_args, versioned_dir, Device, SwiftCommand, TrainConfig, TrainPlan,
 };
 use swift_rs::export::exit_removing_staged;
+use swift_rs::hub::ms_swift_hub;
 use swift_rs::model::{ModelBackend, TrainBackend};
 use swift_rs::train::log::LogEntry;
 use swift_rs::train::{Control, StepReport, TrainError, Trainer};
@@ -75,6 +76,11 @@ pub fn run_swift(command: SwiftCommand, line: SwiftLine) -> Result<(), Failure> 
         Some(path) => TrainConfig::load_with(path, &[], &args.overrides)?,
         None => TrainConfig::parse_with("", Path::new("the command line"), &[], &args.overrides)?,
     };
+    // ms-swift's hub for the model and the datasets both, where neither the command line nor
+    // the config says.
+    let hub = config.model.hub.unwrap_or_else(ms_swift_hub);
+    config.model.hub = Some(hub);
+    config.data.hub.get_or_insert(hub);
     if args.add_version {
         config.output.dir = versioned_dir(&config.output.dir, std::time::SystemTime::now());
     }

@@ -176,6 +176,15 @@ pub fn default_hub() -> Hub {
     }
 }
 
+/// ms-swift's own default, for its command lines (`swift-rs sft`): ModelScope, unless USE_HF is
+/// true.
+pub fn ms_swift_hub() -> Hub {
+    match std::env::var("USE_HF") {
+        Ok(v) if is_true(&v) => Hub::HuggingFace,
+        _ => Hub::ModelScope,
+    }
+}
+
 /// The local directory `spec` stands for: `spec` itself when it exists (a local path wins over a
 /// hub id of the same spelling, as in ms-swift), else the downloaded snapshot of the hub id it
 /// spells. Anything else comes back unchanged, for the loader to report as missing.

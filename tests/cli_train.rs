@@ -195,13 +195,19 @@ fn a_hub_id_trains_and_is_the_adapters_base_model() {
 }
 
 /// `--dataset org/name[:subset][#N]` from ModelScope (ms-swift's default) or from the Hugging
-/// Face Hub, by prefix, ms-swift's --use_hf or USE_HF, into each hub's own dataset cache.
+/// Face Hub, by prefix, ms-swift's --use_hf or USE_HF, into each hub's own dataset cache; the
+/// train split only.
 #[test]
 fn ms_swift_datasets_by_hub_id_train() {
     let rows = std::fs::read(root().join("datasets/self_cognition.jsonl")).unwrap();
     let hub = FakeHub::start(vec![(
         "datasets/org/self-cognition",
-        Repo::from_files(&[("README.md", b"#"), ("default/train.jsonl", &rows)]),
+        Repo::from_files(&[
+            ("README.md", b"#"),
+            ("default/train.jsonl", &rows),
+            // Not the train split, which is all ms-swift reads: a bad row here is never seen.
+            ("default/test.jsonl", b"not json\n"),
+        ]),
     )]);
     let home = tempfile::tempdir().unwrap();
     let hf_cache = "hf/hub/datasets--org--self-cognition/snapshots";
@@ -282,7 +288,7 @@ fn ms_swift_datasets_by_hub_id_train() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
         stderr.contains("no subset \"nope\" (its folders: default)"),
         "{stderr}"

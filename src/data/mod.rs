@@ -49,6 +49,18 @@ pub enum DataError {
     Tokenizer { path: PathBuf, reason: String },
 }
 
+impl DataError {
+    /// The input's fault (a spec, file or row that cannot be used, a dataset that does not
+    /// exist), as opposed to a failure reading what is there or fetching it.
+    pub fn is_usage(&self) -> bool {
+        match self {
+            Self::Hub(e) => e.is_usage(),
+            Self::Io { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
+            _ => true,
+        }
+    }
+}
+
 /// Where a row is: a line of a JSONL file, or a row (from 0) of a JSON array or Parquet file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Location {

@@ -133,13 +133,14 @@ impl HubDataset {
             None => self.id.clone(),
         };
         let dir = dataset_snapshot(&env, &id)?;
-        if registered.is_some() {
-            let mut files = Vec::new();
-            collect_data_files(&dir, &mut files);
-            return Ok(files);
-        }
         let mut roots = Vec::new();
-        for subset in &self.subsets {
+        // The subsets of a registered dataset are ways of making its rows, not folders.
+        let folders = if registered.is_some() {
+            &[][..]
+        } else {
+            &self.subsets[..]
+        };
+        for subset in folders {
             let root = dir.join(subset);
             if subset.is_empty() || subset.contains("..") || !root.is_dir() {
                 let folders: Vec<String> = std::fs::read_dir(&dir)
@@ -149,15 +150,12 @@ impl HubDataset {
                     .filter(|e| e.path().is_dir())
                     .map(|e| e.file_name().to_string_lossy().into_owned())
                     .collect();
-                return Err(DataError::Io {
-                    path: root,
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        format!(
-                            "{} has no subset {subset:?} (its folders: {})",
-                            self.id,
-                            folders.join(", ")
-                        ),
+                return Err(DataError::Spec {
+                    spec: self.to_string(),
+                    reason: format!(
+                        "{} has no subset {subset:?} (its folders: {})",
+                        self.id,
+                        folders.join(", ")
                     ),
                 });
             }
@@ -168,10 +166,115 @@ impl HubDataset {
         }
         let mut files = Vec::new();
         for root in roots {
-            collect_data_files(&root, &mut files);
+            let mut found = Vec::new();
+            collect_data_files(&root, &mut found);
+            let relative: Vec<String> = found
+                .iter()
+                .map(|f| {
+                    let rel = f.strip_prefix(&root).unwrap_or(f);
+                    rel.to_string_lossy().replace('\\', "/")
+                })
+                .collect();
+            let train = train_split(&relative).ok_or_else(|| DataError::Spec {
+                spec: self.to_string(),
+                reason: format!(
+                    "{} has no train split (its files: {})",
+                    self.id,
+                    relative.join(", ")
+                ),
+            })?;
+            files.extend(train.into_iter().map(|i| found[i].clone()));
         }
         Ok(files)
     }
+}
+
+impl std::fmt::Display for HubDataset {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self.hub {
+            Some(Hub::HuggingFace) => f.write_str("hf::")?,
+            Some(Hub::ModelScope) => f.write_str("ms::")?,
+            None => {}
+        }
+        write!(f, "{}", self.id)?;
+        if !self.subsets.is_empty() {
+            write!(f, ":{}", self.subsets.join("/"))?;
+        }
+        Ok(())
+    }
+}
+
+/// The files (by index) of the train split, which ms-swift reads, as the `datasets` library
+/// splits a repo without a loading script: by `data/{split}-00000-of-00001` shard names; else by a
+/// folder named for the split (`train`, `training`, or these between `-._ 0-9`: `train-v2/`); else
+/// by such a file name (`train.jsonl`, `alpaca_train.json`); else every file is the train split.
+/// None when the files name splits but not the train split.
+fn train_split(files: &[String]) -> Option<Vec<usize>> {
+    const TRAIN: [&str; 2] = ["train", "training"];
+    const OTHERS: [&str; 8] = [
+        "validation",
+        "valid",
+        "dev",
+        "val",
+        "test",
+        "testing",
+        "eval",
+        "evaluation",
+    ];
+    let sep = |c: char| "-._ ".contains(c) || c.is_ascii_digit();
+    // `keyword[sep]*` or `*[sep]keyword[sep]*` within one path part; a folder may also be the
+    // keyword alone, or end in `[sep]keyword`.
+    let names = |part: &str, keyword: &str, whole: bool| {
+        part.match_indices(keyword).any(|(at, _)| {
+            let before = part[..at].chars().next_back();
+            let after = part[at + keyword.len()..].chars().next();
+            let starts = before.is_none_or(sep);
+            match after {
+                Some(c) => starts && sep(c),
+                None => whole && starts,
+            }
+        })
+    };
+    let in_folder = |file: &str, keywords: &[&str]| {
+        let parts: Vec<&str> = file.split('/').collect();
+        parts[..parts.len() - 1]
+            .iter()
+            .any(|part| keywords.iter().any(|k| names(part, k, true)))
+    };
+    let in_name = |file: &str, keywords: &[&str]| {
+        let name = file.rsplit('/').next().unwrap_or(file);
+        keywords.iter().any(|k| names(name, k, false))
+    };
+    // The first way that finds splits at all decides.
+    let by = |is_train: &dyn Fn(&str) -> bool, is_split: &dyn Fn(&str) -> bool| {
+        if !files.iter().any(|f| is_split(f)) {
+            return None;
+        }
+        let train: Vec<usize> = (0..files.len()).filter(|&i| is_train(&files[i])).collect();
+        Some((!train.is_empty()).then_some(train))
+    };
+    fn shard_split(file: &str) -> Option<&str> {
+        let name = file.strip_prefix("data/").filter(|n| !n.contains('/'))?;
+        let (split, rest) = name.split_once('-')?;
+        let digits = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit());
+        let shard =
+            rest.len() > 14 && digits(&rest[..5]) && &rest[5..9] == "-of-" && digits(&rest[9..14]);
+        shard.then_some(split)
+    }
+    by(&|f| shard_split(f) == Some("train"), &|f| {
+        shard_split(f).is_some()
+    })
+    .or_else(|| {
+        by(&|f| in_folder(f, &TRAIN), &|f| {
+            in_folder(f, &TRAIN) || in_folder(f, &OTHERS)
+        })
+    })
+    .or_else(|| {
+        by(&|f| in_name(f, &TRAIN), &|f| {
+            in_name(f, &TRAIN) || in_name(f, &OTHERS)
+        })
+    })
+    .unwrap_or_else(|| Some((0..files.len()).collect()))
 }
 
 /// Every dataset file under `dir`, in all its folders.
@@ -607,6 +710,26 @@ fn rename(mut value: Value, columns: &BTreeMap<String, String>) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The `datasets` library's answers (scripts/gen_train_split.py).
+    #[test]
+    fn the_train_split_is_the_one_datasets_picks() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/train_split.json");
+        let cases: Vec<Value> =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert!(cases.len() > 10);
+        for case in cases {
+            let files: Vec<String> = serde_json::from_value(case["files"].clone()).unwrap();
+            let expected: Option<Vec<String>> =
+                serde_json::from_value(case["train"].clone()).unwrap();
+            let got = train_split(&files).map(|picked| {
+                let mut names: Vec<String> = picked.into_iter().map(|i| files[i].clone()).collect();
+                names.sort();
+                names
+            });
+            assert_eq!(got, expected, "{files:?}");
+        }
+    }
 
     #[test]
     fn jsonl_and_json_rows_with_locations_and_renamed_columns() {

@@ -73,6 +73,7 @@ impl TrainError {
             | Self::Locked { .. } => true,
             Self::Hub(e) => e.is_usage(),
             Self::Model(e) => e.is_usage(),
+            Self::Data(e) => e.is_usage(),
             _ => false,
         }
     }

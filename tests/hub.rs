@@ -383,6 +383,50 @@ fn a_dataset_by_hub_id_lands_in_the_hub_cache_and_is_read_offline() {
     }
 }
 
+/// A dataset repo of a loading script holds no data: the Hub's Parquet conversion
+/// (`refs/convert/parquet`, `{subset}/{split}/0000.parquet`) is read instead, as `datasets` does.
+#[test]
+fn a_script_dataset_is_read_from_the_hubs_parquet_conversion() {
+    let repo = Repo::from_files(&[("README.md", b"#"), ("scripted.py", b"print()")]).with_files(
+        "refs/convert/parquet",
+        &[
+            ("default/train/0000.parquet", b"PAR1 train"),
+            ("default/test/0000.parquet", b"PAR1 test"),
+        ],
+    );
+    let hub = FakeHub::start(vec![("datasets/org/scripted", repo)]);
+    let cache = tempfile::tempdir().unwrap();
+    let env = env(Hub::HuggingFace, &hub.url, cache.path());
+    let dir = swift_rs::hub::dataset_snapshot(&env, &id("org/scripted")).unwrap();
+    assert!(dir.join("default/train/0000.parquet").exists());
+    assert!(dir.join("default/test/0000.parquet").exists());
+    let root = cache.path().join("datasets--org--scripted");
+    assert!(root.join("refs/refs/convert/parquet").is_file());
+    // Offline, the conversion in the cache serves.
+    let offline = HubEnv {
+        offline: true,
+        ..env.clone()
+    };
+    assert_eq!(
+        swift_rs::hub::dataset_snapshot(&offline, &id("org/scripted")).unwrap(),
+        dir
+    );
+    // A repo with neither data nor a conversion is named as before.
+    let bare = FakeHub::start(vec![(
+        "datasets/org/bare",
+        Repo::from_files(&[("scripted.py", b"print()")]),
+    )]);
+    let e = swift_rs::hub::dataset_snapshot(
+        &HubEnv {
+            endpoint: bare.url.clone(),
+            ..env
+        },
+        &id("org/bare"),
+    )
+    .unwrap_err();
+    assert!(matches!(e, HubError::NotADataset { .. }), "{e}");
+}
+
 /// ModelScope lists a dataset's files 200 a page: a repo of more is fetched whole. What an older
 /// modelscope left in `hub/datasets/org/name` (dots as `___`) is reused.
 #[test]

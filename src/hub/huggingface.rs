@@ -23,16 +23,41 @@ pub(super) fn snapshot(env: &HubEnv, id: &HubId) -> Result<PathBuf, HubError> {
     })
 }
 
-/// A dataset repo's data files, in `datasets--org--name` of the same cache.
+/// A dataset repo's data files, in `datasets--org--name` of the same cache. A repo without any
+/// (a loading script's) is read from the Hub's own conversion to Parquet, as `datasets` reads it:
+/// the revision `refs/convert/parquet`, laid out `{subset}/{split}/0000.parquet`.
 pub(super) fn dataset_snapshot(env: &HubEnv, id: &HubId) -> Result<PathBuf, HubError> {
-    in_cache(
-        env,
-        id,
-        RepoType::Dataset,
-        holds_data,
-        |fetch, listed, _| fetch_data(id, fetch, listed),
-    )
+    let files = |id: &HubId| {
+        in_cache(
+            env,
+            id,
+            RepoType::Dataset,
+            holds_data,
+            |fetch, listed, _| fetch_data(id, fetch, listed),
+        )
+    };
+    match files(id) {
+        Err(e @ (HubError::NotADataset { .. } | HubError::Offline { .. }))
+            if id.revision.is_none() =>
+        {
+            let converted = HubId {
+                repo: id.repo.clone(),
+                revision: Some(PARQUET_CONVERSION.into()),
+            };
+            // With no conversion either, what the repo itself said is the answer.
+            files(&converted).map_err(|converted| match converted {
+                HubError::RevisionNotFound { .. }
+                | HubError::NotADataset { .. }
+                | HubError::Offline { .. } => e,
+                other => other,
+            })
+        }
+        other => other,
+    }
 }
+
+/// The revision where the Hub keeps a dataset converted to Parquet.
+const PARQUET_CONVERSION: &str = "refs/convert/parquet";
 
 /// The snapshot of `id` in the cache, with the files `pick` asks `fetch` for, given the
 /// repo's file list and the snapshot directory. Offline, or when the hub fails, a cached snapshot

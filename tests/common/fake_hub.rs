@@ -44,6 +44,12 @@ impl Repo {
         repo
     }
 
+    /// One more revision `name` holding `files` only.
+    pub fn with_files(mut self, name: &str, files: &[(&str, &[u8])]) -> Self {
+        self.add(name, "files", files);
+        self
+    }
+
     pub fn add_revision(&mut self, name: &str, dir: &Path, extra: &[(&str, &[u8])]) {
         self.add(name, &dir.display().to_string(), extra);
         let files = &mut self.revisions.last_mut().unwrap().files;

@@ -4,8 +4,8 @@
 //! and the epoch, or file order). `data.streaming` does the same lazily through a shuffle buffer.
 //! Rows that cannot be used stop the run or are counted, per `data.on_bad_row`.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::path::{Path, PathBuf};
+use std::collections::VecDeque;
+use std::path::Path;
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use super::encode::{Encoded, Encoder};
 use super::format::parse_row;
 use super::pack::{pack, truncate, Packed};
-use super::source::{open_rows, DatasetSpec, RawRow};
+use super::source::{open_rows, DatasetSpec, RawRow, SpecSource};
 use super::DataError;
 use crate::config::{DataSection, OnBadRow};
 use crate::model::{Batch, IGNORE_INDEX};
@@ -220,19 +220,11 @@ fn read_specs(
     let mut all = Vec::new();
     for spec in specs {
         let spec = DatasetSpec::parse(spec);
-        let preprocess = spec.preprocess()?;
         let mut rows = Vec::new();
-        for file in spec.files(data.hub)? {
-            for row in open_rows(&file, &data.columns)? {
-                match row {
-                    Ok(mut row) => {
-                        if let Some(how) = preprocess {
-                            row.value = how.apply(row.value, &data.model_name, &data.model_author);
-                        }
-                        rows.push(row)
-                    }
-                    Err(e) => bad_rows.handle(e)?,
-                }
+        for row in SpecRows::new(spec.source(data)?) {
+            match row {
+                Ok(row) => rows.push(row),
+                Err(e) => bad_rows.handle(e)?,
             }
         }
         if let Some(n) = spec.sample {
@@ -362,22 +354,10 @@ impl<'a> Stream<'a> {
         let mut sources = Vec::new();
         for spec in &data.train {
             let spec = DatasetSpec::parse(spec);
-            let preprocess = spec.preprocess()?;
-            let files = spec.files(data.hub)?;
-            let rows = SpecRows::new(files, data.columns.clone());
-            let rows = match spec.sample {
+            let rows = SpecRows::new(spec.source(data)?);
+            sources.push(match spec.sample {
                 Some(n) => Box::new(rows.cycle_take(n)) as Box<dyn Iterator<Item = _> + Send>,
                 None => Box::new(rows),
-            };
-            let (name, author) = (data.model_name.clone(), data.model_author.clone());
-            sources.push(match preprocess {
-                Some(how) => Box::new(rows.map(move |row| {
-                    row.map(|mut row| {
-                        row.value = how.apply(row.value, &name, &author);
-                        row
-                    })
-                })),
-                None => rows,
             });
         }
         Ok(Self {
@@ -462,18 +442,16 @@ impl Iterator for Stream<'_> {
 
 /// The rows of a spec's files in order, opened one file at a time.
 struct SpecRows {
-    files: Vec<PathBuf>,
+    source: SpecSource,
     next_file: usize,
-    columns: BTreeMap<String, String>,
     current: Option<Box<dyn Iterator<Item = Result<RawRow, DataError>> + Send>>,
 }
 
 impl SpecRows {
-    fn new(files: Vec<PathBuf>, columns: BTreeMap<String, String>) -> Self {
+    fn new(source: SpecSource) -> Self {
         Self {
-            files,
+            source,
             next_file: 0,
-            columns,
             current: None,
         }
     }
@@ -481,7 +459,7 @@ impl SpecRows {
     /// The first `n` rows, starting over at the first file when the files run out (streaming's
     /// `#N`: no sampling without reading everything first).
     fn cycle_take(self, n: usize) -> impl Iterator<Item = Result<RawRow, DataError>> + Send {
-        let (files, columns) = (self.files.clone(), self.columns.clone());
+        let source = self.source.clone();
         let mut pass = self;
         let mut in_pass = 0;
         std::iter::from_fn(move || loop {
@@ -493,7 +471,7 @@ impl SpecRows {
                 // An empty pass would repeat forever.
                 None if in_pass == 0 => return None,
                 None => {
-                    pass = SpecRows::new(files.clone(), columns.clone());
+                    pass = SpecRows::new(source.clone());
                     in_pass = 0;
                 }
             }
@@ -505,17 +483,22 @@ impl SpecRows {
 impl Iterator for SpecRows {
     type Item = Result<RawRow, DataError>;
 
+    /// The next row, prepared as its dataset's registration says.
     fn next(&mut self) -> Option<Self::Item> {
         loop {
             if let Some(row) = self.current.as_mut().and_then(Iterator::next) {
-                return Some(row);
+                return Some(row.map(|mut row| {
+                    row.value = self.source.prepare.apply(row.value);
+                    row
+                }));
             }
-            let file = self.files.get(self.next_file)?;
+            let file = self.source.files.get(self.next_file)?;
             self.next_file += 1;
-            match open_rows(Path::new(file), &self.columns) {
+            match open_rows(Path::new(file), &self.source.columns) {
                 Ok(rows) => self.current = Some(rows),
+                // A file that cannot be read at all (a .json that is not JSON) is one bad
+                // row under on_bad_row = "skip"; the next file follows.
                 Err(e) => {
-                    self.next_file = self.files.len();
                     self.current = None;
                     return Some(Err(e));
                 }

@@ -20,9 +20,9 @@ use arrow_schema::DataType;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use serde_json::{Map, Value};
 
-use super::registry::{self, SelfCognition};
+use super::registry::{self, Prepare};
 use super::{DataError, Location};
-use crate::config::Hub;
+use crate::config::{DataSection, Hub};
 use crate::hub::{dataset_snapshot, default_hub, HubEnv, HubId};
 
 const EXTENSIONS: [&str; 4] = crate::hub::DATA_EXTENSIONS;
@@ -98,10 +98,13 @@ struct HubDataset {
 
 impl HubDataset {
     fn parse(pattern: &str) -> Option<Self> {
+        // ms-swift's examples write the prefix in either case (`HF::linxy/LaTeX_OCR`).
         let (hub, rest) = match pattern.split_once("::") {
-            Some(("hf", rest)) => (Some(Hub::HuggingFace), rest),
-            Some(("ms", rest)) => (Some(Hub::ModelScope), rest),
-            Some(_) => return None,
+            Some((prefix, rest)) => match prefix.to_ascii_lowercase().as_str() {
+                "hf" => (Some(Hub::HuggingFace), rest),
+                "ms" => (Some(Hub::ModelScope), rest),
+                _ => return None,
+            },
             None => (None, pattern),
         };
         let (id, subsets) = match rest.split_once(':') {
@@ -119,12 +122,20 @@ impl HubDataset {
         })
     }
 
-    /// Its data files, downloaded: every one in the repo, or in the subsets' folders (the
-    /// subsets of a registered dataset are ways of making its rows, not folders).
+    /// Its data files, downloaded: those of the train split in the repo, or in the subsets'
+    /// folders (self-cognition's subsets are ways of making its rows, not folders).
     fn files(&self, hub: Option<Hub>) -> Result<Vec<PathBuf>, DataError> {
         let hub = self.hub.or(hub).unwrap_or_else(default_hub);
         let env = HubEnv::from_env(hub)?;
         let registered = registry::find(&self.id.repo);
+        if let Some(r) = registered {
+            // What cannot be made as ms-swift makes it is refused before any download.
+            r.prepare(None, &[], &[])
+                .map_err(|reason| DataError::Spec {
+                    spec: self.to_string(),
+                    reason,
+                })?;
+        }
         let id = match registered {
             Some(r) => HubId {
                 repo: r.repo(hub).to_string(),
@@ -134,8 +145,7 @@ impl HubDataset {
         };
         let dir = dataset_snapshot(&env, &id)?;
         let mut roots = Vec::new();
-        // The subsets of a registered dataset are ways of making its rows, not folders.
-        let folders = if registered.is_some() {
+        let folders = if registered.is_some_and(|r| r.makes_subsets()) {
             &[][..]
         } else {
             &self.subsets[..]
@@ -289,36 +299,51 @@ fn collect_data_files(dir: &Path, into: &mut Vec<PathBuf>) {
     }
 }
 
+/// What a spec reads: its files, the column renames, and what is done to each row.
+#[derive(Clone)]
+pub struct SpecSource {
+    pub files: Vec<PathBuf>,
+    pub columns: BTreeMap<String, String>,
+    pub prepare: Prepare,
+}
+
 impl DatasetSpec {
-    /// How a registered dataset's rows are made (`swift/self-cognition[:subset]`); None for
-    /// files and other datasets.
-    pub fn preprocess(&self) -> Result<Option<SelfCognition>, DataError> {
-        let Some(remote) =
-            HubDataset::parse(&self.pattern).filter(|_| !Path::new(&self.pattern).exists())
-        else {
-            return Ok(None);
-        };
-        let Some(registered) = registry::find(&remote.id.repo) else {
-            return Ok(None);
-        };
-        let subset = match remote.subsets.as_slice() {
-            [] => None,
-            [one] => Some(one.as_str()),
-            _ => {
-                return Err(DataError::Spec {
+    /// Its files (downloaded, for a hub id) and how its rows are read: `data.columns` over a
+    /// registered dataset's own renames, and a registered dataset's preprocessing.
+    pub fn source(&self, data: &DataSection) -> Result<SpecSource, DataError> {
+        let registered = HubDataset::parse(&self.pattern)
+            .filter(|_| !Path::new(&self.pattern).exists())
+            .and_then(|remote| Some((registry::find(&remote.id.repo)?, remote)));
+        let mut columns = BTreeMap::new();
+        let mut prepare = Prepare::AsRead;
+        if let Some((registered, remote)) = registered {
+            let subset = match remote.subsets.as_slice() {
+                [] => None,
+                [one] if registered.makes_subsets() => Some(one.as_str()),
+                [_, _, ..] if registered.makes_subsets() => {
+                    return Err(DataError::Spec {
+                        spec: self.pattern.clone(),
+                        reason: "name one subset of a registered dataset a spec (give several \
+                                 specs)"
+                            .into(),
+                    })
+                }
+                _ => None,
+            };
+            prepare = registered
+                .prepare(subset, &data.model_name, &data.model_author)
+                .map_err(|reason| DataError::Spec {
                     spec: self.pattern.clone(),
-                    reason: "name one subset of a registered dataset a spec (give several specs)"
-                        .into(),
-                })
-            }
-        };
-        registered
-            .subset(subset)
-            .map(Some)
-            .map_err(|reason| DataError::Spec {
-                spec: self.pattern.clone(),
-                reason,
-            })
+                    reason,
+                })?;
+            columns.extend(registered.columns.clone());
+        }
+        columns.extend(data.columns.clone());
+        Ok(SpecSource {
+            files: self.files(data.hub)?,
+            columns,
+            prepare,
+        })
     }
 }
 

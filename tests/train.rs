@@ -400,3 +400,39 @@ fn a_config_built_in_code_is_checked_with_its_key_named() {
         "{err}"
     );
 }
+
+/// ms-swift's `max_epochs`: a run (a stream's, whose length is only its max_steps) ends with the
+/// epoch that reaches it, its last step saved and evaluated as a last step is, and a resume of it
+/// finds nothing left to do.
+#[test]
+fn max_epochs_ends_the_run_with_its_epoch() {
+    let _serial = serial();
+    // 4 rows, a row a step: 4 steps an epoch.
+    for streaming in [true, false] {
+        let out = tempfile::tempdir().unwrap();
+        let mut c = config("llama", out.path());
+        c.data.streaming = streaming;
+        c.data.val = c.data.train.clone();
+        c.train.max_steps = if streaming { 100 } else { -1 };
+        c.train.epochs = 3.0;
+        c.train.batch_size = 1;
+        c.train.grad_accum = 1;
+        c.train.max_epochs = Some(2);
+        let reports = train(c.clone());
+        let last = reports.last().unwrap();
+        assert_eq!(
+            (reports.len(), last.step, last.max_steps),
+            (8, 8, 8),
+            "streaming {streaming}"
+        );
+        assert!(last.checkpoint.is_some());
+        assert!(
+            last.logged.as_ref().is_some_and(|l| l.eval_loss.is_some()),
+            "{:?}",
+            last.logged
+        );
+        assert_eq!(last.epoch, 2.0);
+        c.train.resume_from = Some("latest".into());
+        assert!(train(c).is_empty());
+    }
+}

@@ -21,8 +21,6 @@ use super::DataError;
 use crate::config::{DataSection, OnBadRow};
 use crate::model::{Batch, IGNORE_INDEX};
 
-/// Rows kept in memory to shuffle a stream (Hugging Face `IterableDataset.shuffle` keeps 1000).
-pub const SHUFFLE_BUFFER: usize = 10_000;
 /// Rows encoded together (in parallel), and packed together when streaming.
 const CHUNK: usize = 2048;
 /// How many reasons a skipped-rows report keeps.
@@ -187,6 +185,18 @@ impl Dataset {
         })
     }
 
+    /// The validation rows alone (`data.val`), read whole: a stream's.
+    pub fn validation(
+        data: &DataSection,
+        seed: u64,
+        encoder: &Encoder,
+    ) -> Result<Vec<TrainRow>, DataError> {
+        let mut bad_rows = BadRows::new(data.on_bad_row);
+        let rows = read_specs(&data.val, data, seed, &mut bad_rows)?;
+        let val = encode_rows(&rows, data, encoder, &mut bad_rows)?;
+        Ok(rows_for_training(val, data))
+    }
+
     /// The order of `train` in epoch `epoch` (from 0): a permutation drawn from `train.seed` and
     /// the epoch when `data.shuffle`, else file order.
     pub fn epoch_order(&self, epoch: u64) -> Vec<usize> {
@@ -328,7 +338,7 @@ fn encode_one(
 }
 
 /// `data.streaming`: the train rows of one pass over the specs, read lazily. Rows go through a
-/// shuffle buffer of `SHUFFLE_BUFFER` rows when `data.shuffle`, are encoded `CHUNK` at a time in
+/// shuffle buffer of `data.shuffle_buffer_size` rows when `data.shuffle`, are encoded `CHUNK` at a time in
 /// parallel, and are packed within each chunk. Memory stays bounded whatever the file sizes
 /// (except .json arrays, which are read whole).
 pub struct Stream<'a> {
@@ -380,7 +390,7 @@ impl<'a> Stream<'a> {
         let Some(rng) = self.rng.as_mut() else {
             return self.source.next();
         };
-        while self.buffer.len() < SHUFFLE_BUFFER {
+        while self.buffer.len() < self.data.shuffle_buffer_size {
             match self.source.next() {
                 Some(Ok(row)) => self.buffer.push(row),
                 Some(Err(e)) => return Some(Err(e)),

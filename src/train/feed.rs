@@ -1,6 +1,8 @@
 //! The rows of each optimizer step, from a dataset read whole or from a stream, and the position
 //! a checkpoint records so that a resumed run reads on from the same row.
 
+use std::iter::Peekable;
+
 use super::checkpoint::DataPosition;
 use crate::config::DataSection;
 use crate::data::dataset::{Dataset, Stream, TrainRow};
@@ -29,7 +31,8 @@ enum Rows<'a> {
         data: &'a DataSection,
         encoder: &'a Encoder,
         seed: u64,
-        stream: Box<Stream<'a>>,
+        /// Peekable: whether an epoch has ended is known only by reading on.
+        stream: Box<Peekable<Stream<'a>>>,
     },
 }
 
@@ -54,7 +57,7 @@ impl<'a> Feed<'a> {
                 data,
                 encoder,
                 seed,
-                stream: Box::new(Stream::new(data, seed, position.epoch, encoder)?),
+                stream: Box::new(Stream::new(data, seed, position.epoch, encoder)?.peekable()),
             },
         };
         let mut feed = Self {
@@ -88,6 +91,16 @@ impl<'a> Feed<'a> {
             }
             _ => self.position.epoch as f64,
         }
+    }
+
+    /// Whole epochs done: the current one counts once no row of it is left.
+    pub fn epochs_done(&mut self) -> u64 {
+        let ended = match &mut self.rows {
+            Rows::Memory { order, .. } => self.position.rows >= order.len(),
+            // An error is left for the next step to meet.
+            Rows::Stream { stream, .. } => stream.peek().is_none(),
+        };
+        self.position.epoch + ended as u64
     }
 
     /// The micro-batches of the next optimizer step: up to `grad_accum` batches of up to
@@ -128,7 +141,7 @@ impl<'a> Feed<'a> {
                 encoder,
                 seed,
                 stream,
-            } => **stream = Stream::new(data, *seed, epoch, encoder)?,
+            } => **stream = Stream::new(data, *seed, epoch, encoder)?.peekable(),
         }
         self.position = DataPosition { epoch, rows: 0 };
         Ok(())

@@ -99,6 +99,8 @@ struct TrainData {
     encoder: Encoder,
     /// None when streaming.
     dataset: Option<Dataset>,
+    /// A stream's validation rows (`data.val`), read whole.
+    stream_val: Vec<TrainRow>,
 }
 
 impl TrainData {
@@ -114,7 +116,7 @@ impl TrainData {
     }
 
     fn val(&self) -> &[TrainRow] {
-        self.dataset.as_ref().map_or(&[], |d| &d.val)
+        self.dataset.as_ref().map_or(&self.stream_val, |d| &d.val)
     }
 }
 
@@ -178,13 +180,25 @@ impl<B: TrainBackend> Trainer<B> {
         let mut log = RunLog::create(&self.run_dir, &self.state.log_history, output.tensorboard)?;
         let mut clock = Clock::new(&self.state);
         let mut last_checkpoint = None;
-        while self.state.global_step < self.state.max_steps {
+        let max_epochs = self.plan.config.train.max_epochs;
+        // A resumed run that max_epochs ended has nothing left to do.
+        while self.state.global_step < self.state.max_steps
+            && !max_epochs.is_some_and(|max| feed.epochs_done() >= max)
+        {
             let t = &self.plan.config.train;
             let batches = feed.next_step(t.batch_size, t.grad_accum)?;
             let mut report = self.step(&batches, &mut clock);
             self.state.data_position = feed.position();
             self.state.epoch = feed.epoch_progress();
             report.epoch = self.state.epoch;
+            if let Some(max) = max_epochs.filter(|&max| feed.epochs_done() >= max) {
+                // ms-swift's max_epochs: the epoch's last step is the run's last (evaluated,
+                // logged and saved as one), and a resume finds nothing left to do.
+                self.state.max_steps = self.state.global_step;
+                self.state.epoch = max as f64;
+                report.max_steps = self.state.max_steps;
+                report.epoch = self.state.epoch;
+            }
             let eval_loss = self.evaluate_if_due(data.val());
             let last = report.step == self.state.max_steps;
             let save = report
@@ -380,9 +394,13 @@ impl<B: TrainBackend> Trainer<B> {
 fn read_data(plan: &TrainPlan, model_dir: &Path) -> Result<(TrainData, u64), TrainError> {
     let (config, t) = (&plan.config, &plan.config.train);
     let encoder = Encoder::from_config(model_dir, &config.model, &config.data)?;
+    let mut stream_val = Vec::new();
     let (dataset, max_steps) = match plan.length {
         // `resolve` gives a stream a length in steps.
-        Length::Steps(n) if config.data.streaming => (None, n),
+        Length::Steps(n) if config.data.streaming => {
+            stream_val = Dataset::validation(&config.data, t.seed, &encoder)?;
+            (None, n)
+        }
         length => {
             let dataset = Dataset::build(&config.data, t.seed, &encoder)?;
             let rows = dataset.train.len();
@@ -397,6 +415,7 @@ fn read_data(plan: &TrainPlan, model_dir: &Path) -> Result<(TrainData, u64), Tra
         seed: t.seed,
         encoder,
         dataset,
+        stream_val,
     };
     Ok((data, max_steps))
 }

@@ -149,6 +149,8 @@ pub struct DataSection {
     pub max_length: usize,
     pub truncation: Truncation,
     pub shuffle: bool,
+    /// Rows a streamed dataset is shuffled within (ms-swift's `shuffle_buffer_size`).
+    pub shuffle_buffer_size: usize,
     pub packing: bool,
     pub streaming: bool,
     pub loss_scale: LossScale,
@@ -175,6 +177,7 @@ impl Default for DataSection {
             max_length: 2048,
             truncation: Truncation::Delete,
             shuffle: true,
+            shuffle_buffer_size: 1000,
             packing: false,
             streaming: false,
             loss_scale: LossScale::Default,
@@ -193,6 +196,9 @@ pub struct TrainSection {
     pub epochs: f64,
     /// > 0 wins over epochs.
     pub max_steps: i64,
+    /// Stop (saving a checkpoint) at the end of this epoch, whatever the steps left: ms-swift's
+    /// `max_epochs`, for a stream, whose length in steps is not known.
+    pub max_epochs: Option<u64>,
     pub batch_size: usize,
     pub grad_accum: usize,
     pub lr: f64,
@@ -223,6 +229,7 @@ impl Default for TrainSection {
         Self {
             epochs: 3.0,
             max_steps: -1,
+            max_epochs: None,
             batch_size: 1,
             grad_accum: 16,
             lr: 1e-4,
@@ -358,7 +365,9 @@ impl TrainConfig {
             ("train.logging_steps", t.logging_steps),
             ("train.save_steps", t.save_steps),
             ("train.eval_steps", t.eval_steps.unwrap_or(1)),
+            ("train.max_epochs", t.max_epochs.map_or(1, |e| e as usize)),
             ("data.num_proc", self.data.num_proc.unwrap_or(1)),
+            ("data.shuffle_buffer_size", self.data.shuffle_buffer_size),
         ] {
             if value == 0 {
                 return Some((key, "must be at least 1".into()));

@@ -446,12 +446,26 @@ fn modelscope_datasets_come_page_by_page_and_older_caches_are_reused() {
     let dir = swift_rs::hub::dataset_snapshot(&env, &id("org/many")).unwrap();
     let got = std::fs::read_dir(dir.join("part")).unwrap().count();
     assert_eq!(got, 205);
-    let pages = hub
-        .seen()
-        .iter()
-        .filter(|s| s.path.ends_with("/repo/tree"))
-        .count();
-    assert_eq!(pages, 2);
+    let pages = |hub: &FakeHub| {
+        let seen = hub.seen();
+        seen.iter()
+            .filter(|s| s.path.ends_with("/repo/tree"))
+            .count()
+    };
+    assert_eq!(pages(&hub), 2);
+    // A server that sends every file on every page is asked twice, not for ever.
+    hub.state.lock().unwrap().unpaged = true;
+    let again = tempfile::tempdir().unwrap();
+    let dir = swift_rs::hub::dataset_snapshot(
+        &HubEnv {
+            cache: again.path().to_path_buf(),
+            ..env.clone()
+        },
+        &id("org/many"),
+    )
+    .unwrap();
+    assert_eq!(std::fs::read_dir(dir.join("part")).unwrap().count(), 205);
+    assert_eq!(pages(&hub), 4);
 
     let legacy = cache.path().join("hub/datasets/org/old___name");
     std::fs::create_dir_all(&legacy).unwrap();

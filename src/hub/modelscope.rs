@@ -5,6 +5,7 @@
 //! `{models|datasets}/{owner}--{name}/snapshots/{revision}/`, or the directory an older
 //! modelscope (1.37 and before) left at `[hub/]{models|datasets}/{owner}/{name with . as ___}`.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -95,12 +96,19 @@ fn in_cache(
             .and_then(|response| read_listing(env, id, response))
     };
     let mut files = Vec::new();
+    let mut seen = HashSet::new();
     for page in 1.. {
         match list_page(page) {
             Ok(listed) => {
+                let before = files.len();
                 let last = kind == Kind::Model || listed.len() < PAGE_SIZE;
-                files.extend(listed);
-                if last {
+                for entry in listed {
+                    if seen.insert(entry.path.clone()) {
+                        files.push(entry);
+                    }
+                }
+                // A server that ignores the paging sends the same page again: nothing new.
+                if last || files.len() == before {
                     break;
                 }
             }

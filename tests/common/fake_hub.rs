@@ -107,6 +107,9 @@ pub struct State {
     pub cut: HashSet<String>,
     /// File names served with one byte changed.
     pub damaged: HashSet<String>,
+    /// ModelScope's dataset listing sends every file on every page (a server that ignores the
+    /// paging).
+    pub unpaged: bool,
     /// File names whose next transfer sends half its bytes, then nothing more for a minute
     /// with the connection open (a hub or proxy that hangs).
     pub stalled: HashSet<String>,
@@ -514,7 +517,8 @@ fn ms_listing(state: &State, id: &str, query: &HashMap<String, String>) -> Respo
         .collect();
     files.push(json!({"Name": "onnx", "Path": "onnx", "Type": "tree", "Size": 0}));
     // A dataset's tree comes a page at a time.
-    if let (Some(page), Some(size)) = (query.get("PageNumber"), query.get("PageSize")) {
+    let paged = (query.get("PageNumber"), query.get("PageSize"));
+    if let (Some(page), Some(size), false) = (paged.0, paged.1, state.unpaged) {
         let (page, size): (usize, usize) = (page.parse().unwrap(), size.parse().unwrap());
         files = files
             .into_iter()

@@ -309,6 +309,193 @@ fn check_turns(m: &[Message]) -> Result<(), String> {
     Ok(())
 }
 
+/// A preference row (`swift-rs rlhf`), whatever file format it came in.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Preference {
+    /// One conversation answered two ways: each is the whole conversation, the same up to its
+    /// last answer.
+    Pair {
+        chosen: Vec<Message>,
+        rejected: Vec<Message>,
+    },
+    /// Plain text (TRL's non-conversational rows): the prompt, then each completion.
+    TextPair {
+        prompt: String,
+        chosen: String,
+        rejected: String,
+    },
+    /// Already tokenized (TRL's processed rows): the prompt's ids, then each completion's.
+    TokenizedPair {
+        prompt: Vec<u32>,
+        chosen: Vec<u32>,
+        rejected: Vec<u32>,
+    },
+    /// KTO: one answer, desirable or not.
+    Unpaired {
+        messages: Vec<Message>,
+        desirable: bool,
+    },
+}
+
+/// Detects the format of one preference row:
+/// - ms-swift's: a conversation (any format `parse_row` reads) ending with the chosen answer,
+///   and `rejected_response` (a string, or assistant messages) or `rejected_messages` (the
+///   whole rejected conversation); with `label` (a boolean) instead, a KTO row;
+/// - TRL's: `prompt` / `chosen` / `rejected`, plain text or conversational (`prompt` messages,
+///   then the answers' messages), or `prompt` / `completion` / `label` for KTO;
+/// - TRL's processed form: `prompt_ids` / `chosen_ids` / `rejected_ids`.
+pub fn parse_preference(value: &Value) -> Result<Preference, String> {
+    let obj = value
+        .as_object()
+        .ok_or_else(|| format!("a row must be a JSON object, got {}", kind(value)))?;
+    if obj.contains_key("prompt_ids") {
+        let ids = |key: &str| -> Result<Vec<u32>, String> {
+            let v = obj.get(key).ok_or_else(|| format!("no \"{key}\""))?;
+            let list = v
+                .as_array()
+                .ok_or_else(|| format!("\"{key}\" must be a list of token ids"))?;
+            list.iter()
+                .map(|i| {
+                    i.as_u64()
+                        .and_then(|i| u32::try_from(i).ok())
+                        .ok_or_else(|| format!("\"{key}\" holds {i}, not a token id"))
+                })
+                .collect()
+        };
+        return Ok(Preference::TokenizedPair {
+            prompt: ids("prompt_ids")?,
+            chosen: ids("chosen_ids")?,
+            rejected: ids("rejected_ids")?,
+        });
+    }
+    if let Some(prompt) = obj.get("prompt") {
+        return trl_preference(obj, prompt);
+    }
+    let chosen = match conversation(obj, true) {
+        Some(m) => m?,
+        None => {
+            let keys: Vec<&String> = obj.keys().collect();
+            return Err(format!(
+                "unknown preference row format (keys {keys:?}): expected a conversation with \
+                 rejected_response, rejected_messages or label; prompt/chosen/rejected; \
+                 prompt/completion/label; or prompt_ids/chosen_ids/rejected_ids"
+            ));
+        }
+    };
+    check_turns(&chosen)?;
+    if chosen.last().map(|m| m.role) != Some(Role::Assistant) {
+        return Err("the conversation must end with the chosen answer".into());
+    }
+    if let Some(label) = obj.get("label") {
+        return Ok(Preference::Unpaired {
+            messages: chosen,
+            desirable: label_of(label)?,
+        });
+    }
+    let rejected = if let Some(r) = obj.get("rejected_messages").filter(|r| !r.is_null()) {
+        messages(r, "rejected_messages")?
+    } else if let Some(r) = obj.get("rejected_response").filter(|r| !r.is_null()) {
+        let mut rejected = prompt_of(&chosen).to_vec();
+        rejected.extend(answers(r, "rejected_response")?);
+        rejected
+    } else {
+        return Err("no rejected answer: give rejected_response or rejected_messages".into());
+    };
+    pair(chosen, rejected)
+}
+
+/// TRL's `prompt` rows.
+fn trl_preference(obj: &Map<String, Value>, prompt: &Value) -> Result<Preference, String> {
+    let get = |key: &str| obj.get(key).filter(|v| !v.is_null());
+    if let Some(label) = get("label") {
+        let completion = get("completion").ok_or("a row with \"label\" needs \"completion\"")?;
+        let mut messages = prompt_messages(prompt)?;
+        messages.extend(answers(completion, "completion")?);
+        check_turns(&messages)?;
+        return Ok(Preference::Unpaired {
+            messages,
+            desirable: label_of(label)?,
+        });
+    }
+    let (chosen, rejected) = match (get("chosen"), get("rejected")) {
+        (Some(c), Some(r)) => (c, r),
+        _ => return Err(
+            "a \"prompt\" row needs \"chosen\" and \"rejected\" (or \"completion\" and \"label\")"
+                .into(),
+        ),
+    };
+    if let (Value::String(p), Value::String(c), Value::String(r)) = (prompt, chosen, rejected) {
+        return Ok(Preference::TextPair {
+            prompt: p.clone(),
+            chosen: c.clone(),
+            rejected: r.clone(),
+        });
+    }
+    let prompt = prompt_messages(prompt)?;
+    let with = |answer: &Value, key: &str| -> Result<Vec<Message>, String> {
+        let mut m = prompt.clone();
+        m.extend(answers(answer, key)?);
+        Ok(m)
+    };
+    pair(with(chosen, "chosen")?, with(rejected, "rejected")?)
+}
+
+/// Checks that both conversations are whole and share their prompt.
+fn pair(chosen: Vec<Message>, rejected: Vec<Message>) -> Result<Preference, String> {
+    check_turns(&chosen)?;
+    check_turns(&rejected)?;
+    if rejected.last().map(|m| m.role) != Some(Role::Assistant) {
+        return Err("the rejected conversation must end with its answer".into());
+    }
+    if prompt_of(&chosen) != prompt_of(&rejected) {
+        return Err("the chosen and rejected answers follow different prompts".into());
+    }
+    Ok(Preference::Pair { chosen, rejected })
+}
+
+/// A conversation up to its last answer (the assistant turns at its end left out).
+fn prompt_of(m: &[Message]) -> &[Message] {
+    let answer = m
+        .iter()
+        .rev()
+        .take_while(|x| x.role == Role::Assistant)
+        .count();
+    &m[..m.len() - answer]
+}
+
+/// A prompt given as text (one user turn) or as messages.
+fn prompt_messages(prompt: &Value) -> Result<Vec<Message>, String> {
+    match prompt {
+        Value::String(text) => Ok(vec![Message {
+            role: Role::User,
+            content: text.clone(),
+        }]),
+        other => messages(other, "prompt"),
+    }
+}
+
+/// An answer given as text or as assistant messages.
+fn answers(v: &Value, key: &str) -> Result<Vec<Message>, String> {
+    let m = match v {
+        Value::String(text) => vec![Message {
+            role: Role::Assistant,
+            content: text.clone(),
+        }],
+        other => messages(other, key)?,
+    };
+    if m.is_empty() || m.iter().any(|x| x.role != Role::Assistant) {
+        return Err(format!(
+            "\"{key}\" must be an answer: text, or assistant messages"
+        ));
+    }
+    Ok(m)
+}
+
+fn label_of(v: &Value) -> Result<bool, String> {
+    v.as_bool()
+        .ok_or_else(|| format!("\"label\" must be true or false, got {}", kind(v)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -397,5 +584,119 @@ mod tests {
             .contains("empty content"));
         assert!(err(json!({"text": ""})).contains("empty"));
         assert!(err(json!([1, 2])).contains("JSON object"));
+    }
+
+    fn roles(m: &[Message]) -> Vec<(Role, &str)> {
+        m.iter().map(|x| (x.role, x.content.as_str())).collect()
+    }
+
+    #[test]
+    fn preference_rows_in_ms_swifts_and_trls_forms() {
+        let user = json!({"role": "user", "content": "2+2?"});
+        let good = json!({"role": "assistant", "content": "4"});
+        // ms-swift: messages with rejected_response, as text or messages, or rejected_messages.
+        for rejected in [
+            json!({"rejected_response": "5"}),
+            json!({"rejected_response": [{"role": "assistant", "content": "5"}]}),
+            json!({"rejected_messages": [user, {"role": "assistant", "content": "5"}]}),
+        ] {
+            let mut row = json!({"messages": [user, good]});
+            row.as_object_mut()
+                .unwrap()
+                .extend(rejected.as_object().unwrap().clone());
+            let Preference::Pair { chosen, rejected } = parse_preference(&row).unwrap() else {
+                panic!("{row}");
+            };
+            assert_eq!(
+                roles(&chosen),
+                [(Role::User, "2+2?"), (Role::Assistant, "4")]
+            );
+            assert_eq!(
+                roles(&rejected),
+                [(Role::User, "2+2?"), (Role::Assistant, "5")]
+            );
+        }
+        // ms-swift's other conversation formats take a rejected_response too.
+        let alpaca = json!({"instruction": "2+2?", "output": "4", "rejected_response": "5"});
+        assert!(matches!(
+            parse_preference(&alpaca),
+            Ok(Preference::Pair { .. })
+        ));
+        // TRL: conversational, plain text, processed; KTO in both forms.
+        let conversational = json!({"prompt": [user], "chosen": [good], "rejected": [{"role": "assistant", "content": "5"}]});
+        assert!(matches!(
+            parse_preference(&conversational),
+            Ok(Preference::Pair { .. })
+        ));
+        let text = json!({"prompt": "2+2=", "chosen": "4", "rejected": "5"});
+        assert_eq!(
+            parse_preference(&text).unwrap(),
+            Preference::TextPair {
+                prompt: "2+2=".into(),
+                chosen: "4".into(),
+                rejected: "5".into()
+            }
+        );
+        let ids = json!({"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5]});
+        assert_eq!(
+            parse_preference(&ids).unwrap(),
+            Preference::TokenizedPair {
+                prompt: vec![1, 2],
+                chosen: vec![3],
+                rejected: vec![4, 5]
+            }
+        );
+        let kto = json!({"messages": [user, good], "label": false});
+        assert!(matches!(
+            parse_preference(&kto),
+            Ok(Preference::Unpaired {
+                desirable: false,
+                ..
+            })
+        ));
+        let kto = json!({"prompt": "2+2=", "completion": "4", "label": true});
+        assert!(matches!(
+            parse_preference(&kto),
+            Ok(Preference::Unpaired {
+                desirable: true,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_preference_row_without_a_rejected_answer_or_with_two_prompts_is_named() {
+        let user = json!({"role": "user", "content": "2+2?"});
+        let good = json!({"role": "assistant", "content": "4"});
+        for (row, says) in [
+            (json!({"messages": [user, good]}), "no rejected answer"),
+            (
+                json!({"messages": [user, good], "rejected_messages": [{"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "5"}]}),
+                "different prompts",
+            ),
+            (
+                json!({"messages": [user], "rejected_response": "5"}),
+                "end with the chosen answer",
+            ),
+            (
+                json!({"messages": [user, good], "rejected_response": [user]}),
+                "must be an answer",
+            ),
+            (
+                json!({"prompt": "2+2=", "chosen": "4"}),
+                "needs \"chosen\" and \"rejected\"",
+            ),
+            (
+                json!({"prompt_ids": [1], "chosen_ids": [-1], "rejected_ids": [2]}),
+                "not a token id",
+            ),
+            (
+                json!({"messages": [user, good], "label": "yes"}),
+                "true or false",
+            ),
+        ] {
+            let e = parse_preference(&row).unwrap_err();
+            assert!(e.contains(says), "{row}: {e}");
+        }
     }
 }

@@ -34,6 +34,67 @@ pub struct TrainConfig {
     pub data: DataSection,
     pub train: TrainSection,
     pub output: OutputSection,
+    /// Preference training (`swift-rs rlhf`); SFT leaves it unread, and a run's config.toml
+    /// holds it only when set.
+    #[serde(skip_serializing_if = "RlhfSection::is_default")]
+    pub rlhf: RlhfSection,
+}
+
+/// ms-swift's `rlhf_type`: the preference objectives TRL's trainers implement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RlhfType {
+    #[default]
+    Dpo,
+    Orpo,
+    Simpo,
+    Cpo,
+    Kto,
+}
+
+/// `[rlhf]`, with ms-swift's names and defaults (its `RLHFArguments`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RlhfSection {
+    #[serde(rename = "type")]
+    pub kind: RlhfType,
+    /// None: 2.0 for SimPO, else 0.1 (ms-swift's defaults).
+    pub beta: Option<f64>,
+    /// None: the type's own (DPO's sigmoid).
+    pub loss_type: Option<String>,
+    /// Weight of an NLL term on the chosen answers (RPO); None: none.
+    pub rpo_alpha: Option<f64>,
+    pub label_smoothing: f64,
+    pub simpo_gamma: f64,
+    pub cpo_alpha: f64,
+    pub desirable_weight: f64,
+    pub undesirable_weight: f64,
+    /// A PEFT adapter (directory or hub id) whose model is the reference; None: the base with
+    /// the adapters off.
+    pub ref_adapter: Option<String>,
+}
+
+impl RlhfSection {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+impl Default for RlhfSection {
+    fn default() -> Self {
+        Self {
+            kind: RlhfType::Dpo,
+            beta: None,
+            loss_type: None,
+            rpo_alpha: None,
+            label_smoothing: 0.0,
+            simpo_gamma: 1.0,
+            cpo_alpha: 1.0,
+            desirable_weight: 1.0,
+            undesirable_weight: 1.0,
+            ref_adapter: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

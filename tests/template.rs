@@ -8,8 +8,8 @@ mod common;
 use std::path::PathBuf;
 
 use swift_rs::config::{LossScale, TemplateName};
-use swift_rs::data::encode::Encoder;
-use swift_rs::data::format::{parse_row, Message, Role, Row};
+use swift_rs::data::encode::{EncodedPreference, Encoder};
+use swift_rs::data::format::{parse_preference, parse_row, Message, Role, Row};
 use swift_rs::data::load_tokenizer;
 use swift_rs::data::template::ChatTemplate;
 
@@ -326,4 +326,65 @@ fn ignore_empty_think_takes_no_loss_on_an_empty_reasoning_block() {
         trained(LossScale::IgnoreEmptyThink, thinking),
         trained(LossScale::Default, thinking)
     );
+}
+
+/// The labelled runs of one encoded sequence, decoded.
+fn runs_of(encoder: &Encoder, e: &swift_rs::data::encode::Encoded) -> Vec<String> {
+    let row = Row::Tokenized {
+        input_ids: e.input_ids.iter().map(|&i| i as i64).collect(),
+        labels: Some(e.labels.clone()),
+    };
+    labelled_runs(encoder, &row)
+}
+
+/// A preference pair is two sequences over the same prompt, each labelled on its own answer:
+/// the last one under ms-swift's rlhf default (`last_round`); plain text as TRL tokenizes it
+/// (the eos added); processed ids as they are.
+#[test]
+fn preference_pairs_share_the_prompt_and_label_each_answer() {
+    let e = encoder("qwen2_5", TemplateName::Auto, LossScale::LastRound, None);
+    let row = serde_json::json!({"messages": [
+        {"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"},
+        {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}
+    ], "rejected_response": "5"});
+    let pair = e
+        .encode_preference(&parse_preference(&row).unwrap())
+        .unwrap();
+    let EncodedPreference::Pair { chosen, rejected } = pair else {
+        panic!("{pair:?}")
+    };
+    assert_eq!(runs_of(&e, &chosen), ["4<|im_end|>"]);
+    assert_eq!(runs_of(&e, &rejected), ["5<|im_end|>"]);
+    let prompt = |s: &swift_rs::data::encode::Encoded| {
+        let first = s.labels.iter().position(|&l| l != -100).unwrap();
+        s.input_ids[..first].to_vec()
+    };
+    assert_eq!(prompt(&chosen), prompt(&rejected));
+
+    let text = serde_json::json!({"prompt": "The sky is", "chosen": " blue", "rejected": " green"});
+    let EncodedPreference::Pair { chosen, .. } = e
+        .encode_preference(&parse_preference(&text).unwrap())
+        .unwrap()
+    else {
+        panic!()
+    };
+    let eos = e
+        .tokenizer()
+        .decode(&[*chosen.input_ids.last().unwrap()], false)
+        .unwrap();
+    assert_eq!(eos, "<|im_end|>");
+    assert!(runs_of(&e, &chosen)[0].ends_with("blue<|im_end|>"));
+
+    let ids = serde_json::json!({"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5]});
+    let EncodedPreference::Pair { chosen, rejected } = e
+        .encode_preference(&parse_preference(&ids).unwrap())
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (chosen.input_ids, chosen.labels),
+        (vec![1, 2, 3], vec![-100, -100, 3])
+    );
+    assert_eq!(rejected.labels, [-100, -100, 4, 5]);
 }

@@ -9,7 +9,7 @@
 
 use tokenizers::Tokenizer;
 
-use super::format::{Message, Role, Row};
+use super::format::{Message, Preference, Role, Row};
 use super::template::ChatTemplate;
 use crate::config::LossScale;
 use crate::model::IGNORE_INDEX;
@@ -18,6 +18,14 @@ use crate::model::IGNORE_INDEX;
 pub struct Encoded {
     pub input_ids: Vec<u32>,
     pub labels: Vec<i64>,
+}
+
+/// A preference row encoded: a pair's two sequences (the same prompt, each answer labelled), or
+/// KTO's one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EncodedPreference {
+    Pair { chosen: Encoded, rejected: Encoded },
+    Unpaired { sequence: Encoded, desirable: bool },
 }
 
 /// Rows to ids and labels with one template and tokenizer.
@@ -79,6 +87,60 @@ impl Encoder {
                 })
             }
             Row::Chat(messages) => self.encode_chat(&self.with_system(messages)),
+        }
+    }
+
+    /// Encodes one preference row: conversations as SFT rows are (`loss_scale` decides which
+    /// answers are labelled; ms-swift's rlhf default, `last_round`, labels the last), plain text
+    /// as TRL does (the prompt's tokens, then the completion's up to the tokenizer's eos, which is
+    /// added), processed ids as they are.
+    pub fn encode_preference(&self, row: &Preference) -> Result<EncodedPreference, String> {
+        match row {
+            Preference::Pair { chosen, rejected } => Ok(EncodedPreference::Pair {
+                chosen: self.encode_chat(&self.with_system(chosen))?,
+                rejected: self.encode_chat(&self.with_system(rejected))?,
+            }),
+            Preference::Unpaired {
+                messages,
+                desirable,
+            } => Ok(EncodedPreference::Unpaired {
+                sequence: self.encode_chat(&self.with_system(messages))?,
+                desirable: *desirable,
+            }),
+            Preference::TextPair {
+                prompt,
+                chosen,
+                rejected,
+            } => {
+                let eos = self.template.eos_token();
+                let prompt_ids = self.tokenize(prompt)?.0;
+                let mut whole = Vec::new();
+                for answer in [chosen, rejected] {
+                    let answer = match answer.ends_with(eos) {
+                        true => answer.clone(),
+                        false => format!("{answer}{eos}"),
+                    };
+                    whole.push(self.tokenize(&format!("{prompt}{answer}"))?.0);
+                }
+                // The completion starts where the prompt's tokens and the whole's part (tokens
+                // may merge across the boundary), as TRL takes it.
+                let shared = whole
+                    .iter()
+                    .map(|ids| common_prefix(&prompt_ids, ids))
+                    .min()
+                    .unwrap_or(0);
+                let [chosen, rejected] = [&whole[0], &whole[1]]
+                    .map(|ids| prompt_then(&prompt_ids[..shared], &ids[shared..]));
+                Ok(EncodedPreference::Pair { chosen, rejected })
+            }
+            Preference::TokenizedPair {
+                prompt,
+                chosen,
+                rejected,
+            } => Ok(EncodedPreference::Pair {
+                chosen: prompt_then(prompt, chosen),
+                rejected: prompt_then(prompt, rejected),
+            }),
         }
     }
 
@@ -230,6 +292,23 @@ impl Encoder {
         }
         Ok(spans)
     }
+}
+
+/// `prompt` unlabelled, then `completion` labelled.
+fn prompt_then(prompt: &[u32], completion: &[u32]) -> Encoded {
+    let labels = prompt
+        .iter()
+        .map(|_| IGNORE_INDEX)
+        .chain(completion.iter().map(|&i| i as i64))
+        .collect();
+    Encoded {
+        input_ids: prompt.iter().chain(completion).copied().collect(),
+        labels,
+    }
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 /// The length of the empty reasoning block `<think>` + whitespace + `</think>` + whitespace that

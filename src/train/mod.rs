@@ -7,6 +7,7 @@ pub mod feed;
 mod grads;
 pub mod log;
 pub mod optim;
+pub mod preference;
 pub mod run_dir;
 pub mod schedule;
 mod trainer;

@@ -227,3 +227,65 @@ fn unsupported_adapter_settings_name_the_field() {
         "{err}"
     );
 }
+
+/// Preference training's two log-probabilities: each row's summed over its label tokens (what
+/// evaluation's per-row losses add up to, negated), and the reference's from the same weights with
+/// the adapters off (what the base alone gives); the first carries the adapters' gradients.
+#[test]
+fn sequence_logps_and_the_reference_with_the_adapters_off() {
+    use burn::backend::Autodiff;
+    use swift_rs::model::loss::{sequence_logps, LossTargets};
+    use swift_rs::model::Batch;
+
+    let (name, base) = ADAPTERS[0];
+    let (cfg, adapted) = with_adapter(base, &adapter_dir(name), Dtype::F32).unwrap();
+    let plain = common::load_model::<B>(
+        base,
+        None,
+        LoadOptions::dtype(Dtype::F32),
+        &Default::default(),
+    );
+    let g = golden(&model_dir(base), &model_dir(base), "logits", cfg.vocab_size);
+    let rows = &g.rows[..2];
+    let ids: Vec<&[u32]> = rows.iter().map(|r| r.input_ids.as_slice()).collect();
+    let batch = Batch::right_padded(&ids);
+    let seq = batch.dims()[1];
+    let labels: Vec<Vec<i64>> = rows
+        .iter()
+        .map(|r| {
+            let mut l = r.labels.clone();
+            l.resize(seq, -100);
+            l
+        })
+        .collect();
+    let targets = LossTargets::shifted(&labels);
+    let logps = |m: &CausalLm<B>| -> Vec<f32> {
+        sequence_logps(m, m.hidden_states(&batch), &targets)
+            .into_data()
+            .to_vec()
+            .unwrap()
+    };
+    let report = swift_rs::train::evaluate(&adapted, rows, 2, |_| {});
+    for (row, got) in report.rows.iter().zip(logps(&adapted)) {
+        let want = -(row.loss * row.tokens as f64);
+        assert!(
+            (got as f64 - want).abs() < 1e-3 * want.abs().max(1.0),
+            "{got} vs {want}"
+        );
+    }
+    assert_eq!(logps(&adapted.without_adapters()), logps(&plain));
+    assert_ne!(logps(&adapted), logps(&plain));
+
+    let trained = common::load_model::<Autodiff<B>>(
+        base,
+        Some(name),
+        LoadOptions::dtype(Dtype::F32),
+        &Default::default(),
+    );
+    let grads = sequence_logps(&trained, trained.hidden_states(&batch), &targets)
+        .sum()
+        .backward();
+    let adapter = trained.adapters().next().unwrap();
+    let grad = adapter.trainable_grads(&grads);
+    assert!(grad.iter().any(|g| g.is_some()));
+}

@@ -87,6 +87,18 @@ impl<B: Backend> CausalLm<B> {
         out
     }
 
+    /// The model with its adapters off: the base, which preference training takes as its
+    /// reference. The weights are shared, not copied.
+    pub fn without_adapters(&self) -> Self {
+        let mut base = self.clone();
+        for layer in &mut base.model.layers {
+            for linear in layer.linears_mut() {
+                linear.adapter = None;
+            }
+        }
+        base
+    }
+
     /// Every adapter, in the trainable tensors' order.
     pub fn adapters(&self) -> impl Iterator<Item = &Lora<B>> {
         self.model.layers.iter().flat_map(DecoderLayer::adapters)

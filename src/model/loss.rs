@@ -4,7 +4,7 @@
 //! 150k vocabulary that tensor alone would be gigabytes at training lengths. On a GPU the backward
 //! pass recomputes each chunk's logits rather than keeping them (`RECOMPUTE_LOGITS`).
 
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::decoder::CausalLm;
 use super::IGNORE_INDEX;
@@ -76,4 +76,23 @@ pub fn token_losses<B: ModelBackend>(
         return Tensor::zeros([0], &device);
     }
     Tensor::cat(chunks, 0)
+}
+
+/// Each row's summed log-probability of its label tokens, f32, `[rows]` (0 for a row without
+/// any): what preference objectives compare. Differentiable as `token_losses` is.
+pub fn sequence_logps<B: ModelBackend>(
+    model: &CausalLm<B>,
+    hidden: Tensor<B, 3>, // [rows, seq, hidden]
+    targets: &LossTargets,
+) -> Tensor<B, 1> {
+    let device = hidden.device();
+    let rows = hidden.dims()[0];
+    let zeros = Tensor::zeros([rows], &device);
+    if targets.is_empty() {
+        return zeros;
+    }
+    let losses = token_losses(model, hidden, targets); // [targets]
+    let row_of: Vec<i64> = targets.rows.iter().map(|&r| r as i64).collect();
+    let index = Tensor::<B, 1, Int>::from_data(TensorData::new(row_of, [targets.len()]), &device);
+    zeros.select_assign(0, index, -losses, IndexingUpdateOp::Add)
 }

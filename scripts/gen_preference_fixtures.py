@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Golden fixtures for preference training (`swift-rs rlhf`), made with TRL's own trainers on the
+tiny fixture models and PEFT adapters of gen_fixtures.py, on the same token ids as the Rust tests.
+
+Pinned: the versions of gen_fixtures.py, plus trl==1.16.0
+
+    /tmp/venv/bin/pip install trl==1.16.0
+    /tmp/venv/bin/python scripts/gen_preference_fixtures.py   # rewrites tests/fixtures/preference/
+
+What it writes, under tests/fixtures/preference/:
+  pairs.jsonl               six preference pairs in TRL's processed form (prompt_ids, chosen_ids,
+                            rejected_ids), random ids of the fixture vocabulary
+  dpo_<loss>_<B>x<A>.safetensors
+                            the adapter after one SGD step (lr 1, weight decay 0.1, no clipping)
+                            of TRL's DPOTrainer (beta 0.1) from adapters/qwen2_rslora on
+                            qwen2_bf16 (f32), the first two pairs, batch B x accumulation A; the
+                            reference is the base with the adapters off
+  dpo_adamw.safetensors     three AdamW steps (lr 1e-2, linear schedule, clipping at 0.5), sigmoid,
+                            batch 2 x accumulation 1, the six pairs in file order
+  steps.json                every run's log history as TRL writes it (loss, grad_norm, rewards/*,
+                            logps/*) per step
+Tensors are keyed as in adapter_model.safetensors.
+"""
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from peft import get_peft_model_state_dict
+from safetensors.torch import save_file
+from torch.utils.data import SequentialSampler
+from transformers import PreTrainedTokenizerFast
+from trl import DPOConfig, DPOTrainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gen_fixtures import ROOT, VOCAB, load_model  # noqa: E402
+
+OUT = ROOT / "preference"
+
+
+class InOrder(DPOTrainer):
+    """TRL's trainer on rows already in its processed form, read in file order."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return SequentialSampler(self.train_dataset)
+
+
+def pairs() -> list[dict]:
+    g = torch.Generator().manual_seed(41)
+    rows = []
+    for prompt, chosen, rejected in [(5, 3, 4), (3, 6, 2), (7, 2, 2), (4, 4, 5), (6, 3, 3), (3, 5, 4)]:
+        ids = lambda n: torch.randint(3, VOCAB, (n,), generator=g).tolist()
+        rows.append({"prompt_ids": ids(prompt), "chosen_ids": ids(chosen), "rejected_ids": ids(rejected)})
+    return rows
+
+
+def run(rows, batch, accum, steps, loss_type, optim, lr, schedule, clip):
+    model = load_model(ROOT / "models" / "qwen2_bf16", torch.float32, ROOT / "adapters" / "qwen2_rslora",
+                       trainable=True)
+    model.train()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = DPOConfig(
+            output_dir=tmp, per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
+            max_steps=steps, learning_rate=lr, optim=optim, lr_scheduler_type=schedule, warmup_steps=0,
+            weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=clip,
+            beta=0.1, loss_type=[loss_type], logging_steps=1, report_to="none", use_cpu=True, seed=42,
+            bf16=False, fp16=False, gradient_checkpointing=False, save_strategy="no",
+            dataloader_drop_last=False, max_length=None,
+        )
+        # Only its pad id is used (rows come tokenized), under the attention mask.
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(ROOT / "models" / "qwen2_bf16" / "tokenizer.json"))
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)
+        trainer = InOrder(model=model, args=args, processing_class=tokenizer, train_dataset=Dataset.from_list(rows))
+        trainer.train()
+        history = [h for h in trainer.state.log_history if "loss" in h]
+    state = get_peft_model_state_dict(model)
+    return {k: v.detach().contiguous() for k, v in state.items()}, history
+
+
+def main() -> None:
+    shutil.rmtree(OUT, ignore_errors=True)
+    OUT.mkdir(parents=True)
+    rows = pairs()
+    (OUT / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    traces = {}
+    for loss_type in ["sigmoid", "ipo", "hinge", "robust"]:
+        for batch, accum in [(2, 1), (1, 2)]:
+            name = f"dpo_{loss_type}_{batch}x{accum}"
+            state, traces[name] = run(rows[:2], batch, accum, 1, loss_type, "sgd", 1.0, "constant", 0.0)
+            save_file(state, str(OUT / f"{name}.safetensors"))
+    state, traces["dpo_adamw"] = run(rows, 2, 1, 3, "sigmoid", "adamw_torch", 1e-2, "linear", 0.5)
+    save_file(state, str(OUT / "dpo_adamw.safetensors"))
+    (OUT / "steps.json").write_text(json.dumps(traces, indent=1))
+
+
+if __name__ == "__main__":
+    main()

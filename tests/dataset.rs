@@ -54,7 +54,7 @@ fn samples(rows: &[TrainRow]) -> Vec<Encoded> {
     rows.iter()
         .map(|r| match r {
             TrainRow::Sample(s) => s.clone(),
-            TrainRow::Packed(_) => panic!("packed without packing"),
+            other => panic!("{other:?} from SFT rows without packing"),
         })
         .collect()
 }

@@ -114,8 +114,8 @@ impl Totals {
         out.write_all(b"\n")
             .context("cannot write the encoded rows")?;
         self.rows += 1;
-        self.tokens += row.input_ids().len();
-        self.label_tokens += row.labels().iter().filter(|&&l| l != -100).count();
+        self.tokens += row.tokens();
+        self.label_tokens += row.label_tokens();
         Ok(())
     }
 }

@@ -13,8 +13,8 @@ use rand::SeedableRng;
 use rayon::prelude::*;
 use serde_json::{json, Value};
 
-use super::encode::{Encoded, Encoder};
-use super::format::parse_row;
+use super::encode::{Encoded, EncodedPreference, Encoder};
+use super::format::{parse_preference, parse_row};
 use super::pack::{pack, truncate, Packed};
 use super::source::{open_rows, DatasetSpec, RawRow, SpecSource};
 use super::DataError;
@@ -84,37 +84,58 @@ impl BadRows {
     }
 }
 
-/// A row training sees: one sample, or several packed into one.
+/// A row training sees: one sample, several packed into one, or a preference pair.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TrainRow {
     Sample(Encoded),
     Packed(Packed),
+    Pair { chosen: Encoded, rejected: Encoded },
+}
+
+/// One sequence of a row: its ids, labels, and where each of its samples starts then its length.
+struct Sequence<'r> {
+    input_ids: &'r [u32],
+    labels: &'r [i64],
+    boundaries: Vec<usize>,
+}
+
+impl<'r> Sequence<'r> {
+    fn of(e: &'r Encoded) -> Self {
+        Self {
+            input_ids: &e.input_ids,
+            labels: &e.labels,
+            boundaries: vec![0, e.input_ids.len()],
+        }
+    }
 }
 
 impl TrainRow {
-    pub fn input_ids(&self) -> &[u32] {
+    /// Its tokens (both sequences of a pair).
+    pub fn tokens(&self) -> usize {
+        self.sequences().iter().map(|s| s.input_ids.len()).sum()
+    }
+
+    /// Its tokens that take loss.
+    pub fn label_tokens(&self) -> usize {
+        let sequences = self.sequences();
+        let labels = sequences.iter().flat_map(|s| s.labels);
+        labels.filter(|&&l| l != IGNORE_INDEX).count()
+    }
+
+    fn sequences(&self) -> Vec<Sequence<'_>> {
         match self {
-            Self::Sample(s) => &s.input_ids,
-            Self::Packed(p) => &p.input_ids,
+            Self::Sample(s) => vec![Sequence::of(s)],
+            Self::Packed(p) => vec![Sequence {
+                input_ids: &p.input_ids,
+                labels: &p.labels,
+                boundaries: p.boundaries.clone(),
+            }],
+            Self::Pair { chosen, rejected } => vec![Sequence::of(chosen), Sequence::of(rejected)],
         }
     }
 
-    pub fn labels(&self) -> &[i64] {
-        match self {
-            Self::Sample(s) => &s.labels,
-            Self::Packed(p) => &p.labels,
-        }
-    }
-
-    /// Where each sample starts, then the row's length.
-    pub fn boundaries(&self) -> Vec<usize> {
-        match self {
-            Self::Sample(s) => vec![0, s.input_ids.len()],
-            Self::Packed(p) => p.boundaries.clone(),
-        }
-    }
-
-    /// `swift-rs encode`'s line: input_ids and labels, and position_ids when packed.
+    /// `swift-rs encode`'s line: input_ids and labels, position_ids when packed, each answer's
+    /// for a pair.
     pub fn to_json(&self) -> Value {
         match self {
             Self::Sample(s) => json!({"input_ids": s.input_ids, "labels": s.labels}),
@@ -123,25 +144,35 @@ impl TrainRow {
                 "labels": p.labels,
                 "position_ids": p.position_ids,
             }),
+            Self::Pair { chosen, rejected } => json!({
+                "chosen_input_ids": chosen.input_ids,
+                "chosen_labels": chosen.labels,
+                "rejected_input_ids": rejected.input_ids,
+                "rejected_labels": rejected.labels,
+            }),
         }
     }
 }
 
-/// Rows to one batch padded to its longest row (dynamic padding), with labels padded by -100 to
-/// the same length; packed rows keep attention inside each sample.
+/// Rows to one batch padded to its longest sequence (dynamic padding), with labels padded by -100
+/// to the same length; packed rows keep attention inside each sample. Pairs give two sequences
+/// each, every chosen answer first, then every rejected one (TRL's concatenated batch).
 pub fn collate(rows: &[&TrainRow]) -> (Batch, Vec<Vec<i64>>) {
-    let boundaries: Vec<Vec<usize>> = rows.iter().map(|r| r.boundaries()).collect();
-    let parts: Vec<(&[u32], &[usize])> = rows
+    let per_row: Vec<Vec<Sequence>> = rows.iter().map(|r| r.sequences()).collect();
+    let width = per_row.iter().map(Vec::len).max().unwrap_or(1);
+    let sequences: Vec<&Sequence> = (0..width)
+        .flat_map(|k| per_row.iter().filter_map(move |s| s.get(k)))
+        .collect();
+    let parts: Vec<(&[u32], &[usize])> = sequences
         .iter()
-        .zip(&boundaries)
-        .map(|(r, b)| (r.input_ids(), b.as_slice()))
+        .map(|s| (s.input_ids, s.boundaries.as_slice()))
         .collect();
     let batch = Batch::packed(&parts);
     let seq = batch.input_ids.first().map_or(0, Vec::len);
-    let labels = rows
+    let labels = sequences
         .iter()
-        .map(|r| {
-            let mut l = r.labels().to_vec();
+        .map(|s| {
+            let mut l = s.labels.to_vec();
             l.resize(seq, IGNORE_INDEX);
             l
         })
@@ -168,8 +199,8 @@ impl Dataset {
         if data.val.is_empty() && data.val_ratio > 0.0 {
             (train_rows, val_rows) = split(train_rows, data.val_ratio, seed);
         }
-        let train = encode_rows(&train_rows, data, encoder, &mut bad_rows)?;
-        let val = encode_rows(&val_rows, data, encoder, &mut bad_rows)?;
+        let train = training_rows(&train_rows, data, encoder, &mut bad_rows)?;
+        let val = training_rows(&val_rows, data, encoder, &mut bad_rows)?;
         if train.is_empty() {
             return Err(DataError::NoRows {
                 what: "data.train".into(),
@@ -177,8 +208,8 @@ impl Dataset {
             });
         }
         Ok(Self {
-            train: rows_for_training(train, data),
-            val: rows_for_training(val, data),
+            train,
+            val,
             bad_rows,
             shuffle: data.shuffle,
             seed,
@@ -193,8 +224,7 @@ impl Dataset {
     ) -> Result<Vec<TrainRow>, DataError> {
         let mut bad_rows = BadRows::new(data.on_bad_row);
         let rows = read_specs(&data.val, data, seed, &mut bad_rows)?;
-        let val = encode_rows(&rows, data, encoder, &mut bad_rows)?;
-        Ok(rows_for_training(val, data))
+        training_rows(&rows, data, encoder, &mut bad_rows)
     }
 
     /// The order of `train` in epoch `epoch` (from 0): a permutation drawn from `train.seed` and
@@ -284,17 +314,31 @@ fn split<T>(rows: Vec<T>, ratio: f64, seed: u64) -> (Vec<T>, Vec<T>) {
 
 /// Encodes rows on every core (`data.num_proc` threads when set); results keep input order, and
 /// bad rows are reported in order.
-fn encode_rows(
+/// The rows encoded (as preference pairs when the encoder reads preference rows) and, when
+/// `data.packing`, packed.
+fn training_rows(
     rows: &[RawRow],
     data: &DataSection,
     encoder: &Encoder,
     bad_rows: &mut BadRows,
-) -> Result<Vec<Encoded>, DataError> {
-    let encode = || -> Vec<Result<Option<Encoded>, String>> {
-        rows.par_iter()
-            .map(|row| encode_one(row, data, encoder))
-            .collect()
-    };
+) -> Result<Vec<TrainRow>, DataError> {
+    if encoder.reads_preferences() {
+        return encode_all(rows, data, bad_rows, |row| encode_pair(row, data, encoder));
+    }
+    let samples = encode_all(rows, data, bad_rows, |row| encode_one(row, data, encoder))?;
+    Ok(rows_for_training(samples, data))
+}
+
+/// `encode` on every row, in parallel (`data.num_proc` threads); a row it cannot encode is a bad
+/// row, one it drops (None) a row too long.
+fn encode_all<T: Send>(
+    rows: &[RawRow],
+    data: &DataSection,
+    bad_rows: &mut BadRows,
+    encode: impl Fn(&RawRow) -> Result<Option<T>, String> + Sync,
+) -> Result<Vec<T>, DataError> {
+    let encode_each =
+        || -> Vec<Result<Option<T>, String>> { rows.par_iter().map(&encode).collect() };
     let pool = data.num_proc.map(|n| {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
@@ -302,14 +346,14 @@ fn encode_rows(
             .build()
     });
     let results = match pool {
-        Some(Ok(pool)) => pool.install(encode),
+        Some(Ok(pool)) => pool.install(encode_each),
         // No thread could be started for a pool of its own: the shared one encodes.
-        Some(Err(_)) | None => encode(),
+        Some(Err(_)) | None => encode_each(),
     };
-    let mut samples = Vec::with_capacity(rows.len());
+    let mut encoded = Vec::with_capacity(rows.len());
     for (row, result) in rows.iter().zip(results) {
         match result {
-            Ok(Some(sample)) => samples.push(sample),
+            Ok(Some(e)) => encoded.push(e),
             Ok(None) => bad_rows.too_long += 1,
             Err(reason) => bad_rows.handle(DataError::BadRow {
                 path: row.path.to_path_buf(),
@@ -318,7 +362,36 @@ fn encode_rows(
             })?,
         }
     }
-    Ok(samples)
+    Ok(encoded)
+}
+
+/// A preference row encoded, each answer truncated; None when `truncation = "delete"` drops
+/// either as too long.
+fn encode_pair(
+    row: &RawRow,
+    data: &DataSection,
+    encoder: &Encoder,
+) -> Result<Option<TrainRow>, String> {
+    match encoder.encode_preference(&parse_preference(&row.value)?)? {
+        EncodedPreference::Pair { chosen, rejected } => {
+            let cut = |e| truncate(e, data.max_length, data.truncation);
+            let (Some(chosen), Some(rejected)) = (cut(chosen), cut(rejected)) else {
+                return Ok(None);
+            };
+            for (answer, e) in [("chosen", &chosen), ("rejected", &rejected)] {
+                if e.labels.iter().all(|&l| l == IGNORE_INDEX) {
+                    return Err(format!(
+                        "the {answer} answer takes no loss (after truncation)"
+                    ));
+                }
+            }
+            Ok(Some(TrainRow::Pair { chosen, rejected }))
+        }
+        EncodedPreference::Unpaired { .. } => Err(
+            "a KTO row (with \"label\"): rlhf.type = \"kto\" is not supported yet; give pairs"
+                .into(),
+        ),
+    }
 }
 
 /// The row encoded and truncated; None when `truncation = "delete"` drops it as too long.
@@ -417,8 +490,8 @@ impl<'a> Stream<'a> {
         if rows.is_empty() {
             return Ok(false);
         }
-        let samples = encode_rows(&rows, self.data, self.encoder, &mut self.bad_rows)?;
-        self.ready.extend(rows_for_training(samples, self.data));
+        let rows = training_rows(&rows, self.data, self.encoder, &mut self.bad_rows)?;
+        self.ready.extend(rows);
         Ok(true)
     }
 }

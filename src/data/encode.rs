@@ -37,6 +37,8 @@ pub struct Encoder {
     system: Option<String>,
     /// Special tokens, longest first, for finding the end-of-turn token after an answer.
     specials: Vec<String>,
+    /// Rows are preference rows (`swift-rs rlhf`).
+    preferences: bool,
 }
 
 impl Encoder {
@@ -59,7 +61,18 @@ impl Encoder {
             loss_scale,
             system,
             specials,
+            preferences: false,
         }
+    }
+
+    /// The encoder for preference rows (`swift-rs rlhf`): datasets read through it are pairs.
+    pub fn reading_preferences(mut self) -> Self {
+        self.preferences = true;
+        self
+    }
+
+    pub fn reads_preferences(&self) -> bool {
+        self.preferences
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {

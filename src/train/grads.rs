@@ -99,7 +99,7 @@ impl<B: TrainBackend> StepGrads<B> {
             })
             .collect();
         let label_tokens: usize = micro.iter().map(|m| m.targets.len()).sum();
-        let tokens = batches.iter().flatten().map(|r| r.input_ids().len()).sum();
+        let tokens = batches.iter().flatten().map(TrainRow::tokens).sum();
         let mut grads: Grads<B> = vec![None; self.layer_tensors.iter().sum()];
         // Frozen copies for the forward pass of checkpointing: cheap (tensors are shared) and
         // they record no graph.

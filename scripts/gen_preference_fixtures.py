@@ -12,9 +12,10 @@ What it writes, under tests/fixtures/preference/:
                             rejected_ids), random ids of the fixture vocabulary
   dpo_<loss>_<B>x<A>.safetensors
                             the adapter after one SGD step (lr 1, weight decay 0.1, no clipping)
-                            of TRL's DPOTrainer (beta 0.1) from adapters/qwen2_rslora on
+                            of TRL's DPOTrainer (beta 0.1; label_smoothing 0.1 for robust) from
+                            adapters/qwen2_rslora on
                             qwen2_bf16 (f32), the first two pairs, batch B x accumulation A; the
-                            reference is the base with the adapters off
+                            reference is TRL's frozen copy of that starting adapter
   dpo_adamw.safetensors     three AdamW steps (lr 1e-2, linear schedule, clipping at 0.5), sigmoid,
                             batch 2 x accumulation 1, the six pairs in file order
   steps.json                every run's log history as TRL writes it (loss, grad_norm, rewards/*,
@@ -69,7 +70,7 @@ def run(rows, batch, accum, steps, loss_type, optim, lr, schedule, clip):
             output_dir=tmp, per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
             max_steps=steps, learning_rate=lr, optim=optim, lr_scheduler_type=schedule, warmup_steps=0,
             weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=clip,
-            beta=0.1, loss_type=[loss_type], logging_steps=1, report_to="none", use_cpu=True, seed=42,
+            beta=0.1, loss_type=[loss_type], label_smoothing=0.1 if loss_type == "robust" else 0.0, logging_steps=1, report_to="none", use_cpu=True, seed=42,
             bf16=False, fp16=False, gradient_checkpointing=False, save_strategy="no",
             dataloader_drop_last=False, max_length=None,
         )

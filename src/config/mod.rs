@@ -18,11 +18,11 @@ pub use model::{
 };
 pub use quant::Nf4Config;
 pub use train::{
-    auto_dtype, parse_swift_args, swift_bool, versioned_dir, DataSection, Device, Hub, Length,
-    LoraInit, LoraSection, LossScale, ModelSection, OnBadRow, OptimizerConfig, OptimizerKind,
-    OutputSection, Override, QuantSection, QuantType, Resume, RunArgs, ScheduleConfig,
-    ScheduleKind, SwiftArgs, SwiftCommand, TemplateName, TrainConfig, TrainPlan, TrainSection,
-    Truncation, Warmup, ARGS_FILE,
+    auto_dtype, parse_swift_args, swift_bool, versioned_dir, DataSection, Device, DpoLoss, Hub,
+    Length, LoraInit, LoraSection, LossScale, ModelSection, OnBadRow, OptimizerConfig,
+    OptimizerKind, OutputSection, Override, QuantSection, QuantType, Resume, RlhfSection, RlhfType,
+    RunArgs, ScheduleConfig, ScheduleKind, SwiftArgs, SwiftCommand, TemplateName, TrainConfig,
+    TrainPlan, TrainSection, Truncation, Warmup, ARGS_FILE,
 };
 
 /// Files of a model directory besides config.json and the weights that loading, inference and a

@@ -52,6 +52,9 @@ pub struct TrainerState {
     /// logs the mean an unbroken one would.
     #[serde(default)]
     pub unlogged_loss: (f64, u64),
+    /// The same for a preference run's metrics (`PreferenceLog`'s order): summed per-step means.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unlogged_metrics: Vec<f64>,
     pub best_metric: Option<f64>,
     pub best_model_checkpoint: Option<PathBuf>,
     pub log_history: Vec<LogEntry>,
@@ -69,6 +72,7 @@ impl TrainerState {
             optimizer: optimizer.name().into(),
             elapsed_s: 0.0,
             unlogged_loss: (0.0, 0),
+            unlogged_metrics: Vec::new(),
             best_metric: None,
             best_model_checkpoint: None,
             log_history: Vec::new(),

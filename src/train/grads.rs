@@ -9,9 +9,10 @@ use burn::module::Module;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
 
+use super::preference::{dpo_loss, DpoSettings, PairLogps};
 use crate::data::dataset::{collate, TrainRow};
-use crate::model::loss::{token_losses, LossTargets};
-use crate::model::{Batch, CausalLm, DecoderLayer, TrainBackend};
+use crate::model::loss::{sequence_logps, token_losses, LossTargets};
+use crate::model::{Batch, CausalLm, DecoderLayer, TrainBackend, IGNORE_INDEX};
 
 /// One gradient per trainable tensor, in `flat_params`'s order; None where the backward pass did
 /// not reach one.
@@ -47,14 +48,30 @@ pub struct StepGrads<B: TrainBackend> {
     /// Trainable tensors of each decoder layer, to place a layer's gradients in the flat list.
     pub layer_tensors: Vec<usize>,
     pub device: B::Device,
+    /// Preference training's reference and loss; None for SFT.
+    pub preference: Option<Preference<B>>,
 }
 
+/// What a preference step needs besides the policy: the reference model (its forward passes
+/// record no graph) and how the loss is made.
+pub struct Preference<B: TrainBackend> {
+    pub reference: CausalLm<B::InnerBackend>,
+    pub settings: DpoSettings,
+}
+
+/// The sums over a step's pairs of TRL's per-pair metrics (`[6]`, on the device): rewards of the
+/// chosen and rejected answers, accuracy, margin, and the two log-probabilities.
+pub type StepMetrics<B> = Tensor<<B as AutodiffBackend>::InnerBackend, 1>;
+
 /// A micro-batch ready for the model.
-struct Micro {
+struct Micro<B: TrainBackend> {
     batch: Batch,
     targets: LossTargets,
     /// Its place in the step, for the dropout seed.
     index: usize,
+    /// Preference pairs: the reference's summed log-probabilities of each answer (`[pairs]`
+    /// each), and each answer's label tokens.
+    pairs: Option<Pairs<B>>,
 }
 
 impl<B: TrainBackend> StepGrads<B> {
@@ -72,29 +89,42 @@ impl<B: TrainBackend> StepGrads<B> {
             checkpointing,
             layer_tensors,
             device,
+            preference: None,
         }
     }
 
-    /// The mean loss over the step's label tokens (`[1]`, on the device: read once a step with
-    /// the gradient norm), its tokens (padding excluded) and the gradient of that loss for every
-    /// trainable tensor.
+    /// The step's loss (`[1]`, on the device: read once a step with the gradient norm), its
+    /// tokens (padding excluded), the gradient of that loss for every trainable tensor, and for
+    /// preference pairs the metrics' sums. SFT's loss is the mean over the step's label tokens;
+    /// a preference loss is the mean over each micro-batch's pairs, averaged over the
+    /// micro-batches (transformers divides each by the accumulation steps).
     pub fn compute(
         &self,
         model: &CausalLm<B>,
         batches: &[Vec<TrainRow>],
         step: u64,
-    ) -> (Tensor<B::InnerBackend, 1>, usize, Grads<B>) {
-        let micro: Vec<Micro> = batches
+    ) -> (
+        Tensor<B::InnerBackend, 1>,
+        usize,
+        Grads<B>,
+        Option<StepMetrics<B>>,
+    ) {
+        let micro: Vec<Micro<B>> = batches
             .iter()
             .enumerate()
             .map(|(index, rows)| {
                 let refs: Vec<&TrainRow> = rows.iter().collect();
                 let (batch, labels) = collate(&refs);
                 let targets = LossTargets::shifted(&labels);
+                let pairs = self
+                    .preference
+                    .as_ref()
+                    .map(|p| Pairs::new(&p.reference, &batch, &targets, &labels));
                 Micro {
                     batch,
                     targets,
                     index,
+                    pairs,
                 }
             })
             .collect();
@@ -112,55 +142,103 @@ impl<B: TrainBackend> StepGrads<B> {
                 .collect(),
             false => Vec::new(),
         };
-        let scale = 1.0 / label_tokens.max(1) as f64;
-        let mut loss_sum = Tensor::zeros([1], &self.device);
+        let scale = match self.preference {
+            None => 1.0 / label_tokens.max(1) as f64,
+            Some(_) => 1.0 / micro.len().max(1) as f64,
+        };
+        let mut loss = Tensor::zeros([1], &self.device);
+        let mut metrics: Option<StepMetrics<B>> = None;
         for m in micro.iter().filter(|m| !m.targets.is_empty()) {
-            loss_sum = loss_sum
-                + match self.checkpointing {
-                    true => self.checkpointed(model, &frozen, m, step, scale, &mut grads),
-                    false => self.whole(model, m, step, scale, &mut grads),
-                };
+            let objective = |hidden: Tensor<B, 3>| self.objective(model, hidden, m, scale);
+            let (part, sums) = match self.checkpointing {
+                true => self.checkpointed(model, &frozen, m, step, &objective, &mut grads),
+                false => self.whole(model, m, step, &objective, &mut grads),
+            };
+            loss = loss + part;
+            metrics = match (metrics, sums) {
+                (Some(acc), Some(s)) => Some(acc + s),
+                (acc, s) => acc.or(s),
+            };
         }
-        (loss_sum * scale, tokens, grads)
+        (loss, tokens, grads, metrics)
     }
 
-    /// One graph over the whole model; returns the summed loss `[1]`.
+    /// A micro-batch's part of the step's loss, to run backward from (`scale` applied), given
+    /// the final hidden states; for pairs, the metrics' sums too.
+    fn objective(
+        &self,
+        model: &CausalLm<B>,
+        hidden: Tensor<B, 3>,
+        m: &Micro<B>,
+        scale: f64,
+    ) -> (Tensor<B, 1>, Option<StepMetrics<B>>) {
+        let (Some(preference), Some(pairs)) = (&self.preference, &m.pairs) else {
+            return (token_losses(model, hidden, &m.targets).sum() * scale, None);
+        };
+        let logps = sequence_logps(model, hidden, &m.targets); // [2 * pairs]
+        let n = pairs.chosen_tokens.len();
+        let policy = PairLogps {
+            chosen: logps.clone().slice(0..n),
+            rejected: logps.slice(n..2 * n),
+            chosen_tokens: pairs.chosen_tokens.clone(),
+            rejected_tokens: pairs.rejected_tokens.clone(),
+        };
+        let reference = (
+            Tensor::from_inner(pairs.reference.0.clone()),
+            Tensor::from_inner(pairs.reference.1.clone()),
+        );
+        let (loss, sums) = dpo_loss(&policy, reference, &preference.settings);
+        let sums = Tensor::cat(
+            vec![
+                sums.chosen_rewards,
+                sums.rejected_rewards,
+                sums.accuracies,
+                sums.margins,
+                sums.chosen_logps,
+                sums.rejected_logps,
+            ],
+            0,
+        );
+        (loss * scale, Some(sums.inner()))
+    }
+
+    /// One graph over the whole model; returns the micro-batch's part of the loss `[1]`.
     fn whole(
         &self,
         model: &CausalLm<B>,
-        m: &Micro,
+        m: &Micro<B>,
         step: u64,
-        scale: f64,
+        objective: &dyn Fn(Tensor<B, 3>) -> (Tensor<B, 1>, Option<StepMetrics<B>>),
         grads: &mut Grads<B>,
-    ) -> Tensor<B::InnerBackend, 1> {
+    ) -> (Tensor<B::InnerBackend, 1>, Option<StepMetrics<B>>) {
         let (mut x, inputs) = model.embed(&m.batch);
         for (i, layer) in model.model.layers.iter().enumerate() {
             self.seed_dropout(step, m.index, i);
             x = layer.forward(x, &inputs.rope, inputs.masks[i].clone(), None);
         }
-        let sum = token_losses(model, model.model.norm.forward(x), &m.targets).sum();
-        let backward = (sum.clone() * scale).backward();
+        let (loss, sums) = objective(model.model.norm.forward(x));
+        let backward = loss.clone().backward();
         let mut offset = 0;
         for (layer, n) in model.model.layers.iter().zip(&self.layer_tensors) {
             add_layer_grads(grads, offset, layer, &backward);
             offset += n;
         }
-        sum.inner()
+        (loss.inner(), sums)
     }
 
     /// Layer by layer: a forward pass that keeps only each layer's input, then per layer, last
     /// to first, the layer recomputed with a graph and its backward pass seeded with the
     /// gradient of its output. The last layer keeps its graph from the forward pass instead, as
-    /// its backward pass follows at once. Returns the summed loss `[1]`.
+    /// its backward pass follows at once. Returns the micro-batch's part of the loss `[1]`.
     fn checkpointed(
         &self,
         model: &CausalLm<B>,
         frozen: &[DecoderLayer<B>],
-        m: &Micro,
+        m: &Micro<B>,
         step: u64,
-        scale: f64,
+        objective: &dyn Fn(Tensor<B, 3>) -> (Tensor<B, 1>, Option<StepMetrics<B>>),
         grads: &mut Grads<B>,
-    ) -> Tensor<B::InnerBackend, 1> {
+    ) -> (Tensor<B::InnerBackend, 1>, Option<StepMetrics<B>>) {
         let layers = &model.model.layers;
         let last = layers.len() - 1;
         // The first layer's input is the frozen embedding: its gradient is not needed.
@@ -180,8 +258,8 @@ impl<B: TrainBackend> StepGrads<B> {
             inputs.masks[last].clone(),
             None,
         );
-        let sum = token_losses(model, model.model.norm.forward(out), &m.targets).sum();
-        let backward = (sum.clone() * scale).backward();
+        let (loss, sums) = objective(model.model.norm.forward(out));
+        let backward = loss.clone().backward();
         let mut offset: usize = self.layer_tensors[..last].iter().sum();
         add_layer_grads(grads, offset, &layers[last], &backward);
         let mut grad_out = input.grad(&backward);
@@ -197,7 +275,7 @@ impl<B: TrainBackend> StepGrads<B> {
             add_layer_grads(grads, offset, layer, &backward);
             grad_out = input.grad(&backward);
         }
-        sum.inner()
+        (loss.inner(), sums)
     }
 
     /// Reseeds the backend's generator for the dropout of one layer of one micro-batch.
@@ -207,6 +285,36 @@ impl<B: TrainBackend> StepGrads<B> {
                 .iter()
                 .fold(self.seed, |h, &v| splitmix64(h ^ splitmix64(v)));
             B::seed(&self.device, seed);
+        }
+    }
+}
+
+/// A micro-batch of pairs (`collate` put every chosen answer first, then every rejected one):
+/// the reference's summed log-probabilities of each answer, computed once without a graph, and
+/// each answer's label tokens.
+struct Pairs<B: TrainBackend> {
+    reference: (Tensor<B::InnerBackend, 1>, Tensor<B::InnerBackend, 1>),
+    chosen_tokens: Vec<usize>,
+    rejected_tokens: Vec<usize>,
+}
+
+impl<B: TrainBackend> Pairs<B> {
+    fn new(
+        reference: &CausalLm<B::InnerBackend>,
+        batch: &Batch,
+        targets: &LossTargets,
+        labels: &[Vec<i64>],
+    ) -> Self {
+        let n = labels.len() / 2;
+        let logps = sequence_logps(reference, reference.hidden_states(batch), targets);
+        let counts: Vec<usize> = labels
+            .iter()
+            .map(|l| l[1..].iter().filter(|&&t| t != IGNORE_INDEX).count())
+            .collect();
+        Self {
+            reference: (logps.clone().slice(0..n), logps.slice(n..2 * n)),
+            chosen_tokens: counts[..n].to_vec(),
+            rejected_tokens: counts[n..].to_vec(),
         }
     }
 }

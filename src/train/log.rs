@@ -38,6 +38,53 @@ pub struct LogEntry {
     pub eta_s: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_loss: Option<f64>,
+    /// A preference run's metrics, under TRL's names.
+    #[serde(default, flatten, skip_serializing_if = "Option::is_none")]
+    pub preference: Option<PreferenceLog>,
+}
+
+/// TRL's DPO metrics, means over the pairs of the logged steps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreferenceLog {
+    #[serde(rename = "rewards/chosen")]
+    pub rewards_chosen: f64,
+    #[serde(rename = "rewards/rejected")]
+    pub rewards_rejected: f64,
+    #[serde(rename = "rewards/accuracies")]
+    pub rewards_accuracies: f64,
+    #[serde(rename = "rewards/margins")]
+    pub rewards_margins: f64,
+    #[serde(rename = "logps/chosen")]
+    pub logps_chosen: f64,
+    #[serde(rename = "logps/rejected")]
+    pub logps_rejected: f64,
+}
+
+impl PreferenceLog {
+    /// From the sums over `steps` steps of each step's means; None when there are none (SFT).
+    pub fn from_sums(sums: &[f64], steps: u64) -> Option<Self> {
+        let mean = |i: usize| sums[i] / steps.max(1) as f64;
+        (sums.len() == 6).then(|| Self {
+            rewards_chosen: mean(0),
+            rewards_rejected: mean(1),
+            rewards_accuracies: mean(2),
+            rewards_margins: mean(3),
+            logps_chosen: mean(4),
+            logps_rejected: mean(5),
+        })
+    }
+
+    /// Each metric with its name, for TensorBoard.
+    pub fn named(&self) -> [(&'static str, f64); 6] {
+        [
+            ("rewards/chosen", self.rewards_chosen),
+            ("rewards/rejected", self.rewards_rejected),
+            ("rewards/accuracies", self.rewards_accuracies),
+            ("rewards/margins", self.rewards_margins),
+            ("logps/chosen", self.logps_chosen),
+            ("logps/rejected", self.logps_rejected),
+        ]
+    }
 }
 
 /// The writers of a run directory's logs.
@@ -92,6 +139,9 @@ impl RunLog {
             tb.add_scalar("train/memory_gib", entry.memory_gib as f32, step);
             if let Some(eval) = entry.eval_loss {
                 tb.add_scalar("eval/loss", eval as f32, step);
+            }
+            for (name, value) in entry.preference.iter().flat_map(PreferenceLog::named) {
+                tb.add_scalar(&format!("train/{name}"), value as f32, step);
             }
             tb.flush();
         }

@@ -7,39 +7,7 @@ use burn::tensor::activation::{log_sigmoid, relu};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-/// TRL's DPO `loss_type`s that fit LoRA training here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DpoLoss {
-    /// -log σ(β Δ): the original DPO.
-    Sigmoid,
-    /// relu(1 - β Δ) (SLiC).
-    Hinge,
-    /// (Δ per token - 1 / 2β)², the log-ratios averaged over each completion's tokens.
-    Ipo,
-    /// DPO under label noise ε = `label_smoothing` (Chowdhury et al.).
-    Robust,
-    /// The sigmoid loss on per-token averages.
-    SigmoidNorm,
-    /// The chosen completions' mean NLL (RPO's term; ms-swift's `rpo_alpha` is its weight).
-    Sft,
-}
-
-impl DpoLoss {
-    pub fn parse(name: &str) -> Option<Self> {
-        Some(match name {
-            "sigmoid" => Self::Sigmoid,
-            "hinge" => Self::Hinge,
-            "ipo" => Self::Ipo,
-            "robust" => Self::Robust,
-            "sigmoid_norm" => Self::SigmoidNorm,
-            "sft" => Self::Sft,
-            _ => return None,
-        })
-    }
-
-    pub const NAMES: [&'static str; 6] =
-        ["sigmoid", "hinge", "ipo", "robust", "sigmoid_norm", "sft"];
-}
+pub use crate::config::DpoLoss;
 
 /// The summed completion log-probabilities of a micro-batch's pairs, `[n]` each, and their
 /// completions' token counts.

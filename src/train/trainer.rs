@@ -15,13 +15,14 @@ use burn::tensor::Tensor;
 
 use super::checkpoint::{self, TrainerState};
 use super::feed::{Feed, Source};
-use super::grads::{flat_params, set_params, StepGrads};
-use super::log::{self, LogEntry, RunLog};
+use super::grads::{flat_params, set_params, Preference, StepGrads};
+use super::log::{self, LogEntry, PreferenceLog, RunLog};
 use super::optim::{clip_grad_norm, Optimizer};
+use super::preference::{DpoLoss, DpoSettings};
 use super::run_dir;
 use super::schedule::LrSchedule;
 use super::{mean_loss, TrainError};
-use crate::config::{DataSection, Length, LoraConfig, ModelConfig, TrainPlan};
+use crate::config::{DataSection, Length, LoraConfig, ModelConfig, RlhfSection, TrainPlan};
 use crate::data::dataset::{BadRows, Dataset, TrainRow};
 use crate::data::encode::Encoder;
 use crate::export::peft::read_adapter;
@@ -146,10 +147,17 @@ impl<B: TrainBackend> Trainer<B> {
             None => TrainerState::new(max_steps, config.train.seed, plan.optimizer.kind),
         };
         let t = &config.train;
+        let mut grads = StepGrads::new(&model, t.seed, t.gradient_checkpointing, device);
+        if let Some(rlhf) = &config.rlhf {
+            grads.preference = Some(Preference {
+                reference: reference(&plan, &model, resume.is_some())?,
+                settings: dpo_settings(rlhf),
+            });
+        }
         Ok(Self {
             run_dir,
             schedule: LrSchedule::new(plan.schedule, max_steps as usize),
-            grads: StepGrads::new(&model, t.seed, t.gradient_checkpointing, device),
+            grads,
             data: Arc::new(data),
             model,
             lora,
@@ -233,7 +241,7 @@ impl<B: TrainBackend> Trainer<B> {
     fn step(&mut self, batches: &[Vec<TrainRow>], clock: &mut Clock) -> StepReport {
         let step = self.state.global_step;
         let lr = self.schedule.lr(step as usize);
-        let (loss, tokens, grads) = self.grads.compute(&self.model, batches, step);
+        let (loss, tokens, grads, metrics) = self.grads.compute(&self.model, batches, step);
         let params = flat_params(&self.model);
         let grads = grads
             .into_iter()
@@ -244,6 +252,12 @@ impl<B: TrainBackend> Trainer<B> {
         let (grad_norm, grads) = clip_grad_norm(grads, max_grad_norm);
         let values = Tensor::cat(vec![loss, grad_norm], 0);
         let skip = values.clone().is_finite().bool_not().any();
+        // A preference step's metrics ride along, as means over its pairs.
+        let pairs = batches.iter().map(Vec::len).sum::<usize>().max(1);
+        let values = match metrics {
+            Some(sums) => Tensor::cat(vec![values, sums / pairs as f64], 0),
+            None => values,
+        };
         let updated: Vec<Tensor<B::InnerBackend, 1>> = self.optimizer.step(lr, params, grads, skip);
         set_params(&mut self.model, updated);
         self.unread.push(values);
@@ -274,7 +288,8 @@ impl<B: TrainBackend> Trainer<B> {
         let data = Tensor::cat(std::mem::take(&mut self.unread), 0).into_data();
         let values: Vec<f64> = data.convert::<f64>().to_vec().expect("f64 values");
         let first = self.state.global_step + 1 - n;
-        for (step, pair) in (first..).zip(values.chunks_exact(2)) {
+        let width = values.len() / n as usize;
+        for (step, pair) in (first..).zip(values.chunks_exact(width)) {
             for (what, value) in [("loss", pair[0]), ("gradient norm", pair[1])] {
                 if !value.is_finite() {
                     // The checkpoint of step - 1 holds the weights that gave this value: the
@@ -296,8 +311,13 @@ impl<B: TrainBackend> Trainer<B> {
             }
             self.state.unlogged_loss.0 += pair[0];
             self.state.unlogged_loss.1 += 1;
+            let metrics = &mut self.state.unlogged_metrics;
+            metrics.resize(width - 2, 0.0);
+            for (sum, value) in metrics.iter_mut().zip(&pair[2..]) {
+                *sum += value;
+            }
         }
-        let last = values.len() - 2;
+        let last = values.len() - width;
         Ok([values[last], values[last + 1]])
     }
 
@@ -340,10 +360,12 @@ impl<B: TrainBackend> Trainer<B> {
             elapsed_s: state.elapsed_s,
             eta_s: clock.per_step(step) * (state.max_steps - step) as f64,
             eval_loss,
+            preference: PreferenceLog::from_sums(&state.unlogged_metrics, state.unlogged_loss.1),
         };
         log.write(&entry)?;
         state.log_history.push(entry.clone());
         state.unlogged_loss = (0.0, 0);
+        state.unlogged_metrics.clear();
         clock.window();
         Ok(Some(entry))
     }
@@ -393,7 +415,10 @@ impl<B: TrainBackend> Trainer<B> {
 /// epoch count turns into steps over the rows read.
 fn read_data(plan: &TrainPlan, model_dir: &Path) -> Result<(TrainData, u64), TrainError> {
     let (config, t) = (&plan.config, &plan.config.train);
-    let encoder = Encoder::from_config(model_dir, &config.model, &config.data)?;
+    let mut encoder = Encoder::from_config(model_dir, &config.model, &config.data)?;
+    if config.rlhf.is_some() {
+        encoder = encoder.reading_preferences();
+    }
     let mut stream_val = Vec::new();
     let (dataset, max_steps) = match plan.length {
         // `resolve` gives a stream a length in steps.
@@ -452,6 +477,54 @@ fn load_model<B: TrainBackend>(
     };
     let (_, model) = model::load::<B>(model_dir, options, Some(&mut adapter), device)?;
     Ok((model, adapter.config))
+}
+
+/// Preference training's reference, from the policy's own weights: TRL's, a frozen copy of the
+/// adapter training starts from (`lora.init_adapter`), else the base with the adapters off.
+fn reference<B: TrainBackend>(
+    plan: &TrainPlan,
+    model: &CausalLm<B>,
+    resumed: bool,
+) -> Result<CausalLm<B::InnerBackend>, TrainError> {
+    let unsupported = |key: &str, reason: &str| TrainError::Config {
+        key: key.into(),
+        reason: reason.into(),
+    };
+    let config = &plan.config;
+    if config
+        .rlhf
+        .as_ref()
+        .is_some_and(|r| r.ref_adapter.is_some())
+    {
+        return Err(unsupported(
+            "rlhf.ref_adapter",
+            "a reference adapter of its own is not supported yet: the reference is the adapter \
+             training starts from (lora.init_adapter), or the base",
+        ));
+    }
+    match (&config.lora.init_adapter, resumed) {
+        (None, _) => Ok(model.valid().without_adapters()),
+        // The weights are shared until the first step replaces the policy's.
+        (Some(_), false) => Ok(model.valid()),
+        (Some(_), true) => Err(unsupported(
+            "train.resume_from",
+            "resuming preference training that started from lora.init_adapter is not supported \
+             yet (its reference, the starting adapter, is not in the checkpoint)",
+        )),
+    }
+}
+
+/// TRL's DPO settings from `[rlhf]`: ms-swift's `rpo_alpha` is the weight of an `sft` term.
+fn dpo_settings(rlhf: &RlhfSection) -> DpoSettings {
+    let mut losses = vec![(rlhf.loss_type.unwrap_or(DpoLoss::Sigmoid), 1.0)];
+    if let Some(alpha) = rlhf.rpo_alpha {
+        losses.push((DpoLoss::Sft, alpha));
+    }
+    DpoSettings {
+        beta: rlhf.beta(),
+        losses,
+        label_smoothing: rlhf.label_smoothing,
+    }
 }
 
 /// A resumed run trains the checkpoint's adapter: a config that now says another rank, alpha,

@@ -34,10 +34,9 @@ pub struct TrainConfig {
     pub data: DataSection,
     pub train: TrainSection,
     pub output: OutputSection,
-    /// Preference training (`swift-rs rlhf`); SFT leaves it unread, and a run's config.toml
-    /// holds it only when set.
-    #[serde(skip_serializing_if = "RlhfSection::is_default")]
-    pub rlhf: RlhfSection,
+    /// Preference training (`swift-rs rlhf`); None for SFT.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rlhf: Option<RlhfSection>,
 }
 
 /// ms-swift's `rlhf_type`: the preference objectives TRL's trainers implement.
@@ -52,6 +51,24 @@ pub enum RlhfType {
     Kto,
 }
 
+/// TRL's DPO `loss_type`s that fit LoRA training here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DpoLoss {
+    /// -log σ(β Δ): the original DPO.
+    Sigmoid,
+    /// relu(1 - β Δ) (SLiC).
+    Hinge,
+    /// (Δ per token - 1 / 2β)², the log-ratios averaged over each completion's tokens.
+    Ipo,
+    /// DPO under label noise ε = `label_smoothing` (Chowdhury et al.).
+    Robust,
+    /// The sigmoid loss on per-token averages.
+    SigmoidNorm,
+    /// The chosen completions' mean NLL (RPO's term; ms-swift's `rpo_alpha` is its weight).
+    Sft,
+}
+
 /// `[rlhf]`, with ms-swift's names and defaults (its `RLHFArguments`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -61,7 +78,7 @@ pub struct RlhfSection {
     /// None: 2.0 for SimPO, else 0.1 (ms-swift's defaults).
     pub beta: Option<f64>,
     /// None: the type's own (DPO's sigmoid).
-    pub loss_type: Option<String>,
+    pub loss_type: Option<DpoLoss>,
     /// Weight of an NLL term on the chosen answers (RPO); None: none.
     pub rpo_alpha: Option<f64>,
     pub label_smoothing: f64,
@@ -75,8 +92,43 @@ pub struct RlhfSection {
 }
 
 impl RlhfSection {
-    fn is_default(&self) -> bool {
-        *self == Self::default()
+    /// ms-swift's beta: 2.0 for SimPO, else 0.1.
+    pub fn beta(&self) -> f64 {
+        self.beta.unwrap_or(match self.kind {
+            RlhfType::Simpo => 2.0,
+            _ => 0.1,
+        })
+    }
+}
+
+impl RlhfSection {
+    /// The first `[rlhf]` value that cannot work here, as (its key, what is wrong).
+    fn problem(&self, data: &DataSection) -> Option<(&'static str, String)> {
+        if self.kind != RlhfType::Dpo {
+            return Some((
+                "rlhf.type",
+                "only dpo is supported yet (orpo, simpo, cpo and kto are not)".into(),
+            ));
+        }
+        if !(self.beta() > 0.0) {
+            return Some(("rlhf.beta", format!("{} is not above 0", self.beta())));
+        }
+        if !(0.0..0.5).contains(&self.label_smoothing) {
+            return Some((
+                "rlhf.label_smoothing",
+                format!("{} is not in [0, 0.5)", self.label_smoothing),
+            ));
+        }
+        if data.packing {
+            return Some(("data.packing", "preference pairs are not packed".into()));
+        }
+        if data.streaming {
+            return Some((
+                "data.streaming",
+                "preference training reads its pairs whole (streaming is not supported yet)".into(),
+            ));
+        }
+        None
     }
 }
 
@@ -418,6 +470,11 @@ impl TrainConfig {
                 "data.val_ratio",
                 "a stream cannot be split without reading it whole: give data.val instead".into(),
             ));
+        }
+        if let Some(r) = &self.rlhf {
+            if let Some(problem) = r.problem(&self.data) {
+                return Some(problem);
+            }
         }
         let t = &self.train;
         for (key, value) in [

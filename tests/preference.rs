@@ -1,0 +1,135 @@
+//! Preference training against TRL 1.16's DPOTrainer (fixtures from
+//! scripts/gen_preference_fixtures.py): from the fixture PEFT adapter, on the same token ids, one
+//! SGD step for each DPO loss type at batch x accumulation 2 x 1 and 1 x 2, and three AdamW steps;
+//! the step's loss, gradient norm and TRL's metrics, and the adapter after.
+
+mod common;
+
+use std::path::Path;
+
+use burn::backend::{Autodiff, Flex};
+use common::training::{check_adapter, config, serial, train, On};
+use common::{adapter_dir, fixtures};
+use serde_json::Value;
+use swift_rs::config::{Device, DpoLoss, OptimizerKind, RlhfSection, ScheduleKind, TrainConfig};
+use swift_rs::train::StepReport;
+
+type AB = Autodiff<Flex>;
+
+fn cpu() -> On<AB> {
+    On {
+        device: Device::Cpu,
+        backend: Default::default(),
+    }
+}
+
+fn steps() -> Value {
+    let text = std::fs::read_to_string(fixtures().join("preference/steps.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A DPO run from the fixture adapter on the first `pairs` pairs, in file order.
+fn dpo(out: &Path, pairs: usize, loss: DpoLoss) -> TrainConfig {
+    let lines: Vec<String> = std::fs::read_to_string(fixtures().join("preference/pairs.jsonl"))
+        .unwrap()
+        .lines()
+        .take(pairs)
+        .map(str::to_string)
+        .collect();
+    let data = out.join("pairs.jsonl");
+    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    let mut c = config("qwen2_bf16", &out.join("run"));
+    c.data.train = vec![data.display().to_string()];
+    c.lora.init_adapter = Some(adapter_dir("qwen2_rslora"));
+    c.rlhf = Some(RlhfSection {
+        loss_type: Some(loss),
+        label_smoothing: if loss == DpoLoss::Robust { 0.1 } else { 0.0 },
+        ..RlhfSection::default()
+    });
+    c.train.weight_decay = 0.1;
+    c
+}
+
+/// Each step's loss, gradient norm and TRL's metrics against TRL's log history.
+fn check_steps(reports: &[StepReport], want: &Value, tol: f64) {
+    let want = want.as_array().unwrap();
+    assert_eq!(reports.len(), want.len());
+    for (r, w) in reports.iter().zip(want) {
+        let logged = r.logged.as_ref().expect("every step is logged");
+        let got = serde_json::to_value(logged).unwrap();
+        for key in [
+            "loss",
+            "grad_norm",
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/accuracies",
+            "rewards/margins",
+            "logps/chosen",
+            "logps/rejected",
+        ] {
+            let (g, w) = (got[key].as_f64().unwrap(), w[key].as_f64().unwrap());
+            assert!(
+                (g - w).abs() < tol * w.abs().max(1.0),
+                "step {}: {key} {g} vs TRL's {w}",
+                r.step
+            );
+        }
+    }
+}
+
+#[test]
+fn one_sgd_step_of_each_dpo_loss_equals_trls() {
+    let _serial = serial();
+    let steps = steps();
+    for (loss, name) in [
+        (DpoLoss::Sigmoid, "sigmoid"),
+        (DpoLoss::Ipo, "ipo"),
+        (DpoLoss::Hinge, "hinge"),
+        (DpoLoss::Robust, "robust"),
+    ] {
+        for (batch, accum) in [(2, 1), (1, 2)] {
+            let out = tempfile::tempdir().unwrap();
+            let mut c = dpo(out.path(), 2, loss);
+            c.train.batch_size = batch;
+            c.train.grad_accum = accum;
+            c.train.max_steps = 1;
+            c.train.optimizer = OptimizerKind::Sgd;
+            c.train.lr = 1.0;
+            c.train.lr_scheduler = ScheduleKind::Constant;
+            c.train.max_grad_norm = 0.0;
+            let reports = train(c, &cpu());
+            let run = format!("dpo_{name}_{batch}x{accum}");
+            check_steps(&reports, &steps[&run], 1e-4);
+            check_adapter(
+                &out.path().join("run/checkpoint-1"),
+                &fixtures().join(format!("preference/{run}.safetensors")),
+                &adapter_dir("qwen2_rslora"),
+                1e-4,
+            );
+        }
+    }
+}
+
+#[test]
+fn three_adamw_dpo_steps_equal_trls() {
+    let _serial = serial();
+    let out = tempfile::tempdir().unwrap();
+    let mut c = dpo(out.path(), 6, DpoLoss::Sigmoid);
+    c.train.batch_size = 2;
+    c.train.grad_accum = 1;
+    c.train.max_steps = 3;
+    c.train.lr = 1e-2;
+    c.train.lr_scheduler = ScheduleKind::Linear;
+    c.train.adam_beta1 = 0.9;
+    c.train.adam_beta2 = 0.95;
+    c.train.adam_eps = 1e-8;
+    c.train.max_grad_norm = 0.5;
+    let reports = train(c, &cpu());
+    check_steps(&reports, &steps()["dpo_adamw"], 1e-4);
+    check_adapter(
+        &out.path().join("run/checkpoint-3"),
+        &fixtures().join("preference/dpo_adamw.safetensors"),
+        &adapter_dir("qwen2_rslora"),
+        1e-4,
+    );
+}

@@ -133,3 +133,95 @@ fn three_adamw_dpo_steps_equal_trls() {
         1e-4,
     );
 }
+
+/// A DPO run as ms-swift's command line writes it, on the quickstart model and the sample pairs
+/// (`datasets/dpo_sample.jsonl`, ms-swift's messages + rejected_response): the chosen answer's
+/// reward margin grows, every step logs TRL's metrics, and the run's config.toml is for
+/// `swift-rs rlhf` (which `train` refuses).
+#[test]
+fn a_dpo_run_from_ms_swifts_command_line_grows_its_reward_margin() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = tempfile::tempdir().unwrap();
+    let run = out.path().join("run");
+    let swift_rs = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_swift-rs"))
+            .args(args)
+            .current_dir(root)
+            .output()
+            .unwrap()
+    };
+    let done = swift_rs(&[
+        "rlhf",
+        "--rlhf_type",
+        "dpo",
+        "--model",
+        "examples/quickstart-model",
+        "--dataset",
+        "datasets/dpo_sample.jsonl",
+        "--torch_dtype",
+        "float32",
+        "--per_device_train_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "1",
+        "--learning_rate",
+        "5e-4",
+        "--lora_rank",
+        "8",
+        "--lora_alpha",
+        "32",
+        "--max_steps",
+        "6",
+        "--logging_steps",
+        "1",
+        "--beta",
+        "0.1",
+        "--output_dir",
+        run.to_str().unwrap(),
+        "--add_version",
+        "false",
+        "--device",
+        "cpu",
+    ]);
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert!(done.status.success(), "{stderr}");
+    let log: Vec<Value> = std::fs::read_to_string(run.join("logging.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(log.len(), 6);
+    let margin = |e: &Value| e["rewards/margins"].as_f64().unwrap();
+    // The first step's policy is its reference (a fresh adapter): no margin yet.
+    assert_eq!(margin(&log[0]), 0.0);
+    assert!(margin(&log[5]) > 1.0, "{log:?}");
+    assert_eq!(log[5]["rewards/accuracies"], 1.0);
+    let config = TrainConfig::load(&run.join("config.toml"), &[]).unwrap();
+    assert!(config.rlhf.is_some());
+    assert_eq!(
+        config.data.loss_scale,
+        swift_rs::config::LossScale::LastRound
+    );
+    let refused = swift_rs(&[
+        "train",
+        "--config",
+        run.join("config.toml").to_str().unwrap(),
+    ]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("swift-rs rlhf"));
+}
+
+/// A DPO run stopped halfway and resumed ends bit for bit where an unbroken one does.
+#[test]
+fn a_resumed_dpo_run_ends_bit_for_bit_where_an_unbroken_one_does() {
+    let _serial = serial();
+    common::training::a_resumed_run_ends_where_an_unbroken_one_does(&cpu(), 4, |out| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut c = common::training::quickstart(out, 4);
+        c.data.train = vec![root.join("datasets/dpo_sample.jsonl").display().to_string()];
+        c.data.loss_scale = swift_rs::config::LossScale::LastRound;
+        c.rlhf = Some(RlhfSection::default());
+        c.train.save_steps = 2;
+        c
+    });
+}

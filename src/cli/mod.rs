@@ -41,6 +41,9 @@ pub enum Command {
     Sft(train::SwiftLine),
     /// ms-swift's `swift pt`: as sft, with loss on every token
     Pt(train::SwiftLine),
+    /// Preference training (DPO) from --config FILE (swift-rs's TOML with an [rlhf] section)
+    /// [--set KEY=VALUE]..., or ms-swift's `swift rlhf` flags (--rlhf_type dpo --beta 0.1 ...)
+    Rlhf(train::SwiftLine),
     /// Mean loss and perplexity of a model over pre-tokenized JSONL rows
     Eval(eval::EvalArgs),
     /// Write the rows training would see (input_ids, labels) as JSONL
@@ -295,6 +298,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Train(args) => train::run(args),
         Command::Sft(line) => train::run_swift(SwiftCommand::Sft, line),
         Command::Pt(line) => train::run_swift(SwiftCommand::Pt, line),
+        Command::Rlhf(line) => train::run_swift(SwiftCommand::Rlhf, line),
         Command::Eval(args) => eval::run(args),
         Command::Infer(args) => infer::run(args),
         Command::Merge(args) => merge::run(args),

@@ -49,6 +49,7 @@ pub struct SwiftLine {
 
 pub fn run(args: TrainArgs) -> Result<(), Failure> {
     let mut config = TrainConfig::load(&args.config, &args.set)?;
+    refuse_preferences(&config)?;
     // `--device` is written into the config, so config.toml records where the run went.
     if let Some(device) = args.device {
         config.train.device = device;
@@ -73,9 +74,21 @@ pub fn run_swift(command: SwiftCommand, line: SwiftLine) -> Result<(), Failure> 
         eprintln!("note: {notice}");
     }
     let mut config = match &args.config {
-        Some(path) => TrainConfig::load_with(path, &[], &args.overrides)?,
-        None => TrainConfig::parse_with("", Path::new("the command line"), &[], &args.overrides)?,
+        Some(path) => TrainConfig::load_with(path, &args.sets, &args.overrides)?,
+        None => TrainConfig::parse_with(
+            "",
+            Path::new("the command line"),
+            &args.sets,
+            &args.overrides,
+        )?,
     };
+    match command {
+        SwiftCommand::Rlhf => {
+            config.rlhf.get_or_insert_with(Default::default);
+            config.check(Path::new("the command line"))?;
+        }
+        _ => refuse_preferences(&config)?,
+    }
     // ms-swift's hub for the model and the datasets both, where neither the command line nor
     // the config says.
     let hub = config.model.hub.unwrap_or_else(ms_swift_hub);
@@ -85,6 +98,17 @@ pub fn run_swift(command: SwiftCommand, line: SwiftLine) -> Result<(), Failure> 
         config.output.dir = versioned_dir(&config.output.dir, std::time::SystemTime::now());
     }
     train(config)
+}
+
+/// A config with an `[rlhf]` section (or ms-swift's rlhf flags) is for `swift-rs rlhf`.
+fn refuse_preferences(config: &TrainConfig) -> Result<(), Failure> {
+    match config.rlhf {
+        Some(_) => Err(Failure::Usage(anyhow::anyhow!(
+            "[rlhf] (rlhf.type, beta, loss_type, ...) is preference training: run it with \
+             `swift-rs rlhf`"
+        ))),
+        None => Ok(()),
+    }
 }
 
 fn train(config: TrainConfig) -> Result<(), Failure> {

@@ -134,7 +134,14 @@ impl<B: TrainBackend> Trainer<B> {
         }
         let model_dir = hub::local_dir(&config.model.path, config.model.hub)?;
         let (data, max_steps) = read_data(&plan, &model_dir)?;
-        let (model, lora) = load_model(&plan, &model_dir, resume.as_deref(), &device)?;
+        let (mut model, lora) = load_model(&plan, &model_dir, resume.as_deref(), &device)?;
+        if config.rlhf.is_some() {
+            // TRL's `disable_dropout` (on by default, and in ms-swift): the policy's log-ratios
+            // are compared with the reference's, which has none.
+            for adapter in model.adapters_mut() {
+                adapter.dropout = burn::nn::DropoutConfig::new(0.0).init();
+            }
+        }
         let mut optimizer = Optimizer::new(plan.optimizer, &flat_params(&model));
         let state = match &resume {
             Some(dir) => {

@@ -28,6 +28,9 @@ pub enum SwiftCommand {
     Sft,
     /// Pre-training: every token takes loss (ms-swift's `swift pt`).
     Pt,
+    /// Preference training (ms-swift's `swift rlhf`): the loss on the last answer unless the
+    /// command line says otherwise.
+    Rlhf,
 }
 
 /// A command line, read.
@@ -35,6 +38,8 @@ pub enum SwiftCommand {
 pub struct SwiftArgs {
     /// swift-rs's own TOML config (`--config FILE`), read before the flags.
     pub config: Option<PathBuf>,
+    /// `--set KEY=VALUE` (swift-rs's), applied to the TOML config as `train --set` is.
+    pub sets: Vec<String>,
     /// The flags, as config keys, in command-line order.
     pub overrides: Vec<Override>,
     /// The `ENV` table of a YAML or JSON config: variables to set where the environment does not
@@ -294,14 +299,14 @@ pub fn parse_swift_args(command: SwiftCommand, argv: &[String]) -> Result<SwiftA
         .find(|f| f.name == "ignore_args_error")
         .map(|f| f.values.first().is_none_or(|v| swift_bool(v) == Ok(true)))
         .unwrap_or(false);
-    if command == SwiftCommand::Pt {
-        // ms-swift's `pt`: loss on every token, unless the command line says otherwise.
-        args.overrides.push(Override {
-            name: "data.loss_scale".into(),
-            value: Value::String("all".into()),
-            at: "swift-rs pt".into(),
-        });
-    }
+    // ms-swift's defaults of `pt` (loss on every token) and `rlhf` (on the last answer), unless
+    // the command line says otherwise.
+    let loss_scale = match command {
+        SwiftCommand::Sft => None,
+        SwiftCommand::Pt => Some(("all", "swift-rs pt")),
+        SwiftCommand::Rlhf => Some(("last_round", "swift-rs rlhf")),
+    };
+
     let mut compute_dtype = None;
     for flag in flags {
         let at = flag.at();
@@ -317,6 +322,11 @@ pub fn parse_swift_args(command: SwiftCommand, argv: &[String]) -> Result<SwiftA
             }
             "config" => {
                 args.config = Some(PathBuf::from(flag.one()?));
+                continue;
+            }
+            // swift-rs's own `--set section.key=value`, over --config as `train` takes it.
+            "set" => {
+                args.sets.extend(flag.values.iter().cloned());
                 continue;
             }
             "tuner_type" | "train_type" | "sft_type" => {
@@ -428,6 +438,24 @@ pub fn parse_swift_args(command: SwiftCommand, argv: &[String]) -> Result<SwiftA
                 at,
             }),
         }
+    }
+    // The command's default comes before the flags (which win over it), and not over a
+    // --config file or --set that says its own.
+    let file_says = args.config.as_ref().is_some_and(|path| {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| text.parse::<toml::Table>().ok())
+            .and_then(|t| t.get("data")?.as_table()?.get("loss_scale").cloned())
+            .is_some()
+    });
+    let set_says = args.sets.iter().any(|set| set.contains("loss_scale"));
+    if let (Some((scale, at)), false) = (loss_scale, file_says || set_says) {
+        let default = Override {
+            name: "data.loss_scale".into(),
+            value: Value::String(scale.into()),
+            at: at.into(),
+        };
+        args.overrides.insert(0, default);
     }
     Ok(args)
 }

@@ -66,6 +66,16 @@ pub(super) const ALIASES: &[(&str, &str, &str)] = &[
     ("eval_steps", "train", "eval_steps"),
     ("save_total_limit", "train", "save_total_limit"),
     ("resume_from_checkpoint", "train", "resume_from"),
+    ("rlhf_type", "rlhf", "type"),
+    ("beta", "rlhf", "beta"),
+    ("loss_type", "rlhf", "loss_type"),
+    ("rpo_alpha", "rlhf", "rpo_alpha"),
+    ("label_smoothing", "rlhf", "label_smoothing"),
+    ("simpo_gamma", "rlhf", "simpo_gamma"),
+    ("cpo_alpha", "rlhf", "cpo_alpha"),
+    ("desirable_weight", "rlhf", "desirable_weight"),
+    ("undesirable_weight", "rlhf", "undesirable_weight"),
+    ("ref_adapters", "rlhf", "ref_adapter"),
     ("output_dir", "output", "dir"),
     ("overwrite_output_dir", "output", "overwrite"),
 ];
@@ -251,8 +261,11 @@ fn location(path: &Path, text: &str, section: Option<&str>, key: &str) -> String
 
 /// Each section's keys, from the defaults (so the list cannot drift from the structs).
 fn known_keys() -> BTreeMap<String, Vec<String>> {
-    let Json::Object(sections) = serde_json::to_value(TrainConfig::default()).expect("serializes")
-    else {
+    let defaults = TrainConfig {
+        rlhf: Some(Default::default()),
+        ..TrainConfig::default()
+    };
+    let Json::Object(sections) = serde_json::to_value(defaults).expect("serializes") else {
         unreachable!("a struct")
     };
     sections

@@ -31,8 +31,7 @@ fn config(train: &[&Path], extra: &str) -> TrainConfig {
 }
 
 fn build(config: &TrainConfig) -> Result<Dataset, String> {
-    let encoder =
-        Encoder::from_config(Path::new(&config.model.path), &config.model, &config.data).unwrap();
+    let encoder = Encoder::from_config(Path::new(&config.model.path), config).unwrap();
     Dataset::build(&config.data, config.train.seed, &encoder).map_err(|e| e.to_string())
 }
 
@@ -246,7 +245,7 @@ fn bad_rows_stop_or_are_counted() {
 fn streaming_reads_the_same_rows_lazily() {
     let file = datasets().join("rows.parquet");
     let mut c = config(&[&file], "streaming = true\n[train]\nmax_steps = 10\n");
-    let encoder = Encoder::from_config(Path::new(&c.model.path), &c.model, &c.data).unwrap();
+    let encoder = Encoder::from_config(Path::new(&c.model.path), &c).unwrap();
     let rows: Vec<TrainRow> = Stream::new(&c.data, 42, 0, &encoder)
         .unwrap()
         .collect::<Result<_, _>>()

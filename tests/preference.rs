@@ -202,6 +202,20 @@ fn a_dpo_run_from_ms_swifts_command_line_grows_its_reward_margin() {
         config.data.loss_scale,
         swift_rs::config::LossScale::LastRound
     );
+    // `encode` shows the pairs as training sees them.
+    let config_path = run.join("config.toml");
+    let shown = swift_rs(&[
+        "encode",
+        "--config",
+        config_path.to_str().unwrap(),
+        "--limit",
+        "1",
+    ]);
+    let line: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert!(
+        line["chosen_input_ids"].is_array() && line["rejected_labels"].is_array(),
+        "{line}"
+    );
     let refused = swift_rs(&[
         "train",
         "--config",

@@ -35,8 +35,7 @@ pub fn run(args: EncodeArgs) -> Result<(), Failure> {
         hub: config.model.hub,
     }
     .local_dir(Path::new(&config.model.path))?;
-    let encoder = Encoder::from_config(&model_dir, &config.model, &config.data)
-        .map_err(anyhow::Error::from)?;
+    let encoder = Encoder::from_config(&model_dir, &config).map_err(anyhow::Error::from)?;
     let (totals, bad_rows) = match &args.output {
         Some(path) => {
             let mut inputs = vec![args.config.clone()];

@@ -340,13 +340,19 @@ fn empty_think_len(answer: &str) -> usize {
 
 impl Encoder {
     /// The encoder a training config asks for: the tokenizer and template of the model directory
-    /// `dir` (where `model.path` is), `model.template`, `model.system` and `data.loss_scale`.
+    /// `dir` (where `model.path` is), `model.template`, `model.system` and `data.loss_scale`;
+    /// for preference rows when the config has an `[rlhf]` section.
     pub fn from_config(
         dir: &std::path::Path,
-        model: &crate::config::ModelSection,
-        data: &crate::config::DataSection,
+        config: &crate::config::TrainConfig,
     ) -> Result<Self, super::DataError> {
-        Self::for_model_dir(dir, model.template, model.system.clone(), data.loss_scale)
+        let (model, data) = (&config.model, &config.data);
+        let encoder =
+            Self::for_model_dir(dir, model.template, model.system.clone(), data.loss_scale)?;
+        Ok(match config.rlhf {
+            Some(_) => encoder.reading_preferences(),
+            None => encoder,
+        })
     }
 
     /// The tokenizer of the model in `dir` with the template `template` names for it.

@@ -422,10 +422,7 @@ impl<B: TrainBackend> Trainer<B> {
 /// epoch count turns into steps over the rows read.
 fn read_data(plan: &TrainPlan, model_dir: &Path) -> Result<(TrainData, u64), TrainError> {
     let (config, t) = (&plan.config, &plan.config.train);
-    let mut encoder = Encoder::from_config(model_dir, &config.model, &config.data)?;
-    if config.rlhf.is_some() {
-        encoder = encoder.reading_preferences();
-    }
+    let encoder = Encoder::from_config(model_dir, config)?;
     let mut stream_val = Vec::new();
     let (dataset, max_steps) = match plan.length {
         // `resolve` gives a stream a length in steps.

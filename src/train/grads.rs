@@ -9,7 +9,7 @@ use burn::module::Module;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
 
-use super::preference::{dpo_loss, DpoSettings, PairLogps};
+use super::preference::{Objective, PairLogps};
 use crate::data::dataset::{collate, TrainRow};
 use crate::model::loss::{sequence_logps, token_losses, LossTargets};
 use crate::model::{Batch, CausalLm, DecoderLayer, TrainBackend, IGNORE_INDEX};
@@ -52,11 +52,11 @@ pub struct StepGrads<B: TrainBackend> {
     pub preference: Option<Preference<B>>,
 }
 
-/// What a preference step needs besides the policy: the reference model (its forward passes
-/// record no graph) and how the loss is made.
+/// What a preference step needs besides the policy: the reference model, for DPO (its forward
+/// passes record no graph), and how the loss is made.
 pub struct Preference<B: TrainBackend> {
-    pub reference: CausalLm<B::InnerBackend>,
-    pub settings: DpoSettings,
+    pub reference: Option<CausalLm<B::InnerBackend>>,
+    pub objective: Objective,
 }
 
 /// The sums over a step's pairs of TRL's per-pair metrics (`[6]`, on the device): rewards of the
@@ -119,7 +119,7 @@ impl<B: TrainBackend> StepGrads<B> {
                 let pairs = self
                     .preference
                     .as_ref()
-                    .map(|p| Pairs::new(&p.reference, &batch, &targets, &labels));
+                    .map(|p| Pairs::new(p.reference.as_ref(), &batch, &targets, &labels));
                 Micro {
                     batch,
                     targets,
@@ -183,11 +183,13 @@ impl<B: TrainBackend> StepGrads<B> {
             chosen_tokens: pairs.chosen_tokens.clone(),
             rejected_tokens: pairs.rejected_tokens.clone(),
         };
-        let reference = (
-            Tensor::from_inner(pairs.reference.0.clone()),
-            Tensor::from_inner(pairs.reference.1.clone()),
-        );
-        let (loss, sums) = dpo_loss(&policy, reference, &preference.settings);
+        let reference = pairs.reference.as_ref().map(|(chosen, rejected)| {
+            (
+                Tensor::from_inner(chosen.clone()),
+                Tensor::from_inner(rejected.clone()),
+            )
+        });
+        let (loss, sums) = preference.objective.loss(&policy, reference);
         let sums = Tensor::cat(
             vec![
                 sums.chosen_rewards,
@@ -290,29 +292,32 @@ impl<B: TrainBackend> StepGrads<B> {
 }
 
 /// A micro-batch of pairs (`collate` put every chosen answer first, then every rejected one):
-/// the reference's summed log-probabilities of each answer, computed once without a graph, and
-/// each answer's label tokens.
+/// the reference's summed log-probabilities of each answer when there is a reference, computed
+/// once without a graph, and each answer's label tokens.
 struct Pairs<B: TrainBackend> {
-    reference: (Tensor<B::InnerBackend, 1>, Tensor<B::InnerBackend, 1>),
+    reference: Option<(Tensor<B::InnerBackend, 1>, Tensor<B::InnerBackend, 1>)>,
     chosen_tokens: Vec<usize>,
     rejected_tokens: Vec<usize>,
 }
 
 impl<B: TrainBackend> Pairs<B> {
     fn new(
-        reference: &CausalLm<B::InnerBackend>,
+        reference: Option<&CausalLm<B::InnerBackend>>,
         batch: &Batch,
         targets: &LossTargets,
         labels: &[Vec<i64>],
     ) -> Self {
         let n = labels.len() / 2;
-        let logps = sequence_logps(reference, reference.hidden_states(batch), targets);
+        let reference = reference.map(|model| {
+            let logps = sequence_logps(model, model.hidden_states(batch), targets);
+            (logps.clone().slice(0..n), logps.slice(n..2 * n))
+        });
         let counts: Vec<usize> = labels
             .iter()
             .map(|l| l[1..].iter().filter(|&&t| t != IGNORE_INDEX).count())
             .collect();
         Self {
-            reference: (logps.clone().slice(0..n), logps.slice(n..2 * n)),
+            reference,
             chosen_tokens: counts[..n].to_vec(),
             rejected_tokens: counts[n..].to_vec(),
         }

@@ -1,7 +1,9 @@
-//! The DPO family's losses, as TRL's `DPOTrainer._compute_loss` computes them (TRL 1.16), from
-//! each sequence's summed log-probability of its completion under the policy (with a graph) and
-//! under the reference (without). A micro-batch holds `n` pairs: its loss is the mean over them of
-//! each loss type's per-pair loss, weighted; the metrics are TRL's `rewards/*` and `logps/*`.
+//! The DPO family's losses, as TRL 1.16 computes them, from each sequence's summed
+//! log-probability of its completion under the policy (with a graph) and, for DPO, under the
+//! reference (without): DPO as `DPOTrainer._compute_loss`, CPO and SimPO (reference-free) as
+//! `CPOTrainer.cpo_loss`. A micro-batch holds `n` pairs: its loss is the mean over them of the
+//! per-pair loss (weighted, summed over DPO's loss types, plus CPO's NLL term); the metrics are
+//! TRL's `rewards/*` and `logps/*`.
 
 use burn::tensor::activation::{log_sigmoid, relu};
 use burn::tensor::backend::Backend;
@@ -27,6 +29,100 @@ pub struct DpoSettings {
     pub label_smoothing: f64,
 }
 
+/// How the CPO family's loss is made (TRL's `CPOConfig`): SimPO is CPO's `simpo` loss type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpoSettings {
+    pub beta: f64,
+    pub loss: CpoLoss,
+    pub label_smoothing: f64,
+    pub simpo_gamma: f64,
+    /// The weight of the chosen answers' mean NLL.
+    pub cpo_alpha: f64,
+}
+
+/// TRL's CPO `loss_type`s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpoLoss {
+    Sigmoid,
+    Hinge,
+    Ipo,
+    Simpo,
+}
+
+/// What a preference run optimises.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Objective {
+    Dpo(DpoSettings),
+    Cpo(CpoSettings),
+}
+
+impl Objective {
+    /// Whether the loss compares the policy with a reference.
+    pub fn needs_reference(&self) -> bool {
+        matches!(self, Self::Dpo(_))
+    }
+
+    /// A micro-batch's loss and metrics; `reference` is None when `needs_reference` is false.
+    pub fn loss<B: Backend>(
+        &self,
+        policy: &PairLogps<B>,
+        reference: Option<(Tensor<B, 1>, Tensor<B, 1>)>,
+    ) -> (Tensor<B, 1>, PairMetrics<B>) {
+        match (self, reference) {
+            (Self::Dpo(settings), Some(reference)) => dpo_loss(policy, reference, settings),
+            (Self::Cpo(settings), _) => cpo_loss(policy, settings),
+            (Self::Dpo(_), None) => panic!("DPO needs the reference's log-probabilities"),
+        }
+    }
+}
+
+/// Token counts as a tensor, each at least 1 (TRL's `clamp(min=1)`).
+fn counts<B: Backend>(tokens: &[usize], device: &B::Device) -> Tensor<B, 1> {
+    let values: Vec<f32> = tokens.iter().map(|&t| t.max(1) as f32).collect();
+    Tensor::from_floats(values.as_slice(), device)
+}
+
+/// The mean NLL over every chosen answer's label tokens of the micro-batch, `[1]`.
+fn chosen_nll<B: Backend>(policy: &PairLogps<B>) -> Tensor<B, 1> {
+    let tokens: usize = policy.chosen_tokens.iter().sum();
+    -policy.chosen.clone().sum() / tokens.max(1) as f64
+}
+
+/// A micro-batch's CPO (or SimPO) loss, reference-free: the per-pair loss on the policy's
+/// log-probabilities (averaged over each answer's tokens for ipo and simpo), plus `cpo_alpha`
+/// times the chosen answers' NLL; rewards are beta times those log-probabilities.
+pub fn cpo_loss<B: Backend>(
+    policy: &PairLogps<B>,
+    settings: &CpoSettings,
+) -> (Tensor<B, 1>, PairMetrics<B>) {
+    let (beta, e) = (settings.beta, settings.label_smoothing);
+    let device = policy.chosen.device();
+    let averaged = matches!(settings.loss, CpoLoss::Ipo | CpoLoss::Simpo);
+    let (chosen, rejected) = match averaged {
+        true => (
+            policy.chosen.clone() / counts::<B>(&policy.chosen_tokens, &device),
+            policy.rejected.clone() / counts::<B>(&policy.rejected_tokens, &device),
+        ),
+        false => (policy.chosen.clone(), policy.rejected.clone()),
+    };
+    let mut logits = chosen.clone() - rejected.clone();
+    if settings.loss == CpoLoss::Simpo {
+        logits = logits - settings.simpo_gamma / beta;
+    }
+    let per_pair = match settings.loss {
+        CpoLoss::Sigmoid | CpoLoss::Simpo => {
+            -log_sigmoid(logits.clone() * beta) * (1.0 - e) - log_sigmoid(-(logits * beta)) * e
+        }
+        CpoLoss::Hinge => relu(-(logits * beta) + 1.0),
+        CpoLoss::Ipo => (logits - 1.0 / (2.0 * beta)).powi_scalar(2),
+    };
+    let loss = per_pair.mean() + chosen_nll(policy) * settings.cpo_alpha;
+    let (chosen, rejected) = (chosen.detach(), rejected.detach());
+    let rewards = (chosen.clone() * beta, rejected.clone() * beta);
+    let metrics = PairMetrics::new(rewards, (chosen, rejected));
+    (loss, metrics)
+}
+
 /// A micro-batch's DPO loss (`[1]`, with the policy's graph) and its metrics' sums over the pairs
 /// (divided by the pairs of the step when logged).
 pub fn dpo_loss<B: Backend>(
@@ -37,10 +133,7 @@ pub fn dpo_loss<B: Backend>(
     let beta = settings.beta;
     let device = policy.chosen.device();
     let n = policy.chosen_tokens.len();
-    let count = |tokens: &[usize]| {
-        let values: Vec<f32> = tokens.iter().map(|&t| t.max(1) as f32).collect();
-        Tensor::<B, 1>::from_floats(values.as_slice(), &device)
-    };
+    let count = |tokens: &[usize]| counts::<B>(tokens, &device);
     let (ref_chosen, ref_rejected) = reference;
     let chosen_ratio = policy.chosen.clone() - ref_chosen; // [n]
     let rejected_ratio = policy.rejected.clone() - ref_rejected; // [n]
@@ -64,29 +157,17 @@ pub fn dpo_loss<B: Backend>(
                     + log_sigmoid(-(delta.clone() * beta)) * e)
                     / (1.0 - 2.0 * e)
             }
-            DpoLoss::Sft => {
-                // One value for the micro-batch: the mean NLL over all its chosen tokens.
-                let tokens: usize = policy.chosen_tokens.iter().sum();
-                (-policy.chosen.clone().sum() / tokens.max(1) as f64).repeat_dim(0, n)
-            }
+            // One value for the micro-batch: the mean NLL over all its chosen tokens.
+            DpoLoss::Sft => chosen_nll(policy).repeat_dim(0, n),
         };
         loss = loss + per_pair.mean() * weight;
     }
-    let chosen_rewards = chosen_ratio.detach() * beta;
-    let rejected_rewards = rejected_ratio.detach() * beta;
-    let metrics = PairMetrics {
-        pairs: n,
-        chosen_rewards: chosen_rewards.clone().sum(),
-        rejected_rewards: rejected_rewards.clone().sum(),
-        accuracies: chosen_rewards
-            .clone()
-            .greater(rejected_rewards.clone())
-            .float()
-            .sum(),
-        margins: (chosen_rewards - rejected_rewards).sum(),
-        chosen_logps: policy.chosen.clone().detach().sum(),
-        rejected_logps: policy.rejected.clone().detach().sum(),
-    };
+    let rewards = (chosen_ratio.detach() * beta, rejected_ratio.detach() * beta);
+    let logps = (
+        policy.chosen.clone().detach(),
+        policy.rejected.clone().detach(),
+    );
+    let metrics = PairMetrics::new(rewards, logps);
     (loss, metrics)
 }
 
@@ -100,6 +181,27 @@ pub struct PairMetrics<B: Backend> {
     pub margins: Tensor<B, 1>,
     pub chosen_logps: Tensor<B, 1>,
     pub rejected_logps: Tensor<B, 1>,
+}
+
+impl<B: Backend> PairMetrics<B> {
+    /// The sums of the rewards and log-probabilities given (`[n]` each, detached), and of the
+    /// rewards' accuracy and margin.
+    fn new(rewards: (Tensor<B, 1>, Tensor<B, 1>), logps: (Tensor<B, 1>, Tensor<B, 1>)) -> Self {
+        let (chosen_rewards, rejected_rewards) = rewards;
+        Self {
+            pairs: chosen_rewards.dims()[0],
+            chosen_rewards: chosen_rewards.clone().sum(),
+            rejected_rewards: rejected_rewards.clone().sum(),
+            accuracies: chosen_rewards
+                .clone()
+                .greater(rejected_rewards.clone())
+                .float()
+                .sum(),
+            margins: (chosen_rewards - rejected_rewards).sum(),
+            chosen_logps: logps.0.sum(),
+            rejected_logps: logps.1.sum(),
+        }
+    }
 }
 
 #[cfg(test)]

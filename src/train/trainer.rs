@@ -18,11 +18,13 @@ use super::feed::{Feed, Source};
 use super::grads::{flat_params, set_params, Preference, StepGrads};
 use super::log::{self, LogEntry, PreferenceLog, RunLog};
 use super::optim::{clip_grad_norm, Optimizer};
-use super::preference::{DpoLoss, DpoSettings};
+use super::preference::{CpoLoss, CpoSettings, DpoLoss, DpoSettings, Objective};
 use super::run_dir;
 use super::schedule::LrSchedule;
 use super::{mean_loss, TrainError};
-use crate::config::{DataSection, Length, LoraConfig, ModelConfig, RlhfSection, TrainPlan};
+use crate::config::{
+    DataSection, Length, LoraConfig, ModelConfig, RlhfSection, RlhfType, TrainPlan,
+};
 use crate::data::dataset::{BadRows, Dataset, TrainRow};
 use crate::data::encode::Encoder;
 use crate::export::peft::read_adapter;
@@ -156,9 +158,14 @@ impl<B: TrainBackend> Trainer<B> {
         let t = &config.train;
         let mut grads = StepGrads::new(&model, t.seed, t.gradient_checkpointing, device);
         if let Some(rlhf) = &config.rlhf {
+            let objective = objective(rlhf);
+            let reference = match objective.needs_reference() {
+                true => Some(reference(&plan, &model, resume.is_some())?),
+                false => None,
+            };
             grads.preference = Some(Preference {
-                reference: reference(&plan, &model, resume.is_some())?,
-                settings: dpo_settings(rlhf),
+                reference,
+                objective,
             });
         }
         Ok(Self {
@@ -518,16 +525,37 @@ fn reference<B: TrainBackend>(
     }
 }
 
-/// TRL's DPO settings from `[rlhf]`: ms-swift's `rpo_alpha` is the weight of an `sft` term.
-fn dpo_settings(rlhf: &RlhfSection) -> DpoSettings {
-    let mut losses = vec![(rlhf.loss_type.unwrap_or(DpoLoss::Sigmoid), 1.0)];
-    if let Some(alpha) = rlhf.rpo_alpha {
-        losses.push((DpoLoss::Sft, alpha));
-    }
-    DpoSettings {
-        beta: rlhf.beta(),
-        losses,
-        label_smoothing: rlhf.label_smoothing,
+/// What `[rlhf]` asks for, as ms-swift sets TRL up: DPO (`rpo_alpha` the weight of an `sft`
+/// term), CPO (TRL's CPOTrainer), SimPO (CPO's `simpo` loss type).
+fn objective(rlhf: &RlhfSection) -> Objective {
+    let beta = rlhf.beta();
+    let cpo = |loss| {
+        Objective::Cpo(CpoSettings {
+            beta,
+            loss,
+            label_smoothing: rlhf.label_smoothing,
+            simpo_gamma: rlhf.simpo_gamma,
+            cpo_alpha: rlhf.cpo_alpha,
+        })
+    };
+    match rlhf.kind {
+        RlhfType::Simpo => cpo(CpoLoss::Simpo),
+        RlhfType::Cpo => cpo(match rlhf.loss_type {
+            Some(DpoLoss::Hinge) => CpoLoss::Hinge,
+            Some(DpoLoss::Ipo) => CpoLoss::Ipo,
+            _ => CpoLoss::Sigmoid,
+        }),
+        _ => {
+            let mut losses = vec![(rlhf.loss_type.unwrap_or(DpoLoss::Sigmoid), 1.0)];
+            if let Some(alpha) = rlhf.rpo_alpha {
+                losses.push((DpoLoss::Sft, alpha));
+            }
+            Objective::Dpo(DpoSettings {
+                beta,
+                losses,
+                label_smoothing: rlhf.label_smoothing,
+            })
+        }
     }
 }
 

@@ -104,10 +104,24 @@ impl RlhfSection {
 impl RlhfSection {
     /// The first `[rlhf]` value that cannot work here, as (its key, what is wrong).
     fn problem(&self, data: &DataSection) -> Option<(&'static str, String)> {
-        if self.kind != RlhfType::Dpo {
+        if matches!(self.kind, RlhfType::Orpo | RlhfType::Kto) {
             return Some((
                 "rlhf.type",
-                "only dpo is supported yet (orpo, simpo, cpo and kto are not)".into(),
+                "dpo, cpo and simpo are supported (orpo and kto are not yet)".into(),
+            ));
+        }
+        let fits = match (self.kind, self.loss_type) {
+            (_, None) | (RlhfType::Dpo, _) => true,
+            (RlhfType::Cpo, Some(l)) => {
+                matches!(l, DpoLoss::Sigmoid | DpoLoss::Hinge | DpoLoss::Ipo)
+            }
+            _ => false,
+        };
+        if !fits {
+            return Some((
+                "rlhf.loss_type",
+                "cpo takes sigmoid, hinge or ipo; simpo is a loss of its own (leave it unset)"
+                    .into(),
             ));
         }
         if !(self.beta() > 0.0) {

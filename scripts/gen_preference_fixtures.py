@@ -16,6 +16,10 @@ What it writes, under tests/fixtures/preference/:
                             adapters/qwen2_rslora on
                             qwen2_bf16 (f32), the first two pairs, batch B x accumulation A; the
                             reference is TRL's frozen copy of that starting adapter
+  cpo_<loss>_<B>x<A>.safetensors
+                            the same for TRL's CPOTrainer (ms-swift's cpo and, with loss simpo,
+                            simpo: beta 0.1, or 2.0 for simpo; simpo_gamma 1; cpo_alpha 1); no
+                            reference
   dpo_adamw.safetensors     three AdamW steps (lr 1e-2, linear schedule, clipping at 0.5), sigmoid,
                             batch 2 x accumulation 1, the six pairs in file order
   steps.json                every run's log history as TRL writes it (loss, grad_norm, rewards/*,
@@ -35,6 +39,7 @@ from safetensors.torch import save_file
 from torch.utils.data import SequentialSampler
 from transformers import PreTrainedTokenizerFast
 from trl import DPOConfig, DPOTrainer
+from trl.experimental.cpo import CPOConfig, CPOTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gen_fixtures import ROOT, VOCAB, load_model  # noqa: E402
@@ -52,6 +57,22 @@ class InOrder(DPOTrainer):
         return SequentialSampler(self.train_dataset)
 
 
+class CpoInOrder(CPOTrainer):
+    """TRL's CPO trainer (CPO and SimPO) on the same processed rows, in file order."""
+
+    def tokenize_row(self, feature, model=None):
+        prompt, out = feature["prompt_ids"], {}
+        out["prompt_input_ids"], out["prompt_attention_mask"] = prompt, [1] * len(prompt)
+        for key, answer in [("chosen_", feature["chosen_ids"]), ("rejected_", feature["rejected_ids"])]:
+            out[key + "input_ids"] = prompt + answer
+            out[key + "attention_mask"] = [1] * (len(prompt) + len(answer))
+            out[key + "labels"] = [-100] * len(prompt) + answer
+        return out
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return SequentialSampler(self.train_dataset)
+
+
 def pairs() -> list[dict]:
     g = torch.Generator().manual_seed(41)
     rows = []
@@ -61,23 +82,29 @@ def pairs() -> list[dict]:
     return rows
 
 
-def run(rows, batch, accum, steps, loss_type, optim, lr, schedule, clip):
+def run(rows, batch, accum, steps, loss_type, optim, lr, schedule, clip, trainer="dpo"):
     model = load_model(ROOT / "models" / "qwen2_bf16", torch.float32, ROOT / "adapters" / "qwen2_rslora",
                        trainable=True)
     model.train()
     with tempfile.TemporaryDirectory() as tmp:
-        args = DPOConfig(
+        common = dict(
             output_dir=tmp, per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
             max_steps=steps, learning_rate=lr, optim=optim, lr_scheduler_type=schedule, warmup_steps=0,
             weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=clip,
-            beta=0.1, loss_type=[loss_type], label_smoothing=0.1 if loss_type == "robust" else 0.0, logging_steps=1, report_to="none", use_cpu=True, seed=42,
-            bf16=False, fp16=False, gradient_checkpointing=False, save_strategy="no",
-            dataloader_drop_last=False, max_length=None,
+            logging_steps=1, report_to="none", use_cpu=True, seed=42, bf16=False, fp16=False,
+            gradient_checkpointing=False, save_strategy="no", dataloader_drop_last=False,
         )
-        # Only its pad id is used (rows come tokenized), under the attention mask.
+        if trainer == "dpo":
+            args = DPOConfig(**common, beta=0.1, loss_type=[loss_type], max_length=None,
+                             label_smoothing=0.1 if loss_type == "robust" else 0.0)
+        else:
+            # ms-swift's defaults: beta 2.0 for SimPO (else 0.1), simpo_gamma 1, cpo_alpha 1.
+            args = CPOConfig(**common, beta=2.0 if loss_type == "simpo" else 0.1, loss_type=loss_type,
+                             simpo_gamma=1.0, cpo_alpha=1.0)        # Only its pad id is used (rows come tokenized), under the attention mask.
         tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(ROOT / "models" / "qwen2_bf16" / "tokenizer.json"))
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)
-        trainer = InOrder(model=model, args=args, processing_class=tokenizer, train_dataset=Dataset.from_list(rows))
+        kind = InOrder if trainer == "dpo" else CpoInOrder
+        trainer = kind(model=model, args=args, processing_class=tokenizer, train_dataset=Dataset.from_list(rows))
         trainer.train()
         history = [h for h in trainer.state.log_history if "loss" in h]
     state = get_peft_model_state_dict(model)
@@ -94,6 +121,11 @@ def main() -> None:
         for batch, accum in [(2, 1), (1, 2)]:
             name = f"dpo_{loss_type}_{batch}x{accum}"
             state, traces[name] = run(rows[:2], batch, accum, 1, loss_type, "sgd", 1.0, "constant", 0.0)
+            save_file(state, str(OUT / f"{name}.safetensors"))
+    for loss_type in ["sigmoid", "hinge", "ipo", "simpo"]:
+        for batch, accum in [(2, 1), (1, 2)]:
+            name = f"cpo_{loss_type}_{batch}x{accum}"
+            state, traces[name] = run(rows[:2], batch, accum, 1, loss_type, "sgd", 1.0, "constant", 0.0, "cpo")
             save_file(state, str(OUT / f"{name}.safetensors"))
     state, traces["dpo_adamw"] = run(rows, 2, 1, 3, "sigmoid", "adamw_torch", 1e-2, "linear", 0.5)
     save_file(state, str(OUT / "dpo_adamw.safetensors"))

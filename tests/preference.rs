@@ -1,7 +1,8 @@
-//! Preference training against TRL 1.16's DPOTrainer (fixtures from
+//! Preference training against TRL 1.16's DPOTrainer and CPOTrainer (fixtures from
 //! scripts/gen_preference_fixtures.py): from the fixture PEFT adapter, on the same token ids, one
-//! SGD step for each DPO loss type at batch x accumulation 2 x 1 and 1 x 2, and three AdamW steps;
-//! the step's loss, gradient norm and TRL's metrics, and the adapter after.
+//! SGD step for each DPO and CPO loss type and SimPO at batch x accumulation 2 x 1 and 1 x 2, and
+//! three AdamW steps of DPO; the step's loss, gradient norm and TRL's metrics, and the adapter
+//! after.
 
 mod common;
 
@@ -11,7 +12,9 @@ use burn::backend::{Autodiff, Flex};
 use common::training::{check_adapter, config, serial, train, On};
 use common::{adapter_dir, fixtures};
 use serde_json::Value;
-use swift_rs::config::{Device, DpoLoss, OptimizerKind, RlhfSection, ScheduleKind, TrainConfig};
+use swift_rs::config::{
+    Device, DpoLoss, OptimizerKind, RlhfSection, RlhfType, ScheduleKind, TrainConfig,
+};
 use swift_rs::train::StepReport;
 
 type AB = Autodiff<Flex>;
@@ -30,6 +33,11 @@ fn steps() -> Value {
 
 /// A DPO run from the fixture adapter on the first `pairs` pairs, in file order.
 fn dpo(out: &Path, pairs: usize, loss: DpoLoss) -> TrainConfig {
+    preference(out, pairs, RlhfType::Dpo, Some(loss))
+}
+
+/// A preference run of `kind` from the fixture adapter on the first `pairs` pairs, in file order.
+fn preference(out: &Path, pairs: usize, kind: RlhfType, loss: Option<DpoLoss>) -> TrainConfig {
     let lines: Vec<String> = std::fs::read_to_string(fixtures().join("preference/pairs.jsonl"))
         .unwrap()
         .lines()
@@ -42,8 +50,13 @@ fn dpo(out: &Path, pairs: usize, loss: DpoLoss) -> TrainConfig {
     c.data.train = vec![data.display().to_string()];
     c.lora.init_adapter = Some(adapter_dir("qwen2_rslora"));
     c.rlhf = Some(RlhfSection {
-        loss_type: Some(loss),
-        label_smoothing: if loss == DpoLoss::Robust { 0.1 } else { 0.0 },
+        kind,
+        loss_type: loss,
+        label_smoothing: if loss == Some(DpoLoss::Robust) {
+            0.1
+        } else {
+            0.0
+        },
         ..RlhfSection::default()
     });
     c.train.weight_decay = 0.1;
@@ -99,6 +112,41 @@ fn one_sgd_step_of_each_dpo_loss_equals_trls() {
             c.train.max_grad_norm = 0.0;
             let reports = train(c, &cpu());
             let run = format!("dpo_{name}_{batch}x{accum}");
+            check_steps(&reports, &steps[&run], 1e-4);
+            check_adapter(
+                &out.path().join("run/checkpoint-1"),
+                &fixtures().join(format!("preference/{run}.safetensors")),
+                &adapter_dir("qwen2_rslora"),
+                1e-4,
+            );
+        }
+    }
+}
+
+/// One SGD step of each CPO loss (ms-swift's cpo) and of SimPO, reference-free, as TRL's
+/// CPOTrainer takes it.
+#[test]
+fn one_sgd_step_of_cpo_and_simpo_equals_trls() {
+    let _serial = serial();
+    let steps = steps();
+    for (kind, loss, name) in [
+        (RlhfType::Cpo, None, "sigmoid"),
+        (RlhfType::Cpo, Some(DpoLoss::Hinge), "hinge"),
+        (RlhfType::Cpo, Some(DpoLoss::Ipo), "ipo"),
+        (RlhfType::Simpo, None, "simpo"),
+    ] {
+        for (batch, accum) in [(2, 1), (1, 2)] {
+            let out = tempfile::tempdir().unwrap();
+            let mut c = preference(out.path(), 2, kind, loss);
+            c.train.batch_size = batch;
+            c.train.grad_accum = accum;
+            c.train.max_steps = 1;
+            c.train.optimizer = OptimizerKind::Sgd;
+            c.train.lr = 1.0;
+            c.train.lr_scheduler = ScheduleKind::Constant;
+            c.train.max_grad_norm = 0.0;
+            let reports = train(c, &cpu());
+            let run = format!("cpo_{name}_{batch}x{accum}");
             check_steps(&reports, &steps[&run], 1e-4);
             check_adapter(
                 &out.path().join("run/checkpoint-1"),

@@ -20,6 +20,8 @@ What it writes, under tests/fixtures/preference/:
                             the same for TRL's CPOTrainer (ms-swift's cpo and, with loss simpo,
                             simpo: beta 0.1, or 2.0 for simpo; simpo_gamma 1; cpo_alpha 1); no
                             reference
+  orpo_<B>x<A>.safetensors  the same for TRL's ORPOTrainer (beta 0.1) as ms-swift runs it: the NLL
+                            term over the answers' labels
   dpo_adamw.safetensors     three AdamW steps (lr 1e-2, linear schedule, clipping at 0.5), sigmoid,
                             batch 2 x accumulation 1, the six pairs in file order
   steps.json                every run's log history as TRL writes it (loss, grad_norm, rewards/*,
@@ -40,6 +42,7 @@ from torch.utils.data import SequentialSampler
 from transformers import PreTrainedTokenizerFast
 from trl import DPOConfig, DPOTrainer
 from trl.experimental.cpo import CPOConfig, CPOTrainer
+from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gen_fixtures import ROOT, VOCAB, load_model  # noqa: E402
@@ -73,6 +76,29 @@ class CpoInOrder(CPOTrainer):
         return SequentialSampler(self.train_dataset)
 
 
+class OrpoInOrder(ORPOTrainer):
+    """TRL's ORPO trainer as ms-swift runs it (swift/rlhf_trainers/rlhf_mixin.py): the model reads
+    the real inputs, but the NLL term's targets are the labels (the answers), not the whole
+    sequence."""
+
+    tokenize_row = CpoInOrder.tokenize_row
+    _get_train_sampler = CpoInOrder._get_train_sampler
+
+    def concatenated_forward(self, model, batch):
+        inputs = self.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=self.padding_value,
+                                          device=self.accelerator.device)
+        outputs = model(inputs["concatenated_input_ids"], attention_mask=inputs["concatenated_attention_mask"],
+                        use_cache=False)
+        inputs["concatenated_input_ids"] = inputs["concatenated_labels"]
+        original_inputs, original_call = self.concatenated_inputs, model.__class__.__call__
+        self.concatenated_inputs = lambda *args, **kwargs: inputs
+        model.__class__.__call__ = lambda *args, **kwargs: outputs
+        try:
+            return super().concatenated_forward(model, batch)
+        finally:
+            self.concatenated_inputs, model.__class__.__call__ = original_inputs, original_call
+
+
 def pairs() -> list[dict]:
     g = torch.Generator().manual_seed(41)
     rows = []
@@ -94,7 +120,9 @@ def run(rows, batch, accum, steps, loss_type, optim, lr, schedule, clip, trainer
             logging_steps=1, report_to="none", use_cpu=True, seed=42, bf16=False, fp16=False,
             gradient_checkpointing=False, save_strategy="no", dataloader_drop_last=False,
         )
-        if trainer == "dpo":
+        if trainer == "orpo":
+            args = ORPOConfig(**common, beta=0.1)
+        elif trainer == "dpo":
             args = DPOConfig(**common, beta=0.1, loss_type=[loss_type], max_length=None,
                              label_smoothing=0.1 if loss_type == "robust" else 0.0)
         else:
@@ -103,7 +131,7 @@ def run(rows, batch, accum, steps, loss_type, optim, lr, schedule, clip, trainer
                              simpo_gamma=1.0, cpo_alpha=1.0)        # Only its pad id is used (rows come tokenized), under the attention mask.
         tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(ROOT / "models" / "qwen2_bf16" / "tokenizer.json"))
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)
-        kind = InOrder if trainer == "dpo" else CpoInOrder
+        kind = {"dpo": InOrder, "cpo": CpoInOrder, "orpo": OrpoInOrder}[trainer]
         trainer = kind(model=model, args=args, processing_class=tokenizer, train_dataset=Dataset.from_list(rows))
         trainer.train()
         history = [h for h in trainer.state.log_history if "loss" in h]
@@ -127,6 +155,10 @@ def main() -> None:
             name = f"cpo_{loss_type}_{batch}x{accum}"
             state, traces[name] = run(rows[:2], batch, accum, 1, loss_type, "sgd", 1.0, "constant", 0.0, "cpo")
             save_file(state, str(OUT / f"{name}.safetensors"))
+    for batch, accum in [(2, 1), (1, 2)]:
+        name = f"orpo_{batch}x{accum}"
+        state, traces[name] = run(rows[:2], batch, accum, 1, None, "sgd", 1.0, "constant", 0.0, "orpo")
+        save_file(state, str(OUT / f"{name}.safetensors"))
     state, traces["dpo_adamw"] = run(rows, 2, 1, 3, "sigmoid", "adamw_torch", 1e-2, "linear", 0.5)
     save_file(state, str(OUT / "dpo_adamw.safetensors"))
     (OUT / "steps.json").write_text(json.dumps(traces, indent=1))

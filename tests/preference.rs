@@ -1,6 +1,6 @@
-//! Preference training against TRL 1.16's DPOTrainer and CPOTrainer (fixtures from
+//! Preference training against TRL 1.16's DPOTrainer, CPOTrainer and ORPOTrainer (fixtures from
 //! scripts/gen_preference_fixtures.py): from the fixture PEFT adapter, on the same token ids, one
-//! SGD step for each DPO and CPO loss type and SimPO at batch x accumulation 2 x 1 and 1 x 2, and
+//! SGD step for each DPO and CPO loss type, SimPO and ORPO at batch x accumulation 2 x 1 and 1 x 2, and
 //! three AdamW steps of DPO; the step's loss, gradient norm and TRL's metrics, and the adapter
 //! after.
 
@@ -123,17 +123,18 @@ fn one_sgd_step_of_each_dpo_loss_equals_trls() {
     }
 }
 
-/// One SGD step of each CPO loss (ms-swift's cpo) and of SimPO, reference-free, as TRL's
-/// CPOTrainer takes it.
+/// One SGD step of each CPO loss (ms-swift's cpo), of SimPO and of ORPO, reference-free, as
+/// TRL's CPOTrainer and ORPOTrainer take them under ms-swift.
 #[test]
-fn one_sgd_step_of_cpo_and_simpo_equals_trls() {
+fn one_sgd_step_of_cpo_simpo_and_orpo_equals_trls() {
     let _serial = serial();
     let steps = steps();
     for (kind, loss, name) in [
-        (RlhfType::Cpo, None, "sigmoid"),
-        (RlhfType::Cpo, Some(DpoLoss::Hinge), "hinge"),
-        (RlhfType::Cpo, Some(DpoLoss::Ipo), "ipo"),
-        (RlhfType::Simpo, None, "simpo"),
+        (RlhfType::Cpo, None, "cpo_sigmoid"),
+        (RlhfType::Cpo, Some(DpoLoss::Hinge), "cpo_hinge"),
+        (RlhfType::Cpo, Some(DpoLoss::Ipo), "cpo_ipo"),
+        (RlhfType::Simpo, None, "cpo_simpo"),
+        (RlhfType::Orpo, None, "orpo"),
     ] {
         for (batch, accum) in [(2, 1), (1, 2)] {
             let out = tempfile::tempdir().unwrap();
@@ -146,7 +147,7 @@ fn one_sgd_step_of_cpo_and_simpo_equals_trls() {
             c.train.lr_scheduler = ScheduleKind::Constant;
             c.train.max_grad_norm = 0.0;
             let reports = train(c, &cpu());
-            let run = format!("cpo_{name}_{batch}x{accum}");
+            let run = format!("{name}_{batch}x{accum}");
             check_steps(&reports, &steps[&run], 1e-4);
             check_adapter(
                 &out.path().join("run/checkpoint-1"),

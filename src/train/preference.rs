@@ -1,7 +1,7 @@
 //! The DPO family's losses, as TRL 1.16 computes them, from each sequence's summed
 //! log-probability of its completion under the policy (with a graph) and, for DPO, under the
 //! reference (without): DPO as `DPOTrainer._compute_loss`, CPO and SimPO (reference-free) as
-//! `CPOTrainer.cpo_loss`. A micro-batch holds `n` pairs: its loss is the mean over them of the
+//! `CPOTrainer.cpo_loss`, ORPO as `ORPOTrainer.odds_ratio_loss`. A micro-batch holds `n` pairs: its loss is the mean over them of the
 //! per-pair loss (weighted, summed over DPO's loss types, plus CPO's NLL term); the metrics are
 //! TRL's `rewards/*` and `logps/*`.
 
@@ -54,6 +54,10 @@ pub enum CpoLoss {
 pub enum Objective {
     Dpo(DpoSettings),
     Cpo(CpoSettings),
+    /// ORPO with this beta (TRL's ORPOTrainer, as ms-swift runs it).
+    Orpo {
+        beta: f64,
+    },
 }
 
 impl Objective {
@@ -71,6 +75,7 @@ impl Objective {
         match (self, reference) {
             (Self::Dpo(settings), Some(reference)) => dpo_loss(policy, reference, settings),
             (Self::Cpo(settings), _) => cpo_loss(policy, settings),
+            (Self::Orpo { beta }, _) => orpo_loss(policy, *beta),
             (Self::Dpo(_), None) => panic!("DPO needs the reference's log-probabilities"),
         }
     }
@@ -121,6 +126,30 @@ pub fn cpo_loss<B: Backend>(
     let rewards = (chosen.clone() * beta, rejected.clone() * beta);
     let metrics = PairMetrics::new(rewards, (chosen, rejected));
     (loss, metrics)
+}
+
+/// A micro-batch's ORPO loss, reference-free: the chosen answers' NLL minus beta times the mean
+/// log-sigmoid of the log odds ratio of the answers' per-token-averaged probabilities (ms-swift
+/// feeds TRL's NLL the labels, so it covers the answers, not the prompt); rewards are beta times
+/// those averages.
+pub fn orpo_loss<B: Backend>(policy: &PairLogps<B>, beta: f64) -> (Tensor<B, 1>, PairMetrics<B>) {
+    let device = policy.chosen.device();
+    let chosen = policy.chosen.clone() / counts::<B>(&policy.chosen_tokens, &device);
+    let rejected = policy.rejected.clone() / counts::<B>(&policy.rejected_tokens, &device);
+    let log_odds = (chosen.clone() - rejected.clone())
+        - (log1mexp(chosen.clone()) - log1mexp(rejected.clone()));
+    let loss = chosen_nll(policy) - log_sigmoid(log_odds).mean() * beta;
+    let (chosen, rejected) = (chosen.detach(), rejected.detach());
+    let rewards = (chosen.clone() * beta, rejected.clone() * beta);
+    (loss, PairMetrics::new(rewards, (chosen, rejected)))
+}
+
+/// log(1 - exp(x)) for x < 0, as TRL computes it: through log1p below -ln 2, where exp(x) is
+/// small, and directly above it.
+fn log1mexp<B: Backend>(x: Tensor<B, 1>) -> Tensor<B, 1> {
+    let small = (-x.clone().exp()).log1p();
+    let near_zero = (-x.clone().exp() + 1.0).log();
+    near_zero.mask_where(x.lower_elem(-std::f64::consts::LN_2), small)
 }
 
 /// A micro-batch's DPO loss (`[1]`, with the policy's graph) and its metrics' sums over the pairs

@@ -526,7 +526,7 @@ fn reference<B: TrainBackend>(
 }
 
 /// What `[rlhf]` asks for, as ms-swift sets TRL up: DPO (`rpo_alpha` the weight of an `sft`
-/// term), CPO (TRL's CPOTrainer), SimPO (CPO's `simpo` loss type).
+/// term), CPO (TRL's CPOTrainer), SimPO (CPO's `simpo` loss type), ORPO.
 fn objective(rlhf: &RlhfSection) -> Objective {
     let beta = rlhf.beta();
     let cpo = |loss| {
@@ -539,6 +539,7 @@ fn objective(rlhf: &RlhfSection) -> Objective {
         })
     };
     match rlhf.kind {
+        RlhfType::Orpo => Objective::Orpo { beta },
         RlhfType::Simpo => cpo(CpoLoss::Simpo),
         RlhfType::Cpo => cpo(match rlhf.loss_type {
             Some(DpoLoss::Hinge) => CpoLoss::Hinge,

@@ -104,10 +104,10 @@ impl RlhfSection {
 impl RlhfSection {
     /// The first `[rlhf]` value that cannot work here, as (its key, what is wrong).
     fn problem(&self, data: &DataSection) -> Option<(&'static str, String)> {
-        if matches!(self.kind, RlhfType::Orpo | RlhfType::Kto) {
+        if self.kind == RlhfType::Kto {
             return Some((
                 "rlhf.type",
-                "dpo, cpo and simpo are supported (orpo and kto are not yet)".into(),
+                "dpo, orpo, simpo and cpo are supported (kto is not yet)".into(),
             ));
         }
         let fits = match (self.kind, self.loss_type) {
@@ -120,7 +120,7 @@ impl RlhfSection {
         if !fits {
             return Some((
                 "rlhf.loss_type",
-                "cpo takes sigmoid, hinge or ipo; simpo is a loss of its own (leave it unset)"
+                "cpo takes sigmoid, hinge or ipo; simpo and orpo are losses of their own (leave it unset)"
                     .into(),
             ));
         }

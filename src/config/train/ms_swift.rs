@@ -304,7 +304,13 @@ pub fn parse_swift_args(command: SwiftCommand, argv: &[String]) -> Result<SwiftA
     let loss_scale = match command {
         SwiftCommand::Sft => None,
         SwiftCommand::Pt => Some(("all", "swift-rs pt")),
-        SwiftCommand::Rlhf => Some(("last_round", "swift-rs rlhf")),
+        // ms-swift's ORPO trains every answer; the other types the last.
+        SwiftCommand::Rlhf => {
+            let orpo = flags
+                .iter()
+                .any(|f| f.name == "rlhf_type" && f.values.first().is_some_and(|v| v == "orpo"));
+            Some((if orpo { "default" } else { "last_round" }, "swift-rs rlhf"))
+        }
     };
 
     let mut compute_dtype = None;
@@ -710,6 +716,24 @@ fn word(word: &str) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// ms-swift's rlhf: the loss on the last answer (every answer for ORPO) unless the command
+    /// line says otherwise, and its flags into [rlhf].
+    #[test]
+    fn rlhf_lines_read_as_ms_swift_reads_them() {
+        let config = |line: &str| {
+            let args = parse_swift_args(SwiftCommand::Rlhf, &words(line)).unwrap();
+            TrainConfig::parse_with("", Path::new("line"), &args.sets, &args.overrides).unwrap()
+        };
+        let dpo = config("--model m --dataset d.jsonl --rlhf_type dpo --beta 0.2 --rpo_alpha 0.5");
+        assert_eq!(dpo.data.loss_scale, crate::config::LossScale::LastRound);
+        let rlhf = dpo.rlhf.unwrap();
+        assert_eq!((rlhf.beta, rlhf.rpo_alpha), (Some(0.2), Some(0.5)));
+        let orpo = config("--model m --dataset d.jsonl --rlhf_type orpo");
+        assert_eq!(orpo.data.loss_scale, crate::config::LossScale::Default);
+        let all = config("--model m --dataset d.jsonl --rlhf_type dpo --loss_scale all");
+        assert_eq!(all.data.loss_scale, crate::config::LossScale::All);
+    }
 
     fn words(line: &str) -> Vec<String> {
         line.split_whitespace().map(str::to_string).collect()

@@ -502,15 +502,15 @@ fn reference<B: TrainBackend>(
         reason: reason.into(),
     };
     let config = &plan.config;
-    if config
-        .rlhf
-        .as_ref()
-        .is_some_and(|r| r.ref_adapter.is_some())
-    {
+    // ms-swift's way of going on from an SFT adapter names it twice (`--adapters X
+    // --ref_adapters X`): that is the default here.
+    let ref_adapter = config.rlhf.as_ref().and_then(|r| r.ref_adapter.as_deref());
+    let starting = config.lora.init_adapter.as_deref();
+    if ref_adapter.is_some_and(|r| Some(Path::new(r)) != starting) {
         return Err(unsupported(
             "rlhf.ref_adapter",
-            "a reference adapter of its own is not supported yet: the reference is the adapter \
-             training starts from (lora.init_adapter), or the base",
+            "a reference adapter other than the one training starts from (lora.init_adapter, \
+             ms-swift's --adapters) is not supported yet",
         ));
     }
     match (&config.lora.init_adapter, resumed) {

@@ -66,6 +66,7 @@ pub(super) const ALIASES: &[(&str, &str, &str)] = &[
     ("eval_steps", "train", "eval_steps"),
     ("save_total_limit", "train", "save_total_limit"),
     ("resume_from_checkpoint", "train", "resume_from"),
+    ("adapters", "lora", "init_adapter"),
     ("rlhf_type", "rlhf", "type"),
     ("beta", "rlhf", "beta"),
     ("loss_type", "rlhf", "loss_type"),

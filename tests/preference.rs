@@ -288,3 +288,25 @@ fn a_resumed_dpo_run_ends_bit_for_bit_where_an_unbroken_one_does() {
         c
     });
 }
+
+/// DPO on an NF4 base (QLoRA): the reference is that same quantized base with the adapters off,
+/// so a fresh adapter starts at TRL's ln 2 and the loss on the same pairs falls step by step.
+#[test]
+fn dpo_trains_on_an_nf4_base_against_itself_as_the_reference() {
+    let _serial = serial();
+    let out = tempfile::tempdir().unwrap();
+    let mut c = dpo(out.path(), 2, DpoLoss::Sigmoid);
+    c.lora.init_adapter = None;
+    c.quant.bits = Some(4);
+    c.train.batch_size = 2;
+    c.train.grad_accum = 1;
+    c.train.max_steps = 4;
+    c.train.lr = 1e-2;
+    c.train.lr_scheduler = ScheduleKind::Constant;
+    let losses: Vec<f64> = train(c, &cpu()).iter().map(|r| r.loss.unwrap()).collect();
+    assert!(
+        (losses[0] - std::f64::consts::LN_2).abs() < 1e-6,
+        "{losses:?}"
+    );
+    assert!(losses.windows(2).all(|w| w[1] < w[0]), "{losses:?}");
+}

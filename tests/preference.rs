@@ -245,6 +245,7 @@ fn a_dpo_run_from_ms_swifts_command_line_grows_its_reward_margin() {
     assert_eq!(margin(&log[0]), 0.0);
     assert!(margin(&log[5]) > 1.0, "{log:?}");
     assert_eq!(log[5]["rewards/accuracies"], 1.0);
+    assert!(run.join("images/rewards_margins.png").is_file());
     let config = TrainConfig::load(&run.join("config.toml"), &[]).unwrap();
     assert!(config.rlhf.is_some());
     assert_eq!(

@@ -149,8 +149,9 @@ impl RunLog {
     }
 }
 
-/// Writes `images/train_loss.png`, `eval_loss.png` (when there was an evaluation) and
-/// `learning_rate.png` from the log history.
+/// Writes `images/train_loss.png`, `eval_loss.png` (when there was an evaluation),
+/// `learning_rate.png` and, for a preference run, `rewards_margins.png` and
+/// `rewards_accuracies.png` from the log history.
 pub fn plot(run_dir: &Path, history: &[LogEntry]) -> Result<(), TrainError> {
     let dir = run_dir.join(IMAGES_DIR);
     std::fs::create_dir_all(&dir).map_err(TrainError::io(&dir))?;
@@ -161,13 +162,24 @@ pub fn plot(run_dir: &Path, history: &[LogEntry]) -> Result<(), TrainError> {
             .filter_map(|e| Some((e.step as f64, f(e)?)))
             .collect()
     };
-    let plots: [(&str, &str, Vec<(f64, f64)>); 3] = [
+    let plots: [(&str, &str, Vec<(f64, f64)>); 5] = [
         ("train_loss.png", "train loss", series(|e| Some(e.loss))),
         ("eval_loss.png", "eval loss", series(|e| e.eval_loss)),
         (
             "learning_rate.png",
             "learning rate",
             series(|e| Some(e.learning_rate)),
+        ),
+        // A preference run's, under TRL's names.
+        (
+            "rewards_margins.png",
+            "rewards/margins",
+            series(|e| Some(e.preference.as_ref()?.rewards_margins)),
+        ),
+        (
+            "rewards_accuracies.png",
+            "rewards/accuracies",
+            series(|e| Some(e.preference.as_ref()?.rewards_accuracies)),
         ),
     ];
     for (file, title, points) in plots {

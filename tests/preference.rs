@@ -275,19 +275,23 @@ fn a_dpo_run_from_ms_swifts_command_line_grows_its_reward_margin() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("swift-rs rlhf"));
 }
 
-/// A DPO run stopped halfway and resumed ends bit for bit where an unbroken one does.
+/// A DPO run stopped halfway and resumed ends bit for bit where an unbroken one does, its pairs
+/// read whole or streamed.
 #[test]
 fn a_resumed_dpo_run_ends_bit_for_bit_where_an_unbroken_one_does() {
     let _serial = serial();
-    common::training::a_resumed_run_ends_where_an_unbroken_one_does(&cpu(), 4, |out| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let mut c = common::training::quickstart(out, 4);
-        c.data.train = vec![root.join("datasets/dpo_sample.jsonl").display().to_string()];
-        c.data.loss_scale = swift_rs::config::LossScale::LastRound;
-        c.rlhf = Some(RlhfSection::default());
-        c.train.save_steps = 2;
-        c
-    });
+    for streaming in [false, true] {
+        common::training::a_resumed_run_ends_where_an_unbroken_one_does(&cpu(), 4, |out| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+            let mut c = common::training::quickstart(out, 4);
+            c.data.train = vec![root.join("datasets/dpo_sample.jsonl").display().to_string()];
+            c.data.loss_scale = swift_rs::config::LossScale::LastRound;
+            c.data.streaming = streaming;
+            c.rlhf = Some(RlhfSection::default());
+            c.train.save_steps = 2;
+            c
+        });
+    }
 }
 
 /// DPO on an NF4 base (QLoRA): the reference is that same quantized base with the adapters off,
@@ -310,4 +314,28 @@ fn dpo_trains_on_an_nf4_base_against_itself_as_the_reference() {
         "{losses:?}"
     );
     assert!(losses.windows(2).all(|w| w[1] < w[0]), "{losses:?}");
+}
+
+/// Evaluation reports the preference loss of the validation pairs (TRL's eval loss): ln 2 for a
+/// policy still equal to its reference, less once it has learned those pairs.
+#[test]
+fn evaluation_reports_the_preference_loss() {
+    let _serial = serial();
+    for (lr, learned) in [(0.0, false), (1e-2, true)] {
+        let out = tempfile::tempdir().unwrap();
+        let mut c = dpo(out.path(), 2, DpoLoss::Sigmoid);
+        c.lora.init_adapter = None;
+        c.data.val = c.data.train.clone();
+        c.train.batch_size = 2;
+        c.train.grad_accum = 1;
+        c.train.max_steps = 3;
+        c.train.lr = lr;
+        c.train.lr_scheduler = ScheduleKind::Constant;
+        let reports = train(c, &cpu());
+        let eval = reports[2].logged.as_ref().unwrap().eval_loss.unwrap();
+        match learned {
+            false => assert!((eval - std::f64::consts::LN_2).abs() < 1e-6, "{eval}"),
+            true => assert!(eval < 0.6, "{eval}"),
+        }
+    }
 }

@@ -7,7 +7,7 @@
 
 use burn::module::Module;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::Tensor;
+use burn::tensor::{ElementConversion, Tensor};
 
 use super::preference::{Objective, PairLogps};
 use crate::data::dataset::{collate, TrainRow};
@@ -57,6 +57,37 @@ pub struct StepGrads<B: TrainBackend> {
 pub struct Preference<B: TrainBackend> {
     pub reference: Option<CausalLm<B::InnerBackend>>,
     pub objective: Objective,
+}
+
+impl<B: TrainBackend> Preference<B> {
+    /// The preference loss of `model` (the policy, without a graph) over validation pairs,
+    /// `batch_size` pairs a batch, weighted by pairs: what TRL's evaluation reports as the loss.
+    pub fn eval_loss(
+        &self,
+        model: &CausalLm<B::InnerBackend>,
+        pairs: &[TrainRow],
+        batch_size: usize,
+    ) -> f64 {
+        let mut total = 0.0;
+        for chunk in pairs.chunks(batch_size.max(1)) {
+            let refs: Vec<&TrainRow> = chunk.iter().collect();
+            let (batch, labels) = collate(&refs);
+            let targets = LossTargets::shifted(&labels);
+            let micro = Pairs::<B>::new(self.reference.as_ref(), &batch, &targets, &labels);
+            let logps = sequence_logps(model, model.hidden_states(&batch), &targets);
+            let n = chunk.len();
+            let policy = PairLogps {
+                chosen: logps.clone().slice(0..n),
+                rejected: logps.slice(n..2 * n),
+                chosen_tokens: micro.chosen_tokens,
+                rejected_tokens: micro.rejected_tokens,
+            };
+            let (loss, _) = self.objective.loss(&policy, micro.reference);
+            let loss: f64 = loss.into_scalar().elem();
+            total += loss * n as f64;
+        }
+        total / pairs.len().max(1) as f64
+    }
 }
 
 /// The sums over a step's pairs of TRL's per-pair metrics (`[6]`, on the device): rewards of the

@@ -340,7 +340,14 @@ impl<B: TrainBackend> Trainer<B> {
         let step = self.state.global_step;
         let due = step.is_multiple_of(self.plan.eval_steps) || step == self.state.max_steps;
         let batch_size = self.plan.config.train.batch_size;
-        (!val.is_empty() && due).then(|| mean_loss(&self.model.valid(), val, batch_size).0)
+        if val.is_empty() || !due {
+            return None;
+        }
+        let model = self.model.valid();
+        Some(match &self.grads.preference {
+            Some(preference) => preference.eval_loss(&model, val, batch_size),
+            None => mean_loss(&model, val, batch_size).0,
+        })
     }
 
     /// Whether this step is logged: every `logging_steps`, with an eval loss, and at the last.

@@ -136,12 +136,6 @@ impl RlhfSection {
         if data.packing {
             return Some(("data.packing", "preference pairs are not packed".into()));
         }
-        if data.streaming {
-            return Some((
-                "data.streaming",
-                "preference training reads its pairs whole (streaming is not supported yet)".into(),
-            ));
-        }
         None
     }
 }

@@ -339,3 +339,23 @@ fn evaluation_reports_the_preference_loss() {
         }
     }
 }
+
+/// A DPO run that went on from a saved adapter resumes with that adapter as its reference again
+/// (read anew: the checkpoint holds the trained one), ending bit for bit where an unbroken run does.
+#[test]
+fn a_resumed_dpo_run_from_a_saved_adapter_keeps_it_as_the_reference() {
+    let _serial = serial();
+    let data = tempfile::tempdir().unwrap();
+    let pairs = dpo(data.path(), 6, DpoLoss::Sigmoid).data.train;
+    common::training::a_resumed_run_ends_where_an_unbroken_one_does(&cpu(), 4, |out| {
+        let mut c = dpo(data.path(), 6, DpoLoss::Sigmoid);
+        c.data.train = pairs.clone();
+        c.output.dir = out.to_path_buf();
+        c.train.batch_size = 2;
+        c.train.grad_accum = 1;
+        c.train.max_steps = 4;
+        c.train.save_steps = 2;
+        c.train.lr = 1e-2;
+        c
+    });
+}

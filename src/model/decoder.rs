@@ -12,12 +12,14 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use super::batch::Batch;
-use super::builder::Builder;
+use super::builder::{read_lora, Builder};
 use super::frozen;
 use super::layers::{DecoderLayer, RmsNorm};
+use super::load::Checkpoint;
 use super::mask::attention_mask;
 use super::rope::{self, RopeTables};
-use crate::config::{ModelConfig, LAYER_LINEARS};
+use super::ModelError;
+use crate::config::{LoraConfig, ModelConfig, LAYER_LINEARS};
 use crate::lora::{Lora, LoraLinear};
 use crate::ops::{base_linear, AttnMask, ModelBackend};
 
@@ -97,6 +99,37 @@ impl<B: Backend> CausalLm<B> {
             }
         }
         base
+    }
+
+    /// The model with each adapter replaced by the one a PEFT adapter checkpoint holds for its
+    /// module (the same targets and shapes): preference training's reference when a resumed run
+    /// went on from a saved adapter. The base weights are shared, not copied.
+    pub fn with_adapter_weights(
+        &self,
+        ckpt: &mut Checkpoint,
+        cfg: &LoraConfig,
+    ) -> Result<Self, ModelError> {
+        let mut out = self.clone();
+        let device = self.model.embed_tokens.device();
+        for (i, layer) in out.model.layers.iter_mut().enumerate() {
+            for (suffix, linear) in LAYER_LINEARS.iter().zip(layer.linears_mut()) {
+                if let Some(adapter) = &linear.adapter {
+                    let [n_in, _] = adapter.lora_a.dims();
+                    let [_, n_out] = adapter.lora_b.dims();
+                    let name = format!("model.layers.{i}.{suffix}");
+                    let read = read_lora(ckpt, cfg, &name, [n_in, n_out], &device);
+                    linear.adapter = Some(read);
+                }
+            }
+        }
+        let problems: Vec<String> = ckpt.problems().iter().map(ToString::to_string).collect();
+        if !problems.is_empty() {
+            return Err(ModelError::Adapter {
+                what: format!("the adapter in {}", ckpt.dir().display()),
+                problems,
+            });
+        }
+        Ok(out)
     }
 
     /// Every adapter, in the trainable tensors' order.

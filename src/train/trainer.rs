@@ -524,11 +524,14 @@ fn reference<B: TrainBackend>(
         (None, _) => Ok(model.valid().without_adapters()),
         // The weights are shared until the first step replaces the policy's.
         (Some(_), false) => Ok(model.valid()),
-        (Some(_), true) => Err(unsupported(
-            "train.resume_from",
-            "resuming preference training that started from lora.init_adapter is not supported \
-             yet (its reference, the starting adapter, is not in the checkpoint)",
-        )),
+        // The checkpoint holds the trained adapter: the starting one is read again.
+        (Some(dir), true) => {
+            let mut start = read_adapter(&hub::local_dir(dir, config.model.hub)?)?;
+            let AdapterSource::Weights(ckpt) = &mut start.source else {
+                unreachable!("an adapter read from files holds weights")
+            };
+            Ok(model.valid().with_adapter_weights(ckpt, &start.config)?)
+        }
     }
 }
 

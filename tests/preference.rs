@@ -9,12 +9,10 @@ mod common;
 use std::path::Path;
 
 use burn::backend::{Autodiff, Flex};
-use common::training::{check_adapter, config, serial, train, On};
+use common::training::{check_adapter, config, one_sgd_step, serial, train, On};
 use common::{adapter_dir, fixtures};
 use serde_json::Value;
-use swift_rs::config::{
-    Device, DpoLoss, OptimizerKind, RlhfSection, RlhfType, ScheduleKind, TrainConfig,
-};
+use swift_rs::config::{Device, DpoLoss, RlhfSection, RlhfType, ScheduleKind, TrainConfig};
 use swift_rs::train::StepReport;
 
 type AB = Autodiff<Flex>;
@@ -90,46 +88,18 @@ fn check_steps(reports: &[StepReport], want: &Value, tol: f64) {
     }
 }
 
+/// One SGD step of each DPO loss type (TRL's DPOTrainer), of each CPO loss type (ms-swift's cpo),
+/// of SimPO and of ORPO (TRL's CPOTrainer and ORPOTrainer under ms-swift), at batch x
+/// accumulation 2 x 1 and 1 x 2.
 #[test]
-fn one_sgd_step_of_each_dpo_loss_equals_trls() {
-    let _serial = serial();
-    let steps = steps();
-    for (loss, name) in [
-        (DpoLoss::Sigmoid, "sigmoid"),
-        (DpoLoss::Ipo, "ipo"),
-        (DpoLoss::Hinge, "hinge"),
-        (DpoLoss::Robust, "robust"),
-    ] {
-        for (batch, accum) in [(2, 1), (1, 2)] {
-            let out = tempfile::tempdir().unwrap();
-            let mut c = dpo(out.path(), 2, loss);
-            c.train.batch_size = batch;
-            c.train.grad_accum = accum;
-            c.train.max_steps = 1;
-            c.train.optimizer = OptimizerKind::Sgd;
-            c.train.lr = 1.0;
-            c.train.lr_scheduler = ScheduleKind::Constant;
-            c.train.max_grad_norm = 0.0;
-            let reports = train(c, &cpu());
-            let run = format!("dpo_{name}_{batch}x{accum}");
-            check_steps(&reports, &steps[&run], 1e-4);
-            check_adapter(
-                &out.path().join("run/checkpoint-1"),
-                &fixtures().join(format!("preference/{run}.safetensors")),
-                &adapter_dir("qwen2_rslora"),
-                1e-4,
-            );
-        }
-    }
-}
-
-/// One SGD step of each CPO loss (ms-swift's cpo), of SimPO and of ORPO, reference-free, as
-/// TRL's CPOTrainer and ORPOTrainer take them under ms-swift.
-#[test]
-fn one_sgd_step_of_cpo_simpo_and_orpo_equals_trls() {
+fn one_sgd_step_of_each_objective_equals_trls() {
     let _serial = serial();
     let steps = steps();
     for (kind, loss, name) in [
+        (RlhfType::Dpo, Some(DpoLoss::Sigmoid), "dpo_sigmoid"),
+        (RlhfType::Dpo, Some(DpoLoss::Ipo), "dpo_ipo"),
+        (RlhfType::Dpo, Some(DpoLoss::Hinge), "dpo_hinge"),
+        (RlhfType::Dpo, Some(DpoLoss::Robust), "dpo_robust"),
         (RlhfType::Cpo, None, "cpo_sigmoid"),
         (RlhfType::Cpo, Some(DpoLoss::Hinge), "cpo_hinge"),
         (RlhfType::Cpo, Some(DpoLoss::Ipo), "cpo_ipo"),
@@ -139,13 +109,7 @@ fn one_sgd_step_of_cpo_simpo_and_orpo_equals_trls() {
         for (batch, accum) in [(2, 1), (1, 2)] {
             let out = tempfile::tempdir().unwrap();
             let mut c = preference(out.path(), 2, kind, loss);
-            c.train.batch_size = batch;
-            c.train.grad_accum = accum;
-            c.train.max_steps = 1;
-            c.train.optimizer = OptimizerKind::Sgd;
-            c.train.lr = 1.0;
-            c.train.lr_scheduler = ScheduleKind::Constant;
-            c.train.max_grad_norm = 0.0;
+            one_sgd_step(&mut c, batch, accum);
             let reports = train(c, &cpu());
             let run = format!("{name}_{batch}x{accum}");
             check_steps(&reports, &steps[&run], 1e-4);

@@ -165,6 +165,19 @@ pub fn quickstart(out: &Path, max_steps: i64) -> TrainConfig {
     c
 }
 
+/// The fixtures' one-step runs: SGD with lr 1, weight decay 0.1, no clipping, batch x
+/// accumulation `batch` x `accum`.
+pub fn one_sgd_step(c: &mut TrainConfig, batch: usize, accum: usize) {
+    c.train.batch_size = batch;
+    c.train.grad_accum = accum;
+    c.train.max_steps = 1;
+    c.train.optimizer = OptimizerKind::Sgd;
+    c.train.lr = 1.0;
+    c.train.lr_scheduler = ScheduleKind::Constant;
+    c.train.weight_decay = 0.1;
+    c.train.max_grad_norm = 0.0;
+}
+
 /// One SGD step from a PEFT adapter equals PyTorch + PEFT's, for batch 4 x 1, 1 x 4 and 2 x 2.
 pub fn one_sgd_step_equals_pytorch_peft<B: TrainBackend>(on: &On<B>) {
     let steps = steps_fixture();
@@ -173,14 +186,7 @@ pub fn one_sgd_step_equals_pytorch_peft<B: TrainBackend>(on: &On<B>) {
         let out = tempfile::tempdir().unwrap();
         let mut c = config("qwen2_bf16", out.path());
         c.lora.init_adapter = Some(adapter_dir("qwen2_rslora"));
-        c.train.batch_size = batch;
-        c.train.grad_accum = accum;
-        c.train.max_steps = 1;
-        c.train.optimizer = OptimizerKind::Sgd;
-        c.train.lr = 1.0;
-        c.train.lr_scheduler = ScheduleKind::Constant;
-        c.train.weight_decay = 0.1;
-        c.train.max_grad_norm = 0.0;
+        one_sgd_step(&mut c, batch, accum);
         c.train.gradient_checkpointing = checkpointing;
         let reports = train(c, on);
         let name = format!("sgd_{batch}x{accum}");

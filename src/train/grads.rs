@@ -74,17 +74,10 @@ impl<B: TrainBackend> Preference<B> {
             let (batch, labels) = collate(&refs);
             let targets = LossTargets::shifted(&labels);
             let micro = Pairs::<B>::new(self.reference.as_ref(), &batch, &targets, &labels);
-            let logps = sequence_logps(model, model.hidden_states(&batch), &targets);
-            let n = chunk.len();
-            let policy = PairLogps {
-                chosen: logps.clone().slice(0..n),
-                rejected: logps.slice(n..2 * n),
-                chosen_tokens: micro.chosen_tokens,
-                rejected_tokens: micro.rejected_tokens,
-            };
+            let policy = micro.policy(sequence_logps(model, model.hidden_states(&batch), &targets));
             let (loss, _) = self.objective.loss(&policy, micro.reference);
             let loss: f64 = loss.into_scalar().elem();
-            total += loss * n as f64;
+            total += loss * chunk.len() as f64;
         }
         total / pairs.len().max(1) as f64
     }
@@ -206,14 +199,7 @@ impl<B: TrainBackend> StepGrads<B> {
         let (Some(preference), Some(pairs)) = (&self.preference, &m.pairs) else {
             return (token_losses(model, hidden, &m.targets).sum() * scale, None);
         };
-        let logps = sequence_logps(model, hidden, &m.targets); // [2 * pairs]
-        let n = pairs.chosen_tokens.len();
-        let policy = PairLogps {
-            chosen: logps.clone().slice(0..n),
-            rejected: logps.slice(n..2 * n),
-            chosen_tokens: pairs.chosen_tokens.clone(),
-            rejected_tokens: pairs.rejected_tokens.clone(),
-        };
+        let policy = pairs.policy(sequence_logps(model, hidden, &m.targets));
         let reference = pairs.reference.as_ref().map(|(chosen, rejected)| {
             (
                 Tensor::from_inner(chosen.clone()),
@@ -351,6 +337,18 @@ impl<B: TrainBackend> Pairs<B> {
             reference,
             chosen_tokens: counts[..n].to_vec(),
             rejected_tokens: counts[n..].to_vec(),
+        }
+    }
+
+    /// The policy's side of the pairs, from every sequence's log-probability (`[2 * pairs]`,
+    /// chosen answers first), on whichever backend it was computed.
+    fn policy<C: burn::tensor::backend::Backend>(&self, logps: Tensor<C, 1>) -> PairLogps<C> {
+        let n = self.chosen_tokens.len();
+        PairLogps {
+            chosen: logps.clone().slice(0..n),
+            rejected: logps.slice(n..2 * n),
+            chosen_tokens: self.chosen_tokens.clone(),
+            rejected_tokens: self.rejected_tokens.clone(),
         }
     }
 }

@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""swift-rs against PyTorch + transformers + PEFT on the same machine, in one run: LoRA training,
-eval forward and infer decode, each as tokens/s and peak memory, with the ratios.
+"""swift-rs against PyTorch + transformers + PEFT (and TRL) on the same machine, in one run: LoRA
+training, DPO training, eval forward and infer decode, each as tokens/s and peak memory, with the
+ratios.
 
 Pinned: torch==2.15.0 transformers==5.23.0 peft==0.21.2, bitsandbytes==0.50.2 for `--quant nf4`
-(as scripts/gen_fixtures.py).
+(as scripts/gen_fixtures.py), trl==1.16.0 for `dpo`.
 
     cargo build --release
     python scripts/bench_vs_peft.py                          # ~30M Qwen2 shape, 2 threads, f32
     python scripts/bench_vs_peft.py --only train --steps 8
+    python scripts/bench_vs_peft.py --only dpo               # against TRL's DPOTrainer
     # GPU (a `--features cuda` build): Qwen2.5-1.5B's shape and vocabulary, bf16, sequence 2048
     python scripts/bench_vs_peft.py --device cuda --shape 1.5b --vocab 151936 --seq 2048 --batch 1
     python scripts/bench_vs_peft.py --device cuda --shape 1.5b --vocab 151936 --seq 2048 --batch 1 \
@@ -20,6 +22,10 @@ the special tokens are zeroed so that no stop token can end a reply early.
 - train: r 16 on every linear layer (all-linear), alpha 32, no dropout, AdamW, gradient
   checkpointing, batch x seq random tokens with the loss on every token; the work unit is one
   optimizer step.
+- dpo: DPO (sigmoid, beta 0.1) with the same LoRA, AdamW and checkpointing; batch pairs of a
+  prompt and two answers (seq / 2 tokens each, so each sequence is seq long), TRL's DPOTrainer
+  on the PyTorch side (reference: the base with the adapters off on both sides); the work unit is
+  one optimizer step, of 2 x batch x seq tokens.
 - eval: forward pass and loss over every token (torch.no_grad, SDPA); the unit is one batch.
 - infer: greedy decoding of one chat prompt, batch 1, KV cache; the unit is one new token.
 
@@ -118,6 +124,42 @@ def torch_train(model_dir: str, data: str, steps: int, batch: int, run: str) -> 
     torch_done(model)
 
 
+def torch_dpo(model_dir: str, pairs: str, steps: int, batch: int, run: str) -> None:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from torch.utils.data import SequentialSampler
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    class Processed(DPOTrainer):
+        """TRL's trainer on pairs already in its processed form, in file order."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    model = torch_model(model_dir, run)
+    _, device, dtype, _ = run.split(",")
+    rows = [json.loads(line) for line in Path(pairs).read_text().splitlines()][:steps * batch]
+    with tempfile.TemporaryDirectory() as out:
+        args = DPOConfig(
+            output_dir=out, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+            max_steps=steps, learning_rate=1e-4, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8,
+            weight_decay=0.1, max_grad_norm=1.0, lr_scheduler_type="constant", beta=0.1,
+            loss_type=["sigmoid"], gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": False}, logging_steps=steps,
+            report_to="none", save_strategy="no", use_cpu=device == "cpu", bf16=dtype == "bf16",
+            max_length=None)
+        trainer = Processed(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                            processing_class=AutoTokenizer.from_pretrained(model_dir),
+                            peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA))
+        trainer.train()
+    torch_done(model)
+
+
 def torch_eval(model_dir: str, data: str, batches: int, batch: int, run: str) -> None:
     import torch
     model = torch_model(model_dir, run).eval()
@@ -144,14 +186,17 @@ def torch_infer(model_dir: str, new_tokens: int, run: str) -> None:
     assert out.shape[1] - ids.shape[1] == new_tokens, "a stop token was generated"
 
 
-TORCH_SIDES = {"train": torch_train, "eval": torch_eval, "infer": torch_infer}
+TORCH_SIDES = {"train": torch_train, "dpo": torch_dpo, "eval": torch_eval, "infer": torch_infer}
 
 
 # ---- swift-rs side: the release binary's commands ----
 
-def swift_train(binary: Path, model_dir: Path, data: Path, steps: int, args, tmp: Path) -> list[str]:
-    out_dir = tmp / f"swift-train-{steps}"
-    config = tmp / f"swift-train-{steps}.toml"
+def swift_train(binary: Path, model_dir: Path, data: Path, steps: int, args, tmp: Path,
+                dpo: bool = False) -> list[str]:
+    kind = "dpo" if dpo else "train"
+    out_dir = tmp / f"swift-{kind}-{steps}"
+    config = tmp / f"swift-{kind}-{steps}.toml"
+    rlhf = '[rlhf]\ntype = "dpo"\nbeta = 0.1\n[data]\nloss_scale = "last_round"' if dpo else "[data]"
     config.write_text(f"""
 [model]
 path = "{model_dir}"
@@ -162,7 +207,7 @@ r = {LORA['r']}
 alpha = {LORA['lora_alpha']}
 dropout = {LORA['lora_dropout']}
 target_modules = ["all-linear"]
-[data]
+{rlhf}
 train = ["{data}"]
 max_length = {args.seq}
 shuffle = false
@@ -171,6 +216,7 @@ max_steps = {steps}
 batch_size = {args.batch}
 grad_accum = 1
 lr = 1e-4
+lr_scheduler = "constant"
 gradient_checkpointing = true
 logging_steps = {steps}
 save_steps = {steps}
@@ -181,7 +227,7 @@ overwrite = true
 tensorboard = false
 plots = false
 """)
-    return [str(binary), "train", "--config", str(config)]
+    return [str(binary), "rlhf" if dpo else "train", "--config", str(config)]
 
 
 def swift_eval(binary: Path, model_dir: Path, data: Path, batches: int, args) -> list[str]:
@@ -318,6 +364,9 @@ def setup(shape: str, vocab: str, tmp: str, rows_n: str, seq: str, binary: str, 
     g = torch.Generator().manual_seed(1)
     rows = torch.randint(3, TOKENIZER_VOCAB, (int(rows_n), int(seq)), generator=g).tolist()
     (Path(tmp) / "rows.jsonl").write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in rows))
+    half = int(seq) // 2
+    pairs = [{"prompt_ids": r[:half], "chosen_ids": r[half:], "rejected_ids": r[half:][::-1]} for r in rows]
+    (Path(tmp) / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
 
 
 def train_flops_per_token(args) -> float:
@@ -360,7 +409,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--binary", default=str(ROOT / "target/release/swift-rs"))
     ap.add_argument("--shape", choices=sorted(SHAPES), default="30m")
-    ap.add_argument("--only", default="train,eval,infer", help="comma-separated: train, eval, infer")
+    ap.add_argument("--only", default="train,eval,infer",
+                    help="comma-separated: train, dpo, eval, infer")
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=4, help="train: N optimizer steps")
@@ -401,6 +451,9 @@ def main() -> None:
             "train": (args.steps, args.batch * args.seq, "training",
                       torch_cmd("train", data, after=(args.batch, run)),
                       lambda n: swift_train(binary, model, data, n, args, tmp)),
+            "dpo": (args.steps, 2 * args.batch * args.seq, "DPO training (TRL's DPOTrainer)",
+                    torch_cmd("dpo", tmp / "pairs.jsonl", after=(args.batch, run)),
+                    lambda n: swift_train(binary, model, tmp / "pairs.jsonl", n, args, tmp, dpo=True)),
             "eval": (args.eval_batches, args.batch * args.seq, "eval forward",
                      torch_cmd("eval", data, after=(args.batch, run)),
                      lambda n: swift_eval(binary, model, data, n, args)),
@@ -415,14 +468,15 @@ def main() -> None:
             m = measure({"torch": torch_side, "swift": swift_side}, n, args.threads, args.repeat, checks, gpu)
             t, s = m["torch"], m["swift"]
             t_rate, s_rate = tokens_per_unit / t["seconds_per_unit"], tokens_per_unit / s["seconds_per_unit"]
-            unit = f"batch {args.batch} x {args.seq}" if kind != "infer" else f"{n} and {2 * n} new tokens"
+            unit = {"infer": f"{n} and {2 * n} new tokens",
+                    "dpo": f"{args.batch} pairs x 2 x {args.seq}"}.get(kind, f"batch {args.batch} x {args.seq}")
             rounds = ", ".join(f"{r:.2f}x" for r in m["round_speedups"])
             memory = "peak GPU memory used" if gpu else "peak RSS"
             print(f"{label} ({unit}, N = {n}, median of {args.repeat}):")
             for name, side, rate in (("PyTorch ", t, t_rate), ("swift-rs", s, s_rate)):
                 allocated = f" (allocated {side['peak_allocated_gib']:.2f})" if side["peak_allocated_gib"] else ""
                 print(f"  {name} {rate:10,.0f} tokens/s   {memory} {side['peak_gib']:.2f} GiB{allocated}")
-                if kind == "train" and gpu:
+                if kind in ("train", "dpo") and gpu:
                     print("           " + utilisation(rate, args, peak_tflops))
             print(f"  swift-rs / PyTorch: speed {s_rate / t_rate:.2f}x (rounds: {rounds}), "
                   f"{memory} {s['peak_gib'] / t['peak_gib']:.2f}x", flush=True)

@@ -96,7 +96,8 @@ pub enum TrainRow {
 struct Sequence<'r> {
     input_ids: &'r [u32],
     labels: &'r [i64],
-    boundaries: Vec<usize>,
+    /// Packed rows' own; a single sample's made here.
+    boundaries: std::borrow::Cow<'r, [usize]>,
 }
 
 impl<'r> Sequence<'r> {
@@ -104,7 +105,7 @@ impl<'r> Sequence<'r> {
         Self {
             input_ids: &e.input_ids,
             labels: &e.labels,
-            boundaries: vec![0, e.input_ids.len()],
+            boundaries: vec![0, e.input_ids.len()].into(),
         }
     }
 }
@@ -128,7 +129,7 @@ impl TrainRow {
             Self::Packed(p) => vec![Sequence {
                 input_ids: &p.input_ids,
                 labels: &p.labels,
-                boundaries: p.boundaries.clone(),
+                boundaries: p.boundaries.as_slice().into(),
             }],
             Self::Pair { chosen, rejected } => vec![Sequence::of(chosen), Sequence::of(rejected)],
         }
@@ -165,7 +166,7 @@ pub fn collate(rows: &[&TrainRow]) -> (Batch, Vec<Vec<i64>>) {
         .collect();
     let parts: Vec<(&[u32], &[usize])> = sequences
         .iter()
-        .map(|s| (s.input_ids, s.boundaries.as_slice()))
+        .map(|s| (s.input_ids, s.boundaries.as_ref()))
         .collect();
     let batch = Batch::packed(&parts);
     let seq = batch.input_ids.first().map_or(0, Vec::len);

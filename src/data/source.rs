@@ -23,9 +23,7 @@ use serde_json::{Map, Value};
 use super::registry::{self, Prepare};
 use super::{DataError, Location};
 use crate::config::{DataSection, Hub};
-use crate::hub::{dataset_snapshot, default_hub, HubEnv, HubId};
-
-const EXTENSIONS: [&str; 4] = crate::hub::DATA_EXTENSIONS;
+use crate::hub::{data_files, dataset_snapshot, default_hub, is_data_file, HubEnv, HubId};
 
 /// One entry of `data.train` / `data.val`: a file, directory or glob, or a dataset by hub id in
 /// ms-swift's form `[hf::|ms::]org/name[:subset1/subset2]`, and ms-swift's `#N` (N rows sampled
@@ -66,7 +64,7 @@ impl DatasetSpec {
                     source,
                 })?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.is_file() && is_dataset(p))
+                .filter(|p| p.is_file() && is_data_file(p))
                 .collect()
         } else if path.exists() {
             vec![path.to_path_buf()]
@@ -74,7 +72,7 @@ impl DatasetSpec {
             glob::glob(&self.pattern)
                 .map_err(|e| missing(&format!("not a valid glob: {e}")))?
                 .filter_map(Result::ok)
-                .filter(|p| p.is_file() && is_dataset(p))
+                .filter(|p| p.is_file() && is_data_file(p))
                 .collect()
         } else if let Some(remote) = HubDataset::parse(&self.pattern) {
             remote.files(hub)?
@@ -112,7 +110,7 @@ impl HubDataset {
             None => (rest, Vec::new()),
         };
         // `dir/train.jsonl` that is not there is a missing file, not a repo called train.jsonl.
-        if hub.is_none() && is_dataset(Path::new(id)) {
+        if hub.is_none() && is_data_file(Path::new(id)) {
             return None;
         }
         Some(Self {
@@ -176,8 +174,7 @@ impl HubDataset {
         }
         let mut files = Vec::new();
         for root in roots {
-            let mut found = Vec::new();
-            collect_data_files(&root, &mut found);
+            let found = data_files(&root);
             let relative: Vec<String> = found
                 .iter()
                 .map(|f| {
@@ -287,18 +284,6 @@ fn train_split(files: &[String]) -> Option<Vec<usize>> {
     .unwrap_or_else(|| Some((0..files.len()).collect()))
 }
 
-/// Every dataset file under `dir`, in all its folders.
-fn collect_data_files(dir: &Path, into: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            collect_data_files(&path, into);
-        } else if is_dataset(&path) {
-            into.push(path);
-        }
-    }
-}
-
 /// What a spec reads: its files, the column renames, and what is done to each row.
 #[derive(Clone)]
 pub struct SpecSource {
@@ -345,12 +330,6 @@ impl DatasetSpec {
             prepare,
         })
     }
-}
-
-fn is_dataset(path: &Path) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| EXTENSIONS.contains(&e))
 }
 
 /// A row as read, before its format is detected.

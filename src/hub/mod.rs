@@ -267,31 +267,35 @@ fn fetch_data(id: &HubId, fetch: Fetch, listed: &[&str]) -> Result<(), HubError>
 /// The extensions of the files a dataset repo holds its rows in.
 pub const DATA_EXTENSIONS: [&str; 4] = ["jsonl", "json", "csv", "parquet"];
 
-fn is_data_file(name: &str) -> bool {
-    Path::new(name)
+/// Whether `path` names a data file (by its extension).
+pub fn is_data_file(path: impl AsRef<Path>) -> bool {
+    path.as_ref()
         .extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| DATA_EXTENSIONS.contains(&e))
 }
 
+/// Every data file under `dir`, in all its folders.
+pub fn data_files(dir: &Path) -> Vec<PathBuf> {
+    fn walk(dir: &Path, into: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, into);
+            } else if is_data_file(&path) {
+                into.push(path);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(dir, &mut files);
+    files
+}
+
 /// Whether a cached dataset snapshot holds any data file (what the file list would have said is
 /// not known offline).
 fn holds_data(dir: &Path) -> bool {
-    fn walk(dir: &Path) -> bool {
-        std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|e| {
-                let path = e.path();
-                if path.is_dir() {
-                    walk(&path)
-                } else {
-                    is_data_file(&path.to_string_lossy())
-                }
-            })
-    }
-    walk(dir)
+    !data_files(dir).is_empty()
 }
 
 /// The files to fetch first: configs, tokenizer files, the weight index. `listed` holds the

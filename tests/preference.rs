@@ -12,7 +12,7 @@ use burn::backend::{Autodiff, Flex};
 use common::training::{check_adapter, config, one_sgd_step, serial, train, On};
 use common::{adapter_dir, fixtures};
 use serde_json::Value;
-use swift_rs::config::{Device, DpoLoss, RlhfSection, RlhfType, ScheduleKind, TrainConfig};
+use swift_rs::config::{Device, LossType, RlhfSection, RlhfType, ScheduleKind, TrainConfig};
 use swift_rs::train::StepReport;
 
 type AB = Autodiff<Flex>;
@@ -30,12 +30,12 @@ fn steps() -> Value {
 }
 
 /// A DPO run from the fixture adapter on the first `pairs` pairs, in file order.
-fn dpo(out: &Path, pairs: usize, loss: DpoLoss) -> TrainConfig {
+fn dpo(out: &Path, pairs: usize, loss: LossType) -> TrainConfig {
     preference(out, pairs, RlhfType::Dpo, Some(loss))
 }
 
 /// A preference run of `kind` from the fixture adapter on the first `pairs` pairs, in file order.
-fn preference(out: &Path, pairs: usize, kind: RlhfType, loss: Option<DpoLoss>) -> TrainConfig {
+fn preference(out: &Path, pairs: usize, kind: RlhfType, loss: Option<LossType>) -> TrainConfig {
     let lines: Vec<String> = std::fs::read_to_string(fixtures().join("preference/pairs.jsonl"))
         .unwrap()
         .lines()
@@ -50,7 +50,7 @@ fn preference(out: &Path, pairs: usize, kind: RlhfType, loss: Option<DpoLoss>) -
     c.rlhf = Some(RlhfSection {
         kind,
         loss_type: loss,
-        label_smoothing: if loss == Some(DpoLoss::Robust) {
+        label_smoothing: if loss == Some(LossType::Robust) {
             0.1
         } else {
             0.0
@@ -96,13 +96,13 @@ fn one_sgd_step_of_each_objective_equals_trls() {
     let _serial = serial();
     let steps = steps();
     for (kind, loss, name) in [
-        (RlhfType::Dpo, Some(DpoLoss::Sigmoid), "dpo_sigmoid"),
-        (RlhfType::Dpo, Some(DpoLoss::Ipo), "dpo_ipo"),
-        (RlhfType::Dpo, Some(DpoLoss::Hinge), "dpo_hinge"),
-        (RlhfType::Dpo, Some(DpoLoss::Robust), "dpo_robust"),
+        (RlhfType::Dpo, Some(LossType::Sigmoid), "dpo_sigmoid"),
+        (RlhfType::Dpo, Some(LossType::Ipo), "dpo_ipo"),
+        (RlhfType::Dpo, Some(LossType::Hinge), "dpo_hinge"),
+        (RlhfType::Dpo, Some(LossType::Robust), "dpo_robust"),
         (RlhfType::Cpo, None, "cpo_sigmoid"),
-        (RlhfType::Cpo, Some(DpoLoss::Hinge), "cpo_hinge"),
-        (RlhfType::Cpo, Some(DpoLoss::Ipo), "cpo_ipo"),
+        (RlhfType::Cpo, Some(LossType::Hinge), "cpo_hinge"),
+        (RlhfType::Cpo, Some(LossType::Ipo), "cpo_ipo"),
         (RlhfType::Simpo, None, "cpo_simpo"),
         (RlhfType::Orpo, None, "orpo"),
     ] {
@@ -127,7 +127,7 @@ fn one_sgd_step_of_each_objective_equals_trls() {
 fn three_adamw_dpo_steps_equal_trls() {
     let _serial = serial();
     let out = tempfile::tempdir().unwrap();
-    let mut c = dpo(out.path(), 6, DpoLoss::Sigmoid);
+    let mut c = dpo(out.path(), 6, LossType::Sigmoid);
     c.train.batch_size = 2;
     c.train.grad_accum = 1;
     c.train.max_steps = 3;
@@ -264,7 +264,7 @@ fn a_resumed_dpo_run_ends_bit_for_bit_where_an_unbroken_one_does() {
 fn dpo_trains_on_an_nf4_base_against_itself_as_the_reference() {
     let _serial = serial();
     let out = tempfile::tempdir().unwrap();
-    let mut c = dpo(out.path(), 2, DpoLoss::Sigmoid);
+    let mut c = dpo(out.path(), 2, LossType::Sigmoid);
     c.lora.init_adapter = None;
     c.quant.bits = Some(4);
     c.train.batch_size = 2;
@@ -287,7 +287,7 @@ fn evaluation_reports_the_preference_loss() {
     let _serial = serial();
     for (lr, learned) in [(0.0, false), (1e-2, true)] {
         let out = tempfile::tempdir().unwrap();
-        let mut c = dpo(out.path(), 2, DpoLoss::Sigmoid);
+        let mut c = dpo(out.path(), 2, LossType::Sigmoid);
         c.lora.init_adapter = None;
         c.data.val = c.data.train.clone();
         c.train.batch_size = 2;
@@ -310,9 +310,9 @@ fn evaluation_reports_the_preference_loss() {
 fn a_resumed_dpo_run_from_a_saved_adapter_keeps_it_as_the_reference() {
     let _serial = serial();
     let data = tempfile::tempdir().unwrap();
-    let pairs = dpo(data.path(), 6, DpoLoss::Sigmoid).data.train;
+    let pairs = dpo(data.path(), 6, LossType::Sigmoid).data.train;
     common::training::a_resumed_run_ends_where_an_unbroken_one_does(&cpu(), 4, |out| {
-        let mut c = dpo(data.path(), 6, DpoLoss::Sigmoid);
+        let mut c = dpo(data.path(), 6, LossType::Sigmoid);
         c.data.train = pairs.clone();
         c.output.dir = out.to_path_buf();
         c.train.batch_size = 2;

@@ -13,7 +13,7 @@ use rand::SeedableRng;
 use rayon::prelude::*;
 use serde_json::{json, Value};
 
-use super::encode::{Encoded, EncodedPreference, Encoder};
+use super::encode::{Encoded, EncodedPreference, Encoder, PreferenceRows};
 use super::format::{parse_preference, parse_row};
 use super::pack::{pack, truncate, Packed};
 use super::source::{open_rows, DatasetSpec, RawRow, SpecSource};
@@ -84,12 +84,21 @@ impl BadRows {
     }
 }
 
-/// A row training sees: one sample, several packed into one, or a preference pair.
+/// A row training sees: one sample, several packed into one, a preference pair, or KTO's one
+/// answer, desirable or not, with where it starts.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TrainRow {
     Sample(Encoded),
     Packed(Packed),
-    Pair { chosen: Encoded, rejected: Encoded },
+    Pair {
+        chosen: Encoded,
+        rejected: Encoded,
+    },
+    Unpaired {
+        sequence: Encoded,
+        prompt_len: usize,
+        desirable: bool,
+    },
 }
 
 /// One sequence of a row: its ids, labels, and where each of its samples starts then its length.
@@ -132,6 +141,7 @@ impl TrainRow {
                 boundaries: p.boundaries.as_slice().into(),
             }],
             Self::Pair { chosen, rejected } => vec![Sequence::of(chosen), Sequence::of(rejected)],
+            Self::Unpaired { sequence, .. } => vec![Sequence::of(sequence)],
         }
     }
 
@@ -150,6 +160,15 @@ impl TrainRow {
                 "chosen_labels": chosen.labels,
                 "rejected_input_ids": rejected.input_ids,
                 "rejected_labels": rejected.labels,
+            }),
+            Self::Unpaired {
+                sequence,
+                desirable,
+                ..
+            } => json!({
+                "input_ids": sequence.input_ids,
+                "labels": sequence.labels,
+                "label": desirable,
             }),
         }
     }
@@ -179,6 +198,36 @@ pub fn collate(rows: &[&TrainRow]) -> (Batch, Vec<Vec<i64>>) {
         })
         .collect();
     (batch, labels)
+}
+
+/// KTO's mismatched answers, from which its KL term is estimated: each unpaired row's prompt
+/// followed by the answer of the row before it among `rows` (the first takes the last's), cut
+/// to `max_length`; TRL rotates the answers of a batch so, ms-swift those of an optimizer step.
+/// Labels are the prompt's then the answer's.
+pub fn kl_rows(rows: &[&TrainRow], max_length: usize) -> Vec<TrainRow> {
+    let parts: Vec<(&Encoded, usize)> = rows
+        .iter()
+        .map(|r| match r {
+            TrainRow::Unpaired {
+                sequence,
+                prompt_len,
+                ..
+            } => (sequence, *prompt_len),
+            _ => unreachable!("KL rows are made of unpaired rows"),
+        })
+        .collect();
+    (0..parts.len())
+        .map(|i| {
+            let (prompt, p) = parts[i];
+            let (answer, a) = parts[(i + parts.len() - 1) % parts.len()];
+            let ids = prompt.input_ids[..p].iter().chain(&answer.input_ids[a..]);
+            let labels = prompt.labels[..p].iter().chain(&answer.labels[a..]);
+            TrainRow::Sample(Encoded {
+                input_ids: ids.take(max_length).copied().collect(),
+                labels: labels.take(max_length).copied().collect(),
+            })
+        })
+        .collect()
 }
 
 /// A dataset read whole.
@@ -323,7 +372,7 @@ fn training_rows(
     encoder: &Encoder,
     bad_rows: &mut BadRows,
 ) -> Result<Vec<TrainRow>, DataError> {
-    if encoder.reads_preferences() {
+    if encoder.reads_preferences().is_some() {
         return encode_all(rows, data, bad_rows, |row| encode_pair(row, data, encoder));
     }
     let samples = encode_all(rows, data, bad_rows, |row| encode_one(row, data, encoder))?;
@@ -373,25 +422,58 @@ fn encode_pair(
     data: &DataSection,
     encoder: &Encoder,
 ) -> Result<Option<TrainRow>, String> {
-    match encoder.encode_preference(&parse_preference(&row.value)?)? {
+    let cut = |e| truncate(e, data.max_length, data.truncation);
+    let takes_loss = |answer: &str, e: &Encoded| match e.labels.iter().all(|&l| l == IGNORE_INDEX) {
+        true => Err(format!(
+            "the {answer} answer takes no loss (after truncation)"
+        )),
+        false => Ok(()),
+    };
+    let encoded = encoder.encode_preference(&parse_preference(&row.value)?)?;
+    match (&encoded, encoder.reads_preferences()) {
+        (EncodedPreference::Pair { .. }, Some(PreferenceRows::Unpaired)) => {
+            return Err(
+                "a preference pair: rlhf.type = \"kto\" takes rows with a \"label\" \
+                        (one answer, desirable or not)"
+                    .into(),
+            )
+        }
+        (EncodedPreference::Unpaired { .. }, Some(PreferenceRows::Pairs)) => {
+            return Err("a KTO row (with \"label\"): set rlhf.type = \"kto\", or give pairs".into())
+        }
+        _ => {}
+    }
+    match encoded {
         EncodedPreference::Pair { chosen, rejected } => {
-            let cut = |e| truncate(e, data.max_length, data.truncation);
             let (Some(chosen), Some(rejected)) = (cut(chosen), cut(rejected)) else {
                 return Ok(None);
             };
-            for (answer, e) in [("chosen", &chosen), ("rejected", &rejected)] {
-                if e.labels.iter().all(|&l| l == IGNORE_INDEX) {
-                    return Err(format!(
-                        "the {answer} answer takes no loss (after truncation)"
-                    ));
-                }
-            }
+            takes_loss("chosen", &chosen)?;
+            takes_loss("rejected", &rejected)?;
             Ok(Some(TrainRow::Pair { chosen, rejected }))
         }
-        EncodedPreference::Unpaired { .. } => Err(
-            "a KTO row (with \"label\"): rlhf.type = \"kto\" is not supported yet; give pairs"
-                .into(),
-        ),
+        EncodedPreference::Unpaired {
+            sequence,
+            prompt_len,
+            desirable,
+        } => {
+            let Some(sequence) = cut(sequence) else {
+                return Ok(None);
+            };
+            takes_loss(
+                if desirable {
+                    "desirable"
+                } else {
+                    "undesirable"
+                },
+                &sequence,
+            )?;
+            Ok(Some(TrainRow::Unpaired {
+                prompt_len: prompt_len.min(sequence.input_ids.len()),
+                sequence,
+                desirable,
+            }))
+        }
     }
 }
 

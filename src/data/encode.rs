@@ -9,9 +9,9 @@
 
 use tokenizers::Tokenizer;
 
-use super::format::{Message, Preference, Role, Row};
+use super::format::{prompt_of, Answer, Message, Preference, Role, Row};
 use super::template::ChatTemplate;
-use crate::config::LossScale;
+use crate::config::{LossScale, RlhfType};
 use crate::model::IGNORE_INDEX;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -21,11 +21,18 @@ pub struct Encoded {
 }
 
 /// A preference row encoded: a pair's two sequences (the same prompt, each answer labelled), or
-/// KTO's one.
+/// KTO's one, with where its answer starts (its prompt's tokens, as TRL splits them).
 #[derive(Debug, Clone, PartialEq)]
 pub enum EncodedPreference {
-    Pair { chosen: Encoded, rejected: Encoded },
-    Unpaired { sequence: Encoded, desirable: bool },
+    Pair {
+        chosen: Encoded,
+        rejected: Encoded,
+    },
+    Unpaired {
+        sequence: Encoded,
+        prompt_len: usize,
+        desirable: bool,
+    },
 }
 
 /// Rows to ids and labels with one template and tokenizer.
@@ -37,8 +44,15 @@ pub struct Encoder {
     system: Option<String>,
     /// Special tokens, longest first, for finding the end-of-turn token after an answer.
     specials: Vec<String>,
-    /// Rows are preference rows (`swift-rs rlhf`).
-    preferences: bool,
+    /// Rows are preference rows (`swift-rs rlhf`), of this kind.
+    preferences: Option<PreferenceRows>,
+}
+
+/// The rows a preference objective reads: pairs, or KTO's unpaired answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PreferenceRows {
+    Pairs,
+    Unpaired,
 }
 
 impl Encoder {
@@ -61,17 +75,18 @@ impl Encoder {
             loss_scale,
             system,
             specials,
-            preferences: false,
+            preferences: None,
         }
     }
 
-    /// The encoder for preference rows (`swift-rs rlhf`): datasets read through it are pairs.
-    pub fn reading_preferences(mut self) -> Self {
-        self.preferences = true;
+    /// The encoder for preference rows (`swift-rs rlhf`): datasets read through it are pairs,
+    /// or KTO's unpaired answers.
+    pub fn reading_preferences(mut self, rows: PreferenceRows) -> Self {
+        self.preferences = Some(rows);
         self
     }
 
-    pub fn reads_preferences(&self) -> bool {
+    pub fn reads_preferences(&self) -> Option<PreferenceRows> {
         self.preferences
     }
 
@@ -113,37 +128,35 @@ impl Encoder {
                 chosen: self.encode_chat(&self.with_system(chosen))?,
                 rejected: self.encode_chat(&self.with_system(rejected))?,
             }),
-            Preference::Unpaired {
-                messages,
-                desirable,
-            } => Ok(EncodedPreference::Unpaired {
-                sequence: self.encode_chat(&self.with_system(messages))?,
-                desirable: *desirable,
-            }),
+            Preference::Unpaired { answer, desirable } => {
+                let (sequence, prompt_len) = match answer {
+                    Answer::Chat(messages) => {
+                        let sequence = self.encode_chat(&self.with_system(messages))?;
+                        let prompt = self.prompt(prompt_of(messages))?;
+                        let prompt_len = common_prefix(&prompt, &sequence.input_ids);
+                        (sequence, prompt_len)
+                    }
+                    Answer::Text { prompt, completion } => {
+                        let (prompt_len, mut answers) = self.text_answers(prompt, &[completion])?;
+                        (answers.remove(0), prompt_len)
+                    }
+                    Answer::Tokenized { prompt, completion } => {
+                        (prompt_then(prompt, completion), prompt.len())
+                    }
+                };
+                Ok(EncodedPreference::Unpaired {
+                    sequence,
+                    prompt_len,
+                    desirable: *desirable,
+                })
+            }
             Preference::TextPair {
                 prompt,
                 chosen,
                 rejected,
             } => {
-                let eos = self.template.eos_token();
-                let prompt_ids = self.tokenize(prompt)?.0;
-                let mut whole = Vec::new();
-                for answer in [chosen, rejected] {
-                    let answer = match answer.ends_with(eos) {
-                        true => answer.clone(),
-                        false => format!("{answer}{eos}"),
-                    };
-                    whole.push(self.tokenize(&format!("{prompt}{answer}"))?.0);
-                }
-                // The completion starts where the prompt's tokens and the whole's part (tokens
-                // may merge across the boundary), as TRL takes it.
-                let shared = whole
-                    .iter()
-                    .map(|ids| common_prefix(&prompt_ids, ids))
-                    .min()
-                    .unwrap_or(0);
-                let [chosen, rejected] = [&whole[0], &whole[1]]
-                    .map(|ids| prompt_then(&prompt_ids[..shared], &ids[shared..]));
+                let (_, answers) = self.text_answers(prompt, &[chosen, rejected])?;
+                let [chosen, rejected] = <[Encoded; 2]>::try_from(answers).expect("two answers");
                 Ok(EncodedPreference::Pair { chosen, rejected })
             }
             Preference::TokenizedPair {
@@ -155,6 +168,37 @@ impl Encoder {
                 rejected: prompt_then(prompt, rejected),
             }),
         }
+    }
+
+    /// Plain-text answers to one prompt as TRL tokenizes them: the prompt's tokens, then each
+    /// answer's up to the eos token, added where missing; the answers start where the prompt's
+    /// tokens and each whole's part (tokens may merge across the boundary), the same point for
+    /// all. Returns that point and each answer's sequence.
+    fn text_answers(
+        &self,
+        prompt: &str,
+        answers: &[&String],
+    ) -> Result<(usize, Vec<Encoded>), String> {
+        let eos = self.template.eos_token();
+        let prompt_ids = self.tokenize(prompt)?.0;
+        let mut whole = Vec::new();
+        for answer in answers {
+            let answer = match answer.ends_with(eos) {
+                true => answer.to_string(),
+                false => format!("{answer}{eos}"),
+            };
+            whole.push(self.tokenize(&format!("{prompt}{answer}"))?.0);
+        }
+        let shared = whole
+            .iter()
+            .map(|ids| common_prefix(&prompt_ids, ids))
+            .min()
+            .unwrap_or(0);
+        let sequences = whole
+            .iter()
+            .map(|ids| prompt_then(&prompt_ids[..shared], &ids[shared..]))
+            .collect();
+        Ok((shared, sequences))
     }
 
     /// The ids of a conversation followed by the header of the assistant's reply
@@ -349,8 +393,11 @@ impl Encoder {
         let (model, data) = (&config.model, &config.data);
         let encoder =
             Self::for_model_dir(dir, model.template, model.system.clone(), data.loss_scale)?;
-        Ok(match config.rlhf {
-            Some(_) => encoder.reading_preferences(),
+        Ok(match &config.rlhf {
+            Some(r) if r.kind == RlhfType::Kto => {
+                encoder.reading_preferences(PreferenceRows::Unpaired)
+            }
+            Some(_) => encoder.reading_preferences(PreferenceRows::Pairs),
             None => encoder,
         })
     }

@@ -331,9 +331,21 @@ pub enum Preference {
         rejected: Vec<u32>,
     },
     /// KTO: one answer, desirable or not.
-    Unpaired {
-        messages: Vec<Message>,
-        desirable: bool,
+    Unpaired { answer: Answer, desirable: bool },
+}
+
+/// KTO's one answer, in the forms a pair's answers come in.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// A whole conversation ending with the answer.
+    Chat(Vec<Message>),
+    Text {
+        prompt: String,
+        completion: String,
+    },
+    Tokenized {
+        prompt: Vec<u32>,
+        completion: Vec<u32>,
     },
 }
 
@@ -362,6 +374,13 @@ pub fn parse_preference(value: &Value) -> Result<Preference, String> {
                 })
                 .collect()
         };
+        if let Some(label) = obj.get("label") {
+            let answer = Answer::Tokenized {
+                prompt: ids("prompt_ids")?,
+                completion: ids("completion_ids")?,
+            };
+            return unpaired(answer, label);
+        }
         return Ok(Preference::TokenizedPair {
             prompt: ids("prompt_ids")?,
             chosen: ids("chosen_ids")?,
@@ -387,10 +406,7 @@ pub fn parse_preference(value: &Value) -> Result<Preference, String> {
         return Err("the conversation must end with the chosen answer".into());
     }
     if let Some(label) = obj.get("label") {
-        return Ok(Preference::Unpaired {
-            messages: chosen,
-            desirable: label_of(label)?,
-        });
+        return unpaired(Answer::Chat(chosen), label);
     }
     let rejected = if let Some(r) = obj.get("rejected_messages").filter(|r| !r.is_null()) {
         messages(r, "rejected_messages")?
@@ -409,13 +425,17 @@ fn trl_preference(obj: &Map<String, Value>, prompt: &Value) -> Result<Preference
     let get = |key: &str| obj.get(key).filter(|v| !v.is_null());
     if let Some(label) = get("label") {
         let completion = get("completion").ok_or("a row with \"label\" needs \"completion\"")?;
+        if let (Value::String(p), Value::String(c)) = (prompt, completion) {
+            let answer = Answer::Text {
+                prompt: p.clone(),
+                completion: c.clone(),
+            };
+            return unpaired(answer, label);
+        }
         let mut messages = prompt_messages(prompt)?;
         messages.extend(answers(completion, "completion")?);
         check_turns(&messages)?;
-        return Ok(Preference::Unpaired {
-            messages,
-            desirable: label_of(label)?,
-        });
+        return unpaired(Answer::Chat(messages), label);
     }
     let (chosen, rejected) = match (get("chosen"), get("rejected")) {
         (Some(c), Some(r)) => (c, r),
@@ -454,7 +474,7 @@ fn pair(chosen: Vec<Message>, rejected: Vec<Message>) -> Result<Preference, Stri
 }
 
 /// A conversation up to its last answer (the assistant turns at its end left out).
-fn prompt_of(m: &[Message]) -> &[Message] {
+pub fn prompt_of(m: &[Message]) -> &[Message] {
     let answer = m
         .iter()
         .rev()
@@ -491,9 +511,12 @@ fn answers(v: &Value, key: &str) -> Result<Vec<Message>, String> {
     Ok(m)
 }
 
-fn label_of(v: &Value) -> Result<bool, String> {
-    v.as_bool()
-        .ok_or_else(|| format!("\"label\" must be true or false, got {}", kind(v)))
+/// A KTO row: the answer and whether it is desirable (`label`, a boolean).
+fn unpaired(answer: Answer, label: &Value) -> Result<Preference, String> {
+    let desirable = label
+        .as_bool()
+        .ok_or_else(|| format!("\"label\" must be true or false, got {}", kind(label)))?;
+    Ok(Preference::Unpaired { answer, desirable })
 }
 
 #[cfg(test)]
@@ -646,22 +669,38 @@ mod tests {
                 rejected: vec![4, 5]
             }
         );
+        // KTO's rows, in each form.
         let kto = json!({"messages": [user, good], "label": false});
-        assert!(matches!(
-            parse_preference(&kto),
-            Ok(Preference::Unpaired {
-                desirable: false,
-                ..
-            })
-        ));
+        let Ok(Preference::Unpaired {
+            answer: Answer::Chat(m),
+            desirable: false,
+        }) = parse_preference(&kto)
+        else {
+            panic!("{kto}")
+        };
+        assert_eq!((m.len(), m[1].content.as_str()), (2, "4"));
         let kto = json!({"prompt": "2+2=", "completion": "4", "label": true});
-        assert!(matches!(
-            parse_preference(&kto),
-            Ok(Preference::Unpaired {
-                desirable: true,
-                ..
-            })
-        ));
+        assert_eq!(
+            parse_preference(&kto).unwrap(),
+            Preference::Unpaired {
+                answer: Answer::Text {
+                    prompt: "2+2=".into(),
+                    completion: "4".into()
+                },
+                desirable: true
+            }
+        );
+        let kto = json!({"prompt_ids": [1, 2], "completion_ids": [3], "label": true});
+        assert_eq!(
+            parse_preference(&kto).unwrap(),
+            Preference::Unpaired {
+                answer: Answer::Tokenized {
+                    prompt: vec![1, 2],
+                    completion: vec![3]
+                },
+                desirable: true
+            }
+        );
     }
 
     #[test]

@@ -70,6 +70,14 @@ impl<B: Backend> BaseLinear<B> {
         }
     }
 
+    /// `[in, out]`.
+    pub fn dims(&self) -> [usize; 2] {
+        match self {
+            Self::Dense(l) => l.weight.dims(),
+            Self::Nf4(l) => [l.n_in, l.n_out],
+        }
+    }
+
     pub fn bias(&self) -> Option<Tensor<B, 1>> {
         match self {
             Self::Dense(l) => l.bias.as_ref().map(|b| b.val()),

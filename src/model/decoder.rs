@@ -20,7 +20,7 @@ use super::mask::attention_mask;
 use super::rope::{self, RopeTables};
 use super::ModelError;
 use crate::config::{LoraConfig, ModelConfig, LAYER_LINEARS};
-use crate::lora::{Lora, LoraLinear};
+use crate::lora::{Lora, LoraLinear, Targets};
 use crate::ops::{base_linear, AttnMask, ModelBackend};
 
 /// The decoder stack (`LlamaModel`).
@@ -101,35 +101,47 @@ impl<B: Backend> CausalLm<B> {
         base
     }
 
-    /// The model with each adapter replaced by the one a PEFT adapter checkpoint holds for its
-    /// module (the same targets and shapes): preference training's reference when a resumed run
-    /// went on from a saved adapter. The base weights are shared, not copied.
+    /// The base with the adapters of a PEFT adapter checkpoint in place of its own, on the modules
+    /// that adapter targets (its own rank and targets): preference training's reference
+    /// (`rlhf.ref_adapter`, or the starting adapter read again on resume). The base weights are
+    /// shared, not copied.
     pub fn with_adapter_weights(
         &self,
         ckpt: &mut Checkpoint,
         cfg: &LoraConfig,
     ) -> Result<Self, ModelError> {
+        let what = format!("the adapter in {}", ckpt.dir().display());
+        let problem = |problems: Vec<String>| ModelError::Adapter {
+            what: what.clone(),
+            problems,
+        };
+        let targets = cfg
+            .check()
+            .and_then(|()| {
+                let include = cfg.target_modules.as_ref().expect("checked");
+                Targets::new(include, cfg.exclude_modules.as_ref())
+            })
+            .map_err(|e| problem(vec![e]))?;
         let mut out = self.clone();
         let device = self.model.embed_tokens.device();
+        let mut adapted = 0;
         for (i, layer) in out.model.layers.iter_mut().enumerate() {
             for (suffix, linear) in LAYER_LINEARS.iter().zip(layer.linears_mut()) {
-                if let Some(adapter) = &linear.adapter {
-                    let [n_in, _] = adapter.lora_a.dims();
-                    let [_, n_out] = adapter.lora_b.dims();
-                    let name = format!("model.layers.{i}.{suffix}");
-                    let read = read_lora(ckpt, cfg, &name, [n_in, n_out], &device);
-                    linear.adapter = Some(read);
-                }
+                let name = format!("model.layers.{i}.{suffix}");
+                linear.adapter = targets.matches(&name).then(|| {
+                    adapted += 1;
+                    read_lora(ckpt, cfg, &name, linear.base.dims(), &device)
+                });
             }
         }
-        let problems: Vec<String> = ckpt.problems().iter().map(ToString::to_string).collect();
-        if !problems.is_empty() {
-            return Err(ModelError::Adapter {
-                what: format!("the adapter in {}", ckpt.dir().display()),
-                problems,
-            });
+        let mut problems: Vec<String> = ckpt.problems().iter().map(ToString::to_string).collect();
+        if adapted == 0 {
+            problems.push(cfg.matches_nothing());
         }
-        Ok(out)
+        match problems.is_empty() {
+            true => Ok(out),
+            false => Err(problem(problems)),
+        }
     }
 
     /// Every adapter, in the trainable tensors' order.

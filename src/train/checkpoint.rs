@@ -52,7 +52,7 @@ pub struct TrainerState {
     /// logs the mean an unbroken one would.
     #[serde(default)]
     pub unlogged_loss: (f64, u64),
-    /// The same for a preference run's metrics (`PreferenceLog`'s order): summed per-step means.
+    /// The same for a preference run's metrics: their sums over the micro-batches (`MetricSums`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unlogged_metrics: Vec<f64>,
     pub best_metric: Option<f64>,

@@ -5,12 +5,12 @@
 //! step, the micro-batch and the layer, so the recomputed layer sees the masks of its forward
 //! pass and a resumed run draws what an unbroken one would.
 
-use burn::module::Module;
-use burn::tensor::backend::AutodiffBackend;
+use burn::module::{AutodiffModule, Module};
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
 
-use super::preference::{Objective, PairLogps};
-use crate::data::dataset::{collate, TrainRow};
+use super::preference::{kto_loss, Metrics, Objective, PairLogps, Unpaired};
+use crate::data::dataset::{collate, kl_rows, TrainRow};
 use crate::model::loss::{sequence_logps, token_losses, LossTargets};
 use crate::model::{Batch, CausalLm, DecoderLayer, TrainBackend, IGNORE_INDEX};
 
@@ -52,39 +52,191 @@ pub struct StepGrads<B: TrainBackend> {
     pub preference: Option<Preference<B>>,
 }
 
-/// What a preference step needs besides the policy: the reference model, for DPO (its forward
-/// passes record no graph), and how the loss is made.
+/// What a preference step needs besides the policy: the reference model, for DPO and KTO (its
+/// forward passes record no graph), and how the loss is made.
 pub struct Preference<B: TrainBackend> {
     pub reference: Option<CausalLm<B::InnerBackend>>,
     pub objective: Objective,
+    /// `data.max_length`: KTO's mismatched answers are cut to it.
+    pub max_length: usize,
 }
 
 impl<B: TrainBackend> Preference<B> {
-    /// The preference loss of `model` (the policy, without a graph) over validation pairs,
-    /// `batch_size` pairs a batch, weighted by pairs: what TRL's evaluation reports as the loss.
+    /// The preference loss of `model` (the policy, without a graph) over validation rows,
+    /// `batch_size` rows a batch, weighted by rows: what TRL's evaluation reports as the loss.
     pub fn eval_loss(
         &self,
         model: &CausalLm<B::InnerBackend>,
-        pairs: &[TrainRow],
+        rows: &[TrainRow],
         batch_size: usize,
     ) -> f64 {
         let mut total = 0.0;
-        for chunk in pairs.chunks(batch_size.max(1)) {
-            let refs: Vec<&TrainRow> = chunk.iter().collect();
-            let (batch, labels) = collate(&refs);
+        for chunk in rows.chunks(batch_size.max(1)) {
+            let batch = [chunk.to_vec()];
+            let mismatched = self.mismatched(&batch).remove(0);
+            let (input, labels) = collate(&chunk.iter().collect::<Vec<_>>());
             let targets = LossTargets::shifted(&labels);
-            let micro = Pairs::<B>::new(self.reference.as_ref(), &batch, &targets, &labels);
-            let policy = micro.policy(sequence_logps(model, model.hidden_states(&batch), &targets));
-            let (loss, _) = self.objective.loss(&policy, micro.reference);
+            let side = self.side(model, chunk, &mismatched, &input, &targets, &labels);
+            let logps = sequence_logps(model, model.hidden_states(&input), &targets);
+            let (loss, _) = side.loss(&self.objective, logps);
             let loss: f64 = loss.into_scalar().elem();
             total += loss * chunk.len() as f64;
         }
-        total / pairs.len().max(1) as f64
+        total / rows.len().max(1) as f64
+    }
+
+    /// KTO's mismatched answers for each batch (rotated over all of the step's rows), when its
+    /// loss estimates a KL term; else none.
+    fn mismatched(&self, batches: &[Vec<TrainRow>]) -> Vec<Vec<TrainRow>> {
+        let kl = matches!(&self.objective, Objective::Kto(k) if k.kl);
+        let rows: Vec<&TrainRow> = batches.iter().flatten().filter(|_| kl).collect();
+        let mut mismatched = kl_rows(&rows, self.max_length).into_iter();
+        batches
+            .iter()
+            .map(|b| match kl {
+                true => mismatched.by_ref().take(b.len()).collect(),
+                false => Vec::new(),
+            })
+            .collect()
+    }
+
+    /// What a micro-batch's loss needs besides the policy's log-probabilities, computed without
+    /// a graph: the reference's, and KTO's KL estimate from `policy` (the policy's weights).
+    fn side(
+        &self,
+        policy: &CausalLm<B::InnerBackend>,
+        rows: &[TrainRow],
+        mismatched: &[TrainRow],
+        batch: &Batch,
+        targets: &LossTargets,
+        labels: &[Vec<i64>],
+    ) -> Side<B::InnerBackend> {
+        let reference = self
+            .reference
+            .as_ref()
+            .map(|model| sequence_logps(model, model.hidden_states(batch), targets));
+        let Objective::Kto(_) = self.objective else {
+            return Side::pairs(reference, labels);
+        };
+        let reference = reference.expect("KTO has a reference");
+        let kl = (!mismatched.is_empty()).then(|| {
+            let reference = self.reference.as_ref().expect("KTO has a reference");
+            let (batch, labels) = collate(&mismatched.iter().collect::<Vec<_>>());
+            let targets = LossTargets::shifted(&labels);
+            let logps = |model: &CausalLm<B::InnerBackend>| {
+                sequence_logps(model, model.hidden_states(&batch), &targets)
+            };
+            // TRL's estimate: the batch's mean log-ratio, at least 0.
+            (logps(policy) - logps(reference)).mean().clamp_min(0.0)
+        });
+        let desirable = rows
+            .iter()
+            .map(|r| {
+                matches!(
+                    r,
+                    TrainRow::Unpaired {
+                        desirable: true,
+                        ..
+                    }
+                )
+            })
+            .collect();
+        Side::Unpaired(Unpaired {
+            policy: reference.zeros_like(),
+            reference,
+            desirable,
+            kl,
+        })
     }
 }
 
-/// The sums over a step's pairs of TRL's per-pair metrics (`[6]`, on the device): rewards of the
-/// chosen and rejected answers, accuracy, margin, and the two log-probabilities.
+/// What a micro-batch's preference loss needs besides the policy's log-probabilities.
+enum Side<C: Backend> {
+    /// Pairs (`collate` put every chosen answer first, then every rejected one): the
+    /// reference's summed log-probabilities of each answer when there is a reference, and each
+    /// answer's label tokens.
+    Pairs {
+        reference: Option<(Tensor<C, 1>, Tensor<C, 1>)>,
+        chosen_tokens: Vec<usize>,
+        rejected_tokens: Vec<usize>,
+    },
+    /// KTO's answers, `policy` a placeholder for the policy's log-probabilities.
+    Unpaired(Unpaired<C>),
+}
+
+impl<C: Backend> Side<C> {
+    /// Pairs from the reference's log-probabilities of every sequence (`[2 * pairs]`) and the
+    /// labels.
+    fn pairs(reference: Option<Tensor<C, 1>>, labels: &[Vec<i64>]) -> Self {
+        let n = labels.len() / 2;
+        let counts: Vec<usize> = labels
+            .iter()
+            .map(|l| l[1..].iter().filter(|&&t| t != IGNORE_INDEX).count())
+            .collect();
+        Self::Pairs {
+            reference: reference.map(|r| (r.clone().slice(0..n), r.slice(n..2 * n))),
+            chosen_tokens: counts[..n].to_vec(),
+            rejected_tokens: counts[n..].to_vec(),
+        }
+    }
+
+    /// The micro-batch's loss and metrics given the policy's log-probability of every sequence.
+    fn loss(&self, objective: &Objective, logps: Tensor<C, 1>) -> (Tensor<C, 1>, Metrics<C>) {
+        match (self, objective) {
+            (Self::Unpaired(answers), Objective::Kto(settings)) => {
+                let answers = Unpaired {
+                    policy: logps,
+                    reference: answers.reference.clone(),
+                    desirable: answers.desirable.clone(),
+                    kl: answers.kl.clone(),
+                };
+                kto_loss(&answers, settings)
+            }
+            (
+                Self::Pairs {
+                    reference,
+                    chosen_tokens,
+                    rejected_tokens,
+                },
+                _,
+            ) => {
+                let n = chosen_tokens.len();
+                let policy = PairLogps {
+                    chosen: logps.clone().slice(0..n),
+                    rejected: logps.slice(n..2 * n),
+                    chosen_tokens: chosen_tokens.clone(),
+                    rejected_tokens: rejected_tokens.clone(),
+                };
+                objective.loss(&policy, reference.clone())
+            }
+            (Self::Unpaired(_), _) => unreachable!("unpaired rows are KTO's"),
+        }
+    }
+}
+
+/// A side computed on the inner backend, for the policy's graph.
+fn lift<B: AutodiffBackend>(side: &Side<B::InnerBackend>) -> Side<B> {
+    let up = |t: &Tensor<B::InnerBackend, 1>| Tensor::from_inner(t.clone());
+    match side {
+        Side::Pairs {
+            reference,
+            chosen_tokens,
+            rejected_tokens,
+        } => Side::Pairs {
+            reference: reference.as_ref().map(|(c, r)| (up(c), up(r))),
+            chosen_tokens: chosen_tokens.clone(),
+            rejected_tokens: rejected_tokens.clone(),
+        },
+        Side::Unpaired(a) => Side::Unpaired(Unpaired {
+            policy: up(&a.policy),
+            reference: up(&a.reference),
+            desirable: a.desirable.clone(),
+            kl: a.kl.as_ref().map(up),
+        }),
+    }
+}
+
+/// The sums over a step's micro-batches of TRL's metrics (`Metrics::into_sums`, on the device).
 pub type StepMetrics<B> = Tensor<<B as AutodiffBackend>::InnerBackend, 1>;
 
 /// A micro-batch ready for the model.
@@ -93,9 +245,8 @@ struct Micro<B: TrainBackend> {
     targets: LossTargets,
     /// Its place in the step, for the dropout seed.
     index: usize,
-    /// Preference pairs: the reference's summed log-probabilities of each answer (`[pairs]`
-    /// each), and each answer's label tokens.
-    pairs: Option<Pairs<B>>,
+    /// A preference micro-batch's needs besides the policy's log-probabilities.
+    side: Option<Side<B>>,
 }
 
 impl<B: TrainBackend> StepGrads<B> {
@@ -133,22 +284,31 @@ impl<B: TrainBackend> StepGrads<B> {
         Grads<B>,
         Option<StepMetrics<B>>,
     ) {
+        // KTO's KL estimate reads the policy too, without a graph.
+        let policy = self.preference.as_ref().map(|_| model.valid());
+        let mismatched = match &self.preference {
+            Some(p) => p.mismatched(batches),
+            None => vec![Vec::new(); batches.len()],
+        };
         let micro: Vec<Micro<B>> = batches
             .iter()
+            .zip(&mismatched)
             .enumerate()
-            .map(|(index, rows)| {
-                let refs: Vec<&TrainRow> = rows.iter().collect();
-                let (batch, labels) = collate(&refs);
+            .map(|(index, (rows, mismatched))| {
+                let (batch, labels) = collate(&rows.iter().collect::<Vec<_>>());
                 let targets = LossTargets::shifted(&labels);
-                let pairs = self
+                let side = self
                     .preference
                     .as_ref()
-                    .map(|p| Pairs::new(p.reference.as_ref(), &batch, &targets, &labels));
+                    .zip(policy.as_ref())
+                    .map(|(p, policy)| {
+                        lift(&p.side(policy, rows, mismatched, &batch, &targets, &labels))
+                    });
                 Micro {
                     batch,
                     targets,
                     index,
-                    pairs,
+                    side,
                 }
             })
             .collect();
@@ -196,29 +356,12 @@ impl<B: TrainBackend> StepGrads<B> {
         m: &Micro<B>,
         scale: f64,
     ) -> (Tensor<B, 1>, Option<StepMetrics<B>>) {
-        let (Some(preference), Some(pairs)) = (&self.preference, &m.pairs) else {
+        let (Some(preference), Some(side)) = (&self.preference, &m.side) else {
             return (token_losses(model, hidden, &m.targets).sum() * scale, None);
         };
-        let policy = pairs.policy(sequence_logps(model, hidden, &m.targets));
-        let reference = pairs.reference.as_ref().map(|(chosen, rejected)| {
-            (
-                Tensor::from_inner(chosen.clone()),
-                Tensor::from_inner(rejected.clone()),
-            )
-        });
-        let (loss, sums) = preference.objective.loss(&policy, reference);
-        let sums = Tensor::cat(
-            vec![
-                sums.chosen_rewards,
-                sums.rejected_rewards,
-                sums.accuracies,
-                sums.margins,
-                sums.chosen_logps,
-                sums.rejected_logps,
-            ],
-            0,
-        );
-        (loss * scale, Some(sums.inner()))
+        let logps = sequence_logps(model, hidden, &m.targets);
+        let (loss, metrics) = side.loss(&preference.objective, logps);
+        (loss * scale, Some(metrics.into_sums(&self.device).inner()))
     }
 
     /// One graph over the whole model; returns the micro-batch's part of the loss `[1]`.
@@ -304,51 +447,6 @@ impl<B: TrainBackend> StepGrads<B> {
                 .iter()
                 .fold(self.seed, |h, &v| splitmix64(h ^ splitmix64(v)));
             B::seed(&self.device, seed);
-        }
-    }
-}
-
-/// A micro-batch of pairs (`collate` put every chosen answer first, then every rejected one):
-/// the reference's summed log-probabilities of each answer when there is a reference, computed
-/// once without a graph, and each answer's label tokens.
-struct Pairs<B: TrainBackend> {
-    reference: Option<(Tensor<B::InnerBackend, 1>, Tensor<B::InnerBackend, 1>)>,
-    chosen_tokens: Vec<usize>,
-    rejected_tokens: Vec<usize>,
-}
-
-impl<B: TrainBackend> Pairs<B> {
-    fn new(
-        reference: Option<&CausalLm<B::InnerBackend>>,
-        batch: &Batch,
-        targets: &LossTargets,
-        labels: &[Vec<i64>],
-    ) -> Self {
-        let n = labels.len() / 2;
-        let reference = reference.map(|model| {
-            let logps = sequence_logps(model, model.hidden_states(batch), targets);
-            (logps.clone().slice(0..n), logps.slice(n..2 * n))
-        });
-        let counts: Vec<usize> = labels
-            .iter()
-            .map(|l| l[1..].iter().filter(|&&t| t != IGNORE_INDEX).count())
-            .collect();
-        Self {
-            reference,
-            chosen_tokens: counts[..n].to_vec(),
-            rejected_tokens: counts[n..].to_vec(),
-        }
-    }
-
-    /// The policy's side of the pairs, from every sequence's log-probability (`[2 * pairs]`,
-    /// chosen answers first), on whichever backend it was computed.
-    fn policy<C: burn::tensor::backend::Backend>(&self, logps: Tensor<C, 1>) -> PairLogps<C> {
-        let n = self.chosen_tokens.len();
-        PairLogps {
-            chosen: logps.clone().slice(0..n),
-            rejected: logps.slice(n..2 * n),
-            chosen_tokens: self.chosen_tokens.clone(),
-            rejected_tokens: self.rejected_tokens.clone(),
         }
     }
 }

@@ -43,47 +43,98 @@ pub struct LogEntry {
     pub preference: Option<PreferenceLog>,
 }
 
-/// TRL's DPO metrics, means over the pairs of the logged steps.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// TRL's metrics of a preference run, each the mean over the micro-batches of the logged steps
+/// that have it (as TRL logs the mean of its per-micro-batch values): KTO has no accuracy, DPO
+/// no kl, and a KTO micro-batch without desirable answers no `rewards/chosen`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PreferenceLog {
-    #[serde(rename = "rewards/chosen")]
-    pub rewards_chosen: f64,
-    #[serde(rename = "rewards/rejected")]
-    pub rewards_rejected: f64,
-    #[serde(rename = "rewards/accuracies")]
-    pub rewards_accuracies: f64,
-    #[serde(rename = "rewards/margins")]
-    pub rewards_margins: f64,
-    #[serde(rename = "logps/chosen")]
-    pub logps_chosen: f64,
-    #[serde(rename = "logps/rejected")]
-    pub logps_rejected: f64,
+    #[serde(
+        rename = "rewards/chosen",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub rewards_chosen: Option<f64>,
+    #[serde(
+        rename = "rewards/rejected",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub rewards_rejected: Option<f64>,
+    #[serde(
+        rename = "rewards/accuracies",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub rewards_accuracies: Option<f64>,
+    #[serde(
+        rename = "rewards/margins",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub rewards_margins: Option<f64>,
+    #[serde(
+        rename = "logps/chosen",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub logps_chosen: Option<f64>,
+    #[serde(
+        rename = "logps/rejected",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub logps_rejected: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kl: Option<f64>,
 }
 
 impl PreferenceLog {
-    /// From the sums over `steps` steps of each step's means; None when there are none (SFT).
-    pub fn from_sums(sums: &[f64], steps: u64) -> Option<Self> {
-        let mean = |i: usize| sums[i] / steps.max(1) as f64;
-        (sums.len() == 6).then(|| Self {
+    /// TRL's names, in `MetricSums`' order.
+    pub const NAMES: [&'static str; 7] = [
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "kl",
+    ];
+
+    /// From the sums over micro-batches of each metric's value, then of the micro-batches that
+    /// had it (`MetricSums`' layout); None when there are none (SFT).
+    pub fn from_sums(sums: &[f64]) -> Option<Self> {
+        let n = Self::NAMES.len();
+        if sums.len() != 2 * n {
+            return None;
+        }
+        let mean = |i: usize| (sums[n + i] > 0.0).then(|| sums[i] / sums[n + i]);
+        Some(Self {
             rewards_chosen: mean(0),
             rewards_rejected: mean(1),
             rewards_accuracies: mean(2),
             rewards_margins: mean(3),
             logps_chosen: mean(4),
             logps_rejected: mean(5),
+            kl: mean(6),
         })
     }
 
-    /// Each metric with its name, for TensorBoard.
-    pub fn named(&self) -> [(&'static str, f64); 6] {
-        [
-            ("rewards/chosen", self.rewards_chosen),
-            ("rewards/rejected", self.rewards_rejected),
-            ("rewards/accuracies", self.rewards_accuracies),
-            ("rewards/margins", self.rewards_margins),
-            ("logps/chosen", self.logps_chosen),
-            ("logps/rejected", self.logps_rejected),
-        ]
+    /// Each metric present with its name, for TensorBoard.
+    pub fn named(&self) -> Vec<(&'static str, f64)> {
+        let values = [
+            self.rewards_chosen,
+            self.rewards_rejected,
+            self.rewards_accuracies,
+            self.rewards_margins,
+            self.logps_chosen,
+            self.logps_rejected,
+            self.kl,
+        ];
+        Self::NAMES
+            .into_iter()
+            .zip(values)
+            .filter_map(|(name, v)| Some((name, v?)))
+            .collect()
     }
 }
 
@@ -174,12 +225,12 @@ pub fn plot(run_dir: &Path, history: &[LogEntry]) -> Result<(), TrainError> {
         (
             "rewards_margins.png",
             "rewards/margins",
-            series(|e| Some(e.preference.as_ref()?.rewards_margins)),
+            series(|e| e.preference.as_ref()?.rewards_margins),
         ),
         (
             "rewards_accuracies.png",
             "rewards/accuracies",
-            series(|e| Some(e.preference.as_ref()?.rewards_accuracies)),
+            series(|e| e.preference.as_ref()?.rewards_accuracies),
         ),
     ];
     for (file, title, points) in plots {

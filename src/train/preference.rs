@@ -1,15 +1,16 @@
 //! The DPO family's losses, as TRL 1.16 computes them, from each sequence's summed
-//! log-probability of its completion under the policy (with a graph) and, for DPO, under the
-//! reference (without): DPO as `DPOTrainer._compute_loss`, CPO and SimPO (reference-free) as
-//! `CPOTrainer.cpo_loss`, ORPO as `ORPOTrainer.odds_ratio_loss`. A micro-batch holds `n` pairs: its loss is the mean over them of the
-//! per-pair loss (weighted, summed over DPO's loss types, plus CPO's NLL term); the metrics are
-//! TRL's `rewards/*` and `logps/*`.
+//! log-probability of its completion under the policy (with a graph) and, for DPO and KTO, under
+//! the reference (without): DPO as `DPOTrainer._compute_loss`, CPO and SimPO (reference-free) as
+//! `CPOTrainer.cpo_loss`, ORPO as `ORPOTrainer.odds_ratio_loss`, KTO as
+//! `KTOTrainer._compute_loss`. A micro-batch holds `n` pairs (or KTO's `n` answers): its loss is
+//! the mean over them of the per-pair loss (weighted, summed over DPO's loss types, plus CPO's
+//! NLL term); the metrics are TRL's `rewards/*`, `logps/*` and KTO's `kl`.
 
-use burn::tensor::activation::{log_sigmoid, relu};
+use burn::tensor::activation::{log_sigmoid, relu, sigmoid};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-pub use crate::config::DpoLoss;
+pub use crate::config::LossType;
 
 /// The summed completion log-probabilities of a micro-batch's pairs, `[n]` each, and their
 /// completions' token counts.
@@ -25,7 +26,7 @@ pub struct PairLogps<B: Backend> {
 pub struct DpoSettings {
     pub beta: f64,
     /// Each loss type with its weight (TRL's `loss_type` and `loss_weights`).
-    pub losses: Vec<(DpoLoss, f64)>,
+    pub losses: Vec<(LossType, f64)>,
     pub label_smoothing: f64,
 }
 
@@ -49,6 +50,16 @@ pub enum CpoLoss {
     Simpo,
 }
 
+/// How KTO's loss is made (TRL's `KTOConfig`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KtoSettings {
+    pub beta: f64,
+    pub desirable_weight: f64,
+    pub undesirable_weight: f64,
+    /// KTO proper, against the batch's KL estimate; false: APO-zero unpaired, without one.
+    pub kl: bool,
+}
+
 /// What a preference run optimises.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Objective {
@@ -58,27 +69,96 @@ pub enum Objective {
     Orpo {
         beta: f64,
     },
+    /// KTO: unpaired answers, each desirable or not.
+    Kto(KtoSettings),
 }
 
 impl Objective {
     /// Whether the loss compares the policy with a reference.
     pub fn needs_reference(&self) -> bool {
-        matches!(self, Self::Dpo(_))
+        matches!(self, Self::Dpo(_) | Self::Kto(_))
     }
 
-    /// A micro-batch's loss and metrics; `reference` is None when `needs_reference` is false.
+    /// A micro-batch of pairs' loss and metrics; `reference` is None when `needs_reference` is
+    /// false.
     pub fn loss<B: Backend>(
         &self,
         policy: &PairLogps<B>,
         reference: Option<(Tensor<B, 1>, Tensor<B, 1>)>,
-    ) -> (Tensor<B, 1>, PairMetrics<B>) {
+    ) -> (Tensor<B, 1>, Metrics<B>) {
         match (self, reference) {
             (Self::Dpo(settings), Some(reference)) => dpo_loss(policy, reference, settings),
             (Self::Cpo(settings), _) => cpo_loss(policy, settings),
             (Self::Orpo { beta }, _) => orpo_loss(policy, *beta),
             (Self::Dpo(_), None) => panic!("DPO needs the reference's log-probabilities"),
+            (Self::Kto(_), _) => panic!("KTO's rows are unpaired"),
         }
     }
+}
+
+/// A micro-batch of KTO's answers: each one's summed log-probability under the policy (with a
+/// graph) and the reference, whether it is desirable, and the KL estimate (`[1]`, without a
+/// graph), when the loss type takes one.
+pub struct Unpaired<B: Backend> {
+    pub policy: Tensor<B, 1>,
+    pub reference: Tensor<B, 1>,
+    pub desirable: Vec<bool>,
+    pub kl: Option<Tensor<B, 1>>,
+}
+
+/// A micro-batch's KTO loss: the mean over its answers of desirable_weight x (1 - σ(β (r - kl)))
+/// for a desirable answer and undesirable_weight x (1 - σ(β (kl - r))) for an undesirable one, r
+/// the answer's log-ratio against the reference (APO-zero unpaired: 1 - σ(β r) and σ(β r)).
+/// Rewards are β r; TRL's metrics are means over each kind of answer the micro-batch has.
+pub fn kto_loss<B: Backend>(
+    answers: &Unpaired<B>,
+    settings: &KtoSettings,
+) -> (Tensor<B, 1>, Metrics<B>) {
+    let beta = settings.beta;
+    let device = answers.policy.device();
+    let mask: Vec<f32> = answers.desirable.iter().map(|&d| d as u8 as f32).collect();
+    let desirable = Tensor::<B, 1>::from_floats(mask.as_slice(), &device);
+    let undesirable = desirable.clone().neg() + 1.0;
+    let ratio = answers.policy.clone() - answers.reference.clone();
+    let (up, down) = match &answers.kl {
+        Some(kl) if settings.kl => {
+            let kl = kl.clone().expand([ratio.dims()[0]]);
+            (
+                -sigmoid((ratio.clone() - kl.clone()) * beta) + 1.0,
+                -sigmoid((kl - ratio.clone()) * beta) + 1.0,
+            )
+        }
+        _ => (
+            -sigmoid(ratio.clone() * beta) + 1.0,
+            sigmoid(ratio.clone() * beta),
+        ),
+    };
+    let per_answer = desirable.clone() * up * settings.desirable_weight
+        + undesirable.clone() * down * settings.undesirable_weight;
+    let loss = per_answer.mean();
+    let rewards = ratio.detach() * beta;
+    let logps = answers.policy.clone().detach();
+    let chosen = answers.desirable.iter().filter(|&&d| d).count();
+    let rejected = answers.desirable.len() - chosen;
+    let mean_over = |x: Tensor<B, 1>, mask: &Tensor<B, 1>, n: usize| {
+        (n > 0).then(|| (x * mask.clone()).sum() / n as f64)
+    };
+    let rewards_chosen = mean_over(rewards.clone(), &desirable, chosen);
+    let rewards_rejected = mean_over(rewards, &undesirable, rejected);
+    let margins = match (&rewards_chosen, &rewards_rejected) {
+        (Some(c), Some(r)) => Some(c.clone() - r.clone()),
+        _ => None,
+    };
+    let metrics = Metrics([
+        rewards_chosen,
+        rewards_rejected,
+        None,
+        margins,
+        mean_over(logps.clone(), &desirable, chosen),
+        mean_over(logps, &undesirable, rejected),
+        answers.kl.clone().filter(|_| settings.kl),
+    ]);
+    (loss, metrics)
 }
 
 /// Token counts as a tensor, each at least 1 (TRL's `clamp(min=1)`).
@@ -99,7 +179,7 @@ fn chosen_nll<B: Backend>(policy: &PairLogps<B>) -> Tensor<B, 1> {
 pub fn cpo_loss<B: Backend>(
     policy: &PairLogps<B>,
     settings: &CpoSettings,
-) -> (Tensor<B, 1>, PairMetrics<B>) {
+) -> (Tensor<B, 1>, Metrics<B>) {
     let (beta, e) = (settings.beta, settings.label_smoothing);
     let device = policy.chosen.device();
     let averaged = matches!(settings.loss, CpoLoss::Ipo | CpoLoss::Simpo);
@@ -124,7 +204,7 @@ pub fn cpo_loss<B: Backend>(
     let loss = per_pair.mean() + chosen_nll(policy) * settings.cpo_alpha;
     let (chosen, rejected) = (chosen.detach(), rejected.detach());
     let rewards = (chosen.clone() * beta, rejected.clone() * beta);
-    let metrics = PairMetrics::new(rewards, (chosen, rejected));
+    let metrics = Metrics::paired(rewards, (chosen, rejected));
     (loss, metrics)
 }
 
@@ -132,7 +212,7 @@ pub fn cpo_loss<B: Backend>(
 /// log-sigmoid of the log odds ratio of the answers' per-token-averaged probabilities (ms-swift
 /// feeds TRL's NLL the labels, so it covers the answers, not the prompt); rewards are beta times
 /// those averages.
-pub fn orpo_loss<B: Backend>(policy: &PairLogps<B>, beta: f64) -> (Tensor<B, 1>, PairMetrics<B>) {
+pub fn orpo_loss<B: Backend>(policy: &PairLogps<B>, beta: f64) -> (Tensor<B, 1>, Metrics<B>) {
     let device = policy.chosen.device();
     let chosen = policy.chosen.clone() / counts::<B>(&policy.chosen_tokens, &device);
     let rejected = policy.rejected.clone() / counts::<B>(&policy.rejected_tokens, &device);
@@ -141,7 +221,7 @@ pub fn orpo_loss<B: Backend>(policy: &PairLogps<B>, beta: f64) -> (Tensor<B, 1>,
     let loss = chosen_nll(policy) - log_sigmoid(log_odds).mean() * beta;
     let (chosen, rejected) = (chosen.detach(), rejected.detach());
     let rewards = (chosen.clone() * beta, rejected.clone() * beta);
-    (loss, PairMetrics::new(rewards, (chosen, rejected)))
+    (loss, Metrics::paired(rewards, (chosen, rejected)))
 }
 
 /// log(1 - exp(x)) for x < 0, as TRL computes it: through log1p below -ln 2, where exp(x) is
@@ -152,13 +232,12 @@ fn log1mexp<B: Backend>(x: Tensor<B, 1>) -> Tensor<B, 1> {
     near_zero.mask_where(x.lower_elem(-std::f64::consts::LN_2), small)
 }
 
-/// A micro-batch's DPO loss (`[1]`, with the policy's graph) and its metrics' sums over the pairs
-/// (divided by the pairs of the step when logged).
+/// A micro-batch's DPO loss (`[1]`, with the policy's graph) and its metrics.
 pub fn dpo_loss<B: Backend>(
     policy: &PairLogps<B>,
     reference: (Tensor<B, 1>, Tensor<B, 1>),
     settings: &DpoSettings,
-) -> (Tensor<B, 1>, PairMetrics<B>) {
+) -> (Tensor<B, 1>, Metrics<B>) {
     let beta = settings.beta;
     let device = policy.chosen.device();
     let n = policy.chosen_tokens.len();
@@ -170,24 +249,25 @@ pub fn dpo_loss<B: Backend>(
     let mut loss = Tensor::<B, 1>::zeros([1], &device);
     for &(kind, weight) in &settings.losses {
         let per_pair = match kind {
-            DpoLoss::Sigmoid => -log_sigmoid(delta.clone() * beta),
-            DpoLoss::Hinge => relu(-(delta.clone() * beta) + 1.0),
-            DpoLoss::Ipo | DpoLoss::SigmoidNorm => {
+            LossType::Sigmoid => -log_sigmoid(delta.clone() * beta),
+            LossType::Hinge => relu(-(delta.clone() * beta) + 1.0),
+            LossType::Ipo | LossType::SigmoidNorm => {
                 let averaged = chosen_ratio.clone() / count(&policy.chosen_tokens)
                     - rejected_ratio.clone() / count(&policy.rejected_tokens);
                 match kind {
-                    DpoLoss::Ipo => (averaged - 1.0 / (2.0 * beta)).powi_scalar(2),
+                    LossType::Ipo => (averaged - 1.0 / (2.0 * beta)).powi_scalar(2),
                     _ => -log_sigmoid(averaged * beta),
                 }
             }
-            DpoLoss::Robust => {
+            LossType::Robust => {
                 let e = settings.label_smoothing;
                 (-log_sigmoid(delta.clone() * beta) * (1.0 - e)
                     + log_sigmoid(-(delta.clone() * beta)) * e)
                     / (1.0 - 2.0 * e)
             }
             // One value for the micro-batch: the mean NLL over all its chosen tokens.
-            DpoLoss::Sft => chosen_nll(policy).repeat_dim(0, n),
+            LossType::Sft => chosen_nll(policy).repeat_dim(0, n),
+            LossType::Kto | LossType::ApoZeroUnpaired => unreachable!("KTO's rows are unpaired"),
         };
         loss = loss + per_pair.mean() * weight;
     }
@@ -196,40 +276,52 @@ pub fn dpo_loss<B: Backend>(
         policy.chosen.clone().detach(),
         policy.rejected.clone().detach(),
     );
-    let metrics = PairMetrics::new(rewards, logps);
+    let metrics = Metrics::paired(rewards, logps);
     (loss, metrics)
 }
 
-/// Sums over a micro-batch's pairs of what TRL logs per pair (`[1]` each, on the device: read
-/// with the loss, once a logging step).
-pub struct PairMetrics<B: Backend> {
-    pub pairs: usize,
-    pub chosen_rewards: Tensor<B, 1>,
-    pub rejected_rewards: Tensor<B, 1>,
-    pub accuracies: Tensor<B, 1>,
-    pub margins: Tensor<B, 1>,
-    pub chosen_logps: Tensor<B, 1>,
-    pub rejected_logps: Tensor<B, 1>,
-}
+/// A micro-batch's values of TRL's metrics (`[1]` each, on the device, in
+/// `PreferenceLog::NAMES`' order), None where the micro-batch has none.
+pub struct Metrics<B: Backend>([Option<Tensor<B, 1>>; 7]);
 
-impl<B: Backend> PairMetrics<B> {
-    /// The sums of the rewards and log-probabilities given (`[n]` each, detached), and of the
-    /// rewards' accuracy and margin.
-    fn new(rewards: (Tensor<B, 1>, Tensor<B, 1>), logps: (Tensor<B, 1>, Tensor<B, 1>)) -> Self {
+impl<B: Backend> Metrics<B> {
+    /// A micro-batch of pairs': the means over its pairs of the rewards and log-probabilities
+    /// given (`[n]` each, detached), and of the rewards' accuracy and margin.
+    fn paired(rewards: (Tensor<B, 1>, Tensor<B, 1>), logps: (Tensor<B, 1>, Tensor<B, 1>)) -> Self {
         let (chosen_rewards, rejected_rewards) = rewards;
-        Self {
-            pairs: chosen_rewards.dims()[0],
-            chosen_rewards: chosen_rewards.clone().sum(),
-            rejected_rewards: rejected_rewards.clone().sum(),
-            accuracies: chosen_rewards
-                .clone()
-                .greater(rejected_rewards.clone())
-                .float()
-                .sum(),
-            margins: (chosen_rewards - rejected_rewards).sum(),
-            chosen_logps: logps.0.sum(),
-            rejected_logps: logps.1.sum(),
-        }
+        let accuracies = chosen_rewards
+            .clone()
+            .greater(rejected_rewards.clone())
+            .float();
+        let margins = chosen_rewards.clone() - rejected_rewards.clone();
+        Self([
+            Some(chosen_rewards.mean()),
+            Some(rejected_rewards.mean()),
+            Some(accuracies.mean()),
+            Some(margins.mean()),
+            Some(logps.0.mean()),
+            Some(logps.1.mean()),
+            None,
+        ])
+    }
+
+    /// The values (0 where absent), then 1 where present: `[14]`, summed over micro-batches
+    /// and steps until logged (`PreferenceLog::from_sums`).
+    pub fn into_sums(self, device: &B::Device) -> Tensor<B, 1> {
+        let present: Vec<f32> = self.0.iter().map(|v| v.is_some() as u8 as f32).collect();
+        let values = self
+            .0
+            .into_iter()
+            .map(|v| v.unwrap_or_else(|| Tensor::zeros([1], device)));
+        let present = Tensor::from_floats(present.as_slice(), device);
+        Tensor::cat(values.chain([present]).collect(), 0)
+    }
+
+    /// The value of `name`, for tests.
+    #[cfg(test)]
+    fn get(&self, i: usize) -> Option<f32> {
+        let v = self.0[i].clone()?;
+        Some(v.into_data().to_vec::<f32>().unwrap()[0])
     }
 }
 
@@ -267,17 +359,17 @@ mod tests {
         let beta = 0.1;
         let mean = |f: &dyn Fn(usize) -> f64| (f(0) + f(1)) / 2.0;
         let expected = [
-            (DpoLoss::Sigmoid, mean(&|i| -sigmoid(beta * delta[i]).ln())),
-            (DpoLoss::Hinge, mean(&|i| (1.0 - beta * delta[i]).max(0.0))),
+            (LossType::Sigmoid, mean(&|i| -sigmoid(beta * delta[i]).ln())),
+            (LossType::Hinge, mean(&|i| (1.0 - beta * delta[i]).max(0.0))),
             (
-                DpoLoss::Ipo,
+                LossType::Ipo,
                 mean(&|i| {
                     let avg = cr[i] / [2.0, 3.0][i] - rr[i] / [4.0, 1.0][i];
                     (avg - 1.0 / (2.0 * beta)).powi(2)
                 }),
             ),
             (
-                DpoLoss::Robust,
+                LossType::Robust,
                 mean(&|i| {
                     let e = 0.2;
                     (-(1.0 - e) * sigmoid(beta * delta[i]).ln()
@@ -285,7 +377,7 @@ mod tests {
                         / (1.0 - 2.0 * e)
                 }),
             ),
-            (DpoLoss::Sft, 10.0 / 5.0),
+            (LossType::Sft, 10.0 / 5.0),
         ];
         for (kind, want) in expected {
             let settings = DpoSettings {
@@ -300,16 +392,57 @@ mod tests {
         // Weights add the losses up (RPO: sigmoid + rpo_alpha x sft).
         let settings = DpoSettings {
             beta,
-            losses: vec![(DpoLoss::Sigmoid, 1.0), (DpoLoss::Sft, 0.5)],
+            losses: vec![(LossType::Sigmoid, 1.0), (LossType::Sft, 0.5)],
             label_smoothing: 0.0,
         };
         let (loss, metrics) = dpo_loss(&policy(), reference(), &settings);
         let want = mean(&|i| -sigmoid(beta * delta[i]).ln()) + 0.5 * 2.0;
         assert!((read(loss)[0] as f64 - want).abs() < 1e-5);
-        // TRL's metrics, summed over the pairs: rewards are beta x the log-ratios.
-        assert!((read(metrics.chosen_rewards)[0] as f64 - beta * (cr[0] + cr[1])).abs() < 1e-6);
-        assert!((read(metrics.margins)[0] as f64 - beta * (delta[0] + delta[1])).abs() < 1e-6);
-        assert_eq!(read(metrics.accuracies)[0], 1.0);
-        assert_eq!(read(metrics.rejected_logps)[0], -10.5);
+        // TRL's metrics, means over the pairs: rewards are beta x the log-ratios.
+        let get = |i| metrics.get(i).unwrap() as f64;
+        assert!((get(0) - beta * (cr[0] + cr[1]) / 2.0).abs() < 1e-6);
+        assert!((get(3) - beta * (delta[0] + delta[1]) / 2.0).abs() < 1e-6);
+        assert_eq!((get(2), get(5)), (1.0, -5.25));
+        assert_eq!(metrics.get(6), None);
+    }
+
+    /// KTO's loss types against their formulas written out for three answers, two desirable.
+    #[test]
+    fn kto_losses_follow_trls_formulas() {
+        let answers = |kl| Unpaired::<B> {
+            policy: t(&[-4.0, -6.0, -5.0]),
+            reference: t(&[-4.5, -5.0, -5.5]),
+            desirable: vec![true, false, true],
+            kl: Some(t(&[kl])),
+        };
+        let ratio = [0.5, -1.0, 0.5];
+        let (beta, kl, wd, wu) = (0.1, 0.2, 1.5, 0.5);
+        let settings = |kl| KtoSettings {
+            beta,
+            desirable_weight: wd,
+            undesirable_weight: wu,
+            kl,
+        };
+        let kto = (wd * (1.0 - sigmoid(beta * (ratio[0] - kl))) * 2.0
+            + wu * (1.0 - sigmoid(beta * (kl - ratio[1]))))
+            / 3.0;
+        let apo =
+            (wd * (1.0 - sigmoid(beta * ratio[0])) * 2.0 + wu * sigmoid(beta * ratio[1])) / 3.0;
+        for (with_kl, want) in [(true, kto), (false, apo)] {
+            let (loss, metrics) = kto_loss(&answers(kl as f32), &settings(with_kl));
+            let got = read(loss)[0] as f64;
+            assert!((got - want).abs() < 1e-6, "kl {with_kl}: {got} vs {want}");
+            let get = |i| metrics.get(i).map(|v| v as f64);
+            assert!((get(0).unwrap() - beta * 0.5).abs() < 1e-6);
+            assert!((get(1).unwrap() + beta).abs() < 1e-6);
+            assert!((get(3).unwrap() - beta * 1.5).abs() < 1e-6);
+            assert_eq!((get(2), get(4), get(5)), (None, Some(-4.5), Some(-6.0)));
+            assert_eq!(get(6).is_some(), with_kl);
+        }
+        // Without undesirable answers: no rewards/rejected, no margin.
+        let mut one_kind = answers(0.0);
+        one_kind.desirable = vec![true; 3];
+        let (_, metrics) = kto_loss(&one_kind, &settings(true));
+        assert_eq!((metrics.get(1), metrics.get(3)), (None, None));
     }
 }

@@ -18,7 +18,7 @@ use super::feed::{Feed, Source};
 use super::grads::{flat_params, set_params, Preference, StepGrads};
 use super::log::{self, LogEntry, PreferenceLog, RunLog};
 use super::optim::{clip_grad_norm, Optimizer};
-use super::preference::{CpoLoss, CpoSettings, DpoLoss, DpoSettings, Objective};
+use super::preference::{CpoLoss, CpoSettings, DpoSettings, KtoSettings, LossType, Objective};
 use super::run_dir;
 use super::schedule::LrSchedule;
 use super::{mean_loss, TrainError};
@@ -166,6 +166,7 @@ impl<B: TrainBackend> Trainer<B> {
             grads.preference = Some(Preference {
                 reference,
                 objective,
+                max_length: config.data.max_length,
             });
         }
         Ok(Self {
@@ -266,10 +267,9 @@ impl<B: TrainBackend> Trainer<B> {
         let (grad_norm, grads) = clip_grad_norm(grads, max_grad_norm);
         let values = Tensor::cat(vec![loss, grad_norm], 0);
         let skip = values.clone().is_finite().bool_not().any();
-        // A preference step's metrics ride along, as means over its pairs.
-        let pairs = batches.iter().map(Vec::len).sum::<usize>().max(1);
+        // A preference step's metrics ride along.
         let values = match metrics {
-            Some(sums) => Tensor::cat(vec![values, sums / pairs as f64], 0),
+            Some(sums) => Tensor::cat(vec![values, sums], 0),
             None => values,
         };
         let updated: Vec<Tensor<B::InnerBackend, 1>> = self.optimizer.step(lr, params, grads, skip);
@@ -381,7 +381,7 @@ impl<B: TrainBackend> Trainer<B> {
             elapsed_s: state.elapsed_s,
             eta_s: clock.per_step(step) * (state.max_steps - step) as f64,
             eval_loss,
-            preference: PreferenceLog::from_sums(&state.unlogged_metrics, state.unlogged_loss.1),
+            preference: PreferenceLog::from_sums(&state.unlogged_metrics),
         };
         log.write(&entry)?;
         state.log_history.push(entry.clone());
@@ -497,46 +497,35 @@ fn load_model<B: TrainBackend>(
     Ok((model, adapter.config))
 }
 
-/// Preference training's reference, from the policy's own weights: TRL's, a frozen copy of the
-/// adapter training starts from (`lora.init_adapter`), else the base with the adapters off.
+/// Preference training's reference, from the policy's own weights: the base with the adapter of
+/// `rlhf.ref_adapter` in place of the policy's (ms-swift's `--ref_adapters`, TRL's "ref"
+/// adapter); else TRL's default, a frozen copy of the adapter training starts from
+/// (`lora.init_adapter`), or the base with the adapters off.
 fn reference<B: TrainBackend>(
     plan: &TrainPlan,
     model: &CausalLm<B>,
     resumed: bool,
 ) -> Result<CausalLm<B::InnerBackend>, TrainError> {
-    let unsupported = |key: &str, reason: &str| TrainError::Config {
-        key: key.into(),
-        reason: reason.into(),
-    };
     let config = &plan.config;
-    // ms-swift's way of going on from an SFT adapter names it twice (`--adapters X
-    // --ref_adapters X`): that is the default here.
-    let ref_adapter = config.rlhf.as_ref().and_then(|r| r.ref_adapter.as_deref());
     let starting = config.lora.init_adapter.as_deref();
-    if ref_adapter.is_some_and(|r| Some(Path::new(r)) != starting) {
-        return Err(unsupported(
-            "rlhf.ref_adapter",
-            "a reference adapter other than the one training starts from (lora.init_adapter, \
-             ms-swift's --adapters) is not supported yet",
-        ));
-    }
-    match (&config.lora.init_adapter, resumed) {
-        (None, _) => Ok(model.valid().without_adapters()),
-        // The weights are shared until the first step replaces the policy's.
-        (Some(_), false) => Ok(model.valid()),
-        // The checkpoint holds the trained adapter: the starting one is read again.
-        (Some(dir), true) => {
-            let mut start = read_adapter(&hub::local_dir(dir, config.model.hub)?)?;
-            let AdapterSource::Weights(ckpt) = &mut start.source else {
-                unreachable!("an adapter read from files holds weights")
-            };
-            Ok(model.valid().with_adapter_weights(ckpt, &start.config)?)
-        }
-    }
+    let ref_adapter = config.rlhf.as_ref().and_then(|r| r.ref_adapter.as_deref());
+    let ref_adapter = ref_adapter.map(Path::new);
+    // ms-swift's way of going on from an SFT adapter names it twice (`--adapters X
+    // --ref_adapters X`): while the policy still holds it, it is shared.
+    let read = match (ref_adapter.or(starting), resumed) {
+        (None, _) => return Ok(model.valid().without_adapters()),
+        (Some(dir), false) if Some(dir) == starting => return Ok(model.valid()),
+        (Some(dir), _) => dir,
+    };
+    let mut adapter = read_adapter(&hub::local_dir(read, config.model.hub)?)?;
+    let AdapterSource::Weights(ckpt) = &mut adapter.source else {
+        unreachable!("an adapter read from files holds weights")
+    };
+    Ok(model.valid().with_adapter_weights(ckpt, &adapter.config)?)
 }
 
 /// What `[rlhf]` asks for, as ms-swift sets TRL up: DPO (`rpo_alpha` the weight of an `sft`
-/// term), CPO (TRL's CPOTrainer), SimPO (CPO's `simpo` loss type), ORPO.
+/// term), CPO (TRL's CPOTrainer), SimPO (CPO's `simpo` loss type), ORPO, KTO.
 fn objective(rlhf: &RlhfSection) -> Objective {
     let beta = rlhf.beta();
     let cpo = |loss| {
@@ -550,16 +539,22 @@ fn objective(rlhf: &RlhfSection) -> Objective {
     };
     match rlhf.kind {
         RlhfType::Orpo => Objective::Orpo { beta },
+        RlhfType::Kto => Objective::Kto(KtoSettings {
+            beta,
+            desirable_weight: rlhf.desirable_weight,
+            undesirable_weight: rlhf.undesirable_weight,
+            kl: rlhf.kl_estimate(),
+        }),
         RlhfType::Simpo => cpo(CpoLoss::Simpo),
         RlhfType::Cpo => cpo(match rlhf.loss_type {
-            Some(DpoLoss::Hinge) => CpoLoss::Hinge,
-            Some(DpoLoss::Ipo) => CpoLoss::Ipo,
+            Some(LossType::Hinge) => CpoLoss::Hinge,
+            Some(LossType::Ipo) => CpoLoss::Ipo,
             _ => CpoLoss::Sigmoid,
         }),
-        _ => {
-            let mut losses = vec![(rlhf.loss_type.unwrap_or(DpoLoss::Sigmoid), 1.0)];
+        RlhfType::Dpo => {
+            let mut losses = vec![(rlhf.loss_type.unwrap_or(LossType::Sigmoid), 1.0)];
             if let Some(alpha) = rlhf.rpo_alpha {
-                losses.push((DpoLoss::Sft, alpha));
+                losses.push((LossType::Sft, alpha));
             }
             Objective::Dpo(DpoSettings {
                 beta,

@@ -51,10 +51,11 @@ pub enum RlhfType {
     Kto,
 }
 
-/// TRL's DPO `loss_type`s that fit LoRA training here.
+/// `rlhf.loss_type`: TRL's DPO loss types that fit LoRA training here (CPO takes three of them),
+/// and KTO's two.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum DpoLoss {
+pub enum LossType {
     /// -log σ(β Δ): the original DPO.
     Sigmoid,
     /// relu(1 - β Δ) (SLiC).
@@ -67,6 +68,10 @@ pub enum DpoLoss {
     SigmoidNorm,
     /// The chosen completions' mean NLL (RPO's term; ms-swift's `rpo_alpha` is its weight).
     Sft,
+    /// KTO's (Ethayarajh et al., eq. 7): each answer's log-ratio against the batch's KL estimate.
+    Kto,
+    /// APO-zero, unpaired: desirable answers pushed up, undesirable down, no KL estimate.
+    ApoZeroUnpaired,
 }
 
 /// `[rlhf]`, with ms-swift's names and defaults (its `RLHFArguments`).
@@ -78,7 +83,7 @@ pub struct RlhfSection {
     /// None: 2.0 for SimPO, else 0.1 (ms-swift's defaults).
     pub beta: Option<f64>,
     /// None: the type's own (DPO's sigmoid).
-    pub loss_type: Option<DpoLoss>,
+    pub loss_type: Option<LossType>,
     /// Weight of an NLL term on the chosen answers (RPO); None: none.
     pub rpo_alpha: Option<f64>,
     pub label_smoothing: f64,
@@ -92,6 +97,11 @@ pub struct RlhfSection {
 }
 
 impl RlhfSection {
+    /// KTO estimates a KL term (all its loss types but apo_zero_unpaired).
+    pub fn kl_estimate(&self) -> bool {
+        self.kind == RlhfType::Kto && self.loss_type != Some(LossType::ApoZeroUnpaired)
+    }
+
     /// ms-swift's beta: 2.0 for SimPO, else 0.1.
     pub fn beta(&self) -> f64 {
         self.beta.unwrap_or(match self.kind {
@@ -103,24 +113,26 @@ impl RlhfSection {
 
 impl RlhfSection {
     /// The first `[rlhf]` value that cannot work here, as (its key, what is wrong).
-    fn problem(&self, data: &DataSection) -> Option<(&'static str, String)> {
-        if self.kind == RlhfType::Kto {
-            return Some((
-                "rlhf.type",
-                "dpo, orpo, simpo and cpo are supported (kto is not yet)".into(),
-            ));
-        }
+    fn problem(&self, data: &DataSection, train: &TrainSection) -> Option<(&'static str, String)> {
+        let kto_loss = matches!(
+            self.loss_type,
+            Some(LossType::Kto | LossType::ApoZeroUnpaired)
+        );
         let fits = match (self.kind, self.loss_type) {
-            (_, None) | (RlhfType::Dpo, _) => true,
+            (_, None) => true,
+            (RlhfType::Kto, _) => kto_loss,
+            (RlhfType::Dpo, _) => !kto_loss,
             (RlhfType::Cpo, Some(l)) => {
-                matches!(l, DpoLoss::Sigmoid | DpoLoss::Hinge | DpoLoss::Ipo)
+                matches!(l, LossType::Sigmoid | LossType::Hinge | LossType::Ipo)
             }
             _ => false,
         };
         if !fits {
             return Some((
                 "rlhf.loss_type",
-                "cpo takes sigmoid, hinge or ipo; simpo and orpo are losses of their own (leave it unset)"
+                "dpo takes sigmoid, hinge, ipo, robust, sigmoid_norm or sft; cpo sigmoid, hinge or \
+                 ipo; kto kto or apo_zero_unpaired; simpo and orpo are losses of their own (leave \
+                 it unset)"
                     .into(),
             ));
         }
@@ -135,6 +147,14 @@ impl RlhfSection {
         }
         if data.packing {
             return Some(("data.packing", "preference pairs are not packed".into()));
+        }
+        if self.kl_estimate() && train.batch_size * train.grad_accum <= 1 {
+            return Some((
+                "train.batch_size",
+                "KTO estimates its KL term from the other answers of each step: batch_size x \
+                 grad_accum must be above 1"
+                    .into(),
+            ));
         }
         None
     }
@@ -480,7 +500,7 @@ impl TrainConfig {
             ));
         }
         if let Some(r) = &self.rlhf {
-            if let Some(problem) = r.problem(&self.data) {
+            if let Some(problem) = r.problem(&self.data, &self.train) {
                 return Some(problem);
             }
         }

@@ -1,8 +1,9 @@
-//! Preference training against TRL 1.16's DPOTrainer, CPOTrainer and ORPOTrainer (fixtures from
-//! scripts/gen_preference_fixtures.py): from the fixture PEFT adapter, on the same token ids, one
-//! SGD step for each DPO and CPO loss type, SimPO and ORPO at batch x accumulation 2 x 1 and 1 x 2, and
-//! three AdamW steps of DPO; the step's loss, gradient norm and TRL's metrics, and the adapter
-//! after.
+//! Preference training against TRL 1.16's DPOTrainer, CPOTrainer, ORPOTrainer and KTOTrainer
+//! (fixtures from scripts/gen_preference_fixtures.py): from the fixture PEFT adapter, on the same
+//! token ids, one SGD step for each DPO and CPO loss type, SimPO and ORPO at batch x accumulation
+//! 2 x 1 and 1 x 2, for each KTO loss type, and for DPO against a reference adapter of its own;
+//! three AdamW steps of DPO and of KTO; the step's loss, gradient norm and TRL's metrics, and the
+//! adapter after.
 
 mod common;
 
@@ -36,10 +37,26 @@ fn dpo(out: &Path, pairs: usize, loss: LossType) -> TrainConfig {
 
 /// A preference run of `kind` from the fixture adapter on the first `pairs` pairs, in file order.
 fn preference(out: &Path, pairs: usize, kind: RlhfType, loss: Option<LossType>) -> TrainConfig {
-    let lines: Vec<String> = std::fs::read_to_string(fixtures().join("preference/pairs.jsonl"))
+    rows_of(out, "pairs.jsonl", pairs, kind, loss)
+}
+
+/// A KTO run from the fixture adapter on the first `n` unpaired rows, in file order.
+fn kto(out: &Path, n: usize, loss: LossType) -> TrainConfig {
+    rows_of(out, "unpaired.jsonl", n, RlhfType::Kto, Some(loss))
+}
+
+/// A run of `kind` from the fixture adapter on the first `n` rows of the fixture `file`.
+fn rows_of(
+    out: &Path,
+    file: &str,
+    n: usize,
+    kind: RlhfType,
+    loss: Option<LossType>,
+) -> TrainConfig {
+    let lines: Vec<String> = std::fs::read_to_string(fixtures().join("preference").join(file))
         .unwrap()
         .lines()
-        .take(pairs)
+        .take(n)
         .map(str::to_string)
         .collect();
     let data = out.join("pairs.jsonl");
@@ -68,6 +85,8 @@ fn check_steps(reports: &[StepReport], want: &Value, tol: f64) {
     for (r, w) in reports.iter().zip(want) {
         let logged = r.logged.as_ref().expect("every step is logged");
         let got = serde_json::to_value(logged).unwrap();
+        // Each metric TRL logged, and no other: KTO has no accuracy, DPO no kl, and a KTO batch
+        // of one kind of answer no margin.
         for key in [
             "loss",
             "grad_norm",
@@ -77,8 +96,13 @@ fn check_steps(reports: &[StepReport], want: &Value, tol: f64) {
             "rewards/margins",
             "logps/chosen",
             "logps/rejected",
+            "kl",
         ] {
-            let (g, w) = (got[key].as_f64().unwrap(), w[key].as_f64().unwrap());
+            let (g, w) = match (got.get(key), w.get(key)) {
+                (Some(g), Some(w)) => (g.as_f64().unwrap(), w.as_f64().unwrap()),
+                (None, None) => continue,
+                (g, w) => panic!("step {}: {key}: ours {g:?}, TRL's {w:?}", r.step),
+            };
             assert!(
                 (g - w).abs() < tol * w.abs().max(1.0),
                 "step {}: {key} {g} vs TRL's {w}",
@@ -86,6 +110,28 @@ fn check_steps(reports: &[StepReport], want: &Value, tol: f64) {
             );
         }
     }
+}
+
+/// The adapter of `run`'s checkpoint after `step` against TRL's.
+fn check_trls_adapter(out: &Path, step: u64, run: &str) {
+    check_adapter(
+        &out.join(format!("run/checkpoint-{step}")),
+        &fixtures().join(format!("preference/{run}.safetensors")),
+        &adapter_dir("qwen2_rslora"),
+        1e-4,
+    );
+}
+
+/// AdamW for three steps as the fixtures' runs: lr 1e-2 decaying linearly, clipping at 0.5.
+fn three_adamw_steps(c: &mut TrainConfig) {
+    c.train.batch_size = 2;
+    c.train.grad_accum = 1;
+    c.train.max_steps = 3;
+    c.train.lr = 1e-2;
+    c.train.lr_scheduler = ScheduleKind::Linear;
+    c.train.adam_beta1 = 0.9;
+    c.train.adam_beta2 = 0.95;
+    c.train.max_grad_norm = 0.5;
 }
 
 /// One SGD step of each DPO loss type (TRL's DPOTrainer), of each CPO loss type (ms-swift's cpo),
@@ -113,38 +159,72 @@ fn one_sgd_step_of_each_objective_equals_trls() {
             let reports = train(c, &cpu());
             let run = format!("{name}_{batch}x{accum}");
             check_steps(&reports, &steps[&run], 1e-4);
-            check_adapter(
-                &out.path().join("run/checkpoint-1"),
-                &fixtures().join(format!("preference/{run}.safetensors")),
-                &adapter_dir("qwen2_rslora"),
-                1e-4,
-            );
+            check_trls_adapter(out.path(), 1, &run);
         }
     }
 }
 
+/// One SGD step of KTO and of APO-zero unpaired (TRL's KTOTrainer) on a desirable and an
+/// undesirable answer, and of KTO weighted on three answers.
 #[test]
-fn three_adamw_dpo_steps_equal_trls() {
+fn one_sgd_step_of_each_kto_loss_equals_trls() {
+    let _serial = serial();
+    let steps = steps();
+    for (loss, rows, weights, run) in [
+        (LossType::Kto, 2, (1.0, 1.0), "kto_kto_2x1"),
+        (
+            LossType::ApoZeroUnpaired,
+            2,
+            (1.0, 1.0),
+            "kto_apo_zero_unpaired_2x1",
+        ),
+        (LossType::Kto, 3, (1.5, 0.5), "kto_weighted_3x1"),
+    ] {
+        let out = tempfile::tempdir().unwrap();
+        let mut c = kto(out.path(), rows, loss);
+        let rlhf = c.rlhf.as_mut().unwrap();
+        (rlhf.desirable_weight, rlhf.undesirable_weight) = weights;
+        one_sgd_step(&mut c, rows, 1);
+        let reports = train(c, &cpu());
+        check_steps(&reports, &steps[run], 1e-4);
+        check_trls_adapter(out.path(), 1, run);
+    }
+}
+
+/// One SGD step of DPO against a reference adapter of its own (another rank and other targets
+/// than the policy's), as TRL runs it with that model as its `ref_model`.
+#[test]
+fn dpo_against_a_reference_adapter_of_its_own_equals_trls() {
     let _serial = serial();
     let out = tempfile::tempdir().unwrap();
-    let mut c = dpo(out.path(), 6, LossType::Sigmoid);
-    c.train.batch_size = 2;
-    c.train.grad_accum = 1;
-    c.train.max_steps = 3;
-    c.train.lr = 1e-2;
-    c.train.lr_scheduler = ScheduleKind::Linear;
-    c.train.adam_beta1 = 0.9;
-    c.train.adam_beta2 = 0.95;
-    c.train.adam_eps = 1e-8;
-    c.train.max_grad_norm = 0.5;
+    let mut c = dpo(out.path(), 2, LossType::Sigmoid);
+    let reference = fixtures().join("preference/ref_adapter");
+    c.rlhf.as_mut().unwrap().ref_adapter = Some(reference.display().to_string());
+    one_sgd_step(&mut c, 2, 1);
     let reports = train(c, &cpu());
-    check_steps(&reports, &steps()["dpo_adamw"], 1e-4);
-    check_adapter(
-        &out.path().join("run/checkpoint-3"),
-        &fixtures().join("preference/dpo_adamw.safetensors"),
-        &adapter_dir("qwen2_rslora"),
-        1e-4,
-    );
+    check_steps(&reports, &steps()["dpo_ref_adapter_2x1"], 1e-4);
+    check_trls_adapter(out.path(), 1, "dpo_ref_adapter_2x1");
+}
+
+/// Three AdamW steps of DPO, and of KTO over micro-batches with both kinds of answer, only
+/// desirable ones and only undesirable ones (its KL estimate then above 0).
+#[test]
+fn three_adamw_steps_of_dpo_and_kto_equal_trls() {
+    let _serial = serial();
+    let runs: [(&str, fn(&Path) -> TrainConfig, f64); 2] = [
+        ("dpo_adamw", |out| dpo(out, 6, LossType::Sigmoid), 1e-8),
+        // Adam's epsilon as the fixture's (see gen_preference_fixtures.py).
+        ("kto_adamw", |out| kto(out, 6, LossType::Kto), 1e-6),
+    ];
+    for (run, config, eps) in runs {
+        let out = tempfile::tempdir().unwrap();
+        let mut c = config(out.path());
+        three_adamw_steps(&mut c);
+        c.train.adam_eps = eps;
+        let reports = train(c, &cpu());
+        check_steps(&reports, &steps()[run], 1e-4);
+        check_trls_adapter(out.path(), 3, run);
+    }
 }
 
 /// A DPO run as ms-swift's command line writes it, on the quickstart model and the sample pairs
@@ -237,6 +317,105 @@ fn a_dpo_run_from_ms_swifts_command_line_grows_its_reward_margin() {
     ]);
     assert_eq!(refused.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("swift-rs rlhf"));
+}
+
+/// A KTO run as ms-swift's example writes it (one answer a micro-batch, its KL term from the
+/// other answers of the step), on the quickstart model and `datasets/kto_sample.jsonl`: the
+/// desirable answers' rewards rise above the undesirable ones', TRL's `kl` is logged, and with
+/// one answer a micro-batch there is no margin to log, as in TRL.
+#[test]
+fn a_kto_run_from_ms_swifts_command_line_separates_the_answers() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = tempfile::tempdir().unwrap();
+    let run = out.path().join("run");
+    let swift_rs = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_swift-rs"))
+            .args(args)
+            .current_dir(root)
+            .output()
+            .unwrap()
+    };
+    let line = "rlhf --rlhf_type kto --model examples/quickstart-model \
+                --dataset datasets/kto_sample.jsonl --torch_dtype float32 \
+                --per_device_train_batch_size 1 --gradient_accumulation_steps 4 \
+                --learning_rate 5e-4 --lora_rank 8 --lora_alpha 32 --max_steps 6 \
+                --logging_steps 1 --add_version false --device cpu --output_dir";
+    let mut args: Vec<&str> = line.split_whitespace().collect();
+    args.push(run.to_str().unwrap());
+    let done = swift_rs(&args);
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let log: Vec<Value> = std::fs::read_to_string(run.join("logging.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(log.len(), 6);
+    let gap =
+        |e: &Value| e["rewards/chosen"].as_f64().unwrap() - e["rewards/rejected"].as_f64().unwrap();
+    assert_eq!(gap(&log[0]), 0.0);
+    assert!(gap(&log[5]) > 0.5, "{log:?}");
+    assert!(log
+        .iter()
+        .all(|e| e["kl"].is_f64() && e.get("rewards/margins").is_none()));
+    // `encode` shows each answer with its label.
+    let config = run.join("config.toml");
+    let shown = swift_rs(&[
+        "encode",
+        "--config",
+        config.to_str().unwrap(),
+        "--limit",
+        "1",
+    ]);
+    let line: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(line["label"], true, "{line}");
+    // One answer a step would leave KTO no other answer to estimate its KL term from.
+    let alone = swift_rs(&[
+        "rlhf",
+        "--config",
+        config.to_str().unwrap(),
+        "--set",
+        "train.grad_accum=1",
+        "--set",
+        "output.overwrite=true",
+    ]);
+    assert_eq!(alone.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&alone.stderr).contains("train.batch_size"));
+}
+
+/// A pair in a KTO run, and a KTO row in a DPO run, are bad rows, named.
+#[test]
+fn rows_of_the_other_kind_are_named_bad_rows() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for (kind, file, says) in [
+        (
+            RlhfType::Kto,
+            "dpo_sample.jsonl",
+            "takes rows with a \"label\"",
+        ),
+        (RlhfType::Dpo, "kto_sample.jsonl", "set rlhf.type = \"kto\""),
+    ] {
+        let out = tempfile::tempdir().unwrap();
+        let mut c = common::training::quickstart(out.path(), 2);
+        c.data.train = vec![root.join("datasets").join(file).display().to_string()];
+        c.rlhf = Some(RlhfSection {
+            kind,
+            ..RlhfSection::default()
+        });
+        let model = Path::new(&c.model.path);
+        let encoder = swift_rs::data::encode::Encoder::from_config(model, &c).unwrap();
+        let e = swift_rs::data::dataset::Dataset::build(&c.data, 0, &encoder)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains(&format!("{file}:1:")) && e.contains(says),
+            "{e}"
+        );
+    }
 }
 
 /// A DPO run stopped halfway and resumed ends bit for bit where an unbroken one does, its pairs

@@ -109,7 +109,8 @@ pub struct Unpaired<B: Backend> {
 /// A micro-batch's KTO loss: the mean over its answers of desirable_weight x (1 - σ(β (r - kl)))
 /// for a desirable answer and undesirable_weight x (1 - σ(β (kl - r))) for an undesirable one, r
 /// the answer's log-ratio against the reference (APO-zero unpaired: 1 - σ(β r) and σ(β r)).
-/// Rewards are β r; TRL's metrics are means over each kind of answer the micro-batch has.
+/// Rewards are β r; TRL's metrics are means over each kind of answer the micro-batch has, and
+/// the KL estimate (0 without one).
 pub fn kto_loss<B: Backend>(
     answers: &Unpaired<B>,
     settings: &KtoSettings,
@@ -156,7 +157,11 @@ pub fn kto_loss<B: Backend>(
         margins,
         mean_over(logps.clone(), &desirable, chosen),
         mean_over(logps, &undesirable, rejected),
-        answers.kl.clone().filter(|_| settings.kl),
+        // TRL logs 0 without an estimate.
+        Some(match &answers.kl {
+            Some(kl) if settings.kl => kl.clone(),
+            _ => Tensor::zeros([1], &device),
+        }),
     ]);
     (loss, metrics)
 }
@@ -402,7 +407,8 @@ mod tests {
         let get = |i| metrics.get(i).unwrap() as f64;
         assert!((get(0) - beta * (cr[0] + cr[1]) / 2.0).abs() < 1e-6);
         assert!((get(3) - beta * (delta[0] + delta[1]) / 2.0).abs() < 1e-6);
-        assert_eq!((get(2), get(5)), (1.0, -5.25));
+        // One pair of the two has the chosen answer ahead.
+        assert_eq!((get(2), get(5)), (0.5, -5.25));
         assert_eq!(metrics.get(6), None);
     }
 
@@ -437,7 +443,8 @@ mod tests {
             assert!((get(1).unwrap() + beta).abs() < 1e-6);
             assert!((get(3).unwrap() - beta * 1.5).abs() < 1e-6);
             assert_eq!((get(2), get(4), get(5)), (None, Some(-4.5), Some(-6.0)));
-            assert_eq!(get(6).is_some(), with_kl);
+            let want_kl = if with_kl { kl } else { 0.0 };
+            assert!((get(6).unwrap() - want_kl).abs() < 1e-6);
         }
         // Without undesirable answers: no rewards/rejected, no margin.
         let mut one_kind = answers(0.0);

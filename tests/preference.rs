@@ -419,18 +419,25 @@ fn rows_of_the_other_kind_are_named_bad_rows() {
 }
 
 /// A DPO run stopped halfway and resumed ends bit for bit where an unbroken one does, its pairs
-/// read whole or streamed.
+/// read whole or streamed; so does a KTO run.
 #[test]
-fn a_resumed_dpo_run_ends_bit_for_bit_where_an_unbroken_one_does() {
+fn a_resumed_dpo_or_kto_run_ends_bit_for_bit_where_an_unbroken_one_does() {
     let _serial = serial();
-    for streaming in [false, true] {
+    for (kind, file, streaming) in [
+        (RlhfType::Dpo, "dpo_sample.jsonl", false),
+        (RlhfType::Dpo, "dpo_sample.jsonl", true),
+        (RlhfType::Kto, "kto_sample.jsonl", false),
+    ] {
         common::training::a_resumed_run_ends_where_an_unbroken_one_does(&cpu(), 4, |out| {
             let root = Path::new(env!("CARGO_MANIFEST_DIR"));
             let mut c = common::training::quickstart(out, 4);
-            c.data.train = vec![root.join("datasets/dpo_sample.jsonl").display().to_string()];
+            c.data.train = vec![root.join("datasets").join(file).display().to_string()];
             c.data.loss_scale = swift_rs::config::LossScale::LastRound;
             c.data.streaming = streaming;
-            c.rlhf = Some(RlhfSection::default());
+            c.rlhf = Some(RlhfSection {
+                kind,
+                ..RlhfSection::default()
+            });
             c.train.save_steps = 2;
             c
         });

@@ -411,10 +411,7 @@ fn rows_of_the_other_kind_are_named_bad_rows() {
             .err()
             .unwrap()
             .to_string();
-        assert!(
-            e.contains(&format!("{file}:1:")) && e.contains(says),
-            "{e}"
-        );
+        assert!(e.contains(&format!("{file}:1:")) && e.contains(says), "{e}");
     }
 }
 

@@ -16,8 +16,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::device::{resolve, with_backend};
 use super::Failure;
 use swift_rs::config::{
-    parse_swift_args, versioned_dir, Device, SwiftCommand, TrainConfig, TrainPlan,
+    parse_swift_args, versioned_dir, Device, RlhfType, SwiftCommand, TrainConfig, TrainPlan,
 };
+use swift_rs::data::dataset::TrainRow;
 use swift_rs::export::exit_removing_staged;
 use swift_rs::hub::ms_swift_hub;
 use swift_rs::model::{ModelBackend, TrainBackend};
@@ -216,9 +217,30 @@ fn describe<B: TrainBackend>(trainer: &Trainer<B>) {
         },
         if trainer.lora.use_dora { ", DoRA" } else { "" },
     );
-    let max_length = trainer.plan.config.data.max_length;
-    if let Some(text) = trainer.bad_rows().and_then(|b| b.describe(max_length)) {
+    let config = &trainer.plan.config;
+    if let Some(text) = trainer
+        .bad_rows()
+        .and_then(|b| b.describe(config.data.max_length))
+    {
         eprintln!("{text}");
+    }
+    let rlhf = config.rlhf.as_ref().filter(|r| r.kind == RlhfType::Kto);
+    if let (Some(rlhf), Some(rows)) = (rlhf, trainer.train_rows()) {
+        let desirable = rows
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r,
+                    TrainRow::Unpaired {
+                        desirable: true,
+                        ..
+                    }
+                )
+            })
+            .count();
+        if let Some(advice) = rlhf.kto_weights_advice(desirable, rows.len() - desirable) {
+            eprintln!("note: {advice}");
+        }
     }
     let s = &trainer.state;
     if s.global_step > 0 {

@@ -185,6 +185,11 @@ impl<B: TrainBackend> Trainer<B> {
         })
     }
 
+    /// The training rows, when read whole (not streamed).
+    pub fn train_rows(&self) -> Option<&[TrainRow]> {
+        self.data.dataset.as_ref().map(|d| d.train.as_slice())
+    }
+
     /// Rows skipped as bad while reading the data (`data.on_bad_row = "skip"`).
     pub fn bad_rows(&self) -> Option<&BadRows> {
         self.data.dataset.as_ref().map(|d| &d.bad_rows)

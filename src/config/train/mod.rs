@@ -102,6 +102,25 @@ impl RlhfSection {
         self.kind == RlhfType::Kto && self.loss_type != Some(LossType::ApoZeroUnpaired)
     }
 
+    /// KTO's advice (eq. 8 of the KTO paper, as TRL and ms-swift give it) when the desirable and
+    /// undesirable answers differ in number and neither weight makes up for it.
+    pub fn kto_weights_advice(&self, desirable: usize, undesirable: usize) -> Option<String> {
+        let (d, u) = (desirable.max(1) as f64, undesirable.max(1) as f64);
+        let (wd, wu) = (self.desirable_weight, self.undesirable_weight);
+        let round = |x: f64| (x * 100.0).round() / 100.0;
+        let wd_range = (round(u * wu / d), round(u * wu / d * 1.33));
+        let wu_range = (round(d * wd / u / 1.33), round(d * wd / u));
+        let within = |w: f64, (lo, hi): (f64, f64)| lo <= w && w <= hi;
+        if d == u || within(wd, wd_range) || within(wu, wu_range) {
+            return None;
+        }
+        Some(format!(
+            "{desirable} desirable and {undesirable} undesirable answers: set either \
+             rlhf.desirable_weight in [{}, {}] or rlhf.undesirable_weight in [{}, {}] (not both)",
+            wd_range.0, wd_range.1, wu_range.0, wu_range.1
+        ))
+    }
+
     /// ms-swift's beta: 2.0 for SimPO, else 0.1.
     pub fn beta(&self) -> f64 {
         self.beta.unwrap_or(match self.kind {
@@ -828,5 +847,25 @@ mod tests {
                 crate::config::InitLoraWeights::Method("gaussian".into())
             );
         }
+    }
+
+    /// TRL's advice on KTO's weights when the answers are unbalanced: none when they are
+    /// balanced or a weight is in its range.
+    #[test]
+    fn kto_weights_advice_follows_trl() {
+        let rlhf = |wd, wu| RlhfSection {
+            kind: RlhfType::Kto,
+            desirable_weight: wd,
+            undesirable_weight: wu,
+            ..RlhfSection::default()
+        };
+        assert_eq!(rlhf(1.0, 1.0).kto_weights_advice(5, 5), None);
+        let advice = rlhf(1.0, 1.0).kto_weights_advice(10, 30).unwrap();
+        assert!(
+            advice.contains("[3, 3.99]") && advice.contains("[0.25, 0.33]"),
+            "{advice}"
+        );
+        assert_eq!(rlhf(3.5, 1.0).kto_weights_advice(10, 30), None);
+        assert_eq!(rlhf(1.0, 0.3).kto_weights_advice(10, 30), None);
     }
 }

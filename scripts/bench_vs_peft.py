@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
 """swift-rs against PyTorch + transformers + PEFT (and TRL) on the same machine, in one run: LoRA
-training, DPO training, eval forward and infer decode, each as tokens/s and peak memory, with the
-ratios.
+training, DPO and KTO training, eval forward and infer decode, each as tokens/s and peak memory,
+with the ratios.
 
 Pinned: torch==2.15.0 transformers==5.23.0 peft==0.21.2, bitsandbytes==0.50.2 for `--quant nf4`
-(as scripts/gen_fixtures.py), trl==1.16.0 for `dpo`.
+(as scripts/gen_fixtures.py), trl==1.16.0 for `dpo` and `kto`.
 
     cargo build --release
     python scripts/bench_vs_peft.py                          # ~30M Qwen2 shape, 2 threads, f32
     python scripts/bench_vs_peft.py --only train --steps 8
     python scripts/bench_vs_peft.py --only dpo               # against TRL's DPOTrainer
+    python scripts/bench_vs_peft.py --only kto               # against TRL's KTOTrainer
     # GPU (a `--features cuda` build): Qwen2.5-1.5B's shape and vocabulary, bf16, sequence 2048
     python scripts/bench_vs_peft.py --device cuda --shape 1.5b --vocab 151936 --seq 2048 --batch 1
     python scripts/bench_vs_peft.py --device cuda --shape 1.5b --vocab 151936 --seq 2048 --batch 1 \
@@ -26,6 +27,10 @@ the special tokens are zeroed so that no stop token can end a reply early.
   prompt and two answers (seq / 2 tokens each, so each sequence is seq long), TRL's DPOTrainer
   on the PyTorch side (reference: the base with the adapters off on both sides); the work unit is
   one optimizer step, of 2 x batch x seq tokens.
+- kto: KTO (beta 0.1) the same way on batch answers of seq tokens (a prompt of seq / 2 and an
+  answer, desirable and undesirable in turn), TRL's KTOTrainer; each step also scores the batch's
+  mismatched answers (its KL term) with the policy and the reference; the work unit is one
+  optimizer step, of batch x seq tokens.
 - eval: forward pass and loss over every token (torch.no_grad, SDPA); the unit is one batch.
 - infer: greedy decoding of one chat prompt, batch 1, KV cache; the unit is one new token.
 
@@ -124,35 +129,44 @@ def torch_train(model_dir: str, data: str, steps: int, batch: int, run: str) -> 
     torch_done(model)
 
 
-def torch_dpo(model_dir: str, pairs: str, steps: int, batch: int, run: str) -> None:
+def torch_preference(model_dir: str, kind: str, rows_file: str, steps: int, batch: int, run: str) -> None:
+    """TRL's DPOTrainer or KTOTrainer on rows already in its processed form, in file order (KTO's
+    mismatched answers rotated within each batch as its `_prepare_dataset` does)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from torch.utils.data import SequentialSampler
     from transformers import AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
-    class Processed(DPOTrainer):
-        """TRL's trainer on pairs already in its processed form, in file order."""
+    base, config = {"dpo": (DPOTrainer, DPOConfig), "kto": (KTOTrainer, KTOConfig)}[kind]
 
+    class Processed(base):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            return dataset
+            if kind == "dpo":
+                return dataset
+
+            def rotate(b):
+                b["KL_completion_ids"] = [b["completion_ids"][-1]] + b["completion_ids"][:-1]
+                return b
+
+            return dataset.map(rotate, batched=True, batch_size=args.per_device_train_batch_size)
 
         def _get_train_sampler(self, *args, **kwargs):
             return SequentialSampler(self.train_dataset)
 
     model = torch_model(model_dir, run)
     _, device, dtype, _ = run.split(",")
-    rows = [json.loads(line) for line in Path(pairs).read_text().splitlines()][:steps * batch]
+    rows = [json.loads(line) for line in Path(rows_file).read_text().splitlines()][:steps * batch]
+    own = {"loss_type": ["sigmoid"]} if kind == "dpo" else {}
     with tempfile.TemporaryDirectory() as out:
-        args = DPOConfig(
+        args = config(
             output_dir=out, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
             max_steps=steps, learning_rate=1e-4, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8,
             weight_decay=0.1, max_grad_norm=1.0, lr_scheduler_type="constant", beta=0.1,
-            loss_type=["sigmoid"], gradient_checkpointing=True,
-            gradient_checkpointing_kwargs={"use_reentrant": False}, logging_steps=steps,
-            report_to="none", save_strategy="no", use_cpu=device == "cpu", bf16=dtype == "bf16",
-            max_length=None)
+            gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+            logging_steps=steps, report_to="none", save_strategy="no", use_cpu=device == "cpu",
+            bf16=dtype == "bf16", max_length=None, **own)
         trainer = Processed(model=model, args=args, train_dataset=Dataset.from_list(rows),
                             processing_class=AutoTokenizer.from_pretrained(model_dir),
                             peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA))
@@ -186,17 +200,17 @@ def torch_infer(model_dir: str, new_tokens: int, run: str) -> None:
     assert out.shape[1] - ids.shape[1] == new_tokens, "a stop token was generated"
 
 
-TORCH_SIDES = {"train": torch_train, "dpo": torch_dpo, "eval": torch_eval, "infer": torch_infer}
+TORCH_SIDES = {"train": torch_train, "preference": torch_preference, "eval": torch_eval, "infer": torch_infer}
 
 
 # ---- swift-rs side: the release binary's commands ----
 
 def swift_train(binary: Path, model_dir: Path, data: Path, steps: int, args, tmp: Path,
-                dpo: bool = False) -> list[str]:
-    kind = "dpo" if dpo else "train"
+                rlhf_type: str | None = None) -> list[str]:
+    kind = rlhf_type or "train"
     out_dir = tmp / f"swift-{kind}-{steps}"
     config = tmp / f"swift-{kind}-{steps}.toml"
-    rlhf = '[rlhf]\ntype = "dpo"\nbeta = 0.1\n[data]\nloss_scale = "last_round"' if dpo else "[data]"
+    rlhf = f'[rlhf]\ntype = "{rlhf_type}"\nbeta = 0.1\n[data]\nloss_scale = "last_round"' if rlhf_type else "[data]"
     config.write_text(f"""
 [model]
 path = "{model_dir}"
@@ -227,7 +241,7 @@ overwrite = true
 tensorboard = false
 plots = false
 """)
-    return [str(binary), "rlhf" if dpo else "train", "--config", str(config)]
+    return [str(binary), "rlhf" if rlhf_type else "train", "--config", str(config)]
 
 
 def swift_eval(binary: Path, model_dir: Path, data: Path, batches: int, args) -> list[str]:
@@ -367,6 +381,8 @@ def setup(shape: str, vocab: str, tmp: str, rows_n: str, seq: str, binary: str, 
     half = int(seq) // 2
     pairs = [{"prompt_ids": r[:half], "chosen_ids": r[half:], "rejected_ids": r[half:][::-1]} for r in rows]
     (Path(tmp) / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    answers = [{"prompt_ids": r[:half], "completion_ids": r[half:], "label": i % 2 == 0} for i, r in enumerate(rows)]
+    (Path(tmp) / "unpaired.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
 
 
 def train_flops_per_token(args) -> float:
@@ -410,7 +426,7 @@ def main() -> None:
     ap.add_argument("--binary", default=str(ROOT / "target/release/swift-rs"))
     ap.add_argument("--shape", choices=sorted(SHAPES), default="30m")
     ap.add_argument("--only", default="train,eval,infer",
-                    help="comma-separated: train, dpo, eval, infer")
+                    help="comma-separated: train, dpo, kto, eval, infer")
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=4, help="train: N optimizer steps")
@@ -452,8 +468,11 @@ def main() -> None:
                       torch_cmd("train", data, after=(args.batch, run)),
                       lambda n: swift_train(binary, model, data, n, args, tmp)),
             "dpo": (args.steps, 2 * args.batch * args.seq, "DPO training (TRL's DPOTrainer)",
-                    torch_cmd("dpo", tmp / "pairs.jsonl", after=(args.batch, run)),
-                    lambda n: swift_train(binary, model, tmp / "pairs.jsonl", n, args, tmp, dpo=True)),
+                    torch_cmd("preference", "dpo", tmp / "pairs.jsonl", after=(args.batch, run)),
+                    lambda n: swift_train(binary, model, tmp / "pairs.jsonl", n, args, tmp, "dpo")),
+            "kto": (args.steps, args.batch * args.seq, "KTO training (TRL's KTOTrainer)",
+                    torch_cmd("preference", "kto", tmp / "unpaired.jsonl", after=(args.batch, run)),
+                    lambda n: swift_train(binary, model, tmp / "unpaired.jsonl", n, args, tmp, "kto")),
             "eval": (args.eval_batches, args.batch * args.seq, "eval forward",
                      torch_cmd("eval", data, after=(args.batch, run)),
                      lambda n: swift_eval(binary, model, data, n, args)),
@@ -476,7 +495,7 @@ def main() -> None:
             for name, side, rate in (("PyTorch ", t, t_rate), ("swift-rs", s, s_rate)):
                 allocated = f" (allocated {side['peak_allocated_gib']:.2f})" if side["peak_allocated_gib"] else ""
                 print(f"  {name} {rate:10,.0f} tokens/s   {memory} {side['peak_gib']:.2f} GiB{allocated}")
-                if kind in ("train", "dpo") and gpu:
+                if kind in ("train", "dpo", "kto") and gpu:
                     print("           " + utilisation(rate, args, peak_tflops))
             print(f"  swift-rs / PyTorch: speed {s_rate / t_rate:.2f}x (rounds: {rounds}), "
                   f"{memory} {s['peak_gib'] / t['peak_gib']:.2f}x", flush=True)

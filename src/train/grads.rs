@@ -141,12 +141,11 @@ impl<B: TrainBackend> Preference<B> {
                 )
             })
             .collect();
-        Side::Unpaired(Unpaired {
-            policy: reference.zeros_like(),
+        Side::Unpaired {
             reference,
             desirable,
             kl,
-        })
+        }
     }
 }
 
@@ -160,8 +159,13 @@ enum Side<C: Backend> {
         chosen_tokens: Vec<usize>,
         rejected_tokens: Vec<usize>,
     },
-    /// KTO's answers, `policy` a placeholder for the policy's log-probabilities.
-    Unpaired(Unpaired<C>),
+    /// KTO's answers: the reference's summed log-probability of each, whether it is desirable,
+    /// and the KL estimate (`[1]`) when the loss takes one.
+    Unpaired {
+        reference: Tensor<C, 1>,
+        desirable: Vec<bool>,
+        kl: Option<Tensor<C, 1>>,
+    },
 }
 
 impl<C: Backend> Side<C> {
@@ -183,12 +187,19 @@ impl<C: Backend> Side<C> {
     /// The micro-batch's loss and metrics given the policy's log-probability of every sequence.
     fn loss(&self, objective: &Objective, logps: Tensor<C, 1>) -> (Tensor<C, 1>, Metrics<C>) {
         match (self, objective) {
-            (Self::Unpaired(answers), Objective::Kto(settings)) => {
+            (
+                Self::Unpaired {
+                    reference,
+                    desirable,
+                    kl,
+                },
+                Objective::Kto(settings),
+            ) => {
                 let answers = Unpaired {
                     policy: logps,
-                    reference: answers.reference.clone(),
-                    desirable: answers.desirable.clone(),
-                    kl: answers.kl.clone(),
+                    reference: reference.clone(),
+                    desirable: desirable.clone(),
+                    kl: kl.clone(),
                 };
                 kto_loss(&answers, settings)
             }
@@ -209,7 +220,7 @@ impl<C: Backend> Side<C> {
                 };
                 objective.loss(&policy, reference.clone())
             }
-            (Self::Unpaired(_), _) => unreachable!("unpaired rows are KTO's"),
+            (Self::Unpaired { .. }, _) => unreachable!("unpaired rows are KTO's"),
         }
     }
 }
@@ -227,12 +238,15 @@ fn lift<B: AutodiffBackend>(side: &Side<B::InnerBackend>) -> Side<B> {
             chosen_tokens: chosen_tokens.clone(),
             rejected_tokens: rejected_tokens.clone(),
         },
-        Side::Unpaired(a) => Side::Unpaired(Unpaired {
-            policy: up(&a.policy),
-            reference: up(&a.reference),
-            desirable: a.desirable.clone(),
-            kl: a.kl.as_ref().map(up),
-        }),
+        Side::Unpaired {
+            reference,
+            desirable,
+            kl,
+        } => Side::Unpaired {
+            reference: up(reference),
+            desirable: desirable.clone(),
+            kl: kl.as_ref().map(up),
+        },
     }
 }
 

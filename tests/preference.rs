@@ -10,10 +10,11 @@ mod common;
 use std::path::Path;
 
 use burn::backend::{Autodiff, Flex};
-use common::training::{check_adapter, config, one_sgd_step, serial, train, On};
+use common::training::{check_adapter, config, one_sgd_step, serial, three_adamw_steps, train, On};
 use common::{adapter_dir, fixtures};
 use serde_json::Value;
 use swift_rs::config::{Device, LossType, RlhfSection, RlhfType, ScheduleKind, TrainConfig};
+use swift_rs::train::log::PreferenceLog;
 use swift_rs::train::StepReport;
 
 type AB = Autodiff<Flex>;
@@ -87,17 +88,10 @@ fn check_steps(reports: &[StepReport], want: &Value, tol: f64) {
         let got = serde_json::to_value(logged).unwrap();
         // Each metric TRL logged, and no other: KTO has no accuracy, DPO no kl, and a KTO batch
         // of one kind of answer no margin.
-        for key in [
-            "loss",
-            "grad_norm",
-            "rewards/chosen",
-            "rewards/rejected",
-            "rewards/accuracies",
-            "rewards/margins",
-            "logps/chosen",
-            "logps/rejected",
-            "kl",
-        ] {
+        for key in ["loss", "grad_norm"]
+            .into_iter()
+            .chain(PreferenceLog::NAMES)
+        {
             let (g, w) = match (got.get(key), w.get(key)) {
                 (Some(g), Some(w)) => (g.as_f64().unwrap(), w.as_f64().unwrap()),
                 (None, None) => continue,
@@ -120,18 +114,6 @@ fn check_trls_adapter(out: &Path, step: u64, run: &str) {
         &adapter_dir("qwen2_rslora"),
         1e-4,
     );
-}
-
-/// AdamW for three steps as the fixtures' runs: lr 1e-2 decaying linearly, clipping at 0.5.
-fn three_adamw_steps(c: &mut TrainConfig) {
-    c.train.batch_size = 2;
-    c.train.grad_accum = 1;
-    c.train.max_steps = 3;
-    c.train.lr = 1e-2;
-    c.train.lr_scheduler = ScheduleKind::Linear;
-    c.train.adam_beta1 = 0.9;
-    c.train.adam_beta2 = 0.95;
-    c.train.max_grad_norm = 0.5;
 }
 
 /// One SGD step of each DPO loss type (TRL's DPOTrainer), of each CPO loss type (ms-swift's cpo),
@@ -227,22 +209,32 @@ fn three_adamw_steps_of_dpo_and_kto_equal_trls() {
     }
 }
 
+/// `swift-rs ARGS` run from the repository's root.
+fn swift_rs(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_swift-rs"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap()
+}
+
+/// A run directory's logging.jsonl, an object a line.
+fn log_of(run: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run.join("logging.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// A DPO run as ms-swift's command line writes it, on the quickstart model and the sample pairs
 /// (`datasets/dpo_sample.jsonl`, ms-swift's messages + rejected_response): the chosen answer's
 /// reward margin grows, every step logs TRL's metrics, and the run's config.toml is for
 /// `swift-rs rlhf` (which `train` refuses).
 #[test]
 fn a_dpo_run_from_ms_swifts_command_line_grows_its_reward_margin() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = tempfile::tempdir().unwrap();
     let run = out.path().join("run");
-    let swift_rs = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_swift-rs"))
-            .args(args)
-            .current_dir(root)
-            .output()
-            .unwrap()
-    };
     let done = swift_rs(&[
         "rlhf",
         "--rlhf_type",
@@ -278,11 +270,7 @@ fn a_dpo_run_from_ms_swifts_command_line_grows_its_reward_margin() {
     ]);
     let stderr = String::from_utf8_lossy(&done.stderr);
     assert!(done.status.success(), "{stderr}");
-    let log: Vec<Value> = std::fs::read_to_string(run.join("logging.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let log = log_of(&run);
     assert_eq!(log.len(), 6);
     let margin = |e: &Value| e["rewards/margins"].as_f64().unwrap();
     // The first step's policy is its reference (a fresh adapter): no margin yet.
@@ -325,16 +313,8 @@ fn a_dpo_run_from_ms_swifts_command_line_grows_its_reward_margin() {
 /// one answer a micro-batch there is no margin to log, as in TRL.
 #[test]
 fn a_kto_run_from_ms_swifts_command_line_separates_the_answers() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = tempfile::tempdir().unwrap();
     let run = out.path().join("run");
-    let swift_rs = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_swift-rs"))
-            .args(args)
-            .current_dir(root)
-            .output()
-            .unwrap()
-    };
     let line = "rlhf --rlhf_type kto --model examples/quickstart-model \
                 --dataset datasets/kto_sample.jsonl --torch_dtype float32 \
                 --per_device_train_batch_size 1 --gradient_accumulation_steps 4 \
@@ -348,11 +328,7 @@ fn a_kto_run_from_ms_swifts_command_line_separates_the_answers() {
         "{}",
         String::from_utf8_lossy(&done.stderr)
     );
-    let log: Vec<Value> = std::fs::read_to_string(run.join("logging.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let log = log_of(&run);
     assert_eq!(log.len(), 6);
     let gap =
         |e: &Value| e["rewards/chosen"].as_f64().unwrap() - e["rewards/rejected"].as_f64().unwrap();

@@ -38,58 +38,35 @@ pub struct LogEntry {
     pub eta_s: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_loss: Option<f64>,
-    /// A preference run's metrics, under TRL's names.
-    #[serde(default, flatten, skip_serializing_if = "Option::is_none")]
-    pub preference: Option<PreferenceLog>,
+    /// A preference run's metrics, under TRL's names (none for SFT).
+    #[serde(flatten)]
+    pub preference: PreferenceLog,
 }
 
 /// TRL's metrics of a preference run, each the mean over the micro-batches of the logged steps
 /// that have it (as TRL logs the mean of its per-micro-batch values): KTO has no accuracy, DPO
 /// no kl, and a KTO micro-batch without desirable answers no `rewards/chosen`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct PreferenceLog {
-    #[serde(
-        rename = "rewards/chosen",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "rewards/chosen", skip_serializing_if = "Option::is_none")]
     pub rewards_chosen: Option<f64>,
-    #[serde(
-        rename = "rewards/rejected",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "rewards/rejected", skip_serializing_if = "Option::is_none")]
     pub rewards_rejected: Option<f64>,
-    #[serde(
-        rename = "rewards/accuracies",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "rewards/accuracies", skip_serializing_if = "Option::is_none")]
     pub rewards_accuracies: Option<f64>,
-    #[serde(
-        rename = "rewards/margins",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "rewards/margins", skip_serializing_if = "Option::is_none")]
     pub rewards_margins: Option<f64>,
-    #[serde(
-        rename = "logps/chosen",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "logps/chosen", skip_serializing_if = "Option::is_none")]
     pub logps_chosen: Option<f64>,
-    #[serde(
-        rename = "logps/rejected",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "logps/rejected", skip_serializing_if = "Option::is_none")]
     pub logps_rejected: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub kl: Option<f64>,
 }
 
 impl PreferenceLog {
-    /// TRL's names, in `MetricSums`' order.
+    /// TRL's names, in the order of `Metrics`.
     pub const NAMES: [&'static str; 7] = [
         "rewards/chosen",
         "rewards/rejected",
@@ -101,22 +78,23 @@ impl PreferenceLog {
     ];
 
     /// From the sums over micro-batches of each metric's value, then of the micro-batches that
-    /// had it (`MetricSums`' layout); None when there are none (SFT).
-    pub fn from_sums(sums: &[f64]) -> Option<Self> {
+    /// had it (`Metrics::into_sums`' layout); none when there are none (SFT).
+    pub fn from_sums(sums: &[f64]) -> Self {
         let n = Self::NAMES.len();
         if sums.len() != 2 * n {
-            return None;
+            return Self::default();
         }
-        let mean = |i: usize| (sums[n + i] > 0.0).then(|| sums[i] / sums[n + i]);
-        Some(Self {
-            rewards_chosen: mean(0),
-            rewards_rejected: mean(1),
-            rewards_accuracies: mean(2),
-            rewards_margins: mean(3),
-            logps_chosen: mean(4),
-            logps_rejected: mean(5),
-            kl: mean(6),
-        })
+        let [rewards_chosen, rewards_rejected, rewards_accuracies, rewards_margins, logps_chosen, logps_rejected, kl] =
+            std::array::from_fn(|i| (sums[n + i] > 0.0).then(|| sums[i] / sums[n + i]));
+        Self {
+            rewards_chosen,
+            rewards_rejected,
+            rewards_accuracies,
+            rewards_margins,
+            logps_chosen,
+            logps_rejected,
+            kl,
+        }
     }
 
     /// Each metric present with its name, for TensorBoard.
@@ -191,7 +169,7 @@ impl RunLog {
             if let Some(eval) = entry.eval_loss {
                 tb.add_scalar("eval/loss", eval as f32, step);
             }
-            for (name, value) in entry.preference.iter().flat_map(PreferenceLog::named) {
+            for (name, value) in entry.preference.named() {
                 tb.add_scalar(&format!("train/{name}"), value as f32, step);
             }
             tb.flush();
@@ -225,12 +203,12 @@ pub fn plot(run_dir: &Path, history: &[LogEntry]) -> Result<(), TrainError> {
         (
             "rewards_margins.png",
             "rewards/margins",
-            series(|e| e.preference.as_ref()?.rewards_margins),
+            series(|e| e.preference.rewards_margins),
         ),
         (
             "rewards_accuracies.png",
             "rewards/accuracies",
-            series(|e| e.preference.as_ref()?.rewards_accuracies),
+            series(|e| e.preference.rewards_accuracies),
         ),
     ];
     for (file, title, points) in plots {

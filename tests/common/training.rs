@@ -200,11 +200,9 @@ pub fn one_sgd_step_equals_pytorch_peft<B: TrainBackend>(on: &On<B>) {
     }
 }
 
-/// Three AdamW steps with clipping and a linear schedule equal PyTorch + PEFT's.
-pub fn three_adamw_steps_equal_pytorch_peft<B: TrainBackend>(on: &On<B>) {
-    let out = tempfile::tempdir().unwrap();
-    let mut c = config("qwen3_f16", out.path());
-    c.lora.init_adapter = Some(adapter_dir("qwen3_dora"));
+/// The fixtures' three AdamW steps: batch 2 x 1, lr 1e-2 decaying linearly, weight decay 0.1,
+/// betas 0.9 and 0.95, epsilon 1e-8, clipping at 0.5.
+pub fn three_adamw_steps(c: &mut TrainConfig) {
     c.train.batch_size = 2;
     c.train.grad_accum = 1;
     c.train.max_steps = 3;
@@ -215,6 +213,14 @@ pub fn three_adamw_steps_equal_pytorch_peft<B: TrainBackend>(on: &On<B>) {
     c.train.adam_beta2 = 0.95;
     c.train.adam_eps = 1e-8;
     c.train.max_grad_norm = 0.5;
+}
+
+/// Three AdamW steps with clipping and a linear schedule equal PyTorch + PEFT's.
+pub fn three_adamw_steps_equal_pytorch_peft<B: TrainBackend>(on: &On<B>) {
+    let out = tempfile::tempdir().unwrap();
+    let mut c = config("qwen3_f16", out.path());
+    c.lora.init_adapter = Some(adapter_dir("qwen3_dora"));
+    three_adamw_steps(&mut c);
     let reports = train(c, on);
     check_trace(&reports, &steps_fixture()["adamw"], 1e-4);
     check_adapter(

@@ -3,8 +3,10 @@
 same machine, in one command (`scripts/gpu_check.sh`, which checks the machine first).
 
 Pinned: torch==2.15.0 transformers==5.23.0 peft==0.21.2, bitsandbytes==0.50.2 for QLoRA (as
-scripts/gen_fixtures.py). No network and no Rust toolchain are needed: the binary is built
-elsewhere (`cargo build --release --features cuda`, then `strip`).
+scripts/gen_fixtures.py), trl==1.16.0 for DPO and KTO (a pure-Python wheel: where the machine
+lacks it, carry `pip download trl==1.16.0 --no-deps` unpacked and put it on PYTHONPATH). No network
+and no Rust toolchain are needed: the binary is built elsewhere (`cargo build --release --features
+cuda`, then `strip`).
 
     python scripts/gpu_check.py --binary swift-rs --out gpu-check            # on an NVIDIA GPU
     python scripts/gpu_check.py --binary target/debug/swift-rs --device cpu --tiny --out /tmp/gc
@@ -17,7 +19,9 @@ It runs, and writes into --out `results.json` and `results.md`:
   (c) LoRA training tokens/s, peak GPU memory and MFU at sequence 2048 with gradient
       checkpointing, beside PyTorch + PEFT (SDPA), by scripts/bench_vs_peft.py;
   (d) the same for QLoRA against bitsandbytes (skipped where bitsandbytes is not installed);
-  (e) greedy decode tokens/s.
+  (e) greedy decode tokens/s;
+  (f) DPO and KTO training against TRL's DPOTrainer and KTOTrainer + PEFT, as (c) (skipped where
+      trl is not installed).
 Each check says pass or fail against its tolerance; the measurements are reported as measured.
 """
 
@@ -266,7 +270,18 @@ def main() -> None:
         results.append({"check": "QLoRA training", "pass": False,
                         "error": "skipped: bitsandbytes is not installed (or no CUDA device)"})
     results.append(benchmark(args, "greedy decode", ["--only", "infer", "--new-tokens", "64", *bench_model]))
-    for r in results[-3:]:
+    try:
+        import trl  # noqa: F401
+        has_trl = True
+    except ImportError:
+        has_trl = False
+    # TRL's KTO needs two answers a batch to estimate its KL term (argparse takes the last --batch).
+    for kind, name, more in [("dpo", "DPO training", []), ("kto", "KTO training", ["--batch", "2"])]:
+        if has_trl:
+            results.append(benchmark(args, name, ["--only", kind, *bench_model, *bench_train, *more]))
+        else:
+            results.append({"check": name, "pass": False, "error": "skipped: trl is not installed"})
+    for r in results[-5:]:
         print(json.dumps({k: r.get(k) for k in ("check", "pass", "report", "error")}), flush=True)
     (out / "results.json").write_text(json.dumps({"machine": header, "results": results}, indent=2))
     (out / "results.md").write_text(markdown(results, header))

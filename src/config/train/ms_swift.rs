@@ -62,7 +62,9 @@ impl TrainConfig {
         let mut args = serde_json::Map::new();
         let mut named = std::collections::BTreeSet::new();
         for (name, section, key) in ALIASES {
-            if named.insert((section, key)) {
+            // A section the run has not (SFT's [rlhf]) names nothing: ms-swift's sft writes no
+            // rlhf_type.
+            if values.get(section).is_some() && named.insert((section, key)) {
                 args.insert(name.to_string(), values[section][key].clone());
             }
         }
@@ -727,6 +729,7 @@ mod tests {
         };
         let dpo = config("--model m --dataset d.jsonl --rlhf_type dpo --beta 0.2 --rpo_alpha 0.5");
         assert_eq!(dpo.data.loss_scale, crate::config::LossScale::LastRound);
+        assert_eq!(dpo.swift_args()["rlhf_type"], "dpo");
         let rlhf = dpo.rlhf.unwrap();
         assert_eq!((rlhf.beta, rlhf.rpo_alpha), (Some(0.2), Some(0.5)));
         let orpo = config("--model m --dataset d.jsonl --rlhf_type orpo");
@@ -893,6 +896,7 @@ mod tests {
             (Some(16), Some("lora"))
         );
         assert_eq!(args["dataset"], serde_json::json!(["d.jsonl"]));
+        assert!(args.get("rlhf_type").is_none() && args.get("beta").is_none());
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(ARGS_FILE), args.to_string()).unwrap();
         let read = RunArgs::read(dir.path()).unwrap().unwrap();

@@ -4,7 +4,7 @@
 //! second signal exits at once (130), losing only the step under way.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -74,21 +74,9 @@ pub fn run_swift(command: SwiftCommand, line: SwiftLine) -> Result<(), Failure> 
     for notice in &args.notices {
         eprintln!("note: {notice}");
     }
-    let mut config = match &args.config {
-        Some(path) => TrainConfig::load_with(path, &args.sets, &args.overrides)?,
-        None => TrainConfig::parse_with(
-            "",
-            Path::new("the command line"),
-            &args.sets,
-            &args.overrides,
-        )?,
-    };
-    match command {
-        SwiftCommand::Rlhf => {
-            config.rlhf.get_or_insert_with(Default::default);
-            config.check(Path::new("the command line"))?;
-        }
-        _ => refuse_preferences(&config)?,
+    let mut config = args.load()?;
+    if command != SwiftCommand::Rlhf {
+        refuse_preferences(&config)?;
     }
     // ms-swift's hub for the model and the datasets both, where neither the command line nor
     // the config says.

@@ -13,7 +13,7 @@ use serde_json::Value as Json;
 use toml::Value;
 
 use super::overlay::{alias, Override, ALIASES};
-use super::{Hub, TemplateName, TrainConfig};
+use super::{Hub, LossScale, RlhfType, TemplateName, TrainConfig};
 use crate::config::{ConfigError, Dtype};
 
 /// The file beside each checkpoint's adapter that holds the run's settings under ms-swift's
@@ -22,9 +22,10 @@ use crate::config::{ConfigError, Dtype};
 pub const ARGS_FILE: &str = "args.json";
 
 /// The ms-swift command a command line is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SwiftCommand {
     /// Supervised fine-tuning.
+    #[default]
     Sft,
     /// Pre-training: every token takes loss (ms-swift's `swift pt`).
     Pt,
@@ -36,6 +37,7 @@ pub enum SwiftCommand {
 /// A command line, read.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SwiftArgs {
+    pub command: SwiftCommand,
     /// swift-rs's own TOML config (`--config FILE`), read before the flags.
     pub config: Option<PathBuf>,
     /// `--set KEY=VALUE` (swift-rs's), applied to the TOML config as `train --set` is.
@@ -51,6 +53,38 @@ pub struct SwiftArgs {
     /// ms-swift's `--add_version` (true unless given false): each run in a folder of its own,
     /// `output_dir/vN-YYYYMMDD-HHMMSS` (`versioned_dir`).
     pub add_version: bool,
+    /// The flags, the --config file or a --set give `data.loss_scale`.
+    pub loss_scale_given: bool,
+}
+
+impl SwiftArgs {
+    /// The config of this command line: the --config file (or nothing) with the
+    /// --set values, then the flags; `rlhf`'s is preference training whatever its flags. Where
+    /// nothing gives a loss_scale, the command's own, as ms-swift's: every token for `pt`, the
+    /// last answer for `rlhf` (every answer for ORPO).
+    pub fn load(&self) -> Result<TrainConfig, ConfigError> {
+        let command = self.command;
+        let line = Path::new("the command line");
+        let mut config = match &self.config {
+            Some(path) => TrainConfig::load_with(path, &self.sets, &self.overrides)?,
+            None => TrainConfig::parse_with("", line, &self.sets, &self.overrides)?,
+        };
+        if command == SwiftCommand::Rlhf {
+            config.rlhf.get_or_insert_with(Default::default);
+        }
+        if !self.loss_scale_given {
+            config.data.loss_scale = match (command, &config.rlhf) {
+                (SwiftCommand::Pt, _) => LossScale::All,
+                (SwiftCommand::Rlhf, Some(r)) if r.kind == RlhfType::Orpo => LossScale::Default,
+                (SwiftCommand::Rlhf, _) => LossScale::LastRound,
+                (SwiftCommand::Sft, _) => config.data.loss_scale,
+            };
+        }
+        if command == SwiftCommand::Rlhf {
+            config.check(line)?;
+        }
+        Ok(config)
+    }
 }
 
 impl TrainConfig {
@@ -281,6 +315,7 @@ const FLAGS: &[(&str, Flag)] = &[
 /// Reads a command line of `swift sft` (or `pt`) after the subcommand.
 pub fn parse_swift_args(command: SwiftCommand, argv: &[String]) -> Result<SwiftArgs, ConfigError> {
     let mut args = SwiftArgs {
+        command,
         add_version: true,
         ..SwiftArgs::default()
     };
@@ -301,20 +336,6 @@ pub fn parse_swift_args(command: SwiftCommand, argv: &[String]) -> Result<SwiftA
         .find(|f| f.name == "ignore_args_error")
         .map(|f| f.values.first().is_none_or(|v| swift_bool(v) == Ok(true)))
         .unwrap_or(false);
-    // ms-swift's defaults of `pt` (loss on every token) and `rlhf` (on the last answer), unless
-    // the command line says otherwise.
-    let loss_scale = match command {
-        SwiftCommand::Sft => None,
-        SwiftCommand::Pt => Some(("all", "swift-rs pt")),
-        // ms-swift's ORPO trains every answer; the other types the last.
-        SwiftCommand::Rlhf => {
-            let orpo = flags
-                .iter()
-                .any(|f| f.name == "rlhf_type" && f.values.first().is_some_and(|v| v == "orpo"));
-            Some((if orpo { "default" } else { "last_round" }, "swift-rs rlhf"))
-        }
-    };
-
     let mut compute_dtype = None;
     for flag in flags {
         let at = flag.at();
@@ -447,24 +468,19 @@ pub fn parse_swift_args(command: SwiftCommand, argv: &[String]) -> Result<SwiftA
             }),
         }
     }
-    // The command's default comes before the flags (which win over it), and not over a
-    // --config file or --set that says its own.
+    // Whether anything says a loss_scale; if not, the command's own applies (`SwiftArgs::load`).
     let file_says = args.config.as_ref().is_some_and(|path| {
-        std::fs::read_to_string(path)
+        let table = std::fs::read_to_string(path)
             .ok()
-            .and_then(|text| text.parse::<toml::Table>().ok())
-            .and_then(|t| t.get("data")?.as_table()?.get("loss_scale").cloned())
-            .is_some()
+            .and_then(|text| text.parse::<toml::Table>().ok());
+        table.is_some_and(|t| {
+            let data = t.get("data").and_then(Value::as_table);
+            t.contains_key("loss_scale") || data.is_some_and(|d| d.contains_key("loss_scale"))
+        })
     });
     let set_says = args.sets.iter().any(|set| set.contains("loss_scale"));
-    if let (Some((scale, at)), false) = (loss_scale, file_says || set_says) {
-        let default = Override {
-            name: "data.loss_scale".into(),
-            value: Value::String(scale.into()),
-            at: at.into(),
-        };
-        args.overrides.insert(0, default);
-    }
+    let flag_says = args.overrides.iter().any(|o| o.name == "data.loss_scale");
+    args.loss_scale_given = file_says || set_says || flag_says;
     Ok(args)
 }
 
@@ -724,8 +740,10 @@ mod tests {
     #[test]
     fn rlhf_lines_read_as_ms_swift_reads_them() {
         let config = |line: &str| {
-            let args = parse_swift_args(SwiftCommand::Rlhf, &words(line)).unwrap();
-            TrainConfig::parse_with("", Path::new("line"), &args.sets, &args.overrides).unwrap()
+            parse_swift_args(SwiftCommand::Rlhf, &words(line))
+                .unwrap()
+                .load()
+                .unwrap()
         };
         let dpo = config("--model m --dataset d.jsonl --rlhf_type dpo --beta 0.2 --rpo_alpha 0.5");
         assert_eq!(dpo.data.loss_scale, crate::config::LossScale::LastRound);
@@ -736,6 +754,17 @@ mod tests {
         assert_eq!(orpo.data.loss_scale, crate::config::LossScale::Default);
         let all = config("--model m --dataset d.jsonl --rlhf_type dpo --loss_scale all");
         assert_eq!(all.data.loss_scale, crate::config::LossScale::All);
+        // ORPO's default follows the type wherever it is given: here in a --config file.
+        let dir = tempfile::tempdir().unwrap();
+        let toml = dir.path().join("orpo.toml");
+        std::fs::write(&toml, "[rlhf]\ntype = \"orpo\"\n").unwrap();
+        let line = format!("--config {} --model m --dataset d.jsonl", toml.display());
+        assert_eq!(
+            config(&line).data.loss_scale,
+            crate::config::LossScale::Default
+        );
+        std::fs::write(&toml, "loss_scale = \"all\"\n[rlhf]\ntype = \"orpo\"\n").unwrap();
+        assert_eq!(config(&line).data.loss_scale, crate::config::LossScale::All);
     }
 
     fn words(line: &str) -> Vec<String> {
@@ -873,8 +902,10 @@ mod tests {
         assert_eq!(c.model.system.as_deref(), Some("You are swift-rs."));
         let args =
             parse_swift_args(SwiftCommand::Pt, &words("--model m --dataset d.jsonl")).unwrap();
-        let c = TrainConfig::parse_with("", Path::new("x"), &[], &args.overrides).unwrap();
-        assert_eq!(c.data.loss_scale, crate::config::LossScale::All);
+        assert_eq!(
+            args.load().unwrap().data.loss_scale,
+            crate::config::LossScale::All
+        );
     }
 
     #[test]

@@ -76,7 +76,7 @@ impl<B: TrainBackend> Preference<B> {
             let mismatched = self.mismatched(&batch).remove(0);
             let (input, labels) = collate(&chunk.iter().collect::<Vec<_>>());
             let targets = LossTargets::shifted(&labels);
-            let side = self.side(model, chunk, &mismatched, &input, &targets, &labels);
+            let side = self.side(Some(model), chunk, &mismatched, &input, &targets, &labels);
             let logps = sequence_logps(model, model.hidden_states(&input), &targets);
             let (loss, _) = side.loss(&self.objective, logps);
             let loss: f64 = loss.into_scalar().elem();
@@ -85,10 +85,15 @@ impl<B: TrainBackend> Preference<B> {
         total / rows.len().max(1) as f64
     }
 
+    /// KTO, with a KL term: the only objective that reads the policy without a graph too.
+    fn estimates_kl(&self) -> bool {
+        matches!(&self.objective, Objective::Kto(k) if k.kl)
+    }
+
     /// KTO's mismatched answers for each batch (rotated over all of the step's rows), when its
     /// loss estimates a KL term; else none.
     fn mismatched(&self, batches: &[Vec<TrainRow>]) -> Vec<Vec<TrainRow>> {
-        let kl = matches!(&self.objective, Objective::Kto(k) if k.kl);
+        let kl = self.estimates_kl();
         let rows: Vec<&TrainRow> = batches.iter().flatten().filter(|_| kl).collect();
         let mut mismatched = kl_rows(&rows, self.max_length).into_iter();
         batches
@@ -101,10 +106,11 @@ impl<B: TrainBackend> Preference<B> {
     }
 
     /// What a micro-batch's loss needs besides the policy's log-probabilities, computed without
-    /// a graph: the reference's, and KTO's KL estimate from `policy` (the policy's weights).
+    /// a graph: the reference's, and KTO's KL estimate from `policy` (the policy's weights,
+    /// given only where that estimate is made).
     fn side(
         &self,
-        policy: &CausalLm<B::InnerBackend>,
+        policy: Option<&CausalLm<B::InnerBackend>>,
         rows: &[TrainRow],
         mismatched: &[TrainRow],
         batch: &Batch,
@@ -127,6 +133,7 @@ impl<B: TrainBackend> Preference<B> {
                 sequence_logps(model, model.hidden_states(&batch), &targets)
             };
             // TRL's estimate: the batch's mean log-ratio, at least 0.
+            let policy = policy.expect("the policy is given where KTO estimates its KL term");
             (logps(policy) - logps(reference)).mean().clamp_min(0.0)
         });
         let desirable = rows
@@ -299,7 +306,11 @@ impl<B: TrainBackend> StepGrads<B> {
         Option<StepMetrics<B>>,
     ) {
         // KTO's KL estimate reads the policy too, without a graph.
-        let policy = self.preference.as_ref().map(|_| model.valid());
+        let policy = self
+            .preference
+            .as_ref()
+            .filter(|p| p.estimates_kl())
+            .map(|_| model.valid());
         let mismatched = match &self.preference {
             Some(p) => p.mismatched(batches),
             None => vec![Vec::new(); batches.len()],
@@ -311,13 +322,10 @@ impl<B: TrainBackend> StepGrads<B> {
             .map(|(index, (rows, mismatched))| {
                 let (batch, labels) = collate(&rows.iter().collect::<Vec<_>>());
                 let targets = LossTargets::shifted(&labels);
-                let side = self
-                    .preference
-                    .as_ref()
-                    .zip(policy.as_ref())
-                    .map(|(p, policy)| {
-                        lift(&p.side(policy, rows, mismatched, &batch, &targets, &labels))
-                    });
+                let side = self.preference.as_ref().map(|p| {
+                    let policy = policy.as_ref();
+                    lift(&p.side(policy, rows, mismatched, &batch, &targets, &labels))
+                });
                 Micro {
                     batch,
                     targets,

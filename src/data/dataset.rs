@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use serde_json::{json, Value};
 
 use super::encode::{Encoded, EncodedPreference, Encoder, PreferenceRows};
-use super::format::{parse_preference, parse_row};
+use super::format::{parse_preference, parse_row, Preference};
 use super::pack::{pack, truncate, Packed};
 use super::source::{open_rows, DatasetSpec, RawRow, SpecSource};
 use super::DataError;
@@ -429,21 +429,23 @@ fn encode_pair(
         )),
         false => Ok(()),
     };
-    let encoded = encoder.encode_preference(&parse_preference(&row.value)?)?;
-    match (&encoded, encoder.reads_preferences()) {
-        (EncodedPreference::Pair { .. }, Some(PreferenceRows::Unpaired)) => {
+    // The kind is the parsed row's: a row of the other kind is refused before it is tokenized.
+    let preference = parse_preference(&row.value)?;
+    let unpaired = matches!(preference, Preference::Unpaired { .. });
+    match (unpaired, encoder.reads_preferences()) {
+        (false, Some(PreferenceRows::Unpaired)) => {
             return Err(
                 "a preference pair: rlhf.type = \"kto\" takes rows with a \"label\" \
                         (one answer, desirable or not)"
                     .into(),
             )
         }
-        (EncodedPreference::Unpaired { .. }, Some(PreferenceRows::Pairs)) => {
+        (true, Some(PreferenceRows::Pairs)) => {
             return Err("a KTO row (with \"label\"): set rlhf.type = \"kto\", or give pairs".into())
         }
         _ => {}
     }
-    match encoded {
+    match encoder.encode_preference(&preference)? {
         EncodedPreference::Pair { chosen, rejected } => {
             let (Some(chosen), Some(rejected)) = (cut(chosen), cut(rejected)) else {
                 return Ok(None);

@@ -146,6 +146,7 @@ fn adapter_gradients_on_an_nf4_base_equal_those_on_its_dequantized_weight() {
         let layer = LoraLinear {
             base,
             adapter: Some(lora),
+            served: Vec::new(),
         };
         let x = t2(values(5 * n_in, 4), [5, n_in]);
         let grads = layer.forward(x).powi_scalar(2).sum().backward();

@@ -9,7 +9,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Linear};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::module::linear;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal, Uniform};
 
@@ -91,14 +91,108 @@ impl<B: Backend> BaseLinear<B> {
 pub struct LoraLinear<B: Backend> {
     pub base: BaseLinear<B>,
     pub adapter: Option<Lora<B>>,
+    /// A server's named adapters on this layer, by their index in the server's list; None where
+    /// that adapter does not target this layer. Empty outside `deploy`.
+    pub served: Vec<Option<Lora<B>>>,
+}
+
+/// Which adapter each row of a batch takes, when a server runs rows of several adapters in one
+/// batch. A row's adapter is `None` for the layer's own (`LoraLinear::adapter`), or `Some(k)` for
+/// the server's adapter `k` (`LoraLinear::served`), which replaces the own one for that row as
+/// PEFT's `set_adapter` does.
+#[derive(Debug, Clone)]
+pub enum RowAdapters<B: Backend> {
+    /// Every row takes this one.
+    Same(Option<usize>),
+    /// The rows of each adapter (`[n]` row indices), and the order that puts the groups' rows,
+    /// concatenated, back in the batch's order.
+    Grouped {
+        groups: Vec<(Option<usize>, Tensor<B, 1, Int>)>,
+        restore: Tensor<B, 1, Int>,
+    },
+}
+
+impl<B: Backend> RowAdapters<B> {
+    /// `rows[i]` is row i's adapter.
+    pub fn new(rows: &[Option<usize>], device: &B::Device) -> Self {
+        let mut kinds: Vec<Option<usize>> = rows.to_vec();
+        kinds.sort_unstable();
+        kinds.dedup();
+        if kinds.len() <= 1 {
+            return Self::Same(kinds.first().copied().flatten());
+        }
+        let index = |ids: Vec<i64>| {
+            let n = ids.len();
+            Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), device)
+        };
+        let mut order = Vec::with_capacity(rows.len());
+        let groups = kinds
+            .into_iter()
+            .map(|kind| {
+                let members: Vec<i64> = (0..rows.len())
+                    .filter(|&r| rows[r] == kind)
+                    .map(|r| r as i64)
+                    .collect();
+                order.extend(members.iter().map(|&r| r as usize));
+                (kind, index(members))
+            })
+            .collect();
+        // Row r of the batch is at position restore[r] of the concatenated groups.
+        let mut restore = vec![0i64; rows.len()];
+        for (at, &r) in order.iter().enumerate() {
+            restore[r] = at as i64;
+        }
+        Self::Grouped {
+            groups,
+            restore: index(restore),
+        }
+    }
 }
 
 impl<B: ModelBackend> LoraLinear<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let Some(l) = &self.adapter else {
+        self.forward_with(self.adapter.as_ref(), x)
+    }
+
+    /// `forward` with each row of `x` (`[batch, ..]`) through its own adapter. Each group of rows
+    /// runs the whole layer as one batch of that adapter would, so that a row's output does not
+    /// depend on the other rows' adapters; the base weight is read once per group.
+    pub fn forward_rows<const D: usize>(
+        &self,
+        x: Tensor<B, D>,
+        rows: Option<&RowAdapters<B>>,
+    ) -> Tensor<B, D> {
+        match rows {
+            None => self.forward(x),
+            Some(RowAdapters::Same(k)) => self.forward_with(self.route(*k), x),
+            Some(RowAdapters::Grouped { groups, restore }) => {
+                let parts = groups
+                    .iter()
+                    .map(|(k, rows)| {
+                        self.forward_with(self.route(*k), x.clone().select(0, rows.clone()))
+                    })
+                    .collect();
+                Tensor::cat(parts, 0).select(0, restore.clone())
+            }
+        }
+    }
+
+    fn route(&self, adapter: Option<usize>) -> Option<&Lora<B>> {
+        match adapter {
+            None => self.adapter.as_ref(),
+            Some(k) => self.served.get(k).and_then(Option::as_ref),
+        }
+    }
+
+    fn forward_with<const D: usize>(
+        &self,
+        adapter: Option<&Lora<B>>,
+        x: Tensor<B, D>,
+    ) -> Tensor<B, D> {
+        let Some(l) = adapter else {
             return self.base.forward(x);
         };
-        if let Some(layer) = self.fused(&x) {
+        if let Some(layer) = self.fused(l, &x) {
             return lora_linear(x, layer);
         }
         let base = self.base.forward(x.clone());
@@ -135,8 +229,7 @@ impl<B: ModelBackend> LoraLinear<B> {
 
     /// The layer as one `lora_linear` op, where it is one: a dense base with a plain adapter
     /// (no DoRA, no dropout while training).
-    fn fused<const D: usize>(&self, x: &Tensor<B, D>) -> Option<LoraParts<B>> {
-        let l = self.adapter.as_ref()?;
+    fn fused<const D: usize>(&self, l: &Lora<B>, x: &Tensor<B, D>) -> Option<LoraParts<B>> {
         let dropout = l.dropout.prob > 0.0 && B::ad_enabled(&x.device());
         match (&self.base, &l.lora_magnitude_vector, dropout) {
             (BaseLinear::Dense(base), None, false) => Some(LoraParts::new(
@@ -155,7 +248,7 @@ impl<B: TrainBackend> LoraLinear<B> {
     /// A seed (`ops::seed_gradient`) whose backward pass is this layer's on `x` from the
     /// gradient `grad` of its output; a fused layer does not compute that output.
     pub fn seed<const D: usize>(&self, x: Tensor<B, D>, grad: Tensor<B, D>) -> Tensor<B, 1> {
-        match self.fused(&x) {
+        match self.adapter.as_ref().and_then(|l| self.fused(l, &x)) {
             Some(layer) => lora_linear_seed(x, layer, grad),
             None => seed_gradient(self.forward(x), grad),
         }

@@ -139,7 +139,11 @@ impl<'a, B: Backend> Builder<'a, B> {
             }
             _ => None,
         };
-        LoraLinear { base, adapter }
+        LoraLinear {
+            base,
+            adapter,
+            served: Vec::new(),
+        }
     }
 
     /// Ends building: the adapter checkpoint's own problems, and an error when the plan matched

@@ -1,27 +1,37 @@
 //! Generation with a KV cache: every row's whole prompt first (left-padded, so each row's last
 //! token is the batch's last column), then one token per row, each layer's keys and values kept
-//! between steps (transformers' `DynamicCache`).
+//! between steps (transformers' `DynamicCache`). A server's rows join a running cache between
+//! steps (`join`) and leave it when done (`retain`); each row may take its own adapter.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 
 use super::batch::Batch;
 use super::decoder::CausalLm;
-use super::layers::LayerCache;
+use super::layers::{Decoding, LayerCache};
+use crate::lora::RowAdapters;
 use crate::ops::{AttnMask, ModelBackend};
 
 /// What generation keeps between steps: each layer's keys and values, how many positions they
-/// cover, and how many of those are left padding in each row.
+/// cover, how many of those are left padding in each row, and each row's adapter (see
+/// `RowAdapters`). Every row's last token is in the last column.
 pub struct KvCache<B: Backend> {
     pub layers: Vec<LayerCache<B>>,
     pub len: usize,
     pub pad: Vec<usize>,
+    pub adapters: Vec<Option<usize>>,
 }
 
 impl<B: Backend> KvCache<B> {
+    /// The rows of the cache.
+    pub fn rows(&self) -> usize {
+        self.pad.len()
+    }
+
     /// Keeps only the rows `keep` (in that order), as generation drops finished rows, and then
     /// the columns that are still some row's token.
     pub fn retain(&mut self, keep: &[usize]) {
+        self.adapters = keep.iter().map(|&r| self.adapters[r]).collect();
         self.pad = keep.iter().map(|&r| self.pad[r]).collect();
         let unused = self.pad.iter().copied().min().unwrap_or(0);
         let rows: Vec<i64> = keep.iter().map(|&r| r as i64).collect();
@@ -36,6 +46,45 @@ impl<B: Backend> KvCache<B> {
         self.len -= unused;
         for p in &mut self.pad {
             *p -= unused;
+        }
+    }
+
+    /// Appends the rows of `other` (after this cache's), padding on the left whichever of the
+    /// two is shorter, so that every row's last token stays in the last column.
+    pub fn join(&mut self, mut other: KvCache<B>) {
+        if other.rows() == 0 {
+            return;
+        }
+        if self.rows() == 0 {
+            *self = other;
+            return;
+        }
+        let len = self.len.max(other.len);
+        self.pad_left(len - self.len);
+        other.pad_left(len - other.len);
+        for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
+            if let (Some((k, v)), Some((k2, v2))) = (mine.take(), theirs) {
+                *mine = Some((Tensor::cat(vec![k, k2], 0), Tensor::cat(vec![v, v2], 0)));
+            }
+        }
+        self.pad.extend(other.pad);
+        self.adapters.extend(other.adapters);
+    }
+
+    /// `n` columns of padding before every row.
+    fn pad_left(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let [b, heads, _, d] = k.dims();
+            let zeros = Tensor::<B, 4>::zeros([b, heads, n, d], &k.device()).cast(k.dtype());
+            *k = Tensor::cat(vec![zeros.clone(), k.clone()], 2);
+            *v = Tensor::cat(vec![zeros, v.clone()], 2);
+        }
+        self.len += n;
+        for p in &mut self.pad {
+            *p += n;
         }
     }
 
@@ -58,12 +107,21 @@ impl<B: Backend> KvCache<B> {
 }
 
 impl<B: ModelBackend> CausalLm<B> {
-    /// An empty cache for this model.
+    /// An empty cache for this model, its rows through the model's own adapters.
     pub fn kv_cache(&self) -> KvCache<B> {
         KvCache {
             layers: vec![None; self.model.layers.len()],
             len: 0,
             pad: Vec::new(),
+            adapters: Vec::new(),
+        }
+    }
+
+    /// An empty cache whose prompts take these adapters, one a row (see `RowAdapters`).
+    pub fn kv_cache_with(&self, adapters: Vec<Option<usize>>) -> KvCache<B> {
+        KvCache {
+            adapters,
+            ..self.kv_cache()
         }
     }
 
@@ -71,6 +129,7 @@ impl<B: ModelBackend> CausalLm<B> {
     /// row's whole prompt (of any lengths: they are left-padded), then one token per row.
     pub fn next_logits(&self, rows: &[&[u32]], cache: &mut KvCache<B>) -> Tensor<B, 2> {
         let (mut x, rope, masks) = if cache.len == 0 {
+            cache.adapters.resize(rows.len(), None);
             let batch = Batch::left_padded(rows);
             cache.pad = batch
                 .attention_mask
@@ -94,10 +153,15 @@ impl<B: ModelBackend> CausalLm<B> {
             let device = x.device();
             (x, rope, self.layer_masks(|w| cache.step_mask(w, &device)))
         };
+        let adapters = RowAdapters::new(&cache.adapters, &x.device());
         for ((layer, mask), layer_cache) in
             self.model.layers.iter().zip(masks).zip(&mut cache.layers)
         {
-            x = layer.forward(x, &rope, mask, Some(layer_cache));
+            let decoding = Decoding {
+                cache: layer_cache,
+                adapters: &adapters,
+            };
+            x = layer.forward(x, &rope, mask, Some(decoding));
         }
         let [b, s, h] = x.dims();
         cache.len += s;

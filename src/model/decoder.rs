@@ -144,6 +144,24 @@ impl<B: Backend> CausalLm<B> {
         }
     }
 
+    /// Adds the adapter of a PEFT adapter checkpoint as a server's next named adapter
+    /// (`LoraLinear::served`): the rows that name it take it in place of the model's own.
+    /// Returns its index. The base weights are shared, not copied.
+    pub fn add_served_adapter(
+        &mut self,
+        ckpt: &mut Checkpoint,
+        cfg: &LoraConfig,
+    ) -> Result<usize, ModelError> {
+        let adapted = self.with_adapter_weights(ckpt, cfg)?;
+        let index = self.model.layers.first().map_or(0, |l| l.linears()[0].served.len());
+        for (mine, theirs) in self.model.layers.iter_mut().zip(&adapted.model.layers) {
+            for (m, t) in mine.linears_mut().into_iter().zip(theirs.linears()) {
+                m.served.push(t.adapter.clone());
+            }
+        }
+        Ok(index)
+    }
+
     /// Every adapter, in the trainable tensors' order.
     pub fn adapters(&self) -> impl Iterator<Item = &Lora<B>> {
         self.model.layers.iter().flat_map(DecoderLayer::adapters)

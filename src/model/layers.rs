@@ -14,7 +14,7 @@ use super::frozen;
 use super::load::Checkpoint;
 use super::rope::RopeTables;
 use crate::config::ModelConfig;
-use crate::lora::{Lora, LoraLinear};
+use crate::lora::{Lora, LoraLinear, RowAdapters};
 use crate::ops::{rms_norm, sdpa, seed_gradient, swiglu, AttnMask, ModelBackend, TrainBackend};
 
 /// `weight * normalize(x)`, the normalisation done in f32 and cast back before the weight is
@@ -91,20 +91,22 @@ impl<B: Backend> Attention<B> {
 }
 
 impl<B: ModelBackend> Attention<B> {
-    /// `mask` says which keys each query sees. With a `cache`, this call's keys and values are
-    /// appended to those of earlier positions; once it holds some, `x` is one new token per row.
+    /// `mask` says which keys each query sees. While `decoding`, this call's keys and values are
+    /// appended to those of earlier positions in its cache; once that holds some, `x` is one new
+    /// token per row.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
         mask: AttnMask<B>,
-        cache: Option<&mut LayerCache<B>>,
+        decoding: Option<Decoding<'_, B>>,
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let mut q = self.q_proj.forward(x.clone()).reshape([b, s, h, d]);
-        let mut k = self.k_proj.forward(x.clone()).reshape([b, s, kv, d]);
-        let v = self.v_proj.forward(x).reshape([b, s, kv, d]);
+        let adapters = decoding.as_ref().map(|d| d.adapters);
+        let mut q = self.q_proj.forward_rows(x.clone(), adapters).reshape([b, s, h, d]);
+        let mut k = self.k_proj.forward_rows(x.clone(), adapters).reshape([b, s, kv, d]);
+        let v = self.v_proj.forward_rows(x, adapters).reshape([b, s, kv, d]);
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn.forward(q);
             k = kn.forward(k);
@@ -112,7 +114,7 @@ impl<B: ModelBackend> Attention<B> {
         let q = rope.apply(q).swap_dims(1, 2); // [b, h, s, d]
         let mut k = rope.apply(k).swap_dims(1, 2); // [b, kv, s, d]
         let mut v = v.swap_dims(1, 2); // [b, kv, s, d]
-        if let Some(cache) = cache {
+        if let Some(Decoding { cache, .. }) = decoding {
             if let Some((past_k, past_v)) = cache.take() {
                 assert_eq!(s, 1, "after the prompt, one token at a time");
                 k = Tensor::cat(vec![past_k, k], 2); // [b, kv, past + 1, d]
@@ -122,8 +124,14 @@ impl<B: ModelBackend> Attention<B> {
         }
         let out = sdpa(q, k, v, mask); // [b, h, s, d]
         self.o_proj
-            .forward(out.swap_dims(1, 2).reshape([b, s, h * d]))
+            .forward_rows(out.swap_dims(1, 2).reshape([b, s, h * d]), adapters)
     }
+}
+
+/// What generation gives each layer: its cache, and which adapter each row of the batch takes.
+pub struct Decoding<'a, B: Backend> {
+    pub cache: &'a mut LayerCache<B>,
+    pub adapters: &'a RowAdapters<B>,
 }
 
 /// The keys and values (after RoPE) of the positions a layer has seen, `[batch, kv_heads, seen,
@@ -153,10 +161,10 @@ impl<B: Backend> Mlp<B> {
 
 impl<B: ModelBackend> Mlp<B> {
     /// `silu(gate_proj(x)) * up_proj(x)`, down_proj's input (`DecoderLayer` applies down_proj:
-    /// a recomputed layer skips it).
-    pub fn activation(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = self.gate_proj.forward(x.clone());
-        swiglu(gate, self.up_proj.forward(x))
+    /// a recomputed layer skips it). `adapters`: see `LoraLinear::forward_rows`.
+    pub fn activation(&self, x: Tensor<B, 3>, adapters: Option<&RowAdapters<B>>) -> Tensor<B, 3> {
+        let gate = self.gate_proj.forward_rows(x.clone(), adapters);
+        swiglu(gate, self.up_proj.forward_rows(x, adapters))
     }
 }
 
@@ -224,16 +232,17 @@ impl<B: Backend> DecoderLayer<B> {
 }
 
 impl<B: ModelBackend> DecoderLayer<B> {
-    /// See `Attention::forward` for `mask` and `cache`.
+    /// See `Attention::forward` for `mask` and `decoding`.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
         mask: AttnMask<B>,
-        cache: Option<&mut LayerCache<B>>,
+        decoding: Option<Decoding<'_, B>>,
     ) -> Tensor<B, 3> {
-        let (h, act) = self.forward_to_down_proj(x, rope, mask, cache);
-        h + self.mlp.down_proj.forward(act)
+        let adapters = decoding.as_ref().map(|d| d.adapters);
+        let (h, act) = self.forward_to_down_proj(x, rope, mask, decoding);
+        h + self.mlp.down_proj.forward_rows(act, adapters)
     }
 
     /// The layer up to its last product: `(h, act)` with the output `h + mlp.down_proj(act)`
@@ -244,15 +253,16 @@ impl<B: ModelBackend> DecoderLayer<B> {
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
         mask: AttnMask<B>,
-        cache: Option<&mut LayerCache<B>>,
+        decoding: Option<Decoding<'_, B>>,
     ) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        let adapters = decoding.as_ref().map(|d| d.adapters);
         let h = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), rope, mask, cache);
+                .forward(self.input_layernorm.forward(x), rope, mask, decoding);
         let act = self
             .mlp
-            .activation(self.post_attention_layernorm.forward(h.clone()));
+            .activation(self.post_attention_layernorm.forward(h.clone()), adapters);
         (h, act)
     }
 }

@@ -23,7 +23,7 @@ use builder::Builder;
 pub use builder::{read_lora, AdapterSource, LoraPlan};
 pub use cache::KvCache;
 pub use decoder::{CausalLm, DecoderModel, LayerInputs};
-pub use layers::{Attention, DecoderLayer, LayerCache, Mlp, RmsNorm};
+pub use layers::{Attention, DecoderLayer, Decoding, LayerCache, Mlp, RmsNorm};
 pub use load::{Checkpoint, LoadError, LoadProblem};
 // The backend bound of everything that runs the model, for the layers above it.
 pub use crate::ops::{ModelBackend, TrainBackend};

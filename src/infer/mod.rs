@@ -1,14 +1,13 @@
 //! Generation with a KV cache: the prompts in one left-padded pass, then one token a step per row,
 //! each step attending to the cached keys and values instead of recomputing the prefix. Rows that
-//! stop leave the batch, so the others go on at their own size.
+//! stop leave the batch, so the others go on at their own size; a server's rows also join it
+//! between steps (`Batcher`).
 
+mod batcher;
 mod sampling;
 mod stream;
 
-use burn::tensor::DType;
-use rand::rngs::StdRng;
-use rand::SeedableRng;
-
+pub use batcher::{Batcher, Chosen, Finish, Logprobs, Row};
 pub use sampling::{argmax, softmax, Sampling};
 pub use stream::TextStream;
 
@@ -51,55 +50,31 @@ pub fn generate<B: ModelBackend>(
     mut on_token: impl FnMut(usize, u32),
 ) -> Vec<Vec<u32>> {
     let mut replies = vec![Vec::new(); requests.len()];
-    // The requests still generating, by index; row r of the cache is request rows[r].
-    let mut rows: Vec<usize> = (0..requests.len())
-        .filter(|&i| !requests[i].prompt.is_empty())
-        .collect();
-    if rows.is_empty() || options.max_new_tokens == 0 {
+    if options.max_new_tokens == 0 {
         return replies;
     }
-    let mut rngs: Vec<StdRng> = requests
+    let rows = requests
         .iter()
-        .map(|r| StdRng::seed_from_u64(r.seed))
+        .enumerate()
+        .filter(|(_, r)| !r.prompt.is_empty())
+        .map(|(i, request)| {
+            let row = Row {
+                request: request.clone(),
+                options: options.clone(),
+                adapter: None,
+                top_logprobs: None,
+            };
+            (i, row)
+        })
         .collect();
-    let mut cache = model.kv_cache();
-    let prompts: Vec<&[u32]> = rows
-        .iter()
-        .map(|&i| requests[i].prompt.as_slice())
-        .collect();
-    let mut logits = model.next_logits(&prompts, &mut cache); // [rows, vocab]
-    let mut seen = Vec::new();
-    loop {
-        let vocab = logits.dims()[1];
-        let mut host = logits
-            .cast(DType::F32)
-            .into_data()
-            .into_vec::<f32>()
-            .expect("logits cast to f32 read as f32");
-        let mut keep = Vec::with_capacity(rows.len());
-        let mut next = Vec::with_capacity(rows.len());
-        for (r, (&i, row_logits)) in rows.iter().zip(host.chunks_exact_mut(vocab)).enumerate() {
-            seen.clear();
-            if options.sampling.repetition_penalty != 1.0 {
-                seen.extend_from_slice(&requests[i].prompt);
-                seen.extend_from_slice(&replies[i]);
-            }
-            let token = options.sampling.choose(row_logits, &seen, &mut rngs[i]);
-            replies[i].push(token);
-            on_token(i, token);
-            if !options.stop.contains(&token) && replies[i].len() < options.max_new_tokens {
-                keep.push(r);
-                next.push([token]);
-            }
+    let mut batcher = Batcher::new(model);
+    let mut chosen = batcher.start(rows);
+    while !chosen.is_empty() {
+        for c in &chosen {
+            replies[c.key].push(c.token);
+            on_token(c.key, c.token);
         }
-        if keep.is_empty() {
-            return replies;
-        }
-        if keep.len() < rows.len() {
-            cache.retain(&keep);
-            rows = keep.iter().map(|&r| rows[r]).collect();
-        }
-        let step: Vec<&[u32]> = next.iter().map(|t| t.as_slice()).collect();
-        logits = model.next_logits(&step, &mut cache);
+        chosen = batcher.step();
     }
+    replies
 }

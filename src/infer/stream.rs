@@ -3,10 +3,14 @@
 //! space), so each new token is decoded together with the one before it and only text that no
 //! later token can change is given out (text-generation-inference's prefix/read offsets).
 
+use std::ops::Deref;
+
 use tokenizers::Tokenizer;
 
-pub struct TextStream<'a> {
-    tokenizer: &'a Tokenizer,
+/// `T` is how the tokenizer is held: `&Tokenizer`, or `Arc<Tokenizer>` where the stream outlives
+/// the borrow (a server's response).
+pub struct TextStream<T: Deref<Target = Tokenizer>> {
+    tokenizer: T,
     ids: Vec<u32>,
     /// Start of the window that is decoded again with each new token.
     prefix: usize,
@@ -14,8 +18,8 @@ pub struct TextStream<'a> {
     read: usize,
 }
 
-impl<'a> TextStream<'a> {
-    pub fn new(tokenizer: &'a Tokenizer) -> Self {
+impl<T: Deref<Target = Tokenizer>> TextStream<T> {
+    pub fn new(tokenizer: T) -> Self {
         Self {
             tokenizer,
             ids: Vec::new(),

@@ -21,6 +21,7 @@ const RULES: &[(&str, &[&str])] = &[
         &["model", "lora", "data", "export", "config", "hub"],
     ),
     ("infer", &["model", "data", "config"]),
+    ("serve", &["infer", "model", "data", "config"]),
 ];
 
 /// `data` takes only the host-side batch types from `model`.

@@ -12,7 +12,7 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use super::device::{resolve, with_backend};
-use super::{open_output, Failure, ModelArgs};
+use super::{open_output, Failure, LocalModel, ModelArgs};
 use swift_rs::config::{swift_bool, Device, GenerationConfig, LossScale, TemplateName};
 use swift_rs::data::encode::Encoder;
 use swift_rs::data::format::{parse_prompt, Message, Role};
@@ -107,14 +107,7 @@ fn infer_on<B: ModelBackend>(
     if let Some(problem) = sampling.problem() {
         return Err(Failure::Usage(anyhow!(problem)));
     }
-    // A checkpoint's args.json gives what the command line leaves out, as in ms-swift.
-    let template = match (args.template, local.run_args.template) {
-        (TemplateName::Auto, Some(trained)) => trained,
-        (given, _) => given,
-    };
-    let system = args.system.clone().or(local.run_args.system.clone());
-    let encoder = Encoder::for_model_dir(&local.model, template, system, LossScale::Default)
-        .map_err(|e| Failure::Usage(e.into()))?;
+    let encoder = prompt_encoder(&local, args.template, args.system.clone())?;
     let rows = match &args.dataset {
         Some(path) => {
             let rows = read_conversations(path).map_err(Failure::Usage)?;
@@ -124,12 +117,7 @@ fn infer_on<B: ModelBackend>(
         None => None,
     };
     let (config, model) = args.model.load::<B>(&local, on, &device)?;
-    let mut stop = file.eos_token_ids();
-    for id in encoder.stop_token_ids() {
-        if !stop.contains(&id) {
-            stop.push(id);
-        }
-    }
+    let stop = stop_tokens(&file, &encoder);
     let options = GenerateOptions {
         max_new_tokens: args
             .max_new_tokens
@@ -172,6 +160,33 @@ fn infer_on<B: ModelBackend>(
         }
         (None, None) => session.chat(),
     }
+}
+
+/// The prompts' template and system prompt: the flags', else what the checkpoint's args.json gives
+/// (as in ms-swift).
+pub(super) fn prompt_encoder(
+    local: &LocalModel,
+    template: TemplateName,
+    system: Option<String>,
+) -> Result<Encoder, Failure> {
+    let template = match (template, local.run_args.template) {
+        (TemplateName::Auto, Some(trained)) => trained,
+        (given, _) => given,
+    };
+    let system = system.or(local.run_args.system.clone());
+    Encoder::for_model_dir(&local.model, template, system, LossScale::Default)
+        .map_err(|e| Failure::Usage(e.into()))
+}
+
+/// The tokens that end a reply: generation_config.json's eos ids and the template's end of turn.
+pub(super) fn stop_tokens(file: &GenerationConfig, encoder: &Encoder) -> Vec<u32> {
+    let mut stop = file.eos_token_ids();
+    for id in encoder.stop_token_ids() {
+        if !stop.contains(&id) {
+            stop.push(id);
+        }
+    }
+    stop
 }
 
 /// The generation settings in one line, so that a run can be repeated.

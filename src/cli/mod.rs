@@ -1,5 +1,6 @@
 //! Command-line types and their calls into the library. The only place for anyhow and exit codes.
 
+mod deploy;
 mod device;
 mod encode;
 mod eval;
@@ -55,6 +56,9 @@ pub enum Command {
     /// ms-swift's `swift export --adapters DIR --merge_lora true`: merge a checkpoint into the
     /// model its args.json names, into DIR-merged
     Export(merge::ExportArgs),
+    /// ms-swift's `swift deploy`: an OpenAI-compatible server for a model and its adapters
+    /// (--adapters name=DIR ...), with continuous batching
+    Deploy(deploy::DeployArgs),
 }
 
 /// Says, once a run, what "auto" (`requested` None) became where that is not the checkpoint's
@@ -304,5 +308,6 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Merge(args) => merge::run(args),
         Command::Export(args) => merge::export(args),
         Command::Encode(args) => encode::run(args),
+        Command::Deploy(args) => deploy::run(args),
     }
 }

@@ -1,0 +1,295 @@
+//! The OpenAI API's request bodies and errors, as its reference defines them
+//! (`/v1/chat/completions`, `/v1/completions`), with vLLM's `top_k` and `repetition_penalty`.
+//! Fields this server does not know are ignored, as OpenAI's clients send many; a field it knows
+//! but cannot honour is an error that names it.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::data::format::{Message, Role};
+
+/// An error as OpenAI sends one: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    /// 400: the request is wrong; `param` names the field.
+    pub fn invalid(param: Option<&str>, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            param: param.map(str::to_string),
+            code: None,
+        }
+    }
+
+    pub fn with_status(mut self, status: StatusCode, code: &'static str) -> Self {
+        self.status = status;
+        self.code = Some(code);
+        self
+    }
+
+    fn kind(&self) -> &'static str {
+        match self.status {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::NOT_FOUND => "not_found_error",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            s if s.is_server_error() => "server_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind(),
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(self.body())).into_response()
+    }
+}
+
+/// Parses a request body into `T`; a bad body is a 400 that names the field and what is wrong.
+pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::invalid(None, format!("the body is not valid JSON: {inner}"))
+        } else if path == "." {
+            ApiError::invalid(None, format!("the body: {inner}"))
+        } else {
+            let field = path.split(['.', '[']).next().unwrap_or(&path).to_string();
+            ApiError::invalid(Some(&field), format!("{path}: {inner}"))
+        }
+    })
+}
+
+/// What `/v1/chat/completions` and `/v1/completions` share.
+#[derive(Debug, Deserialize)]
+pub struct Common {
+    pub model: String,
+    pub max_tokens: Option<u64>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    /// vLLM's: -1 or 0 keeps every token.
+    pub top_k: Option<i64>,
+    pub repetition_penalty: Option<f32>,
+    pub seed: Option<i64>,
+    pub stop: Option<Stop>,
+    pub n: Option<u64>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub frequency_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    pub messages: Vec<ChatMessage>,
+    pub max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    pub logprobs: bool,
+    pub top_logprobs: Option<u64>,
+    #[serde(flatten)]
+    pub common: Common,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Content>,
+}
+
+/// A message's content: text, or OpenAI's list of parts, of which this server reads text.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Part {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    pub prompt: Prompt,
+    /// The top log probabilities of each token (0 to 20); absent: none.
+    pub logprobs: Option<u64>,
+    #[serde(default)]
+    pub echo: bool,
+    pub suffix: Option<String>,
+    pub best_of: Option<u64>,
+    #[serde(flatten)]
+    pub common: Common,
+}
+
+/// `/v1/completions`' prompt: text, texts, token ids, or lists of token ids.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<u32>),
+    IdLists(Vec<Vec<u32>>),
+}
+
+/// The most top log probabilities a token may ask for (ms-swift's `max_logprobs`).
+pub const MAX_LOGPROBS: u64 = 20;
+
+impl Common {
+    /// The parts of the request this server refuses rather than ignores.
+    pub fn check(&self) -> Result<(), ApiError> {
+        for (name, value) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if value.is_some_and(|v| v != 0.0) {
+                return Err(ApiError::invalid(
+                    Some(name),
+                    format!("{name} is not supported here; use repetition_penalty"),
+                ));
+            }
+        }
+        if self.n == Some(0) {
+            return Err(ApiError::invalid(Some("n"), "n must be at least 1"));
+        }
+        if self.max_tokens == Some(0) {
+            return Err(ApiError::invalid(
+                Some("max_tokens"),
+                "max_tokens must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn stop_strings(&self) -> Vec<String> {
+        match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        }
+    }
+
+    pub fn include_usage(&self) -> bool {
+        self.stream_options.as_ref().is_some_and(|o| o.include_usage)
+    }
+}
+
+impl ChatRequest {
+    /// The conversation for the chat template; OpenAI's "developer" role is the system's.
+    pub fn conversation(&self) -> Result<Vec<Message>, ApiError> {
+        self.messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let param = format!("messages[{i}]");
+                let bad = |what: String| ApiError::invalid(Some("messages"), format!("{param}: {what}"));
+                let role = match m.role.as_str() {
+                    "system" | "developer" => Role::System,
+                    "user" => Role::User,
+                    "assistant" => Role::Assistant,
+                    "tool" => Role::Tool,
+                    other => return Err(bad(format!("unknown role {other:?}"))),
+                };
+                let content = match &m.content {
+                    None => String::new(),
+                    Some(Content::Text(t)) => t.clone(),
+                    Some(Content::Parts(parts)) => {
+                        let mut text = String::new();
+                        for (j, p) in parts.iter().enumerate() {
+                            match (p.kind.as_str(), &p.text) {
+                                ("text", Some(t)) => text.push_str(t),
+                                (kind, _) => {
+                                    return Err(bad(format!(
+                                        "content[{j}] is of type {kind:?}; this server reads text parts only"
+                                    )))
+                                }
+                            }
+                        }
+                        text
+                    }
+                };
+                Ok(Message { role, content })
+            })
+            .collect()
+    }
+
+    /// `top_logprobs` when `logprobs` asks for them (0 reports the chosen token's only).
+    pub fn top_logprobs(&self) -> Result<Option<usize>, ApiError> {
+        match (self.logprobs, self.top_logprobs) {
+            (false, Some(k)) if k > 0 => Err(ApiError::invalid(
+                Some("top_logprobs"),
+                "top_logprobs needs logprobs: true",
+            )),
+            (false, _) => Ok(None),
+            (true, k) => logprobs_count("top_logprobs", k.unwrap_or(0)).map(Some),
+        }
+    }
+}
+
+impl CompletionRequest {
+    pub fn check(&self) -> Result<(), ApiError> {
+        self.common.check()?;
+        if self.echo {
+            return Err(ApiError::invalid(Some("echo"), "echo is not supported here"));
+        }
+        if self.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+            return Err(ApiError::invalid(Some("suffix"), "suffix is not supported here"));
+        }
+        if self.best_of.is_some_and(|b| Some(b) != self.common.n && b != 1) {
+            return Err(ApiError::invalid(Some("best_of"), "best_of is not supported here"));
+        }
+        Ok(())
+    }
+
+    pub fn top_logprobs(&self) -> Result<Option<usize>, ApiError> {
+        self.logprobs
+            .map(|k| logprobs_count("logprobs", k))
+            .transpose()
+    }
+}
+
+fn logprobs_count(param: &str, k: u64) -> Result<usize, ApiError> {
+    if k > MAX_LOGPROBS {
+        return Err(ApiError::invalid(
+            Some(param),
+            format!("{param} is {k}; at most {MAX_LOGPROBS}"),
+        ));
+    }
+    Ok(k as usize)
+}

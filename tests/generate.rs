@@ -1,7 +1,8 @@
 //! KV-cache generation: greedy tokens equal transformers' `generate` on the fixture models (with
 //! and without adapters, past Mistral's sliding window, with a repetition penalty); the sampling
 //! processors equal transformers'; the cache equals recomputing the whole prefix; a batch equals
-//! its rows one at a time; chat prompts and streamed text equal transformers'.
+//! its rows one at a time, also when rows of several adapters join a running batch; chat prompts
+//! and streamed text equal transformers'.
 
 mod common;
 
@@ -12,8 +13,9 @@ use serde_json::Value;
 use swift_rs::config::{Dtype, LossScale, TemplateName};
 use swift_rs::data::encode::Encoder;
 use swift_rs::data::format::{Message, Role};
-use swift_rs::infer::{generate, GenerateOptions, Request, Sampling, TextStream};
-use swift_rs::model::{Batch, CausalLm, LoadOptions};
+use swift_rs::export::peft::read_adapter;
+use swift_rs::infer::{generate, Batcher, GenerateOptions, Request, Row, Sampling, TextStream};
+use swift_rs::model::{AdapterSource, Batch, CausalLm, LoadOptions};
 
 fn load(base: &str, adapter: Option<&str>) -> CausalLm<B> {
     let options = LoadOptions::dtype(Dtype::F32);
@@ -245,6 +247,69 @@ fn a_batch_generates_what_its_rows_generate_alone() {
             }
         }
     }
+}
+
+/// A server's batch: rows of the base and of a served adapter join a running batch between
+/// steps (prompts of other lengths, so the cache is padded on either side), and each row's
+/// tokens equal that row generated alone by a model loaded with its adapter.
+#[test]
+fn rows_that_join_a_running_batch_with_their_own_adapters_generate_what_they_generate_alone() {
+    let base = load("qwen2_chat", None);
+    let adapted = load("qwen2_chat", Some("qwen2_rslora"));
+    let mut served = base.clone();
+    let mut plan = read_adapter(&common::adapter_dir("qwen2_rslora")).unwrap();
+    let AdapterSource::Weights(ckpt) = &mut plan.source else {
+        unreachable!()
+    };
+    assert_eq!(served.add_served_adapter(ckpt, &plan.config).unwrap(), 0);
+    let prompt = |n: usize, r: usize| -> Vec<u32> {
+        (0..n)
+            .map(|i| ((i * 31 + r * 13 + 7) % 300) as u32)
+            .collect()
+    };
+    // (prompt, adapter, step at which it joins)
+    let rows: Vec<(Vec<u32>, Option<usize>, usize)> = vec![
+        (prompt(6, 0), None, 0),
+        (prompt(9, 1), Some(0), 0),
+        (prompt(3, 2), Some(0), 2),
+        (prompt(14, 3), None, 2),
+        (prompt(5, 4), Some(0), 5),
+    ];
+    let options = greedy(10, &[]);
+    let mut got = vec![Vec::new(); rows.len()];
+    let mut batcher = Batcher::new(&served);
+    for step in 0..30 {
+        let joining: Vec<(usize, Row)> = (0..rows.len())
+            .filter(|&i| rows[i].2 == step)
+            .map(|i| {
+                let row = Row {
+                    request: Request {
+                        prompt: rows[i].0.clone(),
+                        seed: 0,
+                    },
+                    options: options.clone(),
+                    adapter: rows[i].1,
+                    top_logprobs: None,
+                };
+                (i, row)
+            })
+            .collect();
+        for c in batcher.start(joining).into_iter().chain(batcher.step()) {
+            got[c.key].push(c.token);
+        }
+    }
+    for (i, (p, adapter, _)) in rows.iter().enumerate() {
+        let alone = match adapter {
+            None => reply(&base, p, &options),
+            Some(_) => reply(&adapted, p, &options),
+        };
+        assert_eq!(got[i], alone, "row {i} ({adapter:?})");
+    }
+    assert_ne!(
+        reply(&base, &rows[1].0, &options),
+        reply(&adapted, &rows[1].0, &options),
+        "the adapter changes the reply, so a row on the wrong adapter would show"
+    );
 }
 
 #[test]

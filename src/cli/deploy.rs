@@ -17,7 +17,9 @@ use swift_rs::export::peft::read_adapter;
 use swift_rs::model::{AdapterSource, ModelBackend};
 use swift_rs::serve::{serve, Engine, Server, Settings};
 
+/// ms-swift's flag names (`--max_batch_size`), as its deploy docs write them.
 #[derive(Args, Debug)]
+#[command(rename_all = "snake_case")]
 pub struct DeployArgs {
     /// Hugging Face model directory or hub id [default: the first adapter's base model, from its
     /// args.json or adapter_config.json]
@@ -86,7 +88,9 @@ fn split_adapters(given: &[String]) -> Result<Adapters, Failure> {
         match spec.split_once('=') {
             Some((name, dir)) if !name.is_empty() && !dir.is_empty() => {
                 if named.iter().any(|(n, _)| n == name) {
-                    return Err(usage(format!("--adapters: the name {name:?} is given twice")));
+                    return Err(usage(format!(
+                        "--adapters: the name {name:?} is given twice"
+                    )));
                 }
                 named.push((name.to_string(), PathBuf::from(dir)));
             }
@@ -148,9 +152,10 @@ fn deploy_on<B: ModelBackend>(
     let encoder = prompt_encoder(&local, args.template, args.system.clone())?;
     let mut names = vec![args.served_model_name.clone().unwrap_or_else(|| {
         let model = args.model.as_deref().unwrap_or(&local.model);
-        model
-            .file_name()
-            .map_or_else(|| model.display().to_string(), |n| n.to_string_lossy().into_owned())
+        model.file_name().map_or_else(
+            || model.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        )
     })];
     // Bind before loading: a port in use is found at once, not after minutes of loading.
     let addr = format!("{}:{}", args.host, args.port);
@@ -204,7 +209,9 @@ fn deploy_on<B: ModelBackend>(
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)
             .context("cannot set up the listening socket")?;
-        let at: SocketAddr = listener.local_addr().context("cannot read the bound address")?;
+        let at: SocketAddr = listener
+            .local_addr()
+            .context("cannot read the bound address")?;
         eprintln!(
             "serving {} on http://{at}/v1 (max_batch_size {max_batch_size}, max_model_len \
              {max_model_len}); Ctrl-C stops",

@@ -96,7 +96,10 @@ impl<'m, B: ModelBackend> Batcher<'m, B> {
         let mut cache = self
             .model
             .kv_cache_with(rows.iter().map(|(_, r)| r.adapter).collect());
-        let prompts: Vec<&[u32]> = rows.iter().map(|(_, r)| r.request.prompt.as_slice()).collect();
+        let prompts: Vec<&[u32]> = rows
+            .iter()
+            .map(|(_, r)| r.request.prompt.as_slice())
+            .collect();
         let logits = self.model.next_logits(&prompts, &mut cache); // [rows, vocab]
         let mut active: Vec<Active> = rows
             .into_iter()
@@ -127,7 +130,9 @@ impl<'m, B: ModelBackend> Batcher<'m, B> {
         let rows: Vec<&[u32]> = last.iter().map(|t| t.as_slice()).collect();
         let logits = self.model.next_logits(&rows, &mut self.cache);
         let chosen = choose(&mut self.active, logits);
-        retain_rows(&mut self.active, &mut self.cache, |r| chosen[r].finish.is_none());
+        retain_rows(&mut self.active, &mut self.cache, |r| {
+            chosen[r].finish.is_none()
+        });
         chosen
     }
 

@@ -153,7 +153,11 @@ impl<B: Backend> CausalLm<B> {
         cfg: &LoraConfig,
     ) -> Result<usize, ModelError> {
         let adapted = self.with_adapter_weights(ckpt, cfg)?;
-        let index = self.model.layers.first().map_or(0, |l| l.linears()[0].served.len());
+        let index = self
+            .model
+            .layers
+            .first()
+            .map_or(0, |l| l.linears()[0].served.len());
         for (mine, theirs) in self.model.layers.iter_mut().zip(&adapted.model.layers) {
             for (m, t) in mine.linears_mut().into_iter().zip(theirs.linears()) {
                 m.served.push(t.adapter.clone());

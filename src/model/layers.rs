@@ -104,8 +104,14 @@ impl<B: ModelBackend> Attention<B> {
         let [b, s, _] = x.dims();
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let adapters = decoding.as_ref().map(|d| d.adapters);
-        let mut q = self.q_proj.forward_rows(x.clone(), adapters).reshape([b, s, h, d]);
-        let mut k = self.k_proj.forward_rows(x.clone(), adapters).reshape([b, s, kv, d]);
+        let mut q = self
+            .q_proj
+            .forward_rows(x.clone(), adapters)
+            .reshape([b, s, h, d]);
+        let mut k = self
+            .k_proj
+            .forward_rows(x.clone(), adapters)
+            .reshape([b, s, kv, d]);
         let v = self.v_proj.forward_rows(x, adapters).reshape([b, s, kv, d]);
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn.forward(q);

@@ -5,8 +5,8 @@
 //! away) leaves the batch before the next step.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -37,7 +37,10 @@ pub enum Refused {
 }
 
 pub struct Engine {
-    jobs: SyncSender<Job>,
+    jobs: Sender<Job>,
+    /// Jobs submitted and not yet in the batch (at most `max_queue`).
+    queued: Arc<AtomicUsize>,
+    max_queue: usize,
     abort: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -47,21 +50,24 @@ const IDLE_POLL: Duration = Duration::from_millis(50);
 
 impl Engine {
     /// Starts the scheduler thread with `model`: at most `max_batch_size` rows generate at
-    /// once, and at most `max_queue` jobs wait.
+    /// once, and at most `max_queue` jobs wait for room.
     pub fn start<B: ModelBackend>(
         model: CausalLm<B>,
         max_batch_size: usize,
         max_queue: usize,
     ) -> Self {
-        let (jobs, queue) = sync_channel(max_queue);
+        let (jobs, queue) = channel();
         let abort = Arc::new(AtomicBool::new(false));
-        let stop = abort.clone();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let (stop, waiting) = (abort.clone(), queued.clone());
         let thread = std::thread::Builder::new()
             .name("swift-rs-engine".into())
-            .spawn(move || schedule(&model, max_batch_size, &queue, &stop))
+            .spawn(move || schedule(&model, max_batch_size, &queue, &waiting, &stop))
             .expect("the engine thread starts");
         Self {
             jobs,
+            queued,
+            max_queue,
             abort,
             thread: Some(thread),
         }
@@ -72,10 +78,13 @@ impl Engine {
         if self.abort.load(Ordering::Relaxed) {
             return Err(Refused::Stopped);
         }
-        self.jobs.try_send(job).map_err(|e| match e {
-            TrySendError::Full(_) => Refused::Busy,
-            TrySendError::Disconnected(_) => Refused::Stopped,
-        })
+        let max = self.max_queue;
+        self.queued
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| {
+                (q < max).then_some(q + 1)
+            })
+            .map_err(|_| Refused::Busy)?;
+        self.jobs.send(job).map_err(|_| Refused::Stopped)
     }
 
     /// Ends every row and every waiting job now: their channels close without a finishing
@@ -100,6 +109,7 @@ fn schedule<B: ModelBackend>(
     model: &CausalLm<B>,
     max_batch_size: usize,
     queue: &Receiver<Job>,
+    queued: &AtomicUsize,
     abort: &AtomicBool,
 ) {
     let mut batcher = Batcher::new(model);
@@ -126,12 +136,16 @@ fn schedule<B: ModelBackend>(
                     Err(_) => break,
                 },
             };
-            if job.events.is_closed() {
-                continue;
-            }
-            if !idle && batcher.len() + start.len() + job.rows.len() > max_batch_size {
+            if !job.events.is_closed()
+                && !idle
+                && batcher.len() + start.len() + job.rows.len() > max_batch_size
+            {
                 waiting = Some(job);
                 break;
+            }
+            queued.fetch_sub(1, Ordering::SeqCst);
+            if job.events.is_closed() {
+                continue;
             }
             for (index, row) in job.rows.into_iter().enumerate() {
                 senders.insert(next_key, (job.events.clone(), index));

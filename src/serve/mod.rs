@@ -182,7 +182,10 @@ impl Server {
                     },
                     options: GenerateOptions {
                         max_new_tokens,
-                        stop: self.settings.stop_tokens.clone(),
+                        stop: match common.ignore_eos {
+                            true => Vec::new(),
+                            false => self.settings.stop_tokens.clone(),
+                        },
                         sampling,
                     },
                     adapter,
@@ -230,8 +233,11 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .fallback(|| async {
-            ApiError::invalid(None, "No such route; see /v1/models, /v1/chat/completions, /v1/completions.")
-                .with_status(StatusCode::NOT_FOUND, "not_found")
+            ApiError::invalid(
+                None,
+                "No such route; see /v1/models, /v1/chat/completions, /v1/completions.",
+            )
+            .with_status(StatusCode::NOT_FOUND, "not_found")
         })
         .with_state(server)
 }
@@ -300,17 +306,19 @@ async fn chat_completions(
 ) -> Response {
     let prepare = || -> Result<_, ApiError> {
         server.authorize(&headers)?;
-        let request: ChatRequest = openai::parse(&body)?;
+        let body = openai::body(&body)?;
+        let common: Common = openai::fields(&body)?;
+        let request: ChatRequest = openai::fields(&body)?;
         let messages = request.conversation()?;
         let prompt = server
             .encoder
             .prompt(&messages)
             .map_err(|e| ApiError::invalid(Some("messages"), e))?;
         let top = request.top_logprobs()?;
-        let max_tokens = request.max_completion_tokens.or(request.common.max_tokens);
+        let max_tokens = request.max_completion_tokens.or(common.max_tokens);
         let prompts = vec![prompt];
-        let rows = server.rows(&prompts, "messages", &request.common, max_tokens, top)?;
-        Ok((prompts, rows, request.common, top.is_some()))
+        let rows = server.rows(&prompts, "messages", &common, max_tokens, top)?;
+        Ok((prompts, rows, common, top.is_some()))
     };
     let result = match prepare() {
         Ok((prompts, rows, common, logprobs)) => {
@@ -328,8 +336,10 @@ async fn completions(
 ) -> Response {
     let prepare = || -> Result<_, ApiError> {
         server.authorize(&headers)?;
-        let request: CompletionRequest = openai::parse(&body)?;
-        request.check()?;
+        let body = openai::body(&body)?;
+        let common: Common = openai::fields(&body)?;
+        let request: CompletionRequest = openai::fields(&body)?;
+        request.check(&common)?;
         let encode = |text: &str| {
             server
                 .tokenizer
@@ -351,13 +361,20 @@ async fn completions(
             ));
         }
         let top = request.top_logprobs()?;
-        let max_tokens = request.common.max_tokens;
-        let rows = server.rows(&prompts, "prompt", &request.common, max_tokens, top)?;
-        Ok((prompts, rows, request.common, top.is_some()))
+        let rows = server.rows(&prompts, "prompt", &common, common.max_tokens, top)?;
+        Ok((prompts, rows, common, top.is_some()))
     };
     let result = match prepare() {
         Ok((prompts, rows, common, logprobs)) => {
-            respond(&server, Endpoint::Completion, &prompts, rows, &common, logprobs).await
+            respond(
+                &server,
+                Endpoint::Completion,
+                &prompts,
+                rows,
+                &common,
+                logprobs,
+            )
+            .await
         }
         Err(e) => Err(e),
     };
@@ -487,8 +504,12 @@ impl Reply {
                     .iter()
                     .map(|(id, l)| {
                         let mut e = entry(*id, l.logprob);
-                        e["top_logprobs"] =
-                            l.top.iter().map(|&(t, lp)| entry(t, lp)).collect::<Vec<_>>().into();
+                        e["top_logprobs"] = l
+                            .top
+                            .iter()
+                            .map(|&(t, lp)| entry(t, lp))
+                            .collect::<Vec<_>>()
+                            .into();
                         e
                     })
                     .collect();

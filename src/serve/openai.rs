@@ -1,7 +1,9 @@
 //! The OpenAI API's request bodies and errors, as its reference defines them
 //! (`/v1/chat/completions`, `/v1/completions`), with vLLM's `top_k` and `repetition_penalty`.
 //! Fields this server does not know are ignored, as OpenAI's clients send many; a field it knows
-//! but cannot honour is an error that names it.
+//! but cannot honour is an error that names it. Each endpoint's fields and the shared ones
+//! (`Common`) are read from the same JSON object, so that an error names its field (serde's
+//! `flatten` loses the path).
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -62,19 +64,27 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Parses a request body into `T`; a bad body is a 400 that names the field and what is wrong.
-pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let mut de = serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+/// A request body: a JSON object, or a 400 that says what is wrong.
+pub fn body(bytes: &[u8]) -> Result<serde_json::Value, ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::invalid(None, format!("the body is not valid JSON: {e}")))?;
+    match value.is_object() {
+        true => Ok(value),
+        false => Err(ApiError::invalid(None, "the body must be a JSON object")),
+    }
+}
+
+/// The fields of `body` that `T` reads; a bad one is a 400 that names it and what is wrong.
+pub fn fields<T: serde::de::DeserializeOwned>(body: &serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        if inner.is_syntax() || inner.is_eof() {
-            ApiError::invalid(None, format!("the body is not valid JSON: {inner}"))
-        } else if path == "." {
-            ApiError::invalid(None, format!("the body: {inner}"))
-        } else {
-            let field = path.split(['.', '[']).next().unwrap_or(&path).to_string();
-            ApiError::invalid(Some(&field), format!("{path}: {inner}"))
+        match path.as_str() {
+            "." => ApiError::invalid(None, inner.to_string()),
+            _ => {
+                let field = path.split(['.', '[']).next().unwrap_or(&path).to_string();
+                ApiError::invalid(Some(&field), format!("{path}: {inner}"))
+            }
         }
     })
 }
@@ -97,6 +107,9 @@ pub struct Common {
     pub stream_options: Option<StreamOptions>,
     pub frequency_penalty: Option<f32>,
     pub presence_penalty: Option<f32>,
+    /// vLLM's: generate past the end-of-turn and eos tokens (for benchmarks).
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -119,8 +132,6 @@ pub struct ChatRequest {
     #[serde(default)]
     pub logprobs: bool,
     pub top_logprobs: Option<u64>,
-    #[serde(flatten)]
-    pub common: Common,
 }
 
 #[derive(Debug, Deserialize)]
@@ -154,8 +165,6 @@ pub struct CompletionRequest {
     pub echo: bool,
     pub suffix: Option<String>,
     pub best_of: Option<u64>,
-    #[serde(flatten)]
-    pub common: Common,
 }
 
 /// `/v1/completions`' prompt: text, texts, token ids, or lists of token ids.
@@ -206,7 +215,9 @@ impl Common {
     }
 
     pub fn include_usage(&self) -> bool {
-        self.stream_options.as_ref().is_some_and(|o| o.include_usage)
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
     }
 }
 
@@ -263,16 +274,25 @@ impl ChatRequest {
 }
 
 impl CompletionRequest {
-    pub fn check(&self) -> Result<(), ApiError> {
-        self.common.check()?;
+    /// `common` is the same body's.
+    pub fn check(&self, common: &Common) -> Result<(), ApiError> {
         if self.echo {
-            return Err(ApiError::invalid(Some("echo"), "echo is not supported here"));
+            return Err(ApiError::invalid(
+                Some("echo"),
+                "echo is not supported here",
+            ));
         }
         if self.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
-            return Err(ApiError::invalid(Some("suffix"), "suffix is not supported here"));
+            return Err(ApiError::invalid(
+                Some("suffix"),
+                "suffix is not supported here",
+            ));
         }
-        if self.best_of.is_some_and(|b| Some(b) != self.common.n && b != 1) {
-            return Err(ApiError::invalid(Some("best_of"), "best_of is not supported here"));
+        if self.best_of.is_some_and(|b| Some(b) != common.n && b != 1) {
+            return Err(ApiError::invalid(
+                Some("best_of"),
+                "best_of is not supported here",
+            ));
         }
         Ok(())
     }

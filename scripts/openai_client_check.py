@@ -7,7 +7,7 @@ hand after changing the server.
 
     pip install openai==3.57.0
     swift-rs deploy --model tests/fixtures/models/qwen2_chat --dtype f32 --device cpu \\
-        --adapters lora=tests/fixtures/adapters/qwen2_rslora --api_key sk-check --max_model_len 96 &
+        --adapters lora=tests/fixtures/adapters/qwen2_rslora --api_key sk-check --max_model_len 120 &
     python scripts/openai_client_check.py --base-url http://127.0.0.1:8000/v1 --api-key sk-check
 
 Prints one line a check and exits 1 at the first that fails.

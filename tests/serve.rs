@@ -45,11 +45,17 @@ struct Server {
 impl Server {
     fn start(extra: &[&str]) -> Self {
         let adapter = format!("lora={}", adapter_dir("qwen2_rslora").display());
+        let mut args = vec!["--model".to_string(), chat_model().to_str().unwrap().to_string()];
+        args.extend(["--adapters".to_string(), adapter]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::launch(&args)
+    }
+
+    /// `swift-rs deploy ARGS` on any free port, on the CPU in f32.
+    fn launch<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_swift-rs"))
-            .args(["deploy", "--model", chat_model().to_str().unwrap()])
-            .args(["--adapters", &adapter, "--port", "0", "--dtype", "f32"])
-            .args(["--device", "cpu"])
-            .args(extra)
+            .args(["deploy", "--port", "0", "--dtype", "f32", "--device", "cpu"])
+            .args(args)
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -309,6 +315,46 @@ fn concurrent_clients_of_the_base_and_an_adapter_get_infers_replies() {
             ),
             infer
         );
+    }
+}
+
+/// ms-swift's example (`examples/deploy/lora/server.sh`): named training checkpoints and no
+/// `--model`, which their args.json gives, with vLLM's backend flag.
+#[test]
+fn checkpoints_with_args_json_are_served_under_their_names_without_model() {
+    let checkpoint = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(adapter_dir("qwen2_rslora")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), checkpoint.path().join(entry.file_name())).unwrap();
+    }
+    let args = json!({"model": chat_model(), "torch_dtype": "float32"});
+    std::fs::write(checkpoint.path().join("args.json"), args.to_string()).unwrap();
+    let dir = checkpoint.path().display();
+    let server = Server::launch(&[
+        "--host".to_string(),
+        "127.0.0.1".into(),
+        "--adapters".into(),
+        format!("lora1={dir}"),
+        format!("lora2={dir}"),
+        "--infer_backend".into(),
+        "vllm".into(),
+    ]);
+    let (_, models) = server.get("/v1/models", None);
+    let ids: Vec<String> = serde_json::from_str::<Value>(&models).unwrap()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["qwen2_chat", "lora1", "lora2"]);
+    for case in cases().iter().take(6) {
+        let mut body = greedy_chat(case, false);
+        if case["adapter"].is_string() {
+            body["model"] = json!("lora2");
+        }
+        let (status, reply) = server.post("/v1/chat/completions", &body);
+        assert_eq!(status, 200, "{reply}");
+        assert_eq!(reply["choices"][0]["message"]["content"], case["response"], "{body}");
     }
 }
 

@@ -193,6 +193,7 @@ fn deploy_on<B: ModelBackend>(
     let settings = Settings {
         names: names.clone(),
         max_model_len,
+        vocab_size: config.vocab_size,
         max_batch_size,
         api_key: args.api_key.clone(),
         stop_tokens: stop_tokens(&file, &encoder),

@@ -48,6 +48,11 @@ pub struct Engine {
 /// How long an idle engine waits for a job before it looks at `abort` again.
 const IDLE_POLL: Duration = Duration::from_millis(50);
 
+/// How long an engine with nothing running waits for another job once one has come: a burst of
+/// requests (clients that start together) then shares one prefill pass, which costs less than
+/// one pass each, and their HTTP handlers get the CPU the passes would take from them.
+const GATHER: Duration = Duration::from_millis(5);
+
 impl Engine {
     /// Starts the scheduler thread with `model`: at most `max_batch_size` rows generate at
     /// once, and at most `max_queue` jobs wait for room.
@@ -126,11 +131,13 @@ fn schedule<B: ModelBackend>(
             let idle = batcher.is_empty() && start.is_empty();
             let job = match waiting.take() {
                 Some(job) => job,
-                None if idle => match queue.recv_timeout(IDLE_POLL) {
-                    Ok(job) => job,
-                    Err(RecvTimeoutError::Timeout) => break,
-                    Err(RecvTimeoutError::Disconnected) => return,
-                },
+                None if idle || batcher.is_empty() => {
+                    match queue.recv_timeout(if idle { IDLE_POLL } else { GATHER }) {
+                        Ok(job) => job,
+                        Err(RecvTimeoutError::Timeout) => break,
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    }
+                }
                 None => match queue.try_recv() {
                     Ok(job) => job,
                     Err(_) => break,

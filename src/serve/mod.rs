@@ -39,6 +39,8 @@ pub struct Settings {
     pub names: Vec<String>,
     /// Prompt plus reply, in tokens.
     pub max_model_len: usize,
+    /// The model's vocabulary (its embedding's rows), which bounds the token ids of a prompt.
+    pub vocab_size: usize,
     pub max_batch_size: usize,
     pub api_key: Option<String>,
     /// The checkpoint's generation defaults, as `infer` takes them.
@@ -353,11 +355,11 @@ async fn completions(
             Prompt::Ids(ids) => vec![ids.clone()],
             Prompt::IdLists(lists) => lists.clone(),
         };
-        let vocab = server.tokenizer.get_vocab_size(true) as u32;
-        if let Some(bad) = prompts.iter().flatten().find(|&&t| t >= vocab) {
+        let vocab = server.settings.vocab_size;
+        if let Some(bad) = prompts.iter().flatten().find(|&&t| t as usize >= vocab) {
             return Err(ApiError::invalid(
                 Some("prompt"),
-                format!("token id {bad} is past the vocabulary ({vocab} tokens)"),
+                format!("token id {bad} is past the model's vocabulary ({vocab} tokens)"),
             ));
         }
         let top = request.top_logprobs()?;

@@ -306,29 +306,7 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let prepare = || -> Result<_, ApiError> {
-        server.authorize(&headers)?;
-        let body = openai::body(&body)?;
-        let common: Common = openai::fields(&body)?;
-        let request: ChatRequest = openai::fields(&body)?;
-        let messages = request.conversation()?;
-        let prompt = server
-            .encoder
-            .prompt(&messages)
-            .map_err(|e| ApiError::invalid(Some("messages"), e))?;
-        let top = request.top_logprobs()?;
-        let max_tokens = request.max_completion_tokens.or(common.max_tokens);
-        let prompts = vec![prompt];
-        let rows = server.rows(&prompts, "messages", &common, max_tokens, top)?;
-        Ok((prompts, rows, common, top.is_some()))
-    };
-    let result = match prepare() {
-        Ok((prompts, rows, common, logprobs)) => {
-            respond(&server, Endpoint::Chat, &prompts, rows, &common, logprobs).await
-        }
-        Err(e) => Err(e),
-    };
-    result.unwrap_or_else(IntoResponse::into_response)
+    handle(server, &headers, &body, Endpoint::Chat).await
 }
 
 async fn completions(
@@ -336,51 +314,98 @@ async fn completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    handle(server, &headers, &body, Endpoint::Completion).await
+}
+
+/// What an endpoint reads from its request besides `Common`.
+struct Prompts {
+    ids: Vec<Vec<u32>>,
+    /// The field the prompts came from, for errors.
+    param: &'static str,
+    max_tokens: Option<u64>,
+    top_logprobs: Option<usize>,
+}
+
+async fn handle(
+    server: Arc<Server>,
+    headers: &HeaderMap,
+    body: &[u8],
+    endpoint: Endpoint,
+) -> Response {
     let prepare = || -> Result<_, ApiError> {
-        server.authorize(&headers)?;
-        let body = openai::body(&body)?;
+        server.authorize(headers)?;
+        let body = openai::body(body)?;
         let common: Common = openai::fields(&body)?;
-        let request: CompletionRequest = openai::fields(&body)?;
-        request.check(&common)?;
-        let encode = |text: &str| {
-            server
-                .tokenizer
-                .encode(text, true)
-                .map(|e| e.get_ids().to_vec())
-                .map_err(|e| ApiError::invalid(Some("prompt"), format!("cannot tokenize: {e}")))
+        let prompts = match endpoint {
+            Endpoint::Chat => chat_prompts(&server, &body, &common)?,
+            Endpoint::Completion => completion_prompts(&server, &body, &common)?,
         };
-        let prompts: Vec<Vec<u32>> = match &request.prompt {
-            Prompt::Text(t) => vec![encode(t)?],
-            Prompt::Texts(ts) => ts.iter().map(|t| encode(t)).collect::<Result<_, _>>()?,
-            Prompt::Ids(ids) => vec![ids.clone()],
-            Prompt::IdLists(lists) => lists.clone(),
-        };
-        let vocab = server.settings.vocab_size;
-        if let Some(bad) = prompts.iter().flatten().find(|&&t| t as usize >= vocab) {
-            return Err(ApiError::invalid(
-                Some("prompt"),
-                format!("token id {bad} is past the model's vocabulary ({vocab} tokens)"),
-            ));
-        }
-        let top = request.top_logprobs()?;
-        let rows = server.rows(&prompts, "prompt", &common, common.max_tokens, top)?;
-        Ok((prompts, rows, common, top.is_some()))
+        let rows = server.rows(
+            &prompts.ids,
+            prompts.param,
+            &common,
+            prompts.max_tokens,
+            prompts.top_logprobs,
+        )?;
+        Ok((prompts, rows, common))
     };
     let result = match prepare() {
-        Ok((prompts, rows, common, logprobs)) => {
-            respond(
-                &server,
-                Endpoint::Completion,
-                &prompts,
-                rows,
-                &common,
-                logprobs,
-            )
-            .await
+        Ok((prompts, rows, common)) => {
+            let logprobs = prompts.top_logprobs.is_some();
+            respond(&server, endpoint, &prompts.ids, rows, &common, logprobs).await
         }
         Err(e) => Err(e),
     };
     result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// The conversation through the chat template.
+fn chat_prompts(server: &Server, body: &Value, common: &Common) -> Result<Prompts, ApiError> {
+    let request: ChatRequest = openai::fields(body)?;
+    let messages = request.conversation()?;
+    let prompt = server
+        .encoder
+        .prompt(&messages)
+        .map_err(|e| ApiError::invalid(Some("messages"), e))?;
+    Ok(Prompts {
+        ids: vec![prompt],
+        param: "messages",
+        max_tokens: request.max_completion_tokens.or(common.max_tokens),
+        top_logprobs: request.top_logprobs()?,
+    })
+}
+
+/// The prompts as given: texts tokenized (with the tokenizer's special tokens, as vLLM does),
+/// token ids as they are.
+fn completion_prompts(server: &Server, body: &Value, common: &Common) -> Result<Prompts, ApiError> {
+    let request: CompletionRequest = openai::fields(body)?;
+    request.check(common)?;
+    let encode = |text: &str| {
+        server
+            .tokenizer
+            .encode(text, true)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| ApiError::invalid(Some("prompt"), format!("cannot tokenize: {e}")))
+    };
+    let ids: Vec<Vec<u32>> = match &request.prompt {
+        Prompt::Text(t) => vec![encode(t)?],
+        Prompt::Texts(ts) => ts.iter().map(|t| encode(t)).collect::<Result<_, _>>()?,
+        Prompt::Ids(ids) => vec![ids.clone()],
+        Prompt::IdLists(lists) => lists.clone(),
+    };
+    let vocab = server.settings.vocab_size;
+    if let Some(bad) = ids.iter().flatten().find(|&&t| t as usize >= vocab) {
+        return Err(ApiError::invalid(
+            Some("prompt"),
+            format!("token id {bad} is past the model's vocabulary ({vocab} tokens)"),
+        ));
+    }
+    Ok(Prompts {
+        ids,
+        param: "prompt",
+        max_tokens: common.max_tokens,
+        top_logprobs: request.top_logprobs()?,
+    })
 }
 
 /// A response under way: the engine's tokens turned into OpenAI's objects.

@@ -21,7 +21,9 @@ It runs, and writes into --out `results.json` and `results.md`:
   (d) the same for QLoRA against bitsandbytes (skipped where bitsandbytes is not installed);
   (e) greedy decode tokens/s;
   (f) DPO and KTO training against TRL's DPOTrainer and KTOTrainer + PEFT, as (c) (skipped where
-      trl is not installed).
+      trl is not installed);
+  (g) `swift-rs deploy` under 1, 4 and 16 concurrent streams: output and decode tokens/s and time
+      to first token, beside transformers' `generate` at those batch sizes (scripts/bench_serve.py).
 Each check says pass or fail against its tolerance; the measurements are reported as measured.
 """
 
@@ -187,9 +189,9 @@ overwrite = true
             "swift": [{k: o[k] for k in ("loss", "grad_norm")} for o in ours], "pytorch": theirs}
 
 
-def benchmark(args, name: str, extra: list[str]) -> dict:
-    """(c)-(e): scripts/bench_vs_peft.py, its report kept as printed."""
-    cmd = [sys.executable, str(HERE / "bench_vs_peft.py"), "--binary", args.binary, "--device", args.device,
+def benchmark(args, name: str, extra: list[str], script: str = "bench_vs_peft.py") -> dict:
+    """(c)-(f): scripts/bench_vs_peft.py (or bench_serve.py), its report kept as printed."""
+    cmd = [sys.executable, str(HERE / script), "--binary", args.binary, "--device", args.device,
            "--repeat", "1", *extra]
     t0 = time.time()
     try:
@@ -197,7 +199,7 @@ def benchmark(args, name: str, extra: list[str]) -> dict:
     except RuntimeError as e:
         return {"check": name, "pass": False, "error": str(e)}
     lines = [line for line in text.splitlines() if "tokens/s" in line or "speed" in line or "MFU" in line
-             or "TFLOP" in line]
+             or "TFLOP" in line or "streams" in line]
     return {"check": name, "pass": True, "seconds": time.time() - t0, "report": lines,
             "command": " ".join(cmd)}
 
@@ -281,7 +283,9 @@ def main() -> None:
             results.append(benchmark(args, name, ["--only", kind, *bench_model, *bench_train, *more]))
         else:
             results.append({"check": name, "pass": False, "error": "skipped: trl is not installed"})
-    for r in results[-5:]:
+    serve_dtype = ["--dtype", "bf16"] if args.device == "cuda" else []
+    results.append(benchmark(args, "deploy: 1, 4, 16 streams", [*bench_model, *serve_dtype], "bench_serve.py"))
+    for r in results[-6:]:
         print(json.dumps({k: r.get(k) for k in ("check", "pass", "report", "error")}), flush=True)
     (out / "results.json").write_text(json.dumps({"machine": header, "results": results}, indent=2))
     (out / "results.md").write_text(markdown(results, header))

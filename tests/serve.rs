@@ -327,7 +327,11 @@ fn concurrent_clients_of_the_base_and_an_adapter_get_infers_replies() {
 fn checkpoints_with_args_json_are_served_under_their_names_without_model() {
     let checkpoint = tempfile::tempdir().unwrap();
     for file in ["adapter_config.json", "adapter_model.safetensors"] {
-        std::fs::copy(adapter_dir("qwen2_rslora").join(file), checkpoint.path().join(file)).unwrap();
+        std::fs::copy(
+            adapter_dir("qwen2_rslora").join(file),
+            checkpoint.path().join(file),
+        )
+        .unwrap();
     }
     let args = json!({"model": chat_model(), "torch_dtype": "float32"});
     std::fs::write(checkpoint.path().join("args.json"), args.to_string()).unwrap();
@@ -552,7 +556,17 @@ fn errors_are_openai_shaped_with_their_status() {
     }
     let past_vocab = json!({"model": "qwen2_chat", "prompt": [5, 100000]});
     let (s, b) = server.post_with("/v1/completions", &past_vocab, key);
-    error(s, &b, 400, "past the model's vocabulary (331 tokens)", Some("prompt"));
+    error(
+        s,
+        &b,
+        400,
+        "past the model's vocabulary (331 tokens)",
+        Some("prompt"),
+    );
+    let mut huge = good.clone();
+    huge["messages"][0]["content"] = json!("x".repeat(3 << 20));
+    let (s, b) = server.post_with("/v1/chat/completions", &huge, key);
+    error(s, &b, 413, "", None);
     let (s, b) = server.post_with("/v1/embeddings", &good, key);
     error(s, &b, 404, "No such route", None);
     // After all that, the server still answers.

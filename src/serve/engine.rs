@@ -92,6 +92,12 @@ impl Engine {
         self.jobs.send(job).map_err(|_| Refused::Stopped)
     }
 
+    /// Whether the scheduler thread still runs (it ends when aborted, or if it fails).
+    pub fn is_running(&self) -> bool {
+        !self.abort.load(Ordering::Relaxed)
+            && self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// Ends every row and every waiting job now: their channels close without a finishing
     /// token.
     pub fn abort(&self) {

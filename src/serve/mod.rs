@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, Sse};
@@ -229,7 +230,7 @@ fn stopping() -> ApiError {
 /// The routes, over `server`.
 pub fn router(server: Arc<Server>) -> Router {
     Router::new()
-        .route("/health", get(|| async { StatusCode::OK }))
+        .route("/health", get(health))
         .route("/ping", get(|| async { "pong" }))
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat_completions))
@@ -269,6 +270,14 @@ pub async fn serve(
         .await
 }
 
+/// 200 while the engine runs; 503 once it has stopped (shutting down, or failed).
+async fn health(State(server): State<Arc<Server>>) -> StatusCode {
+    match server.engine.is_running() {
+        true => StatusCode::OK,
+        false => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
 async fn models(State(server): State<Arc<Server>>, headers: HeaderMap) -> Response {
     if let Err(e) = server.authorize(&headers) {
         return e.into_response();
@@ -304,17 +313,17 @@ enum Endpoint {
 async fn chat_completions(
     State(server): State<Arc<Server>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    handle(server, &headers, &body, Endpoint::Chat).await
+    handle(server, &headers, body, Endpoint::Chat).await
 }
 
 async fn completions(
     State(server): State<Arc<Server>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    handle(server, &headers, &body, Endpoint::Completion).await
+    handle(server, &headers, body, Endpoint::Completion).await
 }
 
 /// What an endpoint reads from its request besides `Common`.
@@ -326,15 +335,22 @@ struct Prompts {
     top_logprobs: Option<usize>,
 }
 
+/// A body that could not be read (past axum's 2 MB limit: 413) is an OpenAI-shaped error too.
 async fn handle(
     server: Arc<Server>,
     headers: &HeaderMap,
-    body: &[u8],
+    body: Result<Bytes, BytesRejection>,
     endpoint: Endpoint,
 ) -> Response {
     let prepare = || -> Result<_, ApiError> {
         server.authorize(headers)?;
-        let body = openai::body(body)?;
+        let body = body.map_err(|e| ApiError {
+            status: e.status(),
+            message: e.body_text(),
+            param: None,
+            code: None,
+        })?;
+        let body = openai::body(&body)?;
         let common: Common = openai::fields(&body)?;
         let prompts = match endpoint {
             Endpoint::Chat => chat_prompts(&server, &body, &common)?,

@@ -251,13 +251,20 @@ fn a_batch_generates_what_its_rows_generate_alone() {
 
 /// A server's batch: rows of the base and of a served adapter join a running batch between
 /// steps (prompts of other lengths, so the cache is padded on either side), and each row's
-/// tokens equal that row generated alone by a model loaded with its adapter.
+/// tokens equal that row generated alone by a model loaded with its adapter. A plain LoRA adds
+/// to the batch's shared base product; DoRA runs its rows whole.
 #[test]
 fn rows_that_join_a_running_batch_with_their_own_adapters_generate_what_they_generate_alone() {
-    let base = load("qwen2_chat", None);
-    let adapted = load("qwen2_chat", Some("qwen2_rslora"));
+    for (model, adapter) in [("qwen2_chat", "qwen2_rslora"), ("qwen3_f16", "qwen3_dora")] {
+        rows_join_with_their_adapters(model, adapter);
+    }
+}
+
+fn rows_join_with_their_adapters(model: &str, adapter: &str) {
+    let base = load(model, None);
+    let adapted = load(model, Some(adapter));
     let mut served = base.clone();
-    let mut plan = read_adapter(&common::adapter_dir("qwen2_rslora")).unwrap();
+    let mut plan = read_adapter(&common::adapter_dir(adapter)).unwrap();
     let AdapterSource::Weights(ckpt) = &mut plan.source else {
         unreachable!()
     };
@@ -303,7 +310,7 @@ fn rows_that_join_a_running_batch_with_their_own_adapters_generate_what_they_gen
             None => reply(&base, p, &options),
             Some(_) => reply(&adapted, p, &options),
         };
-        assert_eq!(got[i], alone, "row {i} ({adapter:?})");
+        assert_eq!(got[i], alone, "{model}: row {i} ({adapter:?})");
     }
     assert_ne!(
         reply(&base, &rows[1].0, &options),

@@ -15,7 +15,7 @@ use rand_distr::{Distribution, Normal, Uniform};
 
 use crate::config::{InitLoraWeights, LoraConfig};
 use crate::ops::{
-    base_linear, lora_linear, lora_linear_seed, seed_gradient, LoraParts, ModelBackend,
+    base_linear, lora_add, lora_linear, lora_linear_seed, seed_gradient, LoraParts, ModelBackend,
     TrainBackend,
 };
 use crate::quant::Nf4Linear;
@@ -154,27 +154,39 @@ impl<B: ModelBackend> LoraLinear<B> {
         self.forward_with(self.adapter.as_ref(), x)
     }
 
-    /// `forward` with each row of `x` (`[batch, ..]`) through its own adapter. Each group of rows
-    /// runs the whole layer as one batch of that adapter would, so that a row's output does not
-    /// depend on the other rows' adapters; the base weight is read once per group.
+    /// `forward` with each row of `x` (`[batch, ..]`) through its own adapter. The base product
+    /// is computed once for every row, and each group's adapter added to its rows as `forward`
+    /// adds it (`ops::lora_add`), so that a row's output is what a batch of its adapter alone
+    /// gives. A layer `forward` cannot fuse (NF4, DoRA) runs whole on each group's rows.
     pub fn forward_rows<const D: usize>(
         &self,
         x: Tensor<B, D>,
         rows: Option<&RowAdapters<B>>,
     ) -> Tensor<B, D> {
-        match rows {
-            None => self.forward(x),
-            Some(RowAdapters::Same(k)) => self.forward_with(self.route(*k), x),
-            Some(RowAdapters::Grouped { groups, restore }) => {
-                let parts = groups
-                    .iter()
-                    .map(|(k, rows)| {
-                        self.forward_with(self.route(*k), x.clone().select(0, rows.clone()))
-                    })
-                    .collect();
-                Tensor::cat(parts, 0).select(0, restore.clone())
-            }
-        }
+        let Some(RowAdapters::Grouped { groups, restore }) = rows else {
+            let adapter = match rows {
+                Some(RowAdapters::Same(k)) => self.route(*k),
+                _ => self.adapter.as_ref(),
+            };
+            return self.forward_with(adapter, x);
+        };
+        let base = matches!(self.base, BaseLinear::Dense(_)).then(|| self.base.forward(x.clone()));
+        let parts = groups
+            .iter()
+            .map(|(k, rows)| {
+                let x_rows = x.clone().select(0, rows.clone());
+                let base_rows = || base.as_ref().map(|b| b.clone().select(0, rows.clone()));
+                match self.route(*k) {
+                    None => base_rows().unwrap_or_else(|| self.base.forward(x_rows)),
+                    Some(l) if self.fused(l, &x_rows).is_some() => {
+                        let base_rows = base_rows().expect("a fused layer's base is dense");
+                        lora_add(base_rows, x_rows, l.lora_a.val(), l.lora_b.val(), l.scaling)
+                    }
+                    Some(l) => self.forward_with(Some(l), x_rows),
+                }
+            })
+            .collect();
+        Tensor::cat(parts, 0).select(0, restore.clone())
     }
 
     fn route(&self, adapter: Option<usize>) -> Option<&Lora<B>> {

@@ -120,7 +120,7 @@ pub(super) fn lora_base_and_hidden<B: Backend>(
 ) -> (FloatTensor<B>, FloatTensor<B>, Shape) {
     let shape = x.shape();
     let x = rows::<B>(x);
-    let h = lora_hidden(x.clone(), &layer);
+    let h = lora_hidden(x.clone(), layer.lora_a.clone(), layer.scaling);
     let weight = float::<B, 2>(layer.weight);
     let n_out = weight.dims()[1];
     let mut base = x.matmul(weight);
@@ -143,8 +143,21 @@ pub(super) fn lora_sum<B: Backend>(
 }
 
 /// `h = s·x·A` in f32, for `x` `[rows, in]`.
-fn lora_hidden<B: Backend>(x: Tensor<B, 2>, layer: &LoraParts<B>) -> Tensor<B, 2> {
-    x.cast(DType::F32).matmul(float(layer.lora_a.clone())) * layer.scaling
+fn lora_hidden<B: Backend>(x: Tensor<B, 2>, lora_a: FloatTensor<B>, scaling: f64) -> Tensor<B, 2> {
+    x.cast(DType::F32).matmul(float(lora_a)) * scaling
+}
+
+pub(super) fn lora_add<B: Backend>(
+    base: FloatTensor<B>,
+    x: FloatTensor<B>,
+    lora_a: FloatTensor<B>,
+    lora_b: FloatTensor<B>,
+    scaling: f64,
+) -> FloatTensor<B> {
+    let shape = base.shape();
+    let h = lora_hidden(rows::<B>(x), lora_a, scaling);
+    let y = lora_sum::<B>(primitive(rows::<B>(base)), primitive(h), lora_b);
+    B::float_reshape(y, shape)
 }
 
 /// With `g = s·dy·Bᵀ`: `dx = dy·Wᵀ + g·Aᵀ`, `dA = xᵀ·g`, `dB = hᵀ·dy`; the adapter's part in
@@ -159,7 +172,10 @@ pub(super) fn lora_linear_backward<B: Backend>(
     let shape = x.shape();
     let x = rows::<B>(x);
     let dtype = x.dtype();
-    let h = h.map_or_else(|| lora_hidden(x.clone(), &layer), float::<B, 2>);
+    let h = h.map_or_else(
+        || lora_hidden(x.clone(), layer.lora_a.clone(), layer.scaling),
+        float::<B, 2>,
+    );
     let grad = rows::<B>(grad);
     let grad_f32 = grad.clone().cast(DType::F32);
     let d_b = h.transpose().matmul(grad_f32.clone());

@@ -143,6 +143,20 @@ pub trait ModelBackend: Backend {
         Self::lora_linear_forward(x, layer).0
     }
 
+    /// `base + s·(x·A)·B` for `base` `[.., out]`, the frozen layer's output on `x` `[.., in]`
+    /// computed apart: `lora_linear`'s adapter part, added the same way, so that it gives what
+    /// `lora_linear` gives on those rows. A server's rows of several adapters share one base
+    /// product this way. No gradient (serving only).
+    fn lora_add(
+        base: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        lora_a: FloatTensor<Self>,
+        lora_b: FloatTensor<Self>,
+        scaling: f64,
+    ) -> FloatTensor<Self> {
+        generic::lora_add::<Self>(base, x, lora_a, lora_b, scaling)
+    }
+
     /// `lora_linear` and `h = s·x·A` (`[rows, r]`, f32), which the backward pass reuses.
     fn lora_linear_forward(
         x: FloatTensor<Self>,
@@ -342,6 +356,23 @@ pub fn lora_linear<B: ModelBackend, const D: usize>(
     layer: LoraParts<B>,
 ) -> Tensor<B, D> {
     float(B::lora_linear(primitive(x), layer))
+}
+
+/// `ModelBackend::lora_add` on tensors.
+pub fn lora_add<B: ModelBackend, const D: usize>(
+    base: Tensor<B, D>,
+    x: Tensor<B, D>,
+    lora_a: Tensor<B, 2>,
+    lora_b: Tensor<B, 2>,
+    scaling: f64,
+) -> Tensor<B, D> {
+    float(B::lora_add(
+        primitive(base),
+        primitive(x),
+        primitive(lora_a),
+        primitive(lora_b),
+        scaling,
+    ))
 }
 
 /// `SeedGradient::lora_linear_seed` on tensors.

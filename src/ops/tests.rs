@@ -326,6 +326,54 @@ fn lora_linear_matches_the_unfused_chain() {
     }
 }
 
+/// A server's batch of several adapters shares one base product: `lora_add` onto a row subset of
+/// it gives, bit for bit, what `lora_linear` gives on those rows alone (the kernel, and the
+/// generic path against the generic `lora_linear`), so that a row's reply does not depend on the
+/// other rows' adapters.
+#[test]
+fn lora_add_on_a_shared_base_equals_lora_linear_on_its_rows() {
+    let (n_in, r, n_out) = (24, 4, 40);
+    let x = rand([5, 3, n_in]);
+    let (weight, bias) = (rand([n_in, n_out]), rand([n_out]));
+    let (a, b) = (rand([n_in, r]), rand([r, n_out]));
+    let rows =
+        Tensor::<Flex, 1, Int>::from_data(TensorData::new(vec![3i64, 0, 4], [3]), &x.device());
+    for bias in [None, Some(bias)] {
+        let layer = LoraParts::new(weight.clone(), bias.clone(), a.clone(), b.clone(), 0.5);
+        let x_rows = x.clone().select(0, rows.clone());
+        let shared = base_linear(x.clone(), weight.clone(), bias.clone()).select(0, rows.clone());
+        let added = lora_add(shared, x_rows.clone(), a.clone(), b.clone(), 0.5);
+        let alone = lora_linear(x_rows.clone(), layer.clone());
+        assert_eq!(
+            added.into_data(),
+            alone.into_data(),
+            "kernel, bias {}",
+            bias.is_some()
+        );
+
+        let shared = generic::linear::<Flex>(
+            primitive(x.clone()),
+            primitive(weight.clone()),
+            bias.clone().map(primitive),
+        );
+        let shared = float::<Flex, 3>(shared).select(0, rows.clone());
+        let added = generic::lora_add::<Flex>(
+            primitive(shared),
+            primitive(x_rows.clone()),
+            primitive(a.clone()),
+            primitive(b.clone()),
+            0.5,
+        );
+        let (alone, _) = generic::lora_linear::<Flex>(primitive(x_rows), layer);
+        assert_eq!(
+            float::<Flex, 3>(added).into_data(),
+            float::<Flex, 3>(alone).into_data(),
+            "generic, bias {}",
+            bias.is_some()
+        );
+    }
+}
+
 #[test]
 fn base_linear_matches_burns_linear() {
     // The weight as stored and as the transpose of an [out, in] matrix (a tied lm_head);

@@ -138,17 +138,49 @@ pub fn linear(x: Mat, weight: Mat, bias: Option<&[f32]>) -> Vec<f32> {
 pub fn forward(x: &[f32], layer: &Layer) -> (Vec<f32>, Vec<f32>) {
     let (n_in, r, n_out) = layer.dims();
     let rows = x.len() / n_in;
-    let x = Mat::new(x, rows, n_in);
-    let h = hidden(x, layer);
-    let w = Mat::new(layer.weight, n_in, n_out);
-    let mut y = linear(x, w, layer.bias);
+    let mut y = linear(
+        Mat::new(x, rows, n_in),
+        Mat::new(layer.weight, n_in, n_out),
+        layer.bias,
+    );
+    let adapter = Adapter {
+        lora_a: layer.lora_a,
+        lora_b: layer.lora_b,
+        scaling: layer.scaling,
+        in_features: n_in,
+        rank: r,
+    };
+    let h = add_update(&mut y, x, &adapter);
+    (y, h)
+}
+
+/// An adapter alone: `lora_a` `[in, r]`, `lora_b` `[r, out]`.
+pub struct Adapter<'a> {
+    pub lora_a: &'a [f32],
+    pub lora_b: &'a [f32],
+    pub scaling: f32,
+    pub in_features: usize,
+    pub rank: usize,
+}
+
+/// `y += h·B` with `h = s·x·A` (returned, `[rows, r]`), for `x` in rows of `in`: the adapter's part
+/// of `forward`, added to a base output `y` `[rows, out]` computed apart.
+pub fn add_update(y: &mut [f32], x: &[f32], adapter: &Adapter) -> Vec<f32> {
+    let (n_in, r) = (adapter.in_features, adapter.rank);
+    let n_out = adapter.lora_b.len() / r;
+    let rows = x.len() / n_in;
+    let h = product(
+        Mat::new(x, rows, n_in),
+        Mat::new(adapter.lora_a, n_in, r),
+        adapter.scaling,
+    );
     add_product(
-        &mut y,
+        y,
         Mat::new(&h, rows, r),
-        Mat::new(layer.lora_b, r, n_out),
+        Mat::new(adapter.lora_b, r, n_out),
         1.0,
     );
-    (y, h)
+    h
 }
 
 /// The gradients `(dx, dA, dB)` from `dy`, the gradient of `forward`'s `y`, dx only when

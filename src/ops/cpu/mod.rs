@@ -130,6 +130,35 @@ impl ModelBackend for Flex {
         )
     }
 
+    fn lora_add(
+        base: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        lora_a: FloatTensor<Self>,
+        lora_b: FloatTensor<Self>,
+        scaling: f64,
+    ) -> FloatTensor<Self> {
+        if !all_f32(&[&base, &x, &lora_a, &lora_b]) {
+            return generic::lora_add::<Self>(base, x, lora_a, lora_b, scaling);
+        }
+        let (x, lora_a, lora_b) = (
+            x.to_contiguous(),
+            lora_a.to_contiguous(),
+            lora_b.to_contiguous(),
+        );
+        let base = base.to_contiguous();
+        let mut y = base.storage::<f32>().to_vec();
+        let a_shape = lora_a.layout().shape();
+        let adapter = lora::Adapter {
+            lora_a: lora_a.storage(),
+            lora_b: lora_b.storage(),
+            scaling: scaling as f32,
+            in_features: a_shape[0],
+            rank: a_shape[1],
+        };
+        lora::add_update(&mut y, x.storage(), &adapter);
+        like(&base, y)
+    }
+
     fn lora_linear_backward(
         x: FloatTensor<Self>,
         layer: LoraParts<Self>,

@@ -554,6 +554,15 @@ fn errors_are_openai_shaped_with_their_status() {
         let (s, b) = server.post_with("/v1/chat/completions", &bad, key);
         error(s, &b, 400, says, None);
     }
+    bad = good.clone();
+    bad["messages"] = json!([]);
+    let (s, b) = server.post_with("/v1/chat/completions", &bad, key);
+    error(s, &b, 400, "messages is empty", Some("messages"));
+    for prompt in [json!([]), json!(""), json!([[]])] {
+        let body = json!({"model": "qwen2_chat", "prompt": prompt});
+        let (s, b) = server.post_with("/v1/completions", &body, key);
+        error(s, &b, 400, "prompt", Some("prompt"));
+    }
     let past_vocab = json!({"model": "qwen2_chat", "prompt": [5, 100000]});
     let (s, b) = server.post_with("/v1/completions", &past_vocab, key);
     error(

@@ -135,6 +135,12 @@ impl Server {
         if let Some(problem) = sampling.problem() {
             return Err(ApiError::invalid(None, problem));
         }
+        if prompts.is_empty() {
+            return Err(ApiError::invalid(
+                Some(param),
+                format!("{param} holds no prompt"),
+            ));
+        }
         let n = common.n.unwrap_or(1) as usize;
         if n.saturating_mul(prompts.len()) > self.settings.max_batch_size {
             return Err(ApiError::invalid(

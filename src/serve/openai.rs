@@ -224,6 +224,9 @@ impl Common {
 impl ChatRequest {
     /// The conversation for the chat template; OpenAI's "developer" role is the system's.
     pub fn conversation(&self) -> Result<Vec<Message>, ApiError> {
+        if self.messages.is_empty() {
+            return Err(ApiError::invalid(Some("messages"), "messages is empty"));
+        }
         self.messages
             .iter()
             .enumerate()

@@ -10,6 +10,7 @@ lm_head rows zeroed so that every reply runs its full length).
     cargo build --release
     python scripts/bench_serve.py                       # CPU, 2 threads, f32, 128 new tokens
     python scripts/bench_serve.py --device cuda --dtype bf16 --shape 1.5b --streams 1,4,16,64
+    python scripts/bench_serve.py --adapters 3          # also: clients spread over base + 3 LoRAs
 
 swift-rs: the release binary serves the model (`--max_batch_size` the largest stream count); each
 client sends one chat request (its own prompt, greedy, `ignore_eos`, `max_tokens` N, streamed with
@@ -51,9 +52,10 @@ def prompts(n: int) -> list[str]:
 
 # ---- swift-rs: clients of a running server ----
 
-def client(port: int, prompt: str, new_tokens: int, start: threading.Barrier, out: list, i: int):
+def client(port: int, model: str, prompt: str, new_tokens: int, start: threading.Barrier, out: list,
+           i: int):
     body = json.dumps({
-        "model": "model", "messages": [{"role": "user", "content": prompt}],
+        "model": model, "messages": [{"role": "user", "content": prompt}],
         "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
         "stream_options": {"include_usage": True},
     })
@@ -80,12 +82,13 @@ def client(port: int, prompt: str, new_tokens: int, start: threading.Barrier, ou
     conn.close()
 
 
-def swift_level(port: int, streams: int, new_tokens: int) -> tuple[float, float, float]:
+def swift_level(port: int, streams: int, new_tokens: int, models: list[str]) -> tuple[float, float, float]:
     """(output tokens/s, decode tokens/s, median time to first token in s) of `streams` clients
-    at once."""
+    at once, client i on `models[i % len(models)]`."""
     out = [None] * streams
     barrier = threading.Barrier(streams)
-    threads = [threading.Thread(target=client, args=(port, p, new_tokens, barrier, out, i))
+    threads = [threading.Thread(target=client,
+                                args=(port, models[i % len(models)], p, new_tokens, barrier, out, i))
                for i, p in enumerate(prompts(streams))]
     for t in threads:
         t.start()
@@ -98,11 +101,15 @@ def swift_level(port: int, streams: int, new_tokens: int) -> tuple[float, float,
     return sum(o[3] for o in out) / (end - begin), decode, statistics.median(o[1] - o[0] for o in out)
 
 
-def swift_side(args, model: Path, levels: list[int]) -> dict:
+def swift_side(args, model: Path, levels: list[int], adapters: list[Path], label: str) -> dict:
+    """Clients spread over the base and `adapters` (served as lora0, lora1, ...)."""
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
     cmd = [args.binary, "deploy", "--model", str(model), "--served_model_name", "model",
            "--device", args.device, "--dtype", args.dtype, "--port", "0",
            "--max_batch_size", str(max(levels)), "--max_model_len", "4096"]
+    models = ["model"] + [f"lora{k}" for k in range(len(adapters))]
+    if adapters:
+        cmd += ["--adapters", *[f"lora{k}={a}" for k, a in enumerate(adapters)]]
     server = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     try:
         port = None
@@ -114,10 +121,10 @@ def swift_side(args, model: Path, levels: list[int]) -> dict:
         threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
         results = {}
         for streams in levels:
-            swift_level(port, streams, args.new_tokens)  # warm-up
-            runs = [swift_level(port, streams, args.new_tokens) for _ in range(args.repeat)]
+            swift_level(port, streams, args.new_tokens, models)  # warm-up
+            runs = [swift_level(port, streams, args.new_tokens, models) for _ in range(args.repeat)]
             results[streams] = medians(runs)
-            report("swift-rs", streams, results[streams], runs)
+            report(label, streams, results[streams], runs)
         return results
     finally:
         server.terminate()
@@ -178,6 +185,22 @@ def torch_side(model: str, levels: str, new_tokens: str, threads: str, device: s
     print(json.dumps(results))
 
 
+def make_adapters(model: Path, n: int, tmp: Path) -> list[Path]:
+    """`n` PEFT adapters on `model`: r 16 on every linear layer, A and B random (B not zero, so
+    each one changes the replies)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    out = []
+    for k in range(n):
+        torch.manual_seed(100 + k)
+        base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+        get_peft_model(base, config).save_pretrained(tmp / f"lora{k}")
+        out.append(tmp / f"lora{k}")
+    return out
+
+
 def medians(runs: list[tuple]) -> tuple:
     return tuple(statistics.median(r[i] for r in runs) for i in range(len(runs[0])))
 
@@ -199,6 +222,9 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--adapters", type=int, default=0,
+                    help="also run swift-rs with the clients spread over the base and N random "
+                         "adapters (r 16, all-linear) in one batch")
     ap.add_argument("--torch-side", nargs=7, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.torch_side:
@@ -208,7 +234,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = make_model(args.shape, args.vocab, Path(tmp))
         print(f"{args.device}, {args.threads} threads, {args.dtype}, {args.new_tokens} new tokens a stream")
-        swift = swift_side(args, model, levels)
+        swift = swift_side(args, model, levels, [], "swift-rs")
+        mixed = None
+        if args.adapters:
+            adapters = make_adapters(model, args.adapters, Path(tmp))
+            mixed = swift_side(args, model, levels, adapters, f"swift-rs, {args.adapters} adapters")
         torch_out = subprocess.run(
             [sys.executable, __file__, "--torch-side", str(model), args.streams, str(args.new_tokens),
              str(args.threads), args.device, args.dtype, str(args.repeat)],
@@ -224,6 +254,14 @@ def main() -> None:
     for s in levels[1:]:
         print(f"swift-rs at {s} streams against {levels[0]}: output {swift[s][0] / swift[levels[0]][0]:.2f}x, "
               f"decode {swift[s][1] / swift[levels[0]][1]:.2f}x")
+    if mixed:
+        print(f"\n| streams | swift-rs output tokens/s<br>base only / base + {args.adapters} adapters | "
+              "decode tokens/s<br>base only / mixed | first token<br>base only / mixed |")
+        print("|---|---|---|---|")
+        for s in levels:
+            w, m = swift[s], mixed[s]
+            print(f"| {s} | {w[0]:.1f} / {m[0]:.1f} ({m[0] / w[0]:.2f}x) | {w[1]:.1f} / {m[1]:.1f} "
+                  f"({m[1] / w[1]:.2f}x) | {w[2] * 1e3:.0f} / {m[2] * 1e3:.0f} ms |")
 
 
 if __name__ == "__main__":

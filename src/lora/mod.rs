@@ -16,7 +16,7 @@ use rand_distr::{Distribution, Normal, Uniform};
 use crate::config::{InitLoraWeights, LoraConfig};
 use crate::ops::{
     base_linear, lora_add, lora_linear, lora_linear_seed, seed_gradient, LoraParts, ModelBackend,
-    TrainBackend,
+    RowsAdapter, TrainBackend,
 };
 use crate::quant::Nf4Linear;
 
@@ -104,10 +104,10 @@ pub struct LoraLinear<B: Backend> {
 pub enum RowAdapters<B: Backend> {
     /// Every row takes this one.
     Same(Option<usize>),
-    /// The rows of each adapter (`[n]` row indices), and the order that puts the groups' rows,
-    /// concatenated, back in the batch's order.
+    /// The rows of each adapter (ascending, and as a `[n]` tensor), and the order that puts the
+    /// groups' rows, concatenated, back in the batch's order.
     Grouped {
-        groups: Vec<(Option<usize>, Tensor<B, 1, Int>)>,
+        groups: Vec<(Option<usize>, Vec<usize>, Tensor<B, 1, Int>)>,
         restore: Tensor<B, 1, Int>,
     },
 }
@@ -125,16 +125,14 @@ impl<B: Backend> RowAdapters<B> {
             let n = ids.len();
             Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), device)
         };
-        let mut order = Vec::with_capacity(rows.len());
+        let mut order: Vec<usize> = Vec::with_capacity(rows.len());
         let groups = kinds
             .into_iter()
             .map(|kind| {
-                let members: Vec<i64> = (0..rows.len())
-                    .filter(|&r| rows[r] == kind)
-                    .map(|r| r as i64)
-                    .collect();
-                order.extend(members.iter().map(|&r| r as usize));
-                (kind, index(members))
+                let members: Vec<usize> = (0..rows.len()).filter(|&r| rows[r] == kind).collect();
+                order.extend(&members);
+                let tensor = index(members.iter().map(|&r| r as i64).collect());
+                (kind, members, tensor)
             })
             .collect();
         // Row r of the batch is at position restore[r] of the concatenated groups.
@@ -154,10 +152,10 @@ impl<B: ModelBackend> LoraLinear<B> {
         self.forward_with(self.adapter.as_ref(), x)
     }
 
-    /// `forward` with each row of `x` (`[batch, ..]`) through its own adapter. The base product
-    /// is computed once for every row, and each group's adapter added to its rows as `forward`
-    /// adds it (`ops::lora_add`), so that a row's output is what a batch of its adapter alone
-    /// gives. A layer `forward` cannot fuse (NF4, DoRA) runs whole on each group's rows.
+    /// `forward` with each row of `x` (`[batch, ..]`) through its own adapter. On a dense base
+    /// with plain adapters the base product is computed once for every row and each adapter added
+    /// to its rows as `forward` adds it (`ops::lora_add`), so that a row's output is what a batch
+    /// of its adapter alone gives. Otherwise (NF4, DoRA) each group of rows runs the whole layer.
     pub fn forward_rows<const D: usize>(
         &self,
         x: Tensor<B, D>,
@@ -170,20 +168,25 @@ impl<B: ModelBackend> LoraLinear<B> {
             };
             return self.forward_with(adapter, x);
         };
-        let base = matches!(self.base, BaseLinear::Dense(_)).then(|| self.base.forward(x.clone()));
+        let fused = groups
+            .iter()
+            .all(|(k, ..)| self.route(*k).is_none_or(|l| self.fused(l, &x).is_some()));
+        // `fused` is true only on a dense base, whose product `lora_add` reuses.
+        if fused && matches!(self.base, BaseLinear::Dense(_)) {
+            let adapters = groups
+                .iter()
+                .filter_map(|(k, rows, _)| {
+                    let l = self.route(*k)?;
+                    let (a, b) = (l.lora_a.val(), l.lora_b.val());
+                    Some(RowsAdapter::new(rows.clone(), a, b, l.scaling))
+                })
+                .collect();
+            return lora_add(self.base.forward(x.clone()), x, adapters);
+        }
         let parts = groups
             .iter()
-            .map(|(k, rows)| {
-                let x_rows = x.clone().select(0, rows.clone());
-                let base_rows = || base.as_ref().map(|b| b.clone().select(0, rows.clone()));
-                match self.route(*k) {
-                    None => base_rows().unwrap_or_else(|| self.base.forward(x_rows)),
-                    Some(l) if self.fused(l, &x_rows).is_some() => {
-                        let base_rows = base_rows().expect("a fused layer's base is dense");
-                        lora_add(base_rows, x_rows, l.lora_a.val(), l.lora_b.val(), l.scaling)
-                    }
-                    Some(l) => self.forward_with(Some(l), x_rows),
-                }
+            .map(|(k, _, rows)| {
+                self.forward_with(self.route(*k), x.clone().select(0, rows.clone()))
             })
             .collect();
         Tensor::cat(parts, 0).select(0, restore.clone())

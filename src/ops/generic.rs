@@ -6,9 +6,9 @@ use burn::tensor::activation::{sigmoid, silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::{AttentionModuleOptions, FloatTensor, IntTensor};
-use burn::tensor::{Bool, DType, IndexingUpdateOp, Int, Shape, Tensor, TensorMetadata};
+use burn::tensor::{Bool, DType, IndexingUpdateOp, Int, Shape, Tensor, TensorData, TensorMetadata};
 
-use super::{float, primitive, with_last_dim, AttnMask, LoraGrads, LoraParts};
+use super::{float, primitive, with_last_dim, AttnMask, LoraGrads, LoraParts, RowsAdapter};
 
 /// Any-rank `p` as a rank-D tensor of `dims`.
 fn reshaped<B: Backend, const D: usize>(p: FloatTensor<B>, dims: [usize; D]) -> Tensor<B, D> {
@@ -150,14 +150,53 @@ fn lora_hidden<B: Backend>(x: Tensor<B, 2>, lora_a: FloatTensor<B>, scaling: f64
 pub(super) fn lora_add<B: Backend>(
     base: FloatTensor<B>,
     x: FloatTensor<B>,
-    lora_a: FloatTensor<B>,
-    lora_b: FloatTensor<B>,
-    scaling: f64,
+    adapters: Vec<RowsAdapter<B>>,
 ) -> FloatTensor<B> {
-    let shape = base.shape();
-    let h = lora_hidden(rows::<B>(x), lora_a, scaling);
-    let y = lora_sum::<B>(primitive(rows::<B>(base)), primitive(h), lora_b);
-    B::float_reshape(y, shape)
+    let (base_shape, x_shape) = (base.shape(), x.shape());
+    let batch = base_shape[0];
+    let (base, x) = (batch_rows::<B>(base), batch_rows::<B>(x)); // [batch, per, out], [batch, per, in]
+    let [_, per, n_out] = base.dims();
+    let device = base.device();
+    let index = |rows: &[usize]| {
+        let ids: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [rows.len()]), &device)
+    };
+    // The rows of no adapter first, then each adapter's; `order` says which row each part holds.
+    let mut adapted = vec![false; batch];
+    for a in &adapters {
+        a.rows.iter().for_each(|&r| adapted[r] = true);
+    }
+    let mut order: Vec<usize> = (0..batch).filter(|&r| !adapted[r]).collect();
+    let mut parts = Vec::with_capacity(adapters.len() + 1);
+    if !order.is_empty() {
+        parts.push(base.clone().select(0, index(&order)));
+    }
+    for a in adapters {
+        let rows = index(&a.rows);
+        let n = a.rows.len();
+        let x_rows = x
+            .clone()
+            .select(0, rows.clone())
+            .reshape([n * per, x_shape[x_shape.num_dims() - 1]]);
+        let base_rows = base.clone().select(0, rows).reshape([n * per, n_out]);
+        let h = lora_hidden(x_rows, a.lora_a, a.scaling);
+        let y = float::<B, 2>(lora_sum::<B>(primitive(base_rows), primitive(h), a.lora_b));
+        parts.push(y.reshape([n, per, n_out]));
+        order.extend(a.rows);
+    }
+    let mut restore = vec![0; batch];
+    for (at, &r) in order.iter().enumerate() {
+        restore[r] = at;
+    }
+    let y = Tensor::cat(parts, 0).select(0, index(&restore));
+    B::float_reshape(primitive(y), base_shape)
+}
+
+/// Any-rank `[batch, .., last]` as `[batch, rows of the rest, last]`.
+fn batch_rows<B: Backend>(p: FloatTensor<B>) -> Tensor<B, 3> {
+    let shape = p.shape();
+    let (batch, last) = (shape[0], shape[shape.num_dims() - 1]);
+    reshaped(p, [batch, shape.num_elements() / (batch * last), last])
 }
 
 /// With `g = s·dy·Bᵀ`: `dx = dy·Wᵀ + g·Aᵀ`, `dA = xᵀ·g`, `dB = hᵀ·dy`; the adapter's part in

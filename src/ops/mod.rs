@@ -63,6 +63,27 @@ impl<B: Backend> LoraParts<B> {
     }
 }
 
+/// One adapter of `lora_add` and the batch rows it applies to (ascending, each in one adapter at
+/// most).
+#[derive(Clone, Debug)]
+pub struct RowsAdapter<B: Backend> {
+    pub rows: Vec<usize>,
+    pub lora_a: FloatTensor<B>, // [in, r], f32
+    pub lora_b: FloatTensor<B>, // [r, out], f32
+    pub scaling: f64,
+}
+
+impl<B: Backend> RowsAdapter<B> {
+    pub fn new(rows: Vec<usize>, lora_a: Tensor<B, 2>, lora_b: Tensor<B, 2>, scaling: f64) -> Self {
+        Self {
+            rows,
+            lora_a: primitive(lora_a),
+            lora_b: primitive(lora_b),
+            scaling,
+        }
+    }
+}
+
 /// Which keys each query of an attention may see; the `s` queries are the last `s` of the keys.
 #[derive(Clone, Debug)]
 pub enum AttnMask<B: Backend> {
@@ -143,18 +164,17 @@ pub trait ModelBackend: Backend {
         Self::lora_linear_forward(x, layer).0
     }
 
-    /// `base + s·(x·A)·B` for `base` `[.., out]`, the frozen layer's output on `x` `[.., in]`
-    /// computed apart: `lora_linear`'s adapter part, added the same way, so that it gives what
-    /// `lora_linear` gives on those rows. A server's rows of several adapters share one base
-    /// product this way. No gradient (serving only).
+    /// `base` `[batch, .., out]`, the frozen layer's output on `x` `[batch, .., in]`, with each
+    /// adapter's `s·(x·A)·B` added to its rows of the batch (other rows as they are): the
+    /// adapter part of `lora_linear`, added the same way, so that each row is what `lora_linear`
+    /// gives on it. A server's batch of several adapters shares one base product this way. No
+    /// gradient (serving only).
     fn lora_add(
         base: FloatTensor<Self>,
         x: FloatTensor<Self>,
-        lora_a: FloatTensor<Self>,
-        lora_b: FloatTensor<Self>,
-        scaling: f64,
+        adapters: Vec<RowsAdapter<Self>>,
     ) -> FloatTensor<Self> {
-        generic::lora_add::<Self>(base, x, lora_a, lora_b, scaling)
+        generic::lora_add::<Self>(base, x, adapters)
     }
 
     /// `lora_linear` and `h = s·x·A` (`[rows, r]`, f32), which the backward pass reuses.
@@ -362,17 +382,9 @@ pub fn lora_linear<B: ModelBackend, const D: usize>(
 pub fn lora_add<B: ModelBackend, const D: usize>(
     base: Tensor<B, D>,
     x: Tensor<B, D>,
-    lora_a: Tensor<B, 2>,
-    lora_b: Tensor<B, 2>,
-    scaling: f64,
+    adapters: Vec<RowsAdapter<B>>,
 ) -> Tensor<B, D> {
-    float(B::lora_add(
-        primitive(base),
-        primitive(x),
-        primitive(lora_a),
-        primitive(lora_b),
-        scaling,
-    ))
+    float(B::lora_add(primitive(base), primitive(x), adapters))
 }
 
 /// `SeedGradient::lora_linear_seed` on tensors.

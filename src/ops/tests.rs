@@ -326,50 +326,76 @@ fn lora_linear_matches_the_unfused_chain() {
     }
 }
 
-/// A server's batch of several adapters shares one base product: `lora_add` onto a row subset of
-/// it gives, bit for bit, what `lora_linear` gives on those rows alone (the kernel, and the
-/// generic path against the generic `lora_linear`), so that a row's reply does not depend on the
-/// other rows' adapters.
+/// A server's batch of several adapters shares one base product: `lora_add` with two adapters on
+/// rows {3, 0} and {4} of a batch of 6 gives, bit for bit, what `lora_linear` gives on each
+/// adapter's rows alone, and the base's output on the other rows (the kernel, and the generic path
+/// against the generic `lora_linear`), so that a row's reply does not depend on the other rows'
+/// adapters.
 #[test]
-fn lora_add_on_a_shared_base_equals_lora_linear_on_its_rows() {
-    let (n_in, r, n_out) = (24, 4, 40);
-    let x = rand([5, 3, n_in]);
+fn lora_add_on_a_shared_base_equals_lora_linear_on_each_adapters_rows() {
+    let (n_in, n_out) = (24, 40);
+    let x = rand([6, 3, n_in]);
     let (weight, bias) = (rand([n_in, n_out]), rand([n_out]));
-    let (a, b) = (rand([n_in, r]), rand([r, n_out]));
-    let rows =
-        Tensor::<Flex, 1, Int>::from_data(TensorData::new(vec![3i64, 0, 4], [3]), &x.device());
+    let adapters = [(vec![0, 3], 4, 0.5), (vec![4], 8, 2.0)]
+        .map(|(rows, r, scaling)| (rows, rand([n_in, r]), rand([r, n_out]), scaling));
+    let index = |rows: &[usize]| {
+        let ids: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        Tensor::<Flex, 1, Int>::from_data(TensorData::new(ids, [rows.len()]), &x.device())
+    };
+    let plain = [1, 2, 5];
     for bias in [None, Some(bias)] {
-        let layer = LoraParts::new(weight.clone(), bias.clone(), a.clone(), b.clone(), 0.5);
-        let x_rows = x.clone().select(0, rows.clone());
-        let shared = base_linear(x.clone(), weight.clone(), bias.clone()).select(0, rows.clone());
-        let added = lora_add(shared, x_rows.clone(), a.clone(), b.clone(), 0.5);
-        let alone = lora_linear(x_rows.clone(), layer.clone());
+        let what = format!("bias {}", bias.is_some());
+        let row_adapters = adapters
+            .iter()
+            .map(|(rows, a, b, s)| RowsAdapter::new(rows.clone(), a.clone(), b.clone(), *s))
+            .collect::<Vec<_>>();
+        // The kernel.
+        let base = base_linear(x.clone(), weight.clone(), bias.clone());
+        let added = lora_add(base.clone(), x.clone(), row_adapters.clone());
+        for (rows, a, b, s) in &adapters {
+            let layer = LoraParts::new(weight.clone(), bias.clone(), a.clone(), b.clone(), *s);
+            let alone = lora_linear(x.clone().select(0, index(rows)), layer);
+            let got = added.clone().select(0, index(rows));
+            assert_eq!(
+                got.into_data(),
+                alone.into_data(),
+                "kernel, {what}, rows {rows:?}"
+            );
+        }
+        let got = added.select(0, index(&plain));
         assert_eq!(
-            added.into_data(),
-            alone.into_data(),
-            "kernel, bias {}",
-            bias.is_some()
+            got.into_data(),
+            base.select(0, index(&plain)).into_data(),
+            "{what}"
         );
-
-        let shared = generic::linear::<Flex>(
+        // The generic path.
+        let base = generic::linear::<Flex>(
             primitive(x.clone()),
             primitive(weight.clone()),
             bias.clone().map(primitive),
         );
-        let shared = float::<Flex, 3>(shared).select(0, rows.clone());
-        let added = generic::lora_add::<Flex>(
-            primitive(shared),
-            primitive(x_rows.clone()),
-            primitive(a.clone()),
-            primitive(b.clone()),
-            0.5,
-        );
-        let (alone, _) = generic::lora_linear::<Flex>(primitive(x_rows), layer);
+        let added = float::<Flex, 3>(generic::lora_add::<Flex>(
+            base.clone(),
+            primitive(x.clone()),
+            row_adapters,
+        ));
+        for (rows, a, b, s) in &adapters {
+            let layer = LoraParts::new(weight.clone(), bias.clone(), a.clone(), b.clone(), *s);
+            let x_rows = primitive(x.clone().select(0, index(rows)));
+            let (alone, _) = generic::lora_linear::<Flex>(x_rows, layer);
+            let got = added.clone().select(0, index(rows));
+            let alone = float::<Flex, 3>(alone);
+            assert_eq!(
+                got.into_data(),
+                alone.into_data(),
+                "generic, {what}, rows {rows:?}"
+            );
+        }
+        let base = float::<Flex, 3>(base).select(0, index(&plain));
         assert_eq!(
-            float::<Flex, 3>(added).into_data(),
-            float::<Flex, 3>(alone).into_data(),
-            "generic, bias {}",
-            bias.is_some()
+            added.select(0, index(&plain)).into_data(),
+            base.into_data(),
+            "{what}"
         );
     }
 }

@@ -9,7 +9,7 @@ use burn::tensor::ops::{BoolTensor, FloatTensor, IntTensor};
 use burn::tensor::{DType, TensorData, TensorMetadata};
 use burn_flex::FlexTensor;
 
-use super::{generic, AttnMask, LoraGrads, LoraParts, ModelBackend};
+use super::{generic, AttnMask, LoraGrads, LoraParts, ModelBackend, RowsAdapter};
 
 /// `mask` as the attention kernel takes it: a dense mask and whether to add the causal one.
 fn dense(mask: AttnMask<Flex>, q: &FlexTensor) -> (Option<BoolTensor<Flex>>, bool) {
@@ -133,29 +133,43 @@ impl ModelBackend for Flex {
     fn lora_add(
         base: FloatTensor<Self>,
         x: FloatTensor<Self>,
-        lora_a: FloatTensor<Self>,
-        lora_b: FloatTensor<Self>,
-        scaling: f64,
+        adapters: Vec<RowsAdapter<Self>>,
     ) -> FloatTensor<Self> {
-        if !all_f32(&[&base, &x, &lora_a, &lora_b]) {
-            return generic::lora_add::<Self>(base, x, lora_a, lora_b, scaling);
+        let mut tensors = vec![&base, &x];
+        tensors.extend(adapters.iter().flat_map(|a| [&a.lora_a, &a.lora_b]));
+        if !all_f32(&tensors) {
+            return generic::lora_add::<Self>(base, x, adapters);
         }
-        let (x, lora_a, lora_b) = (
-            x.to_contiguous(),
-            lora_a.to_contiguous(),
-            lora_b.to_contiguous(),
-        );
-        let base = base.to_contiguous();
+        let (base, x) = (base.to_contiguous(), x.to_contiguous());
+        let batch = base.layout().shape()[0];
         let mut y = base.storage::<f32>().to_vec();
-        let a_shape = lora_a.layout().shape();
-        let adapter = lora::Adapter {
-            lora_a: lora_a.storage(),
-            lora_b: lora_b.storage(),
-            scaling: scaling as f32,
-            in_features: a_shape[0],
-            rank: a_shape[1],
-        };
-        lora::add_update(&mut y, x.storage(), &adapter);
+        let x_all: &[f32] = x.storage();
+        let (y_row, x_row) = (y.len() / batch, x_all.len() / batch);
+        for a in &adapters {
+            let (lora_a, lora_b) = (a.lora_a.to_contiguous(), a.lora_b.to_contiguous());
+            let a_shape = lora_a.layout().shape();
+            let adapter = lora::Adapter {
+                lora_a: lora_a.storage(),
+                lora_b: lora_b.storage(),
+                scaling: a.scaling as f32,
+                in_features: a_shape[0],
+                rank: a_shape[1],
+            };
+            // The adapter's rows gathered, updated as one block, and put back.
+            let gather = |all: &[f32], width: usize| -> Vec<f32> {
+                a.rows
+                    .iter()
+                    .flat_map(|&r| &all[r * width..(r + 1) * width])
+                    .copied()
+                    .collect()
+            };
+            let x_rows = gather(x_all, x_row);
+            let mut y_rows = gather(&y, y_row);
+            lora::add_update(&mut y_rows, &x_rows, &adapter);
+            for (&r, row) in a.rows.iter().zip(y_rows.chunks_exact(y_row)) {
+                y[r * y_row..(r + 1) * y_row].copy_from_slice(row);
+            }
+        }
         like(&base, y)
     }
 

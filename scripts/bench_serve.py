@@ -244,25 +244,24 @@ def main() -> None:
              str(args.threads), args.device, args.dtype, str(args.repeat)],
             check=True, stdout=subprocess.PIPE, text=True).stdout
         torch = {int(k): v for k, v in json.loads(torch_out).items()}
-    print("\n| streams | output tokens/s<br>transformers / swift-rs | ratio | decode tokens/s<br>"
-          "transformers / swift-rs | ratio | first token<br>transformers / swift-rs |")
-    print("|---|---|---|---|---|---|")
-    for s in levels:
-        t, w = torch[s], swift[s]
-        print(f"| {s} | {t[0]:.1f} / {w[0]:.1f} | {w[0] / t[0]:.2f}x | {t[1]:.1f} / {w[1]:.1f} | "
-              f"{w[1] / t[1]:.2f}x | {t[2] * 1e3:.0f} / {w[2] * 1e3:.0f} ms |")
+    table(levels, torch, swift, "transformers / swift-rs")
     for s in levels[1:]:
         print(f"swift-rs at {s} streams against {levels[0]}: output {swift[s][0] / swift[levels[0]][0]:.2f}x, "
               f"decode {swift[s][1] / swift[levels[0]][1]:.2f}x")
     if mixed:
-        print(f"\n| streams | swift-rs output tokens/s<br>base only / base + {args.adapters} adapters | "
-              "decode tokens/s<br>base only / mixed | first token<br>base only / mixed |")
-        print("|---|---|---|---|")
-        for s in levels:
-            w, m = swift[s], mixed[s]
-            print(f"| {s} | {w[0]:.1f} / {m[0]:.1f} ({m[0] / w[0]:.2f}x) | {w[1]:.1f} / {m[1]:.1f} "
-                  f"({m[1] / w[1]:.2f}x) | {w[2] * 1e3:.0f} / {m[2] * 1e3:.0f} ms |")
+        table(levels, swift, mixed, f"swift-rs base only / base + {args.adapters} adapters")
 
+
+def table(levels: list[int], before: dict, after: dict, sides: str) -> None:
+    """A markdown row a level: output and decode tokens/s and first token, before / after, with
+    after's ratio to before."""
+    print(f"\n| streams | output tokens/s<br>{sides} | ratio | decode tokens/s<br>{sides} | ratio | "
+          f"first token<br>{sides} |")
+    print("|---|---|---|---|---|---|")
+    for s in levels:
+        b, a = before[s], after[s]
+        print(f"| {s} | {b[0]:.1f} / {a[0]:.1f} | {a[0] / b[0]:.2f}x | {b[1]:.1f} / {a[1]:.1f} | "
+              f"{a[1] / b[1]:.2f}x | {b[2] * 1e3:.0f} / {a[2] * 1e3:.0f} ms |")
 
 if __name__ == "__main__":
     main()

@@ -130,8 +130,10 @@ fn schedule<B: ModelBackend>(
     // A job taken from the queue that waits for room in the batch.
     let mut waiting: Option<Job> = None;
     while !abort.load(Ordering::Relaxed) {
-        batcher.cancel(|key| senders[&key].0.is_closed());
+        // One look at the receivers decides both: a receiver may go away at any moment, so
+        // the rows cancelled are exactly those left without a sender.
         senders.retain(|_, (s, _)| !s.is_closed());
+        batcher.cancel(|key| !senders.contains_key(&key));
         let mut start = Vec::new();
         loop {
             let idle = batcher.is_empty() && start.is_empty();

@@ -13,14 +13,14 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
@@ -319,7 +319,7 @@ enum Endpoint {
 async fn chat_completions(
     State(server): State<Arc<Server>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
     handle(server, &headers, body, Endpoint::Chat).await
 }
@@ -327,7 +327,7 @@ async fn chat_completions(
 async fn completions(
     State(server): State<Arc<Server>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
     handle(server, &headers, body, Endpoint::Completion).await
 }
@@ -341,22 +341,48 @@ struct Prompts {
     top_logprobs: Option<usize>,
 }
 
-/// A body that could not be read (past axum's 2 MB limit: 413) is an OpenAI-shaped error too.
+/// The most bytes a request body may have, as axum's default limit.
+const MAX_BODY: usize = 2 << 20;
+
+/// How many bytes past `MAX_BODY` are read and dropped before the 413 is sent.
+const MAX_DRAIN: usize = 32 << 20;
+
+/// The request body, at most `MAX_BODY` bytes. A longer one is still read to its end (up to
+/// `MAX_DRAIN` more bytes) and dropped before the 413: a server that answers and closes while the
+/// client is still sending makes the client fail with a broken pipe instead of the answer.
+async fn read_body(body: Body) -> Result<Vec<u8>, ApiError> {
+    let mut chunks = body.into_data_stream();
+    let (mut bytes, mut length) = (Vec::new(), 0);
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk
+            .map_err(|e| ApiError::invalid(None, format!("the body could not be read: {e}")))?;
+        length += chunk.len();
+        if length <= MAX_BODY {
+            bytes.extend_from_slice(&chunk);
+        } else if length > MAX_BODY + MAX_DRAIN {
+            break;
+        }
+    }
+    match length <= MAX_BODY {
+        true => Ok(bytes),
+        false => Err(ApiError::invalid(
+            None,
+            format!("the body is past the limit of {MAX_BODY} bytes"),
+        )
+        .with_status(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")),
+    }
+}
+
 async fn handle(
     server: Arc<Server>,
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
     endpoint: Endpoint,
 ) -> Response {
+    let body = read_body(body).await;
     let prepare = || -> Result<_, ApiError> {
         server.authorize(headers)?;
-        let body = body.map_err(|e| ApiError {
-            status: e.status(),
-            message: e.body_text(),
-            param: None,
-            code: None,
-        })?;
-        let body = openai::body(&body)?;
+        let body = openai::body(&body?)?;
         let common: Common = openai::fields(&body)?;
         let prompts = match endpoint {
             Endpoint::Chat => chat_prompts(&server, &body, &common)?,

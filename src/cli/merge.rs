@@ -2,12 +2,12 @@
 
 use std::path::PathBuf;
 
-use anyhow::{anyhow, Context};
+use anyhow::Context;
 use clap::Args;
 
 use super::device::{resolve, with_backend};
-use super::{Failure, HubArg, ModelArgs};
-use swift_rs::config::{swift_bool, Device, Dtype};
+use super::{Failure, HubArg};
+use swift_rs::config::{Device, Dtype};
 use swift_rs::export::exit_removing_staged;
 use swift_rs::export::merge::{merge, parse_size, MergeOptions};
 use swift_rs::model::ModelBackend;
@@ -50,74 +50,15 @@ pub fn run(args: MergeArgs) -> Result<(), Failure> {
     with_backend!(resolve(args.device)?, merge_on(&job))
 }
 
-/// ms-swift's `swift export --adapters DIR --merge_lora true`: the base model comes from the
-/// checkpoint's args.json (or adapter_config.json) unless `--model` says it, and the merged
-/// model goes to `DIR-merged` unless `--output_dir` says where.
-#[derive(Args, Debug)]
-pub struct ExportArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// Must be true: merging is the export swift-rs does in this form
-    #[arg(long = "merge_lora", action = clap::ArgAction::Set, value_parser = swift_bool, default_value = "false")]
-    merge_lora: bool,
-    /// Where the merged model goes [default: the adapter's directory with "-merged" added]
-    #[arg(long = "output_dir")]
-    output_dir: Option<PathBuf>,
-    /// Largest shard, as transformers' max_shard_size: 5GB, 500MB, 2GiB
-    #[arg(long = "max_shard_size", default_value = "5GB", value_parser = parse_size)]
-    max_shard_size: u64,
-    /// auto, cpu, cuda[:N] or wgpu[:N]
-    #[arg(long, default_value = "auto")]
-    device: Device,
-}
-
-pub fn export(args: ExportArgs) -> Result<(), Failure> {
-    let Some(adapter) = &args.model.adapter else {
-        return Err(Failure::Usage(anyhow!(
-            "--adapters is required: the checkpoint to merge"
-        )));
-    };
-    if !args.merge_lora {
-        return Err(Failure::Usage(anyhow!(
-            "--merge_lora true is required: merging an adapter is the export swift-rs does; \
-             quantized and GGUF exports are not supported yet"
-        )));
-    }
-    if args.model.quant.is_some() {
-        return Err(Failure::Usage(anyhow!(
-            "--quant: a merged model is written unquantized (the base weights as they are)"
-        )));
-    }
-    let local = args.model.local()?;
-    let output = match &args.output_dir {
-        Some(dir) => dir.clone(),
-        None => {
-            let mut name = adapter.as_os_str().to_os_string();
-            name.push("-merged");
-            PathBuf::from(name)
-        }
-    };
-    let job = Job {
-        model: local.model,
-        adapter: local.adapter.expect("--adapters is given"),
-        output,
-        options: MergeOptions {
-            dtype: args.model.dtype.or(local.run_args.dtype),
-            max_shard_size: args.max_shard_size,
-        },
-    };
-    with_backend!(resolve(args.device)?, merge_on(&job))
-}
-
 /// A merge, its directories local.
-struct Job {
-    model: PathBuf,
-    adapter: PathBuf,
-    output: PathBuf,
-    options: MergeOptions,
+pub(super) struct Job {
+    pub model: PathBuf,
+    pub adapter: PathBuf,
+    pub output: PathBuf,
+    pub options: MergeOptions,
 }
 
-fn merge_on<B: ModelBackend>(device: B::Device, job: &Job) -> Result<(), Failure> {
+pub(super) fn merge_on<B: ModelBackend>(device: B::Device, job: &Job) -> Result<(), Failure> {
     // A merge has nothing worth saving half-way: Ctrl-C or SIGTERM removes what it was writing
     // (SIGKILL's leftover is removed by the next merge into the same place).
     ctrlc::set_handler(|| {

@@ -4,6 +4,7 @@ mod deploy;
 mod device;
 mod encode;
 mod eval;
+mod export;
 mod infer;
 mod merge;
 mod train;
@@ -53,9 +54,9 @@ pub enum Command {
     Infer(infer::InferArgs),
     /// Merge a LoRA adapter into its base model and write a Hugging Face model directory
     Merge(merge::MergeArgs),
-    /// ms-swift's `swift export --adapters DIR --merge_lora true`: merge a checkpoint into the
-    /// model its args.json names, into DIR-merged
-    Export(merge::ExportArgs),
+    /// Export a model and its adapter: merged into a Hugging Face directory (ms-swift's
+    /// `--merge_lora true`), or into one GGUF file for llama.cpp and Ollama (`--to gguf`)
+    Export(export::ExportArgs),
     /// ms-swift's `swift deploy`: an OpenAI-compatible server for a model and its adapters
     /// (--adapters name=DIR ...), with continuous batching
     Deploy(deploy::DeployArgs),
@@ -306,7 +307,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Eval(args) => eval::run(args),
         Command::Infer(args) => infer::run(args),
         Command::Merge(args) => merge::run(args),
-        Command::Export(args) => merge::export(args),
+        Command::Export(args) => export::export(args),
         Command::Encode(args) => encode::run(args),
         Command::Deploy(args) => deploy::run(args),
     }

@@ -4,7 +4,7 @@
 //! not the model in f32. A QLoRA adapter merges the same way, into the unquantized base weights.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::tensor::{DType, Tensor, TensorData};
@@ -92,61 +92,11 @@ pub fn merge<B: ModelBackend>(
     }
     let config = ModelConfig::from_dir(model_dir).map_err(ModelError::from)?;
     let out_dtype = options.dtype.or(config.dtype).unwrap_or(Dtype::F32);
-    let plan = read_adapter(adapter_dir)?;
-    let AdapterSource::Weights(mut adapter) = plan.source else {
-        unreachable!("read_adapter returns weights")
-    };
-    let lora = &plan.config;
-    let targets = Targets::new(
-        lora.target_modules.as_ref().expect("checked"),
-        lora.exclude_modules.as_ref(),
-    )
-    .map_err(|e| adapter_error(adapter_dir, vec![e]))?;
-
-    // Read every adapter tensor first, so a misfit is refused before anything is written.
-    let mut deltas: HashMap<String, (Lora<B>, [usize; 2])> = HashMap::new();
-    for (name, n_in, n_out) in config.adaptable_linears() {
-        if targets.matches(&name) {
-            let update = read_lora(&mut adapter, lora, &name, [n_in, n_out], device);
-            deltas.insert(format!("{name}.weight"), (update, [n_out, n_in]));
-        }
-    }
-    let mut problems: Vec<String> = adapter.problems().iter().map(ToString::to_string).collect();
-    if deltas.is_empty() {
-        problems.push(lora.matches_nothing());
-    }
-    if !problems.is_empty() {
-        return Err(adapter_error(adapter_dir, problems));
-    }
-
-    let mut base = Checkpoint::open(model_dir, Dtype::F32).map_err(ModelError::from)?;
+    let mut weights = MergedWeights::<B>::open(model_dir, &config, Some(adapter_dir), device)?;
     let staged = StagedDir::new(output)?;
     let mut shards = ShardWriter::new(staged.path(), options.max_shard_size, out_dtype);
-    let mut merged = 0;
-    for (key, shape) in base.tensors() {
-        let data = base.take_data(&key, &shape).ok_or_else(|| {
-            ModelError::from(crate::model::LoadError::Mismatch {
-                dir: model_dir.to_path_buf(),
-                problems: base.problems(),
-            })
-        })?;
-        let tensor = match deltas.get(&key) {
-            Some((update, expected)) if shape[..] == expected[..] => {
-                merged += 1;
-                // The checkpoint's [out, in] in the adapter's [in, out] orientation and back.
-                let w = Tensor::<B, 2>::from_data(data, (device, DType::F32)).transpose();
-                update.merged_weight(w).transpose().into_data()
-            }
-            Some((_, expected)) => {
-                return Err(adapter_error(
-                    adapter_dir,
-                    vec![format!(
-                        "base tensor {key} has shape {shape:?}, the adapter expects {expected:?}"
-                    )],
-                ))
-            }
-            None => data,
-        };
+    for (key, shape) in weights.tensors() {
+        let tensor = weights.take(&key, &shape)?;
         shards.push(key, shape, tensor)?;
     }
     let (n_shards, bytes) = shards.finish()?;
@@ -160,11 +110,107 @@ pub fn merge<B: ModelBackend>(
     }
     staged.commit()?;
     Ok(MergeReport {
-        merged_modules: merged,
+        merged_modules: weights.merged,
         shards: n_shards,
         bytes,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// A base model's tensors with an adapter's updates folded in, handed out one at a time in f32 so
+/// that a writer holds one tensor, not the model. Without an adapter, the base tensors as they are.
+pub struct MergedWeights<B: ModelBackend> {
+    base: Checkpoint,
+    model_dir: PathBuf,
+    adapter_dir: Option<PathBuf>,
+    /// Checkpoint key -> (update, the `[out, in]` shape it fits).
+    deltas: HashMap<String, (Lora<B>, [usize; 2])>,
+    device: B::Device,
+    /// Modules merged so far.
+    pub merged: usize,
+}
+
+impl<B: ModelBackend> MergedWeights<B> {
+    /// Reads every adapter tensor first, so that a misfit is refused before anything is written.
+    pub fn open(
+        model_dir: &Path,
+        config: &ModelConfig,
+        adapter_dir: Option<&Path>,
+        device: &B::Device,
+    ) -> Result<Self, MergeError> {
+        let mut deltas = HashMap::new();
+        if let Some(adapter_dir) = adapter_dir {
+            let plan = read_adapter(adapter_dir)?;
+            let AdapterSource::Weights(mut adapter) = plan.source else {
+                unreachable!("read_adapter returns weights")
+            };
+            let lora = &plan.config;
+            let targets = Targets::new(
+                lora.target_modules.as_ref().expect("checked"),
+                lora.exclude_modules.as_ref(),
+            )
+            .map_err(|e| adapter_error(adapter_dir, vec![e]))?;
+            for (name, n_in, n_out) in config.adaptable_linears() {
+                if targets.matches(&name) {
+                    let update = read_lora(&mut adapter, lora, &name, [n_in, n_out], device);
+                    deltas.insert(format!("{name}.weight"), (update, [n_out, n_in]));
+                }
+            }
+            let mut problems: Vec<String> =
+                adapter.problems().iter().map(ToString::to_string).collect();
+            if deltas.is_empty() {
+                problems.push(lora.matches_nothing());
+            }
+            if !problems.is_empty() {
+                return Err(adapter_error(adapter_dir, problems));
+            }
+        }
+        Ok(Self {
+            base: Checkpoint::open(model_dir, Dtype::F32).map_err(ModelError::from)?,
+            model_dir: model_dir.to_path_buf(),
+            adapter_dir: adapter_dir.map(Path::to_path_buf),
+            deltas,
+            device: device.clone(),
+            merged: 0,
+        })
+    }
+
+    /// Every base tensor's key and shape, in file order.
+    pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
+        self.base.tensors()
+    }
+
+    /// Whether the base has tensor `key`.
+    pub fn contains(&self, key: &str) -> bool {
+        self.base.contains(key)
+    }
+
+    /// Tensor `key` of `shape`, in f32, its update (if any) merged in.
+    pub fn take(&mut self, key: &str, shape: &[usize]) -> Result<TensorData, MergeError> {
+        let data = self.base.take_data(key, shape).ok_or_else(|| {
+            ModelError::from(crate::model::LoadError::Mismatch {
+                dir: self.model_dir.clone(),
+                problems: self.base.problems(),
+            })
+        })?;
+        match self.deltas.get(key) {
+            Some((update, expected)) if shape[..] == expected[..] => {
+                self.merged += 1;
+                // The checkpoint's [out, in] in the adapter's [in, out] orientation and back.
+                let w = Tensor::<B, 2>::from_data(data, (&self.device, DType::F32)).transpose();
+                Ok(update.merged_weight(w).transpose().into_data())
+            }
+            Some((_, expected)) => Err(adapter_error(
+                self.adapter_dir
+                    .as_deref()
+                    .expect("deltas come from an adapter"),
+                vec![format!(
+                    "base tensor {key} has shape {shape:?}, the adapter expects {expected:?}"
+                )],
+            )),
+            None => Ok(data),
+        }
+    }
 }
 
 fn adapter_error(dir: &Path, problems: Vec<String>) -> MergeError {

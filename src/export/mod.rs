@@ -1,7 +1,8 @@
-//! Files other tools read: PEFT adapters and merged Hugging Face model directories, each written
-//! whole or not at all (`atomic`).
+//! Files other tools read: PEFT adapters, merged Hugging Face model directories and GGUF files,
+//! each written whole or not at all (`atomic`).
 
 mod atomic;
+pub mod gguf;
 pub mod merge;
 pub mod peft;
 

@@ -1,0 +1,174 @@
+//! `swift-rs export`: ms-swift's `swift export --adapters DIR --merge_lora true`, which merges a
+//! checkpoint into a Hugging Face directory, and `--to gguf` (or ms-swift's `--quant_method
+//! gguf`), which writes the merged model as one GGUF file for llama.cpp, Ollama and LM Studio.
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, Context};
+use clap::{Args, ValueEnum};
+
+use super::device::{resolve, with_backend};
+use super::merge::{merge_on, Job};
+use super::{Failure, ModelArgs};
+use swift_rs::config::{swift_bool, Device};
+use swift_rs::export::exit_removing_staged;
+use swift_rs::export::gguf::{export_gguf, GgufOptions, GgufType};
+use swift_rs::export::merge::{parse_size, MergeOptions};
+use swift_rs::model::ModelBackend;
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    /// One GGUF file, the adapter merged in
+    Gguf,
+}
+
+/// The base model comes from the checkpoint's args.json (or adapter_config.json) unless
+/// `--model` says it.
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Merge the adapter into a Hugging Face model directory
+    #[arg(long = "merge_lora", action = clap::ArgAction::Set, value_parser = swift_bool, default_value = "false")]
+    merge_lora: bool,
+    /// What to write instead of a merged directory
+    #[arg(long, value_enum)]
+    to: Option<Target>,
+    /// ms-swift's way of asking for a format: gguf is `--to gguf`
+    #[arg(long = "quant_method")]
+    quant_method: Option<String>,
+    /// Type of the GGUF file's weight matrices: f32, f16, bf16, q8_0
+    #[arg(long = "gguf_type", default_value = "f16")]
+    gguf_type: GgufType,
+    /// The GGUF file to write [default: the adapter's (or model's) directory with
+    /// "-<gguf_type>.gguf" added, or a file of that name in --output_dir]
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Where the merged model goes [default: the adapter's directory with "-merged" added]
+    #[arg(long = "output_dir")]
+    output_dir: Option<PathBuf>,
+    /// Largest shard, as transformers' max_shard_size: 5GB, 500MB, 2GiB
+    #[arg(long = "max_shard_size", default_value = "5GB", value_parser = parse_size)]
+    max_shard_size: u64,
+    /// auto, cpu, cuda[:N] or wgpu[:N]
+    #[arg(long, default_value = "auto")]
+    device: Device,
+}
+
+pub fn export(args: ExportArgs) -> Result<(), Failure> {
+    let usage = |message: String| Err(Failure::Usage(anyhow!(message)));
+    let gguf = match (args.to, args.quant_method.as_deref()) {
+        (Some(Target::Gguf), _) | (None, Some("gguf")) => true,
+        (None, Some(other)) => {
+            return usage(format!(
+                "--quant_method {other}: swift-rs exports gguf (or a merged directory with \
+                 --merge_lora true)"
+            ))
+        }
+        (None, None) => false,
+    };
+    if args.model.quant.is_some() {
+        return usage("--quant: an export is written from the unquantized base weights".into());
+    }
+    if gguf {
+        return export_to_gguf(args);
+    }
+    let Some(adapter) = &args.model.adapter else {
+        return usage("--adapters is required: the checkpoint to merge".into());
+    };
+    if !args.merge_lora {
+        return usage(
+            "--merge_lora true (a merged directory) or --to gguf (a GGUF file) says what to export"
+                .into(),
+        );
+    }
+    let local = args.model.local()?;
+    let output = match &args.output_dir {
+        Some(dir) => dir.clone(),
+        None => suffixed(adapter, "-merged"),
+    };
+    let job = Job {
+        model: local.model,
+        adapter: local.adapter.expect("--adapters is given"),
+        output,
+        options: MergeOptions {
+            dtype: args.model.dtype.or(local.run_args.dtype),
+            max_shard_size: args.max_shard_size,
+        },
+    };
+    with_backend!(resolve(args.device)?, merge_on(&job))
+}
+
+fn suffixed(path: &std::path::Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_os_string();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// A GGUF export, its directories local.
+struct GgufJob {
+    model: PathBuf,
+    adapter: Option<PathBuf>,
+    output: PathBuf,
+    options: GgufOptions,
+}
+
+fn export_to_gguf(args: ExportArgs) -> Result<(), Failure> {
+    let local = args.model.local()?;
+    let source = args.model.adapter.as_ref().unwrap_or(&local.model);
+    let file_name = format!("-{}.gguf", args.gguf_type.name());
+    let output = match (&args.output, &args.output_dir) {
+        (Some(file), _) => file.clone(),
+        (None, Some(dir)) => {
+            let stem = source
+                .file_name()
+                .map(PathBuf::from)
+                .unwrap_or("model".into());
+            dir.join(suffixed(&stem, &file_name))
+        }
+        (None, None) => suffixed(source, &file_name),
+    };
+    if let Some(dir) = &args.output_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("--output_dir {}: cannot create it", dir.display()))
+            .map_err(Failure::Usage)?;
+    }
+    let job = GgufJob {
+        model: local.model,
+        adapter: local.adapter,
+        output,
+        options: GgufOptions {
+            gguf_type: args.gguf_type,
+        },
+    };
+    with_backend!(resolve(args.device)?, gguf_on(&job))
+}
+
+fn gguf_on<B: ModelBackend>(device: B::Device, job: &GgufJob) -> Result<(), Failure> {
+    ctrlc::set_handler(|| {
+        eprintln!("\ninterrupted: nothing partial is left");
+        exit_removing_staged(130);
+    })
+    .context("cannot install the SIGINT/SIGTERM handler")?;
+    let report = export_gguf::<B>(
+        &job.model,
+        job.adapter.as_deref(),
+        &job.output,
+        &job.options,
+        &device,
+    )
+    .map_err(|e| Failure::of(e, format!("cannot export {} to GGUF", job.model.display())))?;
+    for warning in &report.warnings {
+        eprintln!("warning: {warning}");
+    }
+    println!(
+        "wrote {} ({} tensors, {} merged modules, {}, {:.1} MB) in {:.2} s",
+        job.output.display(),
+        report.tensors,
+        report.merged_modules,
+        job.options.gguf_type.name(),
+        report.bytes as f64 / 1e6,
+        report.seconds
+    );
+    Ok(())
+}

@@ -158,9 +158,6 @@ fn gguf_on<B: ModelBackend>(device: B::Device, job: &GgufJob) -> Result<(), Fail
         &device,
     )
     .map_err(|e| Failure::of(e, format!("cannot export {} to GGUF", job.model.display())))?;
-    for warning in &report.warnings {
-        eprintln!("warning: {warning}");
-    }
     println!(
         "wrote {} ({} tensors, {} merged modules, {}, {:.1} MB) in {:.2} s",
         job.output.display(),

@@ -90,8 +90,6 @@ pub struct GgufReport {
     pub tensors: usize,
     pub bytes: u64,
     pub seconds: f64,
-    /// What llama.cpp will run differently from transformers (see `model::check`).
-    pub warnings: Vec<String>,
 }
 
 /// Writes the model in `model_dir`, with the PEFT adapter in `adapter_dir` merged, to `output`.
@@ -116,7 +114,7 @@ pub fn export_gguf<B: ModelBackend>(
             model_dir.display()
         ))
     };
-    let warnings = model::check(&config).map_err(unfit)?;
+    model::check(&config).map_err(unfit)?;
     let raw = read_config(model_dir)?;
     let mut weights = MergedWeights::<B>::open(model_dir, &config, adapter_dir, device)?;
     let planned = model::plan(&config, &weights.tensors()).map_err(unfit)?;
@@ -175,7 +173,6 @@ pub fn export_gguf<B: ModelBackend>(
         tensors: infos.len(),
         bytes,
         seconds: start.elapsed().as_secs_f64(),
-        warnings,
     })
 }
 

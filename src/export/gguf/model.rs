@@ -78,30 +78,20 @@ pub fn hparams(config: &ModelConfig, raw: &Json) -> Result<Vec<(String, Value)>,
     Ok(kv)
 }
 
-/// Where llama.cpp cannot run the model as transformers does, why; and what it runs differently
-/// without being wrong on the prompts most users give it, a warning.
-pub fn check(config: &ModelConfig) -> Result<Vec<String>, String> {
-    let mut warnings = Vec::new();
-    let windows: Vec<usize> = config.sliding_window.iter().flatten().copied().collect();
-    if let Some(&window) = windows.iter().min() {
-        let context = config.max_position_embeddings.unwrap_or(usize::MAX);
-        if config.arch != Arch::Mistral {
-            return Err(format!(
-                "sliding-window attention ({window} positions) is not part of llama.cpp's {} \
-                 architecture",
-                arch_name(config.arch)
-            ));
-        }
-        if window < context {
-            // As llama.cpp's own converter does for Mistral 7B v0.1: full attention, equal up
-            // to the window.
-            warnings.push(format!(
-                "llama.cpp runs this Mistral model with full attention: prompts of more than \
-                 sliding_window = {window} tokens attend further back than in transformers"
-            ));
-        }
+/// Why llama.cpp would not compute what transformers computes, if it would not.
+pub fn check(config: &ModelConfig) -> Result<(), String> {
+    let context = config.max_position_embeddings.unwrap_or(usize::MAX);
+    match config.sliding_window.iter().flatten().min() {
+        // Mistral 7B v0.1's case: llama.cpp's converter writes it anyway, and past the window
+        // its logits part from transformers'.
+        Some(&window) if window < context => Err(format!(
+            "sliding_window = {window} is below max_position_embeddings = {context}, and \
+             llama.cpp's {} architecture attends to every earlier position: past {window} \
+             tokens its logits would not be the model's",
+            arch_name(config.arch)
+        )),
+        _ => Ok(()),
     }
-    Ok(warnings)
 }
 
 /// One tensor of the file and where its values come from.

@@ -1,0 +1,194 @@
+"""Golden GGUF files for tests/gguf.rs, made by llama.cpp itself, and the checks that need
+llama.cpp to run (CI reads only the files this writes).
+
+For each fixture family (a tiny model and a PEFT adapter of tests/fixtures):
+  1. PEFT merges the adapter (f32) and llama.cpp's convert_hf_to_gguf.py writes the merged model
+     as f16: tests/fixtures/gguf/<adapter>.f16.gguf. tests/gguf.rs checks that swift-rs, merging
+     on the fly, writes the same metadata and tensors.
+  2. llama.cpp's quantizer (llama_model_quantize, no importance matrix) turns swift-rs's f32 file
+     into q8_0: tests/fixtures/gguf/<adapter>.q8_0.gguf. tests/gguf.rs checks swift-rs's own
+     q8_0 blocks against it byte for byte.
+  3. llama.cpp (llama-cpp-python) loads swift-rs's f32 and f16 files: their logits are checked
+     against transformers + PEFT, and llama.cpp's tokenization of sample texts against the
+     Hugging Face tokenizer's. What was measured goes to tests/fixtures/gguf/checks.json.
+
+The fixture tokenizers are toy byte-level BPEs: convert_hf_to_gguf.py recognises a pre-tokenizer by
+hashing a real vocabulary's tokens, so it is told the answer ("gpt-2", GPT-2's regex, which is
+what these tokenizers split by); step 3 checks that llama.cpp then tokenizes as Hugging Face.
+Mistral's fixture has a 5-token sliding window, which llama.cpp cannot run (swift-rs refuses it);
+its GGUF check uses the same model without the window ("mistral_full", as tests/gguf.rs makes it).
+
+Setup (pins):
+  python3 -m venv /tmp/venv && /tmp/venv/bin/pip install torch==2.15.0 transformers==5.23.0 \
+      peft==0.21.2 sentencepiece gguf==0.19.0 llama-cpp-python==0.3.36
+  # convert_hf_to_gguf.py and its gguf-py: the llama.cpp tree of the same llama-cpp-python sdist
+  pip download --no-deps --no-build-isolation llama-cpp-python==0.3.36 -d /tmp/lcpsrc
+  tar xzf /tmp/lcpsrc/llama_cpp_python-0.3.36.tar.gz -C /tmp/lcpsrc
+  cargo build --features wgpu
+  /tmp/venv/bin/python scripts/gen_gguf_fixtures.py \
+      --llama-cpp /tmp/lcpsrc/llama_cpp_python-0.3.36/vendor/llama.cpp --swift-rs target/debug/swift-rs
+"""
+
+import argparse
+import ctypes
+import json
+import runpy
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+OUT = FIXTURES / "gguf"
+# (adapter, base model, quantized fixture too)
+CASES = [
+    ("llama_qv", "llama", True),
+    ("qwen2_rslora", "qwen2_bf16", False),
+    ("qwen3_dora", "qwen3_f16", True),
+    ("mistral_regex", "mistral", False),
+]
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                   "generation_config.json"]
+TEXTS = ["hello world, the quick brown fox", "  two  spaces\nand a newline\t tab",
+         "digits 12345 and ünïcödé", "<|im_start|>user\nhi<|im_end|>"]
+
+
+def base_dir(base, tmp):
+    """The base model directory; Mistral's without its sliding window (see the docstring)."""
+    src = FIXTURES / "models" / base
+    if base != "mistral":
+        return src
+    dst = tmp / "mistral_full"
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["sliding_window"] = None
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return dst
+
+
+def peft_model(base, adapter):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    return PeftModel.from_pretrained(model, FIXTURES / "adapters" / adapter).eval()
+
+
+def convert(llama_cpp, model_dir, outfile):
+    """convert_hf_to_gguf.py --outtype f16, told the toy tokenizers' pre-tokenizer."""
+    sys.path[:0] = [str(llama_cpp / "gguf-py"), str(llama_cpp)]
+    import conversion.base as conversion_base
+    conversion_base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+    argv = sys.argv
+    sys.argv = ["convert_hf_to_gguf.py", str(model_dir), "--outtype", "f16",
+                "--outfile", str(outfile)]
+    try:
+        runpy.run_path(str(llama_cpp / "convert_hf_to_gguf.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+
+
+def swift_export(swift_rs, base, adapter, gguf_type, output):
+    subprocess.run([swift_rs, "export", "--model", str(base), "--adapters",
+                    str(FIXTURES / "adapters" / adapter), "--to", "gguf", "--gguf_type", gguf_type,
+                    "--output", str(output), "--device", "cpu"], check=True)
+
+
+def quantize(src, dst, ftype):
+    import llama_cpp
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = 1
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(),
+                                          ctypes.byref(params)) == 0
+
+
+def same_tensors(a, b):
+    """Whether two GGUF files hold the same tensors: names, types, shapes and bytes."""
+    import gguf
+    tensors = [{t.name: (t.tensor_type, list(t.shape), bytes(t.data)) for t in
+                gguf.GGUFReader(path).tensors} for path in (a, b)]
+    return tensors[0] == tensors[1]
+
+
+def llama_logits(path, ids):
+    import llama_cpp
+    # f32 keys and values: llama.cpp's default f16 cache would add its own rounding.
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, verbose=False, n_ctx=64,
+                          n_threads=2, type_k=0, type_v=0)
+    llm.eval(ids)
+    logits = np.array(llm.scores[: len(ids)])
+    tokens = [llm.tokenize(t.encode(), add_bos=False, special=True) for t in TEXTS]
+    llm.close()
+    return logits, tokens
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--llama-cpp", type=Path, required=True)
+    parser.add_argument("--swift-rs", required=True)
+    args = parser.parse_args()
+    from tokenizers import Tokenizer
+    OUT.mkdir(exist_ok=True)
+    checks = {}
+    for adapter, base, quantized in CASES:
+        tmp = Path(tempfile.mkdtemp())
+        base_path = base_dir(base, tmp)
+        model = peft_model(base_path, adapter)
+        merged = tmp / "merged"
+        model.merge_and_unload().save_pretrained(merged)
+        for name in TOKENIZER_FILES:
+            if (base_path / name).exists():
+                shutil.copy(base_path / name, merged / name)
+        convert(args.llama_cpp, merged, OUT / f"{adapter}.f16.gguf")
+
+        ours = {t: tmp / f"ours.{t}.gguf" for t in ["f32", "f16", "q8_0"]}
+        for gguf_type, path in ours.items():
+            swift_export(args.swift_rs, base_path, adapter, gguf_type, path)
+        if quantized:
+            quantize(ours["f32"], OUT / f"{adapter}.q8_0.gguf", 7)  # LLAMA_FTYPE_MOSTLY_Q8_0
+            assert same_tensors(OUT / f"{adapter}.q8_0.gguf", ours["q8_0"]), adapter
+
+        # tokenizer.json as written, which swift-rs and the GGUF follow (transformers 5's
+        # AutoTokenizer gives a Qwen2 model without tokenizer_config.json Qwen 2's own split).
+        tokenizer = Tokenizer.from_file(str(base_path / "tokenizer.json"))
+        ids = tokenizer.encode(TEXTS[0], add_special_tokens=False).ids
+        model = peft_model(base_path, adapter)
+        with torch.no_grad():
+            reference = model(torch.tensor([ids])).logits[0].numpy()
+        f32_logits, tokens = llama_logits(ours["f32"], ids)
+        f16_logits, _ = llama_logits(ours["f16"], ids)
+        # The f16 file's reference: the merged model with its matrices rounded to f16.
+        merged_model = peft_model(base_path, adapter).merge_and_unload()
+        with torch.no_grad():
+            for p in merged_model.parameters():
+                if p.dim() == 2:
+                    p.copy_(p.half().float())
+            rounded = merged_model(torch.tensor([ids])).logits[0].numpy()
+        hf_tokens = [tokenizer.encode(t, add_special_tokens=False).ids for t in TEXTS]
+        result = {
+            "f32_vs_peft_max_abs": float(np.abs(f32_logits - reference).max()),
+            "f16_vs_peft_f16_weights_max_abs": float(np.abs(f16_logits - rounded).max()),
+            "f16_vs_peft_max_abs": float(np.abs(f16_logits - reference).max()),
+            "logits_max_abs": float(np.abs(reference).max()),
+            "tokenization_equal": tokens == hf_tokens,
+        }
+        print(adapter, result)
+        assert result["f32_vs_peft_max_abs"] < 1e-4, adapter
+        assert result["f16_vs_peft_f16_weights_max_abs"] < 1e-2, adapter
+        assert result["tokenization_equal"], (adapter, tokens, hf_tokens)
+        checks[adapter] = result
+        shutil.rmtree(tmp)
+    versions = {"llama_cpp_python": __import__("llama_cpp").__version__,
+                "transformers": __import__("transformers").__version__,
+                "peft": __import__("peft").__version__, "torch": torch.__version__}
+    (OUT / "checks.json").write_text(json.dumps({"versions": versions, "checks": checks},
+                                                indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+//! `swift-rs export --to gguf` against files llama.cpp made (scripts/gen_gguf_fixtures.py, which
+//! also checked that llama.cpp runs swift-rs's files to transformers' logits and tokenization):
+//! the metadata and tensors of its converter, and the blocks of its quantizer.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{
+    adapter_dir, edit_config, fixtures, model_copy, model_dir, swift_rs_fails, swift_rs_ok,
+};
+use half::f16;
+use serde_json::Value as Json;
+use swift_rs::export::gguf::{GgmlType, Gguf, Value};
+
+/// (adapter, base model) of each family; Mistral's without its sliding window, which llama.cpp
+/// cannot run (see `a_model_llama_cpp_cannot_run_is_refused`).
+const CASES: [(&str, &str); 4] = [
+    ("llama_qv", "llama"),
+    ("qwen2_rslora", "qwen2_bf16"),
+    ("qwen3_dora", "qwen3_f16"),
+    ("mistral_regex", "mistral"),
+];
+
+/// Keys the converter derives from the directory's name and the parameter count, for display.
+const NAMING_KEYS: [&str; 2] = ["general.name", "general.size_label"];
+
+fn base(name: &str) -> (PathBuf, Option<tempfile::TempDir>) {
+    if name != "mistral" {
+        return (model_dir(name), None);
+    }
+    let copy = model_copy(name);
+    edit_config(copy.path(), |c| c["sliding_window"] = Json::Null);
+    (copy.path().to_path_buf(), Some(copy))
+}
+
+fn export(base: &Path, adapter: &str, gguf_type: &str, output: &Path) {
+    swift_rs_ok(&[
+        "export",
+        "--model",
+        base.to_str().unwrap(),
+        "--adapters",
+        adapter_dir(adapter).to_str().unwrap(),
+        "--to",
+        "gguf",
+        "--gguf_type",
+        gguf_type,
+        "--output",
+        output.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+}
+
+fn golden(name: &str) -> Gguf {
+    Gguf::read(&fixtures().join("gguf").join(name)).unwrap()
+}
+
+fn metadata(file: &Gguf) -> Vec<(String, Value)> {
+    let mut kv: Vec<_> = file
+        .metadata
+        .iter()
+        .filter(|(k, _)| !NAMING_KEYS.contains(&k.as_str()))
+        .cloned()
+        .collect();
+    kv.sort_by(|a, b| a.0.cmp(&b.0));
+    kv
+}
+
+fn f16s(bytes: &[u8]) -> Vec<f16> {
+    bytes
+        .chunks(2)
+        .map(|b| f16::from_le_bytes([b[0], b[1]]))
+        .collect()
+}
+
+#[test]
+fn f16_files_are_what_llama_cpps_converter_writes_for_the_merged_model() {
+    for (adapter, base_name) in CASES {
+        let (base, _copy) = base(base_name);
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("model.gguf");
+        export(&base, adapter, "f16", &out);
+        let (ours, theirs) = (
+            Gguf::read(&out).unwrap(),
+            golden(&format!("{adapter}.f16.gguf")),
+        );
+        assert_eq!(metadata(&ours), metadata(&theirs), "{adapter}");
+        let mut names: Vec<_> = ours.tensors.iter().map(|(t, _)| &t.name).collect();
+        let mut golden_names: Vec<_> = theirs.tensors.iter().map(|(t, _)| &t.name).collect();
+        names.sort();
+        golden_names.sort();
+        assert_eq!(names, golden_names, "{adapter}");
+        let mut rounded_apart = 0;
+        for (info, bytes) in &ours.tensors {
+            let (golden_info, golden_bytes) = theirs.tensor(&info.name).unwrap();
+            assert_eq!(info, golden_info, "{adapter}");
+            if bytes == golden_bytes {
+                continue;
+            }
+            // PEFT merged the golden file's weights in another order of f32 operations: an f16
+            // value may round the other way, one step apart; anything more is a wrong weight.
+            assert_eq!(info.ty, GgmlType::F16, "{adapter} {}", info.name);
+            for (a, b) in f16s(bytes).iter().zip(f16s(golden_bytes)) {
+                let steps = (a.to_bits() as i32 - b.to_bits() as i32).abs();
+                assert!(steps <= 1, "{adapter} {}: {a} vs {b}", info.name);
+                rounded_apart += usize::from(steps == 1);
+            }
+        }
+        let values: usize = ours.tensors.iter().map(|(_, b)| b.len() / 2).sum();
+        assert!(
+            rounded_apart * 1000 < values,
+            "{adapter}: {rounded_apart} of {values} values"
+        );
+    }
+}
+
+#[test]
+fn q8_0_blocks_are_llama_quantizes() {
+    for (adapter, base_name) in [("llama_qv", "llama"), ("qwen3_dora", "qwen3_f16")] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("model.gguf");
+        export(&model_dir(base_name), adapter, "q8_0", &out);
+        let (ours, theirs) = (
+            Gguf::read(&out).unwrap(),
+            golden(&format!("{adapter}.q8_0.gguf")),
+        );
+        assert_eq!(metadata(&ours), metadata(&theirs), "{adapter}");
+        assert_eq!(ours.tensors.len(), theirs.tensors.len());
+        let mut types = Vec::new();
+        for (info, bytes) in &ours.tensors {
+            let (golden_info, golden_bytes) = theirs.tensor(&info.name).unwrap();
+            assert_eq!(info, golden_info, "{adapter}");
+            assert!(
+                bytes == golden_bytes,
+                "{adapter} {}: blocks differ",
+                info.name
+            );
+            types.push(info.ty);
+        }
+        // Both kinds of choice were made: q8_0 blocks, and f16 where rows are not whole blocks
+        // (llama's ffn_down has 88 columns).
+        assert!(types.contains(&GgmlType::Q8_0) && types.contains(&GgmlType::F32));
+        if adapter == "llama_qv" {
+            assert!(types.contains(&GgmlType::F16));
+        }
+    }
+}
+
+#[test]
+fn ms_swifts_form_writes_into_output_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("out");
+    let printed = swift_rs_ok(&[
+        "export",
+        "--model",
+        model_dir("qwen3_f16").to_str().unwrap(),
+        "--adapters",
+        adapter_dir("qwen3_dora").to_str().unwrap(),
+        "--quant_method",
+        "gguf",
+        "--output_dir",
+        dir.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    let file = dir.join("qwen3_dora-f16.gguf");
+    assert!(printed.contains("qwen3_dora-f16.gguf"), "{printed}");
+    let ours = Gguf::read(&file).unwrap();
+    assert_eq!(metadata(&ours), metadata(&golden("qwen3_dora.f16.gguf")));
+}
+
+#[test]
+fn a_model_llama_cpp_cannot_run_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("model.gguf");
+    let args = |model: &Path| {
+        vec![
+            "export".to_string(),
+            "--model".into(),
+            model.to_str().unwrap().into(),
+            "--to".into(),
+            "gguf".into(),
+            "--output".into(),
+            out.to_str().unwrap().into(),
+            "--device".into(),
+            "cpu".into(),
+        ]
+    };
+    // Mistral's fixture attends to 5 positions back; llama.cpp's llama attends to all.
+    let err = swift_rs_fails(&args(&model_dir("mistral")), 2);
+    assert!(err.contains("sliding_window = 5"), "{err}");
+
+    // A tokenizer llama.cpp would split differently.
+    let copy = model_copy("qwen2_chat");
+    let path = copy.path().join("tokenizer.json");
+    let mut tokenizer: Json =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    tokenizer["pre_tokenizer"] = serde_json::json!({"type": "Whitespace"});
+    std::fs::write(&path, tokenizer.to_string()).unwrap();
+    let err = swift_rs_fails(&args(copy.path()), 2);
+    assert!(
+        err.contains("tokenizer.json") && err.contains("Whitespace"),
+        "{err}"
+    );
+
+    // A tensor llama.cpp has no place for.
+    let copy = model_copy("qwen3_f16");
+    let weights = copy.path().join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, safetensors::tensor::TensorView)> = st.tensors();
+    let extra = vec![0u8; 8];
+    tensors.push((
+        "model.layers.0.self_attn.gate.weight".into(),
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F16, vec![4], &extra).unwrap(),
+    ));
+    safetensors::serialize_to_file(tensors, None, &weights).unwrap();
+    let err = swift_rs_fails(&args(copy.path()), 2);
+    assert!(
+        err.contains("model.layers.0.self_attn.gate.weight"),
+        "{err}"
+    );
+
+    assert!(!out.exists());
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "nothing left behind"
+    );
+
+    // An existing file is not overwritten.
+    std::fs::write(&out, b"keep").unwrap();
+    let err = swift_rs_fails(&args(&model_dir("qwen3_f16")), 2);
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(std::fs::read(&out).unwrap(), b"keep");
+}

@@ -6,8 +6,12 @@ For each fixture family (a tiny model and a PEFT adapter of tests/fixtures):
      as f16: tests/fixtures/gguf/<adapter>.f16.gguf. tests/gguf.rs checks that swift-rs, merging
      on the fly, writes the same metadata and tensors.
   2. llama.cpp's quantizer (llama_model_quantize, no importance matrix) turns swift-rs's f32 file
-     into q8_0: tests/fixtures/gguf/<adapter>.q8_0.gguf. tests/gguf.rs checks swift-rs's own
-     q8_0 blocks against it byte for byte.
+     into each quantized type: each tensor's type and the SHA-256 of its blocks go to
+     tests/fixtures/gguf/quantized.json, and tests/gguf.rs checks swift-rs's own files against
+     them. Besides the adapters' cases, "kquant" is a llama model whose rows are whole 256-blocks
+     (tests/fixtures/models/kquant, its weights made by `synthetic_weights`, as tests/gguf.rs makes
+     them), so that the k-quants are used rather than their fallbacks, over 4 layers so that the
+     _m mixes' layer rules both apply and do not.
   3. llama.cpp (llama-cpp-python) loads swift-rs's f32 and f16 files: their logits are checked
      against transformers + PEFT, and llama.cpp's tokenization of sample texts against the
      Hugging Face tokenizer's. What was measured goes to tests/fixtures/gguf/checks.json.
@@ -45,13 +49,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 OUT = FIXTURES / "gguf"
-# (adapter, base model, quantized fixture too)
+# (adapter, base model, quantized types checked too)
 CASES = [
     ("llama_qv", "llama", True),
     ("qwen2_rslora", "qwen2_bf16", False),
     ("qwen3_dora", "qwen3_f16", True),
     ("mistral_regex", "mistral", False),
 ]
+# --gguf_type: llama_ftype
+QUANTIZED = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "generation_config.json"]
 TEXTS = ["hello world, the quick brown fox", "  two  spaces\nand a newline\t tab",
@@ -71,6 +77,55 @@ def base_dir(base, tmp):
     return dst
 
 
+def synthetic_weights(config):
+    """The kquant model's weights, each value exact in f32 from an integer hash of its tensor's
+    index and its own (tests/gguf.rs computes the same)."""
+    h, n, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    kv = config["num_key_value_heads"] * config["head_dim"]
+    shapes = [("model.embed_tokens.weight", [config["vocab_size"], h])]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes += [(p + "input_layernorm.weight", [h]), (p + "self_attn.q_proj.weight", [h, h]),
+                   (p + "self_attn.k_proj.weight", [kv, h]), (p + "self_attn.v_proj.weight", [kv, h]),
+                   (p + "self_attn.o_proj.weight", [h, h]),
+                   (p + "post_attention_layernorm.weight", [h]),
+                   (p + "mlp.gate_proj.weight", [n, h]), (p + "mlp.up_proj.weight", [n, h]),
+                   (p + "mlp.down_proj.weight", [h, n])]
+    shapes += [("model.norm.weight", [h]), ("lm_head.weight", [config["vocab_size"], h])]
+    tensors = {}
+    for t, (name, shape) in enumerate(shapes):
+        i = np.arange(int(np.prod(shape)), dtype=np.uint32)
+        x = i * np.uint32(2654435761) ^ np.uint32(t * 40503 + 1)
+        x ^= x >> np.uint32(15)
+        x *= np.uint32(2246822519)
+        x ^= x >> np.uint32(13)
+        v = (x >> np.uint32(8)).astype(np.float32) / np.float32(16777216) - np.float32(0.5)
+        # Mostly small values, one in 61 sixteen times larger: blocks with outliers.
+        v = np.where(x % np.uint32(61) == 0, v * np.float32(16), v * np.float32(0.25))
+        if len(shape) == 1:
+            v = v + np.float32(1)
+        tensors[name] = torch.from_numpy(v.astype(np.float32).reshape(shape))
+    return tensors
+
+
+def quantized_hashes(f32_file, tmp):
+    """Each quantized type of `f32_file` by llama.cpp: its file type, and each tensor's type and
+    the SHA-256 of its bytes."""
+    import gguf
+    import hashlib
+    out = {}
+    for name, ftype in QUANTIZED.items():
+        path = tmp / f"llama.{name}.gguf"
+        quantize(f32_file, path, ftype)
+        reader = gguf.GGUFReader(path)
+        out[name] = {
+            "file_type": int(reader.fields["general.file_type"].contents()),
+            "tensors": {t.name: [t.tensor_type.name, hashlib.sha256(bytes(t.data)).hexdigest()]
+                        for t in reader.tensors},
+        }
+    return out
+
+
 def peft_model(base, adapter):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -80,7 +135,6 @@ def peft_model(base, adapter):
 
 def convert(llama_cpp, model_dir, outfile):
     """convert_hf_to_gguf.py --outtype f16, told the toy tokenizers' pre-tokenizer."""
-    sys.path[:0] = [str(llama_cpp / "gguf-py"), str(llama_cpp)]
     import conversion.base as conversion_base
     conversion_base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
     argv = sys.argv
@@ -93,9 +147,10 @@ def convert(llama_cpp, model_dir, outfile):
 
 
 def swift_export(swift_rs, base, adapter, gguf_type, output):
-    subprocess.run([swift_rs, "export", "--model", str(base), "--adapters",
-                    str(FIXTURES / "adapters" / adapter), "--to", "gguf", "--gguf_type", gguf_type,
-                    "--output", str(output), "--device", "cpu"], check=True)
+    adapter_args = ["--adapters", str(FIXTURES / "adapters" / adapter)] if adapter else []
+    subprocess.run([swift_rs, "export", "--model", str(base), *adapter_args, "--to", "gguf",
+                    "--gguf_type", gguf_type, "--output", str(output), "--device", "cpu"],
+                   check=True)
 
 
 def quantize(src, dst, ftype):
@@ -105,14 +160,6 @@ def quantize(src, dst, ftype):
     params.nthread = 1
     assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(),
                                           ctypes.byref(params)) == 0
-
-
-def same_tensors(a, b):
-    """Whether two GGUF files hold the same tensors: names, types, shapes and bytes."""
-    import gguf
-    tensors = [{t.name: (t.tensor_type, list(t.shape), bytes(t.data)) for t in
-                gguf.GGUFReader(path).tensors} for path in (a, b)]
-    return tensors[0] == tensors[1]
 
 
 def llama_logits(path, ids):
@@ -132,9 +179,21 @@ def main():
     parser.add_argument("--llama-cpp", type=Path, required=True)
     parser.add_argument("--swift-rs", required=True)
     args = parser.parse_args()
+    # The converter and its own gguf-py, which every `import gguf` here must then be.
+    sys.path[:0] = [str(args.llama_cpp / "gguf-py"), str(args.llama_cpp)]
     from tokenizers import Tokenizer
     OUT.mkdir(exist_ok=True)
-    checks = {}
+    checks, hashes = {}, {}
+    from safetensors.torch import save_file
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = tmp / "kquant"
+        shutil.copytree(FIXTURES / "models" / "kquant", model)
+        config = json.loads((model / "config.json").read_text())
+        save_file(synthetic_weights(config), model / "model.safetensors")
+        swift_export(args.swift_rs, model, None, "f32", tmp / "kquant.f32.gguf")
+        hashes["kquant"] = quantized_hashes(tmp / "kquant.f32.gguf", tmp)
+
     for adapter, base, quantized in CASES:
         tmp = Path(tempfile.mkdtemp())
         base_path = base_dir(base, tmp)
@@ -146,12 +205,11 @@ def main():
                 shutil.copy(base_path / name, merged / name)
         convert(args.llama_cpp, merged, OUT / f"{adapter}.f16.gguf")
 
-        ours = {t: tmp / f"ours.{t}.gguf" for t in ["f32", "f16", "q8_0"]}
+        ours = {t: tmp / f"ours.{t}.gguf" for t in ["f32", "f16"]}
         for gguf_type, path in ours.items():
             swift_export(args.swift_rs, base_path, adapter, gguf_type, path)
         if quantized:
-            quantize(ours["f32"], OUT / f"{adapter}.q8_0.gguf", 7)  # LLAMA_FTYPE_MOSTLY_Q8_0
-            assert same_tensors(OUT / f"{adapter}.q8_0.gguf", ours["q8_0"]), adapter
+            hashes[adapter] = quantized_hashes(ours["f32"], tmp)
 
         # tokenizer.json as written, which swift-rs and the GGUF follow (transformers 5's
         # AutoTokenizer gives a Qwen2 model without tokenizer_config.json Qwen 2's own split).
@@ -186,6 +244,7 @@ def main():
     versions = {"llama_cpp_python": __import__("llama_cpp").__version__,
                 "transformers": __import__("transformers").__version__,
                 "peft": __import__("peft").__version__, "torch": torch.__version__}
+    (OUT / "quantized.json").write_text(json.dumps(hashes, indent=1) + "\n")
     (OUT / "checks.json").write_text(json.dumps({"versions": versions, "checks": checks},
                                                 indent=1) + "\n")
 

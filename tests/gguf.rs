@@ -115,35 +115,134 @@ fn f16_files_are_what_llama_cpps_converter_writes_for_the_merged_model() {
     }
 }
 
+/// The kquant model's weights, as scripts/gen_gguf_fixtures.py's `synthetic_weights` makes them:
+/// each value exact in f32 from an integer hash of its tensor's index and its own.
+fn synthetic_weights(dir: &Path) {
+    let config: Json =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let dim = |k: &str| config[k].as_u64().unwrap() as usize;
+    let (h, n, vocab) = (
+        dim("hidden_size"),
+        dim("intermediate_size"),
+        dim("vocab_size"),
+    );
+    let kv = dim("num_key_value_heads") * dim("head_dim");
+    let mut shapes = vec![("model.embed_tokens.weight".to_string(), vec![vocab, h])];
+    for i in 0..dim("num_hidden_layers") {
+        let p = format!("model.layers.{i}.");
+        for (name, shape) in [
+            ("input_layernorm.weight", vec![h]),
+            ("self_attn.q_proj.weight", vec![h, h]),
+            ("self_attn.k_proj.weight", vec![kv, h]),
+            ("self_attn.v_proj.weight", vec![kv, h]),
+            ("self_attn.o_proj.weight", vec![h, h]),
+            ("post_attention_layernorm.weight", vec![h]),
+            ("mlp.gate_proj.weight", vec![n, h]),
+            ("mlp.up_proj.weight", vec![n, h]),
+            ("mlp.down_proj.weight", vec![h, n]),
+        ] {
+            shapes.push((p.clone() + name, shape));
+        }
+    }
+    shapes.push(("model.norm.weight".into(), vec![h]));
+    shapes.push(("lm_head.weight".into(), vec![vocab, h]));
+    let data: Vec<Vec<u8>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(t, (_, shape))| {
+            let count: usize = shape.iter().product();
+            (0..count as u32)
+                .flat_map(|i| {
+                    let mut x = i.wrapping_mul(2654435761) ^ (t as u32 * 40503 + 1);
+                    x ^= x >> 15;
+                    x = x.wrapping_mul(2246822519);
+                    x ^= x >> 13;
+                    let v = (x >> 8) as f32 / 16777216.0 - 0.5;
+                    let v = if x % 61 == 0 { v * 16.0 } else { v * 0.25 };
+                    let v = if shape.len() == 1 { v + 1.0 } else { v };
+                    v.to_le_bytes()
+                })
+                .collect()
+        })
+        .collect();
+    let views: Vec<_> = shapes
+        .iter()
+        .zip(&data)
+        .map(|((name, shape), bytes)| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                    .unwrap();
+            (name.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+}
+
 #[test]
-fn q8_0_blocks_are_llama_quantizes() {
-    for (adapter, base_name) in [("llama_qv", "llama"), ("qwen3_dora", "qwen3_f16")] {
-        let tmp = tempfile::tempdir().unwrap();
-        let out = tmp.path().join("model.gguf");
-        export(&model_dir(base_name), adapter, "q8_0", &out);
-        let (ours, theirs) = (
-            Gguf::read(&out).unwrap(),
-            golden(&format!("{adapter}.q8_0.gguf")),
-        );
-        assert_eq!(metadata(&ours), metadata(&theirs), "{adapter}");
-        assert_eq!(ours.tensors.len(), theirs.tensors.len());
-        let mut types = Vec::new();
-        for (info, bytes) in &ours.tensors {
-            let (golden_info, golden_bytes) = theirs.tensor(&info.name).unwrap();
-            assert_eq!(info, golden_info, "{adapter}");
-            assert!(
-                bytes == golden_bytes,
-                "{adapter} {}: blocks differ",
-                info.name
+fn quantized_blocks_and_type_choices_are_llama_quantizes() {
+    use sha2::{Digest, Sha256};
+    let golden: Json = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("gguf/quantized.json")).unwrap(),
+    )
+    .unwrap();
+    let kquant = model_copy("kquant");
+    synthetic_weights(kquant.path());
+    let cases = [
+        ("kquant", kquant.path().to_path_buf(), None),
+        ("llama_qv", model_dir("llama"), Some("llama_qv")),
+        ("qwen3_dora", model_dir("qwen3_f16"), Some("qwen3_dora")),
+    ];
+    let mut seen = std::collections::BTreeSet::new();
+    for (case, base, adapter) in &cases {
+        for (gguf_type, expected) in golden[case].as_object().unwrap() {
+            let tmp = tempfile::tempdir().unwrap();
+            let out = tmp.path().join("model.gguf");
+            let mut args = vec![
+                "export",
+                "--model",
+                base.to_str().unwrap(),
+                "--to",
+                "gguf",
+                "--gguf_type",
+                gguf_type,
+                "--output",
+                out.to_str().unwrap(),
+                "--device",
+                "cpu",
+            ];
+            let adapter_path = adapter.map(|a| adapter_dir(a).to_str().unwrap().to_string());
+            if let Some(path) = &adapter_path {
+                args.extend(["--adapters", path]);
+            }
+            swift_rs_ok(&args);
+            let ours = Gguf::read(&out).unwrap();
+            let what = format!("{case} {gguf_type}");
+            assert_eq!(
+                ours.get("general.file_type"),
+                Some(&Value::U32(expected["file_type"].as_u64().unwrap() as u32)),
+                "{what}"
             );
-            types.push(info.ty);
+            let tensors = expected["tensors"].as_object().unwrap();
+            assert_eq!(ours.tensors.len(), tensors.len(), "{what}");
+            for (info, bytes) in &ours.tensors {
+                let golden = &tensors[&info.name];
+                let hash: String = Sha256::digest(bytes)
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                let ty = info.ty.name().to_ascii_uppercase();
+                assert_eq!(ty, golden[0], "{what} {}: type", info.name);
+                assert_eq!(hash, golden[1], "{what} {}: blocks", info.name);
+                seen.insert(info.ty.name());
+            }
         }
-        // Both kinds of choice were made: q8_0 blocks, and f16 where rows are not whole blocks
-        // (llama's ffn_down has 88 columns).
-        assert!(types.contains(&GgmlType::Q8_0) && types.contains(&GgmlType::F32));
-        if adapter == "llama_qv" {
-            assert!(types.contains(&GgmlType::F16));
-        }
+    }
+    // Every encoder was compared, the fallbacks' included.
+    let all = [
+        "f32", "f16", "q4_0", "q5_0", "q5_1", "q8_0", "q4_K", "q5_K", "q6_K",
+    ];
+    for ty in all {
+        assert!(seen.contains(&ty), "{ty} not compared: {seen:?}");
     }
 }
 

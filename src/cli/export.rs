@@ -37,7 +37,8 @@ pub struct ExportArgs {
     /// ms-swift's way of asking for a format: gguf is `--to gguf`
     #[arg(long = "quant_method")]
     quant_method: Option<String>,
-    /// Type of the GGUF file's weight matrices: f32, f16, bf16, q8_0
+    /// Type of the GGUF file's weight matrices, as llama-quantize names them: f32, f16, bf16,
+    /// q8_0, q4_0, q4_k_m, q5_k_m, q6_k
     #[arg(long = "gguf_type", default_value = "f16")]
     gguf_type: GgufType,
     /// The GGUF file to write [default: the adapter's (or model's) directory with

@@ -19,40 +19,57 @@ use crate::config::ModelConfig;
 use crate::model::{ModelBackend, ModelError};
 use model::Source;
 
-/// What `--gguf_type` names: the type of the weight matrices (vectors stay f32, as llama.cpp
-/// keeps them).
+/// What `--gguf_type` names: llama.cpp's file types (`llama-quantize`'s names). Vectors stay
+/// f32 in every one, as llama.cpp keeps them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgufType {
     F32,
     F16,
     Bf16,
     Q8_0,
+    Q4_0,
+    /// q4_K, with q6_K for half the attention values and feed-forward outputs and the output.
+    Q4KM,
+    /// q5_K, with q6_K where q4_k_m has it.
+    Q5KM,
+    Q6K,
 }
 
 impl std::str::FromStr for GgufType {
     type Err = String;
 
     fn from_str(name: &str) -> Result<Self, String> {
-        let all = [Self::F32, Self::F16, Self::Bf16, Self::Q8_0];
-        all.into_iter()
+        Self::ALL
+            .into_iter()
             .find(|t| t.name() == name.to_ascii_lowercase())
             .ok_or_else(|| {
-                let names: Vec<&str> = all.iter().map(|t| t.name()).collect();
+                let names: Vec<&str> = Self::ALL.iter().map(|t| t.name()).collect();
                 format!("{name:?} is not one of {}", names.join(", "))
             })
     }
 }
 
+/// What llama-quantize's choice of a tensor's type depends on besides its name and shape.
+struct Mix {
+    n_layers: usize,
+    /// An `output.weight` of its own; otherwise the token embedding serves as the output.
+    has_output: bool,
+    /// llama.cpp's 70B class (80 layers: llama with grouped heads, qwen2), whose attention values
+    /// get more bits.
+    large: bool,
+}
+
 impl GgufType {
-    /// `general.file_type`: llama.cpp's `llama_ftype`.
-    fn file_type(self) -> u32 {
-        match self {
-            Self::F32 => 0,
-            Self::F16 => 1,
-            Self::Q8_0 => 7,
-            Self::Bf16 => 32,
-        }
-    }
+    const ALL: [Self; 8] = [
+        Self::F32,
+        Self::F16,
+        Self::Bf16,
+        Self::Q8_0,
+        Self::Q4_0,
+        Self::Q4KM,
+        Self::Q5KM,
+        Self::Q6K,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -60,21 +77,90 @@ impl GgufType {
             Self::F16 => "f16",
             Self::Bf16 => "bf16",
             Self::Q8_0 => "q8_0",
+            Self::Q4_0 => "q4_0",
+            Self::Q4KM => "q4_k_m",
+            Self::Q5KM => "q5_k_m",
+            Self::Q6K => "q6_k",
         }
     }
 
-    /// The type of a tensor of `shape`: vectors f32; a matrix whose rows are not whole blocks
-    /// f16, as `llama-quantize` falls back.
-    fn tensor_type(self, shape: &[usize]) -> GgmlType {
-        let ty = match self {
-            _ if shape.len() < 2 => return GgmlType::F32,
+    /// `general.file_type`: llama.cpp's `llama_ftype`.
+    fn file_type(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q4_0 => 2,
+            Self::Q8_0 => 7,
+            Self::Q4KM => 15,
+            Self::Q5KM => 17,
+            Self::Q6K => 18,
+            Self::Bf16 => 32,
+        }
+    }
+
+    /// The type of the matrices that no rule below changes.
+    fn default_type(self) -> GgmlType {
+        match self {
             Self::F32 => GgmlType::F32,
             Self::F16 => GgmlType::F16,
             Self::Bf16 => GgmlType::Bf16,
             Self::Q8_0 => GgmlType::Q8_0,
+            Self::Q4_0 => GgmlType::Q4_0,
+            Self::Q4KM => GgmlType::Q4K,
+            Self::Q5KM => GgmlType::Q5K,
+            Self::Q6K => GgmlType::Q6K,
+        }
+    }
+
+    /// The type of tensor `name` of `shape`, as llama-quantize chooses it for this file type
+    /// (`llama_tensor_get_type` without an importance matrix or overrides), from an f32 file.
+    fn tensor_type(self, name: &str, shape: &[usize], mix: &Mix) -> GgmlType {
+        let default = self.default_type();
+        if shape.len() < 2 || default.block_size() == 1 {
+            return if shape.len() < 2 {
+                GgmlType::F32
+            } else {
+                default
+            };
+        }
+        let cols = shape[shape.len() - 1];
+        let layer = name
+            .strip_prefix("blk.")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok());
+        let n = mix.n_layers;
+        let more_bits = layer.is_some_and(|i| i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2);
+        let k_mix = matches!(self, Self::Q4KM | Self::Q5KM);
+        let chosen = if name == "output.weight" || (!mix.has_output && name == "token_embd.weight")
+        {
+            match (cols % default.block_size() == 0, default) {
+                (false, _) => GgmlType::Q8_0,
+                (true, GgmlType::Q8_0) => GgmlType::Q8_0,
+                (true, _) => GgmlType::Q6K,
+            }
+        } else if name.ends_with("attn_v.weight") {
+            match (k_mix && more_bits, default) {
+                (true, _) => GgmlType::Q6K,
+                (false, GgmlType::Q4K) if mix.large => GgmlType::Q5K,
+                _ => default,
+            }
+        } else if name.ends_with("ffn_down.weight") && k_mix && more_bits {
+            GgmlType::Q6K
+        } else {
+            default
         };
-        match shape.last().is_some_and(|n| n % ty.block_size() == 0) {
-            true => ty,
+        // Rows that are not whole blocks of the choice take a type of smaller blocks.
+        if cols % chosen.block_size() == 0 {
+            return chosen;
+        }
+        let fallback = match chosen {
+            GgmlType::Q4K => GgmlType::Q5_0,
+            GgmlType::Q5K => GgmlType::Q5_1,
+            GgmlType::Q6K => GgmlType::Q8_0,
+            other => other,
+        };
+        match cols % fallback.block_size() == 0 {
+            true => fallback,
             false => GgmlType::F16,
         }
     }
@@ -139,12 +225,20 @@ pub fn export_gguf<B: ModelBackend>(
     metadata.push(("general.quantization_version".into(), Value::U32(2)));
     metadata.extend(vocab::metadata(model_dir, config.vocab_size).map_err(unfit)?);
 
+    let arch = model::arch_name(config.arch);
+    let mix = Mix {
+        n_layers: config.num_hidden_layers,
+        has_output: planned.iter().any(|p| p.name == "output.weight"),
+        large: config.num_hidden_layers == 80
+            && (arch == "qwen2"
+                || (arch == "llama" && config.num_attention_heads != config.num_key_value_heads)),
+    };
     let infos: Vec<TensorInfo> = planned
         .iter()
         .map(|p| TensorInfo {
             name: p.name.clone(),
             shape: p.shape.clone(),
-            ty: options.gguf_type.tensor_type(&p.shape),
+            ty: options.gguf_type.tensor_type(&p.name, &p.shape, &mix),
         })
         .collect();
     let bytes = file::write(output, &metadata, &infos, |info| {

@@ -12,9 +12,13 @@ For each fixture family (a tiny model and a PEFT adapter of tests/fixtures):
      (tests/fixtures/models/kquant, its weights made by `synthetic_weights`, as tests/gguf.rs makes
      them), so that the k-quants are used rather than their fallbacks, over 4 layers so that the
      _m mixes' layer rules both apply and do not.
-  3. llama.cpp (llama-cpp-python) loads swift-rs's f32 and f16 files: their logits are checked
-     against transformers + PEFT, and llama.cpp's tokenization of sample texts against the
-     Hugging Face tokenizer's. What was measured goes to tests/fixtures/gguf/checks.json.
+  3. llama.cpp's convert_lora_to_gguf.py writes each plain LoRA adapter (DoRA has no llama.cpp
+     form) as f32: tests/fixtures/gguf/<adapter>.lora.gguf, which tests/gguf.rs compares with
+     swift-rs's `--to gguf-lora`.
+  4. llama.cpp (llama-cpp-python) loads swift-rs's f32 and f16 files, and its f32 base with its
+     LoRA GGUF applied: their logits are checked against transformers + PEFT, and llama.cpp's
+     tokenization of sample texts against the Hugging Face tokenizer's. What was measured goes to
+     tests/fixtures/gguf/checks.json.
 
 The fixture tokenizers are toy byte-level BPEs: convert_hf_to_gguf.py recognises a pre-tokenizer by
 hashing a real vocabulary's tokens, so it is told the answer ("gpt-2", GPT-2's regex, which is
@@ -146,9 +150,20 @@ def convert(llama_cpp, model_dir, outfile):
         sys.argv = argv
 
 
-def swift_export(swift_rs, base, adapter, gguf_type, output):
+def convert_lora(llama_cpp, adapter, base, outfile):
+    """convert_lora_to_gguf.py (f32, its default)."""
+    argv = sys.argv
+    sys.argv = ["convert_lora_to_gguf.py", str(FIXTURES / "adapters" / adapter), "--base",
+                str(base), "--outfile", str(outfile)]
+    try:
+        runpy.run_path(str(llama_cpp / "convert_lora_to_gguf.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+
+
+def swift_export(swift_rs, base, adapter, gguf_type, output, to="gguf"):
     adapter_args = ["--adapters", str(FIXTURES / "adapters" / adapter)] if adapter else []
-    subprocess.run([swift_rs, "export", "--model", str(base), *adapter_args, "--to", "gguf",
+    subprocess.run([swift_rs, "export", "--model", str(base), *adapter_args, "--to", to,
                     "--gguf_type", gguf_type, "--output", str(output), "--device", "cpu"],
                    check=True)
 
@@ -162,11 +177,12 @@ def quantize(src, dst, ftype):
                                           ctypes.byref(params)) == 0
 
 
-def llama_logits(path, ids):
+def llama_logits(path, ids, lora=None):
     import llama_cpp
     # f32 keys and values: llama.cpp's default f16 cache would add its own rounding.
     llm = llama_cpp.Llama(model_path=str(path), logits_all=True, verbose=False, n_ctx=64,
-                          n_threads=2, type_k=0, type_v=0)
+                          n_threads=2, type_k=0, type_v=0,
+                          lora_path=str(lora) if lora else None)
     llm.eval(ids)
     logits = np.array(llm.scores[: len(ids)])
     tokens = [llm.tokenize(t.encode(), add_bos=False, special=True) for t in TEXTS]
@@ -220,6 +236,14 @@ def main():
             reference = model(torch.tensor([ids])).logits[0].numpy()
         f32_logits, tokens = llama_logits(ours["f32"], ids)
         f16_logits, _ = llama_logits(ours["f16"], ids)
+        dora = json.loads((FIXTURES / "adapters" / adapter / "adapter_config.json").read_text())[
+            "use_dora"]
+        if not dora:
+            convert_lora(args.llama_cpp, adapter, base_path, OUT / f"{adapter}.lora.gguf")
+            swift_export(args.swift_rs, base_path, None, "f32", tmp / "base.f32.gguf")
+            swift_export(args.swift_rs, base_path, adapter, "f32", tmp / "lora.f32.gguf",
+                         to="gguf-lora")
+            lora_logits, _ = llama_logits(tmp / "base.f32.gguf", ids, lora=tmp / "lora.f32.gguf")
         # The f16 file's reference: the merged model with its matrices rounded to f16.
         merged_model = peft_model(base_path, adapter).merge_and_unload()
         with torch.no_grad():
@@ -235,6 +259,10 @@ def main():
             "logits_max_abs": float(np.abs(reference).max()),
             "tokenization_equal": tokens == hf_tokens,
         }
+        if not dora:
+            result["lora_on_f32_base_vs_peft_max_abs"] = float(
+                np.abs(lora_logits - reference).max())
+            assert result["lora_on_f32_base_vs_peft_max_abs"] < 1e-4, adapter
         print(adapter, result)
         assert result["f32_vs_peft_max_abs"] < 1e-4, adapter
         assert result["f16_vs_peft_f16_weights_max_abs"] < 1e-2, adapter

@@ -247,6 +247,83 @@ fn quantized_blocks_and_type_choices_are_llama_quantizes() {
 }
 
 #[test]
+fn lora_files_are_what_llama_cpps_lora_converter_writes() {
+    for (adapter, base_name) in [
+        ("llama_qv", "llama"),
+        ("mistral_regex", "mistral"),
+        ("qwen2_rslora", "qwen2_bf16"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("lora.gguf");
+        swift_rs_ok(&[
+            "export",
+            "--model",
+            model_dir(base_name).to_str().unwrap(),
+            "--adapters",
+            adapter_dir(adapter).to_str().unwrap(),
+            "--to",
+            "gguf-lora",
+            "--gguf_type",
+            "f32",
+            "--output",
+            out.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ]);
+        let (ours, theirs) = (
+            Gguf::read(&out).unwrap(),
+            golden(&format!("{adapter}.lora.gguf")),
+        );
+        let (mut ours_kv, mut golden_kv) = (metadata(&ours), metadata(&theirs));
+        if adapter == "qwen2_rslora" {
+            // The converter writes lora_alpha (16) whatever use_rslora says, so llama.cpp would
+            // scale by 16 / 8 rather than rsLoRA's 16 / sqrt(8): 16 * sqrt(8) gives that
+            // (scripts/gen_gguf_fixtures.py checked the logits in llama.cpp).
+            let alpha = |kv: &mut Vec<(String, Value)>| {
+                let at = kv
+                    .iter()
+                    .position(|(k, _)| k == "adapter.lora.alpha")
+                    .unwrap();
+                kv.remove(at).1
+            };
+            assert_eq!(
+                alpha(&mut ours_kv),
+                Value::F32((16.0f64 * 8f64.sqrt()) as f32)
+            );
+            assert_eq!(alpha(&mut golden_kv), Value::F32(16.0));
+        }
+        assert_eq!(ours_kv, golden_kv, "{adapter}");
+        let mut ours = ours.tensors;
+        let mut theirs = theirs.tensors;
+        ours.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        theirs.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        assert!(ours == theirs, "{adapter}: tensors differ");
+    }
+
+    // DoRA's magnitudes have no place in llama.cpp's LoRA.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("lora.gguf");
+    let err = swift_rs_fails(
+        &[
+            "export",
+            "--model",
+            model_dir("qwen3_f16").to_str().unwrap(),
+            "--adapters",
+            adapter_dir("qwen3_dora").to_str().unwrap(),
+            "--to",
+            "gguf-lora",
+            "--output",
+            out.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ],
+        2,
+    );
+    assert!(err.contains("DoRA") && err.contains("--to gguf"), "{err}");
+    assert!(!out.exists());
+}
+
+#[test]
 fn ms_swifts_form_writes_into_output_dir() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("out");

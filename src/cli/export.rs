@@ -12,7 +12,7 @@ use super::merge::{merge_on, Job};
 use super::{Failure, ModelArgs};
 use swift_rs::config::{swift_bool, Device};
 use swift_rs::export::exit_removing_staged;
-use swift_rs::export::gguf::{export_gguf, GgufOptions, GgufType};
+use swift_rs::export::gguf::{export_gguf, export_gguf_lora, GgufOptions, GgufType};
 use swift_rs::export::merge::{parse_size, MergeOptions};
 use swift_rs::model::ModelBackend;
 
@@ -20,6 +20,9 @@ use swift_rs::model::ModelBackend;
 enum Target {
     /// One GGUF file, the adapter merged in
     Gguf,
+    /// The adapter alone, as llama.cpp's LoRA GGUF (llama-cli --lora)
+    #[value(name = "gguf-lora")]
+    GgufLora,
 }
 
 /// The base model comes from the checkpoint's args.json (or adapter_config.json) unless
@@ -59,20 +62,21 @@ pub struct ExportArgs {
 pub fn export(args: ExportArgs) -> Result<(), Failure> {
     let usage = |message: String| Err(Failure::Usage(anyhow!(message)));
     let gguf = match (args.to, args.quant_method.as_deref()) {
-        (Some(Target::Gguf), _) | (None, Some("gguf")) => true,
+        (Some(target), _) => Some(target),
+        (None, Some("gguf")) => Some(Target::Gguf),
         (None, Some(other)) => {
             return usage(format!(
                 "--quant_method {other}: swift-rs exports gguf (or a merged directory with \
                  --merge_lora true)"
             ))
         }
-        (None, None) => false,
+        (None, None) => None,
     };
     if args.model.quant.is_some() {
         return usage("--quant: an export is written from the unquantized base weights".into());
     }
-    if gguf {
-        return export_to_gguf(args);
+    if let Some(target) = gguf {
+        return export_to_gguf(args, target);
     }
     let Some(adapter) = &args.model.adapter else {
         return usage("--adapters is required: the checkpoint to merge".into());
@@ -112,12 +116,21 @@ struct GgufJob {
     adapter: Option<PathBuf>,
     output: PathBuf,
     options: GgufOptions,
+    target: Target,
 }
 
-fn export_to_gguf(args: ExportArgs) -> Result<(), Failure> {
+fn export_to_gguf(args: ExportArgs, target: Target) -> Result<(), Failure> {
+    if target == Target::GgufLora && args.model.adapter.is_none() {
+        return Err(Failure::Usage(anyhow!(
+            "--to gguf-lora writes an adapter: --adapters names it"
+        )));
+    }
     let local = args.model.local()?;
     let source = args.model.adapter.as_ref().unwrap_or(&local.model);
-    let file_name = format!("-{}.gguf", args.gguf_type.name());
+    let file_name = match target {
+        Target::Gguf => format!("-{}.gguf", args.gguf_type.name()),
+        Target::GgufLora => format!("-lora-{}.gguf", args.gguf_type.name()),
+    };
     let output = match (&args.output, &args.output_dir) {
         (Some(file), _) => file.clone(),
         (None, Some(dir)) => {
@@ -141,6 +154,7 @@ fn export_to_gguf(args: ExportArgs) -> Result<(), Failure> {
         options: GgufOptions {
             gguf_type: args.gguf_type,
         },
+        target,
     };
     with_backend!(resolve(args.device)?, gguf_on(&job))
 }
@@ -151,14 +165,21 @@ fn gguf_on<B: ModelBackend>(device: B::Device, job: &GgufJob) -> Result<(), Fail
         exit_removing_staged(130);
     })
     .context("cannot install the SIGINT/SIGTERM handler")?;
-    let report = export_gguf::<B>(
-        &job.model,
-        job.adapter.as_deref(),
-        &job.output,
-        &job.options,
-        &device,
-    )
-    .map_err(|e| Failure::of(e, format!("cannot export {} to GGUF", job.model.display())))?;
+    let report = match (job.target, &job.adapter) {
+        (Target::GgufLora, Some(adapter)) => {
+            export_gguf_lora(&job.model, adapter, &job.output, &job.options)
+        }
+        _ => export_gguf::<B>(
+            &job.model,
+            job.adapter.as_deref(),
+            &job.output,
+            &job.options,
+            &device,
+        ),
+    };
+    let source = job.adapter.as_ref().unwrap_or(&job.model);
+    let report = report
+        .map_err(|e| Failure::of(e, format!("cannot export {} to GGUF", source.display())))?;
     println!(
         "wrote {} ({} tensors, {} merged modules, {}, {:.1} MB) in {:.2} s",
         job.output.display(),

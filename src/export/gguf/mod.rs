@@ -13,10 +13,14 @@ pub use quants::GgmlType;
 use std::path::Path;
 use std::time::Instant;
 
+use burn::tensor::TensorData;
+
 use super::merge::{MergeError, MergedWeights};
+use super::peft::read_adapter;
 use super::ExportError;
 use crate::config::ModelConfig;
-use crate::model::{ModelBackend, ModelError};
+use crate::lora::{peft_key, Targets, LORA_A, LORA_B};
+use crate::model::{AdapterSource, ModelBackend, ModelError};
 use model::Source;
 
 /// What `--gguf_type` names: llama.cpp's file types (`llama-quantize`'s names). Vectors stay
@@ -250,7 +254,7 @@ pub fn export_gguf<B: ModelBackend>(
             Source::Values(values) => values.clone(),
             Source::Checkpoint { key, permute } => {
                 let data = weights.take(key, &p.shape)?;
-                let values = data.to_vec::<f32>().expect("merged tensors are f32");
+                let values = f32s(data);
                 match permute {
                     Some(heads) => {
                         let cols = p.shape.get(1).copied().unwrap_or(1);
@@ -280,4 +284,131 @@ fn read_config(model_dir: &Path) -> Result<serde_json::Value, ExportError> {
         path,
         reason: e.to_string(),
     })
+}
+
+/// Writes the PEFT adapter in `adapter_dir` as llama.cpp's LoRA GGUF (`llama-cli --lora`), for
+/// the model in `model_dir`: each update's A and B under its module's GGUF name, as llama.cpp's
+/// `convert_lora_to_gguf.py` writes them.
+pub fn export_gguf_lora(
+    model_dir: &Path,
+    adapter_dir: &Path,
+    output: &Path,
+    options: &GgufOptions,
+) -> Result<GgufReport, MergeError> {
+    let start = Instant::now();
+    if output.exists() {
+        return Err(MergeError::Usage(format!(
+            "{} already exists; export writes a new file",
+            output.display()
+        )));
+    }
+    let ty = match options.gguf_type {
+        GgufType::F32 => GgmlType::F32,
+        GgufType::F16 => GgmlType::F16,
+        GgufType::Bf16 => GgmlType::Bf16,
+        other => {
+            return Err(MergeError::Usage(format!(
+                "--gguf_type {}: a LoRA GGUF holds f32, f16 or bf16 (its matrices are small)",
+                other.name()
+            )))
+        }
+    };
+    let config = ModelConfig::from_dir(model_dir).map_err(ModelError::from)?;
+    let plan = read_adapter(adapter_dir)?;
+    let lora = &plan.config;
+    let unfit = |reason: String| {
+        MergeError::Usage(format!(
+            "{} cannot be a llama.cpp LoRA: {reason}",
+            adapter_dir.display()
+        ))
+    };
+    if lora.use_dora {
+        return Err(unfit(
+            "it is DoRA, whose magnitudes llama.cpp's LoRA has no place for; export the model \
+             with the adapter merged (--to gguf)"
+                .into(),
+        ));
+    }
+    let AdapterSource::Weights(mut weights) = plan.source else {
+        unreachable!("read_adapter returns weights")
+    };
+    let targets = Targets::new(
+        lora.target_modules.as_ref().expect("checked"),
+        lora.exclude_modules.as_ref(),
+    )
+    .map_err(unfit)?;
+    let mut tensors = Vec::new();
+    for (module, n_in, n_out) in config.adaptable_linears() {
+        if !targets.matches(&module) {
+            continue;
+        }
+        let (name, permute) = model::gguf_name(&config, &format!("{module}.weight"))
+            .map_err(unfit)?
+            .expect("adaptable linears have GGUF names");
+        let a = weights.take_data(&peft_key(&module, LORA_A), &[lora.r, n_in]);
+        let b = weights.take_data(&peft_key(&module, LORA_B), &[n_out, lora.r]);
+        if let (Some(a), Some(b)) = (a, b) {
+            let (a, b) = (f32s(a), f32s(b));
+            // B's rows are the projection's outputs, which llama's rotary layout reorders.
+            let b = match permute {
+                Some(heads) => model::permute_rows(&b, heads, lora.r),
+                None => b,
+            };
+            tensors.push((format!("{name}.lora_a"), vec![lora.r, n_in], a));
+            tensors.push((format!("{name}.lora_b"), vec![n_out, lora.r], b));
+        }
+    }
+    let mut problems: Vec<String> = weights.problems().iter().map(ToString::to_string).collect();
+    if tensors.is_empty() {
+        problems.push(lora.matches_nothing());
+    }
+    if !problems.is_empty() {
+        return Err(MergeError::Model(ModelError::Adapter {
+            what: format!("the adapter in {}", adapter_dir.display()),
+            problems,
+        }));
+    }
+    // llama.cpp scales by alpha / r; rsLoRA's alpha / sqrt(r) is that with alpha * sqrt(r).
+    let alpha = match lora.use_rslora {
+        true => lora.lora_alpha * (lora.r as f64).sqrt(),
+        false => lora.lora_alpha,
+    };
+    let name = adapter_dir
+        .file_name()
+        .map_or_else(|| "adapter".into(), |n| n.to_string_lossy().into_owned());
+    let metadata = vec![
+        (
+            "general.architecture".to_string(),
+            Value::Str(model::arch_name(config.arch).into()),
+        ),
+        ("general.type".to_string(), Value::Str("adapter".into())),
+        ("adapter.type".to_string(), Value::Str("lora".into())),
+        ("general.name".to_string(), Value::Str(name)),
+        ("adapter.lora.alpha".to_string(), Value::F32(alpha as f32)),
+        ("general.quantization_version".to_string(), Value::U32(2)),
+    ];
+    let infos: Vec<TensorInfo> = tensors
+        .iter()
+        .map(|(name, shape, _)| TensorInfo {
+            name: name.clone(),
+            shape: shape.clone(),
+            ty,
+        })
+        .collect();
+    let mut values = tensors.into_iter().map(|(_, _, v)| v);
+    let bytes = file::write(output, &metadata, &infos, |info| {
+        let values = values.next().expect("one tensor of values per info");
+        Ok::<_, MergeError>(info.ty.encode(&values))
+    })?;
+    Ok(GgufReport {
+        merged_modules: 0,
+        tensors: infos.len(),
+        bytes,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+fn f32s(data: TensorData) -> Vec<f32> {
+    data.to_vec::<f32>()
+        .expect("adapter tensors are read as f32")
 }

@@ -112,7 +112,10 @@ pub enum Source {
 /// The GGUF name of checkpoint tensor `key`, and the head count whose rotary layout it undoes
 /// (llama's q and k). None: a tensor llama.cpp does not use (`rotary_emb.inv_freq`, a tied
 /// `lm_head`); an error: one it has no place for.
-fn gguf_name(config: &ModelConfig, key: &str) -> Result<Option<(String, Option<usize>)>, String> {
+pub fn gguf_name(
+    config: &ModelConfig,
+    key: &str,
+) -> Result<Option<(String, Option<usize>)>, String> {
     let fixed = match key {
         "model.embed_tokens.weight" => Some("token_embd.weight"),
         "model.norm.weight" => Some("output_norm.weight"),

@@ -323,6 +323,120 @@ fn lora_files_are_what_llama_cpps_lora_converter_writes() {
     assert!(!out.exists());
 }
 
+/// What Ollama sends the model for one user turn (and a system prompt when not empty) through a
+/// TEMPLATE of the form `ollama_template` writes: the text before `{{ .Response }}`, the `if`
+/// taken as Go takes it.
+fn ollama_prompt(template: &str, system: &str, prompt: &str) -> String {
+    let rest = template.strip_prefix("{{ if .System }}").unwrap();
+    let (with, rest) = rest.split_once("{{ .System }}").unwrap();
+    let (after, rest) = rest.split_once("{{ else }}").unwrap();
+    let (without, rest) = rest.split_once("{{ end }}{{ .Prompt }}").unwrap();
+    let (header, _) = rest.split_once("{{ .Response }}").unwrap();
+    match system.is_empty() {
+        true => format!("{without}{prompt}{header}"),
+        false => format!("{with}{system}{after}{prompt}{header}"),
+    }
+}
+
+#[test]
+fn ollamas_modelfile_prompts_as_the_chat_template_does() {
+    use swift_rs::data::format::{Message, Role};
+    use swift_rs::data::template::ChatTemplate;
+    // qwen2_chat has its own template (Qwen 2.5's, with a default system prompt); qwen3_f16 has
+    // none and takes the built-in qwen3.
+    for (model, template) in [
+        (
+            "qwen2_chat",
+            ChatTemplate::from_model_dir(&model_dir("qwen2_chat")).unwrap(),
+        ),
+        (
+            "qwen3_f16",
+            ChatTemplate::load(
+                &model_dir("qwen3_f16"),
+                swift_rs::config::TemplateName::Auto,
+                "qwen3",
+            )
+            .unwrap(),
+        ),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let printed = swift_rs_ok(&[
+            "export",
+            "--model",
+            model_dir(model).to_str().unwrap(),
+            "--to",
+            "gguf",
+            "--gguf_type",
+            "q4_k_m",
+            "--ollama",
+            "--output_dir",
+            tmp.path().to_str().unwrap(),
+            "--device",
+            "cpu",
+        ]);
+        let text = std::fs::read_to_string(tmp.path().join("Modelfile")).unwrap();
+        assert!(printed.contains("ollama create"), "{printed}");
+        assert!(
+            text.contains(&format!("FROM ./{model}-q4_k_m.gguf\n")),
+            "{text}"
+        );
+        assert!(tmp.path().join(format!("{model}-q4_k_m.gguf")).exists());
+        assert!(text.contains("PARAMETER stop \"<|im_end|>\"\n"), "{text}");
+        let go = text
+            .split_once("TEMPLATE \"\"\"")
+            .unwrap()
+            .1
+            .split_once("\"\"\"")
+            .unwrap()
+            .0;
+        let message = |role, content: &str| Message {
+            role,
+            content: content.into(),
+        };
+        let user = message(Role::User, "What is 2+2?");
+        let system = message(Role::System, "Be brief.");
+        assert_eq!(
+            ollama_prompt(go, "Be brief.", "What is 2+2?"),
+            template.render(&[system, user.clone()], true).unwrap(),
+            "{model}"
+        );
+        assert_eq!(
+            ollama_prompt(go, "", "What is 2+2?"),
+            template.render(&[user], true).unwrap(),
+            "{model}"
+        );
+    }
+
+    // A Modelfile is not overwritten, and goes with whole models only.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("Modelfile"), "FROM elsewhere").unwrap();
+    let args = |to: &str| {
+        vec![
+            "export".to_string(),
+            "--model".into(),
+            model_dir("qwen2_chat").to_str().unwrap().into(),
+            "--adapters".into(),
+            adapter_dir("qwen2_rslora").to_str().unwrap().into(),
+            "--to".into(),
+            to.into(),
+            "--ollama".into(),
+            "--output_dir".into(),
+            tmp.path().to_str().unwrap().into(),
+            "--device".into(),
+            "cpu".into(),
+        ]
+    };
+    let err = swift_rs_fails(&args("gguf"), 2);
+    assert!(err.contains("Modelfile already exists"), "{err}");
+    let err = swift_rs_fails(&args("gguf-lora"), 2);
+    assert!(err.contains("--ollama"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        1,
+        "only the old Modelfile"
+    );
+}
+
 #[test]
 fn ms_swifts_form_writes_into_output_dir() {
     let tmp = tempfile::tempdir().unwrap();

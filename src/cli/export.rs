@@ -2,18 +2,19 @@
 //! checkpoint into a Hugging Face directory, and `--to gguf` (or ms-swift's `--quant_method
 //! gguf`), which writes the merged model as one GGUF file for llama.cpp, Ollama and LM Studio.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context};
 use clap::{Args, ValueEnum};
 
 use super::device::{resolve, with_backend};
+use super::infer::{prompt_encoder, stop_tokens};
 use super::merge::{merge_on, Job};
-use super::{Failure, ModelArgs};
-use swift_rs::config::{swift_bool, Device};
-use swift_rs::export::exit_removing_staged;
+use super::{Failure, LocalModel, ModelArgs};
+use swift_rs::config::{swift_bool, Device, GenerationConfig, TemplateName};
 use swift_rs::export::gguf::{export_gguf, export_gguf_lora, GgufOptions, GgufType};
 use swift_rs::export::merge::{parse_size, MergeOptions};
+use swift_rs::export::{exit_removing_staged, write_atomic};
 use swift_rs::model::ModelBackend;
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,6 +49,10 @@ pub struct ExportArgs {
     /// "-<gguf_type>.gguf" added, or a file of that name in --output_dir]
     #[arg(long)]
     output: Option<PathBuf>,
+    /// Also write an Ollama Modelfile beside the GGUF file (FROM it, the chat template as its
+    /// TEMPLATE, the stop tokens, the system prompt and generation_config.json's sampling)
+    #[arg(long)]
+    ollama: bool,
     /// Where the merged model goes [default: the adapter's directory with "-merged" added]
     #[arg(long = "output_dir")]
     output_dir: Option<PathBuf>,
@@ -77,6 +82,9 @@ pub fn export(args: ExportArgs) -> Result<(), Failure> {
     }
     if let Some(target) = gguf {
         return export_to_gguf(args, target);
+    }
+    if args.ollama {
+        return usage("--ollama goes with --to gguf: its Modelfile names a GGUF file".into());
     }
     let Some(adapter) = &args.model.adapter else {
         return usage("--adapters is required: the checkpoint to merge".into());
@@ -117,6 +125,8 @@ struct GgufJob {
     output: PathBuf,
     options: GgufOptions,
     target: Target,
+    /// The Modelfile's path and text, for `--ollama`.
+    modelfile: Option<(PathBuf, String)>,
 }
 
 fn export_to_gguf(args: ExportArgs, target: Target) -> Result<(), Failure> {
@@ -147,6 +157,16 @@ fn export_to_gguf(args: ExportArgs, target: Target) -> Result<(), Failure> {
             .with_context(|| format!("--output_dir {}: cannot create it", dir.display()))
             .map_err(Failure::Usage)?;
     }
+    // Made before the export, so that a template Ollama cannot take stops it early.
+    let modelfile = match (args.ollama, target) {
+        (false, _) => None,
+        (true, Target::GgufLora) => {
+            return Err(Failure::Usage(anyhow!(
+                "--ollama writes a Modelfile for a whole model: use it with --to gguf"
+            )))
+        }
+        (true, Target::Gguf) => Some(modelfile(&local, &output)?),
+    };
     let job = GgufJob {
         model: local.model,
         adapter: local.adapter,
@@ -155,8 +175,87 @@ fn export_to_gguf(args: ExportArgs, target: Target) -> Result<(), Failure> {
             gguf_type: args.gguf_type,
         },
         target,
+        modelfile,
     };
     with_backend!(resolve(args.device)?, gguf_on(&job))
+}
+
+/// The Modelfile for `output` (in its directory, `FROM` it): the model's chat template as Go's,
+/// its system prompt, the tokens that end a reply, and generation_config.json's sampling.
+fn modelfile(local: &LocalModel, output: &Path) -> Result<(PathBuf, String), Failure> {
+    let usage = |e: String| Failure::Usage(anyhow!(e));
+    let path = output.with_file_name("Modelfile");
+    if path.exists() {
+        return Err(usage(format!(
+            "{} already exists; --ollama writes a new one",
+            path.display()
+        )));
+    }
+    let encoder = prompt_encoder(local, TemplateName::Auto, None)?;
+    let tokenizer = encoder.tokenizer();
+    let template = encoder.template();
+    let adds_bos = tokenizer
+        .encode("", true)
+        .ok()
+        .and_then(|e| e.get_ids().first().copied())
+        .is_some_and(|id| Some(id) == tokenizer.token_to_id(template.bos_token()));
+    let go_template = template.ollama_template(adds_bos).map_err(usage)?;
+    let generation = GenerationConfig::from_model_dir(&local.model)?;
+    // Modelfile strings: """...""" and "...", which have no escapes.
+    let quoted = |what: &str, text: &str, quotes: &str| match text.contains(quotes) {
+        true => Err(usage(format!(
+            "the {what} holds {quotes}, which a Modelfile cannot quote"
+        ))),
+        false => Ok(format!("{quotes}{text}{quotes}")),
+    };
+    let file_name = output
+        .file_name()
+        .expect("an output file")
+        .to_string_lossy();
+    let mut lines = vec![
+        "# Made by swift-rs export; in this directory: ollama create NAME -f Modelfile".to_string(),
+        format!("FROM ./{file_name}"),
+        format!(
+            "TEMPLATE {}",
+            quoted("chat template", &go_template, "\"\"\"")?
+        ),
+    ];
+    if let Some(system) = encoder.system() {
+        lines.push(format!(
+            "SYSTEM {}",
+            quoted("system prompt", system, "\"\"\"")?
+        ));
+    }
+    for id in stop_tokens(&generation, &encoder) {
+        if let Some(token) = tokenizer.id_to_token(id) {
+            lines.push(format!(
+                "PARAMETER stop {}",
+                quoted("stop token", &token, "\"")?
+            ));
+        }
+    }
+    let mut parameter = |name: &str, value: Option<String>| {
+        if let Some(value) = value {
+            lines.push(format!("PARAMETER {name} {value}"));
+        }
+    };
+    match generation.do_sample {
+        Some(false) => parameter("temperature", Some("0".into())),
+        _ => {
+            parameter("temperature", generation.temperature.map(|v| v.to_string()));
+            parameter("top_p", generation.top_p.map(|v| v.to_string()));
+            parameter("top_k", generation.top_k.map(|v| v.to_string()));
+        }
+    }
+    parameter(
+        "repeat_penalty",
+        generation.repetition_penalty.map(|v| v.to_string()),
+    );
+    parameter(
+        "num_predict",
+        generation.max_new_tokens.map(|v| v.to_string()),
+    );
+    Ok((path, lines.join("\n") + "\n"))
 }
 
 fn gguf_on<B: ModelBackend>(device: B::Device, job: &GgufJob) -> Result<(), Failure> {
@@ -189,5 +288,14 @@ fn gguf_on<B: ModelBackend>(device: B::Device, job: &GgufJob) -> Result<(), Fail
         report.bytes as f64 / 1e6,
         report.seconds
     );
+    if let Some((path, text)) = &job.modelfile {
+        write_atomic(path, text.as_bytes())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!(
+            "wrote {}: ollama create NAME -f {}",
+            path.display(),
+            path.display()
+        );
+    }
     Ok(())
 }

@@ -94,6 +94,15 @@ impl Encoder {
         &self.tokenizer
     }
 
+    pub fn template(&self) -> &ChatTemplate {
+        &self.template
+    }
+
+    /// `model.system`, the system prompt of conversations that have none.
+    pub fn system(&self) -> Option<&str> {
+        self.system.as_deref()
+    }
+
     /// Encodes one row. The error says what is wrong with it.
     pub fn encode(&self, row: &Row) -> Result<Encoded, String> {
         match row {

@@ -186,6 +186,80 @@ impl ChatTemplate {
         &self.eos_token
     }
 
+    /// tokenizer_config.json's `bos_token` (Llama 3's for its built-in); empty when none.
+    pub fn bos_token(&self) -> &str {
+        &self.bos_token
+    }
+
+    /// The template as an Ollama Modelfile `TEMPLATE` (Go's text/template over `.System`,
+    /// `.Prompt` and `.Response`), read off what this template renders for marker messages: a
+    /// system turn and a user turn, a user turn alone, and a user turn answered. An error when
+    /// those renderings do not share one shape (the template varies turns in ways the three
+    /// variables cannot say). `drop_bos`: the tokenizer adds the bos token itself, so a leading
+    /// one is left out (llama.cpp, under Ollama, adds it as the tokenizer does).
+    pub fn ollama_template(&self, drop_bos: bool) -> Result<String, String> {
+        const SYSTEM: &str = "\u{E000}system\u{E000}";
+        const PROMPT: &str = "\u{E000}prompt\u{E000}";
+        const RESPONSE: &str = "\u{E000}response\u{E000}";
+        let message = |role, content: &str| Message {
+            role,
+            content: content.into(),
+        };
+        let with_system = self.render(
+            &[message(Role::System, SYSTEM), message(Role::User, PROMPT)],
+            true,
+        )?;
+        let alone = self.render(&[message(Role::User, PROMPT)], true)?;
+        let answered = self.render(
+            &[
+                message(Role::User, PROMPT),
+                message(Role::Assistant, RESPONSE),
+            ],
+            false,
+        )?;
+        let unfit = |what: &str| format!("the chat template has no Ollama form: {what}");
+        let split = |text: &str, marker: &str| -> Result<(String, String), String> {
+            text.split_once(marker)
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| {
+                    unfit(&format!(
+                        "a message is not rendered where expected in {text:?}"
+                    ))
+                })
+        };
+        let (before_system, rest) = split(&with_system, SYSTEM)?;
+        let (after_system, header) = split(&rest, PROMPT)?;
+        let (no_system, alone_header) = split(&alone, PROMPT)?;
+        let (answered_start, answered_rest) = split(&answered, PROMPT)?;
+        let (reply_header, end_of_turn) = split(&answered_rest, RESPONSE)?;
+        // An answer may open with more than the generation header (Qwen 3's last answer gets an
+        // empty <think> block); what the model generates after the header is its own.
+        if header != alone_header
+            || answered_start != no_system
+            || !reply_header.starts_with(&header)
+        {
+            return Err(unfit(
+                "the text around a user turn depends on the other turns",
+            ));
+        }
+        let strip = |s: String| match drop_bos && !self.bos_token.is_empty() {
+            true => s
+                .strip_prefix(&self.bos_token)
+                .map_or(s.clone(), str::to_string),
+            false => s,
+        };
+        // Literal text that holds Go's delimiters is written as a Go string.
+        let go = |s: &str| s.replace("{{", "{{ \"{{\" }}");
+        Ok(format!(
+            "{{{{ if .System }}}}{}{{{{ .System }}}}{}{{{{ else }}}}{}{{{{ end }}}}{{{{ .Prompt }}}}{}{{{{ .Response }}}}{}",
+            go(&strip(before_system)),
+            go(&after_system),
+            go(&strip(no_system)),
+            go(&header),
+            go(&end_of_turn)
+        ))
+    }
+
     /// The conversation as text, with the assistant header appended when `add_generation_prompt`.
     pub fn render(
         &self,

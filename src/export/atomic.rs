@@ -126,6 +126,22 @@ impl StagedDir {
     }
 }
 
+impl StagedDir {
+    /// Moves the file `name` written here into place as the target (one file, not a directory),
+    /// then removes the staged directory.
+    pub fn commit_file(mut self, name: &str) -> Result<(), ExportError> {
+        // Held to the end, as in `commit`.
+        let mut staged = STAGED.lock().unwrap_or_else(|e| e.into_inner());
+        let tmp = self.tmp.take().expect("committed once").keep();
+        let renamed =
+            std::fs::rename(tmp.join(name), &self.target).map_err(write_error(&self.target));
+        // Best effort: what is left is an empty directory, or the file of a failed rename.
+        let _ = std::fs::remove_dir_all(&tmp);
+        staged.retain(|d| *d != tmp);
+        renamed
+    }
+}
+
 impl Drop for StagedDir {
     fn drop(&mut self) {
         if let Some(tmp) = &self.tmp {

@@ -84,12 +84,7 @@ pub fn merge<B: ModelBackend>(
     device: &B::Device,
 ) -> Result<MergeReport, MergeError> {
     let start = Instant::now();
-    if output.exists() {
-        return Err(MergeError::Usage(format!(
-            "{} already exists; merge writes a new directory",
-            output.display()
-        )));
-    }
+    refuse_existing(output, "merge writes a new directory")?;
     let config = ModelConfig::from_dir(model_dir).map_err(ModelError::from)?;
     let out_dtype = options.dtype.or(config.dtype).unwrap_or(Dtype::F32);
     let mut weights = MergedWeights::<B>::open(model_dir, &config, Some(adapter_dir), device)?;
@@ -210,6 +205,18 @@ impl<B: ModelBackend> MergedWeights<B> {
             )),
             None => Ok(data),
         }
+    }
+}
+
+/// A usage error when `output` exists: exports write new files and directories, never over
+/// something there.
+pub(super) fn refuse_existing(output: &Path, why: &str) -> Result<(), MergeError> {
+    match output.exists() {
+        true => Err(MergeError::Usage(format!(
+            "{} already exists; {why}",
+            output.display()
+        ))),
+        false => Ok(()),
     }
 }
 

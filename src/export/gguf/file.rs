@@ -5,7 +5,7 @@ use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use super::quants::GgmlType;
-use crate::export::{AtomicFile, ExportError};
+use crate::export::{ExportError, StagedDir};
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const VERSION: u32 = 3;
@@ -113,7 +113,9 @@ fn padding(n: usize) -> usize {
 }
 
 /// Writes `path` whole or not at all: the header, then each tensor's bytes as `data` gives them,
-/// in `tensors`' order, one tensor in memory at a time.
+/// in `tensors`' order, one tensor in memory at a time. The file is written in a staged
+/// directory beside `path` (removed on a signal, or by the next export there after a kill) and
+/// renamed into place at the end.
 pub fn write<E: From<ExportError>>(
     path: &Path,
     metadata: &[(String, Value)],
@@ -147,7 +149,9 @@ pub fn write<E: From<ExportError>>(
         path: path.to_path_buf(),
         source: e,
     };
-    let mut file = BufWriter::new(AtomicFile::create(path)?);
+    const NAME: &str = "model.gguf";
+    let staged = StagedDir::new(path)?;
+    let mut file = BufWriter::new(std::fs::File::create(staged.path().join(NAME)).map_err(io)?);
     file.write_all(&header).map_err(io)?;
     for t in tensors {
         let bytes = data(t)?;
@@ -161,8 +165,11 @@ pub fn write<E: From<ExportError>>(
         file.write_all(&[0; ALIGNMENT][..padding(bytes.len())])
             .map_err(io)?;
     }
-    let file = file.into_inner().map_err(|e| io(e.into_error()))?;
-    file.commit()?;
+    file.into_inner()
+        .map_err(|e| io(e.into_error()))?
+        .sync_all()
+        .map_err(io)?;
+    staged.commit_file(NAME)?;
     Ok((header.len() + offset) as u64)
 }
 

@@ -65,7 +65,8 @@ QUANTIZED = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "generation_config.json"]
 TEXTS = ["hello world, the quick brown fox", "  two  spaces\nand a newline\t tab",
-         "digits 12345 and ünïcödé", "<|im_start|>user\nhi<|im_end|>"]
+         "digits 12345 and ünïcödé", "<|im_start|>user\nhi<|im_end|>",
+         "I'M here, they'll see\r\n\n  x  "]
 
 
 def base_dir(base, tmp):
@@ -128,6 +129,38 @@ def quantized_hashes(f32_file, tmp):
                         for t in reader.tensors},
         }
     return out
+
+
+# The published Split regexes of Qwen 2 (2.5, 3) and Llama 3, as their tokenizer.json hold them.
+SPLITS = {
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+
+
+def pretokenizer_checks(swift_rs, tmp):
+    """For Qwen 2's and Llama 3's pre-tokenizers (the fixture tokenizer given each split in turn):
+    the name swift-rs writes, and whether llama.cpp then tokenizes as the tokenizer does."""
+    from tokenizers import Tokenizer
+    import gguf
+    results = {}
+    for name, regex in SPLITS.items():
+        model = tmp / f"split_{name}"
+        shutil.copytree(FIXTURES / "models" / "qwen2_chat", model)
+        tokenizer = json.loads((model / "tokenizer.json").read_text())
+        tokenizer["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+             "use_regex": False}]}
+        (model / "tokenizer.json").write_text(json.dumps(tokenizer))
+        swift_export(swift_rs, model, None, "f32", tmp / f"split_{name}.gguf")
+        written = gguf.GGUFReader(tmp / f"split_{name}.gguf").fields["tokenizer.ggml.pre"].contents()
+        hf = Tokenizer.from_file(str(model / "tokenizer.json"))
+        expected = [hf.encode(t, add_special_tokens=False).ids for t in TEXTS]
+        _, tokens = llama_logits(tmp / f"split_{name}.gguf", [1])
+        results[name] = {"pre_written": written, "tokenization_equal": tokens == expected}
+        assert written == name and tokens == expected, (name, written, tokens, expected)
+    return results
 
 
 def peft_model(base, adapter):
@@ -209,6 +242,8 @@ def main():
         save_file(synthetic_weights(config), model / "model.safetensors")
         swift_export(args.swift_rs, model, None, "f32", tmp / "kquant.f32.gguf")
         hashes["kquant"] = quantized_hashes(tmp / "kquant.f32.gguf", tmp)
+        checks["pre_tokenizers"] = pretokenizer_checks(args.swift_rs, tmp)
+        print(checks["pre_tokenizers"])
 
     for adapter, base, quantized in CASES:
         tmp = Path(tempfile.mkdtemp())

@@ -254,3 +254,32 @@ fn chat_template(dir: &Path, config: &Json) -> Result<Option<String>, String> {
     Ok(read_json(&dir.join("chat_template.json"))?
         .and_then(|j| j["chat_template"].as_str().map(str::to_string)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{pre_tokenizer, LLAMA3_SPLIT, QWEN2_SPLIT};
+    use serde_json::json;
+
+    /// The shape Qwen 2.5's and Llama 3's tokenizer.json give their pre-tokenizer.
+    fn split_then_bytes(regex: &str) -> serde_json::Value {
+        json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}
+        ]})
+    }
+
+    #[test]
+    fn pre_tokenizers_get_llama_cpps_names_or_an_error() {
+        assert_eq!(pre_tokenizer(&split_then_bytes(QWEN2_SPLIT)), Ok("qwen2"));
+        assert_eq!(
+            pre_tokenizer(&split_then_bytes(LLAMA3_SPLIT)),
+            Ok("llama-bpe")
+        );
+        let gpt2 = json!({"type": "ByteLevel", "add_prefix_space": false, "use_regex": true});
+        assert_eq!(pre_tokenizer(&gpt2), Ok("gpt-2"));
+        // One digit more per number than Llama 3 splits: a tokenizer llama.cpp does not know.
+        let other = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}{1,4}");
+        assert!(pre_tokenizer(&split_then_bytes(&other)).is_err());
+        assert!(pre_tokenizer(&json!({"type": "Whitespace"})).is_err());
+    }
+}

@@ -3,6 +3,7 @@
 //! without an importance matrix uses those.
 
 use half::{bf16, f16};
+use rayon::prelude::*;
 
 /// The ggml types swift-rs writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,29 +98,39 @@ impl GgmlType {
         n / values * bytes
     }
 
-    /// `values` (whole rows of this type's blocks) encoded.
+    /// `values` (whole rows of this type's blocks) encoded; quantized blocks are independent, so
+    /// they are encoded in parallel.
     pub fn encode(self, values: &[f32]) -> Vec<u8> {
         assert_eq!(values.len() % self.block_size(), 0, "whole blocks");
-        let blocks = values.chunks(self.block_size());
-        match self {
-            Self::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        let encode_block: fn(&[f32]) -> Vec<u8> = match self {
+            Self::F32 => return values.iter().flat_map(|v| v.to_le_bytes()).collect(),
             // Both round to nearest even, as numpy's astype and ggml's conversions do.
-            Self::F16 => values
-                .iter()
-                .flat_map(|&v| f16::from_f32(v).to_le_bytes())
-                .collect(),
-            Self::Bf16 => values
-                .iter()
-                .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
-                .collect(),
-            Self::Q4_0 => blocks.flat_map(q4_0).collect(),
-            Self::Q5_0 => blocks.flat_map(q5_0).collect(),
-            Self::Q5_1 => blocks.flat_map(q5_1).collect(),
-            Self::Q8_0 => blocks.flat_map(q8_0).collect(),
-            Self::Q4K => blocks.flat_map(|x| q4_k_or_q5_k(x, false)).collect(),
-            Self::Q5K => blocks.flat_map(|x| q4_k_or_q5_k(x, true)).collect(),
-            Self::Q6K => blocks.flat_map(q6_k).collect(),
-        }
+            Self::F16 => return values.iter().flat_map(|&v| f16_bytes(v)).collect(),
+            Self::Bf16 => {
+                return values
+                    .iter()
+                    .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+                    .collect()
+            }
+            Self::Q4_0 => q4_0,
+            Self::Q5_0 => q5_0,
+            Self::Q5_1 => q5_1,
+            Self::Q8_0 => q8_0,
+            Self::Q4K => |x| q4_k_or_q5_k(x, false),
+            Self::Q5K => |x| q4_k_or_q5_k(x, true),
+            Self::Q6K => q6_k,
+        };
+        // Chunks of whole blocks, large enough that the threads' overhead does not show.
+        let chunk = self.block_size() * 1024;
+        values
+            .par_chunks(chunk)
+            .map(|part| {
+                part.chunks(self.block_size())
+                    .flat_map(encode_block)
+                    .collect::<Vec<u8>>()
+            })
+            .collect::<Vec<_>>()
+            .concat()
     }
 }
 

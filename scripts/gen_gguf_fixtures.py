@@ -15,7 +15,9 @@ For each fixture family (a tiny model and a PEFT adapter of tests/fixtures):
   3. llama.cpp's convert_lora_to_gguf.py writes each plain LoRA adapter (DoRA has no llama.cpp
      form) as f32: tests/fixtures/gguf/<adapter>.lora.gguf, which tests/gguf.rs compares with
      swift-rs's `--to gguf-lora`.
-  4. llama.cpp (llama-cpp-python) loads swift-rs's f32 and f16 files, and its f32 base with its
+  4. A SentencePiece tokenizer (Llama 2's, Mistral's kind) on Mistral's fixture: see
+     `sentencepiece_check`.
+  5. llama.cpp (llama-cpp-python) loads swift-rs's f32 and f16 files, and its f32 base with its
      LoRA GGUF applied: their logits are checked against transformers + PEFT, and llama.cpp's
      tokenization of sample texts against the Hugging Face tokenizer's. What was measured goes to
      tests/fixtures/gguf/checks.json.
@@ -28,7 +30,7 @@ its GGUF check uses the same model without the window ("mistral_full", as tests/
 
 Setup (pins):
   python3 -m venv /tmp/venv && /tmp/venv/bin/pip install torch==2.15.0 transformers==5.23.0 \
-      peft==0.21.2 sentencepiece gguf==0.19.0 llama-cpp-python==0.3.36
+      peft==0.21.2 sentencepiece==0.2.3 protobuf gguf==0.19.0 llama-cpp-python==0.3.36
   # convert_hf_to_gguf.py and its gguf-py: the llama.cpp tree of the same llama-cpp-python sdist
   pip download --no-deps --no-build-isolation llama-cpp-python==0.3.36 -d /tmp/lcpsrc
   tar xzf /tmp/lcpsrc/llama_cpp_python-0.3.36.tar.gz -C /tmp/lcpsrc
@@ -138,6 +140,55 @@ SPLITS = {
 }
 
 
+def sentencepiece_check(llama_cpp, swift_rs, tmp):
+    """A SentencePiece tokenizer (Llama 2's and Mistral's kind): a toy BPE with byte fallback and
+    identity normalization, as theirs, is trained, transformers writes its tokenizer.json
+    (tests/fixtures/gguf/spm/), and Mistral's fixture model takes it ("mistral_spm", as
+    tests/gguf.rs makes it). The converter's f16 file is tests/fixtures/gguf/mistral_spm.f16.gguf;
+    llama.cpp runs swift-rs's f32 file."""
+    import sentencepiece
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("\n".join(["hello world, the quick brown fox jumps over the lazy dog",
+                                 "two  spaces and a newline here", "digits 12345 and numbers 678",
+                                 "I'M here, they'll see the cat"] * 50))
+    spm_dir, out = tmp / "spm", OUT / "spm"
+    spm_dir.mkdir()
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(spm_dir / "tokenizer"), vocab_size=320,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0,
+        pad_id=-1, minloglevel=2, normalization_rule_name="identity")
+    (spm_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "add_bos_token": True, "legacy": False}))
+    # transformers writes the tokenizer.json (LlamaTokenizerFast(vocab_file=...) would not).
+    AutoTokenizer.from_pretrained(spm_dir).save_pretrained(out)
+    shutil.copy(spm_dir / "tokenizer.model", out / "tokenizer.model")
+    model = base_dir("mistral", tmp)
+    for f in ["tokenizer.json", "tokenizer_config.json", "tokenizer.model"]:
+        shutil.copy(out / f, model / f)
+    convert(llama_cpp, model, OUT / "mistral_spm.f16.gguf")
+    swift_export(swift_rs, model, None, "f32", tmp / "mistral_spm.f32.gguf")
+    tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
+    ids = tokenizer.encode(TEXTS[0], add_special_tokens=True).ids
+    logits, tokens = llama_logits(tmp / "mistral_spm.f32.gguf", ids)
+    with torch.no_grad():
+        reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)(
+            torch.tensor([ids])).logits[0].numpy()
+    hf_tokens = [tokenizer.encode(t, add_special_tokens=False).ids for t in TEXTS]
+    # SentencePiece, and llama.cpp after it, always put a space before the text; tokenizers'
+    # Metaspace does not when the text starts with one. Texts that start with a space differ.
+    same = [a == b for a, b in zip(tokens, hf_tokens)]
+    result = {
+        "f32_vs_transformers_max_abs": float(np.abs(logits - reference).max()),
+        "tokenization_equal": {t: s for t, s in zip(TEXTS, same)},
+    }
+    assert result["f32_vs_transformers_max_abs"] < 1e-4
+    assert all(s for t, s in zip(TEXTS, same) if not t.startswith(" ")), result
+    return result
+
+
 def pretokenizer_checks(swift_rs, tmp):
     """For Qwen 2's and Llama 3's pre-tokenizers (the fixture tokenizer given each split in turn):
     the name swift-rs writes, and whether llama.cpp then tokenizes as the tokenizer does."""
@@ -244,6 +295,8 @@ def main():
         hashes["kquant"] = quantized_hashes(tmp / "kquant.f32.gguf", tmp)
         checks["pre_tokenizers"] = pretokenizer_checks(args.swift_rs, tmp)
         print(checks["pre_tokenizers"])
+        checks["mistral_spm"] = sentencepiece_check(args.llama_cpp, args.swift_rs, tmp)
+        print(checks["mistral_spm"])
 
     for adapter, base, quantized in CASES:
         tmp = Path(tempfile.mkdtemp())

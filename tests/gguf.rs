@@ -246,6 +246,64 @@ fn quantized_blocks_and_type_choices_are_llama_quantizes() {
     }
 }
 
+/// Mistral's fixture with a SentencePiece tokenizer (Llama 2's and Mistral's kind), as
+/// scripts/gen_gguf_fixtures.py's `sentencepiece_check` makes it.
+fn mistral_spm() -> tempfile::TempDir {
+    let (_, copy) = base("mistral");
+    let copy = copy.unwrap();
+    for file in ["tokenizer.json", "tokenizer_config.json", "tokenizer.model"] {
+        let from = fixtures().join("gguf/spm").join(file);
+        std::fs::copy(from, copy.path().join(file)).unwrap();
+    }
+    copy
+}
+
+#[test]
+fn sentencepiece_tokenizers_are_written_as_llama_cpps_converter_writes_them() {
+    let model = mistral_spm();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("model.gguf");
+    swift_rs_ok(&[
+        "export",
+        "--model",
+        model.path().to_str().unwrap(),
+        "--to",
+        "gguf",
+        "--output",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    let (ours, theirs) = (Gguf::read(&out).unwrap(), golden("mistral_spm.f16.gguf"));
+    assert_eq!(
+        ours.get("tokenizer.ggml.model"),
+        Some(&Value::Str("llama".into()))
+    );
+    assert_eq!(metadata(&ours), metadata(&theirs));
+    let (mut ours, mut theirs) = (ours.tensors, theirs.tensors);
+    ours.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    theirs.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    assert!(ours == theirs, "tensors differ");
+
+    // Its scores and types come from tokenizer.model, which must be there.
+    std::fs::remove_file(model.path().join("tokenizer.model")).unwrap();
+    let err = swift_rs_fails(
+        &[
+            "export",
+            "--model",
+            model.path().to_str().unwrap(),
+            "--to",
+            "gguf",
+            "--output",
+            tmp.path().join("again.gguf").to_str().unwrap(),
+            "--device",
+            "cpu",
+        ],
+        2,
+    );
+    assert!(err.contains("tokenizer.model"), "{err}");
+}
+
 #[test]
 fn lora_files_are_what_llama_cpps_lora_converter_writes() {
     for (adapter, base_name) in [

@@ -222,7 +222,10 @@ pub fn export_gguf<B: ModelBackend>(
     ));
     // ggml's GGML_QNT_VERSION, which every writer of llama.cpp's sets.
     metadata.push(("general.quantization_version".into(), Value::U32(2)));
-    metadata.extend(vocab::metadata(model_dir, config.vocab_size).map_err(unfit)?);
+    metadata.extend(
+        vocab::metadata(model_dir, model::arch_name(config.arch), config.vocab_size)
+            .map_err(unfit)?,
+    );
 
     let arch = model::arch_name(config.arch);
     let mix = Mix {

@@ -52,6 +52,16 @@ fn export(base: &Path, adapter: &str, gguf_type: &str, output: &Path) {
     ]);
 }
 
+/// `export --model MODEL --to gguf --output OUTPUT` on the CPU.
+fn gguf_args(model: &Path, output: &Path) -> Vec<String> {
+    let (model, output) = (model.to_str().unwrap(), output.to_str().unwrap());
+    [
+        "export", "--model", model, "--to", "gguf", "--output", output, "--device", "cpu",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 fn golden(name: &str) -> Gguf {
     Gguf::read(&fixtures().join("gguf").join(name)).unwrap()
 }
@@ -263,17 +273,7 @@ fn sentencepiece_tokenizers_are_written_as_llama_cpps_converter_writes_them() {
     let model = mistral_spm();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("model.gguf");
-    swift_rs_ok(&[
-        "export",
-        "--model",
-        model.path().to_str().unwrap(),
-        "--to",
-        "gguf",
-        "--output",
-        out.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]);
+    swift_rs_ok(&gguf_args(model.path(), &out));
     let (ours, theirs) = (Gguf::read(&out).unwrap(), golden("mistral_spm.f16.gguf"));
     assert_eq!(
         ours.get("tokenizer.ggml.model"),
@@ -287,20 +287,8 @@ fn sentencepiece_tokenizers_are_written_as_llama_cpps_converter_writes_them() {
 
     // Its scores and types come from tokenizer.model, which must be there.
     std::fs::remove_file(model.path().join("tokenizer.model")).unwrap();
-    let err = swift_rs_fails(
-        &[
-            "export",
-            "--model",
-            model.path().to_str().unwrap(),
-            "--to",
-            "gguf",
-            "--output",
-            tmp.path().join("again.gguf").to_str().unwrap(),
-            "--device",
-            "cpu",
-        ],
-        2,
-    );
+    let again = tmp.path().join("again.gguf");
+    let err = swift_rs_fails(&gguf_args(model.path(), &again), 2);
     assert!(err.contains("tokenizer.model"), "{err}");
 }
 
@@ -522,19 +510,7 @@ fn ms_swifts_form_writes_into_output_dir() {
 fn a_model_llama_cpp_cannot_run_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("model.gguf");
-    let args = |model: &Path| {
-        vec![
-            "export".to_string(),
-            "--model".into(),
-            model.to_str().unwrap().into(),
-            "--to".into(),
-            "gguf".into(),
-            "--output".into(),
-            out.to_str().unwrap().into(),
-            "--device".into(),
-            "cpu".into(),
-        ]
-    };
+    let args = |model: &Path| gguf_args(model, &out);
     // Mistral's fixture attends to 5 positions back; llama.cpp's llama attends to all.
     let err = swift_rs_fails(&args(&model_dir("mistral")), 2);
     assert!(err.contains("sliding_window = 5"), "{err}");

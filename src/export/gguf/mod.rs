@@ -223,8 +223,13 @@ pub fn export_gguf<B: ModelBackend>(
     // ggml's GGML_QNT_VERSION, which every writer of llama.cpp's sets.
     metadata.push(("general.quantization_version".into(), Value::U32(2)));
     metadata.extend(
-        vocab::metadata(model_dir, model::arch_name(config.arch), config.vocab_size)
-            .map_err(unfit)?,
+        vocab::metadata(
+            model_dir,
+            &raw,
+            model::arch_name(config.arch),
+            config.vocab_size,
+        )
+        .map_err(unfit)?,
     );
 
     let arch = model::arch_name(config.arch);
@@ -243,11 +248,10 @@ pub fn export_gguf<B: ModelBackend>(
             ty: options.gguf_type.tensor_type(&p.name, &p.shape, &mix),
         })
         .collect();
+    // `write` asks for the tensors in the order of `infos`, which is the plan's.
+    let mut plan = planned.iter();
     let bytes = file::write(output, &metadata, &infos, |info| {
-        let p = planned
-            .iter()
-            .find(|p| p.name == info.name)
-            .expect("infos come from the plan");
+        let p = plan.next().expect("one planned tensor per info");
         let values = match &p.source {
             Source::Values(values) => values.clone(),
             Source::Checkpoint { key, permute } => {

@@ -407,15 +407,9 @@ fn q4_k_or_q5_k(x: &[f32], five_bits: bool) -> Vec<u8> {
 /// nmax, for `x` as `scale * q`, the scale chosen among 19 trials for the least error weighted
 /// by `x * x`. Returns the scale.
 fn make_qx_quants(nmax: i32, x: &[f32], quants: &mut [i8]) -> f32 {
-    let (mut amax, mut max) = (0f32, 0f32);
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
+    let max = signed_max(x);
     // ggml's GROUP_MAX_EPS: all zero.
-    if amax < 1e-15 {
+    if max.abs() < 1e-15 {
         quants.fill(0);
         return 0.0;
     }

@@ -30,9 +30,14 @@ fn read_json(path: &Path) -> Result<Option<Json>, String> {
     }
 }
 
-/// The tokenizer keys for the model in `dir` of llama.cpp architecture `arch`, whose embedding
-/// has `vocab_size` rows.
-pub fn metadata(dir: &Path, arch: &str, vocab_size: usize) -> Result<Vec<(String, Value)>, String> {
+/// The tokenizer keys for the model in `dir` (its config.json as `hf_config`) of llama.cpp
+/// architecture `arch`, whose embedding has `vocab_size` rows.
+pub fn metadata(
+    dir: &Path,
+    hf_config: &Json,
+    arch: &str,
+    vocab_size: usize,
+) -> Result<Vec<(String, Value)>, String> {
     let path = dir.join("tokenizer.json");
     let tokenizer =
         read_json(&path)?.ok_or_else(|| format!("{}: file not found", path.display()))?;
@@ -45,7 +50,6 @@ pub fn metadata(dir: &Path, arch: &str, vocab_size: usize) -> Result<Vec<(String
         )));
     }
     let config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Json::Null);
-    let hf_config = read_json(&dir.join("config.json"))?.unwrap_or(Json::Null);
     let added = tokenizer["added_tokens"]
         .as_array()
         .cloned()
@@ -62,7 +66,7 @@ pub fn metadata(dir: &Path, arch: &str, vocab_size: usize) -> Result<Vec<(String
         true => kv.extend(sentencepiece(dir, &config, vocab_size)?),
         false => kv.extend(byte_level(&tokenizer, &added, vocab_size).map_err(&bad)?),
     }
-    for (kind, id) in special_ids(&config, &hf_config, &added, vocab_size) {
+    for (kind, id) in special_ids(&config, hf_config, &added, vocab_size) {
         kv.push((format!("tokenizer.ggml.{kind}_token_id"), Value::U32(id)));
     }
     for (kind, add) in adds_special(&tokenizer["post_processor"], &config) {

@@ -29,6 +29,10 @@ What it writes, under tests/fixtures/preference/:
   dpo_ref_adapter_2x1.safetensors
                             one SGD step of DPO (sigmoid) from adapters/qwen2_rslora as above,
                             with the base plus ref_adapter as TRL's reference model
+  dpo_base_ref_2x1.safetensors
+                            the same with the plain base model as TRL's reference model: what
+                            ms-swift compares with when training goes on from an adapter
+                            (`--adapters X`) and no `--ref_adapters` is given
   unpaired.jsonl            six KTO rows in TRL's processed form (prompt_ids, completion_ids,
                             label: desirable, undesirable, desirable, desirable, undesirable,
                             undesirable)
@@ -161,7 +165,7 @@ def pairs() -> list[dict]:
 
 
 def run(rows, batch, accum, steps, loss_type, optim, lr, schedule, clip, trainer="dpo", ref_adapter=None,
-        weights=(1.0, 1.0), eps=1e-8):
+        weights=(1.0, 1.0), eps=1e-8, ref_base=False):
     model = load_model(ROOT / "models" / "qwen2_bf16", torch.float32, ROOT / "adapters" / "qwen2_rslora",
                        trainable=True)
     model.train()
@@ -193,6 +197,8 @@ def run(rows, batch, accum, steps, loss_type, optim, lr, schedule, clip, trainer
         if ref_adapter is not None:
             # Merged: TRL's fused head reads a plain model's backbone.
             extra["ref_model"] = load_model(ROOT / "models" / "qwen2_bf16", torch.float32, ref_adapter).merge_and_unload()
+        if ref_base:
+            extra["ref_model"] = load_model(ROOT / "models" / "qwen2_bf16", torch.float32)
         trainer = kind(model=model, args=args, processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
                        **extra)
         trainer.train()
@@ -227,6 +233,9 @@ def main() -> None:
     state, traces["dpo_ref_adapter_2x1"] = run(rows[:2], 2, 1, 1, "sigmoid", "sgd", 1.0, "constant", 0.0,
                                                ref_adapter=ref)
     save_file(state, str(OUT / "dpo_ref_adapter_2x1.safetensors"))
+    state, traces["dpo_base_ref_2x1"] = run(rows[:2], 2, 1, 1, "sigmoid", "sgd", 1.0, "constant", 0.0,
+                                            ref_base=True)
+    save_file(state, str(OUT / "dpo_base_ref_2x1.safetensors"))
     answers = unpaired()
     (OUT / "unpaired.jsonl").write_text("".join(json.dumps(r) + "\n" for r in answers))
     for name, n, loss_type, weights in [("kto_kto_2x1", 2, "kto", (1.0, 1.0)),

@@ -32,9 +32,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
             let err = failure.error();
-            eprintln!("error: {err}");
+            swift_rs::say!("error: {err}");
             for cause in err.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+                swift_rs::say!("  caused by: {cause}");
             }
             ExitCode::from(failure.exit_code())
         }

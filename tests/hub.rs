@@ -650,7 +650,11 @@ fn gated_unknown_renamed_and_tagged_repos() {
         &id("org/tiny@v9"),
     )
     .unwrap_err();
-    assert!(e.to_string().contains("revision v9 not found"), "{e}");
+    assert!(
+        matches!(e, HubError::RevisionNotFound { .. }) && e.is_usage(),
+        "{e}"
+    );
+    assert!(e.to_string().contains("no revision \"v9\""), "{e}");
 }
 
 #[test]

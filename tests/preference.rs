@@ -2,8 +2,9 @@
 //! (fixtures from scripts/gen_preference_fixtures.py): from the fixture PEFT adapter, on the same
 //! token ids, one SGD step for each DPO and CPO loss type, SimPO and ORPO at batch x accumulation
 //! 2 x 1 and 1 x 2, for each KTO loss type, and for DPO against a reference adapter of its own;
-//! three AdamW steps of DPO and of KTO; the step's loss, gradient norm and TRL's metrics, and the
-//! adapter after.
+//! three AdamW steps of DPO and of KTO; DPO from an adapter against the plain base (ms-swift's
+//! reference when no reference adapter is named); the step's loss, gradient norm and TRL's
+//! metrics, and the adapter after.
 
 mod common;
 
@@ -67,6 +68,9 @@ fn rows_of(
     c.lora.init_adapter = Some(adapter_dir("qwen2_rslora"));
     c.rlhf = Some(RlhfSection {
         kind,
+        // TRL's reference in the fixtures is a frozen copy of the adapter training starts from:
+        // ms-swift's `--adapters X --ref_adapters X`.
+        ref_adapter: Some(adapter_dir("qwen2_rslora").display().to_string()),
         loss_type: loss,
         label_smoothing: if loss == Some(LossType::Robust) {
             0.1
@@ -186,6 +190,21 @@ fn dpo_against_a_reference_adapter_of_its_own_equals_trls() {
     let reports = train(c, &cpu());
     check_steps(&reports, &steps()["dpo_ref_adapter_2x1"], 1e-4);
     check_trls_adapter(out.path(), 1, "dpo_ref_adapter_2x1");
+}
+
+/// DPO going on from an adapter with no reference adapter named compares with the base with the
+/// adapters off, as ms-swift does (`--adapters X` without `--ref_adapters`): one SGD step equals
+/// TRL's with the plain base as its `ref_model`.
+#[test]
+fn dpo_from_an_adapter_compares_with_the_base_as_ms_swift_does() {
+    let _serial = serial();
+    let out = tempfile::tempdir().unwrap();
+    let mut c = dpo(out.path(), 2, LossType::Sigmoid);
+    c.rlhf.as_mut().unwrap().ref_adapter = None;
+    one_sgd_step(&mut c, 2, 1);
+    let reports = train(c, &cpu());
+    check_steps(&reports, &steps()["dpo_base_ref_2x1"], 1e-4);
+    check_trls_adapter(out.path(), 1, "dpo_base_ref_2x1");
 }
 
 /// Three AdamW steps of DPO, and of KTO over micro-batches with both kinds of answer, only
@@ -425,6 +444,7 @@ fn dpo_trains_on_an_nf4_base_against_itself_as_the_reference() {
     let out = tempfile::tempdir().unwrap();
     let mut c = dpo(out.path(), 2, LossType::Sigmoid);
     c.lora.init_adapter = None;
+    c.rlhf.as_mut().unwrap().ref_adapter = None;
     c.quant.bits = Some(4);
     c.train.batch_size = 2;
     c.train.grad_accum = 1;
@@ -448,6 +468,7 @@ fn evaluation_reports_the_preference_loss() {
         let out = tempfile::tempdir().unwrap();
         let mut c = dpo(out.path(), 2, LossType::Sigmoid);
         c.lora.init_adapter = None;
+        c.rlhf.as_mut().unwrap().ref_adapter = None;
         c.data.val = c.data.train.clone();
         c.train.batch_size = 2;
         c.train.grad_accum = 1;
@@ -463,22 +484,28 @@ fn evaluation_reports_the_preference_loss() {
     }
 }
 
-/// A DPO run that went on from a saved adapter resumes with that adapter as its reference again
-/// (read anew: the checkpoint holds the trained one), ending bit for bit where an unbroken run does.
+/// A DPO run that went on from a saved adapter resumes with the reference it started with: that
+/// adapter when it is also the reference adapter (read anew: the checkpoint holds the trained
+/// one), else the base; either ends bit for bit where an unbroken run does.
 #[test]
-fn a_resumed_dpo_run_from_a_saved_adapter_keeps_it_as_the_reference() {
+fn a_resumed_dpo_run_from_a_saved_adapter_keeps_its_reference() {
     let _serial = serial();
     let data = tempfile::tempdir().unwrap();
     let pairs = dpo(data.path(), 6, LossType::Sigmoid).data.train;
-    common::training::a_resumed_run_ends_where_an_unbroken_one_does(&cpu(), 4, |out| {
-        let mut c = dpo(data.path(), 6, LossType::Sigmoid);
-        c.data.train = pairs.clone();
-        c.output.dir = out.to_path_buf();
-        c.train.batch_size = 2;
-        c.train.grad_accum = 1;
-        c.train.max_steps = 4;
-        c.train.save_steps = 2;
-        c.train.lr = 1e-2;
-        c
-    });
+    for shared in [true, false] {
+        common::training::a_resumed_run_ends_where_an_unbroken_one_does(&cpu(), 4, |out| {
+            let mut c = dpo(data.path(), 6, LossType::Sigmoid);
+            if !shared {
+                c.rlhf.as_mut().unwrap().ref_adapter = None;
+            }
+            c.data.train = pairs.clone();
+            c.output.dir = out.to_path_buf();
+            c.train.batch_size = 2;
+            c.train.grad_accum = 1;
+            c.train.max_steps = 4;
+            c.train.save_steps = 2;
+            c.train.lr = 1e-2;
+            c
+        });
+    }
 }

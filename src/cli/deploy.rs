@@ -2,7 +2,7 @@
 //! model and its adapters (`--adapters name=DIR ...`), until SIGINT or SIGTERM.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,8 +12,8 @@ use clap::Args;
 use super::device::{resolve, with_backend};
 use super::infer::{prompt_encoder, stop_tokens};
 use super::{Failure, HubArg, ModelArgs, QuantArg};
-use swift_rs::config::{auto_dtype, Device, Dtype, GenerationConfig, TemplateName};
-use swift_rs::export::peft::read_adapter;
+use swift_rs::config::{auto_dtype, Device, Dtype, GenerationConfig, ModelConfig, TemplateName};
+use swift_rs::export::peft::{read_adapter, WEIGHTS_FILE};
 use swift_rs::model::{AdapterSource, ModelBackend};
 use swift_rs::serve::{serve, Engine, Server, Settings};
 
@@ -123,7 +123,7 @@ fn deploy_on<B: ModelBackend>(
     on: Device,
 ) -> Result<(), Failure> {
     if args.infer_backend.is_some() {
-        eprintln!("note: --infer_backend has no effect here: swift-rs serves with its own engine");
+        swift_rs::say!("note: --infer_backend has no effect here: swift-rs serves with its own engine");
     }
     if !(args.shutdown_timeout >= 0.0 && args.shutdown_timeout.is_finite()) {
         return Err(usage(format!(
@@ -157,6 +157,19 @@ fn deploy_on<B: ModelBackend>(
             |n| n.to_string_lossy().into_owned(),
         )
     })];
+    let positions = ModelConfig::from_dir(&local.model)?.max_position_embeddings;
+    let max_model_len = match (args.max_model_len, positions) {
+        // vLLM refuses a longer context than the model's too: positions past it were never
+        // trained, and RoPE tables are sized by it.
+        (Some(n), Some(max)) if n as usize > max => {
+            return Err(usage(format!(
+                "--max_model_len {n} is past the model's max_position_embeddings = {max}; \
+                 give at most {max}"
+            )))
+        }
+        (Some(n), _) => n as usize,
+        (None, max) => max.unwrap_or(2048),
+    };
     // Bind before loading: a port in use is found at once, not after minutes of loading.
     let addr = format!("{}:{}", args.host, args.port);
     let listener = std::net::TcpListener::bind(&addr)
@@ -166,6 +179,7 @@ fn deploy_on<B: ModelBackend>(
         .set_nonblocking(true)
         .context("cannot set up the listening socket")?;
     let (config, mut model) = model_args.load::<B>(&local, on, &device)?;
+    let mut created = vec![made_at(&local.model.join("config.json"))];
     for (name, spec) in &adapters.named {
         if names.contains(name) {
             return Err(usage(format!(
@@ -183,15 +197,12 @@ fn deploy_on<B: ModelBackend>(
             .add_served_adapter(ckpt, &adapter.config)
             .map_err(|e| Failure::of(e, format!("cannot serve the adapter {name}")))?;
         names.push(name.clone());
+        created.push(made_at(&dir.join(WEIGHTS_FILE)));
     }
-    let max_model_len = args
-        .max_model_len
-        .map(|n| n as usize)
-        .or(config.max_position_embeddings)
-        .unwrap_or(2048);
     let max_batch_size = args.max_batch_size as usize;
     let settings = Settings {
         names: names.clone(),
+        created,
         max_model_len,
         vocab_size: config.vocab_size,
         max_batch_size,
@@ -213,7 +224,7 @@ fn deploy_on<B: ModelBackend>(
         let at: SocketAddr = listener
             .local_addr()
             .context("cannot read the bound address")?;
-        eprintln!(
+        swift_rs::say!(
             "serving {} on http://{at}/v1 (max_batch_size {max_batch_size}, max_model_len \
              {max_model_len}); Ctrl-C stops",
             names.join(", ")
@@ -221,13 +232,36 @@ fn deploy_on<B: ModelBackend>(
         serve(listener, server, grace, shutdown_signal())
             .await
             .context("the server failed")?;
-        eprintln!("stopped");
+        swift_rs::say!("stopped");
         Ok(())
     })
 }
 
-/// SIGINT (Ctrl-C) or SIGTERM.
+/// When `file` was last written, in Unix seconds (now, where the file system cannot say): a
+/// model's or adapter's `created` in `/v1/models`.
+fn made_at(file: &Path) -> u64 {
+    let modified = std::fs::metadata(file).and_then(|m| m.modified());
+    let time = modified.unwrap_or_else(|_| std::time::SystemTime::now());
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The first SIGINT (Ctrl-C) or SIGTERM starts a graceful shutdown; a second one ends the server
+/// at once, as it ends `train`.
 async fn shutdown_signal() {
+    signal().await;
+    swift_rs::say!(
+        "stopping: no new requests; running replies may finish (Ctrl-C or kill again to quit now)"
+    );
+    tokio::spawn(async {
+        signal().await;
+        swift_rs::say!("stopped at once");
+        std::process::exit(130);
+    });
+}
+
+/// SIGINT or SIGTERM.
+async fn signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -248,5 +282,4 @@ async fn shutdown_signal() {
     {
         let _ = interrupt.await;
     }
-    eprintln!("stopping: no new requests; running replies may finish");
 }

@@ -98,7 +98,7 @@ fn wgpu_device(n: usize) -> Result<Resolved, Failure> {
     match adapters.get(n) {
         Some(a) => {
             let info = &a.info;
-            eprintln!(
+            swift_rs::say!(
                 "wgpu:{n}: {} ({:?}, {})",
                 info.name, info.backend, info.driver
             );

@@ -51,7 +51,7 @@ pub fn run(args: EncodeArgs) -> Result<(), Failure> {
             let done = emit(&config, &encoder, args.limit, &mut out)?;
             drop(out);
             file.commit()?;
-            eprintln!("wrote {}", path.display());
+            swift_rs::say!("wrote {}", path.display());
             done
         }
         None => emit(
@@ -61,12 +61,12 @@ pub fn run(args: EncodeArgs) -> Result<(), Failure> {
             &mut BufWriter::new(std::io::stdout().lock()),
         )?,
     };
-    eprintln!(
+    swift_rs::say!(
         "encoded {} rows: {} tokens, {} with loss",
         totals.rows, totals.tokens, totals.label_tokens
     );
     if let Some(text) = bad_rows.describe(config.data.max_length) {
-        eprintln!("{text}");
+        swift_rs::say!("{text}");
     }
     Ok(())
 }
@@ -92,7 +92,7 @@ fn emit(
             totals.write(out, &dataset.train[i])?;
         }
         if !dataset.val.is_empty() {
-            eprintln!("validation: {} rows (not written)", dataset.val.len());
+            swift_rs::say!("validation: {} rows (not written)", dataset.val.len());
         }
         dataset.bad_rows
     };

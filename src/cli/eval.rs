@@ -60,11 +60,11 @@ fn eval_on<B: ModelBackend>(device: B::Device, args: &EvalArgs, on: Device) -> R
     let terminal = std::io::stderr().is_terminal();
     let report = evaluate(&model, &rows, args.batch_size as usize, |done| {
         if terminal {
-            eprint!("\reval: {done}/{total} rows");
+            swift_rs::say_partial!("\reval: {done}/{total} rows");
         }
     });
     if terminal {
-        eprintln!();
+        swift_rs::say!();
     }
     if let Some((mut file, path)) = output.take() {
         let mut text = String::new();
@@ -90,8 +90,8 @@ fn eval_on<B: ModelBackend>(device: B::Device, args: &EvalArgs, on: Device) -> R
             "no row has a label token: nothing to evaluate"
         )));
     }
-    println!("loss: {:.6}", report.loss);
-    println!("perplexity: {:.6}", report.perplexity());
-    println!("tokens: {}", report.tokens);
+    swift_rs::show!("loss: {:.6}", report.loss);
+    swift_rs::show!("perplexity: {:.6}", report.perplexity());
+    swift_rs::show!("tokens: {}", report.tokens);
     Ok(())
 }

@@ -45,15 +45,17 @@ pub struct ExportArgs {
     /// q8_0, q4_0, q4_k_m, q5_k_m, q6_k
     #[arg(long = "gguf_type", default_value = "f16")]
     gguf_type: GgufType,
-    /// The GGUF file to write [default: the adapter's (or model's) directory with
-    /// "-<gguf_type>.gguf" added, or a file of that name in --output_dir]
+    /// The GGUF file to write [default: beside the adapter's (or model's) directory, named as
+    /// it with "-<gguf_type>.gguf" added (output/checkpoint-500-q4_k_m.gguf), or a file of that
+    /// name in --output_dir]
     #[arg(long)]
     output: Option<PathBuf>,
     /// Also write an Ollama Modelfile beside the GGUF file (FROM it, the chat template as its
     /// TEMPLATE, the stop tokens, the system prompt and generation_config.json's sampling)
     #[arg(long)]
     ollama: bool,
-    /// Where the merged model goes [default: the adapter's directory with "-merged" added]
+    /// Where the merged model goes [default: the adapter's directory with "-merged" added];
+    /// with --to gguf, the directory the GGUF file goes in
     #[arg(long = "output_dir")]
     output_dir: Option<PathBuf>,
     /// Largest shard, as transformers' max_shard_size: 5GB, 500MB, 2GiB
@@ -187,7 +189,8 @@ fn modelfile(local: &LocalModel, output: &Path) -> Result<(PathBuf, String), Fai
     let path = output.with_file_name("Modelfile");
     if path.exists() {
         return Err(usage(format!(
-            "{} already exists; --ollama writes a new one",
+            "{} already exists; --ollama writes a new one: export into another directory \
+             (--output_dir), or remove it first",
             path.display()
         )));
     }
@@ -260,7 +263,7 @@ fn modelfile(local: &LocalModel, output: &Path) -> Result<(PathBuf, String), Fai
 
 fn gguf_on<B: ModelBackend>(device: B::Device, job: &GgufJob) -> Result<(), Failure> {
     ctrlc::set_handler(|| {
-        eprintln!("\ninterrupted: nothing partial is left");
+        swift_rs::say!("\ninterrupted: nothing partial is left");
         exit_removing_staged(130);
     })
     .context("cannot install the SIGINT/SIGTERM handler")?;
@@ -279,11 +282,15 @@ fn gguf_on<B: ModelBackend>(device: B::Device, job: &GgufJob) -> Result<(), Fail
     let source = job.adapter.as_ref().unwrap_or(&job.model);
     let report = report
         .map_err(|e| Failure::of(e, format!("cannot export {} to GGUF", source.display())))?;
-    println!(
-        "wrote {} ({} tensors, {} merged modules, {}, {:.1} MB) in {:.2} s",
+    // A LoRA GGUF holds the adapter unmerged: no module is merged to report.
+    let merged = match job.target {
+        Target::Gguf => format!(", {} merged modules", report.merged_modules),
+        Target::GgufLora => String::new(),
+    };
+    swift_rs::show!(
+        "wrote {} ({} tensors{merged}, {}, {:.1} MB) in {:.2} s",
         job.output.display(),
         report.tensors,
-        report.merged_modules,
         job.options.gguf_type.name(),
         report.bytes as f64 / 1e6,
         report.seconds
@@ -291,7 +298,7 @@ fn gguf_on<B: ModelBackend>(device: B::Device, job: &GgufJob) -> Result<(), Fail
     if let Some((path, text)) = &job.modelfile {
         write_atomic(path, text.as_bytes())
             .with_context(|| format!("cannot write {}", path.display()))?;
-        println!(
+        swift_rs::show!(
             "wrote {}: ollama create NAME -f {}",
             path.display(),
             path.display()

@@ -44,19 +44,21 @@ pub struct InferArgs {
     #[arg(long, default_value = "auto")]
     template: TemplateName,
     /// Most tokens per reply [default: generation_config.json's max_new_tokens, else 2048]
-    #[arg(long, visible_alias = "max_new_tokens", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, visible_alias = "max_new_tokens", allow_negative_numbers = true, value_parser = clap::value_parser!(u64).range(1..))]
     max_new_tokens: Option<u64>,
     /// 0 is greedy [default: generation_config.json's when it samples, else 0]
-    #[arg(long)]
+    // Negative numbers are values here, so that `--temperature -1` gets the range's error, not
+    // clap's "unexpected argument".
+    #[arg(long, allow_negative_numbers = true)]
     temperature: Option<f32>,
     /// [default: generation_config.json's, else 1]
-    #[arg(long, visible_alias = "top_p")]
+    #[arg(long, visible_alias = "top_p", allow_negative_numbers = true)]
     top_p: Option<f32>,
     /// 0 keeps every token [default: generation_config.json's, else 50]
-    #[arg(long, visible_alias = "top_k")]
+    #[arg(long, visible_alias = "top_k", allow_negative_numbers = true)]
     top_k: Option<usize>,
     /// [default: generation_config.json's, else 1]
-    #[arg(long, visible_alias = "repetition_penalty")]
+    #[arg(long, visible_alias = "repetition_penalty", allow_negative_numbers = true)]
     repetition_penalty: Option<f32>,
     /// ms-swift's `--stream`: a single reply is always streamed here; no effect
     #[arg(long, hide = true, value_parser = swift_bool)]
@@ -65,7 +67,7 @@ pub struct InferArgs {
     #[arg(long = "infer_backend", hide = true)]
     infer_backend: Option<String>,
     /// Seed of the sampling draws [default: a random one, printed]
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     seed: Option<u64>,
     /// auto, cpu, cuda[:N] or wgpu[:N]
     #[arg(long, default_value = "auto")]
@@ -127,16 +129,24 @@ fn infer_on<B: ModelBackend>(
         stop,
         sampling,
     };
+    if let (Some(n), Some(max)) = (args.max_new_tokens, config.max_position_embeddings) {
+        if n as usize > max {
+            swift_rs::say!(
+                "warning: --max-new-tokens {n} is past the model's max_position_embeddings = \
+                 {max}: a reply that long goes past the positions it was trained on"
+            );
+        }
+    }
     for (flag, given) in [
         ("--stream", args.stream.is_some()),
         ("--infer_backend", args.infer_backend.is_some()),
     ] {
         if given {
-            eprintln!("note: {flag} has no effect here: swift-rs streams a single reply with its own engine");
+            swift_rs::say!("note: {flag} has no effect here: swift-rs streams a single reply with its own engine");
         }
     }
     let seed = args.seed.unwrap_or_else(rand::random);
-    eprintln!("{}", describe(&options, seed));
+    swift_rs::say!("{}", describe(&options, seed));
     let session = Session {
         model: &model,
         encoder: &encoder,
@@ -151,7 +161,7 @@ fn infer_on<B: ModelBackend>(
                 content: prompt.clone(),
             }];
             let (_, stats) = session.reply_streamed(&messages, 0, &mut std::io::stdout())?;
-            eprintln!("{stats}");
+            swift_rs::say!("{stats}");
             Ok(())
         }
         (None, Some((rows, file))) => {
@@ -283,11 +293,11 @@ impl<B: ModelBackend> Session<'_, B> {
             .collect();
         match long[..] {
             [] => {}
-            [n] => eprintln!(
+            [n] => swift_rs::say!(
                 "warning: the prompt is {n} tokens, at or past the model's \
                  max_position_embeddings = {max}: expect a reply that makes no sense"
             ),
-            _ => eprintln!(
+            _ => swift_rs::say!(
                 "warning: {} prompts are at or past the model's max_position_embeddings = {max} \
                  tokens (the longest {}): expect replies that make no sense",
                 long.len(),
@@ -416,7 +426,7 @@ impl<B: ModelBackend> Session<'_, B> {
         drop(out);
         file.commit()?;
         let tokens: usize = replies.iter().map(Vec::len).sum();
-        eprintln!(
+        swift_rs::say!(
             "wrote {} replies to {} ({tokens} tokens in {elapsed:.1} s, {:.1} tokens/s)",
             rows.len(),
             output.display(),
@@ -430,7 +440,7 @@ impl<B: ModelBackend> Session<'_, B> {
     fn chat(&self) -> Result<(), Failure> {
         let terminal = std::io::stdin().is_terminal();
         if terminal {
-            eprintln!(
+            swift_rs::say!(
                 "`exit` or `quit` ends the chat, `clear` forgets the conversation, `reset-system` \
                  sets a new system prompt (the next line), `multi-line` switches to input ended \
                  by `#`."
@@ -444,8 +454,9 @@ impl<B: ModelBackend> Session<'_, B> {
         let mut turn = 0;
         loop {
             if terminal {
-                print!("<<< ");
-                stdout.flush().context("cannot write to standard output")?;
+                write!(stdout, "<<< ")
+                    .and_then(|()| stdout.flush())
+                    .context("cannot write to standard output")?;
             }
             let Some(query) = read_turn(&mut lines, multi_line)? else {
                 return Ok(());
@@ -462,8 +473,9 @@ impl<B: ModelBackend> Session<'_, B> {
                 }
                 "reset-system" => {
                     if terminal {
-                        print!("system: ");
-                        stdout.flush().context("cannot write to standard output")?;
+                        write!(stdout, "system: ")
+                            .and_then(|()| stdout.flush())
+                            .context("cannot write to standard output")?;
                     }
                     system = read_turn(&mut lines, multi_line)?;
                     history.clear();

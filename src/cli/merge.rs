@@ -62,7 +62,7 @@ pub(super) fn merge_on<B: ModelBackend>(device: B::Device, job: &Job) -> Result<
     // A merge has nothing worth saving half-way: Ctrl-C or SIGTERM removes what it was writing
     // (SIGKILL's leftover is removed by the next merge into the same place).
     ctrlc::set_handler(|| {
-        eprintln!("\ninterrupted: nothing partial is left");
+        swift_rs::say!("\ninterrupted: nothing partial is left");
         exit_removing_staged(130);
     })
     .context("cannot install the SIGINT/SIGTERM handler")?;
@@ -71,7 +71,7 @@ pub(super) fn merge_on<B: ModelBackend>(device: B::Device, job: &Job) -> Result<
             let (adapter, model) = (job.adapter.display(), job.model.display());
             Failure::of(e, format!("cannot merge {adapter} into {model}"))
         })?;
-    println!(
+    swift_rs::show!(
         "merged {} modules into {} ({} shard(s), {:.1} MB) in {:.2} s",
         report.merged_modules,
         job.output.display(),

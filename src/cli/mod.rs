@@ -39,12 +39,19 @@ pub enum Command {
     /// LoRA / QLoRA fine-tune from a training config (TOML)
     Train(train::TrainArgs),
     /// ms-swift's `swift sft`: its flags (--model, --dataset, --lora_rank, ...), after an
-    /// optional .yaml/.json config of them, or --config FILE (swift-rs's TOML)
+    /// optional .yaml/.json config of them, or --config FILE (swift-rs's TOML); `sft --help`
+    /// lists the flags
+    // `--help` anywhere on the line (after other flags, as users add it) is the command's own,
+    // with the list of flags: clap's would take it as the first word only.
+    #[command(disable_help_flag = true)]
     Sft(train::SwiftLine),
-    /// ms-swift's `swift pt`: as sft, with loss on every token
+    /// ms-swift's `swift pt`: as sft, with loss on every token; `pt --help` lists the flags
+    #[command(disable_help_flag = true)]
     Pt(train::SwiftLine),
-    /// Preference training (DPO) from --config FILE (swift-rs's TOML with an [rlhf] section)
-    /// [--set KEY=VALUE]..., or ms-swift's `swift rlhf` flags (--rlhf_type dpo --beta 0.1 ...)
+    /// Preference training: DPO, ORPO, SimPO, CPO or KTO (--rlhf_type) from ms-swift's `swift
+    /// rlhf` flags (--rlhf_type dpo --beta 0.1 ...), or --config FILE (swift-rs's TOML with an
+    /// [rlhf] section) [--set KEY=VALUE]...; `rlhf --help` lists the flags
+    #[command(disable_help_flag = true)]
     Rlhf(train::SwiftLine),
     /// Mean loss and perplexity of a model over pre-tokenized JSONL rows
     Eval(eval::EvalArgs),
@@ -66,7 +73,7 @@ pub enum Command {
 /// dtype on the user's say: wgpu, which has no bf16, computes it in f32.
 pub fn say_dtype_choice(on: Device, requested: Option<Dtype>) {
     if requested.is_none() && matches!(on, Device::Wgpu(_)) {
-        eprintln!(
+        swift_rs::say!(
             "wgpu has no bf16: the weights compute in f32 (dtype f16 halves their memory, but \
              Qwen's activations can overflow f16)"
         );
@@ -163,11 +170,32 @@ impl ModelArgs {
                 )))
             }
         };
+        if self.model.is_none() && model.is_absolute() && !model.exists() {
+            // A local path the checkpoint recorded, not a hub id: asking a hub for it is no help.
+            return Err(Failure::Usage(anyhow::anyhow!(
+                "the adapter in {} was trained on the model in {}, which is not there any more \
+                 (moved or deleted?): give its new place with --model",
+                adapter.as_deref().unwrap_or(Path::new("?")).display(),
+                model.display()
+            )));
+        }
         let hub = HubArg {
             hub: self.hub.hub.or(run_args.hub),
         };
+        let model = hub.local_dir(&model)?;
+        if !model.join("config.json").is_file() {
+            let what = match model.is_dir() {
+                true => "is not a model directory: it has no config.json",
+                false => "is neither a model directory nor a hub id org/name",
+            };
+            return Err(Failure::Usage(anyhow::anyhow!(
+                "{} {what} (a Hugging Face model directory holds config.json, \
+                 model.safetensors and tokenizer.json)",
+                model.display()
+            )));
+        }
         Ok(LocalModel {
-            model: hub.local_dir(&model)?,
+            model,
             adapter,
             run_args,
         })

@@ -16,14 +16,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::device::{resolve, with_backend};
 use super::Failure;
 use swift_rs::config::{
-    parse_swift_args, versioned_dir, Device, RlhfType, SwiftCommand, TrainConfig, TrainPlan,
+    parse_swift_args, swift_help, versioned_dir, Device, RlhfType, SwiftCommand, TrainConfig,
+    TrainPlan,
 };
 use swift_rs::data::dataset::TrainRow;
 use swift_rs::export::exit_removing_staged;
 use swift_rs::hub::ms_swift_hub;
 use swift_rs::model::{ModelBackend, TrainBackend};
 use swift_rs::train::log::LogEntry;
-use swift_rs::train::{Control, StepReport, TrainError, Trainer};
+use swift_rs::train::{run_dir, Control, StepReport, TrainError, Trainer};
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -44,7 +45,9 @@ static STOP: AtomicBool = AtomicBool::new(false);
 #[derive(Args, Debug)]
 pub struct SwiftLine {
     /// [CONFIG.yaml|CONFIG.json] [--flag value...]...: ms-swift's flags, with its defaults
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+    /// (`--help` lists them)
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..,
+          value_name = "FLAGS")]
     words: Vec<String>,
 }
 
@@ -60,11 +63,15 @@ pub fn run(args: TrainArgs) -> Result<(), Failure> {
 
 /// `swift-rs sft` and `pt`: ms-swift's command line, onto `--config FILE` when it names one.
 pub fn run_swift(command: SwiftCommand, line: SwiftLine) -> Result<(), Failure> {
+    if line.words.iter().any(|w| w == "--help" || w == "-h") {
+        swift_rs::show!("{}", swift_help(command));
+        return Ok(());
+    }
     let args = parse_swift_args(command, &line.words)?;
     for (name, value) in &args.env {
         match std::env::var(name) {
             Err(_) => std::env::set_var(name, value),
-            Ok(set) if set != *value => eprintln!(
+            Ok(set) if set != *value => swift_rs::say!(
                 "warning: {name} is set to {set:?} in the environment, which wins over the \
                  config's {value:?}"
             ),
@@ -72,19 +79,23 @@ pub fn run_swift(command: SwiftCommand, line: SwiftLine) -> Result<(), Failure> 
         }
     }
     for notice in &args.notices {
-        eprintln!("note: {notice}");
+        swift_rs::say!("note: {notice}");
     }
     let mut config = args.load()?;
     if command != SwiftCommand::Rlhf {
         refuse_preferences(&config)?;
     }
-    // ms-swift's hub for the model and the datasets both, where neither the command line nor
-    // the config says.
-    let hub = config.model.hub.unwrap_or_else(ms_swift_hub);
-    config.model.hub = Some(hub);
-    config.data.hub.get_or_insert(hub);
-    if args.add_version {
-        config.output.dir = versioned_dir(&config.output.dir, std::time::SystemTime::now());
+    // The TOML form (`--config FILE`) runs as `train --config FILE` does: the same hub for the
+    // same `[model] path`, checkpoints right in `output.dir`. ms-swift's flag form (and its
+    // YAML/JSON configs) follows ms-swift: its hub for the model and the datasets both where
+    // nothing says, and each run in a `vN-YYYYMMDD-HHMMSS` folder of its own.
+    if args.config.is_none() {
+        let hub = config.model.hub.unwrap_or_else(ms_swift_hub);
+        config.model.hub = Some(hub);
+        config.data.hub.get_or_insert(hub);
+        if args.add_version {
+            config.output.dir = versioned_dir(&config.output.dir, std::time::SystemTime::now());
+        }
     }
     train(config)
 }
@@ -100,11 +111,22 @@ fn refuse_preferences(config: &TrainConfig) -> Result<(), Failure> {
     }
 }
 
+/// Trains `config`. A run that fails before its first checkpoint removes the run directory it
+/// made, so that a failed try leaves nothing behind (nor takes the next `vN-...` number).
 fn train(config: TrainConfig) -> Result<(), Failure> {
-    let backend = resolve(config.train.device)?;
-    let plan = config.resolve(backend.device())?;
-    super::say_dtype_choice(backend.device(), config.model.dtype);
-    with_backend!(backend, train_on(plan))
+    let dir = config.output.dir.clone();
+    let made = !dir.exists();
+    let result = (|| {
+        let backend = resolve(config.train.device)?;
+        let plan = config.resolve(backend.device())?;
+        super::say_dtype_choice(backend.device(), config.model.dtype);
+        with_backend!(backend, train_on(plan))
+    })();
+    if result.is_err() && made && dir.exists() && !run_dir::holds_run(&dir) {
+        // Best effort: the run's own error is the one to report.
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
 }
 
 fn train_on<B: ModelBackend>(device: B::Device, plan: TrainPlan) -> Result<(), Failure> {
@@ -116,7 +138,7 @@ fn train_on<B: ModelBackend>(device: B::Device, plan: TrainPlan) -> Result<(), F
             // The checkpoint being written, if any, is incomplete: the last whole one stays.
             exit_removing_staged(130);
         }
-        eprintln!(
+        swift_rs::say!(
             "\nstopping after this step to save a checkpoint (Ctrl-C or kill again to quit now)"
         );
     })
@@ -149,7 +171,7 @@ fn train_on<B: ModelBackend>(device: B::Device, plan: TrainPlan) -> Result<(), F
                 }
                 None => {
                     if let Some(entry) = &report.logged {
-                        eprintln!("{}", log_line(entry, report.max_steps));
+                        swift_rs::say!("{}", log_line(entry, report.max_steps));
                     }
                 }
             }
@@ -157,7 +179,7 @@ fn train_on<B: ModelBackend>(device: B::Device, plan: TrainPlan) -> Result<(), F
                 let line = format!("saved {}", dir.display());
                 match &bar {
                     Some(bar) => bar.println(line),
-                    None => eprintln!("{line}"),
+                    None => swift_rs::say!("{line}"),
                 }
             }
             if STOP.load(Ordering::SeqCst) {
@@ -171,16 +193,16 @@ fn train_on<B: ModelBackend>(device: B::Device, plan: TrainPlan) -> Result<(), F
         bar.finish_and_clear();
     }
     for warning in &outcome.warnings {
-        eprintln!("warning: {warning}");
+        swift_rs::say!("warning: {warning}");
     }
     let dir = outcome.last_checkpoint.display();
     if outcome.stopped {
-        eprintln!(
+        swift_rs::say!(
             "stopped at step {}: {dir} saved; continue with --set train.resume_from=latest",
             outcome.steps
         );
     } else {
-        eprintln!("done: {} steps; the adapter is in {dir}", outcome.steps);
+        swift_rs::say!("done: {} steps; the adapter is in {dir}", outcome.steps);
     }
     Ok(())
 }
@@ -192,7 +214,7 @@ fn describe<B: TrainBackend>(trainer: &Trainer<B>) {
         .flat_map(|a| a.trainable())
         .map(|(_, t)| t.dims()[0])
         .sum();
-    eprintln!(
+    swift_rs::say!(
         "model {}: {} trainable adapter parameters (r {}, alpha {}{}{})",
         trainer.plan.config.model.path,
         trainable,
@@ -210,7 +232,7 @@ fn describe<B: TrainBackend>(trainer: &Trainer<B>) {
         .bad_rows()
         .and_then(|b| b.describe(config.data.max_length))
     {
-        eprintln!("{text}");
+        swift_rs::say!("{text}");
     }
     let rlhf = config.rlhf.as_ref().filter(|r| r.kind == RlhfType::Kto);
     if let (Some(rlhf), Some(rows)) = (rlhf, trainer.train_rows()) {
@@ -227,14 +249,26 @@ fn describe<B: TrainBackend>(trainer: &Trainer<B>) {
             })
             .count();
         if let Some(advice) = rlhf.kto_weights_advice(desirable, rows.len() - desirable) {
-            eprintln!("note: {advice}");
+            swift_rs::say!("note: {advice}");
         }
     }
     let s = &trainer.state;
+    if trainer.trains_nothing() {
+        let t = &config.train;
+        swift_rs::say!(
+            "warning: the learning rate is 0 at every one of the {} steps (train.lr = {}, \
+             warmup_ratio {}, warmup_steps {}): the adapter will not change; train longer \
+             (more rows or epochs, or train.max_steps), or warm up less",
+            s.max_steps - s.global_step,
+            t.lr,
+            t.warmup_ratio,
+            t.warmup_steps
+        );
+    }
     if s.global_step > 0 {
-        eprintln!("resuming at step {} of {}", s.global_step, s.max_steps);
+        swift_rs::say!("resuming at step {} of {}", s.global_step, s.max_steps);
     } else {
-        eprintln!(
+        swift_rs::say!(
             "training {} steps into {}",
             s.max_steps,
             trainer.run_dir.display()

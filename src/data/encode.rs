@@ -12,6 +12,7 @@ use tokenizers::Tokenizer;
 use super::format::{prompt_of, Answer, Message, Preference, Role, Row};
 use super::template::ChatTemplate;
 use crate::config::{LossScale, RlhfType};
+use super::pretokenized::check_tokenized;
 use crate::model::IGNORE_INDEX;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -46,6 +47,9 @@ pub struct Encoder {
     specials: Vec<String>,
     /// Rows are preference rows (`swift-rs rlhf`), of this kind.
     preferences: Option<PreferenceRows>,
+    /// The model's vocabulary (config.json's `vocab_size`): every id encoded is checked against
+    /// it, as an id past the embedding would panic inside the model. None: not checked.
+    vocab_size: Option<usize>,
 }
 
 /// The rows a preference objective reads: pairs, or KTO's unpaired answers.
@@ -76,7 +80,14 @@ impl Encoder {
             system,
             specials,
             preferences: None,
+            vocab_size: None,
         }
+    }
+
+    /// The encoder for a model of `vocab_size` tokens: a row holding an id outside it is refused.
+    pub fn with_vocab_size(mut self, vocab_size: usize) -> Self {
+        self.vocab_size = Some(vocab_size);
+        self
     }
 
     /// The encoder for preference rows (`swift-rs rlhf`): datasets read through it are pairs,
@@ -107,10 +118,9 @@ impl Encoder {
     pub fn encode(&self, row: &Row) -> Result<Encoded, String> {
         match row {
             Row::Tokenized { input_ids, labels } => {
-                let ids: Vec<u32> = input_ids
-                    .iter()
-                    .map(|&i| u32::try_from(i).map_err(|_| format!("input_ids holds {i}")))
-                    .collect::<Result<_, _>>()?;
+                let vocab_size = self.vocab_size.unwrap_or(u32::MAX as usize);
+                check_tokenized(input_ids, labels.as_deref(), vocab_size)?;
+                let ids = input_ids.iter().map(|&i| i as u32).collect();
                 Ok(Encoded {
                     labels: labels.clone().unwrap_or_else(|| input_ids.clone()),
                     input_ids: ids,
@@ -150,6 +160,8 @@ impl Encoder {
                         (answers.remove(0), prompt_len)
                     }
                     Answer::Tokenized { prompt, completion } => {
+                        self.check_ids("prompt_ids", prompt)?;
+                        self.check_ids("completion_ids", completion)?;
                         (prompt_then(prompt, completion), prompt.len())
                     }
                 };
@@ -172,10 +184,15 @@ impl Encoder {
                 prompt,
                 chosen,
                 rejected,
-            } => Ok(EncodedPreference::Pair {
-                chosen: prompt_then(prompt, chosen),
-                rejected: prompt_then(prompt, rejected),
-            }),
+            } => {
+                self.check_ids("prompt_ids", prompt)?;
+                self.check_ids("chosen_ids", chosen)?;
+                self.check_ids("rejected_ids", rejected)?;
+                Ok(EncodedPreference::Pair {
+                    chosen: prompt_then(prompt, chosen),
+                    rejected: prompt_then(prompt, rejected),
+                })
+            }
         }
     }
 
@@ -270,7 +287,28 @@ impl Encoder {
             .tokenizer
             .encode(text, false)
             .map_err(|e| format!("tokenizer failed: {e}"))?;
+        if let (Some(vocab_size), Some(&id)) = (self.vocab_size, enc.get_ids().iter().max()) {
+            if id as usize >= vocab_size {
+                return Err(format!(
+                    "the tokenizer gives token id {id}, outside the model's vocabulary \
+                     [0, {vocab_size}): tokenizer.json does not fit config.json's vocab_size"
+                ));
+            }
+        }
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
+    /// `ids`, the row's field `field`, inside the model's vocabulary.
+    fn check_ids(&self, field: &str, ids: &[u32]) -> Result<(), String> {
+        let Some(vocab_size) = self.vocab_size else {
+            return Ok(());
+        };
+        match ids.iter().find(|&&id| id as usize >= vocab_size) {
+            Some(id) => Err(format!(
+                "{field} holds token id {id}, outside the vocabulary [0, {vocab_size})"
+            )),
+            None => Ok(()),
+        }
     }
 
     fn encode_chat(&self, messages: &[Message]) -> Result<Encoded, String> {
@@ -427,14 +465,27 @@ impl Encoder {
                 ),
             });
         }
-        // Only for picking a built-in template when the model has none of its own.
-        let model_type = std::fs::read_to_string(dir.join("config.json"))
+        // The model type only picks a built-in template when the model has none of its own.
+        let config = std::fs::read_to_string(dir.join("config.json"))
             .ok()
-            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok());
+        let model_type = config
+            .as_ref()
             .and_then(|c| c.get("model_type")?.as_str().map(str::to_string))
             .unwrap_or_default();
         let template = ChatTemplate::load(dir, template, &model_type)?;
         let tokenizer = super::load_tokenizer(dir)?;
-        Ok(Self::new(template, tokenizer, loss_scale, system))
+        let encoder = Self::new(template, tokenizer, loss_scale, system);
+        Ok(match config.as_ref().and_then(vocab_size) {
+            Some(n) => encoder.with_vocab_size(n),
+            None => encoder,
+        })
     }
+}
+
+/// config.json's `vocab_size`, or its `text_config`'s (a vision-language checkpoint's).
+fn vocab_size(config: &serde_json::Value) -> Option<usize> {
+    let of = |c: &serde_json::Value| c.get("vocab_size")?.as_u64();
+    let n = of(config).or_else(|| config.get("text_config").and_then(of))?;
+    usize::try_from(n).ok()
 }

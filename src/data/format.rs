@@ -463,7 +463,7 @@ fn trl_preference(obj: &Map<String, Value>, prompt: &Value) -> Result<Preference
 /// Checks that both conversations are whole and share their prompt.
 fn pair(chosen: Vec<Message>, rejected: Vec<Message>) -> Result<Preference, String> {
     check_turns(&chosen)?;
-    check_turns(&rejected)?;
+    check_turns(&rejected).map_err(|e| format!("the rejected conversation: {e}"))?;
     if rejected.last().map(|m| m.role) != Some(Role::Assistant) {
         return Err("the rejected conversation must end with its answer".into());
     }
@@ -507,6 +507,9 @@ fn answers(v: &Value, key: &str) -> Result<Vec<Message>, String> {
         return Err(format!(
             "\"{key}\" must be an answer: text, or assistant messages"
         ));
+    }
+    if m.iter().any(|x| x.content.trim().is_empty()) {
+        return Err(format!("\"{key}\" is empty: the answer must have content"));
     }
     Ok(m)
 }
@@ -720,6 +723,14 @@ mod tests {
             (
                 json!({"messages": [user, good], "rejected_response": [user]}),
                 "must be an answer",
+            ),
+            (
+                json!({"messages": [user, good], "rejected_response": ""}),
+                "\"rejected_response\" is empty",
+            ),
+            (
+                json!({"messages": [user, good], "rejected_messages": [user, {"role": "assistant", "content": " "}]}),
+                "the rejected conversation: turn 1 (assistant) has empty content",
             ),
             (
                 json!({"prompt": "2+2=", "chosen": "4"}),

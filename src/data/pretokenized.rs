@@ -42,20 +42,31 @@ fn check_ids(
     labels: Option<Vec<i64>>,
     vocab_size: usize,
 ) -> Result<TokenizedRow, String> {
+    check_tokenized(&input_ids, labels.as_deref(), vocab_size)?;
+    Ok(TokenizedRow {
+        labels: labels.unwrap_or_else(|| input_ids.clone()),
+        input_ids: input_ids.into_iter().map(|id| id as u32).collect(),
+    })
+}
+
+/// Every id of a pre-tokenized row in `[0, vocab_size)` and every label -100 or such an id:
+/// checked before any tensor is built, where an id past the embedding would panic in a gather.
+pub(super) fn check_tokenized(
+    input_ids: &[i64],
+    labels: Option<&[i64]>,
+    vocab_size: usize,
+) -> Result<(), String> {
     let in_vocab = |id: i64| id >= 0 && (id as u64) < vocab_size as u64;
     if let Some(id) = input_ids.iter().find(|&&id| !in_vocab(id)) {
         return Err(format!(
             "input_ids holds token id {id}, outside the vocabulary [0, {vocab_size})"
         ));
     }
-    let labels = labels.unwrap_or_else(|| input_ids.clone());
+    let labels = labels.unwrap_or(input_ids);
     if let Some(l) = labels.iter().find(|&&l| l != IGNORE_INDEX && !in_vocab(l)) {
         return Err(format!(
             "labels holds {l}, neither -100 nor a token id in [0, {vocab_size})"
         ));
     }
-    Ok(TokenizedRow {
-        input_ids: input_ids.into_iter().map(|id| id as u32).collect(),
-        labels,
-    })
+    Ok(())
 }

@@ -208,15 +208,24 @@ impl<B: ModelBackend> MergedWeights<B> {
     }
 }
 
-/// A usage error when `output` exists: exports write new files and directories, never over
-/// something there.
+/// A usage error when `output` exists (exports write new files and directories, never over
+/// something there), or when the directory it goes in does not (a mistyped path is not made).
 pub(super) fn refuse_existing(output: &Path, why: &str) -> Result<(), MergeError> {
-    match output.exists() {
-        true => Err(MergeError::Usage(format!(
-            "{} already exists; {why}",
+    if output.exists() {
+        return Err(MergeError::Usage(format!(
+            "{} already exists; {why}: give another output path, or remove it first",
             output.display()
-        ))),
-        false => Ok(()),
+        )));
+    }
+    match output.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() && !parent.is_dir() => {
+            Err(MergeError::Usage(format!(
+                "{} cannot be written: the directory {} does not exist (make it first)",
+                output.display(),
+                parent.display()
+            )))
+        }
+        _ => Ok(()),
     }
 }
 

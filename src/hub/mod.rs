@@ -221,7 +221,7 @@ fn cached_or(id: &HubId, error: HubError, cached: Option<PathBuf>) -> Result<Pat
                 } => format!("cannot reach {endpoint} ({reason})"),
                 other => other.to_string(),
             };
-            eprintln!(
+            crate::say!(
                 "warning: {failure}: using the cached {id} in {}",
                 dir.display()
             );

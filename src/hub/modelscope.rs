@@ -81,7 +81,7 @@ fn in_cache(
         }
     };
     let base = format!("{}/api/v1/{}/{}", env.endpoint, kind.segment(), id.repo);
-    let list_page = |page: usize| {
+    let list_page = |page: usize, revision: &str| {
         let request = match kind {
             Kind::Model => get(&listing_agent, format!("{base}/repo/files")),
             Kind::Dataset => get(&listing_agent, format!("{base}/repo/tree"))
@@ -98,7 +98,7 @@ fn in_cache(
     let mut files = Vec::new();
     let mut seen = HashSet::new();
     for page in 1.. {
-        match list_page(page) {
+        match list_page(page, revision) {
             Ok(listed) => {
                 let before = files.len();
                 let last = kind == Kind::Model || listed.len() < PAGE_SIZE;
@@ -112,7 +112,29 @@ fn in_cache(
                     break;
                 }
             }
-            Err(e) => return cached_or(id, e, Some(dir.clone()).filter(|d| complete(d))),
+            Err(e) => {
+                // ModelScope answers 404 for a missing revision as for a missing repo: the
+                // default branch's answer tells the two apart.
+                let e = match (&e, &id.revision) {
+                    (HubError::Http { status: 404, .. }, Some(missing)) => {
+                        match list_page(1, "master") {
+                            Ok(_) => HubError::RevisionNotFound {
+                                repo: id.repo.clone(),
+                                revision: missing.clone(),
+                                endpoint: env.endpoint.clone(),
+                            },
+                            Err(HubError::Http { status: 404, .. }) => HubError::repo_not_found(
+                                env,
+                                id,
+                                " (a private repo needs MODELSCOPE_API_TOKEN)",
+                            ),
+                            Err(_) => e,
+                        }
+                    }
+                    _ => e,
+                };
+                return cached_or(id, e, Some(dir.clone()).filter(|d| complete(d)));
+            }
         }
     }
     let listed: Vec<&str> = files

@@ -32,7 +32,7 @@ pub(super) struct Bar(ProgressBar);
 impl Bar {
     pub fn new(env: &HubEnv, id: &HubId, file: &str) -> Self {
         if !env.progress {
-            eprintln!("{id}: downloading {file}");
+            crate::say!("{id}: downloading {file}");
             return Self(ProgressBar::hidden());
         }
         let style = ProgressStyle::with_template(

@@ -80,7 +80,7 @@ pub(crate) fn test_gpu() -> Option<WgpuDevice> {
             panic!("CI=true and wgpu finds no adapter: install mesa-vulkan-drivers")
         }
         None => {
-            eprintln!("no wgpu adapter: skipped");
+            crate::say!("no wgpu adapter: skipped");
             None
         }
     }

@@ -38,6 +38,9 @@ pub struct Settings {
     /// The names `model` may take: the base model's first, then each named adapter's (adapter
     /// `k` is name `k + 1`).
     pub names: Vec<String>,
+    /// When each of `names` was made (Unix seconds; its files' modification time), for
+    /// `/v1/models`' `created`.
+    pub created: Vec<u64>,
     /// Prompt plus reply, in tokens.
     pub max_model_len: usize,
     /// The model's vocabulary (its embedding's rows), which bounds the token ids of a prompt.
@@ -55,21 +58,23 @@ pub struct Server {
     encoder: Encoder,
     tokenizer: Arc<Tokenizer>,
     settings: Settings,
-    created: u64,
+}
+
+/// Now, in Unix seconds: a response's `created`.
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl Server {
     pub fn new(engine: Engine, encoder: Encoder, settings: Settings) -> Self {
         let tokenizer = Arc::new(encoder.tokenizer().clone());
-        let created = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
         Self {
             engine,
             encoder,
             tokenizer,
             settings,
-            created,
         }
     }
 
@@ -85,7 +90,10 @@ impl Server {
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            // The scheme is case-insensitive (RFC 9110): `bearer` is as good as `Bearer`.
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, key)| key.trim_start());
         match given {
             Some(g) if g == key => Ok(()),
             Some(_) => Err(unauthorized("Incorrect API key provided.")),
@@ -298,7 +306,7 @@ async fn models(State(server): State<Arc<Server>>, headers: HeaderMap) -> Respon
             json!({
                 "id": name,
                 "object": "model",
-                "created": server.created,
+                "created": server.settings.created.get(i).copied().unwrap_or_else(unix_now),
                 "owned_by": "swift-rs",
                 "root": name,
                 "parent": if i == 0 { Value::Null } else { json!(base) },
@@ -462,6 +470,8 @@ struct Reply {
     endpoint: Endpoint,
     id: String,
     model: String,
+    /// When the response was made, which every chunk of a stream repeats (OpenAI's `created`).
+    created: u64,
     events: UnboundedReceiver<(usize, Chosen)>,
     choices: Vec<Choice>,
     /// Each choice's log probabilities so far (when asked for).
@@ -490,6 +500,7 @@ async fn respond(
         endpoint,
         id: format!("{prefix}-{:032x}", rand::random::<u128>()),
         model: common.model.clone(),
+        created: unix_now(),
         events,
         choices: (0..count)
             .map(|_| Choice::new(server.tokenizer.clone(), stop.clone()))
@@ -560,7 +571,7 @@ impl Reply {
         json!({
             "id": self.id,
             "object": self.object(chunk),
-            "created": self.server.created,
+            "created": self.created,
             "model": self.model,
             "choices": choices,
         })

@@ -8,7 +8,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::data::format::{Message, Role};
 
@@ -107,13 +107,20 @@ pub struct Common {
     pub stream_options: Option<StreamOptions>,
     pub frequency_penalty: Option<f32>,
     pub presence_penalty: Option<f32>,
+    /// Refused unless empty or plain text: this server has no constrained decoding, no tool
+    /// calls and no logit bias, and a client that asked for them must not get plain text as if
+    /// it had them.
+    pub response_format: Option<Value>,
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub logit_bias: Option<Value>,
     /// vLLM's: generate past the end-of-turn and eos tokens (for benchmarks).
     #[serde(default)]
     pub ignore_eos: bool,
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a string or a list of strings")]
 pub enum Stop {
     One(String),
     Many(Vec<String>),
@@ -143,7 +150,10 @@ pub struct ChatMessage {
 
 /// A message's content: text, or OpenAI's list of parts, of which this server reads text.
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a string, or a list of content parts ({\"type\": \"text\", \"text\": ...})"
+)]
 pub enum Content {
     Text(String),
     Parts(Vec<Part>),
@@ -169,7 +179,10 @@ pub struct CompletionRequest {
 
 /// `/v1/completions`' prompt: text, texts, token ids, or lists of token ids.
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a string, a list of strings, a list of token ids or a list of such lists"
+)]
 pub enum Prompt {
     Text(String),
     Texts(Vec<String>),
@@ -193,6 +206,35 @@ impl Common {
                     format!("{name} is not supported here; use repetition_penalty"),
                 ));
             }
+        }
+        let format = self.response_format.as_ref();
+        if format.is_some_and(|f| !f.is_null() && f.get("type") != Some(&json!("text"))) {
+            return Err(ApiError::invalid(
+                Some("response_format"),
+                "response_format is not supported here (no JSON mode or schema-constrained \
+                 decoding); leave it out or give {\"type\": \"text\"}",
+            ));
+        }
+        let tools = self.tools.as_ref();
+        if tools.is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|t| !t.is_empty())) {
+            return Err(ApiError::invalid(
+                Some("tools"),
+                "tools are not supported here (no tool calls)",
+            ));
+        }
+        let choice = self.tool_choice.as_ref();
+        if choice.is_some_and(|c| !c.is_null() && *c != json!("none")) {
+            return Err(ApiError::invalid(
+                Some("tool_choice"),
+                "tool_choice is not supported here (no tool calls)",
+            ));
+        }
+        let bias = self.logit_bias.as_ref();
+        if bias.is_some_and(|b| !b.is_null() && b.as_object().is_none_or(|b| !b.is_empty())) {
+            return Err(ApiError::invalid(
+                Some("logit_bias"),
+                "logit_bias is not supported here",
+            ));
         }
         if self.n == Some(0) {
             return Err(ApiError::invalid(Some("n"), "n must be at least 1"));

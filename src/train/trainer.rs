@@ -185,6 +185,13 @@ impl<B: TrainBackend> Trainer<B> {
         })
     }
 
+    /// True when every step of the run is scheduled at a learning rate of 0 (a zero rate, or a
+    /// run no longer than its warmup, which starts at 0): the adapter would not change.
+    pub fn trains_nothing(&self) -> bool {
+        let steps = self.state.global_step..self.state.max_steps;
+        steps.into_iter().all(|step| self.schedule.lr(step as usize) == 0.0)
+    }
+
     /// The training rows, when read whole (not streamed).
     pub fn train_rows(&self) -> Option<&[TrainRow]> {
         self.data.dataset.as_ref().map(|d| d.train.as_slice())
@@ -504,8 +511,9 @@ fn load_model<B: TrainBackend>(
 
 /// Preference training's reference, from the policy's own weights: the base with the adapter of
 /// `rlhf.ref_adapter` in place of the policy's (ms-swift's `--ref_adapters`, TRL's "ref"
-/// adapter); else TRL's default, a frozen copy of the adapter training starts from
-/// (`lora.init_adapter`), or the base with the adapters off.
+/// adapter), else the base with the adapters off. That is ms-swift's reference also when
+/// training goes on from `lora.init_adapter` (`--adapters X`): its docs have users name the SFT
+/// adapter as `--ref_adapters X` to compare with it.
 fn reference<B: TrainBackend>(
     plan: &TrainPlan,
     model: &CausalLm<B>,
@@ -515,9 +523,9 @@ fn reference<B: TrainBackend>(
     let starting = config.lora.init_adapter.as_deref();
     let ref_adapter = config.rlhf.as_ref().and_then(|r| r.ref_adapter.as_deref());
     let ref_adapter = ref_adapter.map(Path::new);
-    // ms-swift's way of going on from an SFT adapter names it twice (`--adapters X
-    // --ref_adapters X`): while the policy still holds it, it is shared.
-    let read = match (ref_adapter.or(starting), resumed) {
+    // `--adapters X --ref_adapters X`: while the policy still holds X (before its first step),
+    // it is shared; a resumed run reads X again.
+    let read = match (ref_adapter, resumed) {
         (None, _) => return Ok(model.valid().without_adapters()),
         (Some(dir), false) if Some(dir) == starting => return Ok(model.valid()),
         (Some(dir), _) => dir,

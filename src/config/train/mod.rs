@@ -20,7 +20,8 @@ pub use choices::{
     TemplateName, Truncation,
 };
 pub use ms_swift::{
-    parse_swift_args, swift_bool, versioned_dir, RunArgs, SwiftArgs, SwiftCommand, ARGS_FILE,
+    parse_swift_args, swift_bool, swift_help, versioned_dir, RunArgs, SwiftArgs, SwiftCommand,
+    ARGS_FILE,
 };
 pub use overlay::Override;
 pub use plan::{Length, OptimizerConfig, Resume, ScheduleConfig, TrainPlan, Warmup};
@@ -492,10 +493,26 @@ impl TrainConfig {
     /// The first value that cannot work, as (its key, what is wrong).
     fn problem(&self) -> Option<(&'static str, String)> {
         if self.model.path.is_empty() {
-            return Some(("model.path", "required: a model directory or hub id".into()));
+            return Some((
+                "model.path",
+                "required: a model directory or hub id (--model on ms-swift's command line)"
+                    .into(),
+            ));
         }
         if self.data.train.is_empty() {
-            return Some(("data.train", "required: a list of dataset files".into()));
+            return Some((
+                "data.train",
+                "required: a list of dataset files (--dataset on ms-swift's command line)".into(),
+            ));
+        }
+        if self.train.max_steps <= 0 && !(self.train.epochs > 0.0) {
+            return Some((
+                "train.epochs",
+                format!(
+                    "{} trains nothing: give a number of epochs above 0, or train.max_steps",
+                    self.train.epochs
+                ),
+            ));
         }
         if !(0.0..1.0).contains(&self.data.val_ratio) {
             return Some((

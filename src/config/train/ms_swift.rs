@@ -312,6 +312,64 @@ const FLAGS: &[(&str, Flag)] = &[
     ),
 ];
 
+/// What `swift-rs sft|pt|rlhf --help` prints: how the command line goes, then every flag it
+/// takes with the config key it sets (the README's "Coming from ms-swift" has the same table),
+/// the flags that change nothing here and those refused.
+pub fn swift_help(command: SwiftCommand) -> String {
+    let name = match command {
+        SwiftCommand::Sft => "sft",
+        SwiftCommand::Pt => "pt",
+        SwiftCommand::Rlhf => "rlhf",
+    };
+    let what = match command {
+        SwiftCommand::Sft => "ms-swift's `swift sft`: LoRA / QLoRA supervised fine-tuning",
+        SwiftCommand::Pt => "ms-swift's `swift pt`: as sft, with loss on every token",
+        SwiftCommand::Rlhf => {
+            "ms-swift's `swift rlhf`: preference training with --rlhf_type dpo (default), orpo, \
+             simpo, cpo or kto"
+        }
+    };
+    let mut text = format!(
+        "{what}\n\nUsage: swift-rs {name} [CONFIG.yaml|CONFIG.json] [--flag value...]...\n       \
+         swift-rs {name} --config FILE.toml [--set section.key=value]... [--flag value...]...\n\n\
+         Flags are ms-swift's (`--flag value` or `--flag=value`; lists as `--dataset a.jsonl \
+         b.jsonl`), each setting the training config's key (README: \"Coming from ms-swift\"):\n"
+    );
+    let row = |text: &mut String, flag: &str, what: &str| {
+        text.push_str(&format!("  --{flag:<30} {what}\n"));
+    };
+    for (flag, section, key) in ALIASES {
+        if *section != "rlhf" || command == SwiftCommand::Rlhf {
+            row(&mut text, flag, &format!("{section}.{key}"));
+        }
+    }
+    for (flag, what) in [
+        ("tuner_type", "lora (also --train_type, --sft_type; DoRA and rsLoRA are lora's flags)"),
+        ("quant_method", "bnb (with --quant_bits 4: QLoRA on NF4)"),
+        ("bnb_4bit_compute_dtype", "the same as --torch_dtype"),
+        ("add_version", "true: each run in output_dir/vN-YYYYMMDD-HHMMSS (the flag form only)"),
+        ("ignore_args_error", "true: a flag ms-swift does not have is a note, not an error"),
+        ("config", "swift-rs's TOML config, under the flags"),
+        ("set", "section.key=value over the TOML config"),
+    ] {
+        row(&mut text, flag, what);
+    }
+    let mut no_effect = String::new();
+    let mut refused = String::new();
+    for (flag, kind) in FLAGS {
+        match kind {
+            Flag::Key(key) => row(&mut text, flag, key),
+            Flag::NoEffect(why) => row(&mut no_effect, flag, why),
+            Flag::Refused(why) => row(&mut refused, flag, why),
+        }
+    }
+    text.push_str("\nAccepted, with no effect here:\n");
+    text.push_str(&no_effect);
+    text.push_str("\nRefused:\n");
+    text.push_str(&refused);
+    text
+}
+
 /// Reads a command line of `swift sft` (or `pt`) after the subcommand.
 pub fn parse_swift_args(command: SwiftCommand, argv: &[String]) -> Result<SwiftArgs, ConfigError> {
     let mut args = SwiftArgs {

@@ -127,7 +127,16 @@ impl TrainConfig {
             LoraInit::Default => InitLoraWeights::Flag(true),
             LoraInit::Gaussian => InitLoraWeights::Method("gaussian".into()),
         };
-        lora.base_model_name_or_path = Some(m.path.clone());
+        // A local model is recorded by its absolute path (config.toml, args.json,
+        // adapter_config.json's base_model_name_or_path), so that a checkpoint finds its model
+        // from any directory; a hub id stays an id, as PEFT records it.
+        if Path::new(&m.path).is_dir() {
+            let absolute = std::path::absolute(&m.path).ok();
+            if let Some(path) = absolute.as_ref().and_then(|p| p.to_str()) {
+                config.model.path = path.to_string();
+            }
+        }
+        lora.base_model_name_or_path = Some(config.model.path.clone());
 
         // `check` allows no other bits, and NF4 is the only 4-bit type.
         let quant = self.quant.bits.map(|_| Nf4Config {

@@ -492,3 +492,35 @@ fn hub_ids_answer_as_the_local_directories() {
         "{stderr}"
     );
 }
+
+/// `--temperature -1` (a space, not `=`) was clap's "unexpected argument"; a directory without
+/// config.json was reported as a missing chat template; `--max-new-tokens` past the model's
+/// positions went unsaid.
+#[test]
+fn negative_values_empty_directories_and_long_replies_are_named() {
+    let model = chat_model();
+    let stderr = swift_rs_fails(
+        &sampling_args(&model, &["--temperature", "-1", "--prompt", "x"]),
+        2,
+    );
+    assert!(stderr.contains("temperature"), "{stderr}");
+    assert!(!stderr.contains("unexpected argument"), "{stderr}");
+
+    let empty = tempfile::tempdir().unwrap();
+    let stderr = swift_rs_fails(&infer_args(empty.path(), &["--prompt", "x"]), 2);
+    assert!(stderr.contains("is not a model directory: it has no config.json"), "{stderr}");
+    assert!(!stderr.contains("template"), "{stderr}");
+
+    let short = with_generation_config(json!({}));
+    common::edit_config(short.path(), |c| c["max_position_embeddings"] = 8.into());
+    let mut args = infer_args(short.path(), &["--prompt", "Hi"]);
+    let n = args.iter().position(|a| a == "--max-new-tokens").unwrap();
+    args[n + 1] = "9".into();
+    let out = common::swift_rs(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--max-new-tokens 9 is past the model's max_position_embeddings = 8"),
+        "{stderr}"
+    );
+}

@@ -53,6 +53,8 @@ fn the_quickstart_trains_and_fills_the_run_directory() {
     )
     .unwrap();
     expected.model.dtype = Some(Dtype::F32); // "auto" on a CPU
+    // A local model is recorded by its absolute path, so the checkpoints find it from anywhere.
+    expected.model.path = root().join("examples/quickstart-model").display().to_string();
     assert_eq!(written, expected);
 
     let lines: Vec<Value> = std::fs::read_to_string(run.join("logging.jsonl"))
@@ -544,7 +546,8 @@ fn ms_swifts_lora_sft_command_line_runs_as_it_is() {
     let args: Value =
         serde_json::from_str(&std::fs::read_to_string(checkpoint.join("args.json")).unwrap())
             .unwrap();
-    assert_eq!(args["model"], "examples/quickstart-model");
+    let model = root().join("examples/quickstart-model");
+    assert_eq!(args["model"], model.display().to_string());
     assert_eq!(args["system"], "You are a helpful assistant.");
     assert_eq!(args["lora_rank"], 8);
 
@@ -644,4 +647,408 @@ fn every_recipe_loads() {
             );
         }
     }
+}
+
+/// `swift-rs sft ...` from the repository root, for `steps` steps into `out`, with `extra` flags.
+fn sft_steps(out: &Path, steps: u32, extra: &[&str]) -> std::process::Output {
+    let line = format!(
+        "sft --model examples/quickstart-model --dataset datasets/self_cognition.jsonl#8 \
+         --max_steps {steps} --per_device_train_batch_size 2 --gradient_accumulation_steps 1 \
+         --max_length 64 --output_dir {} --add_version false",
+        out.display()
+    );
+    run_in_root(&args_of(&line, extra))
+}
+
+/// The adapter_config.json and tensor names of a checkpoint.
+fn adapter_of(checkpoint: &Path) -> (Value, Vec<String>) {
+    let config = std::fs::read_to_string(checkpoint.join("adapter_config.json")).unwrap();
+    let bytes = std::fs::read(checkpoint.join("adapter_model.safetensors")).unwrap();
+    let names = safetensors::SafeTensors::deserialize(&bytes)
+        .unwrap()
+        .names()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    (serde_json::from_str(&config).unwrap(), names)
+}
+
+/// Every adapter kind trains from scratch through the CLI: LoRA, rsLoRA and DoRA, each on the
+/// plain base and on NF4 (DoRA from scratch panicked in `Lora::init`: its magnitude was made a
+/// parameter from a tensor computed from A), with and without gradient checkpointing, through
+/// `sft`, `train --set` and `rlhf`, and on the f16 Qwen3 fixture.
+#[test]
+fn every_adapter_kind_trains_from_scratch_for_two_steps() {
+    let out = tempfile::tempdir().unwrap();
+    let kinds: [(&str, &[&str]); 3] = [
+        ("lora", &[]),
+        ("rslora", &["--use_rslora", "true"]),
+        ("dora", &["--use_dora", "true"]),
+    ];
+    for (kind, flags) in kinds {
+        for nf4 in [false, true] {
+            let run = out.path().join(format!("{kind}-{nf4}"));
+            let mut extra = flags.to_vec();
+            if nf4 {
+                extra.extend(["--quant_bits", "4"]);
+            }
+            let result = sft_steps(&run, 2, &extra);
+            let stderr = String::from_utf8_lossy(&result.stderr);
+            assert!(result.status.success(), "{kind} nf4 {nf4}: {stderr}");
+            assert!(stderr.contains("done: 2 steps"), "{kind} nf4 {nf4}: {stderr}");
+            let (config, names) = adapter_of(&run.join("checkpoint-2"));
+            assert_eq!(config["use_dora"], kind == "dora", "{kind}");
+            assert_eq!(config["use_rslora"], kind == "rslora", "{kind}");
+            let magnitudes = names.iter().filter(|n| n.ends_with("lora_magnitude_vector"));
+            assert_eq!(magnitudes.count() > 0, kind == "dora", "{kind}: {names:?}");
+        }
+    }
+    let dora = ["--use_dora", "true"];
+    let result = sft_steps(
+        &out.path().join("no-checkpointing"),
+        2,
+        &[&dora[..], &["--gradient_checkpointing", "false"]].concat(),
+    );
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+
+    let fixture = root().join("tests/fixtures/models/qwen3_f16");
+    let line = format!(
+        "sft --model {} --dataset datasets/pretokenized_sample.jsonl#4 --max_steps 2 \
+         --per_device_train_batch_size 2 --gradient_accumulation_steps 1 --use_dora true \
+         --output_dir {} --add_version false",
+        fixture.display(),
+        out.path().join("qwen3").display()
+    );
+    let result = run_in_root(&args_of(&line, &[]));
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+
+    let result = run_in_root(&quickstart_args(
+        &out.path().join("train-set"),
+        &[
+            "--set",
+            "lora.use_dora=true",
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "data.train=[\"datasets/self_cognition.jsonl#8\"]",
+        ],
+    ));
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let (config, _) = adapter_of(&out.path().join("train-set/checkpoint-2"));
+    assert_eq!(config["use_dora"], true);
+
+    let line = format!(
+        "rlhf --rlhf_type dpo --model examples/quickstart-model --dataset datasets/dpo_sample.jsonl#4 \
+         --max_steps 2 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 \
+         --use_dora true --output_dir {} --add_version false",
+        out.path().join("rlhf").display()
+    );
+    let result = run_in_root(&args_of(&line, &[]));
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let (config, _) = adapter_of(&out.path().join("rlhf/checkpoint-2"));
+    assert_eq!(config["use_dora"], true);
+}
+
+/// `swift-rs train ... 2>&1 | head -n 2`: stderr closed under the run (a pipe whose reader
+/// left, a terminal gone under nohup) must not end it; it used to panic in eprintln!.
+#[test]
+fn a_closed_stderr_does_not_end_a_run() {
+    let out = tempfile::tempdir().unwrap();
+    let run = out.path().join("run");
+    let line = format!(
+        "sft --model examples/quickstart-model --dataset datasets/self_cognition.jsonl#8 \
+         --max_steps 3 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 \
+         --logging_steps 1 --output_dir {} --add_version false",
+        run.display()
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_swift-rs"))
+        .args(args_of(&line, &[]))
+        .current_dir(root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read the first line, as `head -n 1` does, then go away.
+    let mut first = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    drop(child.stdout.take());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}; first line: {first}");
+    assert!(run.join("checkpoint-3/adapter_model.safetensors").is_file());
+    let log = std::fs::read_to_string(run.join("logging.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 3, "{log}");
+}
+
+/// A run that fails before its first checkpoint leaves no run folder behind: each failure used to
+/// leave a `vN-...` folder, so the next run was numbered v1, v2, ...
+#[test]
+fn a_run_that_fails_before_its_first_step_leaves_no_version_folder() {
+    let out = tempfile::tempdir().unwrap();
+    let data = out.path().join("ids.jsonl");
+    std::fs::write(&data, "{\"input_ids\": [1, 2, 99999]}\n").unwrap();
+    let output = out.path().join("output");
+    let line = format!(
+        "sft --model examples/quickstart-model --dataset {} --max_steps 1 --output_dir {}",
+        data.display(),
+        output.display()
+    );
+    for _ in 0..2 {
+        let result = run_in_root(&args_of(&line, &[]));
+        assert_eq!(result.status.code(), Some(2));
+    }
+    let left: Vec<_> = std::fs::read_dir(&output).map_or(Vec::new(), |d| d.flatten().collect());
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// Token ids and labels past the model's vocabulary are refused with their file and line before
+/// any tensor is built (they panicked in a gather): JSONL and Parquet `input_ids`, `labels`,
+/// TRL's `chosen_ids` in rlhf, and `encode`.
+#[test]
+fn token_ids_outside_the_vocabulary_are_refused_naming_the_row() {
+    let out = tempfile::tempdir().unwrap();
+    let vocab = {
+        let config = std::fs::read_to_string(root().join("examples/quickstart-model/config.json"));
+        let config: Value = serde_json::from_str(&config.unwrap()).unwrap();
+        config["vocab_size"].as_u64().unwrap()
+    };
+    let jsonl = |name: &str, rows: &[&str]| {
+        let path = out.path().join(name);
+        std::fs::write(&path, rows.join("\n") + "\n").unwrap();
+        path.display().to_string()
+    };
+    let good = "{\"input_ids\": [1, 2, 3]}";
+    let ids = jsonl("ids.jsonl", &[good, "{\"input_ids\": [1, 99999, 3]}"]);
+    let labels = jsonl("labels.jsonl", &[good, "{\"input_ids\": [1, 2, 3], \"labels\": [-100, 5000, 3]}"]);
+    let trl = jsonl(
+        "trl.jsonl",
+        &["{\"prompt_ids\": [1, 2], \"chosen_ids\": [99999], \"rejected_ids\": [3]}"],
+    );
+    let parquet = out.path().join("ids.parquet");
+    write_ids_parquet(&parquet, vec![vec![1, 2, 3], vec![1, 99999, 3]]);
+    let parquet = parquet.display().to_string();
+    let at_ids = format!("input_ids holds token id 99999, outside the vocabulary [0, {vocab})");
+    let at_labels = format!("labels holds 5000, neither -100 nor a token id in [0, {vocab})");
+    let at_chosen = format!("chosen_ids holds token id 99999, outside the vocabulary [0, {vocab})");
+    let cases = [
+        ("sft", ids.clone(), format!("{ids}:2: {at_ids}")),
+        ("sft", labels.clone(), format!("{labels}:2: {at_labels}")),
+        ("sft", parquet.clone(), format!("{parquet}:row 1: {at_ids}")),
+        ("rlhf", trl.clone(), format!("{trl}:1: {at_chosen}")),
+    ];
+    for (command, dataset, says) in cases {
+        let line = format!(
+            "{command} --model examples/quickstart-model --dataset {dataset} --max_steps 1 \
+             --output_dir {}",
+            out.path().join("run").display()
+        );
+        let result = run_in_root(&args_of(&line, &[]));
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(2), "{command} {dataset}: {stderr}");
+        assert!(stderr.contains(&says), "{command} {dataset}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let config = out.path().join("encode.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[model]\npath = \"examples/quickstart-model\"\n[data]\ntrain = [\"{ids}\"]\n"
+        ),
+    )
+    .unwrap();
+    let result = run_in_root(&[
+        "encode".into(),
+        "--config".into(),
+        config.display().to_string(),
+    ]);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("{ids}:2: {at_ids}")), "{stderr}");
+}
+
+/// A Parquet file with one `input_ids` column (a list of int64 per row), as `datasets` writes one.
+fn write_ids_parquet(path: &Path, rows: Vec<Vec<i64>>) {
+    use arrow_array::types::Int64Type;
+    use arrow_array::{ArrayRef, ListArray, RecordBatch};
+    let rows = rows.into_iter().map(|r| Some(r.into_iter().map(Some)));
+    let ids: ArrayRef = std::sync::Arc::new(ListArray::from_iter_primitive::<Int64Type, _, _>(rows));
+    let batch = RecordBatch::try_from_iter([("input_ids", ids)]).unwrap();
+    let file = std::fs::File::create(path).unwrap();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+}
+
+/// A checkpoint of a run given a relative `--model` finds its model from another directory: it
+/// records the model's absolute path (it asked modelscope.cn for `examples/quickstart-model`);
+/// once that directory is gone, it says so instead of asking a hub.
+#[test]
+fn a_checkpoint_finds_its_relative_model_from_another_directory() {
+    let work = tempfile::tempdir().unwrap();
+    let model = work.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for entry in std::fs::read_dir(root().join("examples/quickstart-model")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, model.join(path.file_name().unwrap())).unwrap();
+    }
+    let dataset = root().join("datasets/self_cognition.jsonl#4");
+    let line = format!(
+        "sft --model model --dataset {} --max_steps 1 --per_device_train_batch_size 4 \
+         --gradient_accumulation_steps 1 --output_dir out --add_version false",
+        dataset.display()
+    );
+    let run = |args: &[String], cwd: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_swift-rs"))
+            .args(args)
+            .current_dir(cwd)
+            // No hub may be asked: a request would fail at once and show.
+            .env("MODELSCOPE_ENDPOINT", "http://127.0.0.1:9")
+            .env("HF_ENDPOINT", "http://127.0.0.1:9")
+            .output()
+            .unwrap()
+    };
+    let trained = run(&args_of(&line, &[]), work.path());
+    assert!(trained.status.success(), "{}", String::from_utf8_lossy(&trained.stderr));
+    let checkpoint = work.path().join("out/checkpoint-1");
+    let (config, _) = adapter_of(&checkpoint);
+    let absolute = model.display().to_string();
+    assert_eq!(config["base_model_name_or_path"], absolute);
+    let args: Value =
+        serde_json::from_str(&std::fs::read_to_string(checkpoint.join("args.json")).unwrap())
+            .unwrap();
+    assert_eq!(args["model"], absolute);
+
+    let elsewhere = tempfile::tempdir().unwrap();
+    let infer = args_of(
+        &format!("infer --adapters {} --prompt hi --max_new_tokens 2", checkpoint.display()),
+        &[],
+    );
+    let answered = run(&infer, elsewhere.path());
+    assert!(answered.status.success(), "{}", String::from_utf8_lossy(&answered.stderr));
+
+    std::fs::rename(&model, work.path().join("moved")).unwrap();
+    let missing = run(&infer, elsewhere.path());
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert_eq!(missing.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("trained on the model in {absolute}, which is not there")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("127.0.0.1:9"), "a hub was asked: {stderr}");
+}
+
+/// The same TOML `[model] path` goes to the same hub under `train`, `sft --config` and `rlhf
+/// --config` (the Hugging Face Hub, as SPEC says; `sft`/`rlhf` asked ModelScope), and the error
+/// names the hub it asked.
+#[test]
+fn the_same_toml_model_goes_to_the_same_hub_under_train_sft_and_rlhf() {
+    let out = tempfile::tempdir().unwrap();
+    for (command, rlhf) in [("train", ""), ("sft", ""), ("rlhf", "[rlhf]\ntype = \"dpo\"\n")] {
+        let config = out.path().join(format!("{command}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[model]\npath = \"org/not-here\"\n[data]\ntrain = [\"datasets/dpo_sample.jsonl\"]\n\
+                 {rlhf}[output]\ndir = \"{}\"\n",
+                out.path().join(command).display()
+            ),
+        )
+        .unwrap();
+        let result = Command::new(env!("CARGO_BIN_EXE_swift-rs"))
+            .args([command, "--config", &config.display().to_string()])
+            .current_dir(root())
+            .env_remove("USE_HF")
+            .env_remove("HF_HUB_CACHE")
+            .env_remove("HF_HUB_OFFLINE")
+            .env("HF_ENDPOINT", "http://127.0.0.1:9")
+            .env("MODELSCOPE_ENDPOINT", "http://127.0.0.1:8")
+            .env("HF_HOME", out.path().join("hf"))
+            .env("MODELSCOPE_CACHE", out.path().join("ms"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(1), "{command}: {stderr}");
+        assert!(stderr.contains("http://127.0.0.1:9"), "{command}: {stderr}");
+    }
+}
+
+/// `rlhf --config` and `train --config` put checkpoints at the same depth: right in the TOML's
+/// `[output] dir` (rlhf added a `vN-...` folder); ms-swift's flag form keeps its `vN-...`.
+#[test]
+fn rlhf_and_train_with_a_toml_config_write_checkpoints_in_output_dir() {
+    let out = tempfile::tempdir().unwrap();
+    for command in ["train", "rlhf"] {
+        let dir = out.path().join(command);
+        let config = out.path().join(format!("{command}.toml"));
+        let (data, rlhf) = match command {
+            "rlhf" => ("datasets/dpo_sample.jsonl#2", "[rlhf]\ntype = \"dpo\"\n"),
+            _ => ("datasets/self_cognition.jsonl#2", ""),
+        };
+        std::fs::write(
+            &config,
+            format!(
+                "[model]\npath = \"examples/quickstart-model\"\n[data]\ntrain = [\"{data}\"]\n\
+                 {rlhf}[train]\nmax_steps = 1\nbatch_size = 2\ngrad_accum = 1\n\
+                 [output]\ndir = \"{}\"\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let result = run_in_root(&[command.into(), "--config".into(), config.display().to_string()]);
+        assert!(result.status.success(), "{command}: {}", String::from_utf8_lossy(&result.stderr));
+        assert!(dir.join("checkpoint-1/adapter_model.safetensors").is_file(), "{command}");
+    }
+}
+
+/// Flag values that train nothing are refused naming the key (`--num_train_epochs 0` or `-1`
+/// trained a step and exited 0), and `sft` without a model names `--model`.
+#[test]
+fn epochs_that_train_nothing_and_a_missing_model_are_refused_by_name() {
+    let out = tempfile::tempdir().unwrap();
+    for epochs in ["0", "-1"] {
+        let line = format!(
+            "sft --model examples/quickstart-model --dataset datasets/self_cognition.jsonl \
+             --num_train_epochs {epochs} --output_dir {}",
+            out.path().display()
+        );
+        let result = run_in_root(&args_of(&line, &[]));
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("train.epochs"), "{stderr}");
+        assert!(stderr.contains(&format!("--num_train_epochs {epochs}")), "{stderr}");
+    }
+    let result = run_in_root(&args_of("sft --dataset datasets/self_cognition.jsonl", &[]));
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--model"), "{stderr}");
+}
+
+/// `--help` anywhere on an ms-swift command line shows the command's flags (it was refused as an
+/// unknown flag after others, and clap's help said only `[WORDS]...`); `rlhf --help` names every
+/// objective.
+#[test]
+fn help_anywhere_on_an_ms_swift_line_lists_its_flags() {
+    for line in [
+        "sft --help",
+        "sft --model examples/quickstart-model --help",
+        "pt -h",
+        "rlhf --rlhf_type dpo --help",
+    ] {
+        let result = run_in_root(&args_of(line, &[]));
+        let stdout = String::from_utf8_lossy(&result.stdout);
+        assert!(result.status.success(), "{line}: {}", String::from_utf8_lossy(&result.stderr));
+        for flag in ["--model ", "--lora_rank ", "--use_dora ", "--num_train_epochs "] {
+            assert!(stdout.contains(flag), "{line}: {flag} in {stdout}");
+        }
+        assert_eq!(stdout.contains("--beta "), line.starts_with("rlhf"), "{line}");
+        if line.starts_with("rlhf") {
+            for objective in ["dpo", "orpo", "simpo", "cpo", "kto"] {
+                assert!(stdout.contains(objective), "{objective}: {stdout}");
+            }
+        }
+    }
+    let top = run_in_root(&["--help".into()]);
+    let stdout = String::from_utf8_lossy(&top.stdout);
+    assert!(stdout.contains("DPO, ORPO, SimPO, CPO or KTO"), "{stdout}");
 }

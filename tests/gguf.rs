@@ -557,5 +557,21 @@ fn a_model_llama_cpp_cannot_run_is_refused() {
     std::fs::write(&out, b"keep").unwrap();
     let err = swift_rs_fails(&args(&model_dir("qwen3_f16")), 2);
     assert!(err.contains("already exists"), "{err}");
+    assert!(err.contains("give another output path, or remove it first"), "{err}");
     assert_eq!(std::fs::read(&out).unwrap(), b"keep");
+}
+
+/// `--output /nonexistent/dir/x.gguf` made `/nonexistent/dir`: a directory the user did not
+/// make is not made, and the error says which one is missing.
+#[test]
+fn an_output_in_a_missing_directory_is_refused_and_not_made() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("no/such/dir/model.gguf");
+    let err = swift_rs_fails(&gguf_args(&model_dir("qwen3_f16"), &out), 2);
+    let parent = tmp.path().join("no/such/dir");
+    assert!(
+        err.contains(&format!("the directory {} does not exist", parent.display())),
+        "{err}"
+    );
+    assert!(!tmp.path().join("no").exists());
 }

@@ -605,8 +605,9 @@ fn a_full_queue_is_429_and_a_client_that_goes_away_frees_its_row() {
         "1",
         "--max_queue_size",
         "1",
+        // The model's own max_position_embeddings: longer than any test waits.
         "--max_model_len",
-        "2000000",
+        "32768",
     ]);
     let case = cases()[0].clone();
     let mut running = server.open_stream("/v1/chat/completions", &endless(&case));
@@ -650,7 +651,7 @@ fn a_full_queue_is_429_and_a_client_that_goes_away_frees_its_row() {
 #[cfg(unix)]
 #[test]
 fn sigterm_ends_running_replies_after_the_grace_period_and_exits_0() {
-    let mut server = Server::start(&["--shutdown_timeout", "1", "--max_model_len", "2000000"]);
+    let mut server = Server::start(&["--shutdown_timeout", "1", "--max_model_len", "32768"]);
     let case = cases()[0].clone();
     let mut running = server.open_stream("/v1/chat/completions", &endless(&case));
     assert!(running.next_data().is_some());
@@ -735,4 +736,112 @@ fn a_short_soak_of_mixed_clients() {
     });
     assert_eq!(server.get("/health", None).0, 200);
     assert!(!server.log().contains("panicked"), "{}", server.log());
+}
+
+/// Fields the server cannot honour were answered with plain text and a 200 (`response_format`,
+/// `tools`, `tool_choice`, `logit_bias`); now each is a 400 naming it. A content of the wrong
+/// shape says what was expected (serde's "did not match any variant of untagged enum"),
+/// `created` is the response's own time, `bearer` in lower case is accepted, and a
+/// `--max_model_len` past the model's positions is refused.
+#[test]
+fn fields_it_cannot_honour_are_refused_by_name() {
+    let server = Server::start(&["--api_key", "sk-test"]);
+    let key = Some("sk-test");
+    let good = greedy_chat(&cases()[0], false);
+    for (field, value) in [
+        ("response_format", json!({"type": "json_object"})),
+        ("response_format", json!({"type": "json_schema", "json_schema": {"name": "x"}})),
+        ("tools", json!([{"type": "function", "function": {"name": "f"}}])),
+        ("tool_choice", json!("required")),
+        ("logit_bias", json!({"15": 100})),
+    ] {
+        let mut body = good.clone();
+        body[field] = value;
+        let (status, answer) = server.post_with("/v1/chat/completions", &body, key);
+        assert_eq!(status, 400, "{field}: {answer}");
+        assert_eq!(answer["error"]["param"], field, "{answer}");
+        assert!(answer["error"]["message"].as_str().unwrap().contains("not supported"));
+    }
+    // What clients send when they mean nothing by it is no reason to refuse.
+    let mut body = good.clone();
+    body["response_format"] = json!({"type": "text"});
+    body["tools"] = json!([]);
+    body["tool_choice"] = json!("none");
+    body["logit_bias"] = json!({});
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    std::thread::sleep(Duration::from_millis(1100));
+    let (status, answer) = server.post_with("/v1/chat/completions", &body, key);
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer["created"].as_u64().unwrap() > before, "{answer}");
+
+    let mut bad = good.clone();
+    bad["messages"] = json!([{"role": "user", "content": 7}]);
+    let (status, answer) = server.post_with("/v1/chat/completions", &bad, key);
+    assert_eq!(status, 400, "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(message.contains("a string, or a list of content parts"), "{message}");
+    assert!(!message.contains("untagged"), "{message}");
+
+    let lower = ureq::post(&format!("{}/v1/chat/completions", server.url))
+        .set("Authorization", "bearer sk-test")
+        .send_string(&good.to_string());
+    assert_eq!(response(lower).0, 200);
+    let models = ureq::get(&format!("{}/v1/models", server.url))
+        .set("Authorization", "Bearer sk-test")
+        .call()
+        .unwrap()
+        .into_json::<Value>()
+        .unwrap();
+    let adapter_written = std::fs::metadata(adapter_dir("qwen2_rslora").join("adapter_model.safetensors"))
+        .unwrap()
+        .modified()
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert_eq!(models["data"][1]["id"], "lora");
+    assert_eq!(models["data"][1]["created"], adapter_written, "{models}");
+
+    let refused = Command::new(env!("CARGO_BIN_EXE_swift-rs"))
+        .args(["deploy", "--port", "0", "--device", "cpu", "--max_model_len", "32769"])
+        .args(["--model", chat_model().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("max_position_embeddings = 32768"), "{stderr}");
+}
+
+/// A second SIGINT or SIGTERM ends the server at once, as a second one ends `train`; it waited
+/// for the whole grace period.
+#[cfg(unix)]
+#[test]
+fn a_second_signal_ends_the_server_at_once() {
+    let mut server = Server::start(&["--shutdown_timeout", "60", "--max_model_len", "32768"]);
+    let mut running = server.open_stream("/v1/chat/completions", &endless(&cases()[0]));
+    assert!(running.next_data().is_some());
+    let pid = server.child.id().to_string();
+    let signal = |name: &str| {
+        let sent = Command::new("kill").args([name, &pid]).status().unwrap();
+        assert!(sent.success());
+    };
+    signal("-INT");
+    let start = Instant::now();
+    while !server.log().contains("stopping") {
+        assert!(start.elapsed() < Duration::from_secs(10), "{}", server.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    signal("-TERM");
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "{}", server.log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(130), "{}", server.log());
+    assert!(start.elapsed() < Duration::from_secs(20));
 }

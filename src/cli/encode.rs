@@ -35,7 +35,7 @@ pub fn run(args: EncodeArgs) -> Result<(), Failure> {
         hub: config.model.hub,
     }
     .local_dir(Path::new(&config.model.path))?;
-    let encoder = Encoder::from_config(&model_dir, &config).map_err(anyhow::Error::from)?;
+    let encoder = Encoder::from_config(&model_dir, &config)?;
     let (totals, bad_rows) = match &args.output {
         Some(path) => {
             let mut inputs = vec![args.config.clone()];
@@ -77,7 +77,7 @@ fn emit(
     encoder: &Encoder,
     limit: Option<usize>,
     out: &mut dyn Write,
-) -> anyhow::Result<(Totals, BadRows)> {
+) -> Result<(Totals, BadRows), Failure> {
     let limit = limit.unwrap_or(usize::MAX);
     let mut totals = Totals::default();
     let bad_rows = if config.data.streaming {

@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use swift_rs::config::{
     auto_dtype, ConfigError, Device, Dtype, Hub, ModelConfig, Nf4Config, RunArgs, SwiftCommand,
 };
+use swift_rs::data::DataError;
 use swift_rs::export::merge::MergeError;
 use swift_rs::export::peft::read_adapter;
 use swift_rs::export::{AtomicFile, ExportError};
@@ -270,7 +271,7 @@ macro_rules! lib_errors {
         }
     )*};
 }
-lib_errors!(ConfigError, ModelError, HubError, TrainError, MergeError);
+lib_errors!(ConfigError, ModelError, HubError, TrainError, MergeError, DataError);
 
 /// Writing a file failed: the disk's or the permissions' fault, not the input's.
 impl LibError for ExportError {

@@ -11,7 +11,8 @@ use tokenizers::Tokenizer;
 
 use super::format::{prompt_of, Answer, Message, Preference, Role, Row};
 use super::template::ChatTemplate;
-use crate::config::{LossScale, RlhfType};
+use crate::config::{LossScale, RlhfType, Truncation};
+use super::long_text::{Bound, Tokens};
 use super::pretokenized::check_tokenized;
 use crate::model::IGNORE_INDEX;
 
@@ -50,6 +51,9 @@ pub struct Encoder {
     /// The model's vocabulary (config.json's `vocab_size`): every id encoded is checked against
     /// it, as an id past the embedding would panic inside the model. None: not checked.
     vocab_size: Option<usize>,
+    /// `data.max_length` and `data.truncation`: a far longer text is tokenized only as far as
+    /// truncation keeps it. None: every text whole.
+    bound: Option<Bound>,
 }
 
 /// The rows a preference objective reads: pairs, or KTO's unpaired answers.
@@ -81,7 +85,16 @@ impl Encoder {
             specials,
             preferences: None,
             vocab_size: None,
+            bound: None,
         }
+    }
+
+    /// The encoder for rows cut at `max_length` tokens by `truncation`: a text far longer is
+    /// tokenized only in a window of what is kept (`long_text`), so that its memory follows
+    /// `max_length`. The rows come out as whole tokenization and then `pack::truncate` make them.
+    pub fn with_max_length(mut self, max_length: usize, truncation: Truncation) -> Self {
+        self.bound = Some(Bound::new(&self.tokenizer, max_length, truncation));
+        self
     }
 
     /// The encoder for a model of `vocab_size` tokens: a row holding an id outside it is refused.
@@ -127,7 +140,7 @@ impl Encoder {
                 })
             }
             Row::Text(text) => {
-                let ids = self.tokenize(text)?.0;
+                let ids = self.tokenize_kept(text)?.0;
                 Ok(Encoded {
                     labels: ids.iter().map(|&i| i as i64).collect(),
                     input_ids: ids,
@@ -206,14 +219,19 @@ impl Encoder {
         answers: &[&String],
     ) -> Result<(usize, Vec<Encoded>), String> {
         let eos = self.template.eos_token();
-        let prompt_ids = self.tokenize(prompt)?.0;
+        // The answers start after the prompt's tokens, which a window of the end would not hold.
+        let tokenize = |text: &str| match self.bound.map(|b| b.truncation) {
+            Some(Truncation::Left) => self.tokenize(text),
+            _ => self.tokenize_kept(text),
+        };
+        let prompt_ids = tokenize(prompt)?.0;
         let mut whole = Vec::new();
         for answer in answers {
             let answer = match answer.ends_with(eos) {
                 true => answer.to_string(),
                 false => format!("{answer}{eos}"),
             };
-            whole.push(self.tokenize(&format!("{prompt}{answer}"))?.0);
+            whole.push(tokenize(&format!("{prompt}{answer}"))?.0);
         }
         let shared = whole
             .iter()
@@ -282,7 +300,18 @@ impl Encoder {
         }
     }
 
-    fn tokenize(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>), String> {
+    /// `tokenize`, but a text far longer than `data.max_length` only as far as truncation keeps
+    /// it (`long_text`).
+    fn tokenize_kept(&self, text: &str) -> Result<Tokens, String> {
+        if let Some(bound) = &self.bound {
+            if let Some(tokens) = bound.tokenize_window(text, |t| self.tokenize(t))? {
+                return Ok(tokens);
+            }
+        }
+        self.tokenize(text)
+    }
+
+    fn tokenize(&self, text: &str) -> Result<Tokens, String> {
         let enc = self
             .tokenizer
             .encode(text, false)
@@ -313,7 +342,7 @@ impl Encoder {
 
     fn encode_chat(&self, messages: &[Message]) -> Result<Encoded, String> {
         let text = self.template.render(messages, false)?;
-        let (ids, offsets) = self.tokenize(&text)?;
+        let (ids, offsets) = self.tokenize_kept(&text)?;
         if self.loss_scale == LossScale::All {
             return Ok(Encoded {
                 labels: ids.iter().map(|&i| i as i64).collect(),
@@ -439,7 +468,8 @@ impl Encoder {
     ) -> Result<Self, super::DataError> {
         let (model, data) = (&config.model, &config.data);
         let encoder =
-            Self::for_model_dir(dir, model.template, model.system.clone(), data.loss_scale)?;
+            Self::for_model_dir(dir, model.template, model.system.clone(), data.loss_scale)?
+                .with_max_length(data.max_length, data.truncation);
         Ok(match &config.rlhf {
             Some(r) if r.kind == RlhfType::Kto => {
                 encoder.reading_preferences(PreferenceRows::Unpaired)

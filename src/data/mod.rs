@@ -4,6 +4,7 @@
 pub mod dataset;
 pub mod encode;
 pub mod format;
+mod long_text;
 pub mod pack;
 mod pretokenized;
 pub mod registry;

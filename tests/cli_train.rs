@@ -53,8 +53,11 @@ fn the_quickstart_trains_and_fills_the_run_directory() {
     )
     .unwrap();
     expected.model.dtype = Some(Dtype::F32); // "auto" on a CPU
-    // A local model is recorded by its absolute path, so the checkpoints find it from anywhere.
-    expected.model.path = root().join("examples/quickstart-model").display().to_string();
+                                             // A local model is recorded by its absolute path, so the checkpoints find it from anywhere.
+    expected.model.path = root()
+        .join("examples/quickstart-model")
+        .display()
+        .to_string();
     assert_eq!(written, expected);
 
     let lines: Vec<Value> = std::fs::read_to_string(run.join("logging.jsonl"))
@@ -695,11 +698,16 @@ fn every_adapter_kind_trains_from_scratch_for_two_steps() {
             let result = sft_steps(&run, 2, &extra);
             let stderr = String::from_utf8_lossy(&result.stderr);
             assert!(result.status.success(), "{kind} nf4 {nf4}: {stderr}");
-            assert!(stderr.contains("done: 2 steps"), "{kind} nf4 {nf4}: {stderr}");
+            assert!(
+                stderr.contains("done: 2 steps"),
+                "{kind} nf4 {nf4}: {stderr}"
+            );
             let (config, names) = adapter_of(&run.join("checkpoint-2"));
             assert_eq!(config["use_dora"], kind == "dora", "{kind}");
             assert_eq!(config["use_rslora"], kind == "rslora", "{kind}");
-            let magnitudes = names.iter().filter(|n| n.ends_with("lora_magnitude_vector"));
+            let magnitudes = names
+                .iter()
+                .filter(|n| n.ends_with("lora_magnitude_vector"));
             assert_eq!(magnitudes.count() > 0, kind == "dora", "{kind}: {names:?}");
         }
     }
@@ -709,7 +717,11 @@ fn every_adapter_kind_trains_from_scratch_for_two_steps() {
         2,
         &[&dora[..], &["--gradient_checkpointing", "false"]].concat(),
     );
-    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
 
     let fixture = root().join("tests/fixtures/models/qwen3_f16");
     let line = format!(
@@ -720,7 +732,11 @@ fn every_adapter_kind_trains_from_scratch_for_two_steps() {
         out.path().join("qwen3").display()
     );
     let result = run_in_root(&args_of(&line, &[]));
-    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
 
     let result = run_in_root(&quickstart_args(
         &out.path().join("train-set"),
@@ -733,7 +749,11 @@ fn every_adapter_kind_trains_from_scratch_for_two_steps() {
             "data.train=[\"datasets/self_cognition.jsonl#8\"]",
         ],
     ));
-    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
     let (config, _) = adapter_of(&out.path().join("train-set/checkpoint-2"));
     assert_eq!(config["use_dora"], true);
 
@@ -744,7 +764,11 @@ fn every_adapter_kind_trains_from_scratch_for_two_steps() {
         out.path().join("rlhf").display()
     );
     let result = run_in_root(&args_of(&line, &[]));
-    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
     let (config, _) = adapter_of(&out.path().join("rlhf/checkpoint-2"));
     assert_eq!(config["use_dora"], true);
 }
@@ -820,7 +844,13 @@ fn token_ids_outside_the_vocabulary_are_refused_naming_the_row() {
     };
     let good = "{\"input_ids\": [1, 2, 3]}";
     let ids = jsonl("ids.jsonl", &[good, "{\"input_ids\": [1, 99999, 3]}"]);
-    let labels = jsonl("labels.jsonl", &[good, "{\"input_ids\": [1, 2, 3], \"labels\": [-100, 5000, 3]}"]);
+    let labels = jsonl(
+        "labels.jsonl",
+        &[
+            good,
+            "{\"input_ids\": [1, 2, 3], \"labels\": [-100, 5000, 3]}",
+        ],
+    );
     let trl = jsonl(
         "trl.jsonl",
         &["{\"prompt_ids\": [1, 2], \"chosen_ids\": [99999], \"rejected_ids\": [3]}"],
@@ -845,16 +875,18 @@ fn token_ids_outside_the_vocabulary_are_refused_naming_the_row() {
         );
         let result = run_in_root(&args_of(&line, &[]));
         let stderr = String::from_utf8_lossy(&result.stderr);
-        assert_eq!(result.status.code(), Some(2), "{command} {dataset}: {stderr}");
+        assert_eq!(
+            result.status.code(),
+            Some(2),
+            "{command} {dataset}: {stderr}"
+        );
         assert!(stderr.contains(&says), "{command} {dataset}: {stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
     let config = out.path().join("encode.toml");
     std::fs::write(
         &config,
-        format!(
-            "[model]\npath = \"examples/quickstart-model\"\n[data]\ntrain = [\"{ids}\"]\n"
-        ),
+        format!("[model]\npath = \"examples/quickstart-model\"\n[data]\ntrain = [\"{ids}\"]\n"),
     )
     .unwrap();
     let result = run_in_root(&[
@@ -872,7 +904,8 @@ fn write_ids_parquet(path: &Path, rows: Vec<Vec<i64>>) {
     use arrow_array::types::Int64Type;
     use arrow_array::{ArrayRef, ListArray, RecordBatch};
     let rows = rows.into_iter().map(|r| Some(r.into_iter().map(Some)));
-    let ids: ArrayRef = std::sync::Arc::new(ListArray::from_iter_primitive::<Int64Type, _, _>(rows));
+    let ids: ArrayRef =
+        std::sync::Arc::new(ListArray::from_iter_primitive::<Int64Type, _, _>(rows));
     let batch = RecordBatch::try_from_iter([("input_ids", ids)]).unwrap();
     let file = std::fs::File::create(path).unwrap();
     let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
@@ -909,7 +942,11 @@ fn a_checkpoint_finds_its_relative_model_from_another_directory() {
             .unwrap()
     };
     let trained = run(&args_of(&line, &[]), work.path());
-    assert!(trained.status.success(), "{}", String::from_utf8_lossy(&trained.stderr));
+    assert!(
+        trained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&trained.stderr)
+    );
     let checkpoint = work.path().join("out/checkpoint-1");
     let (config, _) = adapter_of(&checkpoint);
     let absolute = model.display().to_string();
@@ -921,18 +958,27 @@ fn a_checkpoint_finds_its_relative_model_from_another_directory() {
 
     let elsewhere = tempfile::tempdir().unwrap();
     let infer = args_of(
-        &format!("infer --adapters {} --prompt hi --max_new_tokens 2", checkpoint.display()),
+        &format!(
+            "infer --adapters {} --prompt hi --max_new_tokens 2",
+            checkpoint.display()
+        ),
         &[],
     );
     let answered = run(&infer, elsewhere.path());
-    assert!(answered.status.success(), "{}", String::from_utf8_lossy(&answered.stderr));
+    assert!(
+        answered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&answered.stderr)
+    );
 
     std::fs::rename(&model, work.path().join("moved")).unwrap();
     let missing = run(&infer, elsewhere.path());
     let stderr = String::from_utf8_lossy(&missing.stderr);
     assert_eq!(missing.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains(&format!("trained on the model in {absolute}, which is not there")),
+        stderr.contains(&format!(
+            "trained on the model in {absolute}, which is not there"
+        )),
         "{stderr}"
     );
     assert!(!stderr.contains("127.0.0.1:9"), "a hub was asked: {stderr}");
@@ -944,7 +990,11 @@ fn a_checkpoint_finds_its_relative_model_from_another_directory() {
 #[test]
 fn the_same_toml_model_goes_to_the_same_hub_under_train_sft_and_rlhf() {
     let out = tempfile::tempdir().unwrap();
-    for (command, rlhf) in [("train", ""), ("sft", ""), ("rlhf", "[rlhf]\ntype = \"dpo\"\n")] {
+    for (command, rlhf) in [
+        ("train", ""),
+        ("sft", ""),
+        ("rlhf", "[rlhf]\ntype = \"dpo\"\n"),
+    ] {
         let config = out.path().join(format!("{command}.toml"));
         std::fs::write(
             &config,
@@ -995,9 +1045,20 @@ fn rlhf_and_train_with_a_toml_config_write_checkpoints_in_output_dir() {
             ),
         )
         .unwrap();
-        let result = run_in_root(&[command.into(), "--config".into(), config.display().to_string()]);
-        assert!(result.status.success(), "{command}: {}", String::from_utf8_lossy(&result.stderr));
-        assert!(dir.join("checkpoint-1/adapter_model.safetensors").is_file(), "{command}");
+        let result = run_in_root(&[
+            command.into(),
+            "--config".into(),
+            config.display().to_string(),
+        ]);
+        assert!(
+            result.status.success(),
+            "{command}: {}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        assert!(
+            dir.join("checkpoint-1/adapter_model.safetensors").is_file(),
+            "{command}"
+        );
     }
 }
 
@@ -1016,7 +1077,10 @@ fn epochs_that_train_nothing_and_a_missing_model_are_refused_by_name() {
         let stderr = String::from_utf8_lossy(&result.stderr);
         assert_eq!(result.status.code(), Some(2), "{stderr}");
         assert!(stderr.contains("train.epochs"), "{stderr}");
-        assert!(stderr.contains(&format!("--num_train_epochs {epochs}")), "{stderr}");
+        assert!(
+            stderr.contains(&format!("--num_train_epochs {epochs}")),
+            "{stderr}"
+        );
     }
     let result = run_in_root(&args_of("sft --dataset datasets/self_cognition.jsonl", &[]));
     let stderr = String::from_utf8_lossy(&result.stderr);
@@ -1037,11 +1101,24 @@ fn help_anywhere_on_an_ms_swift_line_lists_its_flags() {
     ] {
         let result = run_in_root(&args_of(line, &[]));
         let stdout = String::from_utf8_lossy(&result.stdout);
-        assert!(result.status.success(), "{line}: {}", String::from_utf8_lossy(&result.stderr));
-        for flag in ["--model ", "--lora_rank ", "--use_dora ", "--num_train_epochs "] {
+        assert!(
+            result.status.success(),
+            "{line}: {}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        for flag in [
+            "--model ",
+            "--lora_rank ",
+            "--use_dora ",
+            "--num_train_epochs ",
+        ] {
             assert!(stdout.contains(flag), "{line}: {flag} in {stdout}");
         }
-        assert_eq!(stdout.contains("--beta "), line.starts_with("rlhf"), "{line}");
+        assert_eq!(
+            stdout.contains("--beta "),
+            line.starts_with("rlhf"),
+            "{line}"
+        );
         if line.starts_with("rlhf") {
             for objective in ["dpo", "orpo", "simpo", "cpo", "kto"] {
                 assert!(stdout.contains(objective), "{objective}: {stdout}");

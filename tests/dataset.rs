@@ -380,3 +380,131 @@ fn encode_refuses_to_overwrite_its_input() {
     }
     assert_eq!(std::fs::read(&rows).unwrap(), before);
 }
+
+/// Words of several scripts (1- to 4-byte characters), drawn in a fixed order, to `bytes` bytes.
+fn long_text(bytes: usize) -> String {
+    let words = [
+        "model",
+        "训练",
+        "données",
+        "🙂",
+        "LoRA",
+        "rank",
+        "注意力",
+        "x=1;",
+        "\n",
+        "  ",
+    ];
+    let mut text = String::new();
+    let mut i = 0usize;
+    while text.len() < bytes {
+        i = i
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        text.push_str(words[(i >> 33) as usize % words.len()]);
+        text.push(' ');
+    }
+    text
+}
+
+/// A row far longer than max_length is tokenized only in a window of what truncation keeps
+/// (a 10 MB row cost ~2 GB), and gives exactly what tokenizing it whole and truncating gives:
+/// a long answer cut on the right and on the left, a long prompt cut on the left (on the right
+/// it keeps no answer: a bad row).
+#[test]
+fn a_long_row_gives_what_whole_tokenization_and_truncation_give() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("long.jsonl");
+    let long = long_text(600_000);
+    let rows = [
+        serde_json::json!({"messages": [{"role": "user", "content": "Tell me."},
+                                        {"role": "assistant", "content": long}]}),
+        serde_json::json!({"messages": [{"role": "user", "content": long},
+                                        {"role": "assistant", "content": "Done."}]}),
+    ];
+    let lines: Vec<String> = rows.iter().map(|r| r.to_string()).collect();
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    for (mode, kept) in [("right", vec![0]), ("left", vec![0, 1])] {
+        // Past the template's system prompt and headers, so the answer shows on the right.
+        let max = 256;
+        let c = config(
+            &[&file],
+            &format!("max_length = {max}\ntruncation = \"{mode}\"\non_bad_row = \"skip\"\n"),
+        );
+        let windowed = samples(&build(&c).unwrap().train);
+        let whole = Encoder::for_model_dir(
+            Path::new(&c.model.path),
+            c.model.template,
+            None,
+            c.data.loss_scale,
+        )
+        .unwrap();
+        let expected: Vec<Encoded> = kept
+            .iter()
+            .map(|&i| {
+                let row = swift_rs::data::format::parse_row(&rows[i]).unwrap();
+                let e = whole.encode(&row).unwrap();
+                assert!(e.input_ids.len() > 100 * max, "the row is long");
+                swift_rs::data::pack::truncate(e, max, c.data.truncation).unwrap()
+            })
+            .collect();
+        assert_eq!(windowed, expected, "{mode}");
+    }
+}
+
+/// `swift-rs encode` over a 10 MB row: the peak memory follows max_length, not the row, under
+/// "delete" (the row is dropped on its length), "right" and "left" (an end of it is kept): ~2 GB
+/// before, ~115 MB now.
+#[cfg(unix)]
+#[test]
+fn a_10_mb_row_costs_memory_by_max_length_not_by_its_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rows.jsonl");
+    let rows = [
+        serde_json::json!({"messages": [{"role": "user", "content": "Who are you?"},
+                                        {"role": "assistant", "content": "swift-rs."}]}),
+        serde_json::json!({"messages": [{"role": "user", "content": "Tell me."},
+                                        {"role": "assistant", "content": long_text(10_000_000)}]}),
+    ];
+    let lines: Vec<String> = rows.iter().map(|r| r.to_string()).collect();
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart-model");
+    for (mode, rows_out) in [("delete", 1), ("right", 2), ("left", 2)] {
+        let config = dir.path().join(format!("{mode}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[model]\npath = {:?}\n[data]\ntrain = [{:?}]\nmax_length = 256\n\
+                 truncation = \"{mode}\"\n",
+                model.display().to_string(),
+                file.display().to_string()
+            ),
+        )
+        .unwrap();
+        let out = dir.path().join(format!("{mode}.jsonl"));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_swift-rs"))
+            .args(["encode", "--config", config.to_str().unwrap(), "--output"])
+            .arg(&out)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let (status, peak_kib) = wait_with_peak_memory(child);
+        assert_eq!(status, 0, "{mode}");
+        let written = std::fs::read_to_string(&out).unwrap();
+        assert_eq!(written.lines().count(), rows_out, "{mode}");
+        // ~2 GB before; the 10 MB row itself (read, parsed, rendered) is ~50 MB of it now.
+        assert!(peak_kib < 400 * 1024, "{mode}: peak RSS {peak_kib} KiB");
+    }
+}
+
+/// The exit code and peak resident memory (KiB) of `child`, from the kernel's rusage.
+#[cfg(unix)]
+fn wait_with_peak_memory(child: std::process::Child) -> (i32, i64) {
+    let mut status = 0;
+    // SAFETY: rusage is plain data, filled by wait4 for this child's pid.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = child.id() as libc::pid_t;
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(waited, pid);
+    (libc::WEXITSTATUS(status), usage.ru_maxrss)
+}

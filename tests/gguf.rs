@@ -557,7 +557,10 @@ fn a_model_llama_cpp_cannot_run_is_refused() {
     std::fs::write(&out, b"keep").unwrap();
     let err = swift_rs_fails(&args(&model_dir("qwen3_f16")), 2);
     assert!(err.contains("already exists"), "{err}");
-    assert!(err.contains("give another output path, or remove it first"), "{err}");
+    assert!(
+        err.contains("give another output path, or remove it first"),
+        "{err}"
+    );
     assert_eq!(std::fs::read(&out).unwrap(), b"keep");
 }
 
@@ -570,7 +573,10 @@ fn an_output_in_a_missing_directory_is_refused_and_not_made() {
     let err = swift_rs_fails(&gguf_args(&model_dir("qwen3_f16"), &out), 2);
     let parent = tmp.path().join("no/such/dir");
     assert!(
-        err.contains(&format!("the directory {} does not exist", parent.display())),
+        err.contains(&format!(
+            "the directory {} does not exist",
+            parent.display()
+        )),
         "{err}"
     );
     assert!(!tmp.path().join("no").exists());

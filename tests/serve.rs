@@ -590,10 +590,11 @@ fn errors_are_openai_shaped_with_their_status() {
     assert!(!server.log().contains("panicked"), "{}", server.log());
 }
 
-/// A reply that never ends (no eos, no length in sight) on an engine of one row.
+/// A reply that does not end while a test waits (no eos; 32000 tokens, about the context of the
+/// `--max_model_len 32768` these tests give, the model's own), on an engine of one row.
 fn endless(case: &Value) -> Value {
     json!({"model": "qwen2_chat", "messages": case["messages"], "temperature": 0,
-           "ignore_eos": true, "max_tokens": 1_000_000, "stream": true})
+           "ignore_eos": true, "max_tokens": 32_000, "stream": true})
 }
 
 /// With one row and one queue place, a third request is refused with 429; a streaming client
@@ -750,8 +751,14 @@ fn fields_it_cannot_honour_are_refused_by_name() {
     let good = greedy_chat(&cases()[0], false);
     for (field, value) in [
         ("response_format", json!({"type": "json_object"})),
-        ("response_format", json!({"type": "json_schema", "json_schema": {"name": "x"}})),
-        ("tools", json!([{"type": "function", "function": {"name": "f"}}])),
+        (
+            "response_format",
+            json!({"type": "json_schema", "json_schema": {"name": "x"}}),
+        ),
+        (
+            "tools",
+            json!([{"type": "function", "function": {"name": "f"}}]),
+        ),
         ("tool_choice", json!("required")),
         ("logit_bias", json!({"15": 100})),
     ] {
@@ -760,7 +767,10 @@ fn fields_it_cannot_honour_are_refused_by_name() {
         let (status, answer) = server.post_with("/v1/chat/completions", &body, key);
         assert_eq!(status, 400, "{field}: {answer}");
         assert_eq!(answer["error"]["param"], field, "{answer}");
-        assert!(answer["error"]["message"].as_str().unwrap().contains("not supported"));
+        assert!(answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not supported"));
     }
     // What clients send when they mean nothing by it is no reason to refuse.
     let mut body = good.clone();
@@ -782,7 +792,10 @@ fn fields_it_cannot_honour_are_refused_by_name() {
     let (status, answer) = server.post_with("/v1/chat/completions", &bad, key);
     assert_eq!(status, 400, "{answer}");
     let message = answer["error"]["message"].as_str().unwrap();
-    assert!(message.contains("a string, or a list of content parts"), "{message}");
+    assert!(
+        message.contains("a string, or a list of content parts"),
+        "{message}"
+    );
     assert!(!message.contains("untagged"), "{message}");
 
     let lower = ureq::post(&format!("{}/v1/chat/completions", server.url))
@@ -795,24 +808,36 @@ fn fields_it_cannot_honour_are_refused_by_name() {
         .unwrap()
         .into_json::<Value>()
         .unwrap();
-    let adapter_written = std::fs::metadata(adapter_dir("qwen2_rslora").join("adapter_model.safetensors"))
-        .unwrap()
-        .modified()
-        .unwrap()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let adapter_written =
+        std::fs::metadata(adapter_dir("qwen2_rslora").join("adapter_model.safetensors"))
+            .unwrap()
+            .modified()
+            .unwrap()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
     assert_eq!(models["data"][1]["id"], "lora");
     assert_eq!(models["data"][1]["created"], adapter_written, "{models}");
 
     let refused = Command::new(env!("CARGO_BIN_EXE_swift-rs"))
-        .args(["deploy", "--port", "0", "--device", "cpu", "--max_model_len", "32769"])
+        .args([
+            "deploy",
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            "--max_model_len",
+            "32769",
+        ])
         .args(["--model", chat_model().to_str().unwrap()])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("max_position_embeddings = 32768"), "{stderr}");
+    assert!(
+        stderr.contains("max_position_embeddings = 32768"),
+        "{stderr}"
+    );
 }
 
 /// A second SIGINT or SIGTERM ends the server at once, as a second one ends `train`; it waited
@@ -831,7 +856,11 @@ fn a_second_signal_ends_the_server_at_once() {
     signal("-INT");
     let start = Instant::now();
     while !server.log().contains("stopping") {
-        assert!(start.elapsed() < Duration::from_secs(10), "{}", server.log());
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{}",
+            server.log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     signal("-TERM");
@@ -839,7 +868,11 @@ fn a_second_signal_ends_the_server_at_once() {
         if let Some(status) = server.child.try_wait().unwrap() {
             break status;
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "{}", server.log());
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{}",
+            server.log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(status.code(), Some(130), "{}", server.log());

@@ -123,7 +123,9 @@ fn deploy_on<B: ModelBackend>(
     on: Device,
 ) -> Result<(), Failure> {
     if args.infer_backend.is_some() {
-        swift_rs::say!("note: --infer_backend has no effect here: swift-rs serves with its own engine");
+        swift_rs::say!(
+            "note: --infer_backend has no effect here: swift-rs serves with its own engine"
+        );
     }
     if !(args.shutdown_timeout >= 0.0 && args.shutdown_timeout.is_finite()) {
         return Err(usage(format!(

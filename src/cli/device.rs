@@ -100,7 +100,9 @@ fn wgpu_device(n: usize) -> Result<Resolved, Failure> {
             let info = &a.info;
             swift_rs::say!(
                 "wgpu:{n}: {} ({:?}, {})",
-                info.name, info.backend, info.driver
+                info.name,
+                info.backend,
+                info.driver
             );
             Ok(Resolved::Wgpu(n, a.device.clone()))
         }

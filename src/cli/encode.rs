@@ -63,7 +63,9 @@ pub fn run(args: EncodeArgs) -> Result<(), Failure> {
     };
     swift_rs::say!(
         "encoded {} rows: {} tokens, {} with loss",
-        totals.rows, totals.tokens, totals.label_tokens
+        totals.rows,
+        totals.tokens,
+        totals.label_tokens
     );
     if let Some(text) = bad_rows.describe(config.data.max_length) {
         swift_rs::say!("{text}");

@@ -58,7 +58,11 @@ pub struct InferArgs {
     #[arg(long, visible_alias = "top_k", allow_negative_numbers = true)]
     top_k: Option<usize>,
     /// [default: generation_config.json's, else 1]
-    #[arg(long, visible_alias = "repetition_penalty", allow_negative_numbers = true)]
+    #[arg(
+        long,
+        visible_alias = "repetition_penalty",
+        allow_negative_numbers = true
+    )]
     repetition_penalty: Option<f32>,
     /// ms-swift's `--stream`: a single reply is always streamed here; no effect
     #[arg(long, hide = true, value_parser = swift_bool)]

@@ -271,7 +271,14 @@ macro_rules! lib_errors {
         }
     )*};
 }
-lib_errors!(ConfigError, ModelError, HubError, TrainError, MergeError, DataError);
+lib_errors!(
+    ConfigError,
+    ModelError,
+    HubError,
+    TrainError,
+    MergeError,
+    DataError
+);
 
 /// Writing a file failed: the disk's or the permissions' fault, not the input's.
 impl LibError for ExportError {

@@ -18,8 +18,8 @@ pub use model::{
 };
 pub use quant::Nf4Config;
 pub use train::{
-    auto_dtype, parse_swift_args, swift_bool, swift_help, versioned_dir, DataSection, Device, Hub, Length,
-    LoraInit, LoraSection, LossScale, LossType, ModelSection, OnBadRow, OptimizerConfig,
+    auto_dtype, parse_swift_args, swift_bool, swift_help, versioned_dir, DataSection, Device, Hub,
+    Length, LoraInit, LoraSection, LossScale, LossType, ModelSection, OnBadRow, OptimizerConfig,
     OptimizerKind, OutputSection, Override, QuantSection, QuantType, Resume, RlhfSection, RlhfType,
     RunArgs, ScheduleConfig, ScheduleKind, SwiftArgs, SwiftCommand, TemplateName, TrainConfig,
     TrainPlan, TrainSection, Truncation, Warmup, ARGS_FILE,

@@ -10,10 +10,10 @@
 use tokenizers::Tokenizer;
 
 use super::format::{prompt_of, Answer, Message, Preference, Role, Row};
-use super::template::ChatTemplate;
-use crate::config::{LossScale, RlhfType, Truncation};
 use super::long_text::{Bound, Tokens};
 use super::pretokenized::check_tokenized;
+use super::template::ChatTemplate;
+use crate::config::{LossScale, RlhfType, Truncation};
 use crate::model::IGNORE_INDEX;
 
 #[derive(Debug, Clone, PartialEq)]

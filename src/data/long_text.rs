@@ -175,15 +175,18 @@ mod tests {
 
     #[test]
     fn normalizers_that_can_delete_text_give_no_bound() {
-        let replace = |p: &str, c: &str| json!({"type": "Replace", "pattern": {"String": p}, "content": c});
+        let replace =
+            |p: &str, c: &str| json!({"type": "Replace", "pattern": {"String": p}, "content": c});
         assert_eq!(shrink_factor(&replace(" ", "\u{2581}")), Some(1));
         assert_eq!(shrink_factor(&replace("abc", "x")), Some(3));
         assert_eq!(shrink_factor(&replace(" ", "")), None);
         let regex = json!({"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "});
         assert_eq!(shrink_factor(&regex), None);
-        let sequence = json!({"type": "Sequence", "normalizers": [{"type": "NFKC"}, {"type": "Lowercase"}]});
+        let sequence =
+            json!({"type": "Sequence", "normalizers": [{"type": "NFKC"}, {"type": "Lowercase"}]});
         assert_eq!(shrink_factor(&sequence), Some(12));
-        let strip = json!({"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Strip"}]});
+        let strip =
+            json!({"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Strip"}]});
         assert_eq!(shrink_factor(&strip), None);
     }
 

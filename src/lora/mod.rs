@@ -383,7 +383,9 @@ impl<B: Backend> Lora<B> {
         if cfg.use_dora {
             // Detached: A is a tracked leaf by now (`Param::from_tensor`), and a parameter made
             // from a tensor computed from it would not be a leaf (Burn's autodiff refuses it).
-            let norm = lora.weight_norm(base_weight.clone().cast(DType::F32)).detach();
+            let norm = lora
+                .weight_norm(base_weight.clone().cast(DType::F32))
+                .detach();
             lora.lora_magnitude_vector = Some(Param::from_tensor(norm));
         }
         Ok(lora)

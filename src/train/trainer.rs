@@ -189,7 +189,9 @@ impl<B: TrainBackend> Trainer<B> {
     /// run no longer than its warmup, which starts at 0): the adapter would not change.
     pub fn trains_nothing(&self) -> bool {
         let steps = self.state.global_step..self.state.max_steps;
-        steps.into_iter().all(|step| self.schedule.lr(step as usize) == 0.0)
+        steps
+            .into_iter()
+            .all(|step| self.schedule.lr(step as usize) == 0.0)
     }
 
     /// The training rows, when read whole (not streamed).

@@ -495,8 +495,7 @@ impl TrainConfig {
         if self.model.path.is_empty() {
             return Some((
                 "model.path",
-                "required: a model directory or hub id (--model on ms-swift's command line)"
-                    .into(),
+                "required: a model directory or hub id (--model on ms-swift's command line)".into(),
             ));
         }
         if self.data.train.is_empty() {

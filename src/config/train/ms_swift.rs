@@ -344,11 +344,20 @@ pub fn swift_help(command: SwiftCommand) -> String {
         }
     }
     for (flag, what) in [
-        ("tuner_type", "lora (also --train_type, --sft_type; DoRA and rsLoRA are lora's flags)"),
+        (
+            "tuner_type",
+            "lora (also --train_type, --sft_type; DoRA and rsLoRA are lora's flags)",
+        ),
         ("quant_method", "bnb (with --quant_bits 4: QLoRA on NF4)"),
         ("bnb_4bit_compute_dtype", "the same as --torch_dtype"),
-        ("add_version", "true: each run in output_dir/vN-YYYYMMDD-HHMMSS (the flag form only)"),
-        ("ignore_args_error", "true: a flag ms-swift does not have is a note, not an error"),
+        (
+            "add_version",
+            "true: each run in output_dir/vN-YYYYMMDD-HHMMSS (the flag form only)",
+        ),
+        (
+            "ignore_args_error",
+            "true: a flag ms-swift does not have is a note, not an error",
+        ),
         ("config", "swift-rs's TOML config, under the flags"),
         ("set", "section.key=value over the TOML config"),
     ] {

@@ -509,7 +509,10 @@ fn negative_values_empty_directories_and_long_replies_are_named() {
     let empty = tempfile::tempdir().unwrap();
     let stderr = swift_rs_fails(&infer_args(empty.path(), &["--prompt", "x"]), 2);
     assert!(
-        stderr.contains("is not a model directory: it has no config.json"),
+        stderr.contains(&format!(
+            "no {}: ",
+            empty.path().join("config.json").display()
+        )) && stderr.contains("is not a model directory"),
         "{stderr}"
     );
     assert!(!stderr.contains("template"), "{stderr}");

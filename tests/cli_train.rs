@@ -1129,3 +1129,23 @@ fn help_anywhere_on_an_ms_swift_line_lists_its_flags() {
     let stdout = String::from_utf8_lossy(&top.stdout);
     assert!(stdout.contains("DPO, ORPO, SimPO, CPO or KTO"), "{stdout}");
 }
+
+/// A run whose every step is at a learning rate of 0 says so before it starts: the DPO recipe on
+/// the 16-pair sample was one step of 16 pairs, spent in warmup, and trained nothing unsaid.
+#[test]
+fn a_run_that_would_train_nothing_warns_before_it_starts() {
+    let out = tempfile::tempdir().unwrap();
+    let line = format!(
+        "rlhf --rlhf_type dpo --model examples/quickstart-model --dataset datasets/dpo_sample.jsonl \
+         --per_device_train_batch_size 1 --gradient_accumulation_steps 16 --num_train_epochs 1 \
+         --warmup_ratio 0.05 --output_dir {} --add_version false",
+        out.path().display()
+    );
+    let result = run_in_root(&args_of(&line, &[]));
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(result.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: the learning rate is 0 at every one of the 1 steps"),
+        "{stderr}"
+    );
+}

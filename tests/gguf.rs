@@ -301,7 +301,7 @@ fn lora_files_are_what_llama_cpps_lora_converter_writes() {
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("lora.gguf");
-        swift_rs_ok(&[
+        let said = swift_rs_ok(&[
             "export",
             "--model",
             model_dir(base_name).to_str().unwrap(),
@@ -316,6 +316,11 @@ fn lora_files_are_what_llama_cpps_lora_converter_writes() {
             "--device",
             "cpu",
         ]);
+        // An unmerged adapter has no merged modules to report (it said "0 merged modules").
+        assert!(
+            said.starts_with("wrote ") && !said.contains("merged"),
+            "{said}"
+        );
         let (ours, theirs) = (
             Gguf::read(&out).unwrap(),
             golden(&format!("{adapter}.lora.gguf")),

@@ -140,6 +140,17 @@ impl Server {
     fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
+
+    /// The process's exit status, which must come before `limit` has passed since `start`.
+    fn exit_within(&mut self, start: Instant, limit: Duration) -> std::process::ExitStatus {
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(start.elapsed() < limit, "{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Server {
@@ -677,17 +688,7 @@ fn sigterm_ends_running_replies_after_the_grace_period_and_exits_0() {
         elapsed >= Duration::from_millis(900),
         "the grace period is given: {elapsed:?}"
     );
-    let status = loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{}",
-            server.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = server.exit_within(start, Duration::from_secs(30));
     assert_eq!(status.code(), Some(0), "{}", server.log());
     assert!(ureq::get(&format!("{}/health", server.url)).call().is_err());
 }
@@ -864,17 +865,6 @@ fn a_second_signal_ends_the_server_at_once() {
         std::thread::sleep(Duration::from_millis(20));
     }
     signal("-TERM");
-    let status = loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "{}",
-            server.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = server.exit_within(start, Duration::from_secs(20));
     assert_eq!(status.code(), Some(130), "{}", server.log());
-    assert!(start.elapsed() < Duration::from_secs(20));
 }

@@ -184,14 +184,18 @@ impl ModelArgs {
             hub: self.hub.hub.or(run_args.hub),
         };
         let model = hub.local_dir(&model)?;
-        if !model.join("config.json").is_file() {
+        let config = model.join("config.json");
+        if !config.is_file() {
             let what = match model.is_dir() {
-                true => "is not a model directory: it has no config.json",
-                false => "is neither a model directory nor a hub id org/name",
+                true => {
+                    "is not a model directory (one holds config.json, model.safetensors \
+                         and tokenizer.json)"
+                }
+                false => "does not exist, and is not a hub id org/name",
             };
             return Err(Failure::Usage(anyhow::anyhow!(
-                "{} {what} (a Hugging Face model directory holds config.json, \
-                 model.safetensors and tokenizer.json)",
+                "no {}: {} {what}",
+                config.display(),
                 model.display()
             )));
         }

@@ -401,7 +401,7 @@ fn long_text(bytes: usize) -> String {
         i = i
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        text.push_str(words[(i >> 33) as usize % words.len()]);
+        text.push_str(words[(i >> 33) % words.len()]);
         text.push(' ');
     }
     text

@@ -504,7 +504,7 @@ impl TrainConfig {
                 "required: a list of dataset files (--dataset on ms-swift's command line)".into(),
             ));
         }
-        if self.train.max_steps <= 0 && !(self.train.epochs > 0.0) {
+        if self.train.max_steps <= 0 && (self.train.epochs.is_nan() || self.train.epochs <= 0.0) {
             return Some((
                 "train.epochs",
                 format!(

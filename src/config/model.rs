@@ -198,10 +198,21 @@ impl ModelConfig {
             path: path.clone(),
             source,
         })?;
-        let raw: HfConfig = serde_json::from_str(&text).map_err(|e| ConfigError::Json {
+        let json_error = |e: serde_json::Error| ConfigError::Json {
             path: path.clone(),
             reason: e.to_string(),
-        })?;
+        };
+        // A family swift-rs does not know is named as such, before the fields it would need
+        // (Qwen3.5's sit under text_config) make it look like a broken file.
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(json_error)?;
+        if let Some(model_type) = value.get("model_type").and_then(|v| v.as_str()) {
+            if Arch::from_model_type(model_type).is_none() {
+                let model_type = model_type.to_string();
+                let source = ModelConfigError::UnsupportedArch { model_type };
+                return Err(ConfigError::Model { path, source });
+            }
+        }
+        let raw: HfConfig = serde_json::from_str(&text).map_err(json_error)?;
         raw.resolve()
             .map_err(|source| ConfigError::Model { path, source })
     }
@@ -479,6 +490,21 @@ mod tests {
         cfg.as_object_mut().unwrap().remove("model_type");
         cfg["architectures"] = serde_json::json!(["MistralForCausalLM"]);
         assert_eq!(resolve(cfg).unwrap().arch, Arch::Mistral);
+    }
+
+    /// A Qwen3.5 checkpoint's config.json (its text settings under text_config) was reported as
+    /// "not valid JSON for a model config"; its model_type is named instead.
+    #[test]
+    fn an_unknown_family_is_named_before_its_fields_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = serde_json::json!({
+            "model_type": "qwen3_5",
+            "architectures": ["Qwen3_5ForConditionalGeneration"],
+            "text_config": {"hidden_size": 64, "num_hidden_layers": 2},
+        });
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        let err = ModelConfig::from_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("unsupported model_type \"qwen3_5\""), "{err}");
     }
 
     #[test]

@@ -820,8 +820,9 @@ fn fields_it_cannot_honour_are_refused_by_name() {
     assert_eq!(models["data"][1]["id"], "lora");
     assert_eq!(models["data"][1]["created"], adapter_written, "{models}");
 
-    let refused = Command::new(env!("CARGO_BIN_EXE_swift-rs"))
-        .args([
+    let model = chat_model().display().to_string();
+    let stderr = common::swift_rs_fails(
+        &[
             "deploy",
             "--port",
             "0",
@@ -829,12 +830,11 @@ fn fields_it_cannot_honour_are_refused_by_name() {
             "cpu",
             "--max_model_len",
             "32769",
-        ])
-        .args(["--model", chat_model().to_str().unwrap()])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+            "--model",
+            &model,
+        ],
+        2,
+    );
     assert!(
         stderr.contains("max_position_embeddings = 32768"),
         "{stderr}"

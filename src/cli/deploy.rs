@@ -15,7 +15,7 @@ use super::{Failure, HubArg, ModelArgs, QuantArg};
 use swift_rs::config::{auto_dtype, Device, Dtype, GenerationConfig, ModelConfig, TemplateName};
 use swift_rs::export::peft::{read_adapter, WEIGHTS_FILE};
 use swift_rs::model::{AdapterSource, ModelBackend};
-use swift_rs::serve::{serve, Engine, Server, Settings};
+use swift_rs::serve::{serve, unix_seconds, Engine, Server, Settings};
 
 /// ms-swift's flag names (`--max_batch_size`), as its deploy docs write them.
 #[derive(Args, Debug)]
@@ -243,9 +243,7 @@ fn deploy_on<B: ModelBackend>(
 /// model's or adapter's `created` in `/v1/models`.
 fn made_at(file: &Path) -> u64 {
     let modified = std::fs::metadata(file).and_then(|m| m.modified());
-    let time = modified.unwrap_or_else(|_| std::time::SystemTime::now());
-    time.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    unix_seconds(modified.unwrap_or_else(|_| std::time::SystemTime::now()))
 }
 
 /// The first SIGINT (Ctrl-C) or SIGTERM starts a graceful shutdown; a second one ends the server

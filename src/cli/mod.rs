@@ -171,33 +171,33 @@ impl ModelArgs {
                 )))
             }
         };
-        if self.model.is_none() && model.is_absolute() && !model.exists() {
-            // A local path the checkpoint recorded, not a hub id: asking a hub for it is no help.
-            return Err(Failure::Usage(anyhow::anyhow!(
-                "the adapter in {} was trained on the model in {}, which is not there any more \
-                 (moved or deleted?): give its new place with --model",
-                adapter.as_deref().unwrap_or(Path::new("?")).display(),
-                model.display()
-            )));
-        }
         let hub = HubArg {
             hub: self.hub.hub.or(run_args.hub),
         };
         let model = hub.local_dir(&model)?;
         let config = model.join("config.json");
         if !config.is_file() {
-            let what = match model.is_dir() {
-                true => {
-                    "is not a model directory (one holds config.json, model.safetensors \
-                         and tokenizer.json)"
-                }
-                false => "does not exist, and is not a hub id org/name",
+            let message = match (model.is_dir(), &adapter) {
+                (true, _) => format!(
+                    "no {}: {} is not a model directory (one holds config.json, \
+                     model.safetensors and tokenizer.json)",
+                    config.display(),
+                    model.display()
+                ),
+                // A local path the checkpoint recorded (a hub id would have been fetched).
+                (false, Some(dir)) if self.model.is_none() => format!(
+                    "the adapter in {} was trained on the model in {}, which is not there any \
+                     more (moved or deleted?): give its new place with --model",
+                    dir.display(),
+                    model.display()
+                ),
+                (false, _) => format!(
+                    "no {}: {} does not exist, and is not a hub id org/name",
+                    config.display(),
+                    model.display()
+                ),
             };
-            return Err(Failure::Usage(anyhow::anyhow!(
-                "no {}: {} {what}",
-                config.display(),
-                model.display()
-            )));
+            return Err(Failure::Usage(anyhow::anyhow!(message)));
         }
         Ok(LocalModel {
             model,

@@ -116,17 +116,19 @@ fn refuse_preferences(config: &TrainConfig) -> Result<(), Failure> {
 fn train(config: TrainConfig) -> Result<(), Failure> {
     let dir = config.output.dir.clone();
     let made = !dir.exists();
-    let result = (|| {
-        let backend = resolve(config.train.device)?;
-        let plan = config.resolve(backend.device())?;
-        super::say_dtype_choice(backend.device(), config.model.dtype);
-        with_backend!(backend, train_on(plan))
-    })();
+    let result = resolve_and_train(config);
     if result.is_err() && made && dir.exists() && !run_dir::holds_run(&dir) {
         // Best effort: the run's own error is the one to report.
         let _ = std::fs::remove_dir_all(&dir);
     }
     result
+}
+
+fn resolve_and_train(config: TrainConfig) -> Result<(), Failure> {
+    let backend = resolve(config.train.device)?;
+    let plan = config.resolve(backend.device())?;
+    super::say_dtype_choice(backend.device(), config.model.dtype);
+    with_backend!(backend, train_on(plan))
 }
 
 fn train_on<B: ModelBackend>(device: B::Device, plan: TrainPlan) -> Result<(), Failure> {

@@ -198,21 +198,24 @@ impl ModelConfig {
             path: path.clone(),
             source,
         })?;
-        let json_error = |e: serde_json::Error| ConfigError::Json {
-            path: path.clone(),
-            reason: e.to_string(),
-        };
-        // A family swift-rs does not know is named as such, before the fields it would need
-        // (Qwen3.5's sit under text_config) make it look like a broken file.
-        let value: serde_json::Value = serde_json::from_str(&text).map_err(json_error)?;
-        if let Some(model_type) = value.get("model_type").and_then(|v| v.as_str()) {
-            if Arch::from_model_type(model_type).is_none() {
-                let model_type = model_type.to_string();
-                let source = ModelConfigError::UnsupportedArch { model_type };
-                return Err(ConfigError::Model { path, source });
+        let raw: HfConfig = match serde_json::from_str(&text) {
+            Ok(raw) => raw,
+            Err(e) => {
+                // A family swift-rs does not know is named as such, not as a broken file for
+                // the fields it lacks (Qwen3.5's sit under text_config).
+                let value = serde_json::from_str::<serde_json::Value>(&text).ok();
+                let model_type = value.as_ref().and_then(|v| v.get("model_type")?.as_str());
+                if let Some(mt) = model_type.filter(|mt| Arch::from_model_type(mt).is_none()) {
+                    let model_type = mt.to_string();
+                    let source = ModelConfigError::UnsupportedArch { model_type };
+                    return Err(ConfigError::Model { path, source });
+                }
+                return Err(ConfigError::Json {
+                    path,
+                    reason: e.to_string(),
+                });
             }
-        }
-        let raw: HfConfig = serde_json::from_str(&text).map_err(json_error)?;
+        };
         raw.resolve()
             .map_err(|source| ConfigError::Model { path, source })
     }

@@ -11,7 +11,7 @@ use tokenizers::Tokenizer;
 
 use super::format::{prompt_of, Answer, Message, Preference, Role, Row};
 use super::long_text::{Bound, Tokens};
-use super::pretokenized::check_tokenized;
+use super::pretokenized::{check_tokenized, in_vocabulary};
 use super::template::ChatTemplate;
 use crate::config::{LossScale, RlhfType, Truncation};
 use crate::model::IGNORE_INDEX;
@@ -97,12 +97,6 @@ impl Encoder {
         self
     }
 
-    /// The encoder for a model of `vocab_size` tokens: a row holding an id outside it is refused.
-    pub fn with_vocab_size(mut self, vocab_size: usize) -> Self {
-        self.vocab_size = Some(vocab_size);
-        self
-    }
-
     /// The encoder for preference rows (`swift-rs rlhf`): datasets read through it are pairs,
     /// or KTO's unpaired answers.
     pub fn reading_preferences(mut self, rows: PreferenceRows) -> Self {
@@ -131,6 +125,7 @@ impl Encoder {
     pub fn encode(&self, row: &Row) -> Result<Encoded, String> {
         match row {
             Row::Tokenized { input_ids, labels } => {
+                // Without a model to bound them, the ids must still be u32s.
                 let vocab_size = self.vocab_size.unwrap_or(u32::MAX as usize);
                 check_tokenized(input_ids, labels.as_deref(), vocab_size)?;
                 let ids = input_ids.iter().map(|&i| i as u32).collect();
@@ -329,13 +324,8 @@ impl Encoder {
 
     /// `ids`, the row's field `field`, inside the model's vocabulary.
     fn check_ids(&self, field: &str, ids: &[u32]) -> Result<(), String> {
-        let Some(vocab_size) = self.vocab_size else {
-            return Ok(());
-        };
-        match ids.iter().find(|&&id| id as usize >= vocab_size) {
-            Some(id) => Err(format!(
-                "{field} holds token id {id}, outside the vocabulary [0, {vocab_size})"
-            )),
+        match self.vocab_size {
+            Some(n) => in_vocabulary(field, ids.iter().map(|&id| i64::from(id)), n),
             None => Ok(()),
         }
     }
@@ -505,11 +495,9 @@ impl Encoder {
             .unwrap_or_default();
         let template = ChatTemplate::load(dir, template, &model_type)?;
         let tokenizer = super::load_tokenizer(dir)?;
-        let encoder = Self::new(template, tokenizer, loss_scale, system);
-        Ok(match config.as_ref().and_then(vocab_size) {
-            Some(n) => encoder.with_vocab_size(n),
-            None => encoder,
-        })
+        let mut encoder = Self::new(template, tokenizer, loss_scale, system);
+        encoder.vocab_size = config.as_ref().and_then(vocab_size);
+        Ok(encoder)
     }
 }
 

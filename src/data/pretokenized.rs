@@ -57,11 +57,7 @@ pub(super) fn check_tokenized(
     vocab_size: usize,
 ) -> Result<(), String> {
     let in_vocab = |id: i64| id >= 0 && (id as u64) < vocab_size as u64;
-    if let Some(id) = input_ids.iter().find(|&&id| !in_vocab(id)) {
-        return Err(format!(
-            "input_ids holds token id {id}, outside the vocabulary [0, {vocab_size})"
-        ));
-    }
+    in_vocabulary("input_ids", input_ids.iter().copied(), vocab_size)?;
     let labels = labels.unwrap_or(input_ids);
     if let Some(l) = labels.iter().find(|&&l| l != IGNORE_INDEX && !in_vocab(l)) {
         return Err(format!(
@@ -69,4 +65,18 @@ pub(super) fn check_tokenized(
         ));
     }
     Ok(())
+}
+
+/// Every id of the row's field `field` in `[0, vocab_size)`.
+pub(super) fn in_vocabulary(
+    field: &str,
+    mut ids: impl Iterator<Item = i64>,
+    vocab_size: usize,
+) -> Result<(), String> {
+    match ids.find(|&id| id < 0 || id as u64 >= vocab_size as u64) {
+        Some(id) => Err(format!(
+            "{field} holds token id {id}, outside the vocabulary [0, {vocab_size})"
+        )),
+        None => Ok(()),
+    }
 }

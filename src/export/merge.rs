@@ -84,7 +84,7 @@ pub fn merge<B: ModelBackend>(
     device: &B::Device,
 ) -> Result<MergeReport, MergeError> {
     let start = Instant::now();
-    refuse_existing(output, "merge writes a new directory")?;
+    check_output(output, "merge writes a new directory")?;
     let config = ModelConfig::from_dir(model_dir).map_err(ModelError::from)?;
     let out_dtype = options.dtype.or(config.dtype).unwrap_or(Dtype::F32);
     let mut weights = MergedWeights::<B>::open(model_dir, &config, Some(adapter_dir), device)?;
@@ -210,7 +210,7 @@ impl<B: ModelBackend> MergedWeights<B> {
 
 /// A usage error when `output` exists (exports write new files and directories, never over
 /// something there), or when the directory it goes in does not (a mistyped path is not made).
-pub(super) fn refuse_existing(output: &Path, why: &str) -> Result<(), MergeError> {
+pub(super) fn check_output(output: &Path, why: &str) -> Result<(), MergeError> {
     if output.exists() {
         return Err(MergeError::Usage(format!(
             "{} already exists; {why}: give another output path, or remove it first",

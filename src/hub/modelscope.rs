@@ -113,23 +113,9 @@ fn in_cache(
                 }
             }
             Err(e) => {
-                // ModelScope answers 404 for a missing revision as for a missing repo: the
-                // default branch's answer tells the two apart.
                 let e = match (&e, &id.revision) {
                     (HubError::Http { status: 404, .. }, Some(missing)) => {
-                        match list_page(1, "master") {
-                            Ok(_) => HubError::RevisionNotFound {
-                                repo: id.repo.clone(),
-                                revision: missing.clone(),
-                                endpoint: env.endpoint.clone(),
-                            },
-                            Err(HubError::Http { status: 404, .. }) => HubError::repo_not_found(
-                                env,
-                                id,
-                                " (a private repo needs MODELSCOPE_API_TOKEN)",
-                            ),
-                            Err(_) => e,
-                        }
+                        missing_revision_or_repo(env, id, missing, list_page(1, "master"), e)
                     }
                     _ => e,
                 };
@@ -174,6 +160,29 @@ fn in_cache(
     };
     pick(&fetch, &listed, &dir)?;
     Ok(dir)
+}
+
+/// What a 404 (`error`) for the listing of `id` at the revision `missing` means: ModelScope
+/// answers so for a missing revision as for a missing repo, and `default_branch` (the listing of
+/// "master") tells the two apart.
+fn missing_revision_or_repo<T>(
+    env: &HubEnv,
+    id: &HubId,
+    missing: &str,
+    default_branch: Result<T, HubError>,
+    error: HubError,
+) -> HubError {
+    match default_branch {
+        Ok(_) => HubError::RevisionNotFound {
+            repo: id.repo.clone(),
+            revision: missing.to_string(),
+            endpoint: env.endpoint.clone(),
+        },
+        Err(HubError::Http { status: 404, .. }) => {
+            HubError::repo_not_found(env, id, " (a private repo needs MODELSCOPE_API_TOKEN)")
+        }
+        Err(_) => error,
+    }
 }
 
 /// Where the snapshot of `id` at `revision` is: an older modelscope's directory when it holds

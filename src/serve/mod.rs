@@ -60,11 +60,13 @@ pub struct Server {
     settings: Settings,
 }
 
-/// Now, in Unix seconds: a response's `created`.
+/// `time` in Unix seconds, as OpenAI's `created` fields give it.
+pub fn unix_seconds(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    unix_seconds(SystemTime::now())
 }
 
 impl Server {

@@ -207,34 +207,37 @@ impl Common {
                 ));
             }
         }
+        // serde gives None for a JSON null; an empty list or object asks for nothing either.
+        let given = |v: &Option<Value>| match v {
+            None => false,
+            Some(Value::Array(a)) => !a.is_empty(),
+            Some(Value::Object(o)) => !o.is_empty(),
+            Some(_) => true,
+        };
         let format = self.response_format.as_ref();
-        if format.is_some_and(|f| !f.is_null() && f.get("type") != Some(&json!("text"))) {
-            return Err(ApiError::invalid(
-                Some("response_format"),
-                "response_format is not supported here (no JSON mode or schema-constrained \
-                 decoding); leave it out or give {\"type\": \"text\"}",
-            ));
-        }
-        let tools = self.tools.as_ref();
-        if tools.is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|t| !t.is_empty())) {
-            return Err(ApiError::invalid(
-                Some("tools"),
-                "tools are not supported here (no tool calls)",
-            ));
-        }
-        let choice = self.tool_choice.as_ref();
-        if choice.is_some_and(|c| !c.is_null() && *c != json!("none")) {
-            return Err(ApiError::invalid(
-                Some("tool_choice"),
-                "tool_choice is not supported here (no tool calls)",
-            ));
-        }
-        let bias = self.logit_bias.as_ref();
-        if bias.is_some_and(|b| !b.is_null() && b.as_object().is_none_or(|b| !b.is_empty())) {
-            return Err(ApiError::invalid(
-                Some("logit_bias"),
-                "logit_bias is not supported here",
-            ));
+        for (name, asked, why) in [
+            (
+                "response_format",
+                format.is_some_and(|f| f.get("type") != Some(&json!("text"))),
+                "no JSON mode or schema-constrained decoding; leave it out or give \
+                 {\"type\": \"text\"}",
+            ),
+            ("tools", given(&self.tools), "no tool calls"),
+            (
+                "tool_choice",
+                self.tool_choice
+                    .as_ref()
+                    .is_some_and(|c| *c != json!("none")),
+                "no tool calls",
+            ),
+            ("logit_bias", given(&self.logit_bias), "no logit bias"),
+        ] {
+            if asked {
+                return Err(ApiError::invalid(
+                    Some(name),
+                    format!("{name} is not supported here ({why})"),
+                ));
+            }
         }
         if self.n == Some(0) {
             return Err(ApiError::invalid(Some("n"), "n must be at least 1"));

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use burn::tensor::TensorData;
 
-use super::merge::{refuse_existing, MergeError, MergedWeights};
+use super::merge::{check_output, MergeError, MergedWeights};
 use super::peft::read_adapter;
 use super::ExportError;
 use crate::config::ModelConfig;
@@ -191,7 +191,7 @@ pub fn export_gguf<B: ModelBackend>(
     device: &B::Device,
 ) -> Result<GgufReport, MergeError> {
     let start = Instant::now();
-    refuse_existing(output, "export writes a new file")?;
+    check_output(output, "export writes a new file")?;
     let config = ModelConfig::from_dir(model_dir).map_err(ModelError::from)?;
     let unfit = |reason: String| {
         MergeError::Usage(format!(
@@ -298,7 +298,7 @@ pub fn export_gguf_lora(
     options: &GgufOptions,
 ) -> Result<GgufReport, MergeError> {
     let start = Instant::now();
-    refuse_existing(output, "export writes a new file")?;
+    check_output(output, "export writes a new file")?;
     let ty = match options.gguf_type {
         GgufType::F32 => GgmlType::F32,
         GgufType::F16 => GgmlType::F16,

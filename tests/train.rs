@@ -366,7 +366,7 @@ fn qlora_trains_adapters_on_an_nf4_base() {
     c.train.lr = 1e-2;
     c.train.lr_scheduler = ScheduleKind::Constant;
     let mut trainer = trainer(c).unwrap();
-    let base = &trainer.model.model.layers[0].self_attn.q_proj.base;
+    let base = &trainer.model.model.layers[0].linears()[0].1.base;
     assert!(matches!(base, swift_rs::lora::BaseLinear::Nf4(_)));
     let mut losses = Vec::new();
     trainer

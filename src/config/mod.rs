@@ -14,7 +14,8 @@ use std::path::PathBuf;
 pub use generation::{GenerationConfig, TokenIds};
 pub use lora::{InitLoraWeights, LoraConfig, TargetModules};
 pub use model::{
-    Arch, Dtype, HfConfig, ModelConfig, ModelConfigError, RopeConfig, RopeScaling, LAYER_LINEARS,
+    Arch, Dtype, HfConfig, LinearAttention, ModelConfig, ModelConfigError, RopeConfig, RopeScaling,
+    TokenMixer,
 };
 pub use quant::Nf4Config;
 pub use train::{

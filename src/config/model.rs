@@ -9,14 +9,16 @@ use serde_json::Value;
 
 use super::ConfigError;
 
-/// The decoder families swift-rs builds. They share one block (see `model::decoder`) and differ
-/// only in the switches `ModelConfig` carries.
+/// The decoder families swift-rs builds. They share one decoder (see `model::decoder`): a stack
+/// of layers whose token mixer `layer_mixers` chooses, and the switches `ModelConfig` carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
     Llama,
     Mistral,
     Qwen2,
     Qwen3,
+    /// Qwen3.5 and Qwen3.6: Gated DeltaNet layers among gated full-attention ones.
+    Qwen3_5,
 }
 
 impl Arch {
@@ -26,6 +28,8 @@ impl Arch {
             "mistral" => Some(Self::Mistral),
             "qwen2" => Some(Self::Qwen2),
             "qwen3" => Some(Self::Qwen3),
+            // The vision-language checkpoint's config and its language model's own.
+            "qwen3_5" | "qwen3_5_text" => Some(Self::Qwen3_5),
             _ => None,
         }
     }
@@ -36,6 +40,7 @@ impl Arch {
             "MistralForCausalLM" => Some(Self::Mistral),
             "Qwen2ForCausalLM" => Some(Self::Qwen2),
             "Qwen3ForCausalLM" => Some(Self::Qwen3),
+            "Qwen3_5ForCausalLM" | "Qwen3_5ForConditionalGeneration" => Some(Self::Qwen3_5),
             _ => None,
         }
     }
@@ -147,6 +152,51 @@ pub struct HfConfig {
     pub max_window_layers: Option<usize>,
     /// transformers 5.x writes the attention kind of every layer.
     pub layer_types: Option<Vec<String>>,
+    /// Qwen3.5's Gated DeltaNet layers (`linear_attention`).
+    pub linear_num_key_heads: Option<usize>,
+    pub linear_num_value_heads: Option<usize>,
+    pub linear_key_head_dim: Option<usize>,
+    pub linear_value_head_dim: Option<usize>,
+    pub linear_conv_kernel_dim: Option<usize>,
+    /// Qwen3.5 without `layer_types`: every n-th layer is full attention.
+    pub full_attention_interval: Option<usize>,
+    /// Set when the text settings were read from a vision-language checkpoint's `text_config`:
+    /// its language model's tensors sit under `model.language_model`.
+    #[serde(skip)]
+    pub vision_language: bool,
+}
+
+/// The keys of a vision-language config.json that hold for its language model too, where
+/// `text_config` does not say otherwise: transformers ties the head by the top-level
+/// `tie_word_embeddings`, and the hub writes dtype and the family at the top.
+const TOP_LEVEL_KEYS: [&str; 5] = [
+    "model_type",
+    "architectures",
+    "tie_word_embeddings",
+    "dtype",
+    "torch_dtype",
+];
+
+impl HfConfig {
+    /// config.json as parsed JSON, its language model's settings read from `text_config` when
+    /// it has one (a vision-language checkpoint, `Qwen3_5ForConditionalGeneration`).
+    pub fn from_value(mut value: Value) -> Result<Self, serde_json::Error> {
+        let vision_language = match value.get_mut("text_config").map(Value::take) {
+            Some(Value::Object(mut text)) => {
+                for key in TOP_LEVEL_KEYS {
+                    if let Some(v) = value.get(key).filter(|v| !v.is_null()) {
+                        text.insert(key.to_string(), v.clone());
+                    }
+                }
+                value = Value::Object(text);
+                true
+            }
+            _ => false,
+        };
+        let mut config: Self = serde_json::from_value(value)?;
+        config.vision_language = vision_language;
+        Ok(config)
+    }
 }
 
 /// A config.json that does not describe a model swift-rs can build.
@@ -188,6 +238,58 @@ pub struct ModelConfig {
     pub dtype: Option<Dtype>,
     /// The longest sequence the model was made for, if config.json says.
     pub max_position_embeddings: Option<usize>,
+    /// Per layer: what mixes its tokens.
+    pub layer_mixers: Vec<TokenMixer>,
+    /// The Gated DeltaNet layers' sizes, when the model has any.
+    pub linear_attention: Option<LinearAttention>,
+    /// Qwen3.5: q_proj is twice as wide, each head's query followed by a gate whose sigmoid
+    /// scales the attention output.
+    pub attn_output_gate: bool,
+    /// The leading dims of each head that RoPE rotates (`partial_rotary_factor`); the rest
+    /// pass through. `head_dim` in every family but Qwen3.5.
+    pub rotary_dim: usize,
+    /// Qwen3.5's RMSNorm: `normalize(x) * (1 + w)`, the product in f32 before the cast back,
+    /// where Llama's is `w * normalize(x)` cast first.
+    pub zero_centered_norm: bool,
+    /// Where the language model's tensors sit in the checkpoint: `model`, or
+    /// `model.language_model` in a vision-language checkpoint, whose vision tower (and
+    /// multi-token-prediction head) stays on disk.
+    pub text_prefix: &'static str,
+}
+
+/// How a decoder layer mixes tokens: transformers' `layer_types`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenMixer {
+    /// `self_attn`: softmax attention (`full_attention`, `sliding_attention`).
+    Attention,
+    /// `linear_attn`: Qwen3.5's Gated DeltaNet (`linear_attention`).
+    LinearAttention,
+}
+
+/// Sizes of Qwen3.5's Gated DeltaNet (`linear_*` in config.json).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinearAttention {
+    pub num_key_heads: usize,
+    pub num_value_heads: usize,
+    pub key_head_dim: usize,
+    pub value_head_dim: usize,
+    /// Width of the depthwise causal convolution over q, k and v.
+    pub conv_kernel_dim: usize,
+}
+
+impl LinearAttention {
+    pub fn key_dim(&self) -> usize {
+        self.num_key_heads * self.key_head_dim
+    }
+
+    pub fn value_dim(&self) -> usize {
+        self.num_value_heads * self.value_head_dim
+    }
+
+    /// Channels of the convolution: q, k and v side by side, as `in_proj_qkv` writes them.
+    pub fn conv_dim(&self) -> usize {
+        2 * self.key_dim() + self.value_dim()
+    }
 }
 
 impl ModelConfig {
@@ -198,22 +300,23 @@ impl ModelConfig {
             path: path.clone(),
             source,
         })?;
-        let raw: HfConfig = match serde_json::from_str(&text) {
+        let value = serde_json::from_str::<Value>(&text);
+        let parsed = match &value {
+            Ok(v) => HfConfig::from_value(v.clone()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let raw = match parsed {
             Ok(raw) => raw,
-            Err(e) => {
+            Err(reason) => {
                 // A family swift-rs does not know is named as such, not as a broken file for
-                // the fields it lacks (Qwen3.5's sit under text_config).
-                let value = serde_json::from_str::<serde_json::Value>(&text).ok();
-                let model_type = value.as_ref().and_then(|v| v.get("model_type")?.as_str());
+                // the fields it lacks (Gemma 3's sit under text_config).
+                let model_type = value.as_ref().ok().and_then(|v| v.get("model_type")?.as_str());
                 if let Some(mt) = model_type.filter(|mt| Arch::from_model_type(mt).is_none()) {
                     let model_type = mt.to_string();
                     let source = ModelConfigError::UnsupportedArch { model_type };
                     return Err(ConfigError::Model { path, source });
                 }
-                return Err(ConfigError::Json {
-                    path,
-                    reason: e.to_string(),
-                });
+                return Err(ConfigError::Json { path, reason });
             }
         };
         raw.resolve()
@@ -280,13 +383,19 @@ impl HfConfig {
         let (qkv_bias, o_bias) = match arch {
             Arch::Qwen2 => (true, false),
             Arch::Mistral => (false, false),
-            Arch::Llama | Arch::Qwen3 => (attention_bias, attention_bias),
+            Arch::Llama | Arch::Qwen3 | Arch::Qwen3_5 => (attention_bias, attention_bias),
         };
         let dtype = match self.dtype.as_deref().or(self.torch_dtype.as_deref()) {
             None => None,
             Some(name) => Some(Dtype::parse(name).ok_or_else(|| {
                 format!("dtype \"{name}\" is not one of float32, float16, bfloat16")
             })?),
+        };
+        let qwen3_5 = arch == Arch::Qwen3_5;
+        let layer_mixers = self.layer_mixers(arch)?;
+        let linear_attention = match layer_mixers.contains(&TokenMixer::LinearAttention) {
+            true => Some(self.linear_attention()?),
+            false => None,
         };
         Ok(ModelConfig {
             arch,
@@ -303,11 +412,105 @@ impl HfConfig {
             qkv_bias,
             o_bias,
             mlp_bias: arch == Arch::Llama && self.mlp_bias.unwrap_or(false),
-            qk_norm: arch == Arch::Qwen3,
+            qk_norm: matches!(arch, Arch::Qwen3 | Arch::Qwen3_5),
             sliding_window: self.sliding_windows(arch)?,
             max_position_embeddings: self.max_position_embeddings,
             dtype,
+            layer_mixers,
+            linear_attention,
+            attn_output_gate: qwen3_5,
+            rotary_dim: self.rotary_dim(arch, head_dim)?,
+            zero_centered_norm: qwen3_5,
+            text_prefix: match self.vision_language {
+                true => "model.language_model",
+                false => "model",
+            },
         })
+    }
+
+    /// The token mixer of every layer: attention in every family but Qwen3.5, whose
+    /// `layer_types` (or, without it, `full_attention_interval`, 4 by default, as
+    /// `Qwen3_5TextConfig` fills it in) puts full attention among Gated DeltaNet layers.
+    fn layer_mixers(&self, arch: Arch) -> Result<Vec<TokenMixer>, String> {
+        let n = self.num_hidden_layers;
+        if arch != Arch::Qwen3_5 {
+            return Ok(vec![TokenMixer::Attention; n]);
+        }
+        let Some(types) = &self.layer_types else {
+            let interval = self.full_attention_interval.unwrap_or(4);
+            if interval == 0 {
+                return Err("full_attention_interval must be at least 1".into());
+            }
+            return Ok((0..n)
+                .map(|i| match (i + 1) % interval {
+                    0 => TokenMixer::Attention,
+                    _ => TokenMixer::LinearAttention,
+                })
+                .collect());
+        };
+        if types.len() != n {
+            return Err(format!(
+                "layer_types has {} entries for {n} layers",
+                types.len()
+            ));
+        }
+        types
+            .iter()
+            .map(|t| match t.as_str() {
+                "full_attention" => Ok(TokenMixer::Attention),
+                "linear_attention" => Ok(TokenMixer::LinearAttention),
+                other => Err(format!(
+                    "layer_types: \"{other}\" is not a layer kind of this family (full_attention, linear_attention)"
+                )),
+            })
+            .collect()
+    }
+
+    /// The Gated DeltaNet's sizes, with `Qwen3_5TextConfig`'s defaults.
+    fn linear_attention(&self) -> Result<LinearAttention, String> {
+        let la = LinearAttention {
+            num_key_heads: self.linear_num_key_heads.unwrap_or(16),
+            num_value_heads: self.linear_num_value_heads.unwrap_or(32),
+            key_head_dim: self.linear_key_head_dim.unwrap_or(128),
+            value_head_dim: self.linear_value_head_dim.unwrap_or(128),
+            conv_kernel_dim: self.linear_conv_kernel_dim.unwrap_or(4),
+        };
+        let (k, v) = (la.num_key_heads, la.num_value_heads);
+        if k == 0 || v == 0 || v % k != 0 {
+            return Err(format!(
+                "linear_num_value_heads ({v}) must be a positive multiple of linear_num_key_heads ({k})"
+            ));
+        }
+        if la.key_head_dim == 0 || la.value_head_dim == 0 || la.conv_kernel_dim == 0 {
+            return Err(
+                "linear_key_head_dim, linear_value_head_dim and linear_conv_kernel_dim must be at least 1"
+                    .into(),
+            );
+        }
+        Ok(la)
+    }
+
+    /// The dims of each head RoPE rotates: `head_dim * partial_rotary_factor`, truncated as
+    /// transformers' `int()` does; Qwen3.5 defaults the factor to 0.25.
+    fn rotary_dim(&self, arch: Arch, head_dim: usize) -> Result<usize, String> {
+        let default = if arch == Arch::Qwen3_5 { 0.25 } else { 1.0 };
+        let factor = match self
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.get("partial_rotary_factor"))
+        {
+            None | Some(Value::Null) => default,
+            Some(v) => v.as_f64().ok_or_else(|| {
+                format!("rope_parameters.partial_rotary_factor must be a number, got {v}")
+            })?,
+        };
+        let dim = (head_dim as f64 * factor) as usize;
+        if !(factor > 0.0 && factor <= 1.0) || dim == 0 || dim % 2 != 0 {
+            return Err(format!(
+                "rope_parameters.partial_rotary_factor ({factor}) must leave an even number of rotary dims of head_dim ({head_dim}), at least 2"
+            ));
+        }
+        Ok(dim)
     }
 
     /// transformers 5.x keeps theta and scaling in `rope_parameters`; 4.x has `rope_theta` at the
@@ -397,41 +600,50 @@ impl HfConfig {
     }
 }
 
-/// The adaptable linear layers of one decoder layer, by module path.
-pub const LAYER_LINEARS: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
-
 impl ModelConfig {
-    /// `(in, out)` features of a decoder-layer linear, by its name (`q_proj` ... `down_proj`).
-    pub fn linear_shape(&self, proj: &str) -> (usize, usize) {
+    /// `(module path in the layer, in features, out features)` of every linear layer of decoder
+    /// layer `i`, in the order the layer holds them (the trainable tensors' order).
+    pub fn layer_linears(&self, i: usize) -> Vec<(&'static str, usize, usize)> {
         let (h, d, inter) = (self.hidden_size, self.head_dim, self.intermediate_size);
         let (q, kv) = (self.num_attention_heads * d, self.num_key_value_heads * d);
-        match proj {
-            "q_proj" => (h, q),
-            "k_proj" | "v_proj" => (h, kv),
-            "o_proj" => (q, h),
-            "gate_proj" | "up_proj" => (h, inter),
-            "down_proj" => (inter, h),
-            other => unreachable!("{other} is not a decoder-layer linear"),
-        }
+        let q_out = if self.attn_output_gate { 2 * q } else { q };
+        let mut linears = match (self.layer_mixers[i], &self.linear_attention) {
+            (TokenMixer::LinearAttention, Some(la)) => vec![
+                ("linear_attn.in_proj_qkv", h, la.conv_dim()),
+                ("linear_attn.in_proj_z", h, la.value_dim()),
+                ("linear_attn.in_proj_b", h, la.num_value_heads),
+                ("linear_attn.in_proj_a", h, la.num_value_heads),
+                ("linear_attn.out_proj", la.value_dim(), h),
+            ],
+            _ => vec![
+                ("self_attn.q_proj", h, q_out),
+                ("self_attn.k_proj", h, kv),
+                ("self_attn.v_proj", h, kv),
+                ("self_attn.o_proj", q, h),
+            ],
+        };
+        linears.extend([
+            ("mlp.gate_proj", h, inter),
+            ("mlp.up_proj", h, inter),
+            ("mlp.down_proj", inter, h),
+        ]);
+        linears
+    }
+
+    /// The module path of decoder layer `i` in the checkpoint (`model.layers.3`, or
+    /// `model.language_model.layers.3` in a vision-language checkpoint).
+    pub fn layer_path(&self, i: usize) -> String {
+        format!("{}.layers.{i}", self.text_prefix)
     }
 
     /// `(module name, in features, out features)` of every linear layer an adapter may target.
     pub fn adaptable_linears(&self) -> Vec<(String, usize, usize)> {
         (0..self.num_hidden_layers)
             .flat_map(|i| {
-                LAYER_LINEARS.iter().map(move |s| {
-                    let proj = s.rsplit('.').next().unwrap_or(s);
-                    let (n_in, n_out) = self.linear_shape(proj);
-                    (format!("model.layers.{i}.{s}"), n_in, n_out)
-                })
+                let path = self.layer_path(i);
+                self.layer_linears(i)
+                    .into_iter()
+                    .map(move |(s, n_in, n_out)| (format!("{path}.{s}"), n_in, n_out))
             })
             .collect()
     }

@@ -1,13 +1,15 @@
 //! Generation with a KV cache: every row's whole prompt first (left-padded, so each row's last
 //! token is the batch's last column), then one token per row, each layer's keys and values kept
-//! between steps (transformers' `DynamicCache`). A server's rows join a running cache between
-//! steps (`join`) and leave it when done (`retain`); each row may take its own adapter.
+//! between steps (transformers' `DynamicCache`), or a Gated DeltaNet layer's convolution and
+//! recurrent state, of one size whatever the row's length. A server's rows join a running cache
+//! between steps (`join`) and leave it when done (`retain`); each row may take its own adapter.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 
 use super::batch::Batch;
 use super::decoder::CausalLm;
+use super::gated_delta_net::LinearMask;
 use super::layers::{Decoding, LayerCache};
 use crate::lora::RowAdapters;
 use crate::ops::{AttnMask, ModelBackend};
@@ -36,12 +38,22 @@ impl<B: Backend> KvCache<B> {
         let unused = self.pad.iter().copied().min().unwrap_or(0);
         let rows: Vec<i64> = keep.iter().map(|&r| r as i64).collect();
         let rows = TensorData::new(rows, [keep.len()]);
-        for (k, v) in self.layers.iter_mut().flatten() {
-            let rows = Tensor::<B, 1, Int>::from_data(rows.clone(), &k.device());
-            let [_, heads, len, d] = k.dims();
-            let range = [0..keep.len(), 0..heads, unused..len, 0..d];
-            *k = k.clone().select(0, rows.clone()).slice(range.clone());
-            *v = v.clone().select(0, rows).slice(range);
+        for layer in &mut self.layers {
+            match layer {
+                LayerCache::Empty => {}
+                LayerCache::Kv(k, v) => {
+                    let rows = Tensor::<B, 1, Int>::from_data(rows.clone(), &k.device());
+                    let [_, heads, len, d] = k.dims();
+                    let range = [0..keep.len(), 0..heads, unused..len, 0..d];
+                    *k = k.clone().select(0, rows.clone()).slice(range.clone());
+                    *v = v.clone().select(0, rows).slice(range);
+                }
+                LayerCache::Recurrent { conv, state } => {
+                    let rows = Tensor::<B, 1, Int>::from_data(rows.clone(), &conv.device());
+                    *conv = conv.clone().select(0, rows.clone());
+                    *state = state.clone().select(0, rows);
+                }
+            }
         }
         self.len -= unused;
         for p in &mut self.pad {
@@ -63,9 +75,22 @@ impl<B: Backend> KvCache<B> {
         self.pad_left(len - self.len);
         other.pad_left(len - other.len);
         for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
-            if let (Some((k, v)), Some((k2, v2))) = (mine.take(), theirs) {
-                *mine = Some((Tensor::cat(vec![k, k2], 0), Tensor::cat(vec![v, v2], 0)));
-            }
+            *mine = match (std::mem::take(mine), theirs) {
+                (LayerCache::Kv(k, v), LayerCache::Kv(k2, v2)) => {
+                    LayerCache::Kv(Tensor::cat(vec![k, k2], 0), Tensor::cat(vec![v, v2], 0))
+                }
+                (
+                    LayerCache::Recurrent { conv, state },
+                    LayerCache::Recurrent {
+                        conv: conv2,
+                        state: state2,
+                    },
+                ) => LayerCache::Recurrent {
+                    conv: Tensor::cat(vec![conv, conv2], 0),
+                    state: Tensor::cat(vec![state, state2], 0),
+                },
+                _ => unreachable!("both caches have seen their prompts"),
+            };
         }
         self.pad.extend(other.pad);
         self.adapters.extend(other.adapters);
@@ -76,7 +101,11 @@ impl<B: Backend> KvCache<B> {
         if n == 0 {
             return;
         }
-        for (k, v) in self.layers.iter_mut().flatten() {
+        for layer in &mut self.layers {
+            // A recurrent state has no columns: it is the same after any padding.
+            let LayerCache::Kv(k, v) = layer else {
+                continue;
+            };
             let [b, heads, _, d] = k.dims();
             let zeros = Tensor::<B, 4>::zeros([b, heads, n, d], &k.device()).cast(k.dtype());
             *k = Tensor::cat(vec![zeros.clone(), k.clone()], 2);
@@ -110,7 +139,7 @@ impl<B: ModelBackend> CausalLm<B> {
     /// An empty cache for this model, its rows through the model's own adapters.
     pub fn kv_cache(&self) -> KvCache<B> {
         KvCache {
-            layers: vec![None; self.model.layers.len()],
+            layers: vec![LayerCache::Empty; self.model.layers.len()],
             len: 0,
             pad: Vec::new(),
             adapters: Vec::new(),
@@ -151,7 +180,8 @@ impl<B: ModelBackend> CausalLm<B> {
             };
             let (x, rope) = self.embed_tokens(&batch);
             let device = x.device();
-            (x, rope, self.layer_masks(|w| cache.step_mask(w, &device)))
+            let masks = self.layer_masks(|w| cache.step_mask(w, &device), LinearMask::none);
+            (x, rope, masks)
         };
         let adapters = RowAdapters::new(&cache.adapters, &x.device());
         for ((layer, mask), layer_cache) in

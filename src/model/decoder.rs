@@ -1,8 +1,10 @@
-//! The causal language model shared by Llama, Mistral, Qwen2 and Qwen3: transformers'
-//! `LlamaModel` and `LlamaForCausalLM` of `models/llama/modeling_llama.py` (the layers are in
-//! `layers`); the other families differ only in switches of `ModelConfig`: `modeling_qwen2.py`
-//! (bias on q/k/v), `modeling_qwen3.py` (RMSNorm on each q/k head before RoPE),
-//! `modeling_mistral.py` (sliding-window attention).
+//! The causal language model shared by every family: transformers' `LlamaModel` and
+//! `LlamaForCausalLM` of `models/llama/modeling_llama.py` (the layers are in `layers`); the
+//! other families differ in switches of `ModelConfig`: `modeling_qwen2.py` (bias on q/k/v),
+//! `modeling_qwen3.py` (RMSNorm on each q/k head before RoPE), `modeling_mistral.py`
+//! (sliding-window attention), and in the token mixer of each layer: `modeling_qwen3_5.py`'s
+//! `Qwen3_5TextModel` (Gated DeltaNet layers among attention ones), whose vision-language
+//! checkpoints (`Qwen3_5ForConditionalGeneration`) hold it under `model.language_model`.
 //!
 //! Field names are the Hugging Face module names, so each safetensors key maps to one field.
 
@@ -14,12 +16,13 @@ use burn::tensor::{Int, Tensor, TensorData};
 use super::batch::Batch;
 use super::builder::{read_lora, Builder};
 use super::frozen;
-use super::layers::{DecoderLayer, RmsNorm};
+use super::gated_delta_net::LinearMask;
+use super::layers::{DecoderLayer, LayerMask, Mixer, RmsNorm};
 use super::load::Checkpoint;
 use super::mask::attention_mask;
 use super::rope::{self, RopeTables};
 use super::ModelError;
-use crate::config::{LoraConfig, ModelConfig, LAYER_LINEARS};
+use crate::config::{LoraConfig, ModelConfig};
 use crate::lora::{Lora, LoraLinear, Targets};
 use crate::ops::{base_linear, AttnMask, ModelBackend};
 
@@ -29,16 +32,20 @@ pub struct DecoderModel<B: Backend> {
     pub embed_tokens: Param<Tensor<B, 2>>, // [vocab, hidden]
     pub layers: Vec<DecoderLayer<B>>,
     pub norm: RmsNorm<B>,
-    /// Rotary inverse frequencies, `[head_dim / 2]` (see `rope::inv_freq`).
+    /// Rotary inverse frequencies, `[rotary_dim / 2]` (see `rope::inv_freq`).
     #[module(skip)]
     pub inv_freq: Vec<f32>,
+    /// Where the layers sit in the checkpoint (`ModelConfig::text_prefix`), for the module
+    /// names of adapters.
+    #[module(skip)]
+    pub prefix: &'static str,
 }
 
 /// What each decoder layer takes besides its input: the rotary tables of the batch's positions
-/// and the layer's attention mask.
+/// and the layer's mask.
 pub struct LayerInputs<B: Backend> {
     pub rope: RopeTables<B>,
-    pub masks: Vec<AttnMask<B>>,
+    pub masks: Vec<LayerMask<B>>,
 }
 
 /// A causal language model (`LlamaForCausalLM`): decoder plus lm_head.
@@ -53,18 +60,25 @@ impl<B: Backend> CausalLm<B> {
     /// Builds the model key for key; problems are reported by the builder's checkpoints.
     pub(crate) fn build(cfg: &ModelConfig, b: &mut Builder<B>) -> Self {
         let hidden = cfg.hidden_size;
+        let p = cfg.text_prefix;
         let model = DecoderModel {
             embed_tokens: frozen(b.ckpt.take(
-                "model.embed_tokens.weight",
+                &format!("{p}.embed_tokens.weight"),
                 [cfg.vocab_size, hidden],
                 b.device,
             )),
             layers: (0..cfg.num_hidden_layers)
                 .map(|i| DecoderLayer::load(cfg, i, b))
                 .collect(),
-            norm: RmsNorm::load(b.ckpt, "model.norm", hidden, cfg.rms_norm_eps, b.device),
-            inv_freq: rope::inv_freq(&cfg.rope, cfg.head_dim),
+            norm: RmsNorm::load(b.ckpt, &format!("{p}.norm"), hidden, cfg, b.device),
+            inv_freq: rope::inv_freq(&cfg.rope, cfg.rotary_dim),
+            prefix: p,
         };
+        // Text training leaves a vision-language checkpoint's vision tower on disk, and the
+        // multi-token-prediction head transformers itself does not load.
+        for module in ["model.visual", "mtp"] {
+            b.ckpt.skip_module(module);
+        }
         let lm_head = if cfg.tie_word_embeddings {
             // Some exporters write the tied head anyway; it is the same matrix.
             if b.ckpt.contains("lm_head.weight") {
@@ -80,10 +94,11 @@ impl<B: Backend> CausalLm<B> {
     /// Every linear layer that can carry an adapter, with its full module name, in the order of
     /// `ModelConfig::adaptable_linears`.
     pub fn lora_linears(&self) -> Vec<(String, &LoraLinear<B>)> {
+        let p = self.model.prefix;
         let mut out = Vec::new();
         for (i, layer) in self.model.layers.iter().enumerate() {
-            for (suffix, lin) in LAYER_LINEARS.iter().zip(layer.linears()) {
-                out.push((format!("model.layers.{i}.{suffix}"), lin));
+            for (suffix, lin) in layer.linears() {
+                out.push((format!("{p}.layers.{i}.{suffix}"), lin));
             }
         }
         out
@@ -94,7 +109,7 @@ impl<B: Backend> CausalLm<B> {
     pub fn without_adapters(&self) -> Self {
         let mut base = self.clone();
         for layer in &mut base.model.layers {
-            for linear in layer.linears_mut() {
+            for (_, linear) in layer.linears_mut() {
                 linear.adapter = None;
             }
         }
@@ -125,9 +140,10 @@ impl<B: Backend> CausalLm<B> {
         let mut out = self.clone();
         let device = self.model.embed_tokens.device();
         let mut adapted = 0;
+        let p = out.model.prefix;
         for (i, layer) in out.model.layers.iter_mut().enumerate() {
-            for (suffix, linear) in LAYER_LINEARS.iter().zip(layer.linears_mut()) {
-                let name = format!("model.layers.{i}.{suffix}");
+            for (suffix, linear) in layer.linears_mut() {
+                let name = format!("{p}.layers.{i}.{suffix}");
                 linear.adapter = targets.matches(&name).then(|| {
                     adapted += 1;
                     read_lora(ckpt, cfg, &name, linear.base.dims(), &device)
@@ -157,9 +173,9 @@ impl<B: Backend> CausalLm<B> {
             .model
             .layers
             .first()
-            .map_or(0, |l| l.linears()[0].served.len());
+            .map_or(0, |l| l.linears()[0].1.served.len());
         for (mine, theirs) in self.model.layers.iter_mut().zip(&adapted.model.layers) {
-            for (m, t) in mine.linears_mut().into_iter().zip(theirs.linears()) {
+            for ((_, m), (_, t)) in mine.linears_mut().into_iter().zip(theirs.linears()) {
                 m.served.push(t.adapter.clone());
             }
         }
@@ -184,7 +200,7 @@ impl<B: Backend> CausalLm<B> {
         layers.flat_map(|l| {
             l.linears_mut()
                 .into_iter()
-                .filter_map(|l| l.adapter.as_mut())
+                .filter_map(|(_, l)| l.adapter.as_mut())
         })
     }
 
@@ -193,7 +209,10 @@ impl<B: Backend> CausalLm<B> {
     pub fn embed(&self, batch: &Batch) -> (Tensor<B, 3>, LayerInputs<B>) {
         let (x, rope) = self.embed_tokens(batch);
         let device = x.device();
-        let masks = self.layer_masks(|window| attention_mask(batch, window, &device));
+        let masks = self.layer_masks(
+            |window| attention_mask(batch, window, &device),
+            || LinearMask::new(batch, x.dtype(), &device),
+        );
         (x, LayerInputs { rope, masks })
     }
 
@@ -218,24 +237,30 @@ impl<B: Backend> CausalLm<B> {
         (x, rope)
     }
 
-    /// Each layer's mask from `build(sliding_window)`: layers share a mask unless their windows
-    /// differ, so each is built once.
+    /// Each layer's mask: an attention layer's from `build(sliding_window)`, a Gated DeltaNet
+    /// layer's from `linear()`. Layers share a mask unless their kinds or windows differ, so
+    /// each is built once.
     pub(super) fn layer_masks(
         &self,
         mut build: impl FnMut(Option<usize>) -> AttnMask<B>,
-    ) -> Vec<AttnMask<B>> {
+        mut linear: impl FnMut() -> LinearMask<B>,
+    ) -> Vec<LayerMask<B>> {
         let mut built: Vec<(Option<usize>, AttnMask<B>)> = Vec::new();
+        let mut linear_mask: Option<LinearMask<B>> = None;
         self.model
             .layers
             .iter()
             .map(|layer| {
+                if let Mixer::Linear(_) = layer.mixer {
+                    return LayerMask::Linear(linear_mask.get_or_insert_with(&mut linear).clone());
+                }
                 let window = layer.sliding_window;
                 if let Some((_, m)) = built.iter().find(|(w, _)| *w == window) {
-                    return m.clone();
+                    return LayerMask::Attention(m.clone());
                 }
                 let m = build(window);
                 built.push((window, m.clone()));
-                m
+                LayerMask::Attention(m)
             })
             .collect()
     }

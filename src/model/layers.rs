@@ -1,7 +1,9 @@
-//! The layers of the decoder shared by Llama, Mistral, Qwen2 and Qwen3: transformers'
-//! `LlamaRMSNorm`, `LlamaAttention`, `LlamaMLP` and `LlamaDecoderLayer` of
-//! `models/llama/modeling_llama.py`, with the families' switches of `ModelConfig` (q/k/v bias,
-//! Qwen3's q/k norm, Mistral's sliding window).
+//! The layers of the decoder: transformers' `LlamaRMSNorm`, `LlamaAttention`, `LlamaMLP` and
+//! `LlamaDecoderLayer` of `models/llama/modeling_llama.py`, with the families' switches of
+//! `ModelConfig` (q/k/v bias, Qwen3's q/k norm, Mistral's sliding window, and Qwen3.5's
+//! `Qwen3_5Attention` of `models/qwen3_5/modeling_qwen3_5.py`: a sigmoid gate on the attention
+//! output, partial rotary, `(1 + w)` norms). A layer's token mixer is attention or, in
+//! Qwen3.5's `linear_attention` layers, the Gated DeltaNet of `gated_delta_net`.
 //!
 //! Field names are the Hugging Face module names, so each safetensors key maps to one field.
 
@@ -9,39 +11,46 @@ use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
+use burn::tensor::activation::sigmoid;
+use burn::tensor::DType;
+
 use super::builder::Builder;
 use super::frozen;
+use super::gated_delta_net::{GatedDeltaNet, LinearMask};
 use super::load::Checkpoint;
 use super::rope::RopeTables;
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, TokenMixer};
 use crate::lora::{Lora, LoraLinear, RowAdapters};
 use crate::ops::{rms_norm, sdpa, seed_gradient, swiglu, AttnMask, ModelBackend, TrainBackend};
 
 /// `weight * normalize(x)`, the normalisation done in f32 and cast back before the weight is
-/// applied, as `LlamaRMSNorm` does (this order matters in bf16).
+/// applied, as `LlamaRMSNorm` does (this order matters in bf16); or, `zero_centered`
+/// (`Qwen3_5RMSNorm`, whose weight starts at zero), `normalize(x) * (1 + weight)` all in f32
+/// and cast back after.
 #[derive(Module, Debug)]
 pub struct RmsNorm<B: Backend> {
     pub weight: Param<Tensor<B, 1>>, // [dim]
     pub eps: f64,
+    pub zero_centered: bool,
 }
 
 impl<B: ModelBackend> RmsNorm<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        rms_norm(x, self.weight.val(), self.eps)
+        if !self.zero_centered {
+            return rms_norm(x, self.weight.val(), self.eps);
+        }
+        let dtype = x.dtype();
+        let weight = self.weight.val().cast(DType::F32) + 1.0;
+        rms_norm(x.cast(DType::F32), weight, self.eps).cast(dtype)
     }
 }
 
 impl<B: Backend> RmsNorm<B> {
-    pub(super) fn load(
-        ckpt: &mut Checkpoint,
-        key: &str,
-        dim: usize,
-        eps: f64,
-        device: &B::Device,
-    ) -> Self {
+    pub(super) fn load(ckpt: &mut Checkpoint, key: &str, dim: usize, cfg: &ModelConfig, device: &B::Device) -> Self {
         Self {
             weight: frozen(ckpt.take(&format!("{key}.weight"), [dim], device)),
-            eps,
+            eps: cfg.rms_norm_eps,
+            zero_centered: cfg.zero_centered_norm,
         }
     }
 }
@@ -52,29 +61,35 @@ pub struct Attention<B: Backend> {
     pub k_proj: LoraLinear<B>, // [hidden, kv_heads * head_dim]
     pub v_proj: LoraLinear<B>, // [hidden, kv_heads * head_dim]
     pub o_proj: LoraLinear<B>, // [heads * head_dim, hidden]
-    /// Qwen3 only: RMSNorm over head_dim of every query / key head.
+    /// Qwen3 and Qwen3.5: RMSNorm over head_dim of every query / key head.
     pub q_norm: Option<RmsNorm<B>>,
     pub k_norm: Option<RmsNorm<B>>,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// Qwen3.5: q_proj writes each head's query then its output gate.
+    pub output_gate: bool,
+    /// The leading dims of each head RoPE rotates (all of them but in Qwen3.5).
+    pub rotary_dim: usize,
 }
 
 impl<B: Backend> Attention<B> {
     pub(super) fn load(cfg: &ModelConfig, p: &str, b: &mut Builder<B>) -> Self {
         let d = cfg.head_dim;
-        let mut proj = |name: &str, bias| {
-            let (n_in, n_out) = cfg.linear_shape(name);
-            b.linear(&format!("{p}.{name}"), n_in, n_out, bias)
-        };
-        let q_proj = proj("q_proj", cfg.qkv_bias);
-        let k_proj = proj("k_proj", cfg.qkv_bias);
-        let v_proj = proj("v_proj", cfg.qkv_bias);
-        let o_proj = proj("o_proj", cfg.o_bias);
+        let (h, q, kv) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads * d,
+            cfg.num_key_value_heads * d,
+        );
+        let q_out = if cfg.attn_output_gate { 2 * q } else { q };
+        let mut proj = |name: &str, n_in, n_out, bias| b.linear(&format!("{p}.{name}"), n_in, n_out, bias);
+        let q_proj = proj("q_proj", h, q_out, cfg.qkv_bias);
+        let k_proj = proj("k_proj", h, kv, cfg.qkv_bias);
+        let v_proj = proj("v_proj", h, kv, cfg.qkv_bias);
+        let o_proj = proj("o_proj", q, h, cfg.o_bias);
         let mut head_norm = |name: &str| {
             let key = format!("{p}.{name}");
-            cfg.qk_norm
-                .then(|| RmsNorm::load(b.ckpt, &key, d, cfg.rms_norm_eps, b.device))
+            cfg.qk_norm.then(|| RmsNorm::load(b.ckpt, &key, d, cfg, b.device))
         };
         Self {
             q_proj,
@@ -86,6 +101,8 @@ impl<B: Backend> Attention<B> {
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
             head_dim: d,
+            output_gate: cfg.attn_output_gate,
+            rotary_dim: cfg.rotary_dim,
         }
     }
 }
@@ -104,10 +121,15 @@ impl<B: ModelBackend> Attention<B> {
         let [b, s, _] = x.dims();
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let adapters = decoding.as_ref().map(|d| d.adapters);
-        let mut q = self
-            .q_proj
-            .forward_rows(x.clone(), adapters)
-            .reshape([b, s, h, d]);
+        let q = self.q_proj.forward_rows(x.clone(), adapters);
+        let (mut q, gate) = match self.output_gate {
+            true => {
+                let q = q.reshape([b, s, h, 2 * d]);
+                let gate = q.clone().narrow(3, d, d).reshape([b, s, h * d]);
+                (q.narrow(3, 0, d), Some(gate))
+            }
+            false => (q.reshape([b, s, h, d]), None),
+        };
         let mut k = self
             .k_proj
             .forward_rows(x.clone(), adapters)
@@ -117,20 +139,33 @@ impl<B: ModelBackend> Attention<B> {
             q = qn.forward(q);
             k = kn.forward(k);
         }
-        let q = rope.apply(q).swap_dims(1, 2); // [b, h, s, d]
-        let mut k = rope.apply(k).swap_dims(1, 2); // [b, kv, s, d]
+        let q = self.rotate(rope, q).swap_dims(1, 2); // [b, h, s, d]
+        let mut k = self.rotate(rope, k).swap_dims(1, 2); // [b, kv, s, d]
         let mut v = v.swap_dims(1, 2); // [b, kv, s, d]
         if let Some(Decoding { cache, .. }) = decoding {
-            if let Some((past_k, past_v)) = cache.take() {
+            if let LayerCache::Kv(past_k, past_v) = std::mem::take(cache) {
                 assert_eq!(s, 1, "after the prompt, one token at a time");
                 k = Tensor::cat(vec![past_k, k], 2); // [b, kv, past + 1, d]
                 v = Tensor::cat(vec![past_v, v], 2);
             }
-            *cache = Some((k.clone(), v.clone()));
+            *cache = LayerCache::Kv(k.clone(), v.clone());
         }
-        let out = sdpa(q, k, v, mask); // [b, h, s, d]
-        self.o_proj
-            .forward_rows(out.swap_dims(1, 2).reshape([b, s, h * d]), adapters)
+        let out = sdpa(q, k, v, mask).swap_dims(1, 2).reshape([b, s, h * d]); // [b, s, h * d]
+        let out = match gate {
+            Some(gate) => out * sigmoid(gate),
+            None => out,
+        };
+        self.o_proj.forward_rows(out, adapters)
+    }
+
+    /// RoPE on the leading `rotary_dim` dims of each head of `x` `[b, s, heads, head_dim]`.
+    fn rotate(&self, rope: &RopeTables<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let (d, r) = (self.head_dim, self.rotary_dim);
+        if r == d {
+            return rope.apply(x);
+        }
+        let rotated = rope.apply(x.clone().narrow(3, 0, r));
+        Tensor::cat(vec![rotated, x.narrow(3, r, d - r)], 3)
     }
 }
 
@@ -140,9 +175,29 @@ pub struct Decoding<'a, B: Backend> {
     pub adapters: &'a RowAdapters<B>,
 }
 
-/// The keys and values (after RoPE) of the positions a layer has seen, `[batch, kv_heads, seen,
-/// head_dim]` each; empty before the prompt.
-pub type LayerCache<B> = Option<(Tensor<B, 4>, Tensor<B, 4>)>;
+/// What a layer keeps of the positions it has seen: nothing before the prompt; an attention
+/// layer's keys and values (after RoPE), `[batch, kv_heads, seen, head_dim]` each; a Gated
+/// DeltaNet layer's last `kernel - 1` convolution inputs `[batch, kernel - 1, conv_dim]` and
+/// its recurrent state `[batch, value_heads, key_head_dim, value_head_dim]` in f32, of one size
+/// whatever the row's length.
+#[derive(Clone, Debug, Default)]
+pub enum LayerCache<B: Backend> {
+    #[default]
+    Empty,
+    Kv(Tensor<B, 4>, Tensor<B, 4>),
+    Recurrent {
+        conv: Tensor<B, 3>,
+        state: Tensor<B, 4>,
+    },
+}
+
+/// What a layer's token mixer is told of the batch: attention's mask, or the padding and
+/// samples a Gated DeltaNet layer needs.
+#[derive(Clone, Debug)]
+pub enum LayerMask<B: Backend> {
+    Attention(AttnMask<B>),
+    Linear(LinearMask<B>),
+}
 
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
@@ -153,14 +208,12 @@ pub struct Mlp<B: Backend> {
 
 impl<B: Backend> Mlp<B> {
     pub(super) fn load(cfg: &ModelConfig, p: &str, b: &mut Builder<B>) -> Self {
-        let mut proj = |name: &str| {
-            let (n_in, n_out) = cfg.linear_shape(name);
-            b.linear(&format!("{p}.{name}"), n_in, n_out, cfg.mlp_bias)
-        };
+        let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        let mut proj = |name: &str, n_in, n_out| b.linear(&format!("{p}.{name}"), n_in, n_out, cfg.mlp_bias);
         Self {
-            gate_proj: proj("gate_proj"),
-            up_proj: proj("up_proj"),
-            down_proj: proj("down_proj"),
+            gate_proj: proj("gate_proj", h, inter),
+            up_proj: proj("up_proj", h, inter),
+            down_proj: proj("down_proj", inter, h),
         }
     }
 }
@@ -174,9 +227,18 @@ impl<B: ModelBackend> Mlp<B> {
     }
 }
 
+/// A layer's token mixer, by `layer_types`; the variant is the checkpoint's module name.
+#[derive(Module, Debug)]
+pub enum Mixer<B: Backend> {
+    /// `self_attn`
+    Attention(Attention<B>),
+    /// `linear_attn`
+    Linear(GatedDeltaNet<B>),
+}
+
 #[derive(Module, Debug)]
 pub struct DecoderLayer<B: Backend> {
-    pub self_attn: Attention<B>,
+    pub mixer: Mixer<B>,
     pub mlp: Mlp<B>,
     pub input_layernorm: RmsNorm<B>,
     pub post_attention_layernorm: RmsNorm<B>,
@@ -186,13 +248,19 @@ pub struct DecoderLayer<B: Backend> {
 
 impl<B: Backend> DecoderLayer<B> {
     pub(super) fn load(cfg: &ModelConfig, i: usize, b: &mut Builder<B>) -> Self {
-        let p = format!("model.layers.{i}");
+        let p = cfg.layer_path(i);
         let norm = |b: &mut Builder<B>, name: &str| {
             let key = format!("{p}.{name}");
-            RmsNorm::load(b.ckpt, &key, cfg.hidden_size, cfg.rms_norm_eps, b.device)
+            RmsNorm::load(b.ckpt, &key, cfg.hidden_size, cfg, b.device)
+        };
+        let mixer = match (cfg.layer_mixers[i], &cfg.linear_attention) {
+            (TokenMixer::LinearAttention, Some(la)) => {
+                Mixer::Linear(GatedDeltaNet::load(cfg, la, &format!("{p}.linear_attn"), b))
+            }
+            _ => Mixer::Attention(Attention::load(cfg, &format!("{p}.self_attn"), b)),
         };
         Self {
-            self_attn: Attention::load(cfg, &format!("{p}.self_attn"), b),
+            mixer,
             mlp: Mlp::load(cfg, &format!("{p}.mlp"), b),
             input_layernorm: norm(b, "input_layernorm"),
             post_attention_layernorm: norm(b, "post_attention_layernorm"),
@@ -200,42 +268,63 @@ impl<B: Backend> DecoderLayer<B> {
         }
     }
 
-    /// The adaptable linear layers, in `LAYER_LINEARS` order.
-    pub fn linears(&self) -> [&LoraLinear<B>; 7] {
-        let (a, m) = (&self.self_attn, &self.mlp);
-        [
-            &a.q_proj,
-            &a.k_proj,
-            &a.v_proj,
-            &a.o_proj,
-            &m.gate_proj,
-            &m.up_proj,
-            &m.down_proj,
-        ]
+    /// The adaptable linear layers with their module paths in the layer, in
+    /// `ModelConfig::layer_linears` order.
+    pub fn linears(&self) -> Vec<(&'static str, &LoraLinear<B>)> {
+        let m = &self.mlp;
+        let mut out: Vec<(&'static str, &LoraLinear<B>)> = match &self.mixer {
+            Mixer::Attention(a) => vec![
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.o_proj", &a.o_proj),
+            ],
+            Mixer::Linear(l) => LINEAR_ATTN_LINEARS.into_iter().zip(l.linears()).collect(),
+        };
+        out.extend([
+            ("mlp.gate_proj", &m.gate_proj),
+            ("mlp.up_proj", &m.up_proj),
+            ("mlp.down_proj", &m.down_proj),
+        ]);
+        out
     }
 
     /// As `linears`, to update their adapters.
-    pub fn linears_mut(&mut self) -> [&mut LoraLinear<B>; 7] {
-        let (a, m) = (&mut self.self_attn, &mut self.mlp);
-        [
-            &mut a.q_proj,
-            &mut a.k_proj,
-            &mut a.v_proj,
-            &mut a.o_proj,
-            &mut m.gate_proj,
-            &mut m.up_proj,
-            &mut m.down_proj,
-        ]
+    pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut LoraLinear<B>)> {
+        let m = &mut self.mlp;
+        let mut out: Vec<(&'static str, &mut LoraLinear<B>)> = match &mut self.mixer {
+            Mixer::Attention(a) => vec![
+                ("self_attn.q_proj", &mut a.q_proj),
+                ("self_attn.k_proj", &mut a.k_proj),
+                ("self_attn.v_proj", &mut a.v_proj),
+                ("self_attn.o_proj", &mut a.o_proj),
+            ],
+            Mixer::Linear(l) => LINEAR_ATTN_LINEARS.into_iter().zip(l.linears_mut()).collect(),
+        };
+        out.extend([
+            ("mlp.gate_proj", &mut m.gate_proj),
+            ("mlp.up_proj", &mut m.up_proj),
+            ("mlp.down_proj", &mut m.down_proj),
+        ]);
+        out
     }
 
-    /// The adapters of this layer's linears, in `LAYER_LINEARS` order (the trainable tensors'
-    /// order).
+    /// The adapters of this layer's linears, in `linears` order (the trainable tensors' order).
     pub fn adapters(&self) -> impl Iterator<Item = &Lora<B>> {
         self.linears()
             .into_iter()
-            .filter_map(|l| l.adapter.as_ref())
+            .filter_map(|(_, l)| l.adapter.as_ref())
     }
 }
+
+/// `GatedDeltaNet::linears`' module paths in a layer.
+const LINEAR_ATTN_LINEARS: [&str; 5] = [
+    "linear_attn.in_proj_qkv",
+    "linear_attn.in_proj_z",
+    "linear_attn.in_proj_b",
+    "linear_attn.in_proj_a",
+    "linear_attn.out_proj",
+];
 
 impl<B: ModelBackend> DecoderLayer<B> {
     /// See `Attention::forward` for `mask` and `decoding`.
@@ -243,7 +332,7 @@ impl<B: ModelBackend> DecoderLayer<B> {
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
-        mask: AttnMask<B>,
+        mask: LayerMask<B>,
         decoding: Option<Decoding<'_, B>>,
     ) -> Tensor<B, 3> {
         let adapters = decoding.as_ref().map(|d| d.adapters);
@@ -258,14 +347,17 @@ impl<B: ModelBackend> DecoderLayer<B> {
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
-        mask: AttnMask<B>,
+        mask: LayerMask<B>,
         decoding: Option<Decoding<'_, B>>,
     ) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let adapters = decoding.as_ref().map(|d| d.adapters);
-        let h = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), rope, mask, decoding);
+        let normed = self.input_layernorm.forward(x.clone());
+        let mixed = match (&self.mixer, mask) {
+            (Mixer::Attention(a), LayerMask::Attention(mask)) => a.forward(normed, rope, mask, decoding),
+            (Mixer::Linear(l), LayerMask::Linear(mask)) => l.forward(normed, &mask, decoding),
+            _ => panic!("each layer is given the mask of its own kind"),
+        };
+        let h = x + mixed;
         let act = self
             .mlp
             .activation(self.post_attention_layernorm.forward(h.clone()), adapters);
@@ -281,7 +373,7 @@ impl<B: TrainBackend> DecoderLayer<B> {
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
-        mask: AttnMask<B>,
+        mask: LayerMask<B>,
         grad: Tensor<B, 3>,
     ) -> Tensor<B, 1> {
         let (h, act) = self.forward_to_down_proj(x, rope, mask, None);

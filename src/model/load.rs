@@ -194,6 +194,22 @@ impl Checkpoint {
         self.taken.insert(key.to_string());
     }
 
+    /// Marks every tensor under the module path `prefix` as expected without loading it (the
+    /// vision tower of a vision-language checkpoint, when only its language model is used);
+    /// returns how many there were.
+    pub fn skip_module(&mut self, prefix: &str) -> usize {
+        let under = format!("{prefix}.");
+        let keys: Vec<String> = self
+            .keys
+            .keys()
+            .filter(|k| k.starts_with(&under))
+            .cloned()
+            .collect();
+        let n = keys.len();
+        self.taken.extend(keys);
+        n
+    }
+
     /// The tensor `key` with `shape`, in the checkpoint's compute dtype. A missing or mis-shaped
     /// tensor is recorded and a 1-element placeholder returned, so that model building can go on
     /// and every problem is reported by `finish`; once a problem is known, nothing more is

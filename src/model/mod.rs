@@ -1,4 +1,5 @@
-//! The model: `batch` (the host-side input), `layers` and `decoder` (transformers' Llama family),
+//! The model: `batch` (the host-side input), `layers`, `gated_delta_net` and `decoder` (a stack
+//! of layers whose token mixer `layer_types` chooses),
 //! `rope`, `mask`, `cache` (generation), `builder` and `load` (strict checkpoint loading with
 //! adapters built in) and the chunked `loss`.
 
@@ -6,6 +7,7 @@ mod batch;
 mod builder;
 mod cache;
 mod decoder;
+mod gated_delta_net;
 mod layers;
 pub mod load;
 pub mod loss;
@@ -23,7 +25,8 @@ use builder::Builder;
 pub use builder::{read_lora, AdapterSource, LoraPlan};
 pub use cache::KvCache;
 pub use decoder::{CausalLm, DecoderModel, LayerInputs};
-pub use layers::{Attention, DecoderLayer, Decoding, LayerCache, Mlp, RmsNorm};
+pub use gated_delta_net::{GatedDeltaNet, LinearMask};
+pub use layers::{Attention, DecoderLayer, Decoding, LayerCache, LayerMask, Mixer, Mlp, RmsNorm};
 pub use load::{Checkpoint, LoadError, LoadProblem};
 // The backend bound of everything that runs the model, for the layers above it.
 pub use crate::ops::{ModelBackend, TrainBackend};

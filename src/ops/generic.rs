@@ -413,3 +413,163 @@ pub(super) fn sdpa_grads<B: Backend>(
     };
     [d_q, group_sum(d_k), group_sum(d_v)].map(|g| primitive(g.cast(dtype)))
 }
+
+/// The generic gated delta rule, chunked as flash-linear-attention and transformers'
+/// `torch_chunk_gated_delta_rule` compute it (Yang et al., "Gated Delta Networks", §3): within a
+/// chunk of `c` tokens the rule's updates are one lower-triangular system `(I + N) x = rhs`
+/// (the WY/UT representation), across chunks the state `[b, h, dk, dv]` carries on, in f32.
+/// `(I + N)⁻¹` for the nilpotent `N` is `Π (I + (-N)^(2^j))`: log₂(c) products of tensor ops
+/// instead of a triangular solve, which Burn lacks. Every step is a tracked tensor op, so
+/// autodiff differentiates it as it stands.
+pub(super) fn gated_delta_rule<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    g: FloatTensor<B>,
+    beta: FloatTensor<B>,
+    state: Option<FloatTensor<B>>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let dtype = float::<B, 4>(v.clone()).dtype();
+    let f32_4 = |t: FloatTensor<B>| float::<B, 4>(t).cast(DType::F32);
+    let f32_3 = |t: FloatTensor<B>| float::<B, 3>(t).cast(DType::F32);
+    let (q, k, v) = (f32_4(q), f32_4(k), f32_4(v)); // [b, s, heads, dim]
+    let (g, beta) = (f32_3(g), f32_3(beta)); // [b, s, hv]
+    let [b, s, hk, dk] = q.dims();
+    let [_, _, hv, dv] = v.dims();
+    let device = q.device();
+    // Each key head serves hv / hk consecutive value heads, as transformers' repeat_interleave.
+    let per_key = |x: Tensor<B, 4>| {
+        let x = repeat_kv::<B>(x.swap_dims(1, 2), hv / hk); // [b, hv, s, dk]
+        let norm = (x.clone().powi_scalar(2).sum_dim(3) + 1e-6).sqrt().recip();
+        x * norm
+    };
+    let q = per_key(q) * (dk as f64).powf(-0.5);
+    let k = per_key(k);
+    let v = v.swap_dims(1, 2); // [b, hv, s, dv]
+    let (g, beta) = (g.swap_dims(1, 2), beta.swap_dims(1, 2)); // [b, hv, s]
+    // Short inputs (a decoding step) take one chunk of their own length, rounded up.
+    let c = s.next_power_of_two().clamp(1, 64);
+    let chunks = s.div_ceil(c);
+    let padded = chunks * c;
+    // Zero padding leaves the state as it was: k = 0 writes nothing, g = 0 decays nothing.
+    let pad4 = |x: Tensor<B, 4>| {
+        let [b, h, _, d] = x.dims();
+        match padded - s {
+            0 => x,
+            p => Tensor::cat(vec![x, Tensor::zeros([b, h, p, d], &device)], 2),
+        }
+        .reshape([b, h, chunks, c, d])
+    };
+    let pad3 = |x: Tensor<B, 3>| pad4(x.unsqueeze_dim(3)).squeeze_dim::<4>(4); // [b, h, n, c]
+    let beta = pad3(beta).unsqueeze_dim::<5>(4); // [b, h, n, c, 1]
+    let (q, k, v) = (pad4(q), pad4(k), pad4(v)); // [b, h, n, c, d]
+    let (k_beta, v_beta) = (k.clone() * beta.clone(), v * beta);
+    let cum = pad3(g).cumsum(3); // [b, h, n, c]: log decay from the chunk's start
+    let row = Tensor::<B, 1, Int>::arange(0..c as i64, &device);
+    let upper = row.clone().reshape([1, c]).greater(row.reshape([c, 1])); // [c, c], j > i
+    let upper = upper.reshape([1, 1, 1, c, c]);
+    // decay[i, j] = exp(cum_i - cum_j) for j <= i: what position j's write has decayed by at i.
+    let decay = (cum.clone().unsqueeze_dim::<5>(4) - cum.clone().unsqueeze_dim::<5>(3))
+        .mask_fill(upper.clone().expand([b, hv, chunks, c, c]), f32::NEG_INFINITY)
+        .exp(); // [b, h, n, c, c]
+    let kt = k.clone().swap_dims(3, 4); // [b, h, n, dk, c]
+    let not_below = upper.bool_or(diagonal::<B>(c, &device));
+    let lower_strict = (k_beta.clone().matmul(kt.clone()) * decay.clone())
+        .mask_fill(not_below.expand([b, hv, chunks, c, c]), 0.0); // N: [b, h, n, c, c]
+    let intra = q.clone().matmul(kt) * decay; // [b, h, n, c, c], causal within the chunk
+    let cum_exp = cum.clone().exp().unsqueeze_dim::<5>(4); // [b, h, n, c, 1]
+    let decayed_k_beta = k_beta * cum_exp.clone();
+    let solve = unit_lower_inverse(lower_strict); // (I + N)⁻¹
+    let new_values = solve.clone().matmul(v_beta); // [b, h, n, c, dv]
+    let k_cumdecay = solve.matmul(decayed_k_beta); // [b, h, n, c, dk]
+    let q = q * cum_exp;
+    let last = cum.clone().narrow(3, c - 1, 1); // [b, h, n, 1]
+    let k = k * (last.clone() - cum).exp().unsqueeze_dim::<5>(4);
+    let chunk_decay = last.exp().unsqueeze_dim::<5>(4); // [b, h, n, 1, 1]
+    let mut state = match state {
+        Some(s) => float::<B, 4>(s).cast(DType::F32),
+        None => Tensor::zeros([b, hv, dk, dv], &device),
+    };
+    let chunk = |x: &Tensor<B, 5>, i: usize| {
+        let [b, h, _, r, d] = x.dims();
+        x.clone().narrow(2, i, 1).reshape([b, h, r, d])
+    };
+    let mut outs = Vec::with_capacity(chunks);
+    for i in 0..chunks {
+        let v_new = chunk(&new_values, i) - chunk(&k_cumdecay, i).matmul(state.clone());
+        let out = chunk(&q, i).matmul(state.clone()) + chunk(&intra, i).matmul(v_new.clone());
+        outs.push(out); // [b, h, c, dv]
+        state = state * chunk(&chunk_decay, i) + chunk(&k, i).swap_dims(2, 3).matmul(v_new);
+    }
+    let out = Tensor::cat(outs, 2).narrow(2, 0, s).swap_dims(1, 2); // [b, s, hv, dv]
+    (primitive(out.cast(dtype)), primitive(state))
+}
+
+/// `[1, 1, 1, c, c]`, true on the diagonal.
+fn diagonal<B: Backend>(c: usize, device: &B::Device) -> Tensor<B, 5, Bool> {
+    let row = Tensor::<B, 1, Int>::arange(0..c as i64, device);
+    row.clone()
+        .reshape([1, c])
+        .equal(row.reshape([c, 1]))
+        .reshape([1, 1, 1, c, c])
+}
+
+/// `(I + N)⁻¹` of a strictly lower-triangular `N` `[.., c, c]`: with `P = -N`, `Pᶜ = 0`, so
+/// `Σ Pⁱ = (I + P)(I + P²)(I + P⁴)...` up to `P^(c/2)`.
+fn unit_lower_inverse<B: Backend>(n: Tensor<B, 5>) -> Tensor<B, 5> {
+    let dims = n.dims();
+    let c = dims[4];
+    let eye = diagonal::<B>(c, &n.device()).float().expand(dims);
+    let mut power = n.neg();
+    let mut inverse = eye.clone() + power.clone();
+    let mut reach = 2;
+    while reach < c {
+        power = power.clone().matmul(power);
+        inverse = inverse.matmul(eye.clone() + power.clone());
+        reach *= 2;
+    }
+    inverse
+}
+
+/// The generic depthwise causal convolution: `out[t, c] = Σ_j w[c, j] · x[t - K + 1 + j, c]`
+/// over `x` `[b, s, ch]` preceded by `state` `[b, K - 1, ch]` (zeros when None), in f32 and cast
+/// back; returns it and the last `K - 1` inputs, the next call's state.
+pub(super) fn causal_conv1d<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    state: Option<FloatTensor<B>>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let x = float::<B, 3>(x);
+    let dtype = x.dtype();
+    let [b, s, ch] = x.dims();
+    let weight = float::<B, 2>(weight).cast(DType::F32); // [ch, K]
+    let kernel = weight.dims()[1];
+    let state = match state {
+        Some(p) => float::<B, 3>(p).cast(dtype),
+        None => Tensor::<B, 3>::zeros([b, kernel - 1, ch], &x.device()).cast(dtype),
+    };
+    let full: Tensor<B, 3> = Tensor::cat(vec![state, x], 1); // [b, K - 1 + s, ch]
+    let next = full.clone().narrow(1, s, kernel - 1);
+    let full = full.cast(DType::F32);
+    let mut out = Tensor::<B, 3>::zeros([b, s, ch], &full.device());
+    for j in 0..kernel {
+        let w = weight.clone().narrow(1, j, 1).reshape([1, 1, ch]);
+        out = out + full.clone().narrow(1, j, s) * w;
+    }
+    (primitive(out.cast(dtype)), primitive(next))
+}
+
+/// The generic gated RMSNorm of Qwen3.5's Gated DeltaNet (`Qwen3_5RMSNormGated`):
+/// `rms_norm(x, weight) · silu(gate)`, the gate's product in f32 and cast back.
+pub(super) fn gated_rms_norm<B: Backend>(
+    x: FloatTensor<B>,
+    gate: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    eps: f64,
+) -> FloatTensor<B> {
+    let shape = x.shape();
+    let normed = rows::<B>(rms_norm::<B>(x, weight, eps));
+    let dtype = normed.dtype();
+    let gate = silu(rows::<B>(gate).cast(DType::F32));
+    B::float_reshape(primitive((normed.cast(DType::F32) * gate).cast(dtype)), shape)
+}

@@ -279,6 +279,46 @@ pub trait ModelBackend: Backend {
         generic::rms_norm_backward::<Self>(x, weight, eps, grad, weight_grad)
     }
 
+    /// Qwen3.5's gated delta rule (Gated DeltaNet's token mixing) over `q`, `k` `[batch, seq,
+    /// key_heads, dk]`, `v` `[batch, seq, heads, dv]`, the log decay `g` and the write strength
+    /// `beta` `[batch, seq, heads]`, from `state` `[batch, heads, dk, dv]` (zeros when None),
+    /// q and k L2-normalised first and q scaled by `1/sqrt(dk)`, as transformers'
+    /// `torch_chunk_gated_delta_rule` with `use_qk_l2norm_in_kernel`: for each token,
+    /// `S = exp(g)·S`, `S += k ⊗ beta·(v - kᵀS)`, `out = qᵀS`. Returns the output `[batch, seq,
+    /// heads, dv]` in v's dtype and the final state, in f32 whatever the input dtype.
+    fn gated_delta_rule(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        state: Option<FloatTensor<Self>>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        generic::gated_delta_rule::<Self>(q, k, v, g, beta, state)
+    }
+
+    /// The depthwise causal convolution of `x` `[batch, seq, channels]` with `weight`
+    /// `[channels, kernel]`, continuing from `state` `[batch, kernel - 1, channels]` (the inputs
+    /// before `x`; zeros when None): the output in x's dtype, and the next state.
+    fn causal_conv1d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        state: Option<FloatTensor<Self>>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        generic::causal_conv1d::<Self>(x, weight, state)
+    }
+
+    /// `rms_norm(x, weight, eps) * silu(gate)` over the last dim, the gate's product in f32
+    /// (`Qwen3_5RMSNormGated`).
+    fn gated_rms_norm(
+        x: FloatTensor<Self>,
+        gate: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        generic::gated_rms_norm::<Self>(x, gate, weight, eps)
+    }
+
     /// The NF4 weight `w` decoded to `[out, in]` in `dtype` by one kernel, where the backend has
     /// one; None leaves it to `quant::Nf4Linear::dequantize`'s chain of tensor ops (the generic
     /// path, which gives the same values).
@@ -467,6 +507,46 @@ pub fn rms_norm<B: ModelBackend, const D: usize>(
     eps: f64,
 ) -> Tensor<B, D> {
     float(B::rms_norm(primitive(x), primitive(weight), eps))
+}
+
+/// `ModelBackend::gated_delta_rule` on tensors: `(out, final state)`.
+pub fn gated_delta_rule<B: ModelBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    g: Tensor<B, 3>,
+    beta: Tensor<B, 3>,
+    state: Option<Tensor<B, 4>>,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let (out, state) = B::gated_delta_rule(
+        primitive(q),
+        primitive(k),
+        primitive(v),
+        primitive(g),
+        primitive(beta),
+        state.map(primitive),
+    );
+    (float(out), float(state))
+}
+
+/// `ModelBackend::causal_conv1d` on tensors: `(out, next state)`.
+pub fn causal_conv1d<B: ModelBackend>(
+    x: Tensor<B, 3>,
+    weight: Tensor<B, 2>,
+    state: Option<Tensor<B, 3>>,
+) -> (Tensor<B, 3>, Tensor<B, 3>) {
+    let (out, next) = B::causal_conv1d(primitive(x), primitive(weight), state.map(primitive));
+    (float(out), float(next))
+}
+
+/// `ModelBackend::gated_rms_norm` on tensors.
+pub fn gated_rms_norm<B: ModelBackend, const D: usize>(
+    x: Tensor<B, D>,
+    gate: Tensor<B, D>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, D> {
+    float(B::gated_rms_norm(primitive(x), primitive(gate), primitive(weight), eps))
 }
 
 fn float<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {

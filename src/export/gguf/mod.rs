@@ -319,6 +319,7 @@ pub fn export_gguf_lora(
             adapter_dir.display()
         ))
     };
+    model::check_arch(config.arch).map_err(unfit)?;
     if lora.use_dora {
         return Err(unfit(
             "it is DoRA, whose magnitudes llama.cpp's LoRA has no place for; export the model \

@@ -12,6 +12,7 @@ pub fn arch_name(arch: Arch) -> &'static str {
         Arch::Llama | Arch::Mistral => "llama",
         Arch::Qwen2 => "qwen2",
         Arch::Qwen3 => "qwen3",
+        Arch::Qwen3_5 => "qwen35",
     }
 }
 
@@ -80,6 +81,7 @@ pub fn hparams(config: &ModelConfig, raw: &Json) -> Result<Vec<(String, Value)>,
 
 /// Why llama.cpp would not compute what transformers computes, if it would not.
 pub fn check(config: &ModelConfig) -> Result<(), String> {
+    check_arch(config.arch)?;
     let context = config.max_position_embeddings.unwrap_or(usize::MAX);
     match config.sliding_window.iter().flatten().min() {
         // Mistral 7B v0.1's case: llama.cpp's converter writes it anyway, and past the window
@@ -90,6 +92,17 @@ pub fn check(config: &ModelConfig) -> Result<(), String> {
              tokens its logits would not be the model's",
             arch_name(config.arch)
         )),
+        _ => Ok(()),
+    }
+}
+
+/// Whether swift-rs writes this family's GGUF tensors at all.
+pub fn check_arch(arch: Arch) -> Result<(), String> {
+    match arch {
+        Arch::Qwen3_5 => Err(
+            "swift-rs does not write the qwen35 GGUF architecture (Gated DeltaNet layers) yet"
+                .into(),
+        ),
         _ => Ok(()),
     }
 }

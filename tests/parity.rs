@@ -7,12 +7,14 @@ use common::{check_logits, check_losses, golden, model_dir, B};
 use swift_rs::config::{Dtype, ModelConfig};
 use swift_rs::model::{self, CausalLm, LoadError, LoadOptions, LoadProblem, ModelError};
 
-const MODELS: [&str; 5] = [
+const MODELS: [&str; 7] = [
     "llama",
     "llama_v4_sharded",
     "qwen2_bf16",
     "qwen3_f16",
     "mistral",
+    "qwen3_5_vl",
+    "qwen3_5_text",
 ];
 
 fn load(name: &str, dtype: Dtype) -> (ModelConfig, CausalLm<B>) {
@@ -75,7 +77,8 @@ fn packed_samples_give_their_solo_logits() {
     use swift_rs::data::encode::Encoded;
     use swift_rs::data::pack::pack;
     use swift_rs::model::Batch;
-    for name in ["mistral", "qwen3_f16"] {
+    // Qwen3.5's rows of up to 150 tokens pack several to a row past one chunk of 64 tokens.
+    for (name, capacity) in [("mistral", 20), ("qwen3_f16", 20), ("qwen3_5_vl", 160)] {
         let dir = model_dir(name);
         let (cfg, model) = load(name, Dtype::F32);
         let g = golden(&dir, &dir, "logits", cfg.vocab_size);
@@ -87,7 +90,7 @@ fn packed_samples_give_their_solo_logits() {
                 labels: r.labels.clone(),
             })
             .collect();
-        let rows = pack(&samples, 20);
+        let rows = pack(&samples, capacity);
         assert!(
             rows.iter().any(|r| r.samples.len() > 1),
             "nothing was packed"

@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""Golden fixtures for Qwen3.5 / Qwen3.6 (hybrid Gated DeltaNet + gated attention), made with
+transformers' own `models/qwen3_5` (its torch fallback of the chunked gated delta rule).
+
+Pinned (the versions the committed fixtures were made with), as scripts/gen_fixtures.py:
+    torch==2.15.0 transformers==5.23.0 tokenizers==0.23.3 safetensors==0.8.0 numpy==2.4.6
+    peft==0.21.2
+
+    /tmp/venv/bin/python scripts/gen_qwen3_5_fixtures.py     # rewrites the fixtures below
+
+What it writes, under tests/fixtures/ (the tokenizer of scripts/gen_fixtures.py):
+  models/qwen3_5_vl/    a Qwen3_5ForConditionalGeneration checkpoint as the hub lays them out:
+                        the language model under model.language_model.*, a one-block vision
+                        tower under model.visual.*, an mtp.* tensor (the multi-token-prediction
+                        head the hub checkpoints carry and transformers skips), text settings in
+                        config.json's text_config; bf16 file, untied head; layers
+                        linear, linear, full, linear; GQA 4/2 with head_dim 24 (not hidden/heads),
+                        partial rotary 0.25; Gated DeltaNet with 2 key heads serving 4 value heads
+  models/qwen3_5_text/  a Qwen3_5ForCausalLM checkpoint (model.layers.*, model_type
+                        qwen3_5_text): f32, tied head, layers linear, full, linear, key heads =
+                        value heads, conv kernel 3
+  models/<name>/expected/  inputs.jsonl (rows of 3 to 150 tokens: one chunk of 64, several, and
+                        lengths that are not a multiple of it), logits.safetensors (logits.<i>,
+                        f32 compute; logits_bf16.<i> for the bf16 checkpoint) and losses.json, as
+                        scripts/gen_fixtures.py writes them
+  Weights are random with std 0.08; the zero-centred norms `(1 + w)` get w ~ 0.1·N(0, 1), the
+  gated norm's weight 1 + 0.1·N(0, 1), and A_log the log of U(0.01, 2), so that both heads that
+  keep their state for a long time and heads that forget at once are checked.
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import (AutoTokenizer, Qwen3_5Config, Qwen3_5ForCausalLM,
+                          Qwen3_5ForConditionalGeneration, Qwen3_5TextConfig)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gen_fixtures import ROOT, VOCAB, row_loss  # noqa: E402
+
+LENGTHS = [13, 70, 3, 150, 64, 9]
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("linear_attn.norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("norm.weight"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("A_log"):
+                p.copy_(torch.empty(p.shape).uniform_(0.01, 2.0, generator=g).log())
+            else:
+                p.copy_(0.08 * torch.randn(p.shape, generator=g))
+
+
+def make_rows(seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i, n in enumerate(LENGTHS):
+        ids = torch.randint(0, VOCAB, (n,), generator=g).tolist()
+        row = {"input_ids": ids}
+        if i in (1, 3):
+            labels = list(ids)
+            for t in range(0, n, 2 if i == 3 else 3):
+                labels[t] = -100
+            row["labels"] = labels
+        rows.append(row)
+    return rows
+
+
+def expected(dir: Path, cls, rows: list[dict], compute: dict[str, torch.dtype]) -> None:
+    out = dir / "expected"
+    out.mkdir(exist_ok=True)
+    (out / "inputs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tensors, report = {}, {}
+    for tag, dtype in compute.items():
+        model = cls.from_pretrained(dir, dtype=dtype, attn_implementation="eager").eval()
+        per_row, total, count = [], 0.0, 0
+        for i, r in enumerate(rows):
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([r["input_ids"]])).logits[0]
+            tensors[f"{tag}.{i}"] = logits.float().contiguous()
+            loss, n = row_loss(logits, r.get("labels", r["input_ids"]))
+            per_row.append({"index": i, "loss": loss, "tokens": n})
+            if n:
+                total += loss * n
+                count += n
+        report[tag] = {"rows": per_row, "loss": total / count, "tokens": count}
+    save_file(tensors, str(out / "logits.safetensors"))
+    (out / "losses.json").write_text(json.dumps(report, indent=1))
+
+
+def save(model, dir: Path, dtype: torch.dtype) -> None:
+    shutil.rmtree(dir, ignore_errors=True)
+    model.to(dtype)
+    model.save_pretrained(dir)
+    shutil.copy(ROOT / "tokenizer" / "tokenizer.json", dir / "tokenizer.json")
+
+
+TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=88, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=24, rms_norm_eps=1e-6, max_position_embeddings=512,
+            linear_key_head_dim=12, linear_value_head_dim=16,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000000.0,
+                             "partial_rotary_factor": 0.25, "mrope_section": [1, 1, 1],
+                             "mrope_interleaved": True})
+
+
+def make_vl() -> None:
+    dir = ROOT / "models" / "qwen3_5_vl"
+    text = dict(TEXT, num_hidden_layers=4, linear_num_key_heads=2, linear_num_value_heads=4,
+                linear_conv_kernel_dim=4,
+                layer_types=["linear_attention", "linear_attention", "full_attention",
+                             "linear_attention"])
+    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=64,
+                  patch_size=4, temporal_patch_size=1, spatial_merge_size=1,
+                  num_position_embeddings=16)
+    cfg = Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=False)
+    torch.manual_seed(21)
+    model = Qwen3_5ForConditionalGeneration(cfg)
+    randomize(model, 21)
+    save(model, dir, torch.bfloat16)
+    # The hub's checkpoints carry the multi-token-prediction head, which transformers skips.
+    weights = load_file(str(dir / "model.safetensors"))
+    weights["mtp.fc.weight"] = torch.zeros(64, 128, dtype=torch.bfloat16)
+    save_file(weights, str(dir / "model.safetensors"), metadata={"format": "pt"})
+    expected(dir, Qwen3_5ForConditionalGeneration, make_rows(21),
+             {"logits": torch.float32, "logits_bf16": torch.bfloat16})
+
+
+def make_text() -> None:
+    dir = ROOT / "models" / "qwen3_5_text"
+    cfg = Qwen3_5TextConfig(**dict(TEXT, num_hidden_layers=3, linear_num_key_heads=2,
+                                   linear_num_value_heads=2, linear_conv_kernel_dim=3,
+                                   tie_word_embeddings=True,
+                                   layer_types=["linear_attention", "full_attention",
+                                                "linear_attention"]))
+    torch.manual_seed(22)
+    model = Qwen3_5ForCausalLM(cfg)
+    randomize(model, 22)
+    save(model, dir, torch.float32)
+    expected(dir, Qwen3_5ForCausalLM, make_rows(22), {"logits": torch.float32})
+
+
+def main() -> None:
+    make_vl()
+    make_text()
+
+
+if __name__ == "__main__":
+    main()

@@ -533,3 +533,129 @@ fn bf16_attention_runs_in_f32() {
         assert_eq!(got, want);
     }
 }
+
+/// Inputs of the gated delta rule as Gated DeltaNet makes them: q, k `[b, s, 2, 8]`, v
+/// `[b, s, 4, 6]` (each key head serves two value heads), a log decay `g <= 0` mixing heads that
+/// keep their state and heads that forget it at once, `beta` in (0, 1), and a starting state.
+fn delta_rule_inputs(s: usize) -> [Tensor<Flex, 4>; 6] {
+    let softplus = |x: Tensor<Flex, 4>| (x.exp() + 1.0).log();
+    let rate = Tensor::<Flex, 1>::from_floats([0.02, 0.3, 1.0, 4.0], &Default::default());
+    let g = softplus(rand([2, s, 4, 1])) * rate.reshape([1, 1, 4, 1]).neg();
+    [
+        rand([2, s, 2, 8]),
+        rand([2, s, 2, 8]),
+        rand([2, s, 4, 6]),
+        g,
+        burn::tensor::activation::sigmoid(rand([2, s, 4, 1])),
+        rand([2, 4, 8, 6]),
+    ]
+}
+
+/// transformers' `torch_recurrent_gated_delta_rule`, token by token: the rule's definition.
+fn delta_rule_by_token<B: Backend>(
+    [q, k, v, g, beta, state]: [Tensor<B, 4>; 6],
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let [b, s, hk, dk] = q.dims();
+    let hv = v.dims()[2];
+    let heads = |x: Tensor<B, 4>| {
+        let x = x.swap_dims(1, 2); // [b, hk, s, dk]
+        let x = Tensor::cat(vec![x.unsqueeze_dim::<5>(2); hv / hk], 2).reshape([b, hv, s, dk]);
+        x.clone() / (x.powi_scalar(2).sum_dim(3) + 1e-6).sqrt()
+    };
+    let q = heads(q) / (dk as f64).sqrt();
+    let k = heads(k);
+    let (v, g, beta) = (v.swap_dims(1, 2), g.swap_dims(1, 2), beta.swap_dims(1, 2));
+    let mut state = state;
+    let mut outs = Vec::new();
+    for t in 0..s {
+        let at = |x: &Tensor<B, 4>| x.clone().narrow(2, t, 1); // [b, hv, 1, d]
+        state = state * at(&g).exp(); // [b, hv, dk, dv]
+        let (k_t, q_t) = (at(&k), at(&q));
+        let remembered = k_t.clone().matmul(state.clone()); // [b, hv, 1, dv]
+        let delta = (at(&v) - remembered) * at(&beta);
+        state = state + k_t.swap_dims(2, 3).matmul(delta);
+        outs.push(q_t.matmul(state.clone()));
+    }
+    (Tensor::cat(outs, 2).swap_dims(1, 2), state)
+}
+
+fn delta_rule<B: ModelBackend>(
+    [q, k, v, g, beta, state]: [Tensor<B, 4>; 6],
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let squeeze = |x: Tensor<B, 4>| x.squeeze_dim::<3>(3);
+    gated_delta_rule(q, k, v, squeeze(g), squeeze(beta), Some(state))
+}
+
+/// Chunks of 64 over 150 tokens (two whole chunks and a ragged one), with the WY/UT solve,
+/// against the rule applied token by token; gradients of every input through autodiff of both.
+#[test]
+fn gated_delta_rule_matches_the_token_by_token_rule() {
+    let inputs = delta_rule_inputs(150);
+    let [w_out, w_state] = [rand([2, 150, 4, 6]), rand([2, 4, 8, 6])];
+    let run = |chunked: bool| {
+        let leaves = inputs.clone().map(|t| leaf(&t));
+        let (out, state) = match chunked {
+            true => delta_rule(leaves.clone()),
+            false => delta_rule_by_token(leaves.clone()),
+        };
+        let loss = (out.clone() * Tensor::from_inner(w_out.clone())).sum()
+            + (state.clone() * Tensor::from_inner(w_state.clone())).sum();
+        let g = loss.backward();
+        let grads = leaves.map(|t| t.grad(&g).expect("reached"));
+        (out.inner(), state.inner(), grads)
+    };
+    let (out, state, grads) = run(true);
+    let (want_out, want_state, want_grads) = run(false);
+    close_sum(out, &want_out, 150);
+    close_sum(state, &want_state, 150);
+    for (got, want) in grads.into_iter().zip(&want_grads) {
+        close_sum(got, want, 150 * 8);
+    }
+}
+
+/// Generation runs the rule on a prompt and then a token at a time from the state it left: the
+/// same as the whole sequence at once.
+#[test]
+fn gated_delta_rule_continues_from_its_state() {
+    let inputs = delta_rule_inputs(75);
+    let (whole, whole_state) = delta_rule(inputs.clone());
+    let part = |start: usize, len: usize, state: Tensor<Flex, 4>| {
+        let [q, k, v, g, beta, _] = inputs.clone();
+        let [q, k, v, g, beta] = [q, k, v, g, beta].map(|t| t.narrow(1, start, len));
+        delta_rule([q, k, v, g, beta, state])
+    };
+    let (prompt, mut state) = part(0, 70, inputs[5].clone());
+    let mut outs = vec![prompt];
+    for t in 70..75 {
+        let (out, next) = part(t, 1, state);
+        outs.push(out);
+        state = next;
+    }
+    close_sum(Tensor::cat(outs, 1), &whole, 75);
+    close_sum(state, &whole_state, 75);
+}
+
+/// The causal convolution against its definition, and a split input continuing from the state.
+#[test]
+fn causal_conv1d_matches_its_definition_and_continues_from_its_state() {
+    let (x, w) = (rand([2, 9, 5]), rand([5, 4]));
+    let (out, state) = causal_conv1d(x.clone(), w.clone(), None);
+    let xs = x.clone().into_data().to_vec::<f32>().unwrap();
+    let ws = w.clone().into_data().to_vec::<f32>().unwrap();
+    let mut want = vec![0f32; 2 * 9 * 5];
+    for b in 0..2 {
+        for t in 0..9 {
+            for c in 0..5 {
+                want[(b * 9 + t) * 5 + c] = (0..4)
+                    .filter(|&j| t + j >= 3)
+                    .map(|j| ws[c * 4 + j] * xs[(b * 9 + t + j - 3) * 5 + c])
+                    .sum();
+            }
+        }
+    }
+    close(out.clone(), &Tensor::from_data(TensorData::new(want, [2, 9, 5]), &x.device()));
+    close(state, &x.clone().narrow(1, 6, 3));
+    let (head, head_state) = causal_conv1d(x.clone().narrow(1, 0, 4), w.clone(), None);
+    let (tail, _) = causal_conv1d(x.narrow(1, 4, 5), w, Some(head_state));
+    close(Tensor::cat(vec![head, tail], 1), &out);
+}

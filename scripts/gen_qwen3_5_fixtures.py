@@ -23,6 +23,14 @@ What it writes, under tests/fixtures/ (the tokenizer of scripts/gen_fixtures.py)
                         lengths that are not a multiple of it), logits.safetensors (logits.<i>,
                         f32 compute; logits_bf16.<i> for the bf16 checkpoint) and losses.json, as
                         scripts/gen_fixtures.py writes them
+  adapters/qwen3_5_vl_lora/   PEFT's all-linear LoRA (r 4) on qwen3_5_vl, A and B random, with
+                        expected/ as above: f32, and logits_nf4 (QLoRA: every decoder-layer linear
+                        through bitsandbytes' NF4 round trip, as scripts/gen_fixtures.py does)
+  adapters/qwen3_5_text_dora/ PEFT's DoRA on q/v/in_proj_qkv/out_proj/down_proj (r 4) of
+                        qwen3_5_text
+  models/qwen3_5_vl/expected/generation.json  transformers' greedy `generate` (10 new tokens
+                        after two fixture rows) on both models, with each adapter, and on
+                        qwen3_5_vl_lora's NF4 base
   Weights are random with std 0.08; the zero-centred norms `(1 + w)` get w ~ 0.1·N(0, 1), the
   gated norm's weight 1 + 0.1·N(0, 1), and A_log the log of U(0.01, 2), so that both heads that
   keep their state for a long time and heads that forget at once are checked.
@@ -34,12 +42,26 @@ import sys
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import (AutoTokenizer, Qwen3_5Config, Qwen3_5ForCausalLM,
-                          Qwen3_5ForConditionalGeneration, Qwen3_5TextConfig)
+from transformers import (Qwen3_5Config, Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration,
+                          Qwen3_5TextConfig)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gen_fixtures import ROOT, VOCAB, row_loss  # noqa: E402
+from gen_fixtures import ROOT, VOCAB, quantize_base, row_loss  # noqa: E402
+
+NF4 = "nf4"  # a compute tag: f32 on NF4 round-tripped base weights, as in gen_fixtures.py
+CLASSES = {"qwen3_5_vl": Qwen3_5ForConditionalGeneration, "qwen3_5_text": Qwen3_5ForCausalLM}
+
+
+def load(base: str, dtype, adapter: str | None = None):
+    model = CLASSES[base].from_pretrained(ROOT / "models" / base, dtype=torch.float32 if dtype == NF4 else dtype,
+                                          attn_implementation="eager")
+    if dtype == NF4:
+        quantize_base(model)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, ROOT / "adapters" / adapter)
+    return model.eval()
 
 LENGTHS = [13, 70, 3, 150, 64, 9]
 
@@ -73,13 +95,13 @@ def make_rows(seed: int) -> list[dict]:
     return rows
 
 
-def expected(dir: Path, cls, rows: list[dict], compute: dict[str, torch.dtype]) -> None:
+def expected(dir: Path, base: str, rows: list[dict], compute: dict, adapter: str | None = None) -> None:
     out = dir / "expected"
     out.mkdir(exist_ok=True)
     (out / "inputs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tensors, report = {}, {}
     for tag, dtype in compute.items():
-        model = cls.from_pretrained(dir, dtype=dtype, attn_implementation="eager").eval()
+        model = load(base, dtype, adapter)
         per_row, total, count = [], 0.0, 0
         for i, r in enumerate(rows):
             with torch.no_grad():
@@ -128,8 +150,7 @@ def make_vl() -> None:
     weights = load_file(str(dir / "model.safetensors"))
     weights["mtp.fc.weight"] = torch.zeros(64, 128, dtype=torch.bfloat16)
     save_file(weights, str(dir / "model.safetensors"), metadata={"format": "pt"})
-    expected(dir, Qwen3_5ForConditionalGeneration, make_rows(21),
-             {"logits": torch.float32, "logits_bf16": torch.bfloat16})
+    expected(dir, "qwen3_5_vl", make_rows(21), {"logits": torch.float32, "logits_bf16": torch.bfloat16})
 
 
 def make_text() -> None:
@@ -143,12 +164,60 @@ def make_text() -> None:
     model = Qwen3_5ForCausalLM(cfg)
     randomize(model, 22)
     save(model, dir, torch.float32)
-    expected(dir, Qwen3_5ForCausalLM, make_rows(22), {"logits": torch.float32})
+    expected(dir, "qwen3_5_text", make_rows(22), {"logits": torch.float32})
+
+
+def make_adapter(name: str, base: str, seed: int, compute=None, **kw) -> None:
+    dir = ROOT / "adapters" / name
+    shutil.rmtree(dir, ignore_errors=True)
+    model = get_peft_model(load(base, torch.float32), LoraConfig(**kw))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "lora_A" in pname or "lora_B" in pname:
+                p.copy_(0.08 * torch.randn(p.shape, generator=g))
+            elif "lora_magnitude_vector" in pname:
+                p.mul_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(dir)
+    (dir / "README.md").unlink()  # PEFT's model-card template
+    cfg_path = dir / "adapter_config.json"  # PEFT writes target_modules from a set: fix its order
+    cfg = json.loads(cfg_path.read_text())
+    if isinstance(cfg["target_modules"], list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    rows = [json.loads(l) for l in (ROOT / "models" / base / "expected" / "inputs.jsonl").read_text().splitlines()]
+    expected(dir, base, rows, compute or {"logits": torch.float32}, adapter=name)
+
+
+def make_generation() -> None:
+    greedy = []
+    for base, adapter, dtype in [("qwen3_5_vl", None, torch.float32), ("qwen3_5_text", None, torch.float32),
+                                 ("qwen3_5_vl", "qwen3_5_vl_lora", torch.float32),
+                                 ("qwen3_5_text", "qwen3_5_text_dora", torch.float32),
+                                 ("qwen3_5_vl", "qwen3_5_vl_lora", NF4)]:
+        model = load(base, dtype, adapter)
+        rows = [json.loads(l) for l in (ROOT / "models" / base / "expected" / "inputs.jsonl").read_text().splitlines()]
+        for row in rows[:2]:
+            prompt = row["input_ids"]
+            with torch.no_grad():
+                ids = model.generate(input_ids=torch.tensor([prompt]),
+                                     attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                     max_new_tokens=10, do_sample=False, pad_token_id=0)
+            greedy.append({"model": base, "adapter": adapter, "nf4": dtype == NF4, "prompt": prompt,
+                           "tokens": ids[0, len(prompt):].tolist()})
+    path = ROOT / "models" / "qwen3_5_vl" / "expected" / "generation.json"
+    path.write_text(json.dumps({"greedy": greedy}, indent=1))
 
 
 def main() -> None:
     make_vl()
     make_text()
+    make_adapter("qwen3_5_vl_lora", "qwen3_5_vl", seed=23, r=4, lora_alpha=8,
+                 target_modules="all-linear", exclude_modules=r".*visual.*",
+                 compute={"logits": torch.float32, "logits_nf4": NF4})
+    make_adapter("qwen3_5_text_dora", "qwen3_5_text", seed=24, r=4, lora_alpha=12, use_dora=True,
+                 target_modules=["q_proj", "v_proj", "in_proj_qkv", "out_proj", "down_proj"])
+    make_generation()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ use burn::tensor::ElementConversion;
 use common::{fixtures, model_dir, B};
 use rand::SeedableRng;
 use serde_json::Value;
-use swift_rs::config::{Dtype, LossScale, TemplateName};
+use swift_rs::config::{Dtype, LossScale, Nf4Config, TemplateName};
 use swift_rs::data::encode::Encoder;
 use swift_rs::data::format::{Message, Role};
 use swift_rs::export::peft::read_adapter;
@@ -67,6 +67,28 @@ fn greedy_generation_equals_transformers() {
         options.max_new_tokens = 10;
         options.stop = want[..1].to_vec();
         assert_eq!(reply(&model, &prompt, &options), want[..1].to_vec());
+    }
+}
+
+/// Qwen3.5: the Gated DeltaNet layers decode from their convolution and recurrent state, with
+/// and without adapters, and on an NF4 base (scripts/gen_qwen3_5_fixtures.py).
+#[test]
+fn qwen3_5_greedy_generation_equals_transformers() {
+    let path = model_dir("qwen3_5_vl").join("expected/generation.json");
+    let golden: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    for case in golden["greedy"].as_array().unwrap() {
+        let base = case["model"].as_str().unwrap();
+        let adapter = case["adapter"].as_str();
+        let nf4 = case["nf4"].as_bool().unwrap();
+        let options = LoadOptions {
+            dtype: Some(Dtype::F32),
+            quant: nf4.then(Nf4Config::default),
+        };
+        let model = common::load_model(base, adapter, options, &Default::default());
+        let prompt = common::ids(&case["prompt"]);
+        let want = common::ids(&case["tokens"]);
+        let got = reply(&model, &prompt, &greedy(want.len(), &[]));
+        assert_eq!(got, want, "{base} + {adapter:?} (nf4 {nf4}), after {} tokens", prompt.len());
     }
 }
 
@@ -178,10 +200,12 @@ fn greedy_recomputed(model: &CausalLm<B>, prompt: &[u32], n: usize) -> Vec<u32> 
     seq[prompt.len()..].to_vec()
 }
 
-const CACHE_CASES: [(&str, Option<&str>); 3] = [
+const CACHE_CASES: [(&str, Option<&str>); 5] = [
     ("mistral", None),
     ("qwen2_bf16", None),
     ("qwen3_f16", Some("qwen3_dora")),
+    ("qwen3_5_vl", Some("qwen3_5_vl_lora")),
+    ("qwen3_5_text", None),
 ];
 
 #[test]
@@ -255,7 +279,11 @@ fn a_batch_generates_what_its_rows_generate_alone() {
 /// to the batch's shared base product; DoRA runs its rows whole.
 #[test]
 fn rows_that_join_a_running_batch_with_their_own_adapters_generate_what_they_generate_alone() {
-    for (model, adapter) in [("qwen2_chat", "qwen2_rslora"), ("qwen3_f16", "qwen3_dora")] {
+    for (model, adapter) in [
+        ("qwen2_chat", "qwen2_rslora"),
+        ("qwen3_f16", "qwen3_dora"),
+        ("qwen3_5_vl", "qwen3_5_vl_lora"),
+    ] {
         rows_join_with_their_adapters(model, adapter);
     }
 }

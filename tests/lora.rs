@@ -14,11 +14,13 @@ use swift_rs::export::peft::{read_adapter, save_adapter};
 use swift_rs::model::{self, AdapterSource, CausalLm, LoadOptions, LoraPlan, ModelError};
 
 /// (adapter fixture, base model fixture)
-const ADAPTERS: [(&str, &str); 4] = [
+const ADAPTERS: [(&str, &str); 6] = [
     ("llama_qv", "llama"),
     ("qwen2_rslora", "qwen2_bf16"),
     ("qwen3_dora", "qwen3_f16"),
     ("mistral_regex", "mistral"),
+    ("qwen3_5_vl_lora", "qwen3_5_vl"),
+    ("qwen3_5_text_dora", "qwen3_5_text"),
 ];
 
 fn with_adapter(

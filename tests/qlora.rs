@@ -85,7 +85,11 @@ fn qlora_model_matches_transformers_on_nf4_weights() {
 
 #[test]
 fn qlora_adapters_match_peft_on_nf4_weights() {
-    for (adapter, base) in [("llama_qv", "llama"), ("qwen3_dora", "qwen3_f16")] {
+    for (adapter, base) in [
+        ("llama_qv", "llama"),
+        ("qwen3_dora", "qwen3_f16"),
+        ("qwen3_5_vl_lora", "qwen3_5_vl"),
+    ] {
         let mut plan = read_adapter(&adapter_dir(adapter)).unwrap();
         let (cfg, model) = model::load::<B>(
             &model_dir(base),

@@ -31,6 +31,13 @@ What it writes, under tests/fixtures/ (the tokenizer of scripts/gen_fixtures.py)
   models/qwen3_5_vl/expected/generation.json  transformers' greedy `generate` (10 new tokens
                         after two fixture rows) on both models, with each adapter, and on
                         qwen3_5_vl_lora's NF4 base
+  training/qwen3_5_*     optimizer steps of PyTorch + PEFT, as gen_fixtures.py's make_training
+                        computes them, on qwen3_5_rows.jsonl (rows of 9 to 90 tokens):
+      qwen3_5_sgd_2x2.safetensors  one SGD step (lr 1, weight decay 0.1) from qwen3_5_vl_lora
+                        on qwen3_5_vl (f32), batch 2 x accum 2
+      qwen3_5_adamw.safetensors    three AdamW steps (linear schedule, clipping at 0.5) from
+                        qwen3_5_text_dora on qwen3_5_text, batch 2 x accum 1
+      qwen3_5_steps.json           the loss and grad norm of every step
   Weights are random with std 0.08; the zero-centred norms `(1 + w)` get w ~ 0.1·N(0, 1), the
   gated norm's weight 1 + 0.1·N(0, 1), and A_log the log of U(0.01, 2), so that both heads that
   keep their state for a long time and heads that forget at once are checked.
@@ -42,7 +49,7 @@ import sys
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import (Qwen3_5Config, Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration,
                           Qwen3_5TextConfig)
@@ -209,6 +216,65 @@ def make_generation() -> None:
     path.write_text(json.dumps({"greedy": greedy}, indent=1))
 
 
+def make_training() -> None:
+    out = ROOT / "training"
+    g = torch.Generator().manual_seed(32)
+    rows = []
+    for i, n in enumerate([70, 9, 90, 33]):
+        ids = torch.randint(0, VOCAB, (n,), generator=g).tolist()
+        labels = [-100 if t < 3 or (i == 2 and t % 4 == 0) else x for t, x in enumerate(ids)]
+        rows.append({"input_ids": ids, "labels": labels})
+    (out / "qwen3_5_rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def run(base: str, adapter: str, batch: int, accum: int, steps: int, make_opt, clip: float):
+        model = CLASSES[base].from_pretrained(ROOT / "models" / base, dtype=torch.float32,
+                                              attn_implementation="eager")
+        model = PeftModel.from_pretrained(model, ROOT / "adapters" / adapter, is_trainable=True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt, sched = make_opt(params)
+        trace = []
+        for step in range(steps):
+            per_step = batch * accum
+            start = (step * per_step) % len(rows)
+            chosen = [rows[(start + k) % len(rows)] for k in range(per_step)]
+            micro = [chosen[k:k + batch] for k in range(0, per_step, batch)]
+            n_items = sum(sum(1 for l in r["labels"][1:] if l != -100) for mb in micro for r in mb)
+            opt.zero_grad()
+            total = 0.0
+            for mb in micro:
+                seq = max(len(r["input_ids"]) for r in mb)
+                ids = torch.tensor([r["input_ids"] + [0] * (seq - len(r["input_ids"])) for r in mb])
+                mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (seq - len(r["input_ids"])) for r in mb])
+                labels = torch.tensor([r["labels"] + [-100] * (seq - len(r["labels"])) for r in mb])
+                logits = model(input_ids=ids, attention_mask=mask).logits.float()
+                loss = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                    ignore_index=-100, reduction="sum") / n_items
+                loss.backward()
+                total += loss.item()
+            norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+            opt.step()
+            if sched is not None:
+                sched.step()
+            trace.append({"loss": total, "grad_norm": float(norm)})
+        state = get_peft_model_state_dict(model)
+        return {k: v.detach().contiguous() for k, v in state.items()}, trace
+
+    from transformers import get_scheduler
+    traces = {}
+    sgd = lambda ps: (torch.optim.SGD(ps, lr=1.0, weight_decay=0.1), None)
+    state, traces["sgd_2x2"] = run("qwen3_5_vl", "qwen3_5_vl_lora", 2, 2, 1, sgd, 0.0)
+    save_file(state, str(out / "qwen3_5_sgd_2x2.safetensors"))
+
+    def adamw(ps):
+        opt = torch.optim.AdamW(ps, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+        return opt, get_scheduler("linear", opt, num_warmup_steps=0, num_training_steps=3)
+    state, traces["adamw"] = run("qwen3_5_text", "qwen3_5_text_dora", 2, 1, 3, adamw, 0.5)
+    assert all(t["grad_norm"] > 0.5 for t in traces["adamw"]), "clipping must engage"
+    save_file(state, str(out / "qwen3_5_adamw.safetensors"))
+    (out / "qwen3_5_steps.json").write_text(json.dumps(traces, indent=1))
+
+
 def main() -> None:
     make_vl()
     make_text()
@@ -218,6 +284,7 @@ def main() -> None:
     make_adapter("qwen3_5_text_dora", "qwen3_5_text", seed=24, r=4, lora_alpha=12, use_dora=True,
                  target_modules=["q_proj", "v_proj", "in_proj_qkv", "out_proj", "down_proj"])
     make_generation()
+    make_training()
 
 
 if __name__ == "__main__":

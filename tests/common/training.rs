@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use safetensors::SafeTensors;
 use serde_json::Value;
-use swift_rs::config::{Device, Dtype, OptimizerKind, ScheduleKind, TrainConfig};
+use swift_rs::config::{Device, Dtype, OptimizerKind, ScheduleKind, TemplateName, TrainConfig};
 use swift_rs::model::TrainBackend;
 use swift_rs::train::{Control, Outcome, StepReport, TrainError, Trainer};
 
@@ -115,11 +115,6 @@ pub fn check_adapter(dir: &Path, expected: &Path, start: &Path, tol: f32) {
     }
 }
 
-pub fn steps_fixture() -> Value {
-    let text = std::fs::read_to_string(fixtures().join("training/steps.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
 pub fn check_trace(reports: &[StepReport], want: &Value, tol: f64) {
     let want = want.as_array().unwrap();
     assert_eq!(reports.len(), want.len());
@@ -178,25 +173,72 @@ pub fn one_sgd_step(c: &mut TrainConfig, batch: usize, accum: usize) {
     c.train.max_grad_norm = 0.0;
 }
 
-/// One SGD step from a PEFT adapter equals PyTorch + PEFT's, for batch 4 x 1, 1 x 4 and 2 x 2.
-pub fn one_sgd_step_equals_pytorch_peft<B: TrainBackend>(on: &On<B>) {
-    let steps = steps_fixture();
-    // (batch, accum, gradient checkpointing)
-    for (batch, accum, checkpointing) in [(4, 1, false), (1, 4, true), (2, 2, true)] {
+/// A fixture run of scripts/gen_fixtures.py or gen_qwen3_5_fixtures.py: from `adapter` on
+/// `model`, over `rows` (under fixtures/training), its steps under `name` in `steps` and the
+/// adapter PyTorch + PEFT ended with in `name.safetensors` (`prefix` before both names).
+struct Case<'a> {
+    model: &'a str,
+    adapter: &'a str,
+    rows: &'a str,
+    prefix: &'a str,
+}
+
+impl Case<'_> {
+    fn config(&self, out: &Path) -> TrainConfig {
+        let mut c = config(self.model, out);
+        c.data.train = vec![fixtures().join("training").join(self.rows).display().to_string()];
+        c.lora.init_adapter = Some(adapter_dir(self.adapter));
+        // The rows are token ids: any template will do for a fixture that ships none.
+        c.model.template = TemplateName::Chatml;
+        c
+    }
+
+    /// Trains `c` and checks its trace and final adapter against the fixture `name`, within
+    /// `tol` (the loss and grad norm, the adapter's values).
+    fn check(&self, c: TrainConfig, on: &On<impl TrainBackend>, name: &str, tol: [f64; 2]) {
+        let out = c.output.dir.clone();
+        let steps = c.train.max_steps;
+        let reports = train(c, on);
+        let fixture = |file: &str| fixtures().join("training").join(format!("{}{file}", self.prefix));
+        let traces: Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture("steps.json")).unwrap()).unwrap();
+        check_trace(&reports, &traces[name], tol[0]);
+        check_adapter(
+            &out.join(format!("checkpoint-{steps}")),
+            &fixture(&format!("{name}.safetensors")),
+            &adapter_dir(self.adapter),
+            tol[1] as f32,
+        );
+    }
+
+    /// One SGD step, batch x accum, with or without gradient checkpointing.
+    fn sgd(&self, on: &On<impl TrainBackend>, batch: usize, accum: usize, checkpointing: bool) {
         let out = tempfile::tempdir().unwrap();
-        let mut c = config("qwen2_bf16", out.path());
-        c.lora.init_adapter = Some(adapter_dir("qwen2_rslora"));
+        let mut c = self.config(out.path());
         one_sgd_step(&mut c, batch, accum);
         c.train.gradient_checkpointing = checkpointing;
-        let reports = train(c, on);
-        let name = format!("sgd_{batch}x{accum}");
-        check_trace(&reports, &steps[&name], 1e-5);
-        check_adapter(
-            &out.path().join("checkpoint-1"),
-            &fixtures().join(format!("training/{name}.safetensors")),
-            &adapter_dir("qwen2_rslora"),
-            2e-5,
-        );
+        self.check(c, on, &format!("sgd_{batch}x{accum}"), [1e-5, 2e-5]);
+    }
+
+    fn adamw(&self, on: &On<impl TrainBackend>) {
+        let out = tempfile::tempdir().unwrap();
+        let mut c = self.config(out.path());
+        three_adamw_steps(&mut c);
+        self.check(c, on, "adamw", [1e-4, 1e-4]);
+    }
+}
+
+/// One SGD step from a PEFT adapter equals PyTorch + PEFT's, for batch 4 x 1, 1 x 4 and 2 x 2.
+pub fn one_sgd_step_equals_pytorch_peft<B: TrainBackend>(on: &On<B>) {
+    let case = Case {
+        model: "qwen2_bf16",
+        adapter: "qwen2_rslora",
+        rows: "rows.jsonl",
+        prefix: "",
+    };
+    // (batch, accum, gradient checkpointing)
+    for (batch, accum, checkpointing) in [(4, 1, false), (1, 4, true), (2, 2, true)] {
+        case.sgd(on, batch, accum, checkpointing);
     }
 }
 
@@ -217,18 +259,27 @@ pub fn three_adamw_steps(c: &mut TrainConfig) {
 
 /// Three AdamW steps with clipping and a linear schedule equal PyTorch + PEFT's.
 pub fn three_adamw_steps_equal_pytorch_peft<B: TrainBackend>(on: &On<B>) {
-    let out = tempfile::tempdir().unwrap();
-    let mut c = config("qwen3_f16", out.path());
-    c.lora.init_adapter = Some(adapter_dir("qwen3_dora"));
-    three_adamw_steps(&mut c);
-    let reports = train(c, on);
-    check_trace(&reports, &steps_fixture()["adamw"], 1e-4);
-    check_adapter(
-        &out.path().join("checkpoint-3"),
-        &fixtures().join("training/adamw.safetensors"),
-        &adapter_dir("qwen3_dora"),
-        1e-4,
-    );
+    Case {
+        model: "qwen3_f16",
+        adapter: "qwen3_dora",
+        rows: "rows.jsonl",
+        prefix: "",
+    }
+    .adamw(on);
+}
+
+/// Qwen3.5 (scripts/gen_qwen3_5_fixtures.py, rows past one chunk of the delta rule): one SGD
+/// step of LoRA on every linear of the vision-language layout, checkpointed layer by layer, and
+/// three AdamW steps of DoRA on the CausalLM layout, equal PyTorch + PEFT's.
+pub fn qwen3_5_steps_equal_pytorch_peft<B: TrainBackend>(on: &On<B>) {
+    let case = |model, adapter| Case {
+        model,
+        adapter,
+        rows: "qwen3_5_rows.jsonl",
+        prefix: "qwen3_5_",
+    };
+    case("qwen3_5_vl", "qwen3_5_vl_lora").sgd(on, 2, 2, true);
+    case("qwen3_5_text", "qwen3_5_text_dora").adamw(on);
 }
 
 /// A run of `steps` stopped at `steps / 2` and resumed ends bit for bit where an unbroken one

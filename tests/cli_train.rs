@@ -669,6 +669,51 @@ fn succeeded(result: &std::process::Output) {
     assert!(result.status.success(), "{stderr}");
 }
 
+/// Qwen3.5 from scratch through `sft`: LoRA, rsLoRA and DoRA, each also on NF4 and packed, two
+/// steps each, on every linear of both layer kinds (PEFT's all-linear on this model), under the
+/// vision-language checkpoint's own key layout.
+#[test]
+fn qwen3_5_trains_every_adapter_kind_from_scratch() {
+    let out = tempfile::tempdir().unwrap();
+    let fixture = root().join("tests/fixtures/models/qwen3_5_vl");
+    for (kind, flags) in [
+        ("lora", &[][..]),
+        ("rslora", &["--use_rslora", "true"][..]),
+        ("dora", &["--use_dora", "true"][..]),
+    ] {
+        for nf4 in [false, true] {
+            let run = out.path().join(format!("{kind}-{nf4}"));
+            let line = format!(
+                "sft --model {} --dataset datasets/pretokenized_sample.jsonl#6 --max_steps 2 \
+                 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 --template chatml \
+                 --target_modules all-linear --output_dir {} --add_version false",
+                fixture.display(),
+                run.display()
+            );
+            let mut extra = flags.to_vec();
+            if nf4 {
+                extra.extend(["--quant_bits", "4", "--packing", "true"]);
+            }
+            let result = run_in_root(&args_of(&line, &extra));
+            let stderr = String::from_utf8_lossy(&result.stderr);
+            assert!(result.status.success(), "{kind} nf4 {nf4}: {stderr}");
+            assert!(stderr.contains("its vision tower stays on disk"), "{stderr}");
+            let (config, names) = adapter_of(&run.join("checkpoint-2"));
+            assert_eq!(config["use_dora"], kind == "dora", "{kind}");
+            for module in [
+                "model.language_model.layers.0.linear_attn.in_proj_qkv",
+                "model.language_model.layers.0.linear_attn.in_proj_b",
+                "model.language_model.layers.0.linear_attn.out_proj",
+                "model.language_model.layers.2.self_attn.q_proj",
+                "model.language_model.layers.3.mlp.down_proj",
+            ] {
+                let key = format!("base_model.model.{module}.lora_A.weight");
+                assert!(names.contains(&key), "{kind} nf4 {nf4}: no {key} in {names:?}");
+            }
+        }
+    }
+}
+
 /// The adapter_config.json and tensor names of a checkpoint.
 fn adapter_of(checkpoint: &Path) -> (Value, Vec<String>) {
     let config = std::fs::read_to_string(checkpoint.join("adapter_config.json")).unwrap();

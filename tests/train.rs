@@ -66,6 +66,27 @@ fn a_resumed_run_ends_bit_for_bit_where_an_unbroken_one_does() {
     }
 }
 
+/// Qwen3.5's layers resume bit for bit too (packed rows, each sample's state starting afresh).
+#[test]
+fn a_resumed_qwen3_5_run_ends_bit_for_bit_where_an_unbroken_one_does() {
+    let _serial = serial();
+    training::a_resumed_run_ends_where_an_unbroken_one_does(&cpu(), 4, |out| {
+        let mut c = config("qwen3_5_vl", out);
+        c.model.template = swift_rs::config::TemplateName::Chatml;
+        c.data.train = vec![common::fixtures()
+            .join("training/qwen3_5_rows.jsonl")
+            .display()
+            .to_string()];
+        c.data.packing = true;
+        c.data.max_length = 128;
+        c.lora.dropout = 0.1;
+        c.train.batch_size = 2;
+        c.train.max_steps = 4;
+        c.train.save_steps = 2;
+        c
+    });
+}
+
 #[test]
 fn gradient_checkpointing_changes_nothing_with_dropout() {
     let _serial = serial();

@@ -229,6 +229,11 @@ fn describe<B: TrainBackend>(trainer: &Trainer<B>) {
         },
         if trainer.lora.use_dora { ", DoRA" } else { "" },
     );
+    if trainer.model.is_vision_language() {
+        swift_rs::say!(
+            "a vision-language checkpoint: its language model trains, its vision tower stays on disk"
+        );
+    }
     let config = &trainer.plan.config;
     if let Some(text) = trainer
         .bad_rows()

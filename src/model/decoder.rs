@@ -91,6 +91,12 @@ impl<B: Backend> CausalLm<B> {
         Self { model, lm_head }
     }
 
+    /// Whether this is the language model of a vision-language checkpoint (whose vision tower
+    /// was left on disk).
+    pub fn is_vision_language(&self) -> bool {
+        self.model.prefix != "model"
+    }
+
     /// Every linear layer that can carry an adapter, with its full module name, in the order of
     /// `ModelConfig::adaptable_linears`.
     pub fn lora_linears(&self) -> Vec<(String, &LoraLinear<B>)> {

@@ -34,6 +34,8 @@ fn merged_models_compute_what_the_adapters_compute() {
         ("qwen2_rslora", "qwen2_bf16"),
         ("qwen3_dora", "qwen3_f16"),
         ("mistral_regex", "mistral"),
+        ("qwen3_5_vl_lora", "qwen3_5_vl"),
+        ("qwen3_5_text_dora", "qwen3_5_text"),
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("merged");
@@ -54,6 +56,15 @@ fn merged_models_compute_what_the_adapters_compute() {
         );
         check_losses(&format!("{adapter} merged"), &merged, &g, 1e-4);
         assert!(out.join("tokenizer.json").exists() && out.join("generation_config.json").exists());
+        if base == "qwen3_5_vl" {
+            // The vision tower and the mtp head go along, so transformers loads the merged
+            // directory as the class it came from.
+            let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+            let names = safetensors::SafeTensors::deserialize(&bytes).unwrap().names().len();
+            let source = std::fs::read(model_dir(base).join("model.safetensors")).unwrap();
+            let source = safetensors::SafeTensors::deserialize(&source).unwrap().names().len();
+            assert_eq!(names, source, "{adapter}: merged tensors");
+        }
     }
 }
 

@@ -33,8 +33,8 @@ What it writes, under tests/fixtures/ (the tokenizer of scripts/gen_fixtures.py)
                         qwen3_5_vl_lora's NF4 base
   training/qwen3_5_*     optimizer steps of PyTorch + PEFT, as gen_fixtures.py's make_training
                         computes them, on qwen3_5_rows.jsonl (rows of 9 to 90 tokens):
-      qwen3_5_sgd_2x2.safetensors  one SGD step (lr 1, weight decay 0.1) from qwen3_5_vl_lora
-                        on qwen3_5_vl (f32), batch 2 x accum 2
+      qwen3_5_sgd_<B>x<A>.safetensors  one SGD step (lr 1, weight decay 0.1) from
+                        qwen3_5_vl_lora on qwen3_5_vl (f32), batch 2 x accum 2 and 4 x 1
       qwen3_5_adamw.safetensors    three AdamW steps (linear schedule, clipping at 0.5) from
                         qwen3_5_text_dora on qwen3_5_text, batch 2 x accum 1
       qwen3_5_steps.json           the loss and grad norm of every step
@@ -263,8 +263,10 @@ def make_training() -> None:
     from transformers import get_scheduler
     traces = {}
     sgd = lambda ps: (torch.optim.SGD(ps, lr=1.0, weight_decay=0.1), None)
-    state, traces["sgd_2x2"] = run("qwen3_5_vl", "qwen3_5_vl_lora", 2, 2, 1, sgd, 0.0)
-    save_file(state, str(out / "qwen3_5_sgd_2x2.safetensors"))
+    for batch, accum in [(2, 2), (4, 1)]:
+        name = f"sgd_{batch}x{accum}"
+        state, traces[name] = run("qwen3_5_vl", "qwen3_5_vl_lora", batch, accum, 1, sgd, 0.0)
+        save_file(state, str(out / f"qwen3_5_{name}.safetensors"))
 
     def adamw(ps):
         opt = torch.optim.AdamW(ps, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)

@@ -50,7 +50,9 @@ fn three_adamw_steps_with_clipping_equal_pytorch_peft() {
 #[test]
 fn qwen3_5_steps_equal_pytorch_peft() {
     let _serial = serial();
-    training::qwen3_5_steps_equal_pytorch_peft(&cpu());
+    training::qwen3_5_sgd_step_equals_pytorch_peft(&cpu(), 2, 2, true);
+    training::qwen3_5_sgd_step_equals_pytorch_peft(&cpu(), 4, 1, false);
+    training::qwen3_5_adamw_steps_equal_pytorch_peft(&cpu());
 }
 
 #[test]

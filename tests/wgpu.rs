@@ -54,6 +54,22 @@ fn f32_logits_and_losses_match_transformers() {
     }
 }
 
+/// Qwen3.5's Gated DeltaNet layers (the generic delta rule, conv and gated norm) on the GPU path:
+/// every fixture row in one padded batch (one shape: lavapipe compiles kernels per shape, and
+/// these rows of 3 to 150 tokens alone took minutes).
+#[test]
+fn qwen3_5_matches_transformers() {
+    let Some(device) = gpu() else { return };
+    let (base, adapter) = ("qwen3_5_vl", "qwen3_5_vl_lora");
+    let model = load_model::<Wgpu>(base, Some(adapter), LoadOptions::dtype(Dtype::F32), &device);
+    let g = golden(&adapter_dir(adapter), &model_dir(base), "logits", 331);
+    let ids: Vec<&[u32]> = g.rows.iter().map(|r| r.input_ids.as_slice()).collect();
+    for (i, got) in common::logits_of(&model, &ids).iter().enumerate() {
+        let d = common::max_abs_diff(got, &g.logits[i]);
+        assert!(d < 1e-4, "{base} + {adapter} on wgpu, row {i}: max |logit diff| {d}");
+    }
+}
+
 #[test]
 fn peft_adapters_match_peft() {
     for (adapter, base) in [("qwen2_rslora", "qwen2_bf16"), ("qwen3_dora", "qwen3_f16")] {
@@ -127,6 +143,15 @@ fn three_adamw_steps_with_clipping_equal_pytorch_peft() {
     let _serial = serial();
     if let Some(on) = on() {
         training::three_adamw_steps_equal_pytorch_peft(&on);
+    }
+}
+
+/// One micro-batch (one shape for lavapipe to compile) through the delta rule's backward pass.
+#[test]
+fn a_qwen3_5_sgd_step_equals_pytorch_peft() {
+    let _serial = serial();
+    if let Some(on) = on() {
+        training::qwen3_5_sgd_step_equals_pytorch_peft(&on, 4, 1, false);
     }
 }
 

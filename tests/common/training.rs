@@ -268,18 +268,31 @@ pub fn three_adamw_steps_equal_pytorch_peft<B: TrainBackend>(on: &On<B>) {
     .adamw(on);
 }
 
-/// Qwen3.5 (scripts/gen_qwen3_5_fixtures.py, rows past one chunk of the delta rule): one SGD
-/// step of LoRA on every linear of the vision-language layout, checkpointed layer by layer, and
-/// three AdamW steps of DoRA on the CausalLM layout, equal PyTorch + PEFT's.
-pub fn qwen3_5_steps_equal_pytorch_peft<B: TrainBackend>(on: &On<B>) {
-    let case = |model, adapter| Case {
+/// Qwen3.5's fixture runs (scripts/gen_qwen3_5_fixtures.py, rows past one chunk of the delta
+/// rule): from `adapter` on `model`.
+fn qwen3_5_case<'a>(model: &'a str, adapter: &'a str) -> Case<'a> {
+    Case {
         model,
         adapter,
         rows: "qwen3_5_rows.jsonl",
         prefix: "qwen3_5_",
-    };
-    case("qwen3_5_vl", "qwen3_5_vl_lora").sgd(on, 2, 2, true);
-    case("qwen3_5_text", "qwen3_5_text_dora").adamw(on);
+    }
+}
+
+/// One SGD step of LoRA on every linear of Qwen3.5's vision-language layout, batch x accum
+/// (2 x 2 or 4 x 1), equals PyTorch + PEFT's.
+pub fn qwen3_5_sgd_step_equals_pytorch_peft<B: TrainBackend>(
+    on: &On<B>,
+    batch: usize,
+    accum: usize,
+    checkpointing: bool,
+) {
+    qwen3_5_case("qwen3_5_vl", "qwen3_5_vl_lora").sgd(on, batch, accum, checkpointing);
+}
+
+/// Three AdamW steps of DoRA on Qwen3.5's CausalLM layout equal PyTorch + PEFT's.
+pub fn qwen3_5_adamw_steps_equal_pytorch_peft<B: TrainBackend>(on: &On<B>) {
+    qwen3_5_case("qwen3_5_text", "qwen3_5_text_dora").adamw(on);
 }
 
 /// A run of `steps` stopped at `steps / 2` and resumed ends bit for bit where an unbroken one

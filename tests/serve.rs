@@ -868,3 +868,54 @@ fn a_second_signal_ends_the_server_at_once() {
     let status = server.exit_within(start, Duration::from_secs(20));
     assert_eq!(status.code(), Some(130), "{}", server.log());
 }
+
+/// Qwen3.5 served: concurrent completions of the base and of a served adapter share one
+/// continuous batch (Gated DeltaNet rows join and leave it with their recurrent state), each
+/// equal to transformers' greedy reply (scripts/gen_qwen3_5_fixtures.py).
+#[test]
+fn qwen3_5_rows_of_the_base_and_an_adapter_get_transformers_greedy_replies() {
+    let base = model_dir("qwen3_5_vl");
+    let golden: Value = serde_json::from_str(
+        &std::fs::read_to_string(base.join("expected/generation.json")).unwrap(),
+    )
+    .unwrap();
+    let cases: Vec<Value> = golden["greedy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["model"] == "qwen3_5_vl" && !c["nf4"].as_bool().unwrap())
+        .cloned()
+        .collect();
+    assert_eq!(cases.len(), 4, "two prompts, without and with the adapter");
+    let adapter = format!("lora={}", adapter_dir("qwen3_5_vl_lora").display());
+    let server = Server::launch(&[
+        "--model".to_string(),
+        base.display().to_string(),
+        "--adapters".into(),
+        adapter,
+        "--template".into(),
+        "chatml".into(),
+    ]);
+    let tokenizer = tokenizers::Tokenizer::from_file(base.join("tokenizer.json")).unwrap();
+    let server = &server;
+    std::thread::scope(|scope| {
+        let replies: Vec<_> = cases
+            .iter()
+            .map(|case| {
+                scope.spawn(move || {
+                    let model = if case["adapter"].is_string() { "lora" } else { "qwen3_5_vl" };
+                    let body = json!({"model": model, "prompt": case["prompt"], "max_tokens": 10,
+                                      "temperature": 0});
+                    server.post("/v1/completions", &body)
+                })
+            })
+            .collect();
+        for (case, reply) in cases.iter().zip(replies) {
+            let (status, reply) = reply.join().unwrap();
+            assert_eq!(status, 200, "{reply}");
+            let tokens: Vec<u32> = common::ids(&case["tokens"]);
+            let want = tokenizer.decode(&tokens, false).unwrap();
+            assert_eq!(reply["choices"][0]["text"], want.as_str(), "{case}");
+        }
+    });
+}

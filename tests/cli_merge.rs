@@ -60,9 +60,15 @@ fn merged_models_compute_what_the_adapters_compute() {
             // The vision tower and the mtp head go along, so transformers loads the merged
             // directory as the class it came from.
             let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
-            let names = safetensors::SafeTensors::deserialize(&bytes).unwrap().names().len();
+            let names = safetensors::SafeTensors::deserialize(&bytes)
+                .unwrap()
+                .names()
+                .len();
             let source = std::fs::read(model_dir(base).join("model.safetensors")).unwrap();
-            let source = safetensors::SafeTensors::deserialize(&source).unwrap().names().len();
+            let source = safetensors::SafeTensors::deserialize(&source)
+                .unwrap()
+                .names()
+                .len();
             assert_eq!(names, source, "{adapter}: merged tensors");
         }
     }

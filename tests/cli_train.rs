@@ -697,7 +697,10 @@ fn qwen3_5_trains_every_adapter_kind_from_scratch() {
             let result = run_in_root(&args_of(&line, &extra));
             let stderr = String::from_utf8_lossy(&result.stderr);
             assert!(result.status.success(), "{kind} nf4 {nf4}: {stderr}");
-            assert!(stderr.contains("its vision tower stays on disk"), "{stderr}");
+            assert!(
+                stderr.contains("its vision tower stays on disk"),
+                "{stderr}"
+            );
             let (config, names) = adapter_of(&run.join("checkpoint-2"));
             assert_eq!(config["use_dora"], kind == "dora", "{kind}");
             for module in [
@@ -708,7 +711,10 @@ fn qwen3_5_trains_every_adapter_kind_from_scratch() {
                 "model.language_model.layers.3.mlp.down_proj",
             ] {
                 let key = format!("base_model.model.{module}.lora_A.weight");
-                assert!(names.contains(&key), "{kind} nf4 {nf4}: no {key} in {names:?}");
+                assert!(
+                    names.contains(&key),
+                    "{kind} nf4 {nf4}: no {key} in {names:?}"
+                );
             }
         }
     }

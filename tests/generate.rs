@@ -88,7 +88,12 @@ fn qwen3_5_greedy_generation_equals_transformers() {
         let prompt = common::ids(&case["prompt"]);
         let want = common::ids(&case["tokens"]);
         let got = reply(&model, &prompt, &greedy(want.len(), &[]));
-        assert_eq!(got, want, "{base} + {adapter:?} (nf4 {nf4}), after {} tokens", prompt.len());
+        assert_eq!(
+            got,
+            want,
+            "{base} + {adapter:?} (nf4 {nf4}), after {} tokens",
+            prompt.len()
+        );
     }
 }
 

@@ -1,6 +1,7 @@
 //! ms-swift's example command lines, as its examples/ folder writes them with `swift` replaced by
 //! `swift-rs`: LoRA SFT (examples/train/lora_sft.sh), QLoRA (qlora/bnb/train.sh), streaming
-//! (packing/streaming.sh) and Qwen3 thinking (think_model/qwen3_demo1.sh). A fake ModelScope and
+//! (packing/streaming.sh), Qwen3 thinking (think_model/qwen3_demo1.sh) and lora_sft.sh on Qwen3.5 from
+//! either hub. A fake ModelScope and
 //! Hugging Face Hub serve tiny models under the examples' model ids and small datasets in the real
 //! datasets' schemas; each run then goes on as ms-swift's docs do, to `infer --adapters` and
 //! `export --adapters ... --merge_lora true` from its last checkpoint.
@@ -70,6 +71,15 @@ struct Hubs {
 fn hubs() -> Hubs {
     let quickstart = root().join("examples/quickstart-model");
     let qwen3 = root().join("tests/fixtures/models/qwen3_f16");
+    let qwen3_5 = root().join("tests/fixtures/models/qwen3_5_vl");
+    // The hub's Qwen3.5 repos hold the vision model's processor files, which text training does
+    // not fetch, and a chat template (ChatML stands in for Qwen3.5's own here).
+    let chatml = include_bytes!("../src/data/templates/chatml.jinja");
+    let qwen3_5_extra: Vec<(&str, &[u8])> = vec![
+        ("preprocessor_config.json", b"{}"),
+        ("video_preprocessor_config.json", b"{}"),
+        ("chat_template.jinja", chatml),
+    ];
     let text: Vec<u8> = (0..30)
         .map(|i| {
             format!(
@@ -83,6 +93,10 @@ fn hubs() -> Hubs {
         ("Qwen/Qwen2.5-7B-Instruct", Repo::from_dir(&quickstart, &[])),
         ("Qwen/Qwen3-8B", Repo::from_dir(&qwen3, &[])),
         (
+            "Qwen/Qwen3.5-0.8B",
+            Repo::from_dir(&qwen3_5, &qwen3_5_extra),
+        ),
+        (
             "datasets/AI-ModelScope/alpaca-gpt4-data-zh",
             Repo::from_files(&[
                 ("README.md", b"#"),
@@ -95,6 +109,11 @@ fn hubs() -> Hubs {
         ),
         (
             "datasets/swift/self-cognition",
+            Repo::from_files(&[("self_cognition.jsonl", &self_cognition())]),
+        ),
+        // Its id on the Hugging Face Hub, in ms-swift's dataset registry.
+        (
+            "datasets/modelscope/self-cognition",
             Repo::from_files(&[("self_cognition.jsonl", &self_cognition())]),
         ),
         (
@@ -374,4 +393,51 @@ swift-rs sft \\
     }
     assert_eq!(args_json(&checkpoint)["loss_scale"], "ignore_empty_think");
     hubs.infer_and_export(&checkpoint);
+}
+
+/// ms-swift's LoRA line with Qwen3.5 (a vision-language checkpoint, whose id has a dot) from
+/// ModelScope, then from the Hugging Face Hub (`USE_HF=1`), with ms-swift's vision-language
+/// flags at their defaults; the processor files are not fetched.
+#[test]
+fn qwen3_5_lora_sft_from_either_hub() {
+    for (env, cache) in [
+        ("", "modelscope/models/Qwen--Qwen3.5-0.8B"),
+        ("USE_HF=1 ", "hf/hub/models--Qwen--Qwen3.5-0.8B"),
+    ] {
+        let hubs = hubs();
+        let (checkpoint, stderr) = hubs.train(&format!(
+            "{env}swift-rs sft \\
+    --model Qwen/Qwen3.5-0.8B \\
+    --tuner_type lora \\
+    --dataset 'swift/self-cognition#8' \\
+    --torch_dtype float32 \\
+    --per_device_train_batch_size 2 \\
+    --learning_rate 1e-4 \\
+    --lora_rank 8 \\
+    --lora_alpha 32 \\
+    --target_modules all-linear \\
+    --freeze_vit true \\
+    --freeze_aligner true \\
+    --gradient_accumulation_steps 2 \\
+    --max_length 2048 \\
+    --output_dir output \\
+    --model_author swift \\
+    --model_name swift-robot"
+        ));
+        // 8 rows, 4 a step, ms-swift's 3 epochs.
+        assert!(stderr.contains("done: 6 steps"), "{env}: {stderr}");
+        assert!(
+            stderr.contains("its vision tower stays on disk"),
+            "{stderr}"
+        );
+        assert!(hubs.home.path().join(cache).is_dir(), "{env}: no {cache}");
+        let fetched = hubs.hub.downloads();
+        assert!(
+            !fetched.iter().any(|d| d.contains("preprocessor_config")),
+            "{fetched:?}"
+        );
+        let args = args_json(&checkpoint);
+        assert_eq!(args["model"], "Qwen/Qwen3.5-0.8B");
+        hubs.infer_and_export(&checkpoint);
+    }
 }

@@ -899,17 +899,18 @@ fn qwen3_5_rows_of_the_base_and_an_adapter_get_transformers_greedy_replies() {
     let tokenizer = tokenizers::Tokenizer::from_file(base.join("tokenizer.json")).unwrap();
     let server = &server;
     std::thread::scope(|scope| {
-        let replies: Vec<_> = cases
-            .iter()
-            .map(|case| {
-                scope.spawn(move || {
+        let replies: Vec<_> =
+            cases
+                .iter()
+                .map(|case| {
+                    scope.spawn(move || {
                     let model = if case["adapter"].is_string() { "lora" } else { "qwen3_5_vl" };
                     let body = json!({"model": model, "prompt": case["prompt"], "max_tokens": 10,
                                       "temperature": 0});
                     server.post("/v1/completions", &body)
                 })
-            })
-            .collect();
+                })
+                .collect();
         for (case, reply) in cases.iter().zip(replies) {
             let (status, reply) = reply.join().unwrap();
             assert_eq!(status, 200, "{reply}");

@@ -66,7 +66,10 @@ fn qwen3_5_matches_transformers() {
     let ids: Vec<&[u32]> = g.rows.iter().map(|r| r.input_ids.as_slice()).collect();
     for (i, got) in common::logits_of(&model, &ids).iter().enumerate() {
         let d = common::max_abs_diff(got, &g.logits[i]);
-        assert!(d < 1e-4, "{base} + {adapter} on wgpu, row {i}: max |logit diff| {d}");
+        assert!(
+            d < 1e-4,
+            "{base} + {adapter} on wgpu, row {i}: max |logit diff| {d}"
+        );
     }
 }
 

@@ -310,7 +310,10 @@ impl ModelConfig {
             Err(reason) => {
                 // A family swift-rs does not know is named as such, not as a broken file for
                 // the fields it lacks (Gemma 3's sit under text_config).
-                let model_type = value.as_ref().ok().and_then(|v| v.get("model_type")?.as_str());
+                let model_type = value
+                    .as_ref()
+                    .ok()
+                    .and_then(|v| v.get("model_type")?.as_str());
                 if let Some(mt) = model_type.filter(|mt| Arch::from_model_type(mt).is_none()) {
                     let model_type = mt.to_string();
                     let source = ModelConfigError::UnsupportedArch { model_type };

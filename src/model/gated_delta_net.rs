@@ -55,9 +55,15 @@ pub struct GatedDeltaNet<B: Backend> {
 }
 
 impl<B: Backend> GatedDeltaNet<B> {
-    pub(super) fn load(cfg: &ModelConfig, la: &LinearAttention, p: &str, b: &mut Builder<B>) -> Self {
+    pub(super) fn load(
+        cfg: &ModelConfig,
+        la: &LinearAttention,
+        p: &str,
+        b: &mut Builder<B>,
+    ) -> Self {
         let heads = la.num_value_heads;
-        let mut proj = |name: &str, n_in, n_out| b.linear(&format!("{p}.{name}"), n_in, n_out, false);
+        let mut proj =
+            |name: &str, n_in, n_out| b.linear(&format!("{p}.{name}"), n_in, n_out, false);
         let h = cfg.hidden_size;
         let in_proj_qkv = proj("in_proj_qkv", h, la.conv_dim());
         let in_proj_z = proj("in_proj_z", h, la.value_dim());
@@ -157,7 +163,9 @@ impl<B: ModelBackend> GatedDeltaNet<B> {
         let write = self.in_proj_b.forward_rows(x.clone(), adapters); // [b, s, hv]
         let a = self.in_proj_a.forward_rows(x, adapters); // [b, s, hv]
         let (conv_state, state) = match cache.as_deref() {
-            Some(LayerCache::Recurrent { conv, state }) => (Some(conv.clone()), Some(state.clone())),
+            Some(LayerCache::Recurrent { conv, state }) => {
+                (Some(conv.clone()), Some(state.clone()))
+            }
             _ => (None, None),
         };
         let [channels, _, kernel] = self.conv1d.weight.dims();
@@ -165,7 +173,10 @@ impl<B: ModelBackend> GatedDeltaNet<B> {
         let (qkv, next_conv) = causal_conv1d(qkv, weight, conv_state);
         let qkv = silu(qkv);
         let q = qkv.clone().narrow(2, 0, hk * dk).reshape([b, s, hk, dk]);
-        let k = qkv.clone().narrow(2, hk * dk, hk * dk).reshape([b, s, hk, dk]);
+        let k = qkv
+            .clone()
+            .narrow(2, hk * dk, hk * dk)
+            .reshape([b, s, hk, dk]);
         let v = qkv.narrow(2, 2 * hk * dk, hv * dv).reshape([b, s, hv, dv]);
         let beta = sigmoid(write);
         // In f32: A_log.exp() in f16 could overflow, as transformers notes.
@@ -181,7 +192,8 @@ impl<B: ModelBackend> GatedDeltaNet<B> {
         }
         let z = z.reshape([b, s, hv, dv]);
         let out = gated_rms_norm(out, z, self.norm.weight.val(), self.norm.eps);
-        self.out_proj.forward_rows(out.reshape([b, s, hv * dv]), adapters)
+        self.out_proj
+            .forward_rows(out.reshape([b, s, hv * dv]), adapters)
     }
 }
 
@@ -244,7 +256,12 @@ impl<B: Backend> Samples<B> {
     fn new(batch: &Batch, device: &B::Device) -> Option<Self> {
         let [b, s] = batch.dims();
         let mut spans: Vec<(usize, usize)> = Vec::new(); // (flat start, length)
-        for (row, (real, segments)) in batch.attention_mask.iter().zip(&batch.segment_ids).enumerate() {
+        for (row, (real, segments)) in batch
+            .attention_mask
+            .iter()
+            .zip(&batch.segment_ids)
+            .enumerate()
+        {
             let mut t = 0;
             while t < s {
                 if !real[t] {

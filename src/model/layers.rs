@@ -46,7 +46,13 @@ impl<B: ModelBackend> RmsNorm<B> {
 }
 
 impl<B: Backend> RmsNorm<B> {
-    pub(super) fn load(ckpt: &mut Checkpoint, key: &str, dim: usize, cfg: &ModelConfig, device: &B::Device) -> Self {
+    pub(super) fn load(
+        ckpt: &mut Checkpoint,
+        key: &str,
+        dim: usize,
+        cfg: &ModelConfig,
+        device: &B::Device,
+    ) -> Self {
         Self {
             weight: frozen(ckpt.take(&format!("{key}.weight"), [dim], device)),
             eps: cfg.rms_norm_eps,
@@ -82,14 +88,16 @@ impl<B: Backend> Attention<B> {
             cfg.num_key_value_heads * d,
         );
         let q_out = if cfg.attn_output_gate { 2 * q } else { q };
-        let mut proj = |name: &str, n_in, n_out, bias| b.linear(&format!("{p}.{name}"), n_in, n_out, bias);
+        let mut proj =
+            |name: &str, n_in, n_out, bias| b.linear(&format!("{p}.{name}"), n_in, n_out, bias);
         let q_proj = proj("q_proj", h, q_out, cfg.qkv_bias);
         let k_proj = proj("k_proj", h, kv, cfg.qkv_bias);
         let v_proj = proj("v_proj", h, kv, cfg.qkv_bias);
         let o_proj = proj("o_proj", q, h, cfg.o_bias);
         let mut head_norm = |name: &str| {
             let key = format!("{p}.{name}");
-            cfg.qk_norm.then(|| RmsNorm::load(b.ckpt, &key, d, cfg, b.device))
+            cfg.qk_norm
+                .then(|| RmsNorm::load(b.ckpt, &key, d, cfg, b.device))
         };
         Self {
             q_proj,
@@ -209,7 +217,8 @@ pub struct Mlp<B: Backend> {
 impl<B: Backend> Mlp<B> {
     pub(super) fn load(cfg: &ModelConfig, p: &str, b: &mut Builder<B>) -> Self {
         let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
-        let mut proj = |name: &str, n_in, n_out| b.linear(&format!("{p}.{name}"), n_in, n_out, cfg.mlp_bias);
+        let mut proj =
+            |name: &str, n_in, n_out| b.linear(&format!("{p}.{name}"), n_in, n_out, cfg.mlp_bias);
         Self {
             gate_proj: proj("gate_proj", h, inter),
             up_proj: proj("up_proj", h, inter),
@@ -299,7 +308,10 @@ impl<B: Backend> DecoderLayer<B> {
                 ("self_attn.v_proj", &mut a.v_proj),
                 ("self_attn.o_proj", &mut a.o_proj),
             ],
-            Mixer::Linear(l) => LINEAR_ATTN_LINEARS.into_iter().zip(l.linears_mut()).collect(),
+            Mixer::Linear(l) => LINEAR_ATTN_LINEARS
+                .into_iter()
+                .zip(l.linears_mut())
+                .collect(),
         };
         out.extend([
             ("mlp.gate_proj", &mut m.gate_proj),
@@ -353,7 +365,9 @@ impl<B: ModelBackend> DecoderLayer<B> {
         let adapters = decoding.as_ref().map(|d| d.adapters);
         let normed = self.input_layernorm.forward(x.clone());
         let mixed = match (&self.mixer, mask) {
-            (Mixer::Attention(a), LayerMask::Attention(mask)) => a.forward(normed, rope, mask, decoding),
+            (Mixer::Attention(a), LayerMask::Attention(mask)) => {
+                a.forward(normed, rope, mask, decoding)
+            }
             (Mixer::Linear(l), LayerMask::Linear(mask)) => l.forward(normed, &mask, decoding),
             _ => panic!("each layer is given the mask of its own kind"),
         };

@@ -447,7 +447,7 @@ pub(super) fn gated_delta_rule<B: Backend>(
     let k = per_key(k);
     let v = v.swap_dims(1, 2); // [b, hv, s, dv]
     let (g, beta) = (g.swap_dims(1, 2), beta.swap_dims(1, 2)); // [b, hv, s]
-    // Short inputs (a decoding step) take one chunk of their own length, rounded up.
+                                                               // Short inputs (a decoding step) take one chunk of their own length, rounded up.
     let c = s.next_power_of_two().clamp(1, 64);
     let chunks = s.div_ceil(c);
     let padded = chunks * c;
@@ -470,7 +470,10 @@ pub(super) fn gated_delta_rule<B: Backend>(
     let upper = upper.reshape([1, 1, 1, c, c]);
     // decay[i, j] = exp(cum_i - cum_j) for j <= i: what position j's write has decayed by at i.
     let decay = (cum.clone().unsqueeze_dim::<5>(4) - cum.clone().unsqueeze_dim::<5>(3))
-        .mask_fill(upper.clone().expand([b, hv, chunks, c, c]), f32::NEG_INFINITY)
+        .mask_fill(
+            upper.clone().expand([b, hv, chunks, c, c]),
+            f32::NEG_INFINITY,
+        )
         .exp(); // [b, h, n, c, c]
     let kt = k.clone().swap_dims(3, 4); // [b, h, n, dk, c]
     let not_below = upper.bool_or(diagonal::<B>(c, &device));
@@ -571,5 +574,8 @@ pub(super) fn gated_rms_norm<B: Backend>(
     let normed = rows::<B>(rms_norm::<B>(x, weight, eps));
     let dtype = normed.dtype();
     let gate = silu(rows::<B>(gate).cast(DType::F32));
-    B::float_reshape(primitive((normed.cast(DType::F32) * gate).cast(dtype)), shape)
+    B::float_reshape(
+        primitive((normed.cast(DType::F32) * gate).cast(dtype)),
+        shape,
+    )
 }

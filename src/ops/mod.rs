@@ -546,7 +546,12 @@ pub fn gated_rms_norm<B: ModelBackend, const D: usize>(
     weight: Tensor<B, 1>,
     eps: f64,
 ) -> Tensor<B, D> {
-    float(B::gated_rms_norm(primitive(x), primitive(gate), primitive(weight), eps))
+    float(B::gated_rms_norm(
+        primitive(x),
+        primitive(gate),
+        primitive(weight),
+        eps,
+    ))
 }
 
 fn float<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {

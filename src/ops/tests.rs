@@ -653,7 +653,10 @@ fn causal_conv1d_matches_its_definition_and_continues_from_its_state() {
             }
         }
     }
-    close(out.clone(), &Tensor::from_data(TensorData::new(want, [2, 9, 5]), &x.device()));
+    close(
+        out.clone(),
+        &Tensor::from_data(TensorData::new(want, [2, 9, 5]), &x.device()),
+    );
     close(state, &x.clone().narrow(1, 6, 3));
     let (head, head_state) = causal_conv1d(x.clone().narrow(1, 0, 4), w.clone(), None);
     let (tail, _) = causal_conv1d(x.narrow(1, 4, 5), w, Some(head_state));

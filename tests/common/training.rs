@@ -186,7 +186,11 @@ struct Case<'a> {
 impl Case<'_> {
     fn config(&self, out: &Path) -> TrainConfig {
         let mut c = config(self.model, out);
-        c.data.train = vec![fixtures().join("training").join(self.rows).display().to_string()];
+        c.data.train = vec![fixtures()
+            .join("training")
+            .join(self.rows)
+            .display()
+            .to_string()];
         c.lora.init_adapter = Some(adapter_dir(self.adapter));
         // The rows are token ids: any template will do for a fixture that ships none.
         c.model.template = TemplateName::Chatml;
@@ -199,7 +203,11 @@ impl Case<'_> {
         let out = c.output.dir.clone();
         let steps = c.train.max_steps;
         let reports = train(c, on);
-        let fixture = |file: &str| fixtures().join("training").join(format!("{}{file}", self.prefix));
+        let fixture = |file: &str| {
+            fixtures()
+                .join("training")
+                .join(format!("{}{file}", self.prefix))
+        };
         let traces: Value =
             serde_json::from_str(&std::fs::read_to_string(fixture("steps.json")).unwrap()).unwrap();
         check_trace(&reports, &traces[name], tol[0]);

@@ -358,6 +358,10 @@ pub fn swift_help(command: SwiftCommand) -> String {
             "ignore_args_error",
             "true: a flag ms-swift does not have is a note, not an error",
         ),
+        (
+            "freeze_vit",
+            "true (also --freeze_aligner true, --freeze_llm false): the language model trains",
+        ),
         ("config", "swift-rs's TOML config, under the flags"),
         ("set", "section.key=value over the TOML config"),
     ] {
@@ -466,6 +470,19 @@ pub fn parse_swift_args(command: SwiftCommand, argv: &[String]) -> Result<SwiftA
                         value: value.clone(),
                         at: at.clone(),
                     });
+                }
+                continue;
+            }
+            // A vision-language model's parts: swift-rs trains the language model only, as
+            // ms-swift's defaults (freeze_vit and freeze_aligner true, freeze_llm false) do.
+            "freeze_vit" | "freeze_aligner" | "freeze_llm" => {
+                let frozen = swift_bool(flag.one()?).map_err(refuse)?;
+                if frozen != (flag.name != "freeze_llm") {
+                    return Err(refuse(format!(
+                        "--{} {frozen} is not supported: swift-rs trains a vision-language \
+                         model's language model only, leaving its vision tower and aligner on disk",
+                        flag.name
+                    )));
                 }
                 continue;
             }
@@ -1104,5 +1121,25 @@ mod tests {
             err.starts_with(&format!("{}: --lora_rank x: lora.r", json.display())),
             "{err}"
         );
+    }
+
+    /// ms-swift's vision-language flags: the defaults (the language model trains) are accepted,
+    /// anything that would train the vision tower or freeze the language model is refused.
+    #[test]
+    fn freeze_flags_of_a_vision_language_model() {
+        let ok = "--model m --dataset d.jsonl --freeze_vit true --freeze_aligner true --freeze_llm false";
+        assert!(parse(ok).is_ok());
+        for bad in [
+            "--freeze_vit false",
+            "--freeze_aligner false",
+            "--freeze_llm true",
+        ] {
+            let err = parse(&format!("--model m --dataset d.jsonl {bad}")).unwrap_err();
+            let flag = bad.split_whitespace().next().unwrap();
+            assert!(
+                err.contains(flag) && err.contains("language model only"),
+                "{err}"
+            );
+        }
     }
 }

@@ -1,8 +1,7 @@
 //! ms-swift's example command lines, as its examples/ folder writes them with `swift` replaced by
 //! `swift-rs`: LoRA SFT (examples/train/lora_sft.sh), QLoRA (qlora/bnb/train.sh), streaming
-//! (packing/streaming.sh), Qwen3 thinking (think_model/qwen3_demo1.sh) and lora_sft.sh on Qwen3.5 from
-//! either hub. A fake ModelScope and
-//! Hugging Face Hub serve tiny models under the examples' model ids and small datasets in the real
+//! (packing/streaming.sh), Qwen3 thinking (think_model/qwen3_demo1.sh) and lora_sft.sh on
+//! Qwen3.5 from either hub. A fake ModelScope and Hugging Face Hub serve tiny models under the examples' model ids and small datasets in the real
 //! datasets' schemas; each run then goes on as ms-swift's docs do, to `infer --adapters` and
 //! `export --adapters ... --merge_lora true` from its last checkpoint.
 

@@ -75,6 +75,23 @@ SHAPES = {
                  num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                  num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
+    # Qwen3.5's hybrid layers scaled down: linear, linear, linear, full, linear, linear (every
+    # fourth full attention), gated attention with head_dim 64 and partial rotary, Gated DeltaNet
+    # with 4 key heads serving 8 value heads. PyTorch runs transformers' torch fallback of the
+    # chunked delta rule (flash-linear-attention is a CUDA package).
+    "qwen3_5_30m": dict(model_type="qwen3_5_text", hidden_size=512, intermediate_size=1536,
+                        num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2,
+                        head_dim=64, linear_num_key_heads=4, linear_num_value_heads=8,
+                        linear_key_head_dim=64, linear_value_head_dim=64,
+                        tie_word_embeddings=False),
+    # A Qwen3.5 shape of about 2B parameters (with --vocab 248320, Qwen3.5's vocabulary): 24
+    # layers, every fourth full attention, hidden 2048, 16 key and 16 value heads of 128 in the
+    # Gated DeltaNet, 8 query heads on 2 KV heads of 256 in attention, tied head.
+    "qwen3_5_2b": dict(model_type="qwen3_5_text", hidden_size=2048, intermediate_size=6144,
+                       num_hidden_layers=24, num_attention_heads=8, num_key_value_heads=2,
+                       head_dim=256, linear_num_key_heads=16, linear_num_value_heads=16,
+                       linear_key_head_dim=128, linear_value_head_dim=128,
+                       tie_word_embeddings=True),
 }
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 
@@ -350,7 +367,8 @@ def make_model(shape: str, vocab: int, tmp: Path) -> Path:
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig, AutoModelForCausalLM
     out = tmp / "model"
-    cfg = AutoConfig.for_model("qwen2", vocab_size=vocab, **SHAPES[shape])
+    shape = dict(SHAPES[shape])
+    cfg = AutoConfig.for_model(shape.pop("model_type", "qwen2"), vocab_size=vocab, **shape)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(out)
     weights = load_file(out / "model.safetensors")
@@ -361,7 +379,7 @@ def make_model(shape: str, vocab: int, tmp: Path) -> Path:
     for f in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]:
         shutil.copy(CHAT / f, out / f)
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
-    print(f"model: qwen2 shape {shape}, {sum(v.numel() for v in weights.values()) / 1e6:.1f}M parameters")
+    print(f"model: {cfg.model_type} shape, {sum(v.numel() for v in weights.values()) / 1e6:.1f}M parameters")
     return out
 
 
@@ -409,6 +427,8 @@ def known_peak_tflops() -> float | None:
 
 
 def utilisation(tokens_per_s: float, args, peak_tflops: float | None) -> str:
+    if "model_type" in SHAPES[args.shape]:
+        return "model FLOPs: counted for the Qwen2 shapes only"
     tflops = tokens_per_s * train_flops_per_token(args) / 1e12
     mfu = f", MFU {100 * tflops / peak_tflops:.1f}% of {peak_tflops:g}" if peak_tflops else ""
     return f"model FLOPs (4N + attention) {tflops:.1f} TFLOP/s{mfu}"

@@ -13,11 +13,14 @@ cuda`, then `strip`).
 
 It runs, and writes into --out `results.json` and `results.md`:
   (a) per-row eval loss of random-weight Qwen2 models (Qwen2.5-0.5B and -1.5B shapes with Qwen's
-      151936-token vocabulary; a 30M shape with --tiny) against transformers, in f32 and bf16;
+      151936-token vocabulary; a 30M shape with --tiny) and of a Qwen3.5 model (a 2B shape;
+      30M with --tiny: Gated DeltaNet layers, transformers' torch fallback of the delta rule)
+      against transformers, in f32 and bf16;
   (b) three AdamW steps of a PEFT LoRA adapter (r 16, all-linear, clipping) in bf16 (f32 on the
       CPU) against PyTorch + PEFT: each step's loss and gradient norm, and the adapter after them;
   (c) LoRA training tokens/s, peak GPU memory and MFU at sequence 2048 with gradient
-      checkpointing, beside PyTorch + PEFT (SDPA), by scripts/bench_vs_peft.py;
+      checkpointing, beside PyTorch + PEFT (SDPA), by scripts/bench_vs_peft.py, on the Qwen2 shape
+      and on the Qwen3.5 one (its vocabulary of 248320 without --tiny);
   (d) the same for QLoRA against bitsandbytes (skipped where bitsandbytes is not installed);
   (e) greedy decode tokens/s;
   (f) DPO and KTO training against TRL's DPOTrainer and KTOTrainer + PEFT, as (c) (skipped where
@@ -240,12 +243,14 @@ def main() -> None:
               f"PEFT {peft.__version__}; {run([args.binary, '--version']).strip()}")
     print(header, flush=True)
     if args.tiny:
-        shapes, vocab, args.seq = ["30m"], bench.TOKENIZER_VOCAB, 128
+        shapes, vocab, args.seq = ["30m", "qwen3_5_30m"], bench.TOKENIZER_VOCAB, 128
         bench_model = ["--shape", "30m"]
+        qwen3_5_model = ["--shape", "qwen3_5_30m"]
         bench_train = ["--seq", "256", "--batch", "1", "--steps", "2"]
     else:
-        shapes, vocab, args.seq = ["0.5b", "1.5b"], 151936, 512
+        shapes, vocab, args.seq = ["0.5b", "1.5b", "qwen3_5_2b"], 151936, 512
         bench_model = ["--shape", "1.5b", "--vocab", "151936"]
+        qwen3_5_model = ["--shape", "qwen3_5_2b", "--vocab", "248320"]
         bench_train = ["--seq", "2048", "--batch", "1", "--steps", "4"]
     step_dtype = "bf16" if args.device == "cuda" else "f32"
     results = []
@@ -260,6 +265,8 @@ def main() -> None:
             results.append(adamw_steps(args, shape, step_dtype, model, tmp))
             print(json.dumps({k: results[-1][k] for k in ("check", "pass", "max_abs_diff")}), flush=True)
     results.append(benchmark(args, "LoRA training", ["--only", "train", *bench_model, *bench_train]))
+    results.append(benchmark(args, "Qwen3.5 LoRA training",
+                             ["--only", "train", *qwen3_5_model, *bench_train]))
     try:
         import bitsandbytes  # noqa: F401
         has_bnb = args.device == "cuda"
@@ -285,7 +292,7 @@ def main() -> None:
             results.append({"check": name, "pass": False, "error": "skipped: trl is not installed"})
     serve_dtype = ["--dtype", "bf16"] if args.device == "cuda" else []
     results.append(benchmark(args, "deploy: 1, 4, 16 streams", [*bench_model, *serve_dtype], "bench_serve.py"))
-    for r in results[-6:]:
+    for r in results[-7:]:
         print(json.dumps({k: r.get(k) for k in ("check", "pass", "report", "error")}), flush=True)
     (out / "results.json").write_text(json.dumps({"machine": header, "results": results}, indent=2))
     (out / "results.md").write_text(markdown(results, header))

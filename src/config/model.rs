@@ -484,11 +484,15 @@ impl HfConfig {
                 "linear_num_value_heads ({v}) must be a positive multiple of linear_num_key_heads ({k})"
             ));
         }
-        if la.key_head_dim == 0 || la.value_head_dim == 0 || la.conv_kernel_dim == 0 {
-            return Err(
-                "linear_key_head_dim, linear_value_head_dim and linear_conv_kernel_dim must be at least 1"
-                    .into(),
-            );
+        if la.key_head_dim == 0 || la.value_head_dim == 0 {
+            return Err("linear_key_head_dim and linear_value_head_dim must be at least 1".into());
+        }
+        if la.conv_kernel_dim < 2 {
+            return Err(format!(
+                "linear_conv_kernel_dim ({}) must be at least 2: the convolution reaches back \
+                 kernel - 1 tokens",
+                la.conv_kernel_dim
+            ));
         }
         Ok(la)
     }
@@ -711,18 +715,93 @@ mod tests {
     }
 
     /// A Qwen3.5 checkpoint's config.json (its text settings under text_config) was reported as
-    /// "not valid JSON for a model config"; its model_type is named instead.
+    /// "not valid JSON for a model config"; a family swift-rs does not know is named instead.
     #[test]
     fn an_unknown_family_is_named_before_its_fields_are_read() {
         let dir = tempfile::tempdir().unwrap();
         let config = serde_json::json!({
-            "model_type": "qwen3_5",
-            "architectures": ["Qwen3_5ForConditionalGeneration"],
+            "model_type": "gemma3",
+            "architectures": ["Gemma3ForConditionalGeneration"],
             "text_config": {"hidden_size": 64, "num_hidden_layers": 2},
         });
         std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
         let err = ModelConfig::from_dir(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("unsupported model_type \"qwen3_5\""), "{err}");
+        assert!(err.contains("unsupported model_type \"gemma3\""), "{err}");
+    }
+
+    fn qwen3_5_text() -> serde_json::Value {
+        serde_json::json!({
+            "model_type": "qwen3_5_text", "vocab_size": 100, "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 32, "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4, "linear_key_head_dim": 8, "linear_value_head_dim": 16,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e7,
+                                "partial_rotary_factor": 0.25, "mrope_section": [11, 11, 10]},
+        })
+    }
+
+    /// The vision-language config.json: text settings from text_config, the head's tying and
+    /// the dtype from the top (as transformers ties `lm_head` by the top-level flag).
+    #[test]
+    fn qwen3_5_reads_text_config_under_the_top_levels_tying() {
+        let mut text = qwen3_5_text();
+        text["model_type"] = "qwen3_5_text".into();
+        text["tie_word_embeddings"] = false.into();
+        let top = serde_json::json!({
+            "model_type": "qwen3_5", "architectures": ["Qwen3_5ForConditionalGeneration"],
+            "tie_word_embeddings": true, "dtype": "bfloat16", "text_config": text,
+            "vision_config": {"depth": 1},
+        });
+        let c = HfConfig::from_value(top).unwrap().resolve().unwrap();
+        assert_eq!(c.arch, Arch::Qwen3_5);
+        assert!(c.tie_word_embeddings && c.dtype == Some(Dtype::Bf16));
+        assert_eq!(c.text_prefix, "model.language_model");
+        // Without layer_types, every fourth layer is full attention.
+        use TokenMixer::{Attention as F, LinearAttention as L};
+        assert_eq!(c.layer_mixers, [L, L, L, F]);
+        assert!(c.attn_output_gate && c.zero_centered_norm && c.qk_norm);
+        assert_eq!(c.rotary_dim, 8);
+        let la = c.linear_attention.unwrap();
+        assert_eq!((la.key_dim(), la.value_dim(), la.conv_dim(), la.conv_kernel_dim), (16, 64, 96, 4));
+        assert_eq!(
+            c.layer_linears(0).iter().map(|l| l.0).collect::<Vec<_>>()[..5],
+            [
+                "linear_attn.in_proj_qkv",
+                "linear_attn.in_proj_z",
+                "linear_attn.in_proj_b",
+                "linear_attn.in_proj_a",
+                "linear_attn.out_proj"
+            ]
+        );
+        // The query and its gate: q_proj is twice as wide.
+        assert_eq!(c.layer_linears(3)[0], ("self_attn.q_proj", 64, 256));
+        let flat = resolve(qwen3_5_text()).unwrap();
+        assert_eq!(flat.text_prefix, "model");
+        assert!(!flat.tie_word_embeddings);
+    }
+
+    #[test]
+    fn qwen3_5_values_that_cannot_work_name_the_key() {
+        let bad = |edit: &dyn Fn(&mut serde_json::Value)| {
+            let mut c = qwen3_5_text();
+            edit(&mut c);
+            resolve(c).unwrap_err()
+        };
+        let err = bad(&|c| c["layer_types"] = serde_json::json!(["linear_attention"]));
+        assert!(err.contains("layer_types has 1 entries for 4 layers"), "{err}");
+        let err = bad(&|c| {
+            c["layer_types"] = serde_json::json!(["linear_attention", "sliding_attention",
+                "full_attention", "full_attention"])
+        });
+        assert!(err.contains("\"sliding_attention\""), "{err}");
+        let err = bad(&|c| c["linear_num_value_heads"] = 3.into());
+        assert!(err.contains("linear_num_value_heads (3)"), "{err}");
+        let err = bad(&|c| c["linear_conv_kernel_dim"] = 1.into());
+        assert!(err.contains("linear_conv_kernel_dim"), "{err}");
+        let err = bad(&|c| c["rope_parameters"]["partial_rotary_factor"] = 0.01.into());
+        assert!(err.contains("partial_rotary_factor"), "{err}");
+        let err = bad(&|c| c["full_attention_interval"] = 0.into());
+        assert!(err.contains("full_attention_interval"), "{err}");
     }
 
     #[test]

@@ -58,6 +58,35 @@ fn bf16_logits_and_losses_match_transformers() {
     check_losses("qwen2_bf16 (bf16)", &model, &g, 1e-2);
 }
 
+/// Qwen3.5 in bf16 rounds far more often than Llama's block (q/k/v, z, a and b, the conv, the
+/// gated norm, each cast back to bf16): transformers' own bf16 logits differ from its f32 ones by
+/// up to 0.22 on these rows. Ours must be closer to transformers' bf16 logits than those are to
+/// the f32 ones (measured: 0.016-0.078, about half of each row's gap), and no further from the
+/// f32 logits than transformers' bf16 plus two bf16 ulps at 2.5 (0.031).
+#[test]
+fn qwen3_5_bf16_logits_are_within_bf16_rounding_of_transformers() {
+    let dir = model_dir("qwen3_5_vl");
+    let (cfg, model) = load("qwen3_5_vl", Dtype::Bf16);
+    let bf16 = golden(&dir, &dir, "logits_bf16", cfg.vocab_size);
+    let f32 = golden(&dir, &dir, "logits", cfg.vocab_size);
+    let ids: Vec<&[u32]> = bf16.rows.iter().map(|r| r.input_ids.as_slice()).collect();
+    for (i, row) in ids.iter().enumerate() {
+        let ours = &common::logits_of(&model, &[row])[0];
+        let gap = common::max_abs_diff(&bf16.logits[i], &f32.logits[i]);
+        let to_theirs = common::max_abs_diff(ours, &bf16.logits[i]);
+        let to_f32 = common::max_abs_diff(ours, &f32.logits[i]);
+        assert!(
+            to_theirs < gap,
+            "row {i}: {to_theirs} from transformers' bf16, gap {gap}"
+        );
+        assert!(
+            to_f32 <= gap + 0.031,
+            "row {i}: {to_f32} from f32, gap {gap}"
+        );
+    }
+    check_losses("qwen3_5_vl (bf16)", &model, &bf16, 1e-2);
+}
+
 #[test]
 fn config_dtype_is_the_default_compute_dtype() {
     let dir = model_dir("qwen2_bf16");

@@ -762,7 +762,15 @@ mod tests {
         assert!(c.attn_output_gate && c.zero_centered_norm && c.qk_norm);
         assert_eq!(c.rotary_dim, 8);
         let la = c.linear_attention.unwrap();
-        assert_eq!((la.key_dim(), la.value_dim(), la.conv_dim(), la.conv_kernel_dim), (16, 64, 96, 4));
+        assert_eq!(
+            (
+                la.key_dim(),
+                la.value_dim(),
+                la.conv_dim(),
+                la.conv_kernel_dim
+            ),
+            (16, 64, 96, 4)
+        );
         assert_eq!(
             c.layer_linears(0).iter().map(|l| l.0).collect::<Vec<_>>()[..5],
             [
@@ -788,10 +796,17 @@ mod tests {
             resolve(c).unwrap_err()
         };
         let err = bad(&|c| c["layer_types"] = serde_json::json!(["linear_attention"]));
-        assert!(err.contains("layer_types has 1 entries for 4 layers"), "{err}");
+        assert!(
+            err.contains("layer_types has 1 entries for 4 layers"),
+            "{err}"
+        );
         let err = bad(&|c| {
-            c["layer_types"] = serde_json::json!(["linear_attention", "sliding_attention",
-                "full_attention", "full_attention"])
+            c["layer_types"] = serde_json::json!([
+                "linear_attention",
+                "sliding_attention",
+                "full_attention",
+                "full_attention"
+            ])
         });
         assert!(err.contains("\"sliding_attention\""), "{err}");
         let err = bad(&|c| c["linear_num_value_heads"] = 3.into());

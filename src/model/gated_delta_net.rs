@@ -171,14 +171,14 @@ impl<B: ModelBackend> GatedDeltaNet<B> {
         let [channels, _, kernel] = self.conv1d.weight.dims();
         let weight = self.conv1d.weight.val().reshape([channels, kernel]);
         let (qkv, next_conv) = causal_conv1d(qkv, weight, conv_state);
-        let qkv = silu(qkv);
+        let qkv = in_f32(qkv, silu);
         let q = qkv.clone().narrow(2, 0, hk * dk).reshape([b, s, hk, dk]);
         let k = qkv
             .clone()
             .narrow(2, hk * dk, hk * dk)
             .reshape([b, s, hk, dk]);
         let v = qkv.narrow(2, 2 * hk * dk, hv * dv).reshape([b, s, hv, dv]);
-        let beta = sigmoid(write);
+        let beta = in_f32(write, sigmoid);
         // In f32: A_log.exp() in f16 could overflow, as transformers notes.
         let rate = self.a_log.val().cast(DType::F32).exp().reshape([1, 1, hv]);
         let dt_bias = self.dt_bias.val().cast(DType::F32).reshape([1, 1, hv]);
@@ -195,6 +195,16 @@ impl<B: ModelBackend> GatedDeltaNet<B> {
         self.out_proj
             .forward_rows(out.reshape([b, s, hv * dv]), adapters)
     }
+}
+
+/// `f(x)` computed in f32 and cast back: one rounding in bf16, as torch's activations round,
+/// where Burn's chain (`exp`, `+ 1`, `1 / ...`) would round at each step.
+pub(super) fn in_f32<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    f: fn(Tensor<B, D>) -> Tensor<B, D>,
+) -> Tensor<B, D> {
+    let dtype = x.dtype();
+    f(x.cast(DType::F32)).cast(dtype)
 }
 
 /// `log(1 + exp(x))` without overflow: `max(x, 0) + log1p(exp(-|x|))`.

@@ -16,7 +16,7 @@ use burn::tensor::DType;
 
 use super::builder::Builder;
 use super::frozen;
-use super::gated_delta_net::{GatedDeltaNet, LinearMask};
+use super::gated_delta_net::{in_f32, GatedDeltaNet, LinearMask};
 use super::load::Checkpoint;
 use super::rope::RopeTables;
 use crate::config::{ModelConfig, TokenMixer};
@@ -160,7 +160,7 @@ impl<B: ModelBackend> Attention<B> {
         }
         let out = sdpa(q, k, v, mask).swap_dims(1, 2).reshape([b, s, h * d]); // [b, s, h * d]
         let out = match gate {
-            Some(gate) => out * sigmoid(gate),
+            Some(gate) => out * in_f32(gate, sigmoid),
             None => out,
         };
         self.o_proj.forward_rows(out, adapters)

@@ -36,9 +36,14 @@ fn rows_and_inv_rms<B: Backend>(x: FloatTensor<B>, eps: f64) -> (Tensor<B, 2>, T
     (x, (variance + eps).sqrt().recip())
 }
 
+/// `silu(gate)` is computed in f32 and rounded once, as torch's `F.silu` is; Burn's
+/// `x * sigmoid(x)` in bf16 rounds at every step of its chain. The product is in the dtype.
 pub(super) fn swiglu<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
     let shape = gate.shape();
-    B::float_reshape(primitive(silu(flat::<B>(gate)) * flat::<B>(up)), shape)
+    let gate = flat::<B>(gate);
+    let dtype = gate.dtype();
+    let act = silu(gate.cast(DType::F32)).cast(dtype);
+    B::float_reshape(primitive(act * flat::<B>(up)), shape)
 }
 
 pub(super) fn swiglu_backward<B: Backend>(

@@ -512,7 +512,7 @@ impl HfConfig {
             })?,
         };
         let dim = (head_dim as f64 * factor) as usize;
-        if !(factor > 0.0 && factor <= 1.0) || dim == 0 || dim % 2 != 0 {
+        if !(factor > 0.0 && factor <= 1.0) || dim == 0 || !dim.is_multiple_of(2) {
             return Err(format!(
                 "rope_parameters.partial_rotary_factor ({factor}) must leave an even number of rotary dims of head_dim ({head_dim}), at least 2"
             ));

@@ -237,6 +237,8 @@ impl<B: ModelBackend> Mlp<B> {
 }
 
 /// A layer's token mixer, by `layer_types`; the variant is the checkpoint's module name.
+// A model holds a few dozen of them, built once: boxing the larger one would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Mixer<B: Backend> {
     /// `self_attn`

@@ -560,6 +560,41 @@ def make_nf4() -> None:
     save_file({k: v.contiguous() for k, v in out.items()}, str(dir / "nf4.safetensors"))
 
 
+def train_steps(model, rows: list[dict], batch: int, accum: int, steps: int, make_opt, clip: float):
+    """`steps` optimizer steps of a trainable PEFT model over `rows` in file order (see
+    make_training), micro-batches right-padded with an attention mask: the adapter's state (the
+    keys PEFT's save_pretrained writes) and each step's loss and gradient norm."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt, sched = make_opt(params)
+    trace = []
+    for step in range(steps):
+        per_step = batch * accum
+        start = (step * per_step) % len(rows)
+        chosen = [rows[(start + k) % len(rows)] for k in range(per_step)]
+        micro = [chosen[k:k + batch] for k in range(0, per_step, batch)]
+        n_items = sum(sum(1 for l in r["labels"][1:] if l != -100) for mb in micro for r in mb)
+        opt.zero_grad()
+        total = 0.0
+        for mb in micro:
+            seq = max(len(r["input_ids"]) for r in mb)
+            ids = torch.tensor([r["input_ids"] + [0] * (seq - len(r["input_ids"])) for r in mb])
+            mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (seq - len(r["input_ids"])) for r in mb])
+            labels = torch.tensor([r["labels"] + [-100] * (seq - len(r["labels"])) for r in mb])
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                ignore_index=-100, reduction="sum") / n_items
+            loss.backward()
+            total += loss.item()
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        opt.step()
+        if sched is not None:
+            sched.step()
+        trace.append({"loss": total, "grad_norm": float(norm)})
+    state = get_peft_model_state_dict(model)
+    return {k: v.detach().contiguous() for k, v in state.items()}, trace
+
+
 def make_training() -> None:
     """Optimizer steps of PyTorch + PEFT from the PEFT adapters above, for `swift-rs train`'s
     parity tests: the loss of a step is the summed CE of every micro-batch over the step's label
@@ -571,9 +606,8 @@ def make_training() -> None:
                                 adapters/qwen3_dora on qwen3_f16 (f32), batch 2 x accum 1
       steps.json                the loss and grad norm of every step of each run
     Tensors are keyed as in adapter_model.safetensors."""
-    out = ROOT / "training"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    out = ROOT / "training"  # shared with gen_qwen3_5_fixtures.py's qwen3_5_* files
+    out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(31)
     rows = []
     for i, n in enumerate([11, 6, 14, 9]):
@@ -582,41 +616,9 @@ def make_training() -> None:
         rows.append({"input_ids": ids, "labels": labels})
     (out / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    def step_batches(batch: int, accum: int, step: int) -> list[list[dict]]:
-        per_step = batch * accum
-        start = (step * per_step) % len(rows)
-        chosen = [rows[(start + k) % len(rows)] for k in range(per_step)]
-        return [chosen[k:k + batch] for k in range(0, per_step, batch)]
-
     def run(base: str, adapter: str, batch: int, accum: int, steps: int, make_opt, clip: float):
         model = load_model(ROOT / "models" / base, torch.float32, ROOT / "adapters" / adapter, trainable=True)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt, sched = make_opt(params)
-        trace = []
-        for step in range(steps):
-            micro = step_batches(batch, accum, step)
-            n_items = sum(sum(1 for l in r["labels"][1:] if l != -100) for mb in micro for r in mb)
-            opt.zero_grad()
-            total = 0.0
-            for mb in micro:
-                seq = max(len(r["input_ids"]) for r in mb)
-                ids = torch.tensor([r["input_ids"] + [0] * (seq - len(r["input_ids"])) for r in mb])
-                mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (seq - len(r["input_ids"])) for r in mb])
-                labels = torch.tensor([r["labels"] + [-100] * (seq - len(r["labels"])) for r in mb])
-                logits = model(input_ids=ids, attention_mask=mask).logits.float()
-                loss = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                    ignore_index=-100, reduction="sum") / n_items
-                loss.backward()
-                total += loss.item()
-            norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-            opt.step()
-            if sched is not None:
-                sched.step()
-            trace.append({"loss": total, "grad_norm": float(norm)})
-        # The keys PEFT's save_pretrained writes.
-        state = get_peft_model_state_dict(model)
-        return {k: v.detach().contiguous() for k, v in state.items()}, trace
+        return train_steps(model, rows, batch, accum, steps, make_opt, clip)
 
     from transformers import get_scheduler
     traces = {}

@@ -49,13 +49,13 @@ import sys
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import (Qwen3_5Config, Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration,
                           Qwen3_5TextConfig)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gen_fixtures import ROOT, VOCAB, quantize_base, row_loss  # noqa: E402
+from gen_fixtures import ROOT, VOCAB, quantize_base, row_loss, train_steps  # noqa: E402
 
 NF4 = "nf4"  # a compute tag: f32 on NF4 round-tripped base weights, as in gen_fixtures.py
 CLASSES = {"qwen3_5_vl": Qwen3_5ForConditionalGeneration, "qwen3_5_text": Qwen3_5ForCausalLM}
@@ -230,35 +230,7 @@ def make_training() -> None:
         model = CLASSES[base].from_pretrained(ROOT / "models" / base, dtype=torch.float32,
                                               attn_implementation="eager")
         model = PeftModel.from_pretrained(model, ROOT / "adapters" / adapter, is_trainable=True)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt, sched = make_opt(params)
-        trace = []
-        for step in range(steps):
-            per_step = batch * accum
-            start = (step * per_step) % len(rows)
-            chosen = [rows[(start + k) % len(rows)] for k in range(per_step)]
-            micro = [chosen[k:k + batch] for k in range(0, per_step, batch)]
-            n_items = sum(sum(1 for l in r["labels"][1:] if l != -100) for mb in micro for r in mb)
-            opt.zero_grad()
-            total = 0.0
-            for mb in micro:
-                seq = max(len(r["input_ids"]) for r in mb)
-                ids = torch.tensor([r["input_ids"] + [0] * (seq - len(r["input_ids"])) for r in mb])
-                mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (seq - len(r["input_ids"])) for r in mb])
-                labels = torch.tensor([r["labels"] + [-100] * (seq - len(r["labels"])) for r in mb])
-                logits = model(input_ids=ids, attention_mask=mask).logits.float()
-                loss = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                    ignore_index=-100, reduction="sum") / n_items
-                loss.backward()
-                total += loss.item()
-            norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-            opt.step()
-            if sched is not None:
-                sched.step()
-            trace.append({"loss": total, "grad_norm": float(norm)})
-        state = get_peft_model_state_dict(model)
-        return {k: v.detach().contiguous() for k, v in state.items()}, trace
+        return train_steps(model, rows, batch, accum, steps, make_opt, clip)
 
     from transformers import get_scheduler
     traces = {}

@@ -247,11 +247,9 @@ def make_model(name: str, model_type: str, kw: dict, seed: int, *, save_dtype=to
     expected(dir, make_rows(seed), compute or {"logits": torch.float32})
 
 
-def make_adapter(name: str, base: str, seed: int, compute=None, **kw) -> None:
-    base_dir = ROOT / "models" / base
-    dir = ROOT / "adapters" / name
-    shutil.rmtree(dir, ignore_errors=True)
-    model = get_peft_model(load_model(base_dir, torch.float32), LoraConfig(task_type="CAUSAL_LM", **kw))
+def save_random_adapter(model, dir: Path, seed: int) -> None:
+    """A fresh PEFT model's adapter made random (A and B std 0.08, DoRA's magnitudes moved by
+    10%) so that every term shows, saved to `dir` with target_modules in a fixed order."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for pname, p in model.named_parameters():
@@ -266,6 +264,14 @@ def make_adapter(name: str, base: str, seed: int, compute=None, **kw) -> None:
     if isinstance(cfg["target_modules"], list):
         cfg["target_modules"] = sorted(cfg["target_modules"])
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def make_adapter(name: str, base: str, seed: int, compute=None, **kw) -> None:
+    base_dir = ROOT / "models" / base
+    dir = ROOT / "adapters" / name
+    shutil.rmtree(dir, ignore_errors=True)
+    model = get_peft_model(load_model(base_dir, torch.float32), LoraConfig(task_type="CAUSAL_LM", **kw))
+    save_random_adapter(model, dir, seed)
     rows = [json.loads(l) for l in (base_dir / "expected" / "inputs.jsonl").read_text().splitlines()]
     expected(dir, rows, compute or {"logits": torch.float32}, base=base_dir)
 

@@ -55,7 +55,8 @@ from transformers import (Qwen3_5Config, Qwen3_5ForCausalLM, Qwen3_5ForCondition
                           Qwen3_5TextConfig)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gen_fixtures import ROOT, VOCAB, quantize_base, row_loss, train_steps  # noqa: E402
+from gen_fixtures import (ROOT, VOCAB, quantize_base, row_loss, save_random_adapter,  # noqa: E402
+                          train_steps)
 
 NF4 = "nf4"  # a compute tag: f32 on NF4 round-tripped base weights, as in gen_fixtures.py
 CLASSES = {"qwen3_5_vl": Qwen3_5ForConditionalGeneration, "qwen3_5_text": Qwen3_5ForCausalLM}
@@ -178,20 +179,7 @@ def make_adapter(name: str, base: str, seed: int, compute=None, **kw) -> None:
     dir = ROOT / "adapters" / name
     shutil.rmtree(dir, ignore_errors=True)
     model = get_peft_model(load(base, torch.float32), LoraConfig(**kw))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "lora_A" in pname or "lora_B" in pname:
-                p.copy_(0.08 * torch.randn(p.shape, generator=g))
-            elif "lora_magnitude_vector" in pname:
-                p.mul_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-    model.save_pretrained(dir)
-    (dir / "README.md").unlink()  # PEFT's model-card template
-    cfg_path = dir / "adapter_config.json"  # PEFT writes target_modules from a set: fix its order
-    cfg = json.loads(cfg_path.read_text())
-    if isinstance(cfg["target_modules"], list):
-        cfg["target_modules"] = sorted(cfg["target_modules"])
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    save_random_adapter(model, dir, seed)
     rows = [json.loads(l) for l in (ROOT / "models" / base / "expected" / "inputs.jsonl").read_text().splitlines()]
     expected(dir, base, rows, compute or {"logits": torch.float32}, adapter=name)
 

@@ -132,16 +132,17 @@ def to_v4_keys(config_path: Path) -> None:
     config_path.write_text(json.dumps(cfg, indent=2))
 
 
-def make_rows(seed: int) -> list[dict]:
+def make_rows(seed: int, lengths=(13, 7, 16, 3, 9), labelled=(1, 2)) -> list[dict]:
+    """Random rows of `lengths`; the two `labelled` ones get labels with every third token, and
+    every second, masked (-100)."""
     g = torch.Generator().manual_seed(seed)
-    lengths = [13, 7, 16, 3, 9]
     rows = []
     for i, n in enumerate(lengths):
         ids = torch.randint(0, VOCAB, (n,), generator=g).tolist()
         row = {"input_ids": ids}
-        if i in (1, 2):
+        if i in labelled:
             labels = list(ids)
-            for t in range(0, n, 2 if i == 2 else 3):
+            for t in range(0, n, 2 if i == labelled[1] else 3):
                 labels[t] = -100
             row["labels"] = labels
         rows.append(row)
@@ -195,8 +196,9 @@ def quantize_base(model) -> None:
 
 
 def expected(dir: Path, rows: list[dict], compute: dict[str, torch.dtype | str],
-             base: Path | None = None) -> None:
-    """Logits and losses of the model in `dir`, or of the adapter in `dir` on `base`."""
+             base: Path | None = None, load=None) -> None:
+    """Logits and losses of the model in `dir`, or of the adapter in `dir` on `base`, or of what
+    `load(dtype)` returns (a model class AutoModelForCausalLM does not pick)."""
     out = dir / "expected"
     out.mkdir(exist_ok=True)
     (out / "inputs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -204,7 +206,10 @@ def expected(dir: Path, rows: list[dict], compute: dict[str, torch.dtype | str],
     report = {}
     for tag, dtype in compute.items():
         nf4, dtype = dtype == NF4, torch.float32 if dtype == NF4 else dtype
-        model = load_model(dir, dtype) if base is None else load_model(base, dtype, dir)
+        if load is not None:
+            model = load(dtype)
+        else:
+            model = load_model(dir, dtype) if base is None else load_model(base, dtype, dir)
         if nf4:
             quantize_base(model)
         per_row = []
@@ -566,6 +571,20 @@ def make_nf4() -> None:
     save_file({k: v.contiguous() for k, v in out.items()}, str(dir / "nf4.safetensors"))
 
 
+def sgd(params):
+    """The fixtures' SGD step: lr 1, weight decay 0.1, no schedule (tests/common/training.rs's
+    `one_sgd_step`)."""
+    return torch.optim.SGD(params, lr=1.0, weight_decay=0.1), None
+
+
+def adamw(params):
+    """The fixtures' three AdamW steps: lr 1e-2 decaying linearly, betas 0.9 and 0.95 (tests'
+    `three_adamw_steps`)."""
+    from transformers import get_scheduler
+    opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    return opt, get_scheduler("linear", opt, num_warmup_steps=0, num_training_steps=3)
+
+
 def train_steps(model, rows: list[dict], batch: int, accum: int, steps: int, make_opt, clip: float):
     """`steps` optimizer steps of a trainable PEFT model over `rows` in file order (see
     make_training), micro-batches right-padded with an attention mask: the adapter's state (the
@@ -626,16 +645,11 @@ def make_training() -> None:
         model = load_model(ROOT / "models" / base, torch.float32, ROOT / "adapters" / adapter, trainable=True)
         return train_steps(model, rows, batch, accum, steps, make_opt, clip)
 
-    from transformers import get_scheduler
     traces = {}
     for batch, accum in [(4, 1), (1, 4), (2, 2)]:
-        sgd = lambda ps: (torch.optim.SGD(ps, lr=1.0, weight_decay=0.1), None)
         state, traces[f"sgd_{batch}x{accum}"] = run("qwen2_bf16", "qwen2_rslora", batch, accum, 1, sgd, 0.0)
         save_file(state, str(out / f"sgd_{batch}x{accum}.safetensors"))
 
-    def adamw(ps):
-        opt = torch.optim.AdamW(ps, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-        return opt, get_scheduler("linear", opt, num_warmup_steps=0, num_training_steps=3)
     state, traces["adamw"] = run("qwen3_f16", "qwen3_dora", 2, 1, 3, adamw, 0.5)
     assert all(t["grad_norm"] > 0.5 for t in traces["adamw"]), "clipping must engage"
     save_file(state, str(out / "adamw.safetensors"))

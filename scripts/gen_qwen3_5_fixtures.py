@@ -55,8 +55,9 @@ from transformers import (Qwen3_5Config, Qwen3_5ForCausalLM, Qwen3_5ForCondition
                           Qwen3_5TextConfig)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gen_fixtures import (ROOT, VOCAB, quantize_base, row_loss, save_random_adapter,  # noqa: E402
-                          train_steps)
+import gen_fixtures  # noqa: E402
+from gen_fixtures import (ROOT, VOCAB, adamw, quantize_base, row_loss,  # noqa: E402
+                          save_random_adapter, sgd, train_steps)
 
 NF4 = "nf4"  # a compute tag: f32 on NF4 round-tripped base weights, as in gen_fixtures.py
 CLASSES = {"qwen3_5_vl": Qwen3_5ForConditionalGeneration, "qwen3_5_text": Qwen3_5ForCausalLM}
@@ -89,40 +90,11 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 
 
 def make_rows(seed: int) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for i, n in enumerate(LENGTHS):
-        ids = torch.randint(0, VOCAB, (n,), generator=g).tolist()
-        row = {"input_ids": ids}
-        if i in (1, 3):
-            labels = list(ids)
-            for t in range(0, n, 2 if i == 3 else 3):
-                labels[t] = -100
-            row["labels"] = labels
-        rows.append(row)
-    return rows
+    return gen_fixtures.make_rows(seed, LENGTHS, labelled=(1, 3))
 
 
 def expected(dir: Path, base: str, rows: list[dict], compute: dict, adapter: str | None = None) -> None:
-    out = dir / "expected"
-    out.mkdir(exist_ok=True)
-    (out / "inputs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tensors, report = {}, {}
-    for tag, dtype in compute.items():
-        model = load(base, dtype, adapter)
-        per_row, total, count = [], 0.0, 0
-        for i, r in enumerate(rows):
-            with torch.no_grad():
-                logits = model(input_ids=torch.tensor([r["input_ids"]])).logits[0]
-            tensors[f"{tag}.{i}"] = logits.float().contiguous()
-            loss, n = row_loss(logits, r.get("labels", r["input_ids"]))
-            per_row.append({"index": i, "loss": loss, "tokens": n})
-            if n:
-                total += loss * n
-                count += n
-        report[tag] = {"rows": per_row, "loss": total / count, "tokens": count}
-    save_file(tensors, str(out / "logits.safetensors"))
-    (out / "losses.json").write_text(json.dumps(report, indent=1))
+    gen_fixtures.expected(dir, rows, compute, load=lambda dtype: load(base, dtype, adapter))
 
 
 def save(model, dir: Path, dtype: torch.dtype) -> None:
@@ -220,17 +192,12 @@ def make_training() -> None:
         model = PeftModel.from_pretrained(model, ROOT / "adapters" / adapter, is_trainable=True)
         return train_steps(model, rows, batch, accum, steps, make_opt, clip)
 
-    from transformers import get_scheduler
     traces = {}
-    sgd = lambda ps: (torch.optim.SGD(ps, lr=1.0, weight_decay=0.1), None)
     for batch, accum in [(2, 2), (4, 1)]:
         name = f"sgd_{batch}x{accum}"
         state, traces[name] = run("qwen3_5_vl", "qwen3_5_vl_lora", batch, accum, 1, sgd, 0.0)
         save_file(state, str(out / f"qwen3_5_{name}.safetensors"))
 
-    def adamw(ps):
-        opt = torch.optim.AdamW(ps, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-        return opt, get_scheduler("linear", opt, num_warmup_steps=0, num_training_steps=3)
     state, traces["adamw"] = run("qwen3_5_text", "qwen3_5_text_dora", 2, 1, 3, adamw, 0.5)
     assert all(t["grad_norm"] > 0.5 for t in traces["adamw"]), "clipping must engage"
     save_file(state, str(out / "qwen3_5_adamw.safetensors"))

@@ -193,7 +193,14 @@ impl HfConfig {
             }
             _ => false,
         };
-        let mut config: Self = serde_json::from_value(value)?;
+        let mut config: Self = match serde_json::from_value(value) {
+            Ok(config) => config,
+            // The field is text_config's: say where it was looked for.
+            Err(e) if vision_language => {
+                return Err(serde::de::Error::custom(format!("text_config: {e}")))
+            }
+            Err(e) => return Err(e),
+        };
         config.vision_language = vision_language;
         Ok(config)
     }
@@ -740,6 +747,10 @@ mod tests {
         })
     }
 
+    fn top_level_of(text: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({"model_type": "qwen3_5", "text_config": text})
+    }
+
     /// The vision-language config.json: text settings from text_config, the head's tying and
     /// the dtype from the top (as transformers ties `lm_head` by the top-level flag).
     #[test]
@@ -783,6 +794,16 @@ mod tests {
         );
         // The query and its gate: q_proj is twice as wide.
         assert_eq!(c.layer_linears(3)[0], ("self_attn.q_proj", 64, 256));
+        let mut broken = top_level_of(qwen3_5_text());
+        broken["text_config"]
+            .as_object_mut()
+            .unwrap()
+            .remove("hidden_size");
+        let err = HfConfig::from_value(broken).unwrap_err().to_string();
+        assert!(
+            err.contains("text_config: missing field `hidden_size`"),
+            "{err}"
+        );
         let flat = resolve(qwen3_5_text()).unwrap();
         assert_eq!(flat.text_prefix, "model");
         assert!(!flat.tie_word_embeddings);

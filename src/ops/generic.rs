@@ -443,10 +443,11 @@ pub(super) fn gated_delta_rule<B: Backend>(
     let [_, _, hv, dv] = v.dims();
     let device = q.device();
     // Each key head serves hv / hk consecutive value heads, as transformers' repeat_interleave.
+    // L2-normalised per key head, then repeated: the norm is taken once a key head.
     let per_key = |x: Tensor<B, 4>| {
-        let x = repeat_kv::<B>(x.swap_dims(1, 2), hv / hk); // [b, hv, s, dk]
+        let x = x.swap_dims(1, 2); // [b, hk, s, dk]
         let norm = (x.clone().powi_scalar(2).sum_dim(3) + 1e-6).sqrt().recip();
-        x * norm
+        repeat_kv::<B>(x * norm, hv / hk) // [b, hv, s, dk]
     };
     let q = per_key(q) * (dk as f64).powf(-0.5);
     let k = per_key(k);

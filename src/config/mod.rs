@@ -15,7 +15,7 @@ pub use generation::{GenerationConfig, TokenIds};
 pub use lora::{InitLoraWeights, LoraConfig, TargetModules};
 pub use model::{
     Arch, Dtype, HfConfig, LinearAttention, ModelConfig, ModelConfigError, RopeConfig, RopeScaling,
-    TokenMixer,
+    TokenMixer, LINEAR_ATTN_LINEARS, MLP_LINEARS, SELF_ATTN_LINEARS,
 };
 pub use quant::Nf4Config;
 pub use train::{

@@ -614,6 +614,23 @@ impl HfConfig {
     }
 }
 
+/// The adaptable linear layers of each part of a decoder layer, by module path in the layer, in
+/// the order the layer holds them (the trainable tensors' order).
+pub const SELF_ATTN_LINEARS: [&str; 4] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+];
+pub const LINEAR_ATTN_LINEARS: [&str; 5] = [
+    "linear_attn.in_proj_qkv",
+    "linear_attn.in_proj_z",
+    "linear_attn.in_proj_b",
+    "linear_attn.in_proj_a",
+    "linear_attn.out_proj",
+];
+pub const MLP_LINEARS: [&str; 3] = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
+
 impl ModelConfig {
     /// `(module path in the layer, in features, out features)` of every linear layer of decoder
     /// layer `i`, in the order the layer holds them (the trainable tensors' order).
@@ -621,27 +638,28 @@ impl ModelConfig {
         let (h, d, inter) = (self.hidden_size, self.head_dim, self.intermediate_size);
         let (q, kv) = (self.num_attention_heads * d, self.num_key_value_heads * d);
         let q_out = if self.attn_output_gate { 2 * q } else { q };
-        let mut linears = match (self.layer_mixers[i], &self.linear_attention) {
-            (TokenMixer::LinearAttention, Some(la)) => vec![
-                ("linear_attn.in_proj_qkv", h, la.conv_dim()),
-                ("linear_attn.in_proj_z", h, la.value_dim()),
-                ("linear_attn.in_proj_b", h, la.num_value_heads),
-                ("linear_attn.in_proj_a", h, la.num_value_heads),
-                ("linear_attn.out_proj", la.value_dim(), h),
-            ],
-            _ => vec![
-                ("self_attn.q_proj", h, q_out),
-                ("self_attn.k_proj", h, kv),
-                ("self_attn.v_proj", h, kv),
-                ("self_attn.o_proj", q, h),
-            ],
-        };
-        linears.extend([
-            ("mlp.gate_proj", h, inter),
-            ("mlp.up_proj", h, inter),
-            ("mlp.down_proj", inter, h),
-        ]);
+        let (names, mixer): (&[&'static str], Vec<(usize, usize)>) =
+            match (self.layer_mixers[i], &self.linear_attention) {
+                (TokenMixer::LinearAttention, Some(la)) => (
+                    &LINEAR_ATTN_LINEARS,
+                    vec![
+                        (h, la.conv_dim()),
+                        (h, la.value_dim()),
+                        (h, la.num_value_heads),
+                        (h, la.num_value_heads),
+                        (la.value_dim(), h),
+                    ],
+                ),
+                _ => (
+                    &SELF_ATTN_LINEARS,
+                    vec![(h, q_out), (h, kv), (h, kv), (q, h)],
+                ),
+            };
+        let mlp = [(h, inter), (h, inter), (inter, h)];
+        let linears = names.iter().zip(mixer).chain(MLP_LINEARS.iter().zip(mlp));
         linears
+            .map(|(name, (n_in, n_out))| (*name, n_in, n_out))
+            .collect()
     }
 
     /// The module path of decoder layer `i` in the checkpoint (`model.layers.3`, or

@@ -19,7 +19,7 @@ use super::frozen;
 use super::gated_delta_net::{in_f32, GatedDeltaNet, LinearMask};
 use super::load::Checkpoint;
 use super::rope::RopeTables;
-use crate::config::{ModelConfig, TokenMixer};
+use crate::config::{ModelConfig, TokenMixer, LINEAR_ATTN_LINEARS, MLP_LINEARS, SELF_ATTN_LINEARS};
 use crate::lora::{Lora, LoraLinear, RowAdapters};
 use crate::ops::{rms_norm, sdpa, seed_gradient, swiglu, AttnMask, ModelBackend, TrainBackend};
 
@@ -283,43 +283,35 @@ impl<B: Backend> DecoderLayer<B> {
     /// `ModelConfig::layer_linears` order.
     pub fn linears(&self) -> Vec<(&'static str, &LoraLinear<B>)> {
         let m = &self.mlp;
+        let mlp = MLP_LINEARS
+            .into_iter()
+            .zip([&m.gate_proj, &m.up_proj, &m.down_proj]);
         let mut out: Vec<(&'static str, &LoraLinear<B>)> = match &self.mixer {
-            Mixer::Attention(a) => vec![
-                ("self_attn.q_proj", &a.q_proj),
-                ("self_attn.k_proj", &a.k_proj),
-                ("self_attn.v_proj", &a.v_proj),
-                ("self_attn.o_proj", &a.o_proj),
-            ],
+            Mixer::Attention(a) => {
+                let linears = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj];
+                SELF_ATTN_LINEARS.into_iter().zip(linears).collect()
+            }
             Mixer::Linear(l) => LINEAR_ATTN_LINEARS.into_iter().zip(l.linears()).collect(),
         };
-        out.extend([
-            ("mlp.gate_proj", &m.gate_proj),
-            ("mlp.up_proj", &m.up_proj),
-            ("mlp.down_proj", &m.down_proj),
-        ]);
+        out.extend(mlp);
         out
     }
 
     /// As `linears`, to update their adapters.
     pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut LoraLinear<B>)> {
         let m = &mut self.mlp;
+        let mlp = [&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj];
         let mut out: Vec<(&'static str, &mut LoraLinear<B>)> = match &mut self.mixer {
-            Mixer::Attention(a) => vec![
-                ("self_attn.q_proj", &mut a.q_proj),
-                ("self_attn.k_proj", &mut a.k_proj),
-                ("self_attn.v_proj", &mut a.v_proj),
-                ("self_attn.o_proj", &mut a.o_proj),
-            ],
+            Mixer::Attention(a) => {
+                let linears = [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj];
+                SELF_ATTN_LINEARS.into_iter().zip(linears).collect()
+            }
             Mixer::Linear(l) => LINEAR_ATTN_LINEARS
                 .into_iter()
                 .zip(l.linears_mut())
                 .collect(),
         };
-        out.extend([
-            ("mlp.gate_proj", &mut m.gate_proj),
-            ("mlp.up_proj", &mut m.up_proj),
-            ("mlp.down_proj", &mut m.down_proj),
-        ]);
+        out.extend(MLP_LINEARS.into_iter().zip(mlp));
         out
     }
 
@@ -330,15 +322,6 @@ impl<B: Backend> DecoderLayer<B> {
             .filter_map(|(_, l)| l.adapter.as_ref())
     }
 }
-
-/// `GatedDeltaNet::linears`' module paths in a layer.
-const LINEAR_ATTN_LINEARS: [&str; 5] = [
-    "linear_attn.in_proj_qkv",
-    "linear_attn.in_proj_z",
-    "linear_attn.in_proj_b",
-    "linear_attn.in_proj_a",
-    "linear_attn.out_proj",
-];
 
 impl<B: ModelBackend> DecoderLayer<B> {
     /// See `Attention::forward` for `mask` and `decoding`.

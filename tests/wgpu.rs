@@ -11,17 +11,23 @@ use burn::backend::{Autodiff, Flex, Wgpu};
 use common::training::{self, serial, On};
 use common::{adapter_dir, check_logits, check_losses, fixtures, golden, load_model, model_dir};
 use serde_json::Value;
+use std::io::Write;
+use std::sync::{MutexGuard, Once};
 use swift_rs::config::{Device, Dtype, Nf4Config};
 use swift_rs::infer::{generate, GenerateOptions, Request, Sampling};
 use swift_rs::model::loss::{token_losses, LossTargets};
 use swift_rs::model::{Batch, CausalLm, LoadOptions, ModelBackend};
 use swift_rs::ops::wgpu_adapters;
 
-/// The first adapter wgpu lists, or None (and a line saying so) when there is none and this is
-/// not CI.
-fn gpu() -> Option<WgpuDevice> {
+/// The first adapter wgpu lists, held by one test at a time, or None (and a line saying so) when
+/// there is none and this is not CI. One at a time: tests that train reseed the backends' global
+/// generators, and CI once failed a test that read a tensor while the others ran their own fusion
+/// streams on the device (lavapipe gains nothing from concurrent tests: it uses every core).
+fn gpu() -> Option<(WgpuDevice, MutexGuard<'static, ()>)> {
+    let serial = serial();
+    report_device_thread_panics();
     match wgpu_adapters().into_iter().next() {
-        Some(a) => Some(a.device),
+        Some(a) => Some((a.device, serial)),
         None if std::env::var("CI").is_ok_and(|v| v == "true") => {
             panic!("CI=true and wgpu finds no adapter: install mesa-vulkan-drivers")
         }
@@ -32,9 +38,28 @@ fn gpu() -> Option<WgpuDevice> {
     }
 }
 
+/// A panic on CubeCL's device thread reaches the test only as `CallError`; its message went to the
+/// output of whichever test started that thread. Write it to the process's stderr instead.
+fn report_device_thread_panics() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let thread = std::thread::current();
+            if thread.name().is_some_and(|n| n.starts_with("DS")) {
+                let line = format!("device thread {:?} panicked: {info}\n", thread.name());
+                let _ = std::io::stderr().write_all(line.as_bytes());
+            }
+            default(info);
+        }));
+    });
+}
+
 /// Logits and per-row losses of `base` (+ `adapter`) against the fixture `tag`, 1e-4 in f32.
 fn check_parity(base: &str, adapter: Option<&str>, options: LoadOptions, tag: &str) {
-    let Some(device) = gpu() else { return };
+    let Some((device, _serial)) = gpu() else {
+        return;
+    };
     let model = load_model::<Wgpu>(base, adapter, options, &device);
     // What `memory_gib` reports on a GPU: the device memory the pools hold, here the weights'.
     let held = <Wgpu as ModelBackend>::device_memory_bytes(&device).unwrap_or(0);
@@ -59,7 +84,9 @@ fn f32_logits_and_losses_match_transformers() {
 /// these rows of 3 to 150 tokens alone took minutes).
 #[test]
 fn qwen3_5_matches_transformers() {
-    let Some(device) = gpu() else { return };
+    let Some((device, _serial)) = gpu() else {
+        return;
+    };
     let (base, adapter) = ("qwen3_5_vl", "qwen3_5_vl_lora");
     let model = load_model::<Wgpu>(base, Some(adapter), LoadOptions::dtype(Dtype::F32), &device);
     let g = golden(&adapter_dir(adapter), &model_dir(base), "logits", 331);
@@ -97,7 +124,9 @@ fn an_nf4_base_matches_transformers_on_bitsandbytes_weights() {
 
 #[test]
 fn greedy_generation_equals_the_cpu_path_and_transformers() {
-    let Some(device) = gpu() else { return };
+    let Some((device, _serial)) = gpu() else {
+        return;
+    };
     let text = std::fs::read_to_string(fixtures().join("generation.json")).unwrap();
     let cases = serde_json::from_str::<Value>(&text).unwrap()["greedy"].clone();
     for case in cases.as_array().unwrap().iter().take(2) {
@@ -126,25 +155,25 @@ fn greedy_generation_equals_the_cpu_path_and_transformers() {
     }
 }
 
-fn on() -> Option<On<Autodiff<Wgpu>>> {
-    Some(On {
+fn on() -> Option<(On<Autodiff<Wgpu>>, MutexGuard<'static, ()>)> {
+    let (backend, serial) = gpu()?;
+    let on = On {
         device: Device::Wgpu(0),
-        backend: gpu()?,
-    })
+        backend,
+    };
+    Some((on, serial))
 }
 
 #[test]
 fn one_sgd_step_equals_pytorch_peft_for_every_accumulation() {
-    let _serial = serial();
-    if let Some(on) = on() {
+    if let Some((on, _serial)) = on() {
         training::one_sgd_step_equals_pytorch_peft(&on);
     }
 }
 
 #[test]
 fn three_adamw_steps_with_clipping_equal_pytorch_peft() {
-    let _serial = serial();
-    if let Some(on) = on() {
+    if let Some((on, _serial)) = on() {
         training::three_adamw_steps_equal_pytorch_peft(&on);
     }
 }
@@ -152,16 +181,14 @@ fn three_adamw_steps_with_clipping_equal_pytorch_peft() {
 /// One micro-batch (one shape for lavapipe to compile) through the delta rule's backward pass.
 #[test]
 fn a_qwen3_5_sgd_step_equals_pytorch_peft() {
-    let _serial = serial();
-    if let Some(on) = on() {
+    if let Some((on, _serial)) = on() {
         training::qwen3_5_sgd_step_equals_pytorch_peft(&on, 4, 1, false);
     }
 }
 
 #[test]
 fn a_resumed_run_ends_bit_for_bit_where_an_unbroken_one_does() {
-    let _serial = serial();
-    if let Some(on) = on() {
+    if let Some((on, _serial)) = on() {
         // A fresh adapter with dropout on a fixture model: the quickstart's longer rows make
         // lavapipe compile kernels for many more shapes.
         training::a_resumed_run_ends_where_an_unbroken_one_does(&on, 4, |out| {
@@ -199,8 +226,9 @@ fn step_memory(model: &CausalLm<Autodiff<Wgpu>>, s: usize, device: &WgpuDevice) 
 
 #[test]
 fn attention_memory_grows_linearly_with_the_sequence() {
-    let _serial = serial();
-    let Some(device) = gpu() else { return };
+    let Some((device, _serial)) = gpu() else {
+        return;
+    };
     let options = LoadOptions::dtype(Dtype::F32);
     let model = load_model::<Autodiff<Wgpu>>("llama", Some("llama_qv"), options, &device);
     // Materialised scores would be 4 heads x s² x 4 bytes a tensor: 16x from 1024 to 4096.

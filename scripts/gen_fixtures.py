@@ -318,7 +318,8 @@ def check_rust_adapter_in_peft() -> None:
 
 
 # Chat templates as their models publish them (tokenizer_config.json `chat_template`):
-# Qwen2.5-Instruct, Qwen3, Meta-Llama-3-Instruct and Llama-3.1-Instruct (3.3 has the same).
+# Qwen2.5-Instruct, Qwen3, Meta-Llama-3-Instruct and Llama-3.1-Instruct (3.3 has the same), and
+# Qwen3.5's chat_template.jinja (Qwen3.6 ships the same).
 TEMPLATES = Path(__file__).resolve().parent / "chat_templates"
 
 CONVERSATIONS = [
@@ -346,9 +347,20 @@ THINKING = [
      {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"},
      {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "6"}],
 ]
+# Qwen3.5 trims every message, re-wraps reasoning with canonical newlines, and opens its
+# generation prompt with <think>\n (or an empty block when enable_thinking is false).
+QWEN3_5_CONVERSATIONS = [
+    [{"role": "system", "content": "  Answer briefly. \n"},
+     {"role": "user", "content": " 2+2? "},
+     {"role": "assistant", "content": "<think>add them\n\n</think>4\n"}],
+    [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi there."},
+     {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Let me compute it."},
+     {"role": "tool", "content": " 4 "}, {"role": "assistant", "content": "<think>\nthe tool said 4\n</think>\n\nIt is 4."}],
+]
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
                   "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>"]
+QWEN_FIELDS = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None}
 # (directory, template file, in tokenizer_config.json or chat_template.jinja, specials,
 #  tokenizer_config fields, extra conversations)
 TEMPLATE_FIXTURES = [
@@ -364,7 +376,12 @@ TEMPLATE_FIXTURES = [
      {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}, []),
     ("llama3_1_jinja", "llama3_1", False, LLAMA_SPECIALS,
      {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}, []),
+    ("qwen3_5_jinja", "qwen3_5", False, QWEN_SPECIALS, QWEN_FIELDS,
+     THINKING + QWEN3_5_CONVERSATIONS),
 ]
+# What a template's generation prompt ends with that ms-swift counts as the answer's start (its
+# `thinking_prefix`): labels begin before it.
+THINKING_PREFIX = {"qwen3_5": "<think>\n"}
 
 
 def template_tokenizer(dir: Path, specials: list[str], thinking: bool) -> None:
@@ -384,16 +401,19 @@ def template_tokenizer(dir: Path, specials: list[str], thinking: bool) -> None:
     tok.save(str(dir / "tokenizer.json"))
 
 
-def prefix_labels(tok, msgs: list[dict], text: str, ids: list[int], eot: str) -> list[int] | None:
+def prefix_labels(tok, msgs: list[dict], text: str, ids: list[int], eot: str,
+                  thinking_prefix: str = "") -> list[int] | None:
     """Labels by rendering prefixes (ms-swift's way, independent of swift-rs's search): an
     assistant turn takes loss from the end of the conversation before it rendered with the
-    generation prompt, through the first end-of-turn token after that. None when the template is
-    not prefix-stable for this conversation."""
+    generation prompt (less its `thinking_prefix`, which ms-swift trains as part of the answer),
+    through the first end-of-turn token after that. None when the template is not prefix-stable
+    for this conversation."""
     spans = []
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
         prompt = tok.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
+        prompt = prompt.removesuffix(thinking_prefix)
         if not text.startswith(prompt):
             return None
         end = text.index(eot, len(prompt)) + len(eot)
@@ -422,18 +442,28 @@ def make_templates() -> None:
             (dir / "chat_template.jinja").write_text(template)
         (dir / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
         tok = AutoTokenizer.from_pretrained(dir)
+        thinking_prefix = THINKING_PREFIX.get(source, "")
+        # Generation prompts with thinking left to the template, and (templates that switch it)
+        # turned off.
+        prompts = [(True, None)] + ([(True, False)] if thinking_prefix else [])
         cases = []
         for conv in CONVERSATIONS + extra:
-            for gen in (False, True):
+            for gen, thinking in [(False, None)] + prompts:
                 msgs = conv[:-1] if gen else conv
-                text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-                ids = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen)
+                kwargs = {} if thinking is None else {"enable_thinking": thinking}
+                text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen,
+                                               **kwargs)
+                ids = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen,
+                                              **kwargs)
                 if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                     ids = ids["input_ids"]
                 ids = list(ids)
                 case = {"messages": msgs, "add_generation_prompt": gen, "text": text, "ids": ids}
+                if thinking is not None:
+                    case["enable_thinking"] = thinking
                 if not gen:
-                    case["labels"] = prefix_labels(tok, msgs, text, ids, fields["eos_token"])
+                    case["labels"] = prefix_labels(tok, msgs, text, ids, fields["eos_token"],
+                                                   thinking_prefix)
                 cases.append(case)
         (dir / "expected.json").write_text(json.dumps(cases, ensure_ascii=False, indent=1))
 

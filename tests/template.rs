@@ -1,5 +1,6 @@
-//! Chat templates and labels: each model's published template (Qwen2.5, Qwen3, Llama 3, Llama 3.1,
-//! in tokenizer_config.json or chat_template.jinja) renders and tokenizes exactly as transformers'
+//! Chat templates and labels: each model's published template (Qwen2.5, Qwen3, Qwen3.5, Llama 3,
+//! Llama 3.1, in tokenizer_config.json or chat_template.jinja; with `enable_thinking` where a case
+//! sets it) renders and tokenizes exactly as transformers'
 //! `apply_chat_template`, labels equal those found by rendering prefixes (scripts/gen_fixtures.py),
 //! and the built-in templates render as the published ones.
 
@@ -13,13 +14,14 @@ use swift_rs::data::format::{parse_preference, parse_row, Message, Role, Row};
 use swift_rs::data::load_tokenizer;
 use swift_rs::data::template::ChatTemplate;
 
-const FIXTURES: [&str; 6] = [
+const FIXTURES: [&str; 7] = [
     "qwen2_5",
     "qwen2_5_jinja",
     "qwen3",
     "qwen3_jinja",
     "llama3",
     "llama3_1_jinja",
+    "qwen3_5_jinja",
 ];
 
 fn dir(name: &str) -> PathBuf {
@@ -69,7 +71,8 @@ fn renders_tokenizes_and_labels_as_transformers() {
         for (i, case) in cases(name).iter().enumerate() {
             let msgs = messages(&case["messages"]);
             let gen = case["add_generation_prompt"].as_bool().unwrap();
-            let text = template.render(&msgs, gen).unwrap();
+            let thinking = case["enable_thinking"].as_bool();
+            let text = template.render_thinking(&msgs, gen, thinking).unwrap();
             assert_eq!(
                 text,
                 case["text"].as_str().unwrap(),
@@ -99,12 +102,17 @@ fn builtin_templates_render_as_the_published_ones() {
     for (fixture, builtin) in [
         ("qwen2_5", TemplateName::Qwen2_5),
         ("qwen3", TemplateName::Qwen3),
+        ("qwen3_5_jinja", TemplateName::Qwen3_5),
         ("llama3", TemplateName::Llama3),
     ] {
         let template = ChatTemplate::load(&dir(fixture), builtin, "").unwrap();
         for (i, case) in cases(fixture).iter().enumerate() {
             let gen = case["add_generation_prompt"].as_bool().unwrap();
-            let text = template.render(&messages(&case["messages"]), gen).unwrap();
+            let (msgs, thinking) = (
+                messages(&case["messages"]),
+                case["enable_thinking"].as_bool(),
+            );
+            let text = template.render_thinking(&msgs, gen, thinking).unwrap();
             assert_eq!(text, case["text"].as_str().unwrap(), "{builtin:?} case {i}");
         }
     }
@@ -153,7 +161,21 @@ fn auto_uses_the_model_template_or_the_builtin_for_its_model_type() {
     );
     let bare = tempfile::tempdir().unwrap();
     let qwen3 = ChatTemplate::load(bare.path(), TemplateName::Auto, "qwen3").unwrap();
-    assert_eq!(qwen3.generation_header(), "<|im_start|>assistant\n");
+    assert_eq!(qwen3.answer_header(), "<|im_start|>assistant\n");
+    // Qwen3.5's prompt opens a reasoning block that is the answer's, not the header's.
+    let mut qwen3_5 = ChatTemplate::load(bare.path(), TemplateName::Auto, "qwen3_5").unwrap();
+    assert!(qwen3_5
+        .render(&conv, true)
+        .unwrap()
+        .ends_with("assistant\n<think>\n"));
+    assert_eq!(qwen3_5.answer_header(), "<|im_start|>assistant\n");
+    qwen3_5.set_enable_thinking(Some(false));
+    let prompt = qwen3_5.render(&conv, true).unwrap();
+    assert!(
+        prompt.ends_with("assistant\n<think>\n\n</think>\n\n"),
+        "{prompt:?}"
+    );
+    assert_eq!(qwen3_5.answer_header(), "<|im_start|>assistant\n");
     let llama = ChatTemplate::load(bare.path(), TemplateName::Auto, "llama").unwrap();
     assert!(llama
         .render(&conv, false)
@@ -289,9 +311,18 @@ fn a_broken_chat_template_jinja_is_named() {
 
 /// ms-swift's `--loss_scale ignore_empty_think` (examples/train/think_model/qwen3_demo1.sh): an
 /// empty `<think>\n\n</think>\n\n` opening an answer takes no loss; the answer and a reasoning
-/// block that holds reasoning still do.
+/// block that holds reasoning still do. Qwen3.5's template writes the empty block itself.
 #[test]
 fn ignore_empty_think_takes_no_loss_on_an_empty_reasoning_block() {
+    for (fixture, empty) in [
+        ("qwen3", "<think>\n\n</think>\n\nI am swift-rs."),
+        ("qwen3_5_jinja", "I am swift-rs."),
+    ] {
+        check_ignore_empty_think(fixture, empty);
+    }
+}
+
+fn check_ignore_empty_think(fixture: &str, empty: &str) {
     let row = |answer: &str| {
         parse_row(&serde_json::json!({"messages": [
             {"role": "user", "content": "Who are you?"},
@@ -299,9 +330,9 @@ fn ignore_empty_think_takes_no_loss_on_an_empty_reasoning_block() {
         ]}))
         .unwrap()
     };
-    let tokenizer = load_tokenizer(&dir("qwen3")).unwrap();
+    let tokenizer = load_tokenizer(&dir(fixture)).unwrap();
     let trained = |scale: LossScale, answer: &str| -> String {
-        let e = encoder("qwen3", TemplateName::Auto, scale, None)
+        let e = encoder(fixture, TemplateName::Auto, scale, None)
             .encode(&row(answer))
             .unwrap();
         let ids: Vec<u32> = e
@@ -312,7 +343,6 @@ fn ignore_empty_think_takes_no_loss_on_an_empty_reasoning_block() {
             .collect();
         tokenizer.decode(&ids, false).unwrap()
     };
-    let empty = "<think>\n\n</think>\n\nI am swift-rs.";
     let default = trained(LossScale::Default, empty);
     assert!(default.starts_with("<think>"), "{default:?}");
     let ignored = trained(LossScale::IgnoreEmptyThink, empty);

@@ -194,7 +194,7 @@ fn modelfile(local: &LocalModel, output: &Path) -> Result<(PathBuf, String), Fai
             path.display()
         )));
     }
-    let encoder = prompt_encoder(local, TemplateName::Auto, None)?;
+    let encoder = prompt_encoder(local, TemplateName::Auto, None, None)?;
     let tokenizer = encoder.tokenizer();
     let template = encoder.template();
     let adds_bos = tokenizer

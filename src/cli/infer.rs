@@ -40,7 +40,11 @@ pub struct InferArgs {
     /// System prompt for conversations that have none
     #[arg(long)]
     system: Option<String>,
-    /// Chat template: auto (the model's own), chatml, qwen, qwen2_5, qwen3, llama3, jinja
+    /// The chat template's `enable_thinking`: false asks a hybrid-thinking model (Qwen3,
+    /// Qwen3.5) to answer without reasoning [default: the template's]
+    #[arg(long, value_parser = swift_bool)]
+    enable_thinking: Option<bool>,
+    /// Chat template: auto (the model's own), chatml, qwen, qwen2_5, qwen3, qwen3_5, llama3, jinja
     #[arg(long, default_value = "auto")]
     template: TemplateName,
     /// Most tokens per reply [default: generation_config.json's max_new_tokens, else 2048]
@@ -113,7 +117,12 @@ fn infer_on<B: ModelBackend>(
     if let Some(problem) = sampling.problem() {
         return Err(Failure::Usage(anyhow!(problem)));
     }
-    let encoder = prompt_encoder(&local, args.template, args.system.clone())?;
+    let encoder = prompt_encoder(
+        &local,
+        args.template,
+        args.system.clone(),
+        args.enable_thinking,
+    )?;
     let rows = match &args.dataset {
         Some(path) => {
             let rows = read_conversations(path).map_err(Failure::Usage)?;
@@ -182,14 +191,17 @@ pub(super) fn prompt_encoder(
     local: &LocalModel,
     template: TemplateName,
     system: Option<String>,
+    enable_thinking: Option<bool>,
 ) -> Result<Encoder, Failure> {
     let template = match (template, local.run_args.template) {
         (TemplateName::Auto, Some(trained)) => trained,
         (given, _) => given,
     };
     let system = system.or(local.run_args.system.clone());
-    Encoder::for_model_dir(&local.model, template, system, LossScale::Default)
-        .map_err(|e| Failure::Usage(e.into()))
+    let mut encoder = Encoder::for_model_dir(&local.model, template, system, LossScale::Default)
+        .map_err(|e| Failure::Usage(e.into()))?;
+    encoder.set_enable_thinking(enable_thinking);
+    Ok(encoder)
 }
 
 /// The tokens that end a reply: generation_config.json's eos ids and the template's end of turn.

@@ -243,8 +243,23 @@ impl Encoder {
     /// The ids of a conversation followed by the header of the assistant's reply
     /// (`add_generation_prompt`): what generation continues.
     pub fn prompt(&self, messages: &[Message]) -> Result<Vec<u32>, String> {
-        let text = self.template.render(&self.with_system(messages), true)?;
+        self.prompt_thinking(messages, None)
+    }
+
+    /// `prompt`, with `enable_thinking` (a request's) over the template's own setting.
+    pub fn prompt_thinking(
+        &self,
+        messages: &[Message],
+        enable_thinking: Option<bool>,
+    ) -> Result<Vec<u32>, String> {
+        let messages = self.with_system(messages);
+        let text = (self.template).render_thinking(&messages, true, enable_thinking)?;
         Ok(self.tokenize(&text)?.0)
+    }
+
+    /// The template's `enable_thinking` for every prompt (ms-swift's `--enable_thinking`).
+    pub fn set_enable_thinking(&mut self, enable_thinking: Option<bool>) {
+        self.template.set_enable_thinking(enable_thinking);
     }
 
     /// The tokens that end a reply: the end-of-turn token the template writes after an
@@ -361,15 +376,14 @@ impl Encoder {
     }
 
     /// Byte ranges of `text` that take loss: for each assistant turn (per `loss_scale`), from the
-    /// end of its header (what `add_generation_prompt` appends, so a reasoning block the template
-    /// adds is trained as ms-swift trains it) through the end-of-turn special token after its
-    /// answer.
+    /// end of its header (`ChatTemplate::answer_header`, so a reasoning block the template adds is
+    /// trained as ms-swift trains it) through the end-of-turn special token after its answer.
     fn answer_spans(
         &self,
         messages: &[Message],
         text: &str,
     ) -> Result<Vec<std::ops::Range<usize>>, String> {
-        let header = self.template.generation_header();
+        let header = self.template.answer_header();
         let assistant: Vec<usize> = (0..messages.len())
             .filter(|&i| messages[i].role == Role::Assistant)
             .collect();

@@ -2,8 +2,8 @@
 //! `chat_template.jinja` beside it as newer transformers writes it), rendered by `minijinja` set up
 //! as transformers sets up jinja2 for `apply_chat_template`: `trim_blocks` and `lstrip_blocks`,
 //! Python string/dict methods (minijinja-contrib's pycompat), loop controls, `tojson`,
-//! `raise_exception` and `strftime_now`. Built-in templates (chatml, qwen, qwen2_5, qwen3, llama3)
-//! serve models without one, or when `model.template` names them.
+//! `raise_exception` and `strftime_now`. Built-in templates (chatml, qwen, qwen2_5, qwen3,
+//! qwen3_5, llama3) serve models without one, or when `model.template` names them.
 
 use std::path::Path;
 
@@ -25,6 +25,7 @@ impl TemplateName {
             Self::Qwen => Some(include_str!("templates/qwen.jinja")),
             Self::Qwen2_5 => Some(include_str!("templates/qwen2_5.jinja")),
             Self::Qwen3 => Some(include_str!("templates/qwen3.jinja")),
+            Self::Qwen3_5 => Some(include_str!("templates/qwen3_5.jinja")),
             Self::Llama3 => Some(include_str!("templates/llama3.jinja")),
         }
     }
@@ -34,6 +35,7 @@ impl TemplateName {
         match model_type {
             "qwen2" => Some(Self::Qwen2_5),
             "qwen3" => Some(Self::Qwen3),
+            "qwen3_5" | "qwen3_5_text" => Some(Self::Qwen3_5),
             "llama" => Some(Self::Llama3),
             _ => None,
         }
@@ -44,7 +46,9 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
-    generation_header: String,
+    answer_header: String,
+    /// The template's `enable_thinking`; None leaves it undefined (each template's default).
+    enable_thinking: Option<bool>,
 }
 
 #[derive(Serialize)]
@@ -155,30 +159,61 @@ impl ChatTemplate {
             env,
             bos_token,
             eos_token,
-            generation_header: String::new(),
+            answer_header: String::new(),
+            enable_thinking: None,
         };
-        template.generation_header = template.find_generation_header();
+        template.find_answer_header();
         Ok(template)
     }
 
-    /// What `add_generation_prompt` appends: the header that opens an assistant turn, such as
-    /// `<|im_start|>assistant\n`. Empty when the template does not append to the conversation.
-    fn find_generation_header(&self) -> String {
-        let probe = [Message {
-            role: Role::User,
-            content: "?".into(),
-        }];
-        match (self.render(&probe, false), self.render(&probe, true)) {
-            (Ok(plain), Ok(prompted)) => prompted
-                .strip_prefix(plain.as_str())
-                .unwrap_or("")
-                .to_string(),
-            _ => String::new(),
-        }
+    /// Sets `enable_thinking` for every rendering (ms-swift's `--enable_thinking`).
+    pub fn set_enable_thinking(&mut self, enable_thinking: Option<bool>) {
+        self.enable_thinking = enable_thinking;
+        self.find_answer_header();
     }
 
-    pub fn generation_header(&self) -> &str {
-        &self.generation_header
+    /// The answer header: the part of the generation header (what `add_generation_prompt`
+    /// appends, such as `<|im_start|>assistant\n`) that opens every assistant turn of a
+    /// conversation. They differ where the prompt opens a reasoning block (Qwen3.5's `<think>\n`)
+    /// that earlier turns do not show; ms-swift trains that block as part of the answer. Empty
+    /// when the template does not append to the conversation.
+    fn find_answer_header(&mut self) {
+        let message = |role, content: &str| Message {
+            role,
+            content: content.into(),
+        };
+        let question = [message(Role::User, "?")];
+        let (Ok(plain), Ok(prompted)) =
+            (self.render(&question, false), self.render(&question, true))
+        else {
+            return;
+        };
+        let generation_header = prompted.strip_prefix(plain.as_str()).unwrap_or("");
+        let earlier_answer = [
+            message(Role::User, "?"),
+            message(Role::Assistant, "!"),
+            message(Role::User, "?"),
+        ];
+        let opening = self.render(&earlier_answer, false).ok().and_then(|text| {
+            let turn = text.strip_prefix(plain.as_str())?;
+            Some(turn[..turn.find('!')?].to_string())
+        });
+        self.answer_header = match opening {
+            Some(opening) => {
+                let shared = (generation_header.char_indices())
+                    .zip(opening.chars())
+                    .take_while(|((_, a), b)| a == b)
+                    .last()
+                    .map_or(0, |((i, a), _)| i + a.len_utf8());
+                generation_header[..shared].to_string()
+            }
+            None => generation_header.to_string(),
+        };
+    }
+
+    /// Where an assistant turn's loss starts: after this header.
+    pub fn answer_header(&self) -> &str {
+        &self.answer_header
     }
 
     /// tokenizer_config.json's `eos_token`; empty when it names none.
@@ -266,6 +301,16 @@ impl ChatTemplate {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String, String> {
+        self.render_thinking(messages, add_generation_prompt, None)
+    }
+
+    /// `render`, with `enable_thinking` (a request's) over the template's own setting.
+    pub fn render_thinking(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        enable_thinking: Option<bool>,
+    ) -> Result<String, String> {
         let messages: Vec<RenderMessage> = messages
             .iter()
             .map(|m| RenderMessage {
@@ -274,12 +319,15 @@ impl ChatTemplate {
             })
             .collect();
         let template = self.env.get_template("chat").map_err(|e| e.to_string())?;
+        let enable_thinking = (enable_thinking.or(self.enable_thinking))
+            .map_or(minijinja::Value::UNDEFINED, minijinja::Value::from);
         template
             .render(context! {
                 messages => messages,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
+                enable_thinking => enable_thinking,
             })
             .map_err(|e| format!("the chat template failed: {e}"))
     }

@@ -421,9 +421,10 @@ async fn handle(
 fn chat_prompts(server: &Server, body: &Value, common: &Common) -> Result<Prompts, ApiError> {
     let request: ChatRequest = openai::fields(body)?;
     let messages = request.conversation()?;
+    let enable_thinking = (request.chat_template_kwargs.as_ref()).and_then(|k| k.enable_thinking);
     let prompt = server
         .encoder
-        .prompt(&messages)
+        .prompt_thinking(&messages, enable_thinking)
         .map_err(|e| ApiError::invalid(Some("messages"), e))?;
     Ok(Prompts {
         ids: vec![prompt],

@@ -139,6 +139,14 @@ pub struct ChatRequest {
     #[serde(default)]
     pub logprobs: bool,
     pub top_logprobs: Option<u64>,
+    pub chat_template_kwargs: Option<ChatTemplateKwargs>,
+}
+
+/// vLLM's arguments to the chat template (`extra_body={"chat_template_kwargs": ...}`, as the
+/// Qwen3 and Qwen3.5 model cards show), of which this server reads `enable_thinking`.
+#[derive(Debug, Deserialize)]
+pub struct ChatTemplateKwargs {
+    pub enable_thinking: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

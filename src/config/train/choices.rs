@@ -96,11 +96,13 @@ pub enum TemplateName {
     #[serde(rename = "qwen2_5")]
     Qwen2_5,
     Qwen3,
+    #[serde(rename = "qwen3_5")]
+    Qwen3_5,
     Llama3,
 }
 
 impl TemplateName {
-    pub const CHOICES: &'static str = "auto, chatml, qwen, qwen2_5, qwen3, llama3, jinja";
+    pub const CHOICES: &'static str = "auto, chatml, qwen, qwen2_5, qwen3, qwen3_5, llama3, jinja";
 }
 
 impl FromStr for TemplateName {
@@ -114,6 +116,7 @@ impl FromStr for TemplateName {
             "qwen" => Self::Qwen,
             "qwen2_5" => Self::Qwen2_5,
             "qwen3" => Self::Qwen3,
+            "qwen3_5" => Self::Qwen3_5,
             "llama3" => Self::Llama3,
             _ => return Err(format!("unknown template {s:?} (use {})", Self::CHOICES)),
         })

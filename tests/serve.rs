@@ -871,7 +871,8 @@ fn a_second_signal_ends_the_server_at_once() {
 
 /// Qwen3.5 served: concurrent completions of the base and of a served adapter share one
 /// continuous batch (Gated DeltaNet rows join and leave it with their recurrent state), each
-/// equal to transformers' greedy reply (scripts/gen_qwen3_5_fixtures.py).
+/// equal to transformers' greedy reply (scripts/gen_qwen3_5_fixtures.py); chat prompts through
+/// its template with thinking on and off.
 #[test]
 fn qwen3_5_rows_of_the_base_and_an_adapter_get_transformers_greedy_replies() {
     let base = model_dir("qwen3_5_vl");
@@ -894,9 +895,44 @@ fn qwen3_5_rows_of_the_base_and_an_adapter_get_transformers_greedy_replies() {
         "--adapters".into(),
         adapter,
         "--template".into(),
-        "chatml".into(),
+        "qwen3_5".into(),
     ]);
     let tokenizer = tokenizers::Tokenizer::from_file(base.join("tokenizer.json")).unwrap();
+    // A chat prompt opens a reasoning block, or an empty one when the request's
+    // chat_template_kwargs (vLLM's, as Qwen3.5's model card sends them) or --enable_thinking
+    // turn thinking off; the request's setting wins.
+    let prompt_tokens = |server: &Server, kwargs: &Value| {
+        let body = json!({"model": "qwen3_5_vl", "max_tokens": 1, "chat_template_kwargs": kwargs,
+                          "messages": [{"role": "user", "content": "hi"}]});
+        let (status, reply) = server.post("/v1/chat/completions", &body);
+        assert_eq!(status, 200, "{reply}");
+        reply["usage"]["prompt_tokens"].as_u64().unwrap() as usize
+    };
+    let head = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n";
+    let thinking = tokenizer
+        .encode(format!("{head}<think>\n"), false)
+        .unwrap()
+        .len();
+    let not = (tokenizer
+        .encode(format!("{head}<think>\n\n</think>\n\n"), false)
+        .unwrap())
+    .len();
+    let (on, off) = (
+        json!({"enable_thinking": true}),
+        json!({"enable_thinking": false}),
+    );
+    assert_eq!(prompt_tokens(&server, &json!({})), thinking);
+    assert_eq!(prompt_tokens(&server, &on), thinking);
+    assert_eq!(prompt_tokens(&server, &off), not);
+    let without_thinking = Server::launch(&[
+        "--model".to_string(),
+        base.display().to_string(),
+        "--enable_thinking".into(),
+        "false".into(),
+    ]);
+    assert_eq!(prompt_tokens(&without_thinking, &json!({})), not);
+    assert_eq!(prompt_tokens(&without_thinking, &on), thinking);
+    drop(without_thinking);
     let server = &server;
     std::thread::scope(|scope| {
         let replies: Vec<_> =

@@ -42,7 +42,7 @@ pub struct InferArgs {
     system: Option<String>,
     /// The chat template's `enable_thinking`: false asks a hybrid-thinking model (Qwen3,
     /// Qwen3.5) to answer without reasoning [default: the template's]
-    #[arg(long, value_parser = swift_bool)]
+    #[arg(long = "enable_thinking", value_parser = swift_bool)]
     enable_thinking: Option<bool>,
     /// Chat template: auto (the model's own), chatml, qwen, qwen2_5, qwen3, qwen3_5, llama3, jinja
     #[arg(long, default_value = "auto")]

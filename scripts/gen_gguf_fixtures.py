@@ -3,7 +3,7 @@ llama.cpp to run (CI reads only the files this writes).
 
 For each fixture family (a tiny model and a PEFT adapter of tests/fixtures):
   1. PEFT merges the adapter (f32) and llama.cpp's convert_hf_to_gguf.py writes the merged model
-     as f16: tests/fixtures/gguf/<adapter>.f16.gguf. tests/gguf.rs checks that swift-rs, merging
+     as f16 (Qwen3.5's with --no-mtp): tests/fixtures/gguf/<adapter>.f16.gguf. tests/gguf.rs checks that swift-rs, merging
      on the fly, writes the same metadata and tensors.
   2. llama.cpp's quantizer (llama_model_quantize, no importance matrix) turns swift-rs's f32 file
      into each quantized type: each tensor's type and the SHA-256 of its blocks go to
@@ -61,7 +61,14 @@ CASES = [
     ("qwen2_rslora", "qwen2_bf16", False),
     ("qwen3_dora", "qwen3_f16", True),
     ("mistral_regex", "mistral", False),
+    ("qwen3_5_gguf_lora", "qwen3_5_gguf", True),
 ]
+# Qwen3.5 (the vision-language layout, as the hub ships it; value heads the size of key heads, as
+# llama.cpp's qwen35 takes them, unlike qwen3_5_vl's): its vision tower goes to a separate
+# mmproj file and its multi-token-prediction layer is left out (`--no-mtp`: llama.cpp does not run
+# it), and swift-rs writes no LoRA GGUF for it.
+NO_LORA_GGUF = {"qwen3_5_gguf_lora"}
+CONVERT_ARGS = {"qwen3_5_gguf": ["--no-mtp"]}
 # --gguf_type: llama_ftype
 QUANTIZED = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
@@ -216,18 +223,21 @@ def pretokenizer_checks(swift_rs, tmp):
 
 def peft_model(base, adapter):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    config = json.loads((Path(base) / "config.json").read_text())
+    vision_language = config["architectures"][0].endswith("ForConditionalGeneration")
+    auto = AutoModelForImageTextToText if vision_language else AutoModelForCausalLM
+    model = auto.from_pretrained(base, dtype=torch.float32)
     return PeftModel.from_pretrained(model, FIXTURES / "adapters" / adapter).eval()
 
 
-def convert(llama_cpp, model_dir, outfile):
+def convert(llama_cpp, model_dir, outfile, extra=()):
     """convert_hf_to_gguf.py --outtype f16, told the toy tokenizers' pre-tokenizer."""
     import conversion.base as conversion_base
     conversion_base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
     argv = sys.argv
     sys.argv = ["convert_hf_to_gguf.py", str(model_dir), "--outtype", "f16",
-                "--outfile", str(outfile)]
+                "--outfile", str(outfile), *extra]
     try:
         runpy.run_path(str(llama_cpp / "convert_hf_to_gguf.py"), run_name="__main__")
     finally:
@@ -307,7 +317,7 @@ def main():
         for name in TOKENIZER_FILES:
             if (base_path / name).exists():
                 shutil.copy(base_path / name, merged / name)
-        convert(args.llama_cpp, merged, OUT / f"{adapter}.f16.gguf")
+        convert(args.llama_cpp, merged, OUT / f"{adapter}.f16.gguf", CONVERT_ARGS.get(base, []))
 
         ours = {t: tmp / f"ours.{t}.gguf" for t in ["f32", "f16"]}
         for gguf_type, path in ours.items():
@@ -326,7 +336,8 @@ def main():
         f16_logits, _ = llama_logits(ours["f16"], ids)
         dora = json.loads((FIXTURES / "adapters" / adapter / "adapter_config.json").read_text())[
             "use_dora"]
-        if not dora:
+        lora_gguf = not dora and adapter not in NO_LORA_GGUF
+        if lora_gguf:
             convert_lora(args.llama_cpp, adapter, base_path, OUT / f"{adapter}.lora.gguf")
             swift_export(args.swift_rs, base_path, None, "f32", tmp / "base.f32.gguf")
             swift_export(args.swift_rs, base_path, adapter, "f32", tmp / "lora.f32.gguf",
@@ -347,7 +358,7 @@ def main():
             "logits_max_abs": float(np.abs(reference).max()),
             "tokenization_equal": tokens == hf_tokens,
         }
-        if not dora:
+        if lora_gguf:
             result["lora_on_f32_base_vs_peft_max_abs"] = float(
                 np.abs(lora_logits - reference).max())
             assert result["lora_on_f32_base_vs_peft_max_abs"] < 1e-4, adapter

@@ -16,6 +16,9 @@ What it writes, under tests/fixtures/ (the tokenizer of scripts/gen_fixtures.py)
                         config.json's text_config; bf16 file, untied head; layers
                         linear, linear, full, linear; GQA 4/2 with head_dim 24 (not hidden/heads),
                         partial rotary 0.25; Gated DeltaNet with 2 key heads serving 4 value heads
+  models/qwen3_5_gguf/ and adapters/qwen3_5_gguf_lora/  as qwen3_5_vl and an all-linear LoRA on
+                        it, with value heads the size of key heads (16), as llama.cpp's qwen35
+                        takes them: scripts/gen_gguf_fixtures.py's Qwen3.5 case
   models/qwen3_5_text/  a Qwen3_5ForCausalLM checkpoint (model.layers.*, model_type
                         qwen3_5_text): f32, tied head, layers linear, full, linear, key heads =
                         value heads, conv kernel 3
@@ -60,7 +63,8 @@ from gen_fixtures import (ROOT, VOCAB, adamw, quantize_base, row_loss,  # noqa: 
                           save_random_adapter, sgd, train_steps)
 
 NF4 = "nf4"  # a compute tag: f32 on NF4 round-tripped base weights, as in gen_fixtures.py
-CLASSES = {"qwen3_5_vl": Qwen3_5ForConditionalGeneration, "qwen3_5_text": Qwen3_5ForCausalLM}
+CLASSES = {"qwen3_5_vl": Qwen3_5ForConditionalGeneration, "qwen3_5_text": Qwen3_5ForCausalLM,
+           "qwen3_5_gguf": Qwen3_5ForConditionalGeneration}
 
 
 def load(base: str, dtype, adapter: str | None = None):
@@ -112,25 +116,45 @@ TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=88, num_attentio
                              "mrope_interleaved": True})
 
 
-def make_vl() -> None:
-    dir = ROOT / "models" / "qwen3_5_vl"
+def make_vl_checkpoint(name: str, seed: int, **sizes) -> Path:
+    """A Qwen3_5ForConditionalGeneration checkpoint as the hub lays them out, bf16, layers linear,
+    linear, full, linear, 2 key heads serving 4 value heads."""
+    dir = ROOT / "models" / name
     text = dict(TEXT, num_hidden_layers=4, linear_num_key_heads=2, linear_num_value_heads=4,
                 linear_conv_kernel_dim=4,
                 layer_types=["linear_attention", "linear_attention", "full_attention",
-                             "linear_attention"])
+                             "linear_attention"], **sizes)
     vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=64,
                   patch_size=4, temporal_patch_size=1, spatial_merge_size=1,
                   num_position_embeddings=16)
     cfg = Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=False)
-    torch.manual_seed(21)
+    torch.manual_seed(seed)
     model = Qwen3_5ForConditionalGeneration(cfg)
-    randomize(model, 21)
+    randomize(model, seed)
     save(model, dir, torch.bfloat16)
     # The hub's checkpoints carry the multi-token-prediction head, which transformers skips.
     weights = load_file(str(dir / "model.safetensors"))
     weights["mtp.fc.weight"] = torch.zeros(64, 128, dtype=torch.bfloat16)
     save_file(weights, str(dir / "model.safetensors"), metadata={"format": "pt"})
+    return dir
+
+
+def make_vl() -> None:
+    dir = make_vl_checkpoint("qwen3_5_vl", 21)
     expected(dir, "qwen3_5_vl", make_rows(21), {"logits": torch.float32, "logits_bf16": torch.bfloat16})
+
+
+def make_gguf() -> None:
+    """qwen3_5_gguf and its all-linear LoRA qwen3_5_gguf_lora for scripts/gen_gguf_fixtures.py:
+    as qwen3_5_vl, but with value heads the size of key heads, as every Qwen3.5 has them and
+    llama.cpp's qwen35 requires (it sizes both by one key, ssm.state_size)."""
+    make_vl_checkpoint("qwen3_5_gguf", 25, linear_key_head_dim=16)
+    dir = ROOT / "adapters" / "qwen3_5_gguf_lora"
+    shutil.rmtree(dir, ignore_errors=True)
+    model = get_peft_model(load("qwen3_5_gguf", torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                      exclude_modules=r".*visual.*"))
+    save_random_adapter(model, dir, 26)
 
 
 def make_text() -> None:
@@ -214,6 +238,7 @@ def main() -> None:
                  target_modules=["q_proj", "v_proj", "in_proj_qkv", "out_proj", "down_proj"])
     make_generation()
     make_training()
+    make_gguf()
 
 
 if __name__ == "__main__":

@@ -14,12 +14,15 @@ use serde_json::Value as Json;
 use swift_rs::export::gguf::{GgmlType, Gguf, Value};
 
 /// (adapter, base model) of each family; Mistral's without its sliding window, which llama.cpp
-/// cannot run (see `a_model_llama_cpp_cannot_run_is_refused`).
-const CASES: [(&str, &str); 4] = [
+/// cannot run (see `a_model_llama_cpp_cannot_run_is_refused`); Qwen3.5's in the hub's
+/// vision-language layout (its vision tower and multi-token-prediction head left out, as the
+/// converter's `--no-mtp` leaves them).
+const CASES: [(&str, &str); 5] = [
     ("llama_qv", "llama"),
     ("qwen2_rslora", "qwen2_bf16"),
     ("qwen3_dora", "qwen3_f16"),
     ("mistral_regex", "mistral"),
+    ("qwen3_5_gguf_lora", "qwen3_5_gguf"),
 ];
 
 /// Keys the converter derives from the directory's name and the parameter count, for display.
@@ -201,6 +204,11 @@ fn quantized_blocks_and_type_choices_are_llama_quantizes() {
         ("kquant", kquant.path().to_path_buf(), None),
         ("llama_qv", model_dir("llama"), Some("llama_qv")),
         ("qwen3_dora", model_dir("qwen3_f16"), Some("qwen3_dora")),
+        (
+            "qwen3_5_gguf_lora",
+            model_dir("qwen3_5_gguf"),
+            Some("qwen3_5_gguf_lora"),
+        ),
     ];
     let mut seen = std::collections::BTreeSet::new();
     for (case, base, adapter) in &cases {
@@ -519,6 +527,16 @@ fn a_model_llama_cpp_cannot_run_is_refused() {
     // Mistral's fixture attends to 5 positions back; llama.cpp's llama attends to all.
     let err = swift_rs_fails(&args(&model_dir("mistral")), 2);
     assert!(err.contains("sliding_window = 5"), "{err}");
+    // Gated DeltaNet value heads of another size than the key heads.
+    let err = swift_rs_fails(&args(&model_dir("qwen3_5_vl")), 2);
+    assert!(err.contains("linear_value_head_dim = 16"), "{err}");
+    // A LoRA GGUF of Qwen3.5's, which swift-rs does not write yet.
+    let (base, adapter) = (model_dir("qwen3_5_gguf"), adapter_dir("qwen3_5_gguf_lora"));
+    let mut lora = args(&base);
+    lora[4] = "gguf-lora".into();
+    lora.extend(["--adapters".into(), adapter.display().to_string()]);
+    let err = swift_rs_fails(&lora, 2);
+    assert!(err.contains("qwen35") && err.contains("--to gguf"), "{err}");
 
     // A tokenizer llama.cpp would split differently.
     let copy = model_copy("qwen2_chat");

@@ -119,6 +119,11 @@ impl GgufType {
     /// The type of tensor `name` of `shape`, as llama-quantize chooses it for this file type
     /// (`llama_tensor_get_type` without an importance matrix or overrides), from an f32 file.
     fn tensor_type(self, name: &str, shape: &[usize], mix: &Mix) -> GgmlType {
+        // The converter keeps Gated DeltaNet's small conv kernels in f32, and the quantizer
+        // leaves them.
+        if name.ends_with("ssm_conv1d.weight") {
+            return GgmlType::F32;
+        }
         let default = self.default_type();
         if shape.len() < 2 || default.block_size() == 1 {
             return if shape.len() < 2 {
@@ -142,7 +147,8 @@ impl GgufType {
                 (true, GgmlType::Q8_0) => GgmlType::Q8_0,
                 (true, _) => GgmlType::Q6K,
             }
-        } else if name.ends_with("attn_v.weight") {
+        } else if name.ends_with("attn_v.weight") || name.ends_with("attn_qkv.weight") {
+            // The quantizer ranks a fused qkv (Qwen3.5's Gated DeltaNet input) with attn_v.
             match (k_mix && more_bits, default) {
                 (true, _) => GgmlType::Q6K,
                 (false, GgmlType::Q4K) if mix.large => GgmlType::Q5K,
@@ -254,16 +260,10 @@ pub fn export_gguf<B: ModelBackend>(
         let p = plan.next().expect("one planned tensor per info");
         let values = match &p.source {
             Source::Values(values) => values.clone(),
-            Source::Checkpoint { key, permute } => {
-                let data = weights.take(key, &p.shape)?;
-                let values = f32s(data);
-                match permute {
-                    Some(heads) => {
-                        let cols = p.shape.get(1).copied().unwrap_or(1);
-                        model::permute_rows(&values, *heads, cols)
-                    }
-                    None => values,
-                }
+            Source::Checkpoint { key, stored, edits } => {
+                let values = f32s(weights.take(key, stored)?);
+                let cols = p.shape.get(1).copied().unwrap_or(1);
+                edits.iter().fold(values, |v, edit| edit.apply(v, cols))
             }
         };
         Ok::<_, MergeError>(info.ty.encode(&values))
@@ -319,7 +319,7 @@ pub fn export_gguf_lora(
             adapter_dir.display()
         ))
     };
-    model::check_arch(config.arch).map_err(unfit)?;
+    model::check_lora_arch(config.arch).map_err(unfit)?;
     if lora.use_dora {
         return Err(unfit(
             "it is DoRA, whose magnitudes llama.cpp's LoRA has no place for; export the model \
@@ -340,18 +340,17 @@ pub fn export_gguf_lora(
         if !targets.matches(&module) {
             continue;
         }
-        let (name, permute) = model::gguf_name(&config, &format!("{module}.weight"))
-            .map_err(unfit)?
-            .expect("adaptable linears have GGUF names");
+        let (name, _, edits) =
+            model::gguf_name(&config, &format!("{module}.weight"), &[n_out, n_in])
+                .map_err(unfit)?
+                .expect("adaptable linears have GGUF names");
         let a = weights.take_data(&peft_key(&module, LORA_A), &[lora.r, n_in]);
         let b = weights.take_data(&peft_key(&module, LORA_B), &[n_out, lora.r]);
         if let (Some(a), Some(b)) = (a, b) {
             let (a, b) = (f32s(a), f32s(b));
-            // B's rows are the projection's outputs, which llama's rotary layout reorders.
-            let b = match permute {
-                Some(heads) => model::permute_rows(&b, heads, lora.r),
-                None => b,
-            };
+            // B's rows are the projection's outputs, which llama's rotary layout reorders (the
+            // only edit of these families' linear weights).
+            let b = edits.iter().fold(b, |b, edit| edit.apply(b, lora.r));
             tensors.push((format!("{name}.lora_a"), vec![lora.r, n_in], a));
             tensors.push((format!("{name}.lora_b"), vec![n_out, lora.r], b));
         }

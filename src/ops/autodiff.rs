@@ -9,7 +9,7 @@ use burn::backend::autodiff::NodeId;
 use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{DType, FloatDType};
+use burn::tensor::{DType, FloatDType, TensorMetadata};
 
 use super::{generic, AttnMask, LoraParts, ModelBackend, Nf4Absmax, Nf4Parts, SeedGradient};
 
@@ -221,6 +221,27 @@ impl<B: ModelBackend> Backward<B, 1> for LmHeadCrossEntropyBackward {
     }
 }
 
+#[derive(Debug)]
+struct DeltaRuleBackward;
+
+impl<B: ModelBackend> Backward<B, 5> for DeltaRuleBackward {
+    /// The prepared q, k, v, g and beta, and the state entering each chunk.
+    type State = ([FloatTensor<B>; 5], FloatTensor<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 5>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let inputs = ops.parents.map(|n| n.map(|n| n.id));
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, entering) = ops.state;
+        let d = B::delta_rule_backward(x, entering, grad);
+        register::<B, 5>(grads, inputs, d.map(Some));
+    }
+}
+
 /// Hands each gradient the op computed to its input, where that input is tracked (`inputs`: the
 /// ids of the op's parents, None for an untracked one).
 fn register<B: Backend, const N: usize>(
@@ -428,6 +449,43 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
             }
             OpsKind::UnTracked(prep) => prep.finish(B::swiglu(gate, up)),
         }
+    }
+
+    /// From a zero state (training's case), the chunked rule is one tracked op whose backward
+    /// pass is `delta_rule_backward`, the normalisation before it and the layout after it tracked
+    /// tensor ops; the final state is not tracked (nothing trained reads it). From a given state,
+    /// the generic path's tensor ops, each tracked.
+    fn gated_delta_rule(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        state: Option<FloatTensor<Self>>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if state.is_some() {
+            return generic::gated_delta_rule::<Self>(q, k, v, g, beta, state);
+        }
+        let dtype = v.dtype();
+        let x = generic::DeltaRuleInputs::<Self>::new(q, k, v, g, beta).primitives();
+        let nodes = x.clone().map(|t| t.node);
+        let x = x.map(|t| t.primitive);
+        let (out, last) = match DeltaRuleBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (out, last, entering) = B::delta_rule_forward(x.clone());
+                (prep.finish((x, entering), out), last)
+            }
+            OpsKind::UnTracked(prep) => {
+                let (out, last, _) = B::delta_rule_forward(x);
+                (prep.finish(out), last)
+            }
+        };
+        let out = generic::delta_rule_output::<Self>(super::float(out), dtype);
+        (out, Self::from_inner(last))
     }
 
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {

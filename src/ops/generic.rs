@@ -424,8 +424,7 @@ pub(super) fn sdpa_grads<B: Backend>(
 /// chunk of `c` tokens the rule's updates are one lower-triangular system `(I + N) x = rhs`
 /// (the WY/UT representation), across chunks the state `[b, h, dk, dv]` carries on, in f32.
 /// `(I + N)⁻¹` for the nilpotent `N` is `Π (I + (-N)^(2^j))`: log₂(c) products of tensor ops
-/// instead of a triangular solve, which Burn lacks. Every step is a tracked tensor op, so
-/// autodiff differentiates it as it stands.
+/// instead of a triangular solve, which Burn lacks.
 pub(super) fn gated_delta_rule<B: Backend>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
@@ -435,83 +434,348 @@ pub(super) fn gated_delta_rule<B: Backend>(
     state: Option<FloatTensor<B>>,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     let dtype = float::<B, 4>(v.clone()).dtype();
-    let f32_4 = |t: FloatTensor<B>| float::<B, 4>(t).cast(DType::F32);
-    let f32_3 = |t: FloatTensor<B>| float::<B, 3>(t).cast(DType::F32);
-    let (q, k, v) = (f32_4(q), f32_4(k), f32_4(v)); // [b, s, heads, dim]
-    let (g, beta) = (f32_3(g), f32_3(beta)); // [b, s, hv]
-    let [b, s, hk, dk] = q.dims();
-    let [_, _, hv, dv] = v.dims();
-    let device = q.device();
-    // Each key head serves hv / hk consecutive value heads, as transformers' repeat_interleave.
-    // L2-normalised per key head, then repeated: the norm is taken once a key head.
-    let per_key = |x: Tensor<B, 4>| {
-        let x = x.swap_dims(1, 2); // [b, hk, s, dk]
-        let norm = (x.clone().powi_scalar(2).sum_dim(3) + 1e-6).sqrt().recip();
-        repeat_kv::<B>(x * norm, hv / hk) // [b, hv, s, dk]
-    };
-    let q = per_key(q) * (dk as f64).powf(-0.5);
-    let k = per_key(k);
-    let v = v.swap_dims(1, 2); // [b, hv, s, dv]
-    let (g, beta) = (g.swap_dims(1, 2), beta.swap_dims(1, 2)); // [b, hv, s]
-                                                               // Short inputs (a decoding step) take one chunk of their own length, rounded up.
-    let c = s.next_power_of_two().clamp(1, 64);
-    let chunks = s.div_ceil(c);
-    let padded = chunks * c;
-    // Zero padding leaves the state as it was: k = 0 writes nothing, g = 0 decays nothing.
-    let pad4 = |x: Tensor<B, 4>| {
-        let [b, h, _, d] = x.dims();
-        match padded - s {
-            0 => x,
-            p => Tensor::cat(vec![x, Tensor::zeros([b, h, p, d], &device)], 2),
+    let x = DeltaRuleInputs::<B>::new(q, k, v, g, beta);
+    let state = state.map(|s| float::<B, 4>(s).cast(DType::F32));
+    let (out, state, _) = chunked_delta_rule(&x, state);
+    (delta_rule_output::<B>(out, dtype), primitive(state))
+}
+
+/// The delta rule's inputs as the chunked rule takes them: f32, heads before positions (q, k
+/// `[b, h, s, dk]`, v `[b, h, s, dv]`, g, beta `[b, h, s]`), q and k L2-normalised per key head
+/// and repeated for the value heads it serves (the norm taken once a key head, as transformers
+/// repeats after it), q scaled by `1/sqrt(dk)`.
+pub(super) struct DeltaRuleInputs<B: Backend> {
+    pub q: Tensor<B, 4>,
+    pub k: Tensor<B, 4>,
+    pub v: Tensor<B, 4>,
+    pub g: Tensor<B, 3>,
+    pub beta: Tensor<B, 3>,
+}
+
+impl<B: Backend> DeltaRuleInputs<B> {
+    /// From `ModelBackend::gated_delta_rule`'s arguments.
+    pub fn new(
+        q: FloatTensor<B>,
+        k: FloatTensor<B>,
+        v: FloatTensor<B>,
+        g: FloatTensor<B>,
+        beta: FloatTensor<B>,
+    ) -> Self {
+        let f32_4 = |t: FloatTensor<B>| float::<B, 4>(t).cast(DType::F32);
+        let f32_3 = |t: FloatTensor<B>| float::<B, 3>(t).cast(DType::F32);
+        let (q, k, v) = (f32_4(q), f32_4(k), f32_4(v)); // [b, s, heads, dim]
+        let [_, _, hk, dk] = q.dims();
+        let hv = v.dims()[2];
+        let per_key = |x: Tensor<B, 4>| {
+            let x = x.swap_dims(1, 2); // [b, hk, s, dk]
+            let norm = (x.clone().powi_scalar(2).sum_dim(3) + 1e-6).sqrt().recip();
+            repeat_kv::<B>(x * norm, hv / hk) // [b, hv, s, dk]
+        };
+        Self {
+            q: per_key(q) * (dk as f64).powf(-0.5),
+            k: per_key(k),
+            v: v.swap_dims(1, 2),
+            g: f32_3(g).swap_dims(1, 2),
+            beta: f32_3(beta).swap_dims(1, 2),
         }
-        .reshape([b, h, chunks, c, d])
-    };
-    let pad3 = |x: Tensor<B, 3>| pad4(x.unsqueeze_dim(3)).squeeze_dim::<4>(4); // [b, h, n, c]
-    let beta = pad3(beta).unsqueeze_dim::<5>(4); // [b, h, n, c, 1]
-    let (q, k, v) = (pad4(q), pad4(k), pad4(v)); // [b, h, n, c, d]
-    let (k_beta, v_beta) = (k.clone() * beta.clone(), v * beta);
-    let cum = pad3(g).cumsum(3); // [b, h, n, c]: log decay from the chunk's start
-    let row = Tensor::<B, 1, Int>::arange(0..c as i64, &device);
-    let upper = row.clone().reshape([1, c]).greater(row.reshape([c, 1])); // [c, c], j > i
-    let upper = upper.reshape([1, 1, 1, c, c]);
-    // decay[i, j] = exp(cum_i - cum_j) for j <= i: what position j's write has decayed by at i.
-    let decay = (cum.clone().unsqueeze_dim::<5>(4) - cum.clone().unsqueeze_dim::<5>(3))
-        .mask_fill(
-            upper.clone().expand([b, hv, chunks, c, c]),
-            f32::NEG_INFINITY,
-        )
-        .exp(); // [b, h, n, c, c]
-    let kt = k.clone().swap_dims(3, 4); // [b, h, n, dk, c]
-    let not_below = upper.bool_or(diagonal::<B>(c, &device));
-    let lower_strict = (k_beta.clone().matmul(kt.clone()) * decay.clone())
-        .mask_fill(not_below.expand([b, hv, chunks, c, c]), 0.0); // N: [b, h, n, c, c]
-    let intra = q.clone().matmul(kt) * decay; // [b, h, n, c, c], causal within the chunk
-    let cum_exp = cum.clone().exp().unsqueeze_dim::<5>(4); // [b, h, n, c, 1]
-    let decayed_k_beta = k_beta * cum_exp.clone();
-    let solve = unit_lower_inverse(lower_strict); // (I + N)⁻¹
-    let new_values = solve.clone().matmul(v_beta); // [b, h, n, c, dv]
-    let k_cumdecay = solve.matmul(decayed_k_beta); // [b, h, n, c, dk]
-    let q = q * cum_exp;
-    let last = cum.clone().narrow(3, c - 1, 1); // [b, h, n, 1]
-    let k = k * (last.clone() - cum).exp().unsqueeze_dim::<5>(4);
-    let chunk_decay = last.exp().unsqueeze_dim::<5>(4); // [b, h, n, 1, 1]
-    let mut state = match state {
-        Some(s) => float::<B, 4>(s).cast(DType::F32),
-        None => Tensor::zeros([b, hv, dk, dv], &device),
-    };
-    let chunk = |x: &Tensor<B, 5>, i: usize| {
-        let [b, h, _, r, d] = x.dims();
-        x.clone().narrow(2, i, 1).reshape([b, h, r, d])
-    };
-    let mut outs = Vec::with_capacity(chunks);
-    for i in 0..chunks {
-        let v_new = chunk(&new_values, i) - chunk(&k_cumdecay, i).matmul(state.clone());
-        let out = chunk(&q, i).matmul(state.clone()) + chunk(&intra, i).matmul(v_new.clone());
-        outs.push(out); // [b, h, c, dv]
-        state = state * chunk(&chunk_decay, i) + chunk(&k, i).swap_dims(2, 3).matmul(v_new);
     }
-    let out = Tensor::cat(outs, 2).narrow(2, 0, s).swap_dims(1, 2); // [b, s, hv, dv]
-    (primitive(out.cast(dtype)), primitive(state))
+
+    /// As primitives: `[q, k, v, g, beta]`.
+    pub fn primitives(self) -> [FloatTensor<B>; 5] {
+        let Self { q, k, v, g, beta } = self;
+        [
+            primitive(q),
+            primitive(k),
+            primitive(v),
+            primitive(g),
+            primitive(beta),
+        ]
+    }
+
+    pub fn from_primitives([q, k, v, g, beta]: [FloatTensor<B>; 5]) -> Self {
+        Self {
+            q: float(q),
+            k: float(k),
+            v: float(v),
+            g: float(g),
+            beta: float(beta),
+        }
+    }
+}
+
+/// `ModelBackend::delta_rule_forward`'s generic path.
+pub(super) fn delta_rule_forward<B: Backend>(
+    x: [FloatTensor<B>; 5],
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let (out, last, entering) = chunked_delta_rule(&DeltaRuleInputs::<B>::from_primitives(x), None);
+    (primitive(out), primitive(last), primitive(entering))
+}
+
+/// `ModelBackend::delta_rule_backward`'s generic path.
+pub(super) fn delta_rule_backward<B: Backend>(
+    x: [FloatTensor<B>; 5],
+    entering: FloatTensor<B>,
+    d_out: FloatTensor<B>,
+) -> [FloatTensor<B>; 5] {
+    let x = DeltaRuleInputs::<B>::from_primitives(x);
+    chunked_delta_rule_backward(&x, float(entering), float(d_out)).primitives()
+}
+
+/// The chunked rule's output `[b, h, s, dv]` as `gated_delta_rule` returns it: `[b, s, h, dv]`
+/// in `dtype`.
+pub(super) fn delta_rule_output<B: Backend>(out: Tensor<B, 4>, dtype: DType) -> FloatTensor<B> {
+    primitive(out.swap_dims(1, 2).cast(dtype))
+}
+
+/// One chunking of the rule's inputs, and what the forward and the backward pass both compute
+/// from it. Shapes `[b, h, n, c, ..]`: n chunks of c positions, the last padded with zeros, which
+/// leave the state as it was (k = 0 writes nothing, g = 0 decays nothing).
+struct DeltaChunks<B: Backend> {
+    q: Tensor<B, 5>,
+    k: Tensor<B, 5>,
+    v: Tensor<B, 5>,
+    beta: Tensor<B, 5>,
+    /// Log decay from the chunk's start, through each position: `[b, h, n, c]`.
+    cum: Tensor<B, 4>,
+    /// `exp(cum_i - cum_j)` for j ≤ i, else 0: what position j's write has decayed by at i.
+    decay: Tensor<B, 5>,
+    /// True above the diagonal, and on it: where `N` is zero.
+    not_below: Tensor<B, 5, Bool>,
+    /// `K Kᵀ`.
+    kk: Tensor<B, 5>,
+    /// `(I + N)⁻¹`, `N = strict_lower(diag(beta) K Kᵀ ⊙ decay)`.
+    solve: Tensor<B, 5>,
+    /// `diag(beta) V` and `diag(beta·exp(cum)) K`, the right-hand sides.
+    v_beta: Tensor<B, 5>,
+    k_beta_decayed: Tensor<B, 5>,
+    /// `(I + N)⁻¹` of each: the chunk's new values, and its keys' pull on the entering state.
+    new_values: Tensor<B, 5>,
+    k_cumdecay: Tensor<B, 5>,
+    /// `Q Kᵀ ⊙ decay`: causal attention within the chunk.
+    intra: Tensor<B, 5>,
+}
+
+impl<B: Backend> DeltaChunks<B> {
+    fn new(x: &DeltaRuleInputs<B>) -> Self {
+        let [b, h, s, _] = x.q.dims();
+        let device = x.q.device();
+        // Short inputs (a decoding step) take one chunk of their own length, rounded up.
+        let c = s.next_power_of_two().clamp(1, 64);
+        let n = s.div_ceil(c);
+        let pad4 = |x: Tensor<B, 4>| {
+            let [b, h, _, d] = x.dims();
+            match n * c - s {
+                0 => x,
+                p => Tensor::cat(vec![x, Tensor::zeros([b, h, p, d], &device)], 2),
+            }
+            .reshape([b, h, n, c, d])
+        };
+        let pad3 = |x: Tensor<B, 3>| pad4(x.unsqueeze_dim(3)).squeeze_dim::<4>(4); // [b, h, n, c]
+        let beta = pad3(x.beta.clone()).unsqueeze_dim::<5>(4); // [b, h, n, c, 1]
+        let (q, k, v) = (pad4(x.q.clone()), pad4(x.k.clone()), pad4(x.v.clone()));
+        let cum = pad3(x.g.clone()).cumsum(3);
+        let row = Tensor::<B, 1, Int>::arange(0..c as i64, &device);
+        let upper = row.clone().reshape([1, c]).greater(row.reshape([c, 1])); // j > i
+        let upper = upper.reshape([1, 1, 1, c, c]).expand([b, h, n, c, c]);
+        let decay = (cum.clone().unsqueeze_dim::<5>(4) - cum.clone().unsqueeze_dim::<5>(3))
+            .mask_fill(upper.clone(), f32::NEG_INFINITY)
+            .exp();
+        let not_below = upper.bool_or(diagonal::<B>(c, &device).expand([b, h, n, c, c]));
+        let kt = k.clone().swap_dims(3, 4);
+        let kk = k.clone().matmul(kt.clone());
+        let lower_strict =
+            (kk.clone() * decay.clone() * beta.clone()).mask_fill(not_below.clone(), 0.0);
+        let solve = unit_lower_inverse(lower_strict);
+        let v_beta = v.clone() * beta.clone();
+        let k_beta_decayed = k.clone() * beta.clone() * cum.clone().exp().unsqueeze_dim::<5>(4);
+        Self {
+            new_values: solve.clone().matmul(v_beta.clone()),
+            k_cumdecay: solve.clone().matmul(k_beta_decayed.clone()),
+            intra: q.clone().matmul(kt) * decay.clone(),
+            q,
+            k,
+            v,
+            beta,
+            cum,
+            decay,
+            not_below,
+            kk,
+            solve,
+            v_beta,
+            k_beta_decayed,
+        }
+    }
+
+    /// `exp(cum)`, each position's decay since the chunk's start: `[b, h, n, c, 1]`.
+    fn cum_exp(&self) -> Tensor<B, 5> {
+        self.cum.clone().exp().unsqueeze_dim(4)
+    }
+
+    /// The chunk's whole log decay: `[b, h, n, 1]`.
+    fn last(&self) -> Tensor<B, 4> {
+        let c = self.cum.dims()[3];
+        self.cum.clone().narrow(3, c - 1, 1)
+    }
+
+    /// Each position's decay from it to the chunk's end: `[b, h, n, c, 1]`.
+    fn to_end(&self) -> Tensor<B, 5> {
+        (self.last() - self.cum.clone()).exp().unsqueeze_dim(4)
+    }
+}
+
+/// `[b, h, r, d]`: chunk `i` of `x` `[b, h, n, r, d]`.
+fn chunk_of<B: Backend>(x: &Tensor<B, 5>, i: usize) -> Tensor<B, 4> {
+    let [b, h, _, r, d] = x.dims();
+    x.clone().narrow(2, i, 1).reshape([b, h, r, d])
+}
+
+/// The chunked rule: the output `[b, h, s, dv]`, the final state, and the state entering each
+/// chunk `[b, h, n, dk, dv]` (what the backward pass starts from).
+pub(super) fn chunked_delta_rule<B: Backend>(
+    x: &DeltaRuleInputs<B>,
+    state: Option<Tensor<B, 4>>,
+) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 5>) {
+    let [b, h, s, dk] = x.q.dims();
+    let dv = x.v.dims()[3];
+    let ch = DeltaChunks::new(x);
+    let n = ch.q.dims()[2];
+    let q = ch.q.clone() * ch.cum_exp();
+    let k = ch.k.clone() * ch.to_end();
+    let chunk_decay = ch.last().exp().unsqueeze_dim::<5>(4); // [b, h, n, 1, 1]
+    let mut state = state.unwrap_or_else(|| Tensor::zeros([b, h, dk, dv], &x.q.device()));
+    let (mut outs, mut entering) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in 0..n {
+        entering.push(state.clone());
+        let v_new = chunk_of(&ch.new_values, i) - chunk_of(&ch.k_cumdecay, i).matmul(state.clone());
+        let out =
+            chunk_of(&q, i).matmul(state.clone()) + chunk_of(&ch.intra, i).matmul(v_new.clone());
+        outs.push(out); // [b, h, c, dv]
+        state = state * chunk_of(&chunk_decay, i) + chunk_of(&k, i).swap_dims(2, 3).matmul(v_new);
+    }
+    let out = Tensor::cat(outs, 2).narrow(2, 0, s);
+    (out, state, Tensor::stack(entering, 2))
+}
+
+/// The gradients of the chunked rule's inputs from that of its output `[b, h, s, dv]`, given the
+/// states entering each chunk (`chunked_delta_rule`'s third result); the final state takes no
+/// gradient (training starts every row from zeros and reads only the output). Each chunk's
+/// forward pass, differentiated by hand: the entering state's gradient runs back through the
+/// chunks, the rest is one pass over all chunks at once.
+pub(super) fn chunked_delta_rule_backward<B: Backend>(
+    x: &DeltaRuleInputs<B>,
+    entering: Tensor<B, 5>,
+    d_out: Tensor<B, 4>,
+) -> DeltaRuleInputs<B> {
+    let [b, h, s, dk] = x.q.dims();
+    let dv = x.v.dims()[3];
+    let ch = DeltaChunks::new(x);
+    let [_, _, n, c, _] = ch.q.dims();
+    let d_out = match n * c - s {
+        0 => d_out,
+        p => Tensor::cat(vec![d_out, Tensor::zeros([b, h, p, dv], &x.q.device())], 2),
+    }
+    .reshape([b, h, n, c, dv]);
+    let (cum_exp, to_end) = (ch.cum_exp(), ch.to_end());
+    let chunk_decay = ch.last().exp().unsqueeze_dim::<5>(4); // [b, h, n, 1, 1]
+    let q_decayed = ch.q.clone() * cum_exp.clone();
+    let k_decayed = ch.k.clone() * to_end.clone();
+    // v_new = new_values - k_cumdecay · S, per chunk from the state entering it.
+    let v_new = ch.new_values.clone() - ch.k_cumdecay.clone().matmul(entering.clone());
+
+    // Backwards through the chunks: the gradient of the state leaving chunk i (`d_next`) gives
+    // that of its v_new, and of the state entering it.
+    let mut d_next = Tensor::<B, 4>::zeros([b, h, dk, dv], &x.q.device());
+    let (mut d_v_new, mut d_leaving) = (vec![], vec![]);
+    for i in (0..n).rev() {
+        let d_o = chunk_of(&d_out, i);
+        let dvn = chunk_of(&ch.intra, i).swap_dims(2, 3).matmul(d_o.clone())
+            + chunk_of(&k_decayed, i).matmul(d_next.clone());
+        let d_entering = chunk_of(&q_decayed, i).swap_dims(2, 3).matmul(d_o)
+            + d_next.clone() * chunk_of(&chunk_decay, i)
+            - chunk_of(&ch.k_cumdecay, i)
+                .swap_dims(2, 3)
+                .matmul(dvn.clone());
+        d_v_new.push(dvn);
+        d_leaving.push(d_next);
+        d_next = d_entering;
+    }
+    d_v_new.reverse();
+    d_leaving.reverse();
+    let d_v_new = Tensor::stack::<5>(d_v_new, 2); // [b, h, n, c, dv]
+    let d_leaving = Tensor::stack::<5>(d_leaving, 2); // [b, h, n, dk, dv]
+    let row_dot = |a: Tensor<B, 5>, b: Tensor<B, 5>| (a * b).sum_dim(4).squeeze_dim::<4>(4);
+
+    // out = (exp(cum)·Q) S + intra · v_new.
+    let d_q_decayed = d_out.clone().matmul(entering.clone().swap_dims(3, 4));
+    let mut d_q = d_q_decayed.clone() * cum_exp.clone();
+    let mut d_cum = row_dot(d_q_decayed, q_decayed);
+    let d_intra = d_out.matmul(v_new.clone().swap_dims(3, 4));
+    // leaving = exp(last)·S + (exp(last - cum)·K)ᵀ v_new.
+    let d_k_decayed = v_new.matmul(d_leaving.clone().swap_dims(3, 4)); // [b, h, n, c, dk]
+    let mut d_k = d_k_decayed.clone() * to_end;
+    let pull = row_dot(d_k_decayed, k_decayed); // [b, h, n, c]
+    d_cum = d_cum - pull.clone();
+    let state_decay = (entering.clone() * d_leaving)
+        .sum_dim(4)
+        .sum_dim(3)
+        .squeeze_dim::<4>(4)
+        * ch.last().exp(); // [b, h, n, 1]
+    let d_last = pull.sum_dim(3) + state_decay;
+    // v_new = T (beta·V) - T (beta·exp(cum)·K) S.
+    let d_k_cumdecay = -d_v_new.clone().matmul(entering.swap_dims(3, 4)); // [b, h, n, c, dk]
+    let solve_t = ch.solve.clone().swap_dims(3, 4);
+    let d_solve = d_v_new.clone().matmul(ch.v_beta.clone().swap_dims(3, 4))
+        + d_k_cumdecay
+            .clone()
+            .matmul(ch.k_beta_decayed.clone().swap_dims(3, 4));
+    let d_v_beta = solve_t.clone().matmul(d_v_new);
+    let d_k_beta_decayed = solve_t.clone().matmul(d_k_cumdecay);
+    // T = (I + N)⁻¹: dN = -Tᵀ dT Tᵀ, on N's strictly lower part.
+    let d_lower =
+        (-solve_t.clone().matmul(d_solve).matmul(solve_t)).mask_fill(ch.not_below.clone(), 0.0);
+    // N = beta_i · (K Kᵀ ⊙ decay), strictly lower.
+    let kk_decay = ch.kk.clone() * ch.decay.clone();
+    let mut d_beta = row_dot(d_lower.clone(), kk_decay);
+    let d_kk_decay = d_lower * ch.beta.clone(); // strictly lower
+    let d_kk = d_kk_decay.clone() * ch.decay.clone();
+    d_k = d_k + (d_kk.clone() + d_kk.swap_dims(3, 4)).matmul(ch.k.clone());
+    // intra = Q Kᵀ ⊙ decay, lower with the diagonal.
+    let d_qk = d_intra.clone() * ch.decay.clone();
+    d_q = d_q + d_qk.clone().matmul(ch.k.clone());
+    d_k = d_k + d_qk.swap_dims(3, 4).matmul(ch.q.clone());
+    // decay[i, j] = exp(cum_i - cum_j): each entry's gradient, times the entry, goes to cum_i
+    // and, negated, to cum_j.
+    let qk = ch.q.clone().matmul(ch.k.clone().swap_dims(3, 4));
+    let d_decay = (d_intra * qk + d_kk_decay * ch.kk.clone()) * ch.decay.clone();
+    d_cum = d_cum + d_decay.clone().sum_dim(4).squeeze_dim::<4>(4)
+        - d_decay.sum_dim(3).squeeze_dim::<4>(3);
+    // The right-hand sides: beta·V and beta·exp(cum)·K.
+    let d_v = d_v_beta.clone() * ch.beta.clone();
+    d_beta = d_beta + row_dot(d_v_beta, ch.v.clone());
+    d_k = d_k + d_k_beta_decayed.clone() * ch.beta.clone() * cum_exp.clone();
+    let k_pull = row_dot(d_k_beta_decayed, ch.k.clone()) * cum_exp.squeeze_dim::<4>(4);
+    d_beta = d_beta + k_pull.clone();
+    d_cum = d_cum + k_pull * ch.beta.clone().squeeze_dim::<4>(4);
+    // The chunk's whole decay is its last position's cumulative one.
+    let last_only = Tensor::<B, 1, Int>::arange(0..c as i64, &x.q.device())
+        .equal_elem(c as i64 - 1)
+        .float()
+        .reshape([1, 1, 1, c]);
+    d_cum = d_cum + last_only * d_last;
+    // cum = cumsum(g) within the chunk: g_j takes the gradient of every cum_i with i ≥ j.
+    let d_g = d_cum.clone().sum_dim(3) - d_cum.clone().cumsum(3) + d_cum;
+    let unpad4 = |t: Tensor<B, 5>| {
+        let d = t.dims()[4];
+        t.reshape([b, h, n * c, d]).narrow(2, 0, s)
+    };
+    let unpad3 = |t: Tensor<B, 4>| t.reshape([b, h, n * c]).narrow(2, 0, s);
+    DeltaRuleInputs {
+        q: unpad4(d_q),
+        k: unpad4(d_k),
+        v: unpad4(d_v),
+        g: unpad3(d_g),
+        beta: unpad3(d_beta),
+    }
 }
 
 /// `[1, 1, 1, c, c]`, true on the diagonal.

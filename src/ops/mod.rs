@@ -297,6 +297,26 @@ pub trait ModelBackend: Backend {
         generic::gated_delta_rule::<Self>(q, k, v, g, beta, state)
     }
 
+    /// The chunked delta rule from a zero state over inputs as `gated_delta_rule` prepares them
+    /// (`[q, k, v, g, beta]`: f32, heads before positions, q and k normalised and repeated per
+    /// value head, q scaled): the output `[batch, heads, seq, dv]`, the final state, and the
+    /// state entering each chunk `[batch, heads, chunks, dk, dv]`, which `delta_rule_backward`
+    /// starts from. Training's path: its backward pass is `delta_rule_backward`.
+    fn delta_rule_forward(
+        x: [FloatTensor<Self>; 5],
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        generic::delta_rule_forward::<Self>(x)
+    }
+
+    /// The gradients of `delta_rule_forward`'s inputs from that of its output.
+    fn delta_rule_backward(
+        x: [FloatTensor<Self>; 5],
+        entering: FloatTensor<Self>,
+        d_out: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 5] {
+        generic::delta_rule_backward::<Self>(x, entering, d_out)
+    }
+
     /// The depthwise causal convolution of `x` `[batch, seq, channels]` with `weight`
     /// `[channels, kernel]`, continuing from `state` `[batch, kernel - 1, channels]` (the inputs
     /// before `x`; zeros when None): the output in x's dtype, and the next state.

@@ -613,6 +613,49 @@ fn gated_delta_rule_matches_the_token_by_token_rule() {
     }
 }
 
+/// Training's path, from a zero state: the chunked rule as one op whose backward pass is
+/// `delta_rule_backward`, against the token-by-token rule differentiated op by op, over a
+/// ragged last chunk, whole chunks and one short chunk.
+#[test]
+fn the_delta_rules_own_backward_pass_matches_the_token_by_token_rule() {
+    for s in [150, 64, 3] {
+        let [q, k, v, g, beta, state] = delta_rule_inputs(s);
+        let zero = state.zeros_like();
+        let w_out = rand([2, s, 4, 6]);
+        let run = |chunked: bool| {
+            let leaves =
+                [q.clone(), k.clone(), v.clone(), g.clone(), beta.clone()].map(|t| leaf(&t));
+            let [lq, lk, lv, lg, lb] = leaves.clone();
+            let out = match chunked {
+                true => {
+                    let squeeze = |x: Tensor<Ad, 4>| x.squeeze_dim::<3>(3);
+                    gated_delta_rule(lq, lk, lv, squeeze(lg), squeeze(lb), None).0
+                }
+                false => {
+                    delta_rule_by_token([lq, lk, lv, lg, lb, Tensor::from_inner(zero.clone())]).0
+                }
+            };
+            let loss = (out.clone() * Tensor::from_inner(w_out.clone())).sum();
+            let grads = loss.backward();
+            (
+                out.inner(),
+                leaves.map(|t| t.grad(&grads).expect("reached")),
+            )
+        };
+        let (out, grads) = run(true);
+        let (want_out, want_grads) = run(false);
+        close_sum(out, &want_out, s);
+        for (i, (got, want)) in grads.into_iter().zip(&want_grads).enumerate() {
+            let scale = want.clone().abs().max().into_scalar();
+            let d = (got - want.clone()).abs().max().into_scalar();
+            assert!(
+                d <= 1e-4 * scale.max(1.0),
+                "s = {s}, input {i}: max |diff| {d} of {scale}"
+            );
+        }
+    }
+}
+
 /// Generation runs the rule on a prompt and then a token at a time from the state it left: the
 /// same as the whole sequence at once.
 #[test]

@@ -271,6 +271,9 @@ impl Edit {
     }
 }
 
+/// A tensor's GGUF name, its shape in the file (torch order) and the edits its values take.
+pub type GgufTensor = (String, Vec<usize>, Vec<Edit>);
+
 /// The GGUF name of checkpoint tensor `key`, its shape in the file (`stored`, the checkpoint's,
 /// squeezed where the converter squeezes), and the edits its values take. None: a tensor
 /// llama.cpp does not use (`rotary_emb.inv_freq`, a tied `lm_head`, a vision tower, Qwen3.5's
@@ -280,7 +283,7 @@ pub fn gguf_name(
     config: &ModelConfig,
     key: &str,
     stored: &[usize],
-) -> Result<Option<(String, Vec<usize>, Vec<Edit>)>, String> {
+) -> Result<Option<GgufTensor>, String> {
     let unknown = || {
         format!(
             "checkpoint tensor {key} has no place in llama.cpp's {} architecture",

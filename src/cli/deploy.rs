@@ -10,11 +10,9 @@ use anyhow::{anyhow, Context};
 use clap::Args;
 
 use super::device::{resolve, with_backend};
-use super::infer::{prompt_encoder, stop_tokens};
+use super::infer::{prompt_encoder, stop_tokens, TemplateArgs};
 use super::{Failure, HubArg, ModelArgs, QuantArg};
-use swift_rs::config::{
-    auto_dtype, swift_bool, Device, Dtype, GenerationConfig, ModelConfig, TemplateName,
-};
+use swift_rs::config::{auto_dtype, Device, Dtype, GenerationConfig, ModelConfig};
 use swift_rs::export::peft::{read_adapter, WEIGHTS_FILE};
 use swift_rs::model::{AdapterSource, ModelBackend};
 use swift_rs::serve::{serve, unix_seconds, Engine, Server, Settings};
@@ -60,16 +58,8 @@ pub struct DeployArgs {
     /// Prompt plus reply, in tokens [default: config.json's max_position_embeddings]
     #[arg(long, value_parser = clap::value_parser!(u64).range(2..))]
     max_model_len: Option<u64>,
-    /// Chat template: auto (the model's own), chatml, qwen, qwen2_5, qwen3, qwen3_5, llama3, jinja
-    #[arg(long, default_value = "auto")]
-    template: TemplateName,
-    /// System prompt for conversations that have none
-    #[arg(long)]
-    system: Option<String>,
-    /// The chat template's `enable_thinking`: false asks a hybrid-thinking model (Qwen3,
-    /// Qwen3.5) to answer without reasoning [default: the template's]
-    #[arg(long, value_parser = swift_bool)]
-    enable_thinking: Option<bool>,
+    #[command(flatten)]
+    template: TemplateArgs,
     /// Seconds that running replies may take to finish after SIGINT or SIGTERM
     #[arg(long, default_value_t = 30.0)]
     shutdown_timeout: f64,
@@ -157,12 +147,7 @@ fn deploy_on<B: ModelBackend>(
         local.adapter = None;
     }
     let file = GenerationConfig::from_model_dir(&local.model)?;
-    let encoder = prompt_encoder(
-        &local,
-        args.template,
-        args.system.clone(),
-        args.enable_thinking,
-    )?;
+    let encoder = prompt_encoder(&local, &args.template)?;
     let mut names = vec![args.served_model_name.clone().unwrap_or_else(|| {
         let model = args.model.as_deref().unwrap_or(&local.model);
         model.file_name().map_or_else(

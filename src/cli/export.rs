@@ -8,10 +8,10 @@ use anyhow::{anyhow, Context};
 use clap::{Args, ValueEnum};
 
 use super::device::{resolve, with_backend};
-use super::infer::{prompt_encoder, stop_tokens};
+use super::infer::{prompt_encoder, stop_tokens, TemplateArgs};
 use super::merge::{merge_on, Job};
 use super::{Failure, LocalModel, ModelArgs};
-use swift_rs::config::{swift_bool, Device, GenerationConfig, TemplateName};
+use swift_rs::config::{swift_bool, Device, GenerationConfig};
 use swift_rs::export::gguf::{export_gguf, export_gguf_lora, GgufOptions, GgufType};
 use swift_rs::export::merge::{parse_size, MergeOptions};
 use swift_rs::export::{exit_removing_staged, write_atomic};
@@ -194,7 +194,7 @@ fn modelfile(local: &LocalModel, output: &Path) -> Result<(PathBuf, String), Fai
             path.display()
         )));
     }
-    let encoder = prompt_encoder(local, TemplateName::Auto, None, None)?;
+    let encoder = prompt_encoder(local, &TemplateArgs::default())?;
     let tokenizer = encoder.tokenizer();
     let template = encoder.template();
     let adds_bos = tokenizer

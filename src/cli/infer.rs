@@ -37,16 +37,8 @@ pub struct InferArgs {
     /// With --dataset: rows generated together
     #[arg(long, visible_alias = "max_batch_size", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
     batch_size: u64,
-    /// System prompt for conversations that have none
-    #[arg(long)]
-    system: Option<String>,
-    /// The chat template's `enable_thinking`: false asks a hybrid-thinking model (Qwen3,
-    /// Qwen3.5) to answer without reasoning [default: the template's]
-    #[arg(long = "enable_thinking", value_parser = swift_bool)]
-    enable_thinking: Option<bool>,
-    /// Chat template: auto (the model's own), chatml, qwen, qwen2_5, qwen3, qwen3_5, llama3, jinja
-    #[arg(long, default_value = "auto")]
-    template: TemplateName,
+    #[command(flatten)]
+    template: TemplateArgs,
     /// Most tokens per reply [default: generation_config.json's max_new_tokens, else 2048]
     #[arg(long, visible_alias = "max_new_tokens", allow_negative_numbers = true, value_parser = clap::value_parser!(u64).range(1..))]
     max_new_tokens: Option<u64>,
@@ -117,12 +109,7 @@ fn infer_on<B: ModelBackend>(
     if let Some(problem) = sampling.problem() {
         return Err(Failure::Usage(anyhow!(problem)));
     }
-    let encoder = prompt_encoder(
-        &local,
-        args.template,
-        args.system.clone(),
-        args.enable_thinking,
-    )?;
+    let encoder = prompt_encoder(&local, &args.template)?;
     let rows = match &args.dataset {
         Some(path) => {
             let rows = read_conversations(path).map_err(Failure::Usage)?;
@@ -187,20 +174,30 @@ fn infer_on<B: ModelBackend>(
 
 /// The prompts' template and system prompt: the flags', else what the checkpoint's args.json gives
 /// (as in ms-swift).
-pub(super) fn prompt_encoder(
-    local: &LocalModel,
-    template: TemplateName,
-    system: Option<String>,
-    enable_thinking: Option<bool>,
-) -> Result<Encoder, Failure> {
-    let template = match (template, local.run_args.template) {
+/// How `infer` and `deploy` render conversations.
+#[derive(Args, Debug, Default)]
+pub struct TemplateArgs {
+    /// Chat template: auto (the model's own), chatml, qwen, qwen2_5, qwen3, qwen3_5, llama3, jinja
+    #[arg(long, default_value = "auto")]
+    pub template: TemplateName,
+    /// System prompt for conversations that have none
+    #[arg(long)]
+    pub system: Option<String>,
+    /// The chat template's `enable_thinking`: false asks a hybrid-thinking model (Qwen3,
+    /// Qwen3.5) to answer without reasoning [default: the template's]
+    #[arg(long = "enable_thinking", value_parser = swift_bool)]
+    pub enable_thinking: Option<bool>,
+}
+
+pub(super) fn prompt_encoder(local: &LocalModel, args: &TemplateArgs) -> Result<Encoder, Failure> {
+    let template = match (args.template, local.run_args.template) {
         (TemplateName::Auto, Some(trained)) => trained,
         (given, _) => given,
     };
-    let system = system.or(local.run_args.system.clone());
+    let system = args.system.clone().or(local.run_args.system.clone());
     let mut encoder = Encoder::for_model_dir(&local.model, template, system, LossScale::Default)
         .map_err(|e| Failure::Usage(e.into()))?;
-    encoder.set_enable_thinking(enable_thinking);
+    encoder.set_enable_thinking(args.enable_thinking);
     Ok(encoder)
 }
 

@@ -84,10 +84,11 @@ pub mod auto_dtype {
 }
 
 /// `model.template`: the model's own template, or a built-in one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TemplateName {
     /// The model's own template; a built-in one for its model_type when it has none.
+    #[default]
     Auto,
     /// The model's own template, required.
     Jinja,

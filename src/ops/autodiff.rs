@@ -476,11 +476,11 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let (out, last, entering) = B::delta_rule_forward(x.clone());
+                let (out, last, entering) = B::delta_rule_forward(x.clone(), None);
                 (prep.finish((x, entering), out), last)
             }
             OpsKind::UnTracked(prep) => {
-                let (out, last, _) = B::delta_rule_forward(x);
+                let (out, last, _) = B::delta_rule_forward(x, None);
                 (prep.finish(out), last)
             }
         };

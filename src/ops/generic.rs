@@ -8,7 +8,9 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::{AttentionModuleOptions, FloatTensor, IntTensor};
 use burn::tensor::{Bool, DType, IndexingUpdateOp, Int, Shape, Tensor, TensorData, TensorMetadata};
 
-use super::{float, primitive, with_last_dim, AttnMask, LoraGrads, LoraParts, RowsAdapter};
+use super::{
+    float, primitive, with_last_dim, AttnMask, LoraGrads, LoraParts, ModelBackend, RowsAdapter,
+};
 
 /// Any-rank `p` as a rank-D tensor of `dims`.
 fn reshaped<B: Backend, const D: usize>(p: FloatTensor<B>, dims: [usize; D]) -> Tensor<B, D> {
@@ -425,7 +427,7 @@ pub(super) fn sdpa_grads<B: Backend>(
 /// (the WY/UT representation), across chunks the state `[b, h, dk, dv]` carries on, in f32.
 /// `(I + N)⁻¹` for the nilpotent `N` is `Π (I + (-N)^(2^j))`: log₂(c) products of tensor ops
 /// instead of a triangular solve, which Burn lacks.
-pub(super) fn gated_delta_rule<B: Backend>(
+pub(super) fn gated_delta_rule<B: ModelBackend>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
@@ -434,10 +436,15 @@ pub(super) fn gated_delta_rule<B: Backend>(
     state: Option<FloatTensor<B>>,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     let dtype = float::<B, 4>(v.clone()).dtype();
-    let x = DeltaRuleInputs::<B>::new(q, k, v, g, beta);
-    let state = state.map(|s| float::<B, 4>(s).cast(DType::F32));
-    let (out, state, _) = chunked_delta_rule(&x, state);
-    (delta_rule_output::<B>(out, dtype), primitive(state))
+    let x = DeltaRuleInputs::<B>::new(q, k, v, g, beta).primitives();
+    let (out, state, _) = B::delta_rule_forward(x, state);
+    (delta_rule_output::<B>(float(out), dtype), state)
+}
+
+/// The chunk length of the chunked rule over `s` positions: 64, or for shorter inputs (a decoding
+/// step) their own length rounded up to a power of two.
+pub(super) fn delta_rule_chunk(s: usize) -> usize {
+    s.next_power_of_two().clamp(1, 64)
 }
 
 /// The delta rule's inputs as the chunked rule takes them: f32, heads before positions (q, k
@@ -506,8 +513,11 @@ impl<B: Backend> DeltaRuleInputs<B> {
 /// `ModelBackend::delta_rule_forward`'s generic path.
 pub(super) fn delta_rule_forward<B: Backend>(
     x: [FloatTensor<B>; 5],
+    state: Option<FloatTensor<B>>,
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
-    let (out, last, entering) = chunked_delta_rule(&DeltaRuleInputs::<B>::from_primitives(x), None);
+    let x = DeltaRuleInputs::<B>::from_primitives(x);
+    let state = state.map(|s| float::<B, 4>(s).cast(DType::F32));
+    let (out, last, entering) = chunked_delta_rule(&x, state);
     (primitive(out), primitive(last), primitive(entering))
 }
 
@@ -559,8 +569,7 @@ impl<B: Backend> DeltaChunks<B> {
     fn new(x: &DeltaRuleInputs<B>) -> Self {
         let [b, h, s, _] = x.q.dims();
         let device = x.q.device();
-        // Short inputs (a decoding step) take one chunk of their own length, rounded up.
-        let c = s.next_power_of_two().clamp(1, 64);
+        let c = delta_rule_chunk(s);
         let n = s.div_ceil(c);
         let pad4 = |x: Tensor<B, 4>| {
             let [b, h, _, d] = x.dims();

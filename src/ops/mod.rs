@@ -297,18 +297,19 @@ pub trait ModelBackend: Backend {
         generic::gated_delta_rule::<Self>(q, k, v, g, beta, state)
     }
 
-    /// The chunked delta rule from a zero state over inputs as `gated_delta_rule` prepares them
-    /// (`[q, k, v, g, beta]`: f32, heads before positions, q and k normalised and repeated per
-    /// value head, q scaled): the output `[batch, heads, seq, dv]`, the final state, and the
-    /// state entering each chunk `[batch, heads, chunks, dk, dv]`, which `delta_rule_backward`
-    /// starts from. Training's path: its backward pass is `delta_rule_backward`.
+    /// The chunked delta rule over inputs as `gated_delta_rule` prepares them (`[q, k, v, g,
+    /// beta]`: f32, heads before positions, q and k normalised and repeated per value head, q
+    /// scaled), from `state` (zeros when None): the output `[batch, heads, seq, dv]` in f32, the
+    /// final state, and the state entering each chunk `[batch, heads, chunks, dk, dv]`, which
+    /// `delta_rule_backward` starts from.
     fn delta_rule_forward(
         x: [FloatTensor<Self>; 5],
+        state: Option<FloatTensor<Self>>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        generic::delta_rule_forward::<Self>(x)
+        generic::delta_rule_forward::<Self>(x, state)
     }
 
-    /// The gradients of `delta_rule_forward`'s inputs from that of its output.
+    /// The gradients of `delta_rule_forward`'s inputs from that of its output, from a zero state.
     fn delta_rule_backward(
         x: [FloatTensor<Self>; 5],
         entering: FloatTensor<Self>,

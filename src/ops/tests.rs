@@ -656,6 +656,37 @@ fn the_delta_rules_own_backward_pass_matches_the_token_by_token_rule() {
     }
 }
 
+/// Flex's kernel (f32) against the generic path on the same prepared inputs: the output, the
+/// final state and every chunk's entering state, from a given state, over a ragged last chunk,
+/// whole chunks, a short chunk and one token.
+#[test]
+fn the_delta_rule_kernel_matches_the_generic_path() {
+    for s in [150, 64, 3, 1] {
+        let [q, k, v, g, beta, state] = delta_rule_inputs(s);
+        let squeeze = |x: Tensor<Flex, 4>| x.squeeze_dim::<3>(3).into_primitive().tensor();
+        let x = generic::DeltaRuleInputs::<Flex>::new(
+            q.into_primitive().tensor(),
+            k.into_primitive().tensor(),
+            v.into_primitive().tensor(),
+            squeeze(g),
+            squeeze(beta),
+        )
+        .primitives();
+        let state = Some(state.into_primitive().tensor());
+        let kernel = Flex::delta_rule_forward(x.clone(), state.clone());
+        let generic = generic::delta_rule_forward::<Flex>(x, state);
+        let pairs = [(kernel.0, generic.0), (kernel.1, generic.1)];
+        for (got, want) in pairs {
+            close_sum(float::<Flex, 4>(got), &float(want), s);
+        }
+        close_sum(
+            float::<Flex, 5>(kernel.2).flatten::<4>(0, 1),
+            &float::<Flex, 5>(generic.2).flatten(0, 1),
+            s,
+        );
+    }
+}
+
 /// Generation runs the rule on a prompt and then a token at a time from the state it left: the
 /// same as the whole sequence at once.
 #[test]

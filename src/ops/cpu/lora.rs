@@ -44,7 +44,33 @@ impl<'a> Mat<'a> {
 fn add_product(dst: &mut [f32], lhs: Mat, rhs: Mat, scale: f32) {
     assert_eq!(dst.len(), lhs.rows * rhs.cols, "output size");
     // SAFETY: `dst` holds the output's floats (asserted).
-    unsafe { gemm_into(dst.as_mut_ptr(), true, lhs, rhs, scale) };
+    unsafe {
+        gemm_into(
+            dst.as_mut_ptr(),
+            true,
+            lhs,
+            rhs,
+            scale,
+            Parallelism::Rayon(0),
+        )
+    };
+}
+
+/// `dst (+)= lhs · rhs * scale` on the calling thread, for kernels that already run a task per
+/// core; `dst` is `[lhs.rows, rhs.cols]`, row-major.
+pub fn product_here(dst: &mut [f32], accumulate: bool, lhs: Mat, rhs: Mat, scale: f32) {
+    assert_eq!(dst.len(), lhs.rows * rhs.cols, "output size");
+    // SAFETY: `dst` holds the output's floats (asserted), each of which gemm writes.
+    unsafe {
+        gemm_into(
+            dst.as_mut_ptr(),
+            accumulate,
+            lhs,
+            rhs,
+            scale,
+            Parallelism::None,
+        )
+    };
 }
 
 /// `lhs · rhs * scale` `[lhs.rows, rhs.cols]`, row-major, in a new buffer that is not zeroed
@@ -55,7 +81,14 @@ fn product(lhs: Mat, rhs: Mat, scale: f32) -> Vec<f32> {
     // SAFETY: without `accumulate`, gemm writes every element of `dst` and reads none (its
     // first pass over the inner dimension stores `scale * lhs·rhs`, or zeros when it is empty).
     unsafe {
-        gemm_into(dst.as_mut_ptr(), false, lhs, rhs, scale);
+        gemm_into(
+            dst.as_mut_ptr(),
+            false,
+            lhs,
+            rhs,
+            scale,
+            Parallelism::Rayon(0),
+        );
         dst.set_len(len);
     }
     dst
@@ -66,7 +99,14 @@ fn product(lhs: Mat, rhs: Mat, scale: f32) -> Vec<f32> {
 /// # Safety
 /// `dst` is valid for writes of `lhs.rows * rhs.cols` floats, and for reads too when
 /// `accumulate`.
-unsafe fn gemm_into(dst: *mut f32, accumulate: bool, lhs: Mat, rhs: Mat, scale: f32) {
+unsafe fn gemm_into(
+    dst: *mut f32,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    scale: f32,
+    parallelism: Parallelism,
+) {
     assert_eq!(lhs.cols, rhs.rows, "inner dimensions");
     // SAFETY: `Mat::new` keeps every read of lhs and rhs inside their buffers, and the caller
     // vouches for `dst`.
@@ -90,7 +130,7 @@ unsafe fn gemm_into(dst: *mut f32, accumulate: bool, lhs: Mat, rhs: Mat, scale: 
             false,
             false,
             false,
-            Parallelism::Rayon(0),
+            parallelism,
         );
     }
 }

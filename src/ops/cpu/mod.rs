@@ -1,6 +1,7 @@
 //! `ModelBackend` for Flex: f32 runs the kernels here, other dtypes the generic path.
 
 mod attention;
+mod delta_rule;
 mod elementwise;
 mod lora;
 
@@ -209,6 +210,41 @@ impl ModelBackend for Flex {
         let (mask, is_causal) = dense(mask, &q);
         let (out, lse) = attention::forward(q, k, v, mask, is_causal);
         (out, Some(lse))
+    }
+
+    fn delta_rule_forward(
+        x: [FloatTensor<Self>; 5],
+        state: Option<FloatTensor<Self>>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let mut tensors: Vec<_> = x.iter().collect();
+        tensors.extend(&state);
+        if !all_f32(&tensors) {
+            return generic::delta_rule_forward::<Self>(x, state);
+        }
+        let x = x.map(|t| t.to_contiguous());
+        let state = state.map(|t| t.to_contiguous());
+        let [b, h, s, dk] = x[0].layout().shape()[..] else {
+            unreachable!("q is [batch, heads, seq, dk]")
+        };
+        let dv = x[2].layout().shape()[3];
+        let c = generic::delta_rule_chunk(s);
+        let dims = delta_rule::Dims {
+            tasks: b * h,
+            s,
+            dk,
+            dv,
+            c,
+        };
+        let inputs = [0, 1, 2, 3, 4].map(|i| x[i].storage::<f32>());
+        let (out, last, entering) =
+            delta_rule::forward(inputs, state.as_ref().map(FlexTensor::storage), &dims);
+        let tensor =
+            |data: Vec<f32>, shape: Vec<usize>| FlexTensor::from_data(TensorData::new(data, shape));
+        (
+            tensor(out, vec![b, h, s, dv]),
+            tensor(last, vec![b, h, dk, dv]),
+            tensor(entering, vec![b, h, s.div_ceil(c), dk, dv]),
+        )
     }
 
     fn sdpa_backward(

@@ -1,7 +1,7 @@
 //! The chunked gated delta rule's forward pass on the CPU (Flex, f32): one task per (batch, head),
-//! chunk by chunk as the generic path chunks, each chunk's WY/UT system solved by forward
-//! substitution (where the generic path inverts it by repeated squaring, six 64 x 64 products)
-//! and its products small gemms on the task's own thread, into buffers the task owns.
+//! chunk by chunk as the generic path chunks, each chunk's WY/UT matrix inverted by forward
+//! substitution (where the generic path squares it repeatedly, six 64 x 64 products on 5-d
+//! tensors) and its products small gemms on the task's own thread, into buffers the task owns.
 
 use rayon::prelude::*;
 
@@ -74,6 +74,8 @@ impl Task<'_> {
         let mut cum = vec![0.0f32; c];
         let (mut kk, mut qk) = (vec![0.0f32; c * c], vec![0.0f32; c * c]);
         let (mut u, mut w) = (vec![0.0f32; c * dv], vec![0.0f32; c * dk]);
+        let (mut rhs_v, mut rhs_k) = (vec![0.0f32; c * dv], vec![0.0f32; c * dk]);
+        let mut solve = vec![0.0f32; c * c];
         let mut scaled = vec![0.0f32; c * dk];
         for (i, start) in (0..s).step_by(c).enumerate() {
             entering[i * dk * dv..(i + 1) * dk * dv].copy_from_slice(state);
@@ -87,26 +89,41 @@ impl Task<'_> {
                 total += g;
                 *cum = total;
             }
-            // N[i][j] = beta_i · exp(cum_i - cum_j) · k_i·k_j below the diagonal.
+            // N[i][j] = beta_i · exp(cum_i - cum_j) · k_i·k_j below the diagonal, and
+            // T = (I + N)⁻¹ row by row: T_i = e_i - Σ_{j<i} N[i][j]·T_j, where row j of the
+            // lower-triangular T is zero past column j.
             let kk = &mut kk[..len * len];
             product_here(kk, false, k, k.t(), 1.0);
-            // The right-hand sides beta·v and beta·exp(cum)·k, solved in place: row i takes
-            // away N[i][j] times each solved row j < i.
-            let (u, w) = (&mut u[..len * dv], &mut w[..len * dk]);
-            u.copy_from_slice(&self.v[start * dv..(start + len) * dv]);
-            w.copy_from_slice(&self.k[start * dk..(start + len) * dk]);
+            let solve = &mut solve[..len * len];
+            solve.fill(0.0);
             for i in 0..len {
-                let (bu, bw) = (beta[i], beta[i] * cum[i].exp());
-                u[i * dv..(i + 1) * dv].iter_mut().for_each(|x| *x *= bu);
-                w[i * dk..(i + 1) * dk].iter_mut().for_each(|x| *x *= bw);
+                let (done, row) = solve.split_at_mut(i * len);
+                row[i] = 1.0;
                 for j in 0..i {
-                    let a = beta[i] * (cum[i] - cum[j]).exp() * kk[i * len + j];
-                    let (done, row) = u.split_at_mut(i * dv);
-                    axpy(&mut row[..dv], -a, &done[j * dv..(j + 1) * dv]);
-                    let (done, row) = w.split_at_mut(i * dk);
-                    axpy(&mut row[..dk], -a, &done[j * dk..(j + 1) * dk]);
+                    let n = beta[i] * (cum[i] - cum[j]).exp() * kk[i * len + j];
+                    axpy(&mut row[..=j], -n, &done[j * len..j * len + j + 1]);
                 }
             }
+            // The new values T·(beta·v), and the keys' pull on the state T·(beta·exp(cum)·k).
+            let (rhs_v, rhs_k) = (&mut rhs_v[..len * dv], &mut rhs_k[..len * dk]);
+            let v_rows = self.v[start * dv..(start + len) * dv].chunks_exact(dv);
+            for ((row, v_row), &b) in rhs_v.chunks_exact_mut(dv).zip(v_rows).zip(beta) {
+                row.iter_mut().zip(v_row).for_each(|(x, &v)| *x = b * v);
+            }
+            let k_rows = self.k[start * dk..(start + len) * dk].chunks_exact(dk);
+            for (((row, k_row), &b), &cum) in rhs_k
+                .chunks_exact_mut(dk)
+                .zip(k_rows)
+                .zip(beta)
+                .zip(cum.iter())
+            {
+                let scale = b * cum.exp();
+                row.iter_mut().zip(k_row).for_each(|(x, &k)| *x = scale * k);
+            }
+            let (u, w) = (&mut u[..len * dv], &mut w[..len * dk]);
+            let t = Mat::new(solve, len, len);
+            product_here(u, false, t, Mat::new(rhs_v, len, dv), 1.0);
+            product_here(w, false, t, Mat::new(rhs_k, len, dk), 1.0);
             // v_new = u - w·S.
             let s_mat = Mat::new(state, dk, dv);
             product_here(u, true, Mat::new(w, len, dk), s_mat, -1.0);

@@ -656,9 +656,9 @@ fn the_delta_rules_own_backward_pass_matches_the_token_by_token_rule() {
     }
 }
 
-/// Flex's kernel (f32) against the generic path on the same prepared inputs: the output, the
-/// final state and every chunk's entering state, from a given state, over a ragged last chunk,
-/// whole chunks, a short chunk and one token.
+/// Flex's kernels (f32) against the generic path on the same prepared inputs: the output, the
+/// final state and every chunk's entering state, from a given state, and the gradients from a
+/// zero state, over a ragged last chunk, whole chunks, a short chunk and one token.
 #[test]
 fn the_delta_rule_kernel_matches_the_generic_path() {
     for s in [150, 64, 3, 1] {
@@ -674,7 +674,7 @@ fn the_delta_rule_kernel_matches_the_generic_path() {
         .primitives();
         let state = Some(state.into_primitive().tensor());
         let kernel = Flex::delta_rule_forward(x.clone(), state.clone());
-        let generic = generic::delta_rule_forward::<Flex>(x, state);
+        let generic = generic::delta_rule_forward::<Flex>(x.clone(), state);
         let pairs = [(kernel.0, generic.0), (kernel.1, generic.1)];
         for (got, want) in pairs {
             close_sum(float::<Flex, 4>(got), &float(want), s);
@@ -684,6 +684,24 @@ fn the_delta_rule_kernel_matches_the_generic_path() {
             &float::<Flex, 5>(generic.2).flatten(0, 1),
             s,
         );
+        // The backward pass, from a zero state as training runs it.
+        let (_, _, entering) = generic::delta_rule_forward::<Flex>(x.clone(), None);
+        let d_out = rand([2, 4, s, 6]).into_primitive().tensor();
+        let kernel = Flex::delta_rule_backward(x.clone(), entering.clone(), d_out.clone());
+        let generic = generic::delta_rule_backward::<Flex>(x.clone(), entering, d_out);
+        for (i, (got, want)) in kernel.into_iter().zip(generic).enumerate() {
+            let values = |t: FloatTensor<Flex>| t.into_data().to_vec::<f32>().unwrap();
+            let (got, want) = (values(got), values(want));
+            let scale = want.iter().fold(1f32, |m, w| m.max(w.abs()));
+            let d = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                d <= 1e-4 * scale,
+                "s = {s}, gradient {i}: max |diff| {d} of {scale}"
+            );
+        }
     }
 }
 

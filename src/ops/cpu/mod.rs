@@ -50,6 +50,21 @@ fn kernel_layer(layer: &LoraParts<Flex>) -> lora::Layer<'_> {
     }
 }
 
+/// The delta rule kernel's sizes for its prepared inputs (`[q, k, v, g, beta]`, q
+/// `[batch, heads, seq, dk]`, v `[batch, heads, seq, dv]`).
+fn delta_rule_dims(x: &[FlexTensor; 5]) -> delta_rule::Dims {
+    let [b, h, s, dk] = x[0].layout().shape()[..] else {
+        unreachable!("q is [batch, heads, seq, dk]")
+    };
+    delta_rule::Dims {
+        tasks: b * h,
+        s,
+        dk,
+        dv: x[2].layout().shape()[3],
+        c: generic::delta_rule_chunk(s),
+    }
+}
+
 /// The targets of `cross_entropy` as indices.
 fn indices(targets: IntTensor<Flex>) -> Vec<usize> {
     let data = targets.into_data().convert::<i64>();
@@ -223,18 +238,11 @@ impl ModelBackend for Flex {
         }
         let x = x.map(|t| t.to_contiguous());
         let state = state.map(|t| t.to_contiguous());
+        let dims = delta_rule_dims(&x);
         let [b, h, s, dk] = x[0].layout().shape()[..] else {
             unreachable!("q is [batch, heads, seq, dk]")
         };
-        let dv = x[2].layout().shape()[3];
-        let c = generic::delta_rule_chunk(s);
-        let dims = delta_rule::Dims {
-            tasks: b * h,
-            s,
-            dk,
-            dv,
-            c,
-        };
+        let (dv, c) = (dims.dv, dims.c);
         let inputs = [0, 1, 2, 3, 4].map(|i| x[i].storage::<f32>());
         let (out, last, entering) =
             delta_rule::forward(inputs, state.as_ref().map(FlexTensor::storage), &dims);
@@ -245,6 +253,25 @@ impl ModelBackend for Flex {
             tensor(last, vec![b, h, dk, dv]),
             tensor(entering, vec![b, h, s.div_ceil(c), dk, dv]),
         )
+    }
+
+    fn delta_rule_backward(
+        x: [FloatTensor<Self>; 5],
+        entering: FloatTensor<Self>,
+        d_out: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 5] {
+        let mut tensors: Vec<_> = x.iter().collect();
+        tensors.extend([&entering, &d_out]);
+        if !all_f32(&tensors) {
+            return generic::delta_rule_backward::<Self>(x, entering, d_out);
+        }
+        let x = x.map(|t| t.to_contiguous());
+        let (entering, d_out) = (entering.to_contiguous(), d_out.to_contiguous());
+        let dims = delta_rule_dims(&x);
+        let inputs = [0, 1, 2, 3, 4].map(|i| x[i].storage::<f32>());
+        let grads = delta_rule::backward(inputs, entering.storage(), d_out.storage(), &dims);
+        let mut x = x.into_iter();
+        grads.map(|g| like(&x.next().expect("five inputs"), g))
     }
 
     fn sdpa_backward(

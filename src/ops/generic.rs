@@ -9,7 +9,8 @@ use burn::tensor::ops::{AttentionModuleOptions, FloatTensor, IntTensor};
 use burn::tensor::{Bool, DType, IndexingUpdateOp, Int, Shape, Tensor, TensorData, TensorMetadata};
 
 use super::{
-    float, primitive, with_last_dim, AttnMask, LoraGrads, LoraParts, ModelBackend, RowsAdapter,
+    float, primitive, with_last_dim, AttnMask, DeltaScan, LoraGrads, LoraParts, ModelBackend,
+    RowsAdapter,
 };
 
 /// Any-rank `p` as a rank-D tensor of `dims`.
@@ -511,7 +512,7 @@ impl<B: Backend> DeltaRuleInputs<B> {
 }
 
 /// `ModelBackend::delta_rule_forward`'s generic path.
-pub(super) fn delta_rule_forward<B: Backend>(
+pub(super) fn delta_rule_forward<B: ModelBackend>(
     x: [FloatTensor<B>; 5],
     state: Option<FloatTensor<B>>,
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
@@ -522,7 +523,7 @@ pub(super) fn delta_rule_forward<B: Backend>(
 }
 
 /// `ModelBackend::delta_rule_backward`'s generic path.
-pub(super) fn delta_rule_backward<B: Backend>(
+pub(super) fn delta_rule_backward<B: ModelBackend>(
     x: [FloatTensor<B>; 5],
     entering: FloatTensor<B>,
     d_out: FloatTensor<B>,
@@ -626,6 +627,11 @@ impl<B: Backend> DeltaChunks<B> {
         self.cum.clone().narrow(3, c - 1, 1)
     }
 
+    /// The decay of the state across each chunk: `[b, h, n]`.
+    fn chunk_decay(&self) -> Tensor<B, 3> {
+        self.last().exp().squeeze_dim(3)
+    }
+
     /// Each position's decay from it to the chunk's end: `[b, h, n, c, 1]`.
     fn to_end(&self) -> Tensor<B, 5> {
         (self.last() - self.cum.clone()).exp().unsqueeze_dim(4)
@@ -639,30 +645,67 @@ fn chunk_of<B: Backend>(x: &Tensor<B, 5>, i: usize) -> Tensor<B, 4> {
 }
 
 /// The chunked rule: the output `[b, h, s, dv]`, the final state, and the state entering each
-/// chunk `[b, h, n, dk, dv]` (what the backward pass starts from).
-pub(super) fn chunked_delta_rule<B: Backend>(
+/// chunk `[b, h, n, dk, dv]` (what the backward pass starts from). The state's trip through the
+/// chunks is `ModelBackend::delta_rule_scan`; everything else is one pass over all chunks at once.
+pub(super) fn chunked_delta_rule<B: ModelBackend>(
     x: &DeltaRuleInputs<B>,
     state: Option<Tensor<B, 4>>,
 ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 5>) {
     let [b, h, s, dk] = x.q.dims();
     let dv = x.v.dims()[3];
     let ch = DeltaChunks::new(x);
-    let n = ch.q.dims()[2];
+    let [_, _, n, c, _] = ch.q.dims();
+    let state = state.unwrap_or_else(|| Tensor::zeros([b, h, dk, dv], &x.q.device()));
+    let [v_new, entering, last] = B::delta_rule_scan(DeltaScan {
+        pull: primitive(ch.k_cumdecay.clone()),
+        push: primitive(ch.k.clone() * ch.to_end()),
+        base: primitive(ch.new_values.clone()),
+        add: None,
+        decay: primitive(ch.chunk_decay()),
+        state: primitive(state),
+        backward: false,
+    });
+    let (v_new, entering): (Tensor<B, 5>, Tensor<B, 5>) = (float(v_new), float(entering));
+    // out = exp(cum)·Q S + intra · v_new, per chunk from the state entering it.
     let q = ch.q.clone() * ch.cum_exp();
-    let k = ch.k.clone() * ch.to_end();
-    let chunk_decay = ch.last().exp().unsqueeze_dim::<5>(4); // [b, h, n, 1, 1]
-    let mut state = state.unwrap_or_else(|| Tensor::zeros([b, h, dk, dv], &x.q.device()));
-    let (mut outs, mut entering) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    for i in 0..n {
-        entering.push(state.clone());
-        let v_new = chunk_of(&ch.new_values, i) - chunk_of(&ch.k_cumdecay, i).matmul(state.clone());
-        let out =
-            chunk_of(&q, i).matmul(state.clone()) + chunk_of(&ch.intra, i).matmul(v_new.clone());
-        outs.push(out); // [b, h, c, dv]
-        state = state * chunk_of(&chunk_decay, i) + chunk_of(&k, i).swap_dims(2, 3).matmul(v_new);
+    let out = q.matmul(entering.clone()) + ch.intra.clone().matmul(v_new);
+    let out = out.reshape([b, h, n * c, dv]).narrow(2, 0, s);
+    (out, float(last), entering)
+}
+
+/// `ModelBackend::delta_rule_scan`'s generic path: a few tensor ops a chunk.
+pub(super) fn delta_rule_scan<B: Backend>(scan: DeltaScan<B>) -> [FloatTensor<B>; 3] {
+    let (pull, push, base): (Tensor<B, 5>, Tensor<B, 5>, Tensor<B, 5>) =
+        (float(scan.pull), float(scan.push), float(scan.base));
+    let add = scan.add.map(float::<B, 5>);
+    let decay: Tensor<B, 3> = float(scan.decay);
+    let [b, h, n] = decay.dims();
+    let mut state: Tensor<B, 4> = float(scan.state);
+    let sign = if scan.backward { -1.0 } else { 1.0 };
+    let order: Vec<usize> = match scan.backward {
+        true => (0..n).rev().collect(),
+        false => (0..n).collect(),
+    };
+    let (mut rs, mut before) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in order {
+        before.push(state.clone());
+        let r = chunk_of(&base, i) - chunk_of(&pull, i).matmul(state.clone()) * sign;
+        let decay = decay.clone().narrow(2, i, 1).reshape([b, h, 1, 1]);
+        state = state * decay + chunk_of(&push, i).swap_dims(2, 3).matmul(r.clone()) * sign;
+        if let Some(add) = &add {
+            state = state + chunk_of(add, i);
+        }
+        rs.push(r);
     }
-    let out = Tensor::cat(outs, 2).narrow(2, 0, s);
-    (out, state, Tensor::stack(entering, 2))
+    if scan.backward {
+        rs.reverse();
+        before.reverse();
+    }
+    [
+        primitive(Tensor::stack::<5>(rs, 2)),
+        primitive(Tensor::stack::<5>(before, 2)),
+        primitive(state),
+    ]
 }
 
 /// The gradients of the chunked rule's inputs from that of its output `[b, h, s, dv]`, given the
@@ -670,7 +713,7 @@ pub(super) fn chunked_delta_rule<B: Backend>(
 /// gradient (training starts every row from zeros and reads only the output). Each chunk's
 /// forward pass, differentiated by hand: the entering state's gradient runs back through the
 /// chunks, the rest is one pass over all chunks at once.
-pub(super) fn chunked_delta_rule_backward<B: Backend>(
+pub(super) fn chunked_delta_rule_backward<B: ModelBackend>(
     x: &DeltaRuleInputs<B>,
     entering: Tensor<B, 5>,
     d_out: Tensor<B, 4>,
@@ -685,33 +728,26 @@ pub(super) fn chunked_delta_rule_backward<B: Backend>(
     }
     .reshape([b, h, n, c, dv]);
     let (cum_exp, to_end) = (ch.cum_exp(), ch.to_end());
-    let chunk_decay = ch.last().exp().unsqueeze_dim::<5>(4); // [b, h, n, 1, 1]
     let q_decayed = ch.q.clone() * cum_exp.clone();
     let k_decayed = ch.k.clone() * to_end.clone();
     // v_new = new_values - k_cumdecay · S, per chunk from the state entering it.
     let v_new = ch.new_values.clone() - ch.k_cumdecay.clone().matmul(entering.clone());
 
-    // Backwards through the chunks: the gradient of the state leaving chunk i (`d_next`) gives
-    // that of its v_new, and of the state entering it.
-    let mut d_next = Tensor::<B, 4>::zeros([b, h, dk, dv], &x.q.device());
-    let (mut d_v_new, mut d_leaving) = (vec![], vec![]);
-    for i in (0..n).rev() {
-        let d_o = chunk_of(&d_out, i);
-        let dvn = chunk_of(&ch.intra, i).swap_dims(2, 3).matmul(d_o.clone())
-            + chunk_of(&k_decayed, i).matmul(d_next.clone());
-        let d_entering = chunk_of(&q_decayed, i).swap_dims(2, 3).matmul(d_o)
-            + d_next.clone() * chunk_of(&chunk_decay, i)
-            - chunk_of(&ch.k_cumdecay, i)
-                .swap_dims(2, 3)
-                .matmul(dvn.clone());
-        d_v_new.push(dvn);
-        d_leaving.push(d_next);
-        d_next = d_entering;
-    }
-    d_v_new.reverse();
-    d_leaving.reverse();
-    let d_v_new = Tensor::stack::<5>(d_v_new, 2); // [b, h, n, c, dv]
-    let d_leaving = Tensor::stack::<5>(d_leaving, 2); // [b, h, n, dk, dv]
+    // Backwards through the chunks: the gradient of the state leaving chunk i (`d_leaving`)
+    // gives that of its v_new, `intraᵀ dO + k_decayed · d_leaving`, and of the state entering
+    // it, `exp(cum)·Qᵀ dO + exp(last)·d_leaving - k_cumdecayᵀ d_v_new`.
+    let [d_v_new, d_leaving, _] = B::delta_rule_scan(DeltaScan {
+        pull: primitive(k_decayed.clone()),
+        push: primitive(ch.k_cumdecay.clone()),
+        base: primitive(ch.intra.clone().swap_dims(3, 4).matmul(d_out.clone())),
+        add: Some(primitive(
+            q_decayed.clone().swap_dims(3, 4).matmul(d_out.clone()),
+        )),
+        decay: primitive(ch.chunk_decay()),
+        state: primitive(Tensor::<B, 4>::zeros([b, h, dk, dv], &x.q.device())),
+        backward: true,
+    });
+    let (d_v_new, d_leaving): (Tensor<B, 5>, Tensor<B, 5>) = (float(d_v_new), float(d_leaving));
     let row_dot = |a: Tensor<B, 5>, b: Tensor<B, 5>| (a * b).sum_dim(4).squeeze_dim::<4>(4);
 
     // out = (exp(cum)·Q) S + intra · v_new.

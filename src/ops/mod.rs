@@ -131,6 +131,23 @@ pub enum Nf4Absmax<B: Backend> {
     },
 }
 
+/// The chunked delta rule's sequential part (`ModelBackend::delta_rule_scan`): the state carried
+/// from chunk to chunk, forward or, for its gradient, backward. Chunk by chunk (last to first
+/// when `backward`), from `state`: `r = base - σ·pull·S`, then `S = decay·S + add + σ·pushᵀ·r`,
+/// σ = 1 forward and -1 backward. Forward: r is each chunk's new values `v_new` (`pull` the
+/// keys' pull on the state, `push` the keys decayed to the chunk's end, no `add`); backward: r is
+/// v_new's gradient and S the state's. All f32, n chunks of c positions.
+#[derive(Clone, Debug)]
+pub struct DeltaScan<B: Backend> {
+    pub pull: FloatTensor<B>,        // [b, h, n, c, dk]
+    pub push: FloatTensor<B>,        // [b, h, n, c, dk]
+    pub base: FloatTensor<B>,        // [b, h, n, c, dv]
+    pub add: Option<FloatTensor<B>>, // [b, h, n, dk, dv]
+    pub decay: FloatTensor<B>,       // [b, h, n]
+    pub state: FloatTensor<B>,       // [b, h, dk, dv]
+    pub backward: bool,
+}
+
 /// The gradients of a LoRA layer's input (when asked for) and of its adapter.
 pub type LoraGrads<B> = (Option<FloatTensor<B>>, FloatTensor<B>, FloatTensor<B>);
 
@@ -316,6 +333,12 @@ pub trait ModelBackend: Backend {
         d_out: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 5] {
         generic::delta_rule_backward::<Self>(x, entering, d_out)
+    }
+
+    /// `DeltaScan`'s recurrence: every r `[b, h, n, c, dv]`, the state before each chunk's
+    /// update `[b, h, n, dk, dv]`, and the state after the last one.
+    fn delta_rule_scan(scan: DeltaScan<Self>) -> [FloatTensor<Self>; 3] {
+        generic::delta_rule_scan::<Self>(scan)
     }
 
     /// The depthwise causal convolution of `x` `[batch, seq, channels]` with `weight`

@@ -537,7 +537,7 @@ fn bf16_attention_runs_in_f32() {
 /// Inputs of the gated delta rule as Gated DeltaNet makes them: q, k `[b, s, 2, 8]`, v
 /// `[b, s, 4, 6]` (each key head serves two value heads), a log decay `g <= 0` mixing heads that
 /// keep their state and heads that forget it at once, `beta` in (0, 1), and a starting state.
-fn delta_rule_inputs(s: usize) -> [Tensor<Flex, 4>; 6] {
+pub(super) fn delta_rule_inputs(s: usize) -> [Tensor<Flex, 4>; 6] {
     let softplus = |x: Tensor<Flex, 4>| (x.exp() + 1.0).log();
     let rate = Tensor::<Flex, 1>::from_floats([0.02, 0.3, 1.0, 4.0], &Default::default());
     let g = softplus(rand([2, s, 4, 1])) * rate.reshape([1, 1, 4, 1]).neg();

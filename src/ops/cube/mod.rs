@@ -7,6 +7,7 @@
 //! still runs on both sides of it.
 
 mod attention;
+mod delta_rule;
 mod nf4;
 mod rowwise;
 
@@ -23,7 +24,7 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
-use super::{generic, AttnMask, LoraParts, ModelBackend, Nf4Absmax, Nf4Parts};
+use super::{generic, AttnMask, DeltaScan, LoraParts, ModelBackend, Nf4Absmax, Nf4Parts};
 
 type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
 
@@ -224,6 +225,44 @@ where
                 [rowwise::cross_entropy_backward(logits, targets, lse, grad)]
             });
         d_logits
+    }
+
+    fn delta_rule_scan(scan: DeltaScan<Self>) -> [FloatTensor<Self>; 3] {
+        let [b, h, n, c, dk] = scan.pull.shape()[..] else {
+            unreachable!("pull is [b, h, n, c, dk]")
+        };
+        let dv = scan.base.shape()[4];
+        let mut tensors = vec![&scan.pull, &scan.push, &scan.base, &scan.decay, &scan.state];
+        tensors.extend(&scan.add);
+        let f32_only = tensors.iter().all(|t| t.dtype() == DType::F32);
+        if !f32_only || c > delta_rule::MAX_CHUNK || dk > delta_rule::MAX_KEY_DIM {
+            return generic::delta_rule_scan::<Self>(scan);
+        }
+        let outputs = [
+            Shape::new([b, h, n, c, dv]),
+            Shape::new([b, h, n, dk, dv]),
+            Shape::new([b, h, dk, dv]),
+        ]
+        .map(|shape| (shape, DType::F32));
+        let DeltaScan {
+            pull,
+            push,
+            base,
+            add,
+            decay,
+            state,
+            backward,
+        } = scan;
+        let added = add.is_some();
+        let inputs = [pull, push, base, decay, state]
+            .into_iter()
+            .chain(add)
+            .collect();
+        custom::<R, F, I, BT, 3>("swift_rs.delta_rule_scan", inputs, outputs, move |mut t| {
+            let add = added.then(|| t.pop().expect("add"));
+            let [pull, push, base, decay, state] = take(t);
+            delta_rule::scan(pull, push, base, add, decay, state, backward)
+        })
     }
 
     fn sdpa_forward(

@@ -8,7 +8,7 @@ use burn::tensor::{
     DType, Distribution, Int, Shape, Tensor, TensorData, TensorMetadata, Tolerance,
 };
 
-use super::super::{float, generic, primitive, sdpa, AttnMask, LoraParts, ModelBackend};
+use super::super::{float, generic, primitive, sdpa, AttnMask, DeltaScan, LoraParts, ModelBackend};
 use crate::ops::test_gpu as gpu;
 
 type Ad = Autodiff<Wgpu>;
@@ -290,5 +290,123 @@ fn the_lora_layer_matches_the_generic_path() {
         assert_eq!(y.shape(), want_y.shape());
         close_all(dtype, [y], [want_y]);
         close_all(DType::F32, [h], [want_h]);
+    }
+}
+
+/// `got` within `rel` of `want`'s largest magnitude (at least 1): sums whose order differs
+/// between the kernel (one unit, in sequence) and the tensor ops (blocked matmuls).
+fn near(name: &str, got: FloatTensor<Wgpu>, want: FloatTensor<Wgpu>, rel: f32) {
+    assert_eq!(got.shape(), want.shape(), "{name}");
+    let values = |t| data(t).to_vec::<f32>().expect("f32");
+    let (got, want) = (values(got), values(want));
+    let scale = want.iter().fold(1f32, |m, w| m.max(w.abs()));
+    let d = got
+        .iter()
+        .zip(&want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(d <= rel * scale, "{name}: max |diff| {d} of {scale}");
+}
+
+/// The delta rule's state through its chunks, by the kernel against the generic path's tensor
+/// ops, forward and backward: chunks of 64 and of 4 (a short prompt), key dims of 16 and 128,
+/// value dims that fill no cube (40, 8) and more than two (70).
+#[test]
+fn the_delta_rule_scan_matches_the_generic_path() {
+    let Some(device) = gpu() else { return };
+    let rand = |shape: &[usize], dist: Distribution| {
+        let len: usize = shape.iter().product();
+        let t = Tensor::<Wgpu, 1>::random([len], dist, &device)
+            .into_primitive()
+            .tensor();
+        <Wgpu as FloatTensorOps<Wgpu>>::float_reshape(t, Shape::from(shape.to_vec()))
+    };
+    let b = 2;
+    for (h, n, c, dk, dv) in [(3, 3, 64, 16, 40), (1, 1, 4, 128, 8), (2, 2, 64, 128, 70)] {
+        // Keys of unit length and decays in (0, 1), as the rule's are.
+        let key = Distribution::Normal(0.0, (dk as f64).powf(-0.5));
+        for backward in [false, true] {
+            let scan = DeltaScan {
+                pull: rand(&[b, h, n, c, dk], key),
+                push: rand(&[b, h, n, c, dk], key),
+                base: rand(&[b, h, n, c, dv], Distribution::Normal(0.0, 1.0)),
+                add: backward.then(|| rand(&[b, h, n, dk, dv], Distribution::Normal(0.0, 1.0))),
+                decay: rand(&[b, h, n], Distribution::Uniform(0.0, 1.0)),
+                state: rand(&[b, h, dk, dv], Distribution::Normal(0.0, 1.0)),
+                backward,
+            };
+            let got = <Wgpu as ModelBackend>::delta_rule_scan(scan.clone());
+            let want = generic::delta_rule_scan::<Wgpu>(scan);
+            for ((name, got), want) in ["r", "before", "last"].into_iter().zip(got).zip(want) {
+                near(
+                    &format!("{name} ({n} x {c}, dk {dk}, dv {dv}, backward {backward})"),
+                    got,
+                    want,
+                    1e-5,
+                );
+            }
+        }
+    }
+}
+
+/// The gated delta rule on the GPU (the scan kernel inside the chunked path) against the CPU's
+/// (Flex's kernels, themselves tested against the rule token by token): training's path (one
+/// tracked op from a zero state) with every input's gradient, and inference's (from a given
+/// state) with the final state, over a ragged last chunk and a short one.
+#[test]
+fn the_delta_rule_on_the_gpu_matches_the_cpu() {
+    use super::super::gated_delta_rule;
+    use super::super::tests::delta_rule_inputs;
+    use burn::backend::Flex;
+    let Some(device) = gpu() else { return };
+    let on_gpu = |p: FloatTensor<Flex>| -> FloatTensor<Wgpu> {
+        let t: Tensor<Flex, 4> = float(p);
+        primitive(Tensor::<Wgpu, 4>::from_data(t.into_data(), &device))
+    };
+    // Training's path on backend B: the output and the gradients of q, k, v, g and beta.
+    fn train<B: ModelBackend>(
+        [q, k, v, g, beta]: [Tensor<B, 4>; 5],
+        w_out: Tensor<B, 4>,
+    ) -> Vec<FloatTensor<B>> {
+        let leaves =
+            [q, k, v, g, beta].map(|t| Tensor::<Autodiff<B>, 4>::from_inner(t).require_grad());
+        let [lq, lk, lv, lg, lb] = leaves.clone();
+        let squeeze = |x: Tensor<Autodiff<B>, 4>| x.squeeze_dim::<3>(3);
+        let (out, _) = gated_delta_rule(lq, lk, lv, squeeze(lg), squeeze(lb), None);
+        let grads = (out.clone() * Tensor::from_inner(w_out)).sum().backward();
+        let mut all = vec![primitive(out.inner())];
+        all.extend(leaves.map(|t| primitive(t.grad(&grads).expect("reached"))));
+        all
+    }
+    // Inference's: the output and the final state from a given state.
+    fn infer<B: ModelBackend>([q, k, v, g, beta, state]: [Tensor<B, 4>; 6]) -> Vec<FloatTensor<B>> {
+        let squeeze = |x: Tensor<B, 4>| x.squeeze_dim::<3>(3);
+        let (out, last) = gated_delta_rule(q, k, v, squeeze(g), squeeze(beta), Some(state));
+        vec![primitive(out), primitive(last)]
+    }
+    for s in [150, 3] {
+        let inputs = delta_rule_inputs(s);
+        let w_out = Tensor::<Flex, 4>::random(
+            [2, s, 4, 6],
+            Distribution::Normal(0.0, 1.0),
+            &Default::default(),
+        );
+        let gpu_of = |t: &Tensor<Flex, 4>| float::<Wgpu, 4>(on_gpu(primitive(t.clone())));
+        let [q, k, v, g, beta, _] = inputs.clone();
+        let cpu = train([q, k, v, g, beta], w_out.clone());
+        let [q, k, v, g, beta, _] = inputs.each_ref().map(gpu_of);
+        let got = train([q, k, v, g, beta], gpu_of(&w_out));
+        let names = ["out", "dq", "dk", "dv", "dg", "dbeta"];
+        for ((name, got), want) in names.into_iter().zip(got).zip(cpu) {
+            near(&format!("{name}, s = {s}"), got, on_gpu(want), 1e-4);
+        }
+        let cpu = infer(inputs.clone());
+        let got = infer(inputs.each_ref().map(gpu_of));
+        for ((name, got), want) in ["out from a state", "final state"]
+            .into_iter()
+            .zip(got)
+            .zip(cpu)
+        {
+            near(&format!("{name}, s = {s}"), got, on_gpu(want), 1e-4);
+        }
     }
 }

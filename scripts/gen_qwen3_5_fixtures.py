@@ -7,6 +7,7 @@ Pinned (the versions the committed fixtures were made with), as scripts/gen_fixt
     peft==0.21.2
 
     /tmp/venv/bin/python scripts/gen_qwen3_5_fixtures.py     # rewrites the fixtures below
+    /tmp/venv/bin/python scripts/gen_qwen3_5_fixtures.py delta_rule   # ops/delta_rule only
 
 What it writes, under tests/fixtures/ (the tokenizer of scripts/gen_fixtures.py):
   models/qwen3_5_vl/    a Qwen3_5ForConditionalGeneration checkpoint as the hub lays them out:
@@ -41,6 +42,13 @@ What it writes, under tests/fixtures/ (the tokenizer of scripts/gen_fixtures.py)
       qwen3_5_adamw.safetensors    three AdamW steps (linear schedule, clipping at 0.5) from
                         qwen3_5_text_dora on qwen3_5_text, batch 2 x accum 1
       qwen3_5_steps.json           the loss and grad norm of every step
+  ops/delta_rule.safetensors  transformers' `torch_chunk_gated_delta_rule` (chunks of 64,
+                        `use_qk_l2norm_in_kernel`) on random inputs, 2 key heads of 16 serving 4
+                        value heads of 12: `zero.*` over 150 positions (two chunks and a ragged
+                        one) from a zero state, the output and the gradients of q, k, v, g and
+                        beta from `sum(out * w_out)`; `state.*` over 75 positions from a random
+                        state, the output and the final state. g mixes heads that keep their state
+                        (rate 0.02) and heads that forget it at once (rate 4).
   Weights are random with std 0.08; the zero-centred norms `(1 + w)` get w ~ 0.1·N(0, 1), the
   gated norm's weight 1 + 0.1·N(0, 1), and A_log the log of U(0.01, 2), so that both heads that
   keep their state for a long time and heads that forget at once are checked.
@@ -228,7 +236,45 @@ def make_training() -> None:
     (out / "qwen3_5_steps.json").write_text(json.dumps(traces, indent=1))
 
 
+def make_delta_rule() -> None:
+    from transformers.models.qwen3_5.modeling_qwen3_5 import torch_chunk_gated_delta_rule
+
+    torch.manual_seed(31)
+    b, hk, hv, dk, dv = 2, 2, 4, 16, 12
+    rate = torch.tensor([0.02, 0.3, 1.0, 4.0])
+    tensors = {}
+    for case, s in [("zero", 150), ("state", 75)]:
+        x = {
+            "q": torch.randn(b, s, hk, dk),
+            "k": torch.randn(b, s, hk, dk),
+            "v": torch.randn(b, s, hv, dv),
+            "g": -torch.nn.functional.softplus(torch.randn(b, s, hv)) * rate,
+            "beta": torch.sigmoid(torch.randn(b, s, hv)),
+        }
+        leaves = {k: t.clone().requires_grad_(case == "zero") for k, t in x.items()}
+        state = torch.randn(b, hv, dk, dv) if case == "state" else None
+        out, last = torch_chunk_gated_delta_rule(
+            *leaves.values(), chunk_size=64, initial_state=state, output_final_state=True,
+            use_qk_l2norm_in_kernel=True)
+        tensors.update({f"{case}.{k}": t for k, t in x.items()})
+        tensors[f"{case}.out"] = out.detach()
+        if case == "zero":
+            w_out = torch.randn_like(out)
+            (out * w_out).sum().backward()
+            tensors["zero.w_out"] = w_out
+            tensors.update({f"zero.d{k}": t.grad for k, t in leaves.items()})
+        else:
+            tensors["state.initial"] = state
+            tensors["state.last"] = last
+    out = ROOT / "ops"
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: t.contiguous() for k, t in tensors.items()}, str(out / "delta_rule.safetensors"))
+
+
 def main() -> None:
+    if sys.argv[1:] == ["delta_rule"]:
+        return make_delta_rule()
+    make_delta_rule()
     make_vl()
     make_text()
     make_adapter("qwen3_5_vl_lora", "qwen3_5_vl", seed=23, r=4, lora_alpha=8,

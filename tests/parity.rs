@@ -1,5 +1,6 @@
 //! Golden parity with transformers (fixtures from scripts/gen_fixtures.py): logits of each row,
-//! per-row losses, and the same results when rows of different lengths share a padded batch.
+//! per-row losses, and the same results when rows of different lengths share a padded batch; and
+//! Qwen3.5's gated delta rule as one op, with its gradients (scripts/gen_qwen3_5_fixtures.py).
 
 mod common;
 
@@ -184,4 +185,65 @@ fn a_checkpoint_that_does_not_fit_lists_each_problem_as_a_value() {
         (9, 6),
         "{problems:?}"
     );
+}
+
+/// transformers' `torch_chunk_gated_delta_rule` (fixture from scripts/gen_qwen3_5_fixtures.py):
+/// training's path from a zero state (the op's own backward pass) with the gradients of q, k, v,
+/// g and beta, over two chunks and a ragged one, and generation's from a given state with the
+/// final state; two key heads serving four value heads.
+#[test]
+fn the_gated_delta_rule_and_its_gradients_match_transformers() {
+    use burn::backend::Autodiff;
+    use burn::tensor::{Tensor, TensorData};
+    use safetensors::SafeTensors;
+    use swift_rs::ops::gated_delta_rule;
+
+    let bytes = std::fs::read(common::fixtures().join("ops/delta_rule.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let tensor = |key: &str| -> Tensor<B, 4> {
+        let t = st.tensor(key).unwrap_or_else(|_| panic!("no {key}"));
+        let mut shape = t.shape().to_vec();
+        shape.resize(4, 1); // g and beta [b, s, heads] as [b, s, heads, 1]
+        let values: Vec<f32> = t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        Tensor::from_data(TensorData::new(values, shape), &Default::default())
+    };
+    // Within 1e-5 of the largest magnitude (at least 1): the same sums in another order, f32
+    // (measured: at most 6e-7).
+    let near = |what: &str, got: Tensor<B, 4>, key: &str| {
+        let want = tensor(key).reshape(got.dims());
+        let scale = want.clone().abs().max().into_scalar().max(1.0);
+        let d = (got - want).abs().max().into_scalar();
+        assert!(d <= 1e-5 * scale, "{what}: max |diff| {d} of {scale}");
+    };
+    let squeeze = |x: Tensor<Autodiff<B>, 4>| x.squeeze_dim::<3>(3);
+
+    let names = ["q", "k", "v", "g", "beta"];
+    let leaves = names
+        .map(|n| Tensor::<Autodiff<B>, 4>::from_inner(tensor(&format!("zero.{n}"))).require_grad());
+    let [q, k, v, g, beta] = leaves.clone();
+    let (out, _) = gated_delta_rule(q, k, v, squeeze(g), squeeze(beta), None);
+    let grads = (out.clone() * Tensor::from_inner(tensor("zero.w_out")))
+        .sum()
+        .backward();
+    near("output from zeros", out.inner(), "zero.out");
+    for (name, leaf) in names.iter().zip(leaves) {
+        let grad = leaf.grad(&grads).expect("reached");
+        near(&format!("d{name}"), grad, &format!("zero.d{name}"));
+    }
+
+    let [q, k, v, g, beta] = names.map(|n| tensor(&format!("state.{n}")));
+    let (out, last) = gated_delta_rule(
+        q,
+        k,
+        v,
+        g.squeeze_dim::<3>(3),
+        beta.squeeze_dim::<3>(3),
+        Some(tensor("state.initial")),
+    );
+    near("output from a state", out, "state.out");
+    near("final state", last, "state.last");
 }

@@ -242,6 +242,47 @@ impl<B: ModelBackend> Backward<B, 5> for DeltaRuleBackward {
     }
 }
 
+#[derive(Debug)]
+struct CausalConv1dBackward;
+
+impl<B: ModelBackend> Backward<B, 1> for CausalConv1dBackward {
+    /// The weight: the input's gradient needs nothing else.
+    type State = FloatTensor<B>;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let inputs = ops.parents.map(|n| n.map(|n| n.id));
+        let grad = grads.consume::<B>(&ops.node);
+        let dx = B::causal_conv1d_backward(ops.state, grad);
+        register::<B, 1>(grads, inputs, [Some(dx)]);
+    }
+}
+
+#[derive(Debug)]
+struct GatedRmsNormBackward;
+
+impl<B: ModelBackend> Backward<B, 2> for GatedRmsNormBackward {
+    /// x, the gate, the weight and eps.
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, f64);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let inputs = ops.parents.map(|n| n.map(|n| n.id));
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, gate, weight, eps) = ops.state;
+        let d = B::gated_rms_norm_backward(x, gate, weight, eps, grad);
+        register::<B, 2>(grads, inputs, d.map(Some));
+    }
+}
+
 /// Hands each gradient the op computed to its input, where that input is tracked (`inputs`: the
 /// ids of the op's parents, None for an untracked one).
 fn register<B: Backend, const N: usize>(
@@ -486,6 +527,55 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
         };
         let out = generic::delta_rule_output::<Self>(super::float(out), dtype);
         (out, Self::from_inner(last))
+    }
+
+    /// From a zero state (training's case) with a frozen weight, one tracked op that keeps
+    /// only the weight; the next state is not tracked. Otherwise the generic path, tracked.
+    fn causal_conv1d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        state: Option<FloatTensor<Self>>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if state.is_some() || weight.is_tracked() {
+            return generic::causal_conv1d::<Self>(x, weight, state);
+        }
+        let weight = weight.primitive;
+        let (out, next) = B::causal_conv1d(x.primitive, weight.clone(), None);
+        let out = match CausalConv1dBackward
+            .prepare::<C>([x.node])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(weight, out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        (out, Self::from_inner(next))
+    }
+
+    /// One tracked op of x and the gate when the norm's weight is frozen (always, under LoRA);
+    /// a trained weight takes the generic path.
+    fn gated_rms_norm(
+        x: FloatTensor<Self>,
+        gate: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        if weight.is_tracked() {
+            return generic::gated_rms_norm::<Self>(x, gate, weight, eps);
+        }
+        let nodes = [x.node.clone(), gate.node.clone()];
+        let (x, gate, weight) = (x.primitive, gate.primitive, weight.primitive);
+        match GatedRmsNormBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = B::gated_rms_norm(x.clone(), gate.clone(), weight.clone(), eps);
+                prep.finish((x, gate, weight, eps), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::gated_rms_norm(x, gate, weight, eps)),
+        }
     }
 
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {

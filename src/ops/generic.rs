@@ -877,6 +877,27 @@ pub(super) fn causal_conv1d<B: Backend>(
     (primitive(out.cast(dtype)), primitive(next))
 }
 
+/// `causal_conv1d`'s input gradient: `dx[t, c] = Σ_j w[c, j] · d_out[t + K - 1 - j, c]`, the
+/// taps read backwards over `d_out` followed by `K - 1` zeros.
+pub(super) fn causal_conv1d_backward<B: Backend>(
+    weight: FloatTensor<B>,
+    d_out: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let d_out = float::<B, 3>(d_out);
+    let dtype = d_out.dtype();
+    let [b, s, ch] = d_out.dims();
+    let weight = float::<B, 2>(weight).cast(DType::F32); // [ch, K]
+    let kernel = weight.dims()[1];
+    let tail = Tensor::<B, 3>::zeros([b, kernel - 1, ch], &d_out.device());
+    let full = Tensor::cat(vec![d_out.cast(DType::F32), tail], 1); // [b, s + K - 1, ch]
+    let mut dx = Tensor::<B, 3>::zeros([b, s, ch], &full.device());
+    for j in 0..kernel {
+        let w = weight.clone().narrow(1, j, 1).reshape([1, 1, ch]);
+        dx = dx + full.clone().narrow(1, kernel - 1 - j, s) * w;
+    }
+    primitive(dx.cast(dtype))
+}
+
 /// The generic gated RMSNorm of Qwen3.5's Gated DeltaNet (`Qwen3_5RMSNormGated`):
 /// `rms_norm(x, weight) · silu(gate)`, the gate's product in f32 and cast back.
 pub(super) fn gated_rms_norm<B: Backend>(
@@ -893,4 +914,31 @@ pub(super) fn gated_rms_norm<B: Backend>(
         primitive((normed.cast(DType::F32) * gate).cast(dtype)),
         shape,
     )
+}
+
+/// `gated_rms_norm`'s gradients: with `y = rms_norm(x, w)` (in x's dtype, as the forward pass
+/// rounds it) and `out = y · silu(gate)`, `d_gate = d_out · y · silu'(gate)` and `dy = d_out ·
+/// silu(gate)` into RMSNorm's backward pass.
+pub(super) fn gated_rms_norm_backward<B: ModelBackend>(
+    x: FloatTensor<B>,
+    gate: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    eps: f64,
+    d_out: FloatTensor<B>,
+) -> [FloatTensor<B>; 2] {
+    let (shape, gate_dtype) = (x.shape(), gate.dtype());
+    let normed = rows::<B>(rms_norm::<B>(x.clone(), weight.clone(), eps));
+    let dtype = normed.dtype();
+    let gate = rows::<B>(gate).cast(DType::F32);
+    let sig = sigmoid(gate.clone());
+    let d_out = rows::<B>(d_out).cast(DType::F32);
+    // silu'(z) = σ(z) · (1 + z · (1 - σ(z)))
+    let d_silu = sig.clone() * (gate.clone() * (sig.clone().neg() + 1.0) + 1.0);
+    let d_gate = d_out.clone() * normed.cast(DType::F32) * d_silu;
+    let d_normed = (d_out * gate * sig).cast(dtype);
+    let (dx, _) = B::rms_norm_backward(x, weight, eps, primitive(d_normed), false);
+    [
+        dx,
+        B::float_reshape(primitive(d_gate.cast(gate_dtype)), shape),
+    ]
 }

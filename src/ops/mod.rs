@@ -1,6 +1,6 @@
 //! The model's compute-heavy ops as single ops with backward passes of their own: a linear
-//! layer with its LoRA adapter, attention, RoPE, SwiGLU, RMSNorm and the cross-entropy of the
-//! logits.
+//! layer with its LoRA adapter, attention, RoPE, SwiGLU, RMSNorm, the cross-entropy of the
+//! logits, and Gated DeltaNet's chunked delta rule, causal convolution and gated norm.
 //!
 //! Burn's `Autodiff` runs each of them as a chain of tracked elementwise ops, each one a full
 //! pass over its tensor with a tensor kept for backward, and its attention as the unfused chain
@@ -352,6 +352,15 @@ pub trait ModelBackend: Backend {
         generic::causal_conv1d::<Self>(x, weight, state)
     }
 
+    /// The gradient of `causal_conv1d`'s input from that of its output `d_out` (x's dtype), from
+    /// a zero state (training's case); the weight, a frozen layer's, takes none.
+    fn causal_conv1d_backward(
+        weight: FloatTensor<Self>,
+        d_out: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        generic::causal_conv1d_backward::<Self>(weight, d_out)
+    }
+
     /// `rms_norm(x, weight, eps) * silu(gate)` over the last dim, the gate's product in f32
     /// (`Qwen3_5RMSNormGated`).
     fn gated_rms_norm(
@@ -361,6 +370,18 @@ pub trait ModelBackend: Backend {
         eps: f64,
     ) -> FloatTensor<Self> {
         generic::gated_rms_norm::<Self>(x, gate, weight, eps)
+    }
+
+    /// The gradients `[dx, d_gate]` of `gated_rms_norm` from that of its output; the weight, a
+    /// frozen norm's, takes none.
+    fn gated_rms_norm_backward(
+        x: FloatTensor<Self>,
+        gate: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+        d_out: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 2] {
+        generic::gated_rms_norm_backward::<Self>(x, gate, weight, eps, d_out)
     }
 
     /// The NF4 weight `w` decoded to `[out, in]` in `dtype` by one kernel, where the backend has

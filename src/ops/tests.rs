@@ -241,6 +241,74 @@ fn rms_norm_matches_the_unfused_chain() {
     );
 }
 
+/// Gated DeltaNet's convolution from a zero state (training's case) as one op, against the
+/// generic path differentiated op by op: a kernel of 4 over 70 positions, and a sequence
+/// shorter than the kernel; in f32 and in bf16 (the gradient rounded once, as the chain's is
+/// at its end).
+#[test]
+fn causal_conv1d_matches_the_unfused_chain() {
+    for (s, dtype) in [(70, DType::F32), (2, DType::F32), (70, DType::BF16)] {
+        let (x, weight, w) = (rand([2, s, 24]), rand([24, 4]), rand([2, s, 24]));
+        let run = |ours: bool| {
+            let x = leaf(&x.clone().cast(dtype));
+            let weight = Tensor::<Ad, 2>::from_inner(weight.clone());
+            let (out, next) = match ours {
+                true => causal_conv1d(x.clone(), weight, None),
+                false => {
+                    let (out, next) =
+                        generic::causal_conv1d::<Ad>(primitive(x.clone()), primitive(weight), None);
+                    (float(out), float(next))
+                }
+            };
+            let [dx] = grads(out.clone().cast(DType::F32), &w, [&x]);
+            let f32 = |t: Tensor<Flex, 3>| t.cast(DType::F32);
+            (f32(out.inner()), f32(next.inner()), f32(dx))
+        };
+        let ((out, next, dx), (want_out, want_next, want_dx)) = (run(true), run(false));
+        assert_eq!(out.to_data(), want_out.to_data(), "s = {s}, {dtype:?}");
+        assert_eq!(next.to_data(), want_next.to_data(), "s = {s}, {dtype:?}");
+        match dtype {
+            DType::F32 => close(dx, &want_dx),
+            // The chain rounds each tap's product to bf16 on its way back; the op sums in f32.
+            _ => dx
+                .into_data()
+                .assert_approx_eq::<f32>(&want_dx.into_data(), Tolerance::rel_abs(1e-2, 1e-2)),
+        }
+    }
+}
+
+/// The gated norm as one op against the generic path differentiated op by op: x's and the
+/// gate's gradients, gates large enough that silu saturates.
+#[test]
+fn gated_rms_norm_matches_the_unfused_chain() {
+    let (x, gate, weight, w) = (
+        rand([2, 50, 3, 16]),
+        rand([2, 50, 3, 16]) * 4.0,
+        rand([16]),
+        rand([2, 50, 3, 16]),
+    );
+    let eps = 1e-6;
+    let run = |ours: bool| {
+        let (x, gate) = (leaf(&x), leaf(&gate));
+        let weight = Tensor::<Ad, 1>::from_inner(weight.clone());
+        let out = match ours {
+            true => gated_rms_norm(x.clone(), gate.clone(), weight, eps),
+            false => float(generic::gated_rms_norm::<Ad>(
+                primitive(x.clone()),
+                primitive(gate.clone()),
+                primitive(weight),
+                eps,
+            )),
+        };
+        let [dx, d_gate] = grads(out.clone(), &w, [&x, &gate]);
+        (out.inner(), dx, d_gate)
+    };
+    let ((out, dx, d_gate), (want_out, want_dx, want_gate)) = (run(true), run(false));
+    close(out, &want_out);
+    close(dx, &want_dx);
+    close(d_gate, &want_gate);
+}
+
 #[test]
 fn cross_entropy_matches_the_unfused_chain() {
     // A vocabulary of 37: four full lanes of 8 and a remainder; logits up to ±30 so that

@@ -36,6 +36,8 @@ fn merged_models_compute_what_the_adapters_compute() {
         ("mistral_regex", "mistral"),
         ("qwen3_5_vl_lora", "qwen3_5_vl"),
         ("qwen3_5_text_dora", "qwen3_5_text"),
+        ("qwen3_moe_lora", "qwen3_moe"),
+        ("qwen3_5_moe_lora", "qwen3_5_moe"),
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("merged");
@@ -56,9 +58,10 @@ fn merged_models_compute_what_the_adapters_compute() {
         );
         check_losses(&format!("{adapter} merged"), &merged, &g, 1e-4);
         assert!(out.join("tokenizer.json").exists() && out.join("generation_config.json").exists());
-        if base == "qwen3_5_vl" {
-            // The vision tower and the mtp head go along, so transformers loads the merged
-            // directory as the class it came from.
+        if base.starts_with("qwen3_5") || base == "qwen3_moe" {
+            // The vision tower, the mtp head and the experts (the hub's per-expert linears) go
+            // along as they were, so transformers loads the merged directory as the class it
+            // came from.
             let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
             let names = safetensors::SafeTensors::deserialize(&bytes)
                 .unwrap()

@@ -71,10 +71,17 @@ fn greedy_generation_equals_transformers() {
 }
 
 /// Qwen3.5: the Gated DeltaNet layers decode from their convolution and recurrent state, with
-/// and without adapters, and on an NF4 base (scripts/gen_qwen3_5_fixtures.py).
+/// and without adapters, and on an NF4 base (scripts/gen_qwen3_5_fixtures.py); the
+/// mixture-of-experts models route every new token (scripts/gen_moe_fixtures.py).
 #[test]
-fn qwen3_5_greedy_generation_equals_transformers() {
-    let path = model_dir("qwen3_5_vl").join("expected/generation.json");
+fn qwen3_5_and_moe_greedy_generation_equals_transformers() {
+    for fixture in ["qwen3_5_vl", "qwen3_moe"] {
+        greedy_generation_from_its_states_equals_transformers(fixture);
+    }
+}
+
+fn greedy_generation_from_its_states_equals_transformers(fixture: &str) {
+    let path = model_dir(fixture).join("expected/generation.json");
     let golden: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     for case in golden["greedy"].as_array().unwrap() {
         let base = case["model"].as_str().unwrap();
@@ -205,12 +212,14 @@ fn greedy_recomputed(model: &CausalLm<B>, prompt: &[u32], n: usize) -> Vec<u32> 
     seq[prompt.len()..].to_vec()
 }
 
-const CACHE_CASES: [(&str, Option<&str>); 5] = [
+const CACHE_CASES: [(&str, Option<&str>); 7] = [
     ("mistral", None),
     ("qwen2_bf16", None),
     ("qwen3_f16", Some("qwen3_dora")),
     ("qwen3_5_vl", Some("qwen3_5_vl_lora")),
     ("qwen3_5_text", None),
+    ("qwen3_moe_fused", None),
+    ("qwen3_5_moe", Some("qwen3_5_moe_lora")),
 ];
 
 #[test]
@@ -288,6 +297,7 @@ fn rows_that_join_a_running_batch_with_their_own_adapters_generate_what_they_gen
         ("qwen2_chat", "qwen2_rslora"),
         ("qwen3_f16", "qwen3_dora"),
         ("qwen3_5_vl", "qwen3_5_vl_lora"),
+        ("qwen3_5_moe", "qwen3_5_moe_lora"),
     ] {
         rows_join_with_their_adapters(model, adapter);
     }

@@ -14,13 +14,15 @@ use swift_rs::export::peft::{read_adapter, save_adapter};
 use swift_rs::model::{self, AdapterSource, CausalLm, LoadOptions, LoraPlan, ModelError};
 
 /// (adapter fixture, base model fixture)
-const ADAPTERS: [(&str, &str); 6] = [
+const ADAPTERS: [(&str, &str); 8] = [
     ("llama_qv", "llama"),
     ("qwen2_rslora", "qwen2_bf16"),
     ("qwen3_dora", "qwen3_f16"),
     ("mistral_regex", "mistral"),
     ("qwen3_5_vl_lora", "qwen3_5_vl"),
     ("qwen3_5_text_dora", "qwen3_5_text"),
+    ("qwen3_moe_lora", "qwen3_moe"),
+    ("qwen3_5_moe_lora", "qwen3_5_moe"),
 ];
 
 fn with_adapter(

@@ -14,8 +14,9 @@ use std::path::PathBuf;
 pub use generation::{GenerationConfig, TokenIds};
 pub use lora::{InitLoraWeights, LoraConfig, TargetModules};
 pub use model::{
-    Arch, Dtype, HfConfig, LinearAttention, ModelConfig, ModelConfigError, RopeConfig, RopeScaling,
-    TokenMixer, LINEAR_ATTN_LINEARS, MLP_LINEARS, SELF_ATTN_LINEARS,
+    Arch, Dtype, HfConfig, LinearAttention, MlpKind, ModelConfig, ModelConfigError, Moe,
+    RopeConfig, RopeScaling, TokenMixer, LINEAR_ATTN_LINEARS, MLP_LINEARS, SELF_ATTN_LINEARS,
+    SHARED_EXPERT_LINEARS,
 };
 pub use quant::Nf4Config;
 pub use train::{

@@ -21,26 +21,38 @@ pub enum Arch {
     Qwen3_5,
 }
 
+/// A family and whether it is its mixture-of-experts form (`qwen3_moe`, `qwen3_5_moe`), which
+/// shares everything but the MLP with the dense one.
+type Family = (Arch, bool);
+
 impl Arch {
-    fn from_model_type(model_type: &str) -> Option<Self> {
+    fn from_model_type(model_type: &str) -> Option<Family> {
         match model_type {
-            "llama" => Some(Self::Llama),
-            "mistral" => Some(Self::Mistral),
-            "qwen2" => Some(Self::Qwen2),
-            "qwen3" => Some(Self::Qwen3),
+            "llama" => Some((Self::Llama, false)),
+            "mistral" => Some((Self::Mistral, false)),
+            "qwen2" => Some((Self::Qwen2, false)),
+            "qwen3" => Some((Self::Qwen3, false)),
+            "qwen3_moe" => Some((Self::Qwen3, true)),
             // The vision-language checkpoint's config and its language model's own.
-            "qwen3_5" | "qwen3_5_text" => Some(Self::Qwen3_5),
+            "qwen3_5" | "qwen3_5_text" => Some((Self::Qwen3_5, false)),
+            "qwen3_5_moe" | "qwen3_5_moe_text" => Some((Self::Qwen3_5, true)),
             _ => None,
         }
     }
 
-    fn from_architecture(architecture: &str) -> Option<Self> {
+    fn from_architecture(architecture: &str) -> Option<Family> {
         match architecture {
-            "LlamaForCausalLM" => Some(Self::Llama),
-            "MistralForCausalLM" => Some(Self::Mistral),
-            "Qwen2ForCausalLM" => Some(Self::Qwen2),
-            "Qwen3ForCausalLM" => Some(Self::Qwen3),
-            "Qwen3_5ForCausalLM" | "Qwen3_5ForConditionalGeneration" => Some(Self::Qwen3_5),
+            "LlamaForCausalLM" => Some((Self::Llama, false)),
+            "MistralForCausalLM" => Some((Self::Mistral, false)),
+            "Qwen2ForCausalLM" => Some((Self::Qwen2, false)),
+            "Qwen3ForCausalLM" => Some((Self::Qwen3, false)),
+            "Qwen3MoeForCausalLM" => Some((Self::Qwen3, true)),
+            "Qwen3_5ForCausalLM" | "Qwen3_5ForConditionalGeneration" => {
+                Some((Self::Qwen3_5, false))
+            }
+            "Qwen3_5MoeForCausalLM" | "Qwen3_5MoeForConditionalGeneration" => {
+                Some((Self::Qwen3_5, true))
+            }
             _ => None,
         }
     }
@@ -126,7 +138,8 @@ pub struct HfConfig {
     pub architectures: Vec<String>,
     pub vocab_size: usize,
     pub hidden_size: usize,
-    pub intermediate_size: usize,
+    /// The dense MLP's width; Qwen3.5-MoE, whose every layer is sparse, has none.
+    pub intermediate_size: Option<usize>,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
     pub num_key_value_heads: Option<usize>,
@@ -160,6 +173,21 @@ pub struct HfConfig {
     pub linear_conv_kernel_dim: Option<usize>,
     /// Qwen3.5 without `layer_types`: every n-th layer is full attention.
     pub full_attention_interval: Option<usize>,
+    /// Mixture of experts (`qwen3_moe`, `qwen3_5_moe`). transformers 5 writes Qwen3-MoE's
+    /// count as `num_local_experts`, the hub's checkpoints as `num_experts`.
+    #[serde(alias = "num_local_experts")]
+    pub num_experts: Option<usize>,
+    pub num_experts_per_tok: Option<usize>,
+    pub moe_intermediate_size: Option<usize>,
+    pub norm_topk_prob: Option<bool>,
+    /// Qwen3-MoE: layers `i` with `(i + 1) % decoder_sparse_step == 0` are sparse, but those
+    /// in `mlp_only_layers`.
+    pub decoder_sparse_step: Option<usize>,
+    pub mlp_only_layers: Option<Vec<usize>>,
+    /// Qwen3.5-MoE: the expert every token takes, scaled by `sigmoid(shared_expert_gate(x))`.
+    pub shared_expert_intermediate_size: Option<usize>,
+    pub router_aux_loss_coef: Option<f64>,
+    pub output_router_logits: Option<bool>,
     /// Set when the text settings were read from a vision-language checkpoint's `text_config`:
     /// its language model's tensors sit under `model.language_model`.
     #[serde(skip)]
@@ -206,12 +234,22 @@ impl HfConfig {
     }
 }
 
+/// What the errors about an unknown family list: the model types `Arch::from_model_type` takes.
+const SUPPORTED_MODEL_TYPES: &str =
+    "llama, mistral, qwen2, qwen3, qwen3_moe, qwen3_5 and qwen3_5_moe (Qwen3.5, Qwen3.6)";
+
 /// A config.json that does not describe a model swift-rs can build.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ModelConfigError {
-    #[error("unsupported model_type \"{model_type}\": swift-rs supports llama, mistral, qwen2 and qwen3")]
+    #[error(
+        "unsupported model_type \"{model_type}\": swift-rs supports {}",
+        SUPPORTED_MODEL_TYPES
+    )]
     UnsupportedArch { model_type: String },
-    #[error("no model_type, and architectures {architectures:?} names no supported family (llama, mistral, qwen2, qwen3)")]
+    #[error(
+        "no model_type, and architectures {architectures:?} names no supported family ({})",
+        SUPPORTED_MODEL_TYPES
+    )]
     UnknownArchitectures { architectures: Vec<String> },
     /// A value of a supported family that cannot work; the sentence names the key.
     #[error("{0}")]
@@ -224,6 +262,7 @@ pub struct ModelConfig {
     pub arch: Arch,
     pub vocab_size: usize,
     pub hidden_size: usize,
+    /// The dense MLP's width; 0 when no layer is dense (`layer_mlps`).
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
@@ -258,6 +297,10 @@ pub struct ModelConfig {
     /// Qwen3.5's RMSNorm: `normalize(x) * (1 + w)`, the product in f32 before the cast back,
     /// where Llama's is `w * normalize(x)` cast first.
     pub zero_centered_norm: bool,
+    /// Per layer: a dense MLP or a mixture of experts.
+    pub layer_mlps: Vec<MlpKind>,
+    /// The experts' settings, when some layer is sparse.
+    pub moe: Option<Moe>,
     /// Where the language model's tensors sit in the checkpoint: `model`, or
     /// `model.language_model` in a vision-language checkpoint, whose vision tower (and
     /// multi-token-prediction head) stays on disk.
@@ -271,6 +314,30 @@ pub enum TokenMixer {
     Attention,
     /// `linear_attn`: Qwen3.5's Gated DeltaNet (`linear_attention`).
     LinearAttention,
+}
+
+/// A decoder layer's MLP: `mlp` is `Qwen3MoeMLP`-like, or a `SparseMoeBlock` of experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MlpKind {
+    Dense,
+    Sparse,
+}
+
+/// A mixture of experts' settings (Qwen3-MoE's and Qwen3.5-MoE's config keys).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Moe {
+    pub num_experts: usize,
+    /// The experts each token is routed to (top-k of the router's softmax).
+    pub num_experts_per_tok: usize,
+    /// Each expert's MLP width.
+    pub moe_intermediate_size: usize,
+    /// Whether the top-k probabilities are renormalised to sum to 1 (always in Qwen3.5-MoE).
+    pub norm_topk_prob: bool,
+    /// Qwen3.5-MoE's shared expert's width (with its sigmoid gate); None in Qwen3-MoE.
+    pub shared_expert_intermediate_size: Option<usize>,
+    /// The load-balancing loss's weight in the training loss, when `output_router_logits`.
+    pub router_aux_loss_coef: f64,
+    pub output_router_logits: bool,
 }
 
 /// Sizes of Qwen3.5's Gated DeltaNet (`linear_*` in config.json).
@@ -337,7 +404,7 @@ impl ModelConfig {
 impl HfConfig {
     /// Resolves family defaults and the two config generations into a `ModelConfig`.
     pub fn resolve(&self) -> Result<ModelConfig, ModelConfigError> {
-        let arch = match &self.model_type {
+        let family = match &self.model_type {
             Some(mt) => {
                 Arch::from_model_type(mt).ok_or_else(|| ModelConfigError::UnsupportedArch {
                     model_type: mt.clone(),
@@ -351,11 +418,12 @@ impl HfConfig {
                     architectures: self.architectures.clone(),
                 })?,
         };
-        self.resolve_arch(arch).map_err(ModelConfigError::Invalid)
+        self.resolve_family(family)
+            .map_err(ModelConfigError::Invalid)
     }
 
     /// `resolve` once the family is known; the error is a sentence naming the key at fault.
-    fn resolve_arch(&self, arch: Arch) -> Result<ModelConfig, String> {
+    fn resolve_family(&self, (arch, sparse): Family) -> Result<ModelConfig, String> {
         if let Some(act) = &self.hidden_act {
             if act != "silu" {
                 return Err(format!(
@@ -407,11 +475,21 @@ impl HfConfig {
             true => Some(self.linear_attention()?),
             false => None,
         };
+        let (layer_mlps, moe) = match sparse {
+            true => self.moe(arch)?,
+            false => (vec![MlpKind::Dense; self.num_hidden_layers], None),
+        };
+        let intermediate_size = match (self.intermediate_size, layer_mlps.contains(&MlpKind::Dense))
+        {
+            (Some(size), _) => size,
+            (None, false) => 0,
+            (None, true) => return Err("intermediate_size is required: some layer is dense".into()),
+        };
         Ok(ModelConfig {
             arch,
             vocab_size: self.vocab_size,
             hidden_size: self.hidden_size,
-            intermediate_size: self.intermediate_size,
+            intermediate_size,
             num_hidden_layers: self.num_hidden_layers,
             num_attention_heads: heads,
             num_key_value_heads: kv_heads,
@@ -431,6 +509,8 @@ impl HfConfig {
             attn_output_gate: qwen3_5,
             rotary_dim: self.rotary_dim(arch, head_dim)?,
             zero_centered_norm: qwen3_5,
+            layer_mlps,
+            moe,
             text_prefix: match self.vision_language {
                 true => "model.language_model",
                 false => "model",
@@ -474,6 +554,65 @@ impl HfConfig {
                 )),
             })
             .collect()
+    }
+
+    /// Which layers are sparse and the experts' settings, with the defaults of
+    /// `Qwen3MoeConfig` and `Qwen3_5MoeTextConfig` (whose every layer is sparse and whose top-k
+    /// is always renormalised).
+    fn moe(&self, arch: Arch) -> Result<(Vec<MlpKind>, Option<Moe>), String> {
+        let qwen3_5 = arch == Arch::Qwen3_5;
+        let n = self.num_hidden_layers;
+        if !qwen3_5 && self.num_experts == Some(0) {
+            // transformers builds every layer dense then.
+            return Ok((vec![MlpKind::Dense; n], None));
+        }
+        let moe = Moe {
+            num_experts: self.num_experts.unwrap_or(if qwen3_5 { 256 } else { 128 }),
+            num_experts_per_tok: self.num_experts_per_tok.unwrap_or(8),
+            moe_intermediate_size: self.moe_intermediate_size.unwrap_or(if qwen3_5 {
+                512
+            } else {
+                768
+            }),
+            norm_topk_prob: qwen3_5 || self.norm_topk_prob.unwrap_or(false),
+            shared_expert_intermediate_size: qwen3_5
+                .then(|| self.shared_expert_intermediate_size.unwrap_or(512)),
+            router_aux_loss_coef: self.router_aux_loss_coef.unwrap_or(0.001),
+            output_router_logits: self.output_router_logits.unwrap_or(false),
+        };
+        let (e, k) = (moe.num_experts, moe.num_experts_per_tok);
+        if k == 0 || k > e {
+            return Err(format!(
+                "num_experts_per_tok ({k}) must be between 1 and num_experts ({e})"
+            ));
+        }
+        if moe.moe_intermediate_size == 0 || moe.shared_expert_intermediate_size == Some(0) {
+            return Err(
+                "moe_intermediate_size and shared_expert_intermediate_size must be at least 1"
+                    .into(),
+            );
+        }
+        if qwen3_5 {
+            return Ok((vec![MlpKind::Sparse; n], Some(moe)));
+        }
+        let step = self.decoder_sparse_step.unwrap_or(1);
+        if step == 0 {
+            return Err("decoder_sparse_step must be at least 1".into());
+        }
+        let dense = self.mlp_only_layers.clone().unwrap_or_default();
+        if let Some(i) = dense.iter().find(|&&i| i >= n) {
+            return Err(format!(
+                "mlp_only_layers names layer {i}, but the model has {n} layers"
+            ));
+        }
+        let kinds: Vec<MlpKind> = (0..n)
+            .map(|i| match !dense.contains(&i) && (i + 1) % step == 0 {
+                true => MlpKind::Sparse,
+                false => MlpKind::Dense,
+            })
+            .collect();
+        let moe = kinds.contains(&MlpKind::Sparse).then_some(moe);
+        Ok((kinds, moe))
     }
 
     /// The Gated DeltaNet's sizes, with `Qwen3_5TextConfig`'s defaults.
@@ -630,6 +769,14 @@ pub const LINEAR_ATTN_LINEARS: [&str; 5] = [
     "linear_attn.out_proj",
 ];
 pub const MLP_LINEARS: [&str; 3] = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
+/// A sparse layer's linears: Qwen3.5-MoE's shared expert and its gate (the router and the
+/// routed experts are not `nn.Linear` in transformers 5, so PEFT's all-linear leaves them).
+pub const SHARED_EXPERT_LINEARS: [&str; 4] = [
+    "mlp.shared_expert.gate_proj",
+    "mlp.shared_expert.up_proj",
+    "mlp.shared_expert.down_proj",
+    "mlp.shared_expert_gate",
+];
 
 impl ModelConfig {
     /// `(module path in the layer, in features, out features)` of every linear layer of decoder
@@ -655,8 +802,20 @@ impl ModelConfig {
                     vec![(h, q_out), (h, kv), (h, kv), (q, h)],
                 ),
             };
-        let mlp = [(h, inter), (h, inter), (inter, h)];
-        let linears = names.iter().zip(mixer).chain(MLP_LINEARS.iter().zip(mlp));
+        let mlp: Vec<(&&'static str, (usize, usize))> = match (self.layer_mlps[i], &self.moe) {
+            (MlpKind::Sparse, Some(moe)) => match moe.shared_expert_intermediate_size {
+                Some(shared) => {
+                    let sizes = [(h, shared), (h, shared), (shared, h), (h, 1)];
+                    SHARED_EXPERT_LINEARS.iter().zip(sizes).collect()
+                }
+                None => Vec::new(),
+            },
+            _ => {
+                let sizes = [(h, inter), (h, inter), (inter, h)];
+                MLP_LINEARS.iter().zip(sizes).collect()
+            }
+        };
+        let linears = names.iter().zip(mixer).chain(mlp);
         linears
             .map(|(name, (n_in, n_out))| (*name, n_in, n_out))
             .collect()
@@ -825,6 +984,85 @@ mod tests {
         let flat = resolve(qwen3_5_text()).unwrap();
         assert_eq!(flat.text_prefix, "model");
         assert!(!flat.tie_word_embeddings);
+    }
+
+    /// Qwen3-MoE as transformers 5 writes it (`num_local_experts`): sparse layers by
+    /// `decoder_sparse_step` but those in `mlp_only_layers`; their MLPs carry no adapter sites
+    /// (router and experts are not linears), the dense ones carry theirs.
+    #[test]
+    fn qwen3_moe_picks_its_sparse_layers_as_transformers_does() {
+        let mut cfg = base("qwen3_moe");
+        cfg["num_hidden_layers"] = 6.into();
+        cfg["num_local_experts"] = 8.into();
+        cfg["num_experts_per_tok"] = 2.into();
+        cfg["moe_intermediate_size"] = 16.into();
+        cfg["decoder_sparse_step"] = 2.into();
+        cfg["mlp_only_layers"] = serde_json::json!([3]);
+        let c = resolve(cfg.clone()).unwrap();
+        use MlpKind::{Dense as D, Sparse as S};
+        assert_eq!(c.layer_mlps, [D, S, D, D, D, S]);
+        let moe = c.moe.unwrap();
+        assert_eq!((moe.num_experts, moe.num_experts_per_tok), (8, 2));
+        assert!(!moe.norm_topk_prob && moe.shared_expert_intermediate_size.is_none());
+        assert_eq!(moe.router_aux_loss_coef, 0.001);
+        let names = |i| c.layer_linears(i).iter().map(|l| l.0).collect::<Vec<_>>();
+        assert_eq!(names(1), SELF_ATTN_LINEARS);
+        assert_eq!(names(0)[4..], MLP_LINEARS);
+        // The hub's spelling, and a model without experts.
+        cfg.as_object_mut().unwrap().remove("num_local_experts");
+        cfg["num_experts"] = 8.into();
+        assert_eq!(resolve(cfg.clone()).unwrap().layer_mlps, c.layer_mlps);
+        cfg["num_experts"] = 0.into();
+        let dense = resolve(cfg.clone()).unwrap();
+        assert!(dense.moe.is_none() && dense.layer_mlps == [D; 6]);
+        let bad = |edit: &dyn Fn(&mut serde_json::Value)| {
+            let mut c = cfg.clone();
+            c["num_experts"] = 8.into();
+            edit(&mut c);
+            resolve(c).unwrap_err()
+        };
+        let err = bad(&|c| c["num_experts_per_tok"] = 9.into());
+        assert!(err.contains("num_experts_per_tok (9)"), "{err}");
+        let err = bad(&|c| c["mlp_only_layers"] = serde_json::json!([6]));
+        assert!(err.contains("mlp_only_layers names layer 6"), "{err}");
+        let err = bad(&|c| c["decoder_sparse_step"] = 0.into());
+        assert!(err.contains("decoder_sparse_step"), "{err}");
+        let err = bad(&|c| {
+            c.as_object_mut().unwrap().remove("intermediate_size");
+        });
+        assert!(err.contains("intermediate_size is required"), "{err}");
+    }
+
+    /// Qwen3.5-MoE: every layer sparse, with a shared expert and its gate as adapter sites, and
+    /// no dense MLP width at all.
+    #[test]
+    fn qwen3_5_moe_layers_are_all_sparse_with_a_shared_expert() {
+        let mut text = qwen3_5_text();
+        text["model_type"] = "qwen3_5_moe_text".into();
+        text.as_object_mut().unwrap().remove("intermediate_size");
+        text["num_experts"] = 4.into();
+        text["num_experts_per_tok"] = 2.into();
+        text["shared_expert_intermediate_size"] = 24.into();
+        let mut top = top_level_of(text);
+        top["model_type"] = "qwen3_5_moe".into();
+        let c = HfConfig::from_value(top).unwrap().resolve().unwrap();
+        assert_eq!(c.arch, Arch::Qwen3_5);
+        assert_eq!(c.layer_mlps, [MlpKind::Sparse; 4]);
+        let moe = c.moe.unwrap();
+        assert!(moe.norm_topk_prob);
+        assert_eq!(moe.shared_expert_intermediate_size, Some(24));
+        assert_eq!(moe.moe_intermediate_size, 512);
+        let linears = c.layer_linears(3);
+        assert_eq!(
+            linears[4..].iter().map(|l| l.0).collect::<Vec<_>>(),
+            SHARED_EXPERT_LINEARS
+        );
+        assert_eq!(linears[7], ("mlp.shared_expert_gate", 64, 1));
+        let top = serde_json::json!({"architectures": ["Qwen3_5MoeForConditionalGeneration"]});
+        let mut flat = qwen3_5_text();
+        flat.as_object_mut().unwrap().remove("model_type");
+        flat["architectures"] = top["architectures"].clone();
+        assert!(resolve(flat).unwrap().moe.is_some());
     }
 
     #[test]

@@ -34,8 +34,8 @@ impl TemplateName {
     fn for_model_type(model_type: &str) -> Option<Self> {
         match model_type {
             "qwen2" => Some(Self::Qwen2_5),
-            "qwen3" => Some(Self::Qwen3),
-            "qwen3_5" | "qwen3_5_text" => Some(Self::Qwen3_5),
+            "qwen3" | "qwen3_moe" => Some(Self::Qwen3),
+            "qwen3_5" | "qwen3_5_text" | "qwen3_5_moe" | "qwen3_5_moe_text" => Some(Self::Qwen3_5),
             "llama" => Some(Self::Llama3),
             _ => None,
         }

@@ -7,6 +7,7 @@ use burn::tensor::{DType, Tensor};
 
 use super::frozen;
 use super::load::Checkpoint;
+use super::moe::ExpertWeights;
 use crate::config::{LoraConfig, Nf4Config};
 use crate::lora::{peft_key, BaseLinear, Lora, LoraLinear, Targets, LORA_A, LORA_B, MAGNITUDE};
 use crate::quant::Nf4Linear;
@@ -113,6 +114,36 @@ impl<'a, B: Backend> Builder<'a, B> {
                 weight: frozen(Tensor::zeros([1, 1], self.device)),
                 bias,
             }),
+        }
+    }
+
+    /// A mixture of experts' stacked weights (see `Checkpoint::take_experts_data`): dense in
+    /// Burn's `[experts, in, out]`, or, for QLoRA, each expert's `[out, in]` quantized to NF4 as
+    /// bitsandbytes quantizes a linear of that shape.
+    pub fn experts(
+        &mut self,
+        prefix: &str,
+        fused: &str,
+        parts: &[&str],
+        dims: [usize; 3],
+    ) -> ExpertWeights<B> {
+        let Some(config) = self.quant else {
+            let stacked = self
+                .ckpt
+                .take_experts(prefix, fused, parts, dims, self.device);
+            return ExpertWeights::Dense(frozen(stacked));
+        };
+        let [_, part_out, n_in] = dims;
+        let n_out = parts.len() * part_out;
+        let data = self.ckpt.take_experts_data(prefix, fused, parts, dims);
+        match data.map(|d| d.convert_dtype(DType::F32).into_vec::<f32>()) {
+            Some(Ok(w)) => ExpertWeights::Nf4(
+                w.chunks_exact(n_out * n_in)
+                    .map(|w| Nf4Linear::quantize(w, [n_out, n_in], None, config, self.device))
+                    .collect(),
+            ),
+            // The problem is recorded; the model will not be used.
+            _ => ExpertWeights::Dense(frozen(Tensor::zeros([1, 1, 1], self.device))),
         }
     }
 

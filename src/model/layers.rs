@@ -18,8 +18,12 @@ use super::builder::Builder;
 use super::frozen;
 use super::gated_delta_net::{in_f32, GatedDeltaNet, LinearMask};
 use super::load::Checkpoint;
+use super::moe::SparseMoeBlock;
 use super::rope::RopeTables;
-use crate::config::{ModelConfig, TokenMixer, LINEAR_ATTN_LINEARS, MLP_LINEARS, SELF_ATTN_LINEARS};
+use crate::config::{
+    MlpKind, ModelConfig, TokenMixer, LINEAR_ATTN_LINEARS, MLP_LINEARS, SELF_ATTN_LINEARS,
+    SHARED_EXPERT_LINEARS,
+};
 use crate::lora::{Lora, LoraLinear, RowAdapters};
 use crate::ops::{rms_norm, sdpa, seed_gradient, swiglu, AttnMask, ModelBackend, TrainBackend};
 
@@ -215,8 +219,9 @@ pub struct Mlp<B: Backend> {
 }
 
 impl<B: Backend> Mlp<B> {
-    pub(super) fn load(cfg: &ModelConfig, p: &str, b: &mut Builder<B>) -> Self {
-        let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
+    /// `inter`: the MLP's width (`intermediate_size`, or a shared expert's).
+    pub(super) fn load(cfg: &ModelConfig, p: &str, inter: usize, b: &mut Builder<B>) -> Self {
+        let h = cfg.hidden_size;
         let mut proj =
             |name: &str, n_in, n_out| b.linear(&format!("{p}.{name}"), n_in, n_out, cfg.mlp_bias);
         Self {
@@ -247,10 +252,53 @@ pub enum Mixer<B: Backend> {
     Linear(GatedDeltaNet<B>),
 }
 
+/// A layer's MLP (`mlp`): dense, or a mixture of experts (`layer_mlps`).
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum FeedForward<B: Backend> {
+    Dense(Mlp<B>),
+    Sparse(SparseMoeBlock<B>),
+}
+
+impl<B: Backend> FeedForward<B> {
+    /// The adaptable linears with their module paths in the layer.
+    fn linears(&self) -> Vec<(&'static str, &LoraLinear<B>)> {
+        match self {
+            Self::Dense(m) => MLP_LINEARS
+                .into_iter()
+                .zip([&m.gate_proj, &m.up_proj, &m.down_proj])
+                .collect(),
+            Self::Sparse(moe) => match (&moe.shared_expert, &moe.shared_expert_gate) {
+                (Some(m), Some(gate)) => SHARED_EXPERT_LINEARS
+                    .into_iter()
+                    .zip([&m.gate_proj, &m.up_proj, &m.down_proj, gate])
+                    .collect(),
+                _ => Vec::new(),
+            },
+        }
+    }
+
+    fn linears_mut(&mut self) -> Vec<(&'static str, &mut LoraLinear<B>)> {
+        match self {
+            Self::Dense(m) => MLP_LINEARS
+                .into_iter()
+                .zip([&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj])
+                .collect(),
+            Self::Sparse(moe) => match (&mut moe.shared_expert, &mut moe.shared_expert_gate) {
+                (Some(m), Some(gate)) => SHARED_EXPERT_LINEARS
+                    .into_iter()
+                    .zip([&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj, gate])
+                    .collect(),
+                _ => Vec::new(),
+            },
+        }
+    }
+}
+
 #[derive(Module, Debug)]
 pub struct DecoderLayer<B: Backend> {
     pub mixer: Mixer<B>,
-    pub mlp: Mlp<B>,
+    pub mlp: FeedForward<B>,
     pub input_layernorm: RmsNorm<B>,
     pub post_attention_layernorm: RmsNorm<B>,
     /// Sliding-window size of this layer, if it has one.
@@ -270,9 +318,16 @@ impl<B: Backend> DecoderLayer<B> {
             }
             _ => Mixer::Attention(Attention::load(cfg, &format!("{p}.self_attn"), b)),
         };
+        let mlp = format!("{p}.mlp");
+        let mlp = match (cfg.layer_mlps[i], &cfg.moe) {
+            (MlpKind::Sparse, Some(moe)) => {
+                FeedForward::Sparse(SparseMoeBlock::load(cfg, moe, &mlp, b))
+            }
+            _ => FeedForward::Dense(Mlp::load(cfg, &mlp, cfg.intermediate_size, b)),
+        };
         Self {
             mixer,
-            mlp: Mlp::load(cfg, &format!("{p}.mlp"), b),
+            mlp,
             input_layernorm: norm(b, "input_layernorm"),
             post_attention_layernorm: norm(b, "post_attention_layernorm"),
             sliding_window: cfg.sliding_window[i],
@@ -282,10 +337,6 @@ impl<B: Backend> DecoderLayer<B> {
     /// The adaptable linear layers with their module paths in the layer, in
     /// `ModelConfig::layer_linears` order.
     pub fn linears(&self) -> Vec<(&'static str, &LoraLinear<B>)> {
-        let m = &self.mlp;
-        let mlp = MLP_LINEARS
-            .into_iter()
-            .zip([&m.gate_proj, &m.up_proj, &m.down_proj]);
         let mut out: Vec<(&'static str, &LoraLinear<B>)> = match &self.mixer {
             Mixer::Attention(a) => {
                 let linears = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj];
@@ -293,14 +344,12 @@ impl<B: Backend> DecoderLayer<B> {
             }
             Mixer::Linear(l) => LINEAR_ATTN_LINEARS.into_iter().zip(l.linears()).collect(),
         };
-        out.extend(mlp);
+        out.extend(self.mlp.linears());
         out
     }
 
     /// As `linears`, to update their adapters.
     pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut LoraLinear<B>)> {
-        let m = &mut self.mlp;
-        let mlp = [&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj];
         let mut out: Vec<(&'static str, &mut LoraLinear<B>)> = match &mut self.mixer {
             Mixer::Attention(a) => {
                 let linears = [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj];
@@ -311,7 +360,7 @@ impl<B: Backend> DecoderLayer<B> {
                 .zip(l.linears_mut())
                 .collect(),
         };
-        out.extend(MLP_LINEARS.into_iter().zip(mlp));
+        out.extend(self.mlp.linears_mut());
         out
     }
 
@@ -333,20 +382,23 @@ impl<B: ModelBackend> DecoderLayer<B> {
         decoding: Option<Decoding<'_, B>>,
     ) -> Tensor<B, 3> {
         let adapters = decoding.as_ref().map(|d| d.adapters);
-        let (h, act) = self.forward_to_down_proj(x, rope, mask, decoding);
-        h + self.mlp.down_proj.forward_rows(act, adapters)
+        match self.forward_to_down_proj(x, rope, mask, decoding) {
+            (h, Some((act, down_proj))) => h + down_proj.forward_rows(act, adapters),
+            (out, None) => out,
+        }
     }
 
-    /// The layer up to its last product: `(h, act)` with the output `h + mlp.down_proj(act)`
-    /// (`h` the residual stream after attention). A recomputed layer stops here: the backward
-    /// pass needs down_proj's input, not its output.
+    /// A dense layer up to its last product: `(h, Some((act, down_proj)))` with the output
+    /// `h + down_proj(act)` (`h` the residual stream after attention). A recomputed layer
+    /// stops here: the backward pass needs down_proj's input, not its output. A sparse layer
+    /// gives its output and None.
     fn forward_to_down_proj(
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
         mask: LayerMask<B>,
         decoding: Option<Decoding<'_, B>>,
-    ) -> (Tensor<B, 3>, Tensor<B, 3>) {
+    ) -> (Tensor<B, 3>, Option<(Tensor<B, 3>, &LoraLinear<B>)>) {
         let adapters = decoding.as_ref().map(|d| d.adapters);
         let normed = self.input_layernorm.forward(x.clone());
         let mixed = match (&self.mixer, mask) {
@@ -357,10 +409,11 @@ impl<B: ModelBackend> DecoderLayer<B> {
             _ => panic!("each layer is given the mask of its own kind"),
         };
         let h = x + mixed;
-        let act = self
-            .mlp
-            .activation(self.post_attention_layernorm.forward(h.clone()), adapters);
-        (h, act)
+        let normed = self.post_attention_layernorm.forward(h.clone());
+        match &self.mlp {
+            FeedForward::Dense(m) => (h, Some((m.activation(normed, adapters), &m.down_proj))),
+            FeedForward::Sparse(moe) => (h + moe.forward(normed, adapters), None),
+        }
     }
 }
 
@@ -375,7 +428,11 @@ impl<B: TrainBackend> DecoderLayer<B> {
         mask: LayerMask<B>,
         grad: Tensor<B, 3>,
     ) -> Tensor<B, 1> {
-        let (h, act) = self.forward_to_down_proj(x, rope, mask, None);
-        seed_gradient(h, grad.clone()) + self.mlp.down_proj.seed(act, grad)
+        match self.forward_to_down_proj(x, rope, mask, None) {
+            (h, Some((act, down_proj))) => {
+                seed_gradient(h, grad.clone()) + down_proj.seed(act, grad)
+            }
+            (out, None) => seed_gradient(out, grad),
+        }
     }
 }

@@ -244,6 +244,66 @@ impl Checkpoint {
         }
     }
 
+    /// A mixture of experts' linear weights, `[experts, out, in]` row-major in the compute dtype
+    /// (Hugging Face's layout per expert), from whichever form the checkpoint holds: the fused
+    /// tensor transformers 5 keeps in memory (`{prefix}.{fused}`, the parts' rows one after
+    /// another: `gate_up_proj` is gate's rows then up's), or the hub's per-expert linears
+    /// (`{prefix}.{e}.{part}.weight`, `[part_out, in]` each). None when a problem was recorded.
+    pub(crate) fn take_experts_data(
+        &mut self,
+        prefix: &str,
+        fused: &str,
+        parts: &[&str],
+        [experts, part_out, n_in]: [usize; 3],
+    ) -> Option<TensorData> {
+        let n_out = parts.len() * part_out;
+        let fused_key = format!("{prefix}.{fused}");
+        if self.contains(&fused_key) {
+            return self.take_data(&fused_key, &[experts, n_out, n_in]);
+        }
+        let mut bytes = Vec::new();
+        let mut dtype = None;
+        for e in 0..experts {
+            for part in parts {
+                let key = format!("{prefix}.{e}.{part}.weight");
+                if let Some(d) = self.take_data(&key, &[part_out, n_in]) {
+                    bytes.extend_from_slice(d.as_bytes());
+                    dtype = Some(d.dtype);
+                }
+            }
+        }
+        let dtype = dtype.filter(|_| self.problems.is_empty())?;
+        Some(TensorData::from_bytes_vec(
+            bytes,
+            [experts, n_out, n_in],
+            dtype,
+        ))
+    }
+
+    /// `take_experts_data` in Burn's layout per expert, `[experts, in, out]`, transposed here
+    /// once as `take_linear` transposes.
+    pub fn take_experts<B: Backend>(
+        &mut self,
+        prefix: &str,
+        fused: &str,
+        parts: &[&str],
+        dims: [usize; 3],
+        device: &B::Device,
+    ) -> Tensor<B, 3> {
+        let Some(data) = self.take_experts_data(prefix, fused, parts, dims) else {
+            return placeholder(device);
+        };
+        let [experts, n_out, n_in] = [dims[0], parts.len() * dims[1], dims[2]];
+        let elem = data.dtype.size();
+        let transposed: Vec<u8> = data
+            .as_bytes()
+            .chunks_exact(n_out * n_in * elem)
+            .flat_map(|w| transpose_bytes(w, n_out, n_in, elem))
+            .collect();
+        let data = TensorData::from_bytes_vec(transposed, [experts, n_in, n_out], data.dtype);
+        self.tensor(data, device)
+    }
+
     fn tensor<B: Backend, const D: usize>(
         &self,
         data: TensorData,

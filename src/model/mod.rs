@@ -1,5 +1,5 @@
-//! The model: `batch` (the host-side input), `layers`, `gated_delta_net` and `decoder` (a stack
-//! of layers whose token mixer `layer_types` chooses),
+//! The model: `batch` (the host-side input), `layers`, `gated_delta_net`, `moe` and `decoder` (a
+//! stack of layers whose token mixer `layer_types` chooses and whose MLP may be experts),
 //! `rope`, `mask`, `cache` (generation), `builder` and `load` (strict checkpoint loading with
 //! adapters built in) and the chunked `loss`.
 
@@ -12,6 +12,7 @@ mod layers;
 pub mod load;
 pub mod loss;
 mod mask;
+mod moe;
 pub mod rope;
 
 use std::path::Path;
@@ -26,8 +27,11 @@ pub use builder::{read_lora, AdapterSource, LoraPlan};
 pub use cache::KvCache;
 pub use decoder::{CausalLm, DecoderModel, LayerInputs};
 pub use gated_delta_net::{GatedDeltaNet, LinearMask};
-pub use layers::{Attention, DecoderLayer, Decoding, LayerCache, LayerMask, Mixer, Mlp, RmsNorm};
+pub use layers::{
+    Attention, DecoderLayer, Decoding, FeedForward, LayerCache, LayerMask, Mixer, Mlp, RmsNorm,
+};
 pub use load::{Checkpoint, LoadError, LoadProblem};
+pub use moe::{ExpertWeights, Experts, Routing, SparseMoeBlock};
 // The backend bound of everything that runs the model, for the layers above it.
 pub use crate::ops::{ModelBackend, TrainBackend};
 

@@ -319,7 +319,7 @@ pub fn export_gguf_lora(
             adapter_dir.display()
         ))
     };
-    model::check_lora_arch(config.arch).map_err(unfit)?;
+    model::check_lora_arch(&config).map_err(unfit)?;
     if lora.use_dora {
         return Err(unfit(
             "it is DoRA, whose magnitudes llama.cpp's LoRA has no place for; export the model \

@@ -19,6 +19,7 @@ pub fn arch_name(arch: Arch) -> &'static str {
 /// The `{arch}.*` keys. `raw` is config.json as written: the converter writes the key and value
 /// lengths only where it names `head_dim`.
 pub fn hparams(config: &ModelConfig, raw: &Json) -> Result<Vec<(String, Value)>, String> {
+    check_dense(config)?;
     let arch = arch_name(config.arch);
     let key = |k: &str| format!("{arch}.{k}");
     let u32_of = |n: usize, what: &str| {
@@ -179,9 +180,21 @@ pub fn check(config: &ModelConfig) -> Result<(), String> {
     }
 }
 
+/// llama.cpp's mixture-of-experts architectures (`qwen3moe`, `qwen35moe`) are not written yet.
+fn check_dense(config: &ModelConfig) -> Result<(), String> {
+    match config.moe {
+        Some(_) => Err(format!(
+            "swift-rs does not write GGUF files of mixture-of-experts models ({}moe) yet",
+            arch_name(config.arch)
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Whether swift-rs writes this family's adapters as llama.cpp LoRA GGUF files.
-pub fn check_lora_arch(arch: Arch) -> Result<(), String> {
-    match arch {
+pub fn check_lora_arch(config: &ModelConfig) -> Result<(), String> {
+    check_dense(config)?;
+    match config.arch {
         Arch::Qwen3_5 => Err(
             "swift-rs does not write LoRA GGUF files for the qwen35 architecture (Gated DeltaNet \
              layers) yet; export the model with the adapter merged (--to gguf)"

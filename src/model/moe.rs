@@ -1,0 +1,244 @@
+//! The mixture-of-experts MLP: transformers' `Qwen3MoeSparseMoeBlock` of
+//! `models/qwen3_moe/modeling_qwen3_moe.py` (`Qwen3MoeTopKRouter`, then `Qwen3MoeExperts`,
+//! whose weights are stacked per expert as transformers 5 holds them in memory) and
+//! `Qwen3_5MoeSparseMoeBlock` of `models/qwen3_5_moe/modeling_qwen3_5_moe.py` (besides them, a
+//! shared expert every token takes, scaled by `sigmoid(shared_expert_gate(x))`).
+//!
+//! Only what is routed is computed: the tokens' rows are grouped by expert and each expert
+//! multiplies its own rows, so activations follow tokens x top-k, never tokens x experts.
+//!
+//! Field names are the Hugging Face module names, so each safetensors key maps to one field
+//! (the hub's per-expert linears are stacked on load: `Checkpoint::take_experts`).
+
+use burn::module::{Module, Param};
+use burn::nn::Linear;
+use burn::tensor::activation::{sigmoid, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData};
+
+use super::builder::Builder;
+use super::gated_delta_net::in_f32;
+use super::layers::Mlp;
+use crate::config::{ModelConfig, Moe};
+use crate::lora::{LoraLinear, RowAdapters};
+use crate::ops::{base_linear, swiglu, ModelBackend};
+use crate::quant::Nf4Linear;
+
+#[derive(Module, Debug)]
+pub struct SparseMoeBlock<B: Backend> {
+    /// The router (`Qwen3MoeTopKRouter.weight`), frozen: its softmax picks each token's experts.
+    pub gate: Linear<B>, // [hidden, experts]
+    pub experts: Experts<B>,
+    /// Qwen3.5-MoE only.
+    pub shared_expert: Option<Mlp<B>>,
+    pub shared_expert_gate: Option<LoraLinear<B>>, // [hidden, 1]
+    pub top_k: usize,
+    /// Renormalise the top-k probabilities to sum to 1.
+    pub norm_topk_prob: bool,
+}
+
+/// The routed experts' SwiGLU MLPs.
+#[derive(Module, Debug)]
+pub struct Experts<B: Backend> {
+    pub gate_up_proj: ExpertWeights<B>, // [experts, hidden, 2 * moe_intermediate]: gate | up
+    pub down_proj: ExpertWeights<B>,    // [experts, moe_intermediate, hidden]
+}
+
+/// A stack of experts' weights: dense in Burn's `[experts, in, out]`, or (QLoRA) each expert's
+/// `[out, in]` in NF4, dequantized when that expert is used, so that at most one expert's
+/// weight is in the compute dtype at a time.
+#[derive(Module, Debug)]
+pub enum ExpertWeights<B: Backend> {
+    Dense(Param<Tensor<B, 3>>),
+    Nf4(Vec<Nf4Linear<B>>),
+}
+
+impl<B: ModelBackend> ExpertWeights<B> {
+    /// Expert `e`'s weight `[in, out]` in `dtype`.
+    fn expert(&self, e: usize, dtype: DType) -> Tensor<B, 2> {
+        match self {
+            Self::Dense(w) => {
+                let [_, n_in, n_out] = w.dims();
+                w.val().narrow(0, e, 1).reshape([n_in, n_out])
+            }
+            Self::Nf4(experts) => experts[e].dequantize(dtype).transpose(),
+        }
+    }
+
+    /// `[in, out]` of each expert's weight.
+    fn dims(&self) -> [usize; 2] {
+        match self {
+            Self::Dense(w) => {
+                let [_, n_in, n_out] = w.dims();
+                [n_in, n_out]
+            }
+            Self::Nf4(experts) => experts.first().map_or([0, 0], |l| [l.n_in, l.n_out]),
+        }
+    }
+}
+
+impl<B: Backend> SparseMoeBlock<B> {
+    pub(super) fn load(cfg: &ModelConfig, moe: &Moe, p: &str, b: &mut Builder<B>) -> Self {
+        let (h, e, inter) = (cfg.hidden_size, moe.num_experts, moe.moe_intermediate_size);
+        let gate = b.plain_linear(&format!("{p}.gate"), h, e, false);
+        let experts = format!("{p}.experts");
+        let gate_up = ["gate_proj", "up_proj"];
+        let experts = Experts {
+            gate_up_proj: b.experts(&experts, "gate_up_proj", &gate_up, [e, inter, h]),
+            down_proj: b.experts(&experts, "down_proj", &["down_proj"], [e, h, inter]),
+        };
+        let shared = moe.shared_expert_intermediate_size;
+        Self {
+            gate,
+            experts,
+            shared_expert: shared.map(|n| Mlp::load(cfg, &format!("{p}.shared_expert"), n, b)),
+            shared_expert_gate: shared
+                .map(|_| b.linear(&format!("{p}.shared_expert_gate"), h, 1, false)),
+            top_k: moe.num_experts_per_tok,
+            norm_topk_prob: moe.norm_topk_prob,
+        }
+    }
+}
+
+impl<B: ModelBackend> SparseMoeBlock<B> {
+    /// The block's output `[batch, seq, hidden]` for its input `x` (after the layer's norm).
+    /// `adapters`: see `LoraLinear::forward_rows` (the shared expert's).
+    pub fn forward(&self, x: Tensor<B, 3>, adapters: Option<&RowAdapters<B>>) -> Tensor<B, 3> {
+        let [b, s, h] = x.dims();
+        let flat = x.clone().reshape([b * s, h]);
+        let logits = base_linear(flat.clone(), self.gate.weight.val(), None); // [n, experts]
+        let probs = softmax(logits.clone().cast(DType::F32), 1); // [n, experts]
+        let routing = Routing::top_k(&probs, self.top_k);
+        let chosen = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(routing.experts.clone(), [b * s, self.top_k]),
+            &flat.device(),
+        );
+        let mut weights = probs.gather(1, chosen); // [n, top_k] f32
+        if self.norm_topk_prob {
+            weights = weights.clone() / weights.sum_dim(1);
+        }
+        let routed = self
+            .experts
+            .forward(flat, &routing, weights.cast(logits.dtype()))
+            .reshape([b, s, h]);
+        match (&self.shared_expert, &self.shared_expert_gate) {
+            (Some(shared), Some(gate)) => {
+                let act = shared.activation(x.clone(), adapters);
+                let out = shared.down_proj.forward_rows(act, adapters); // [b, s, hidden]
+                let scale = in_f32(gate.forward_rows(x, adapters), sigmoid); // [b, s, 1]
+                routed + out * scale
+            }
+            _ => routed,
+        }
+    }
+}
+
+impl<B: ModelBackend> Experts<B> {
+    /// `sum_j weights[t, j] * expert_{routing[t, j]}(x[t])` for every token `t` of `x`
+    /// `[tokens, hidden]`; `weights` `[tokens, top_k]` in the compute dtype. Each expert
+    /// multiplies the rows routed to it, as one product per expert.
+    fn forward(&self, x: Tensor<B, 2>, routing: &Routing, weights: Tensor<B, 2>) -> Tensor<B, 2> {
+        let [n, _] = x.dims();
+        let inter = self.gate_up_proj.dims()[1] / 2;
+        let dtype = x.dtype();
+        let device = x.device();
+        let slots = routing.slots.len();
+        let index =
+            |v: Vec<i64>| Tensor::<B, 1, Int>::from_data(TensorData::new(v, [slots]), &device);
+        let tokens = index(
+            routing
+                .slots
+                .iter()
+                .map(|&s| s / routing.top_k as i64)
+                .collect(),
+        );
+        let rows = x.clone().select(0, tokens.clone()); // [tokens * top_k, hidden], by expert
+        let mut outs = Vec::new();
+        let mut start = 0;
+        for (e, &count) in routing.counts.iter().enumerate() {
+            if count == 0 {
+                continue;
+            }
+            let expert_rows = rows.clone().narrow(0, start, count); // [count, hidden]
+            let gu = expert_rows.matmul(self.gate_up_proj.expert(e, dtype)); // [count, 2 * inter]
+            let act = swiglu(gu.clone().narrow(1, 0, inter), gu.narrow(1, inter, inter));
+            outs.push(act.matmul(self.down_proj.expert(e, dtype))); // [count, hidden]
+            start += count;
+        }
+        let out = Tensor::cat(outs, 0); // [tokens * top_k, hidden]
+        let weights = weights
+            .reshape([n * routing.top_k])
+            .select(0, index(routing.slots.clone()))
+            .reshape([slots, 1]);
+        x.zeros_like()
+            .select_assign(0, tokens, out * weights, IndexingUpdateOp::Add)
+    }
+}
+
+/// Which experts each token takes, and its (token, choice) slots grouped by expert: read on the
+/// host, since each expert's product needs its row count.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    pub top_k: usize,
+    /// `[tokens, top_k]` row-major: the experts of each token, most probable first.
+    pub experts: Vec<i64>,
+    /// Tokens routed to each expert.
+    pub counts: Vec<usize>,
+    /// Every slot `token * top_k + j`, grouped by expert (ascending), tokens ascending within.
+    pub slots: Vec<i64>,
+}
+
+impl Routing {
+    /// The `top_k` most probable experts of each row of `probs` `[tokens, experts]`. At an exact
+    /// tie the lower index wins (PyTorch's CPU `topk` leaves the choice among equals open).
+    pub fn top_k<B: Backend>(probs: &Tensor<B, 2>, top_k: usize) -> Self {
+        let [_, n_experts] = probs.dims();
+        let host = probs
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .expect("f32 after convert");
+        Self::from_probs(&host, n_experts, top_k)
+    }
+
+    fn from_probs(probs: &[f32], n_experts: usize, top_k: usize) -> Self {
+        let mut experts = Vec::with_capacity(probs.len() / n_experts * top_k);
+        let mut by_expert: Vec<Vec<i64>> = vec![Vec::new(); n_experts];
+        for (t, row) in probs.chunks_exact(n_experts).enumerate() {
+            let mut order: Vec<usize> = (0..n_experts).collect();
+            // Stable: equal probabilities keep the lower index first.
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            for (j, &e) in order[..top_k].iter().enumerate() {
+                experts.push(e as i64);
+                by_expert[e].push((t * top_k + j) as i64);
+            }
+        }
+        Self {
+            top_k,
+            counts: by_expert.iter().map(Vec::len).collect(),
+            slots: by_expert.into_iter().flatten().collect(),
+            experts,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_groups_slots_by_expert_and_ties_take_the_lower_index() {
+        // Three tokens, four experts, top 2. Token 1 ties experts 1 and 2 for second place.
+        let probs = [
+            0.1, 0.6, 0.2, 0.1, //
+            0.5, 0.2, 0.2, 0.1, //
+            0.0, 0.0, 0.3, 0.7,
+        ];
+        let r = Routing::from_probs(&probs, 4, 2);
+        assert_eq!(r.experts, [1, 2, 0, 1, 3, 2]);
+        assert_eq!(r.counts, [1, 2, 2, 1]);
+        // expert 0: token 1's first; expert 1: token 0's first, token 1's second; ...
+        assert_eq!(r.slots, [2, 0, 3, 1, 5, 4]);
+    }
+}

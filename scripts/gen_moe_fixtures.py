@@ -38,6 +38,11 @@ What it writes, under tests/fixtures/ (the tokenizer of scripts/gen_fixtures.py)
   models/qwen3_moe/expected/generation.json  transformers' greedy `generate` (10 new tokens
                         after two fixture rows) on the three models, with each adapter, and on
                         qwen3_5_moe_lora's NF4 base
+  training/qwen3_moe_* and training/qwen3_5_moe_*  optimizer steps of PyTorch + PEFT from each
+                        model's adapter above, as gen_fixtures.py's make_training computes them,
+                        on training/qwen3_5_rows.jsonl: one SGD step (lr 1, weight decay 0.1),
+                        batch 2 x accum 2 (`_sgd_2x2`), three AdamW steps (`_adamw`, batch 2,
+                        clipping at 0.5), and `_steps.json`, each step's loss and grad norm
   Weights are random with std 0.08; Qwen3-MoE's norms 1 + 0.1·N(0, 1), Qwen3.5-MoE's as
   scripts/gen_qwen3_5_fixtures.py makes them.
 """
@@ -56,7 +61,8 @@ from transformers import (Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration, 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gen_fixtures  # noqa: E402
 import gen_qwen3_5_fixtures  # noqa: E402
-from gen_fixtures import NF4, ROOT, VOCAB, nf4_round_trip, save_random_adapter  # noqa: E402
+from gen_fixtures import (NF4, ROOT, VOCAB, adamw, nf4_round_trip, save_random_adapter,  # noqa: E402
+                          sgd, train_steps)
 
 LENGTHS = [13, 70, 3, 150, 64, 9]
 QUANTIZE_LINEARS = gen_fixtures.quantize_base
@@ -258,6 +264,29 @@ def make_generation() -> None:
     path.write_text(json.dumps({"greedy": greedy}, indent=1))
 
 
+def make_training() -> None:
+    """Optimizer steps of PyTorch + PEFT through the experts (the router's softmax carries the
+    gradient back to the hidden states), as gen_fixtures.py's make_training computes them, on
+    scripts/gen_qwen3_5_fixtures.py's training/qwen3_5_rows.jsonl."""
+    out = ROOT / "training"
+    rows = [json.loads(line) for line in (out / "qwen3_5_rows.jsonl").read_text().splitlines()]
+
+    def run(base: str, adapter: str, batch: int, accum: int, steps: int, make_opt, clip: float):
+        model = CLASSES[base].from_pretrained(ROOT / "models" / base, dtype=torch.float32,
+                                              attn_implementation="eager")
+        model = PeftModel.from_pretrained(model, ROOT / "adapters" / adapter, is_trainable=True)
+        return train_steps(model, rows, batch, accum, steps, make_opt, clip)
+
+    for base, adapter in [("qwen3_moe", "qwen3_moe_lora"), ("qwen3_5_moe", "qwen3_5_moe_lora")]:
+        traces = {}
+        state, traces["sgd_2x2"] = run(base, adapter, 2, 2, 1, sgd, 0.0)
+        save_file(state, str(out / f"{base}_sgd_2x2.safetensors"))
+        state, traces["adamw"] = run(base, adapter, 2, 1, 3, adamw, 0.5)
+        assert all(t["grad_norm"] > 0.5 for t in traces["adamw"]), "clipping must engage"
+        save_file(state, str(out / f"{base}_adamw.safetensors"))
+        (out / f"{base}_steps.json").write_text(json.dumps(traces, indent=1))
+
+
 def main() -> None:
     # gen_fixtures.expected round-trips the base of its NF4 tag with quantize_base: the experts too.
     gen_fixtures.quantize_base = quantize_base
@@ -272,6 +301,7 @@ def main() -> None:
                  {"logits": torch.float32, "logits_nf4": NF4}, r=4, lora_alpha=8,
                  target_modules="all-linear", exclude_modules=r".*visual.*")
     make_generation()
+    make_training()
 
 
 if __name__ == "__main__":

@@ -56,6 +56,12 @@ fn qwen3_5_steps_equal_pytorch_peft() {
 }
 
 #[test]
+fn moe_steps_equal_pytorch_peft() {
+    let _serial = serial();
+    training::moe_steps_equal_pytorch_peft(&cpu());
+}
+
+#[test]
 fn a_resumed_run_ends_bit_for_bit_where_an_unbroken_one_does() {
     let _serial = serial();
     // Rows read whole, and streamed (read again and skipped to the checkpoint's position).

@@ -303,6 +303,25 @@ pub fn qwen3_5_adamw_steps_equal_pytorch_peft<B: TrainBackend>(on: &On<B>) {
     qwen3_5_case("qwen3_5_text", "qwen3_5_text_dora").adamw(on);
 }
 
+/// The mixture-of-experts families: one SGD step (2 x 2, checkpointing) and three AdamW steps of
+/// LoRA equal PyTorch + PEFT's, the gradient reaching the hidden states through the router's
+/// softmax and each token's experts (scripts/gen_moe_fixtures.py).
+pub fn moe_steps_equal_pytorch_peft<B: TrainBackend>(on: &On<B>) {
+    for (model, adapter, prefix) in [
+        ("qwen3_moe", "qwen3_moe_lora", "qwen3_moe_"),
+        ("qwen3_5_moe", "qwen3_5_moe_lora", "qwen3_5_moe_"),
+    ] {
+        let case = Case {
+            model,
+            adapter,
+            rows: "qwen3_5_rows.jsonl",
+            prefix,
+        };
+        case.sgd(on, 2, 2, true);
+        case.adamw(on);
+    }
+}
+
 /// A run of `steps` stopped at `steps / 2` and resumed ends bit for bit where an unbroken one
 /// does (`config` makes the run's config for an output directory; it saves every `steps / 2`).
 pub fn a_resumed_run_ends_where_an_unbroken_one_does<B: TrainBackend>(

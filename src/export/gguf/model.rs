@@ -19,7 +19,6 @@ pub fn arch_name(arch: Arch) -> &'static str {
 /// The `{arch}.*` keys. `raw` is config.json as written: the converter writes the key and value
 /// lengths only where it names `head_dim`.
 pub fn hparams(config: &ModelConfig, raw: &Json) -> Result<Vec<(String, Value)>, String> {
-    check_dense(config)?;
     let arch = arch_name(config.arch);
     let key = |k: &str| format!("{arch}.{k}");
     let u32_of = |n: usize, what: &str| {
@@ -156,6 +155,7 @@ fn gated_delta_net_hparams(
 
 /// Why llama.cpp would not compute what transformers computes, if it would not.
 pub fn check(config: &ModelConfig) -> Result<(), String> {
+    check_dense(config)?;
     if let Some(linear) = &config.linear_attention {
         if linear.key_head_dim != linear.value_head_dim {
             return Err(format!(

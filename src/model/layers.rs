@@ -295,6 +295,9 @@ impl<B: Backend> FeedForward<B> {
     }
 }
 
+/// A dense layer's down_proj and its input, which a recomputed layer stops before.
+type DownProjInput<'a, B> = Option<(Tensor<B, 3>, &'a LoraLinear<B>)>;
+
 #[derive(Module, Debug)]
 pub struct DecoderLayer<B: Backend> {
     pub mixer: Mixer<B>,
@@ -398,7 +401,7 @@ impl<B: ModelBackend> DecoderLayer<B> {
         rope: &RopeTables<B>,
         mask: LayerMask<B>,
         decoding: Option<Decoding<'_, B>>,
-    ) -> (Tensor<B, 3>, Option<(Tensor<B, 3>, &LoraLinear<B>)>) {
+    ) -> (Tensor<B, 3>, DownProjInput<'_, B>) {
         let adapters = decoding.as_ref().map(|d| d.adapters);
         let normed = self.input_layernorm.forward(x.clone());
         let mixed = match (&self.mixer, mask) {

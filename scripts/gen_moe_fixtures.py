@@ -253,13 +253,8 @@ def make_generation() -> None:
                                  ("qwen3_5_moe", "qwen3_5_moe_lora", NF4)]:
         model = load(base, dtype, adapter)
         for row in rows_of(base)[:2]:
-            prompt = row["input_ids"]
-            with torch.no_grad():
-                ids = model.generate(input_ids=torch.tensor([prompt]),
-                                     attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                     max_new_tokens=10, do_sample=False, pad_token_id=0)
-            greedy.append({"model": base, "adapter": adapter, "nf4": dtype == NF4, "prompt": prompt,
-                           "tokens": ids[0, len(prompt):].tolist()})
+            greedy.append(gen_qwen3_5_fixtures.greedy_case(model, base, adapter, dtype,
+                                                           row["input_ids"]))
     path = ROOT / "models" / "qwen3_moe" / "expected" / "generation.json"
     path.write_text(json.dumps({"greedy": greedy}, indent=1))
 

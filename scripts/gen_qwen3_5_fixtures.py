@@ -188,6 +188,16 @@ def make_adapter(name: str, base: str, seed: int, compute=None, **kw) -> None:
     expected(dir, base, rows, compute or {"logits": torch.float32}, adapter=name)
 
 
+def greedy_case(model, base: str, adapter: str | None, dtype, prompt: list[int]) -> dict:
+    """transformers' greedy `generate`, 10 new tokens after `prompt`, as generation.json holds it."""
+    with torch.no_grad():
+        ids = model.generate(input_ids=torch.tensor([prompt]),
+                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=10, do_sample=False, pad_token_id=0)
+    return {"model": base, "adapter": adapter, "nf4": dtype == NF4, "prompt": prompt,
+            "tokens": ids[0, len(prompt):].tolist()}
+
+
 def make_generation() -> None:
     greedy = []
     for base, adapter, dtype in [("qwen3_5_vl", None, torch.float32), ("qwen3_5_text", None, torch.float32),
@@ -197,13 +207,7 @@ def make_generation() -> None:
         model = load(base, dtype, adapter)
         rows = [json.loads(l) for l in (ROOT / "models" / base / "expected" / "inputs.jsonl").read_text().splitlines()]
         for row in rows[:2]:
-            prompt = row["input_ids"]
-            with torch.no_grad():
-                ids = model.generate(input_ids=torch.tensor([prompt]),
-                                     attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                     max_new_tokens=10, do_sample=False, pad_token_id=0)
-            greedy.append({"model": base, "adapter": adapter, "nf4": dtype == NF4, "prompt": prompt,
-                           "tokens": ids[0, len(prompt):].tolist()})
+            greedy.append(greedy_case(model, base, adapter, dtype, row["input_ids"]))
     path = ROOT / "models" / "qwen3_5_vl" / "expected" / "generation.json"
     path.write_text(json.dumps({"greedy": greedy}, indent=1))
 

@@ -677,8 +677,56 @@ fn succeeded(result: &std::process::Output) {
 /// vision-language checkpoint's own key layout.
 #[test]
 fn qwen3_5_trains_every_adapter_kind_from_scratch() {
+    let adapted = [
+        "model.language_model.layers.0.linear_attn.in_proj_qkv",
+        "model.language_model.layers.0.linear_attn.in_proj_b",
+        "model.language_model.layers.0.linear_attn.out_proj",
+        "model.language_model.layers.2.self_attn.q_proj",
+        "model.language_model.layers.3.mlp.down_proj",
+    ];
+    every_adapter_kind_trains_from_scratch("qwen3_5_vl", &adapted, &[], |stderr| {
+        assert!(
+            stderr.contains("its vision tower stays on disk"),
+            "{stderr}"
+        );
+    });
+}
+
+/// The mixture-of-experts families from scratch, as Qwen3.5 above. all-linear puts adapters on
+/// attention (and Qwen3.5-MoE's linear attention, shared expert and its gate) and on Qwen3-MoE's
+/// dense layers, never on the router or the routed experts.
+#[test]
+fn moe_models_train_every_adapter_kind_from_scratch() {
+    let adapted = [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.mlp.down_proj",
+    ];
+    let not_adapted = ["model.layers.0.mlp.gate", "model.layers.0.mlp.experts"];
+    every_adapter_kind_trains_from_scratch("qwen3_moe", &adapted, &not_adapted, |_| {});
+    let adapted = [
+        "model.language_model.layers.0.linear_attn.in_proj_qkv",
+        "model.language_model.layers.2.self_attn.o_proj",
+        "model.language_model.layers.3.mlp.shared_expert.up_proj",
+        "model.language_model.layers.3.mlp.shared_expert_gate",
+    ];
+    let not_adapted = [
+        "model.language_model.layers.3.mlp.gate",
+        "model.language_model.layers.3.mlp.experts",
+    ];
+    every_adapter_kind_trains_from_scratch("qwen3_5_moe", &adapted, &not_adapted, |_| {});
+}
+
+/// `sft` of the fixture `model` with LoRA, rsLoRA and DoRA, each plain and on NF4 (packed), two
+/// steps each on all-linear: the checkpoint's adapter holds the `adapted` modules and none under
+/// `not_adapted`; `check` reads each run's stderr.
+fn every_adapter_kind_trains_from_scratch(
+    model: &str,
+    adapted: &[&str],
+    not_adapted: &[&str],
+    check: impl Fn(&str),
+) {
     let out = tempfile::tempdir().unwrap();
-    let fixture = root().join("tests/fixtures/models/qwen3_5_vl");
+    let fixture = root().join("tests/fixtures/models").join(model);
     for (kind, flags) in [
         ("lora", &[][..]),
         ("rslora", &["--use_rslora", "true"][..]),
@@ -699,103 +747,27 @@ fn qwen3_5_trains_every_adapter_kind_from_scratch() {
             }
             let result = run_in_root(&args_of(&line, &extra));
             let stderr = String::from_utf8_lossy(&result.stderr);
-            assert!(result.status.success(), "{kind} nf4 {nf4}: {stderr}");
             assert!(
-                stderr.contains("its vision tower stays on disk"),
-                "{stderr}"
+                result.status.success(),
+                "{model} {kind} nf4 {nf4}: {stderr}"
             );
+            assert!(stderr.contains("done: 2 steps"), "{stderr}");
+            check(&stderr);
             let (config, names) = adapter_of(&run.join("checkpoint-2"));
             assert_eq!(config["use_dora"], kind == "dora", "{kind}");
-            for module in [
-                "model.language_model.layers.0.linear_attn.in_proj_qkv",
-                "model.language_model.layers.0.linear_attn.in_proj_b",
-                "model.language_model.layers.0.linear_attn.out_proj",
-                "model.language_model.layers.2.self_attn.q_proj",
-                "model.language_model.layers.3.mlp.down_proj",
-            ] {
+            for module in adapted {
                 let key = format!("base_model.model.{module}.lora_A.weight");
                 assert!(
                     names.contains(&key),
-                    "{kind} nf4 {nf4}: no {key} in {names:?}"
+                    "{model} {kind} nf4 {nf4}: no {key} in {names:?}"
                 );
             }
-        }
-    }
-}
-
-/// The mixture-of-experts families from scratch through `sft`: LoRA, rsLoRA and DoRA, each also
-/// on NF4 and packed, two steps each. all-linear puts adapters on attention (and Qwen3.5-MoE's
-/// linear attention, shared expert and its gate) and on Qwen3-MoE's dense layers, never on the
-/// router or the routed experts.
-#[test]
-fn moe_models_train_every_adapter_kind_from_scratch() {
-    let out = tempfile::tempdir().unwrap();
-    let cases: [(&str, &[&str], &[&str]); 2] = [
-        (
-            "qwen3_moe",
-            &[
-                "model.layers.0.self_attn.q_proj",
-                "model.layers.1.mlp.down_proj",
-            ],
-            &["model.layers.0.mlp.gate", "model.layers.0.mlp.experts"],
-        ),
-        (
-            "qwen3_5_moe",
-            &[
-                "model.language_model.layers.0.linear_attn.in_proj_qkv",
-                "model.language_model.layers.2.self_attn.o_proj",
-                "model.language_model.layers.3.mlp.shared_expert.up_proj",
-                "model.language_model.layers.3.mlp.shared_expert_gate",
-            ],
-            &[
-                "model.language_model.layers.3.mlp.gate",
-                "model.language_model.layers.3.mlp.experts",
-            ],
-        ),
-    ];
-    for (model, adapted, not_adapted) in cases {
-        let fixture = root().join("tests/fixtures/models").join(model);
-        for (kind, flags) in [
-            ("lora", &[][..]),
-            ("rslora", &["--use_rslora", "true"][..]),
-            ("dora", &["--use_dora", "true"][..]),
-        ] {
-            for nf4 in [false, true] {
-                let run = out.path().join(format!("{model}-{kind}-{nf4}"));
-                let line = format!(
-                    "sft --model {} --dataset datasets/pretokenized_sample.jsonl#6 --max_steps 2 \
-                     --per_device_train_batch_size 2 --gradient_accumulation_steps 1 \
-                     --template chatml --target_modules all-linear --output_dir {} \
-                     --add_version false",
-                    fixture.display(),
-                    run.display()
-                );
-                let mut extra = flags.to_vec();
-                if nf4 {
-                    extra.extend(["--quant_bits", "4", "--packing", "true"]);
-                }
-                let result = run_in_root(&args_of(&line, &extra));
-                let stderr = String::from_utf8_lossy(&result.stderr);
+            for module in not_adapted {
+                let prefix = format!("base_model.model.{module}.");
                 assert!(
-                    result.status.success(),
-                    "{model} {kind} nf4 {nf4}: {stderr}"
+                    !names.iter().any(|n| n.starts_with(&prefix)),
+                    "{model} {kind}: {module} adapted"
                 );
-                assert!(stderr.contains("done: 2 steps"), "{stderr}");
-                let (_, names) = adapter_of(&run.join("checkpoint-2"));
-                for module in adapted {
-                    let key = format!("base_model.model.{module}.lora_A.weight");
-                    assert!(
-                        names.contains(&key),
-                        "{model} {kind}: no {key} in {names:?}"
-                    );
-                }
-                for module in not_adapted {
-                    let prefix = format!("base_model.model.{module}.");
-                    assert!(
-                        !names.iter().any(|n| n.starts_with(&prefix)),
-                        "{model} {kind}: {module} adapted"
-                    );
-                }
             }
         }
     }

@@ -152,10 +152,20 @@ fn the_quickstart_trains_and_fills_the_run_directory() {
         "{}",
         String::from_utf8_lossy(&reply.stderr)
     );
-    // The base model has never seen the name. Which of the taught answers comes back is not
-    // fixed: a run under other CPU load answered "Who are you?" with the one taught for "Who
-    // trained you?" ("The swift-rs developers trained me with swift-rs, ...").
-    assert!(stdout.contains("swift-rs"), "{stdout}");
+    // One of the answers it was taught, word for word. Which one is not fixed: a run under other
+    // CPU load answered "Who are you?" with the one taught for "Who trained you?".
+    let taught: Vec<String> = std::fs::read_to_string(root().join("datasets/self_cognition.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let row: Value = serde_json::from_str(l).unwrap();
+            row["messages"][1]["content"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert!(
+        taught.iter().any(|a| stdout.contains(a.as_str())),
+        "{stdout}"
+    );
 }
 
 #[test]

@@ -33,7 +33,7 @@ pub use layers::{
 pub use load::{Checkpoint, LoadError, LoadProblem};
 pub use moe::{ExpertWeights, Experts, Routing, SparseMoeBlock};
 // The backend bound of everything that runs the model, for the layers above it.
-pub use crate::ops::{ModelBackend, TrainBackend};
+pub use crate::ops::{sum, ModelBackend, TrainBackend};
 
 use crate::config::{ConfigError, Dtype, ModelConfig, Nf4Config};
 

@@ -462,6 +462,14 @@ impl<B: AutodiffBackend<InnerBackend: ModelBackend> + ModelBackend + SeedGradien
 {
 }
 
+/// The sum of every element of `t`, `[1]`, bit for bit the same on every run. Burn's `sum` adds
+/// partial sums with atomics on CubeCL backends (its untuned strategy, and a candidate autotune may
+/// pick), so its last bits change from run to run and a resumed run would not end where an
+/// unbroken one does; a reduction along a dimension adds in a fixed order.
+pub fn sum<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, 1> {
+    t.flatten::<1>(0, D - 1).sum_dim(0)
+}
+
 /// `ModelBackend::base_linear` on tensors.
 pub fn base_linear<B: ModelBackend, const D: usize>(
     x: Tensor<B, D>,

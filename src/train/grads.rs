@@ -12,7 +12,7 @@ use burn::tensor::{ElementConversion, Tensor};
 use super::preference::{kto_loss, Metrics, Objective, PairLogps, Unpaired};
 use crate::data::dataset::{collate, kl_rows, TrainRow};
 use crate::model::loss::{sequence_logps, token_losses, LossTargets};
-use crate::model::{Batch, CausalLm, DecoderLayer, TrainBackend, IGNORE_INDEX};
+use crate::model::{sum, Batch, CausalLm, DecoderLayer, TrainBackend, IGNORE_INDEX};
 
 /// One gradient per trainable tensor, in `flat_params`'s order; None where the backward pass did
 /// not reach one.
@@ -379,7 +379,7 @@ impl<B: TrainBackend> StepGrads<B> {
         scale: f64,
     ) -> (Tensor<B, 1>, Option<StepMetrics<B>>) {
         let (Some(preference), Some(side)) = (&self.preference, &m.side) else {
-            return (token_losses(model, hidden, &m.targets).sum() * scale, None);
+            return (sum(token_losses(model, hidden, &m.targets)) * scale, None);
         };
         let logps = sequence_logps(model, hidden, &m.targets);
         let (loss, metrics) = side.loss(&preference.objective, logps);

@@ -8,6 +8,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Tensor};
 
 use crate::config::{OptimizerConfig, OptimizerKind};
+use crate::model::sum;
 
 /// AdamW's running moments of one tensor (PyTorch's `exp_avg`, `exp_avg_sq`).
 #[derive(Debug, Clone)]
@@ -117,9 +118,9 @@ pub fn clip_grad_norm<B: Backend>(
 ) -> (Tensor<B, 1>, Vec<Tensor<B, 1>>) {
     let squares: Vec<Tensor<B, 1>> = grads
         .iter()
-        .map(|g| g.clone().powi_scalar(2).sum())
+        .map(|g| sum(g.clone().powi_scalar(2)))
         .collect();
-    let norm = Tensor::cat(squares, 0).sum().sqrt(); // [1]
+    let norm = sum(Tensor::cat(squares, 0)).sqrt(); // [1]
     if max_norm <= 0.0 {
         return (norm, grads);
     }

@@ -10,6 +10,8 @@ use burn::tensor::activation::{log_sigmoid, relu, sigmoid};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
+use crate::model::sum;
+
 pub use crate::config::LossType;
 
 /// The summed completion log-probabilities of a micro-batch's pairs, `[n]` each, and their
@@ -142,7 +144,7 @@ pub fn kto_loss<B: Backend>(
     let chosen = answers.desirable.iter().filter(|&&d| d).count();
     let rejected = answers.desirable.len() - chosen;
     let mean_over = |x: Tensor<B, 1>, mask: &Tensor<B, 1>, n: usize| {
-        (n > 0).then(|| (x * mask.clone()).sum() / n as f64)
+        (n > 0).then(|| sum(x * mask.clone()) / n as f64)
     };
     let rewards_chosen = mean_over(rewards.clone(), &desirable, chosen);
     let rewards_rejected = mean_over(rewards, &undesirable, rejected);
@@ -175,7 +177,7 @@ fn counts<B: Backend>(tokens: &[usize], device: &B::Device) -> Tensor<B, 1> {
 /// The mean NLL over every chosen answer's label tokens of the micro-batch, `[1]`.
 fn chosen_nll<B: Backend>(policy: &PairLogps<B>) -> Tensor<B, 1> {
     let tokens: usize = policy.chosen_tokens.iter().sum();
-    -policy.chosen.clone().sum() / tokens.max(1) as f64
+    -sum(policy.chosen.clone()) / tokens.max(1) as f64
 }
 
 /// A micro-batch's CPO (or SimPO) loss, reference-free: the per-pair loss on the policy's

@@ -410,3 +410,16 @@ fn the_delta_rule_on_the_gpu_matches_the_cpu() {
         }
     }
 }
+
+/// `ops::sum` gives the same bits every time on the same tensor. Burn's own `sum` adds with
+/// atomics here: in 7 runs on lavapipe it gave two different last bits.
+#[test]
+fn a_sum_is_the_same_on_every_run() {
+    let Some(device) = gpu() else { return };
+    let t = Tensor::<Wgpu, 2>::random([1000, 1000], Distribution::Normal(0.0, 1.0), &device);
+    let bits = |s: Tensor<Wgpu, 1>| s.into_data().to_vec::<f32>().unwrap()[0].to_bits();
+    let first = bits(super::super::sum(t.clone()));
+    for run in 1..8 {
+        assert_eq!(bits(super::super::sum(t.clone())), first, "run {run}");
+    }
+}

@@ -35,10 +35,17 @@ What it writes, under tests/fixtures/ (the tokenizer of scripts/gen_fixtures.py)
                         attention, the shared expert and its gate), with expected/ f32 and
                         logits_nf4: every decoder-layer linear and every expert's weights
                         through bitsandbytes' NF4 round trip (see quantize_base)
+  adapters/qwen3_moe_experts_lora/  PEFT's LoRA on the routed experts (`target_parameters`
+                        gate_up_proj and down_proj: two nested ParamWrappers) and q/v_proj, r 2,
+                        with gate_up_proj at r 4 and alpha 8 by rank_pattern / alpha_pattern, as
+                        PEFT's own all-linear writes them for this model
+  adapters/qwen3_5_moe_experts_lora/  PEFT's LoRA (r 4) on the experts' down_proj alone (one
+                        ParamWrapper) and the shared expert's down_proj, expected/ f32 and
+                        logits_nf4
   models/qwen3_moe/expected/generation.json  transformers' greedy `generate` (10 new tokens
                         after two fixture rows) on the three models, with each adapter, and on
                         qwen3_5_moe_lora's NF4 base
-  training/qwen3_moe_* and training/qwen3_5_moe_*  optimizer steps of PyTorch + PEFT from each
+  training/qwen3_moe_*, qwen3_5_moe_* (and *_experts_* from the experts' adapters)  optimizer steps of PyTorch + PEFT from each
                         model's adapter above, as gen_fixtures.py's make_training computes them,
                         on training/qwen3_5_rows.jsonl: one SGD step (lr 1, weight decay 0.1),
                         batch 2 x accum 2 (`_sgd_2x2`), three AdamW steps (`_adamw`, batch 2,
@@ -92,6 +99,8 @@ def quantize_base(model) -> None:
     with torch.no_grad():
         for name, module in model.named_modules():
             if name.endswith("mlp.experts"):
+                while hasattr(module, "base_layer"):  # under PEFT's ParamWrappers
+                    module = module.base_layer
                 for w in (module.gate_up_proj, module.down_proj):
                     for e in range(w.shape[0]):
                         w[e] = nf4_round_trip(w[e])
@@ -234,13 +243,33 @@ def rows_of(base: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def make_adapter(name: str, base: str, seed: int, compute: dict, **kw) -> None:
+def make_adapter(name: str, base: str, seed: int, compute: dict, twins=None, **kw) -> None:
     dir = ROOT / "adapters" / name
     shutil.rmtree(dir, ignore_errors=True)
     model = get_peft_model(load(base, torch.float32), LoraConfig(**kw))
     save_random_adapter(model, dir, seed)
+    if twins is not None:
+        twin_adapters(dir, twins, model.config.get_text_config().num_experts)
     gen_fixtures.expected(dir, rows_of(base), compute,
                           load=lambda dtype: load(base, dtype, name))
+
+
+def twin_adapters(dir: Path, twins: tuple[int, int], experts: int) -> None:
+    """Gives the twin experts (see twin_experts) the same adapter blocks too, so that a tie in the
+    router still gives one output whichever twin takes the token: expert e's rows of lora_A
+    (e * r .. (e + 1) * r) and columns of lora_B (j * experts + e), PEFT's ParamWrapper layout."""
+    path = dir / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    a, b = twins
+    for key, t in tensors.items():
+        if ".mlp.experts." not in key:
+            continue
+        if "lora_A" in key:
+            r = t.shape[0] // experts
+            t[b * r:(b + 1) * r] = t[a * r:(a + 1) * r]
+        else:
+            t[:, b::experts] = t[:, a::experts]
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def make_generation() -> None:
@@ -259,6 +288,26 @@ def make_generation() -> None:
     path.write_text(json.dumps({"greedy": greedy}, indent=1))
 
 
+def lower_index_at_ties(model) -> None:
+    """Every router picks its top k by a stable sort, so that of two experts with equal scores
+    (the twins) the lower index takes the token, as swift-rs picks. PyTorch's `topk` leaves that
+    choice open, and once the twins' adapters train apart (or split a tie's tokens between them)
+    the choice shows in the gradients."""
+    def forward(router, hidden_states):
+        hidden_states = hidden_states.reshape(-1, router.hidden_dim)
+        logits = torch.nn.functional.linear(hidden_states, router.weight)
+        probs = torch.nn.functional.softmax(logits, dtype=torch.float, dim=-1)
+        order = torch.sort(probs, dim=-1, descending=True, stable=True).indices[:, :router.top_k]
+        top = probs.gather(-1, order)
+        if getattr(router, "norm_topk_prob", True):  # Qwen3.5-MoE always renormalises
+            top = top / top.sum(dim=-1, keepdim=True)
+        return logits, top.to(logits.dtype), order
+
+    for module in model.modules():
+        if type(module).__name__.endswith("TopKRouter"):
+            module.forward = forward.__get__(module)
+
+
 def make_training() -> None:
     """Optimizer steps of PyTorch + PEFT through the experts (the router's softmax carries the
     gradient back to the hidden states), as gen_fixtures.py's make_training computes them, on
@@ -269,17 +318,21 @@ def make_training() -> None:
     def run(base: str, adapter: str, batch: int, accum: int, steps: int, make_opt, clip: float):
         model = CLASSES[base].from_pretrained(ROOT / "models" / base, dtype=torch.float32,
                                               attn_implementation="eager")
+        lower_index_at_ties(model)
         model = PeftModel.from_pretrained(model, ROOT / "adapters" / adapter, is_trainable=True)
         return train_steps(model, rows, batch, accum, steps, make_opt, clip)
 
-    for base, adapter in [("qwen3_moe", "qwen3_moe_lora"), ("qwen3_5_moe", "qwen3_5_moe_lora")]:
+    for base, adapter, prefix in [("qwen3_moe", "qwen3_moe_lora", "qwen3_moe"),
+                                  ("qwen3_5_moe", "qwen3_5_moe_lora", "qwen3_5_moe"),
+                                  ("qwen3_moe", "qwen3_moe_experts_lora", "qwen3_moe_experts"),
+                                  ("qwen3_5_moe", "qwen3_5_moe_experts_lora", "qwen3_5_moe_experts")]:
         traces = {}
         state, traces["sgd_2x2"] = run(base, adapter, 2, 2, 1, sgd, 0.0)
-        save_file(state, str(out / f"{base}_sgd_2x2.safetensors"))
+        save_file(state, str(out / f"{prefix}_sgd_2x2.safetensors"))
         state, traces["adamw"] = run(base, adapter, 2, 1, 3, adamw, 0.5)
         assert all(t["grad_norm"] > 0.5 for t in traces["adamw"]), "clipping must engage"
-        save_file(state, str(out / f"{base}_adamw.safetensors"))
-        (out / f"{base}_steps.json").write_text(json.dumps(traces, indent=1))
+        save_file(state, str(out / f"{prefix}_adamw.safetensors"))
+        (out / f"{prefix}_steps.json").write_text(json.dumps(traces, indent=1))
 
 
 def main() -> None:
@@ -295,8 +348,20 @@ def main() -> None:
     make_adapter("qwen3_5_moe_lora", "qwen3_5_moe", 35,
                  {"logits": torch.float32, "logits_nf4": NF4}, r=4, lora_alpha=8,
                  target_modules="all-linear", exclude_modules=r".*visual.*")
+    make_expert_adapters()
     make_generation()
     make_training()
+
+
+def make_expert_adapters() -> None:
+    make_adapter("qwen3_moe_experts_lora", "qwen3_moe", 36, {"logits": torch.float32}, (2, 3), r=2,
+                 lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                 target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+                 rank_pattern={r".*\.gate_up_proj": 4}, alpha_pattern={r".*\.gate_up_proj": 8})
+    make_adapter("qwen3_5_moe_experts_lora", "qwen3_5_moe", 37,
+                 {"logits": torch.float32, "logits_nf4": NF4}, (4, 5), r=4, lora_alpha=8,
+                 target_modules=["shared_expert.down_proj"],
+                 target_parameters=["mlp.experts.down_proj"])
 
 
 if __name__ == "__main__":

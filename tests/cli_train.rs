@@ -726,6 +726,67 @@ fn moe_models_train_every_adapter_kind_from_scratch() {
     every_adapter_kind_trains_from_scratch("qwen3_5_moe", &adapted, &not_adapted, |_| {});
 }
 
+/// LoRA and rsLoRA on the routed experts' stacks (`--target_parameters`, PEFT's form for
+/// transformers 5's fused experts), plain and on NF4, train from scratch; the checkpoint holds
+/// PEFT's ParamWrapper keys and the config its target_parameters, and serves again.
+#[test]
+fn routed_experts_train_from_scratch_when_target_parameters_name_them() {
+    let out = tempfile::tempdir().unwrap();
+    for (model, params, keys) in [
+        (
+            "qwen3_moe",
+            "mlp.experts.gate_up_proj mlp.experts.down_proj",
+            &[
+                "model.layers.0.mlp.experts.base_layer",
+                "model.layers.2.mlp.experts",
+            ][..],
+        ),
+        (
+            "qwen3_5_moe",
+            "mlp.experts.down_proj",
+            &["model.language_model.layers.3.mlp.experts"][..],
+        ),
+    ] {
+        for (kind, nf4) in [("lora", false), ("rslora", true)] {
+            let run = out.path().join(format!("{model}-{kind}"));
+            let line = format!(
+                "sft --model {} --dataset datasets/pretokenized_sample.jsonl#6 --max_steps 2 \
+                 --per_device_train_batch_size 2 --template chatml --target_modules q_proj \
+                 --target_parameters {params} --lora_dropout 0 --use_rslora {} \
+                 --output_dir {} --add_version false",
+                root().join("tests/fixtures/models").join(model).display(),
+                kind == "rslora",
+                run.display()
+            );
+            let nf4 = if nf4 { &["--quant_bits", "4"][..] } else { &[] };
+            let result = run_in_root(&args_of(&line, nf4));
+            let stderr = String::from_utf8_lossy(&result.stderr);
+            assert!(result.status.success(), "{model} {kind}: {stderr}");
+            let checkpoint = run.join("checkpoint-2");
+            let (config, names) = adapter_of(&checkpoint);
+            let written: Vec<&str> = params.split(' ').collect();
+            assert_eq!(config["target_parameters"], serde_json::json!(written));
+            for module in keys {
+                for part in ["lora_A", "lora_B"] {
+                    let key = format!("base_model.model.{module}.{part}.weight");
+                    assert!(
+                        names.contains(&key),
+                        "{model} {kind}: no {key} in {names:?}"
+                    );
+                }
+            }
+            let line = format!(
+                "infer --model {} --adapters {} --dtype f32 --prompt hi --max_new_tokens 2",
+                root().join("tests/fixtures/models").join(model).display(),
+                checkpoint.display()
+            );
+            let served = run_in_root(&args_of(&line, &[]));
+            let stderr = String::from_utf8_lossy(&served.stderr);
+            assert!(served.status.success(), "{model} {kind} infer: {stderr}");
+        }
+    }
+}
+
 /// `sft` of the fixture `model` with LoRA, rsLoRA and DoRA, each plain and on NF4 (packed), two
 /// steps each on all-linear: the checkpoint's adapter holds the `adapted` modules and none under
 /// `not_adapted`; `check` reads each run's stderr.

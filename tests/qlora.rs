@@ -91,6 +91,7 @@ fn qlora_adapters_match_peft_on_nf4_weights() {
         ("qwen3_5_vl_lora", "qwen3_5_vl"),
         // Every expert's weights in NF4 too.
         ("qwen3_5_moe_lora", "qwen3_5_moe"),
+        ("qwen3_5_moe_experts_lora", "qwen3_5_moe"),
     ] {
         let mut plan = read_adapter(&adapter_dir(adapter)).unwrap();
         let (cfg, model) = model::load::<B>(

@@ -2,8 +2,7 @@
 //! Reading is lenient (unknown fields are ignored, absent ones take PEFT's defaults); settings that
 //! would change the computation and that swift-rs does not implement are refused by `check`.
 
-use std::collections::BTreeMap;
-
+use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -48,6 +47,10 @@ pub struct LoraConfig {
     #[serde(default)]
     pub lora_dropout: f64,
     pub target_modules: Option<TargetModules>,
+    /// Parameters adapted in place (PEFT's `ParamWrapper`), named as `target_modules` are but
+    /// ending in the parameter: `mlp.experts.gate_up_proj`, transformers 5's fused experts.
+    #[serde(default)]
+    pub target_parameters: Option<Vec<String>>,
     /// Modules excluded even when `target_modules` matches them (same forms).
     #[serde(default)]
     pub exclude_modules: Option<TargetModules>,
@@ -70,10 +73,12 @@ pub struct LoraConfig {
     pub base_model_name_or_path: Option<String>,
     #[serde(default = "default_true")]
     pub inference_mode: bool,
+    /// `r` and `lora_alpha` for the modules (or parameters) a pattern matches, as PEFT's
+    /// `get_pattern_key` finds them: the first key `k` with `(.*\.)?(k)$` matching the name.
     #[serde(default)]
-    pub rank_pattern: BTreeMap<String, Value>,
+    pub rank_pattern: IndexMap<String, Value>,
     #[serde(default)]
-    pub alpha_pattern: BTreeMap<String, Value>,
+    pub alpha_pattern: IndexMap<String, Value>,
     #[serde(default)]
     pub layers_to_transform: Option<Value>,
     #[serde(default)]
@@ -121,6 +126,7 @@ impl LoraConfig {
             lora_alpha,
             lora_dropout: 0.0,
             target_modules: Some(target_modules),
+            target_parameters: None,
             exclude_modules: None,
             use_rslora: false,
             use_dora: false,
@@ -131,8 +137,8 @@ impl LoraConfig {
             init_lora_weights: default_init(),
             base_model_name_or_path: None,
             inference_mode: true,
-            rank_pattern: BTreeMap::new(),
-            alpha_pattern: BTreeMap::new(),
+            rank_pattern: IndexMap::new(),
+            alpha_pattern: IndexMap::new(),
             layers_to_transform: None,
             revision: None,
         }
@@ -145,6 +151,19 @@ impl LoraConfig {
         } else {
             self.lora_alpha / self.r as f64
         }
+    }
+
+    /// This config with `r` and `lora_alpha` as `rank_pattern` and `alpha_pattern` set them for
+    /// the module or parameter `name` (`model.layers.0.mlp.experts.gate_up_proj`).
+    pub fn for_target(&self, name: &str) -> Self {
+        let mut out = self.clone();
+        if let Some(r) = pattern_value(&self.rank_pattern, name) {
+            out.r = r as usize;
+        }
+        if let Some(alpha) = pattern_value(&self.alpha_pattern, name) {
+            out.lora_alpha = alpha;
+        }
+        out
     }
 
     /// Refuses what would make the adapter compute something else here than in PEFT.
@@ -180,8 +199,35 @@ impl LoraConfig {
         if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
             return Err("modules_to_save is not supported (only LoRA weights are trained)".into());
         }
-        if !self.rank_pattern.is_empty() || !self.alpha_pattern.is_empty() {
-            return Err("rank_pattern / alpha_pattern are not supported".into());
+        for (field, patterns) in [
+            ("rank_pattern", &self.rank_pattern),
+            ("alpha_pattern", &self.alpha_pattern),
+        ] {
+            for (key, value) in patterns {
+                let valid = value.as_f64().is_some_and(|v| v > 0.0)
+                    && (field == "alpha_pattern" || value.as_u64().is_some());
+                if !valid {
+                    return Err(format!(
+                        "{field}: \"{key}\" has {value}, not a positive number"
+                    ));
+                }
+                if pattern_regex(key).is_err() {
+                    return Err(format!("{field}: \"{key}\" is not a valid regex"));
+                }
+            }
+        }
+        if self
+            .target_parameters
+            .as_ref()
+            .is_some_and(|t| !t.is_empty())
+        {
+            // As PEFT's ParamWrapper refuses them.
+            if self.use_dora {
+                return Err("use_dora = true does not work with target_parameters".into());
+            }
+            if self.lora_dropout > 0.0 {
+                return Err("lora_dropout > 0 does not work with target_parameters".into());
+            }
         }
         if self
             .layers_to_transform
@@ -195,6 +241,18 @@ impl LoraConfig {
         }
         Ok(())
     }
+}
+
+/// The value of the first pattern in `patterns` that matches `name`.
+fn pattern_value(patterns: &IndexMap<String, Value>, name: &str) -> Option<f64> {
+    patterns
+        .iter()
+        .find(|(key, _)| pattern_regex(key).is_ok_and(|r| r.is_match(name)))
+        .and_then(|(_, v)| v.as_f64())
+}
+
+fn pattern_regex(key: &str) -> Result<regex::Regex, regex::Error> {
+    regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
 }
 
 #[cfg(test)]
@@ -232,5 +290,30 @@ mod tests {
         let mut c = LoraConfig::new(8, 16.0, TargetModules::Names(vec![]));
         c.modules_to_save = Some(vec!["lm_head".into()]);
         assert!(c.check().unwrap_err().contains("modules_to_save"));
+        let mut c = LoraConfig::new(8, 16.0, TargetModules::Names(vec![]));
+        c.target_parameters = Some(vec!["mlp.experts.down_proj".into()]);
+        c.check().unwrap();
+        c.use_dora = true;
+        assert!(c.check().unwrap_err().contains("target_parameters"));
+    }
+
+    /// As PEFT's own all-linear on Qwen3-MoE writes them: gate_up_proj fuses two projections,
+    /// so it takes twice the rank.
+    #[test]
+    fn rank_and_alpha_patterns_set_matching_targets() {
+        let json = r#"{"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
+            "rank_pattern": {".*\\.gate_up_proj": 4, "q_proj": 3},
+            "alpha_pattern": {".*\\.gate_up_proj": 8}}"#;
+        let c: LoraConfig = serde_json::from_str(json).unwrap();
+        c.check().unwrap();
+        let fused = c.for_target("model.layers.0.mlp.experts.gate_up_proj");
+        assert_eq!((fused.r, fused.lora_alpha, fused.scaling()), (4, 8.0, 2.0));
+        let down = c.for_target("model.layers.0.mlp.experts.down_proj");
+        assert_eq!((down.r, down.lora_alpha), (2, 4.0));
+        assert_eq!(c.for_target("model.layers.0.self_attn.q_proj").r, 3);
+        assert_eq!(c.for_target("model.layers.0.self_attn.kq_proj").r, 2);
+        let bad = r#"{"r": 2, "target_modules": ["q_proj"], "rank_pattern": {"q_proj": 0}}"#;
+        let c: LoraConfig = serde_json::from_str(bad).unwrap();
+        assert!(c.check().unwrap_err().contains("rank_pattern: \"q_proj\""));
     }
 }

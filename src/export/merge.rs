@@ -140,11 +140,15 @@ impl<B: ModelBackend> MergedWeights<B> {
                 unreachable!("read_adapter returns weights")
             };
             let lora = &plan.config;
-            let targets = Targets::new(
-                lora.target_modules.as_ref().expect("checked"),
-                lora.exclude_modules.as_ref(),
-            )
-            .map_err(|e| adapter_error(adapter_dir, vec![e]))?;
+            if let Some(params) = lora.target_parameters.as_ref().filter(|p| !p.is_empty()) {
+                let params = params.join(", ");
+                let why = format!(
+                    "target_parameters ({params}): merging adapters on a mixture of experts' \
+                     stacks is not supported yet"
+                );
+                return Err(adapter_error(adapter_dir, vec![why]));
+            }
+            let targets = Targets::of(lora).map_err(|e| adapter_error(adapter_dir, vec![e]))?;
             for (name, n_in, n_out) in config.adaptable_linears() {
                 if targets.matches(&name) {
                     let update = read_lora(&mut adapter, lora, &name, [n_in, n_out], device);

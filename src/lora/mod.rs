@@ -326,18 +326,17 @@ impl<B: Backend> Lora<B> {
         }
     }
 
-    /// A fresh adapter as PEFT initialises one. `base_weight` ([in, out], f32) sets DoRA's
-    /// magnitude.
+    /// A fresh adapter on a layer of `[n_in, n_out]` as PEFT initialises one (DoRA's magnitude
+    /// comes from the base weight: `with_magnitude`).
     /// The values come from a generator seeded by `seed` and the module name, so they do not
     /// depend on the order layers are built in.
     pub fn init(
         cfg: &LoraConfig,
         name: &str,
-        base_weight: &Tensor<B, 2>,
+        [n_in, n_out]: [usize; 2],
         seed: u64,
         device: &B::Device,
     ) -> Result<Self, String> {
-        let [n_in, n_out] = base_weight.dims();
         let r = cfg.r;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ fnv1a(name));
         let uniform = |rng: &mut rand::rngs::StdRng, n: usize, bound: f32| -> Vec<f32> {
@@ -373,22 +372,24 @@ impl<B: Backend> Lora<B> {
         let f32_tensor = |v: Vec<f32>, shape: [usize; 2]| {
             Tensor::<B, 2>::from_data(TensorData::new(v, shape), (device, DType::F32))
         };
-        let mut lora = Self {
+        Ok(Self {
             lora_a: Param::from_tensor(f32_tensor(a, [n_in, r])),
             lora_b: Param::from_tensor(f32_tensor(b, [r, n_out])),
             lora_magnitude_vector: None,
             dropout: DropoutConfig::new(cfg.lora_dropout).init(),
             scaling: cfg.scaling(),
-        };
-        if cfg.use_dora {
-            // Detached: A is a tracked leaf by now (`Param::from_tensor`), and a parameter made
-            // from a tensor computed from it would not be a leaf (Burn's autodiff refuses it).
-            let norm = lora
-                .weight_norm(base_weight.clone().cast(DType::F32))
-                .detach();
-            lora.lora_magnitude_vector = Some(Param::from_tensor(norm));
-        }
-        Ok(lora)
+        })
+    }
+
+    /// DoRA's fresh magnitude: `||W + sBA||` of every output row of `base_weight` ([in, out]).
+    pub fn with_magnitude(mut self, base_weight: &Tensor<B, 2>) -> Self {
+        // Detached: A is a tracked leaf by now (`Param::from_tensor`), and a parameter made
+        // from a tensor computed from it would not be a leaf (Burn's autodiff refuses it).
+        let norm = self
+            .weight_norm(base_weight.clone().cast(DType::F32))
+            .detach();
+        self.lora_magnitude_vector = Some(Param::from_tensor(norm));
+        self
     }
 
     /// An adapter from loaded tensors (`lora_a` [in, r], `lora_b` [r, out], f32).

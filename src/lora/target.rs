@@ -3,16 +3,17 @@
 
 use regex::Regex;
 
-use crate::config::TargetModules;
+use crate::config::{LoraConfig, TargetModules};
 
 /// PEFT's shorthand for every linear layer of the decoder, lm_head excepted.
 pub const ALL_LINEAR: &str = "all-linear";
 
-/// A compiled `target_modules` (+ `exclude_modules`).
+/// A compiled `target_modules` (+ `exclude_modules`), and `target_parameters`.
 #[derive(Debug, Clone)]
 pub struct Targets {
     include: Matcher,
     exclude: Option<Matcher>,
+    parameters: Matcher,
 }
 
 #[derive(Debug, Clone)]
@@ -62,12 +63,28 @@ impl Targets {
             exclude: exclude
                 .map(|e| Matcher::new(e, "exclude_modules"))
                 .transpose()?,
+            parameters: Matcher::Suffixes(Vec::new()),
+        })
+    }
+
+    /// The targets of a checked config (`LoraConfig::check`).
+    pub fn of(cfg: &LoraConfig) -> Result<Self, String> {
+        let include = cfg.target_modules.as_ref().expect("checked");
+        Ok(Self {
+            parameters: Matcher::Suffixes(cfg.target_parameters.clone().unwrap_or_default()),
+            ..Self::new(include, cfg.exclude_modules.as_ref())?
         })
     }
 
     /// Whether the linear layer `name` gets an adapter.
     pub fn matches(&self, name: &str) -> bool {
         self.include.matches(name) && !self.exclude.as_ref().is_some_and(|e| e.matches(name))
+    }
+
+    /// Whether the parameter `name` (`model.layers.0.mlp.experts.down_proj`) gets an adapter of
+    /// its own: it equals a `target_parameters` entry or ends with `.entry`, as PEFT matches them.
+    pub fn matches_parameter(&self, name: &str) -> bool {
+        self.parameters.matches(name)
     }
 }
 

@@ -49,8 +49,7 @@ impl<'a, B: Backend> Builder<'a, B> {
             None => None,
             Some(plan) => {
                 plan.config.check()?;
-                let targets = plan.config.target_modules.as_ref().expect("checked");
-                let targets = Targets::new(targets, plan.config.exclude_modules.as_ref())?;
+                let targets = Targets::of(&plan.config)?;
                 if targets.matches("lm_head") {
                     return Err(
                         "target_modules matches lm_head, which swift-rs does not adapt".into(),
@@ -150,30 +149,78 @@ impl<'a, B: Backend> Builder<'a, B> {
     /// The linear layer `name`, with an adapter when the plan targets it.
     pub fn linear(&mut self, name: &str, n_in: usize, n_out: usize, bias: bool) -> LoraLinear<B> {
         let base = self.base_linear(name, n_in, n_out, bias);
-        let adapter = match &mut self.lora {
-            Some((cfg, targets, source)) if targets.matches(name) => {
-                self.adapted.push(name.to_string());
-                match source {
-                    AdapterSource::Init { seed } => {
-                        match Lora::init(cfg, name, &base.weight_f32(), *seed, self.device) {
-                            Ok(l) => Some(l),
-                            Err(e) => {
-                                self.problems.push(e);
-                                None
-                            }
-                        }
-                    }
-                    AdapterSource::Weights(w) => {
-                        Some(read_lora(w, cfg, name, [n_in, n_out], self.device))
-                    }
+        let targeted = self.lora.as_ref().is_some_and(|(_, t, _)| t.matches(name));
+        let adapter = targeted
+            .then(|| self.adapter(name, name, [n_in, n_out], 1))
+            .flatten()
+            .map(|l| match l.lora_magnitude_vector {
+                // A fresh DoRA adapter: its magnitude comes from the base weight.
+                None if self.lora.as_ref().is_some_and(|(c, ..)| c.use_dora) => {
+                    l.with_magnitude(&base.weight_f32())
                 }
-            }
-            _ => None,
-        };
+                _ => l,
+            });
         LoraLinear {
             base,
             adapter,
             served: Vec::new(),
+        }
+    }
+
+    /// PEFT's adapter on the stacked experts' parameter `param` (`[experts, ..]`, each expert
+    /// `[n_in, n_out]`) when `target_parameters` names it. `name` is the module PEFT's keys name
+    /// (see `SparseMoeBlock::load`).
+    pub fn expert_adapter(
+        &mut self,
+        name: &str,
+        param: &str,
+        dims: [usize; 2],
+        experts: usize,
+    ) -> Option<Lora<B>> {
+        let targeted = self.targets_parameter(param);
+        targeted.then(|| self.adapter(name, param, dims, experts))?
+    }
+
+    /// Whether `target_parameters` names the parameter `param` (a full name).
+    pub fn targets_parameter(&self, param: &str) -> bool {
+        self.lora
+            .as_ref()
+            .is_some_and(|(_, t, _)| t.matches_parameter(param))
+    }
+
+    /// The adapter PEFT's files name `name` on a layer of `[n_in, n_out]`, with the `r` and
+    /// `lora_alpha` of `target` (`LoraConfig::for_target`): `stacked` experts' adapters side by
+    /// side in the rank, as PEFT's `ParamWrapper` holds them (`lora_A.weight` [r * experts, in],
+    /// expert-major; `lora_B.weight` [out, r * experts], rank-major), scaled by `alpha / r`.
+    fn adapter(
+        &mut self,
+        name: &str,
+        target: &str,
+        [n_in, n_out]: [usize; 2],
+        stacked: usize,
+    ) -> Option<Lora<B>> {
+        let (cfg, _, source) = self.lora.as_mut()?;
+        self.adapted.push(target.to_string());
+        let cfg = cfg.for_target(target);
+        let scaling = cfg.scaling();
+        let cfg = LoraConfig {
+            r: cfg.r * stacked,
+            ..cfg
+        };
+        let lora = match source {
+            AdapterSource::Init { seed } => {
+                Lora::init(&cfg, target, [n_in, n_out], *seed, self.device)
+            }
+            AdapterSource::Weights(w) => {
+                Ok(read_lora_tensors(w, &cfg, name, [n_in, n_out], self.device))
+            }
+        };
+        match lora {
+            Ok(l) => Some(Lora { scaling, ..l }),
+            Err(e) => {
+                self.problems.push(e);
+                None
+            }
         }
     }
 
@@ -200,6 +247,17 @@ impl<'a, B: Backend> Builder<'a, B> {
 /// The adapter on module `name` (`[n_in, n_out]`) from a PEFT adapter checkpoint; problems
 /// (missing or mis-shaped tensors) are recorded in `ckpt`.
 pub fn read_lora<B: Backend>(
+    ckpt: &mut Checkpoint,
+    cfg: &LoraConfig,
+    name: &str,
+    [n_in, n_out]: [usize; 2],
+    device: &B::Device,
+) -> Lora<B> {
+    read_lora_tensors(ckpt, &cfg.for_target(name), name, [n_in, n_out], device)
+}
+
+/// `read_lora` with `cfg`'s own `r`, for a module whose patterns are resolved already.
+fn read_lora_tensors<B: Backend>(
     ckpt: &mut Checkpoint,
     cfg: &LoraConfig,
     name: &str,

@@ -115,8 +115,8 @@ impl<B: Backend> CausalLm<B> {
     pub fn without_adapters(&self) -> Self {
         let mut base = self.clone();
         for layer in &mut base.model.layers {
-            for (_, linear) in layer.linears_mut() {
-                linear.adapter = None;
+            for slot in layer.adapter_slots_mut() {
+                *slot = None;
             }
         }
         base
@@ -138,10 +138,7 @@ impl<B: Backend> CausalLm<B> {
         };
         let targets = cfg
             .check()
-            .and_then(|()| {
-                let include = cfg.target_modules.as_ref().expect("checked");
-                Targets::new(include, cfg.exclude_modules.as_ref())
-            })
+            .and_then(|()| Targets::of(cfg))
             .map_err(|e| problem(vec![e]))?;
         let mut out = self.clone();
         let device = self.model.embed_tokens.device();
@@ -195,19 +192,25 @@ impl<B: Backend> CausalLm<B> {
 
     /// `adapters` with each one's full module name, for the keys of PEFT's files.
     pub fn named_adapters(&self) -> impl Iterator<Item = (String, &Lora<B>)> {
-        self.lora_linears()
-            .into_iter()
-            .filter_map(|(name, l)| Some((name, l.adapter.as_ref()?)))
+        let p = self.model.prefix;
+        self.model
+            .layers
+            .iter()
+            .enumerate()
+            .flat_map(move |(i, layer)| {
+                let linears = layer.linears().into_iter();
+                let linears = linears
+                    .filter_map(|(suffix, l)| Some((suffix.to_string(), l.adapter.as_ref()?)));
+                linears
+                    .chain(layer.expert_adapters())
+                    .map(move |(suffix, l)| (format!("{p}.layers.{i}.{suffix}"), l))
+            })
     }
 
     /// As `adapters`, to update them.
     pub fn adapters_mut(&mut self) -> impl Iterator<Item = &mut Lora<B>> {
         let layers = self.model.layers.iter_mut();
-        layers.flat_map(|l| {
-            l.linears_mut()
-                .into_iter()
-                .filter_map(|(_, l)| l.adapter.as_mut())
-        })
+        layers.flat_map(|l| l.adapter_slots_mut().into_iter().flatten())
     }
 
     /// The embedded tokens `[batch, seq, hidden]` and what every layer needs besides them: the

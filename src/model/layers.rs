@@ -278,6 +278,31 @@ impl<B: Backend> FeedForward<B> {
         }
     }
 
+    /// The linears' adapters in `linears` order, then the experts'.
+    fn adapter_slots_mut(&mut self) -> Vec<&mut Option<Lora<B>>> {
+        fn slots<B: Backend>(m: &mut Mlp<B>) -> [&mut LoraLinear<B>; 3] {
+            [&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]
+        }
+        match self {
+            Self::Dense(m) => slots(m).into_iter().map(|l| &mut l.adapter).collect(),
+            Self::Sparse(moe) => {
+                let SparseMoeBlock {
+                    shared_expert,
+                    shared_expert_gate,
+                    experts,
+                    ..
+                } = moe;
+                let mut out = Vec::new();
+                if let (Some(m), Some(gate)) = (shared_expert, shared_expert_gate) {
+                    let linears = slots(m).into_iter().chain([gate]);
+                    out.extend(linears.map(|l| &mut l.adapter));
+                }
+                out.extend(experts.adapters_mut());
+                out
+            }
+        }
+    }
+
     fn linears_mut(&mut self) -> Vec<(&'static str, &mut LoraLinear<B>)> {
         match self {
             Self::Dense(m) => MLP_LINEARS
@@ -353,25 +378,57 @@ impl<B: Backend> DecoderLayer<B> {
 
     /// As `linears`, to update their adapters.
     pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut LoraLinear<B>)> {
-        let mut out: Vec<(&'static str, &mut LoraLinear<B>)> = match &mut self.mixer {
-            Mixer::Attention(a) => {
-                let linears = [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj];
-                SELF_ATTN_LINEARS.into_iter().zip(linears).collect()
-            }
-            Mixer::Linear(l) => LINEAR_ATTN_LINEARS
-                .into_iter()
-                .zip(l.linears_mut())
-                .collect(),
-        };
+        let mut out = mixer_linears_mut(&mut self.mixer);
         out.extend(self.mlp.linears_mut());
         out
     }
 
-    /// The adapters of this layer's linears, in `linears` order (the trainable tensors' order).
+    /// The adapters on the routed experts' stacks (`target_parameters`) with their module paths
+    /// in the layer (`mlp.experts`, `mlp.experts.base_layer`); none on a dense layer.
+    pub fn expert_adapters(&self) -> Vec<(String, &Lora<B>)> {
+        match &self.mlp {
+            FeedForward::Sparse(moe) => moe
+                .experts
+                .adapters()
+                .into_iter()
+                .map(|(name, l)| (format!("mlp.{name}"), l))
+                .collect(),
+            FeedForward::Dense(_) => Vec::new(),
+        }
+    }
+
+    /// Every adapter of this layer: its linears' in `linears` order, then `expert_adapters`
+    /// (the trainable tensors' order).
     pub fn adapters(&self) -> impl Iterator<Item = &Lora<B>> {
-        self.linears()
+        let linears = self
+            .linears()
             .into_iter()
-            .filter_map(|(_, l)| l.adapter.as_ref())
+            .filter_map(|(_, l)| l.adapter.as_ref());
+        linears.chain(self.expert_adapters().into_iter().map(|(_, l)| l))
+    }
+
+    /// Where each adapter of this layer is (or could be), in `adapters` order, to update or
+    /// drop them.
+    pub fn adapter_slots_mut(&mut self) -> Vec<&mut Option<Lora<B>>> {
+        let mut out: Vec<&mut Option<Lora<B>>> = mixer_linears_mut(&mut self.mixer)
+            .into_iter()
+            .map(|(_, l)| &mut l.adapter)
+            .collect();
+        out.extend(self.mlp.adapter_slots_mut());
+        out
+    }
+}
+
+fn mixer_linears_mut<B: Backend>(mixer: &mut Mixer<B>) -> Vec<(&'static str, &mut LoraLinear<B>)> {
+    match mixer {
+        Mixer::Attention(a) => {
+            let linears = [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj];
+            SELF_ATTN_LINEARS.into_iter().zip(linears).collect()
+        }
+        Mixer::Linear(l) => LINEAR_ATTN_LINEARS
+            .into_iter()
+            .zip(l.linears_mut())
+            .collect(),
     }
 }
 

@@ -20,7 +20,7 @@ use super::builder::Builder;
 use super::gated_delta_net::in_f32;
 use super::layers::Mlp;
 use crate::config::{ModelConfig, Moe};
-use crate::lora::{LoraLinear, RowAdapters};
+use crate::lora::{Lora, LoraLinear, RowAdapters};
 use crate::ops::{base_linear, swiglu, ModelBackend};
 use crate::quant::Nf4Linear;
 
@@ -42,6 +42,12 @@ pub struct SparseMoeBlock<B: Backend> {
 pub struct Experts<B: Backend> {
     pub gate_up_proj: ExpertWeights<B>, // [experts, hidden, 2 * moe_intermediate]: gate | up
     pub down_proj: ExpertWeights<B>,    // [experts, moe_intermediate, hidden]
+    /// PEFT's `ParamWrapper` adapters on the stacks (`target_parameters`): every expert's
+    /// `[in, r]` and `[r, out]` side by side in one `Lora` of rank `r * experts`, as PEFT's
+    /// files hold them (`Builder::expert_adapter`).
+    pub gate_up_proj_lora: Option<Lora<B>>,
+    pub down_proj_lora: Option<Lora<B>>,
+    pub num_experts: usize,
 }
 
 /// A stack of experts' weights: dense in Burn's `[experts, in, out]`, or (QLoRA) each expert's
@@ -83,9 +89,21 @@ impl<B: Backend> SparseMoeBlock<B> {
         let gate = b.plain_linear(&format!("{p}.gate"), h, e, false);
         let experts = format!("{p}.experts");
         let gate_up = ["gate_proj", "up_proj"];
+        // PEFT wraps the module once per targeted parameter, in the module's parameter order:
+        // the first wrapper's keys sit under `experts.base_layer` when both are targeted.
+        let [gate_up_key, down_key] =
+            ["gate_up_proj", "down_proj"].map(|n| format!("{experts}.{n}"));
+        let both = b.targets_parameter(&gate_up_key) && b.targets_parameter(&down_key);
+        let inner = match both {
+            true => format!("{experts}.base_layer"),
+            false => experts.clone(),
+        };
         let experts = Experts {
             gate_up_proj: b.experts(&experts, "gate_up_proj", &gate_up, [e, inter, h]),
             down_proj: b.experts(&experts, "down_proj", &["down_proj"], [e, h, inter]),
+            gate_up_proj_lora: b.expert_adapter(&inner, &gate_up_key, [h, 2 * inter], e),
+            down_proj_lora: b.expert_adapter(&experts, &down_key, [inter, h], e),
+            num_experts: e,
         };
         let shared = moe.shared_expert_intermediate_size;
         Self {
@@ -160,9 +178,13 @@ impl<B: ModelBackend> Experts<B> {
                 continue;
             }
             let expert_rows = rows.clone().narrow(0, start, count); // [count, hidden]
-            let gu = expert_rows.matmul(self.gate_up_proj.expert(e, dtype)); // [count, 2 * inter]
+            let gu = expert_rows
+                .clone()
+                .matmul(self.gate_up_proj.expert(e, dtype));
+            let gu = self.adapted(self.gate_up_proj_lora.as_ref(), e, expert_rows, gu); // [count, 2 * inter]
             let act = swiglu(gu.clone().narrow(1, 0, inter), gu.narrow(1, inter, inter));
-            outs.push(act.matmul(self.down_proj.expert(e, dtype))); // [count, hidden]
+            let down = act.clone().matmul(self.down_proj.expert(e, dtype));
+            outs.push(self.adapted(self.down_proj_lora.as_ref(), e, act, down)); // [count, hidden]
             start += count;
         }
         let out = Tensor::cat(outs, 0); // [tokens * top_k, hidden]
@@ -172,6 +194,52 @@ impl<B: ModelBackend> Experts<B> {
             .reshape([slots, 1]);
         x.zeros_like()
             .select_assign(0, tokens, out * weights, IndexingUpdateOp::Add)
+    }
+}
+
+impl<B: ModelBackend> Experts<B> {
+    /// `base` (expert `e`'s product of `x`) plus the adapter's update of that expert, in f32 and
+    /// cast back as `LoraLinear` adds one: `s * (x A_e) B_e`, where `A_e` is the expert's block
+    /// of A's columns and `B_e` every `experts`-th row of B from row `e` (PEFT's layout).
+    fn adapted(
+        &self,
+        lora: Option<&Lora<B>>,
+        e: usize,
+        x: Tensor<B, 2>,
+        base: Tensor<B, 2>,
+    ) -> Tensor<B, 2> {
+        let Some(l) = lora else { return base };
+        let n = self.num_experts;
+        let r = l.lora_a.dims()[1] / n;
+        let rows: Vec<i64> = (0..r).map(|j| (j * n + e) as i64).collect();
+        let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [r]), &x.device());
+        let a = l.lora_a.val().narrow(1, e * r, r); // [in, r]
+        let b = l.lora_b.val().select(0, rows); // [r, out]
+        let dtype = base.dtype();
+        let update = (x.cast(DType::F32).matmul(a) * l.scaling).matmul(b);
+        (base.cast(DType::F32) + update).cast(dtype)
+    }
+}
+
+impl<B: Backend> Experts<B> {
+    /// The adapters on the stacks with the module names PEFT's keys give them under the
+    /// block (`experts`, and `experts.base_layer` for the first of two), in the trainable
+    /// tensors' order.
+    pub fn adapters(&self) -> Vec<(&'static str, &Lora<B>)> {
+        let both = self.gate_up_proj_lora.is_some() && self.down_proj_lora.is_some();
+        let inner = if both {
+            "experts.base_layer"
+        } else {
+            "experts"
+        };
+        let gate_up = self.gate_up_proj_lora.as_ref().map(|l| (inner, l));
+        let down = self.down_proj_lora.as_ref().map(|l| ("experts", l));
+        gate_up.into_iter().chain(down).collect()
+    }
+
+    /// As `adapters`, to update or drop them.
+    pub fn adapters_mut(&mut self) -> [&mut Option<Lora<B>>; 2] {
+        [&mut self.gate_up_proj_lora, &mut self.down_proj_lora]
     }
 }
 

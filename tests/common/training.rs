@@ -310,6 +310,13 @@ pub fn moe_steps_equal_pytorch_peft<B: TrainBackend>(on: &On<B>) {
     for (model, adapter, prefix) in [
         ("qwen3_moe", "qwen3_moe_lora", "qwen3_moe_"),
         ("qwen3_5_moe", "qwen3_5_moe_lora", "qwen3_5_moe_"),
+        // The routed experts' stacks adapted (`target_parameters`).
+        ("qwen3_moe", "qwen3_moe_experts_lora", "qwen3_moe_experts_"),
+        (
+            "qwen3_5_moe",
+            "qwen3_5_moe_experts_lora",
+            "qwen3_5_moe_experts_",
+        ),
     ] {
         let case = Case {
             model,

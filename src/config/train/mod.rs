@@ -235,6 +235,10 @@ pub struct LoraSection {
     #[serde(deserialize_with = "one_or_many")]
     pub target_modules: Vec<String>,
     pub target_regex: Option<String>,
+    /// Parameters adapted in place, as PEFT's `target_parameters`: a mixture of experts'
+    /// stacks (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`).
+    #[serde(deserialize_with = "one_or_many")]
+    pub target_parameters: Vec<String>,
     pub use_rslora: bool,
     pub use_dora: bool,
     pub init: LoraInit,
@@ -267,6 +271,7 @@ impl Default for LoraSection {
             dropout: 0.05,
             target_modules: vec!["all-linear".into()],
             target_regex: None,
+            target_parameters: Vec::new(),
             use_rslora: false,
             use_dora: false,
             init: LoraInit::Default,

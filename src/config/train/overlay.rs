@@ -24,6 +24,7 @@ pub(super) const ALIASES: &[(&str, &str, &str)] = &[
     ("lora_dropout", "lora", "dropout"),
     ("target_modules", "lora", "target_modules"),
     ("target_regex", "lora", "target_regex"),
+    ("target_parameters", "lora", "target_parameters"),
     ("use_rslora", "lora", "use_rslora"),
     ("use_dora", "lora", "use_dora"),
     ("init_weights", "lora", "init"),

@@ -120,6 +120,7 @@ impl TrainConfig {
             None => TargetModules::Names(l.target_modules.clone()),
         };
         let mut lora = LoraConfig::new(l.r, l.alpha, targets);
+        lora.target_parameters = Some(l.target_parameters.clone()).filter(|t| !t.is_empty());
         lora.lora_dropout = l.dropout;
         lora.use_rslora = l.use_rslora;
         lora.use_dora = l.use_dora;

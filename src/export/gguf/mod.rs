@@ -327,14 +327,18 @@ pub fn export_gguf_lora(
                 .into(),
         ));
     }
+    if !lora.rank_pattern.is_empty() || !lora.alpha_pattern.is_empty() {
+        // llama.cpp scales every tensor by one alpha over that tensor's rank.
+        return Err(unfit(
+            "it sets rank_pattern / alpha_pattern, and llama.cpp's LoRA has one alpha for all \
+             layers; export the model with the adapter merged (--to gguf)"
+                .into(),
+        ));
+    }
     let AdapterSource::Weights(mut weights) = plan.source else {
         unreachable!("read_adapter returns weights")
     };
-    let targets = Targets::new(
-        lora.target_modules.as_ref().expect("checked"),
-        lora.exclude_modules.as_ref(),
-    )
-    .map_err(unfit)?;
+    let targets = Targets::of(lora).map_err(unfit)?;
     let mut tensors = Vec::new();
     for (module, n_in, n_out) in config.adaptable_linears() {
         if !targets.matches(&module) {

@@ -150,15 +150,15 @@ impl<'a, B: Backend> Builder<'a, B> {
     pub fn linear(&mut self, name: &str, n_in: usize, n_out: usize, bias: bool) -> LoraLinear<B> {
         let base = self.base_linear(name, n_in, n_out, bias);
         let targeted = self.lora.as_ref().is_some_and(|(_, t, _)| t.matches(name));
+        // A fresh DoRA adapter's magnitude comes from the base weight.
+        let fresh_dora =
+            matches!(&self.lora, Some((c, _, AdapterSource::Init { .. })) if c.use_dora);
         let adapter = targeted
             .then(|| self.adapter(name, name, [n_in, n_out], 1))
             .flatten()
-            .map(|l| match l.lora_magnitude_vector {
-                // A fresh DoRA adapter: its magnitude comes from the base weight.
-                None if self.lora.as_ref().is_some_and(|(c, ..)| c.use_dora) => {
-                    l.with_magnitude(&base.weight_f32())
-                }
-                _ => l,
+            .map(|l| match fresh_dora {
+                true => l.with_magnitude(&base.weight_f32()),
+                false => l,
             });
         LoraLinear {
             base,

@@ -615,10 +615,15 @@ def adamw(params):
     return opt, get_scheduler("linear", opt, num_warmup_steps=0, num_training_steps=3)
 
 
-def train_steps(model, rows: list[dict], batch: int, accum: int, steps: int, make_opt, clip: float):
+def train_steps(model, rows: list[dict], batch: int, accum: int, steps: int, make_opt, clip: float,
+                router_aux_loss_coef: float = 0.0):
     """`steps` optimizer steps of a trainable PEFT model over `rows` in file order (see
     make_training), micro-batches right-padded with an attention mask: the adapter's state (the
-    keys PEFT's save_pretrained writes) and each step's loss and gradient norm."""
+    keys PEFT's save_pretrained writes) and each step's loss and gradient norm. With
+    `router_aux_loss_coef`, a mixture-of-experts model's load-balancing loss (transformers'
+    `aux_loss` of `output_router_logits`) joins each micro-batch's loss weighted by its share of
+    the step's label tokens, as ms-swift's Seq2SeqTrainer.compute_loss adds it, and the trace
+    holds its mean over the micro-batches as `aux_loss`."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = make_opt(params)
     trace = []
@@ -630,15 +635,22 @@ def train_steps(model, rows: list[dict], batch: int, accum: int, steps: int, mak
         n_items = sum(sum(1 for l in r["labels"][1:] if l != -100) for mb in micro for r in mb)
         opt.zero_grad()
         total = 0.0
+        aux = []
         for mb in micro:
             seq = max(len(r["input_ids"]) for r in mb)
             ids = torch.tensor([r["input_ids"] + [0] * (seq - len(r["input_ids"])) for r in mb])
             mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (seq - len(r["input_ids"])) for r in mb])
             labels = torch.tensor([r["labels"] + [-100] * (seq - len(r["labels"])) for r in mb])
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            routed = {"output_router_logits": True} if router_aux_loss_coef else {}
+            out = model(input_ids=ids, attention_mask=mask, **routed)
+            logits = out.logits.float()
             loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                 ignore_index=-100, reduction="sum") / n_items
+            if router_aux_loss_coef:
+                share = (labels[:, 1:] != -100).sum() / n_items
+                loss = loss + router_aux_loss_coef * out.aux_loss * share
+                aux.append(out.aux_loss.item())
             loss.backward()
             total += loss.item()
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
@@ -646,6 +658,8 @@ def train_steps(model, rows: list[dict], batch: int, accum: int, steps: int, mak
         if sched is not None:
             sched.step()
         trace.append({"loss": total, "grad_norm": float(norm)})
+        if aux:
+            trace[-1]["aux_loss"] = sum(aux) / len(aux)
     state = get_peft_model_state_dict(model)
     return {k: v.detach().contiguous() for k, v in state.items()}, trace
 

@@ -49,7 +49,11 @@ What it writes, under tests/fixtures/ (the tokenizer of scripts/gen_fixtures.py)
                         model's adapter above, as gen_fixtures.py's make_training computes them,
                         on training/qwen3_5_rows.jsonl: one SGD step (lr 1, weight decay 0.1),
                         batch 2 x accum 2 (`_sgd_2x2`), three AdamW steps (`_adamw`, batch 2,
-                        clipping at 0.5), and `_steps.json`, each step's loss and grad norm
+                        clipping at 0.5), and `_steps.json`, each step's loss and grad norm;
+                        from the two attention/all-linear adapters also `_aux_sgd_2x2`, the SGD
+                        step with the routers' load-balancing loss at router_aux_loss_coef 0.5
+                        (transformers' aux_loss, weighted per micro-batch as ms-swift weighs
+                        it), its trace with `aux_loss`
   Weights are random with std 0.08; Qwen3-MoE's norms 1 + 0.1·N(0, 1), Qwen3.5-MoE's as
   scripts/gen_qwen3_5_fixtures.py makes them.
 """
@@ -315,12 +319,13 @@ def make_training() -> None:
     out = ROOT / "training"
     rows = [json.loads(line) for line in (out / "qwen3_5_rows.jsonl").read_text().splitlines()]
 
-    def run(base: str, adapter: str, batch: int, accum: int, steps: int, make_opt, clip: float):
+    def run(base: str, adapter: str, batch: int, accum: int, steps: int, make_opt, clip: float,
+            router_aux_loss_coef: float = 0.0):
         model = CLASSES[base].from_pretrained(ROOT / "models" / base, dtype=torch.float32,
                                               attn_implementation="eager")
         lower_index_at_ties(model)
         model = PeftModel.from_pretrained(model, ROOT / "adapters" / adapter, is_trainable=True)
-        return train_steps(model, rows, batch, accum, steps, make_opt, clip)
+        return train_steps(model, rows, batch, accum, steps, make_opt, clip, router_aux_loss_coef)
 
     for base, adapter, prefix in [("qwen3_moe", "qwen3_moe_lora", "qwen3_moe"),
                                   ("qwen3_5_moe", "qwen3_5_moe_lora", "qwen3_5_moe"),
@@ -332,6 +337,10 @@ def make_training() -> None:
         state, traces["adamw"] = run(base, adapter, 2, 1, 3, adamw, 0.5)
         assert all(t["grad_norm"] > 0.5 for t in traces["adamw"]), "clipping must engage"
         save_file(state, str(out / f"{prefix}_adamw.safetensors"))
+        if adapter.endswith("_moe_lora"):
+            # The load-balancing loss, at a weight large enough to move the step visibly.
+            state, traces["aux_sgd_2x2"] = run(base, adapter, 2, 2, 1, sgd, 0.0, 0.5)
+            save_file(state, str(out / f"{prefix}_aux_sgd_2x2.safetensors"))
         (out / f"{prefix}_steps.json").write_text(json.dumps(traces, indent=1))
 
 

@@ -758,10 +758,23 @@ fn routed_experts_train_from_scratch_when_target_parameters_name_them() {
                 kind == "rslora",
                 run.display()
             );
-            let nf4 = if nf4 { &["--quant_bits", "4"][..] } else { &[] };
-            let result = run_in_root(&args_of(&line, nf4));
+            // The QLoRA runs add the routers' load-balancing loss, as ms-swift's MoE examples do.
+            let extra = match nf4 {
+                true => &["--quant_bits", "4", "--router_aux_loss_coef", "1e-3"][..],
+                false => &[],
+            };
+            let result = run_in_root(&args_of(&line, extra));
             let stderr = String::from_utf8_lossy(&result.stderr);
             assert!(result.status.success(), "{model} {kind}: {stderr}");
+            let log = std::fs::read_to_string(run.join("logging.jsonl")).unwrap();
+            for entry in log.lines() {
+                let entry: serde_json::Value = serde_json::from_str(entry).unwrap();
+                match nf4 {
+                    // Positive whenever a token is routed (top_k for a perfectly even routing).
+                    true => assert!(entry["aux_loss"].as_f64().unwrap() > 0.0, "{entry}"),
+                    false => assert!(entry.get("aux_loss").is_none(), "{entry}"),
+                }
+            }
             let checkpoint = run.join("checkpoint-2");
             let (config, names) = adapter_of(&checkpoint);
             let written: Vec<&str> = params.split(' ').collect();

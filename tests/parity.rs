@@ -138,7 +138,7 @@ fn moe_blocks_in_bf16_match_transformers_on_its_hidden_states() {
                 TensorData::new(input, [1, s, h]),
                 (&Default::default(), DType::BF16),
             );
-            let ours = block.forward(x, None).cast(DType::F32).into_data();
+            let ours = block.forward(x, None, None).0.cast(DType::F32).into_data();
             let ours = ours.to_vec::<f32>().unwrap();
             let (theirs, f32s) = (
                 values(&format!("output_bf16.{i}")),

@@ -17,7 +17,7 @@ use super::batch::Batch;
 use super::builder::{read_lora, Builder};
 use super::frozen;
 use super::gated_delta_net::LinearMask;
-use super::layers::{DecoderLayer, LayerMask, Mixer, RmsNorm};
+use super::layers::{DecoderLayer, FeedForward, LayerMask, Mixer, RmsNorm};
 use super::load::Checkpoint;
 use super::mask::attention_mask;
 use super::rope::{self, RopeTables};
@@ -95,6 +95,12 @@ impl<B: Backend> CausalLm<B> {
     /// was left on disk).
     pub fn is_vision_language(&self) -> bool {
         self.model.prefix != "model"
+    }
+
+    /// Whether any layer routes its tokens to experts.
+    pub fn has_routers(&self) -> bool {
+        let sparse = |l: &DecoderLayer<B>| matches!(l.mlp, FeedForward::Sparse(_));
+        self.model.layers.iter().any(sparse)
     }
 
     /// Every linear layer that can carry an adapter, with its full module name, in the order of

@@ -18,7 +18,7 @@ use super::builder::Builder;
 use super::frozen;
 use super::gated_delta_net::{in_f32, GatedDeltaNet, LinearMask};
 use super::load::Checkpoint;
-use super::moe::SparseMoeBlock;
+use super::moe::{Balance, RouterStats, SparseMoeBlock, TokenMask};
 use super::rope::RopeTables;
 use crate::config::{
     MlpKind, ModelConfig, TokenMixer, LINEAR_ATTN_LINEARS, MLP_LINEARS, SELF_ATTN_LINEARS,
@@ -442,23 +442,39 @@ impl<B: ModelBackend> DecoderLayer<B> {
         decoding: Option<Decoding<'_, B>>,
     ) -> Tensor<B, 3> {
         let adapters = decoding.as_ref().map(|d| d.adapters);
-        match self.forward_to_down_proj(x, rope, mask, decoding) {
-            (h, Some((act, down_proj))) => h + down_proj.forward_rows(act, adapters),
-            (out, None) => out,
+        match self.forward_to_down_proj(x, rope, mask, decoding, None) {
+            (h, Some((act, down_proj)), _) => h + down_proj.forward_rows(act, adapters),
+            (out, None, _) => out,
+        }
+    }
+
+    /// Training's forward pass, with a sparse layer's router statistics of the tokens `tokens`
+    /// marks (the load-balancing loss).
+    pub fn forward_routed(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        mask: LayerMask<B>,
+        tokens: &TokenMask<B>,
+    ) -> (Tensor<B, 3>, Option<RouterStats<B>>) {
+        match self.forward_to_down_proj(x, rope, mask, None, Some(tokens)) {
+            (h, Some((act, down_proj)), _) => (h + down_proj.forward(act), None),
+            (out, None, stats) => (out, stats),
         }
     }
 
     /// A dense layer up to its last product: `(h, Some((act, down_proj)))` with the output
     /// `h + down_proj(act)` (`h` the residual stream after attention). A recomputed layer
     /// stops here: the backward pass needs down_proj's input, not its output. A sparse layer
-    /// gives its output and None.
+    /// gives its output and None, and its router's statistics when `tokens` is given.
     fn forward_to_down_proj(
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
         mask: LayerMask<B>,
         decoding: Option<Decoding<'_, B>>,
-    ) -> (Tensor<B, 3>, DownProjInput<'_, B>) {
+        tokens: Option<&TokenMask<B>>,
+    ) -> (Tensor<B, 3>, DownProjInput<'_, B>, Option<RouterStats<B>>) {
         let adapters = decoding.as_ref().map(|d| d.adapters);
         let normed = self.input_layernorm.forward(x.clone());
         let mixed = match (&self.mixer, mask) {
@@ -471,8 +487,15 @@ impl<B: ModelBackend> DecoderLayer<B> {
         let h = x + mixed;
         let normed = self.post_attention_layernorm.forward(h.clone());
         match &self.mlp {
-            FeedForward::Dense(m) => (h, Some((m.activation(normed, adapters), &m.down_proj))),
-            FeedForward::Sparse(moe) => (h + moe.forward(normed, adapters), None),
+            FeedForward::Dense(m) => (
+                h,
+                Some((m.activation(normed, adapters), &m.down_proj)),
+                None,
+            ),
+            FeedForward::Sparse(moe) => {
+                let (out, stats) = moe.forward(normed, adapters, tokens);
+                (h + out, None, stats)
+            }
         }
     }
 }
@@ -480,19 +503,28 @@ impl<B: ModelBackend> DecoderLayer<B> {
 impl<B: TrainBackend> DecoderLayer<B> {
     /// A seed whose backward pass is this layer's from the gradient `grad` of its output (see
     /// `ops::SeedGradient`), for gradient checkpointing: the recomputed layer stops before
-    /// down_proj, whose backward pass reads its input only.
+    /// down_proj, whose backward pass reads its input only. With `balance`, a sparse layer's
+    /// part of the load-balancing loss joins the seed.
     pub fn seeded(
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
         mask: LayerMask<B>,
         grad: Tensor<B, 3>,
+        balance: Option<&Balance<B>>,
     ) -> Tensor<B, 1> {
-        match self.forward_to_down_proj(x, rope, mask, None) {
-            (h, Some((act, down_proj))) => {
+        let tokens = balance.map(|b| &b.tokens);
+        match self.forward_to_down_proj(x, rope, mask, None, tokens) {
+            (h, Some((act, down_proj)), _) => {
                 seed_gradient(h, grad.clone()) + down_proj.seed(act, grad)
             }
-            (out, None) => seed_gradient(out, grad),
+            (out, None, stats) => {
+                let seed = seed_gradient(out, grad);
+                match (balance, stats) {
+                    (Some(balance), Some(stats)) => seed + balance.part(&stats),
+                    _ => seed,
+                }
+            }
         }
     }
 }

@@ -31,7 +31,7 @@ pub use layers::{
     Attention, DecoderLayer, Decoding, FeedForward, LayerCache, LayerMask, Mixer, Mlp, RmsNorm,
 };
 pub use load::{Checkpoint, LoadError, LoadProblem};
-pub use moe::{ExpertWeights, Experts, Routing, SparseMoeBlock};
+pub use moe::{Balance, ExpertWeights, Experts, RouterStats, Routing, SparseMoeBlock, TokenMask};
 // The backend bound of everything that runs the model, for the layers above it.
 pub use crate::ops::{sum, ModelBackend, TrainBackend};
 

@@ -9,6 +9,9 @@
 //!
 //! Field names are the Hugging Face module names, so each safetensors key maps to one field
 //! (the hub's per-expert linears are stacked on load: `Checkpoint::take_experts`).
+//!
+//! Training may add the routers' load-balancing loss (`load_balancing_loss_func` of the same
+//! files): `TokenMask`, `RouterStats` and `Balance`.
 
 use burn::module::{Module, Param};
 use burn::nn::Linear;
@@ -16,6 +19,7 @@ use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData};
 
+use super::batch::Batch;
 use super::builder::Builder;
 use super::gated_delta_net::in_f32;
 use super::layers::Mlp;
@@ -119,14 +123,21 @@ impl<B: Backend> SparseMoeBlock<B> {
 }
 
 impl<B: ModelBackend> SparseMoeBlock<B> {
-    /// The block's output `[batch, seq, hidden]` for its input `x` (after the layer's norm).
-    /// `adapters`: see `LoraLinear::forward_rows` (the shared expert's).
-    pub fn forward(&self, x: Tensor<B, 3>, adapters: Option<&RowAdapters<B>>) -> Tensor<B, 3> {
+    /// The block's output `[batch, seq, hidden]` for its input `x` (after the layer's norm), and
+    /// the router's statistics of the tokens `tokens` marks when given (training's load-balancing
+    /// loss). `adapters`: see `LoraLinear::forward_rows` (the shared expert's).
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        adapters: Option<&RowAdapters<B>>,
+        tokens: Option<&TokenMask<B>>,
+    ) -> (Tensor<B, 3>, Option<RouterStats<B>>) {
         let [b, s, h] = x.dims();
         let flat = x.clone().reshape([b * s, h]);
         let logits = base_linear(flat.clone(), self.gate.weight.val(), None); // [n, experts]
         let probs = softmax(logits.clone().cast(DType::F32), 1); // [n, experts]
         let routing = Routing::top_k(&probs, self.top_k);
+        let stats = tokens.map(|t| RouterStats::new(&routing, &probs, t));
         let chosen = Tensor::<B, 2, Int>::from_data(
             TensorData::new(routing.experts.clone(), [b * s, self.top_k]),
             &flat.device(),
@@ -139,7 +150,7 @@ impl<B: ModelBackend> SparseMoeBlock<B> {
             .experts
             .forward(flat, &routing, weights.cast(logits.dtype()))
             .reshape([b, s, h]);
-        match (&self.shared_expert, &self.shared_expert_gate) {
+        let out = match (&self.shared_expert, &self.shared_expert_gate) {
             (Some(shared), Some(gate)) => {
                 let act = shared.activation(x.clone(), adapters);
                 let out = shared.down_proj.forward_rows(act, adapters); // [b, s, hidden]
@@ -147,7 +158,8 @@ impl<B: ModelBackend> SparseMoeBlock<B> {
                 routed + out * scale
             }
             _ => routed,
-        }
+        };
+        (out, stats)
     }
 }
 
@@ -240,6 +252,100 @@ impl<B: Backend> Experts<B> {
     /// As `adapters`, to update or drop them.
     pub fn adapters_mut(&mut self) -> [&mut Option<Lora<B>>; 2] {
         [&mut self.gate_up_proj_lora, &mut self.down_proj_lora]
+    }
+}
+
+/// The tokens of a batch that the load-balancing loss counts (padding is not), on the host for
+/// the routers' counts and on the device, `[tokens, 1]` in f32, to weight their probabilities.
+#[derive(Debug, Clone)]
+pub struct TokenMask<B: Backend> {
+    host: Vec<bool>,
+    device: Tensor<B, 2>,
+}
+
+impl<B: Backend> TokenMask<B> {
+    pub fn new(batch: &Batch, device: &B::Device) -> Self {
+        let host: Vec<bool> = batch.attention_mask.iter().flatten().copied().collect();
+        let values: Vec<f32> = host.iter().map(|&real| f32::from(u8::from(real))).collect();
+        let device = Tensor::from_data(TensorData::new(values, [host.len(), 1]), device);
+        Self { host, device }
+    }
+}
+
+/// What one sparse layer gives transformers' `load_balancing_loss_func`, over the tokens a
+/// `TokenMask` counts: the top-k choices each expert took and the sum of each expert's router
+/// probability (`[experts]`, f32, on the graph: the loss's gradient flows through it alone).
+#[derive(Debug, Clone)]
+pub struct RouterStats<B: Backend> {
+    pub counts: Vec<f64>,
+    pub probs: Tensor<B, 1>,
+    pub tokens: f64,
+}
+
+impl<B: Backend> RouterStats<B> {
+    fn new(routing: &Routing, probs: &Tensor<B, 2>, mask: &TokenMask<B>) -> Self {
+        let [_, n_experts] = probs.dims();
+        let mut counts = vec![0.0; n_experts];
+        let choices = routing.experts.chunks_exact(routing.top_k);
+        for (choices, _) in choices.zip(&mask.host).filter(|(_, &real)| real) {
+            for &e in choices {
+                counts[e as usize] += 1.0;
+            }
+        }
+        let probs = (probs.clone() * mask.device.clone()).sum_dim(0);
+        Self {
+            counts,
+            probs: probs.reshape([n_experts]),
+            tokens: mask.host.iter().filter(|&&real| real).count() as f64,
+        }
+    }
+}
+
+/// The load-balancing loss of one forward pass, `experts * sum_e f_e P_e` with `f_e` the share
+/// of all sparse layers' top-k choices that went to expert `e` and `P_e` its mean router
+/// probability over the same rows (transformers sums both over layers before the product). The
+/// counts carry no gradient, so the loss is linear in each layer's summed probabilities: with
+/// every layer's counts known (after the forward pass), each layer's part is `weights . probs`,
+/// and a layer recomputed for gradient checkpointing adds its own part to its backward pass.
+#[derive(Debug, Clone)]
+pub struct Balance<B: Backend> {
+    /// `experts * total_counts_e / total_rows^2`, `[experts]` f32.
+    weights: Tensor<B, 1>,
+    pub tokens: TokenMask<B>,
+}
+
+impl<B: Backend> Balance<B> {
+    /// From every sparse layer's statistics of one forward pass; none for a dense model.
+    pub fn new(stats: &[&RouterStats<B>], tokens: TokenMask<B>) -> Option<Self> {
+        let first = stats.first()?;
+        let n_experts = first.counts.len();
+        let mut counts = vec![0.0; n_experts];
+        for s in stats {
+            for (total, c) in counts.iter_mut().zip(&s.counts) {
+                *total += c;
+            }
+        }
+        let rows: f64 = stats.iter().map(|s| s.tokens).sum();
+        let weights: Vec<f32> = counts
+            .iter()
+            .map(|c| (n_experts as f64 * c / (rows * rows).max(1.0)) as f32)
+            .collect();
+        let device = first.probs.device();
+        let weights = Tensor::from_data(TensorData::new(weights, [n_experts]), &device);
+        Some(Self { weights, tokens })
+    }
+
+    /// One layer's part of the loss, `[1]`.
+    pub fn part(&self, stats: &RouterStats<B>) -> Tensor<B, 1> {
+        (self.weights.clone() * stats.probs.clone()).sum_dim(0)
+    }
+
+    /// The loss multiplied by `factor`.
+    pub fn scaled(&self, factor: f64) -> Self {
+        Self {
+            weights: self.weights.clone() * factor,
+            tokens: self.tokens.clone(),
+        }
     }
 }
 

@@ -12,7 +12,10 @@ use burn::tensor::{ElementConversion, Tensor};
 use super::preference::{kto_loss, Metrics, Objective, PairLogps, Unpaired};
 use crate::data::dataset::{collate, kl_rows, TrainRow};
 use crate::model::loss::{sequence_logps, token_losses, LossTargets};
-use crate::model::{sum, Batch, CausalLm, DecoderLayer, TrainBackend, IGNORE_INDEX};
+use crate::model::{
+    sum, Balance, Batch, CausalLm, DecoderLayer, RouterStats, TokenMask, TrainBackend,
+    IGNORE_INDEX,
+};
 
 /// One gradient per trainable tensor, in `flat_params`'s order; None where the backward pass did
 /// not reach one.
@@ -50,6 +53,9 @@ pub struct StepGrads<B: TrainBackend> {
     pub device: B::Device,
     /// Preference training's reference and loss; None for SFT.
     pub preference: Option<Preference<B>>,
+    /// `router_aux_loss_coef` when the routers' load-balancing loss joins the loss (a model
+    /// with routed experts and a coefficient above 0).
+    pub router_aux_loss_coef: Option<f64>,
 }
 
 /// What a preference step needs besides the policy: the reference model, for DPO and KTO (its
@@ -268,7 +274,17 @@ struct Micro<B: TrainBackend> {
     index: usize,
     /// A preference micro-batch's needs besides the policy's log-probabilities.
     side: Option<Side<B>>,
+    /// The load-balancing loss's tokens and its factor in the step's loss, when it is on.
+    balance: Option<(TokenMask<B>, f64)>,
 }
+
+/// A micro-batch's part of the step's loss, its preference metrics' sums and its
+/// load-balancing loss (unscaled, for the log).
+type MicroLoss<B> = (
+    Tensor<<B as AutodiffBackend>::InnerBackend, 1>,
+    Option<StepMetrics<B>>,
+    Option<Tensor<<B as AutodiffBackend>::InnerBackend, 1>>,
+);
 
 impl<B: TrainBackend> StepGrads<B> {
     pub fn new(model: &CausalLm<B>, seed: u64, checkpointing: bool, device: B::Device) -> Self {
@@ -286,14 +302,19 @@ impl<B: TrainBackend> StepGrads<B> {
             layer_tensors,
             device,
             preference: None,
+            router_aux_loss_coef: None,
         }
     }
 
     /// The step's loss (`[1]`, on the device: read once a step with the gradient norm), its
-    /// tokens (padding excluded), the gradient of that loss for every trainable tensor, and for
-    /// preference pairs the metrics' sums. SFT's loss is the mean over the step's label tokens;
-    /// a preference loss is the mean over each micro-batch's pairs, averaged over the
-    /// micro-batches (transformers divides each by the accumulation steps).
+    /// tokens (padding excluded), the gradient of that loss for every trainable tensor, and the
+    /// metrics' sums: for preference pairs TRL's (`Metrics::into_sums`), then with the
+    /// load-balancing loss the sum of its micro-batch values and their count. SFT's loss is the
+    /// mean over the step's label tokens; a preference loss is the mean over each micro-batch's
+    /// pairs, averaged over the micro-batches (transformers divides each by the accumulation
+    /// steps). The load-balancing loss of each micro-batch joins with `router_aux_loss_coef`
+    /// and the micro-batch's weight in the step: its share of the label tokens for SFT, as
+    /// ms-swift's trainer weighs it, one over the micro-batches for preference pairs.
     pub fn compute(
         &self,
         model: &CausalLm<B>,
@@ -331,10 +352,28 @@ impl<B: TrainBackend> StepGrads<B> {
                     targets,
                     index,
                     side,
+                    balance: None,
                 }
             })
             .collect();
         let label_tokens: usize = micro.iter().map(|m| m.targets.len()).sum();
+        let scale = match self.preference {
+            None => 1.0 / label_tokens.max(1) as f64,
+            Some(_) => 1.0 / micro.len().max(1) as f64,
+        };
+        let micro: Vec<Micro<B>> = micro
+            .into_iter()
+            .map(|mut m| {
+                m.balance = self.router_aux_loss_coef.map(|coef| {
+                    let weight = match self.preference {
+                        None => m.targets.len() as f64 * scale,
+                        Some(_) => scale,
+                    };
+                    (TokenMask::new(&m.batch, &self.device), coef * weight)
+                });
+                m
+            })
+            .collect();
         let tokens = batches.iter().flatten().map(TrainRow::tokens).sum();
         let mut grads: Grads<B> = vec![None; self.layer_tensors.iter().sum()];
         // Frozen copies for the forward pass of checkpointing: cheap (tensors are shared) and
@@ -348,15 +387,12 @@ impl<B: TrainBackend> StepGrads<B> {
                 .collect(),
             false => Vec::new(),
         };
-        let scale = match self.preference {
-            None => 1.0 / label_tokens.max(1) as f64,
-            Some(_) => 1.0 / micro.len().max(1) as f64,
-        };
         let mut loss = Tensor::zeros([1], &self.device);
         let mut metrics: Option<StepMetrics<B>> = None;
+        let mut aux = Vec::new();
         for m in micro.iter().filter(|m| !m.targets.is_empty()) {
             let objective = |hidden: Tensor<B, 3>| self.objective(model, hidden, m, scale);
-            let (part, sums) = match self.checkpointing {
+            let (part, sums, balance) = match self.checkpointing {
                 true => self.checkpointed(model, &frozen, m, step, &objective, &mut grads),
                 false => self.whole(model, m, step, &objective, &mut grads),
             };
@@ -365,6 +401,19 @@ impl<B: TrainBackend> StepGrads<B> {
                 (Some(acc), Some(s)) => Some(acc + s),
                 (acc, s) => acc.or(s),
             };
+            aux.extend(balance);
+        }
+        if self.router_aux_loss_coef.is_some() {
+            let count = Tensor::from_floats([aux.len() as f32], &self.device);
+            let total = aux
+                .into_iter()
+                .reduce(|a, b| a + b)
+                .unwrap_or_else(|| Tensor::zeros([1], &self.device));
+            let sums = Tensor::cat(vec![total, count], 0);
+            metrics = Some(match metrics {
+                Some(m) => Tensor::cat(vec![m, sums], 0),
+                None => sums,
+            });
         }
         (loss, tokens, grads, metrics)
     }
@@ -394,20 +443,36 @@ impl<B: TrainBackend> StepGrads<B> {
         step: u64,
         objective: &dyn Fn(Tensor<B, 3>) -> (Tensor<B, 1>, Option<StepMetrics<B>>),
         grads: &mut Grads<B>,
-    ) -> (Tensor<B::InnerBackend, 1>, Option<StepMetrics<B>>) {
+    ) -> MicroLoss<B> {
         let (mut x, inputs) = model.embed(&m.batch);
+        let mut stats = Vec::new();
         for (i, layer) in model.model.layers.iter().enumerate() {
             self.seed_dropout(step, m.index, i);
-            x = layer.forward(x, &inputs.rope, inputs.masks[i].clone(), None);
+            let (mask, rope) = (inputs.masks[i].clone(), &inputs.rope);
+            x = match &m.balance {
+                Some((tokens, _)) => {
+                    let (y, routed) = layer.forward_routed(x, rope, mask, tokens);
+                    stats.extend(routed);
+                    y
+                }
+                None => layer.forward(x, rope, mask, None),
+            };
         }
         let (loss, sums) = objective(model.model.norm.forward(x));
+        let (loss, aux) = match balanced(m, &stats) {
+            Some((balance, factor)) => {
+                let aux = layer_parts(&balance, &stats);
+                (loss + aux.clone() * factor, Some(aux.inner()))
+            }
+            None => (loss, None),
+        };
         let backward = loss.clone().backward();
         let mut offset = 0;
         for (layer, n) in model.model.layers.iter().zip(&self.layer_tensors) {
             add_layer_grads(grads, offset, layer, &backward);
             offset += n;
         }
-        (loss.inner(), sums)
+        (loss.inner(), sums, aux)
     }
 
     /// Layer by layer: a forward pass that keeps only each layer's input, then per layer, last
@@ -422,28 +487,52 @@ impl<B: TrainBackend> StepGrads<B> {
         step: u64,
         objective: &dyn Fn(Tensor<B, 3>) -> (Tensor<B, 1>, Option<StepMetrics<B>>),
         grads: &mut Grads<B>,
-    ) -> (Tensor<B::InnerBackend, 1>, Option<StepMetrics<B>>) {
+    ) -> MicroLoss<B> {
         let layers = &model.model.layers;
         let last = layers.len() - 1;
         // The first layer's input is the frozen embedding: its gradient is not needed.
         let tracked = |i: usize, x: Tensor<B, 3>| if i > 0 { x.require_grad() } else { x };
         let (mut x, inputs) = model.embed(&m.batch);
         let mut layer_inputs = Vec::with_capacity(last);
+        // Each layer's router statistics (none for a dense layer), in layer order.
+        let mut stats: Vec<Option<RouterStats<B>>> = Vec::new();
+        let run = |layer: &DecoderLayer<B>, x: Tensor<B, 3>, i: usize| match &m.balance {
+            Some((tokens, _)) => {
+                layer.forward_routed(x, &inputs.rope, inputs.masks[i].clone(), tokens)
+            }
+            None => (
+                layer.forward(x, &inputs.rope, inputs.masks[i].clone(), None),
+                None,
+            ),
+        };
         for (i, layer) in frozen[..last].iter().enumerate() {
             self.seed_dropout(step, m.index, i);
             layer_inputs.push(x.clone());
-            x = layer.forward(x, &inputs.rope, inputs.masks[i].clone(), None);
+            let (y, routed) = run(layer, x, i);
+            stats.push(routed);
+            x = y;
         }
         self.seed_dropout(step, m.index, last);
         let input = tracked(last, x.detach());
-        let out = layers[last].forward(
-            input.clone(),
-            &inputs.rope,
-            inputs.masks[last].clone(),
-            None,
-        );
+        let (out, routed) = run(&layers[last], input.clone(), last);
+        stats.push(routed);
         let (loss, sums) = objective(model.model.norm.forward(out));
-        let backward = loss.clone().backward();
+        let every: Vec<RouterStats<B>> = stats.iter().flatten().cloned().collect();
+        // The whole loss for the log; the last layer's part (on its graph) for the backward
+        // pass, and each recomputed layer adds its own.
+        let balance = balanced(m, &every);
+        let (seed, loss, aux) = match (&balance, &stats[last]) {
+            (Some((balance, factor)), last_stats) => {
+                let aux = layer_parts(balance, &every).detach();
+                let part = last_stats.as_ref().map(|s| balance.part(s) * *factor);
+                let seed = part.map_or(loss.clone(), |p| loss.clone() + p);
+                let whole = loss.detach() + aux.clone() * *factor;
+                (seed, whole, Some(aux.inner()))
+            }
+            (None, _) => (loss.clone(), loss, None),
+        };
+        let scaled = balance.map(|(b, factor)| b.scaled(factor));
+        let backward = seed.backward();
         let mut offset: usize = self.layer_tensors[..last].iter().sum();
         add_layer_grads(grads, offset, &layers[last], &backward);
         let mut grad_out = input.grad(&backward);
@@ -453,13 +542,14 @@ impl<B: TrainBackend> StepGrads<B> {
             let layer = &layers[i];
             let input = tracked(i, layer_inputs.pop().expect("one input per layer"));
             let grad = Tensor::from_inner(grad_out.expect("the layer above depends on its input"));
+            let mask = inputs.masks[i].clone();
             let backward = layer
-                .seeded(input.clone(), &inputs.rope, inputs.masks[i].clone(), grad)
+                .seeded(input.clone(), &inputs.rope, mask, grad, scaled.as_ref())
                 .backward();
             add_layer_grads(grads, offset, layer, &backward);
             grad_out = input.grad(&backward);
         }
-        (loss.inner(), sums)
+        (loss.inner(), sums, aux)
     }
 
     /// Reseeds the backend's generator for the dropout of one layer of one micro-batch.
@@ -471,6 +561,26 @@ impl<B: TrainBackend> StepGrads<B> {
             B::seed(&self.device, seed);
         }
     }
+}
+
+/// The load-balancing loss of micro-batch `m` from its layers' router statistics, and its factor
+/// in the step's loss; none when it is off or the model has no sparse layer.
+fn balanced<B: TrainBackend>(
+    m: &Micro<B>,
+    stats: &[RouterStats<B>],
+) -> Option<(Balance<B>, f64)> {
+    let (tokens, factor) = m.balance.as_ref()?;
+    let stats: Vec<&RouterStats<B>> = stats.iter().collect();
+    Some((Balance::new(&stats, tokens.clone())?, *factor))
+}
+
+/// The load-balancing loss, `[1]`: the sum of every layer's part.
+fn layer_parts<B: TrainBackend>(balance: &Balance<B>, stats: &[RouterStats<B>]) -> Tensor<B, 1> {
+    stats
+        .iter()
+        .map(|s| balance.part(s))
+        .reduce(|a, b| a + b)
+        .expect("a balance is made from at least one layer")
 }
 
 /// Adds the adapter gradients of one layer to `grads`, from `offset` on.

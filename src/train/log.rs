@@ -41,6 +41,11 @@ pub struct LogEntry {
     /// A preference run's metrics, under TRL's names (none for SFT).
     #[serde(flatten)]
     pub preference: PreferenceLog,
+    /// The routers' load-balancing loss (unscaled by its coefficient; part of `loss`), the
+    /// mean over the micro-batches since the previous entry, as ms-swift logs `aux_loss`; only
+    /// when `train.router_aux_loss_coef` turns it on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aux_loss: Option<f64>,
 }
 
 /// TRL's metrics of a preference run, each the mean over the micro-batches of the logged steps
@@ -168,6 +173,9 @@ impl RunLog {
             tb.add_scalar("train/memory_gib", entry.memory_gib as f32, step);
             if let Some(eval) = entry.eval_loss {
                 tb.add_scalar("eval/loss", eval as f32, step);
+            }
+            if let Some(aux) = entry.aux_loss {
+                tb.add_scalar("train/aux_loss", aux as f32, step);
             }
             for (name, value) in entry.preference.named() {
                 tb.add_scalar(&format!("train/{name}"), value as f32, step);

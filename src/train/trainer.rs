@@ -157,6 +157,8 @@ impl<B: TrainBackend> Trainer<B> {
         };
         let t = &config.train;
         let mut grads = StepGrads::new(&model, t.seed, t.gradient_checkpointing, device);
+        grads.router_aux_loss_coef =
+            Some(t.router_aux_loss_coef).filter(|&c| c > 0.0 && model.has_routers());
         if let Some(rlhf) = &config.rlhf {
             let objective = objective(rlhf);
             let reference = match objective.needs_reference() {
@@ -384,6 +386,16 @@ impl<B: TrainBackend> Trainer<B> {
         };
         let state = &mut self.state;
         let step = state.global_step;
+        // `StepGrads::compute`'s layout: the preference metrics, then the load-balancing loss.
+        let (preference, aux_loss) = match self.grads.router_aux_loss_coef {
+            Some(_) => {
+                let (preference, aux) = state.unlogged_metrics.split_at(
+                    state.unlogged_metrics.len().saturating_sub(2),
+                );
+                (preference, aux.first().map(|sum| sum / aux[1].max(1.0)))
+            }
+            None => (&state.unlogged_metrics[..], None),
+        };
         let entry = LogEntry {
             step,
             epoch: state.epoch,
@@ -395,7 +407,8 @@ impl<B: TrainBackend> Trainer<B> {
             elapsed_s: state.elapsed_s,
             eta_s: clock.per_step(step) * (state.max_steps - step) as f64,
             eval_loss,
-            preference: PreferenceLog::from_sums(&state.unlogged_metrics),
+            preference: PreferenceLog::from_sums(preference),
+            aux_loss,
         };
         log.write(&entry)?;
         state.log_history.push(entry.clone());

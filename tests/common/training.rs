@@ -135,6 +135,15 @@ pub fn check_trace(reports: &[StepReport], want: &Value, tol: f64) {
             "step {}: grad norm {got_norm} vs {norm}",
             r.step
         );
+        let logged_aux = r.logged.as_ref().and_then(|entry| entry.aux_loss);
+        match (w.get("aux_loss").and_then(Value::as_f64), logged_aux) {
+            (Some(aux), Some(got)) => assert!(
+                (got - aux).abs() < tol,
+                "step {}: aux_loss {got} vs {aux}",
+                r.step
+            ),
+            (want, got) => assert_eq!(want, got, "step {}: aux_loss", r.step),
+        }
     }
 }
 
@@ -226,6 +235,16 @@ impl Case<'_> {
         one_sgd_step(&mut c, batch, accum);
         c.train.gradient_checkpointing = checkpointing;
         self.check(c, on, &format!("sgd_{batch}x{accum}"), [1e-5, 2e-5]);
+    }
+
+    /// One SGD step 2 x 2 with the routers' load-balancing loss at router_aux_loss_coef 0.5.
+    fn aux_sgd(&self, on: &On<impl TrainBackend>, checkpointing: bool) {
+        let out = tempfile::tempdir().unwrap();
+        let mut c = self.config(out.path());
+        one_sgd_step(&mut c, 2, 2);
+        c.train.gradient_checkpointing = checkpointing;
+        c.train.router_aux_loss_coef = 0.5;
+        self.check(c, on, "aux_sgd_2x2", [1e-5, 2e-5]);
     }
 
     fn adamw(&self, on: &On<impl TrainBackend>) {
@@ -326,6 +345,12 @@ pub fn moe_steps_equal_pytorch_peft<B: TrainBackend>(on: &On<B>) {
         };
         case.sgd(on, 2, 2, true);
         case.adamw(on);
+        if !adapter.contains("experts") {
+            // The load-balancing loss joins: its gradient reaches the hidden states through
+            // every sparse layer's router probabilities (one graph, or each recomputed layer).
+            case.aux_sgd(on, true);
+            case.aux_sgd(on, false);
+        }
     }
 }
 

@@ -378,6 +378,11 @@ pub struct TrainSection {
     pub adam_eps: f64,
     /// 0 disables clipping.
     pub max_grad_norm: f64,
+    /// The weight of the routers' load-balancing loss in a mixture-of-experts model's training
+    /// loss (ms-swift's flag; transformers' `router_aux_loss_coef` with
+    /// `output_router_logits`): 0 leaves it out, as ms-swift does by default. No effect on a
+    /// dense model.
+    pub router_aux_loss_coef: f64,
     pub gradient_checkpointing: bool,
     pub seed: u64,
     pub logging_steps: usize,
@@ -408,6 +413,7 @@ impl Default for TrainSection {
             adam_beta2: 0.95,
             adam_eps: 1e-8,
             max_grad_norm: 1.0,
+            router_aux_loss_coef: 0.0,
             gradient_checkpointing: true,
             seed: 42,
             logging_steps: 5,
@@ -597,6 +603,12 @@ impl TrainConfig {
                 t.max_grad_norm,
                 t.max_grad_norm >= 0.0,
                 "at least 0 (0: no clipping)",
+            ),
+            (
+                "train.router_aux_loss_coef",
+                t.router_aux_loss_coef,
+                t.router_aux_loss_coef >= 0.0 && t.router_aux_loss_coef.is_finite(),
+                "a number at least 0 (0: no load-balancing loss)",
             ),
             (
                 "lora.dropout",

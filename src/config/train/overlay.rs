@@ -60,6 +60,7 @@ pub(super) const ALIASES: &[(&str, &str, &str)] = &[
     ("adam_beta2", "train", "adam_beta2"),
     ("adam_epsilon", "train", "adam_eps"),
     ("max_grad_norm", "train", "max_grad_norm"),
+    ("router_aux_loss_coef", "train", "router_aux_loss_coef"),
     ("gradient_checkpointing", "train", "gradient_checkpointing"),
     ("seed", "train", "seed"),
     ("logging_steps", "train", "logging_steps"),

@@ -39,13 +39,15 @@ What it writes, under tests/fixtures/ (the tokenizer of scripts/gen_fixtures.py)
                         gate_up_proj and down_proj: two nested ParamWrappers) and q/v_proj, r 2,
                         with gate_up_proj at r 4 and alpha 8 by rank_pattern / alpha_pattern, as
                         PEFT's own all-linear writes them for this model
+  adapters/qwen3_moe_router_lora/  PEFT's LoRA (r 4) on the router's weight (`target_parameters`
+                        gate.weight) and q/o_proj; its lora_B tells the twins apart
   adapters/qwen3_5_moe_experts_lora/  PEFT's LoRA (r 4) on the experts' down_proj alone (one
                         ParamWrapper) and the shared expert's down_proj, expected/ f32 and
                         logits_nf4
   models/qwen3_moe/expected/generation.json  transformers' greedy `generate` (10 new tokens
                         after two fixture rows) on the three models, with each adapter, and on
                         qwen3_5_moe_lora's NF4 base
-  training/qwen3_moe_*, qwen3_5_moe_* (and *_experts_* from the experts' adapters)  optimizer steps of PyTorch + PEFT from each
+  training/qwen3_moe_*, qwen3_5_moe_* (and *_experts_*, *_router_* from those adapters)  optimizer steps of PyTorch + PEFT from each
                         model's adapter above, as gen_fixtures.py's make_training computes them,
                         on training/qwen3_5_rows.jsonl: one SGD step (lr 1, weight decay 0.1),
                         batch 2 x accum 2 (`_sgd_2x2`), three AdamW steps (`_adamw`, batch 2,
@@ -330,13 +332,17 @@ def make_training() -> None:
     for base, adapter, prefix in [("qwen3_moe", "qwen3_moe_lora", "qwen3_moe"),
                                   ("qwen3_5_moe", "qwen3_5_moe_lora", "qwen3_5_moe"),
                                   ("qwen3_moe", "qwen3_moe_experts_lora", "qwen3_moe_experts"),
-                                  ("qwen3_5_moe", "qwen3_5_moe_experts_lora", "qwen3_5_moe_experts")]:
+                                  ("qwen3_5_moe", "qwen3_5_moe_experts_lora", "qwen3_5_moe_experts"),
+                                  ("qwen3_moe", "qwen3_moe_router_lora", "qwen3_moe_router")]:
         traces = {}
         state, traces["sgd_2x2"] = run(base, adapter, 2, 2, 1, sgd, 0.0)
         save_file(state, str(out / f"{prefix}_sgd_2x2.safetensors"))
-        state, traces["adamw"] = run(base, adapter, 2, 1, 3, adamw, 0.5)
-        assert all(t["grad_norm"] > 0.5 for t in traces["adamw"]), "clipping must engage"
-        save_file(state, str(out / f"{prefix}_adamw.safetensors"))
+        if adapter != "qwen3_moe_router_lora":
+            # (Trained routers move tokens to within 1e-5 of the top-k boundary by the third
+            # AdamW step, where the choice turns on rounding: the router's case is SGD's.)
+            state, traces["adamw"] = run(base, adapter, 2, 1, 3, adamw, 0.5)
+            assert all(t["grad_norm"] > 0.5 for t in traces["adamw"]), "clipping must engage"
+            save_file(state, str(out / f"{prefix}_adamw.safetensors"))
         if adapter.endswith("_moe_lora"):
             # The load-balancing loss, at a weight large enough to move the step visibly.
             state, traces["aux_sgd_2x2"] = run(base, adapter, 2, 2, 1, sgd, 0.0, 0.5)
@@ -367,6 +373,12 @@ def make_expert_adapters() -> None:
                  lora_alpha=4, target_modules=["q_proj", "v_proj"],
                  target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
                  rank_pattern={r".*\.gate_up_proj": 4}, alpha_pattern={r".*\.gate_up_proj": 8})
+    # The router's weight as PEFT 0.21 adapts it (its all-linear on this model names it too).
+    # Its random lora_B parts the twins' scores, so no token ties: once trained (the twin that
+    # takes the tokens learns apart), a tie would turn on rounding.
+    make_adapter("qwen3_moe_router_lora", "qwen3_moe", 39, {"logits": torch.float32}, None, r=4,
+                 lora_alpha=8, target_modules=["q_proj", "o_proj"],
+                 target_parameters=["gate.weight"])
     make_adapter("qwen3_5_moe_experts_lora", "qwen3_5_moe", 37,
                  {"logits": torch.float32, "logits_nf4": NF4}, (4, 5), r=4, lora_alpha=8,
                  target_modules=["shared_expert.down_proj"],

@@ -779,6 +779,8 @@ fn routed_experts_train_from_scratch_when_target_parameters_name_them() {
             let (config, names) = adapter_of(&checkpoint);
             let written: Vec<&str> = params.split(' ').collect();
             assert_eq!(config["target_parameters"], serde_json::json!(written));
+            // Modules only: PEFT refuses to wrap the experts' module as a linear.
+            assert_eq!(config["target_modules"], serde_json::json!(["q_proj"]));
             for module in keys {
                 for part in ["lora_A", "lora_B"] {
                     let key = format!("base_model.model.{module}.{part}.weight");

@@ -14,7 +14,7 @@ use swift_rs::export::peft::{read_adapter, save_adapter};
 use swift_rs::model::{self, AdapterSource, CausalLm, LoadOptions, LoraPlan, ModelError};
 
 /// (adapter fixture, base model fixture)
-const ADAPTERS: [(&str, &str); 10] = [
+const ADAPTERS: [(&str, &str); 12] = [
     ("llama_qv", "llama"),
     ("qwen2_rslora", "qwen2_bf16"),
     ("qwen3_dora", "qwen3_f16"),
@@ -25,6 +25,9 @@ const ADAPTERS: [(&str, &str); 10] = [
     ("qwen3_5_moe_lora", "qwen3_5_moe"),
     // LoRA on the routed experts' stacks (PEFT's `target_parameters`).
     ("qwen3_moe_experts_lora", "qwen3_moe"),
+    ("qwen3_moe_router_lora", "qwen3_moe"),
+    // PEFT 0.17 on transformers 4.x: each expert three linears, the router a linear.
+    ("qwen3_moe_v4_lora", "qwen3_moe"),
     ("qwen3_5_moe_experts_lora", "qwen3_5_moe"),
 ];
 

@@ -186,8 +186,6 @@ pub struct HfConfig {
     pub mlp_only_layers: Option<Vec<usize>>,
     /// Qwen3.5-MoE: the expert every token takes, scaled by `sigmoid(shared_expert_gate(x))`.
     pub shared_expert_intermediate_size: Option<usize>,
-    pub router_aux_loss_coef: Option<f64>,
-    pub output_router_logits: Option<bool>,
     /// Set when the text settings were read from a vision-language checkpoint's `text_config`:
     /// its language model's tensors sit under `model.language_model`.
     #[serde(skip)]
@@ -335,9 +333,9 @@ pub struct Moe {
     pub norm_topk_prob: bool,
     /// Qwen3.5-MoE's shared expert's width (with its sigmoid gate); None in Qwen3-MoE.
     pub shared_expert_intermediate_size: Option<usize>,
-    /// The load-balancing loss's weight in the training loss, when `output_router_logits`.
-    pub router_aux_loss_coef: f64,
-    pub output_router_logits: bool,
+    /// The family existed in transformers 4.x, where each expert was three linears
+    /// (`experts.N.gate_proj`, `up_proj`, `down_proj`): adapters may name those (Qwen3-MoE).
+    pub v4_expert_linears: bool,
 }
 
 /// Sizes of Qwen3.5's Gated DeltaNet (`linear_*` in config.json).
@@ -577,8 +575,7 @@ impl HfConfig {
             norm_topk_prob: qwen3_5 || self.norm_topk_prob.unwrap_or(false),
             shared_expert_intermediate_size: qwen3_5
                 .then(|| self.shared_expert_intermediate_size.unwrap_or(512)),
-            router_aux_loss_coef: self.router_aux_loss_coef.unwrap_or(0.001),
-            output_router_logits: self.output_router_logits.unwrap_or(false),
+            v4_expert_linears: !qwen3_5,
         };
         let (e, k) = (moe.num_experts, moe.num_experts_per_tok);
         if k == 0 || k > e {
@@ -821,6 +818,34 @@ impl ModelConfig {
             .collect()
     }
 
+    /// `(module name, in features, out features)` of every sparse layer's router and, in a
+    /// family that had them, transformers 4.x's per-expert linears (`mlp.experts.N.gate_proj`,
+    /// `up_proj`, `down_proj`): modules an adapter takes only where `target_modules` names them
+    /// itself, and that the hub's per-expert checkpoints hold as linears.
+    pub fn routed_linears(&self) -> Vec<(String, usize, usize)> {
+        let Some(moe) = &self.moe else {
+            return Vec::new();
+        };
+        let (h, inter, n) = (self.hidden_size, moe.moe_intermediate_size, moe.num_experts);
+        let per_expert = if moe.v4_expert_linears { n } else { 0 };
+        let sparse = (0..self.num_hidden_layers).filter(|&i| self.layer_mlps[i] == MlpKind::Sparse);
+        sparse
+            .flat_map(|i| {
+                let mlp = format!("{}.mlp", self.layer_path(i));
+                let router = (format!("{mlp}.gate"), h, n);
+                let experts = (0..per_expert).flat_map(move |e| {
+                    let p = format!("{mlp}.experts.{e}");
+                    [
+                        (format!("{p}.gate_proj"), h, inter),
+                        (format!("{p}.up_proj"), h, inter),
+                        (format!("{p}.down_proj"), inter, h),
+                    ]
+                });
+                std::iter::once(router).chain(experts)
+            })
+            .collect()
+    }
+
     /// The module path of decoder layer `i` in the checkpoint (`model.layers.3`, or
     /// `model.language_model.layers.3` in a vision-language checkpoint).
     pub fn layer_path(&self, i: usize) -> String {
@@ -1004,7 +1029,7 @@ mod tests {
         let moe = c.moe.unwrap();
         assert_eq!((moe.num_experts, moe.num_experts_per_tok), (8, 2));
         assert!(!moe.norm_topk_prob && moe.shared_expert_intermediate_size.is_none());
-        assert_eq!(moe.router_aux_loss_coef, 0.001);
+        assert!(moe.v4_expert_linears);
         let names = |i| c.layer_linears(i).iter().map(|l| l.0).collect::<Vec<_>>();
         assert_eq!(names(1), SELF_ATTN_LINEARS);
         assert_eq!(names(0)[4..], MLP_LINEARS);

@@ -13,7 +13,7 @@ use safetensors::tensor::TensorView;
 use super::peft::read_adapter;
 use super::{ExportError, StagedDir};
 use crate::config::{Dtype, ModelConfig, COMPANION_FILES};
-use crate::lora::{Lora, Targets};
+use crate::lora::{peft_key, Lora, Targets, LORA_A};
 use crate::model::ModelBackend;
 use crate::model::{burn_dtype, read_lora, AdapterSource, Checkpoint, ModelError};
 
@@ -149,8 +149,15 @@ impl<B: ModelBackend> MergedWeights<B> {
                 return Err(adapter_error(adapter_dir, vec![why]));
             }
             let targets = Targets::of(lora).map_err(|e| adapter_error(adapter_dir, vec![e]))?;
-            for (name, n_in, n_out) in config.adaptable_linears() {
-                if targets.matches(&name) {
+            let linears = config.adaptable_linears().into_iter().map(|l| (l, false));
+            let routed = config.routed_linears().into_iter().map(|l| (l, true));
+            for ((name, n_in, n_out), routed) in linears.chain(routed) {
+                // As the model builds them (`Builder::router`, `per_expert_adapters`).
+                let targeted = match routed {
+                    true => targets.names(&name) && adapter.contains(&peft_key(&name, LORA_A)),
+                    false => targets.matches(&name),
+                };
+                if targeted {
                     let update = read_lora(&mut adapter, lora, &name, [n_in, n_out], device);
                     deltas.insert(format!("{name}.weight"), (update, [n_out, n_in]));
                 }
@@ -159,6 +166,18 @@ impl<B: ModelBackend> MergedWeights<B> {
                 adapter.problems().iter().map(ToString::to_string).collect();
             if deltas.is_empty() {
                 problems.push(lora.matches_nothing());
+            }
+            let base = Checkpoint::open(model_dir, Dtype::F32).map_err(ModelError::from)?;
+            let mut unheld: Vec<&String> = deltas.keys().filter(|k| !base.contains(k)).collect();
+            unheld.sort();
+            if let Some(key) = unheld.first() {
+                // The experts of transformers 5's fused layout are one tensor a stack.
+                problems.push(format!(
+                    "{key}: the base checkpoint has no such tensor ({} of the adapter's updates \
+                     are to per-expert linears it holds fused): merging them into fused experts \
+                     is not supported yet",
+                    unheld.len()
+                ));
             }
             if !problems.is_empty() {
                 return Err(adapter_error(adapter_dir, problems));

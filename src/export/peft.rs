@@ -11,7 +11,7 @@ use safetensors::tensor::TensorView;
 
 use super::{ExportError, StagedDir};
 use crate::config::{Dtype, LoraConfig, TargetModules};
-use crate::lora::{peft_key, LORA_A, LORA_B, MAGNITUDE};
+use crate::lora::{peft_key, Targets, LORA_A, LORA_B, MAGNITUDE};
 use crate::model::{AdapterSource, CausalLm, Checkpoint, LoraPlan};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -64,15 +64,32 @@ pub fn save_adapter<B: Backend>(
 
 /// The files of a PEFT adapter directory, by name: `adapter_config.json` and
 /// `adapter_model.safetensors`. `target_modules` is written as PEFT writes it after resolving
-/// "all-linear": the set of module suffixes that carry adapters (a regex is kept as given).
+/// "all-linear": the set of suffixes of the linear modules that carry adapters (a regex is kept
+/// as given); adapters on parameters (`target_parameters`) are not modules PEFT could wrap.
 pub fn adapter_files<B: Backend>(
     model: &CausalLm<B>,
     config: &LoraConfig,
 ) -> Result<Vec<(&'static str, Vec<u8>)>, ExportError> {
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    let mut suffixes = BTreeSet::new();
+    let targets = Targets::of(config).map_err(|e| ExportError::Invalid {
+        path: CONFIG_FILE.into(),
+        reason: e,
+    })?;
+    let mut modules: Vec<String> = model
+        .lora_linears()
+        .into_iter()
+        .filter(|(_, l)| l.adapter.is_some())
+        .map(|(name, _)| name)
+        .collect();
+    // The router and transformers 4.x's per-expert linears, when adapted as modules.
+    modules.extend(model.named_adapters().map(|(name, _)| name).filter(|name| {
+        targets.names(name) && !targets.matches_parameter(&format!("{name}.weight"))
+    }));
+    let suffixes: BTreeSet<String> = modules
+        .iter()
+        .map(|name| name.rsplit('.').next().unwrap_or(name).to_string())
+        .collect();
     for (name, l) in model.named_adapters() {
-        suffixes.insert(name.rsplit('.').next().unwrap_or(&name).to_string());
         let key = |part: &str| peft_key(&name, part);
         // Burn keeps [in, r] / [r, out]; PEFT's files hold the transposes.
         tensors.push(f32_entry(key(LORA_A), l.lora_a.val().transpose()));

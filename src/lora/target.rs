@@ -81,6 +81,13 @@ impl Targets {
         self.include.matches(name) && !self.exclude.as_ref().is_some_and(|e| e.matches(name))
     }
 
+    /// Whether `target_modules` names the module `name` itself: as `matches`, but `all-linear`
+    /// names no module this asks about (the router and transformers 4.x's per-expert linears,
+    /// which ms-swift's all-linear leaves out).
+    pub fn names(&self, name: &str) -> bool {
+        !matches!(self.include, Matcher::AllLinear) && self.matches(name)
+    }
+
     /// Whether the parameter `name` (`model.layers.0.mlp.experts.down_proj`) gets an adapter of
     /// its own: it equals a `target_parameters` entry or ends with `.entry`, as PEFT matches them.
     pub fn matches_parameter(&self, name: &str) -> bool {

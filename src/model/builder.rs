@@ -7,7 +7,7 @@ use burn::tensor::{DType, Tensor};
 
 use super::frozen;
 use super::load::Checkpoint;
-use super::moe::ExpertWeights;
+use super::moe::{ExpertLinears, ExpertWeights, EXPERT_LINEARS};
 use crate::config::{LoraConfig, Nf4Config};
 use crate::lora::{peft_key, BaseLinear, Lora, LoraLinear, Targets, LORA_A, LORA_B, MAGNITUDE};
 use crate::quant::Nf4Linear;
@@ -165,6 +165,70 @@ impl<'a, B: Backend> Builder<'a, B> {
             adapter,
             served: Vec::new(),
         }
+    }
+
+    /// The router `name` (`mlp.gate`), dense even for QLoRA (transformers 5's router is no
+    /// linear module, so bitsandbytes leaves it alone). Adapted only when `target_modules` names
+    /// it itself, as PEFT did on transformers 4.x where it was a linear, or `target_parameters`
+    /// names its weight (PEFT 0.21); `all-linear` leaves it out, as ms-swift's does.
+    pub fn router(&mut self, name: &str, n_in: usize, n_out: usize) -> LoraLinear<B> {
+        let base = BaseLinear::Dense(self.plain_linear(name, n_in, n_out, false));
+        let targeted = self.lora.as_ref().is_some_and(|(_, t, _)| {
+            t.names(name) || t.matches_parameter(&format!("{name}.weight"))
+        });
+        let adapter = targeted
+            .then(|| self.adapter(name, name, [n_in, n_out], 1))
+            .flatten();
+        LoraLinear {
+            base,
+            adapter,
+            served: Vec::new(),
+        }
+    }
+
+    /// The adapters of transformers 4.x's per-expert linears under `experts` (`experts.N.gate_proj`
+    /// `[hidden, inter]`, `up_proj`, `down_proj` `[inter, hidden]`) that `target_modules` names
+    /// itself (`all-linear` names none, as in ms-swift): on a family that had them (`v4`), and
+    /// from a file only when it holds them (PEFT 0.21 on transformers 5 lists the dense layers'
+    /// `gate_proj` in target_modules too, and writes the experts' adapters fused). Empty when
+    /// none is adapted.
+    pub fn per_expert_adapters(
+        &mut self,
+        experts: &str,
+        n_experts: usize,
+        [h, inter]: [usize; 2],
+        v4: bool,
+    ) -> Vec<ExpertLinears<B>> {
+        let named = |b: &Self, part: &str| {
+            let name = format!("{experts}.0.{part}");
+            b.lora.as_ref().is_some_and(|(_, t, source)| {
+                let held = match source {
+                    AdapterSource::Init { .. } => true,
+                    AdapterSource::Weights(w) => w.contains(&peft_key(&name, LORA_A)),
+                };
+                t.names(&name) && held
+            })
+        };
+        if !v4 || !EXPERT_LINEARS.iter().any(|part| named(self, part)) {
+            return Vec::new();
+        }
+        let dims = [[h, inter], [h, inter], [inter, h]];
+        (0..n_experts)
+            .map(|e| {
+                let [gate_proj, up_proj, down_proj] = std::array::from_fn(|k| {
+                    let name = format!("{experts}.{e}.{}", EXPERT_LINEARS[k]);
+                    let targeted = self.lora.as_ref().is_some_and(|(_, t, _)| t.names(&name));
+                    targeted
+                        .then(|| self.adapter(&name, &name, dims[k], 1))
+                        .flatten()
+                });
+                ExpertLinears {
+                    gate_proj,
+                    up_proj,
+                    down_proj,
+                }
+            })
+            .collect()
     }
 
     /// PEFT's adapter on the stacked experts' parameter `param` (`[experts, ..]`, each expert

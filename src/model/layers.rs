@@ -280,26 +280,12 @@ impl<B: Backend> FeedForward<B> {
 
     /// The linears' adapters in `linears` order, then the experts'.
     fn adapter_slots_mut(&mut self) -> Vec<&mut Option<Lora<B>>> {
-        fn slots<B: Backend>(m: &mut Mlp<B>) -> [&mut LoraLinear<B>; 3] {
-            [&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]
-        }
         match self {
-            Self::Dense(m) => slots(m).into_iter().map(|l| &mut l.adapter).collect(),
-            Self::Sparse(moe) => {
-                let SparseMoeBlock {
-                    shared_expert,
-                    shared_expert_gate,
-                    experts,
-                    ..
-                } = moe;
-                let mut out = Vec::new();
-                if let (Some(m), Some(gate)) = (shared_expert, shared_expert_gate) {
-                    let linears = slots(m).into_iter().chain([gate]);
-                    out.extend(linears.map(|l| &mut l.adapter));
-                }
-                out.extend(experts.adapters_mut());
-                out
-            }
+            Self::Dense(m) => [&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]
+                .into_iter()
+                .map(|l| &mut l.adapter)
+                .collect(),
+            Self::Sparse(moe) => moe.adapter_slots_mut(),
         }
     }
 
@@ -383,12 +369,12 @@ impl<B: Backend> DecoderLayer<B> {
         out
     }
 
-    /// The adapters on the routed experts' stacks (`target_parameters`) with their module paths
-    /// in the layer (`mlp.experts`, `mlp.experts.base_layer`); none on a dense layer.
+    /// The adapters on the router and the routed experts with their module paths in the layer
+    /// (`mlp.gate`, `mlp.experts`, `mlp.experts.base_layer`, `mlp.experts.N.gate_proj`, ...);
+    /// none on a dense layer.
     pub fn expert_adapters(&self) -> Vec<(String, &Lora<B>)> {
         match &self.mlp {
             FeedForward::Sparse(moe) => moe
-                .experts
                 .adapters()
                 .into_iter()
                 .map(|(name, l)| (format!("mlp.{name}"), l))

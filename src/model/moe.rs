@@ -14,7 +14,6 @@
 //! files): `TokenMask`, `RouterStats` and `Balance`.
 
 use burn::module::{Module, Param};
-use burn::nn::Linear;
 use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData};
@@ -25,13 +24,14 @@ use super::gated_delta_net::in_f32;
 use super::layers::Mlp;
 use crate::config::{ModelConfig, Moe};
 use crate::lora::{Lora, LoraLinear, RowAdapters};
-use crate::ops::{base_linear, swiglu, ModelBackend};
+use crate::ops::{swiglu, ModelBackend};
 use crate::quant::Nf4Linear;
 
 #[derive(Module, Debug)]
 pub struct SparseMoeBlock<B: Backend> {
     /// The router (`Qwen3MoeTopKRouter.weight`), frozen: its softmax picks each token's experts.
-    pub gate: Linear<B>, // [hidden, experts]
+    /// Its adapter only when asked by name (`Builder::router`).
+    pub gate: LoraLinear<B>, // [hidden, experts]
     pub experts: Experts<B>,
     /// Qwen3.5-MoE only.
     pub shared_expert: Option<Mlp<B>>,
@@ -51,8 +51,22 @@ pub struct Experts<B: Backend> {
     /// files hold them (`Builder::expert_adapter`).
     pub gate_up_proj_lora: Option<Lora<B>>,
     pub down_proj_lora: Option<Lora<B>>,
+    /// The adapters of transformers 4.x's per-expert linears (`experts.N.gate_proj`, ...), as
+    /// PEFT wrote them there: one entry an expert, empty unless `target_modules` names them.
+    pub per_expert: Vec<ExpertLinears<B>>,
     pub num_experts: usize,
 }
+
+/// One expert's adapters in transformers 4.x's layout, where each expert was three linears.
+#[derive(Module, Debug)]
+pub struct ExpertLinears<B: Backend> {
+    pub gate_proj: Option<Lora<B>>,
+    pub up_proj: Option<Lora<B>>,
+    pub down_proj: Option<Lora<B>>,
+}
+
+/// The linears of an expert in transformers 4.x, in `ExpertLinears` order.
+pub const EXPERT_LINEARS: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
 
 /// A stack of experts' weights: dense in Burn's `[experts, in, out]`, or (QLoRA) each expert's
 /// `[out, in]` in NF4, dequantized when that expert is used, so that at most one expert's
@@ -90,7 +104,7 @@ impl<B: ModelBackend> ExpertWeights<B> {
 impl<B: Backend> SparseMoeBlock<B> {
     pub(super) fn load(cfg: &ModelConfig, moe: &Moe, p: &str, b: &mut Builder<B>) -> Self {
         let (h, e, inter) = (cfg.hidden_size, moe.num_experts, moe.moe_intermediate_size);
-        let gate = b.plain_linear(&format!("{p}.gate"), h, e, false);
+        let gate = b.router(&format!("{p}.gate"), h, e);
         let experts = format!("{p}.experts");
         let gate_up = ["gate_proj", "up_proj"];
         // PEFT wraps the module once per targeted parameter, in the module's parameter order:
@@ -107,6 +121,7 @@ impl<B: Backend> SparseMoeBlock<B> {
             down_proj: b.experts(&experts, "down_proj", &["down_proj"], [e, h, inter]),
             gate_up_proj_lora: b.expert_adapter(&inner, &gate_up_key, [h, 2 * inter], e),
             down_proj_lora: b.expert_adapter(&experts, &down_key, [inter, h], e),
+            per_expert: b.per_expert_adapters(&experts, e, [h, inter], moe.v4_expert_linears),
             num_experts: e,
         };
         let shared = moe.shared_expert_intermediate_size;
@@ -134,7 +149,8 @@ impl<B: ModelBackend> SparseMoeBlock<B> {
     ) -> (Tensor<B, 3>, Option<RouterStats<B>>) {
         let [b, s, h] = x.dims();
         let flat = x.clone().reshape([b * s, h]);
-        let logits = base_linear(flat.clone(), self.gate.weight.val(), None); // [n, experts]
+        let logits = self.gate.forward_rows(x.clone(), adapters); // [b, s, experts]
+        let logits = logits.reshape([b * s, self.experts.num_experts]);
         let probs = softmax(logits.clone().cast(DType::F32), 1); // [n, experts]
         let routing = Routing::top_k(&probs, self.top_k);
         let stats = tokens.map(|t| RouterStats::new(&routing, &probs, t));
@@ -193,10 +209,21 @@ impl<B: ModelBackend> Experts<B> {
             let gu = expert_rows
                 .clone()
                 .matmul(self.gate_up_proj.expert(e, dtype));
-            let gu = self.adapted(self.gate_up_proj_lora.as_ref(), e, expert_rows, gu); // [count, 2 * inter]
-            let act = swiglu(gu.clone().narrow(1, 0, inter), gu.narrow(1, inter, inter));
+            let gu = self.adapted(self.gate_up_proj_lora.as_ref(), e, expert_rows.clone(), gu); // [count, 2 * inter]
+            let (mut gate, mut up) = (gu.clone().narrow(1, 0, inter), gu.narrow(1, inter, inter));
+            let linears = self.per_expert.get(e);
+            if let Some(l) = linears {
+                gate = with_update(l.gate_proj.as_ref(), expert_rows.clone(), gate);
+                up = with_update(l.up_proj.as_ref(), expert_rows, up);
+            }
+            let act = swiglu(gate, up);
             let down = act.clone().matmul(self.down_proj.expert(e, dtype));
-            outs.push(self.adapted(self.down_proj_lora.as_ref(), e, act, down)); // [count, hidden]
+            let down = self.adapted(self.down_proj_lora.as_ref(), e, act.clone(), down);
+            let down = match linears {
+                Some(l) => with_update(l.down_proj.as_ref(), act, down),
+                None => down,
+            };
+            outs.push(down); // [count, hidden]
             start += count;
         }
         let out = Tensor::cat(outs, 0); // [tokens * top_k, hidden]
@@ -233,25 +260,75 @@ impl<B: ModelBackend> Experts<B> {
     }
 }
 
-impl<B: Backend> Experts<B> {
-    /// The adapters on the stacks with the module names PEFT's keys give them under the
-    /// block (`experts`, and `experts.base_layer` for the first of two), in the trainable
-    /// tensors' order.
-    pub fn adapters(&self) -> Vec<(&'static str, &Lora<B>)> {
-        let both = self.gate_up_proj_lora.is_some() && self.down_proj_lora.is_some();
+/// `base` plus the update of one expert's own adapter (transformers 4.x's per-expert linear),
+/// as `LoraLinear` adds one: `s * B(A(dropout(x)))` in f32, cast back.
+fn with_update<B: ModelBackend>(
+    lora: Option<&Lora<B>>,
+    x: Tensor<B, 2>,
+    base: Tensor<B, 2>,
+) -> Tensor<B, 2> {
+    let Some(l) = lora else { return base };
+    let dtype = base.dtype();
+    let x = l.dropout.forward(x.cast(DType::F32));
+    let update = (x.matmul(l.lora_a.val()) * l.scaling).matmul(l.lora_b.val());
+    (base.cast(DType::F32) + update).cast(dtype)
+}
+
+impl<B: Backend> SparseMoeBlock<B> {
+    /// The router's and the experts' adapters with the module names PEFT's keys give them
+    /// under the block (`gate`; `experts`, and `experts.base_layer` for the first of two;
+    /// `experts.N.gate_proj`, ...), in the trainable tensors' order.
+    pub fn adapters(&self) -> Vec<(String, &Lora<B>)> {
+        let x = &self.experts;
+        let both = x.gate_up_proj_lora.is_some() && x.down_proj_lora.is_some();
         let inner = if both {
             "experts.base_layer"
         } else {
             "experts"
         };
-        let gate_up = self.gate_up_proj_lora.as_ref().map(|l| (inner, l));
-        let down = self.down_proj_lora.as_ref().map(|l| ("experts", l));
-        gate_up.into_iter().chain(down).collect()
+        let router = self.gate.adapter.as_ref().map(|l| ("gate".to_string(), l));
+        let gate_up = x.gate_up_proj_lora.as_ref().map(|l| (inner.to_string(), l));
+        let down = x
+            .down_proj_lora
+            .as_ref()
+            .map(|l| ("experts".to_string(), l));
+        let per_expert = x.per_expert.iter().enumerate().flat_map(|(e, linears)| {
+            let parts = [&linears.gate_proj, &linears.up_proj, &linears.down_proj];
+            EXPERT_LINEARS
+                .into_iter()
+                .zip(parts)
+                .filter_map(move |(name, l)| Some((format!("experts.{e}.{name}"), l.as_ref()?)))
+        });
+        router
+            .into_iter()
+            .chain(gate_up)
+            .chain(down)
+            .chain(per_expert)
+            .collect()
     }
 
-    /// As `adapters`, to update or drop them.
-    pub fn adapters_mut(&mut self) -> [&mut Option<Lora<B>>; 2] {
-        [&mut self.gate_up_proj_lora, &mut self.down_proj_lora]
+    /// Where every adapter of the block is (or could be), to update or drop them: the shared
+    /// expert's linears' (as `FeedForward` lists them), then `adapters`' in its order.
+    pub fn adapter_slots_mut(&mut self) -> Vec<&mut Option<Lora<B>>> {
+        let mut out = Vec::new();
+        if let (Some(m), Some(gate)) = (&mut self.shared_expert, &mut self.shared_expert_gate) {
+            let linears = [&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj, gate];
+            out.extend(linears.map(|l| &mut l.adapter));
+        }
+        let x = &mut self.experts;
+        out.extend([
+            &mut self.gate.adapter,
+            &mut x.gate_up_proj_lora,
+            &mut x.down_proj_lora,
+        ]);
+        for linears in &mut x.per_expert {
+            out.extend([
+                &mut linears.gate_proj,
+                &mut linears.up_proj,
+                &mut linears.down_proj,
+            ]);
+        }
+        out
     }
 }
 

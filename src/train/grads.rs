@@ -13,8 +13,7 @@ use super::preference::{kto_loss, Metrics, Objective, PairLogps, Unpaired};
 use crate::data::dataset::{collate, kl_rows, TrainRow};
 use crate::model::loss::{sequence_logps, token_losses, LossTargets};
 use crate::model::{
-    sum, Balance, Batch, CausalLm, DecoderLayer, RouterStats, TokenMask, TrainBackend,
-    IGNORE_INDEX,
+    sum, Balance, Batch, CausalLm, DecoderLayer, RouterStats, TokenMask, TrainBackend, IGNORE_INDEX,
 };
 
 /// One gradient per trainable tensor, in `flat_params`'s order; None where the backward pass did
@@ -565,10 +564,7 @@ impl<B: TrainBackend> StepGrads<B> {
 
 /// The load-balancing loss of micro-batch `m` from its layers' router statistics, and its factor
 /// in the step's loss; none when it is off or the model has no sparse layer.
-fn balanced<B: TrainBackend>(
-    m: &Micro<B>,
-    stats: &[RouterStats<B>],
-) -> Option<(Balance<B>, f64)> {
+fn balanced<B: TrainBackend>(m: &Micro<B>, stats: &[RouterStats<B>]) -> Option<(Balance<B>, f64)> {
     let (tokens, factor) = m.balance.as_ref()?;
     let stats: Vec<&RouterStats<B>> = stats.iter().collect();
     Some((Balance::new(&stats, tokens.clone())?, *factor))

@@ -389,9 +389,9 @@ impl<B: TrainBackend> Trainer<B> {
         // `StepGrads::compute`'s layout: the preference metrics, then the load-balancing loss.
         let (preference, aux_loss) = match self.grads.router_aux_loss_coef {
             Some(_) => {
-                let (preference, aux) = state.unlogged_metrics.split_at(
-                    state.unlogged_metrics.len().saturating_sub(2),
-                );
+                let (preference, aux) = state
+                    .unlogged_metrics
+                    .split_at(state.unlogged_metrics.len().saturating_sub(2));
                 (preference, aux.first().map(|sum| sum / aux[1].max(1.0)))
             }
             None => (&state.unlogged_metrics[..], None),

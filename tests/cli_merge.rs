@@ -38,6 +38,8 @@ fn merged_models_compute_what_the_adapters_compute() {
         ("qwen3_5_text_dora", "qwen3_5_text"),
         ("qwen3_moe_lora", "qwen3_moe"),
         ("qwen3_5_moe_lora", "qwen3_5_moe"),
+        // transformers 4.x's per-expert linears and the router, each merged as a linear.
+        ("qwen3_moe_v4_lora", "qwen3_moe"),
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("merged");

@@ -802,6 +802,68 @@ fn routed_experts_train_from_scratch_when_target_parameters_name_them() {
     }
 }
 
+/// Naming transformers 4.x's per-expert linears and the router (`gate`) in target_modules adapts
+/// them as PEFT did there, on QLoRA too: trained, written under their v4 names, served; merging
+/// them into a checkpoint that holds its experts fused is refused, writing nothing.
+#[test]
+fn v4_expert_linears_and_the_router_train_from_scratch_when_named() {
+    let out = tempfile::tempdir().unwrap();
+    let model = root().join("tests/fixtures/models/qwen3_moe_fused");
+    for nf4 in [false, true] {
+        let run = out.path().join(format!("nf4-{nf4}"));
+        let line = format!(
+            "sft --model {} --dataset datasets/pretokenized_sample.jsonl#6 --max_steps 2 \
+             --per_device_train_batch_size 2 --template chatml \
+             --target_modules q_proj gate gate_proj up_proj down_proj --lora_dropout 0.05 \
+             --output_dir {} --add_version false",
+            model.display(),
+            run.display()
+        );
+        let extra = if nf4 { &["--quant_bits", "4"][..] } else { &[] };
+        let result = run_in_root(&args_of(&line, extra));
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(result.status.success(), "nf4 {nf4}: {stderr}");
+        let checkpoint = run.join("checkpoint-2");
+        let (config, names) = adapter_of(&checkpoint);
+        let modules = ["down_proj", "gate", "gate_proj", "q_proj", "up_proj"];
+        assert_eq!(config["target_modules"], serde_json::json!(modules));
+        // Layers 1 and 3 are sparse (decoder_sparse_step 2), each of 8 experts three linears.
+        for module in [
+            "model.layers.1.mlp.gate",
+            "model.layers.1.mlp.experts.0.gate_proj",
+            "model.layers.3.mlp.experts.7.down_proj",
+        ] {
+            let key = format!("base_model.model.{module}.lora_B.weight");
+            assert!(names.contains(&key), "nf4 {nf4}: no {key} in {names:?}");
+        }
+        let per_expert = names.iter().filter(|n| n.contains(".experts.")).count();
+        assert_eq!(per_expert, 2 * 8 * 3 * 2, "{names:?}");
+        let line = format!(
+            "infer --model {} --adapters {} --dtype f32 --prompt hi --max_new_tokens 2",
+            model.display(),
+            checkpoint.display()
+        );
+        let served = run_in_root(&args_of(&line, &[]));
+        let stderr = String::from_utf8_lossy(&served.stderr);
+        assert!(served.status.success(), "nf4 {nf4} infer: {stderr}");
+    }
+    let merged = out.path().join("merged");
+    let line = format!(
+        "merge --model {} --adapter {} --output {}",
+        model.display(),
+        out.path().join("nf4-false/checkpoint-2").display(),
+        merged.display()
+    );
+    let result = run_in_root(&args_of(&line, &[]));
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("into fused experts is not supported yet"),
+        "{stderr}"
+    );
+    assert!(!merged.exists());
+}
+
 /// `sft` of the fixture `model` with LoRA, rsLoRA and DoRA, each plain and on NF4 (packed), two
 /// steps each on all-linear: the checkpoint's adapter holds the `adapted` modules and none under
 /// `not_adapted`; `check` reads each run's stderr.

@@ -335,13 +335,16 @@ fn resuming_with_other_lora_settings_is_refused_naming_the_key() {
     // The same settings, "all-linear" included (the checkpoint lists the modules it resolved to).
     assert!(resumed(&|_| {}).is_none());
     type Edit<'a> = (&'a str, &'a dyn Fn(&mut TrainConfig));
-    let edits: [Edit; 4] = [
+    let edits: [Edit; 5] = [
         ("lora.r", &|c| c.lora.r *= 2),
         ("lora.alpha", &|c| c.lora.alpha += 1.0),
         ("lora.target_modules", &|c| {
             c.lora.target_modules = vec!["q_proj".into()]
         }),
         ("lora.use_dora", &|c| c.lora.use_dora = true),
+        ("lora.target_parameters", &|c| {
+            c.lora.target_parameters = vec!["mlp.experts.down_proj".into()]
+        }),
     ];
     for (key, edit) in edits {
         match resumed(edit) {

@@ -250,10 +250,15 @@ impl<B: ModelBackend> Experts<B> {
         let Some(l) = lora else { return base };
         let n = self.num_experts;
         let r = l.lora_a.dims()[1] / n;
-        let rows: Vec<i64> = (0..r).map(|j| (j * n + e) as i64).collect();
-        let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [r]), &x.device());
         let a = l.lora_a.val().narrow(1, e * r, r); // [in, r]
-        let b = l.lora_b.val().select(0, rows); // [r, out]
+        let [_, n_out] = l.lora_b.dims();
+        // B's rows `j * experts + e`: expert e's slice of B seen as [r, experts, out].
+        let b = l
+            .lora_b
+            .val()
+            .reshape([r, n, n_out])
+            .narrow(1, e, 1)
+            .reshape([r, n_out]);
         let dtype = base.dtype();
         let update = (x.cast(DType::F32).matmul(a) * l.scaling).matmul(b);
         (base.cast(DType::F32) + update).cast(dtype)

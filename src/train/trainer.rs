@@ -615,6 +615,12 @@ fn same_lora(
             .as_ref()
             .map_or_else(|| "none".into(), ToString::to_string)
     };
+    // PEFT writes target_parameters from a set: their order is not the config's.
+    let parameters = |c: &LoraConfig| {
+        let mut names = c.target_parameters.clone().unwrap_or_default();
+        names.sort();
+        json(&names)
+    };
     let differ = [
         ("lora.r", json(&saved.r), json(&config.r)),
         (
@@ -636,6 +642,11 @@ fn same_lora(
             "lora.use_dora",
             json(&saved.use_dora),
             json(&config.use_dora),
+        ),
+        (
+            "lora.target_parameters",
+            parameters(saved),
+            parameters(config),
         ),
     ]
     .into_iter()

@@ -862,6 +862,22 @@ fn v4_expert_linears_and_the_router_train_from_scratch_when_named() {
         "{stderr}"
     );
     assert!(!merged.exists());
+    // DoRA is refused on them, as PEFT 0.21 refuses it there, before training starts.
+    let run = out.path().join("dora");
+    let line = format!(
+        "sft --model {} --dataset datasets/pretokenized_sample.jsonl#6 --max_steps 2 \
+         --template chatml --target_modules q_proj gate_proj --use_dora true \
+         --output_dir {} --add_version false",
+        model.display(),
+        run.display()
+    );
+    let result = run_in_root(&args_of(&line, &[]));
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("model.layers.1.mlp.experts.0.gate_proj: DoRA is not supported"),
+        "{stderr}"
+    );
 }
 
 /// `sft` of the fixture `model` with LoRA, rsLoRA and DoRA, each plain and on NF4 (packed), two

@@ -13,9 +13,11 @@ use safetensors::tensor::TensorView;
 use super::peft::read_adapter;
 use super::{ExportError, StagedDir};
 use crate::config::{Dtype, ModelConfig, COMPANION_FILES};
-use crate::lora::{peft_key, Lora, Targets, LORA_A};
+use crate::lora::{Lora, Targets};
 use crate::model::ModelBackend;
-use crate::model::{burn_dtype, read_lora, AdapterSource, Checkpoint, ModelError};
+use crate::model::{
+    adapts_routed_module, burn_dtype, read_lora, AdapterSource, Checkpoint, ModelError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MergeError {
@@ -134,6 +136,7 @@ impl<B: ModelBackend> MergedWeights<B> {
         device: &B::Device,
     ) -> Result<Self, MergeError> {
         let mut deltas = HashMap::new();
+        let base = Checkpoint::open(model_dir, Dtype::F32).map_err(ModelError::from)?;
         if let Some(adapter_dir) = adapter_dir {
             let plan = read_adapter(adapter_dir)?;
             let AdapterSource::Weights(mut adapter) = plan.source else {
@@ -152,9 +155,8 @@ impl<B: ModelBackend> MergedWeights<B> {
             let linears = config.adaptable_linears().into_iter().map(|l| (l, false));
             let routed = config.routed_linears().into_iter().map(|l| (l, true));
             for ((name, n_in, n_out), routed) in linears.chain(routed) {
-                // As the model builds them (`Builder::router`, `per_expert_adapters`).
                 let targeted = match routed {
-                    true => targets.names(&name) && adapter.contains(&peft_key(&name, LORA_A)),
+                    true => adapts_routed_module(&targets, Some(&adapter), &name),
                     false => targets.matches(&name),
                 };
                 if targeted {
@@ -167,7 +169,6 @@ impl<B: ModelBackend> MergedWeights<B> {
             if deltas.is_empty() {
                 problems.push(lora.matches_nothing());
             }
-            let base = Checkpoint::open(model_dir, Dtype::F32).map_err(ModelError::from)?;
             let mut unheld: Vec<&String> = deltas.keys().filter(|k| !base.contains(k)).collect();
             unheld.sort();
             if let Some(key) = unheld.first() {
@@ -184,7 +185,7 @@ impl<B: ModelBackend> MergedWeights<B> {
             }
         }
         Ok(Self {
-            base: Checkpoint::open(model_dir, Dtype::F32).map_err(ModelError::from)?,
+            base,
             model_dir: model_dir.to_path_buf(),
             adapter_dir: adapter_dir.map(Path::to_path_buf),
             deltas,

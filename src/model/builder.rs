@@ -173,11 +173,14 @@ impl<'a, B: Backend> Builder<'a, B> {
     /// names its weight (PEFT 0.21); `all-linear` leaves it out, as ms-swift's does.
     pub fn router(&mut self, name: &str, n_in: usize, n_out: usize) -> LoraLinear<B> {
         let base = BaseLinear::Dense(self.plain_linear(name, n_in, n_out, false));
-        let targeted = self.lora.as_ref().is_some_and(|(_, t, _)| {
-            t.names(name) || t.matches_parameter(&format!("{name}.weight"))
-        });
+        let parameter = format!("{name}.weight");
+        let targeted = self.routed_module(name)
+            || self
+                .lora
+                .as_ref()
+                .is_some_and(|(_, t, _)| t.matches_parameter(&parameter));
         let adapter = targeted
-            .then(|| self.adapter(name, name, [n_in, n_out], 1))
+            .then(|| self.routed_adapter(name, [n_in, n_out]))
             .flatten();
         LoraLinear {
             base,
@@ -187,11 +190,8 @@ impl<'a, B: Backend> Builder<'a, B> {
     }
 
     /// The adapters of transformers 4.x's per-expert linears under `experts` (`experts.N.gate_proj`
-    /// `[hidden, inter]`, `up_proj`, `down_proj` `[inter, hidden]`) that `target_modules` names
-    /// itself (`all-linear` names none, as in ms-swift): on a family that had them (`v4`), and
-    /// from a file only when it holds them (PEFT 0.21 on transformers 5 lists the dense layers'
-    /// `gate_proj` in target_modules too, and writes the experts' adapters fused). Empty when
-    /// none is adapted.
+    /// `[hidden, inter]`, `up_proj`, `down_proj` `[inter, hidden]`), on a family that had them
+    /// (`v4`), where `routed_module` says so; empty when none is adapted.
     pub fn per_expert_adapters(
         &mut self,
         experts: &str,
@@ -199,27 +199,17 @@ impl<'a, B: Backend> Builder<'a, B> {
         [h, inter]: [usize; 2],
         v4: bool,
     ) -> Vec<ExpertLinears<B>> {
-        let named = |b: &Self, part: &str| {
-            let name = format!("{experts}.0.{part}");
-            b.lora.as_ref().is_some_and(|(_, t, source)| {
-                let held = match source {
-                    AdapterSource::Init { .. } => true,
-                    AdapterSource::Weights(w) => w.contains(&peft_key(&name, LORA_A)),
-                };
-                t.names(&name) && held
-            })
-        };
-        if !v4 || !EXPERT_LINEARS.iter().any(|part| named(self, part)) {
+        if !v4 {
             return Vec::new();
         }
         let dims = [[h, inter], [h, inter], [inter, h]];
-        (0..n_experts)
+        let linears: Vec<ExpertLinears<B>> = (0..n_experts)
             .map(|e| {
                 let [gate_proj, up_proj, down_proj] = std::array::from_fn(|k| {
                     let name = format!("{experts}.{e}.{}", EXPERT_LINEARS[k]);
-                    let targeted = self.lora.as_ref().is_some_and(|(_, t, _)| t.names(&name));
+                    let targeted = self.routed_module(&name);
                     targeted
-                        .then(|| self.adapter(&name, &name, dims[k], 1))
+                        .then(|| self.routed_adapter(&name, dims[k]))
                         .flatten()
                 });
                 ExpertLinears {
@@ -228,7 +218,40 @@ impl<'a, B: Backend> Builder<'a, B> {
                     down_proj,
                 }
             })
-            .collect()
+            .collect();
+        let none = |l: &ExpertLinears<B>| {
+            l.gate_proj.is_none() && l.up_proj.is_none() && l.down_proj.is_none()
+        };
+        match linears.iter().all(none) {
+            true => Vec::new(),
+            false => linears,
+        }
+    }
+
+    /// Whether the routed module `name` (the router, a transformers 4.x per-expert linear) takes
+    /// an adapter as a module (`adapts_routed_module`).
+    fn routed_module(&self, name: &str) -> bool {
+        self.lora.as_ref().is_some_and(|(_, t, source)| {
+            let weights = match source {
+                AdapterSource::Init { .. } => None,
+                AdapterSource::Weights(w) => Some(w),
+            };
+            adapts_routed_module(t, weights, name)
+        })
+    }
+
+    /// A routed module's adapter; DoRA is refused there, as PEFT 0.21 refuses it on the
+    /// parameters it turns these modules into.
+    fn routed_adapter(&mut self, name: &str, dims: [usize; 2]) -> Option<Lora<B>> {
+        if self.lora.as_ref().is_some_and(|(c, ..)| c.use_dora) {
+            self.problems.push(format!(
+                "{name}: DoRA is not supported on the router or the routed experts (PEFT 0.21 \
+                 refuses it there too); adapt them with LoRA or rsLoRA, or leave them out of \
+                 target_modules"
+            ));
+            return None;
+        }
+        self.adapter(name, name, dims, 1)
     }
 
     /// PEFT's adapter on the stacked experts' parameter `param` (`[experts, ..]`, each expert
@@ -306,6 +329,15 @@ impl<'a, B: Backend> Builder<'a, B> {
             Err(problems)
         }
     }
+}
+
+/// Whether the routed module `name` (the router `mlp.gate`, or a transformers 4.x per-expert
+/// linear `mlp.experts.N.gate_proj`) takes an adapter as a module: `target_modules` names it
+/// itself (all-linear does not, as ms-swift's does not) and, read from an adapter checkpoint
+/// (`weights`), the checkpoint holds it: PEFT 0.21's files list the dense layers' `gate_proj`
+/// in target_modules and hold the experts' adapters fused. The model and merge both ask here.
+pub fn adapts_routed_module(targets: &Targets, weights: Option<&Checkpoint>, name: &str) -> bool {
+    targets.names(name) && weights.is_none_or(|w| w.contains(&peft_key(name, LORA_A)))
 }
 
 /// The adapter on module `name` (`[n_in, n_out]`) from a PEFT adapter checkpoint; problems

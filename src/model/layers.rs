@@ -435,15 +435,15 @@ impl<B: ModelBackend> DecoderLayer<B> {
     }
 
     /// Training's forward pass, with a sparse layer's router statistics of the tokens `tokens`
-    /// marks (the load-balancing loss).
+    /// marks when given (the load-balancing loss).
     pub fn forward_routed(
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
         mask: LayerMask<B>,
-        tokens: &TokenMask<B>,
+        tokens: Option<&TokenMask<B>>,
     ) -> (Tensor<B, 3>, Option<RouterStats<B>>) {
-        match self.forward_to_down_proj(x, rope, mask, None, Some(tokens)) {
+        match self.forward_to_down_proj(x, rope, mask, None, tokens) {
             (h, Some((act, down_proj)), _) => (h + down_proj.forward(act), None),
             (out, None, stats) => (out, stats),
         }

@@ -23,7 +23,7 @@ use burn::tensor::{DType, Tensor};
 
 pub use batch::{Batch, IGNORE_INDEX};
 use builder::Builder;
-pub use builder::{read_lora, AdapterSource, LoraPlan};
+pub use builder::{adapts_routed_module, read_lora, AdapterSource, LoraPlan};
 pub use cache::KvCache;
 pub use decoder::{CausalLm, DecoderModel, LayerInputs};
 pub use gated_delta_net::{GatedDeltaNet, LinearMask};

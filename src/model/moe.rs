@@ -259,23 +259,34 @@ impl<B: ModelBackend> Experts<B> {
             .reshape([r, n, n_out])
             .narrow(1, e, 1)
             .reshape([r, n_out]);
-        let dtype = base.dtype();
-        let update = (x.cast(DType::F32).matmul(a) * l.scaling).matmul(b);
-        (base.cast(DType::F32) + update).cast(dtype)
+        plus_update(base, x, a, b, l)
     }
 }
 
-/// `base` plus the update of one expert's own adapter (transformers 4.x's per-expert linear),
-/// as `LoraLinear` adds one: `s * B(A(dropout(x)))` in f32, cast back.
+/// `base` plus the update of one expert's own adapter (transformers 4.x's per-expert linear).
 fn with_update<B: ModelBackend>(
     lora: Option<&Lora<B>>,
     x: Tensor<B, 2>,
     base: Tensor<B, 2>,
 ) -> Tensor<B, 2> {
-    let Some(l) = lora else { return base };
+    match lora {
+        Some(l) => plus_update(base, x, l.lora_a.val(), l.lora_b.val(), l),
+        None => base,
+    }
+}
+
+/// `base + s * (dropout(x) a) b` with `l`'s scaling and dropout (`a` `[in, r]`, `b` `[r, out]`:
+/// its own or an expert's block of them), in f32 and cast back, as `LoraLinear` adds one.
+fn plus_update<B: ModelBackend>(
+    base: Tensor<B, 2>,
+    x: Tensor<B, 2>,
+    a: Tensor<B, 2>,
+    b: Tensor<B, 2>,
+    l: &Lora<B>,
+) -> Tensor<B, 2> {
     let dtype = base.dtype();
     let x = l.dropout.forward(x.cast(DType::F32));
-    let update = (x.matmul(l.lora_a.val()) * l.scaling).matmul(l.lora_b.val());
+    let update = (x.matmul(a) * l.scaling).matmul(b);
     (base.cast(DType::F32) + update).cast(dtype)
 }
 
@@ -343,6 +354,8 @@ impl<B: Backend> SparseMoeBlock<B> {
 pub struct TokenMask<B: Backend> {
     host: Vec<bool>,
     device: Tensor<B, 2>,
+    /// The tokens counted.
+    count: f64,
 }
 
 impl<B: Backend> TokenMask<B> {
@@ -350,7 +363,12 @@ impl<B: Backend> TokenMask<B> {
         let host: Vec<bool> = batch.attention_mask.iter().flatten().copied().collect();
         let values: Vec<f32> = host.iter().map(|&real| f32::from(u8::from(real))).collect();
         let device = Tensor::from_data(TensorData::new(values, [host.len(), 1]), device);
-        Self { host, device }
+        let count = host.iter().filter(|&&real| real).count() as f64;
+        Self {
+            host,
+            device,
+            count,
+        }
     }
 }
 
@@ -361,7 +379,6 @@ impl<B: Backend> TokenMask<B> {
 pub struct RouterStats<B: Backend> {
     pub counts: Vec<f64>,
     pub probs: Tensor<B, 1>,
-    pub tokens: f64,
 }
 
 impl<B: Backend> RouterStats<B> {
@@ -378,7 +395,6 @@ impl<B: Backend> RouterStats<B> {
         Self {
             counts,
             probs: probs.reshape([n_experts]),
-            tokens: mask.host.iter().filter(|&&real| real).count() as f64,
         }
     }
 }
@@ -407,7 +423,7 @@ impl<B: Backend> Balance<B> {
                 *total += c;
             }
         }
-        let rows: f64 = stats.iter().map(|s| s.tokens).sum();
+        let rows = tokens.count * stats.len() as f64;
         let weights: Vec<f32> = counts
             .iter()
             .map(|c| (n_experts as f64 * c / (rows * rows).max(1.0)) as f32)

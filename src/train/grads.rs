@@ -273,9 +273,21 @@ struct Micro<B: TrainBackend> {
     index: usize,
     /// A preference micro-batch's needs besides the policy's log-probabilities.
     side: Option<Side<B>>,
-    /// The load-balancing loss's tokens and its factor in the step's loss, when it is on.
-    balance: Option<(TokenMask<B>, f64)>,
+    /// The load-balancing loss's tokens, when it is on.
+    tokens: Option<TokenMask<B>>,
 }
+
+/// How a micro-batch's loss is made: its objective from the final hidden states (its part of the
+/// step's loss and its preference metrics' sums), and its load-balancing loss from its sparse
+/// layers' router statistics with that loss's factor in the step's loss (none when it is off or
+/// the model has no sparse layer).
+struct Losses<'a, B: TrainBackend> {
+    objective: &'a dyn Fn(Tensor<B, 3>) -> (Tensor<B, 1>, Option<StepMetrics<B>>),
+    balanced: &'a Balanced<'a, B>,
+}
+
+/// A micro-batch's load-balancing loss, and its factor in the step's loss.
+type Balanced<'a, B> = dyn Fn(&[RouterStats<B>]) -> Option<(Balance<B>, f64)> + 'a;
 
 /// A micro-batch's part of the step's loss, its preference metrics' sums and its
 /// load-balancing loss (unscaled, for the log).
@@ -346,12 +358,15 @@ impl<B: TrainBackend> StepGrads<B> {
                     let policy = policy.as_ref();
                     lift(&p.side(policy, rows, mismatched, &batch, &targets, &labels))
                 });
+                let tokens = self
+                    .router_aux_loss_coef
+                    .map(|_| TokenMask::new(&batch, &self.device));
                 Micro {
                     batch,
                     targets,
                     index,
                     side,
-                    balance: None,
+                    tokens,
                 }
             })
             .collect();
@@ -360,19 +375,6 @@ impl<B: TrainBackend> StepGrads<B> {
             None => 1.0 / label_tokens.max(1) as f64,
             Some(_) => 1.0 / micro.len().max(1) as f64,
         };
-        let micro: Vec<Micro<B>> = micro
-            .into_iter()
-            .map(|mut m| {
-                m.balance = self.router_aux_loss_coef.map(|coef| {
-                    let weight = match self.preference {
-                        None => m.targets.len() as f64 * scale,
-                        Some(_) => scale,
-                    };
-                    (TokenMask::new(&m.batch, &self.device), coef * weight)
-                });
-                m
-            })
-            .collect();
         let tokens = batches.iter().flatten().map(TrainRow::tokens).sum();
         let mut grads: Grads<B> = vec![None; self.layer_tensors.iter().sum()];
         // Frozen copies for the forward pass of checkpointing: cheap (tensors are shared) and
@@ -391,9 +393,25 @@ impl<B: TrainBackend> StepGrads<B> {
         let mut aux = Vec::new();
         for m in micro.iter().filter(|m| !m.targets.is_empty()) {
             let objective = |hidden: Tensor<B, 3>| self.objective(model, hidden, m, scale);
+            // The micro-batch's weight in the step: its share of the label tokens for SFT.
+            let weight = match self.preference {
+                None => m.targets.len() as f64 * scale,
+                Some(_) => scale,
+            };
+            // Its load-balancing loss from its sparse layers' statistics, and the loss's factor.
+            let balanced = |stats: &[RouterStats<B>]| {
+                let coef = self.router_aux_loss_coef?;
+                let tokens = m.tokens.clone().expect("made when the loss is on");
+                let stats: Vec<&RouterStats<B>> = stats.iter().collect();
+                Some((Balance::new(&stats, tokens)?, coef * weight))
+            };
+            let losses = Losses {
+                objective: &objective,
+                balanced: &balanced,
+            };
             let (part, sums, balance) = match self.checkpointing {
-                true => self.checkpointed(model, &frozen, m, step, &objective, &mut grads),
-                false => self.whole(model, m, step, &objective, &mut grads),
+                true => self.checkpointed(model, &frozen, m, step, &losses, &mut grads),
+                false => self.whole(model, m, step, &losses, &mut grads),
             };
             loss = loss + part;
             metrics = match (metrics, sums) {
@@ -440,25 +458,20 @@ impl<B: TrainBackend> StepGrads<B> {
         model: &CausalLm<B>,
         m: &Micro<B>,
         step: u64,
-        objective: &dyn Fn(Tensor<B, 3>) -> (Tensor<B, 1>, Option<StepMetrics<B>>),
+        losses: &Losses<B>,
         grads: &mut Grads<B>,
     ) -> MicroLoss<B> {
         let (mut x, inputs) = model.embed(&m.batch);
         let mut stats = Vec::new();
         for (i, layer) in model.model.layers.iter().enumerate() {
             self.seed_dropout(step, m.index, i);
-            let (mask, rope) = (inputs.masks[i].clone(), &inputs.rope);
-            x = match &m.balance {
-                Some((tokens, _)) => {
-                    let (y, routed) = layer.forward_routed(x, rope, mask, tokens);
-                    stats.extend(routed);
-                    y
-                }
-                None => layer.forward(x, rope, mask, None),
-            };
+            let mask = inputs.masks[i].clone();
+            let (y, routed) = layer.forward_routed(x, &inputs.rope, mask, m.tokens.as_ref());
+            stats.extend(routed);
+            x = y;
         }
-        let (loss, sums) = objective(model.model.norm.forward(x));
-        let (loss, aux) = match balanced(m, &stats) {
+        let (loss, sums) = (losses.objective)(model.model.norm.forward(x));
+        let (loss, aux) = match (losses.balanced)(&stats) {
             Some((balance, factor)) => {
                 let aux = layer_parts(&balance, &stats);
                 (loss + aux.clone() * factor, Some(aux.inner()))
@@ -484,7 +497,7 @@ impl<B: TrainBackend> StepGrads<B> {
         frozen: &[DecoderLayer<B>],
         m: &Micro<B>,
         step: u64,
-        objective: &dyn Fn(Tensor<B, 3>) -> (Tensor<B, 1>, Option<StepMetrics<B>>),
+        losses: &Losses<B>,
         grads: &mut Grads<B>,
     ) -> MicroLoss<B> {
         let layers = &model.model.layers;
@@ -493,42 +506,36 @@ impl<B: TrainBackend> StepGrads<B> {
         let tracked = |i: usize, x: Tensor<B, 3>| if i > 0 { x.require_grad() } else { x };
         let (mut x, inputs) = model.embed(&m.batch);
         let mut layer_inputs = Vec::with_capacity(last);
-        // Each layer's router statistics (none for a dense layer), in layer order.
-        let mut stats: Vec<Option<RouterStats<B>>> = Vec::new();
-        let run = |layer: &DecoderLayer<B>, x: Tensor<B, 3>, i: usize| match &m.balance {
-            Some((tokens, _)) => {
-                layer.forward_routed(x, &inputs.rope, inputs.masks[i].clone(), tokens)
-            }
-            None => (
-                layer.forward(x, &inputs.rope, inputs.masks[i].clone(), None),
-                None,
-            ),
+        // The sparse layers' router statistics, in layer order.
+        let mut stats = Vec::new();
+        let run = |layer: &DecoderLayer<B>, x: Tensor<B, 3>, i: usize| {
+            let mask = inputs.masks[i].clone();
+            layer.forward_routed(x, &inputs.rope, mask, m.tokens.as_ref())
         };
         for (i, layer) in frozen[..last].iter().enumerate() {
             self.seed_dropout(step, m.index, i);
             layer_inputs.push(x.clone());
             let (y, routed) = run(layer, x, i);
-            stats.push(routed);
+            stats.extend(routed);
             x = y;
         }
         self.seed_dropout(step, m.index, last);
         let input = tracked(last, x.detach());
-        let (out, routed) = run(&layers[last], input.clone(), last);
-        stats.push(routed);
-        let (loss, sums) = objective(model.model.norm.forward(out));
-        let every: Vec<RouterStats<B>> = stats.iter().flatten().cloned().collect();
+        let (out, last_stats) = run(&layers[last], input.clone(), last);
+        stats.extend(last_stats.clone());
+        let (loss, sums) = (losses.objective)(model.model.norm.forward(out));
         // The whole loss for the log; the last layer's part (on its graph) for the backward
         // pass, and each recomputed layer adds its own.
-        let balance = balanced(m, &every);
-        let (seed, loss, aux) = match (&balance, &stats[last]) {
-            (Some((balance, factor)), last_stats) => {
-                let aux = layer_parts(balance, &every).detach();
+        let balance = (losses.balanced)(&stats);
+        let (seed, loss, aux) = match &balance {
+            Some((balance, factor)) => {
+                let aux = layer_parts(balance, &stats).detach();
                 let part = last_stats.as_ref().map(|s| balance.part(s) * *factor);
                 let seed = part.map_or(loss.clone(), |p| loss.clone() + p);
                 let whole = loss.detach() + aux.clone() * *factor;
                 (seed, whole, Some(aux.inner()))
             }
-            (None, _) => (loss.clone(), loss, None),
+            None => (loss.clone(), loss, None),
         };
         let scaled = balance.map(|(b, factor)| b.scaled(factor));
         let backward = seed.backward();
@@ -560,14 +567,6 @@ impl<B: TrainBackend> StepGrads<B> {
             B::seed(&self.device, seed);
         }
     }
-}
-
-/// The load-balancing loss of micro-batch `m` from its layers' router statistics, and its factor
-/// in the step's loss; none when it is off or the model has no sparse layer.
-fn balanced<B: TrainBackend>(m: &Micro<B>, stats: &[RouterStats<B>]) -> Option<(Balance<B>, f64)> {
-    let (tokens, factor) = m.balance.as_ref()?;
-    let stats: Vec<&RouterStats<B>> = stats.iter().collect();
-    Some((Balance::new(&stats, tokens.clone())?, *factor))
 }
 
 /// The load-balancing loss, `[1]`: the sum of every layer's part.
